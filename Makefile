@@ -1,0 +1,39 @@
+# Two commands for a newcomer: `make run` and `make test`.
+# Both install what is missing (scripts/install-deps.sh), then build.
+
+JOBS        ?= $(shell nproc 2>/dev/null || echo 2)
+BUILD       ?= build
+BUILD_ASAN  ?= build-asan
+CONFIG      ?= examples/tollgate.yaml
+
+.PHONY: all deps build build-asan run test unit bench clean
+
+all: build
+
+deps:
+	@bash scripts/install-deps.sh
+
+build: deps
+	@cmake -S . -B $(BUILD) -DCMAKE_BUILD_TYPE=RelWithDebInfo -DTG_SANITIZE=OFF >/dev/null
+	@cmake --build $(BUILD) -j $(JOBS)
+
+build-asan: deps
+	@cmake -S . -B $(BUILD_ASAN) -DCMAKE_BUILD_TYPE=Debug -DTG_SANITIZE=ON >/dev/null
+	@cmake --build $(BUILD_ASAN) -j $(JOBS)
+
+run: build
+	@bash scripts/run-demo.sh $(BUILD) $(CONFIG)
+
+test: build-asan
+	@cd $(BUILD_ASAN) && ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 \
+	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	  ctest --output-on-failure --timeout 1500
+
+unit: build-asan
+	@cd $(BUILD_ASAN) && ctest --output-on-failure -R unit/
+
+bench: build
+	@bash bench/proxy.sh $(BUILD)
+
+clean:
+	rm -rf $(BUILD) $(BUILD_ASAN)

@@ -1,0 +1,25 @@
+-- wrk script for bench/proxy.sh: every request is a small non-streaming
+-- chat completion. The key comes from $TG_BENCH_KEY (sent to every target;
+-- the simulator and nginx ignore it). At the end one machine-readable line
+-- is printed:
+--   TGBENCH <requests> <duration_us> <p50_us> <p99_us> <non2xx> <socket_errors>
+
+local key = os.getenv("TG_BENCH_KEY") or ""
+local model = os.getenv("TG_BENCH_MODEL") or "llama-3.1-8b"
+local max_tokens = os.getenv("TG_BENCH_MAX_TOKENS") or "16"
+
+wrk.method = "POST"
+wrk.body = '{"model":"' .. model .. '","max_tokens":' .. max_tokens ..
+  ',"messages":[{"role":"user","content":"Say hello to the benchmark."}]}'
+wrk.headers["Content-Type"] = "application/json"
+if key ~= "" then
+  wrk.headers["Authorization"] = "Bearer " .. key
+end
+
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("TGBENCH %d %d %d %d %d %d\n",
+    summary.requests, summary.duration,
+    latency:percentile(50), latency:percentile(99),
+    e.status, e.connect + e.read + e.write + e.timeout))
+end

@@ -1,0 +1,41 @@
+/* The OpenAI-compatible API (the `listen` port) and the admin API (the
+ * `admin_listen` port). Both are handlers of the HTTP server; the server's
+ * data pointer is the tg_worker_t of the loop they run on. */
+#ifndef TG_API_API_H
+#define TG_API_API_H
+
+#include <stddef.h>
+
+#include "core/app.h"
+#include "http/server.h"
+
+/* Writes a new request id, unique across the process' threads and its
+ * restarts, into buf (at least 32 bytes). */
+void tg_api_request_id(tg_worker_t *w, char *buf, size_t size);
+
+/* Handler of the API listener. */
+void tg_api_handle(tg_http_req_t *req);
+
+/* The server refused a request on its own (bad HTTP, bounds, timeout):
+ * names it with a request id and logs it like any other request. */
+void tg_api_reject(tg_http_server_t *srv, int status, const char *code, char *hdrs,
+                   size_t size);
+
+/* Handler of the admin listener. */
+void tg_admin_handle(tg_http_req_t *req);
+
+/* Enforces upstream first-byte and idle deadlines; run by each worker's
+ * periodic tick. */
+void tg_api_tick(tg_worker_t *w);
+
+/* Sends an OpenAI-style error {"error":{"message","type","code"}} and
+ * completes req. request_id may be NULL; extra is NULL or header lines. */
+void tg_api_error(tg_http_req_t *req, int status, const char *type, const char *code,
+                  const char *request_id, const char *extra, const char *fmt, ...)
+    __attribute__((format(printf, 7, 8)));
+
+/* Writes a JSON string literal (quotes included) for s into buf; returns the
+ * length, or a negative error if it does not fit. */
+int tg_json_quote(char *buf, size_t size, const char *s);
+
+#endif

@@ -1,0 +1,757 @@
+/* The OpenAI-compatible API: route, authenticate, parse, dispatch to an
+ * upstream endpoint, relay, log.
+ *
+ * A call (tg_call_t) is one API request from the moment its body is parsed
+ * until it is answered; it lives on the loop thread that accepted it and is
+ * freed in call_finish(), its single exit. Upstream attempts are retried on
+ * another endpoint only while nothing was relayed to the client. A stream is
+ * relayed event by event: each upstream chunk's whole events go out as one
+ * HTTP chunk, and when the client's pending output passes the high-water mark
+ * the upstream transfer is paused until it drains. */
+#define _GNU_SOURCE /* memmem */
+#include <jansson.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <llhttp.h>
+
+#include "api/api.h"
+#include "api/sse.h"
+#include "core/err.h"
+#include "obs/accesslog.h"
+
+#define RESP_MAX (16u * 1024 * 1024)   /* a non-streamed upstream answer */
+#define EVENT_MAX (1024u * 1024)       /* one SSE event */
+#define MAX_FWD_HEADERS 16
+
+enum { DL_NONE, DL_FIRST_BYTE, DL_IDLE };
+
+struct tg_call_s {
+  tg_http_req_t *req;
+  tg_worker_t *w;
+  tg_runtime_t *rt;
+  const tg_model_cfg_t *model;
+  const tg_pool_t *pool;
+  const tg_tenant_cfg_t *tenant;
+  char key_id[TG_KEY_ID_LEN + 1];
+  char request_id[32];
+  const char *path;               /* upstream path, e.g. /v1/chat/completions */
+  char *body_owned;               /* rewritten body, or NULL */
+  const char *body;
+  size_t body_len;
+  int stream;
+  int client_usage;               /* client asked for the usage chunk */
+
+  tg_endpoint_t *ep;              /* endpoint of the current attempt */
+  uint64_t tried;
+  int attempts;
+  tg_xfer_t *xfer;
+  int up_status;
+  int last_failure;               /* TG_XFER_* of the last failed attempt */
+  char *hdr_lines[MAX_FWD_HEADERS + 4];
+  size_t n_hdr_lines;
+  char url[1024];
+
+  char *resp;                     /* non-streamed answer */
+  size_t resp_len, resp_cap;
+  tg_sse_t sse;
+  char *out;                      /* events of one upstream chunk */
+  size_t out_len, out_cap;
+  int relayed;                    /* response head sent to the client */
+  int saw_done;
+  int bad_event;
+
+  int64_t prompt_tokens, completion_tokens, events;
+  int has_usage;
+
+  uint64_t t_start, t_first_byte;
+  uint64_t deadline;
+  int deadline_kind;
+  int status;                     /* what the client got, for the log */
+  const char *err_code;
+
+  tg_call_t *prev, *next;
+};
+
+/* ---- helpers ------------------------------------------------------------ */
+
+static uint64_t now_ns(void) {
+  return uv_hrtime();
+}
+
+void tg_api_request_id(tg_worker_t *w, char *buf, size_t size) {
+  snprintf(buf, size, "req_%s%02x%010llx", w->app->id_prefix, (unsigned)(w->id & 0xff),
+           (unsigned long long)++w->seq);
+}
+
+static void call_link(tg_call_t *c) {
+  tg_worker_t *w = c->w;
+  c->next = w->calls;
+  if (w->calls)
+    w->calls->prev = c;
+  w->calls = c;
+}
+
+static void call_unlink(tg_call_t *c) {
+  tg_worker_t *w = c->w;
+  if (c->prev) c->prev->next = c->next;
+  else if (w->calls == c) w->calls = c->next;
+  if (c->next) c->next->prev = c->prev;
+  c->prev = c->next = NULL;
+}
+
+static void call_log(tg_call_t *c) {
+  tg_access_rec_t r;
+  uint64_t end = now_ns();
+
+  memset(&r, 0, sizeof(r));
+  r.request_id = c->request_id;
+  r.tenant = c->tenant ? c->tenant->name : NULL;
+  r.key_id = c->key_id[0] ? c->key_id : NULL;
+  r.model = c->model ? c->model->name : NULL;
+  r.endpoint = c->ep ? tg_endpoint_url(c->ep) : NULL;
+  r.path = c->path;
+  r.status = c->status;
+  r.error = c->err_code;
+  r.stream = c->stream;
+  r.attempts = c->attempts;
+  r.prompt_tokens = c->prompt_tokens;
+  r.completion_tokens = c->completion_tokens;
+  r.usage_reported = c->has_usage;
+  r.duration_ms = (double)(end - c->t_start) / 1e6;
+  r.ttfb_ms = c->t_first_byte ? (double)(c->t_first_byte - c->t_start) / 1e6 : -1;
+  tg_access_log(c->w->app, &r);
+}
+
+static void call_free(tg_call_t *c) {
+  size_t i;
+  call_unlink(c);
+  for (i = 0; i < c->n_hdr_lines; i++)
+    free(c->hdr_lines[i]);
+  free(c->body_owned);
+  free(c->resp);
+  free(c->out);
+  tg_sse_free(&c->sse);
+  if (c->rt)
+    tg_runtime_unref(c->rt);
+  free(c);
+}
+
+/* Releases the current attempt's transfer and endpoint slot. */
+static void call_drop_attempt(tg_call_t *c) {
+  if (c->xfer) {
+    tg_xfer_cancel(c->xfer);
+    c->xfer = NULL;
+  }
+  if (c->ep)
+    tg_endpoint_release(c->ep);
+  /* c->ep stays for the log; the slot is what was given back */
+}
+
+/* The single exit of a call: the request is complete when this returns. */
+static void call_finish(tg_call_t *c) {
+  c->deadline_kind = DL_NONE;
+  /* the request is complete: the server has already cleared its hooks */
+  call_log(c);
+  call_free(c);
+}
+
+static void call_error(tg_call_t *c, int status, const char *type, const char *code,
+                       const char *msg) {
+  c->status = status;
+  c->err_code = code;
+  if (c->relayed)
+    tg_http_abort(c->req);
+  else
+    tg_api_error(c->req, status, type, code, c->request_id, NULL, "%s", msg);
+  call_finish(c);
+}
+
+/* Refuses the request before any upstream attempt: answers, logs, frees. */
+static void call_refuse(tg_call_t *c, int status, const char *type, const char *code,
+                        const char *extra, const char *fmt, ...)
+    __attribute__((format(printf, 6, 7)));
+
+static void call_refuse(tg_call_t *c, int status, const char *type, const char *code,
+                        const char *extra, const char *fmt, ...) {
+  char msg[512];
+  va_list ap;
+
+  va_start(ap, fmt);
+  vsnprintf(msg, sizeof(msg), fmt, ap);
+  va_end(ap);
+  c->status = status;
+  c->err_code = code;
+  tg_api_error(c->req, status, type, code, c->request_id, extra, "%s", msg);
+  call_finish(c);
+}
+
+/* ---- upstream attempt ---------------------------------------------------- */
+
+static int try_next(tg_call_t *c);
+
+static int on_up_status(tg_xfer_t *x, int status, void *arg) {
+  tg_call_t *c = arg;
+  (void)x;
+  c->up_status = status;
+  c->t_first_byte = now_ns();
+  c->deadline_kind = DL_IDLE;
+  c->deadline = c->t_first_byte + c->rt->cfg->upstream_idle_timeout_ms * 1000000;
+  return 0;
+}
+
+static int out_append(tg_call_t *c, const char *ev, size_t len) {
+  if (c->out_len + len > c->out_cap) {
+    size_t cap = c->out_cap ? c->out_cap : 4096;
+    char *nb;
+    while (cap < c->out_len + len)
+      cap *= 2;
+    nb = realloc(c->out, cap);
+    if (nb == NULL)
+      return TG_ENOMEM;
+    c->out = nb;
+    c->out_cap = cap;
+  }
+  memcpy(c->out + c->out_len, ev, len);
+  c->out_len += len;
+  return 0;
+}
+
+static int on_event(void *arg, const char *ev, size_t len) {
+  tg_call_t *c = arg;
+  tg_sse_info_t info;
+
+  if (tg_sse_inspect(ev, len, &info) < 0)
+    c->bad_event = 1;
+  if (info.done)
+    c->saw_done = 1;
+  if (info.has_choices)
+    c->events++;
+  if (info.has_usage) {
+    c->has_usage = 1;
+    c->prompt_tokens = info.prompt_tokens;
+    c->completion_tokens = info.completion_tokens;
+    if (info.usage_only && !c->client_usage)
+      return 0; /* the client did not ask for it: we did */
+  }
+  return out_append(c, ev, len);
+}
+
+static int resp_append(tg_call_t *c, const char *data, size_t len) {
+  if (c->resp_len + len > RESP_MAX)
+    return TG_ETOOBIG;
+  if (c->resp_len + len + 1 > c->resp_cap) {
+    size_t cap = c->resp_cap ? c->resp_cap : 4096;
+    char *nb;
+    while (cap < c->resp_len + len + 1)
+      cap *= 2;
+    nb = realloc(c->resp, cap);
+    if (nb == NULL)
+      return TG_ENOMEM;
+    c->resp = nb;
+    c->resp_cap = cap;
+  }
+  memcpy(c->resp + c->resp_len, data, len);
+  c->resp_len += len;
+  c->resp[c->resp_len] = '\0';
+  return 0;
+}
+
+static int on_up_data(tg_xfer_t *x, const char *data, size_t len, void *arg) {
+  tg_call_t *c = arg;
+  char hdr[96];
+  int r;
+
+  (void)x;
+  c->deadline = now_ns() + c->rt->cfg->upstream_idle_timeout_ms * 1000000;
+  if (tg_http_req_gone(c->req))
+    return -1;
+  if (!c->stream || c->up_status != 200)
+    return resp_append(c, data, len) < 0 ? -1 : 0;
+
+  if (c->relayed && tg_http_congested(c->req))
+    return TG_XFER_PAUSE;
+  if (!c->relayed) {
+    snprintf(hdr, sizeof(hdr), "x-request-id: %s\r\nCache-Control: no-cache\r\n",
+             c->request_id);
+    if (tg_http_begin(c->req, 200, "text/event-stream", hdr) < 0)
+      return -1;
+    c->relayed = 1;
+    c->status = 200;
+  }
+  c->out_len = 0;
+  r = tg_sse_feed(&c->sse, data, len, on_event, c);
+  if (r < 0) {
+    c->bad_event = 1;
+    return -1;
+  }
+  if (c->out_len > 0 && tg_http_write(c->req, c->out, c->out_len) < 0)
+    return -1;
+  return 0;
+}
+
+static void on_client_drain(tg_http_req_t *req) {
+  tg_call_t *c = req->data;
+  if (c && c->xfer && tg_xfer_paused(c->xfer))
+    tg_xfer_resume(c->xfer);
+}
+
+/* Reads usage from a whole JSON answer without parsing all of it: the
+ * answer must look like one JSON object, and the object after its last
+ * "usage" key is parsed alone. Returns 0, or TG_EPARSE for an answer that is
+ * not a JSON object. */
+static int scan_usage(tg_call_t *c, const char *body, size_t len) {
+  const char *p = body, *end = body + len, *u = NULL, *q;
+  json_t *usage, *pt, *ct;
+  json_error_t jerr;
+
+  while (p < end && (*p == ' ' || *p == '\n' || *p == '\r' || *p == '\t'))
+    p++;
+  while (end > p && (end[-1] == ' ' || end[-1] == '\n' || end[-1] == '\r' || end[-1] == '\t'))
+    end--;
+  if (p >= end || *p != '{' || end[-1] != '}')
+    return TG_EPARSE;
+  for (q = p; (q = memmem(q, (size_t)(end - q), "\"usage\"", 7)) != NULL; q += 7)
+    u = q;
+  if (u == NULL)
+    return 0;
+  u += 7;
+  while (u < end && (*u == ' ' || *u == ':' || *u == '\n' || *u == '\t' || *u == '\r'))
+    u++;
+  usage = json_loadb(u, (size_t)(end - u), JSON_DISABLE_EOF_CHECK, &jerr);
+  if (json_is_object(usage)) {
+    pt = json_object_get(usage, "prompt_tokens");
+    ct = json_object_get(usage, "completion_tokens");
+    if (json_is_integer(pt)) {
+      c->has_usage = 1;
+      c->prompt_tokens = json_integer_value(pt);
+      c->completion_tokens = json_is_integer(ct) ? json_integer_value(ct) : 0;
+    }
+  }
+  json_decref(usage);
+  return 0;
+}
+
+/* The upstream's whole non-streamed answer is in c->resp. */
+static void deliver_buffered(tg_call_t *c) {
+  char hdr[96];
+
+  if (c->up_status == 200 && scan_usage(c, c->resp ? c->resp : "", c->resp_len) < 0) {
+    call_error(c, 502, "server_error", "bad_upstream_response",
+               "the upstream returned a response that is not valid JSON");
+    return;
+  }
+  snprintf(hdr, sizeof(hdr), "x-request-id: %s\r\n", c->request_id);
+  c->status = c->up_status;
+  if (c->up_status >= 400)
+    c->err_code = "upstream_status";
+  tg_http_respond(c->req, c->up_status, "application/json", hdr,
+                  c->resp ? c->resp : "", c->resp_len);
+  call_finish(c);
+}
+
+static void on_up_done(int result, const char *detail, void *arg) {
+  tg_call_t *c = arg;
+  int retryable;
+
+  c->xfer = NULL;
+  c->deadline_kind = DL_NONE;
+  if (c->ep)
+    tg_endpoint_release(c->ep);
+
+  if (tg_http_req_gone(c->req)) {
+    c->status = 499;
+    c->err_code = "client_closed";
+    tg_http_abort(c->req);
+    call_finish(c);
+    return;
+  }
+  if (result == TG_XFER_OK) {
+    if (c->stream && c->up_status == 200) {
+      if (c->relayed && c->saw_done) {
+        tg_http_end(c->req);
+        call_finish(c);
+      } else {
+        call_error(c, 502, "server_error", "bad_upstream_response",
+                   "the upstream stream ended before [DONE]");
+      }
+      return;
+    }
+    retryable = c->up_status == 502 || c->up_status == 503 || c->up_status == 504;
+    if (retryable && try_next(c) == 0)
+      return;
+    if (c->resp == NULL && c->up_status == 0) {
+      call_error(c, 502, "server_error", "bad_upstream_response",
+                 "the upstream sent no response");
+      return;
+    }
+    deliver_buffered(c);
+    return;
+  }
+
+  c->last_failure = result;
+  if (result == TG_XFER_CONNECT || result == TG_XFER_TIMEOUT)
+    tg_endpoint_failed(c->ep);
+  if (!c->relayed && result != TG_XFER_ABORTED && try_next(c) == 0)
+    return;
+  if (c->relayed) {
+    c->err_code = "upstream_broken";
+    c->status = 502;
+    tg_http_abort(c->req);
+    call_finish(c);
+    return;
+  }
+  if (result == TG_XFER_CONNECT || result == TG_XFER_TIMEOUT) {
+    call_error(c, 503, "server_error", "no_healthy_endpoint",
+               "no upstream endpoint of this model could be reached");
+    return;
+  }
+  (void)detail;
+  call_error(c, 502, "server_error", "bad_upstream_response",
+             c->resp_len >= RESP_MAX ? "the upstream response exceeds the size limit"
+                                     : "the upstream connection failed before a complete response");
+}
+
+static const tg_xfer_cbs_t xfer_cbs = { on_up_status, on_up_data, on_up_done };
+
+/* Starts an attempt on the best untried endpoint. Returns 0 when one
+ * started (or the call was finished with an error response), -1 when no
+ * endpoint is left (the caller decides what to answer). */
+static int try_next(tg_call_t *c) {
+  const tg_config_t *cfg = c->rt->cfg;
+  tg_xfer_opts_t opts;
+  size_t idx = 0;
+  int why = 0, r;
+
+  for (;;) {
+    tg_endpoint_t *ep = tg_pool_pick(c->pool, c->tried, &idx, &why);
+    if (ep == NULL)
+      return -1;
+    if (idx < 64)
+      c->tried |= UINT64_C(1) << idx;
+    c->ep = ep;
+    c->attempts++;
+    c->up_status = 0;
+    c->resp_len = 0;
+    snprintf(c->url, sizeof(c->url), "%s%s", tg_endpoint_url(ep), c->path);
+    memset(&opts, 0, sizeof(opts));
+    opts.url = c->url;
+    opts.body = c->body;
+    opts.body_len = c->body_len;
+    opts.headers = (const char *const *)c->hdr_lines;
+    opts.connect_timeout_ms = cfg->upstream_connect_timeout_ms;
+    r = tg_xfer_start(c->w->up, &opts, &xfer_cbs, c, &c->xfer);
+    if (r == 0) {
+      c->deadline_kind = DL_FIRST_BYTE;
+      c->deadline = now_ns() + cfg->upstream_first_byte_timeout_ms * 1000000;
+      return 0;
+    }
+    tg_endpoint_release(ep);
+  }
+}
+
+static void start_dispatch(tg_call_t *c) {
+  int why = 0;
+  size_t idx;
+  tg_endpoint_t *probe;
+
+  if (try_next(c) == 0)
+    return;
+  /* Nothing started: tell saturation from absence of healthy endpoints. */
+  probe = tg_pool_pick(c->pool, 0, &idx, &why);
+  if (probe)
+    tg_endpoint_release(probe);
+  if (why == TG_PICK_SATURATED)
+    call_error(c, 503, "server_error", "pool_saturated",
+               "every endpoint of this model is at capacity; retry shortly");
+  else
+    call_error(c, 503, "server_error", "no_healthy_endpoint",
+               "no healthy upstream endpoint serves this model");
+}
+
+static void on_client_abort(tg_http_req_t *req) {
+  tg_call_t *c = req->data;
+  if (c == NULL)
+    return;
+  call_drop_attempt(c);
+  c->status = 499;
+  c->err_code = "client_closed";
+  tg_http_abort(req);
+  call_finish(c);
+}
+
+void tg_api_tick(tg_worker_t *w) {
+  uint64_t now = now_ns();
+  tg_call_t *c, *next;
+
+  for (c = w->calls; c != NULL; c = next) {
+    next = c->next;
+    if (c->deadline_kind == DL_NONE || now < c->deadline)
+      continue;
+    call_drop_attempt(c);
+    if (c->relayed) {
+      c->status = 502;
+      c->err_code = "upstream_idle_timeout";
+      tg_http_abort(c->req);
+      call_finish(c);
+    } else {
+      call_error(c, 504, "server_error", "upstream_timeout",
+                 c->deadline_kind == DL_FIRST_BYTE
+                     ? "the upstream did not answer in time"
+                     : "the upstream stopped sending in the middle of its answer");
+    }
+  }
+}
+
+/* ---- request parsing and authentication -------------------------------- */
+
+static const char *bearer_key(const tg_http_req_t *req) {
+  const char *v = tg_http_req_header(req, "authorization");
+  if (v != NULL) {
+    if (strncasecmp(v, "Bearer ", 7) == 0) {
+      v += 7;
+      while (*v == ' ')
+        v++;
+      return v;
+    }
+    return v; /* malformed scheme: judged as an invalid key */
+  }
+  return tg_http_req_header(req, "x-api-key");
+}
+
+/* Resolves the caller into c->tenant and *rec. Returns 0, or refuses the
+ * request (401), which finishes the call, and returns -1. */
+static int authenticate(tg_call_t *c, const tg_key_rec_t **rec) {
+  const tg_keyset_t *ks = tg_worker_keys(c->w);
+  const char *key = bearer_key(c->req), *claimed;
+  tg_key_verdict_t v;
+
+  if (key == NULL || *key == '\0') {
+    call_refuse(c, 401, "authentication_error", "missing_api_key",
+                "WWW-Authenticate: Bearer\r\n",
+                "no API key: send Authorization: Bearer <key> or X-Api-Key");
+    return -1;
+  }
+  *rec = NULL;
+  v = ks ? tg_keyset_verify(ks, key, strlen(key), (int64_t)time(NULL), rec)
+         : TG_KEY_UNKNOWN;
+  if (*rec != NULL)
+    memcpy(c->key_id, (*rec)->id, sizeof(c->key_id));
+  if (v != TG_KEY_OK) {
+    call_refuse(c, 401, "authentication_error", "invalid_api_key",
+                "WWW-Authenticate: Bearer\r\n", "invalid API key (%s)",
+                v == TG_KEY_REVOKED ? "revoked" : v == TG_KEY_EXPIRED ? "expired" : "unknown");
+    return -1;
+  }
+  claimed = tg_http_req_header(c->req, "x-tenant-id");
+  if (claimed != NULL && strcmp(claimed, (*rec)->tenant) != 0) {
+    call_refuse(c, 401, "authentication_error", "tenant_mismatch", NULL,
+                "X-Tenant-Id does not match the tenant of this API key");
+    return -1;
+  }
+  c->tenant = tg_config_tenant(c->rt->cfg, (*rec)->tenant);
+  if (c->tenant == NULL) {
+    call_refuse(c, 401, "authentication_error", "invalid_api_key", NULL,
+                "the tenant of this API key is not configured");
+    return -1;
+  }
+  return 0;
+}
+
+static int may_use(const tg_tenant_cfg_t *t, const tg_key_rec_t *k, const char *model) {
+  return tg_tenant_allows(t, model) && tg_key_allows_model(k, model);
+}
+
+static void list_models(tg_call_t *c, const tg_key_rec_t *rec) {
+  const tg_config_t *cfg = c->rt->cfg;
+  json_t *root, *data;
+  char *text;
+  char hdr[96];
+  size_t i;
+
+  root = json_object();
+  data = json_array();
+  json_object_set_new(root, "object", json_string("list"));
+  for (i = 0; i < cfg->n_models; i++) {
+    const tg_model_cfg_t *m = &cfg->models[i];
+    if (!may_use(c->tenant, rec, m->name))
+      continue;
+    json_array_append_new(data, json_pack("{s:s,s:s,s:i,s:s}", "id", m->name, "object",
+                                          "model", "created", 0, "owned_by", "tollgate"));
+  }
+  json_object_set_new(root, "data", data);
+  text = json_dumps(root, JSON_COMPACT);
+  json_decref(root);
+  if (text == NULL) {
+    call_refuse(c, 500, "server_error", "internal_error", NULL, "out of memory");
+    return;
+  }
+  snprintf(hdr, sizeof(hdr), "x-request-id: %s\r\n", c->request_id);
+  c->status = 200;
+  tg_http_respond(c->req, 200, "application/json", hdr, text, strlen(text));
+  free(text);
+  call_finish(c);
+}
+
+/* Forwards the configured client headers and names the request upstream. */
+static int build_upstream_headers(tg_call_t *c) {
+  const tg_config_t *cfg = c->rt->cfg;
+  char line[1024];
+  size_t i;
+
+  c->hdr_lines[c->n_hdr_lines++] = strdup("Content-Type: application/json");
+  c->hdr_lines[c->n_hdr_lines++] = strdup("Expect:");
+  snprintf(line, sizeof(line), "X-Request-Id: %s", c->request_id);
+  c->hdr_lines[c->n_hdr_lines++] = strdup(line);
+  for (i = 0; i < cfg->n_forward_headers && c->n_hdr_lines < MAX_FWD_HEADERS + 3; i++) {
+    const char *v = tg_http_req_header(c->req, cfg->forward_headers[i]);
+    if (v == NULL)
+      continue;
+    snprintf(line, sizeof(line), "%s: %s", cfg->forward_headers[i], v);
+    c->hdr_lines[c->n_hdr_lines++] = strdup(line);
+  }
+  c->hdr_lines[c->n_hdr_lines] = NULL;
+  for (i = 0; i < c->n_hdr_lines; i++)
+    if (c->hdr_lines[i] == NULL)
+      return TG_ENOMEM;
+  return 0;
+}
+
+/* Reads what policy needs from the body and asks the upstream for usage on
+ * streams. Returns 0, or refuses the request (finishing the call) and
+ * returns -1. */
+static int parse_body(tg_call_t *c, const tg_key_rec_t *rec) {
+  tg_http_req_t *req = c->req;
+  json_t *root, *model, *stream, *so, *iu;
+  json_error_t jerr;
+  int rc = -1;
+
+  root = json_loadb(req->body, req->body_len, 0, &jerr);
+  if (!json_is_object(root)) {
+    call_refuse(c, 400, "invalid_request_error", "invalid_json", NULL,
+                "the request body is not a JSON object%s%s", root ? "" : ": ",
+                root ? "" : jerr.text);
+    goto out;
+  }
+  model = json_object_get(root, "model");
+  if (!json_is_string(model) || json_string_length(model) == 0) {
+    call_refuse(c, 400, "invalid_request_error", "missing_model", NULL,
+                "the request must name a model (a non-empty string)");
+    goto out;
+  }
+  c->model = tg_config_model(c->rt->cfg, json_string_value(model));
+  if (c->model == NULL) {
+    call_refuse(c, 404, "invalid_request_error", "model_not_found", NULL,
+                "the model '%.200s' does not exist", json_string_value(model));
+    goto out;
+  }
+  if (!may_use(c->tenant, rec, c->model->name)) {
+    call_refuse(c, 403, "permission_error", "model_not_allowed", NULL,
+                "this API key may not use the model '%s'", c->model->name);
+    goto out;
+  }
+  c->pool = tg_runtime_pool(c->rt, c->model);
+  stream = json_object_get(root, "stream");
+  c->stream = json_is_true(stream);
+  c->body = req->body;
+  c->body_len = req->body_len;
+  if (c->stream) {
+    so = json_object_get(root, "stream_options");
+    iu = json_is_object(so) ? json_object_get(so, "include_usage") : NULL;
+    c->client_usage = json_is_true(iu);
+    if (!c->client_usage) {
+      if (!json_is_object(so)) {
+        so = json_object();
+        json_object_set_new(root, "stream_options", so);
+      }
+      json_object_set_new(so, "include_usage", json_true());
+      c->body_owned = json_dumps(root, JSON_COMPACT);
+      if (c->body_owned == NULL) {
+        call_refuse(c, 500, "server_error", "internal_error", NULL, "out of memory");
+        goto out;
+      }
+      c->body = c->body_owned;
+      c->body_len = strlen(c->body_owned);
+    }
+  }
+  rc = 0;
+out:
+  json_decref(root);
+  return rc;
+}
+
+static const char *upstream_path(const char *path) {
+  if (strcmp(path, "/v1/chat/completions") == 0) return "/v1/chat/completions";
+  if (strcmp(path, "/v1/completions") == 0) return "/v1/completions";
+  if (strcmp(path, "/v1/embeddings") == 0) return "/v1/embeddings";
+  return NULL;
+}
+
+void tg_api_reject(tg_http_server_t *srv, int status, const char *code, char *hdrs,
+                   size_t size) {
+  tg_worker_t *w = tg_http_server_data(srv);
+  tg_access_rec_t r;
+  char rid[32];
+
+  tg_api_request_id(w, rid, sizeof(rid));
+  snprintf(hdrs, size, "x-request-id: %s\r\n", rid);
+  memset(&r, 0, sizeof(r));
+  r.request_id = rid;
+  r.status = status;
+  r.error = code;
+  r.ttfb_ms = -1;
+  tg_access_log(w->app, &r);
+}
+
+void tg_api_handle(tg_http_req_t *req) {
+  tg_worker_t *w = tg_http_server_data(req->server);
+  const tg_key_rec_t *rec = NULL;
+  int models;
+  tg_call_t *c;
+
+  c = calloc(1, sizeof(*c));
+  if (c == NULL) {
+    tg_api_error(req, 500, "server_error", "internal_error", NULL, NULL, "out of memory");
+    return;
+  }
+  c->req = req;
+  c->w = w;
+  c->rt = tg_runtime_ref(tg_worker_runtime(w));
+  c->t_start = req->start_ns;
+  tg_api_request_id(w, c->request_id, sizeof(c->request_id));
+  tg_sse_init(&c->sse, EVENT_MAX);
+  call_link(c);
+
+  models = strcmp(req->path, "/v1/models") == 0;
+  c->path = models ? "/v1/models" : upstream_path(req->path);
+  if (c->path == NULL) {
+    call_refuse(c, 404, "invalid_request_error", "not_found", NULL,
+                "unknown path '%.200s'", req->path);
+    return;
+  }
+  if (req->method != (models ? HTTP_GET : HTTP_POST)) {
+    call_refuse(c, 405, "invalid_request_error", "method_not_allowed", NULL,
+                "use %s for %s", models ? "GET" : "POST", c->path);
+    return;
+  }
+  if (authenticate(c, &rec) < 0)
+    return;
+  if (models) {
+    list_models(c, rec);
+    return;
+  }
+  if (parse_body(c, rec) < 0)
+    return;
+  if (build_upstream_headers(c) < 0) {
+    call_error(c, 500, "server_error", "internal_error", "out of memory");
+    return;
+  }
+  req->data = c;
+  req->on_abort = on_client_abort;
+  req->on_drain = on_client_drain;
+  start_dispatch(c);
+}

@@ -1,0 +1,141 @@
+/* SSE splitting and classification; see sse.h. Events end with a blank line
+ * ("\n\n" or "\r\n\r\n"). Only events that mention "usage" are parsed as JSON:
+ * ordinary token chunks are relayed after a byte scan. */
+#define _GNU_SOURCE /* memmem */
+#include "api/sse.h"
+
+#include <jansson.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/err.h"
+
+void tg_sse_init(tg_sse_t *p, size_t max_event) {
+  memset(p, 0, sizeof(*p));
+  p->max = max_event;
+}
+
+void tg_sse_free(tg_sse_t *p) {
+  free(p->buf);
+  p->buf = NULL;
+  p->len = p->cap = 0;
+}
+
+size_t tg_sse_pending(const tg_sse_t *p) {
+  return p->len;
+}
+
+/* Returns the length of the first whole event in s[0..n), or 0. */
+static size_t event_end(const char *s, size_t n, size_t from) {
+  const char *q = s + from, *end = s + n;
+  while (q < end && (q = memchr(q, '\n', (size_t)(end - q))) != NULL) {
+    q++;
+    if (q < end && *q == '\n')
+      return (size_t)(q + 1 - s);
+    if (q + 1 < end && q[0] == '\r' && q[1] == '\n')
+      return (size_t)(q + 2 - s);
+  }
+  return 0;
+}
+
+static int keep(tg_sse_t *p, const char *data, size_t len) {
+  if (p->len + len > p->max)
+    return TG_ETOOBIG;
+  if (p->len + len > p->cap) {
+    size_t cap = p->cap ? p->cap : 1024;
+    char *nb;
+    while (cap < p->len + len)
+      cap *= 2;
+    if (cap > p->max)
+      cap = p->max;
+    nb = realloc(p->buf, cap);
+    if (nb == NULL)
+      return TG_ENOMEM;
+    p->buf = nb;
+    p->cap = cap;
+  }
+  memcpy(p->buf + p->len, data, len);
+  p->len += len;
+  return 0;
+}
+
+int tg_sse_feed(tg_sse_t *p, const char *data, size_t len, tg_sse_event_cb cb, void *arg) {
+  size_t e, used = 0;
+  int r;
+
+  if (p->len > 0) {
+    /* An event began in an earlier chunk: join, then split the buffer. */
+    if ((r = keep(p, data, len)) < 0)
+      return r;
+    while (used < p->len && (e = event_end(p->buf + used, p->len - used, 0)) > 0) {
+      if ((r = cb(arg, p->buf + used, e)) < 0)
+        return r;
+      used += e;
+    }
+    memmove(p->buf, p->buf + used, p->len - used);
+    p->len -= used;
+    return 0;
+  }
+  while (used < len && (e = event_end(data + used, len - used, 0)) > 0) {
+    if ((r = cb(arg, data + used, e)) < 0)
+      return r;
+    used += e;
+  }
+  if (used < len)
+    return keep(p, data + used, len - used);
+  return 0;
+}
+
+static void *find(const char *s, size_t n, const char *needle) {
+  return memmem(s, n, needle, strlen(needle));
+}
+
+int tg_sse_inspect(const char *ev, size_t len, tg_sse_info_t *info) {
+  const char *d, *end = ev + len, *le;
+  json_t *root, *usage, *choices;
+  json_error_t jerr;
+
+  memset(info, 0, sizeof(*info));
+  d = find(ev, len, "data:");
+  if (d == NULL)
+    return 0; /* comment or other field: relayed as is */
+  d += 5;
+  if (d < end && *d == ' ')
+    d++;
+  if (d >= end)
+    return TG_EPARSE;
+  le = memchr(d, '\n', (size_t)(end - d));
+  if (le == NULL)
+    le = end;
+  if (le > d && le[-1] == '\r')
+    le--;
+  if ((size_t)(le - d) == 6 && memcmp(d, "[DONE]", 6) == 0) {
+    info->done = 1;
+    return 0;
+  }
+  if (find(d, (size_t)(le - d), "\"usage\"") == NULL) {
+    info->has_choices = find(d, (size_t)(le - d), "\"choices\":[]") == NULL &&
+                        find(d, (size_t)(le - d), "\"choices\": []") == NULL;
+    return (le > d && *d == '{') ? 0 : TG_EPARSE;
+  }
+  root = json_loadb(d, (size_t)(le - d), 0, &jerr);
+  if (root == NULL || !json_is_object(root)) {
+    json_decref(root);
+    return TG_EPARSE;
+  }
+  choices = json_object_get(root, "choices");
+  info->has_choices = json_is_array(choices) && json_array_size(choices) > 0;
+  usage = json_object_get(root, "usage");
+  if (json_is_object(usage)) {
+    json_t *pt = json_object_get(usage, "prompt_tokens");
+    json_t *ct = json_object_get(usage, "completion_tokens");
+    if (json_is_integer(pt)) {
+      info->has_usage = 1;
+      info->prompt_tokens = json_integer_value(pt);
+      info->completion_tokens = json_is_integer(ct) ? json_integer_value(ct) : 0;
+      info->usage_only = json_is_array(choices) && json_array_size(choices) == 0;
+    }
+  }
+  json_decref(root);
+  return 0;
+}

@@ -1,0 +1,45 @@
+/* Server-sent events as OpenAI-compatible servers stream them: split the
+ * upstream's bytes into whole events, and tell what an event is ([DONE], a
+ * usage report, a usage-only chunk, a content chunk) without parsing the
+ * JSON of ordinary chunks. */
+#ifndef TG_API_SSE_H
+#define TG_API_SSE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+typedef struct {
+  char *buf;        /* bytes of an event not yet complete */
+  size_t len, cap;
+  size_t max;       /* an event longer than this is an error */
+} tg_sse_t;
+
+/* Called once per whole event, terminator included. A negative return stops
+ * tg_sse_feed, which returns it. */
+typedef int (*tg_sse_event_cb)(void *arg, const char *ev, size_t len);
+
+void tg_sse_init(tg_sse_t *p, size_t max_event);
+void tg_sse_free(tg_sse_t *p);
+
+/* Feeds upstream bytes; calls cb for each event completed by them. Whole
+ * events inside data are passed without copying. Returns 0, TG_ETOOBIG (an
+ * event over max), TG_ENOMEM, or cb's negative result. */
+int tg_sse_feed(tg_sse_t *p, const char *data, size_t len, tg_sse_event_cb cb, void *arg);
+
+/* Bytes held of an incomplete event. */
+size_t tg_sse_pending(const tg_sse_t *p);
+
+typedef struct {
+  int done;                 /* data: [DONE] */
+  int has_usage;            /* carries a usage object with token counts */
+  int usage_only;           /* and "choices": [] (the include_usage chunk) */
+  int has_choices;          /* a chunk with at least one choice */
+  int64_t prompt_tokens;
+  int64_t completion_tokens;
+} tg_sse_info_t;
+
+/* Classifies one event. Returns 0, or TG_EPARSE when its data is not
+ * [DONE] and not a JSON object. */
+int tg_sse_inspect(const char *ev, size_t len, tg_sse_info_t *info);
+
+#endif

@@ -1,0 +1,121 @@
+/* The gateway's configuration: one YAML file, loaded into an immutable,
+ * refcounted snapshot. Tenants use exactly the seed's quotas.yaml format,
+ * inline (`tenants:`) or through `tenants_file:` (relative to the config
+ * file's directory). Money is int64 nano-USD, parsed from decimal text.
+ *
+ * Loading never stops at the first problem: every error is collected with
+ * file:line so `tollgate check-config` can print them all. */
+#ifndef TG_CONFIG_CONFIG_H
+#define TG_CONFIG_CONFIG_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "core/money.h"
+
+typedef struct {
+  char *url;          /* base URL, no trailing slash: http://127.0.0.1:8000 */
+  int max_inflight;   /* default 256 */
+} tg_endpoint_cfg_t;
+
+typedef struct {
+  char *name;
+  tg_endpoint_cfg_t *endpoints;
+  size_t n_endpoints;
+  tg_nano_t prompt_nano_per_token;      /* from pricing.prompt_per_1k_usd */
+  tg_nano_t completion_nano_per_token;  /* from pricing.completion_per_1k_usd */
+  int64_t max_tokens;  /* completion cap when a request states none; default 4096 */
+  int kind;            /* TG_MODEL_CHAT (default) or TG_MODEL_EMBEDDING */
+} tg_model_cfg_t;
+
+enum { TG_MODEL_CHAT = 0, TG_MODEL_EMBEDDING = 1 };
+
+typedef struct {
+  char *name;
+  char *tier;                 /* may be NULL */
+  char **models_allowed;
+  size_t n_models_allowed;
+  int64_t requests_per_minute;   /* 0 = unlimited */
+  int64_t tokens_per_minute;     /* 0 = unlimited */
+  int64_t concurrent_requests;   /* 0 = unlimited */
+  tg_nano_t daily_limit_nano;    /* 0 = unlimited */
+  tg_nano_t monthly_limit_nano;  /* 0 = unlimited */
+  int alert_threshold_percent;   /* default 80 */
+  char *priority;                /* a key of priority_classes; default "medium" */
+  int64_t priority_weight;       /* resolved from priority_classes */
+} tg_tenant_cfg_t;
+
+typedef struct {
+  char *name;
+  int64_t value;
+} tg_priority_class_t;
+
+typedef struct tg_config_s {
+  int refs;                /* atomic; see tg_config_ref/unref */
+  char *path;              /* the file it was loaded from */
+
+  char *listen_host;  int listen_port;          /* listen: 127.0.0.1:8080 */
+  char *admin_host;   int admin_port;           /* admin_listen: 127.0.0.1:8081 */
+  int workers;             /* 0 in the file means the CPU count */
+  char *data_dir;          /* default ./data, relative to the config file */
+  char *state;             /* "memory" or redis://... */
+  char *state_failure;     /* "closed" (default) or "open" */
+  char *database;          /* "sqlite" or postgres://... */
+
+  size_t max_body_bytes;   /* default 1 MiB */
+  size_t max_header_bytes; /* default 16 KiB */
+
+  /* timeouts in milliseconds */
+  uint64_t client_request_timeout_ms;   /* default 30000 */
+  uint64_t client_keepalive_timeout_ms; /* default 60000 */
+  uint64_t client_send_timeout_ms;      /* default 60000 */
+  uint64_t upstream_connect_timeout_ms; /* default 2000 */
+  uint64_t upstream_first_byte_timeout_ms; /* default 60000 */
+  uint64_t upstream_idle_timeout_ms;    /* default 30000 */
+  uint64_t drain_timeout_ms;            /* default 30000 */
+  uint64_t health_check_interval_ms;    /* default 2000; 0 disables probes */
+
+  char *access_log;        /* "stdout" (default), "off", or a file path */
+  char **forward_headers;  /* client headers passed to upstreams, lower-case */
+  size_t n_forward_headers;
+
+  int64_t global_requests_per_second;  /* global_rate_limit; 0 = none */
+
+  tg_priority_class_t *priority_classes;
+  size_t n_priority_classes;
+
+  tg_model_cfg_t *models;
+  size_t n_models;
+  tg_tenant_cfg_t *tenants;
+  size_t n_tenants;
+
+  /* Private to config.c: hash tables behind tg_config_model() and
+   * tg_config_tenant(), so per-request lookups are O(1). */
+  struct tg_config_index_s *index;
+} tg_config_t;
+
+typedef struct {
+  char **msgs;   /* "file:line: message" */
+  size_t n;
+} tg_config_errors_t;
+
+/* Loads and validates path. On success returns 0 and *out holds a snapshot
+ * with one reference. On failure returns TG_ECONFIG (or another negative
+ * error) and errs, if not NULL, holds every problem found; free it with
+ * tg_config_errors_free(). */
+int tg_config_load(const char *path, tg_config_t **out, tg_config_errors_t *errs);
+void tg_config_errors_free(tg_config_errors_t *errs);
+
+/* Reference counting; safe across threads. The last unref frees. */
+tg_config_t *tg_config_ref(tg_config_t *cfg);
+void tg_config_unref(tg_config_t *cfg);
+
+/* Lookups by name; NULL when absent. */
+const tg_model_cfg_t *tg_config_model(const tg_config_t *cfg, const char *name);
+const tg_tenant_cfg_t *tg_config_tenant(const tg_config_t *cfg, const char *name);
+int tg_tenant_allows(const tg_tenant_cfg_t *t, const char *model);
+
+/* `tollgate check-config --config FILE`: prints every error, exits 0/1. */
+int tg_cmd_check_config(int argc, char **argv);
+
+#endif

@@ -1,0 +1,82 @@
+/* The running gateway: its config snapshot, its loop threads and what they
+ * share. One tg_app_t per process, built by `tollgate serve`.
+ *
+ * The runtime (config + the endpoint pools built from it) is an immutable,
+ * refcounted snapshot; a reload publishes a new one and bumps rt_gen, and
+ * each worker re-acquires only when the generation moved, so the request
+ * path reads one atomic. */
+#ifndef TG_CORE_APP_H
+#define TG_CORE_APP_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <uv.h>
+
+#include "auth/key.h"
+#include "auth/keystore.h"
+#include "config/config.h"
+#include "http/server.h"
+#include "upstream/client.h"
+#include "upstream/pool.h"
+
+typedef struct tg_runtime_s {
+  atomic_int refs;
+  tg_config_t *cfg;
+  tg_pool_t *pools;          /* parallel to cfg->models */
+} tg_runtime_t;
+
+typedef struct tg_call_s tg_call_t;
+typedef struct tg_app_s tg_app_t;
+
+typedef struct tg_worker_s {
+  tg_app_t *app;
+  int id;
+  uv_loop_t loop;
+  uv_thread_t thread;
+  uv_async_t async;          /* commands from the main thread */
+  uv_timer_t tick;           /* upstream first-byte and idle deadlines */
+  tg_http_server_t *http;
+  tg_upstream_t *up;
+  tg_runtime_t *rt;
+  uint64_t rt_gen;
+  tg_keyset_t *keys;
+  uint64_t keys_gen;
+  tg_call_t *calls;          /* calls in flight on this loop */
+  uint64_t seq;
+  int is_admin;
+} tg_worker_t;
+
+struct tg_app_s {
+  char *config_path;
+  pthread_mutex_t rt_lock;
+  tg_runtime_t *rt;
+  atomic_uint_fast64_t rt_gen;
+  tg_keywatch_t *keywatch;
+  int log_fd;                /* access log, or -1 */
+  char id_prefix[9];         /* random per process: request ids stay unique */
+  tg_worker_t *workers;
+  int n_workers;
+  tg_worker_t admin;
+  atomic_int cmd;            /* TG_CMD_* for the workers */
+};
+
+enum { TG_CMD_NONE = 0, TG_CMD_DRAIN = 1, TG_CMD_STOP = 2 };
+
+/* Builds a runtime for cfg (takes over the caller's reference to cfg).
+ * Returns 0 or TG_ENOMEM. */
+int tg_runtime_new(tg_config_t *cfg, tg_runtime_t **out);
+tg_runtime_t *tg_runtime_ref(tg_runtime_t *rt);
+void tg_runtime_unref(tg_runtime_t *rt);
+/* The pool serving model m of rt->cfg. */
+const tg_pool_t *tg_runtime_pool(const tg_runtime_t *rt, const tg_model_cfg_t *m);
+
+/* The worker's current runtime, re-acquired when a reload published one. */
+tg_runtime_t *tg_worker_runtime(tg_worker_t *w);
+/* The worker's current keyset (may be NULL before the first load). */
+const tg_keyset_t *tg_worker_keys(tg_worker_t *w);
+
+/* `tollgate serve --config FILE`. */
+int tg_cmd_serve(int argc, char **argv);
+
+#endif

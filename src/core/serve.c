@@ -1,0 +1,435 @@
+/* `tollgate serve`: builds the app, starts one loop thread per worker (each
+ * with its own listener on the shared port, its own curl multi handle and its
+ * own calls), an admin loop thread, and waits for signals on the main
+ * thread: SIGHUP reloads the config, SIGTERM/SIGINT drain then stop.
+ *
+ * Shutdown order on a worker: stop accepting and let calls finish (drain);
+ * at the drain timeout, abort what is left (clients see a truncated answer,
+ * upstream transfers are cancelled); then close the upstream client and the
+ * loop's own handles, so the loop returns and the thread ends. */
+#include <errno.h>
+#include <fcntl.h>
+#include <openssl/rand.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <curl/curl.h>
+
+#include "api/api.h"
+#include "core/app.h"
+#include "core/err.h"
+#include "obs/accesslog.h"
+
+#define TICK_MS 100
+
+/* ---- runtime ------------------------------------------------------------ */
+
+int tg_runtime_new(tg_config_t *cfg, tg_runtime_t **out) {
+  tg_runtime_t *rt = calloc(1, sizeof(*rt));
+  size_t i, j;
+
+  if (rt == NULL)
+    goto fail;
+  atomic_init(&rt->refs, 1);
+  rt->cfg = cfg;
+  rt->pools = calloc(cfg->n_models ? cfg->n_models : 1, sizeof(*rt->pools));
+  if (rt->pools == NULL)
+    goto fail;
+  for (i = 0; i < cfg->n_models; i++) {
+    const tg_model_cfg_t *m = &cfg->models[i];
+    tg_pool_t *p = &rt->pools[i];
+    p->eps = calloc(m->n_endpoints ? m->n_endpoints : 1, sizeof(*p->eps));
+    if (p->eps == NULL)
+      goto fail;
+    for (j = 0; j < m->n_endpoints; j++) {
+      p->eps[j] = tg_endpoint_get(m->endpoints[j].url, m->endpoints[j].max_inflight);
+      if (p->eps[j] == NULL)
+        goto fail;
+      p->n++;
+    }
+  }
+  *out = rt;
+  return 0;
+fail:
+  if (rt) {
+    rt->cfg = NULL;
+    tg_runtime_unref(rt);
+  }
+  tg_config_unref(cfg);
+  return TG_ENOMEM;
+}
+
+tg_runtime_t *tg_runtime_ref(tg_runtime_t *rt) {
+  atomic_fetch_add(&rt->refs, 1);
+  return rt;
+}
+
+void tg_runtime_unref(tg_runtime_t *rt) {
+  size_t i, j, n;
+  if (rt == NULL || atomic_fetch_sub(&rt->refs, 1) != 1)
+    return;
+  n = rt->cfg ? rt->cfg->n_models : 0;
+  for (i = 0; rt->pools && i < n; i++) {
+    for (j = 0; j < rt->pools[i].n; j++)
+      tg_endpoint_put(rt->pools[i].eps[j]);
+    free(rt->pools[i].eps);
+  }
+  free(rt->pools);
+  if (rt->cfg)
+    tg_config_unref(rt->cfg);
+  free(rt);
+}
+
+const tg_pool_t *tg_runtime_pool(const tg_runtime_t *rt, const tg_model_cfg_t *m) {
+  return &rt->pools[m - rt->cfg->models];
+}
+
+tg_runtime_t *tg_worker_runtime(tg_worker_t *w) {
+  tg_app_t *app = w->app;
+  uint64_t gen = atomic_load_explicit(&app->rt_gen, memory_order_acquire);
+  if (gen != w->rt_gen || w->rt == NULL) {
+    tg_runtime_t *old = w->rt;
+    pthread_mutex_lock(&app->rt_lock);
+    w->rt = tg_runtime_ref(app->rt);
+    w->rt_gen = atomic_load(&app->rt_gen);
+    pthread_mutex_unlock(&app->rt_lock);
+    tg_runtime_unref(old);
+  }
+  return w->rt;
+}
+
+const tg_keyset_t *tg_worker_keys(tg_worker_t *w) {
+  uint64_t gen;
+  if (w->app->keywatch == NULL)
+    return NULL;
+  gen = tg_keywatch_generation(w->app->keywatch);
+  if (gen != w->keys_gen || w->keys == NULL) {
+    tg_keyset_release(w->keys);
+    w->keys = tg_keywatch_acquire(w->app->keywatch);
+    w->keys_gen = gen;
+  }
+  return w->keys;
+}
+
+/* ---- workers ------------------------------------------------------------ */
+
+static void on_worker_handle_closed(uv_handle_t *h) {
+  (void)h;
+}
+
+static void worker_close(tg_worker_t *w) {
+  if (w->http == NULL)
+    return;
+  tg_http_server_close(w->http, NULL, NULL);
+  w->http = NULL;
+  if (w->up) {
+    tg_upstream_close(w->up);
+    w->up = NULL;
+  }
+  uv_close((uv_handle_t *)&w->tick, on_worker_handle_closed);
+  uv_close((uv_handle_t *)&w->async, on_worker_handle_closed);
+}
+
+static void worker_command(tg_worker_t *w) {
+  int cmd = atomic_load(&w->app->cmd);
+  if (w->http == NULL)
+    return;
+  if (cmd == TG_CMD_STOP) {
+    worker_close(w);
+  } else if (cmd == TG_CMD_DRAIN && !w->is_admin) {
+    tg_http_server_drain(w->http);
+    if (tg_http_server_active(w->http) == 0)
+      worker_close(w);
+  }
+}
+
+static void on_worker_async(uv_async_t *a) {
+  worker_command(a->data);
+}
+
+static void on_worker_tick(uv_timer_t *t) {
+  tg_worker_t *w = t->data;
+  if (!w->is_admin)
+    tg_api_tick(w);
+  /* keep the cached key set fresh even when idle */
+  if (!w->is_admin)
+    (void)tg_worker_keys(w);
+  if (atomic_load(&w->app->cmd) != TG_CMD_NONE)
+    worker_command(w);
+}
+
+static void worker_main(void *arg) {
+  tg_worker_t *w = arg;
+  uv_run(&w->loop, UV_RUN_DEFAULT);
+}
+
+static int worker_init(tg_app_t *app, tg_worker_t *w, int id, int admin) {
+  const tg_config_t *cfg = app->rt->cfg;
+  tg_http_limits_t lim;
+  int r;
+
+  memset(w, 0, sizeof(*w));
+  w->app = app;
+  w->id = id;
+  w->is_admin = admin;
+  if ((r = uv_loop_init(&w->loop)) < 0)
+    return r;
+  tg_http_limits_default(&lim);
+  lim.max_body_bytes = cfg->max_body_bytes;
+  lim.max_header_bytes = cfg->max_header_bytes;
+  lim.request_timeout_ms = cfg->client_request_timeout_ms;
+  lim.keepalive_timeout_ms = cfg->client_keepalive_timeout_ms;
+  lim.send_timeout_ms = cfg->client_send_timeout_ms;
+  if (admin)
+    r = tg_http_server_init(&w->http, &w->loop, cfg->admin_host, cfg->admin_port, 0, &lim,
+                            tg_admin_handle, w);
+  else
+    r = tg_http_server_init(&w->http, &w->loop, cfg->listen_host, cfg->listen_port, 1, &lim,
+                            tg_api_handle, w);
+  if (r < 0) {
+    fprintf(stderr, "tollgate: cannot listen on %s:%d: %s\n",
+            admin ? cfg->admin_host : cfg->listen_host,
+            admin ? cfg->admin_port : cfg->listen_port, tg_strerror(r));
+    uv_run(&w->loop, UV_RUN_DEFAULT);
+    uv_loop_close(&w->loop);
+    return r;
+  }
+  tg_http_server_on_reject(w->http, tg_api_reject);
+  if (!admin && (r = tg_upstream_init(&w->up, &w->loop)) < 0)
+    return r;
+  uv_timer_init(&w->loop, &w->tick);
+  w->tick.data = w;
+  uv_timer_start(&w->tick, on_worker_tick, TICK_MS, TICK_MS);
+  uv_async_init(&w->loop, &w->async, on_worker_async);
+  w->async.data = w;
+  return 0;
+}
+
+static void worker_fini(tg_worker_t *w) {
+  /* the loop has no handles left once the thread returns */
+  uv_run(&w->loop, UV_RUN_DEFAULT);
+  uv_loop_close(&w->loop);
+  tg_runtime_unref(w->rt);
+  tg_keyset_release(w->keys);
+  w->rt = NULL;
+  w->keys = NULL;
+}
+
+/* ---- reload and signals ------------------------------------------------- */
+
+static int reload(tg_app_t *app) {
+  tg_config_t *cfg = NULL;
+  tg_config_errors_t errs = {0};
+  tg_runtime_t *rt, *old;
+  size_t i;
+  int r;
+
+  r = tg_config_load(app->config_path, &cfg, &errs);
+  if (r < 0) {
+    fprintf(stderr, "tollgate: reload failed, keeping the running config:\n");
+    for (i = 0; i < errs.n; i++)
+      fprintf(stderr, "  %s\n", errs.msgs[i]);
+    tg_config_errors_free(&errs);
+    return r;
+  }
+  if ((r = tg_runtime_new(cfg, &rt)) < 0)
+    return r;
+  pthread_mutex_lock(&app->rt_lock);
+  old = app->rt;
+  app->rt = rt;
+  atomic_fetch_add_explicit(&app->rt_gen, 1, memory_order_release);
+  pthread_mutex_unlock(&app->rt_lock);
+  tg_runtime_unref(old);
+  fprintf(stderr, "tollgate: config reloaded from %s\n", app->config_path);
+  return 0;
+}
+
+typedef struct {
+  tg_app_t *app;
+  uv_signal_t sigterm, sigint, sighup;
+  uv_timer_t drain_timer, watch;
+  int stopping;
+} main_ctx_t;
+
+static void broadcast(tg_app_t *app, int cmd) {
+  int i;
+  atomic_store(&app->cmd, cmd);
+  for (i = 0; i < app->n_workers; i++)
+    uv_async_send(&app->workers[i].async);
+  uv_async_send(&app->admin.async);
+}
+
+static void on_drain_timeout(uv_timer_t *t) {
+  main_ctx_t *m = t->data;
+  fprintf(stderr, "tollgate: drain timeout, closing remaining connections\n");
+  broadcast(m->app, TG_CMD_STOP);
+}
+
+/* Stops the admin loop once every API worker has finished. */
+static void on_watch(uv_timer_t *t) {
+  main_ctx_t *m = t->data;
+  int i, alive = 0;
+  for (i = 0; i < m->app->n_workers; i++)
+    if (m->app->workers[i].http != NULL)
+      alive++;
+  if (alive == 0) {
+    broadcast(m->app, TG_CMD_STOP);
+    uv_close((uv_handle_t *)&m->sigterm, NULL);
+    uv_close((uv_handle_t *)&m->sigint, NULL);
+    uv_close((uv_handle_t *)&m->sighup, NULL);
+    uv_close((uv_handle_t *)&m->drain_timer, NULL);
+    uv_close((uv_handle_t *)&m->watch, NULL);
+  }
+}
+
+static void on_signal(uv_signal_t *s, int signum) {
+  main_ctx_t *m = s->data;
+  if (signum == SIGHUP) {
+    reload(m->app);
+    return;
+  }
+  if (m->stopping) {
+    broadcast(m->app, TG_CMD_STOP);
+    return;
+  }
+  m->stopping = 1;
+  fprintf(stderr, "tollgate: draining (up to %llu ms)\n",
+          (unsigned long long)m->app->rt->cfg->drain_timeout_ms);
+  broadcast(m->app, TG_CMD_DRAIN);
+  uv_timer_start(&m->drain_timer, on_drain_timeout, m->app->rt->cfg->drain_timeout_ms, 0);
+  uv_timer_start(&m->watch, on_watch, 50, 50);
+}
+
+/* ---- serve -------------------------------------------------------------- */
+
+static const char *arg_config(int argc, char **argv) {
+  int i;
+  for (i = 1; i + 1 < argc; i++)
+    if (strcmp(argv[i], "--config") == 0 || strcmp(argv[i], "-c") == 0)
+      return argv[i + 1];
+  return NULL;
+}
+
+int tg_cmd_serve(int argc, char **argv) {
+  tg_app_t app;
+  tg_config_t *cfg = NULL;
+  tg_config_errors_t errs = {0};
+  main_ctx_t m;
+  uv_loop_t *main_loop = uv_default_loop();
+  unsigned char rnd[4];
+  const char *path = arg_config(argc, argv);
+  int i, r, rc = 1, started = 0, admin_started = 0;
+  size_t k;
+
+  if (path == NULL) {
+    fprintf(stderr, "usage: tollgate serve --config FILE\n");
+    return 2;
+  }
+  memset(&app, 0, sizeof(app));
+  memset(&m, 0, sizeof(m));
+  app.log_fd = -1;
+  pthread_mutex_init(&app.rt_lock, NULL);
+  if (tg_config_load(path, &cfg, &errs) < 0) {
+    for (k = 0; k < errs.n; k++)
+      fprintf(stderr, "%s\n", errs.msgs[k]);
+    tg_config_errors_free(&errs);
+    return 1;
+  }
+  app.config_path = strdup(path);
+  signal(SIGPIPE, SIG_IGN);
+  curl_global_init(CURL_GLOBAL_DEFAULT);
+  if (RAND_bytes(rnd, sizeof(rnd)) != 1)
+    memset(rnd, 0, sizeof(rnd));
+  snprintf(app.id_prefix, sizeof(app.id_prefix), "%02x%02x%02x%02x", rnd[0], rnd[1], rnd[2], rnd[3]);
+
+  r = tg_access_log_open(cfg->access_log);
+  if (r < -1) {
+    fprintf(stderr, "tollgate: cannot open access log %s: %s\n", cfg->access_log,
+            strerror(-(r + 1)));
+    tg_config_unref(cfg);
+    goto out;
+  }
+  app.log_fd = r;
+  r = tg_keywatch_start(cfg->data_dir, 200, &app.keywatch);
+  if (r < 0) {
+    fprintf(stderr, "tollgate: cannot open the key store in %s: %s\n", cfg->data_dir,
+            tg_strerror(r));
+    tg_config_unref(cfg);
+    goto out;
+  }
+  if (tg_runtime_new(cfg, &app.rt) < 0)
+    goto out;
+  atomic_store(&app.rt_gen, 1);
+  tg_health_start(app.rt->cfg->health_check_interval_ms,
+                  app.rt->cfg->upstream_connect_timeout_ms + 1000);
+
+  app.n_workers = app.rt->cfg->workers > 0 ? app.rt->cfg->workers : 1;
+  app.workers = calloc((size_t)app.n_workers, sizeof(*app.workers));
+  if (app.workers == NULL)
+    goto out;
+  for (i = 0; i < app.n_workers; i++) {
+    if (worker_init(&app, &app.workers[i], i, 0) < 0)
+      goto stop;
+    started++;
+  }
+  if (worker_init(&app, &app.admin, 255, 1) < 0)
+    goto stop;
+  admin_started = 1;
+
+  uv_signal_init(main_loop, &m.sigterm);
+  uv_signal_init(main_loop, &m.sigint);
+  uv_signal_init(main_loop, &m.sighup);
+  uv_timer_init(main_loop, &m.drain_timer);
+  uv_timer_init(main_loop, &m.watch);
+  m.app = &app;
+  m.sigterm.data = m.sigint.data = m.sighup.data = &m;
+  m.drain_timer.data = m.watch.data = &m;
+  uv_signal_start(&m.sigterm, on_signal, SIGTERM);
+  uv_signal_start(&m.sigint, on_signal, SIGINT);
+  uv_signal_start(&m.sighup, on_signal, SIGHUP);
+
+  for (i = 0; i < app.n_workers; i++)
+    uv_thread_create(&app.workers[i].thread, worker_main, &app.workers[i]);
+  uv_thread_create(&app.admin.thread, worker_main, &app.admin);
+  fprintf(stderr, "tollgate: serving on %s:%d (admin %s:%d), %d workers\n",
+          app.rt->cfg->listen_host, app.rt->cfg->listen_port, app.rt->cfg->admin_host,
+          app.rt->cfg->admin_port, app.n_workers);
+
+  uv_run(main_loop, UV_RUN_DEFAULT);
+  for (i = 0; i < app.n_workers; i++)
+    uv_thread_join(&app.workers[i].thread);
+  uv_thread_join(&app.admin.thread);
+  for (i = 0; i < app.n_workers; i++)
+    worker_fini(&app.workers[i]);
+  worker_fini(&app.admin);
+  uv_loop_close(main_loop);
+  fprintf(stderr, "tollgate: stopped\n");
+  rc = 0;
+  goto out;
+
+stop:
+  /* a listener failed before any thread ran: close what was opened here */
+  for (i = 0; i < started; i++) {
+    worker_close(&app.workers[i]);
+    worker_fini(&app.workers[i]);
+  }
+  if (admin_started) {
+    worker_close(&app.admin);
+    worker_fini(&app.admin);
+  }
+out:
+  tg_health_stop();
+  free(app.workers);
+  if (app.keywatch)
+    tg_keywatch_stop(app.keywatch);
+  tg_runtime_unref(app.rt);
+  if (app.log_fd > STDERR_FILENO)
+    close(app.log_fd);
+  free(app.config_path);
+  pthread_mutex_destroy(&app.rt_lock);
+  curl_global_cleanup();
+  return rc;
+}

@@ -1,0 +1,1133 @@
+/* HTTP/1.1 server: accept, parse with llhttp, hand whole requests to a
+ * handler, write responses, keep connections alive, enforce every bound.
+ *
+ * One request per connection is active at a time. Bytes that arrive while a
+ * request is active (pipelining) wait in the connection's pending buffer and
+ * are parsed once the request completes; that continuation runs from an idle
+ * handle, never from inside the completing call, so a handler that completes
+ * a request from a library callback is never re-entered. A connection whose
+ * client left while a request is active stays allocated until the handler
+ * completes the request; it is freed from its close callbacks only. */
+#include "http/server.h"
+
+#include <errno.h>
+#include <llhttp.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "core/err.h"
+
+#define MAX_HEADERS 100
+#define READ_BUF_SIZE 65536
+#define PEND_MAX (256 * 1024)      /* pipelined bytes held before reading stops */
+#define STACK_RESP 8192
+
+enum { TIMER_NONE, TIMER_REQUEST, TIMER_KEEPALIVE, TIMER_SEND };
+
+struct tg_http_server_s {
+  uv_loop_t *loop;
+  uv_tcp_t listener;
+  uv_idle_t idle;              /* resumes pipelined parsing */
+  tg_http_limits_t lim;
+  tg_http_handler_cb handler;
+  tg_http_reject_cb on_reject;
+  void *data;
+  int port;
+  int draining;
+  int closing;
+  int listener_open;
+  int idle_open;
+  size_t active;
+  size_t n_conns;
+  tg_http_conn_t *conns;       /* all open connections, doubly linked */
+  tg_http_conn_t *ready;       /* connections with pipelined bytes to parse */
+  void (*done)(void *);
+  void *done_arg;
+  llhttp_settings_t settings;
+  char rbuf[READ_BUF_SIZE];
+};
+
+struct tg_http_conn_s {
+  uv_tcp_t tcp;
+  uv_timer_t timer;
+  tg_http_server_t *srv;
+  tg_http_conn_t *prev, *next;
+  tg_http_conn_t *ready_next;
+  llhttp_t parser;
+  tg_http_req_t req;
+
+  /* request head: url and headers, NUL-separated, bounded by max_header_bytes */
+  char *hbuf;
+  size_t hlen, hcap;
+  size_t url_off;
+  size_t name_off[MAX_HEADERS], value_off[MAX_HEADERS];
+  tg_http_header_t hdrs[MAX_HEADERS];
+  size_t n_hdrs;
+  int in_field;
+  int value_open;
+  int reject;                  /* status decided by a bound, or 0 */
+
+  char *body;
+  size_t body_len, body_cap;
+
+  char *pend;                  /* unparsed bytes (pipelining) */
+  size_t pend_len;
+
+  size_t out_pending;
+  int timer_mode;
+  int handles;                 /* open uv handles; freed at 0 */
+  unsigned in_message : 1;
+  unsigned active : 1;         /* handed to the handler, not completed */
+  unsigned gone : 1;           /* client left or socket failed */
+  unsigned closing : 1;
+  unsigned close_after : 1;    /* close once output is flushed */
+  unsigned reading : 1;
+  unsigned queued : 1;         /* on srv->ready */
+  unsigned chunked : 1;        /* current response is chunked */
+  unsigned begun : 1;          /* response head sent */
+  unsigned above_high : 1;     /* pending crossed the high-water mark */
+  unsigned http10 : 1;
+};
+
+typedef struct {
+  uv_write_t w;
+  tg_http_conn_t *conn;
+  size_t len;
+  char data[];
+} write_req_t;
+
+static void conn_close(tg_http_conn_t *c);
+static void conn_process(tg_http_conn_t *c);
+static void conn_timer_update(tg_http_conn_t *c);
+static void conn_start_reading(tg_http_conn_t *c);
+static void on_idle(uv_idle_t *h);
+
+void tg_http_limits_default(tg_http_limits_t *lim) {
+  lim->max_header_bytes = 16 * 1024;
+  lim->max_body_bytes = 1024 * 1024;
+  lim->request_timeout_ms = 30000;
+  lim->keepalive_timeout_ms = 60000;
+  lim->send_timeout_ms = 60000;
+  lim->write_high_water = 256 * 1024;
+  lim->write_low_water = 64 * 1024;
+}
+
+const char *tg_http_reason(int status) {
+  switch (status) {
+  case 100: return "Continue";
+  case 200: return "OK";
+  case 201: return "Created";
+  case 204: return "No Content";
+  case 400: return "Bad Request";
+  case 401: return "Unauthorized";
+  case 402: return "Payment Required";
+  case 403: return "Forbidden";
+  case 404: return "Not Found";
+  case 405: return "Method Not Allowed";
+  case 408: return "Request Timeout";
+  case 409: return "Conflict";
+  case 411: return "Length Required";
+  case 413: return "Payload Too Large";
+  case 415: return "Unsupported Media Type";
+  case 422: return "Unprocessable Entity";
+  case 429: return "Too Many Requests";
+  case 431: return "Request Header Fields Too Large";
+  case 500: return "Internal Server Error";
+  case 501: return "Not Implemented";
+  case 502: return "Bad Gateway";
+  case 503: return "Service Unavailable";
+  case 504: return "Gateway Timeout";
+  default: return "Unknown";
+  }
+}
+
+/* ---- output ---------------------------------------------------------- */
+
+static void on_write(uv_write_t *w, int status) {
+  write_req_t *wr = (write_req_t *)w;
+  tg_http_conn_t *c = wr->conn;
+  tg_http_server_t *srv = c->srv;
+
+  c->out_pending -= wr->len;
+  free(wr);
+  if (status < 0 && !c->gone) {
+    c->gone = 1;
+    if (c->active && c->req.on_abort)
+      c->req.on_abort(&c->req);
+  }
+  if (c->closing)
+    return;
+  if (c->out_pending == 0 && (c->gone || (c->close_after && !c->active))) {
+    conn_close(c);
+    return;
+  }
+  conn_timer_update(c);
+  if (c->active && c->above_high && c->out_pending <= srv->lim.write_low_water) {
+    c->above_high = 0;
+    if (c->req.on_drain)
+      c->req.on_drain(&c->req);
+  }
+}
+
+/* Queues the bytes of bufs[0..nb). Tries a direct write first so a small
+ * response costs no allocation; copies what the socket did not take. */
+static int conn_sendv(tg_http_conn_t *c, const uv_buf_t *bufs, unsigned nb) {
+  size_t total = 0, skip = 0, off = 0;
+  write_req_t *wr;
+  uv_buf_t one;
+  unsigned i;
+  int r;
+
+  if (c->gone || c->closing)
+    return TG_ECANCELED;
+  for (i = 0; i < nb; i++)
+    total += bufs[i].len;
+  if (total == 0)
+    return 0;
+  if (c->out_pending == 0) {
+    r = uv_try_write((uv_stream_t *)&c->tcp, bufs, nb);
+    if (r > 0)
+      skip = (size_t)r;
+    else if (r != UV_EAGAIN && r != UV_ENOSYS) {
+      c->gone = 1;
+      return r;
+    }
+    if (skip == total)
+      return 0;
+  }
+  wr = malloc(sizeof(*wr) + total - skip);
+  if (wr == NULL)
+    return TG_ENOMEM;
+  wr->conn = c;
+  wr->len = total - skip;
+  for (i = 0; i < nb; i++) {
+    size_t l = bufs[i].len;
+    if (skip >= l) {
+      skip -= l;
+      continue;
+    }
+    memcpy(wr->data + off, bufs[i].base + skip, l - skip);
+    off += l - skip;
+    skip = 0;
+  }
+  one = uv_buf_init(wr->data, (unsigned)wr->len);
+  r = uv_write(&wr->w, (uv_stream_t *)&c->tcp, &one, 1, on_write);
+  if (r < 0) {
+    free(wr);
+    c->gone = 1;
+    return r;
+  }
+  c->out_pending += wr->len;
+  if (c->out_pending >= c->srv->lim.write_high_water)
+    c->above_high = 1;
+  conn_timer_update(c);
+  return 0;
+}
+
+static int conn_send2(tg_http_conn_t *c, const char *a, size_t alen,
+                      const char *b, size_t blen) {
+  uv_buf_t bufs[2];
+  bufs[0] = uv_buf_init((char *)a, (unsigned)alen);
+  bufs[1] = uv_buf_init((char *)b, (unsigned)blen);
+  return conn_sendv(c, bufs, blen ? 2 : 1);
+}
+
+static int conn_send(tg_http_conn_t *c, const char *data, size_t len) {
+  return conn_send2(c, data, len, NULL, 0);
+}
+
+/* ---- request completion ---------------------------------------------- */
+
+static void conn_reset_request(tg_http_conn_t *c) {
+  free(c->body);
+  c->body = NULL;
+  c->body_len = c->body_cap = 0;
+  c->hlen = 0;
+  c->n_hdrs = 0;
+  c->in_field = 0;
+  c->value_open = 0;
+  c->reject = 0;
+  c->chunked = c->begun = c->above_high = 0;
+  memset(&c->req, 0, sizeof(c->req));
+  c->req.conn = c;
+  c->req.server = c->srv;
+}
+
+static void srv_queue_ready(tg_http_conn_t *c) {
+  tg_http_server_t *srv = c->srv;
+  if (c->queued)
+    return;
+  c->queued = 1;
+  c->ready_next = srv->ready;
+  srv->ready = c;
+  if (srv->idle_open && !uv_is_active((uv_handle_t *)&srv->idle))
+    uv_idle_start(&srv->idle, on_idle);
+}
+
+static void req_complete(tg_http_conn_t *c, int keep) {
+  tg_http_server_t *srv = c->srv;
+
+  if (!c->active)
+    return;
+  c->active = 0;
+  srv->active--;
+  if (!keep || !c->req.keep_alive || srv->draining || srv->closing)
+    c->close_after = 1;
+  conn_reset_request(c);
+  if (c->closing)
+    return;
+  if (c->gone || (c->close_after && c->out_pending == 0)) {
+    conn_close(c);
+    return;
+  }
+  if (c->close_after)
+    return; /* closes from on_write once flushed */
+  conn_timer_update(c);
+  if (c->pend_len > 0)
+    srv_queue_ready(c);
+  else
+    conn_start_reading(c);
+}
+
+/* ---- llhttp callbacks ------------------------------------------------- */
+
+static int head_append(tg_http_conn_t *c, const char *at, size_t len, int lower) {
+  size_t i;
+  if (c->hlen + len + 1 > c->hcap) {
+    c->reject = 431;
+    return -1;
+  }
+  if (lower) {
+    for (i = 0; i < len; i++) {
+      char ch = at[i];
+      c->hbuf[c->hlen + i] = (ch >= 'A' && ch <= 'Z') ? (char)(ch + 32) : ch;
+    }
+  } else {
+    memcpy(c->hbuf + c->hlen, at, len);
+  }
+  c->hlen += len;
+  return 0;
+}
+
+static int head_terminate(tg_http_conn_t *c) {
+  if (c->hlen + 1 > c->hcap) {
+    c->reject = 431;
+    return -1;
+  }
+  c->hbuf[c->hlen++] = '\0';
+  return 0;
+}
+
+static tg_http_conn_t *parser_conn(llhttp_t *p) {
+  return (tg_http_conn_t *)p->data;
+}
+
+static int on_message_begin(llhttp_t *p) {
+  tg_http_conn_t *c = parser_conn(p);
+  c->in_message = 1;
+  c->req.start_ns = uv_hrtime();
+  c->timer_mode = TIMER_NONE;
+  conn_timer_update(c);
+  return 0;
+}
+
+static int on_url(llhttp_t *p, const char *at, size_t len) {
+  tg_http_conn_t *c = parser_conn(p);
+  return head_append(c, at, len, 0);
+}
+
+static int on_url_complete(llhttp_t *p) {
+  return head_terminate(parser_conn(p));
+}
+
+static int on_header_field(llhttp_t *p, const char *at, size_t len) {
+  tg_http_conn_t *c = parser_conn(p);
+  if (!c->in_field) {
+    if (c->value_open) {
+      if (head_terminate(c) < 0)
+        return -1;
+      c->value_open = 0;
+    }
+    if (c->n_hdrs == MAX_HEADERS) {
+      c->reject = 431;
+      return -1;
+    }
+    c->name_off[c->n_hdrs] = c->hlen;
+    c->value_off[c->n_hdrs] = c->hlen;
+    c->n_hdrs++;
+    c->in_field = 1;
+  }
+  return head_append(c, at, len, 1);
+}
+
+static int on_header_field_complete(llhttp_t *p) {
+  tg_http_conn_t *c = parser_conn(p);
+  if (head_terminate(c) < 0)
+    return -1;
+  c->in_field = 0;
+  c->value_off[c->n_hdrs - 1] = c->hlen;
+  c->value_open = 1;
+  return 0;
+}
+
+static int on_header_value(llhttp_t *p, const char *at, size_t len) {
+  return head_append(parser_conn(p), at, len, 0);
+}
+
+static int on_header_value_complete(llhttp_t *p) {
+  tg_http_conn_t *c = parser_conn(p);
+  if (!c->value_open)
+    return 0;
+  c->value_open = 0;
+  return head_terminate(c);
+}
+
+static char *trim(char *s) {
+  char *e;
+  while (*s == ' ' || *s == '\t')
+    s++;
+  e = s + strlen(s);
+  while (e > s && (e[-1] == ' ' || e[-1] == '\t'))
+    *--e = '\0';
+  return s;
+}
+
+static int on_headers_complete(llhttp_t *p) {
+  tg_http_conn_t *c = parser_conn(p);
+  size_t i;
+  char *url, *q;
+  const char *expect;
+
+  if (c->value_open) {
+    if (head_terminate(c) < 0)
+      return -1;
+    c->value_open = 0;
+  }
+  for (i = 0; i < c->n_hdrs; i++) {
+    c->hdrs[i].name = c->hbuf + c->name_off[i];
+    c->hdrs[i].value = trim(c->hbuf + c->value_off[i]);
+  }
+  url = c->hbuf + c->url_off;
+  q = strchr(url, '?');
+  if (q != NULL) {
+    *q = '\0';
+    c->req.query = q + 1;
+  } else {
+    c->req.query = "";
+  }
+  c->req.path = url;
+  c->req.headers = c->hdrs;
+  c->req.n_headers = c->n_hdrs;
+  c->req.method = (int)p->method;
+  c->http10 = (p->http_major == 1 && p->http_minor == 0);
+
+  if ((p->flags & F_CONTENT_LENGTH) && p->content_length > c->srv->lim.max_body_bytes) {
+    c->reject = 413;
+    return -1;
+  }
+  expect = tg_http_req_header(&c->req, "expect");
+  if (expect != NULL && strcasecmp(expect, "100-continue") == 0 && !c->http10) {
+    static const char cont[] = "HTTP/1.1 100 Continue\r\n\r\n";
+    conn_send(c, cont, sizeof(cont) - 1);
+  }
+  if ((p->flags & F_CONTENT_LENGTH) && p->content_length > 0) {
+    c->body_cap = (size_t)p->content_length + 1;
+    c->body = malloc(c->body_cap);
+    if (c->body == NULL) {
+      c->reject = 500;
+      return -1;
+    }
+  }
+  return 0;
+}
+
+static int on_body(llhttp_t *p, const char *at, size_t len) {
+  tg_http_conn_t *c = parser_conn(p);
+  size_t max = c->srv->lim.max_body_bytes;
+
+  if (c->body_len + len > max) {
+    c->reject = 413;
+    return -1;
+  }
+  if (c->body_len + len + 1 > c->body_cap) {
+    size_t cap = c->body_cap ? c->body_cap * 2 : 4096;
+    char *nb;
+    while (cap < c->body_len + len + 1)
+      cap *= 2;
+    if (cap > max + 1)
+      cap = max + 1;
+    nb = realloc(c->body, cap);
+    if (nb == NULL) {
+      c->reject = 500;
+      return -1;
+    }
+    c->body = nb;
+    c->body_cap = cap;
+  }
+  memcpy(c->body + c->body_len, at, len);
+  c->body_len += len;
+  return 0;
+}
+
+static int on_message_complete(llhttp_t *p) {
+  tg_http_conn_t *c = parser_conn(p);
+  c->in_message = 0;
+  c->req.keep_alive = llhttp_should_keep_alive(p) && !c->srv->draining;
+  return HPE_PAUSED;
+}
+
+/* ---- protocol errors -------------------------------------------------- */
+
+static void conn_reject(tg_http_conn_t *c, int status, const char *code,
+                        const char *msg) {
+  char head[512], body[512], extra[256];
+  int bl, hl;
+
+  extra[0] = '\0';
+  if (c->srv->on_reject)
+    c->srv->on_reject(c->srv, status, code, extra, sizeof(extra));
+  bl = snprintf(body, sizeof(body),
+                "{\"error\":{\"message\":\"%s\",\"type\":\"invalid_request_error\","
+                "\"code\":\"%s\"}}",
+                msg, code);
+  hl = snprintf(head, sizeof(head),
+                "HTTP/1.1 %d %s\r\nContent-Type: application/json\r\n"
+                "Content-Length: %d\r\n%sConnection: close\r\n\r\n",
+                status, tg_http_reason(status), bl, extra);
+  c->close_after = 1;
+  if (c->reading) {
+    uv_read_stop((uv_stream_t *)&c->tcp);
+    c->reading = 0;
+  }
+  c->pend_len = 0;
+  if (conn_send2(c, head, (size_t)hl, body, (size_t)bl) < 0 || c->out_pending == 0)
+    conn_close(c);
+}
+
+static void conn_parse_error(tg_http_conn_t *c, llhttp_errno_t err) {
+  switch (c->reject) {
+  case 413:
+    conn_reject(c, 413, "body_too_large", "request body exceeds the limit");
+    return;
+  case 431:
+    conn_reject(c, 431, "headers_too_large", "request headers exceed the limit");
+    return;
+  case 500:
+    conn_reject(c, 500, "internal_error", "out of memory");
+    return;
+  default:
+    break;
+  }
+  (void)err;
+  conn_reject(c, 400, "bad_request", "malformed HTTP request");
+}
+
+/* Parses data; returns the number of bytes consumed. On a complete request
+ * it dispatches to the handler. */
+static size_t conn_feed(tg_http_conn_t *c, const char *data, size_t len) {
+  llhttp_errno_t err;
+  size_t used;
+
+  err = llhttp_execute(&c->parser, data, len);
+  if (err == HPE_OK)
+    return len;
+  if (err != HPE_PAUSED) {
+    conn_parse_error(c, err);
+    return len;
+  }
+  used = (size_t)(llhttp_get_error_pos(&c->parser) - data);
+  llhttp_resume(&c->parser);
+  c->req.body = c->body ? c->body : "";
+  if (c->body)
+    c->body[c->body_len] = '\0';
+  c->req.body_len = c->body_len;
+  c->active = 1;
+  c->srv->active++;
+  c->timer_mode = TIMER_NONE;
+  uv_timer_stop(&c->timer);
+  c->srv->handler(&c->req);
+  return used;
+}
+
+static int pend_append(tg_http_conn_t *c, const char *data, size_t len) {
+  char *np;
+  if (len == 0)
+    return 0;
+  np = realloc(c->pend, c->pend_len + len);
+  if (np == NULL)
+    return TG_ENOMEM;
+  memmove(np + c->pend_len, data, len);
+  c->pend = np;
+  c->pend_len += len;
+  return 0;
+}
+
+/* Feeds bytes while no request is active; keeps the rest for later. */
+static void conn_consume(tg_http_conn_t *c, const char *data, size_t len) {
+  size_t used;
+  while (len > 0 && !c->active && !c->closing && !c->close_after) {
+    used = conn_feed(c, data, len);
+    data += used;
+    len -= used;
+  }
+  if (len > 0 && !c->closing && !c->close_after) {
+    if (pend_append(c, data, len) < 0) {
+      conn_close(c);
+      return;
+    }
+    if (c->pend_len > PEND_MAX && c->reading) {
+      uv_read_stop((uv_stream_t *)&c->tcp);
+      c->reading = 0;
+    }
+  }
+}
+
+/* Parses the pipelined bytes kept while the previous request was active. */
+static void conn_process(tg_http_conn_t *c) {
+  char *buf = c->pend;
+  size_t len = c->pend_len;
+
+  c->pend = NULL;
+  c->pend_len = 0;
+  conn_consume(c, buf, len);
+  free(buf);
+  if (!c->closing && !c->active && !c->close_after && !c->gone)
+    conn_start_reading(c);
+}
+
+static void on_idle(uv_idle_t *h) {
+  tg_http_server_t *srv = h->data;
+  while (srv->ready != NULL) {
+    tg_http_conn_t *c = srv->ready;
+    srv->ready = c->ready_next;
+    c->queued = 0;
+    if (!c->closing && !c->active)
+      conn_process(c);
+  }
+  uv_idle_stop(h);
+}
+
+/* ---- connection lifecycle --------------------------------------------- */
+
+static void on_timer(uv_timer_t *t) {
+  tg_http_conn_t *c = t->data;
+  switch (c->timer_mode) {
+  case TIMER_REQUEST:
+    if (c->active)
+      return;
+    conn_reject(c, 408, "request_timeout", "request not received in time");
+    return;
+  case TIMER_SEND:
+    c->gone = 1;
+    if (c->active) {
+      if (c->req.on_abort)
+        c->req.on_abort(&c->req);
+      return;
+    }
+    conn_close(c);
+    return;
+  case TIMER_KEEPALIVE:
+  default:
+    if (!c->active)
+      conn_close(c);
+  }
+}
+
+static void conn_timer_update(tg_http_conn_t *c) {
+  const tg_http_limits_t *lim = &c->srv->lim;
+  int mode;
+  uint64_t ms = 0;
+
+  if (c->closing)
+    return;
+  if (c->out_pending > 0) {
+    mode = TIMER_SEND;
+    ms = lim->send_timeout_ms;
+  } else if (c->active) {
+    mode = TIMER_NONE;
+  } else if (c->in_message || c->pend_len > 0) {
+    mode = TIMER_REQUEST;
+    ms = lim->request_timeout_ms;
+  } else {
+    mode = TIMER_KEEPALIVE;
+    ms = lim->keepalive_timeout_ms;
+  }
+  if (mode == TIMER_NONE || ms == 0) {
+    if (c->timer_mode != TIMER_NONE)
+      uv_timer_stop(&c->timer);
+    c->timer_mode = TIMER_NONE;
+    return;
+  }
+  /* The request timer measures the whole request, so it is not restarted
+   * by each arriving piece; the others are restarted on progress. */
+  if (mode == TIMER_REQUEST && c->timer_mode == TIMER_REQUEST)
+    return;
+  c->timer_mode = mode;
+  uv_timer_start(&c->timer, on_timer, ms, 0);
+}
+
+static void on_conn_closed(uv_handle_t *h) {
+  tg_http_conn_t *c = h->data;
+  tg_http_server_t *srv = c->srv;
+
+  if (--c->handles > 0)
+    return;
+  if (c->prev) c->prev->next = c->next;
+  else srv->conns = c->next;
+  if (c->next) c->next->prev = c->prev;
+  srv->n_conns--;
+  free(c->hbuf);
+  free(c->body);
+  free(c->pend);
+  free(c);
+  if (srv->closing && srv->n_conns == 0 && !srv->listener_open && !srv->idle_open) {
+    void (*done)(void *) = srv->done;
+    void *arg = srv->done_arg;
+    free(srv);
+    if (done)
+      done(arg);
+  }
+}
+
+static void conn_close(tg_http_conn_t *c) {
+  if (c->closing)
+    return;
+  if (c->active) {
+    /* the handler still owns the request: close once it completes */
+    c->gone = 1;
+    c->close_after = 1;
+    if (c->reading) {
+      uv_read_stop((uv_stream_t *)&c->tcp);
+      c->reading = 0;
+    }
+    return;
+  }
+  c->closing = 1;
+  if (c->queued) {
+    /* unlink from the ready list */
+    tg_http_conn_t **pp = &c->srv->ready;
+    while (*pp && *pp != c)
+      pp = &(*pp)->ready_next;
+    if (*pp)
+      *pp = c->ready_next;
+    c->queued = 0;
+  }
+  uv_close((uv_handle_t *)&c->timer, on_conn_closed);
+  uv_close((uv_handle_t *)&c->tcp, on_conn_closed);
+}
+
+static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
+  tg_http_conn_t *c = h->data;
+  (void)suggested;
+  buf->base = c->srv->rbuf;
+  buf->len = sizeof(c->srv->rbuf);
+}
+
+static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
+  tg_http_conn_t *c = s->data;
+
+  if (nread == 0)
+    return;
+  if (nread < 0) {
+    uv_read_stop(s);
+    c->reading = 0;
+    if (c->active) {
+      if (!c->gone) {
+        c->gone = 1;
+        if (c->req.on_abort)
+          c->req.on_abort(&c->req);
+      }
+      return;
+    }
+    c->gone = 1;
+    if (c->out_pending == 0)
+      conn_close(c);
+    return;
+  }
+  if (c->close_after)
+    return; /* input after a rejected request is ignored */
+  if (c->active || c->pend_len > 0) {
+    if (pend_append(c, buf->base, (size_t)nread) < 0) {
+      conn_close(c);
+      return;
+    }
+    if (c->pend_len > PEND_MAX) {
+      uv_read_stop(s);
+      c->reading = 0;
+    }
+    if (!c->active)
+      srv_queue_ready(c);
+    return;
+  }
+  conn_consume(c, buf->base, (size_t)nread);
+  if (!c->closing && !c->active)
+    conn_timer_update(c);
+}
+
+static void conn_start_reading(tg_http_conn_t *c) {
+  if (c->reading || c->closing || c->gone)
+    return;
+  if (uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read) == 0)
+    c->reading = 1;
+}
+
+static void on_connection(uv_stream_t *server, int status) {
+  tg_http_server_t *srv = server->data;
+  tg_http_conn_t *c;
+
+  if (status < 0 || srv->draining || srv->closing)
+    return;
+  c = calloc(1, sizeof(*c));
+  if (c == NULL)
+    return;
+  c->srv = srv;
+  c->hcap = srv->lim.max_header_bytes + MAX_HEADERS * 2 + 2;
+  c->hbuf = malloc(c->hcap);
+  if (c->hbuf == NULL) {
+    free(c);
+    return;
+  }
+  uv_tcp_init(srv->loop, &c->tcp);
+  uv_timer_init(srv->loop, &c->timer);
+  c->tcp.data = c;
+  c->timer.data = c;
+  c->handles = 2;
+  c->next = srv->conns;
+  if (srv->conns)
+    srv->conns->prev = c;
+  srv->conns = c;
+  srv->n_conns++;
+  llhttp_init(&c->parser, HTTP_REQUEST, &srv->settings);
+  c->parser.data = c;
+  conn_reset_request(c);
+  if (uv_accept(server, (uv_stream_t *)&c->tcp) < 0) {
+    conn_close(c);
+    return;
+  }
+  uv_tcp_nodelay(&c->tcp, 1);
+  conn_start_reading(c);
+  conn_timer_update(c);
+}
+
+/* ---- server ----------------------------------------------------------- */
+
+static int bind_socket(const char *host, int port, int reuseport, uv_os_sock_t *out) {
+  struct sockaddr_storage ss;
+  int fd, one = 1, r;
+
+  memset(&ss, 0, sizeof(ss));
+  if (uv_ip4_addr(host, port, (struct sockaddr_in *)&ss) != 0 &&
+      uv_ip6_addr(host, port, (struct sockaddr_in6 *)&ss) != 0)
+    return TG_EINVAL;
+  fd = socket(ss.ss_family, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+  if (fd < 0)
+    return -errno;
+  setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+  if (reuseport)
+    setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one));
+  r = bind(fd, (struct sockaddr *)&ss,
+           ss.ss_family == AF_INET ? sizeof(struct sockaddr_in) : sizeof(struct sockaddr_in6));
+  if (r < 0) {
+    r = -errno;
+    close(fd);
+    return r;
+  }
+  *out = fd;
+  return 0;
+}
+
+int tg_http_server_init(tg_http_server_t **out, uv_loop_t *loop,
+                        const char *host, int port, int reuseport,
+                        const tg_http_limits_t *lim,
+                        tg_http_handler_cb handler, void *data) {
+  tg_http_server_t *srv;
+  uv_os_sock_t fd = -1;
+  struct sockaddr_storage ss;
+  int r, namelen = sizeof(ss);
+
+  srv = calloc(1, sizeof(*srv));
+  if (srv == NULL)
+    return TG_ENOMEM;
+  srv->loop = loop;
+  if (lim)
+    srv->lim = *lim;
+  else
+    tg_http_limits_default(&srv->lim);
+  srv->handler = handler;
+  srv->data = data;
+  llhttp_settings_init(&srv->settings);
+  srv->settings.on_message_begin = on_message_begin;
+  srv->settings.on_url = on_url;
+  srv->settings.on_url_complete = on_url_complete;
+  srv->settings.on_header_field = on_header_field;
+  srv->settings.on_header_field_complete = on_header_field_complete;
+  srv->settings.on_header_value = on_header_value;
+  srv->settings.on_header_value_complete = on_header_value_complete;
+  srv->settings.on_headers_complete = on_headers_complete;
+  srv->settings.on_body = on_body;
+  srv->settings.on_message_complete = on_message_complete;
+
+  r = bind_socket(host, port, reuseport, &fd);
+  if (r < 0) {
+    free(srv);
+    return r;
+  }
+  uv_tcp_init(loop, &srv->listener);
+  srv->listener.data = srv;
+  srv->listener_open = 1;
+  uv_idle_init(loop, &srv->idle);
+  srv->idle.data = srv;
+  srv->idle_open = 1;
+  r = uv_tcp_open(&srv->listener, fd);
+  if (r < 0)
+    close(fd);
+  else
+    r = uv_listen((uv_stream_t *)&srv->listener, 1024, on_connection);
+  if (r < 0) {
+    srv->closing = 1;
+    tg_http_server_close(srv, NULL, NULL);
+    return r;
+  }
+  if (uv_tcp_getsockname(&srv->listener, (struct sockaddr *)&ss, &namelen) == 0)
+    srv->port = ntohs(((struct sockaddr_in *)&ss)->sin_port);
+  *out = srv;
+  return 0;
+}
+
+void tg_http_server_on_reject(tg_http_server_t *srv, tg_http_reject_cb cb) {
+  srv->on_reject = cb;
+}
+
+void *tg_http_server_data(const tg_http_server_t *srv) { return srv->data; }
+int tg_http_server_port(const tg_http_server_t *srv) { return srv->port; }
+uv_loop_t *tg_http_server_loop(const tg_http_server_t *srv) { return srv->loop; }
+size_t tg_http_server_active(const tg_http_server_t *srv) { return srv->active; }
+
+static void on_listener_closed(uv_handle_t *h) {
+  tg_http_server_t *srv = h->data;
+  if (h == (uv_handle_t *)&srv->listener)
+    srv->listener_open = 0;
+  else
+    srv->idle_open = 0;
+  if (srv->closing && srv->n_conns == 0 && !srv->listener_open && !srv->idle_open) {
+    void (*done)(void *) = srv->done;
+    void *arg = srv->done_arg;
+    free(srv);
+    if (done)
+      done(arg);
+  }
+}
+
+void tg_http_server_drain(tg_http_server_t *srv) {
+  tg_http_conn_t *c, *next;
+
+  if (srv->draining)
+    return;
+  srv->draining = 1;
+  if (srv->listener_open && !uv_is_closing((uv_handle_t *)&srv->listener))
+    uv_close((uv_handle_t *)&srv->listener, on_listener_closed);
+  for (c = srv->conns; c != NULL; c = next) {
+    next = c->next;
+    if (c->active)
+      c->req.keep_alive = 0;
+    else if (c->out_pending == 0 && !c->in_message)
+      conn_close(c);
+    else
+      c->close_after = 1;
+  }
+}
+
+void tg_http_server_close(tg_http_server_t *srv, void (*done)(void *arg), void *arg) {
+  tg_http_conn_t *c, *next;
+
+  srv->closing = 1;
+  srv->draining = 1;
+  srv->done = done;
+  srv->done_arg = arg;
+  if (srv->listener_open && !uv_is_closing((uv_handle_t *)&srv->listener))
+    uv_close((uv_handle_t *)&srv->listener, on_listener_closed);
+  if (srv->idle_open && !uv_is_closing((uv_handle_t *)&srv->idle))
+    uv_close((uv_handle_t *)&srv->idle, on_listener_closed);
+  for (c = srv->conns; c != NULL; c = next) {
+    next = c->next;
+    if (c->active && !c->gone) {
+      c->gone = 1;
+      if (c->req.on_abort)
+        c->req.on_abort(&c->req);
+    }
+  }
+  for (c = srv->conns; c != NULL; c = next) {
+    next = c->next;
+    conn_close(c);
+  }
+}
+
+/* ---- responses -------------------------------------------------------- */
+
+const char *tg_http_req_header(const tg_http_req_t *req, const char *lname) {
+  size_t i;
+  for (i = 0; i < req->n_headers; i++)
+    if (strcmp(req->headers[i].name, lname) == 0)
+      return req->headers[i].value;
+  return NULL;
+}
+
+static int format_head(tg_http_conn_t *c, char *buf, size_t size, int status,
+                       const char *ctype, const char *extra, int chunked,
+                       size_t clen) {
+  int keep = c->req.keep_alive && !c->srv->draining && !(chunked && c->http10);
+  int n;
+  char lenhdr[48];
+
+  if (chunked && !c->http10)
+    memcpy(lenhdr, "Transfer-Encoding: chunked\r\n", 29);
+  else if (chunked)
+    lenhdr[0] = '\0';
+  else
+    snprintf(lenhdr, sizeof(lenhdr), "Content-Length: %zu\r\n", clen);
+  n = snprintf(buf, size,
+               "HTTP/1.%d %d %s\r\n%s%s%s%s%sConnection: %s\r\n\r\n",
+               c->http10 ? 0 : 1, status, tg_http_reason(status),
+               ctype ? "Content-Type: " : "", ctype ? ctype : "", ctype ? "\r\n" : "",
+               lenhdr, extra ? extra : "", keep ? "keep-alive" : "close");
+  if (!keep)
+    c->req.keep_alive = 0;
+  if (n < 0 || (size_t)n >= size)
+    return TG_ETOOBIG;
+  return n;
+}
+
+int tg_http_respond(tg_http_req_t *req, int status, const char *content_type,
+                    const char *extra_headers, const char *body, size_t len) {
+  tg_http_conn_t *c = req->conn;
+  char stackbuf[STACK_RESP];
+  char *head = stackbuf;
+  size_t cap = sizeof(stackbuf);
+  int hl, r = 0;
+
+  if (!c->active)
+    return TG_EINVAL;
+  if (c->begun) {
+    tg_http_abort(req);
+    return TG_EINVAL;
+  }
+  if (!c->gone) {
+    if (extra_headers && strlen(extra_headers) + 256 > cap) {
+      cap = strlen(extra_headers) + 256;
+      head = malloc(cap);
+      if (head == NULL) {
+        tg_http_abort(req);
+        return TG_ENOMEM;
+      }
+    }
+    hl = format_head(c, head, cap, status, content_type, extra_headers, 0, len);
+    if (hl < 0)
+      r = hl;
+    else if (len + (size_t)hl <= cap) {
+      /* one buffer, one syscall for the common small answer */
+      memcpy(head + hl, body, len);
+      r = conn_send(c, head, (size_t)hl + len);
+    } else {
+      r = conn_send2(c, head, (size_t)hl, body, len);
+    }
+    if (head != stackbuf)
+      free(head);
+  }
+  req_complete(c, r == 0);
+  return r;
+}
+
+int tg_http_begin(tg_http_req_t *req, int status, const char *content_type,
+                  const char *extra_headers) {
+  tg_http_conn_t *c = req->conn;
+  char stackbuf[STACK_RESP];
+  char *head = stackbuf;
+  size_t cap = sizeof(stackbuf);
+  int hl, r;
+
+  if (!c->active || c->begun)
+    return TG_EINVAL;
+  c->begun = 1;
+  c->chunked = 1;
+  if (c->gone)
+    return TG_ECANCELED;
+  if (extra_headers && strlen(extra_headers) + 256 > cap) {
+    cap = strlen(extra_headers) + 256;
+    head = malloc(cap);
+    if (head == NULL)
+      return TG_ENOMEM;
+  }
+  hl = format_head(c, head, cap, status, content_type, extra_headers, 1, 0);
+  r = hl < 0 ? hl : conn_send(c, head, (size_t)hl);
+  if (head != stackbuf)
+    free(head);
+  return r;
+}
+
+int tg_http_write(tg_http_req_t *req, const char *data, size_t len) {
+  tg_http_conn_t *c = req->conn;
+  char prefix[24];
+  int pl;
+
+  if (!c->active || !c->begun)
+    return TG_EINVAL;
+  if (c->gone)
+    return TG_ECANCELED;
+  if (len == 0)
+    return 0;
+  if (c->http10)
+    return conn_send(c, data, len);
+  pl = snprintf(prefix, sizeof(prefix), "%zx\r\n", len);
+  {
+    uv_buf_t bufs[3];
+    bufs[0] = uv_buf_init(prefix, (unsigned)pl);
+    bufs[1] = uv_buf_init((char *)data, (unsigned)len);
+    bufs[2] = uv_buf_init((char *)"\r\n", 2);
+    return conn_sendv(c, bufs, 3);
+  }
+}
+
+int tg_http_end(tg_http_req_t *req) {
+  tg_http_conn_t *c = req->conn;
+  int r = 0;
+
+  if (!c->active)
+    return TG_EINVAL;
+  if (!c->begun) {
+    tg_http_abort(req);
+    return TG_EINVAL;
+  }
+  if (!c->gone) {
+    if (c->http10)
+      c->req.keep_alive = 0;
+    else
+      r = conn_send(c, "0\r\n\r\n", 5);
+  }
+  req_complete(c, r == 0);
+  return r;
+}
+
+void tg_http_abort(tg_http_req_t *req) {
+  tg_http_conn_t *c = req->conn;
+  if (!c->active)
+    return;
+  c->gone = 1;
+  req_complete(c, 0);
+}
+
+size_t tg_http_pending(const tg_http_req_t *req) {
+  return req->conn->out_pending;
+}
+
+int tg_http_congested(const tg_http_req_t *req) {
+  return req->conn->out_pending >= req->conn->srv->lim.write_high_water;
+}
+
+int tg_http_req_gone(const tg_http_req_t *req) {
+  return req->conn->gone;
+}

@@ -1,0 +1,38 @@
+/* tollgate: one binary, subcommands. Each takes --config FILE. */
+#include <stdio.h>
+#include <string.h>
+
+#include "auth/keystore.h"
+#include "config/config.h"
+#include "core/app.h"
+
+
+static void usage(FILE *f) {
+  fprintf(f,
+          "usage: tollgate <command> [options]\n"
+          "  serve --config FILE          run the gateway\n"
+          "  check-config --config FILE   validate a config; print every error\n"
+          "  keys create --config FILE --tenant T [--models a,b] [--expires 30d] [--name N]\n"
+          "  keys list --config FILE [--tenant T] [--json]\n"
+          "  keys revoke --config FILE ID\n");
+}
+
+int main(int argc, char **argv) {
+  if (argc < 2) {
+    usage(stderr);
+    return 2;
+  }
+  if (strcmp(argv[1], "serve") == 0)
+    return tg_cmd_serve(argc - 1, argv + 1);
+  if (strcmp(argv[1], "check-config") == 0)
+    return tg_cmd_check_config(argc - 1, argv + 1);
+  if (strcmp(argv[1], "keys") == 0)
+    return tg_cmd_keys(argc - 1, argv + 1);
+  if (strcmp(argv[1], "help") == 0 || strcmp(argv[1], "--help") == 0) {
+    usage(stdout);
+    return 0;
+  }
+  fprintf(stderr, "tollgate: unknown command '%s'\n", argv[1]);
+  usage(stderr);
+  return 2;
+}

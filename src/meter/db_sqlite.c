@@ -1,0 +1,208 @@
+/* Opening the embedded SQLite database and migrating its schema.
+ *
+ * Migrations are an ordered, append-only list of SQL scripts, numbered from
+ * 1. A database records the ones it has in schema_migrations; opening applies
+ * the missing ones in a single IMMEDIATE transaction, so two processes
+ * opening a fresh database at once do not both apply a script, and a script
+ * that fails leaves the database as it was. A published migration is never
+ * edited: a change of schema is a new entry at the end of the list. */
+#include "meter/db_sqlite.h"
+
+#include <errno.h>
+#include <limits.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+
+#include "core/err.h"
+
+typedef struct {
+  int version;
+  const char *sql;
+} migration_t;
+
+static const migration_t migrations[] = {
+  {1,
+   /* Virtual keys (src/auth): only the SHA-256 of the secret is stored.
+    * models is a comma list; '' means every model the tenant may use. */
+   "CREATE TABLE api_keys ("
+   "  id TEXT PRIMARY KEY,"
+   "  tenant TEXT NOT NULL,"
+   "  name TEXT,"
+   "  models TEXT,"
+   "  secret_sha256 BLOB NOT NULL,"
+   "  created_at INTEGER NOT NULL,"
+   "  expires_at INTEGER,"
+   "  revoked_at INTEGER"
+   ");"
+   "CREATE INDEX api_keys_tenant ON api_keys(tenant);"},
+};
+
+#define N_MIGRATIONS (sizeof(migrations) / sizeof(migrations[0]))
+
+int tg_db_sqlite_schema_version(void) {
+  return migrations[N_MIGRATIONS - 1].version;
+}
+
+/* mkdir -p, with 0700 for every directory it creates: the database holds key
+ * hashes and the ledger, which are nobody else's business. */
+static int make_dirs(const char *dir) {
+  char path[PATH_MAX];
+  size_t len = strlen(dir);
+  struct stat st;
+
+  if (len == 0 || len >= sizeof(path))
+    return TG_EINVAL;
+  memcpy(path, dir, len + 1);
+  for (size_t i = 1; i <= len; i++) {
+    if (path[i] != '/' && path[i] != '\0')
+      continue;
+    path[i] = '\0';
+    if (mkdir(path, 0700) != 0 && errno != EEXIST) {
+      fprintf(stderr, "tollgate: cannot create %s: %s\n", path,
+              strerror(errno));
+      return TG_EIO;
+    }
+    if (i < len)
+      path[i] = '/';
+  }
+  if (stat(dir, &st) != 0 || !S_ISDIR(st.st_mode)) {
+    fprintf(stderr, "tollgate: data_dir %s is not a directory\n", dir);
+    return TG_EIO;
+  }
+  return 0;
+}
+
+static int exec(sqlite3 *db, const char *sql) {
+  char *msg = NULL;
+  if (sqlite3_exec(db, sql, NULL, NULL, &msg) != SQLITE_OK) {
+    fprintf(stderr, "tollgate: database: %s\n",
+            msg ? msg : sqlite3_errmsg(db));
+    sqlite3_free(msg);
+    return TG_EDB;
+  }
+  return 0;
+}
+
+static int set_wal(sqlite3 *db) {
+  sqlite3_stmt *st = NULL;
+  int rc = TG_EDB;
+  if (sqlite3_prepare_v2(db, "PRAGMA journal_mode=WAL", -1, &st, NULL) !=
+      SQLITE_OK)
+    goto out;
+  if (sqlite3_step(st) == SQLITE_ROW) {
+    const unsigned char *mode = sqlite3_column_text(st, 0);
+    if (mode != NULL && strcmp((const char *)mode, "wal") == 0)
+      rc = 0;
+  }
+out:
+  if (rc != 0)
+    fprintf(stderr, "tollgate: database: cannot enable WAL mode: %s\n",
+            sqlite3_errmsg(db));
+  sqlite3_finalize(st);
+  return rc;
+}
+
+static int migrate(sqlite3 *db) {
+  sqlite3_stmt *st = NULL;
+  int current = 0, rc, said = 0;
+
+  rc = exec(db, "BEGIN IMMEDIATE");
+  if (rc != 0)
+    return rc;
+  rc = exec(db, "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                "version INTEGER PRIMARY KEY, applied_at INTEGER)");
+  if (rc != 0) {
+    said = 1;  /* exec() said why */
+    goto out;
+  }
+  rc = TG_EDB;
+  if (sqlite3_prepare_v2(db, "SELECT COALESCE(MAX(version), 0) "
+                             "FROM schema_migrations", -1, &st, NULL) !=
+          SQLITE_OK ||
+      sqlite3_step(st) != SQLITE_ROW)
+    goto out;
+  current = sqlite3_column_int(st, 0);
+  sqlite3_finalize(st);
+  st = NULL;
+  if (current > tg_db_sqlite_schema_version()) {
+    fprintf(stderr, "tollgate: database schema version %d is newer than this "
+            "binary knows (%d)\n", current, tg_db_sqlite_schema_version());
+    said = 1;
+    goto out;
+  }
+  if (sqlite3_prepare_v2(db, "INSERT INTO schema_migrations(version, "
+                             "applied_at) VALUES (?, ?)", -1, &st, NULL) !=
+      SQLITE_OK)
+    goto out;
+  for (size_t i = 0; i < N_MIGRATIONS; i++) {
+    if (migrations[i].version <= current)
+      continue;
+    if (exec(db, migrations[i].sql) != 0) {
+      fprintf(stderr, "tollgate: database migration %d failed\n",
+              migrations[i].version);
+      said = 1;
+      goto out;
+    }
+    sqlite3_reset(st);
+    sqlite3_bind_int(st, 1, migrations[i].version);
+    sqlite3_bind_int64(st, 2, (sqlite3_int64)time(NULL));
+    if (sqlite3_step(st) != SQLITE_DONE)
+      goto out;
+  }
+  sqlite3_finalize(st);
+  st = NULL;
+  rc = exec(db, "COMMIT");
+  said = rc != 0;
+out:
+  if (st != NULL)
+    sqlite3_finalize(st);
+  if (rc != 0) {
+    if (!said)
+      fprintf(stderr, "tollgate: database migration failed: %s\n",
+              sqlite3_errmsg(db));
+    if (sqlite3_get_autocommit(db) == 0)
+      sqlite3_exec(db, "ROLLBACK", NULL, NULL, NULL);
+  }
+  return rc;
+}
+
+int tg_db_sqlite_open(sqlite3 **db, const char *data_dir) {
+  char path[PATH_MAX];
+  sqlite3 *conn = NULL;
+  int rc, n;
+
+  *db = NULL;
+  if (data_dir == NULL || *data_dir == '\0')
+    return TG_EINVAL;
+  n = snprintf(path, sizeof(path), "%s/%s", data_dir, TG_DB_SQLITE_FILE);
+  if (n < 0 || (size_t)n >= sizeof(path))
+    return TG_EINVAL;
+  rc = make_dirs(data_dir);
+  if (rc != 0)
+    return rc;
+
+  rc = TG_EDB;
+  if (sqlite3_open_v2(path, &conn, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE,
+                      NULL) != SQLITE_OK) {
+    fprintf(stderr, "tollgate: cannot open %s: %s\n", path,
+            conn ? sqlite3_errmsg(conn) : "out of memory");
+    goto out;
+  }
+  sqlite3_extended_result_codes(conn, 1);
+  if (sqlite3_busy_timeout(conn, 5000) != SQLITE_OK)
+    goto out;
+  if ((rc = set_wal(conn)) != 0)
+    goto out;
+  if ((rc = exec(conn, "PRAGMA foreign_keys=ON")) != 0)
+    goto out;
+  rc = migrate(conn);
+out:
+  if (rc != 0) {
+    sqlite3_close(conn);
+    return rc;
+  }
+  *db = conn;
+  return 0;
+}

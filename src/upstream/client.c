@@ -1,0 +1,403 @@
+/* libcurl multi on a libuv loop: curl tells us which sockets to watch and
+ * when to time out (socket and timer callbacks), libuv tells curl when they
+ * are ready (socket_action). Finished transfers are collected with
+ * curl_multi_info_read after every action and reported through on_done.
+ *
+ * A socket's uv_poll_t lives in a small context freed from its close
+ * callback; curl may reuse the descriptor number at once, so a context is
+ * detached from curl (curl_multi_assign NULL) the moment curl removes it. */
+#include "upstream/client.h"
+
+#include <curl/curl.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "core/err.h"
+
+#define EASY_FREE_MAX 64
+
+typedef struct sock_ctx_s sock_ctx_t;
+
+struct tg_upstream_s {
+  uv_loop_t *loop;
+  CURLM *multi;
+  uv_timer_t timer;
+  CURL *free_easy[EASY_FREE_MAX];
+  int n_free;
+  int closing;
+  tg_xfer_t *xfers;          /* live transfers */
+  sock_ctx_t **socks;        /* watchers by descriptor */
+  size_t n_socks;
+};
+
+struct tg_xfer_s {
+  tg_upstream_t *up;
+  CURL *easy;
+  struct curl_slist *headers;
+  tg_xfer_cbs_t cbs;
+  void *arg;
+  tg_xfer_t *prev, *next;
+  int status_seen;
+  int paused;
+  int failed;                /* a callback asked to abort */
+  int sent;                  /* request bytes went out */
+};
+
+struct sock_ctx_s {
+  uv_poll_t poll;
+  curl_socket_t fd;
+  tg_upstream_t *up;
+  int events;               /* what the uv_poll_t watches now */
+  int wanted;               /* what curl asked for; 0 while the socket idles */
+};
+
+static void check_done(tg_upstream_t *up);
+
+static void xfer_unlink(tg_xfer_t *x) {
+  tg_upstream_t *up = x->up;
+  if (x->prev) x->prev->next = x->next;
+  else up->xfers = x->next;
+  if (x->next) x->next->prev = x->prev;
+}
+
+static void xfer_free(tg_xfer_t *x) {
+  tg_upstream_t *up = x->up;
+  curl_multi_remove_handle(up->multi, x->easy);
+  xfer_unlink(x);
+  if (up->n_free < EASY_FREE_MAX && !up->closing) {
+    curl_easy_reset(x->easy);
+    up->free_easy[up->n_free++] = x->easy;
+  } else {
+    curl_easy_cleanup(x->easy);
+  }
+  curl_slist_free_all(x->headers);
+  free(x);
+}
+
+/* ---- sockets ------------------------------------------------------------
+ * A socket's watcher outlives the transfers on it: when curl stops caring
+ * (CURL_POLL_REMOVE, the connection goes back to curl's cache) the watcher
+ * keeps reading, so the next transfer on the same connection costs no
+ * epoll_ctl. An event on an idle socket (the upstream closed it) stops the
+ * watcher; curl finds the connection dead when it next looks. Watchers are
+ * closed when curl closes the socket (CURLOPT_CLOSESOCKETFUNCTION), before
+ * the descriptor number can be reused. */
+
+static sock_ctx_t *sock_get(tg_upstream_t *up, curl_socket_t fd) {
+  if (fd < 0 || (size_t)fd >= up->n_socks)
+    return NULL;
+  return up->socks[fd];
+}
+
+static int sock_put(tg_upstream_t *up, curl_socket_t fd, sock_ctx_t *ctx) {
+  if ((size_t)fd >= up->n_socks) {
+    size_t n = up->n_socks ? up->n_socks : 256;
+    sock_ctx_t **ns;
+    while (n <= (size_t)fd)
+      n *= 2;
+    ns = realloc(up->socks, n * sizeof(*ns));
+    if (ns == NULL)
+      return TG_ENOMEM;
+    memset(ns + up->n_socks, 0, (n - up->n_socks) * sizeof(*ns));
+    up->socks = ns;
+    up->n_socks = n;
+  }
+  up->socks[fd] = ctx;
+  return 0;
+}
+
+static void on_poll_closed(uv_handle_t *h) {
+  free(h->data);
+}
+
+static void sock_watch(sock_ctx_t *ctx, int events);
+
+static void on_poll(uv_poll_t *p, int status, int events) {
+  sock_ctx_t *ctx = p->data;
+  tg_upstream_t *up = ctx->up;
+  int flags = 0, running;
+
+  if (ctx->wanted == 0) {
+    sock_watch(ctx, 0);
+    return;
+  }
+  if (status < 0)
+    flags = CURL_CSELECT_ERR;
+  if (events & UV_READABLE) flags |= CURL_CSELECT_IN;
+  if (events & UV_WRITABLE) flags |= CURL_CSELECT_OUT;
+  curl_multi_socket_action(up->multi, ctx->fd, flags, &running);
+  check_done(up);
+}
+
+static void sock_watch(sock_ctx_t *ctx, int events) {
+  if (events == ctx->events)
+    return;
+  ctx->events = events;
+  if (events == 0)
+    uv_poll_stop(&ctx->poll);
+  else
+    uv_poll_start(&ctx->poll, events, on_poll);
+}
+
+static int socket_cb(CURL *easy, curl_socket_t s, int what, void *userp, void *socketp) {
+  tg_upstream_t *up = userp;
+  sock_ctx_t *ctx = sock_get(up, s);
+  int events = 0;
+
+  (void)easy;
+  (void)socketp;
+  if (what == CURL_POLL_REMOVE) {
+    if (ctx) {
+      ctx->wanted = 0;
+      sock_watch(ctx, ctx->events ? UV_READABLE : 0);
+    }
+    return 0;
+  }
+  if (ctx == NULL) {
+    ctx = calloc(1, sizeof(*ctx));
+    if (ctx == NULL)
+      return -1;
+    ctx->fd = s;
+    ctx->up = up;
+    if (uv_poll_init_socket(up->loop, &ctx->poll, s) < 0 || sock_put(up, s, ctx) < 0) {
+      free(ctx);
+      return -1;
+    }
+    ctx->poll.data = ctx;
+  }
+  if (what & CURL_POLL_IN) events |= UV_READABLE;
+  if (what & CURL_POLL_OUT) events |= UV_WRITABLE;
+  ctx->wanted = events;
+  sock_watch(ctx, events);
+  return 0;
+}
+
+static int closesocket_cb(void *clientp, curl_socket_t fd) {
+  tg_upstream_t *up = clientp;
+  sock_ctx_t *ctx = sock_get(up, fd);
+  if (ctx != NULL) {
+    up->socks[fd] = NULL;
+    uv_close((uv_handle_t *)&ctx->poll, on_poll_closed);
+  }
+  return close(fd);
+}
+
+static void on_timeout(uv_timer_t *t) {
+  tg_upstream_t *up = t->data;
+  int running;
+  curl_multi_socket_action(up->multi, CURL_SOCKET_TIMEOUT, 0, &running);
+  check_done(up);
+}
+
+static int timer_cb(CURLM *multi, long timeout_ms, void *userp) {
+  tg_upstream_t *up = userp;
+  (void)multi;
+  if (timeout_ms < 0)
+    uv_timer_stop(&up->timer);
+  else
+    uv_timer_start(&up->timer, on_timeout, (uint64_t)timeout_ms, 0);
+  return 0;
+}
+
+static int map_result(tg_xfer_t *x, CURLcode rc) {
+  switch (rc) {
+  case CURLE_OK:
+    return TG_XFER_OK;
+  case CURLE_COULDNT_CONNECT:
+  case CURLE_COULDNT_RESOLVE_HOST:
+  case CURLE_COULDNT_RESOLVE_PROXY:
+    return TG_XFER_CONNECT;
+  case CURLE_OPERATION_TIMEDOUT:
+    return x->sent ? TG_XFER_BROKEN : TG_XFER_TIMEOUT;
+  case CURLE_WRITE_ERROR:
+  case CURLE_ABORTED_BY_CALLBACK:
+    return TG_XFER_ABORTED;
+  default:
+    return x->failed ? TG_XFER_ABORTED : TG_XFER_BROKEN;
+  }
+}
+
+static void check_done(tg_upstream_t *up) {
+  CURLMsg *msg;
+  int left;
+
+  while ((msg = curl_multi_info_read(up->multi, &left)) != NULL) {
+    tg_xfer_t *x = NULL;
+    int result;
+    char detail[128];
+
+    if (msg->msg != CURLMSG_DONE)
+      continue;
+    curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, (char **)&x);
+    if (x == NULL)
+      continue;
+    result = map_result(x, msg->data.result);
+    snprintf(detail, sizeof(detail), "%s", curl_easy_strerror(msg->data.result));
+    {
+      tg_xfer_cbs_t cbs = x->cbs;
+      void *arg = x->arg;
+      /* Free first: on_done may start a new transfer (a retry). */
+      xfer_free(x);
+      cbs.on_done(result, detail, arg);
+    }
+  }
+}
+
+static size_t write_cb(char *ptr, size_t size, size_t nmemb, void *userdata) {
+  tg_xfer_t *x = userdata;
+  size_t len = size * nmemb;
+  int r;
+
+  r = x->cbs.on_data(x, ptr, len, x->arg);
+  if (r == TG_XFER_PAUSE) {
+    x->paused = 1;
+    return CURL_WRITEFUNC_PAUSE;
+  }
+  if (r < 0) {
+    x->failed = 1;
+    return 0;
+  }
+  return len;
+}
+
+static size_t header_cb(char *buf, size_t size, size_t nitems, void *userdata) {
+  tg_xfer_t *x = userdata;
+  size_t len = size * nitems;
+  long code = 0;
+
+  x->sent = 1;
+  /* The blank line ends a header block; skip interim 1xx blocks. */
+  if (len <= 2 && !x->status_seen) {
+    curl_easy_getinfo(x->easy, CURLINFO_RESPONSE_CODE, &code);
+    if (code >= 200) {
+      x->status_seen = 1;
+      if (x->cbs.on_status && x->cbs.on_status(x, (int)code, x->arg) != 0) {
+        x->failed = 1;
+        return 0;
+      }
+    }
+  }
+  (void)buf;
+  return len;
+}
+
+int tg_upstream_init(tg_upstream_t **out, uv_loop_t *loop) {
+  tg_upstream_t *up = calloc(1, sizeof(*up));
+  if (up == NULL)
+    return TG_ENOMEM;
+  up->loop = loop;
+  up->multi = curl_multi_init();
+  if (up->multi == NULL) {
+    free(up);
+    return TG_ENOMEM;
+  }
+  uv_timer_init(loop, &up->timer);
+  up->timer.data = up;
+  curl_multi_setopt(up->multi, CURLMOPT_SOCKETFUNCTION, socket_cb);
+  curl_multi_setopt(up->multi, CURLMOPT_SOCKETDATA, up);
+  curl_multi_setopt(up->multi, CURLMOPT_TIMERFUNCTION, timer_cb);
+  curl_multi_setopt(up->multi, CURLMOPT_TIMERDATA, up);
+  curl_multi_setopt(up->multi, CURLMOPT_MAXCONNECTS, 4096L);
+  *out = up;
+  return 0;
+}
+
+static void on_up_timer_closed(uv_handle_t *h) {
+  free(h->data);
+}
+
+void tg_upstream_close(tg_upstream_t *up) {
+  int i;
+  up->closing = 1;
+  while (up->xfers)
+    xfer_free(up->xfers);
+  for (i = 0; i < up->n_free; i++)
+    curl_easy_cleanup(up->free_easy[i]);
+  up->n_free = 0;
+  /* Cleaning the multi closes cached connections through socket_cb. */
+  curl_multi_cleanup(up->multi);
+  up->multi = NULL;
+  free(up->socks);
+  up->socks = NULL;
+  up->n_socks = 0;
+  uv_close((uv_handle_t *)&up->timer, on_up_timer_closed);
+}
+
+int tg_xfer_start(tg_upstream_t *up, const tg_xfer_opts_t *opts,
+                  const tg_xfer_cbs_t *cbs, void *arg, tg_xfer_t **out) {
+  tg_xfer_t *x;
+  CURL *e;
+  size_t i;
+
+  if (up->closing)
+    return TG_ECANCELED;
+  x = calloc(1, sizeof(*x));
+  if (x == NULL)
+    return TG_ENOMEM;
+  e = up->n_free > 0 ? up->free_easy[--up->n_free] : curl_easy_init();
+  if (e == NULL) {
+    free(x);
+    return TG_ENOMEM;
+  }
+  x->up = up;
+  x->easy = e;
+  x->cbs = *cbs;
+  x->arg = arg;
+  for (i = 0; opts->headers && opts->headers[i]; i++) {
+    struct curl_slist *n = curl_slist_append(x->headers, opts->headers[i]);
+    if (n == NULL)
+      goto fail;
+    x->headers = n;
+  }
+  curl_easy_setopt(e, CURLOPT_URL, opts->url);
+  curl_easy_setopt(e, CURLOPT_PRIVATE, x);
+  curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
+  curl_easy_setopt(e, CURLOPT_NOPROXY, "*");
+  curl_easy_setopt(e, CURLOPT_TCP_NODELAY, 1L);
+  curl_easy_setopt(e, CURLOPT_HTTP_VERSION, (long)CURL_HTTP_VERSION_1_1);
+  curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT_MS, (long)opts->connect_timeout_ms);
+  curl_easy_setopt(e, CURLOPT_CLOSESOCKETFUNCTION, closesocket_cb);
+  curl_easy_setopt(e, CURLOPT_CLOSESOCKETDATA, up);
+  curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, write_cb);
+  curl_easy_setopt(e, CURLOPT_WRITEDATA, x);
+  curl_easy_setopt(e, CURLOPT_HEADERFUNCTION, header_cb);
+  curl_easy_setopt(e, CURLOPT_HEADERDATA, x);
+  if (opts->body != NULL) {
+    curl_easy_setopt(e, CURLOPT_POST, 1L);
+    curl_easy_setopt(e, CURLOPT_POSTFIELDS, opts->body);
+    curl_easy_setopt(e, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)opts->body_len);
+  }
+  if (x->headers)
+    curl_easy_setopt(e, CURLOPT_HTTPHEADER, x->headers);
+  x->next = up->xfers;
+  if (up->xfers)
+    up->xfers->prev = x;
+  up->xfers = x;
+  if (curl_multi_add_handle(up->multi, e) != CURLM_OK) {
+    xfer_unlink(x);
+    goto fail;
+  }
+  *out = x;
+  return 0;
+fail:
+  curl_slist_free_all(x->headers);
+  curl_easy_cleanup(e);
+  free(x);
+  return TG_ENOMEM;
+}
+
+void tg_xfer_cancel(tg_xfer_t *x) {
+  xfer_free(x);
+}
+
+void tg_xfer_resume(tg_xfer_t *x) {
+  if (!x->paused)
+    return;
+  x->paused = 0;
+  curl_easy_pause(x->easy, CURLPAUSE_CONT);
+}
+
+int tg_xfer_paused(const tg_xfer_t *x) {
+  return x->paused;
+}

@@ -1,0 +1,66 @@
+/* Upstream HTTP client: libcurl's multi interface driven by one libuv loop.
+ *
+ * One tg_upstream_t per loop thread; it owns the curl multi handle (and so
+ * the connection cache to the upstreams) and a free list of easy handles.
+ * A transfer reports the response status, its body bytes as they arrive and
+ * its end through callbacks, all on the loop thread. The body callback may
+ * ask to pause (the bytes are then offered again after tg_xfer_resume()). */
+#ifndef TG_UPSTREAM_CLIENT_H
+#define TG_UPSTREAM_CLIENT_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <uv.h>
+
+typedef struct tg_upstream_s tg_upstream_t;
+typedef struct tg_xfer_s tg_xfer_t;
+
+enum {
+  TG_XFER_OK = 0,         /* the whole response arrived */
+  TG_XFER_CONNECT = 1,    /* could not connect (nothing sent) */
+  TG_XFER_TIMEOUT = 2,    /* connect timed out */
+  TG_XFER_BROKEN = 3,     /* connection failed after the request was sent */
+  TG_XFER_ABORTED = 4,    /* our callback refused the data */
+};
+
+#define TG_XFER_PAUSE (-2)  /* returned by on_data: offer the bytes again later */
+
+typedef struct {
+  /* First status line seen; return non-zero to abort. */
+  int (*on_status)(tg_xfer_t *x, int status, void *arg);
+  /* Body bytes: return 0 to accept, TG_XFER_PAUSE to pause, -1 to abort. */
+  int (*on_data)(tg_xfer_t *x, const char *data, size_t len, void *arg);
+  /* Always called exactly once, unless tg_xfer_cancel() came first.
+   * result is a TG_XFER_* code; detail is curl's message. The transfer is
+   * already freed, so a new one (a retry) may start from here. */
+  void (*on_done)(int result, const char *detail, void *arg);
+} tg_xfer_cbs_t;
+
+typedef struct {
+  const char *url;
+  const char *body;         /* must stay valid until on_done or cancel */
+  size_t body_len;
+  const char *const *headers; /* NULL-terminated "Name: value" lines, copied */
+  uint64_t connect_timeout_ms;
+} tg_xfer_opts_t;
+
+int tg_upstream_init(tg_upstream_t **out, uv_loop_t *loop);
+/* Cancels every transfer (without callbacks), closes handles; the object is
+ * freed once its handles are closed (run the loop afterwards). */
+void tg_upstream_close(tg_upstream_t *up);
+
+/* Starts a POST (or GET when body is NULL). Returns 0 and *out, or a
+ * negative error (no callback is then made). */
+int tg_xfer_start(tg_upstream_t *up, const tg_xfer_opts_t *opts,
+                  const tg_xfer_cbs_t *cbs, void *arg, tg_xfer_t **out);
+
+/* Stops a transfer at once; no callback follows. Not from inside one of the
+ * transfer's own callbacks (return -1 from on_data instead). */
+void tg_xfer_cancel(tg_xfer_t *x);
+
+/* Resumes a paused transfer; may call on_data synchronously. */
+void tg_xfer_resume(tg_xfer_t *x);
+
+int tg_xfer_paused(const tg_xfer_t *x);
+
+#endif

@@ -1,0 +1,56 @@
+/* Upstream endpoints and the pools of them that serve each model.
+ *
+ * An endpoint's live state (requests in flight, health) is shared by every
+ * loop thread and outlives config reloads: endpoints are kept in a registry
+ * by URL and looked up again when a new config is built. Picking is
+ * least-outstanding-requests among healthy endpoints with a free slot; the
+ * slot is taken atomically by the pick itself.
+ *
+ * A health thread probes each endpoint's /health; a failed connection marks
+ * an endpoint down at once (passive), and a probe brings it back. */
+#ifndef TG_UPSTREAM_POOL_H
+#define TG_UPSTREAM_POOL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+typedef struct tg_endpoint_s tg_endpoint_t;
+
+typedef struct {
+  tg_endpoint_t **eps;
+  size_t n;
+} tg_pool_t;
+
+enum { TG_PICK_OK = 0, TG_PICK_NONE_HEALTHY = 1, TG_PICK_SATURATED = 2 };
+
+/* Returns the registry's endpoint for url (created on first use) with one
+ * more reference, and sets its slot count; NULL on allocation failure. */
+tg_endpoint_t *tg_endpoint_get(const char *url, int max_inflight);
+void tg_endpoint_put(tg_endpoint_t *ep);
+
+const char *tg_endpoint_url(const tg_endpoint_t *ep);
+int tg_endpoint_inflight(const tg_endpoint_t *ep);
+int tg_endpoint_healthy(const tg_endpoint_t *ep);
+
+/* Picks an endpoint not in tried (bit i = pool->eps[i]) and takes one of its
+ * slots; *idx receives its index. Returns the endpoint, or NULL with *why set
+ * to TG_PICK_NONE_HEALTHY or TG_PICK_SATURATED. */
+tg_endpoint_t *tg_pool_pick(const tg_pool_t *pool, uint64_t tried, size_t *idx, int *why);
+
+/* Gives back the slot taken by tg_pool_pick. */
+void tg_endpoint_release(tg_endpoint_t *ep);
+
+/* A connection to ep failed: mark it down until a probe (or, with probes
+ * off, a short cool-off) says otherwise. */
+void tg_endpoint_failed(tg_endpoint_t *ep);
+
+/* 1 when at least one endpoint of pool is known healthy. */
+int tg_pool_ready(const tg_pool_t *pool);
+
+/* Starts the health thread probing every registered endpoint each
+ * interval_ms (0: no probes; down endpoints then return after a cool-off).
+ * timeout_ms bounds one probe. Returns 0 or a negative error. */
+int tg_health_start(uint64_t interval_ms, uint64_t timeout_ms);
+void tg_health_stop(void);
+
+#endif

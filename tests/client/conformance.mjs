@@ -1,0 +1,291 @@
+// Conformance of Tollgate with the official `openai` npm client.
+//
+// Runs the client (no retries) against a running gateway and checks what an
+// application would rely on: completions with exact usage, streams assembled
+// chunk by chunk with the usage chunk present only when asked for,
+// embeddings, the model list, and the client's typed errors built from our
+// error bodies. Reference numbers come from the simulator itself.
+//
+// Environment:
+//   TG_BASE_URL    gateway API base, e.g. http://127.0.0.1:8080/v1
+//   TG_KEY         key of a tenant allowed every model below
+//   TG_SMALL_KEY   key of a tenant allowed TG_MODEL only
+//   TG_SIM_URL     the simulator behind the gateway (for reference usage)
+//   TG_MODEL, TG_DENIED_MODEL, TG_EMBED_MODEL   model names (defaults below)
+//
+// Prints one "ok"/"not ok" line per check and a closing "N passed, N failed";
+// exits 0 only when every check passed.
+
+import OpenAI from 'openai';
+
+const env = (name, def) => {
+  const v = process.env[name] ?? def;
+  if (v === undefined) {
+    console.error(`conformance: ${name} is not set`);
+    process.exit(2);
+  }
+  return v;
+};
+
+const baseURL = env('TG_BASE_URL');
+const key = env('TG_KEY');
+const smallKey = env('TG_SMALL_KEY');
+const simURL = env('TG_SIM_URL');
+const MODEL = env('TG_MODEL', 'llama-3.1-8b');
+const DENIED = env('TG_DENIED_MODEL', 'llama-3.1-70b');
+const EMBED = env('TG_EMBED_MODEL', 'nomic-embed-text');
+
+const client = new OpenAI({ apiKey: key, baseURL, maxRetries: 0, timeout: 20000 });
+const small = new OpenAI({ apiKey: smallKey, baseURL, maxRetries: 0, timeout: 20000 });
+
+const MESSAGES = [{ role: 'user', content: 'Say something about gateways.' }];
+
+class CheckError extends Error {}
+
+function eq(actual, expected, what) {
+  const a = JSON.stringify(actual);
+  const e = JSON.stringify(expected);
+  if (a !== e) throw new CheckError(`${what}: got ${a}, expected ${e}`);
+}
+
+function ok(cond, what) {
+  if (!cond) throw new CheckError(what);
+}
+
+// The simulator's own answer for the same request, for reference numbers.
+async function simReference(path, body) {
+  const r = await fetch(`${simURL}${path}`, {
+    method: 'POST',
+    headers: { 'content-type': 'application/json' },
+    body: JSON.stringify(body),
+  });
+  ok(r.status === 200, `simulator reference answered ${r.status}`);
+  return r.json();
+}
+
+function expectedText(n) {
+  return Array.from({ length: n }, (_, i) => `tok${i}`).join(' ');
+}
+
+// Asserts that fn() rejects with an instance of cls whose fields come from our
+// error body ({"error": {"message", "type", "code"}}).
+async function expectError(fn, cls, status, type, code) {
+  let err;
+  try {
+    await fn();
+  } catch (e) {
+    err = e;
+  }
+  ok(err !== undefined, `expected ${cls.name}, the call succeeded`);
+  ok(err instanceof cls, `expected ${cls.name}, got ${err?.constructor?.name}: ${err?.message}`);
+  ok(err instanceof OpenAI.APIError, 'not an APIError');
+  eq(err.status, status, 'status');
+  eq(err.type, type, 'error.type');
+  eq(err.code, code, 'error.code');
+  ok(typeof err.error?.message === 'string' && err.error.message.length > 0,
+    'error.message empty');
+  ok(err.message.includes(err.error.message), `client message "${err.message}" lacks ours`);
+  ok(typeof err.requestID === 'string' && err.requestID.length > 0, 'no x-request-id');
+  return err;
+}
+
+const checks = [];
+const check = (name, fn) => checks.push({ name, fn });
+
+check('chat completion: content and usage', async () => {
+  const body = { model: MODEL, messages: MESSAGES, max_tokens: 8 };
+  const ref = await simReference('/v1/chat/completions', body);
+  const r = await client.chat.completions.create(body);
+  eq(r.object, 'chat.completion', 'object');
+  eq(r.model, MODEL, 'model');
+  eq(r.choices.length, 1, 'choices');
+  eq(r.choices[0].message.role, 'assistant', 'role');
+  eq(r.choices[0].message.content, expectedText(8), 'content');
+  eq(r.choices[0].finish_reason, 'length', 'finish_reason');
+  eq(r.usage.completion_tokens, 8, 'usage.completion_tokens');
+  eq(r.usage.prompt_tokens, ref.usage.prompt_tokens, 'usage.prompt_tokens');
+  eq(r.usage.total_tokens, ref.usage.prompt_tokens + 8, 'usage.total_tokens');
+});
+
+check('chat completion: withResponse exposes x-request-id', async () => {
+  const { data, response } = await client.chat.completions
+    .create({ model: MODEL, messages: MESSAGES, max_tokens: 1 })
+    .withResponse();
+  eq(data.usage.completion_tokens, 1, 'usage.completion_tokens');
+  ok((response.headers.get('x-request-id') ?? '').length > 0, 'no x-request-id header');
+});
+
+check('streaming: text assembled, no usage chunk by default', async () => {
+  const stream = await client.chat.completions.create({
+    model: MODEL, messages: MESSAGES, max_tokens: 10, stream: true,
+  });
+  let text = '';
+  let chunks = 0;
+  let withUsage = 0;
+  let finish = null;
+  for await (const chunk of stream) {
+    chunks += 1;
+    eq(chunk.object, 'chat.completion.chunk', 'chunk.object');
+    if (chunk.usage) withUsage += 1;
+    for (const ch of chunk.choices) {
+      text += ch.delta?.content ?? '';
+      if (ch.finish_reason) finish = ch.finish_reason;
+    }
+  }
+  eq(text, expectedText(10), 'assembled text');
+  eq(chunks, 11, 'chunks (10 tokens + the finish chunk)');
+  eq(withUsage, 0, 'chunks carrying usage');
+  eq(finish, 'length', 'finish_reason');
+});
+
+check('streaming: include_usage gives one final usage chunk', async () => {
+  const body = { model: MODEL, messages: MESSAGES, max_tokens: 6 };
+  const ref = await simReference('/v1/chat/completions', body);
+  const stream = await client.chat.completions.create({
+    ...body, stream: true, stream_options: { include_usage: true },
+  });
+  const all = [];
+  for await (const chunk of stream) all.push(chunk);
+  const usage = all.filter((c) => c.usage);
+  eq(usage.length, 1, 'usage chunks');
+  const last = all[all.length - 1];
+  ok(last === usage[0], 'usage chunk is not the last one');
+  eq(last.choices, [], 'usage chunk choices');
+  eq(last.usage.completion_tokens, 6, 'usage.completion_tokens');
+  eq(last.usage.prompt_tokens, ref.usage.prompt_tokens, 'usage.prompt_tokens');
+  eq(last.usage.total_tokens, ref.usage.total_tokens, 'usage.total_tokens');
+  const text = all.map((c) => c.choices[0]?.delta?.content ?? '').join('');
+  eq(text, expectedText(6), 'assembled text');
+});
+
+check('streaming: abort mid-stream', async () => {
+  const stream = await client.chat.completions.create(
+    { model: MODEL, messages: MESSAGES, max_tokens: 200, stream: true },
+    { headers: { 'x-sim-token-ms': '20' } },
+  );
+  let n = 0;
+  for await (const chunk of stream) {
+    n += chunk.choices.length;
+    if (n >= 3) break; // leaving the loop aborts the request
+  }
+  eq(n, 3, 'chunks read before leaving');
+  const r = await client.chat.completions.create({ model: MODEL, messages: MESSAGES, max_tokens: 2 });
+  eq(r.usage.completion_tokens, 2, 'next request after an abort');
+});
+
+check('legacy completions', async () => {
+  const r = await client.completions.create({ model: MODEL, prompt: 'Once', max_tokens: 4 });
+  eq(r.choices[0].text, expectedText(4), 'text');
+  eq(r.usage.completion_tokens, 4, 'usage.completion_tokens');
+});
+
+check('embeddings', async () => {
+  const body = { model: EMBED, input: ['first text', 'second text'] };
+  const ref = await simReference('/v1/embeddings', body);
+  const r = await client.embeddings.create({ ...body, encoding_format: 'float' });
+  eq(r.object, 'list', 'object');
+  eq(r.data.length, 2, 'data.length');
+  eq(r.data.map((d) => d.index), [0, 1], 'indexes');
+  eq(r.data[0].embedding.length, ref.data[0].embedding.length, 'dimensions');
+  eq(r.data[1].embedding, ref.data[1].embedding, 'vector');
+  eq(r.usage.prompt_tokens, ref.usage.prompt_tokens, 'usage.prompt_tokens');
+});
+
+check('embeddings: client default base64 decoding', async () => {
+  // the client asks for base64 unless told otherwise and decodes it itself
+  const ref = await simReference('/v1/embeddings', { model: EMBED, input: 'third text' });
+  const r = await client.embeddings.create({ model: EMBED, input: 'third text' });
+  eq(r.data[0].embedding.length, ref.data[0].embedding.length, 'dimensions');
+  const close = r.data[0].embedding.every((v, i) => Math.abs(v - ref.data[0].embedding[i]) < 1e-6);
+  ok(close, 'decoded vector differs from the float one');
+});
+
+check('models.list: tenant and key scope', async () => {
+  const ids = [];
+  for await (const m of client.models.list()) ids.push(m.id);
+  eq(ids.slice().sort(), [DENIED, MODEL, EMBED].sort(), 'models of the full tenant');
+  const smallIds = [];
+  for await (const m of small.models.list()) smallIds.push(m.id);
+  eq(smallIds, [MODEL], 'models of the small tenant');
+});
+
+check('401 AuthenticationError', async () => {
+  const bad = new OpenAI({ apiKey: 'tg-000000000000-notarealsecret', baseURL, maxRetries: 0 });
+  await expectError(() => bad.chat.completions.create({ model: MODEL, messages: MESSAGES }),
+    OpenAI.AuthenticationError, 401, 'authentication_error', 'invalid_api_key');
+  await expectError(() => bad.models.list(),
+    OpenAI.AuthenticationError, 401, 'authentication_error', 'invalid_api_key');
+});
+
+check('403 PermissionDeniedError', async () => {
+  await expectError(() => small.chat.completions.create({ model: DENIED, messages: MESSAGES }),
+    OpenAI.PermissionDeniedError, 403, 'permission_error', 'model_not_allowed');
+  await expectError(() => small.chat.completions.create(
+    { model: DENIED, messages: MESSAGES, stream: true }),
+  OpenAI.PermissionDeniedError, 403, 'permission_error', 'model_not_allowed');
+});
+
+check('404 NotFoundError for an unknown model', async () => {
+  await expectError(() => client.chat.completions.create({ model: 'no-such-model', messages: MESSAGES }),
+    OpenAI.NotFoundError, 404, 'invalid_request_error', 'model_not_found');
+});
+
+check('429 RateLimitError', async () => {
+  // Until the gateway's own limits exist, the 429 comes from the backend via
+  // the forwarded x-sim-fault header; the gateway relays it unchanged.
+  const err = await expectError(
+    () => client.chat.completions.create({ model: MODEL, messages: MESSAGES },
+      { headers: { 'x-sim-fault': 'status:429' } }),
+    OpenAI.RateLimitError, 429, err429Type(), err429Code());
+  ok(err.status === 429, 'status');
+});
+
+check('500 InternalServerError relayed', async () => {
+  await expectError(
+    () => client.chat.completions.create({ model: MODEL, messages: MESSAGES },
+      { headers: { 'x-sim-fault': 'status:500' } }),
+    OpenAI.InternalServerError, 500, err500Type(), err500Code());
+});
+
+// The simulator's error bodies for injected statuses; read once at start so
+// the checks compare against whatever the backend says.
+let simErrors = {};
+function err429Type() { return simErrors[429].type; }
+function err429Code() { return simErrors[429].code; }
+function err500Type() { return simErrors[500].type; }
+function err500Code() { return simErrors[500].code; }
+
+async function loadSimErrors() {
+  for (const status of [429, 500]) {
+    const r = await fetch(`${simURL}/v1/chat/completions`, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json', 'x-sim-fault': `status:${status}` },
+      body: JSON.stringify({ model: MODEL, messages: MESSAGES }),
+    });
+    ok(r.status === status, `simulator fault status:${status} answered ${r.status}`);
+    simErrors[status] = (await r.json()).error;
+  }
+}
+
+async function main() {
+  await loadSimErrors();
+  let passed = 0;
+  let failed = 0;
+  for (const { name, fn } of checks) {
+    try {
+      await fn();
+      passed += 1;
+      console.log(`ok - ${name}`);
+    } catch (e) {
+      failed += 1;
+      console.log(`not ok - ${name}: ${e instanceof CheckError ? e.message : e?.stack ?? e}`);
+    }
+  }
+  console.log(`${passed} passed, ${failed} failed`);
+  process.exit(failed === 0 ? 0 : 1);
+}
+
+main().catch((e) => {
+  console.error(e?.stack ?? e);
+  process.exit(1);
+});

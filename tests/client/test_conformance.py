@@ -1,0 +1,49 @@
+"""Runs conformance.mjs (the official `openai` npm client) against a real
+gateway in front of the simulator, both started by tests/lib/tgtest.py."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "lib"))
+
+import tgtest  # noqa: E402
+
+
+def test_openai_node_client(tmp_path):
+    node = shutil.which("node")
+    if node is None:
+        pytest.fail("node is not installed (scripts/install-deps.sh installs nodejs)")
+    if not os.path.isdir(os.path.join(HERE, "node_modules", "openai")):
+        pytest.fail("tests/client/node_modules/openai missing: run scripts/install-deps.sh")
+    m8b, m70b, embed = tgtest.DEFAULT_MODELS
+    sim = gw = None
+    try:
+        sim = tgtest.Sim(workdir=str(tmp_path)).start()
+        gw = tgtest.Gateway({m: [sim.url] for m in tgtest.DEFAULT_MODELS},
+                            workdir=str(tmp_path)).start()
+        env = dict(os.environ)
+        env.update({
+            "TG_BASE_URL": gw.base + "/v1",
+            "TG_KEY": gw.create_key("acme"),
+            "TG_SMALL_KEY": gw.create_key("small"),
+            "TG_SIM_URL": sim.url,
+            "TG_MODEL": m8b, "TG_DENIED_MODEL": m70b, "TG_EMBED_MODEL": embed,
+        })
+        cp = subprocess.run([node, os.path.join(HERE, "conformance.mjs")], cwd=HERE, env=env,
+                            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+        sys.stdout.write(cp.stdout)
+        sys.stderr.write(cp.stderr)
+        assert cp.returncode == 0, "conformance.mjs failed:\n%s\n%s\n%s" % (
+            cp.stdout, cp.stderr, tgtest.tails([gw.proc, sim.proc]))
+        assert "0 failed" in cp.stdout
+        rc = gw.stop()
+        assert rc == 0, "gateway exit code %s\n%s" % (rc, gw.proc.tail())
+    finally:
+        for x in (gw, sim):
+            if x is not None:
+                x.kill()

@@ -1,0 +1,157 @@
+"""The OpenAI-compatible API through the gateway, as a client sees it: the
+bodies and usage numbers the backend produced arrive unchanged, /v1/models
+lists exactly what the caller may use, every response carries an
+x-request-id, and each request leaves one access-log line."""
+
+import re
+
+import tgtest
+from tgtest import chat, request
+
+M8B, M70B, EMBED = tgtest.DEFAULT_MODELS
+
+
+def test_chat_completion_matches_backend(stack):
+    via = chat(stack.port, stack.key, M8B, max_tokens=7, content="What is a gateway?")
+    direct = chat(stack.sim.port, None, M8B, max_tokens=7, content="What is a gateway?")
+    assert via.status == 200, via
+    assert via.header("content-type", "").startswith("application/json")
+    doc, ref = via.json(), direct.json()
+    assert doc["object"] == "chat.completion"
+    assert doc["model"] == M8B
+    assert doc["choices"][0]["message"]["role"] == "assistant"
+    assert doc["choices"][0]["message"]["content"] == ref["choices"][0]["message"]["content"]
+    assert doc["choices"][0]["message"]["content"]
+    # completion tokens are exactly what was asked for; prompt tokens are the
+    # backend's count for this prompt, relayed unchanged
+    assert doc["usage"]["completion_tokens"] == 7
+    assert doc["usage"]["prompt_tokens"] == ref["usage"]["prompt_tokens"] > 0
+    assert doc["usage"]["total_tokens"] == doc["usage"]["prompt_tokens"] + 7
+
+
+def test_default_completion_length_is_backends(stack):
+    r = chat(stack.port, stack.key, M8B)
+    assert r.status == 200, r
+    assert r.json()["usage"]["completion_tokens"] == 16
+
+
+def test_legacy_completions(stack):
+    body = {"model": M70B, "prompt": "Once upon a time", "max_tokens": 5}
+    r = request(stack.port, "POST", "/v1/completions", body=body, key=stack.key)
+    ref = request(stack.sim.port, "POST", "/v1/completions", body=body)
+    assert r.status == 200, r
+    doc = r.json()
+    assert doc["object"] == "text_completion"
+    assert doc["choices"][0]["text"] == ref.json()["choices"][0]["text"]
+    assert doc["usage"]["completion_tokens"] == 5
+    assert doc["usage"]["prompt_tokens"] == ref.json()["usage"]["prompt_tokens"]
+
+
+def test_embeddings(stack):
+    body = {"model": EMBED, "input": ["alpha", "beta gamma"]}
+    r = request(stack.port, "POST", "/v1/embeddings", body=body, key=stack.key)
+    ref = request(stack.sim.port, "POST", "/v1/embeddings", body=body)
+    assert r.status == 200, r
+    doc = r.json()
+    assert doc["object"] == "list"
+    assert [d["index"] for d in doc["data"]] == [0, 1]
+    assert doc["data"][0]["embedding"] == ref.json()["data"][0]["embedding"]
+    assert len(doc["data"][1]["embedding"]) > 0
+    assert doc["usage"]["prompt_tokens"] == ref.json()["usage"]["prompt_tokens"] > 0
+
+
+def _model_ids(port, key):
+    r = request(port, "GET", "/v1/models", key=key)
+    assert r.status == 200, r
+    doc = r.json()
+    assert doc["object"] == "list"
+    for m in doc["data"]:
+        assert m["object"] == "model"
+    ids = [m["id"] for m in doc["data"]]
+    assert len(ids) == len(set(ids)), ids
+    return set(ids)
+
+
+def test_models_lists_tenant_models(stack):
+    assert _model_ids(stack.port, stack.key) == {M8B, M70B, EMBED}
+    assert _model_ids(stack.port, stack.small_key) == {M8B}
+
+
+def test_models_lists_key_scope(stack):
+    scoped = stack.gw.create_key("acme", models=[M70B, EMBED])
+    assert _model_ids(stack.port, scoped) == {M70B, EMBED}
+    one = stack.gw.create_key("acme", models=[M8B])
+    assert _model_ids(stack.port, one) == {M8B}
+
+
+def test_models_needs_a_key(stack):
+    r = request(stack.port, "GET", "/v1/models")
+    assert r.status == 401
+    assert r.error()["code"] == "missing_api_key"
+
+
+def test_x_api_key_header_and_tenant_id(stack):
+    r = chat(stack.port, None, M8B, max_tokens=2, headers={"X-Api-Key": stack.key})
+    assert r.status == 200, r
+    assert r.json()["usage"]["completion_tokens"] == 2
+    r = chat(stack.port, None, M8B, max_tokens=2,
+             headers={"X-Api-Key": stack.key, "X-Tenant-Id": "acme"})
+    assert r.status == 200, r
+    r = chat(stack.port, stack.key, M8B, max_tokens=2, headers={"X-Tenant-Id": "acme"})
+    assert r.status == 200, r
+
+
+def test_every_response_has_a_request_id(stack):
+    seen = set()
+    responses = [
+        chat(stack.port, stack.key, M8B, max_tokens=1),                       # 200
+        request(stack.port, "GET", "/v1/models", key=stack.key),              # 200
+        chat(stack.port, None, M8B),                                          # 401
+        chat(stack.port, stack.small_key, M70B),                              # 403
+        chat(stack.port, stack.key, "no-such-model"),                         # 404
+        request(stack.port, "GET", "/nowhere", key=stack.key),                # 404
+        request(stack.port, "POST", "/v1/chat/completions", body="{", key=stack.key),  # 400
+    ]
+    for r in responses:
+        rid = r.header("x-request-id")
+        assert rid and re.match(r"^[\x21-\x7e]{8,128}$", rid), r
+        seen.add(rid)
+    assert len(seen) == len(responses), "request ids repeat: %s" % seen
+    assert [r.status for r in responses] == [200, 200, 401, 403, 404, 404, 400]
+
+
+def test_access_log_line_per_request(stack):
+    r = chat(stack.port, stack.key, M8B, max_tokens=4, content="count me")
+    assert r.status == 200, r
+    rid = r.header("x-request-id")
+    e = stack.gw.access_entry(rid)
+    assert e["tenant"] == "acme"
+    assert e["key_id"] == tgtest.key_id(stack.key)
+    assert e["model"] == M8B
+    assert e["endpoint"] == stack.sim.url
+    assert e["status"] == 200
+    assert e["prompt_tokens"] == r.json()["usage"]["prompt_tokens"]
+    assert e["completion_tokens"] == 4
+    assert isinstance(e["duration_ms"], (int, float)) and 0 <= e["duration_ms"] < 10000
+
+    # a refused request is logged too, with its status and no tokens
+    bad = chat(stack.port, stack.small_key, M70B)
+    assert bad.status == 403
+    e = stack.gw.access_entry(bad.header("x-request-id"))
+    assert e["status"] == 403
+    assert e["tenant"] == "small"
+    assert not e.get("completion_tokens")
+
+
+def test_access_log_is_one_json_object_per_line(stack):
+    for _ in range(3):
+        assert chat(stack.port, stack.key, M8B, max_tokens=1).status == 200
+    entries = stack.gw.access_log_entries()  # json.loads on every line
+    assert len(entries) >= 3
+    ids = [e["request_id"] for e in entries]
+    assert len(ids) == len(set(ids))
+
+
+def test_admin_health(stack):
+    assert tgtest.admin(stack.gw, "/healthz").status == 200
+    assert tgtest.admin(stack.gw, "/readyz").status == 200

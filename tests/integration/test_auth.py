@@ -1,0 +1,149 @@
+"""Authentication and model access: which keys are refused, with which
+status and error code, and that keys created or revoked with the CLI while
+the gateway runs take effect within a second, without a restart."""
+
+import time
+
+import pytest
+
+import tgtest
+from tgtest import chat, request
+
+M8B, M70B, EMBED = tgtest.DEFAULT_MODELS
+
+
+def _err(r, status, etype, code):
+    assert r.status == status, r
+    e = r.error()
+    assert e["type"] == etype, e
+    assert e["code"] == code, e
+    assert e["message"], e
+    assert r.header("x-request-id")
+    return e
+
+
+def test_missing_key(stack):
+    _err(chat(stack.port, None, M8B), 401, "authentication_error", "missing_api_key")
+    # an empty bearer is a missing key, not a malformed one... or invalid: both
+    # are 401 authentication errors
+    r = chat(stack.port, None, M8B, headers={"Authorization": "Bearer "})
+    assert r.status == 401 and r.error()["type"] == "authentication_error"
+
+
+@pytest.mark.parametrize("bad", [
+    "tg-000000000000-nosuchsecretnosuchsecret",  # well formed, unknown id
+    "tg-zzzz",                                   # malformed
+    "sk-something-else",                         # not ours at all
+    "x" * 300,                                   # long junk
+])
+def test_invalid_keys(stack, bad):
+    _err(chat(stack.port, bad, M8B), 401, "authentication_error", "invalid_api_key")
+    _err(chat(stack.port, None, M8B, headers={"X-Api-Key": bad}),
+         401, "authentication_error", "invalid_api_key")
+
+
+def test_right_id_wrong_secret(stack):
+    kid = tgtest.key_id(stack.key)
+    secret = stack.key.split("-", 2)[2]
+    forged = "tg-%s-%s" % (kid, ("A" if secret[0] != "A" else "B") + secret[1:])
+    _err(chat(stack.port, forged, M8B), 401, "authentication_error", "invalid_api_key")
+
+
+def test_tenant_mismatch(stack):
+    _err(chat(stack.port, stack.key, M8B, headers={"X-Tenant-Id": "small"}),
+         401, "authentication_error", "tenant_mismatch")
+    _err(chat(stack.port, None, M8B, headers={"X-Api-Key": stack.small_key, "X-Tenant-Id": "acme"}),
+         401, "authentication_error", "tenant_mismatch")
+
+
+def test_model_outside_tenant(stack):
+    _err(chat(stack.port, stack.small_key, M70B), 403, "permission_error", "model_not_allowed")
+    r = request(stack.port, "POST", "/v1/embeddings", body={"model": EMBED, "input": "x"},
+                key=stack.small_key)
+    _err(r, 403, "permission_error", "model_not_allowed")
+
+
+def test_model_outside_key_scope(stack):
+    scoped = stack.gw.create_key("acme", models=[M70B])
+    assert chat(stack.port, scoped, M70B, max_tokens=1).status == 200
+    _err(chat(stack.port, scoped, M8B), 403, "permission_error", "model_not_allowed")
+
+
+def test_unknown_model_is_404_not_403(stack):
+    _err(chat(stack.port, stack.key, "gpt-5-imaginary"), 404, "invalid_request_error",
+         "model_not_found")
+
+
+def _poll_status(port, key, want, timeout):
+    t0 = time.monotonic()
+    last = None
+    while time.monotonic() - t0 < timeout:
+        last = chat(port, key, M8B, max_tokens=1)
+        if last.status == want:
+            return time.monotonic() - t0, last
+        time.sleep(0.05)
+    return None, last
+
+
+def test_key_created_while_running_works_within_a_second(stack):
+    key = stack.gw.create_key("small", wait=False)
+    elapsed, last = _poll_status(stack.port, key, 200, 1.5)
+    assert elapsed is not None, "new key still refused after 1.5 s: %r" % last
+    assert elapsed <= 1.2
+
+
+def test_key_revoked_while_running_refused_within_a_second(stack):
+    key = stack.gw.create_key("small")
+    _, r = _poll_status(stack.port, key, 200, 1.5)
+    assert r.status == 200, r
+    stack.gw.revoke_key(key)
+    elapsed, last = _poll_status(stack.port, key, 401, 1.5)
+    assert elapsed is not None, "revoked key still accepted after 1.5 s: %r" % last
+    assert elapsed <= 1.2
+    assert last.error()["code"] == "invalid_api_key"
+    # and other keys are untouched
+    assert chat(stack.port, stack.small_key, M8B, max_tokens=1).status == 200
+
+
+def test_expired_key(stack):
+    key = stack.gw.create_key("small", expires="1s", wait=False)
+    time.sleep(2.2)
+    _err(chat(stack.port, key, M8B), 401, "authentication_error", "invalid_api_key")
+    rows = {r["id"]: r for r in stack.gw.list_keys()}
+    assert rows[tgtest.key_id(key)]["status"] == "expired"
+
+
+def test_key_scope_outside_tenant_refused_by_cli(stack):
+    cp = stack.gw.cli("keys", "create", "--tenant", "small", "--models", M70B, check=False)
+    assert cp.returncode != 0
+    assert "tg-" not in cp.stdout
+
+
+def test_keys_list_json(stack):
+    key = stack.gw.create_key("small", models=[M8B], name="listed-key")
+    stack.gw.revoke_key(key)
+    rows = stack.gw.list_keys()
+    assert isinstance(rows, list)
+    by_id = {}
+    for row in rows:
+        rid = row.get("id") or row.get("key_id")
+        by_id[rid] = row
+    kid = tgtest.key_id(key)
+    assert kid in by_id, rows
+    row = by_id[kid]
+    assert row["tenant"] == "small"
+    assert row.get("name") == "listed-key"
+    assert row.get("models") == [M8B]
+    assert row.get("status") == "revoked"
+    assert by_id[tgtest.key_id(stack.key)].get("status") == "active"
+    # the secret is never listed
+    secret = key.split("-", 2)[2]
+    assert secret not in stack.gw.cli("keys", "list", "--json").stdout
+    assert secret not in stack.gw.cli("keys", "list").stdout
+    assert tgtest.key_id(stack.key) in by_id
+
+
+def test_create_key_for_unknown_tenant_fails(stack):
+    cp = stack.gw.cli("keys", "create", "--tenant", "nobody", check=False)
+    assert cp.returncode != 0
+    assert not cp.stdout.strip().startswith("tg-")

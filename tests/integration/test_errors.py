@@ -1,0 +1,188 @@
+"""Error statuses a client can provoke or receive: bad requests (400, 404,
+413, 431, 408) answered by the gateway itself, and upstream answers (4xx,
+500, garbage) relayed or translated. Every body is the OpenAI error
+envelope."""
+
+import json
+import time
+
+import tgtest
+from tgtest import RawConn, chat, http_request_bytes, request
+
+M8B, M70B, EMBED = tgtest.DEFAULT_MODELS
+
+
+def _err(r, status, etype, code):
+    assert r is not None, "connection closed without a response"
+    assert r.status == status, r
+    e = r.error()
+    assert e["type"] == etype, e
+    assert e["code"] == code, e
+    assert e["message"], e
+    assert r.header("x-request-id"), r
+    return e
+
+
+def test_unknown_path(stack):
+    for method, path in [("GET", "/v2/chat"), ("POST", "/v1/chat/completion"), ("GET", "/")]:
+        r = request(stack.port, method, path, key=stack.key)
+        _err(r, 404, "invalid_request_error", "not_found")
+
+
+def test_invalid_json(stack):
+    for body in ["{", "not json", '{"model": "llama-3.1-8b",}', "[1,2]", ""]:
+        r = request(stack.port, "POST", "/v1/chat/completions", body=body, key=stack.key,
+                    headers={"Content-Type": "application/json"})
+        assert r.status == 400, (body, r)
+        assert r.error()["type"] == "invalid_request_error"
+        assert r.error()["code"] in ("invalid_json", "missing_model"), (body, r.error())
+    _err(request(stack.port, "POST", "/v1/chat/completions", body="{", key=stack.key),
+         400, "invalid_request_error", "invalid_json")
+
+
+def test_missing_or_non_string_model(stack):
+    for body in [{"messages": []}, {"model": 7, "messages": []}, {"model": None},
+                 {"model": ["llama-3.1-8b"]}]:
+        r = request(stack.port, "POST", "/v1/chat/completions", body=body, key=stack.key)
+        _err(r, 400, "invalid_request_error", "missing_model")
+
+
+def test_unknown_model(stack):
+    _err(chat(stack.port, stack.key, "llama-9"), 404, "invalid_request_error", "model_not_found")
+    r = request(stack.port, "POST", "/v1/embeddings", body={"model": "nope", "input": "x"},
+                key=stack.key)
+    _err(r, 404, "invalid_request_error", "model_not_found")
+
+
+def test_auth_checked_before_body(stack):
+    # an unauthenticated client learns nothing about models or JSON validity
+    r = request(stack.port, "POST", "/v1/chat/completions", body="{", key=None)
+    _err(r, 401, "authentication_error", "missing_api_key")
+
+
+def test_body_too_large(stack):
+    big = json.dumps(tgtest.chat_body(M8B, content="x" * 70000))
+    r = request(stack.port, "POST", "/v1/chat/completions", body=big, key=stack.key,
+                headers={"Content-Type": "application/json"})
+    _err(r, 413, "invalid_request_error", "body_too_large")
+    # just under the limit is fine
+    ok = json.dumps(tgtest.chat_body(M8B, max_tokens=1, content="y" * 60000))
+    r = request(stack.port, "POST", "/v1/chat/completions", body=ok, key=stack.key,
+                headers={"Content-Type": "application/json"})
+    assert r.status == 200, r
+
+
+def test_body_too_large_chunked(stack):
+    c = RawConn(stack.port)
+    head = ("POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
+            "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n" % stack.key)
+    c.send(head)
+    piece = b"x" * 8192
+    try:
+        for _ in range(10):  # 80 KiB > 64 KiB
+            c.send(b"%x\r\n" % len(piece) + piece + b"\r\n")
+        c.send(b"0\r\n\r\n")
+    except OSError:
+        pass  # the gateway may answer and close before we finish sending
+    r = c.read_response()
+    c.close()
+    _err(r, 413, "invalid_request_error", "body_too_large")
+
+
+def test_headers_too_large(stack):
+    r = request(stack.port, "GET", "/v1/models", key=stack.key,
+                headers={"X-Padding": "p" * 9000})
+    _err(r, 431, "invalid_request_error", "headers_too_large")
+    # many small headers add up the same way
+    c = RawConn(stack.port)
+    lines = "".join("X-H%d: %s\r\n" % (i, "v" * 90) for i in range(100))
+    try:
+        c.send("GET /v1/models HTTP/1.1\r\nHost: x\r\n" + lines + "\r\n")
+    except OSError:
+        pass
+    _err(c.read_response(), 431, "invalid_request_error", "headers_too_large")
+    c.close()
+
+
+def test_request_timeout_partial_headers(stack):
+    c = RawConn(stack.port)
+    t0 = time.monotonic()
+    c.send("POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")  # never finished
+    r = c.read_response()
+    elapsed = time.monotonic() - t0
+    _err(r, 408, "invalid_request_error", "request_timeout")
+    assert 1.5 <= elapsed <= 4.5, elapsed  # client_request: 2s
+    assert c.closed_by_peer(2.0)
+    c.close()
+
+
+def test_request_timeout_partial_body(stack):
+    c = RawConn(stack.port)
+    t0 = time.monotonic()
+    c.send("POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
+           "Content-Length: 100\r\n\r\n{\"model\":" % stack.key)
+    time.sleep(1.0)
+    c.send(" \"llama")  # trickling bytes does not extend the deadline
+    r = c.read_response()
+    elapsed = time.monotonic() - t0
+    _err(r, 408, "invalid_request_error", "request_timeout")
+    assert 1.5 <= elapsed <= 4.5, elapsed
+    assert c.closed_by_peer(2.0)
+    c.close()
+    assert chat(stack.port, stack.key, M8B, max_tokens=1).status == 200
+
+
+def test_idle_keepalive_connection_closed_without_response(stack):
+    # client_keepalive is 5 s; an idle connection that never sent a byte is
+    # closed (408 on it or a plain close are both fine) but not before ~2 s
+    c = RawConn(stack.port)
+    c.send(http_request_bytes("GET", "/v1/models", key=stack.key))
+    r = c.read_response()
+    assert r.status == 200
+    t0 = time.monotonic()
+    assert c.closed_by_peer(8.0), "idle keep-alive connection never closed"
+    assert time.monotonic() - t0 >= 1.5
+    c.close()
+
+
+# ---- upstream answers -----------------------------------------------------
+
+def test_upstream_client_errors_relayed_unchanged(stack):
+    for status in (400, 404, 422, 429, 500):
+        h = {"x-sim-fault": "status:%d" % status}
+        via = chat(stack.port, stack.key, M8B, headers=h)
+        direct = chat(stack.sim.port, None, M8B, headers=h)
+        assert direct.status == status, direct
+        assert via.status == status, via
+        assert via.json()["error"] == direct.json()["error"], (via, direct)
+        assert via.header("x-request-id")
+
+
+def test_upstream_garbage_is_502(stack):
+    r = chat(stack.port, stack.key, M8B, headers={"x-sim-fault": "garbage"})
+    _err(r, 502, "server_error", "bad_upstream_response")
+    assert chat(stack.port, stack.key, M8B, max_tokens=1).status == 200
+
+
+def test_upstream_garbage_streaming(stack):
+    s = tgtest.SSEStream(stack.port, tgtest.chat_body(M8B, stream=True), key=stack.key,
+                         headers={"x-sim-fault": "garbage"})
+    if s.status == 200:
+        # the head was already relayed: the stream must end without [DONE]
+        s.read_all()
+        assert not s.done
+    else:
+        assert s.status == 502
+        body = json.loads(s.body_bytes())
+        assert body["error"]["code"] == "bad_upstream_response"
+    s.close()
+
+
+def test_forwarded_headers_reach_backend(stack):
+    # x-sim-token-ms is in forward_headers: the backend spaces 4 tokens
+    # 200 ms apart (3 gaps), so the answer takes at least 0.6 s
+    t0 = time.monotonic()
+    r = chat(stack.port, stack.key, M8B, max_tokens=4, headers={"x-sim-token-ms": "200"})
+    assert r.status == 200
+    assert r.json()["usage"]["completion_tokens"] == 4
+    assert time.monotonic() - t0 >= 0.55

@@ -1,0 +1,207 @@
+"""HTTP/1.1 behaviour of the gateway's listener: keep-alive, pipelining,
+chunked request bodies, and hostile or broken input that must never crash
+the process or disturb other connections."""
+
+import os
+import random
+import socket
+import time
+
+import tgtest
+from tgtest import RawConn, chat, http_request_bytes
+
+M8B, M70B, EMBED = tgtest.DEFAULT_MODELS
+
+
+def _chat_bytes(key, max_tokens, model=M8B, extra_headers=None):
+    return http_request_bytes("POST", "/v1/chat/completions",
+                              tgtest.chat_body(model, max_tokens=max_tokens),
+                              headers=extra_headers, key=key)
+
+
+def test_keep_alive_several_requests_one_socket(stack):
+    c = RawConn(stack.port)
+    rids = set()
+    for n in (1, 2, 3, 4, 5):
+        c.send(_chat_bytes(stack.key, n))
+        r = c.read_response()
+        assert r is not None, "connection closed after %d requests" % (n - 1)
+        assert r.status == 200, r
+        assert r.json()["usage"]["completion_tokens"] == n
+        rids.add(r.header("x-request-id"))
+    c.send(http_request_bytes("GET", "/v1/models", key=stack.key))
+    r = c.read_response()
+    assert r.status == 200 and len(r.json()["data"]) == 3
+    assert len(rids) == 5
+    c.close()
+
+
+def test_pipelined_requests_answered_in_order(stack):
+    c = RawConn(stack.port)
+    # the first takes longer than the second: order must still hold
+    slow = _chat_bytes(stack.key, 6, extra_headers={"x-sim-token-ms": "50"})
+    fast = _chat_bytes(stack.key, 2)
+    models = http_request_bytes("GET", "/v1/models", key=stack.small_key)
+    c.send(slow + fast + models)
+    r1, r2, r3 = c.read_response(), c.read_response(), c.read_response()
+    assert r1.status == 200 and r1.json()["usage"]["completion_tokens"] == 6, r1
+    assert r2.status == 200 and r2.json()["usage"]["completion_tokens"] == 2, r2
+    assert r3.status == 200 and [m["id"] for m in r3.json()["data"]] == [M8B], r3
+    c.close()
+
+
+def test_pipelined_error_then_success(stack):
+    c = RawConn(stack.port)
+    c.send(_chat_bytes(None, 1) + _chat_bytes(stack.key, 3))
+    r1, r2 = c.read_response(), c.read_response()
+    assert r1.status == 401
+    assert r2.status == 200 and r2.json()["usage"]["completion_tokens"] == 3
+    c.close()
+
+
+def test_connection_close_honoured(stack):
+    c = RawConn(stack.port)
+    c.send(http_request_bytes("GET", "/v1/models", key=stack.key,
+                              headers={"Connection": "close"}))
+    r = c.read_response()
+    assert r.status == 200
+    assert c.closed_by_peer(2.0)
+    c.close()
+
+
+def test_http10_request(stack):
+    c = RawConn(stack.port)
+    c.send("GET /v1/models HTTP/1.0\r\nAuthorization: Bearer %s\r\n\r\n" % stack.key)
+    r = c.read_response()
+    assert r.status == 200
+    assert len(r.json()["data"]) == 3
+    assert c.closed_by_peer(2.0)
+    c.close()
+
+
+def test_chunked_request_body(stack):
+    body = tgtest.json.dumps(tgtest.chat_body(M8B, max_tokens=4)).encode()
+    c = RawConn(stack.port)
+    c.send("POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
+           "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n" % stack.key)
+    for i in range(0, len(body), 10):
+        piece = body[i:i + 10]
+        c.send(b"%x\r\n" % len(piece) + piece + b"\r\n")
+    c.send(b"0\r\n\r\n")
+    r = c.read_response()
+    assert r.status == 200, r
+    assert r.json()["usage"]["completion_tokens"] == 4
+    c.close()
+
+
+def test_request_split_in_tiny_writes(stack):
+    data = _chat_bytes(stack.key, 3)
+    c = RawConn(stack.port)
+    c.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    for i in range(0, len(data), 7):
+        c.send(data[i:i + 7])
+        time.sleep(0.001)
+    r = c.read_response()
+    assert r.status == 200 and r.json()["usage"]["completion_tokens"] == 3
+    c.close()
+
+
+def _still_serving(stack):
+    r = chat(stack.port, stack.key, M8B, max_tokens=2)
+    assert r.status == 200, r
+    assert r.json()["usage"]["completion_tokens"] == 2
+    assert stack.gw.proc.alive()
+
+
+def _send_and_expect_4xx_or_close(port, data):
+    c = RawConn(port, timeout=5)
+    try:
+        c.send(data)
+    except OSError:
+        c.close()
+        return None
+    try:
+        r = c.read_response()
+    except (OSError, ValueError, IndexError):
+        r = None
+    finally:
+        c.close()
+    if r is not None:
+        assert 400 <= r.status < 500, r
+    return r
+
+
+def test_invalid_chunked_encoding(stack):
+    head = ("POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
+            "Transfer-Encoding: chunked\r\n\r\n" % stack.key).encode()
+    for tail in [b"ZZZ\r\nhello\r\n0\r\n\r\n",        # size not hex
+                 b"5\r\nhelloXX0\r\n\r\n",             # missing CRLF after data
+                 b"ffffffffffffffffffff\r\n",          # size overflow
+                 b"-1\r\n\r\n"]:
+        r = _send_and_expect_4xx_or_close(stack.port, head + tail)
+        if r is not None:
+            assert r.status in (400, 413), r
+    _still_serving(stack)
+
+
+def test_conflicting_framing_rejected(stack):
+    data = ("POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
+            "Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n" % stack.key).encode()
+    _send_and_expect_4xx_or_close(stack.port, data)
+    data = ("POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+            "Content-Length: 7\r\n\r\nhello").encode()
+    _send_and_expect_4xx_or_close(stack.port, data)
+    _still_serving(stack)
+
+
+def test_garbage_bytes_never_crash(stack):
+    rnd = random.Random(1234)
+    samples = [
+        b"\x00" * 100,
+        b"\r\n\r\n\r\n",
+        b"GET\r\n\r\n",
+        b"GET / HTTP/9.9\r\n\r\n",
+        b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: -5\r\n\r\n",
+        b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: 99999999999999999999\r\n\r\n",
+        b"GET /v1/models HTTP/1.1\r\nBad Header Without Colon\r\n\r\n",
+        b"G\xffT /\xfe HTTP/1.1\r\n\r\n",
+        b"GET /" + b"a" * 20000 + b" HTTP/1.1\r\n\r\n",
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + os.urandom(200),  # a TLS hello
+    ]
+    samples += [bytes(rnd.getrandbits(8) for _ in range(rnd.randint(1, 3000))) for _ in range(15)]
+    for data in samples:
+        _send_and_expect_4xx_or_close(stack.port, data)
+    _still_serving(stack)
+
+
+def test_huge_header_line_and_many_connections(stack):
+    # an endless header without a newline, on several connections at once,
+    # while a well-behaved client is served
+    conns = []
+    for _ in range(10):
+        c = RawConn(stack.port, timeout=5)
+        try:
+            c.send(b"GET /v1/models HTTP/1.1\r\nX-Long: " + b"a" * 20000)
+        except OSError:
+            pass
+        conns.append(c)
+    _still_serving(stack)
+    for c in conns:
+        try:
+            r = c.read_response()
+        except OSError:
+            r = None
+        if r is not None:
+            assert r.status == 431, r
+        c.close()
+    _still_serving(stack)
+
+
+def test_half_open_connections_do_not_block_others(stack):
+    idle = [RawConn(stack.port) for _ in range(50)]
+    for c in idle[:25]:
+        c.send(b"POST /v1/chat/completions HTTP/1.1\r\n")
+    _still_serving(stack)
+    for c in idle:
+        c.abort()
+    _still_serving(stack)

@@ -1,0 +1,126 @@
+"""The gateway process as an operator sees it: check-config verdicts, a
+graceful SIGTERM (no new connections, in-flight streams finish, exit 0), and
+a clean exit with nothing in flight."""
+
+import os
+import socket
+import time
+
+import tgtest
+from tgtest import SSEStream, chat, chat_body
+
+M8B, M70B, EMBED = tgtest.DEFAULT_MODELS
+
+
+def _refused(port):
+    s = socket.socket()
+    s.settimeout(1.0)
+    try:
+        s.connect(("127.0.0.1", port))
+    except (ConnectionRefusedError, socket.timeout, OSError):
+        return True
+    finally:
+        s.close()
+    return False
+
+
+def test_sigterm_drains_inflight_stream(tg):
+    sim = tg.sim()
+    gw = tg.gateway({M8B: [sim.url]})
+    key = gw.keys["acme"]
+    s = SSEStream(gw.port, chat_body(M8B, stream=True, max_tokens=20, include_usage=True),
+                  key=key, headers={"x-sim-token-ms": "100"})
+    assert s.status == 200
+    it = s.events()
+    first = [next(it), next(it)]
+    gw.proc.signal(15)
+    # new connections are refused soon after the signal
+    tgtest.wait_for(lambda: _refused(gw.port), timeout=2.0, what="listener closed after SIGTERM")
+    # the stream in flight completes in full
+    rest = list(it)
+    s.close()
+    events = first + rest
+    assert s.done and s.complete
+    assert len(tgtest.usage_events(events)) == 1
+    assert tgtest.usage_events(events)[0].json()["usage"]["completion_tokens"] == 20
+    assert tgtest.assembled_text(events).split() == ["tok%d" % i for i in range(20)]
+    rc = gw.proc.wait(10.0)
+    assert rc == 0, "exit code %s\n%s" % (rc, gw.proc.tail())
+    assert "serving on" in gw.proc.stderr_text()
+
+
+def test_sigterm_drain_timeout_bounds_shutdown(tg):
+    sim = tg.sim()
+    gw = tg.gateway({M8B: [sim.url]}, overrides={"timeouts": {"drain": "1s"}})
+    key = gw.keys["acme"]
+    # a stream that would take 100 s
+    s = SSEStream(gw.port, chat_body(M8B, stream=True, max_tokens=1000), key=key,
+                  headers={"x-sim-token-ms": "100"})
+    assert s.status == 200
+    it = s.events()
+    next(it)
+    t0 = time.monotonic()
+    gw.proc.signal(15)
+    rc = gw.proc.wait(8.0)
+    took = time.monotonic() - t0
+    list(it)
+    s.close()
+    assert rc == 0, "exit code %s\n%s" % (rc, gw.proc.tail())
+    assert took < 5.0, "shutdown took %.1fs with drain: 1s" % took
+    assert not s.done
+
+
+def test_sigterm_idle_exits_zero_quickly(tg):
+    sim = tg.sim()
+    gw = tg.gateway({M8B: [sim.url]})
+    key = gw.keys["acme"]
+    assert chat(gw.port, key, M8B, max_tokens=1).status == 200
+    # an idle keep-alive connection must not hold the shutdown
+    c = tgtest.RawConn(gw.port)
+    c.send(tgtest.http_request_bytes("GET", "/v1/models", key=key))
+    assert c.read_response().status == 200
+    t0 = time.monotonic()
+    rc = gw.stop()
+    assert rc == 0, gw.proc.tail()
+    assert time.monotonic() - t0 < 3.0
+    assert c.closed_by_peer(1.0)
+    c.close()
+
+
+def test_check_config_valid(tg):
+    gw = tg.gateway({M8B: ["http://127.0.0.1:9"]}, start=False)
+    cp = gw.cli("check-config", check=False)
+    assert cp.returncode == 0, cp.stdout + cp.stderr
+
+
+def test_check_config_reports_each_error_with_line(tg):
+    gw = tg.gateway({M8B: ["http://127.0.0.1:9"]}, start=False)
+    with open(gw.config_path) as f:
+        text = f.read()
+    # two independent mistakes: a bad listen address and an unknown model
+    # in a tenant's models_allowed
+    text = text.replace("listen: 127.0.0.1:%d" % gw.port, "listen: not-an-address", 1)
+    lines = text.splitlines()
+    bad_listen_line = next(i for i, l in enumerate(lines, 1) if l.startswith("listen:"))
+    text = text.replace("max_body_bytes: 65536", "max_body_bytes: lots")
+    bad_body_line = next(i for i, l in enumerate(text.splitlines(), 1)
+                         if l.startswith("max_body_bytes"))
+    with open(gw.config_path, "w") as f:
+        f.write(text)
+    cp = gw.cli("check-config", check=False)
+    out = cp.stdout + cp.stderr
+    assert cp.returncode != 0
+    assert "%s:%d" % (gw.config_path, bad_listen_line) in out or \
+        "%s:%d" % (os.path.basename(gw.config_path), bad_listen_line) in out, out
+    assert ":%d" % bad_body_line in out, out
+
+
+def test_serve_refuses_invalid_config(tg):
+    gw = tg.gateway({M8B: ["http://127.0.0.1:9"]}, start=False)
+    with open(gw.config_path, "a") as f:
+        f.write("workers: [oops\n")
+    proc = tgtest.Proc("tollgate-bad", [tgtest.binary("tollgate"), "serve", "--config",
+                                        gw.config_path], gw.workdir)
+    rc = proc.wait(15.0)
+    assert rc not in (None, 0), proc.tail()
+    assert gw.config_path in proc.stderr_text() or "tollgate.yaml" in proc.stderr_text()

@@ -1,0 +1,161 @@
+"""Routing across a model's endpoints: failed connections and 502/503/504
+answers move the request to another endpoint before anything was relayed;
+when no endpoint can serve, the client gets 503 no_healthy_endpoint and
+/readyz says so; a backend that dies mid-stream truncates only that
+stream."""
+
+import time
+
+import tgtest
+from tgtest import SSEStream, chat, chat_body, closed_port
+
+M8B, M70B, EMBED = tgtest.DEFAULT_MODELS
+
+
+def _err(r, status, etype, code):
+    assert r.status == status, r
+    e = r.error()
+    assert (e["type"], e["code"]) == (etype, code), e
+    assert r.header("x-request-id")
+    return e
+
+
+def test_retry_on_refused_connection(tg):
+    sim = tg.sim()
+    dead = "http://127.0.0.1:%d" % closed_port()
+    # health probes are slow here so the dead endpoint stays a candidate
+    gw = tg.gateway({M8B: [dead, sim.url]}, overrides={"health_check_interval": "60s"})
+    key = gw.keys["acme"]
+    rids = []
+    for i in range(8):
+        r = chat(gw.port, key, M8B, max_tokens=i + 1)
+        assert r.status == 200, r
+        assert r.json()["usage"]["completion_tokens"] == i + 1
+        rids.append(r.header("x-request-id"))
+    # streaming too
+    s = SSEStream(gw.port, chat_body(M8B, stream=True, max_tokens=3), key=key)
+    assert s.status == 200
+    s.read_all()
+    s.close()
+    assert s.done
+    for rid in rids:
+        assert gw.access_entry(rid)["endpoint"] == sim.url
+
+
+def test_retry_on_upstream_503(tg):
+    fake = tgtest.FakeUpstream(503)
+    try:
+        sim = tg.sim()
+        gw = tg.gateway({M8B: [fake.url, sim.url]}, overrides={"health_check_interval": "60s"})
+        key = gw.keys["acme"]
+        for _ in range(6):
+            r = chat(gw.port, key, M8B, max_tokens=2)
+            assert r.status == 200, r
+            assert r.json()["usage"]["completion_tokens"] == 2
+        assert fake.posts >= 1, "the failing endpoint was never tried"
+    finally:
+        fake.close()
+
+
+def test_upstream_500_not_retried(tg):
+    fake = tgtest.FakeUpstream(500, {"error": {"message": "boom", "type": "server_error",
+                                               "code": "internal"}})
+    try:
+        gw = tg.gateway({M8B: [fake.url]}, overrides={"health_check_interval": "60s"})
+        key = gw.keys["acme"]
+        r = chat(gw.port, key, M8B)
+        assert r.status == 500
+        assert r.json() == {"error": {"message": "boom", "type": "server_error",
+                                      "code": "internal"}}
+        assert fake.posts == 1
+    finally:
+        fake.close()
+
+
+def test_all_endpoints_down(tg):
+    sim = tg.sim()
+    down = ["http://127.0.0.1:%d" % closed_port(), "http://127.0.0.1:%d" % closed_port()]
+    gw = tg.gateway({M8B: [sim.url], M70B: down}, ready=False)
+    key = gw.keys["acme"]
+    _err(chat(gw.port, key, M70B), 503, "server_error", "no_healthy_endpoint")
+    # once probes have run, the answer is the same (and quick)
+    tgtest.wait_for(lambda: tgtest.admin(gw, "/readyz").status == 503, timeout=4.0,
+                    what="/readyz 503 with a model whose endpoints are all down")
+    t0 = time.monotonic()
+    _err(chat(gw.port, key, M70B), 503, "server_error", "no_healthy_endpoint")
+    assert time.monotonic() - t0 < 1.0
+    s = SSEStream(gw.port, chat_body(M70B, stream=True), key=key)
+    assert s.status == 503
+    s.close()
+    # the healthy model is unaffected
+    assert chat(gw.port, key, M8B, max_tokens=1).status == 200
+    assert tgtest.admin(gw, "/healthz").status == 200
+
+
+def test_readyz_follows_backend(tg):
+    sim = tg.sim()
+    gw = tg.gateway({M8B: [sim.url]})
+    key = gw.keys["acme"]
+    assert tgtest.admin(gw, "/readyz").status == 200
+    port = sim.port
+    sim.kill()
+    tgtest.wait_for(lambda: tgtest.admin(gw, "/readyz").status == 503, timeout=4.0,
+                    what="/readyz 503 after the only backend died")
+    _err(chat(gw.port, key, M8B), 503, "server_error", "no_healthy_endpoint")
+    tg.sim(port=port)
+    tgtest.wait_for(lambda: tgtest.admin(gw, "/readyz").status == 200, timeout=4.0,
+                    what="/readyz 200 after the backend came back")
+    assert chat(gw.port, key, M8B, max_tokens=2).status == 200
+
+
+def test_backend_killed_mid_stream(tg):
+    sim_a = tg.sim()
+    sim_b = tg.sim()
+    gw = tg.gateway({M8B: [sim_a.url], M70B: [sim_b.url]})
+    key = gw.keys["acme"]
+    s = SSEStream(gw.port, chat_body(M8B, stream=True, max_tokens=100), key=key,
+                  headers={"x-sim-token-ms": "100"})
+    assert s.status == 200
+    n = 0
+    it = s.events()
+    for _ in it:
+        n += 1
+        if n == 3:
+            break
+    port = sim_a.port
+    t_kill = time.monotonic()
+    sim_a.kill()
+    rest = list(it)
+    ended = time.monotonic() - t_kill
+    s.close()
+    assert not s.done, "a stream cut by a dying backend must not end with [DONE]"
+    assert all(e.data != "[DONE]" for e in rest)
+    assert 3 + len(rest) < 100
+    assert ended < 5.0, "client left hanging %.1fs after the backend died" % ended
+    # other models are served at once
+    r = chat(gw.port, key, M70B, max_tokens=2)
+    assert r.status == 200 and r.json()["usage"]["completion_tokens"] == 2
+    # and the model itself once its backend is back
+    tg.sim(port=port)
+    tgtest.wait_for(lambda: chat(gw.port, key, M8B, max_tokens=1).status == 200, timeout=5.0,
+                    interval=0.2, what="the model served again after its backend restarted")
+    assert gw.proc.alive()
+
+
+def test_load_spread_over_endpoints(tg):
+    sim_a = tg.sim()
+    sim_b = tg.sim()
+    gw = tg.gateway({M8B: [sim_a.url, sim_b.url]})
+    key = gw.keys["acme"]
+    # concurrent slow requests cannot all go to one endpoint if the other
+    # is idle: expect both to serve some
+    streams = [SSEStream(gw.port, chat_body(M8B, stream=True, max_tokens=5), key=key,
+                         headers={"x-sim-token-ms": "100"}) for _ in range(8)]
+    for s in streams:
+        s.read_all()
+        s.close()
+        assert s.done
+    a = sim_a.metric(tgtest.SIM_REQUESTS)
+    b = sim_b.metric(tgtest.SIM_REQUESTS)
+    assert a + b >= 8
+    assert a >= 1 and b >= 1, (a, b)

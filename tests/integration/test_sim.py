@@ -1,0 +1,684 @@
+"""tollgate-sim, the OpenAI-compatible backend simulator, driven over real
+sockets: response shapes and exact usage numbers, streaming and its timing,
+the continuous-batching capacity, every injected fault, client cancellation,
+back-pressure, and a clean exit (status 0, no sanitizer report) on SIGTERM.
+
+Self-contained: it starts the binary from $TG_BUILD_DIR (default
+/work/main/build) on a free loopback port and stops it itself."""
+
+import base64
+import http.client
+import json
+import math
+import os
+import select
+import signal
+import socket
+import struct
+import subprocess
+import threading
+import time
+
+import pytest
+
+BUILD_DIR = os.environ.get("TG_BUILD_DIR", "/work/main/build")
+SIM = os.path.join(BUILD_DIR, "tollgate-sim")
+
+pytestmark = pytest.mark.skipif(not os.access(SIM, os.X_OK), reason="tollgate-sim not built")
+
+
+# ---- helpers ---------------------------------------------------------------
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Sim:
+    """A running tollgate-sim; stop() asserts it exits 0 and silently."""
+
+    def __init__(self, *args):
+        self.port = free_port()
+        env = dict(os.environ)
+        env.setdefault("ASAN_OPTIONS", "detect_leaks=1")
+        self.proc = subprocess.Popen(
+            [SIM, "--listen", "127.0.0.1:%d" % self.port, *args],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+        self.stderr = b""
+        deadline = time.monotonic() + 10
+        while b"listening on" not in self.stderr:
+            left = deadline - time.monotonic()
+            assert left > 0 and self.proc.poll() is None, self.stderr.decode(errors="replace")
+            ready, _, _ = select.select([self.proc.stderr], [], [], left)
+            if ready:
+                chunk = os.read(self.proc.stderr.fileno(), 4096)
+                assert chunk, self.stderr.decode(errors="replace")
+                self.stderr += chunk
+        assert ("tollgate-sim listening on 127.0.0.1:%d" % self.port).encode() in self.stderr
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            _, err = self.proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.communicate()
+            raise AssertionError("tollgate-sim did not exit on SIGTERM")
+        self.stderr += err
+        text = self.stderr.decode(errors="replace")
+        assert self.proc.returncode == 0, text
+        assert "Sanitizer" not in text and "runtime error" not in text, text
+
+    def conn(self, timeout=10):
+        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+
+    def request(self, method, path, body=None, headers=None, timeout=10):
+        c = self.conn(timeout)
+        try:
+            data = json.dumps(body) if isinstance(body, (dict, list)) else body
+            h = {"Content-Type": "application/json"}
+            h.update(headers or {})
+            c.request(method, path, body=data, headers=h)
+            r = c.getresponse()
+            return r.status, dict((k.lower(), v) for k, v in r.getheaders()), r.read()
+        finally:
+            c.close()
+
+    def post(self, path, body, headers=None, timeout=10):
+        status, hdrs, data = self.request("POST", path, body, headers, timeout)
+        return status, hdrs, data
+
+    def metrics(self):
+        status, _, data = self.request("GET", "/metrics")
+        assert status == 200
+        out = {}
+        for line in data.decode().splitlines():
+            if line and not line.startswith("#"):
+                name, value = line.rsplit(" ", 1)
+                out[name] = int(value)
+        return out
+
+    def wait_metrics(self, timeout=5, **want):
+        deadline = time.monotonic() + timeout
+        while True:
+            m = self.metrics()
+            if all(m["sim_" + k] == v for k, v in want.items()):
+                return m
+            if time.monotonic() > deadline:
+                raise AssertionError("metrics %r never reached %r" % (m, want))
+            time.sleep(0.02)
+
+
+def start_stream(sim, path, body, headers=None, rcvbuf=None):
+    """Sends a streaming request on a raw socket; returns the socket with
+    the response head consumed and a reader of SSE events."""
+    s = socket.socket()
+    if rcvbuf:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    s.connect(("127.0.0.1", sim.port))
+    data = json.dumps(body).encode()
+    head = "POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n" % (
+        path, len(data))
+    for k, v in (headers or {}).items():
+        head += "%s: %s\r\n" % (k, v)
+    s.sendall(head.encode() + b"\r\n" + data)
+    return s
+
+
+class ChunkedReader:
+    """Reads a chunked HTTP response from a socket, event by event, noting
+    when each SSE event arrived. Offsets instead of slicing keep a long
+    stream linear."""
+
+    def __init__(self, sock, timeout=10):
+        self.sock = sock
+        self.sock.settimeout(timeout)
+        self.raw = bytearray()
+        self.rpos = 0
+        self.body = bytearray()
+        self.bpos = 0
+        self.ended = False     # the terminating 0-size chunk arrived
+        self.closed = False    # the server closed the connection
+        self.status = None
+        self.headers = {}
+        self._read_head()
+
+    def _more(self):
+        data = self.sock.recv(262144)
+        if not data:
+            self.closed = True
+            return False
+        if self.rpos > 1 << 20:
+            del self.raw[:self.rpos]
+            self.rpos = 0
+        self.raw += data
+        return True
+
+    def _read_head(self):
+        while self.raw.find(b"\r\n\r\n") < 0:
+            if not self._more():
+                raise ConnectionError("closed before the response head")
+        end = self.raw.find(b"\r\n\r\n")
+        lines = bytes(self.raw[:end]).decode().split("\r\n")
+        self.rpos = end + 4
+        self.status = int(lines[0].split()[1])
+        for line in lines[1:]:
+            k, v = line.split(":", 1)
+            self.headers[k.strip().lower()] = v.strip()
+
+    def _decode(self):
+        while not self.ended:
+            eol = self.raw.find(b"\r\n", self.rpos)
+            if eol < 0:
+                return
+            size = int(bytes(self.raw[self.rpos:eol]), 16)
+            if len(self.raw) < eol + 2 + size + 2:
+                return
+            if size == 0:
+                self.ended = True
+            self.body += self.raw[eol + 2:eol + 2 + size]
+            self.rpos = eol + 2 + size + 2
+
+    def event(self):
+        """The next SSE data payload (str), or None at the end of the stream."""
+        while True:
+            self._decode()
+            end = self.body.find(b"\n\n", self.bpos)
+            if end >= 0:
+                ev = bytes(self.body[self.bpos:end])
+                self.bpos = end + 2
+                if self.bpos > 1 << 20:
+                    del self.body[:self.bpos]
+                    self.bpos = 0
+                assert ev.startswith(b"data: "), ev
+                return ev[6:].decode()
+            if self.ended or self.closed:
+                return None
+            self._more()
+
+    def events(self):
+        out = []
+        while True:
+            ev = self.event()
+            if ev is None:
+                return out
+            out.append((time.monotonic(), ev))
+
+
+def stream(sim, path, body, headers=None):
+    s = start_stream(sim, path, body, headers)
+    try:
+        rd = ChunkedReader(s)
+        assert rd.status == 200
+        assert rd.headers["content-type"] == "text/event-stream"
+        evs = rd.events()
+        assert rd.ended, "stream did not end with the terminating chunk"
+        return evs
+    finally:
+        s.close()
+
+
+def chat(content, **kw):
+    body = {"model": "m1", "messages": [{"role": "user", "content": content}]}
+    body.update(kw)
+    return body
+
+
+def assert_error(status, data, want_status):
+    assert status == want_status
+    err = json.loads(data)["error"]
+    assert isinstance(err["message"], str) and err["message"]
+    assert isinstance(err["type"], str) and err["type"]
+    assert "code" in err
+
+
+@pytest.fixture(scope="module")
+def sim():
+    s = Sim("--models", "m1,m2,m3", "--embedding-dim", "6")
+    yield s
+    s.stop()
+
+
+# ---- shapes and usage ------------------------------------------------------
+
+def test_chat_completion_shape_and_exact_usage(sim):
+    # "hello world!" is 12 bytes: ceil(12/4) + 4 per message, + 2
+    status, hdrs, data = sim.post("/v1/chat/completions", chat("hello world!", max_tokens=5))
+    assert status == 200
+    assert hdrs["content-type"] == "application/json"
+    r = json.loads(data)
+    assert r["object"] == "chat.completion"
+    assert r["id"].startswith("chatcmpl-")
+    assert r["model"] == "m1"
+    assert isinstance(r["created"], int) and abs(r["created"] - time.time()) < 60
+    assert len(r["choices"]) == 1
+    ch = r["choices"][0]
+    assert ch["index"] == 0
+    assert ch["message"] == {"role": "assistant", "content": "tok0 tok1 tok2 tok3 tok4"}
+    assert ch["finish_reason"] == "length"
+    assert r["usage"] == {"prompt_tokens": 9, "completion_tokens": 5, "total_tokens": 14}
+
+
+def test_chat_prompt_estimate_sums_messages_and_parts(sim):
+    body = {"model": "x/y \"quoted\"", "messages": [
+        {"role": "system", "content": "a" * 17},                     # 5 + 4
+        {"role": "user", "content": [{"type": "text", "text": "abcd"},
+                                     {"type": "text", "text": "efgh"}]},  # 2 + 4
+        {"role": "assistant", "content": None},                      # 0 + 4
+    ], "max_completion_tokens": 2}
+    status, _, data = sim.post("/v1/chat/completions", body)
+    assert status == 200
+    r = json.loads(data)
+    assert r["model"] == "x/y \"quoted\""
+    assert r["usage"] == {"prompt_tokens": 21, "completion_tokens": 2, "total_tokens": 23}
+
+
+def test_default_tokens_finish_stop_and_ids_unique(sim):
+    ids = set()
+    for _ in range(3):
+        status, _, data = sim.post("/v1/chat/completions", chat("hi"))
+        r = json.loads(data)
+        ids.add(r["id"])
+        assert status == 200
+        assert r["usage"]["completion_tokens"] == 16
+        assert r["choices"][0]["finish_reason"] == "stop"
+        assert r["choices"][0]["message"]["content"].split() == ["tok%d" % i for i in range(16)]
+    assert len(ids) == 3
+
+
+def test_max_tokens_is_capped(sim):
+    status, _, data = sim.post("/v1/completions", {"model": "m", "prompt": "", "max_tokens": 10 ** 9})
+    r = json.loads(data)
+    assert status == 200
+    assert r["usage"]["completion_tokens"] == 100000
+    assert r["choices"][0]["finish_reason"] == "stop"
+
+
+def test_completions_shape_and_usage(sim):
+    status, _, data = sim.post("/v1/completions", {"model": "m2", "prompt": "abcdefghi", "max_tokens": 3})
+    assert status == 200
+    r = json.loads(data)
+    assert r["object"] == "text_completion"
+    assert r["id"].startswith("cmpl-")
+    assert r["model"] == "m2"
+    assert r["choices"] == [{"index": 0, "text": "tok0 tok1 tok2", "logprobs": None,
+                             "finish_reason": "length"}]
+    # ceil(9/4) + 1
+    assert r["usage"] == {"prompt_tokens": 4, "completion_tokens": 3, "total_tokens": 7}
+
+
+def test_completions_list_of_prompts(sim):
+    status, _, data = sim.post("/v1/completions", {"model": "m", "prompt": ["abcd", "abcde"], "max_tokens": 2})
+    r = json.loads(data)
+    assert status == 200
+    assert [c["index"] for c in r["choices"]] == [0, 1]
+    # (1 + 1) + (2 + 1) prompt tokens, 2 tokens per choice
+    assert r["usage"] == {"prompt_tokens": 5, "completion_tokens": 4, "total_tokens": 9}
+
+
+def test_embeddings_shape_determinism_and_usage(sim):
+    status, _, data = sim.post("/v1/embeddings", {"model": "emb", "input": ["hello", "hello", "other text"]})
+    assert status == 200
+    r = json.loads(data)
+    assert r["object"] == "list"
+    assert r["model"] == "emb"
+    assert [d["index"] for d in r["data"]] == [0, 1, 2]
+    assert all(d["object"] == "embedding" for d in r["data"])
+    vecs = [d["embedding"] for d in r["data"]]
+    assert all(len(v) == 6 for v in vecs)
+    assert vecs[0] == vecs[1] and vecs[0] != vecs[2]
+    assert abs(math.sqrt(sum(x * x for x in vecs[0])) - 1.0) < 1e-5
+    # ceil(5/4) + ceil(5/4) + ceil(10/4)
+    assert r["usage"] == {"prompt_tokens": 7, "total_tokens": 7}
+
+    status, _, data = sim.post("/v1/embeddings", {"model": "emb", "input": "hello"})
+    single = json.loads(data)
+    assert single["data"][0]["embedding"] == vecs[0]
+    assert single["usage"] == {"prompt_tokens": 2, "total_tokens": 2}
+
+
+def test_embeddings_base64_matches_floats(sim):
+    _, _, data = sim.post("/v1/embeddings", {"model": "e", "input": "abc"})
+    floats = json.loads(data)["data"][0]["embedding"]
+    _, _, data = sim.post("/v1/embeddings", {"model": "e", "input": "abc", "encoding_format": "base64"})
+    raw = base64.b64decode(json.loads(data)["data"][0]["embedding"])
+    decoded = struct.unpack("<6f", raw)
+    assert all(abs(a - b) < 1e-6 for a, b in zip(decoded, floats))
+
+
+def test_models_health_and_unknown_paths(sim):
+    status, _, data = sim.request("GET", "/v1/models")
+    assert status == 200
+    r = json.loads(data)
+    assert r["object"] == "list"
+    assert [m["id"] for m in r["data"]] == ["m1", "m2", "m3"]
+    assert all(m["object"] == "model" for m in r["data"])
+    status, _, data = sim.request("GET", "/health")
+    assert (status, data) == (200, b"ok")
+    status, _, data = sim.request("GET", "/v1/nothing")
+    assert_error(status, data, 404)
+    status, _, data = sim.request("GET", "/v1/chat/completions")
+    assert_error(status, data, 404)
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/v1/chat/completions", "{not json"),
+    ("/v1/chat/completions", "[1, 2]"),
+    ("/v1/chat/completions", json.dumps({"model": "m"})),
+    ("/v1/chat/completions", json.dumps(chat("x", max_tokens=0))),
+    ("/v1/chat/completions", json.dumps(chat("x", max_tokens="7"))),
+    ("/v1/chat/completions", json.dumps(chat("x", stream_options={"include_usage": True}))),
+    ("/v1/completions", json.dumps({"model": "m"})),
+    ("/v1/embeddings", json.dumps({"model": "m", "input": 5})),
+])
+def test_bad_requests_get_openai_400(sim, path, body):
+    status, _, data = sim.post(path, body)
+    assert_error(status, data, 400)
+
+
+# ---- streaming -------------------------------------------------------------
+
+def test_chat_stream_one_event_per_token_without_usage(sim):
+    evs = [e for _, e in stream(sim, "/v1/chat/completions", chat("hi", max_tokens=4, stream=True))]
+    assert evs[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in evs[:-1]]
+    assert len(chunks) == 5  # 4 tokens, then the finish chunk
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert len({c["id"] for c in chunks}) == 1
+    assert all("usage" not in c for c in chunks)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert all("role" not in c["choices"][0]["delta"] for c in chunks[1:])
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert text == "tok0 tok1 tok2 tok3"
+    assert [c["choices"][0]["finish_reason"] for c in chunks] == [None] * 4 + ["length"]
+
+
+def test_chat_stream_usage_chunk_with_include_usage(sim):
+    body = chat("hello world!", max_tokens=3, stream=True, stream_options={"include_usage": True})
+    evs = [e for _, e in stream(sim, "/v1/chat/completions", body)]
+    assert evs[-1] == "[DONE]"
+    usage = json.loads(evs[-2])
+    assert usage["choices"] == []
+    assert usage["usage"] == {"prompt_tokens": 9, "completion_tokens": 3, "total_tokens": 12}
+    assert usage["object"] == "chat.completion.chunk"
+    assert json.loads(evs[-3])["choices"][0]["finish_reason"] == "length"
+    assert len(evs) == 3 + 1 + 1 + 1
+
+
+def test_completions_stream(sim):
+    body = {"model": "m", "prompt": "abcd", "max_tokens": 3, "stream": True,
+            "stream_options": {"include_usage": True}}
+    evs = [e for _, e in stream(sim, "/v1/completions", body)]
+    chunks = [json.loads(e) for e in evs[:-1]]
+    assert all(c["object"] == "text_completion" for c in chunks)
+    assert "".join(c["choices"][0]["text"] for c in chunks[:-1]) == "tok0 tok1 tok2"
+    assert chunks[-2]["choices"][0]["finish_reason"] == "length"
+    assert chunks[-1]["usage"] == {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5}
+
+
+def test_stream_events_spread_over_time(sim):
+    t0 = time.monotonic()
+    evs = stream(sim, "/v1/chat/completions", chat("x", max_tokens=6, stream=True),
+                 headers={"x-sim-ttft-ms": "100", "x-sim-token-ms": "80"})
+    first, last = evs[0][0] - t0, evs[-1][0] - t0
+    assert len(evs) == 6 + 2
+    assert first >= 0.09
+    # five more tokens at 80 ms each after the first
+    assert last - first >= 0.38
+    assert first < last - 0.3
+
+
+def test_non_stream_waits_for_all_tokens():
+    s = Sim("--ttft-ms", "150", "--token-ms", "20")
+    try:
+        t0 = time.monotonic()
+        status, _, data = s.post("/v1/chat/completions", chat("x", max_tokens=11))
+        took = time.monotonic() - t0
+        assert status == 200
+        assert json.loads(data)["usage"]["completion_tokens"] == 11
+        assert took >= 0.15 + 10 * 0.02 - 0.01
+        # a header override wins over the command line
+        t0 = time.monotonic()
+        s.post("/v1/chat/completions", chat("x", max_tokens=2),
+               headers={"x-sim-ttft-ms": "0", "x-sim-token-ms": "0"})
+        assert time.monotonic() - t0 < 0.1
+    finally:
+        s.stop()
+
+
+# ---- capacity --------------------------------------------------------------
+
+def test_capacity_runs_max_num_seqs_and_queues_the_rest():
+    s = Sim("--max-num-seqs", "2", "--workers", "2")
+    done = []
+
+    def one(i):
+        t0 = time.monotonic()
+        status, _, data = s.post("/v1/chat/completions", chat("x", max_tokens=1),
+                                 headers={"x-sim-ttft-ms": "600"})
+        done.append((i, status, time.monotonic() - t0))
+
+    try:
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        m = s.wait_metrics(requests_running=2, requests_waiting=2)
+        assert m["sim_requests_total"] == 4
+        assert m["vllm:num_requests_running{model_name=\"sim-model\"}"] == 2
+        for t in threads:
+            t.join(10)
+        assert sorted(st for _, st, _ in done) == [200] * 4
+        took = sorted(t for _, _, t in done)
+        # two finish after one ttft, the two that waited after two
+        assert took[1] < 1.0 and took[2] >= 1.1
+        s.wait_metrics(requests_running=0, requests_waiting=0, requests_completed_total=4)
+    finally:
+        s.stop()
+
+
+# ---- faults ----------------------------------------------------------------
+
+@pytest.mark.parametrize("code", [429, 500, 503])
+def test_fault_status(sim, code):
+    status, hdrs, data = sim.post("/v1/chat/completions", chat("x"), headers={"x-sim-fault": "status:%d" % code})
+    assert_error(status, data, code)
+    if code in (429, 503):
+        assert hdrs["retry-after"] == "1"
+
+
+def test_fault_status_ignores_the_body(sim):
+    status, _, data = sim.post("/v1/completions", "{broken", headers={"x-sim-fault": "status:502"})
+    assert_error(status, data, 502)
+
+
+def test_fault_bad_value_is_400(sim):
+    status, _, data = sim.post("/v1/chat/completions", chat("x"), headers={"x-sim-fault": "explode"})
+    assert_error(status, data, 400)
+
+
+def test_fault_stall_never_answers_and_abort_frees_slot(sim):
+    before = sim.metrics()
+    s = start_stream(sim, "/v1/chat/completions", chat("x"), headers={"x-sim-fault": "stall"})
+    s.settimeout(0.4)
+    with pytest.raises(socket.timeout):
+        s.recv(1)
+    sim.wait_metrics(requests_running=1)
+    s.close()
+    m = sim.wait_metrics(requests_running=0,
+                         requests_aborted_total=before["sim_requests_aborted_total"] + 1)
+    assert m["sim_requests_waiting"] == 0
+
+
+def test_fault_stall_after_streams_n_tokens(sim):
+    s = start_stream(sim, "/v1/chat/completions", chat("x", max_tokens=10, stream=True),
+                     headers={"x-sim-fault": "stall-after:2"})
+    try:
+        rd = ChunkedReader(s)
+        assert rd.status == 200
+        assert json.loads(rd.event())["choices"][0]["delta"]["content"] == "tok0"
+        assert json.loads(rd.event())["choices"][0]["delta"]["content"] == " tok1"
+        s.settimeout(0.4)
+        with pytest.raises(socket.timeout):
+            rd.event()
+    finally:
+        s.close()
+    sim.wait_metrics(requests_running=0)
+
+
+def test_fault_disconnect_closes_without_answer(sim):
+    c = sim.conn()
+    try:
+        c.request("POST", "/v1/chat/completions", body=json.dumps(chat("x")),
+                  headers={"x-sim-fault": "disconnect"})
+        with pytest.raises((http.client.RemoteDisconnected, ConnectionResetError)):
+            c.getresponse()
+    finally:
+        c.close()
+
+
+def test_fault_disconnect_after_truncates_stream(sim):
+    s = start_stream(sim, "/v1/chat/completions", chat("x", max_tokens=10, stream=True),
+                     headers={"x-sim-fault": "disconnect-after:3"})
+    try:
+        rd = ChunkedReader(s)
+        evs = [e for _, e in rd.events()]
+        assert len(evs) == 3
+        assert "[DONE]" not in evs
+        assert rd.closed and not rd.ended
+    finally:
+        s.close()
+
+
+def test_fault_garbage(sim):
+    status, _, data = sim.post("/v1/chat/completions", chat("x"), headers={"x-sim-fault": "garbage"})
+    assert status == 200
+    with pytest.raises(ValueError):
+        json.loads(data)
+    s = start_stream(sim, "/v1/chat/completions", chat("x", stream=True), headers={"x-sim-fault": "garbage"})
+    try:
+        rd = ChunkedReader(s)
+        evs = [e for _, e in rd.events()]
+        assert rd.status == 200 and rd.ended
+        assert evs == ["{not json"]
+    finally:
+        s.close()
+
+
+# ---- cancellation and back-pressure -----------------------------------------
+
+def test_client_disconnect_cancels_and_frees_slot_for_waiter():
+    s = Sim("--max-num-seqs", "1", "--token-ms", "50")
+    try:
+        first = start_stream(s, "/v1/chat/completions", chat("x", max_tokens=1000, stream=True))
+        rd = ChunkedReader(first)
+        rd.event()
+        waiter = start_stream(s, "/v1/chat/completions", chat("y", max_tokens=2, stream=True))
+        s.wait_metrics(requests_running=1, requests_waiting=1)
+        first.close()
+        s.wait_metrics(requests_aborted_total=1)
+        evs = [e for _, e in ChunkedReader(waiter).events()]
+        assert evs[-1] == "[DONE]" and len(evs) == 4
+        waiter.close()
+        m = s.wait_metrics(requests_running=0, requests_waiting=0)
+        # the cancelled sequence stopped producing tokens at once
+        assert m["sim_generation_tokens_total"] < 100
+
+        # a waiter that leaves is dropped from the queue
+        holder = start_stream(s, "/v1/chat/completions", chat("x", stream=True),
+                              headers={"x-sim-fault": "stall"})
+        s.wait_metrics(requests_running=1)
+        gone = start_stream(s, "/v1/chat/completions", chat("x", stream=True))
+        s.wait_metrics(requests_waiting=1)
+        gone.close()
+        s.wait_metrics(requests_waiting=0, requests_running=1, requests_aborted_total=2)
+        holder.close()
+        s.wait_metrics(requests_running=0, requests_aborted_total=3)
+    finally:
+        s.stop()
+
+
+def test_waiters_leave_in_priority_then_arrival_order():
+    # one slot; each waiter needs 150 ms once admitted, so the time its
+    # first event arrives tells its place in the queue
+    s = Sim("--max-num-seqs", "1", "--ttft-ms", "150")
+    socks = []
+    arrived = {}
+
+    def read(name, k):
+        rd = ChunkedReader(k)
+        rd.event()
+        arrived[name] = time.monotonic()
+        rd.events()
+
+    try:
+        holder = start_stream(s, "/v1/chat/completions", chat("x", stream=True),
+                              headers={"x-sim-fault": "stall"})
+        socks.append(holder)
+        s.wait_metrics(requests_running=1)
+        threads = []
+        for n, (name, prio) in enumerate((("late", 5), ("first", 0), ("second", 0), ("urgent", -1))):
+            k = start_stream(s, "/v1/chat/completions",
+                             chat(name, max_tokens=1, stream=True, priority=prio))
+            socks.append(k)
+            s.wait_metrics(requests_waiting=n + 1)
+            threads.append(threading.Thread(target=read, args=(name, k)))
+        for t in threads:
+            t.start()
+        holder.close()
+        for t in threads:
+            t.join(10)
+        assert sorted(arrived, key=arrived.get) == ["urgent", "first", "second", "late"]
+        s.wait_metrics(requests_completed_total=4, requests_running=0, requests_waiting=0)
+    finally:
+        for k in socks:
+            k.close()
+        s.stop()
+
+
+def test_priority_and_cache_salt_validation(sim):
+    status, _, data = sim.post("/v1/chat/completions", chat("x", priority="high"))
+    assert_error(status, data, 400)
+    status, _, data = sim.post("/v1/chat/completions", chat("x", cache_salt=""))
+    assert_error(status, data, 400)
+    status, _, data = sim.post("/v1/chat/completions", chat("x", priority=-3, cache_salt="tenant-a",
+                                                            max_tokens=1))
+    assert status == 200 and json.loads(data)["usage"]["completion_tokens"] == 1
+
+
+def test_model_by_id(sim):
+    status, _, data = sim.request("GET", "/v1/models/m2")
+    assert status == 200 and json.loads(data)["id"] == "m2"
+    status, _, data = sim.request("GET", "/v1/models/zz")
+    assert_error(status, data, 404)
+
+
+def test_slow_reader_holds_tokens_back(sim):
+    before = sim.metrics()["sim_generation_tokens_total"]
+    s = start_stream(sim, "/v1/completions",
+                     {"model": "m", "prompt": "x", "max_tokens": 100000, "stream": True},
+                     rcvbuf=16384)
+    try:
+        time.sleep(0.5)
+        produced = sim.metrics()["sim_generation_tokens_total"] - before
+        # about 150 bytes an event: far from all 100000 fit in the buffers
+        assert produced < 60000
+        rd = ChunkedReader(s, timeout=30)
+        n = sum(1 for _, e in rd.events() if e != "[DONE]")
+        assert rd.ended
+        assert n == 100000 + 1
+    finally:
+        s.close()
+
+
+def test_sigterm_with_requests_in_flight_exits_cleanly():
+    s = Sim("--max-num-seqs", "1", "--workers", "3", "--token-ms", "20")
+    socks = [start_stream(s, "/v1/chat/completions", chat("x", max_tokens=500, stream=True))
+             for _ in range(3)]
+    try:
+        s.wait_metrics(requests_running=1, requests_waiting=2)
+    finally:
+        s.stop()  # asserts exit status 0 and no sanitizer report
+        for k in socks:
+            k.close()

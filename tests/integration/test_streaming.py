@@ -1,0 +1,247 @@
+"""Streaming through the gateway: the SSE events a client receives (count,
+text, usage chunk only when asked for), that they arrive as the backend
+produces them rather than all at the end, that a client who leaves cancels
+the backend's work, and that a client who stops reading pauses the backend
+instead of growing the gateway's memory."""
+
+import json
+import time
+
+import tgtest
+from tgtest import SSEStream, assembled_text, chat, chat_body, content_events, usage_events
+
+M8B, M70B, EMBED = tgtest.DEFAULT_MODELS
+
+
+def _token_events(events):
+    out = []
+    for e in content_events(events):
+        ch = e.json()["choices"][0]
+        if (ch.get("delta") or {}).get("content") or ch.get("text"):
+            out.append(e)
+    return out
+
+
+def _stream(stack, **kw):
+    headers = kw.pop("headers", None)
+    path = kw.pop("path", "/v1/chat/completions")
+    body = kw.pop("body", None) or chat_body(kw.pop("model", M8B), stream=True, **kw)
+    return SSEStream(stack.port, body, key=stack.key, headers=headers, path=path)
+
+
+def test_stream_events_text_and_done(stack):
+    s = _stream(stack, max_tokens=12)
+    assert s.status == 200
+    assert s.headers.get("content-type", "").startswith("text/event-stream")
+    assert "chunked" in s.headers.get("transfer-encoding", "").lower()
+    assert s.headers.get("x-request-id")
+    events = s.read_all()
+    s.close()
+    assert s.complete and s.done
+    assert events[-1].data == "[DONE]"
+    toks = _token_events(events)
+    assert len(toks) == 12
+    assert assembled_text(events) == " ".join("tok%d" % i for i in range(12))
+    # the final content chunk carries finish_reason "length" (max_tokens reached)
+    finishes = [e.json()["choices"][0].get("finish_reason") for e in content_events(events)]
+    assert finishes[-1] == "length"
+    # the client did not ask for usage: no usage-only chunk is relayed
+    assert usage_events(events) == []
+    for e in events[:-1]:
+        assert "usage" not in e.json() or e.json()["usage"] is None
+
+
+def test_stream_matches_backend_stream(stack):
+    s = _stream(stack, max_tokens=5)
+    via = s.read_all()
+    s.close()
+    d = SSEStream(stack.sim.port, chat_body(M8B, stream=True, max_tokens=5))
+    direct = d.read_all()
+    d.close()
+    assert [e.json()["choices"] for e in via[:-1]] == [e.json()["choices"] for e in direct[:-1]]
+    assert len(via) == len(direct)
+
+
+def test_stream_usage_chunk_kept_when_asked(stack):
+    s = _stream(stack, max_tokens=9, include_usage=True)
+    events = s.read_all()
+    s.close()
+    assert s.done
+    u = usage_events(events)
+    assert len(u) == 1
+    doc = u[0].json()
+    assert doc["choices"] == []
+    assert doc["usage"]["completion_tokens"] == 9
+    # the same prompt through the non-streaming path counts the same tokens
+    ref = chat(stack.sim.port, None, M8B, max_tokens=9).json()["usage"]
+    assert doc["usage"]["prompt_tokens"] == ref["prompt_tokens"]
+    assert doc["usage"]["total_tokens"] == ref["prompt_tokens"] + 9
+    # it is the last event before [DONE]
+    assert events[-2] is u[0] and events[-1].data == "[DONE]"
+
+
+def test_stream_usage_chunk_stripped_when_declined(stack):
+    s = _stream(stack, max_tokens=4, include_usage=False)
+    events = s.read_all()
+    s.close()
+    assert s.done
+    assert usage_events(events) == []
+    assert len(_token_events(events)) == 4
+
+
+def test_streaming_usage_is_logged(stack):
+    # even when the client did not ask for usage, the gateway meters it
+    s = _stream(stack, max_tokens=6)
+    s.read_all()
+    s.close()
+    e = stack.gw.access_entry(s.headers["x-request-id"])
+    assert e["status"] == 200
+    assert e["completion_tokens"] == 6
+    assert e["prompt_tokens"] > 0
+
+
+def test_legacy_completions_stream(stack):
+    body = {"model": M70B, "prompt": "hi", "max_tokens": 3, "stream": True,
+            "stream_options": {"include_usage": True}}
+    s = _stream(stack, body=body, path="/v1/completions")
+    events = s.read_all()
+    s.close()
+    assert s.done
+    assert assembled_text(events) == "tok0 tok1 tok2"
+    assert usage_events(events)[0].json()["usage"]["completion_tokens"] == 3
+
+
+def test_events_relayed_as_produced(stack):
+    # 20 tokens, 100 ms apart: the first must reach us long before the last
+    # is produced, and the events must be spread over the ~2 s
+    s = _stream(stack, max_tokens=20, headers={"x-sim-token-ms": "100", "x-sim-ttft-ms": "0"})
+    events = s.read_all()
+    s.close()
+    toks = _token_events(events)
+    assert len(toks) == 20
+    first, last = toks[0].t - s.t0, toks[-1].t - s.t0
+    assert first < 1.0, "first token after %.2fs" % first
+    assert last - first >= 1.8, "tokens bunched: first %.2fs last %.2fs" % (first, last)
+    # and not bunched in the middle either: at least 15 distinct arrival
+    # moments at least 50 ms apart
+    times = [e.t for e in toks]
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    assert sum(1 for g in gaps if g >= 0.05) >= 15, gaps
+
+
+def test_client_disconnect_cancels_upstream(stack):
+    aborted0 = stack.sim.metric(tgtest.SIM_ABORTED)
+    s = _stream(stack, max_tokens=200, headers={"x-sim-token-ms": "50"})
+    got = []
+    for e in s.events():
+        got.append(e)
+        if len(got) == 3:
+            break
+    s.abort()
+    tgtest.wait_for(lambda: stack.sim.metric(tgtest.SIM_ABORTED) >= aborted0 + 1, timeout=3.0,
+                    what="sim aborted counter to rise")
+    # the backend stopped well before 200 tokens
+    assert stack.sim.metric(tgtest.SIM_RUNNING) == 0
+    r = chat(stack.port, stack.key, M8B, max_tokens=3)
+    assert r.status == 200 and r.json()["usage"]["completion_tokens"] == 3
+
+
+def test_client_disconnect_logged_with_partial_usage(stack):
+    s = _stream(stack, max_tokens=200, headers={"x-sim-token-ms": "30"})
+    n = 0
+    for _ in s.events():
+        n += 1
+        if n == 5:
+            break
+    rid = s.headers["x-request-id"]
+    s.close()
+    e = stack.gw.access_entry(rid, timeout=5.0)
+    assert e["tenant"] == "acme"
+    # not the 200 asked for: what was produced before the cancel (the
+    # backend may have run a few tokens ahead of what we read)
+    assert e.get("completion_tokens") is None or e["completion_tokens"] < 200
+
+
+def test_slow_client_pauses_upstream_with_bounded_memory(tg):
+    sim = tg.sim(token_ms=0, ttft_ms=0)
+    gw = tg.gateway({M8B: [sim.url]}, workers=1)
+    key = gw.keys["acme"]
+    total = 16 * 100000  # n=16 choices × 100000 tokens: ~250 MB of SSE
+    rss0 = gw.rss_kb()
+    gen0 = sim.metric(tgtest.SIM_GEN_TOKENS)
+    body = chat_body(M8B, stream=True, max_tokens=100000, n=16)
+    s = SSEStream(gw.port, body, key=key, rcvbuf=4096, read_head=False)
+    # do not read anything for 3 s
+    time.sleep(1.5)
+    gen1 = sim.metric(tgtest.SIM_GEN_TOKENS) - gen0
+    rss1 = gw.rss_kb()
+    time.sleep(1.5)
+    gen2 = sim.metric(tgtest.SIM_GEN_TOKENS) - gen0
+    rss2 = gw.rss_kb()
+    print("slow client: generated %d then %d of %d tokens; RSS %d -> %d -> %d KiB"
+          % (gen1, gen2, total, rss0, rss1, rss2))
+    # the backend was paused: nothing (or almost nothing) generated while
+    # the client kept not reading, and far below the total
+    assert gen2 < total / 4, "backend produced %d of %d tokens" % (gen2, total)
+    assert gen2 - gen1 < 2000, "backend kept producing: %d then %d" % (gen1, gen2)
+    # the gateway's memory did not follow the backend's output
+    assert rss2 - rss1 < 4096, "RSS grew %d KiB while the client did not read" % (rss2 - rss1)
+    assert rss2 - rss0 < 64 * 1024, "RSS grew %d KiB" % (rss2 - rss0)
+    # reading resumes the stream
+    s.read_head()
+    assert s.status == 200
+    n = 0
+    for _ in s.events():
+        n += 1
+        if n == 2000:
+            break
+    assert n == 2000
+    # leaving cancels the backend's work
+    aborted0 = sim.metric(tgtest.SIM_ABORTED)
+    s.abort()
+    tgtest.wait_for(lambda: sim.metric(tgtest.SIM_ABORTED) >= aborted0 + 1, timeout=5.0,
+                    what="sim aborted counter")
+    assert sim.metric(tgtest.SIM_GEN_TOKENS) - gen0 < total
+    r = chat(gw.port, key, M8B, max_tokens=2)
+    assert r.status == 200
+
+
+def test_upstream_stall_mid_stream_ends_on_idle_timeout(stack):
+    # the backend sends 3 tokens then goes silent; upstream_idle is 3 s
+    s = _stream(stack, max_tokens=50, headers={"x-sim-fault": "stall-after:3"})
+    assert s.status == 200
+    events = s.read_all()
+    elapsed = time.monotonic() - s.t0
+    s.close()
+    assert len(_token_events(events)) == 3
+    assert not s.done
+    assert 2.5 <= elapsed <= 8.0, elapsed
+    assert chat(stack.port, stack.key, M8B, max_tokens=1).status == 200
+
+
+def test_upstream_disconnect_mid_stream_truncates(stack):
+    s = _stream(stack, max_tokens=50, headers={"x-sim-fault": "disconnect-after:4"})
+    assert s.status == 200
+    events = s.read_all()
+    s.close()
+    assert len(_token_events(events)) == 4
+    assert not s.done, "a truncated upstream stream must not end with [DONE]"
+    assert chat(stack.port, stack.key, M8B, max_tokens=1).status == 200
+
+
+def test_many_concurrent_streams(stack):
+    streams = [_stream(stack, max_tokens=10, headers={"x-sim-token-ms": "20"}) for _ in range(20)]
+    for s in streams:
+        events = s.read_all()
+        s.close()
+        assert s.done
+        assert len(_token_events(events)) == 10
+
+
+def test_stream_error_before_head_is_json(stack):
+    # a refusal of a streaming request is a plain JSON error, not SSE
+    s = SSEStream(stack.port, chat_body(M70B, stream=True), key=stack.small_key)
+    assert s.status == 403
+    body = json.loads(s.body_bytes())
+    assert body["error"]["code"] == "model_not_allowed"
+    s.close()

@@ -1,0 +1,1062 @@
+"""Shared harness for Tollgate's integration and client tests (stdlib only).
+
+It starts the real binaries (`tollgate-sim`, `tollgate serve`) on free loopback
+ports, writes the gateway's YAML config from a Python dict, creates keys with
+the CLI, and talks HTTP to them: through http.client for ordinary requests and
+through raw sockets where a test needs control of the bytes (pipelining, slow
+readers, half-sent requests, streams read event by event with arrival times).
+
+Every process started here is recorded; `kill_all()` ends whichever is still
+running (the pytest fixtures and an atexit hook call it), so a failing test
+never leaves a server behind. Each process writes its stderr to a file in its
+temporary directory; `tails()` returns the end of each for failure reports.
+
+Binaries come from $TG_BUILD_DIR (default: <repo>/build-asan).
+"""
+
+import atexit
+import http.client
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# Sanitizer settings for the processes we start: leaks make the exit code
+# non-zero, which the tests assert against.
+SAN_ENV = {
+    "ASAN_OPTIONS": "detect_leaks=1:abort_on_error=0:exitcode=23",
+    "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1",
+    "LSAN_OPTIONS": "exitcode=23",
+}
+
+DEFAULT_MODELS = ("llama-3.1-8b", "llama-3.1-70b", "nomic-embed-text")
+
+
+# --------------------------------------------------------------------------
+# small utilities
+
+def build_dir():
+    """The directory holding the binaries under test."""
+    return os.path.abspath(os.environ.get("TG_BUILD_DIR") or os.path.join(REPO, "build-asan"))
+
+
+def binary(name):
+    path = os.path.join(build_dir(), name)
+    if not os.access(path, os.X_OK):
+        raise RuntimeError("binary not found: %s (set TG_BUILD_DIR or build first)" % path)
+    return path
+
+
+def free_port():
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+    finally:
+        s.close()
+
+
+def closed_port():
+    """A port that refuses connections (bound once, then released)."""
+    return free_port()
+
+
+class ProcessDied(AssertionError):
+    """A process the harness waited on exited; polling stops at once."""
+
+
+def wait_for(pred, timeout=5.0, interval=0.05, what="condition"):
+    """Polls pred() until it returns a truthy value; returns that value.
+    Raises AssertionError naming `what` after `timeout` seconds; a
+    ProcessDied raised by pred ends the wait at once."""
+    deadline = time.monotonic() + timeout
+    last_exc = None
+    while True:
+        try:
+            v = pred()
+            if v:
+                return v
+        except ProcessDied:
+            raise
+        except Exception as e:  # noqa: BLE001 - polled predicates may fail while starting
+            last_exc = e
+        if time.monotonic() >= deadline:
+            msg = "timed out after %.1fs waiting for %s" % (timeout, what)
+            if last_exc is not None:
+                msg += " (last error: %r)" % (last_exc,)
+            raise AssertionError(msg)
+        time.sleep(interval)
+
+
+def rss_kb(pid):
+    """Resident set size of pid in KiB, from /proc/PID/status VmRSS."""
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError("no VmRSS for pid %d" % pid)
+
+
+def tail(path, n=60):
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError:
+        return ""
+    lines = data.decode("utf-8", "replace").splitlines()
+    return "\n".join(lines[-n:])
+
+
+# --------------------------------------------------------------------------
+# YAML emitter: enough for our config (dicts, lists, strings, numbers, bools)
+
+_PLAIN_KEY = re.compile(r"^[A-Za-z0-9_.\-/]+$")
+_PLAIN_STR = re.compile(r"^[A-Za-z0-9_./][A-Za-z0-9_.:/\-]*$")
+# strings a YAML reader would resolve to a number, bool or null: quote them
+_LOOKS_TYPED = re.compile(r"^([-+]?[0-9._]+([eE][-+]?[0-9]+)?|true|false|yes|no|on|off|null|~)$",
+                          re.IGNORECASE)
+
+
+def _yaml_scalar(v):
+    if v is None:
+        return "null"
+    if v is True:
+        return "true"
+    if v is False:
+        return "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        if _PLAIN_STR.match(v) and not _LOOKS_TYPED.match(v):
+            return v
+        # JSON's double-quoted strings are valid YAML double-quoted scalars.
+        return json.dumps(v)
+    raise TypeError("cannot emit %r as YAML" % (v,))
+
+
+def _yaml_key(k):
+    k = str(k)
+    return k if _PLAIN_KEY.match(k) else json.dumps(k)
+
+
+def to_yaml(obj, indent=0):
+    """Returns obj (dict/list/scalars) as block-style YAML text."""
+    pad = " " * indent
+    out = []
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if isinstance(v, dict) and v:
+                out.append("%s%s:\n%s" % (pad, _yaml_key(k), to_yaml(v, indent + 2)))
+            elif isinstance(v, list) and v:
+                out.append("%s%s:\n%s" % (pad, _yaml_key(k), to_yaml(v, indent + 2)))
+            elif isinstance(v, dict):
+                out.append("%s%s: {}\n" % (pad, _yaml_key(k)))
+            elif isinstance(v, list):
+                out.append("%s%s: []\n" % (pad, _yaml_key(k)))
+            else:
+                out.append("%s%s: %s\n" % (pad, _yaml_key(k), _yaml_scalar(v)))
+    elif isinstance(obj, list):
+        for v in obj:
+            if isinstance(v, (dict, list)) and v:
+                inner = to_yaml(v, indent + 2)
+                # put the first line after the dash
+                out.append("%s- %s" % (pad, inner[indent + 2:]))
+            elif isinstance(v, dict):
+                out.append("%s- {}\n" % pad)
+            elif isinstance(v, list):
+                out.append("%s- []\n" % pad)
+            else:
+                out.append("%s- %s\n" % (pad, _yaml_scalar(v)))
+    else:
+        out.append("%s%s\n" % (pad, _yaml_scalar(obj)))
+    return "".join(out)
+
+
+# --------------------------------------------------------------------------
+# process bookkeeping
+
+_ALL = []          # every Proc ever started in this interpreter
+_ALL_LOCK = threading.Lock()
+
+
+class Proc:
+    """One started child process with its stderr (and stdout) in files."""
+
+    def __init__(self, name, argv, workdir, env=None):
+        self.name = name
+        self.argv = argv
+        self.workdir = workdir
+        self.stderr_path = os.path.join(workdir, "%s.stderr" % name)
+        self.stdout_path = os.path.join(workdir, "%s.stdout" % name)
+        full_env = dict(os.environ)
+        full_env.update(SAN_ENV)
+        if env:
+            full_env.update(env)
+        self._err = open(self.stderr_path, "ab")
+        self._out = open(self.stdout_path, "ab")
+        self.popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self._out,
+                                      stderr=self._err, env=full_env, cwd=workdir,
+                                      start_new_session=True)
+        self.pid = self.popen.pid
+        self.returncode = None
+        with _ALL_LOCK:
+            _ALL.append(self)
+
+    def alive(self):
+        return self.popen.poll() is None
+
+    def stderr_text(self):
+        try:
+            with open(self.stderr_path, "rb") as f:
+                return f.read().decode("utf-8", "replace")
+        except OSError:
+            return ""
+
+    def signal(self, sig):
+        if self.alive():
+            self.popen.send_signal(sig)
+
+    def wait(self, timeout):
+        """Waits up to timeout seconds; returns the exit code (negative = signal)
+        or None when still running."""
+        try:
+            self.returncode = self.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+        self._close_files()
+        return self.returncode
+
+    def stop(self, timeout=15.0):
+        """SIGTERM, wait up to timeout, then SIGKILL. Returns the exit code of
+        the SIGTERM'd process (negative when it had to be killed)."""
+        if not self.alive():
+            return self.wait(0.1)
+        self.popen.send_signal(signal.SIGTERM)
+        rc = self.wait(timeout)
+        if rc is None:
+            self.kill()
+            rc = self.wait(5.0)
+            return rc if rc is not None else -9
+        return rc
+
+    def kill(self):
+        if self.alive():
+            try:
+                os.killpg(self.pid, signal.SIGKILL)
+            except OSError:
+                self.popen.kill()
+        self.wait(5.0)
+
+    def _close_files(self):
+        for f in (self._err, self._out):
+            try:
+                f.close()
+            except OSError:
+                pass
+
+    def tail(self, n=60):
+        return tail(self.stderr_path, n)
+
+
+def all_procs():
+    with _ALL_LOCK:
+        return list(_ALL)
+
+
+def kill_all():
+    """Kills every process this harness started that is still running."""
+    for p in all_procs():
+        try:
+            p.kill()
+        except Exception:  # noqa: BLE001 - best effort at exit
+            pass
+
+
+def tails(procs=None, n=40):
+    """Text with the stderr tail of each process (all started ones by default)."""
+    parts = []
+    for p in procs if procs is not None else all_procs():
+        parts.append("----- %s (pid %d, rc %s) stderr tail: %s\n%s" % (
+            p.name, p.pid, p.popen.poll(), p.stderr_path, p.tail(n)))
+    return "\n".join(parts)
+
+
+atexit.register(kill_all)
+
+
+def _wait_line(proc, pattern, timeout):
+    rx = re.compile(pattern)
+
+    def seen():
+        m = rx.search(proc.stderr_text())
+        if m is None and not proc.alive():
+            raise ProcessDied("%s exited with %s before ready:\n%s" % (
+                proc.name, proc.popen.poll(), proc.tail()))
+        return m
+
+    try:
+        return wait_for(seen, timeout=timeout, what="%s to print /%s/" % (proc.name, pattern))
+    except ProcessDied:
+        raise
+    except AssertionError as e:
+        raise AssertionError("%s\n%s" % (e, proc.tail())) from None
+
+
+def alive_check(proc):
+    """A wait_for predicate wrapper that stops the wait if proc died."""
+    def wrap(pred):
+        def run():
+            if not proc.alive():
+                raise ProcessDied("%s exited with %s:\n%s" % (proc.name, proc.popen.poll(),
+                                                               proc.tail()))
+            return pred()
+        return run
+    return wrap
+
+
+def make_tmpdir(prefix="tg-it-"):
+    return tempfile.mkdtemp(prefix=prefix)
+
+
+# --------------------------------------------------------------------------
+# the simulator
+
+class Sim:
+    """tollgate-sim on a free loopback port."""
+
+    def __init__(self, workdir=None, port=None, workers=1, ttft_ms=0, token_ms=0,
+                 max_num_seqs=None, default_tokens=None, models=DEFAULT_MODELS,
+                 extra_args=(), name=None):
+        self.workdir = workdir or make_tmpdir("tg-sim-")
+        self.port = port or free_port()
+        self.name = name or "sim-%d" % self.port
+        self.args = ["--listen", "127.0.0.1:%d" % self.port, "--workers", str(workers),
+                     "--ttft-ms", str(ttft_ms), "--token-ms", str(token_ms)]
+        if max_num_seqs is not None:
+            self.args += ["--max-num-seqs", str(max_num_seqs)]
+        if default_tokens is not None:
+            self.args += ["--default-tokens", str(default_tokens)]
+        if models:
+            self.args += ["--models", ",".join(models)]
+        self.args += list(extra_args)
+        self.proc = None
+
+    @property
+    def url(self):
+        return "http://127.0.0.1:%d" % self.port
+
+    def start(self, timeout=15.0):
+        self.proc = Proc(self.name, [binary("tollgate-sim")] + self.args, self.workdir)
+        _wait_line(self.proc, r"tollgate-sim listening on", timeout)
+        wait_for(alive_check(self.proc)(
+            lambda: request(self.port, "GET", "/health", timeout=2).status == 200),
+            timeout=timeout, what="%s /health" % self.name)
+        return self
+
+    def metrics_text(self):
+        r = request(self.port, "GET", "/metrics", timeout=5)
+        assert r.status == 200, r
+        return r.body.decode()
+
+    def metrics(self):
+        return parse_metrics(self.metrics_text())
+
+    def metric(self, name, default=0.0):
+        """Sum of every sample of `name` (any labels) in the sim's /metrics."""
+        return metric_sum(self.metrics(), name, default)
+
+    def stop(self, timeout=15.0):
+        return self.proc.stop(timeout) if self.proc else 0
+
+    def kill(self):
+        if self.proc:
+            self.proc.kill()
+
+    @property
+    def pid(self):
+        return self.proc.pid
+
+
+def parse_metrics(text):
+    """Prometheus text format → {"name{labels}": value} (labels kept verbatim)."""
+    out = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        m = re.match(r"^([A-Za-z_:][A-Za-z0-9_:]*(?:\{[^}]*\})?)\s+(\S+)", line)
+        if not m:
+            continue
+        try:
+            out[m.group(1)] = float(m.group(2))
+        except ValueError:
+            pass
+    return out
+
+
+def metric_sum(metrics, name, default=0.0):
+    found = False
+    total = 0.0
+    for k, v in metrics.items():
+        base = k.split("{", 1)[0]
+        if base == name:
+            found = True
+            total += v
+    return total if found else default
+
+
+# --------------------------------------------------------------------------
+# the gateway
+
+def default_tenants(models=DEFAULT_MODELS):
+    """Two tenants with limits far above anything a test sends, so only the
+    behaviour under test decides the outcome. `acme` may use every model,
+    `small` only the first."""
+    def tenant(allowed, tier, prio):
+        return {
+            "tier": tier,
+            "models_allowed": list(allowed),
+            "rate_limits": {"requests_per_minute": 100000, "tokens_per_minute": 100000000,
+                            "concurrent_requests": 1000},
+            "budget": {"daily_limit_usd": 100000.0, "monthly_limit_usd": 1000000.0,
+                       "alert_threshold_percent": 80},
+            "priority": prio,
+        }
+    return {
+        "acme": tenant(models, "enterprise", "high"),
+        "small": tenant(models[:1], "free", "low"),
+    }
+
+
+def model_entry(urls, max_inflight=64, prompt="0.0005", completion="0.0015"):
+    return {
+        "endpoints": [{"url": u, "max_inflight": max_inflight} for u in urls],
+        "pricing": {"prompt_per_1k_usd": prompt, "completion_per_1k_usd": completion},
+    }
+
+
+class Gateway:
+    """`tollgate serve` with a config built from Python values.
+
+    models: {name: [endpoint urls]} or {name: full model dict}; tenants: the
+    tenants map (default_tenants() when None); overrides: top-level keys that
+    replace the defaults (timeouts are merged key by key)."""
+
+    def __init__(self, models, tenants=None, workdir=None, workers=2, overrides=None):
+        self.workdir = workdir or make_tmpdir("tg-gw-")
+        self.port = free_port()
+        self.admin_port = free_port()
+        while self.admin_port == self.port:
+            self.admin_port = free_port()
+        self.data_dir = os.path.join(self.workdir, "data")
+        self.access_log = os.path.join(self.workdir, "access.log")
+        os.makedirs(self.data_dir, exist_ok=True)
+        mcfg = {}
+        for name, v in models.items():
+            mcfg[name] = model_entry(v) if isinstance(v, (list, tuple)) else v
+        cfg = {
+            "listen": "127.0.0.1:%d" % self.port,
+            "admin_listen": "127.0.0.1:%d" % self.admin_port,
+            "workers": workers,
+            "data_dir": self.data_dir,
+            "access_log": self.access_log,
+            "max_body_bytes": 65536,
+            "max_header_bytes": 8192,
+            "health_check_interval": "1s",
+            "forward_headers": ["x-sim-fault", "x-sim-ttft-ms", "x-sim-token-ms"],
+            "timeouts": {
+                "client_request": "2s", "client_keepalive": "5s", "upstream_connect": "1s",
+                "upstream_first_byte": "5s", "upstream_idle": "3s", "drain": "10s",
+            },
+            "tenants": tenants if tenants is not None else default_tenants(tuple(models)),
+            "models": mcfg,
+        }
+        for k, v in (overrides or {}).items():
+            if k == "timeouts" and isinstance(v, dict):
+                cfg["timeouts"].update(v)
+            elif v is None:
+                cfg.pop(k, None)
+            else:
+                cfg[k] = v
+        self.config = cfg
+        self.config_path = os.path.join(self.workdir, "tollgate.yaml")
+        self.write_config()
+        self.proc = None
+        self.checked_exit = False  # set by tests that assert the exit themselves
+
+    def write_config(self):
+        with open(self.config_path, "w") as f:
+            f.write(to_yaml(self.config))
+
+    @property
+    def base(self):
+        return "http://127.0.0.1:%d" % self.port
+
+    @property
+    def pid(self):
+        return self.proc.pid
+
+    def start(self, timeout=20.0, ready=True):
+        self.proc = Proc("tollgate-%d" % self.port,
+                         [binary("tollgate"), "serve", "--config", self.config_path],
+                         self.workdir)
+        _wait_line(self.proc, r"tollgate: serving on", timeout)
+        live = alive_check(self.proc)
+        wait_for(live(lambda: admin(self, "/healthz", timeout=2).status == 200),
+                 timeout=timeout, what="gateway /healthz")
+        if ready:
+            wait_for(live(lambda: admin(self, "/readyz", timeout=2).status == 200),
+                     timeout=timeout, what="gateway /readyz 200")
+        return self
+
+    def cli(self, *args, check=True, timeout=30):
+        """Runs `tollgate <args> --config FILE`; returns CompletedProcess."""
+        argv = [binary("tollgate")] + list(args[:2]) + ["--config", self.config_path] + list(args[2:])
+        env = dict(os.environ)
+        env.update(SAN_ENV)
+        cp = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                            timeout=timeout, env=env, cwd=self.workdir)
+        if check and cp.returncode != 0:
+            raise AssertionError("%s exited %d\nstdout: %s\nstderr: %s" % (
+                " ".join(argv), cp.returncode, cp.stdout, cp.stderr))
+        return cp
+
+    def create_key(self, tenant, models=None, expires=None, name=None, wait=True):
+        """Creates a key with the CLI; returns the key text (tg-<id>-<secret>).
+        With wait (and the gateway running) returns once the gateway accepts
+        the key (GET /v1/models no longer 401), at most 3 s later."""
+        args = ["keys", "create", "--tenant", tenant]
+        if models:
+            args += ["--models", ",".join(models)]
+        if expires:
+            args += ["--expires", expires]
+        if name:
+            args += ["--name", name]
+        cp = self.cli(*args)
+        key = cp.stdout.strip()
+        assert re.match(r"^tg-[0-9a-f]{12}-\S+$", key), "unexpected key output %r" % cp.stdout
+        if wait and self.proc is not None and self.proc.alive():
+            wait_for(lambda: request(self.port, "GET", "/v1/models", key=key,
+                                     timeout=3).status != 401,
+                     timeout=3.0, what="the gateway to accept a new key")
+        return key
+
+    def revoke_key(self, key_or_id):
+        return self.cli("keys", "revoke", key_id(key_or_id))
+
+    def list_keys(self):
+        """Rows of `keys list --json` (JSON lines, or one JSON array)."""
+        cp = self.cli("keys", "list", "--json")
+        text = cp.stdout.strip()
+        if text.startswith("["):
+            return json.loads(text)
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+    def access_log_entries(self):
+        try:
+            with open(self.access_log) as f:
+                lines = f.read().splitlines()
+        except OSError:
+            return []
+        return [json.loads(line) for line in lines if line.strip()]
+
+    def access_entry(self, request_id, timeout=3.0):
+        """The access-log record of request_id, waiting for it to be written."""
+        def find():
+            for e in self.access_log_entries():
+                if e.get("request_id") == request_id:
+                    return e
+            return None
+        return wait_for(find, timeout=timeout, what="access log entry %s" % request_id)
+
+    def rss_kb(self):
+        return rss_kb(self.proc.pid)
+
+    def stop(self, timeout=20.0):
+        """SIGTERM and wait; returns the exit code (0 expected)."""
+        return self.proc.stop(timeout) if self.proc else 0
+
+    def kill(self):
+        if self.proc:
+            self.proc.kill()
+
+
+def key_id(key):
+    """The 12-hex-character id inside tg-<id>-<secret> (or the id itself)."""
+    m = re.match(r"^tg-([0-9a-f]{12})-", key)
+    return m.group(1) if m else key
+
+
+# --------------------------------------------------------------------------
+# HTTP helpers (http.client)
+
+class Resp:
+    def __init__(self, status, reason, headers, body):
+        self.status = status
+        self.reason = reason
+        self.header_list = headers           # [(name lower, value)]
+        self.headers = {}
+        for k, v in headers:
+            self.headers.setdefault(k, v)
+        self.body = body
+
+    def header(self, name, default=None):
+        return self.headers.get(name.lower(), default)
+
+    def json(self):
+        return json.loads(self.body)
+
+    def error(self):
+        """The body's "error" object, checking the envelope's shape."""
+        doc = self.json()
+        assert isinstance(doc, dict) and isinstance(doc.get("error"), dict), doc
+        err = doc["error"]
+        for field in ("message", "type", "code"):
+            assert isinstance(err.get(field), str), "error.%s missing in %r" % (field, doc)
+        return err
+
+    def __repr__(self):
+        return "<Resp %s %s %r>" % (self.status, self.headers, self.body[:300])
+
+
+def auth_headers(key):
+    return {"Authorization": "Bearer %s" % key} if key else {}
+
+
+def request(port, method, path, body=None, headers=None, key=None, timeout=10.0):
+    """One request on a fresh connection. body: dict/list → JSON, str/bytes raw."""
+    h = {}
+    h.update(auth_headers(key))
+    if isinstance(body, (dict, list)):
+        body = json.dumps(body).encode()
+        h["Content-Type"] = "application/json"
+    elif isinstance(body, str):
+        body = body.encode()
+    h.update(headers or {})
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request(method, path, body=body, headers=h)
+        r = conn.getresponse()
+        data = r.read()
+        return Resp(r.status, r.reason, [(k.lower(), v) for k, v in r.getheaders()], data)
+    finally:
+        conn.close()
+
+
+def admin(gw, path, timeout=5.0):
+    return request(gw.admin_port, "GET", path, timeout=timeout)
+
+
+def chat_body(model="llama-3.1-8b", max_tokens=None, stream=False, content="Hello there",
+              include_usage=None, **extra):
+    b = {"model": model, "messages": [{"role": "user", "content": content}]}
+    if max_tokens is not None:
+        b["max_tokens"] = max_tokens
+    if stream:
+        b["stream"] = True
+    if include_usage is not None:
+        b["stream_options"] = {"include_usage": include_usage}
+    b.update(extra)
+    return b
+
+
+def chat(port, key, model="llama-3.1-8b", max_tokens=None, headers=None, timeout=15.0, **kw):
+    return request(port, "POST", "/v1/chat/completions",
+                   body=chat_body(model, max_tokens, **kw), headers=headers, key=key,
+                   timeout=timeout)
+
+
+# --------------------------------------------------------------------------
+# raw sockets: pipelining, slow readers, partial requests, timed streams
+
+class RawConn:
+    """A client socket with an HTTP/1.1 response parser that hands the body
+    out incrementally (chunked or Content-Length or until close)."""
+
+    def __init__(self, port, rcvbuf=None, timeout=10.0):
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if rcvbuf:
+            # before connect, so the window is small from the handshake on
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.sock.settimeout(timeout)
+        self.sock.connect(("127.0.0.1", port))
+        self.buf = bytearray()  # received, not consumed from self.pos on
+        self.pos = 0
+        self.eof = False
+
+    def send(self, data):
+        if isinstance(data, str):
+            data = data.encode()
+        self.sock.sendall(data)
+
+    def close(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    def abort(self):
+        """Closes with RST (SO_LINGER 0), like a client that vanished."""
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        except OSError:
+            pass
+        self.close()
+
+    def _fill(self, timeout=None):
+        """Reads more bytes into buf; returns False at EOF (or reset)."""
+        if self.eof:
+            return False
+        if timeout is not None:
+            self.sock.settimeout(timeout)
+        try:
+            data = self.sock.recv(65536)
+        except ConnectionResetError:
+            data = b""
+        if not data:
+            self.eof = True
+            return False
+        if self.pos > 65536 and self.pos * 2 > len(self.buf):
+            del self.buf[:self.pos]
+            self.pos = 0
+        self.buf += data
+        return True
+
+    def _avail(self):
+        return len(self.buf) - self.pos
+
+    def _take(self, n):
+        out = bytes(self.buf[self.pos:self.pos + n])
+        self.pos += len(out)
+        return out
+
+    def _read_until(self, sep, limit=1 << 20):
+        scanned = 0  # bytes after self.pos known not to start a match
+        while True:
+            i = self.buf.find(sep, self.pos + scanned)
+            if i >= 0:
+                return self._take(i + len(sep) - self.pos)
+            scanned = max(0, self._avail() - len(sep) + 1)
+            if self._avail() > limit or not self._fill():  # _fill may move pos
+                return None
+
+    def _read_exact(self, n):
+        while self._avail() < n:
+            if not self._fill():
+                return None
+        return self._take(n)
+
+    def read_head(self):
+        """Parses status line and headers. Returns (status, reason, [(k, v)])
+        or None when the connection closed first."""
+        head = self._read_until(b"\r\n\r\n")
+        if head is None:
+            return None
+        lines = head.decode("latin-1").split("\r\n")
+        parts = lines[0].split(" ", 2)
+        status = int(parts[1])
+        reason = parts[2] if len(parts) > 2 else ""
+        hdrs = []
+        for line in lines[1:]:
+            if not line:
+                continue
+            k, _, v = line.partition(":")
+            hdrs.append((k.strip().lower(), v.strip()))
+        self._head = (status, reason, hdrs)
+        return self._head
+
+    def iter_body(self, hdrs, method="GET", status=200):
+        """Yields (monotonic time, bytes) pieces of the decoded body. Sets
+        self.complete to True when the body ended as framed (last chunk or
+        Content-Length reached), False when the connection closed early."""
+        self.complete = False
+        h = dict(hdrs)
+        if method == "HEAD" or status in (204, 304) or 100 <= status < 200:
+            self.complete = True
+            return
+        te = h.get("transfer-encoding", "").lower()
+        if "chunked" in te:
+            while True:
+                line = self._read_until(b"\r\n")
+                if line is None:
+                    return
+                size = int(line.split(b";")[0].strip(), 16)
+                if size == 0:
+                    # trailers until an empty line
+                    while True:
+                        t = self._read_until(b"\r\n")
+                        if t is None or t == b"\r\n":
+                            break
+                    self.complete = True
+                    return
+                data = self._read_exact(size)
+                if data is None:
+                    return
+                if self._read_exact(2) is None:
+                    return
+                yield time.monotonic(), data
+        elif "content-length" in h:
+            left = int(h["content-length"])
+            while left > 0:
+                if not self._avail() and not self._fill():
+                    return
+                piece = self._take(left)
+                left -= len(piece)
+                yield time.monotonic(), piece
+            self.complete = True
+        else:
+            while True:
+                if self._avail():
+                    piece = self._take(self._avail())
+                    yield time.monotonic(), piece
+                if not self._fill():
+                    self.complete = True
+                    return
+
+    def read_response(self, method="GET"):
+        """A whole response as Resp (None when the connection closed first)."""
+        head = self.read_head()
+        if head is None:
+            return None
+        status, reason, hdrs = head
+        body = b"".join(p for _, p in self.iter_body(hdrs, method, status))
+        r = Resp(status, reason, hdrs, body)
+        r.complete = self.complete
+        return r
+
+    def closed_by_peer(self, timeout=3.0):
+        """True when the peer closes the connection within timeout (any
+        leftover bytes are discarded)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if not self._fill(timeout=max(0.01, deadline - time.monotonic())):
+                    return True
+            except socket.timeout:
+                return False
+            self.buf = bytearray()
+            self.pos = 0
+        return False
+
+
+def http_request_bytes(method, path, body=b"", headers=None, key=None, host="127.0.0.1"):
+    """Serialises one HTTP/1.1 request (Content-Length framing)."""
+    if isinstance(body, (dict, list)):
+        body = json.dumps(body).encode()
+        headers = dict(headers or {})
+        headers.setdefault("Content-Type", "application/json")
+    elif isinstance(body, str):
+        body = body.encode()
+    lines = ["%s %s HTTP/1.1" % (method, path), "Host: %s" % host]
+    for k, v in auth_headers(key).items():
+        lines.append("%s: %s" % (k, v))
+    for k, v in (headers or {}).items():
+        lines.append("%s: %s" % (k, v))
+    if body or method in ("POST", "PUT"):
+        lines.append("Content-Length: %d" % len(body))
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+class Event:
+    def __init__(self, t, data):
+        self.t = t            # time.monotonic() when the event was complete
+        self.data = data      # the data: field (str)
+
+    def json(self):
+        return json.loads(self.data)
+
+    def __repr__(self):
+        return "<Event %.3f %s>" % (self.t, self.data[:120])
+
+
+class SSEStream:
+    """A streaming request read event by event over a raw socket.
+
+    After construction, .status/.headers hold the response head and .t0 the
+    time the request was sent. events() yields Event objects as they
+    arrive; once exhausted, .complete tells whether the HTTP body ended as
+    framed and .done whether a `data: [DONE]` event was seen."""
+
+    def __init__(self, port, body, key=None, headers=None, path="/v1/chat/completions",
+                 rcvbuf=None, timeout=15.0, read_head=True):
+        self.conn = RawConn(port, rcvbuf=rcvbuf, timeout=timeout)
+        self.t0 = time.monotonic()
+        self.conn.send(http_request_bytes("POST", path, body, headers=headers, key=key))
+        self.status = None
+        self.headers = {}
+        self.done = False
+        self.complete = False
+        self._raw = []
+        self.all_events = []
+        if read_head:
+            self.read_head()
+
+    def read_head(self):
+        head = self.conn.read_head()
+        assert head is not None, "connection closed before the response head"
+        self.status, self.reason, self.header_list = head
+        self.headers = dict(self.header_list)
+        self._body = self.conn.iter_body(self.header_list, "POST", self.status)
+        return head
+
+    def events(self):
+        pending = b""
+        for t, piece in self._body:
+            self._raw.append(piece)
+            pending += piece
+            pending = pending.replace(b"\r\n", b"\n")
+            if b"\n\n" not in pending:
+                continue
+            blocks = pending.split(b"\n\n")
+            pending = blocks.pop()
+            for block in blocks:
+                data_lines = []
+                for line in block.decode("utf-8", "replace").split("\n"):
+                    if line.startswith("data:"):
+                        v = line[5:]
+                        data_lines.append(v[1:] if v.startswith(" ") else v)
+                if not data_lines:
+                    continue
+                ev = Event(t, "\n".join(data_lines))
+                if ev.data == "[DONE]":
+                    self.done = True
+                self.all_events.append(ev)
+                yield ev
+        self.complete = self.conn.complete
+
+    def read_all(self):
+        return list(self.events())
+
+    def body_bytes(self):
+        """Reads what is left and returns the decoded body (for error replies)."""
+        for _ in self.events():
+            pass
+        return self.raw
+
+    @property
+    def raw(self):
+        """The decoded body bytes read so far."""
+        return b"".join(self._raw)
+
+    def close(self):
+        self.conn.close()
+
+    def abort(self):
+        self.conn.abort()
+
+
+def content_events(events):
+    """The chunk events with a non-empty choices list (what carries text)."""
+    out = []
+    for e in events:
+        if e.data == "[DONE]":
+            continue
+        doc = e.json()
+        if doc.get("choices"):
+            out.append(e)
+    return out
+
+
+def assembled_text(events):
+    parts = []
+    for e in content_events(events):
+        ch = e.json()["choices"][0]
+        delta = ch.get("delta") or {}
+        if delta.get("content"):
+            parts.append(delta["content"])
+        elif ch.get("text"):
+            parts.append(ch["text"])
+    return "".join(parts)
+
+
+def usage_events(events):
+    """Events whose JSON carries a usage object and no choices."""
+    out = []
+    for e in events:
+        if e.data == "[DONE]":
+            continue
+        doc = e.json()
+        if not doc.get("choices") and doc.get("usage"):
+            out.append(e)
+    return out
+
+
+def rmtree(path):
+    shutil.rmtree(path, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------
+# a scripted upstream for cases the simulator cannot express per endpoint
+
+class FakeUpstream:
+    """A tiny HTTP server on a free port answering every POST with a fixed
+    status and JSON body, and every GET with 200 (so health probes pass).
+    Counts the POSTs it received."""
+
+    def __init__(self, status=503, body=None):
+        import http.server
+
+        self.status = status
+        self.body = json.dumps(body if body is not None else {
+            "error": {"message": "fake upstream says %d" % status, "type": "server_error",
+                      "code": "fake"}}).encode()
+        self.posts = 0
+        self.gets = 0
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a):
+                pass
+
+            def _send(self, status, body):
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self):
+                outer.gets += 1
+                self._send(200, b'{"status":"ok","object":"list","data":[]}')
+
+            def do_POST(self):
+                n = int(self.headers.get("Content-Length") or 0)
+                if n:
+                    self.rfile.read(n)
+                outer.posts += 1
+                self._send(outer.status, outer.body)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self):
+        return "http://127.0.0.1:%d" % self.port
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+# Names of the simulator's /metrics counters the tests read.
+SIM_ABORTED = "sim_requests_aborted_total"
+SIM_GEN_TOKENS = "sim_generation_tokens_total"
+SIM_RUNNING = "sim_requests_running"
+SIM_WAITING = "sim_requests_waiting"
+SIM_REQUESTS = "sim_requests_total"
+SIM_COMPLETED = "sim_requests_completed_total"
+SIM_FAULTED = "sim_requests_faulted_total"
