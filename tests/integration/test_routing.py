@@ -6,6 +6,8 @@ stream."""
 
 import time
 
+import pytest
+
 import tgtest
 from tgtest import SSEStream, chat, chat_body, closed_port
 
@@ -42,8 +44,9 @@ def test_retry_on_refused_connection(tg):
         assert gw.access_entry(rid)["endpoint"] == sim.url
 
 
-def test_retry_on_upstream_503(tg):
-    fake = tgtest.FakeUpstream(503)
+@pytest.mark.parametrize("status", [502, 503, 504])
+def test_retry_on_upstream_gateway_errors(tg, status):
+    fake = tgtest.FakeUpstream(status)
     try:
         sim = tg.sim()
         gw = tg.gateway({M8B: [fake.url, sim.url]}, overrides={"health_check_interval": "60s"})
@@ -52,7 +55,14 @@ def test_retry_on_upstream_503(tg):
             r = chat(gw.port, key, M8B, max_tokens=2)
             assert r.status == 200, r
             assert r.json()["usage"]["completion_tokens"] == 2
+            assert gw.access_entry(r.header("x-request-id"))["endpoint"] == sim.url
         assert fake.posts >= 1, "the failing endpoint was never tried"
+        # streaming requests are retried the same way (nothing was relayed yet)
+        s = SSEStream(gw.port, chat_body(M8B, stream=True, max_tokens=3), key=key)
+        assert s.status == 200
+        s.read_all()
+        s.close()
+        assert s.done
     finally:
         fake.close()
 
