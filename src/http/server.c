@@ -931,13 +931,15 @@ void tg_http_server_drain(tg_http_server_t *srv) {
   srv->draining = 1;
   if (srv->listener_open && !uv_is_closing((uv_handle_t *)&srv->listener))
     uv_close((uv_handle_t *)&srv->listener, on_listener_closed);
+  /* Idle connections close now; the others finish the request they are in
+   * (keep-alive is off while draining) and close after its answer. */
   for (c = srv->conns; c != NULL; c = next) {
     next = c->next;
     if (c->active)
       c->req.keep_alive = 0;
-    else if (c->out_pending == 0 && !c->in_message)
+    else if (c->out_pending == 0 && !c->in_message && c->pend_len == 0)
       conn_close(c);
-    else
+    else if (!c->in_message && c->pend_len == 0)
       c->close_after = 1;
   }
 }

@@ -290,7 +290,27 @@ def tails(procs=None, n=40):
     return "\n".join(parts)
 
 
-atexit.register(kill_all)
+_TMPDIRS = []   # made by make_tmpdir(); removed at exit unless $TG_KEEP_TMP
+
+
+def _at_exit():
+    kill_all()
+    if not os.environ.get("TG_KEEP_TMP"):
+        for d in _TMPDIRS:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _on_sigterm(signum, frame):
+    # children run in their own sessions: a signal to our group misses them
+    _at_exit()
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
+atexit.register(_at_exit)
+if threading.current_thread() is threading.main_thread() and \
+        signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+    signal.signal(signal.SIGTERM, _on_sigterm)
 
 
 def _wait_line(proc, pattern, timeout):
@@ -324,7 +344,10 @@ def alive_check(proc):
 
 
 def make_tmpdir(prefix="tg-it-"):
-    return tempfile.mkdtemp(prefix=prefix)
+    """A fresh temp dir, removed at exit (kept when $TG_KEEP_TMP is set)."""
+    d = tempfile.mkdtemp(prefix=prefix)
+    _TMPDIRS.append(d)
+    return d
 
 
 # --------------------------------------------------------------------------
