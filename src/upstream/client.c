@@ -23,7 +23,10 @@ struct tg_upstream_s {
   uv_loop_t *loop;
   CURLM *multi;
   uv_timer_t timer;
+  /* Idle easy handles, each still set up for the URL it last fetched: a
+   * handle reused for the same URL needs only the per-request options. */
   CURL *free_easy[EASY_FREE_MAX];
+  char *free_url[EASY_FREE_MAX];
   int n_free;
   int closing;
   tg_xfer_t *xfers;          /* live transfers */
@@ -35,6 +38,7 @@ struct tg_xfer_s {
   tg_upstream_t *up;
   CURL *easy;
   struct curl_slist *headers;
+  char *url;                 /* the URL the easy handle is set up for */
   tg_xfer_cbs_t cbs;
   void *arg;
   tg_xfer_t *prev, *next;
@@ -65,14 +69,53 @@ static void xfer_free(tg_xfer_t *x) {
   tg_upstream_t *up = x->up;
   curl_multi_remove_handle(up->multi, x->easy);
   xfer_unlink(x);
-  if (up->n_free < EASY_FREE_MAX && !up->closing) {
-    curl_easy_reset(x->easy);
+  if (up->n_free < EASY_FREE_MAX && !up->closing && !x->failed) {
+    up->free_url[up->n_free] = x->url;
     up->free_easy[up->n_free++] = x->easy;
+    x->url = NULL;
   } else {
     curl_easy_cleanup(x->easy);
   }
+  free(x->url);
   curl_slist_free_all(x->headers);
   free(x);
+}
+
+/* Takes an idle handle set up for url, or any idle handle (reset), or a new
+ * one. *fresh tells whether the URL-level options must be set. */
+static CURL *easy_take(tg_upstream_t *up, const char *url, char **url_out, int *fresh) {
+  int i;
+  CURL *e;
+
+  for (i = up->n_free - 1; i >= 0; i--)
+    if (strcmp(up->free_url[i], url) == 0)
+      break;
+  if (i >= 0) {
+    e = up->free_easy[i];
+    *url_out = up->free_url[i];
+    up->free_easy[i] = up->free_easy[up->n_free - 1];
+    up->free_url[i] = up->free_url[up->n_free - 1];
+    up->n_free--;
+    *fresh = 0;
+    return e;
+  }
+  *fresh = 1;
+  *url_out = strdup(url);
+  if (*url_out == NULL)
+    return NULL;
+  if (up->n_free > 0) {
+    up->n_free--;
+    e = up->free_easy[up->n_free];
+    free(up->free_url[up->n_free]);
+    curl_easy_reset(e);
+    return e;
+  }
+  e = curl_easy_init();
+  if (e == NULL) {
+    free(*url_out);
+    *url_out = NULL;
+  }
+  return e;
 }
 
 /* ---- sockets ------------------------------------------------------------
@@ -233,6 +276,8 @@ static void check_done(tg_upstream_t *up) {
     if (x == NULL)
       continue;
     result = map_result(x, msg->data.result);
+    if (result != TG_XFER_OK)
+      x->failed = 1;
     snprintf(detail, sizeof(detail), "%s", curl_easy_strerror(msg->data.result));
     {
       tg_xfer_cbs_t cbs = x->cbs;
@@ -312,8 +357,10 @@ void tg_upstream_close(tg_upstream_t *up) {
   up->closing = 1;
   while (up->xfers)
     xfer_free(up->xfers);
-  for (i = 0; i < up->n_free; i++)
+  for (i = 0; i < up->n_free; i++) {
     curl_easy_cleanup(up->free_easy[i]);
+    free(up->free_url[i]);
+  }
   up->n_free = 0;
   /* Cleaning the multi closes cached connections through socket_cb. */
   curl_multi_cleanup(up->multi);
@@ -329,13 +376,14 @@ int tg_xfer_start(tg_upstream_t *up, const tg_xfer_opts_t *opts,
   tg_xfer_t *x;
   CURL *e;
   size_t i;
+  int fresh = 1;
 
   if (up->closing)
     return TG_ECANCELED;
   x = calloc(1, sizeof(*x));
   if (x == NULL)
     return TG_ENOMEM;
-  e = up->n_free > 0 ? up->free_easy[--up->n_free] : curl_easy_init();
+  e = easy_take(up, opts->url, &x->url, &fresh);
   if (e == NULL) {
     free(x);
     return TG_ENOMEM;
@@ -350,26 +398,29 @@ int tg_xfer_start(tg_upstream_t *up, const tg_xfer_opts_t *opts,
       goto fail;
     x->headers = n;
   }
-  curl_easy_setopt(e, CURLOPT_URL, opts->url);
-  curl_easy_setopt(e, CURLOPT_PRIVATE, x);
-  curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
-  curl_easy_setopt(e, CURLOPT_NOPROXY, "*");
-  curl_easy_setopt(e, CURLOPT_TCP_NODELAY, 1L);
-  curl_easy_setopt(e, CURLOPT_HTTP_VERSION, (long)CURL_HTTP_VERSION_1_1);
+  if (fresh) {
+    curl_easy_setopt(e, CURLOPT_URL, opts->url);
+    curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
+    curl_easy_setopt(e, CURLOPT_NOPROXY, "*");
+    curl_easy_setopt(e, CURLOPT_TCP_NODELAY, 1L);
+    curl_easy_setopt(e, CURLOPT_HTTP_VERSION, (long)CURL_HTTP_VERSION_1_1);
+    curl_easy_setopt(e, CURLOPT_CLOSESOCKETFUNCTION, closesocket_cb);
+    curl_easy_setopt(e, CURLOPT_CLOSESOCKETDATA, up);
+    curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, write_cb);
+    curl_easy_setopt(e, CURLOPT_HEADERFUNCTION, header_cb);
+  }
+  /* per request: everything that points at this transfer or its body */
   curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT_MS, (long)opts->connect_timeout_ms);
-  curl_easy_setopt(e, CURLOPT_CLOSESOCKETFUNCTION, closesocket_cb);
-  curl_easy_setopt(e, CURLOPT_CLOSESOCKETDATA, up);
-  curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, write_cb);
+  curl_easy_setopt(e, CURLOPT_PRIVATE, x);
   curl_easy_setopt(e, CURLOPT_WRITEDATA, x);
-  curl_easy_setopt(e, CURLOPT_HEADERFUNCTION, header_cb);
   curl_easy_setopt(e, CURLOPT_HEADERDATA, x);
   if (opts->body != NULL) {
-    curl_easy_setopt(e, CURLOPT_POST, 1L);
     curl_easy_setopt(e, CURLOPT_POSTFIELDS, opts->body);
     curl_easy_setopt(e, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)opts->body_len);
+  } else {
+    curl_easy_setopt(e, CURLOPT_HTTPGET, 1L);
   }
-  if (x->headers)
-    curl_easy_setopt(e, CURLOPT_HTTPHEADER, x->headers);
+  curl_easy_setopt(e, CURLOPT_HTTPHEADER, x->headers);
   x->next = up->xfers;
   if (up->xfers)
     up->xfers->prev = x;
@@ -383,11 +434,13 @@ int tg_xfer_start(tg_upstream_t *up, const tg_xfer_opts_t *opts,
 fail:
   curl_slist_free_all(x->headers);
   curl_easy_cleanup(e);
+  free(x->url);
   free(x);
   return TG_ENOMEM;
 }
 
 void tg_xfer_cancel(tg_xfer_t *x) {
+  x->failed = 1; /* stopped mid-way: do not keep its handle */
   xfer_free(x);
 }
 
