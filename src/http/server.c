@@ -92,6 +92,7 @@ struct tg_http_conn_s {
   unsigned begun : 1;          /* response head sent */
   unsigned above_high : 1;     /* pending crossed the high-water mark */
   unsigned http10 : 1;
+  unsigned abort_sent : 1;     /* on_abort delivered for the active request */
 };
 
 typedef struct {
@@ -146,6 +147,18 @@ const char *tg_http_reason(int status) {
   }
 }
 
+/* The client is gone: tell the handler of the active request, once. Never
+ * called from inside a handler's own write call (that call's result says
+ * it), so the handler is not re-entered. */
+static void conn_gone_notify(tg_http_conn_t *c) {
+  c->gone = 1;
+  if (c->active && !c->abort_sent) {
+    c->abort_sent = 1;
+    if (c->req.on_abort)
+      c->req.on_abort(&c->req);
+  }
+}
+
 /* ---- output ---------------------------------------------------------- */
 
 static void on_write(uv_write_t *w, int status) {
@@ -155,11 +168,8 @@ static void on_write(uv_write_t *w, int status) {
 
   c->out_pending -= wr->len;
   free(wr);
-  if (status < 0 && !c->gone) {
-    c->gone = 1;
-    if (c->active && c->req.on_abort)
-      c->req.on_abort(&c->req);
-  }
+  if (status < 0)
+    conn_gone_notify(c);
   if (c->closing)
     return;
   if (c->out_pending == 0 && (c->gone || (c->close_after && !c->active))) {
@@ -252,7 +262,7 @@ static void conn_reset_request(tg_http_conn_t *c) {
   c->in_field = 0;
   c->value_open = 0;
   c->reject = 0;
-  c->chunked = c->begun = c->above_high = 0;
+  c->chunked = c->begun = c->above_high = c->abort_sent = 0;
   memset(&c->req, 0, sizeof(c->req));
   c->req.conn = c;
   c->req.server = c->srv;
@@ -623,12 +633,11 @@ static void on_timer(uv_timer_t *t) {
     conn_reject(c, 408, "request_timeout", "request not received in time");
     return;
   case TIMER_SEND:
-    c->gone = 1;
     if (c->active) {
-      if (c->req.on_abort)
-        c->req.on_abort(&c->req);
+      conn_gone_notify(c);
       return;
     }
+    c->gone = 1;
     conn_close(c);
     return;
   case TIMER_KEEPALIVE:
@@ -699,12 +708,12 @@ static void conn_close(tg_http_conn_t *c) {
     return;
   if (c->active) {
     /* the handler still owns the request: close once it completes */
-    c->gone = 1;
     c->close_after = 1;
     if (c->reading) {
       uv_read_stop((uv_stream_t *)&c->tcp);
       c->reading = 0;
     }
+    conn_gone_notify(c);
     return;
   }
   c->closing = 1;
@@ -737,11 +746,7 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
     uv_read_stop(s);
     c->reading = 0;
     if (c->active) {
-      if (!c->gone) {
-        c->gone = 1;
-        if (c->req.on_abort)
-          c->req.on_abort(&c->req);
-      }
+      conn_gone_notify(c);
       return;
     }
     c->gone = 1;
@@ -957,11 +962,8 @@ void tg_http_server_close(tg_http_server_t *srv, void (*done)(void *arg), void *
     uv_close((uv_handle_t *)&srv->idle, on_listener_closed);
   for (c = srv->conns; c != NULL; c = next) {
     next = c->next;
-    if (c->active && !c->gone) {
-      c->gone = 1;
-      if (c->req.on_abort)
-        c->req.on_abort(&c->req);
-    }
+    if (c->active)
+      conn_gone_notify(c);
   }
   for (c = srv->conns; c != NULL; c = next) {
     next = c->next;

@@ -2,6 +2,7 @@
 chunked request bodies, and hostile or broken input that must never crash
 the process or disturb other connections."""
 
+import json
 import os
 import random
 import socket
@@ -80,7 +81,7 @@ def test_http10_request(stack):
 
 
 def test_chunked_request_body(stack):
-    body = tgtest.json.dumps(tgtest.chat_body(M8B, max_tokens=4)).encode()
+    body = json.dumps(tgtest.chat_body(M8B, max_tokens=4)).encode()
     c = RawConn(stack.port)
     c.send("POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
            "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n" % stack.key)

@@ -91,13 +91,17 @@ def test_stream_usage_chunk_stripped_when_declined(stack):
 
 def test_streaming_usage_is_logged(stack):
     # even when the client did not ask for usage, the gateway meters it
-    s = _stream(stack, max_tokens=6)
+    s = _stream(stack, max_tokens=6, headers={"x-sim-token-ms": "60"})
     s.read_all()
+    took_ms = (time.monotonic() - s.t0) * 1000
     s.close()
     e = stack.gw.access_entry(s.headers["x-request-id"])
     assert e["status"] == 200
+    assert e["model"] == M8B
     assert e["completion_tokens"] == 6
-    assert e["prompt_tokens"] > 0
+    assert e["prompt_tokens"] == chat(stack.sim.port, None, M8B).json()["usage"]["prompt_tokens"]
+    # the duration covers the whole stream (5 gaps of 60 ms), not just the head
+    assert 250 <= e["duration_ms"] <= took_ms + 50, (e["duration_ms"], took_ms)
 
 
 def test_legacy_completions_stream(stack):
@@ -140,8 +144,10 @@ def test_client_disconnect_cancels_upstream(stack):
     s.abort()
     tgtest.wait_for(lambda: stack.sim.metric(tgtest.SIM_ABORTED) >= aborted0 + 1, timeout=3.0,
                     what="sim aborted counter to rise")
-    # the backend stopped well before 200 tokens
-    assert stack.sim.metric(tgtest.SIM_RUNNING) == 0
+    # the backend's slot is free again, well before the 200 tokens (10 s)
+    tgtest.wait_for(lambda: stack.sim.metric(tgtest.SIM_RUNNING) == 0, timeout=2.0,
+                    what="the sim to release the cancelled sequence")
+    assert time.monotonic() - s.t0 < 5.0
     r = chat(stack.port, stack.key, M8B, max_tokens=3)
     assert r.status == 200 and r.json()["usage"]["completion_tokens"] == 3
 
