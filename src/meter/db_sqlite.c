@@ -37,6 +37,19 @@ static const migration_t migrations[] = {
    "  revoked_at INTEGER"
    ");"
    "CREATE INDEX api_keys_tenant ON api_keys(tenant);"},
+  {2,
+   /* Budget spend of the memory policy backend (src/policy/state_mem.c),
+    * per tenant and period ('day:2026-11-28', 'month:2026-11'), so a
+    * restart keeps what tenants have spent. alerted: the threshold event of
+    * that period was raised. */
+   "CREATE TABLE tenant_spend ("
+   "  tenant TEXT NOT NULL,"
+   "  period TEXT NOT NULL,"
+   "  spent_nano INTEGER NOT NULL,"
+   "  alerted INTEGER NOT NULL DEFAULT 0,"
+   "  updated_at INTEGER NOT NULL,"
+   "  PRIMARY KEY (tenant, period)"
+   ");"},
 };
 
 #define N_MIGRATIONS (sizeof(migrations) / sizeof(migrations[0]))

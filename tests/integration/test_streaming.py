@@ -188,11 +188,13 @@ def test_slow_client_pauses_upstream_with_bounded_memory(tg):
           % (gen1, gen2, total, rss0, rss1, rss2))
     # the backend was paused: nothing (or almost nothing) generated while
     # the client kept not reading, and far below the total
-    assert gen2 < total / 4, "backend produced %d of %d tokens" % (gen2, total)
+    assert gen2 < total / 10, "backend produced %d of %d tokens" % (gen2, total)
     assert gen2 - gen1 < 2000, "backend kept producing: %d then %d" % (gen1, gen2)
     # the gateway's memory did not follow the backend's output
-    assert rss2 - rss1 < 4096, "RSS grew %d KiB while the client did not read" % (rss2 - rss1)
-    assert rss2 - rss0 < 64 * 1024, "RSS grew %d KiB" % (rss2 - rss0)
+    # (what the kernel's socket buffers hold is not the gateway's RSS; the
+    # observed growth is ~1.5 MiB under ASan, ~0.7 MiB without)
+    assert rss2 - rss1 < 2048, "RSS grew %d KiB while the client did not read" % (rss2 - rss1)
+    assert rss2 - rss0 < 8192, "RSS grew %d KiB since before the request" % (rss2 - rss0)
     # reading resumes the stream
     s.read_head()
     assert s.status == 200
