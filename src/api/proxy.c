@@ -23,6 +23,7 @@
 #include "api/sse.h"
 #include "core/err.h"
 #include "obs/accesslog.h"
+#include "policy/state.h"
 
 #define RESP_MAX (16u * 1024 * 1024)   /* a non-streamed upstream answer */
 #define EVENT_MAX (1024u * 1024)       /* one SSE event */
@@ -67,6 +68,14 @@ struct tg_call_s {
 
   int64_t prompt_tokens, completion_tokens, events;
   int has_usage;
+
+  tg_admit_req_t admit;           /* what the policy was asked */
+  tg_admission_t admission;       /* its answer */
+  int64_t prompt_estimate;        /* from above: bytes of the prompt text */
+  int admitting;                  /* waiting for the policy's answer */
+  int admitted;                   /* holds a reservation to settle */
+  int abandoned;                  /* client left while admitting */
+  char rl_headers[512];           /* x-ratelimit-* for the answer */
 
   uint64_t t_start, t_first_byte;
   uint64_t deadline;
@@ -152,9 +161,35 @@ static void call_drop_attempt(tg_call_t *c) {
   /* c->ep stays for the log; the slot is what was given back */
 }
 
+/* Settles the reservation with what the call really used: the upstream's
+ * usage when it reported one; else, for an answer cut short, the prompt
+ * estimate and one token per relayed content event; else nothing. */
+static void call_settle(tg_call_t *c) {
+  int64_t pt = 0, ct = 0;
+  tg_nano_t cost;
+
+  if (!c->admitted)
+    return;
+  c->admitted = 0;
+  if (c->has_usage) {
+    pt = c->prompt_tokens;
+    ct = c->completion_tokens;
+  } else if (c->events > 0) {
+    pt = c->prompt_estimate;
+    ct = c->events;
+    c->prompt_tokens = pt;
+    c->completion_tokens = ct;
+  }
+  cost = tg_money_cost(pt, c->model->prompt_nano_per_token);
+  if (cost < INT64_MAX - tg_money_cost(ct, c->model->completion_nano_per_token))
+    cost += tg_money_cost(ct, c->model->completion_nano_per_token);
+  tg_policy_settle(c->w->policy, &c->admit, &c->admission, pt + ct, cost);
+}
+
 /* The single exit of a call: the request is complete when this returns. */
 static void call_finish(tg_call_t *c) {
   c->deadline_kind = DL_NONE;
+  call_settle(c);
   /* the request is complete: the server has already cleared its hooks */
   call_log(c);
   call_free(c);
@@ -263,7 +298,7 @@ static int resp_append(tg_call_t *c, const char *data, size_t len) {
 
 static int on_up_data(tg_xfer_t *x, const char *data, size_t len, void *arg) {
   tg_call_t *c = arg;
-  char hdr[96];
+  char hdr[640];
   int r;
 
   (void)x;
@@ -276,8 +311,8 @@ static int on_up_data(tg_xfer_t *x, const char *data, size_t len, void *arg) {
   if (c->relayed && tg_http_congested(c->req))
     return TG_XFER_PAUSE;
   if (!c->relayed) {
-    snprintf(hdr, sizeof(hdr), "x-request-id: %s\r\nCache-Control: no-cache\r\n",
-             c->request_id);
+    snprintf(hdr, sizeof(hdr), "x-request-id: %s\r\nCache-Control: no-cache\r\n%s",
+             c->request_id, c->rl_headers);
     if (tg_http_begin(c->req, 200, "text/event-stream", hdr) < 0)
       return -1;
     c->relayed = 1;
@@ -338,14 +373,15 @@ static int scan_usage(tg_call_t *c, const char *body, size_t len) {
 
 /* The upstream's whole non-streamed answer is in c->resp. */
 static void deliver_buffered(tg_call_t *c) {
-  char hdr[96];
+  char hdr[640];
 
   if (c->up_status == 200 && scan_usage(c, c->resp ? c->resp : "", c->resp_len) < 0) {
     call_error(c, 502, "server_error", "bad_upstream_response",
                "the upstream returned a response that is not valid JSON");
     return;
   }
-  snprintf(hdr, sizeof(hdr), "x-request-id: %s\r\n", c->request_id);
+  snprintf(hdr, sizeof(hdr), "x-request-id: %s\r\n%s", c->request_id,
+           c->up_status < 300 ? c->rl_headers : "");
   c->status = c->up_status;
   if (c->up_status >= 400)
     c->err_code = "upstream_status";
@@ -477,6 +513,14 @@ static void on_client_abort(tg_http_req_t *req) {
   tg_call_t *c = req->data;
   if (c == NULL)
     return;
+  if (c->admitting) {
+    /* the policy's answer is still coming: the call waits for it */
+    c->abandoned = 1;
+    c->status = 499;
+    c->err_code = "client_closed";
+    tg_http_abort(req);
+    return;
+  }
   call_drop_attempt(c);
   c->status = 499;
   c->err_code = "client_closed";
@@ -621,6 +665,61 @@ static int build_upstream_headers(tg_call_t *c) {
   return 0;
 }
 
+/* Bytes of prompt text in a content value: a string, an array of strings,
+ * of token ids (one each) or of parts with "text". Tokens never outnumber
+ * the bytes they were cut from, so this bounds the prompt from above. */
+static int64_t text_bytes(json_t *v) {
+  int64_t n = 0;
+  size_t i;
+  json_t *e;
+
+  if (json_is_string(v))
+    return (int64_t)json_string_length(v);
+  if (json_is_integer(v))
+    return 1;
+  if (json_is_object(v))
+    return text_bytes(json_object_get(v, "text"));
+  if (json_is_array(v))
+    json_array_foreach(v, i, e) {
+      if (json_is_array(e))
+        n += (int64_t)json_array_size(e); /* a list of token ids */
+      else
+        n += text_bytes(e);
+    }
+  return n;
+}
+
+/* The prompt estimate (from above) and the completion tokens to reserve. */
+static void estimate(tg_call_t *c, json_t *root) {
+  json_t *msgs = json_object_get(root, "messages"), *m, *mt;
+  int64_t est = 8, max_tokens = 0;
+  size_t i;
+
+  if (json_is_array(msgs)) {
+    json_array_foreach(msgs, i, m) {
+      /* a chat template adds a few tokens per message */
+      est += 8 + text_bytes(json_object_get(m, "content"));
+    }
+  }
+  est += text_bytes(json_object_get(root, "prompt"));
+  est += text_bytes(json_object_get(root, "input"));
+  c->prompt_estimate = est;
+
+  if (strcmp(c->path, "/v1/embeddings") != 0 && c->model->kind != TG_MODEL_EMBEDDING) {
+    mt = json_object_get(root, "max_completion_tokens");
+    if (!json_is_integer(mt))
+      mt = json_object_get(root, "max_tokens");
+    max_tokens = json_is_integer(mt) && json_integer_value(mt) > 0 ? json_integer_value(mt)
+                                                                     : c->model->max_tokens;
+  }
+  c->admit.reserve.tokens = est + max_tokens;
+  c->admit.reserve.cost = tg_money_cost(est, c->model->prompt_nano_per_token);
+  if (c->admit.reserve.cost < INT64_MAX - tg_money_cost(max_tokens, c->model->completion_nano_per_token))
+    c->admit.reserve.cost += tg_money_cost(max_tokens, c->model->completion_nano_per_token);
+  else
+    c->admit.reserve.cost = INT64_MAX;
+}
+
 /* Reads what policy needs from the body and asks the upstream for usage on
  * streams. Returns 0, or refuses the request (finishing the call) and
  * returns -1. */
@@ -655,6 +754,7 @@ static int parse_body(tg_call_t *c, const tg_key_rec_t *rec) {
     goto out;
   }
   c->pool = tg_runtime_pool(c->rt, c->model);
+  estimate(c, root);
   stream = json_object_get(root, "stream");
   c->stream = json_is_true(stream);
   c->body = req->body;
@@ -689,6 +789,114 @@ static const char *upstream_path(const char *path) {
   if (strcmp(path, "/v1/completions") == 0) return "/v1/completions";
   if (strcmp(path, "/v1/embeddings") == 0) return "/v1/embeddings";
   return NULL;
+}
+
+/* "850ms", "12s", "2m5s": how long until a limit frees up, in the form the
+ * OpenAI API uses in x-ratelimit-reset-*. */
+static void fmt_reset(char *buf, size_t size, int64_t ms) {
+  int64_t s;
+  if (ms < 0)
+    ms = 0;
+  if (ms < 1000) {
+    snprintf(buf, size, "%lldms", (long long)ms);
+    return;
+  }
+  s = (ms + 999) / 1000;
+  if (s < 60)
+    snprintf(buf, size, "%llds", (long long)s);
+  else
+    snprintf(buf, size, "%lldm%llds", (long long)(s / 60), (long long)(s % 60));
+}
+
+static void format_rl_headers(tg_call_t *c) {
+  const tg_verdict_t *v = &c->admission.v;
+  char rr[32], rt[32];
+  size_t n = 0;
+  int k;
+
+  c->rl_headers[0] = '\0';
+  if (v->limit_requests >= 0) {
+    fmt_reset(rr, sizeof(rr), v->reset_requests_ms);
+    k = snprintf(c->rl_headers, sizeof(c->rl_headers),
+                 "x-ratelimit-limit-requests: %lld\r\nx-ratelimit-remaining-requests: %lld\r\n"
+                 "x-ratelimit-reset-requests: %s\r\n",
+                 (long long)v->limit_requests, (long long)v->remaining_requests, rr);
+    n = k > 0 ? (size_t)k : 0;
+  }
+  if (v->limit_tokens >= 0 && n < sizeof(c->rl_headers)) {
+    fmt_reset(rt, sizeof(rt), v->reset_tokens_ms);
+    snprintf(c->rl_headers + n, sizeof(c->rl_headers) - n,
+             "x-ratelimit-limit-tokens: %lld\r\nx-ratelimit-remaining-tokens: %lld\r\n"
+             "x-ratelimit-reset-tokens: %s\r\n",
+             (long long)v->limit_tokens, (long long)v->remaining_tokens, rt);
+  }
+}
+
+static void refuse_by_policy(tg_call_t *c) {
+  const tg_verdict_t *v = &c->admission.v;
+  int64_t secs = (v->retry_after_ms + 999) / 1000;
+  char extra[96];
+  int status = 429;
+  const char *type = "rate_limit_error", *what;
+
+  if (secs < 1)
+    secs = 1;
+  snprintf(extra, sizeof(extra), "Retry-After: %lld\r\n", (long long)secs);
+  switch (v->refused) {
+  case TG_LIMIT_GLOBAL: what = "the gateway's global request rate"; break;
+  case TG_LIMIT_CONCURRENCY: what = "concurrent requests"; break;
+  case TG_LIMIT_REQUESTS: what = "requests per minute"; break;
+  case TG_LIMIT_TOKENS: what = "tokens per minute"; break;
+  case TG_LIMIT_DAILY_BUDGET: what = "the daily budget"; status = 402; break;
+  case TG_LIMIT_MONTHLY_BUDGET: what = "the monthly budget"; status = 402; break;
+  default: what = "the limit state (unavailable)"; status = 503; break;
+  }
+  if (status == 402)
+    type = "insufficient_quota";
+  else if (status == 503)
+    type = "server_error";
+  c->status = status;
+  c->err_code = status == 503 ? "state_unavailable" : tg_limit_detail(v->refused);
+  tg_api_error(c->req, status, type, c->err_code, c->request_id, extra,
+               "limit reached for tenant '%s': %s (%s); retry after %llds", c->tenant->name,
+               what, tg_limit_detail(v->refused), (long long)secs);
+  call_finish(c);
+}
+
+static void on_admitted(void *arg, const tg_admission_t *a) {
+  tg_call_t *c = arg;
+
+  c->admitting = 0;
+  c->admission = *a;
+  c->admitted = a->v.refused == TG_LIMIT_NONE;
+  if (c->abandoned) {
+    call_finish(c); /* settles nothing used; gives the lease back */
+    return;
+  }
+  if (!c->admitted) {
+    refuse_by_policy(c);
+    return;
+  }
+  format_rl_headers(c);
+  start_dispatch(c);
+}
+
+static void admit(tg_call_t *c) {
+  const tg_tenant_cfg_t *t = c->tenant;
+
+  c->admit.tenant = t->name;
+  c->admit.limits.rpm = t->requests_per_minute;
+  c->admit.limits.tpm = t->tokens_per_minute;
+  c->admit.limits.concurrency = t->concurrent_requests;
+  c->admit.limits.day_limit = t->daily_limit_nano;
+  c->admit.limits.month_limit = t->monthly_limit_nano;
+  c->admit.limits.alert_pct = t->alert_threshold_percent;
+  c->admit.global_rps = c->rt->cfg->global_requests_per_second;
+  c->admitting = 1;
+  if (tg_policy_admit(c->w->policy, &c->admit, on_admitted, c) < 0) {
+    c->admitting = 0;
+    call_error(c, 500, "server_error", "internal_error", "out of memory");
+  }
 }
 
 void tg_api_reject(tg_http_server_t *srv, int status, const char *code, char *hdrs,
@@ -753,5 +961,5 @@ void tg_api_handle(tg_http_req_t *req) {
   req->data = c;
   req->on_abort = on_client_abort;
   req->on_drain = on_client_drain;
-  start_dispatch(c);
+  admit(c);
 }

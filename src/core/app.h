@@ -15,6 +15,7 @@
 
 #include "auth/key.h"
 #include "auth/keystore.h"
+#include "policy/state.h"
 #include "config/config.h"
 #include "http/server.h"
 #include "upstream/client.h"
@@ -38,6 +39,7 @@ typedef struct tg_worker_s {
   uv_timer_t tick;           /* upstream first-byte and idle deadlines */
   tg_http_server_t *http;
   tg_upstream_t *up;
+  tg_policy_loop_t *policy;
   tg_runtime_t *rt;
   uint64_t rt_gen;
   tg_keyset_t *keys;
@@ -53,6 +55,7 @@ struct tg_app_s {
   tg_runtime_t *rt;
   atomic_uint_fast64_t rt_gen;
   tg_keywatch_t *keywatch;
+  tg_policy_t *policy;
   int log_fd;                /* access log, or -1 */
   char id_prefix[9];         /* random per process: request ids stay unique */
   tg_worker_t *workers;

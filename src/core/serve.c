@@ -129,6 +129,10 @@ static void worker_close(tg_worker_t *w) {
     tg_upstream_close(w->up);
     w->up = NULL;
   }
+  if (w->policy) {
+    tg_policy_loop_close(w->policy);
+    w->policy = NULL;
+  }
   uv_close((uv_handle_t *)&w->tick, on_worker_handle_closed);
   uv_close((uv_handle_t *)&w->async, on_worker_handle_closed);
 }
@@ -200,6 +204,8 @@ static int worker_init(tg_app_t *app, tg_worker_t *w, int id, int admin) {
   tg_http_server_on_reject(w->http, tg_api_reject);
   if (!admin && (r = tg_upstream_init(&w->up, &w->loop)) < 0)
     return r;
+  if (!admin && (r = tg_policy_loop_new(app->policy, &w->loop, &w->policy)) < 0)
+    return r;
   uv_timer_init(&w->loop, &w->tick);
   w->tick.data = w;
   uv_timer_start(&w->tick, on_worker_tick, TICK_MS, TICK_MS);
@@ -251,6 +257,9 @@ typedef struct {
   tg_app_t *app;
   uv_signal_t sigterm, sigint, sighup;
   uv_timer_t drain_timer, watch;
+  uv_fs_event_t cfg_event;   /* the config file's directory */
+  uv_timer_t cfg_debounce;   /* editors write in several steps */
+  int cfg_watching;
   int stopping;
 } main_ctx_t;
 
@@ -282,7 +291,48 @@ static void on_watch(uv_timer_t *t) {
     uv_close((uv_handle_t *)&m->sighup, NULL);
     uv_close((uv_handle_t *)&m->drain_timer, NULL);
     uv_close((uv_handle_t *)&m->watch, NULL);
+    uv_close((uv_handle_t *)&m->cfg_event, NULL);
+    uv_close((uv_handle_t *)&m->cfg_debounce, NULL);
   }
+}
+
+static void on_cfg_settled(uv_timer_t *t) {
+  main_ctx_t *m = t->data;
+  if (!m->stopping)
+    reload(m->app);
+}
+
+/* A file in the config's directory changed: reload once things settle. The
+ * directory is watched, not the file, because editors replace files by
+ * renaming, which ends a watch on the file itself. */
+static void on_cfg_event(uv_fs_event_t *h, const char *filename, int events, int status) {
+  main_ctx_t *m = h->data;
+  (void)events;
+  if (status < 0 || filename == NULL ||
+      (strstr(filename, ".yaml") == NULL && strstr(filename, ".yml") == NULL))
+    return;
+  uv_timer_start(&m->cfg_debounce, on_cfg_settled, 300, 0);
+}
+
+static void watch_config(main_ctx_t *m, uv_loop_t *loop, const char *path) {
+  char dir[4096];
+  const char *slash = strrchr(path, '/');
+  size_t n = slash ? (size_t)(slash - path) : 0;
+
+  if (n == 0) {
+    memcpy(dir, slash ? "/" : ".", 2);
+  } else {
+    if (n >= sizeof(dir))
+      return;
+    memcpy(dir, path, n);
+    dir[n] = '\0';
+  }
+  uv_timer_init(loop, &m->cfg_debounce);
+  m->cfg_debounce.data = m;
+  uv_fs_event_init(loop, &m->cfg_event);
+  m->cfg_event.data = m;
+  if (uv_fs_event_start(&m->cfg_event, on_cfg_event, dir, 0) == 0)
+    m->cfg_watching = 1;
 }
 
 static void on_signal(uv_signal_t *s, int signum) {
@@ -360,6 +410,10 @@ int tg_cmd_serve(int argc, char **argv) {
     tg_config_unref(cfg);
     goto out;
   }
+  if (tg_policy_new(cfg, &app.policy) < 0) {
+    tg_config_unref(cfg);
+    goto out;
+  }
   if (tg_runtime_new(cfg, &app.rt) < 0)
     goto out;
   atomic_store(&app.rt_gen, 1);
@@ -390,6 +444,7 @@ int tg_cmd_serve(int argc, char **argv) {
   uv_signal_start(&m.sigterm, on_signal, SIGTERM);
   uv_signal_start(&m.sigint, on_signal, SIGINT);
   uv_signal_start(&m.sighup, on_signal, SIGHUP);
+  watch_config(&m, main_loop, app.config_path);
 
   for (i = 0; i < app.n_workers; i++)
     uv_thread_create(&app.workers[i].thread, worker_main, &app.workers[i]);
@@ -426,6 +481,7 @@ out:
   if (app.keywatch)
     tg_keywatch_stop(app.keywatch);
   tg_runtime_unref(app.rt);
+  tg_policy_free(app.policy);
   if (app.log_fd > STDERR_FILENO)
     close(app.log_fd);
   free(app.config_path);

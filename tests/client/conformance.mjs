@@ -10,6 +10,7 @@
 //   TG_BASE_URL    gateway API base, e.g. http://127.0.0.1:8080/v1
 //   TG_KEY         key of a tenant allowed every model below
 //   TG_SMALL_KEY   key of a tenant allowed TG_MODEL only
+//   TG_LIMITED_KEY key of a tenant allowed TG_MODEL with requests_per_minute 1
 //   TG_SIM_URL     the simulator behind the gateway (for reference usage)
 //   TG_MODEL, TG_DENIED_MODEL, TG_EMBED_MODEL   model names (defaults below)
 //
@@ -30,6 +31,7 @@ const env = (name, def) => {
 const baseURL = env('TG_BASE_URL');
 const key = env('TG_KEY');
 const smallKey = env('TG_SMALL_KEY');
+const limitedKey = env('TG_LIMITED_KEY');
 const simURL = env('TG_SIM_URL');
 const MODEL = env('TG_MODEL', 'llama-3.1-8b');
 const DENIED = env('TG_DENIED_MODEL', 'llama-3.1-70b');
@@ -37,6 +39,7 @@ const EMBED = env('TG_EMBED_MODEL', 'nomic-embed-text');
 
 const client = new OpenAI({ apiKey: key, baseURL, maxRetries: 0, timeout: 20000 });
 const small = new OpenAI({ apiKey: smallKey, baseURL, maxRetries: 0, timeout: 20000 });
+const limited = new OpenAI({ apiKey: limitedKey, baseURL, maxRetries: 0, timeout: 20000 });
 
 const MESSAGES = [{ role: 'user', content: 'Say something about gateways.' }];
 
@@ -87,6 +90,13 @@ async function expectError(fn, cls, status, type, code) {
   ok(err.message.includes(err.error.message), `client message "${err.message}" lacks ours`);
   ok(typeof err.requestID === 'string' && err.requestID.length > 0, 'no x-request-id');
   return err;
+}
+
+// A header of an APIError (a Headers object, or a plain one in older clients).
+function headerOf(headers, name) {
+  if (!headers) return undefined;
+  if (typeof headers.get === 'function') return headers.get(name) ?? undefined;
+  return headers[name] ?? headers[name.toLowerCase()];
 }
 
 const checks = [];
@@ -230,9 +240,30 @@ check('404 NotFoundError for an unknown model', async () => {
     OpenAI.NotFoundError, 404, 'invalid_request_error', 'model_not_found');
 });
 
-check('429 RateLimitError', async () => {
-  // Until the gateway's own limits exist, the 429 comes from the backend via
-  // the forwarded x-sim-fault header; the gateway relays it unchanged.
+check("429 RateLimitError: the tenant's own requests_per_minute", async () => {
+  // the tenant may send one request a minute: the gateway refuses the second
+  const { data, response } = await limited.chat.completions
+    .create({ model: MODEL, messages: MESSAGES, max_tokens: 1 })
+    .withResponse();
+  eq(data.usage.completion_tokens, 1, 'first request admitted');
+  eq(response.headers.get('x-ratelimit-limit-requests'), '1', 'x-ratelimit-limit-requests');
+  eq(response.headers.get('x-ratelimit-remaining-requests'), '0', 'x-ratelimit-remaining-requests');
+  const err = await expectError(
+    () => limited.chat.completions.create({ model: MODEL, messages: MESSAGES, max_tokens: 1 }),
+    OpenAI.RateLimitError, 429, 'rate_limit_error', 'requests');
+  const ra = headerOf(err.headers, 'retry-after');
+  ok(/^[0-9]+$/.test(ra ?? '') && Number(ra) >= 1 && Number(ra) <= 60,
+    `Retry-After ${ra} is not whole seconds in 1..60`);
+  ok(/requests?[ _-]?per[ _-]?minute/i.test(err.error.message),
+    `message does not name the limit: ${err.error.message}`);
+  // streaming is refused the same way, before any chunk
+  await expectError(
+    () => limited.chat.completions.create({ model: MODEL, messages: MESSAGES, stream: true }),
+    OpenAI.RateLimitError, 429, 'rate_limit_error', 'requests');
+});
+
+check('429 RateLimitError relayed from the backend', async () => {
+  // a backend's own 429 (x-sim-fault forwarded) reaches the client unchanged
   const err = await expectError(
     () => client.chat.completions.create({ model: MODEL, messages: MESSAGES },
       { headers: { 'x-sim-fault': 'status:429' } }),

@@ -24,13 +24,17 @@ def test_openai_node_client(tmp_path):
     sim = gw = None
     try:
         sim = tgtest.Sim(workdir=str(tmp_path)).start()
-        gw = tgtest.Gateway({m: [sim.url] for m in tgtest.DEFAULT_MODELS},
+        tenants = tgtest.default_tenants()
+        # the gateway's own 429: one request a minute
+        tenants["limited"] = tgtest.limited_tenant(models=(m8b,), rpm=1)
+        gw = tgtest.Gateway({m: [sim.url] for m in tgtest.DEFAULT_MODELS}, tenants=tenants,
                             workdir=str(tmp_path)).start()
         env = dict(os.environ)
         env.update({
             "TG_BASE_URL": gw.base + "/v1",
             "TG_KEY": gw.create_key("acme"),
             "TG_SMALL_KEY": gw.create_key("small"),
+            "TG_LIMITED_KEY": gw.create_key("limited"),
             "TG_SIM_URL": sim.url,
             "TG_MODEL": m8b, "TG_DENIED_MODEL": m70b, "TG_EMBED_MODEL": embed,
         })

@@ -1083,3 +1083,328 @@ SIM_WAITING = "sim_requests_waiting"
 SIM_REQUESTS = "sim_requests_total"
 SIM_COMPLETED = "sim_requests_completed_total"
 SIM_FAULTED = "sim_requests_faulted_total"
+
+
+# --------------------------------------------------------------------------
+# Redis, for the shared policy state (state: redis://...)
+
+class RedisError(Exception):
+    """An error reply (-ERR ...) from Redis."""
+
+
+class Redis:
+    """/usr/bin/redis-server on a free loopback port with persistence off
+    (`--save '' --appendonly no`, files in its own temp dir). stop() and
+    start() again keep the same port, so a gateway configured with url()
+    sees the same server go away and come back. cmd() speaks RESP over a
+    fresh socket per call, enough to inspect keys from a test."""
+
+    SERVER = "/usr/bin/redis-server"
+
+    def __init__(self, workdir=None, port=None, name=None):
+        self.workdir = workdir or make_tmpdir("tg-redis-")
+        self.port = port or free_port()
+        self.name = name or "redis-%d" % self.port
+        self.proc = None
+        self.starts = 0
+
+    def url(self, db=0):
+        return "redis://127.0.0.1:%d/%d" % (self.port, db)
+
+    def start(self, timeout=10.0):
+        if not os.access(self.SERVER, os.X_OK):
+            raise RuntimeError("%s not found (scripts/install-deps.sh installs redis-server)"
+                               % self.SERVER)
+        argv = [self.SERVER, "--port", str(self.port), "--bind", "127.0.0.1",
+                "--save", "", "--appendonly", "no", "--dir", self.workdir,
+                "--daemonize", "no", "--logfile", ""]
+        self.starts += 1
+        self.proc = Proc("%s-%d" % (self.name, self.starts), argv, self.workdir)
+        wait_for(alive_check(self.proc)(self.ping), timeout=timeout,
+                 what="%s to answer PING" % self.name)
+        return self
+
+    def ping(self):
+        try:
+            return self.cmd("PING", timeout=0.5) == "PONG"
+        except (OSError, RedisError):
+            return False
+
+    def stop(self, timeout=10.0):
+        """SIGTERM (nothing is saved) and wait; returns the exit code."""
+        rc = self.proc.stop(timeout) if self.proc else 0
+        # the port must refuse connections before a test relies on it
+        wait_for(lambda: not self.ping(), timeout=timeout, what="%s to stop" % self.name)
+        return rc
+
+    def restart(self, timeout=10.0):
+        """Starts a new server on the same port (empty: nothing was saved)."""
+        if self.proc is not None and self.proc.alive():
+            self.stop()
+        return self.start(timeout)
+
+    def kill(self):
+        if self.proc:
+            self.proc.kill()
+
+    def alive(self):
+        return self.proc is not None and self.proc.alive()
+
+    # ---- RESP client ------------------------------------------------------
+
+    def cmd(self, *args, timeout=2.0):
+        """Sends one command; returns the reply: str for simple and bulk
+        strings, int, None for a null, list for arrays. Raises RedisError
+        for an error reply, OSError when nothing listens."""
+        out = [b"*%d\r\n" % len(args)]
+        for a in args:
+            b = a if isinstance(a, bytes) else str(a).encode()
+            out.append(b"$%d\r\n%s\r\n" % (len(b), b))
+        s = socket.create_connection(("127.0.0.1", self.port), timeout=timeout)
+        try:
+            s.sendall(b"".join(out))
+            f = s.makefile("rb")
+            try:
+                return self._reply(f)
+            finally:
+                f.close()
+        finally:
+            s.close()
+
+    def _reply(self, f):
+        line = f.readline()
+        if not line.endswith(b"\r\n"):
+            raise OSError("redis closed the connection")
+        kind, rest = line[:1], line[1:-2]
+        if kind == b"+":
+            return rest.decode()
+        if kind == b"-":
+            raise RedisError(rest.decode())
+        if kind == b":":
+            return int(rest)
+        if kind == b"$":
+            n = int(rest)
+            if n < 0:
+                return None
+            data = f.read(n + 2)
+            return data[:-2].decode("utf-8", "replace")
+        if kind == b"*":
+            n = int(rest)
+            return None if n < 0 else [self._reply(f) for _ in range(n)]
+        raise OSError("unexpected redis reply %r" % line)
+
+    def keys(self, pattern="*"):
+        return sorted(self.cmd("KEYS", pattern) or [])
+
+
+# --------------------------------------------------------------------------
+# tenant limits and budgets
+
+RATELIMIT_HEADERS = ("x-ratelimit-limit-requests", "x-ratelimit-remaining-requests",
+                     "x-ratelimit-reset-requests", "x-ratelimit-limit-tokens",
+                     "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens")
+
+
+def limited_tenant(models=DEFAULT_MODELS[:1], rpm=None, tpm=None, concurrency=None,
+                   daily=None, monthly=None, alert=None, tier="standard", priority="medium"):
+    """A tenant in the seed's format with only the given limits (None = the
+    key is left out = unlimited). Budgets are decimal USD text ("0.0001")
+    so they reach the config exactly."""
+    t = {"tier": tier, "models_allowed": list(models), "priority": priority}
+    rl = {}
+    for k, v in (("requests_per_minute", rpm), ("tokens_per_minute", tpm),
+                 ("concurrent_requests", concurrency)):
+        if v is not None:
+            rl[k] = v
+    if rl:
+        t["rate_limits"] = rl
+    b = {}
+    for k, v in (("daily_limit_usd", daily), ("monthly_limit_usd", monthly),
+                 ("alert_threshold_percent", alert)):
+        if v is not None:
+            b[k] = v
+    if b:
+        t["budget"] = b
+    return t
+
+
+def usd_nano(text):
+    """Exact nano-USD of a decimal USD text ("0.0005" -> 500000)."""
+    from decimal import Decimal
+    v = Decimal(str(text)) * 1000000000
+    assert v == v.to_integral_value(), "%s USD is not a whole number of nano-USD" % text
+    return int(v)
+
+
+def nano_per_token(per_1k_usd):
+    """Nano-USD per token of a price per 1K tokens ("0.0015" -> 1500)."""
+    from decimal import Decimal
+    v = Decimal(str(per_1k_usd)) * 1000000
+    assert v == v.to_integral_value(), "price %s is not whole nano-USD per token" % per_1k_usd
+    return int(v)
+
+
+def prompt_estimate(body):
+    """The gateway's prompt-token estimate for a request body: bytes of the
+    message contents (strings, or the parts' text) + 8 per message + 8, plus
+    the bytes of `prompt` / `input` for completions and embeddings."""
+    def text_bytes(v):
+        if v is None:
+            return 0
+        if isinstance(v, str):
+            return len(v.encode())
+        if isinstance(v, list):
+            n = 0
+            for p in v:
+                if isinstance(p, str):
+                    n += len(p.encode())
+                elif isinstance(p, dict) and isinstance(p.get("text"), str):
+                    n += len(p["text"].encode())
+            return n
+        return 0
+    n = 8
+    for m in body.get("messages") or []:
+        n += text_bytes(m.get("content")) + 8
+    for field in ("prompt", "input"):
+        if field in body:
+            n += text_bytes(body[field])
+    return n
+
+
+def sim_prompt_tokens(body):
+    """The simulator's prompt_tokens for a chat body (docs/sim.md)."""
+    n = 2
+    for m in body.get("messages") or []:
+        c = m.get("content")
+        b = len(c.encode()) if isinstance(c, str) else 0
+        n += (b + 3) // 4 + 4
+    return max(n, 1)
+
+
+def entry_cost_nano(entry, prices):
+    """Cost of one access-log record at prices {model: (prompt, completion)}
+    in nano-USD per token: usage x prices, exact integers."""
+    p, c = prices[entry["model"]]
+    return entry["prompt_tokens"] * p + entry["completion_tokens"] * c
+
+
+def ratelimit_headers(resp):
+    """{header: value} of the x-ratelimit-* headers present (values as text)."""
+    get = resp.header if hasattr(resp, "header") else resp.get
+    return {h: get(h) for h in RATELIMIT_HEADERS if get(h) is not None}
+
+
+_DUR = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+
+
+def parse_duration_s(text):
+    """Seconds of a reset header: plain seconds ("12", "0.5") or a duration
+    like "1s", "6m0s", "250ms", "1m30.5s"."""
+    text = text.strip()
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    pos = 0
+    total = 0.0
+    for m in _DUR.finditer(text):
+        if m.start() != pos:
+            break
+        pos = m.end()
+        total += float(m.group(1)) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[m.group(2)]
+    if pos != len(text) or not text:
+        raise ValueError("not a duration: %r" % text)
+    return total
+
+
+def retry_after(resp):
+    """The Retry-After header as an int, asserting it is whole seconds >= 1."""
+    v = resp.header("retry-after")
+    assert v is not None, "no Retry-After on %r" % resp
+    assert re.match(r"^[0-9]+$", v), "Retry-After %r is not whole seconds" % v
+    n = int(v)
+    assert n >= 1, "Retry-After %d < 1" % n
+    return n
+
+
+def seconds_to_utc_day_end(now=None):
+    now = time.time() if now is None else now
+    return 86400 - (now % 86400)
+
+
+def seconds_to_utc_month_end(now=None):
+    import calendar
+    now = time.time() if now is None else now
+    t = time.gmtime(now)
+    y, m = (t.tm_year + 1, 1) if t.tm_mon == 12 else (t.tm_year, t.tm_mon + 1)
+    return calendar.timegm((y, m, 1, 0, 0, 0)) - now
+
+
+def json_events(text, event=None):
+    """JSON objects among the lines of text that carry an "event" field
+    (equal to `event` when given)."""
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line.startswith("{"):
+            continue
+        try:
+            doc = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(doc, dict) and "event" in doc and (event is None or doc["event"] == event):
+            out.append(doc)
+    return out
+
+
+def gateway_events(gw, event=None):
+    """Structured event lines the gateway wrote to its stderr so far."""
+    return json_events(gw.proc.stderr_text() if gw.proc else "", event)
+
+
+def gateway_reload(gw, timeout=5.0):
+    """Rewrites gw's config file from gw.config, sends SIGHUP and waits for
+    "tollgate: config reloaded". Raises when the reload failed."""
+    gw.write_config()
+    before = gw.proc.stderr_text()
+    n_ok = before.count("config reloaded")
+    n_bad = before.count("reload failed")
+    gw.proc.signal(signal.SIGHUP)
+
+    def done():
+        text = gw.proc.stderr_text()
+        if text.count("reload failed") > n_bad:
+            raise ProcessDied("reload failed:\n%s" % gw.proc.tail())
+        return text.count("config reloaded") > n_ok
+    wait_for(alive_check(gw.proc)(done), timeout=timeout, what="config reloaded")
+
+
+def parallel(fn, args_list, threads=8, timeout=60.0):
+    """Runs fn(*args) for each args in args_list on `threads` threads and
+    returns the results in the same order (an exception is returned in
+    place of a result). Bounded: raises when the whole batch takes longer
+    than timeout."""
+    results = [None] * len(args_list)
+    lock = threading.Lock()
+    nxt = [0]
+
+    def worker():
+        while True:
+            with lock:
+                i = nxt[0]
+                nxt[0] += 1
+            if i >= len(args_list):
+                return
+            try:
+                results[i] = fn(*args_list[i])
+            except Exception as e:  # noqa: BLE001 - reported to the caller
+                results[i] = e
+    ts = [threading.Thread(target=worker, daemon=True) for _ in range(min(threads, len(args_list)))]
+    for t in ts:
+        t.start()
+    deadline = time.monotonic() + timeout
+    for t in ts:
+        t.join(max(0.0, deadline - time.monotonic()))
+        if t.is_alive():
+            raise AssertionError("parallel requests still running after %.0fs" % timeout)
+    return results

@@ -1,0 +1,104 @@
+# Helpers shared by the bench/*.sh scripts (sourced, not run). They expect
+# `set -euo pipefail` in the caller and use these variables when set:
+#   DURATION, CONNECTIONS, WRK_THREADS, WARMUP   wrk settings
+#   LUA                                          the wrk script (bench/lib/chat.lua)
+#   KEEP=1                                       keep the temp dir at exit
+#
+# bench_init NAME makes the temp dir ($tmp) and the exit trap that stops
+# every process recorded in the pids array (bench_spawn adds to it).
+
+bench_init() {
+  BENCH_NAME=$1
+  tmp=$(mktemp -d "/tmp/tg-bench-$BENCH_NAME.XXXXXX")
+  pids=()
+  trap bench_cleanup EXIT
+  trap 'exit 130' INT TERM
+}
+
+bench_cleanup() {
+  local p
+  for p in "${pids[@]}"; do
+    kill "$p" 2>/dev/null || true
+  done
+  for p in "${pids[@]}"; do
+    wait "$p" 2>/dev/null || true
+  done
+  if [ "${KEEP:-0}" = 1 ]; then
+    echo "$BENCH_NAME: kept $tmp" >&2
+  else
+    rm -rf "$tmp"
+  fi
+}
+
+bench_die() {
+  echo "$BENCH_NAME: $*" >&2
+  exit 1
+}
+
+# bench_stop PID: stops one process started by the script and forgets it.
+bench_stop() {
+  local p=$1 keep=() q
+  kill "$p" 2>/dev/null || true
+  wait "$p" 2>/dev/null || true
+  for q in "${pids[@]}"; do
+    [ "$q" = "$p" ] || keep+=("$q")
+  done
+  pids=("${keep[@]}")
+}
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
+}
+
+# wait_http URL [seconds]: until the URL answers 200
+wait_http() {
+  local url=$1 n=$(( ${2:-15} * 10 ))
+  while [ $n -gt 0 ]; do
+    if [ "$(curl -s -o /dev/null -w '%{http_code}' "$url" || true)" = 200 ]; then
+      return 0
+    fi
+    sleep 0.1
+    n=$((n - 1))
+  done
+  echo "$BENCH_NAME: $url did not come up" >&2
+  return 1
+}
+
+# wait_chat_200 BASE_URL KEY MODEL: until one small chat completion answers 200
+wait_chat_200() {
+  local url=$1 key=$2 model=$3 n=100
+  until [ "$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $key" \
+      -H 'Content-Type: application/json' \
+      -d "{\"model\":\"$model\",\"max_tokens\":16,\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}" \
+      "$url/v1/chat/completions" || true)" = 200 ]; do
+    n=$((n - 1))
+    [ $n -gt 0 ] || { echo "$BENCH_NAME: $url does not answer 200" >&2; return 1; }
+    sleep 0.1
+  done
+}
+
+# run_wrk NAME URL: a warm-up, then the measured run; prints
+# "NAME req/s p50_ms p99_ms non2xx errors". TG_BENCH_KEY / TG_BENCH_MODEL
+# must be exported for the Lua script.
+run_wrk() {
+  local name=$1 url=$2 line
+  wrk -t "$WRK_THREADS" -c "$CONNECTIONS" -d "$WARMUP" -s "$LUA" "$url/v1/chat/completions" \
+    >/dev/null 2>&1 || true
+  line=$(wrk -t "$WRK_THREADS" -c "$CONNECTIONS" -d "$DURATION" -s "$LUA" \
+    "$url/v1/chat/completions" 2>&1 | grep '^TGBENCH ' || true)
+  [ -n "$line" ] || { echo "$BENCH_NAME: wrk against $name printed no result" >&2; return 1; }
+  echo "$line" | awk -v n="$name" '{ printf "%s %.0f %.3f %.3f %d %d\n", n, $2 / ($3 / 1e6), $4 / 1000, $5 / 1000, $6, $7 }'
+}
+
+# warn_if_sanitized BUILD_DIR
+warn_if_sanitized() {
+  if [ -f "$1/CMakeCache.txt" ] && grep -q '^TG_SANITIZE:BOOL=ON' "$1/CMakeCache.txt"; then
+    echo "$BENCH_NAME: warning: $1 is a sanitizer build; figures are not representative" >&2
+  fi
+}
+
+machine_header() {
+  echo "# date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
+  echo "# machine: $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')"
+  echo "# kernel: $(uname -r); $(wrk --version 2>&1 | head -1 | cut -d' ' -f1-2)"
+}

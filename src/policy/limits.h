@@ -1,0 +1,180 @@
+/* Tenant limits as pure functions of (state, limits, now, cost): the same
+ * rules the memory backend applies under a lock and the Redis backend's Lua
+ * scripts apply atomically, written once here so unit tests can drive them
+ * with an injected clock.
+ *
+ *   requests per minute  sliding log of admission times: no 60 s span ever
+ *                        admits more than the limit
+ *   global per second    the same over 1 s, across all tenants
+ *   tokens per minute    token bucket (capacity = limit, refilled at limit
+ *                        per 60 s) charged with the reservation at admission,
+ *                        corrected to the actual usage at settlement
+ *   concurrency          a count of leases
+ *   daily / monthly USD  spent + reserved per UTC day / UTC month; the
+ *                        reservation is replaced by the actual cost at
+ *                        settlement; crossing alert_threshold_percent of a
+ *                        window raises one event for that window
+ *
+ * Admission is all-or-nothing: a refused request changes no state.
+ * Time is unix milliseconds (UTC). Limits of 0 mean unlimited. */
+#ifndef TG_POLICY_LIMITS_H
+#define TG_POLICY_LIMITS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "core/money.h"
+
+#define TG_RPM_WINDOW_MS 60000
+#define TG_RPS_WINDOW_MS 1000
+
+typedef enum {
+  TG_LIMIT_NONE = 0,
+  TG_LIMIT_GLOBAL,        /* global_rate_limit: 429 */
+  TG_LIMIT_CONCURRENCY,   /* concurrent_requests: 429 */
+  TG_LIMIT_REQUESTS,      /* requests_per_minute: 429 */
+  TG_LIMIT_TOKENS,        /* tokens_per_minute: 429 */
+  TG_LIMIT_DAILY_BUDGET,  /* daily_limit_usd: 402 */
+  TG_LIMIT_MONTHLY_BUDGET,/* monthly_limit_usd: 402 */
+  TG_LIMIT_UNAVAILABLE    /* the state backend failed and state_failure is closed: 503 */
+} tg_limit_kind_t;
+
+/* "requests", "tokens", "concurrency", "budget", "global", ... as used in
+ * error bodies, logs and metric labels. daily and monthly are both "budget"
+ * for metrics; tg_limit_detail() tells them apart ("daily_budget"). */
+const char *tg_limit_name(tg_limit_kind_t k);
+const char *tg_limit_detail(tg_limit_kind_t k);
+
+/* A tenant's limits, copied from its config entry at each admission (so a
+ * reload applies to the next request). */
+typedef struct {
+  int64_t rpm;              /* requests per minute */
+  int64_t tpm;              /* tokens per minute */
+  int64_t concurrency;
+  tg_nano_t day_limit;
+  tg_nano_t month_limit;
+  int alert_pct;            /* 1..100 */
+} tg_limits_t;
+
+/* Sliding log of admission times, run-length encoded: entry i says that
+ * n[i] admissions happened at millisecond ts[i]. Times are distinct and
+ * increasing from head, so a window of W ms never holds more than W entries
+ * whatever the limit: memory is at most 16 * min(limit, TG_SLOG_MAX_ENTRIES)
+ * bytes, while a plain log of one entry per admission would need 8 bytes
+ * per admission the limit allows (the config accepts limits up to 10^12).
+ * Zero-initialised is an empty log. */
+#define TG_SLOG_MAX_ENTRIES 60000 /* = the longest window in ms */
+typedef struct {
+  int64_t *ts;              /* ring buffer, oldest at head; owns the block */
+  int64_t *n;               /* admissions at ts[i]; points into ts' block */
+  uint32_t cap;             /* allocated entries */
+  uint32_t head;
+  uint32_t count;           /* entries (distinct milliseconds) */
+  int64_t total;            /* admissions in the log: the sum of n */
+} tg_slog_t;
+
+/* Token bucket in milli-tokens (level may go below 0 after settlement). */
+typedef struct {
+  int64_t level_mt;
+  int64_t updated_ms;
+  int init;                 /* 0 until first use: starts full */
+} tg_tbucket_t;
+
+/* Money of one window (a UTC day or month). */
+typedef struct {
+  int64_t period;           /* tg_day_of(now) or tg_month_of(now) */
+  tg_nano_t spent;          /* settled */
+  tg_nano_t reserved;       /* admitted, not yet settled */
+  int alerted;              /* threshold event raised in this period */
+} tg_budget_t;
+
+typedef struct {
+  tg_slog_t rpm;
+  tg_tbucket_t tpm;
+  int64_t inflight;         /* concurrency leases held */
+  tg_budget_t day, month;
+} tg_tenant_state_t;
+
+/* What one request reserves. */
+typedef struct {
+  int64_t tokens;           /* prompt estimate + max_tokens (or the model's cap) */
+  tg_nano_t cost;           /* that at the model's prices */
+} tg_reserve_t;
+
+typedef struct {
+  tg_limit_kind_t refused;  /* TG_LIMIT_NONE when admitted */
+  int64_t retry_after_ms;   /* when refused: when trying again can succeed */
+  /* for the x-ratelimit-* headers: the state after this admission, or as it
+   * stands when refused; -1 = unlimited. limit_tokens > 0 also tells the
+   * settlement that this admission charged the token bucket. */
+  int64_t limit_requests, remaining_requests, reset_requests_ms;
+  int64_t limit_tokens, remaining_tokens, reset_tokens_ms;
+  int64_t day, month;       /* periods charged, for the settlement */
+} tg_verdict_t;
+
+/* Periods: days since 1970-01-01 UTC, months since 1970-01 (year*12+month-1
+ * from 1970). tg_period_end_ms gives the first millisecond of the next one. */
+int64_t tg_day_of(int64_t now_ms);
+int64_t tg_month_of(int64_t now_ms);
+int64_t tg_day_end_ms(int64_t day);
+int64_t tg_month_end_ms(int64_t month);
+/* "2026-11-28" / "2026-11" into buf; returns buf. */
+char *tg_day_str(int64_t day, char *buf, size_t size);
+char *tg_month_str(int64_t month, char *buf, size_t size);
+
+void tg_tenant_state_init(tg_tenant_state_t *s);
+void tg_tenant_state_free(tg_tenant_state_t *s);
+
+/* Decides one admission and, when admitted, charges it: one rpm entry, the
+ * reservation's tokens, one lease, the reservation's cost in both windows.
+ * Rolls the budget windows over first when now is in a new period. Checks in
+ * this order and reports the first refusal: concurrency, requests, tokens,
+ * daily budget, monthly budget (the global limit is the caller's, before).
+ * Leases and money are counted even for limits that are unlimited, so a
+ * reload that sets a limit finds them. Returns 0 with *v filled, or
+ * TG_ENOMEM (the log could not grow; nothing changed, v->refused is
+ * TG_LIMIT_UNAVAILABLE). */
+int tg_limits_admit(tg_tenant_state_t *s, const tg_limits_t *lim, const tg_reserve_t *r,
+                    int64_t now_ms, tg_verdict_t *v);
+
+/* Settles an admitted request: gives back its lease, moves its reservation
+ * to actual tokens and cost in the periods it was charged to (a period that
+ * has since rolled over is left alone). Sets *alert_day / *alert_month to 1
+ * when this settlement crossed the alert threshold of the current window
+ * for the first time, else 0 (either pointer may be NULL). r and admitted
+ * are what tg_limits_admit() was given and gave; a refused verdict settles
+ * nothing. Windows are not rolled here: a settlement after midnight still
+ * counts for the day it was admitted in while that window is the stored one. */
+void tg_limits_settle(tg_tenant_state_t *s, const tg_limits_t *lim, const tg_reserve_t *r,
+                      const tg_verdict_t *admitted, int64_t actual_tokens,
+                      tg_nano_t actual_cost, int64_t now_ms, int *alert_day,
+                      int *alert_month);
+
+/* The global per-second limit: a sliding log over 1 s. Returns 1 and records
+ * the admission, or 0 with *retry_after_ms set. rps <= 0 admits everything
+ * (and frees the log). Out of memory refuses, with a retry after 1 s. */
+int tg_global_admit(tg_slog_t *log, int64_t rps, int64_t now_ms, int64_t *retry_after_ms);
+
+/* Sliding-log and bucket primitives, exposed for tests and the backends. */
+
+/* Fits the log to a limit of `limit` admissions: drops the oldest admissions
+ * beyond `limit`, keeping the newest, and makes room for the next
+ * admission's entry. limit <= 0 empties the log and frees its memory.
+ * Returns 0, or TG_ENOMEM (then only the trimming has happened).
+ * tg_limits_admit() and tg_global_admit() do not trim: they count every
+ * admission still in the window against the current limit, which refuses
+ * exactly as a trimmed log would and leaves a refused request's state
+ * untouched (see docs/limits.md). */
+int tg_slog_reserve(tg_slog_t *l, int64_t limit);
+/* Drops the entries that left the window: those with now - t >= window.
+ * An emptied log gives its memory back. */
+void tg_slog_expire(tg_slog_t *l, int64_t now_ms, int64_t window_ms);
+/* Frees the log's memory; the log is then empty and may be used again. */
+void tg_slog_free(tg_slog_t *l);
+/* Brings the bucket to now: a bucket never used starts full; otherwise it
+ * gains floor(elapsed * capacity / 60000) milli-tokens, capacity being in
+ * milli-tokens (tpm * 1000), and stops at capacity. A clock that went back
+ * adds nothing and does not move updated_ms back. */
+void tg_tbucket_refill(tg_tbucket_t *b, int64_t capacity, int64_t now_ms);
+
+#endif

@@ -1,0 +1,110 @@
+/* Policy state: where tenants' limits are counted. One interface, two
+ * backends with the same meaning (src/policy/limits.h):
+ *
+ *   memory (state_mem.c)   exact within one process; tenants' states in a
+ *                          table striped over mutexes; budget spend is
+ *                          saved to the SQLite store so a restart keeps it
+ *   redis  (state_redis.c) each admission and each settlement is one Lua
+ *                          script, so any number of gateways share exact
+ *                          limits; keys are hash-tagged by tenant
+ *                          ({tenant}) for Redis Cluster; concurrency leases
+ *                          expire unless renewed, so a dead gateway's slots
+ *                          come back
+ *
+ * When Redis cannot answer, state_failure decides: "closed" refuses with
+ * TG_LIMIT_UNAVAILABLE (503), "open" decides with the memory backend (limits
+ * then hold per gateway). Recovery is automatic.
+ *
+ * Threads: tg_policy_t is shared; each loop thread has its own
+ * tg_policy_loop_t (the Redis connection lives there) and calls admit and
+ * settle only from that loop. */
+#ifndef TG_POLICY_STATE_H
+#define TG_POLICY_STATE_H
+
+#include <stdint.h>
+#include <uv.h>
+
+#include "config/config.h"
+#include "policy/limits.h"
+
+typedef struct tg_policy_s tg_policy_t;
+typedef struct tg_policy_loop_s tg_policy_loop_t;
+
+enum { TG_BACKEND_MEMORY = 0, TG_BACKEND_REDIS = 1 };
+
+typedef struct {
+  const char *tenant;
+  tg_limits_t limits;
+  int64_t global_rps;       /* 0 = no global limit */
+  tg_reserve_t reserve;
+} tg_admit_req_t;
+
+typedef struct {
+  tg_verdict_t v;           /* v.refused == TG_LIMIT_NONE: admitted */
+  int backend;              /* who admitted it: settle goes to the same one */
+  char lease[40];           /* backend's lease id ("" for memory) */
+} tg_admission_t;
+
+/* Called exactly once per tg_policy_admit() that returned 0, on the loop
+ * thread, possibly before tg_policy_admit() returns (memory backend). */
+typedef void (*tg_admit_cb)(void *arg, const tg_admission_t *a);
+
+/* Creates the policy for cfg->state, cfg->state_failure and, for the memory
+ * backend's saved spend, cfg->data_dir. Returns 0 or a negative error
+ * (printed). The caller frees with tg_policy_free() after every loop's
+ * tg_policy_loop_t is closed. */
+int tg_policy_new(const tg_config_t *cfg, tg_policy_t **out);
+void tg_policy_free(tg_policy_t *p);
+
+/* Per loop thread. Close from the loop thread; its handles close with the
+ * loop (run the loop after). */
+int tg_policy_loop_new(tg_policy_t *p, uv_loop_t *loop, tg_policy_loop_t **out);
+void tg_policy_loop_close(tg_policy_loop_t *pl);
+
+/* Asks for an admission. Returns 0 (cb follows) or a negative error (no
+ * callback). The caller keeps arg alive until cb. */
+int tg_policy_admit(tg_policy_loop_t *pl, const tg_admit_req_t *r, tg_admit_cb cb, void *arg);
+
+/* Settles an admitted request with what it really used (0 and 0 when it
+ * never reached an upstream). Gives back its concurrency lease. */
+void tg_policy_settle(tg_policy_loop_t *pl, const tg_admit_req_t *r, const tg_admission_t *a,
+                      int64_t actual_tokens, tg_nano_t actual_cost);
+
+/* Writes the structured budget-threshold event (one JSON line on stderr). */
+void tg_policy_alert(const char *tenant, const char *window, int64_t period,
+                     tg_nano_t spent, tg_nano_t limit, int pct);
+
+/* Writes a structured line about the state backend (failure, recovery). */
+void tg_policy_log(const char *event, const char *detail);
+
+/* ---- backends (internal) ---------------------------------------------- */
+
+typedef struct tg__mem_s tg__mem_t;
+int tg__mem_new(const char *data_dir, tg__mem_t **out);
+void tg__mem_free(tg__mem_t *m);
+void tg__mem_admit(tg__mem_t *m, const tg_admit_req_t *r, int64_t now_ms, tg_admission_t *a);
+void tg__mem_settle(tg__mem_t *m, const tg_admit_req_t *r, const tg_admission_t *a,
+                    int64_t actual_tokens, tg_nano_t actual_cost, int64_t now_ms);
+
+typedef struct tg__redis_s tg__redis_t;          /* shared: URL, scripts */
+typedef struct tg__redis_loop_s tg__redis_loop_t; /* per loop: connection */
+int tg__redis_new(const char *url, tg__redis_t **out);
+void tg__redis_free(tg__redis_t *r);
+int tg__redis_loop_new(tg__redis_t *r, uv_loop_t *loop, tg__redis_loop_t **out);
+void tg__redis_loop_close(tg__redis_loop_t *rl);
+/* Sends the admission script. Returns 0 (cb follows, with a->backend =
+ * TG_BACKEND_REDIS, or a->v.refused = TG_LIMIT_UNAVAILABLE when Redis did
+ * not answer) or a negative error when not connected (no callback). */
+int tg__redis_admit(tg__redis_loop_t *rl, const tg_admit_req_t *r, int64_t now_ms,
+                    tg_admit_cb cb, void *arg);
+/* Sends the settlement script (fire and forget; failures are logged, and the
+ * lease then expires on its own). */
+void tg__redis_settle(tg__redis_loop_t *rl, const tg_admit_req_t *r, const tg_admission_t *a,
+                      int64_t actual_tokens, tg_nano_t actual_cost, int64_t now_ms);
+/* 1 while the loop's connection is up. */
+int tg__redis_connected(const tg__redis_loop_t *rl);
+
+/* Wall clock in unix milliseconds. */
+int64_t tg_now_ms(void);
+
+#endif

@@ -1,0 +1,349 @@
+"""Tenant limits kept in Redis (`state: redis://...`): a real redis-server
+started on a free loopback port for each test, shared by one or two gateways.
+
+- the refusals and headers are the same as with the memory backend;
+- two gateways on one Redis admit exactly a tenant's requests per minute
+  between them under concurrent load from both sides;
+- concurrency slots are leases: a gateway killed with SIGKILL gives its
+  slots back within the 30 s lease expiry;
+- Redis stopped mid-load: `state_failure: closed` answers 503
+  state_unavailable while it is down, `open` keeps serving with each
+  gateway's own limits and logs the outage; both recover by themselves when
+  Redis returns;
+- budget spend lives in Redis, so it survives a gateway restart and is seen
+  by every gateway; keys are hash-tagged by tenant for Redis Cluster."""
+
+import re
+import threading
+import time
+
+import pytest
+
+import tgtest
+
+M = "llama-3.1-8b"
+HELLO = "Hello there"      # estimate 27 tokens, sim prompt 9
+LEASE_S = 30
+
+
+@pytest.fixture(scope="module")
+def sim(tmp_path_factory):
+    s = tgtest.Sim(workdir=str(tmp_path_factory.mktemp("sim")), workers=2)
+    s.start()
+    try:
+        yield s
+    finally:
+        s.stop(timeout=5)
+        s.kill()
+
+
+@pytest.fixture
+def redis(tmp_path):
+    d = tmp_path / "redis"
+    d.mkdir()
+    r = tgtest.Redis(workdir=str(d))
+    r.start()
+    try:
+        yield r
+    finally:
+        r.kill()
+
+
+def start_gw(tg, sim, redis, tenants, failure="closed", **overrides):
+    ov = {"state": redis.url(), "state_failure": failure}
+    ov.update(overrides)
+    return tg.gateway({M: [sim.url]}, tenants=tenants, keys=tuple(tenants), overrides=ov)
+
+
+def ask(gw, tenant, max_tokens=1, timeout=10.0, **kw):
+    return tgtest.chat(gw.port, gw.keys[tenant], max_tokens=max_tokens, content=HELLO,
+                       timeout=timeout, **kw)
+
+
+def refused(r, status, type_, code):
+    assert r.status == status, r
+    err = r.error()
+    assert (err["type"], err["code"]) == (type_, code), err
+    return tgtest.retry_after(r)
+
+
+def hdr_int(r, name):
+    v = r.header(name)
+    assert v is not None and re.match(r"^-?[0-9]+$", v), "%s: %r in %r" % (name, v, r)
+    return int(v)
+
+
+def ok_or_none(r):
+    return r if r.status == 200 else None
+
+
+def usd(nano):
+    return "%d.%09d" % (nano // 10**9, nano % 10**9)
+
+
+# ---------------------------------------------------------------------------
+
+def test_refusals_and_headers(tg, sim, redis):
+    tenants = {
+        "rq": tgtest.limited_tenant(rpm=3, tpm=10000),
+        "tk": tgtest.limited_tenant(tpm=100),
+        "cc": tgtest.limited_tenant(concurrency=1),
+        "dy": tgtest.limited_tenant(daily=usd(200000)),
+        "mo": tgtest.limited_tenant(monthly=usd(100000)),
+    }
+    gw = start_gw(tg, sim, redis, tenants)
+
+    got = []
+    for _ in range(3):
+        r = ask(gw, "rq", max_tokens=10)
+        assert r.status == 200, r
+        assert hdr_int(r, "x-ratelimit-limit-requests") == 3
+        assert hdr_int(r, "x-ratelimit-limit-tokens") == 10000
+        assert 0 < tgtest.parse_duration_s(r.header("x-ratelimit-reset-requests")) <= 60
+        got.append(hdr_int(r, "x-ratelimit-remaining-requests"))
+        if len(got) == 1:
+            assert hdr_int(r, "x-ratelimit-remaining-tokens") == 10000 - 37
+    assert got == [2, 1, 0]
+    assert 55 <= refused(ask(gw, "rq"), 429, "rate_limit_error", "requests") <= 60
+
+    assert ask(gw, "tk", max_tokens=50).status == 200
+    refused(ask(gw, "tk", max_tokens=50), 429, "rate_limit_error", "tokens")
+
+    st = tgtest.SSEStream(gw.port, tgtest.chat_body(M, max_tokens=30, stream=True),
+                          key=gw.keys["cc"], headers={"x-sim-token-ms": "100"})
+    assert st.status == 200
+    refused(ask(gw, "cc"), 429, "rate_limit_error", "concurrency")
+    st.abort()
+    tgtest.wait_for(lambda: ok_or_none(ask(gw, "cc")), timeout=3,
+                    what="the slot back after a disconnect")
+    # completion and an upstream error give it back too
+    assert ask(gw, "cc").status == 200
+    assert ask(gw, "cc", headers={"x-sim-fault": "status:500"}).status == 500
+    assert ask(gw, "cc").status == 200
+
+    assert ask(gw, "dy", max_tokens=50).status == 200
+    assert ask(gw, "dy", max_tokens=50).status == 200
+    ra = refused(ask(gw, "dy", max_tokens=50), 402, "insufficient_quota", "daily_budget")
+    assert abs(ra - tgtest.seconds_to_utc_day_end()) <= 5
+    assert ask(gw, "dy", max_tokens=18).status == 200      # 41,000 left, 40,500 reserved
+
+    assert ask(gw, "mo", max_tokens=50).status == 200
+    ra = refused(ask(gw, "mo", max_tokens=50), 402, "insufficient_quota", "monthly_budget")
+    assert abs(ra - tgtest.seconds_to_utc_month_end()) <= 5
+
+    # every tenant's keys carry its hash tag
+    keys = redis.keys()
+    for t in tenants:
+        assert any("{%s}" % t in k for k in keys), (t, keys)
+
+
+def test_two_gateways_share_requests_per_minute(tg, sim, redis):
+    tenants = {"shared": tgtest.limited_tenant(rpm=60)}
+    a = start_gw(tg, sim, redis, tenants)
+    b = start_gw(tg, sim, redis, tenants)
+    jobs = [(a if i % 2 == 0 else b,) for i in range(130)]
+    rs = tgtest.parallel(lambda gw: (gw, ask(gw, "shared")), jobs, threads=12, timeout=90)
+    for x in rs:
+        assert isinstance(x, tuple), x
+    ok = [(gw, r) for gw, r in rs if r.status == 200]
+    assert len(ok) == 60, [r.status for _, r in rs]
+    by_a = sum(1 for gw, _ in ok if gw is a)
+    assert 0 < by_a < 60, by_a     # both gateways admitted some
+    # one admission per count left across both gateways: atomic in Redis
+    assert sorted(hdr_int(r, "x-ratelimit-remaining-requests") for _, r in ok) == list(range(60))
+    for gw, r in rs:
+        if r.status != 200:
+            refused(r, 429, "rate_limit_error", "requests")
+    assert ask(a, "shared").status == 429 and ask(b, "shared").status == 429
+
+
+def test_concurrency_shared_between_gateways(tg, sim, redis):
+    tenants = {"cc": tgtest.limited_tenant(concurrency=2)}
+    a = start_gw(tg, sim, redis, tenants)
+    b = start_gw(tg, sim, redis, tenants)
+    body = tgtest.chat_body(M, max_tokens=40, stream=True)
+    sa = tgtest.SSEStream(a.port, body, key=a.keys["cc"], headers={"x-sim-token-ms": "100"})
+    sb = tgtest.SSEStream(b.port, body, key=b.keys["cc"], headers={"x-sim-token-ms": "100"})
+    assert (sa.status, sb.status) == (200, 200)
+    refused(ask(a, "cc"), 429, "rate_limit_error", "concurrency")
+    refused(ask(b, "cc"), 429, "rate_limit_error", "concurrency")
+    sa.abort()
+    tgtest.wait_for(lambda: ok_or_none(ask(b, "cc")), timeout=3,
+                    what="B admitted once A's client left")
+    sb.abort()
+
+
+def test_killed_gateway_slots_expire(tg, sim, redis):
+    """SIGKILL leaves no chance to give slots back: the leases expire."""
+    tenants = {"lease": tgtest.limited_tenant(concurrency=2)}
+    a = start_gw(tg, sim, redis, tenants)
+    b = start_gw(tg, sim, redis, tenants)
+    body = tgtest.chat_body(M, max_tokens=200, stream=True)
+    held = [tgtest.SSEStream(a.port, body, key=a.keys["lease"], headers={"x-sim-token-ms": "500"},
+                             timeout=60) for _ in range(2)]
+    assert [s.status for s in held] == [200, 200]
+    refused(ask(b, "lease"), 429, "rate_limit_error", "concurrency")
+    time.sleep(1.0)
+    a.kill()
+    a.checked_exit = True
+    t_kill = time.monotonic()
+    for s in held:
+        s.close()
+    first = ask(b, "lease")
+    refused(first, 429, "rate_limit_error", "concurrency")
+
+    def admitted():
+        r = ask(b, "lease")
+        if r.status == 200:
+            return r
+        refused(r, 429, "rate_limit_error", "concurrency")
+        return None
+    tgtest.wait_for(admitted, timeout=LEASE_S + 8, interval=0.5,
+                    what="the killed gateway's slots to expire")
+    waited = time.monotonic() - t_kill
+    # a lease renewed every 10 s runs 20..30 s past the last renewal
+    assert 15 <= waited <= LEASE_S + 5, waited
+    # both slots are back
+    body = tgtest.chat_body(M, max_tokens=20, stream=True)
+    s1 = tgtest.SSEStream(b.port, body, key=b.keys["lease"], headers={"x-sim-token-ms": "100"})
+    s2 = tgtest.SSEStream(b.port, body, key=b.keys["lease"], headers={"x-sim-token-ms": "100"})
+    assert (s1.status, s2.status) == (200, 200)
+    refused(ask(b, "lease"), 429, "rate_limit_error", "concurrency")
+    s1.abort()
+    s2.abort()
+
+
+class Load:
+    """Requests from a background thread, one at a time, recording
+    (monotonic time sent, status, error code, seconds taken). Bounded by
+    `limit` seconds; stop() ends it."""
+
+    def __init__(self, gw, tenant, limit=60.0, pause=0.05):
+        self.gw, self.tenant, self.limit, self.pause = gw, tenant, limit, pause
+        self.log = []
+        self.lock = threading.Lock()
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        end = time.monotonic() + self.limit
+        while not self._stop.is_set() and time.monotonic() < end:
+            t = time.monotonic()
+            try:
+                r = ask(self.gw, self.tenant, timeout=10)
+                code = r.error()["code"] if r.status != 200 else None
+                rec = (t, r.status, code, time.monotonic() - t)
+            except Exception as e:  # noqa: BLE001 - recorded, asserted below
+                rec = (t, -1, repr(e), time.monotonic() - t)
+            with self.lock:
+                self.log.append(rec)
+            time.sleep(self.pause)
+
+    def since(self, t):
+        with self.lock:
+            return [x for x in self.log if x[0] >= t]
+
+    def wait_status(self, status, after, timeout, what):
+        return tgtest.wait_for(lambda: next((x for x in self.since(after) if x[1] == status), None),
+                               timeout=timeout, what=what)
+
+    def stop(self):
+        self._stop.set()
+        self.thread.join(15)
+        return list(self.log)
+
+
+def test_redis_down_fail_closed_then_recovers(tg, sim, redis):
+    tenants = {"load": tgtest.limited_tenant(rpm=100000, concurrency=50)}
+    gw = start_gw(tg, sim, redis, tenants, failure="closed")
+    load = Load(gw, "load")
+    try:
+        load.wait_status(200, 0, 5, "a first 200")
+        time.sleep(0.3)
+        t_stop = time.monotonic()
+        redis.stop()
+        first503 = load.wait_status(503, t_stop, 5, "503 while Redis is down")
+        assert first503[2] == "state_unavailable", first503
+        time.sleep(1.0)
+        t_restart = time.monotonic()
+        redis.start()
+        t_up = time.monotonic()
+        back = load.wait_status(200, t_up, 15, "automatic recovery after Redis returns")
+        time.sleep(0.5)
+    finally:
+        log = load.stop()
+    statuses = {x[1] for x in log}
+    assert statuses <= {200, 503}, [x for x in log if x[1] not in (200, 503)]
+    # nothing admitted from the first refusal until Redis came back
+    down = [x for x in log if first503[0] <= x[0] and x[0] + x[3] < t_restart]
+    assert down and all(x[1] == 503 and x[2] == "state_unavailable" for x in down), down
+    # once recovered it stays recovered
+    after = [x for x in log if x[0] >= back[0]]
+    assert all(x[1] == 200 for x in after), after
+    # no request hung while Redis was away
+    assert max(x[3] for x in log) < 5, max(x[3] for x in log)
+    # the refusal as a client sees it
+    redis.stop()
+    r = tgtest.wait_for(lambda: (lambda x: x if x.status == 503 else None)(ask(gw, "load")),
+                        timeout=5, what="503")
+    err = r.error()
+    assert err["code"] == "state_unavailable", err
+    assert re.search(r"state|redis|unavailable", err["message"], re.I), err
+    assert tgtest.retry_after(r) >= 1
+    redis.start()
+    tgtest.wait_for(lambda: ok_or_none(ask(gw, "load")), timeout=15, what="recovery again")
+
+
+def test_redis_down_fail_open_uses_local_limits(tg, sim, redis):
+    tenants = {"busy": tgtest.limited_tenant(rpm=100000),
+               "lim": tgtest.limited_tenant(rpm=4)}
+    gw = start_gw(tg, sim, redis, tenants, failure="open")
+    assert ask(gw, "busy").status == 200
+    assert any("{busy}" in k for k in redis.keys())
+    load = Load(gw, "busy")
+    try:
+        time.sleep(0.3)
+        t_stop = time.monotonic()
+        redis.stop()
+        tgtest.wait_for(lambda: tgtest.gateway_events(gw, "state_backend_unavailable"),
+                        timeout=5, what="a state_backend_unavailable line")
+        time.sleep(0.5)
+        # each gateway on its own: the tenant's limit still holds locally
+        got = [ask(gw, "lim").status for _ in range(6)]
+        assert got == [200] * 4 + [429] * 2, got
+        refused(ask(gw, "lim"), 429, "rate_limit_error", "requests")
+        t_restart = time.monotonic()
+        redis.start()
+        tgtest.wait_for(lambda: tgtest.gateway_events(gw, "state_backend_recovered"),
+                        timeout=15, what="a state_backend_recovered line")
+        time.sleep(0.5)
+    finally:
+        log = load.stop()
+    during = [x for x in log if x[0] >= t_stop]
+    assert during and all(x[1] == 200 for x in during), \
+        [x for x in during if x[1] != 200]
+    assert any(x[0] < t_restart for x in during)
+    text = gw.proc.stderr_text()
+    assert text.index("state_backend_unavailable") < text.index("state_backend_recovered")
+    # back on Redis: its (empty) window decides again, not the local one
+    tgtest.wait_for(lambda: ok_or_none(ask(gw, "lim")), timeout=5,
+                    what="the tenant admitted by Redis again")
+    assert any("{lim}" in k for k in redis.keys()), redis.keys()
+
+
+def test_budget_spend_kept_in_redis(tg, sim, redis):
+    tenants = {"spend": tgtest.limited_tenant(daily=usd(200000))}
+    a = start_gw(tg, sim, redis, tenants)
+    assert ask(a, "spend", max_tokens=50).status == 200
+    assert ask(a, "spend", max_tokens=50).status == 200
+    refused(ask(a, "spend", max_tokens=50), 402, "insufficient_quota", "daily_budget")
+    # another gateway (its own data_dir) sees the same spend
+    b = start_gw(tg, sim, redis, tenants)
+    refused(ask(b, "spend", max_tokens=19), 402, "insufficient_quota", "daily_budget")
+    # and so does the first after a restart
+    assert a.stop() == 0
+    a.start()
+    refused(ask(a, "spend", max_tokens=19), 402, "insufficient_quota", "daily_budget")
+    assert ask(a, "spend", max_tokens=18).status == 200    # exactly 41,000 was left
+    refused(ask(b, "spend", max_tokens=1), 402, "insufficient_quota", "daily_budget")
