@@ -241,6 +241,16 @@ static int reload(tg_app_t *app) {
     tg_config_errors_free(&errs);
     return r;
   }
+  {
+    /* what the running process was built from cannot change under it */
+    const tg_config_t *cur = app->rt->cfg;
+    if (strcmp(cur->state, cfg->state) != 0 || strcmp(cur->database, cfg->database) != 0 ||
+        strcmp(cur->listen_host, cfg->listen_host) != 0 || cur->listen_port != cfg->listen_port ||
+        strcmp(cur->admin_host, cfg->admin_host) != 0 || cur->admin_port != cfg->admin_port ||
+        cur->workers != cfg->workers || strcmp(cur->data_dir, cfg->data_dir) != 0)
+      fprintf(stderr, "tollgate: reload: listen, admin_listen, workers, data_dir, state and "
+                      "database apply at the next restart; the rest applies now\n");
+  }
   if ((r = tg_runtime_new(cfg, &rt)) < 0)
     return r;
   pthread_mutex_lock(&app->rt_lock);
