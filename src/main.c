@@ -5,6 +5,7 @@
 #include "auth/keystore.h"
 #include "config/config.h"
 #include "core/app.h"
+#include "meter/invoice.h"
 
 
 static void usage(FILE *f) {
@@ -14,7 +15,9 @@ static void usage(FILE *f) {
           "  check-config --config FILE   validate a config; print every error\n"
           "  keys create --config FILE --tenant T [--models a,b] [--expires 30d] [--name N]\n"
           "  keys list --config FILE [--tenant T] [--json]\n"
-          "  keys revoke --config FILE ID\n");
+          "  keys revoke --config FILE ID\n"
+          "  invoice --config FILE --tenant T --month YYYY-MM [--format json|csv]\n"
+          "  usage --config FILE --tenant T --day YYYY-MM-DD\n");
 }
 
 int main(int argc, char **argv) {
@@ -28,6 +31,10 @@ int main(int argc, char **argv) {
     return tg_cmd_check_config(argc - 1, argv + 1);
   if (strcmp(argv[1], "keys") == 0)
     return tg_cmd_keys(argc - 1, argv + 1);
+  if (strcmp(argv[1], "invoice") == 0)
+    return tg_cmd_invoice(argc - 1, argv + 1);
+  if (strcmp(argv[1], "usage") == 0)
+    return tg_cmd_usage(argc - 1, argv + 1);
   if (strcmp(argv[1], "help") == 0 || strcmp(argv[1], "--help") == 0) {
     usage(stdout);
     return 0;

@@ -1,14 +1,24 @@
 /* The admin listener: liveness (/healthz), readiness (/readyz: the config is
  * loaded, the gateway is not draining, and every model has at least one
- * healthy endpoint). Metrics and admin routes join it in later stages. */
+ * healthy endpoint), and the admin API, which needs an admin key (a key made
+ * with `tollgate keys create --admin`):
+ *
+ *   GET /admin/v1/tenants/{tenant}/invoices/{YYYY-MM}[?format=csv]
+ *   GET /admin/v1/tenants/{tenant}/usage/{YYYY-MM-DD}
+ *
+ * Ledger queries block, so they run on libuv's thread pool, never on the
+ * loop. */
 #include <jansson.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <strings.h>
+#include <time.h>
 #include <string.h>
 
 #include <llhttp.h>
 
 #include "api/api.h"
+#include "meter/invoice.h"
 
 static void respond_json(tg_http_req_t *req, const char *rid, int status, json_t *root) {
   char *text = json_dumps(root, JSON_COMPACT);
@@ -43,6 +53,160 @@ static void readyz(tg_worker_t *w, tg_http_req_t *req, const char *rid) {
   respond_json(req, rid, 200, root);
 }
 
+#define ADMIN_TENANT "@admin"
+
+typedef struct {
+  uv_work_t work;
+  tg_http_req_t *req;
+  tg_worker_t *w;
+  char rid[32];
+  char tenant[128];
+  char period[16];
+  int invoice, csv;
+  int rc;
+  char *text;
+  char *database, *data_dir;
+  int gone;
+} admin_job_t;
+
+static void job_work(uv_work_t *wk) {
+  admin_job_t *j = wk->data;
+  tg_ledger_db_t *db = NULL;
+
+  j->rc = tg_ledger_db_open(j->database, j->data_dir, &db);
+  if (j->rc < 0)
+    return;
+  j->rc = j->invoice ? tg_invoice_build(db, j->tenant, j->period, j->csv, &j->text)
+                     : tg_usage_build(db, j->tenant, j->period, &j->text);
+  tg_ledger_db_close(db);
+}
+
+static void job_free(admin_job_t *j) {
+  free(j->text);
+  free(j->database);
+  free(j->data_dir);
+  free(j);
+}
+
+static void job_done(uv_work_t *wk, int status) {
+  admin_job_t *j = wk->data;
+  char hdr[64];
+
+  if (j->gone) {
+    /* the client left: its request was completed in on_job_abort */
+    job_free(j);
+    return;
+  }
+  j->req->on_abort = NULL;
+  if (status < 0 || j->rc < 0) {
+    tg_api_error(j->req, 500, "server_error", "ledger_unavailable", j->rid, NULL,
+                 "the ledger could not be read");
+  } else {
+    snprintf(hdr, sizeof(hdr), "x-request-id: %s\r\n", j->rid);
+    tg_http_respond(j->req, 200, j->csv ? "text/csv" : "application/json", hdr, j->text,
+                    strlen(j->text));
+  }
+  job_free(j);
+}
+
+static void on_job_abort(tg_http_req_t *req) {
+  admin_job_t *j = req->data;
+  j->gone = 1;
+  tg_http_abort(req);
+}
+
+/* 1 when the request carries a valid admin key; else answers 401/403. */
+static int admin_auth(tg_worker_t *w, tg_http_req_t *req, const char *rid) {
+  const tg_keyset_t *ks = tg_worker_keys(w);
+  const tg_key_rec_t *rec = NULL;
+  const char *v = tg_http_req_header(req, "authorization");
+  tg_key_verdict_t verdict;
+
+  if (v != NULL && strncasecmp(v, "Bearer ", 7) == 0)
+    v += 7;
+  else
+    v = tg_http_req_header(req, "x-api-key");
+  if (v == NULL) {
+    tg_api_error(req, 401, "authentication_error", "missing_api_key", rid,
+                 "WWW-Authenticate: Bearer\r\n", "the admin API needs an admin key");
+    return 0;
+  }
+  verdict = ks ? tg_keyset_verify(ks, v, strlen(v), (int64_t)time(NULL), &rec) : TG_KEY_UNKNOWN;
+  if (verdict != TG_KEY_OK) {
+    tg_api_error(req, 401, "authentication_error", "invalid_api_key", rid,
+                 "WWW-Authenticate: Bearer\r\n", "invalid API key");
+    return 0;
+  }
+  if (strcmp(rec->tenant, ADMIN_TENANT) != 0) {
+    tg_api_error(req, 403, "permission_error", "admin_only", rid, NULL,
+                 "this key is a tenant key; the admin API needs an admin key");
+    return 0;
+  }
+  return 1;
+}
+
+/* /admin/v1/tenants/{tenant}/{invoices|usage}/{period} */
+static void admin_api(tg_worker_t *w, tg_http_req_t *req, const char *rid) {
+  const char *p = req->path + strlen("/admin/v1/tenants/"), *slash, *kind, *period;
+  tg_runtime_t *rt = tg_worker_runtime(w);
+  admin_job_t *j;
+  size_t tl;
+  int64_t a, b;
+
+  slash = strchr(p, '/');
+  if (slash == NULL || (tl = (size_t)(slash - p)) == 0 || tl >= 128)
+    goto notfound;
+  kind = slash + 1;
+  if (strncmp(kind, "invoices/", 9) == 0)
+    period = kind + 9;
+  else if (strncmp(kind, "usage/", 6) == 0)
+    period = kind + 6;
+  else
+    goto notfound;
+  if (!admin_auth(w, req, rid))
+    return;
+  j = calloc(1, sizeof(*j));
+  if (j == NULL) {
+    tg_api_error(req, 500, "server_error", "internal_error", rid, NULL, "out of memory");
+    return;
+  }
+  memcpy(j->tenant, p, tl);
+  j->invoice = kind[0] == 'i';
+  j->csv = strstr(req->query, "format=csv") != NULL;
+  if (strlen(period) >= sizeof(j->period) ||
+      (j->invoice ? tg_month_range(period, &a, &b) : tg_day_range(period, &a, &b)) < 0) {
+    tg_api_error(req, 400, "invalid_request_error", "bad_period", rid, NULL,
+                 "the period must be %s", j->invoice ? "YYYY-MM" : "YYYY-MM-DD");
+    free(j);
+    return;
+  }
+  if (tg_config_tenant(rt->cfg, j->tenant) == NULL) {
+    tg_api_error(req, 404, "invalid_request_error", "tenant_not_found", rid, NULL,
+                 "no tenant '%s'", j->tenant);
+    free(j);
+    return;
+  }
+  memcpy(j->period, period, strlen(period) + 1);
+  memcpy(j->rid, rid, sizeof(j->rid));
+  j->database = strdup(rt->cfg->database);
+  j->data_dir = strdup(rt->cfg->data_dir);
+  j->req = req;
+  j->w = w;
+  j->work.data = j;
+  if (j->database == NULL || j->data_dir == NULL ||
+      uv_queue_work(&w->loop, &j->work, job_work, job_done) < 0) {
+    tg_api_error(req, 500, "server_error", "internal_error", rid, NULL, "cannot queue the query");
+    job_free(j);
+    return;
+  }
+  req->data = j;
+  req->on_abort = on_job_abort;
+  return;
+notfound:
+  tg_api_error(req, 404, "invalid_request_error", "not_found", rid, NULL,
+               "unknown admin path '%.200s'", req->path);
+}
+
 void tg_admin_handle(tg_http_req_t *req) {
   tg_worker_t *w = tg_http_server_data(req->server);
   char rid[32];
@@ -59,6 +223,10 @@ void tg_admin_handle(tg_http_req_t *req) {
   }
   if (strcmp(req->path, "/readyz") == 0) {
     readyz(w, req, rid);
+    return;
+  }
+  if (strncmp(req->path, "/admin/v1/tenants/", 18) == 0) {
+    admin_api(w, req, rid);
     return;
   }
   tg_api_error(req, 404, "invalid_request_error", "not_found", rid, NULL,

@@ -23,6 +23,7 @@
 #include "api/sse.h"
 #include "core/err.h"
 #include "obs/accesslog.h"
+#include "meter/ledger.h"
 #include "policy/state.h"
 
 #define RESP_MAX (16u * 1024 * 1024)   /* a non-streamed upstream answer */
@@ -73,6 +74,13 @@ struct tg_call_s {
   tg_admission_t admission;       /* its answer */
   int64_t prompt_estimate;        /* from above: bytes of the prompt text */
   int admitting;                  /* waiting for the policy's answer */
+  int recording;                  /* waiting for the ledger's commit */
+  int reached;                    /* an upstream saw the request: it gets a record */
+  int fin;                        /* FIN_*: how the call ends once recorded */
+  const char *fin_type;
+  char fin_msg[256];
+  uint64_t t_dispatch;
+  int64_t t_start_ms;             /* wall clock at arrival: the record's time */
   int admitted;                   /* holds a reservation to settle */
   int abandoned;                  /* client left while admitting */
   char rl_headers[512];           /* x-ratelimit-* for the answer */
@@ -161,29 +169,34 @@ static void call_drop_attempt(tg_call_t *c) {
   /* c->ep stays for the log; the slot is what was given back */
 }
 
-/* Settles the reservation with what the call really used: the upstream's
- * usage when it reported one; else, for an answer cut short, the prompt
- * estimate and one token per relayed content event; else nothing. */
+/* What the call really used: the upstream's usage when it reported one;
+ * else, for an answer cut short, the prompt estimate and one token per
+ * relayed content event; else nothing. Sets the call's token figures and
+ * returns the cost. */
+static tg_nano_t call_usage(tg_call_t *c) {
+  tg_nano_t cost, more;
+
+  if (!c->has_usage) {
+    c->prompt_tokens = c->events > 0 ? c->prompt_estimate : 0;
+    c->completion_tokens = c->events;
+  }
+  if (c->model == NULL)
+    return 0;
+  cost = tg_money_cost(c->prompt_tokens, c->model->prompt_nano_per_token);
+  more = tg_money_cost(c->completion_tokens, c->model->completion_nano_per_token);
+  return cost < INT64_MAX - more ? cost + more : INT64_MAX;
+}
+
+/* Settles the reservation with what the call really used. */
 static void call_settle(tg_call_t *c) {
-  int64_t pt = 0, ct = 0;
   tg_nano_t cost;
 
   if (!c->admitted)
     return;
   c->admitted = 0;
-  if (c->has_usage) {
-    pt = c->prompt_tokens;
-    ct = c->completion_tokens;
-  } else if (c->events > 0) {
-    pt = c->prompt_estimate;
-    ct = c->events;
-    c->prompt_tokens = pt;
-    c->completion_tokens = ct;
-  }
-  cost = tg_money_cost(pt, c->model->prompt_nano_per_token);
-  if (cost < INT64_MAX - tg_money_cost(ct, c->model->completion_nano_per_token))
-    cost += tg_money_cost(ct, c->model->completion_nano_per_token);
-  tg_policy_settle(c->w->policy, &c->admit, &c->admission, pt + ct, cost);
+  cost = call_usage(c);
+  tg_policy_settle(c->w->policy, &c->admit, &c->admission,
+                   c->prompt_tokens + c->completion_tokens, cost);
 }
 
 /* The single exit of a call: the request is complete when this returns. */
@@ -195,15 +208,111 @@ static void call_finish(tg_call_t *c) {
   call_free(c);
 }
 
+enum { FIN_RESPOND, FIN_END_STREAM, FIN_ERROR, FIN_ABORT };
+
+/* Sends what ends the call (its last bytes) and finishes it. */
+static void call_fin(tg_call_t *c) {
+  static const char done[] = "data: [DONE]\n\n";
+  char hdr[640];
+
+  switch (c->fin) {
+  case FIN_RESPOND:
+    snprintf(hdr, sizeof(hdr), "x-request-id: %s\r\n%s", c->request_id,
+             c->status < 300 ? c->rl_headers : "");
+    tg_http_respond(c->req, c->status, "application/json", hdr, c->resp ? c->resp : "",
+                    c->resp_len);
+    break;
+  case FIN_END_STREAM:
+    /* [DONE] was held back until the record was durable */
+    if (tg_http_write(c->req, done, sizeof(done) - 1) < 0)
+      tg_http_abort(c->req);
+    else
+      tg_http_end(c->req);
+    break;
+  case FIN_ERROR:
+    tg_api_error(c->req, c->status, c->fin_type, c->err_code, c->request_id, NULL, "%s",
+                 c->fin_msg);
+    break;
+  default:
+    tg_http_abort(c->req);
+    break;
+  }
+  call_finish(c);
+}
+
+static void on_recorded(void *arg, int status) {
+  tg_call_t *c = arg;
+  (void)status;
+  c->recording = 0;
+  if (c->abandoned) {
+    call_finish(c); /* the client left while the record was written */
+    return;
+  }
+  call_fin(c);
+}
+
+static void on_recorded_detached(void *arg, int status) {
+  (void)arg;
+  (void)status;
+}
+
+/* Ends a call: when an upstream saw the request, its ledger record is made
+ * durable before the answer's last byte goes out, so a response that
+ * completed at the client always has its record. */
+static void call_close(tg_call_t *c, int fin) {
+  tg_ledger_port_t *port = c->w->ledger;
+  tg_ledger_rec_t rec;
+  int gone;
+
+  c->fin = fin;
+  c->deadline_kind = DL_NONE;
+  if (!c->reached || port == NULL) {
+    call_fin(c);
+    return;
+  }
+  memset(&rec, 0, sizeof(rec));
+  snprintf(rec.request_id, sizeof(rec.request_id), "%s", c->request_id);
+  rec.ts_ms = c->t_start_ms;
+  snprintf(rec.tenant, sizeof(rec.tenant), "%s", c->tenant->name);
+  snprintf(rec.key_id, sizeof(rec.key_id), "%s", c->key_id);
+  snprintf(rec.model, sizeof(rec.model), "%s", c->model->name);
+  snprintf(rec.endpoint, sizeof(rec.endpoint), "%s", c->ep ? tg_endpoint_url(c->ep) : "");
+  rec.cost_nano = call_usage(c);
+  rec.prompt_tokens = c->prompt_tokens;
+  rec.completion_tokens = c->completion_tokens;
+  rec.usage_counted = !c->has_usage && c->events > 0;
+  rec.status = c->status;
+  rec.queue_us = c->t_dispatch ? (int64_t)(c->t_dispatch - c->t_start) / 1000 : -1;
+  rec.ttft_us = c->t_first_byte ? (int64_t)(c->t_first_byte - c->t_start) / 1000 : -1;
+  rec.total_us = (int64_t)(now_ns() - c->t_start) / 1000;
+  gone = tg_http_req_gone(c->req);
+  if (tg_ledger_append(port, &rec, gone ? on_recorded_detached : on_recorded,
+                       gone ? NULL : c) < 0) {
+    /* over the backlog bound (admission keeps headroom, so this is rare):
+     * say so loudly with the whole record rather than drop it silently */
+    fprintf(stderr,
+            "{\"event\":\"ledger_append_refused\",\"request_id\":\"%s\",\"tenant\":\"%s\","
+            "\"model\":\"%s\",\"prompt_tokens\":%lld,\"completion_tokens\":%lld,"
+            "\"cost_nano\":%lld,\"status\":%d}\n",
+            rec.request_id, rec.tenant, rec.model, (long long)rec.prompt_tokens,
+            (long long)rec.completion_tokens, (long long)rec.cost_nano, rec.status);
+    call_fin(c);
+    return;
+  }
+  if (gone) {
+    call_fin(c);
+    return;
+  }
+  c->recording = 1;
+}
+
 static void call_error(tg_call_t *c, int status, const char *type, const char *code,
                        const char *msg) {
   c->status = status;
   c->err_code = code;
-  if (c->relayed)
-    tg_http_abort(c->req);
-  else
-    tg_api_error(c->req, status, type, code, c->request_id, NULL, "%s", msg);
-  call_finish(c);
+  c->fin_type = type;
+  snprintf(c->fin_msg, sizeof(c->fin_msg), "%s", msg);
+  call_close(c, c->relayed ? FIN_ABORT : FIN_ERROR);
 }
 
 /* Refuses the request before any upstream attempt: answers, logs, frees. */
@@ -233,6 +342,7 @@ static int on_up_status(tg_xfer_t *x, int status, void *arg) {
   tg_call_t *c = arg;
   (void)x;
   c->up_status = status;
+  c->reached = 1;
   c->t_first_byte = now_ns();
   c->deadline_kind = DL_IDLE;
   c->deadline = c->t_first_byte + c->rt->cfg->upstream_idle_timeout_ms * 1000000;
@@ -262,8 +372,10 @@ static int on_event(void *arg, const char *ev, size_t len) {
 
   if (tg_sse_inspect(ev, len, &info) < 0)
     c->bad_event = 1;
-  if (info.done)
+  if (info.done) {
     c->saw_done = 1;
+    return 0; /* sent once the ledger record is durable (call_fin) */
+  }
   if (info.has_choices)
     c->events++;
   if (info.has_usage) {
@@ -373,21 +485,15 @@ static int scan_usage(tg_call_t *c, const char *body, size_t len) {
 
 /* The upstream's whole non-streamed answer is in c->resp. */
 static void deliver_buffered(tg_call_t *c) {
-  char hdr[640];
-
   if (c->up_status == 200 && scan_usage(c, c->resp ? c->resp : "", c->resp_len) < 0) {
     call_error(c, 502, "server_error", "bad_upstream_response",
                "the upstream returned a response that is not valid JSON");
     return;
   }
-  snprintf(hdr, sizeof(hdr), "x-request-id: %s\r\n%s", c->request_id,
-           c->up_status < 300 ? c->rl_headers : "");
   c->status = c->up_status;
   if (c->up_status >= 400)
     c->err_code = "upstream_status";
-  tg_http_respond(c->req, c->up_status, "application/json", hdr,
-                  c->resp ? c->resp : "", c->resp_len);
-  call_finish(c);
+  call_close(c, FIN_RESPOND);
 }
 
 static void on_up_done(int result, const char *detail, void *arg) {
@@ -399,18 +505,18 @@ static void on_up_done(int result, const char *detail, void *arg) {
   if (c->ep)
     tg_endpoint_release(c->ep);
 
+  if (result == TG_XFER_BROKEN)
+    c->reached = 1; /* the request went out; the answer broke */
   if (tg_http_req_gone(c->req)) {
     c->status = 499;
     c->err_code = "client_closed";
-    tg_http_abort(c->req);
-    call_finish(c);
+    call_close(c, FIN_ABORT);
     return;
   }
   if (result == TG_XFER_OK) {
     if (c->stream && c->up_status == 200) {
       if (c->relayed && c->saw_done) {
-        tg_http_end(c->req);
-        call_finish(c);
+        call_close(c, FIN_END_STREAM);
       } else {
         call_error(c, 502, "server_error", "bad_upstream_response",
                    "the upstream stream ended before [DONE]");
@@ -437,8 +543,7 @@ static void on_up_done(int result, const char *detail, void *arg) {
   if (c->relayed) {
     c->err_code = "upstream_broken";
     c->status = 502;
-    tg_http_abort(c->req);
-    call_finish(c);
+    call_close(c, FIN_ABORT);
     return;
   }
   if (result == TG_XFER_CONNECT || result == TG_XFER_TIMEOUT) {
@@ -495,6 +600,7 @@ static void start_dispatch(tg_call_t *c) {
   size_t idx;
   tg_endpoint_t *probe;
 
+  c->t_dispatch = now_ns();
   if (try_next(c) == 0)
     return;
   /* Nothing started: tell saturation from absence of healthy endpoints. */
@@ -513,19 +619,21 @@ static void on_client_abort(tg_http_req_t *req) {
   tg_call_t *c = req->data;
   if (c == NULL)
     return;
-  if (c->admitting) {
-    /* the policy's answer is still coming: the call waits for it */
+  if (c->admitting || c->recording) {
+    /* the policy's answer or the ledger's commit is still coming: the
+     * call waits for it */
     c->abandoned = 1;
-    c->status = 499;
-    c->err_code = "client_closed";
+    if (c->admitting) {
+      c->status = 499;
+      c->err_code = "client_closed";
+    }
     tg_http_abort(req);
     return;
   }
   call_drop_attempt(c);
   c->status = 499;
   c->err_code = "client_closed";
-  tg_http_abort(req);
-  call_finish(c);
+  call_close(c, FIN_ABORT);
 }
 
 void tg_api_tick(tg_worker_t *w) {
@@ -540,8 +648,7 @@ void tg_api_tick(tg_worker_t *w) {
     if (c->relayed) {
       c->status = 502;
       c->err_code = "upstream_idle_timeout";
-      tg_http_abort(c->req);
-      call_finish(c);
+      call_close(c, FIN_ABORT);
     } else {
       call_error(c, 504, "server_error", "upstream_timeout",
                  c->deadline_kind == DL_FIRST_BYTE
@@ -883,6 +990,15 @@ static void on_admitted(void *arg, const tg_admission_t *a) {
 
 static void admit(tg_call_t *c) {
   const tg_tenant_cfg_t *t = c->tenant;
+  tg_app_t *app = c->w->app;
+
+  /* The ledger's write path is bounded: refuse new work before it is full,
+   * so every request that runs can be recorded. */
+  if (app->ledger != NULL && tg_ledger_backlog(app->ledger) >= app->ledger_refuse_at) {
+    call_error(c, 503, "server_error", "ledger_backlog",
+               "usage records are not being written fast enough; retry shortly");
+    return;
+  }
 
   c->admit.tenant = t->name;
   c->admit.limits.rpm = t->requests_per_minute;
@@ -930,6 +1046,7 @@ void tg_api_handle(tg_http_req_t *req) {
   c->w = w;
   c->rt = tg_runtime_ref(tg_worker_runtime(w));
   c->t_start = req->start_ns;
+  c->t_start_ms = tg_now_ms() - (int64_t)((now_ns() - req->start_ns) / 1000000);
   tg_api_request_id(w, c->request_id, sizeof(c->request_id));
   tg_sse_init(&c->sse, EVENT_MAX);
   call_link(c);

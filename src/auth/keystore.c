@@ -1,13 +1,22 @@
-/* The key store on SQLite (table api_keys, created by migration 1 in
- * meter/db_sqlite.c) and the watcher that republishes the gateway's keyset.
+/* The key store (whatever its database), its SQLite backend (table
+ * api_keys, created by migration 1 in meter/db_sqlite.c) and the watcher
+ * that republishes the gateway's keyset.
  *
- * Writers are short transactions on their own connection (the CLI, later the
- * admin API). The watcher owns a second connection on its own thread and asks
- * SQLite every interval whether anyone else committed (`PRAGMA data_version`
- * changes only then, across connections and processes alike), so an idle
- * store costs one tiny query per poll and a change costs one full read into a
- * fresh keyset. Readers never wait for a reload: they keep whatever keyset
- * they hold until they ask for the new one. */
+ * What does not depend on the database lives here once for both backends:
+ * checking a spec, making the key, retrying an id clash, turning rows into
+ * keysets and listings (so a malformed row is skipped the same way
+ * whichever database holds it), and the watcher. A backend (the SQLite one
+ * below, keystore_pg.c) only stores and reads rows and says when the table
+ * changed.
+ *
+ * Writers are short transactions on their own connection (the CLI, later
+ * the admin API). The watcher owns a second connection on its own thread and
+ * asks the backend every interval for its change marker (SQLite's `PRAGMA
+ * data_version` changes only when anyone else committed, across connections
+ * and processes alike; PostgreSQL's is a counter a trigger bumps), so an
+ * idle store costs one tiny query per poll and a change costs one full read
+ * into a fresh keyset. Readers never wait for a reload: they keep whatever
+ * keyset they hold until they ask for the new one. */
 #include "auth/keystore.h"
 
 #include <errno.h>
@@ -22,16 +31,18 @@
 #include <sqlite3.h>
 
 #include "core/err.h"
+#include "meter/db_pg.h"
 #include "meter/db_sqlite.h"
 
 struct tg_keystore_s {
-  sqlite3 *db;
+  const tg__keystore_backend_t *be;
+  tg__keystore_conn_t *c;
 };
 
 struct tg_keywatch_s {
   tg_keystore_t *store;     /* used by the watcher thread only, once started */
   unsigned interval_ms;
-  int64_t data_version;     /* as of the last successful load */
+  int64_t marker;           /* the backend's change marker at the last load */
   int failing;              /* a reload failed and was reported */
 
   pthread_t thread;
@@ -46,15 +57,25 @@ struct tg_keywatch_s {
  * was not written by us and is skipped. */
 #define MAX_MODELS_TEXT (TG_KEY_MAX_MODELS * (TG_KEY_MAX_FIELD + 1))
 
-int tg_keystore_open(const char *data_dir, tg_keystore_t **out) {
+int tg_keystore_open_db(const char *database, const char *data_dir,
+                        tg_keystore_t **out) {
+  const tg__keystore_backend_t *be;
   tg_keystore_t *ks;
   int rc;
 
   *out = NULL;
+  if (database == NULL || database[0] == '\0' ||
+      strcmp(database, "sqlite") == 0)
+    be = &tg__keystore_backend_sqlite;
+  else if (tg_db_pg_is_url(database))
+    be = &tg__keystore_backend_pg;
+  else
+    return TG_EINVAL;
   ks = calloc(1, sizeof(*ks));
   if (ks == NULL)
     return TG_ENOMEM;
-  rc = tg_db_sqlite_open(&ks->db, data_dir);
+  ks->be = be;
+  rc = be->open(database, data_dir, &ks->c);
   if (rc != 0) {
     free(ks);
     return rc;
@@ -63,10 +84,14 @@ int tg_keystore_open(const char *data_dir, tg_keystore_t **out) {
   return 0;
 }
 
+int tg_keystore_open(const char *data_dir, tg_keystore_t **out) {
+  return tg_keystore_open_db(NULL, data_dir, out);
+}
+
 void tg_keystore_close(tg_keystore_t *ks) {
   if (ks == NULL)
     return;
-  sqlite3_close(ks->db);
+  ks->be->close(ks->c);
   free(ks);
 }
 
@@ -77,9 +102,12 @@ void tg_keystore_key_free(char *key) {
   free(key);
 }
 
-static char *dup_text(const unsigned char *s) {
-  size_t len = s ? strlen((const char *)s) : 0;
-  char *d = malloc(len + 1);
+/* A NUL-terminated copy of s[0..len) ("" for NULL). */
+static char *dup_n(const char *s, size_t len) {
+  char *d;
+  if (s == NULL)
+    len = 0;
+  d = malloc(len + 1);
   if (d != NULL) {
     if (len)
       memcpy(d, s, len);
@@ -128,59 +156,43 @@ int tg_keystore_create(tg_keystore_t *ks, const tg_key_spec_t *spec,
   char key[TG_KEY_LEN + 1];
   char id[TG_KEY_ID_LEN + 1];
   uint8_t hash[TG_KEY_HASH_LEN];
-  sqlite3_stmt *st = NULL;
+  char joined[MAX_MODELS_TEXT + 1];
   char *copy = NULL;
-  int rc, step = SQLITE_ERROR;
+  int rc;
 
   *key_out = NULL;
   rc = validate_spec(spec);
   if (rc != 0)
     return rc;
+  rc = join_models(spec, joined, sizeof(joined));
+  if (rc != 0)
+    return rc == TG_ETOOBIG ? TG_EINVAL : rc;
 
-  {
-    char joined[MAX_MODELS_TEXT + 1];
-    rc = join_models(spec, joined, sizeof(joined));
+  /* Ids are 48 random bits: a clash is rare but possible in a big store,
+   * and the primary key turns it into a retry rather than a lost key. */
+  for (int attempt = 0; attempt < 4; attempt++) {
+    tg__key_row_t row = {
+      .id = id, .id_len = TG_KEY_ID_LEN,
+      .tenant = spec->tenant, .tenant_len = strlen(spec->tenant),
+      .models = joined, .models_len = strlen(joined),
+      .hash = hash, .hash_len = TG_KEY_HASH_LEN,
+      .created_at = now, .expires_at = spec->expires_at,
+    };
+    rc = tg_key_generate(key, id, hash);
     if (rc != 0)
-      return rc == TG_ETOOBIG ? TG_EINVAL : rc;
-
-    if (sqlite3_prepare_v2(ks->db,
-                           "INSERT INTO api_keys(id, tenant, name, models, "
-                           "secret_sha256, created_at, expires_at, revoked_at)"
-                           " VALUES (?, ?, ?, ?, ?, ?, ?, NULL)",
-                           -1, &st, NULL) != SQLITE_OK) {
-      rc = TG_EDB;
       goto out;
+    if (spec->name != NULL && spec->name[0] != '\0') {
+      row.name = spec->name;
+      row.name_len = strlen(spec->name);
     }
-    /* Ids are 48 random bits: a clash is rare but possible in a big store,
-     * and the primary key turns it into a retry rather than a lost key. */
-    for (int attempt = 0; attempt < 4; attempt++) {
-      rc = tg_key_generate(key, id, hash);
-      if (rc != 0)
-        goto out;
-      sqlite3_reset(st);
-      sqlite3_clear_bindings(st);
-      sqlite3_bind_text(st, 1, id, TG_KEY_ID_LEN, SQLITE_TRANSIENT);
-      sqlite3_bind_text(st, 2, spec->tenant, -1, SQLITE_TRANSIENT);
-      if (spec->name != NULL && spec->name[0] != '\0')
-        sqlite3_bind_text(st, 3, spec->name, -1, SQLITE_TRANSIENT);
-      else
-        sqlite3_bind_null(st, 3);
-      sqlite3_bind_text(st, 4, joined, -1, SQLITE_TRANSIENT);
-      sqlite3_bind_blob(st, 5, hash, TG_KEY_HASH_LEN, SQLITE_TRANSIENT);
-      sqlite3_bind_int64(st, 6, now);
-      if (spec->expires_at != 0)
-        sqlite3_bind_int64(st, 7, spec->expires_at);
-      else
-        sqlite3_bind_null(st, 7);
-      step = sqlite3_step(st);
-      if (step != SQLITE_CONSTRAINT_PRIMARYKEY)
-        break;
-    }
+    rc = ks->be->insert(ks->c, &row);
+    if (rc != TG_EEXISTS)
+      break;
   }
-  if (step != SQLITE_DONE) {
+  if (rc != 0) {
     fprintf(stderr, "tollgate: keys: cannot store the key: %s\n",
-            sqlite3_errmsg(ks->db));
-    rc = TG_EDB;
+            ks->be->errmsg(ks->c));
+    rc = rc == TG_ENOMEM ? rc : TG_EDB;
     goto out;
   }
   copy = malloc(TG_KEY_LEN + 1);
@@ -196,27 +208,8 @@ int tg_keystore_create(tg_keystore_t *ks, const tg_key_spec_t *spec,
   *key_out = copy;
   rc = 0;
 out:
-  sqlite3_finalize(st);
   OPENSSL_cleanse(key, sizeof(key));
   return rc;
-}
-
-static int64_t col_time(sqlite3_stmt *st, int col) {
-  if (sqlite3_column_type(st, col) == SQLITE_NULL)
-    return 0;
-  return (int64_t)sqlite3_column_int64(st, col);
-}
-
-/* Reads the id column; 0 when it is a well-formed id. */
-static int col_id(sqlite3_stmt *st, int col, char id[TG_KEY_ID_LEN + 1],
-                  uint64_t *num) {
-  const unsigned char *t = sqlite3_column_text(st, col);
-  if (t == NULL || sqlite3_column_bytes(st, col) != TG_KEY_ID_LEN ||
-      tg_key_id_parse((const char *)t, TG_KEY_ID_LEN, num) != 0)
-    return TG_EPARSE;
-  memcpy(id, t, TG_KEY_ID_LEN);
-  id[TG_KEY_ID_LEN] = '\0';
-  return 0;
 }
 
 void tg_keystore_list_free(tg_key_info_t *list, size_t n) {
@@ -230,120 +223,110 @@ void tg_keystore_list_free(tg_key_info_t *list, size_t n) {
   free(list);
 }
 
+/* ---- listing: rows into tg_key_info_t ---- */
+
+typedef struct {
+  tg__key_sink_t sink;   /* first: the backend calls back with &sink */
+  tg_key_info_t *arr;
+  size_t cnt, cap;
+} list_sink_t;
+
+static int list_begin(tg__key_sink_t *s, int64_t count) {
+  (void)s;
+  return count < 0 || (uint64_t)count > TG_KEYSET_MAX_KEYS ? TG_ETOOBIG : 0;
+}
+
+static int list_row(tg__key_sink_t *s, const tg__key_row_t *r) {
+  list_sink_t *l = (list_sink_t *)s;
+  tg_key_info_t *e;
+  size_t idl = r->id ? r->id_len : 0;
+
+  if (l->cnt == l->cap) {
+    size_t ncap = l->cap ? l->cap * 2 : 16;
+    tg_key_info_t *na;
+    if (l->cap >= TG_KEYSET_MAX_KEYS)
+      return TG_ETOOBIG;
+    if (ncap > TG_KEYSET_MAX_KEYS)
+      ncap = TG_KEYSET_MAX_KEYS;
+    na = realloc(l->arr, ncap * sizeof(*na));
+    if (na == NULL)
+      return TG_ENOMEM;
+    l->arr = na;
+    l->cap = ncap;
+  }
+  e = &l->arr[l->cnt];
+  memset(e, 0, sizeof(*e));
+  l->cnt++;
+  /* An id of another length was not written by us; show what fits. */
+  if (idl > TG_KEY_ID_LEN)
+    idl = TG_KEY_ID_LEN;
+  if (idl > 0)
+    memcpy(e->id, r->id, idl);
+  e->id[idl] = '\0';
+  e->tenant = dup_n(r->tenant, r->tenant_len);
+  e->name = dup_n(r->name, r->name_len);
+  e->models = dup_n(r->models, r->models_len);
+  if (e->tenant == NULL || e->name == NULL || e->models == NULL)
+    return TG_ENOMEM;
+  e->created_at = r->created_at;
+  e->expires_at = r->expires_at;
+  e->revoked_at = r->revoked_at;
+  return 0;
+}
+
 int tg_keystore_list(tg_keystore_t *ks, tg_key_info_t **out, size_t *n) {
-  sqlite3_stmt *st = NULL;
-  tg_key_info_t *arr = NULL;
-  size_t cnt = 0, cap = 0;
-  int rc = TG_EDB, step;
+  list_sink_t l = {.sink = {list_begin, list_row}};
+  int rc;
 
   *out = NULL;
   *n = 0;
-  if (sqlite3_prepare_v2(ks->db,
-                         "SELECT id, tenant, name, models, created_at, "
-                         "expires_at, revoked_at FROM api_keys "
-                         "ORDER BY created_at, id",
-                         -1, &st, NULL) != SQLITE_OK)
-    goto out;
-  while ((step = sqlite3_step(st)) == SQLITE_ROW) {
-    tg_key_info_t *e;
-    const unsigned char *id = sqlite3_column_text(st, 0);
-    if (cnt == cap) {
-      size_t ncap = cap ? cap * 2 : 16;
-      tg_key_info_t *na;
-      if (cap >= TG_KEYSET_MAX_KEYS) {
-        rc = TG_ETOOBIG;
-        goto out;
-      }
-      if (ncap > TG_KEYSET_MAX_KEYS)
-        ncap = TG_KEYSET_MAX_KEYS;
-      na = realloc(arr, ncap * sizeof(*arr));
-      if (na == NULL) {
-        rc = TG_ENOMEM;
-        goto out;
-      }
-      arr = na;
-      cap = ncap;
-    }
-    e = &arr[cnt];
-    memset(e, 0, sizeof(*e));
-    cnt++;
-    /* An id of another length was not written by us; show what fits. */
-    snprintf(e->id, sizeof(e->id), "%s", id ? (const char *)id : "");
-    e->tenant = dup_text(sqlite3_column_text(st, 1));
-    e->name = dup_text(sqlite3_column_text(st, 2));
-    e->models = dup_text(sqlite3_column_text(st, 3));
-    if (e->tenant == NULL || e->name == NULL || e->models == NULL) {
-      rc = TG_ENOMEM;
-      goto out;
-    }
-    e->created_at = col_time(st, 4);
-    e->expires_at = col_time(st, 5);
-    e->revoked_at = col_time(st, 6);
-  }
-  if (step != SQLITE_DONE)
-    goto out;
-  rc = 0;
-out:
-  sqlite3_finalize(st);
+  rc = ks->be->scan(ks->c, 1, &l.sink);
   if (rc != 0) {
-    tg_keystore_list_free(arr, cnt);
+    tg_keystore_list_free(l.arr, l.cnt);
     return rc;
   }
-  *out = arr;
-  *n = cnt;
+  *out = l.arr;
+  *n = l.cnt;
   return 0;
 }
 
 int tg_keystore_revoke(tg_keystore_t *ks, const char *id, int64_t now) {
-  sqlite3_stmt *st = NULL;
-  int rc = TG_EDB;
-
   if (id == NULL)
     return TG_ENOTFOUND;
-  /* COALESCE keeps the first revocation time: revoking twice is harmless
-   * and the audit trail keeps the moment access really ended. */
-  if (sqlite3_prepare_v2(ks->db,
-                         "UPDATE api_keys SET revoked_at = "
-                         "COALESCE(revoked_at, ?) WHERE id = ?",
-                         -1, &st, NULL) != SQLITE_OK)
-    goto out;
-  sqlite3_bind_int64(st, 1, now);
-  sqlite3_bind_text(st, 2, id, -1, SQLITE_TRANSIENT);
-  if (sqlite3_step(st) != SQLITE_DONE)
-    goto out;
-  rc = sqlite3_changes(ks->db) > 0 ? 0 : TG_ENOTFOUND;
-out:
-  sqlite3_finalize(st);
-  return rc;
+  return ks->be->revoke(ks->c, id, now);
 }
 
-/* Turns the current row into a record; TG_EPARSE when the row is unusable,
+/* ---- loading: rows into a keyset ---- */
+
+/* Turns a row into a record; TG_EPARSE when the row is unusable,
  * TG_ENOMEM when memory ran out. */
-static int row_to_rec(sqlite3_stmt *st, tg_key_rec_t *rec) {
-  const unsigned char *models;
+static int row_to_rec(const tg__key_row_t *r, tg_key_rec_t *rec) {
+  char models[MAX_MODELS_TEXT + 1];
   int rc;
 
   memset(rec, 0, sizeof(*rec));
-  if (col_id(st, 0, rec->id, &rec->id_num) != 0)
+  if (r->id == NULL || r->id_len != TG_KEY_ID_LEN ||
+      tg_key_id_parse(r->id, TG_KEY_ID_LEN, &rec->id_num) != 0)
     return TG_EPARSE;
-  if (sqlite3_column_bytes(st, 4) != TG_KEY_HASH_LEN ||
-      sqlite3_column_type(st, 4) != SQLITE_BLOB)
+  memcpy(rec->id, r->id, TG_KEY_ID_LEN);
+  rec->id[TG_KEY_ID_LEN] = '\0';
+  if (r->hash == NULL || r->hash_len != TG_KEY_HASH_LEN)
     return TG_EPARSE;
-  memcpy(rec->secret_sha256, sqlite3_column_blob(st, 4), TG_KEY_HASH_LEN);
-  if (sqlite3_column_bytes(st, 1) > TG_KEY_MAX_FIELD ||
-      sqlite3_column_bytes(st, 2) > TG_KEY_MAX_FIELD ||
-      sqlite3_column_bytes(st, 3) > MAX_MODELS_TEXT)
+  memcpy(rec->secret_sha256, r->hash, TG_KEY_HASH_LEN);
+  if (r->tenant_len > TG_KEY_MAX_FIELD || r->name_len > TG_KEY_MAX_FIELD ||
+      r->models_len > MAX_MODELS_TEXT)
     return TG_EPARSE;
-  rec->created_at = col_time(st, 5);
-  rec->expires_at = col_time(st, 6);
-  rec->revoked_at = col_time(st, 7);
-  models = sqlite3_column_text(st, 3);
-  rc = tg__key_models_split(models ? (const char *)models : "", &rec->models,
-                            &rec->n_models);
+  rec->created_at = r->created_at;
+  rec->expires_at = r->expires_at;
+  rec->revoked_at = r->revoked_at;
+  if (r->models != NULL && r->models_len > 0)
+    memcpy(models, r->models, r->models_len);
+  models[r->models ? r->models_len : 0] = '\0';
+  rc = tg__key_models_split(models, &rec->models, &rec->n_models);
   if (rc != 0)
     return rc == TG_ENOMEM ? rc : TG_EPARSE;
-  rec->tenant = dup_text(sqlite3_column_text(st, 1));
-  rec->name = dup_text(sqlite3_column_text(st, 2));
+  rec->tenant = dup_n(r->tenant, r->tenant_len);
+  rec->name = dup_n(r->name, r->name_len);
   if (rec->tenant == NULL || rec->name == NULL) {
     tg__key_rec_clear(rec);
     return TG_ENOMEM;
@@ -355,71 +338,217 @@ static int row_to_rec(sqlite3_stmt *st, tg_key_rec_t *rec) {
   return 0;
 }
 
+typedef struct {
+  tg__key_sink_t sink;   /* first: the backend calls back with &sink */
+  tg_keyset_t *set;
+  size_t bad;
+} load_sink_t;
+
+static int load_begin(tg__key_sink_t *s, int64_t count) {
+  load_sink_t *l = (load_sink_t *)s;
+  if (count < 0 || (uint64_t)count > TG_KEYSET_MAX_KEYS)
+    return TG_ETOOBIG;
+  return tg__keyset_new((size_t)count, &l->set);
+}
+
+static int load_row(tg__key_sink_t *s, const tg__key_row_t *r) {
+  load_sink_t *l = (load_sink_t *)s;
+  tg_key_rec_t rec;
+  int rc;
+
+  if (l->set == NULL)
+    return TG_EINVAL;   /* a backend that skipped begin() */
+  rc = row_to_rec(r, &rec);
+  if (rc == TG_ENOMEM)
+    return rc;
+  if (rc == 0)
+    rc = tg__keyset_add(l->set, &rec);
+  if (rc != 0)
+    l->bad++;
+  return 0;
+}
+
 int tg_keystore_load(tg_keystore_t *ks, tg_keyset_t **out, size_t *skipped) {
-  sqlite3_stmt *st = NULL;
-  tg_keyset_t *set = NULL;
-  sqlite3_int64 count;
-  size_t bad = 0;
-  int rc = TG_EDB, step;
+  load_sink_t l = {.sink = {load_begin, load_row}};
+  int rc;
 
   *out = NULL;
-  /* One read transaction: the count and the rows come from one snapshot. */
-  if (sqlite3_exec(ks->db, "BEGIN", NULL, NULL, NULL) != SQLITE_OK)
+  rc = ks->be->scan(ks->c, 0, &l.sink);
+  if (rc == 0 && l.set == NULL)
+    rc = TG_EDB;
+  if (rc != 0) {
+    tg_keyset_release(l.set);
+    return rc;
+  }
+  if (skipped != NULL)
+    *skipped = l.bad;
+  *out = l.set;
+  return 0;
+}
+
+/* ---- the SQLite backend ---- */
+
+struct tg__keystore_conn_s {
+  sqlite3 *db;
+};
+
+static int sq_open(const char *database, const char *data_dir,
+                   tg__keystore_conn_t **out) {
+  tg__keystore_conn_t *c;
+  int rc;
+
+  (void)database;
+  *out = NULL;
+  c = calloc(1, sizeof(*c));
+  if (c == NULL)
+    return TG_ENOMEM;
+  rc = tg_db_sqlite_open(&c->db, data_dir);
+  if (rc != 0) {
+    free(c);
+    return rc;
+  }
+  *out = c;
+  return 0;
+}
+
+static void sq_close(tg__keystore_conn_t *c) {
+  if (c == NULL)
+    return;
+  sqlite3_close(c->db);
+  free(c);
+}
+
+static const char *sq_errmsg(tg__keystore_conn_t *c) {
+  return sqlite3_errmsg(c->db);
+}
+
+static int sq_insert(tg__keystore_conn_t *c, const tg__key_row_t *r) {
+  sqlite3_stmt *st = NULL;
+  int step;
+
+  if (sqlite3_prepare_v2(c->db,
+                         "INSERT INTO api_keys(id, tenant, name, models, "
+                         "secret_sha256, created_at, expires_at, revoked_at)"
+                         " VALUES (?, ?, ?, ?, ?, ?, ?, NULL)",
+                         -1, &st, NULL) != SQLITE_OK)
     return TG_EDB;
-  if (sqlite3_prepare_v2(ks->db, "SELECT COUNT(*) FROM api_keys", -1, &st,
+  sqlite3_bind_text(st, 1, r->id, (int)r->id_len, SQLITE_STATIC);
+  sqlite3_bind_text(st, 2, r->tenant, (int)r->tenant_len, SQLITE_STATIC);
+  if (r->name != NULL)
+    sqlite3_bind_text(st, 3, r->name, (int)r->name_len, SQLITE_STATIC);
+  else
+    sqlite3_bind_null(st, 3);
+  sqlite3_bind_text(st, 4, r->models ? r->models : "", (int)r->models_len,
+                    SQLITE_STATIC);
+  sqlite3_bind_blob(st, 5, r->hash, (int)r->hash_len, SQLITE_STATIC);
+  sqlite3_bind_int64(st, 6, r->created_at);
+  if (r->expires_at != 0)
+    sqlite3_bind_int64(st, 7, r->expires_at);
+  else
+    sqlite3_bind_null(st, 7);
+  step = sqlite3_step(st);
+  sqlite3_finalize(st);
+  if (step == SQLITE_CONSTRAINT_PRIMARYKEY)
+    return TG_EEXISTS;
+  return step == SQLITE_DONE ? 0 : TG_EDB;
+}
+
+static int sq_revoke(tg__keystore_conn_t *c, const char *id, int64_t now) {
+  sqlite3_stmt *st = NULL;
+  int rc = TG_EDB;
+
+  /* COALESCE keeps the first revocation time: revoking twice is harmless
+   * and the audit trail keeps the moment access really ended. */
+  if (sqlite3_prepare_v2(c->db,
+                         "UPDATE api_keys SET revoked_at = "
+                         "COALESCE(revoked_at, ?) WHERE id = ?",
+                         -1, &st, NULL) != SQLITE_OK)
+    goto out;
+  sqlite3_bind_int64(st, 1, now);
+  sqlite3_bind_text(st, 2, id, -1, SQLITE_TRANSIENT);
+  if (sqlite3_step(st) != SQLITE_DONE)
+    goto out;
+  rc = sqlite3_changes(c->db) > 0 ? 0 : TG_ENOTFOUND;
+out:
+  sqlite3_finalize(st);
+  return rc;
+}
+
+static int64_t col_time(sqlite3_stmt *st, int col) {
+  if (sqlite3_column_type(st, col) == SQLITE_NULL)
+    return 0;
+  return (int64_t)sqlite3_column_int64(st, col);
+}
+
+/* Points t/len at a text column (NULL for SQL NULL). */
+static void col_text(sqlite3_stmt *st, int col, const char **t, size_t *len) {
+  *t = (const char *)sqlite3_column_text(st, col);
+  *len = *t ? (size_t)sqlite3_column_bytes(st, col) : 0;
+}
+
+static int sq_scan(tg__keystore_conn_t *c, int listing, tg__key_sink_t *sink) {
+  sqlite3_stmt *st = NULL;
+  sqlite3_int64 count;
+  int rc = TG_EDB, step;
+
+  /* One read transaction: the count and the rows come from one snapshot. */
+  if (sqlite3_exec(c->db, "BEGIN", NULL, NULL, NULL) != SQLITE_OK)
+    return TG_EDB;
+  if (sqlite3_prepare_v2(c->db, "SELECT COUNT(*) FROM api_keys", -1, &st,
                          NULL) != SQLITE_OK ||
       sqlite3_step(st) != SQLITE_ROW)
     goto out;
   count = sqlite3_column_int64(st, 0);
   sqlite3_finalize(st);
   st = NULL;
-  if (count < 0 || (uint64_t)count > TG_KEYSET_MAX_KEYS) {
-    rc = TG_ETOOBIG;
-    goto out;
-  }
-  rc = tg__keyset_new((size_t)count, &set);
+  rc = sink->begin(sink, (int64_t)count);
   if (rc != 0)
     goto out;
   rc = TG_EDB;
-  if (sqlite3_prepare_v2(ks->db,
-                         "SELECT id, tenant, name, models, secret_sha256, "
-                         "created_at, expires_at, revoked_at FROM api_keys",
+  if (sqlite3_prepare_v2(c->db,
+                         listing
+                             ? "SELECT id, tenant, name, models, NULL, "
+                               "created_at, expires_at, revoked_at FROM "
+                               "api_keys ORDER BY created_at, id"
+                             : "SELECT id, tenant, name, models, "
+                               "secret_sha256, created_at, expires_at, "
+                               "revoked_at FROM api_keys",
                          -1, &st, NULL) != SQLITE_OK)
     goto out;
   while ((step = sqlite3_step(st)) == SQLITE_ROW) {
-    tg_key_rec_t rec;
-    int r = row_to_rec(st, &rec);
-    if (r == TG_ENOMEM) {
+    tg__key_row_t row;
+    int r;
+    memset(&row, 0, sizeof(row));
+    col_text(st, 0, &row.id, &row.id_len);
+    col_text(st, 1, &row.tenant, &row.tenant_len);
+    col_text(st, 2, &row.name, &row.name_len);
+    col_text(st, 3, &row.models, &row.models_len);
+    if (sqlite3_column_type(st, 4) == SQLITE_BLOB) {
+      row.hash = sqlite3_column_blob(st, 4);
+      row.hash_len = (size_t)sqlite3_column_bytes(st, 4);
+    }
+    row.created_at = col_time(st, 5);
+    row.expires_at = col_time(st, 6);
+    row.revoked_at = col_time(st, 7);
+    r = sink->row(sink, &row);
+    if (r != 0) {
       rc = r;
       goto out;
     }
-    if (r == 0)
-      r = tg__keyset_add(set, &rec);
-    if (r != 0)
-      bad++;
   }
   if (step != SQLITE_DONE)
     goto out;
   rc = 0;
 out:
   sqlite3_finalize(st);
-  sqlite3_exec(ks->db, "COMMIT", NULL, NULL, NULL);
-  if (rc != 0) {
-    tg_keyset_release(set);
-    return rc;
-  }
-  if (skipped != NULL)
-    *skipped = bad;
-  *out = set;
-  return 0;
+  sqlite3_exec(c->db, "COMMIT", NULL, NULL, NULL);
+  return rc;
 }
 
-/* ---- watcher ---- */
-
-static int read_data_version(sqlite3 *db, int64_t *out) {
+static int sq_marker(tg__keystore_conn_t *c, int64_t *out) {
   sqlite3_stmt *st = NULL;
   int rc = TG_EDB;
-  if (sqlite3_prepare_v2(db, "PRAGMA data_version", -1, &st, NULL) ==
+  if (sqlite3_prepare_v2(c->db, "PRAGMA data_version", -1, &st, NULL) ==
           SQLITE_OK &&
       sqlite3_step(st) == SQLITE_ROW) {
     *out = (int64_t)sqlite3_column_int64(st, 0);
@@ -429,10 +558,23 @@ static int read_data_version(sqlite3 *db, int64_t *out) {
   return rc;
 }
 
-/* Loads a new keyset and publishes it. The version is read before the load:
+const tg__keystore_backend_t tg__keystore_backend_sqlite = {
+  .name = "sqlite",
+  .open = sq_open,
+  .insert = sq_insert,
+  .revoke = sq_revoke,
+  .scan = sq_scan,
+  .marker = sq_marker,
+  .errmsg = sq_errmsg,
+  .close = sq_close,
+};
+
+/* ---- watcher ---- */
+
+/* Loads a new keyset and publishes it. The marker is read before the load:
  * a commit that lands during the load changes it again, so the next poll
  * loads once more instead of missing that commit. */
-static int watch_reload(tg_keywatch_t *w, int64_t version) {
+static int watch_reload(tg_keywatch_t *w, int64_t marker) {
   tg_keyset_t *set = NULL, *old;
   size_t skipped = 0;
   int rc;
@@ -449,20 +591,21 @@ static int watch_reload(tg_keywatch_t *w, int64_t version) {
   atomic_fetch_add_explicit(&w->gen, 1, memory_order_release);
   pthread_mutex_unlock(&w->mu);
   tg_keyset_release(old);
-  w->data_version = version;
+  w->marker = marker;
   return 0;
 }
 
 static void watch_poll(tg_keywatch_t *w) {
+  tg_keystore_t *ks = w->store;
   int64_t v;
-  int rc = read_data_version(w->store->db, &v);
-  if (rc == 0 && v == w->data_version && !w->failing)
+  int rc = ks->be->marker(ks->c, &v);
+  if (rc == 0 && v == w->marker && !w->failing)
     return;
   if (rc == 0)
     rc = watch_reload(w, v);
   if (rc != 0 && !w->failing) {
     fprintf(stderr, "tollgate: keys: reload failed (%s: %s); keeping the "
-            "previous keys\n", tg_strerror(rc), sqlite3_errmsg(w->store->db));
+            "previous keys\n", tg_strerror(rc), ks->be->errmsg(ks->c));
     w->failing = 1;
   } else if (rc == 0 && w->failing) {
     fprintf(stderr, "tollgate: keys: reload works again\n");
@@ -504,8 +647,8 @@ static void watch_free(tg_keywatch_t *w) {
   free(w);
 }
 
-int tg_keywatch_start(const char *data_dir, unsigned interval_ms,
-                      tg_keywatch_t **out) {
+int tg_keywatch_start_db(const char *database, const char *data_dir,
+                         unsigned interval_ms, tg_keywatch_t **out) {
   tg_keywatch_t *w;
   pthread_condattr_t ca;
   int64_t v;
@@ -525,10 +668,10 @@ int tg_keywatch_start(const char *data_dir, unsigned interval_ms,
   pthread_cond_init(&w->cond, &ca);
   pthread_condattr_destroy(&ca);
 
-  rc = tg_keystore_open(data_dir, &w->store);
+  rc = tg_keystore_open_db(database, data_dir, &w->store);
   if (rc != 0)
     goto out;
-  rc = read_data_version(w->store->db, &v);
+  rc = w->store->be->marker(w->store->c, &v);
   if (rc != 0)
     goto out;
   rc = watch_reload(w, v);
@@ -543,6 +686,11 @@ out:
   }
   *out = w;
   return 0;
+}
+
+int tg_keywatch_start(const char *data_dir, unsigned interval_ms,
+                      tg_keywatch_t **out) {
+  return tg_keywatch_start_db(NULL, data_dir, interval_ms, out);
 }
 
 uint64_t tg_keywatch_generation(const tg_keywatch_t *w) {

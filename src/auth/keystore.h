@@ -1,9 +1,10 @@
 /* The key store: where virtual keys live at rest, and the watcher that keeps
  * a running gateway's in-memory keyset (key.h) in step with it.
  *
- * The interface names no database: today's backend is SQLite in
- * <data_dir>/tollgate.db (keystore.c); a PostgreSQL backend can sit behind
- * the same calls. Writers (the `tollgate keys` CLI, the admin API) use a
+ * The interface names no database: the `database` setting chooses the
+ * backend, SQLite in <data_dir>/tollgate.db (keystore.c) by default or a
+ * shared PostgreSQL database (keystore_pg.c) for a gateway run as several
+ * replicas, behind the same calls. Writers (the `tollgate keys` CLI, the admin API) use a
  * tg_keystore_t; the gateway only reads, through a tg_keywatch_t that polls
  * the store from its own thread and publishes a new immutable keyset when the
  * store changed, so a key created or revoked anywhere is honoured by every
@@ -46,6 +47,13 @@ typedef struct {
  * tg_keystore_close(); or a negative error (TG_EIO, TG_EDB, TG_EINVAL,
  * TG_ENOMEM) with *out NULL. A store handle is used by one thread at a time. */
 int tg_keystore_open(const char *data_dir, tg_keystore_t **out);
+
+/* Opens the store that database names: "sqlite", NULL or "" is the SQLite
+ * store of data_dir (as tg_keystore_open); a postgres:// or postgresql://
+ * URL is that PostgreSQL database (schema migrated, data_dir unused).
+ * Returns as tg_keystore_open, and TG_EINVAL for any other database. */
+int tg_keystore_open_db(const char *database, const char *data_dir,
+                        tg_keystore_t **out);
 
 /* Closes and frees the store. NULL is ignored. */
 void tg_keystore_close(tg_keystore_t *ks);
@@ -95,6 +103,14 @@ int tg_keystore_load(tg_keystore_t *ks, tg_keyset_t **out, size_t *skipped);
 int tg_keywatch_start(const char *data_dir, unsigned interval_ms,
                       tg_keywatch_t **out);
 
+/* tg_keywatch_start on the store that database names (as
+ * tg_keystore_open_db). With PostgreSQL the watcher polls one change
+ * counter row that a trigger bumps on every write to api_keys; a poll that
+ * finds the server gone keeps the current keys, reconnects at the next
+ * poll and reloads once it answers. */
+int tg_keywatch_start_db(const char *database, const char *data_dir,
+                         unsigned interval_ms, tg_keywatch_t **out);
+
 /* A counter bumped each time a new keyset is published (the first load is
  * generation 1). One atomic load; meant for each request: a worker keeps the
  * keyset it acquired with the generation it read *before* acquiring, and
@@ -110,6 +126,64 @@ tg_keyset_t *tg_keywatch_acquire(tg_keywatch_t *w);
  * drops the watcher's reference to the current keyset; keysets acquired by
  * callers stay valid until they release them. NULL is ignored. */
 void tg_keywatch_stop(tg_keywatch_t *w);
+
+/* ---- backends (internal: keystore.c holds SQLite's, keystore_pg.c
+ * PostgreSQL's) ----
+ *
+ * keystore.c does everything that does not depend on the database (checks,
+ * key generation, turning rows into keysets and listings, the watcher); a
+ * backend only stores and reads rows. */
+
+typedef struct tg__keystore_conn_s tg__keystore_conn_t;
+
+/* One api_keys row as a backend read it. Texts are views, valid during the
+ * call that passes the row, not NUL-terminated (lengths given); NULL for an
+ * SQL NULL. hash is NULL when the stored value is not a byte string (and
+ * always in a listing). Times are unix seconds, 0 for NULL. */
+typedef struct {
+  const char *id, *tenant, *name, *models;
+  size_t id_len, tenant_len, name_len, models_len;
+  const uint8_t *hash;
+  size_t hash_len;
+  int64_t created_at, expires_at, revoked_at;
+} tg__key_row_t;
+
+/* Where a scan delivers rows. begin(count) comes first, with the number of
+ * rows that follow; row() once per row. A non-zero return stops the scan,
+ * which returns it. */
+typedef struct tg__key_sink_s tg__key_sink_t;
+struct tg__key_sink_s {
+  int (*begin)(tg__key_sink_t *s, int64_t count);
+  int (*row)(tg__key_sink_t *s, const tg__key_row_t *r);
+};
+
+typedef struct {
+  const char *name;
+  /* Opens a connection, schema migrated. Returns 0 and *out, or TG_EIO,
+   * TG_EDB, TG_EINVAL, TG_ENOMEM (saying why on stderr). */
+  int (*open)(const char *database, const char *data_dir,
+              tg__keystore_conn_t **out);
+  /* Stores a new row (revoked_at and a zero expires_at stored as NULL, a
+   * NULL name as NULL). Returns 0, TG_EEXISTS when the id is taken, TG_EDB. */
+  int (*insert)(tg__keystore_conn_t *c, const tg__key_row_t *r);
+  /* Sets revoked_at to now unless it is set. Returns 0, TG_ENOTFOUND when
+   * no row has that id, TG_EDB. */
+  int (*revoke)(tg__keystore_conn_t *c, const char *id, int64_t now);
+  /* Reads every row from one snapshot into sink: listing = 1 orders them
+   * by created_at then id (bytewise) and leaves hashes out. Returns 0,
+   * TG_EDB, or what the sink returned. */
+  int (*scan)(tg__keystore_conn_t *c, int listing, tg__key_sink_t *sink);
+  /* A value that changes whenever any connection or process has committed
+   * a change to api_keys. Returns 0 or TG_EDB, quietly (the watcher calls
+   * it every interval and says once when it starts failing). */
+  int (*marker)(tg__keystore_conn_t *c, int64_t *out);
+  /* The last error as text for a log line (never NULL). */
+  const char *(*errmsg)(tg__keystore_conn_t *c);
+  void (*close)(tg__keystore_conn_t *c);
+} tg__keystore_backend_t;
+
+extern const tg__keystore_backend_t tg__keystore_backend_sqlite;
+extern const tg__keystore_backend_t tg__keystore_backend_pg;
 
 /* ---- CLI (cmd_keys.c) ---- */
 

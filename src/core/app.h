@@ -17,6 +17,7 @@
 #include "auth/keystore.h"
 #include "policy/state.h"
 #include "config/config.h"
+#include "meter/ledger.h"
 #include "http/server.h"
 #include "upstream/client.h"
 #include "upstream/pool.h"
@@ -40,6 +41,7 @@ typedef struct tg_worker_s {
   tg_http_server_t *http;
   tg_upstream_t *up;
   tg_policy_loop_t *policy;
+  tg_ledger_port_t *ledger;
   tg_runtime_t *rt;
   uint64_t rt_gen;
   tg_keyset_t *keys;
@@ -56,6 +58,8 @@ struct tg_app_s {
   atomic_uint_fast64_t rt_gen;
   tg_keywatch_t *keywatch;
   tg_policy_t *policy;
+  tg_ledger_t *ledger;
+  size_t ledger_refuse_at;   /* backlog at which new requests are refused */
   int log_fd;                /* access log, or -1 */
   char id_prefix[9];         /* random per process: request ids stay unique */
   tg_worker_t *workers;

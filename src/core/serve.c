@@ -133,6 +133,10 @@ static void worker_close(tg_worker_t *w) {
     tg_policy_loop_close(w->policy);
     w->policy = NULL;
   }
+  if (w->ledger) {
+    tg_ledger_port_close(w->ledger);
+    w->ledger = NULL;
+  }
   uv_close((uv_handle_t *)&w->tick, on_worker_handle_closed);
   uv_close((uv_handle_t *)&w->async, on_worker_handle_closed);
 }
@@ -205,6 +209,8 @@ static int worker_init(tg_app_t *app, tg_worker_t *w, int id, int admin) {
   if (!admin && (r = tg_upstream_init(&w->up, &w->loop)) < 0)
     return r;
   if (!admin && (r = tg_policy_loop_new(app->policy, &w->loop, &w->policy)) < 0)
+    return r;
+  if (!admin && (r = tg_ledger_port_new(app->ledger, &w->loop, &w->ledger)) < 0)
     return r;
   uv_timer_init(&w->loop, &w->tick);
   w->tick.data = w;
@@ -420,6 +426,13 @@ int tg_cmd_serve(int argc, char **argv) {
     tg_config_unref(cfg);
     goto out;
   }
+  r = tg_ledger_open(cfg->database, cfg->data_dir, NULL, &app.ledger);
+  if (r < 0) {
+    fprintf(stderr, "tollgate: cannot open the usage ledger: %s\n", tg_strerror(r));
+    tg_config_unref(cfg);
+    goto out;
+  }
+  app.ledger_refuse_at = 90000; /* 90 % of the ledger's default bound */
   if (tg_policy_new(cfg, &app.policy) < 0) {
     tg_config_unref(cfg);
     goto out;
@@ -492,6 +505,8 @@ out:
     tg_keywatch_stop(app.keywatch);
   tg_runtime_unref(app.rt);
   tg_policy_free(app.policy);
+  if (app.ledger)
+    tg_ledger_close(app.ledger);
   if (app.log_fd > STDERR_FILENO)
     close(app.log_fd);
   free(app.config_path);

@@ -50,6 +50,32 @@ static const migration_t migrations[] = {
    "  updated_at INTEGER NOT NULL,"
    "  PRIMARY KEY (tenant, period)"
    ");"},
+  {3,
+   /* The usage ledger (src/meter/ledger.c): one row per request that
+    * reached an upstream, unique by request id so a replayed spool adds no
+    * duplicate. STRICT keeps every figure an exact INTEGER (money is nano-USD,
+    * never a REAL). Latencies in microseconds, -1 where not applicable.
+    * (tenant, ts_ms) serves invoices and budget rebuilds, (ts_ms) the purge
+    * and the all-tenant spend. A rowid table: rows land in arrival order and
+    * only the small request_id index takes random inserts. */
+   "CREATE TABLE ledger ("
+   "  request_id TEXT PRIMARY KEY,"
+   "  ts_ms INTEGER NOT NULL,"
+   "  tenant TEXT NOT NULL,"
+   "  key_id TEXT NOT NULL,"
+   "  model TEXT NOT NULL,"
+   "  endpoint TEXT NOT NULL,"
+   "  prompt_tokens INTEGER NOT NULL,"
+   "  completion_tokens INTEGER NOT NULL,"
+   "  cost_nano INTEGER NOT NULL,"
+   "  status INTEGER NOT NULL,"
+   "  usage_counted INTEGER NOT NULL DEFAULT 0,"
+   "  queue_us INTEGER NOT NULL DEFAULT -1,"
+   "  ttft_us INTEGER NOT NULL DEFAULT -1,"
+   "  total_us INTEGER NOT NULL DEFAULT -1"
+   ") STRICT;"
+   "CREATE INDEX ledger_tenant_ts ON ledger(tenant, ts_ms);"
+   "CREATE INDEX ledger_ts ON ledger(ts_ms);"},
 };
 
 #define N_MIGRATIONS (sizeof(migrations) / sizeof(migrations[0]))

@@ -53,30 +53,18 @@
   "  end\n"                                                                   \
   "  return tonumber(redis.call('GET', T) or '0')\n"                          \
   "end\n"                                                                     \
-  "-- drops entries with now - t >= window, then admissions beyond limit\n"   \
-  "-- (oldest first); returns the total left\n"                               \
-  "local function log_trim(L, T, now, window, limit)\n"                       \
+  "-- drops the entries that left the window (now - t >= window); returns\n"  \
+  "-- the admissions left\n"                                                  \
+  "local function log_expire(L, T, now, window)\n"                            \
   "  local total = log_total(L, T)\n"                                         \
   "  local before = total\n"                                                  \
   "  while total > 0 do\n"                                                    \
   "    local e = redis.call('LINDEX', L, 0)\n"                                \
   "    if not e then total = 0 break end\n"                                   \
   "    local ts, n = log_entry(e)\n"                                          \
-  "    if now - ts >= window then\n"                                          \
-  "      redis.call('LPOP', L)\n"                                             \
-  "      total = total - n\n"                                                 \
-  "    elseif total > limit then\n"                                           \
-  "      local excess = total - limit\n"                                      \
-  "      if n <= excess then\n"                                               \
-  "        redis.call('LPOP', L)\n"                                           \
-  "        total = total - n\n"                                               \
-  "      else\n"                                                              \
-  "        redis.call('LSET', L, 0, fmt(ts) .. ' ' .. fmt(n - excess))\n"     \
-  "        total = total - excess\n"                                          \
-  "      end\n"                                                               \
-  "    else\n"                                                                \
-  "      break\n"                                                             \
-  "    end\n"                                                                 \
+  "    if now - ts < window then break end\n"                                 \
+  "    redis.call('LPOP', L)\n"                                               \
+  "    total = total - n\n"                                                   \
   "  end\n"                                                                   \
   "  if total <= 0 then\n"                                                    \
   "    redis.call('DEL', L, T)\n"                                             \
@@ -85,12 +73,26 @@
   "  if total ~= before then redis.call('SET', T, fmt(total), 'KEEPTTL') end\n" \
   "  return total\n"                                                          \
   "end\n"                                                                     \
-  "-- ms until the oldest entry leaves the window; 0 when empty\n"            \
-  "local function log_reset(L, now, window)\n"                                \
-  "  local e = redis.call('LINDEX', L, 0)\n"                                  \
-  "  if not e then return 0 end\n"                                           \
-  "  local ts = log_entry(e)\n"                                               \
-  "  return ts + window - now\n"                                              \
+  "-- ms until the count under limit next goes down: until the k-th oldest\n" \
+  "-- admission leaves, k = total - limit + 1 (the oldest unless a lowered\n" \
+  "-- limit left more in the log); 0 when empty. Walks only in that case.\n"  \
+  "local function log_wait(L, total, limit, now, window)\n"                   \
+  "  local k = total - limit + 1\n"                                           \
+  "  local seen, i, size, last = 0, 0, 1, nil\n"                              \
+  "  while true do\n"                                                         \
+  "    local chunk = redis.call('LRANGE', L, i, i + size - 1)\n"              \
+  "    if #chunk == 0 then break end\n"                                       \
+  "    for j = 1, #chunk do\n"                                                \
+  "      local ts, n = log_entry(chunk[j])\n"                                 \
+  "      seen = seen + n\n"                                                   \
+  "      last = ts\n"                                                         \
+  "      if seen >= k then return ts + window - now end\n"                    \
+  "    end\n"                                                                 \
+  "    i = i + #chunk\n"                                                      \
+  "    size = 256\n"                                                          \
+  "  end\n"                                                                   \
+  "  if last == nil then return 0 end\n"                                      \
+  "  return last + window - now\n"                                            \
   "end\n"                                                                     \
   "-- one admission at now; a clock behind the newest entry counts it\n"      \
   "-- there (errs toward refusing); keys live a window past a minute of skew\n" \
@@ -118,22 +120,21 @@
   "  return {level = tonumber(v[1]), updated = tonumber(v[2])}\n"             \
   "end\n"                                                                     \
   "-- tg_tbucket_refill: a never-used bucket starts full; else it gains\n"    \
-  "-- floor(elapsed * cap / 60000) and stops at cap\n"                        \
-  "local function tb_refill(b, cap, now)\n"                                   \
+  "-- floor(e * cap / 60000) = q * cap + floor(r * tpm / 60) (e = q minutes\n" \
+  "-- and r ms), which keeps every product below 2^53 for tpm < 1.5e11\n"     \
+  "local function tb_refill(b, tpm, now)\n"                                   \
+  "  local cap = tpm * 1000\n"                                                \
   "  if b == nil then return {level = cap, updated = now} end\n"              \
   "  local r = {level = b.level, updated = b.updated}\n"                      \
   "  if now > b.updated then\n"                                               \
-  "    if r.level >= cap then\n"                                              \
-  "      r.level = cap\n"                                                     \
+  "    local e = now - b.updated\n"                                           \
+  "    local deficit = cap - r.level\n"                                       \
+  "    local q = idiv(e, 60000)\n"                                            \
+  "    if deficit <= 0 or q > idiv(deficit, cap) then\n"                      \
+  "      r.level = cap -- whole minutes alone fill it\n"                      \
   "    else\n"                                                                \
-  "      -- past the time to fill up, the bucket is full: keeps the\n"        \
-  "      -- product below 2^53 however long the bucket slept\n"               \
-  "      local full = ceildiv((cap - r.level) * 60000, cap)\n"                \
-  "      if now - b.updated >= full then\n"                                   \
-  "        r.level = cap\n"                                                   \
-  "      else\n"                                                              \
-  "        r.level = math.min(cap, r.level + idiv((now - b.updated) * cap, 60000))\n" \
-  "      end\n"                                                               \
+  "      local gain = q * cap + idiv((e - q * 60000) * tpm, 60)\n"            \
+  "      r.level = math.min(cap, r.level + gain)\n"                           \
   "    end\n"                                                                 \
   "    r.updated = now\n"                                                     \
   "  elseif r.level > cap then\n"                                             \
@@ -141,19 +142,20 @@
   "  end\n"                                                                   \
   "  return r\n"                                                              \
   "end\n"                                                                     \
-  "-- ms until stored bucket b holds target (limits.c tbucket_wait)\n"        \
-  "local function tb_wait(b, cap, target, now)\n"                             \
-  "  if b == nil or cap <= 0 then return 0 end\n"                             \
-  "  local lv = math.min(b.level, cap)\n"                                     \
+  "-- ms until stored bucket b holds target (limits.c tbucket_wait):\n"      \
+  "-- ceil(d * 60000 / cap) written as ceil(d * 60 / tpm)\n"                  \
+  "local function tb_wait(b, tpm, target, now)\n"                             \
+  "  if b == nil or tpm <= 0 then return 0 end\n"                             \
+  "  local lv = math.min(b.level, tpm * 1000)\n"                              \
   "  if lv >= target then return 0 end\n"                                     \
-  "  local w = ceildiv((target - lv) * 60000, cap) - (now - b.updated)\n"     \
+  "  local w = ceildiv((target - lv) * 60, tpm) - (now - b.updated)\n"        \
   "  if w > 0 then return w end\n"                                            \
   "  return 0\n"                                                              \
   "end\n"                                                                     \
   "-- stores b; the key lives until the bucket would be full again\n"        \
-  "local function tb_store(B, b, cap, now)\n"                                 \
+  "local function tb_store(B, b, tpm, now)\n"                                 \
   "  redis.call('HSET', B, 'level_mt', fmt(b.level), 'updated_ms', fmt(b.updated))\n" \
-  "  redis.call('PEXPIRE', B, fmt(tb_wait(b, cap, cap, now) + 60000))\n"      \
+  "  redis.call('PEXPIRE', B, fmt(tb_wait(b, tpm, tpm * 1000, now) + 60000))\n" \
   "end\n"                                                                     \
   "\n"                                                                        \
   "-- budget window: hash K {spent, reserved, alerted}\n"                     \
@@ -172,9 +174,9 @@
   TG_REDIS_LUA_LIB                                                            \
   "local now = tonumber(ARGV[1])\n"                                           \
   "local rps = tonumber(ARGV[2])\n"                                           \
-  "local total = log_trim(KEYS[1], KEYS[2], now, 1000, rps)\n"                \
+  "local total = log_expire(KEYS[1], KEYS[2], now, 1000)\n"                  \
   "if total >= rps then\n"                                                    \
-  "  return {0, log_reset(KEYS[1], now, 1000)}\n"                             \
+  "  return {0, log_wait(KEYS[1], total, rps, now, 1000)}\n"                  \
   "end\n"                                                                     \
   "log_append(KEYS[1], KEYS[2], now, 1000)\n"                                 \
   "return {1, 0}\n"
@@ -218,17 +220,15 @@
   "end\n"                                                                     \
   "local inflight = redis.call('ZCOUNT', leasesK, '(' .. fmt(now), '+inf')\n" \
   "\n"                                                                        \
+  "-- a log above a lowered limit is not trimmed: counting all of it\n"      \
+  "-- refuses exactly as trimming would, and a refusal changes nothing\n"    \
   "local total = 0\n"                                                         \
-  "if rpm > 0 then\n"                                                         \
-  "  total = log_trim(rpmL, rpmT, now, 60000, rpm)\n"                         \
-  "else\n"                                                                    \
-  "  redis.call('DEL', rpmL, rpmT)\n"                                         \
-  "end\n"                                                                     \
+  "if rpm > 0 then total = log_expire(rpmL, rpmT, now, 60000) end\n"          \
   "local cap = tpm * 1000\n"                                                  \
   "local stored, bucket = nil, nil\n"                                         \
   "if tpm > 0 then\n"                                                         \
   "  stored = tb_load(tpmK)\n"                                                \
-  "  bucket = tb_refill(stored, cap, now)\n"                                  \
+  "  bucket = tb_refill(stored, tpm, now) -- a copy: stored only if admitted\n" \
   "end\n"                                                                     \
   "local w = redis.call('HMGET', dayK, 'spent', 'reserved')\n"                \
   "local dspent, dres = tonumber(w[1] or '0'), tonumber(w[2] or '0')\n"       \
@@ -240,10 +240,12 @@
   "  if code == 0 then code = k retry = r end\n"                              \
   "end\n"                                                                     \
   "if conc > 0 and inflight >= conc then refuse(1, 1000) end\n"               \
-  "if rpm > 0 and total >= rpm then refuse(2, log_reset(rpmL, now, 60000)) end\n" \
+  "if rpm > 0 and total >= rpm then\n"                                        \
+  "  refuse(2, log_wait(rpmL, total, rpm, now, 60000))\n"                     \
+  "end\n"                                                                     \
   "if tpm > 0 then\n"                                                         \
   "  local need = math.min(res_mt, cap)\n"                                    \
-  "  if bucket.level < need then refuse(3, tb_wait(stored, cap, need, now)) end\n" \
+  "  if bucket.level < need then refuse(3, tb_wait(stored, tpm, need, now)) end\n" \
   "end\n"                                                                     \
   "if dlim > 0 and dspent + dres + cost > dlim then refuse(4, tonumber(ARGV[15])) end\n" \
   "if mlim > 0 and mspent + mres + cost > mlim then refuse(5, tonumber(ARGV[16])) end\n" \
@@ -251,10 +253,14 @@
   "if code == 0 then\n"                                                       \
   "  redis.call('ZADD', leasesK, lease_exp, lease)\n"                         \
   "  redis.call('HSET', resvK, lease, day_s .. ' ' .. month_s .. ' ' .. cost_s)\n" \
-  "  if rpm > 0 then total = log_append(rpmL, rpmT, now, 60000) end\n"        \
+  "  if rpm > 0 then\n"                                                       \
+  "    total = log_append(rpmL, rpmT, now, 60000)\n"                          \
+  "  else\n"                                                                  \
+  "    redis.call('DEL', rpmL, rpmT) -- unlimited records nothing\n"         \
+  "  end\n"                                                                   \
   "  if tpm > 0 then\n"                                                       \
   "    bucket.level = math.max(bucket.level - res_mt, LEVEL_MIN)\n"           \
-  "    tb_store(tpmK, bucket, cap, now)\n"                                    \
+  "    tb_store(tpmK, bucket, tpm, now)\n"                                    \
   "    stored = bucket\n"                                                     \
   "  end\n"                                                                   \
   "  redis.call('HINCRBY', dayK, 'reserved', cost_s)\n"                       \
@@ -267,13 +273,13 @@
   "if rpm > 0 then\n"                                                         \
   "  lr = rpm\n"                                                              \
   "  rr = math.max(rpm - total, 0)\n"                                         \
-  "  sr = log_reset(rpmL, now, 60000)\n"                                      \
+  "  sr = log_wait(rpmL, total, rpm, now, 60000)\n"                          \
   "end\n"                                                                     \
   "if tpm > 0 then\n"                                                         \
   "  lt = tpm\n"                                                              \
   "  rt = 0\n"                                                                \
   "  if bucket.level > 0 then rt = idiv(bucket.level, 1000) end\n"            \
-  "  st = tb_wait(stored, cap, cap, now)\n"                                   \
+  "  st = tb_wait(stored, tpm, cap, now)\n"                                   \
   "end\n"                                                                     \
   "return {code, retry, lr, rr, sr, lt, rt, st}\n"
 
@@ -294,11 +300,10 @@
   "redis.call('ZREM', KEYS[2], ARGV[4])\n"                                    \
   "local held = redis.call('HDEL', KEYS[3], ARGV[4])\n"                       \
   "if ARGV[3] == '1' and tpm > 0 then\n"                                      \
-  "  local cap = tpm * 1000\n"                                                \
-  "  local b = tb_refill(tb_load(KEYS[1]), cap, now)\n"                       \
+  "  local b = tb_refill(tb_load(KEYS[1]), tpm, now)\n"                       \
   "  local lv = b.level + tonumber(ARGV[5]) - tonumber(ARGV[6])\n"            \
-  "  b.level = math.max(math.min(lv, cap), LEVEL_MIN)\n"                      \
-  "  tb_store(KEYS[1], b, cap, now)\n"                                        \
+  "  b.level = math.max(math.min(lv, tpm * 1000), LEVEL_MIN)\n"               \
+  "  tb_store(KEYS[1], b, tpm, now)\n"                                        \
   "end\n"                                                                     \
   "local function settle(K, thr)\n"                                           \
   "  if redis.call('EXISTS', K) == 0 then return 0, '0' end\n"                \

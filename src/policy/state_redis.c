@@ -48,7 +48,7 @@
 #define TG_REDIS_BACKOFF_MAX_MS 2000
 #define TG_REDIS_TICK_MS 250
 /* Bounds: calls waiting for a reply and leases held per loop thread. */
-#define TG_REDIS_MAX_PENDING 100000
+#define TG_REDIS_MAX_PENDING 20000
 #define TG_REDIS_MAX_LEASES 65536
 #define TG_REDIS_MAX_TENANT 128
 /* Window keys outlive their period by this much (late settlements,
@@ -78,7 +78,7 @@ struct tg__redis_s {
 
 /* ---- calls --------------------------------------------------------------- */
 
-enum { CALL_SETUP, CALL_FATAL_SETUP, CALL_ADMIT, CALL_SETTLE, CALL_RENEW };
+enum { CALL_SETUP, CALL_ADMIT, CALL_SETTLE, CALL_RENEW };
 enum { STAGE_GLOBAL, STAGE_TENANT };
 
 #define CALL_MAX_ARGS 32
@@ -89,7 +89,8 @@ struct call_s {
   call_t *prev, *next;        /* pending list, in send order */
   tg__redis_loop_t *rl;
   int kind;
-  int stage;                  /* CALL_ADMIT: global script first, or tenant */
+  int stage;                  /* CALL_ADMIT: global script first, or tenant;
+                               * CALL_SETUP: 1 on the handshake's last call */
   int script;                 /* index for EVALSHA, or -1 for a plain command */
   int eval_retry;             /* already sent again with EVAL after NOSCRIPT */
   uint64_t sent_ms;           /* uv_now() when sent */
@@ -112,7 +113,9 @@ struct call_s {
 
 /* ---- per loop ------------------------------------------------------------ */
 
-enum { RL_IDLE, RL_RESOLVING, RL_CONNECTING, RL_UP, RL_CLOSED };
+/* IDLE (waiting to reconnect) -> RESOLVING (a host name) -> CONNECTING ->
+ * HANDSHAKE (AUTH, SELECT, SCRIPT LOAD under way) -> UP: usable. */
+enum { RL_IDLE, RL_RESOLVING, RL_CONNECTING, RL_HANDSHAKE, RL_UP, RL_CLOSED };
 enum { LEASE_FREE, LEASE_PENDING, LEASE_ACTIVE };
 
 typedef struct {
@@ -132,13 +135,16 @@ struct tg__redis_loop_s {
   int down;                   /* the failure was logged; log the recovery */
   int ever_up;
   uint64_t backoff_ms;
-  uv_timer_t conn_timer;      /* RL_IDLE: reconnect; RL_CONNECTING: timeout */
+  uv_timer_t conn_timer;      /* RL_IDLE: reconnect; else connect timeout */
   uv_timer_t tick;
   uv_getaddrinfo_t gai;
   int gai_busy;
   call_t *head, *tail;
   size_t n_pending;
-  uint64_t last_renew_ms;
+  uint64_t last_renew_ms;     /* start of the last renewal round */
+  int renewing;               /* a round is under way */
+  uint32_t renew_cursor;      /* next lease slot of the round */
+  int64_t renew_expiry;       /* the round's new expiry */
   uint64_t last_err_log_ms;
   /* The gateway's clock minus uv_now(), learnt from the now_ms of each call,
    * so renewals use the same clock as admissions (injected in tests). */
@@ -152,6 +158,8 @@ struct tg__redis_loop_s {
 
 static void start_connect(tg__redis_loop_t *rl);
 static void schedule_reconnect(tg__redis_loop_t *rl);
+static void become_up(tg__redis_loop_t *rl);
+static void on_conn_timer(uv_timer_t *t);
 static void on_reply(redisAsyncContext *ac, void *reply, void *priv);
 
 /* ---- small helpers ------------------------------------------------------- */
@@ -161,8 +169,8 @@ static int64_t clamp64(int64_t v, int64_t lo, int64_t hi) {
 }
 
 static void log_event(const char *event, const tg__redis_t *r, const char *why) {
-  char detail[512];
-  snprintf(detail, sizeof detail, "redis %s:%d: %s", r->host, r->port, why);
+  char detail[1024];
+  snprintf(detail, sizeof detail, "redis %.255s:%d: %.600s", r->host, r->port, why);
   tg_policy_log(event, detail);
 }
 
@@ -616,7 +624,9 @@ static void pending_del(tg__redis_loop_t *rl, call_t *c) {
 /* Queues c on the connection. Returns 0 (on_reply follows, exactly once) or
  * TG_EUNAVAIL (c untouched, no reply). */
 static int send_call(tg__redis_loop_t *rl, call_t *c) {
-  if (rl->ac == NULL || rl->state != RL_UP || rl->n_pending >= TG_REDIS_MAX_PENDING)
+  if (rl->ac == NULL || rl->n_pending >= TG_REDIS_MAX_PENDING)
+    return TG_EUNAVAIL;
+  if (rl->state != RL_UP && !(rl->state == RL_HANDSHAKE && c->kind == CALL_SETUP))
     return TG_EUNAVAIL;
   if (redisAsyncCommandArgv(rl->ac, on_reply, c, c->argc, c->argv, c->argvlen) != REDIS_OK)
     return TG_EUNAVAIL;
@@ -628,7 +638,7 @@ static int send_call(tg__redis_loop_t *rl, call_t *c) {
 /* The connection is going (or has gone): new calls are refused from now on.
  * hiredis answers what is pending with NULL and then calls on_disconnect. */
 static void mark_down(tg__redis_loop_t *rl, const char *why) {
-  if (rl->state == RL_UP) {
+  if (rl->state == RL_UP || rl->state == RL_HANDSHAKE) {
     rl->state = RL_IDLE;
     if (!rl->down && !rl->closing) {
       rl->down = 1;
@@ -796,7 +806,6 @@ static void on_reply(redisAsyncContext *ac, void *reply, void *priv) {
     case CALL_ADMIT: log_reply_error(rl, "admission", rep->str); break;
     case CALL_SETTLE: log_reply_error(rl, "settlement", rep->str); break;
     case CALL_RENEW: log_reply_error(rl, "lease renewal", rep->str); break;
-    case CALL_SETUP: log_reply_error(rl, "script load", rep->str); break;
     default: break;
     }
   }
@@ -815,11 +824,15 @@ static void on_reply(redisAsyncContext *ac, void *reply, void *priv) {
     else if (rep->type != REDIS_REPLY_ERROR)
       settle_reply(c, rep);
     break;
-  case CALL_FATAL_SETUP:
+  case CALL_SETUP:
+    /* A connection that cannot authenticate, select its database or load
+     * the scripts is no use: drop it and try again later. */
     if (rep != NULL && rep->type == REDIS_REPLY_ERROR) {
       char why[300];
       snprintf(why, sizeof why, "%s refused: %.200s", c->argv[0], rep->str);
       drop(rl, why);
+    } else if (rep != NULL && c->stage == 1 && rl->state == RL_HANDSHAKE) {
+      become_up(rl);
     }
     break;
   default:
@@ -840,24 +853,50 @@ static call_t *call_new(tg__redis_loop_t *rl, int kind) {
   return c;
 }
 
-/* Sends a command built by the caller; failures are logged by the reply. */
-static void send_setup(tg__redis_loop_t *rl, call_t *c) {
+/* The handshake's last reply came: the connection is usable. */
+static void become_up(tg__redis_loop_t *rl) {
+  uv_timer_stop(&rl->conn_timer); /* the connect and handshake timeout */
+  rl->state = RL_UP;
+  rl->backoff_ms = TG_REDIS_BACKOFF_MIN_MS;
+  if (rl->down) {
+    rl->down = 0;
+    log_event("state_redis_up", rl->r, "connected again");
+  } else if (!rl->ever_up) {
+    log_event("state_redis_up", rl->r, "connected");
+  }
+  rl->ever_up = 1;
+}
+
+/* Builds one handshake command; NULL when out of memory or room. */
+static call_t *setup_call(tg__redis_loop_t *rl, const char *a0, const char *a1, const char *a2,
+                          const char *a3) {
+  call_t *c = call_new(rl, CALL_SETUP);
   if (c == NULL)
-    return;
-  if (send_call(rl, c) < 0)
-    free(c);
+    return NULL;
+  const char *v[4] = {a0, a1, a2, a3};
+  for (int i = 0; i < 4 && v[i] != NULL; i++) {
+    /* Script texts are long constants: referenced, not copied. */
+    int rc = strlen(v[i]) > 256 ? arg_static(c, v[i]) : arg(c, "%s", v[i]);
+    if (rc < 0) {
+      free(c);
+      return NULL;
+    }
+  }
+  return c;
 }
 
 static void on_connect(const redisAsyncContext *cac, int status) {
   redisAsyncContext *ac = (redisAsyncContext *)cac;
   tg__redis_loop_t *rl = ac->data;
-  call_t *c;
+  call_t *c[2 + N_SCRIPTS];
+  int n = 0;
+  char db[16];
 
   if (rl == NULL)
     return;
-  uv_timer_stop(&rl->conn_timer);
   if (status != REDIS_OK) {
     /* hiredis frees the context after this returns. */
+    uv_timer_stop(&rl->conn_timer);
     rl->ac = NULL;
     rl->state = RL_IDLE;
     ac->data = NULL;
@@ -868,41 +907,32 @@ static void on_connect(const redisAsyncContext *cac, int status) {
     schedule_reconnect(rl);
     return;
   }
-  rl->state = RL_UP;
-  rl->backoff_ms = TG_REDIS_BACKOFF_MIN_MS;
   /* Pipelined ahead of anything else: by the time a script runs, the
-   * connection is authenticated, on its database, and the scripts loaded. */
-  if (rl->r->has_pass && (c = call_new(rl, CALL_FATAL_SETUP)) != NULL) {
-    if ((rl->r->user[0] ? arg(c, "AUTH") || arg(c, "%s", rl->r->user) || arg(c, "%s", rl->r->pass)
-                        : arg(c, "AUTH") || arg(c, "%s", rl->r->pass)) != 0) {
-      free(c);
-      c = NULL;
-    }
-    send_setup(rl, c);
+   * connection is authenticated, on its database, and the scripts loaded.
+   * Admissions wait (are refused) until the last of these answers. */
+  rl->state = RL_HANDSHAKE;
+  const tg__redis_t *r = rl->r;
+  if (r->has_pass)
+    c[n++] = r->user[0] ? setup_call(rl, "AUTH", r->user, r->pass, NULL)
+                        : setup_call(rl, "AUTH", r->pass, NULL, NULL);
+  if (r->db != 0) {
+    snprintf(db, sizeof db, "%d", r->db);
+    c[n++] = setup_call(rl, "SELECT", db, NULL, NULL);
   }
-  if (rl->r->db != 0 && (c = call_new(rl, CALL_FATAL_SETUP)) != NULL) {
-    if (arg(c, "SELECT") || arg(c, "%d", rl->r->db)) {
-      free(c);
-      c = NULL;
-    }
-    send_setup(rl, c);
-  }
-  for (int i = 0; i < N_SCRIPTS; i++) {
-    if ((c = call_new(rl, CALL_SETUP)) == NULL)
+  for (int i = 0; i < N_SCRIPTS; i++)
+    c[n++] = setup_call(rl, "SCRIPT", "LOAD", script_text[i], NULL);
+  if (c[n - 1] != NULL)
+    c[n - 1]->stage = 1;
+  for (int i = 0; i < n; i++) {
+    if (c[i] != NULL && send_call(rl, c[i]) == 0)
       continue;
-    if (arg(c, "SCRIPT") || arg(c, "LOAD") || arg_static(c, script_text[i])) {
-      free(c);
-      continue;
-    }
-    send_setup(rl, c);
+    for (int j = i; j < n; j++)
+      free(c[j]);
+    /* Not from here: hiredis still uses the context after this callback.
+     * The connect timer drops it at once instead. */
+    uv_timer_start(&rl->conn_timer, on_conn_timer, 0, 0);
+    return;
   }
-  if (rl->down) {
-    rl->down = 0;
-    log_event("state_redis_up", rl->r, "connected again");
-  } else if (!rl->ever_up) {
-    log_event("state_redis_up", rl->r, "connected");
-  }
-  rl->ever_up = 1;
 }
 
 static void on_disconnect(const redisAsyncContext *cac, int status) {
@@ -917,7 +947,9 @@ static void on_disconnect(const redisAsyncContext *cac, int status) {
     rl->state = RL_CLOSED;
     return;
   }
-  mark_down(rl, status == REDIS_OK ? "disconnected" : (ac->errstr[0] ? ac->errstr : "connection lost"));
+  mark_down(rl, status == REDIS_OK   ? "disconnected"
+                : ac->errstr[0] ? ac->errstr
+                                : "connection lost");
   rl->state = RL_IDLE;
   schedule_reconnect(rl);
 }
@@ -945,8 +977,6 @@ static void connect_to(tg__redis_loop_t *rl, const char *ip) {
   rl->ac = ac;
   rl->state = RL_CONNECTING;
 }
-
-static void on_conn_timer(uv_timer_t *t);
 
 static void arm_connect_timeout(tg__redis_loop_t *rl) {
   uv_timer_start(&rl->conn_timer, on_conn_timer, TG_REDIS_CONNECT_TIMEOUT_MS, 0);
@@ -982,11 +1012,19 @@ static void on_resolved(uv_getaddrinfo_t *req, int status, struct addrinfo *res)
     schedule_reconnect(rl);
     return;
   }
+  /* IPv4 first, as hiredis itself resolves: "localhost" then reaches a
+   * server bound to 127.0.0.1 even where ::1 is listed first. */
+  const struct addrinfo *pick = res;
+  for (const struct addrinfo *ai = res; ai != NULL; ai = ai->ai_next)
+    if (ai->ai_family == AF_INET) {
+      pick = ai;
+      break;
+    }
   ip[0] = '\0';
-  if (res->ai_family == AF_INET6)
-    uv_ip6_name((const struct sockaddr_in6 *)res->ai_addr, ip, sizeof ip);
+  if (pick->ai_family == AF_INET6)
+    uv_ip6_name((const struct sockaddr_in6 *)pick->ai_addr, ip, sizeof ip);
   else
-    uv_ip4_name((const struct sockaddr_in *)res->ai_addr, ip, sizeof ip);
+    uv_ip4_name((const struct sockaddr_in *)pick->ai_addr, ip, sizeof ip);
   uv_freeaddrinfo(res);
   rl->state = RL_IDLE;
   connect_to(rl, ip);
@@ -1026,6 +1064,8 @@ static void on_conn_timer(uv_timer_t *t) {
   tg__redis_loop_t *rl = t->data;
   if (rl->state == RL_CONNECTING)
     drop(rl, "connect timed out");
+  else if (rl->state == RL_HANDSHAKE)
+    drop(rl, "handshake failed or timed out");
   else if (rl->state == RL_IDLE)
     start_connect(rl);
 }
@@ -1041,10 +1081,12 @@ static void schedule_reconnect(tg__redis_loop_t *rl) {
 
 /* ---- tick: late replies, lease renewal ----------------------------------- */
 
+/* Sends the renewals of one round from the cursor on; stops early when the
+ * connection takes no more (the pending bound) and goes on at the next
+ * tick, so a loop with many leases still renews them all in time. */
 static void renew_leases(tg__redis_loop_t *rl) {
-  int64_t expiry = loop_clock(rl) + TG_REDIS_LEASE_TTL_MS;
-  for (uint32_t i = 0; i < rl->lease_cap; i++) {
-    lease_t *l = &rl->leases[i];
+  for (; rl->renew_cursor < rl->lease_cap; rl->renew_cursor++) {
+    lease_t *l = &rl->leases[rl->renew_cursor];
     if (l->state != LEASE_ACTIVE)
       continue;
     call_t *c = call_new(rl, CALL_RENEW);
@@ -1052,12 +1094,13 @@ static void renew_leases(tg__redis_loop_t *rl) {
       return;
     snprintf(c->tenant, sizeof c->tenant, "%s", l->tenant);
     /* XX: a lease already expired and swept stays gone. */
-    if (arg(c, "ZADD") || arg_key(c, "leases") || arg(c, "XX") || arg_i64(c, expiry) ||
-        arg(c, "%s", l->id) || send_call(rl, c) < 0) {
+    if (arg(c, "ZADD") || arg_key(c, "leases") || arg(c, "XX") ||
+        arg_i64(c, rl->renew_expiry) || arg(c, "%s", l->id) || send_call(rl, c) < 0) {
       free(c);
       return;
     }
   }
+  rl->renewing = 0;
 }
 
 static void on_tick(uv_timer_t *t) {
@@ -1068,10 +1111,16 @@ static void on_tick(uv_timer_t *t) {
     drop(rl, "no reply within 2 s");
     return;
   }
-  if (rl->state == RL_UP && now - rl->last_renew_ms >= TG_REDIS_LEASE_RENEW_MS) {
+  if (rl->state != RL_UP)
+    return; /* renewals wait for the connection; a round under way goes on after */
+  if (!rl->renewing && now - rl->last_renew_ms >= TG_REDIS_LEASE_RENEW_MS) {
+    rl->renewing = 1;
+    rl->renew_cursor = 0;
+    rl->renew_expiry = loop_clock(rl) + TG_REDIS_LEASE_TTL_MS;
     rl->last_renew_ms = now;
-    renew_leases(rl);
   }
+  if (rl->renewing)
+    renew_leases(rl);
 }
 
 /* ---- public -------------------------------------------------------------- */

@@ -330,7 +330,7 @@ def test_concurrency_refusal_and_release(tg, sim):
     r = tgtest.wait_for(lambda: (lambda x: x if x.status == 200 else None)(ask(gw, "conc")),
                         timeout=3, what="a slot freed by the disconnect")
     assert r.status == 200
-    s3 = slow_stream(gw, key, tokens=5, token_ms=50)
+    s3 = slow_stream(gw, key, tokens=10, token_ms=100)
     assert s3.status == 200
     assert ask(gw, "conc").status == 429   # s2 and s3 hold both
 

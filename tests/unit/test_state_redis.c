@@ -372,6 +372,31 @@ static void test_url(void **state) {
   tg__redis_free(r);
 }
 
+/* The longest tenant name the backend takes fits its keys; longer ones
+ * are refused without a callback. */
+static void test_tenant_names(void **state) {
+  (void)state;
+  char name[130];
+  res_t res;
+  memset(name, 'x', sizeof name);
+  name[128] = '\0';
+  tg_admit_req_t r = req(name);
+  r.limits.rpm = 1;
+  r.limits.tpm = 1000000;
+  r.limits.day_limit = USD(1000);
+  r.global_rps = 1000;
+  assert_admitted(admit(&r, T0));
+  assert_refused(admit(&r, T0 + 1), TG_LIMIT_REQUESTS, 59999);
+  name[128] = 'x';
+  name[129] = '\0';
+  memset(&res, 0, sizeof res);
+  assert_int_equal(tg__redis_admit(fx.rl, &r, T0, on_admit, &res), TG_ETOOBIG);
+  r.tenant = "";
+  assert_int_equal(tg__redis_admit(fx.rl, &r, T0, on_admit, &res), TG_EINVAL);
+  spin_ms(&fx.loop, 20);
+  assert_int_equal(res.done, 0);
+}
+
 static void test_requests_per_minute(void **state) {
   (void)state;
   tg_admit_req_t r = req("acme");
@@ -406,6 +431,19 @@ static void test_requests_per_minute(void **state) {
   assert_refused(a, TG_LIMIT_REQUESTS, 50);
   /* No 60 s span ever admitted more than 60: the log holds exactly 60. */
   assert_string_equal(sget("GET tg:{acme}:rpm:n"), "60");
+  /* A lowered limit (a reload) counts everything in the window: with 10,
+   * the 51st oldest admission (at T0 + 5100) must leave first. The log is
+   * not trimmed by the refusal, so raising the limit again finds it whole. */
+  r.limits.rpm = 10;
+  a = admit(&r, T0 + 60100);
+  assert_refused(a, TG_LIMIT_REQUESTS, T0 + 5100 + 60000 - (T0 + 60100));
+  assert_int_equal(a.v.remaining_requests, 0);
+  assert_int_equal(a.v.reset_requests_ms, 5000);
+  assert_string_equal(sget("GET tg:{acme}:rpm:n"), "59");
+  r.limits.rpm = 60;
+  a = admit(&r, T0 + 60100);
+  assert_admitted(a);
+  assert_int_equal(a.v.remaining_requests, 0);
   /* Another tenant is not affected. */
   tg_admit_req_t o = req("other");
   o.limits.rpm = 1;
@@ -728,13 +766,19 @@ static void check_same(const tg_verdict_t *m, const tg_verdict_t *v, int step) {
 
 static void test_same_verdicts_as_limits_c(void **state) {
   (void)state;
-  static const int64_t rpms[] = {0, 3, 20};
-  static const int64_t tpms[] = {0, 900, 50000};
+  static const int64_t rpms[] = {0, 4, 12};
+  static const int64_t tpms[] = {0, 900, 50000, 2000000000}; /* the last: big figures */
   static const int64_t concs[] = {0, 2, 5};
   static const tg_nano_t days[] = {0, USD(2), USD(50)};
   int step = 0;
+  int seen[TG_LIMIT_UNAVAILABLE + 1] = {0};
+  /* TG_DIFF_SCENARIOS=n runs more of them (and TG_DIFF_SEED another seed). */
+  const char *env = getenv("TG_DIFF_SCENARIOS");
+  int scenarios = env ? (int)strtol(env, NULL, 10) : 12;
+  if (getenv("TG_DIFF_SEED"))
+    rng ^= strtoull(getenv("TG_DIFF_SEED"), NULL, 10) * 0x2545f4914f6cdd1dULL;
 
-  for (int scenario = 0; scenario < 12; scenario++) {
+  for (int scenario = 0; scenario < scenarios; scenario++) {
     char tenant[32];
     tg_tenant_state_t s;
     tg_slog_t glog;
@@ -748,7 +792,7 @@ static void test_same_verdicts_as_limits_c(void **state) {
     memset(&glog, 0, sizeof glog);
     memset(&lim, 0, sizeof lim);
     lim.rpm = rpms[rnd(3)];
-    lim.tpm = tpms[rnd(3)];
+    lim.tpm = tpms[rnd(4)];
     lim.concurrency = concs[rnd(3)];
     lim.day_limit = days[rnd(3)];
     lim.month_limit = days[rnd(3)];
@@ -761,7 +805,7 @@ static void test_same_verdicts_as_limits_c(void **state) {
     int mem_alerts = 0;
 
     for (int i = 0; i < 120; i++, step++) {
-      now += rnd(4) == 0 ? rnd(40000) : rnd(700);
+      now += rnd(8) == 0 ? rnd(40000) : rnd(700);
       /* Settle what is older than 20 s: leases never expire here, as
        * limits.c has none. */
       while (n_held > 0 && (now - held[0].at > 20000 || n_held == 64 || rnd(3) == 0)) {
@@ -769,11 +813,16 @@ static void test_same_verdicts_as_limits_c(void **state) {
         int64_t tok = rnd(2500);
         tg_nano_t cost = (tg_nano_t)rnd(900) * 1000000;
         int ad = 0, am = 0;
-        tg_limits_settle(&s, &lim, &h->r.reserve, &h->v, tok, cost, now, &ad, &am);
+        tg_limits_settle(&s, &h->r.limits, &h->r.reserve, &h->v, tok, cost, now, &ad, &am);
         mem_alerts += ad + am;
         settle(&h->r, &h->a, tok, cost, now);
         memmove(&held[0], &held[1], (size_t)(n_held - 1) * sizeof held[0]);
         n_held--;
+      }
+      if (rnd(40) == 0) { /* a reload: limits change under traffic */
+        lim.rpm = rpms[rnd(3)];
+        lim.tpm = tpms[rnd(4)];
+        lim.concurrency = concs[rnd(3)];
       }
       tg_admit_req_t r = req(tenant);
       r.limits = lim;
@@ -796,9 +845,11 @@ static void test_same_verdicts_as_limits_c(void **state) {
         /* The global refusal carries no tenant figures in either backend. */
         assert_int_equal(ra.v.refused, TG_LIMIT_GLOBAL);
         assert_int_equal(ra.v.retry_after_ms, mv.retry_after_ms);
+        seen[TG_LIMIT_GLOBAL]++;
         continue;
       }
       check_same(&mv, &ra.v, step);
+      seen[mv.refused]++;
       if (mv.refused == TG_LIMIT_NONE) {
         held[n_held].a = ra;
         held[n_held].v = mv;
@@ -809,7 +860,8 @@ static void test_same_verdicts_as_limits_c(void **state) {
     }
     for (int k = 0; k < n_held; k++) {
       int ad = 0, am = 0;
-      tg_limits_settle(&s, &lim, &held[k].r.reserve, &held[k].v, 100, 0, now, &ad, &am);
+      tg_limits_settle(&s, &held[k].r.limits, &held[k].r.reserve, &held[k].v, 100, 0, now,
+                       &ad, &am);
       mem_alerts += ad + am;
       settle(&held[k].r, &held[k].a, 100, 0, now);
     }
@@ -823,6 +875,10 @@ static void test_same_verdicts_as_limits_c(void **state) {
     tg_tenant_state_free(&s);
     tg_slog_free(&glog);
   }
+  /* The traffic reached every outcome. */
+  for (int k = TG_LIMIT_NONE; k < TG_LIMIT_UNAVAILABLE; k++)
+    if (seen[k] == 0)
+      fail_msg("no verdict of kind %s in %d steps", tg_limit_detail((tg_limit_kind_t)k), step);
 }
 
 /* ---- lease renewal (waits 10 s of real time) ------------------------------------ */
@@ -943,12 +999,13 @@ static void test_redis_killed_and_restarted(void **state) {
     assert_int_equal(res[i].done, 1);
 }
 
-static void test_select_db_from_url(void **state) {
+static void test_host_name_and_db_from_url(void **state) {
   (void)state;
   tg__redis_t *r = NULL;
   tg__redis_loop_t *rl = NULL;
   char url[64];
-  snprintf(url, sizeof url, "redis://127.0.0.1:%d/3", fx.srv.port);
+  /* A name: resolved off the loop. */
+  snprintf(url, sizeof url, "redis://localhost:%d/3", fx.srv.port);
   assert_int_equal(tg__redis_new(url, &r), 0);
   assert_int_equal(tg__redis_loop_new(r, &fx.loop, &rl), 0);
   assert_true(wait_connected(&fx.loop, rl, 1, 3000));
@@ -964,9 +1021,55 @@ static void test_select_db_from_url(void **state) {
   tg__redis_free(r);
 }
 
+/* A password in the URL is sent first on every connection; a wrong one
+ * leaves the backend unusable (and saying so), never admitting. */
+static void test_password(void **state) {
+  (void)state;
+  tg__redis_t *good = NULL, *bad = NULL;
+  tg__redis_loop_t *rg = NULL, *rb = NULL;
+  char url[96];
+  tg_admit_req_t q = req("authtest");
+  q.limits.rpm = 5;
+
+  assert_string_equal(sget("CONFIG SET requirepass s3cret"), "OK");
+  assert_string_equal(sget("AUTH s3cret"), "OK");
+  snprintf(url, sizeof url, "redis://:s3cret@127.0.0.1:%d", fx.srv.port);
+  assert_int_equal(tg__redis_new(url, &good), 0);
+  snprintf(url, sizeof url, "redis://default:wrong@127.0.0.1:%d", fx.srv.port);
+  assert_int_equal(tg__redis_new(url, &bad), 0);
+  assert_int_equal(tg__redis_loop_new(good, &fx.loop, &rg), 0);
+  assert_int_equal(tg__redis_loop_new(bad, &fx.loop, &rb), 0);
+  assert_true(wait_connected(&fx.loop, rg, 1, 3000));
+  assert_admitted(admit_on(rg, &fx.loop, &q, T0));
+
+  for (int i = 0; i < 5; i++) {
+    res_t res;
+    memset(&res, 0, sizeof res);
+    if (tg__redis_admit(rb, &q, T0 + 1, on_admit, &res) == 0) {
+      spin(&fx.loop, &res.done, 1, 3000);
+      assert_int_equal(res.done, 1);
+      assert_int_equal(res.a.v.refused, TG_LIMIT_UNAVAILABLE);
+    }
+    spin_ms(&fx.loop, 100);
+  }
+  /* Said once, not at every attempt; never claimed to be up. */
+  assert_int_equal(n_down_logs, 1);
+  assert_int_equal(n_up_logs, 1); /* the good one */
+  assert_int_equal(tg__redis_connected(rb), 0);
+  assert_string_equal(sget("GET tg:{authtest}:rpm:n"), "1");
+
+  assert_string_equal(sget("CONFIG SET requirepass %s", ""), "OK");
+  tg__redis_loop_close(rg);
+  tg__redis_loop_close(rb);
+  spin_ms(&fx.loop, 20);
+  tg__redis_free(good);
+  tg__redis_free(bad);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_url),
+      cmocka_unit_test_setup(test_tenant_names, test_setup),
       cmocka_unit_test_setup(test_requests_per_minute, test_setup),
       cmocka_unit_test_setup(test_tokens_bucket_and_settle, test_setup),
       cmocka_unit_test_setup(test_concurrency_lease_released_by_settle, test_setup),
@@ -975,7 +1078,8 @@ int main(void) {
       cmocka_unit_test_setup(test_alert_once, test_setup),
       cmocka_unit_test_setup(test_global_limit, test_setup),
       cmocka_unit_test_setup(test_noscript_falls_back, test_setup),
-      cmocka_unit_test_setup(test_select_db_from_url, test_setup),
+      cmocka_unit_test_setup(test_host_name_and_db_from_url, test_setup),
+      cmocka_unit_test_setup(test_password, test_setup),
       cmocka_unit_test_setup(test_two_gateways_share_the_limit, test_setup),
       cmocka_unit_test_setup(test_same_verdicts_as_limits_c, test_setup),
       cmocka_unit_test_setup(test_lease_renewal, test_setup),

@@ -1,0 +1,408 @@
+/* Connecting to PostgreSQL and migrating its schema.
+ *
+ * The schema is the embedded SQLite database's (db_sqlite.c), table for
+ * table and column for column, in PostgreSQL types: every integer is a
+ * BIGINT (money is nano-USD), the key hash a BYTEA. Migrations are an
+ * ordered, append-only list of SQL scripts numbered from 1; a database
+ * records the ones it has in schema_migrations. Opening applies the missing
+ * ones in one transaction that first takes a transaction-scoped advisory
+ * lock, so gateway replicas starting together against a fresh database wait
+ * for each other and each script runs once; a script that fails rolls the
+ * whole transaction back (DDL is transactional in PostgreSQL). A published
+ * migration is never edited: a change of schema is a new entry at the end.
+ *
+ * Every connection gets short timeouts by default (connect, TCP keepalive,
+ * unacknowledged sends, statements, lock waits), so a server that vanished
+ * shows up as an error within seconds and the callers can fall back (the
+ * ledger spools, the key watcher keeps its keys) instead of hanging. */
+#include "meter/db_pg.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "core/err.h"
+
+typedef struct {
+  int version;
+  const char *sql;
+} migration_t;
+
+static const migration_t migrations[] = {
+  {1,
+   /* Virtual keys (src/auth), as SQLite's migration 1: only the SHA-256 of
+    * the secret is stored; models is a comma list, '' = every model the
+    * tenant may use; times in unix seconds.
+    * api_keys_changes is the key watchers' change marker: a statement
+    * trigger bumps its one row in the same transaction as any write to
+    * api_keys (the CLI's, or an operator's own SQL), so a watcher polls one
+    * tiny row instead of reading the table, and never misses a change that
+    * a max(created_at)/count(*) marker would (two revocations in one
+    * second, a deleted row). */
+   "CREATE TABLE api_keys ("
+   "  id TEXT PRIMARY KEY,"
+   "  tenant TEXT NOT NULL,"
+   "  name TEXT,"
+   "  models TEXT,"
+   "  secret_sha256 BYTEA NOT NULL,"
+   "  created_at BIGINT NOT NULL,"
+   "  expires_at BIGINT,"
+   "  revoked_at BIGINT"
+   ");"
+   "CREATE INDEX api_keys_tenant ON api_keys(tenant);"
+   "CREATE TABLE api_keys_changes ("
+   "  singleton BOOLEAN PRIMARY KEY DEFAULT TRUE CHECK (singleton),"
+   "  version BIGINT NOT NULL"
+   ");"
+   "INSERT INTO api_keys_changes (singleton, version) VALUES (TRUE, 0);"
+   "CREATE FUNCTION tg_api_keys_bump() RETURNS trigger LANGUAGE plpgsql AS $$"
+   " BEGIN UPDATE api_keys_changes SET version = version + 1; RETURN NULL;"
+   " END $$;"
+   "CREATE TRIGGER api_keys_bump AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE"
+   " ON api_keys FOR EACH STATEMENT EXECUTE FUNCTION tg_api_keys_bump();"},
+  {2,
+   /* Budget spend per tenant and period ('day:2026-11-28', 'month:2026-11'),
+    * as SQLite's migration 2. */
+   "CREATE TABLE tenant_spend ("
+   "  tenant TEXT NOT NULL,"
+   "  period TEXT NOT NULL,"
+   "  spent_nano BIGINT NOT NULL,"
+   "  alerted INTEGER NOT NULL DEFAULT 0,"
+   "  updated_at BIGINT NOT NULL,"
+   "  PRIMARY KEY (tenant, period)"
+   ");"},
+  {3,
+   /* The usage ledger, as SQLite's migration 3: one row per request that
+    * reached an upstream, unique by request id so a replayed spool (or a
+    * batch retried after a lost COMMIT reply) adds no duplicate. Every
+    * figure is an exact BIGINT. (tenant, ts_ms) serves invoices and budget
+    * rebuilds, (ts_ms) the purge and the all-tenant spend. */
+   "CREATE TABLE ledger ("
+   "  request_id TEXT PRIMARY KEY,"
+   "  ts_ms BIGINT NOT NULL,"
+   "  tenant TEXT NOT NULL,"
+   "  key_id TEXT NOT NULL,"
+   "  model TEXT NOT NULL,"
+   "  endpoint TEXT NOT NULL,"
+   "  prompt_tokens BIGINT NOT NULL,"
+   "  completion_tokens BIGINT NOT NULL,"
+   "  cost_nano BIGINT NOT NULL,"
+   "  status INTEGER NOT NULL,"
+   "  usage_counted INTEGER NOT NULL DEFAULT 0,"
+   "  queue_us BIGINT NOT NULL DEFAULT -1,"
+   "  ttft_us BIGINT NOT NULL DEFAULT -1,"
+   "  total_us BIGINT NOT NULL DEFAULT -1"
+   ");"
+   "CREATE INDEX ledger_tenant_ts ON ledger(tenant, ts_ms);"
+   "CREATE INDEX ledger_ts ON ledger(ts_ms);"},
+};
+
+#define N_MIGRATIONS (sizeof(migrations) / sizeof(migrations[0]))
+
+/* Migrations may rebuild an index on a big ledger: they get more time than
+ * a gateway statement, and wait longer for a replica that migrates. */
+#define MIGRATE_TIMEOUTS \
+  "SET LOCAL statement_timeout = '300s'; SET LOCAL lock_timeout = '60s'"
+
+int tg_db_pg_schema_version(void) {
+  return migrations[N_MIGRATIONS - 1].version;
+}
+
+int tg_db_pg_is_url(const char *database) {
+  if (database == NULL)
+    return 0;
+  return strncmp(database, "postgres://", 11) == 0 ||
+         strncmp(database, "postgresql://", 13) == 0;
+}
+
+/* libpq's messages end in a newline and may add hint lines: the first line
+ * says what failed, which is what a log line needs. */
+static const char *first_line(const char *m, char *buf, size_t size) {
+  size_t len;
+
+  if (size == 0)
+    return buf;
+  if (m == NULL || *m == '\0')
+    m = "unknown error";
+  len = strcspn(m, "\n");
+  if (len >= size)
+    len = size - 1;
+  memcpy(buf, m, len);
+  buf[len] = '\0';
+  return buf;
+}
+
+const char *tg_db_pg_errmsg(PGconn *c, char *buf, size_t size) {
+  return first_line(c ? PQerrorMessage(c) : "not connected", buf, size);
+}
+
+int tg_db_pg_broken(PGconn *c) {
+  return c == NULL || PQstatus(c) != CONNECTION_OK;
+}
+
+/* Appends s[0..n) to buf at *off, cut at size - 1. */
+static void put(char *buf, size_t size, size_t *off, const char *s, size_t n) {
+  if (*off + 1 >= size)
+    return;
+  if (n > size - 1 - *off)
+    n = size - 1 - *off;
+  memcpy(buf + *off, s, n);
+  *off += n;
+  buf[*off] = '\0';
+}
+
+const char *tg_db_pg_redact(const char *url, char *buf, size_t size) {
+  const char *p, *auth, *auth_end, *at = NULL, *colon = NULL;
+  size_t off = 0;
+
+  if (size == 0)
+    return buf;
+  buf[0] = '\0';
+  if (url == NULL)
+    return buf;
+  p = strstr(url, "://");
+  if (p == NULL) {
+    put(buf, size, &off, url, strlen(url));
+    return buf;
+  }
+  auth = p + 3;
+  auth_end = auth + strcspn(auth, "/?");
+  /* The last '@' ends the user info: a password may hold '@' itself. */
+  for (const char *q = auth; q < auth_end; q++)
+    if (*q == '@')
+      at = q;
+  if (at != NULL)
+    colon = memchr(auth, ':', (size_t)(at - auth));
+  if (colon != NULL) {
+    put(buf, size, &off, url, (size_t)(colon + 1 - url));
+    put(buf, size, &off, "***", 3);
+    p = at;
+  } else {
+    p = url;
+  }
+  /* The rest, with the value of a password= parameter hidden. */
+  while (*p != '\0') {
+    const char *q = strstr(p, "password=");
+    if (q == NULL || q < auth_end || (q[-1] != '?' && q[-1] != '&')) {
+      if (q == NULL) {
+        put(buf, size, &off, p, strlen(p));
+        break;
+      }
+      put(buf, size, &off, p, (size_t)(q + 9 - p));
+      p = q + 9;
+      continue;
+    }
+    put(buf, size, &off, p, (size_t)(q + 9 - p));
+    put(buf, size, &off, "***", 3);
+    p = q + 9 + strcspn(q + 9, "&");
+  }
+  return buf;
+}
+
+int tg_db_pg_int64(const PGresult *r, int row, int col, int64_t *out) {
+  const char *s;
+  char *end = NULL;
+  long long v;
+
+  if (PQgetisnull(r, row, col))
+    return TG_EPARSE;
+  s = PQgetvalue(r, row, col);
+  if (s == NULL || *s == '\0')
+    return TG_EPARSE;
+  errno = 0;
+  v = strtoll(s, &end, 10);
+  if (errno != 0 || end == s || *end != '\0')
+    return TG_EPARSE;
+  *out = (int64_t)v;
+  return 0;
+}
+
+int tg_db_pg_exec(PGconn *c, const char *sql) {
+  PGresult *r = PQexec(c, sql);
+  ExecStatusType st = PQresultStatus(r);
+  int rc = st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK ? 0 : TG_EDB;
+  PQclear(r);
+  return rc;
+}
+
+/* Server notices (a CREATE ... IF NOT EXISTS that skipped, ...) are not the
+ * operator's business; warnings are. */
+static void on_notice(void *arg, const PGresult *r) {
+  const char *sev = PQresultErrorField(r, PG_DIAG_SEVERITY_NONLOCALIZED);
+  char msg[256];
+  (void)arg;
+  if (sev != NULL && strcmp(sev, "WARNING") == 0)
+    fprintf(stderr, "tollgate: database warning: %s\n",
+            first_line(PQresultErrorMessage(r), msg, sizeof(msg)));
+}
+
+int tg_db_pg_connect(const char *url, const tg_db_pg_opts_t *o,
+                     PGconn **out) {
+  static const tg_db_pg_opts_t defaults = {0};
+  char connect_s[16], user_timeout[16], options[160], msg[256];
+  char shown[256];
+  unsigned stmt_ms, lock_ms, conn_s;
+  PQconninfoOption *parsed;
+  char *perr = NULL;
+  PGconn *c;
+  int rc;
+
+  *out = NULL;
+  if (o == NULL)
+    o = &defaults;
+  if (!tg_db_pg_is_url(url) || strlen(url) >= TG_DB_PG_URL_MAX)
+    return TG_EINVAL;
+  /* A URL libpq cannot read is a configuration error, not an outage. */
+  parsed = PQconninfoParse(url, &perr);
+  if (parsed == NULL) {
+    if (!o->quiet)
+      fprintf(stderr, "tollgate: database %s: %s\n",
+              tg_db_pg_redact(url, shown, sizeof(shown)),
+              perr ? first_line(perr, msg, sizeof(msg)) : "out of memory");
+    rc = perr ? TG_EINVAL : TG_ENOMEM;
+    PQfreemem(perr);
+    return rc;
+  }
+  PQconninfoFree(parsed);
+
+  conn_s = o->connect_timeout_s ? o->connect_timeout_s : 3;
+  stmt_ms = o->statement_timeout_ms ? o->statement_timeout_ms : 30000;
+  lock_ms = o->lock_timeout_ms ? o->lock_timeout_ms : stmt_ms;
+  snprintf(connect_s, sizeof(connect_s), "%u", conn_s);
+  /* Sent data unacknowledged this long means the peer is gone. */
+  snprintf(user_timeout, sizeof(user_timeout), "%u", conn_s * 1000u + 2000u);
+  /* A session left inside a transaction by a frozen client must not hold
+   * locks for ever. */
+  snprintf(options, sizeof(options),
+           "-c statement_timeout=%u -c lock_timeout=%u"
+           " -c idle_in_transaction_session_timeout=60000",
+           stmt_ms, lock_ms);
+  {
+    /* Our defaults first, the URL last: libpq keeps the last value of a
+     * keyword, so whatever the URL says wins. */
+    const char *const keys[] = {
+      "connect_timeout", "keepalives", "keepalives_idle",
+      "keepalives_interval", "keepalives_count", "tcp_user_timeout",
+      "application_name", "options", "dbname", NULL,
+    };
+    const char *const vals[] = {
+      connect_s, "1", "10", "3", "3", user_timeout,
+      "tollgate", options, url, NULL,
+    };
+    c = PQconnectdbParams(keys, vals, 1);
+  }
+  if (c == NULL) {
+    if (!o->quiet)
+      fprintf(stderr, "tollgate: database: out of memory\n");
+    return TG_ENOMEM;
+  }
+  if (PQstatus(c) != CONNECTION_OK) {
+    if (!o->quiet)
+      fprintf(stderr, "tollgate: cannot connect to %s: %s\n",
+              tg_db_pg_redact(url, shown, sizeof(shown)),
+              tg_db_pg_errmsg(c, msg, sizeof(msg)));
+    PQfinish(c);
+    return TG_EDB;
+  }
+  PQsetNoticeReceiver(c, on_notice, NULL);
+  *out = c;
+  return 0;
+}
+
+static int mfail(PGconn *c, int quiet, const char *what) {
+  char msg[256];
+  if (!quiet)
+    fprintf(stderr, "tollgate: database migration: %s: %s\n", what,
+            tg_db_pg_errmsg(c, msg, sizeof(msg)));
+  return TG_EDB;
+}
+
+int tg_db_pg_migrate(PGconn *c, int quiet) {
+  char lock[80], ver[16], at[24];
+  PGresult *r = NULL;
+  int64_t current = 0;
+  int rc = TG_EDB;
+
+  if (tg_db_pg_exec(c, "BEGIN") != 0)
+    return mfail(c, quiet, "BEGIN");
+  snprintf(lock, sizeof(lock), "SELECT pg_advisory_xact_lock(%lld)",
+           (long long)TG_DB_PG_MIGRATE_LOCK);
+  /* The lock before anything else: a second replica waits here until the
+   * first has committed, then finds nothing left to do. */
+  if (tg_db_pg_exec(c, MIGRATE_TIMEOUTS) != 0 || tg_db_pg_exec(c, lock) != 0) {
+    mfail(c, quiet, "cannot take the migration lock");
+    goto out;
+  }
+  if (tg_db_pg_exec(c, "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                       "version INTEGER PRIMARY KEY,"
+                       " applied_at BIGINT NOT NULL)") != 0) {
+    mfail(c, quiet, "cannot create schema_migrations");
+    goto out;
+  }
+  r = PQexec(c, "SELECT COALESCE(MAX(version), 0) FROM schema_migrations");
+  if (PQresultStatus(r) != PGRES_TUPLES_OK || PQntuples(r) != 1 ||
+      tg_db_pg_int64(r, 0, 0, &current) != 0) {
+    mfail(c, quiet, "cannot read schema_migrations");
+    goto out;
+  }
+  PQclear(r);
+  r = NULL;
+  if (current > tg_db_pg_schema_version()) {
+    if (!quiet)
+      fprintf(stderr, "tollgate: database schema version %lld is newer than "
+              "this binary knows (%d)\n", (long long)current,
+              tg_db_pg_schema_version());
+    goto out;
+  }
+  snprintf(at, sizeof(at), "%lld", (long long)time(NULL));
+  for (size_t i = 0; i < N_MIGRATIONS; i++) {
+    const char *params[2] = {ver, at};
+    if (migrations[i].version <= current)
+      continue;
+    if (tg_db_pg_exec(c, migrations[i].sql) != 0) {
+      char what[48];
+      snprintf(what, sizeof(what), "migration %d failed",
+               migrations[i].version);
+      mfail(c, quiet, what);
+      goto out;
+    }
+    snprintf(ver, sizeof(ver), "%d", migrations[i].version);
+    r = PQexecParams(c, "INSERT INTO schema_migrations (version, applied_at)"
+                        " VALUES ($1::integer, $2::bigint)",
+                     2, NULL, params, NULL, NULL, 0);
+    if (PQresultStatus(r) != PGRES_COMMAND_OK) {
+      mfail(c, quiet, "cannot record a migration");
+      goto out;
+    }
+    PQclear(r);
+    r = NULL;
+  }
+  if (tg_db_pg_exec(c, "COMMIT") != 0) {
+    mfail(c, quiet, "COMMIT");
+    goto out;
+  }
+  rc = 0;
+out:
+  PQclear(r);
+  if (rc != 0 && PQtransactionStatus(c) != PQTRANS_IDLE)
+    tg_db_pg_exec(c, "ROLLBACK");
+  return rc;
+}
+
+int tg_db_pg_open(const char *url, const tg_db_pg_opts_t *o, PGconn **out) {
+  PGconn *c = NULL;
+  int rc = tg_db_pg_connect(url, o, &c);
+
+  *out = NULL;
+  if (rc != 0)
+    return rc;
+  rc = tg_db_pg_migrate(c, o ? o->quiet : 0);
+  if (rc != 0) {
+    PQfinish(c);
+    return rc;
+  }
+  *out = c;
+  return 0;
+}

@@ -1,0 +1,85 @@
+/* The PostgreSQL database (`database: postgres://...`): connecting with
+ * libpq from the configured URL, with the timeouts a gateway needs so a
+ * database that went away costs seconds, not minutes, and bringing the
+ * schema up to date from one ordered list of migrations (db_pg.c), the same
+ * tables as the embedded SQLite database (db_sqlite.c) so every replica of
+ * the gateway shares keys and the usage ledger. See docs/postgres.md. */
+#ifndef TG_METER_DB_PG_H
+#define TG_METER_DB_PG_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include <libpq-fe.h>
+
+/* The key of the transaction-scoped advisory lock that serialises schema
+ * migrations across replicas ("tollgate" in ASCII). */
+#define TG_DB_PG_MIGRATE_LOCK INT64_C(0x746f6c6c67617465)
+
+/* Longest database URL accepted (a bound on what is copied and logged). */
+#define TG_DB_PG_URL_MAX 4096
+
+/* 1 when database names PostgreSQL (starts with postgres:// or
+ * postgresql://), else 0. NULL gives 0. */
+int tg_db_pg_is_url(const char *database);
+
+typedef struct {
+  unsigned connect_timeout_s;    /* 0: 3 (libpq's floor is 2) */
+  unsigned statement_timeout_ms; /* 0: 30000 */
+  unsigned lock_timeout_ms;      /* 0: the statement timeout */
+  int quiet;                     /* 1: say nothing on stderr on failure */
+} tg_db_pg_opts_t;
+
+/* Connects to url (a postgres:// or postgresql:// URL; any parameter libpq
+ * knows may follow in its query string). Our defaults for connect_timeout,
+ * TCP keepalives, tcp_user_timeout, application_name and the session
+ * options (statement_timeout, lock_timeout,
+ * idle_in_transaction_session_timeout) apply unless the URL sets them
+ * itself. o may be NULL (defaults, not quiet).
+ * Returns 0 and *out (the caller frees it with PQfinish), or TG_EINVAL (not
+ * a PostgreSQL URL, too long, or libpq cannot parse it), TG_EDB (no server
+ * answered within the connect timeout, or one answered and refused:
+ * authentication, unknown database, too many connections...) or
+ * TG_ENOMEM; unless quiet, one line on stderr says why (the URL is shown
+ * without its password). *out is NULL on failure. */
+int tg_db_pg_connect(const char *url, const tg_db_pg_opts_t *o,
+                     PGconn **out);
+
+/* Applies every migration not yet recorded in schema_migrations, all in one
+ * transaction under the advisory lock TG_DB_PG_MIGRATE_LOCK, so replicas
+ * starting together migrate once and a migration that fails leaves the
+ * database as it was. Returns 0, or TG_EDB (including a schema newer than
+ * this binary knows), saying why on stderr unless quiet. */
+int tg_db_pg_migrate(PGconn *c, int quiet);
+
+/* tg_db_pg_connect then tg_db_pg_migrate; on a migration failure the
+ * connection is closed and *out is NULL. Returns as those two. */
+int tg_db_pg_open(const char *url, const tg_db_pg_opts_t *o, PGconn **out);
+
+/* The highest migration version this binary knows. */
+int tg_db_pg_schema_version(void);
+
+/* Runs sql (one or more statements, no parameters, no rows wanted).
+ * Returns 0 or TG_EDB. Says nothing: read the reason with tg_db_pg_errmsg. */
+int tg_db_pg_exec(PGconn *c, const char *sql);
+
+/* The connection's last error as one line (libpq's text up to its first
+ * newline) copied into buf[size]; returns buf. c may be NULL ("not
+ * connected"). */
+const char *tg_db_pg_errmsg(PGconn *c, char *buf, size_t size);
+
+/* 1 when c is NULL or its connection is gone (a call on it can only fail
+ * until it is replaced), else 0. */
+int tg_db_pg_broken(PGconn *c);
+
+/* Copies url into buf[size] with any password replaced by "***" (in the
+ * user-info part and in a password= query parameter), for messages.
+ * Returns buf (cut to size, always NUL-terminated when size > 0). */
+const char *tg_db_pg_redact(const char *url, char *buf, size_t size);
+
+/* Parses a result cell holding a decimal int64 (as PostgreSQL prints
+ * bigint). Returns 0 and *out, or TG_EPARSE for an empty, NULL, malformed
+ * or out-of-range value. */
+int tg_db_pg_int64(const PGresult *r, int row, int col, int64_t *out);
+
+#endif

@@ -1,0 +1,312 @@
+/* Invoices and spend from the ledger, in the seed's shapes:
+ *
+ *   invoice: {tenant_id, billing_period, generated_at,
+ *             summary {total_requests, total_cost_usd},
+ *             usage_by_model {model: {requests, prompt_tokens,
+ *                                     completion_tokens, cost_usd}}}
+ *   usage:   a day's spend (the seed's get_tenant_spend_today)
+ *
+ * Money is summed as int64 nano-USD by the database and printed as exact
+ * decimal USD (9 places): JSON numbers are text, so nothing is rounded on
+ * the way out. */
+#include "meter/invoice.h"
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "api/api.h"
+#include "config/config.h"
+#include "core/err.h"
+#include "core/money.h"
+
+/* Growable text with a hard bound. */
+typedef struct {
+  char *s;
+  size_t len, cap;
+  int err;
+} sbuf_t;
+
+#define SBUF_MAX (64u * 1024 * 1024)
+
+static void sb_add(sbuf_t *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+static void sb_add(sbuf_t *b, const char *fmt, ...) {
+  va_list ap;
+  int n;
+
+  if (b->err)
+    return;
+  for (;;) {
+    size_t room = b->cap - b->len;
+    va_start(ap, fmt);
+    n = vsnprintf(b->s ? b->s + b->len : NULL, room, fmt, ap);
+    va_end(ap);
+    if (n < 0) {
+      b->err = TG_EINVAL;
+      return;
+    }
+    if ((size_t)n < room) {
+      b->len += (size_t)n;
+      return;
+    }
+    {
+      size_t cap = b->cap ? b->cap * 2 : 1024;
+      char *ns;
+      while (cap < b->len + (size_t)n + 1)
+        cap *= 2;
+      if (cap > SBUF_MAX) {
+        b->err = TG_ETOOBIG;
+        return;
+      }
+      ns = realloc(b->s, cap);
+      if (ns == NULL) {
+        b->err = TG_ENOMEM;
+        return;
+      }
+      b->s = ns;
+      b->cap = cap;
+    }
+  }
+}
+
+int tg_month_range(const char *month, int64_t *from_ms, int64_t *to_ms) {
+  struct tm tm;
+  int y, m;
+  char tail;
+
+  if (month == NULL || sscanf(month, "%4d-%2d%c", &y, &m, &tail) != 2 || strlen(month) != 7 ||
+      y < 1970 || y > 9999 || m < 1 || m > 12)
+    return TG_EPARSE;
+  memset(&tm, 0, sizeof(tm));
+  tm.tm_year = y - 1900;
+  tm.tm_mon = m - 1;
+  tm.tm_mday = 1;
+  *from_ms = (int64_t)timegm(&tm) * 1000;
+  tm.tm_mon += 1;
+  *to_ms = (int64_t)timegm(&tm) * 1000;
+  return 0;
+}
+
+int tg_day_range(const char *day, int64_t *from_ms, int64_t *to_ms) {
+  struct tm tm, chk;
+  int y, m, d;
+  char tail;
+  time_t t;
+
+  if (day == NULL || sscanf(day, "%4d-%2d-%2d%c", &y, &m, &d, &tail) != 3 || strlen(day) != 10 ||
+      y < 1970 || m < 1 || m > 12 || d < 1 || d > 31)
+    return TG_EPARSE;
+  memset(&tm, 0, sizeof(tm));
+  tm.tm_year = y - 1900;
+  tm.tm_mon = m - 1;
+  tm.tm_mday = d;
+  t = timegm(&tm);
+  gmtime_r(&t, &chk);
+  if (chk.tm_mday != d) /* 2026-02-30 */
+    return TG_EPARSE;
+  *from_ms = (int64_t)t * 1000;
+  *to_ms = *from_ms + 86400000;
+  return 0;
+}
+
+static void usd(char *buf, size_t size, int64_t nano) {
+  if (tg_money_format_usd(nano, buf, size) < 0)
+    snprintf(buf, size, "0");
+}
+
+int tg_invoice_build(tg_ledger_db_t *db, const char *tenant, const char *month, int csv,
+                     char **out) {
+  tg_usage_row_t *rows = NULL;
+  size_t n = 0, i;
+  int64_t from, to, total_req = 0, total_cost = 0;
+  char q[600], money[48], when[32];
+  sbuf_t b = {0};
+  struct tm tm;
+  time_t now = time(NULL);
+  int r;
+
+  if ((r = tg_month_range(month, &from, &to)) < 0)
+    return r;
+  if ((r = tg_ledger_usage_by_model(db, tenant, from, to, &rows, &n)) < 0)
+    return r;
+  for (i = 0; i < n; i++) {
+    total_req += rows[i].requests;
+    total_cost += rows[i].cost_nano;
+  }
+  gmtime_r(&now, &tm);
+  strftime(when, sizeof(when), "%Y-%m-%dT%H:%M:%SZ", &tm);
+  if (csv) {
+    sb_add(&b, "tenant_id,billing_period,model,requests,prompt_tokens,completion_tokens,cost_usd\n");
+    for (i = 0; i < n; i++) {
+      usd(money, sizeof(money), rows[i].cost_nano);
+      sb_add(&b, "%s,%s,%s,%lld,%lld,%lld,%s\n", tenant, month, rows[i].model,
+             (long long)rows[i].requests, (long long)rows[i].prompt_tokens,
+             (long long)rows[i].completion_tokens, money);
+    }
+    usd(money, sizeof(money), total_cost);
+    sb_add(&b, "%s,%s,TOTAL,%lld,,,%s\n", tenant, month, (long long)total_req, money);
+  } else {
+    tg_json_quote(q, sizeof(q), tenant);
+    usd(money, sizeof(money), total_cost);
+    sb_add(&b,
+           "{\"tenant_id\":%s,\"billing_period\":\"%s\",\"generated_at\":\"%s\","
+           "\"summary\":{\"total_requests\":%lld,\"total_cost_usd\":%s},\"usage_by_model\":{",
+           q, month, when, (long long)total_req, money);
+    for (i = 0; i < n; i++) {
+      tg_json_quote(q, sizeof(q), rows[i].model);
+      usd(money, sizeof(money), rows[i].cost_nano);
+      sb_add(&b,
+             "%s%s:{\"requests\":%lld,\"prompt_tokens\":%lld,\"completion_tokens\":%lld,"
+             "\"cost_usd\":%s}",
+             i ? "," : "", q, (long long)rows[i].requests, (long long)rows[i].prompt_tokens,
+             (long long)rows[i].completion_tokens, money);
+    }
+    sb_add(&b, "}}\n");
+  }
+  free(rows);
+  if (b.err) {
+    free(b.s);
+    return b.err;
+  }
+  *out = b.s;
+  return 0;
+}
+
+int tg_usage_build(tg_ledger_db_t *db, const char *tenant, const char *day, char **out) {
+  tg_usage_row_t *rows = NULL;
+  size_t n = 0, i;
+  int64_t from, to, req = 0, pt = 0, ct = 0, cost = 0;
+  char q[600], money[48];
+  sbuf_t b = {0};
+  int r;
+
+  if ((r = tg_day_range(day, &from, &to)) < 0)
+    return r;
+  if ((r = tg_ledger_usage_by_model(db, tenant, from, to, &rows, &n)) < 0)
+    return r;
+  for (i = 0; i < n; i++) {
+    req += rows[i].requests;
+    pt += rows[i].prompt_tokens;
+    ct += rows[i].completion_tokens;
+    cost += rows[i].cost_nano;
+  }
+  free(rows);
+  tg_json_quote(q, sizeof(q), tenant);
+  usd(money, sizeof(money), cost);
+  sb_add(&b,
+         "{\"tenant_id\":%s,\"day\":\"%s\",\"requests\":%lld,\"prompt_tokens\":%lld,"
+         "\"completion_tokens\":%lld,\"spend_usd\":%s,\"spend_nano_usd\":%lld}\n",
+         q, day, (long long)req, (long long)pt, (long long)ct, money, (long long)cost);
+  if (b.err) {
+    free(b.s);
+    return b.err;
+  }
+  *out = b.s;
+  return 0;
+}
+
+/* ---- CLI ------------------------------------------------------------------ */
+
+static const char *opt(int argc, char **argv, const char *name) {
+  int i;
+  for (i = 1; i + 1 < argc; i++)
+    if (strcmp(argv[i], name) == 0)
+      return argv[i + 1];
+  return NULL;
+}
+
+static int open_db(const char *cfg_path, tg_ledger_db_t **db) {
+  tg_config_t *cfg = NULL;
+  tg_config_errors_t errs = {0};
+  size_t i;
+  int r;
+
+  if (tg_config_load(cfg_path, &cfg, &errs) < 0) {
+    for (i = 0; i < errs.n; i++)
+      fprintf(stderr, "%s\n", errs.msgs[i]);
+    tg_config_errors_free(&errs);
+    return TG_ECONFIG;
+  }
+  r = tg_ledger_db_open(cfg->database, cfg->data_dir, db);
+  tg_config_unref(cfg);
+  if (r < 0)
+    fprintf(stderr, "tollgate: cannot open the ledger: %s\n", tg_strerror(r));
+  return r;
+}
+
+static int run(const char *cfg_path, int (*build)(tg_ledger_db_t *, char **, const void *),
+               const void *arg) {
+  tg_ledger_db_t *db = NULL;
+  char *text = NULL;
+  int r;
+
+  if (open_db(cfg_path, &db) < 0)
+    return 1;
+  r = build(db, &text, arg);
+  tg_ledger_db_close(db);
+  if (r < 0) {
+    fprintf(stderr, "tollgate: %s\n", tg_strerror(r));
+    return 1;
+  }
+  fputs(text, stdout);
+  free(text);
+  return 0;
+}
+
+typedef struct {
+  const char *tenant, *period;
+  int csv;
+} q_t;
+
+static int build_invoice(tg_ledger_db_t *db, char **out, const void *arg) {
+  const q_t *q = arg;
+  return tg_invoice_build(db, q->tenant, q->period, q->csv, out);
+}
+
+static int build_usage(tg_ledger_db_t *db, char **out, const void *arg) {
+  const q_t *q = arg;
+  return tg_usage_build(db, q->tenant, q->period, out);
+}
+
+int tg_cmd_invoice(int argc, char **argv) {
+  const char *cfg = opt(argc, argv, "--config"), *format = opt(argc, argv, "--format");
+  q_t q;
+  int64_t a, b;
+
+  q.tenant = opt(argc, argv, "--tenant");
+  q.period = opt(argc, argv, "--month");
+  q.csv = format != NULL && strcmp(format, "csv") == 0;
+  if (cfg == NULL || q.tenant == NULL || q.period == NULL ||
+      (format != NULL && strcmp(format, "csv") != 0 && strcmp(format, "json") != 0)) {
+    fprintf(stderr, "usage: tollgate invoice --config FILE --tenant T --month YYYY-MM "
+                    "[--format json|csv]\n");
+    return 2;
+  }
+  if (tg_month_range(q.period, &a, &b) < 0) {
+    fprintf(stderr, "tollgate: --month wants YYYY-MM, not '%s'\n", q.period);
+    return 2;
+  }
+  return run(cfg, build_invoice, &q);
+}
+
+int tg_cmd_usage(int argc, char **argv) {
+  const char *cfg = opt(argc, argv, "--config");
+  q_t q;
+  int64_t a, b;
+
+  q.tenant = opt(argc, argv, "--tenant");
+  q.period = opt(argc, argv, "--day");
+  q.csv = 0;
+  if (cfg == NULL || q.tenant == NULL || q.period == NULL) {
+    fprintf(stderr, "usage: tollgate usage --config FILE --tenant T --day YYYY-MM-DD\n");
+    return 2;
+  }
+  if (tg_day_range(q.period, &a, &b) < 0) {
+    fprintf(stderr, "tollgate: --day wants YYYY-MM-DD, not '%s'\n", q.period);
+    return 2;
+  }
+  return run(cfg, build_usage, &q);
+}

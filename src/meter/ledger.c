@@ -1,0 +1,1125 @@
+/* The usage ledger's writer: ports, the group-commit thread, the spool and
+ * its replay, and the query API over the backend (ledger_backend.h).
+ *
+ * Threads. Loop threads append through their port; one writer thread takes
+ * the shared queue in batches and is the only user of the writer's database
+ * connection and of the spool file. Completions go back to each record's
+ * port (a locked list and an async handle), so callbacks run on the loop
+ * that appended.
+ *
+ * Invariants.
+ * - pending (queued + being written) never exceeds max_backlog; an append
+ *   over it is refused, never queued.
+ * - A record's callback says 0 only once the record is committed by the
+ *   backend or written to the spool and fdatasync'ed.
+ * - Order: once a batch has gone to the spool, every later batch goes to the
+ *   spool too, until the spool has been replayed from its start to its end
+ *   (in file order) into the database; only then do batches go straight to
+ *   the database again. A record replayed twice (crash during replay) is
+ *   stored once: the request id is unique.
+ * - The spool only grows by whole lines; a write that fails half-way is cut
+ *   back. A torn last line left by a crash was never reported durable and is
+ *   dropped at open.
+ * - A port's in-flight count lets tg_ledger_port_close wait until every
+ *   record it appended has been delivered, so no callback is lost and none
+ *   runs after the port is gone. */
+#define _GNU_SOURCE /* memrchr */
+#include "meter/ledger.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <limits.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "core/err.h"
+#include "meter/ledger_backend.h"
+#include "policy/limits.h"
+
+#define DEF_MAX_BACKLOG 100000
+#define DEF_BATCH_MAX 512
+#define DEF_LINGER_US 500
+#define DEF_BUSY_MS 1000
+#define DEF_RETRY_MS 1000
+/* Bounds the writer's preallocated batch arrays. */
+#define MAX_BATCH 16384
+/* Longest spool line the encoder can produce is about 2 KiB (every text
+ * byte percent-encoded); anything longer in a spool is damage. */
+#define SPOOL_LINE_MAX 4096
+/* The writer's I/O buffer for the spool, for writing and for replaying. */
+#define SPOOL_BUF (64 * 1024)
+#define SPOOL_FIELDS 14
+/* "L1 " + 8 hex digits of CRC-32 + " " */
+#define SPOOL_HEAD 12
+
+typedef struct node_s {
+  struct node_s *next;
+  tg_ledger_port_t *port;
+  tg_ledger_cb cb;
+  void *arg;
+  int status;
+  int64_t enq_us;           /* monotonic, for the linger deadline */
+  tg_ledger_rec_t rec;
+} node_t;
+
+struct tg_ledger_port_s {
+  tg_ledger_t *l;
+  uv_async_t async;
+  pthread_mutex_t mu;
+  pthread_cond_t cond;      /* signalled when inflight reaches 0 while closing */
+  node_t *done, *done_tail; /* delivered, callbacks not yet run */
+  atomic_size_t inflight;   /* appended, not yet delivered */
+  int closing;
+};
+
+struct tg_ledger_s {
+  const tg__ledger_backend_t *be;
+  tg__ledger_conn_t *conn;  /* the writer's; the writer thread's alone once started */
+  size_t max_backlog, batch_max;
+  int64_t linger_us, retry_us;
+  char dir[PATH_MAX];
+  char spool_path[PATH_MAX];
+
+  pthread_mutex_t mu;
+  pthread_cond_t cond;      /* CLOCK_MONOTONIC */
+  node_t *head, *tail;
+  size_t queued;
+  int stopping;
+  int started;
+  pthread_t thread;
+
+  atomic_size_t pending;
+  atomic_int db_up;
+  _Atomic int64_t spool_bytes;
+  struct {
+    atomic_uint_fast64_t transactions, committed, spooled, replayed,
+        spool_skipped, db_failures, lost, refused;
+  } st;
+
+  /* The writer thread's own (and tg_ledger_open's before it starts). */
+  int spool_fd;             /* -1: no spool file */
+  int64_t spool_size, replay_off;
+  int spooling;
+  int replaying;            /* the last replay step went through */
+  int64_t next_try_us;
+  const tg_ledger_rec_t **ptrs;   /* batch_max */
+  tg_ledger_rec_t *rrecs;         /* batch_max, records read back for replay */
+  char *buf;                      /* SPOOL_BUF */
+};
+
+struct tg_ledger_db_s {
+  const tg__ledger_backend_t *be;
+  tg__ledger_conn_t *conn;
+};
+
+/* ---- small helpers ---- */
+
+static int64_t mono_us(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
+static int64_t wall_ms(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_REALTIME, &ts);
+  return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static void wait_until(pthread_cond_t *c, pthread_mutex_t *m, int64_t us) {
+  struct timespec ts = {(time_t)(us / 1000000), (long)(us % 1000000) * 1000};
+  pthread_cond_timedwait(c, m, &ts);
+}
+
+static void bump(atomic_uint_fast64_t *c, size_t n) {
+  atomic_fetch_add_explicit(c, n, memory_order_relaxed);
+}
+
+/* The backend a database setting names. Postgres is recognised and refused
+ * until its backend is added here. */
+static int find_backend(const char *database, const tg__ledger_backend_t **be) {
+  if (database == NULL || *database == '\0' || strcmp(database, "sqlite") == 0) {
+    *be = &tg__ledger_backend_sqlite;
+    return 0;
+  }
+  if (strncmp(database, "postgres://", 11) == 0 ||
+      strncmp(database, "postgresql://", 13) == 0)
+    fprintf(stderr, "tollgate: ledger: the postgres database is not "
+                    "supported yet; use sqlite\n");
+  else
+    fprintf(stderr, "tollgate: ledger: unknown database \"%s\"\n", database);
+  return TG_EINVAL;
+}
+
+/* ---- spool line format ----
+ *
+ * One record per line: "L1 <crc32 hex> <payload>\n". The payload is the 14
+ * fields in tg_ledger_rec_t order, separated by one space; numbers in
+ * decimal; text with every byte outside '!'..'~', and '%' and '~'
+ * themselves, written %XX, and an empty text written "~". So a line holds
+ * no space or newline but its separators, and an operator can read it. The
+ * CRC-32 covers the payload: a line damaged on disk is skipped, not
+ * replayed wrong. */
+
+static uint32_t crc32_buf(const char *p, size_t n) {
+  uint32_t c = 0xFFFFFFFFu;
+  for (size_t i = 0; i < n; i++) {
+    c ^= (uint8_t)p[i];
+    for (int k = 0; k < 8; k++)
+      c = (c >> 1) ^ (0xEDB88320u & (0u - (c & 1u)));
+  }
+  return ~c;
+}
+
+static const char hexd[] = "0123456789ABCDEF";
+
+/* Appends text s (at most cap bytes, NUL-terminated within) then a space. */
+static int put_text(char *out, size_t size, size_t *len, const char *s,
+                    size_t cap) {
+  size_t n = strnlen(s, cap), o = *len;
+  if (n == 0) {
+    if (o + 2 > size)
+      return TG_ETOOBIG;
+    out[o++] = '~';
+  }
+  for (size_t i = 0; i < n; i++) {
+    unsigned char b = (unsigned char)s[i];
+    if (o + 4 > size)
+      return TG_ETOOBIG;
+    if (b > 0x20 && b < 0x7f && b != '%' && b != '~') {
+      out[o++] = (char)b;
+    } else {
+      out[o++] = '%';
+      out[o++] = hexd[b >> 4];
+      out[o++] = hexd[b & 15];
+    }
+  }
+  out[o++] = ' ';
+  *len = o;
+  return 0;
+}
+
+static int put_num(char *out, size_t size, size_t *len, int64_t v) {
+  int w = snprintf(out + *len, size - *len, "%" PRId64 " ", v);
+  if (w < 0 || (size_t)w >= size - *len)
+    return TG_ETOOBIG;
+  *len += (size_t)w;
+  return 0;
+}
+
+/* Writes rec's line (with its newline) at out; returns its length or a
+ * negative error when size is too small. */
+static int encode_line(const tg_ledger_rec_t *r, char *out, size_t size) {
+  size_t len = SPOOL_HEAD;
+  uint32_t crc;
+  int rc = 0;
+
+  if (size < SPOOL_HEAD + 2)
+    return TG_ETOOBIG;
+  rc |= put_text(out, size, &len, r->request_id, sizeof(r->request_id));
+  rc |= put_num(out, size, &len, r->ts_ms);
+  rc |= put_text(out, size, &len, r->tenant, sizeof(r->tenant));
+  rc |= put_text(out, size, &len, r->key_id, sizeof(r->key_id));
+  rc |= put_text(out, size, &len, r->model, sizeof(r->model));
+  rc |= put_text(out, size, &len, r->endpoint, sizeof(r->endpoint));
+  rc |= put_num(out, size, &len, r->prompt_tokens);
+  rc |= put_num(out, size, &len, r->completion_tokens);
+  rc |= put_num(out, size, &len, r->cost_nano);
+  rc |= put_num(out, size, &len, r->status);
+  rc |= put_num(out, size, &len, r->usage_counted ? 1 : 0);
+  rc |= put_num(out, size, &len, r->queue_us);
+  rc |= put_num(out, size, &len, r->ttft_us);
+  rc |= put_num(out, size, &len, r->total_us);
+  if (rc != 0)
+    return TG_ETOOBIG;
+  out[len - 1] = '\n';      /* the last field's space becomes the newline */
+  crc = crc32_buf(out + SPOOL_HEAD, len - 1 - SPOOL_HEAD);
+  memcpy(out, "L1 ", 3);
+  for (int i = 0; i < 8; i++)
+    out[3 + i] = hexd[(crc >> (28 - 4 * i)) & 15];
+  out[11] = ' ';
+  return (int)len;
+}
+
+static int hexval(char c) {
+  if (c >= '0' && c <= '9')
+    return c - '0';
+  if (c >= 'A' && c <= 'F')
+    return c - 'A' + 10;
+  if (c >= 'a' && c <= 'f')
+    return c - 'a' + 10;
+  return -1;
+}
+
+static int get_text(const char *t, size_t n, char *dst, size_t cap) {
+  size_t o = 0;
+  if (n == 1 && t[0] == '~') {
+    dst[0] = '\0';
+    return 0;
+  }
+  for (size_t i = 0; i < n; i++) {
+    int b = (unsigned char)t[i];
+    if (b == '%') {
+      int h, lo;
+      if (i + 2 >= n)
+        return TG_EPARSE;
+      h = hexval(t[i + 1]);
+      lo = hexval(t[i + 2]);
+      if (h < 0 || lo < 0 || (h == 0 && lo == 0))
+        return TG_EPARSE;
+      b = h * 16 + lo;
+      i += 2;
+    } else if (b <= 0x20 || b >= 0x7f || b == '~') {
+      return TG_EPARSE;
+    }
+    if (o + 1 >= cap)
+      return TG_EPARSE;
+    dst[o++] = (char)b;
+  }
+  dst[o] = '\0';
+  return 0;
+}
+
+static int get_num(const char *t, size_t n, int64_t lo, int64_t hi,
+                   int64_t *v) {
+  char tmp[24];
+  char *end;
+  long long x;
+  if (n == 0 || n >= sizeof(tmp))
+    return TG_EPARSE;
+  memcpy(tmp, t, n);
+  tmp[n] = '\0';
+  errno = 0;
+  x = strtoll(tmp, &end, 10);
+  if (errno != 0 || *end != '\0' || x < lo || x > hi)
+    return TG_EPARSE;
+  *v = (int64_t)x;
+  return 0;
+}
+
+/* Decodes one line (without its newline). Returns 0 or TG_EPARSE. */
+static int decode_line(const char *line, size_t len, tg_ledger_rec_t *r) {
+  const char *tok[SPOOL_FIELDS];
+  size_t tl[SPOOL_FIELDS], nt = 0;
+  const char *p, *end = line + len;
+  uint32_t want = 0;
+  int64_t v[9];
+  int rc = 0;
+
+  if (len <= SPOOL_HEAD || len > SPOOL_LINE_MAX ||
+      memcmp(line, "L1 ", 3) != 0 || line[11] != ' ')
+    return TG_EPARSE;
+  for (int i = 0; i < 8; i++) {
+    int h = hexval(line[3 + i]);
+    if (h < 0)
+      return TG_EPARSE;
+    want = (want << 4) | (uint32_t)h;
+  }
+  if (crc32_buf(line + SPOOL_HEAD, len - SPOOL_HEAD) != want)
+    return TG_EPARSE;
+  p = line + SPOOL_HEAD;
+  while (p <= end) {
+    const char *sp = memchr(p, ' ', (size_t)(end - p));
+    if (sp == NULL)
+      sp = end;
+    if (nt == SPOOL_FIELDS)
+      return TG_EPARSE;
+    tok[nt] = p;
+    tl[nt++] = (size_t)(sp - p);
+    p = sp + 1;
+  }
+  if (nt != SPOOL_FIELDS)
+    return TG_EPARSE;
+  memset(r, 0, sizeof(*r));
+  rc |= get_text(tok[0], tl[0], r->request_id, sizeof(r->request_id));
+  rc |= get_num(tok[1], tl[1], INT64_MIN, INT64_MAX, &r->ts_ms);
+  rc |= get_text(tok[2], tl[2], r->tenant, sizeof(r->tenant));
+  rc |= get_text(tok[3], tl[3], r->key_id, sizeof(r->key_id));
+  rc |= get_text(tok[4], tl[4], r->model, sizeof(r->model));
+  rc |= get_text(tok[5], tl[5], r->endpoint, sizeof(r->endpoint));
+  for (int i = 0; i < 8 && rc == 0; i++) {
+    int64_t lo = i < 3 ? 0 : i == 3 ? INT_MIN : i == 4 ? 0 : INT64_MIN;
+    int64_t hi = i == 3 ? INT_MAX : i == 4 ? 1 : INT64_MAX;
+    rc |= get_num(tok[6 + i], tl[6 + i], lo, hi, &v[i]);
+  }
+  if (rc != 0 || r->request_id[0] == '\0')
+    return TG_EPARSE;
+  r->prompt_tokens = v[0];
+  r->completion_tokens = v[1];
+  r->cost_nano = v[2];
+  r->status = (int)v[3];
+  r->usage_counted = (int)v[4];
+  r->queue_us = v[5];
+  r->ttft_us = v[6];
+  r->total_us = v[7];
+  return 0;
+}
+
+/* ---- the spool file (writer thread only) ---- */
+
+static void set_spool_bytes(tg_ledger_t *l) {
+  atomic_store(&l->spool_bytes, l->spool_size - l->replay_off);
+}
+
+static int pwrite_all(int fd, const char *p, size_t n, int64_t off) {
+  while (n > 0) {
+    ssize_t w = pwrite(fd, p, n, (off_t)off);
+    if (w < 0 && errno == EINTR)
+      continue;
+    if (w <= 0)
+      return TG_EIO;
+    p += w;
+    n -= (size_t)w;
+    off += w;
+  }
+  return 0;
+}
+
+static ssize_t pread_full(int fd, char *p, size_t n, int64_t off) {
+  size_t got = 0;
+  while (got < n) {
+    ssize_t r = pread(fd, p + got, n - got, (off_t)(off + (int64_t)got));
+    if (r < 0 && errno == EINTR)
+      continue;
+    if (r < 0)
+      return -1;
+    if (r == 0)
+      break;
+    got += (size_t)r;
+  }
+  return (ssize_t)got;
+}
+
+/* Makes a newly created spool's directory entry durable: without it a crash
+ * could lose the whole file although its records were fsynced. */
+static int sync_dir(const char *dir) {
+  int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC), rc = 0;
+  if (fd < 0)
+    return TG_EIO;
+  if (fsync(fd) != 0)
+    rc = TG_EIO;
+  close(fd);
+  return rc;
+}
+
+/* Appends the batch to the spool, whole lines only, and syncs it. */
+static int spool_write(tg_ledger_t *l, node_t *first, size_t k) {
+  int64_t start, off;
+  size_t used = 0;
+  int created = 0, rc = TG_EIO;
+  struct stat sb;
+
+  if (l->spool_fd < 0) {
+    l->spool_fd = open(l->spool_path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+    if (l->spool_fd < 0) {
+      fprintf(stderr, "tollgate: ledger: cannot open %s: %s\n", l->spool_path,
+              strerror(errno));
+      return TG_EIO;
+    }
+    if (fstat(l->spool_fd, &sb) != 0) {
+      close(l->spool_fd);
+      l->spool_fd = -1;
+      return TG_EIO;
+    }
+    l->spool_size = (int64_t)sb.st_size;
+    l->replay_off = 0;
+    created = 1;
+  }
+  start = off = l->spool_size;
+  for (node_t *n = first; k > 0; n = n->next, k--) {
+    int w = encode_line(&n->rec, l->buf + used, SPOOL_BUF - used);
+    if (w < 0) {
+      if (pwrite_all(l->spool_fd, l->buf, used, off) != 0)
+        goto out;
+      off += (int64_t)used;
+      used = 0;
+      w = encode_line(&n->rec, l->buf, SPOOL_BUF);
+      if (w < 0)
+        goto out;
+    }
+    used += (size_t)w;
+  }
+  if (pwrite_all(l->spool_fd, l->buf, used, off) != 0)
+    goto out;
+  off += (int64_t)used;
+  if (fdatasync(l->spool_fd) != 0)
+    goto out;
+  if (created && sync_dir(l->dir) != 0)
+    goto out;
+  l->spool_size = off;
+  rc = 0;
+out:
+  if (rc != 0) {
+    fprintf(stderr, "tollgate: ledger: cannot write %s: %s\n", l->spool_path,
+            strerror(errno));
+    /* Whole lines only: what this batch half-wrote must not be replayed. */
+    if (ftruncate(l->spool_fd, (off_t)start) != 0)
+      fprintf(stderr, "tollgate: ledger: cannot cut %s back: %s\n",
+              l->spool_path, strerror(errno));
+  }
+  set_spool_bytes(l);
+  return rc;
+}
+
+/* Reads up to batch_max records from replay_off into rrecs; *next is the
+ * offset after the last line consumed. Damaged lines are skipped. Returns
+ * the count, or -1 on a read error. */
+static ssize_t spool_read(tg_ledger_t *l, int64_t *next) {
+  int64_t off = l->replay_off;
+  size_t n = 0;
+
+  while (n < l->batch_max && off < l->spool_size) {
+    size_t want = (size_t)(l->spool_size - off), used = 0;
+    ssize_t got;
+    if (want > SPOOL_BUF)
+      want = SPOOL_BUF;
+    got = pread_full(l->spool_fd, l->buf, want, off);
+    if (got < 0)
+      return -1;
+    if (got == 0)
+      break;
+    while (n < l->batch_max) {
+      char *nl = memchr(l->buf + used, '\n', (size_t)got - used);
+      size_t len;
+      if (nl == NULL)
+        break;
+      len = (size_t)(nl - (l->buf + used));
+      if (decode_line(l->buf + used, len, &l->rrecs[n]) == 0) {
+        n++;
+      } else {
+        bump(&l->st.spool_skipped, 1);
+        fprintf(stderr, "tollgate: ledger: skipping a damaged record in %s "
+                "at byte %" PRId64 "\n", l->spool_path, off + (int64_t)used);
+      }
+      used += len + 1;
+    }
+    if (used == 0) {
+      /* No newline in a full buffer (longer than any line we write), or a
+       * tail without one: damage either way, never a durable record. */
+      bump(&l->st.spool_skipped, 1);
+      fprintf(stderr, "tollgate: ledger: skipping %zd damaged bytes in %s\n",
+              got, l->spool_path);
+      used = (size_t)got;
+    }
+    off += (int64_t)used;
+  }
+  *next = off;
+  return (ssize_t)n;
+}
+
+/* The spool is fully in the database: remove it and write directly again.
+ * Unsynced removal is fine: a spool that comes back replays as duplicates,
+ * which are ignored. */
+static void spool_done(tg_ledger_t *l) {
+  if (l->spool_fd >= 0)
+    close(l->spool_fd);
+  l->spool_fd = -1;
+  if (unlink(l->spool_path) != 0 && errno != ENOENT)
+    fprintf(stderr, "tollgate: ledger: cannot remove %s: %s\n", l->spool_path,
+            strerror(errno));
+  l->spool_size = l->replay_off = 0;
+  set_spool_bytes(l);
+  if (l->spooling)
+    fprintf(stderr, "tollgate: ledger: spool replayed; writing to the "
+                    "database again\n");
+  l->spooling = 0;
+  l->replaying = 0;
+  atomic_store(&l->db_up, 1);
+}
+
+/* Replays one batch of the spool. Returns 0 (progress, or finished) or an
+ * error (the database still refuses; the next try is scheduled). */
+static int replay_step(tg_ledger_t *l) {
+  int64_t next;
+  ssize_t n = spool_read(l, &next);
+  int rc;
+
+  if (n < 0) {
+    fprintf(stderr, "tollgate: ledger: cannot read %s: %s\n", l->spool_path,
+            strerror(errno));
+    l->next_try_us = mono_us() + l->retry_us;
+    return TG_EIO;
+  }
+  if (n > 0) {
+    for (ssize_t i = 0; i < n; i++)
+      l->ptrs[i] = &l->rrecs[i];
+    rc = l->be->insert_batch(l->conn, l->ptrs, (size_t)n);
+    if (rc != 0) {
+      bump(&l->st.db_failures, 1);
+      if (l->replaying)
+        fprintf(stderr, "tollgate: ledger: spool replay stopped (%s); "
+                "retrying\n", l->be->errmsg(l->conn));
+      l->replaying = 0;
+      l->next_try_us = mono_us() + l->retry_us;
+      return rc;
+    }
+    l->replaying = 1;
+    bump(&l->st.transactions, 1);
+    bump(&l->st.replayed, (size_t)n);
+  }
+  l->replay_off = next;
+  set_spool_bytes(l);
+  if (l->replay_off >= l->spool_size)
+    spool_done(l);
+  return 0;
+}
+
+/* At open: adopts a spool left by an earlier run, cutting a torn last line
+ * (a crash in the middle of a write: never reported durable). */
+static int spool_recover(tg_ledger_t *l) {
+  struct stat sb;
+  int64_t size, end;
+  int fd = open(l->spool_path, O_RDWR | O_CLOEXEC);
+
+  if (fd < 0) {
+    if (errno == ENOENT)
+      return 0;
+    fprintf(stderr, "tollgate: ledger: cannot open %s: %s\n", l->spool_path,
+            strerror(errno));
+    return TG_EIO;
+  }
+  if (fstat(fd, &sb) != 0)
+    goto fail;
+  size = end = (int64_t)sb.st_size;
+  /* Back to the last newline, one buffer at a time. */
+  while (end > 0) {
+    size_t want = end > SPOOL_BUF ? SPOOL_BUF : (size_t)end;
+    ssize_t got = pread_full(fd, l->buf, want, end - (int64_t)want);
+    char *nl;
+    if (got != (ssize_t)want)
+      goto fail;
+    nl = memrchr(l->buf, '\n', want);
+    if (nl != NULL) {
+      end = end - (int64_t)want + (nl - l->buf) + 1;
+      break;
+    }
+    end -= (int64_t)want;
+  }
+  if (end < size) {
+    bump(&l->st.spool_skipped, 1);
+    fprintf(stderr, "tollgate: ledger: dropping a torn last record (%" PRId64
+            " bytes) from %s\n", size - end, l->spool_path);
+    if (ftruncate(fd, (off_t)end) != 0 || fsync(fd) != 0)
+      goto fail;
+  }
+  l->spool_fd = fd;
+  l->spool_size = end;
+  l->replay_off = 0;
+  set_spool_bytes(l);
+  if (end == 0) {
+    spool_done(l);
+    return 0;
+  }
+  l->spooling = 1;
+  return 0;
+fail:
+  fprintf(stderr, "tollgate: ledger: cannot recover %s: %s\n", l->spool_path,
+          strerror(errno));
+  close(fd);
+  return TG_EIO;
+}
+
+/* ---- the writer thread ---- */
+
+/* Writes one batch: to the database while it is up and nothing waits in
+ * the spool, else to the spool. Returns the status the callbacks get. */
+static int write_batch(tg_ledger_t *l, node_t *first, size_t k) {
+  size_t i = 0;
+  if (!l->spooling) {
+    for (node_t *n = first; i < k; n = n->next)
+      l->ptrs[i++] = &n->rec;
+    if (l->be->insert_batch(l->conn, l->ptrs, k) == 0) {
+      bump(&l->st.transactions, 1);
+      bump(&l->st.committed, k);
+      return 0;
+    }
+    bump(&l->st.db_failures, 1);
+    l->spooling = 1;
+    atomic_store(&l->db_up, 0);
+    l->next_try_us = mono_us() + l->retry_us;
+    fprintf(stderr, "tollgate: ledger: the database refused a batch (%s); "
+            "spooling to %s until it answers\n", l->be->errmsg(l->conn),
+            l->spool_path);
+  }
+  if (spool_write(l, first, k) == 0) {
+    bump(&l->st.spooled, k);
+    return 0;
+  }
+  bump(&l->st.lost, k);
+  fprintf(stderr, "tollgate: ledger: %zu records could not be kept\n", k);
+  return TG_EIO;
+}
+
+/* Hands a run of nodes (all of port p) to their port. */
+static void port_post(tg_ledger_port_t *p, node_t *first, node_t *last,
+                      size_t cnt) {
+  last->next = NULL;
+  pthread_mutex_lock(&p->mu);
+  if (p->done_tail != NULL)
+    p->done_tail->next = first;
+  else
+    p->done = first;
+  p->done_tail = last;
+  atomic_fetch_sub(&p->inflight, cnt);
+  if (!p->closing)
+    uv_async_send(&p->async);
+  else if (atomic_load(&p->inflight) == 0)
+    pthread_cond_signal(&p->cond);
+  pthread_mutex_unlock(&p->mu);
+}
+
+static void deliver(node_t *first, size_t k, int status) {
+  node_t *run = first, *n = first;
+  size_t cnt = 0;
+
+  while (k > 0) {
+    node_t *next = n->next;
+    n->status = status;
+    cnt++;
+    k--;
+    if (k == 0 || next->port != run->port) {
+      port_post(run->port, run, n, cnt);
+      run = next;
+      cnt = 0;
+    }
+    n = next;
+  }
+}
+
+/* While spooling: one replay step when the database looks back. The probe
+ * does not wait for locks, so a database that stays away costs queued
+ * batches nothing; once a replay runs, it goes on without probing. */
+static void try_replay(tg_ledger_t *l) {
+  if (!l->replaying && l->be->probe != NULL && l->be->probe(l->conn) != 0) {
+    l->next_try_us = mono_us() + l->retry_us;
+    return;
+  }
+  replay_step(l);
+}
+
+static void *writer_main(void *arg) {
+  tg_ledger_t *l = arg;
+
+  for (;;) {
+    node_t *first, *last = NULL;
+    size_t k = 0;
+    int done;
+
+    pthread_mutex_lock(&l->mu);
+    for (;;) {
+      int64_t now;
+      if (l->queued >= l->batch_max)
+        break;
+      if (l->queued > 0) {
+        /* Group commit: the oldest record waits at most linger_us for
+         * company; one that already waited during the last commit, none. */
+        if (l->stopping || (now = mono_us()) >= l->head->enq_us + l->linger_us)
+          break;
+        wait_until(&l->cond, &l->mu, l->head->enq_us + l->linger_us);
+        continue;
+      }
+      if (l->stopping)
+        break;
+      if (l->spooling) {
+        if ((now = mono_us()) >= l->next_try_us)
+          break;
+        wait_until(&l->cond, &l->mu, l->next_try_us);
+        continue;
+      }
+      pthread_cond_wait(&l->cond, &l->mu);
+    }
+    first = l->head;
+    while (k < l->batch_max && l->head != NULL) {
+      last = l->head;
+      l->head = l->head->next;
+      k++;
+    }
+    if (l->head == NULL)
+      l->tail = NULL;
+    l->queued -= k;
+    done = l->stopping && l->queued == 0;
+    pthread_mutex_unlock(&l->mu);
+
+    if (k > 0) {
+      int status;
+      last->next = NULL;
+      status = write_batch(l, first, k);
+      deliver(first, k, status);
+      atomic_fetch_sub(&l->pending, k);
+    }
+    if (done)
+      break;
+    if (l->spooling && mono_us() >= l->next_try_us)
+      try_replay(l);
+  }
+  return NULL;
+}
+
+/* ---- ports ---- */
+
+static void run_callbacks(node_t *n) {
+  while (n != NULL) {
+    node_t *next = n->next;
+    if (n->cb != NULL)
+      n->cb(n->arg, n->status);
+    free(n);
+    n = next;
+  }
+}
+
+static node_t *take_done(tg_ledger_port_t *p) {
+  node_t *list;
+  pthread_mutex_lock(&p->mu);
+  list = p->done;
+  p->done = p->done_tail = NULL;
+  pthread_mutex_unlock(&p->mu);
+  return list;
+}
+
+static void on_port_async(uv_async_t *h) {
+  run_callbacks(take_done(h->data));
+}
+
+static void on_port_closed(uv_handle_t *h) {
+  tg_ledger_port_t *p = h->data;
+  pthread_mutex_destroy(&p->mu);
+  pthread_cond_destroy(&p->cond);
+  free(p);
+}
+
+int tg_ledger_port_new(tg_ledger_t *l, uv_loop_t *loop,
+                       tg_ledger_port_t **out) {
+  tg_ledger_port_t *p;
+  int rc;
+
+  *out = NULL;
+  if (l == NULL || loop == NULL)
+    return TG_EINVAL;
+  p = calloc(1, sizeof(*p));
+  if (p == NULL)
+    return TG_ENOMEM;
+  p->l = l;
+  atomic_init(&p->inflight, 0);
+  if (pthread_mutex_init(&p->mu, NULL) != 0) {
+    free(p);
+    return TG_ENOMEM;
+  }
+  if (pthread_cond_init(&p->cond, NULL) != 0) {
+    pthread_mutex_destroy(&p->mu);
+    free(p);
+    return TG_ENOMEM;
+  }
+  rc = uv_async_init(loop, &p->async, on_port_async);
+  if (rc != 0) {
+    pthread_cond_destroy(&p->cond);
+    pthread_mutex_destroy(&p->mu);
+    free(p);
+    return rc;
+  }
+  p->async.data = p;
+  *out = p;
+  return 0;
+}
+
+void tg_ledger_port_close(tg_ledger_port_t *p) {
+  node_t *list;
+  if (p == NULL)
+    return;
+  /* Waits (bounded by one batch write) for the writer to deliver what this
+   * loop appended, so every accepted record's callback runs, here at the
+   * latest. */
+  pthread_mutex_lock(&p->mu);
+  p->closing = 1;
+  while (atomic_load(&p->inflight) > 0)
+    pthread_cond_wait(&p->cond, &p->mu);
+  list = p->done;
+  p->done = p->done_tail = NULL;
+  pthread_mutex_unlock(&p->mu);
+  run_callbacks(list);
+  uv_close((uv_handle_t *)&p->async, on_port_closed);
+}
+
+static int text_ok(const char *s, size_t cap) {
+  return memchr(s, '\0', cap) != NULL;
+}
+
+int tg_ledger_append(tg_ledger_port_t *p, const tg_ledger_rec_t *rec,
+                     tg_ledger_cb cb, void *arg) {
+  tg_ledger_t *l;
+  node_t *n;
+  int signal;
+
+  if (p == NULL || rec == NULL || rec->request_id[0] == '\0' ||
+      !text_ok(rec->request_id, sizeof(rec->request_id)) ||
+      !text_ok(rec->tenant, sizeof(rec->tenant)) ||
+      !text_ok(rec->key_id, sizeof(rec->key_id)) ||
+      !text_ok(rec->model, sizeof(rec->model)) ||
+      !text_ok(rec->endpoint, sizeof(rec->endpoint)) ||
+      rec->prompt_tokens < 0 || rec->completion_tokens < 0 ||
+      rec->cost_nano < 0)
+    return TG_EINVAL;
+  l = p->l;
+  n = malloc(sizeof(*n));
+  if (n == NULL)
+    return TG_ENOMEM;
+  n->next = NULL;
+  n->port = p;
+  n->cb = cb;
+  n->arg = arg;
+  n->status = 0;
+  n->rec = *rec;
+  /* Counted before the writer can see it, so delivery never runs ahead. */
+  atomic_fetch_add(&p->inflight, 1);
+
+  pthread_mutex_lock(&l->mu);
+  if (l->stopping || atomic_load(&l->pending) >= l->max_backlog) {
+    int stopping = l->stopping;
+    pthread_mutex_unlock(&l->mu);
+    atomic_fetch_sub(&p->inflight, 1);
+    free(n);
+    if (!stopping)
+      bump(&l->st.refused, 1);
+    return TG_EUNAVAIL;
+  }
+  atomic_fetch_add(&l->pending, 1);
+  n->enq_us = mono_us();
+  if (l->tail != NULL)
+    l->tail->next = n;
+  else
+    l->head = n;
+  l->tail = n;
+  l->queued++;
+  /* Wake an idle writer, or a lingering one once a batch is full. */
+  signal = l->queued == 1 || l->queued == l->batch_max;
+  if (signal)
+    pthread_cond_signal(&l->cond);
+  pthread_mutex_unlock(&l->mu);
+  return 0;
+}
+
+/* ---- open / close ---- */
+
+static void free_ledger(tg_ledger_t *l) {
+  if (l->conn != NULL)
+    l->be->close(l->conn);
+  if (l->spool_fd >= 0)
+    close(l->spool_fd);
+  free(l->ptrs);
+  free(l->rrecs);
+  free(l->buf);
+  pthread_cond_destroy(&l->cond);
+  pthread_mutex_destroy(&l->mu);
+  free(l);
+}
+
+int tg_ledger_open(const char *database, const char *data_dir,
+                   const tg_ledger_opts_t *o, tg_ledger_t **out) {
+  tg_ledger_opts_t def = {0};
+  const tg__ledger_backend_t *be;
+  tg__ledger_conn_opts_t co = {0};
+  pthread_condattr_t ca;
+  tg_ledger_t *l;
+  int rc, n;
+
+  *out = NULL;
+  if (data_dir == NULL || *data_dir == '\0')
+    return TG_EINVAL;
+  if ((rc = find_backend(database, &be)) != 0)
+    return rc;
+  if (o == NULL)
+    o = &def;
+  l = calloc(1, sizeof(*l));
+  if (l == NULL)
+    return TG_ENOMEM;
+  l->be = be;
+  l->spool_fd = -1;
+  l->max_backlog = o->max_backlog ? o->max_backlog : DEF_MAX_BACKLOG;
+  l->batch_max = o->batch_max ? o->batch_max : DEF_BATCH_MAX;
+  if (l->batch_max > MAX_BATCH)
+    l->batch_max = MAX_BATCH;
+  l->linger_us = o->linger_us ? o->linger_us : DEF_LINGER_US;
+  l->retry_us = (int64_t)(o->retry_ms ? o->retry_ms : DEF_RETRY_MS) * 1000;
+  co.busy_timeout_ms = o->busy_timeout_ms ? o->busy_timeout_ms : DEF_BUSY_MS;
+  co.writer = 1;
+  atomic_init(&l->pending, 0);
+  atomic_init(&l->db_up, 0);
+  atomic_init(&l->spool_bytes, 0);
+
+  pthread_condattr_init(&ca);
+  pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+  pthread_mutex_init(&l->mu, NULL);
+  pthread_cond_init(&l->cond, &ca);
+  pthread_condattr_destroy(&ca);
+
+  rc = TG_EINVAL;
+  n = snprintf(l->dir, sizeof(l->dir), "%s", data_dir);
+  if (n < 0 || (size_t)n >= sizeof(l->dir))
+    goto out;
+  n = snprintf(l->spool_path, sizeof(l->spool_path), "%s/%s", data_dir,
+               TG_LEDGER_SPOOL_FILE);
+  if (n < 0 || (size_t)n >= sizeof(l->spool_path))
+    goto out;
+  rc = TG_ENOMEM;
+  l->ptrs = calloc(l->batch_max, sizeof(*l->ptrs));
+  l->rrecs = calloc(l->batch_max, sizeof(*l->rrecs));
+  l->buf = malloc(SPOOL_BUF);
+  if (l->ptrs == NULL || l->rrecs == NULL || l->buf == NULL)
+    goto out;
+
+  /* The backend creates data_dir and migrates the schema. */
+  if ((rc = be->open(database, data_dir, &co, &l->conn)) != 0)
+    goto out;
+  if ((rc = spool_recover(l)) != 0)
+    goto out;
+  /* A leftover spool goes in now, before anyone rebuilds spend from the
+   * ledger. A database that still refuses leaves it for the writer. */
+  while (l->spooling && replay_step(l) == 0)
+    ;
+  if (l->spooling)
+    fprintf(stderr, "tollgate: ledger: the database refuses writes (%s); %"
+            PRId64 " bytes stay in %s until it answers\n",
+            l->be->errmsg(l->conn), l->spool_size - l->replay_off,
+            l->spool_path);
+  atomic_store(&l->db_up, !l->spooling);
+
+  rc = pthread_create(&l->thread, NULL, writer_main, l) == 0 ? 0 : TG_ENOMEM;
+  if (rc != 0)
+    goto out;
+  l->started = 1;
+out:
+  if (rc != 0) {
+    free_ledger(l);
+    return rc;
+  }
+  *out = l;
+  return 0;
+}
+
+void tg_ledger_close(tg_ledger_t *l) {
+  if (l == NULL)
+    return;
+  if (l->started) {
+    pthread_mutex_lock(&l->mu);
+    l->stopping = 1;
+    pthread_cond_signal(&l->cond);
+    pthread_mutex_unlock(&l->mu);
+    pthread_join(l->thread, NULL);
+  }
+  free_ledger(l);
+}
+
+size_t tg_ledger_backlog(const tg_ledger_t *l) {
+  return atomic_load(&((tg_ledger_t *)l)->pending);
+}
+
+int64_t tg_ledger_spool_bytes(const tg_ledger_t *l) {
+  return atomic_load(&((tg_ledger_t *)l)->spool_bytes);
+}
+
+int tg_ledger_db_up(const tg_ledger_t *l) {
+  return atomic_load(&((tg_ledger_t *)l)->db_up);
+}
+
+void tg_ledger_stats(const tg_ledger_t *l, tg_ledger_stats_t *out) {
+  tg_ledger_t *m = (tg_ledger_t *)l;
+  out->transactions = atomic_load(&m->st.transactions);
+  out->committed = atomic_load(&m->st.committed);
+  out->spooled = atomic_load(&m->st.spooled);
+  out->replayed = atomic_load(&m->st.replayed);
+  out->spool_skipped = atomic_load(&m->st.spool_skipped);
+  out->db_failures = atomic_load(&m->st.db_failures);
+  out->lost = atomic_load(&m->st.lost);
+  out->refused = atomic_load(&m->st.refused);
+}
+
+/* ---- queries ---- */
+
+int tg_ledger_db_open(const char *database, const char *data_dir,
+                      tg_ledger_db_t **out) {
+  const tg__ledger_backend_t *be;
+  tg__ledger_conn_opts_t co = {.busy_timeout_ms = 5000, .writer = 0};
+  tg_ledger_db_t *d;
+  int rc;
+
+  *out = NULL;
+  if (data_dir == NULL || *data_dir == '\0')
+    return TG_EINVAL;
+  if ((rc = find_backend(database, &be)) != 0)
+    return rc;
+  d = calloc(1, sizeof(*d));
+  if (d == NULL)
+    return TG_ENOMEM;
+  d->be = be;
+  if ((rc = be->open(database, data_dir, &co, &d->conn)) != 0) {
+    free(d);
+    return rc;
+  }
+  *out = d;
+  return 0;
+}
+
+void tg_ledger_db_close(tg_ledger_db_t *d) {
+  if (d == NULL)
+    return;
+  d->be->close(d->conn);
+  free(d);
+}
+
+int tg_ledger_usage_by_model(tg_ledger_db_t *d, const char *tenant,
+                             int64_t from_ms, int64_t to_ms,
+                             tg_usage_row_t **rows, size_t *n) {
+  *rows = NULL;
+  *n = 0;
+  if (d == NULL || tenant == NULL)
+    return TG_EINVAL;
+  return d->be->usage_by_model(d->conn, tenant, from_ms, to_ms, rows, n);
+}
+
+int tg_ledger_spend_by_tenant(tg_ledger_db_t *d, int64_t from_ms, int64_t to_ms,
+                              tg_spend_row_t **rows, size_t *n) {
+  *rows = NULL;
+  *n = 0;
+  if (d == NULL)
+    return TG_EINVAL;
+  return d->be->spend_by_tenant(d->conn, from_ms, to_ms, rows, n);
+}
+
+/* First millisecond of the month before now's: what a purge never reaches,
+ * since the current and the previous month may still be invoiced. */
+static int64_t purge_floor_ms(int64_t now_ms) {
+  return tg_month_end_ms(tg_month_of(now_ms) - 2);
+}
+
+int64_t tg_ledger_retention_cutoff_ms(int64_t now_ms, int retention_days) {
+  int64_t days = retention_days > 0 ? retention_days
+                                    : TG_LEDGER_RETENTION_DAYS_DEFAULT;
+  int64_t cut = now_ms - days * INT64_C(86400000);
+  int64_t floor_ms = purge_floor_ms(now_ms);
+  return cut < floor_ms ? cut : floor_ms;
+}
+
+int tg_ledger_purge(tg_ledger_db_t *d, const char *tenant, int64_t before_ms,
+                    int64_t *deleted) {
+  int64_t floor_ms = purge_floor_ms(wall_ms());
+  if (deleted != NULL)
+    *deleted = 0;
+  if (d == NULL)
+    return TG_EINVAL;
+  if (before_ms > floor_ms)
+    before_ms = floor_ms;
+  return d->be->purge(d->conn, tenant, before_ms, deleted);
+}
+
+int tg_ledger_count(tg_ledger_db_t *d, const char *tenant, int64_t *n) {
+  *n = 0;
+  if (d == NULL)
+    return TG_EINVAL;
+  return d->be->count(d->conn, tenant, n);
+}

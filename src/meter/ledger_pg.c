@@ -1,0 +1,637 @@
+/* The ledger's PostgreSQL backend: the `ledger` table (migration 3 in
+ * db_pg.c) in the database that every gateway replica shares.
+ *
+ * A batch is one INSERT ... SELECT FROM unnest(<14 arrays>) ON CONFLICT
+ * (request_id) DO NOTHING: a statement prepared once per connection, one
+ * round trip and one transaction for the whole batch whatever its size
+ * (batches beyond CHUNK rows go in several statements inside one
+ * BEGIN ... COMMIT). A statement is its own transaction and PostgreSQL
+ * flushes the commit record to its WAL before answering, with
+ * synchronous_commit on — which the writer makes sure of — so a batch is
+ * durable when insert_batch returns 0.
+ *
+ * The server may go away at any time. Every call runs on a connection
+ * that is (re)made on demand: a call that finds its connection broken
+ * (a restart cut it while idle) reconnects once and runs again, which is
+ * safe because inserts skip request ids already stored; a call that cannot
+ * reach the server fails with TG_EDB within the connect timeout, so the
+ * ledger core spools and tries again later. The writer connects lazily: a
+ * gateway may start while the database is away. One line on stderr when
+ * the database goes away and one when it is back, not one per call.
+ *
+ * Sums are computed as numeric by PostgreSQL (SUM(bigint) is numeric) and
+ * cast back to bigint in the query: a total beyond int64 is an error
+ * (numeric_value_out_of_range), reported as TG_ETOOBIG, never a rounded
+ * figure. Every value is read as text and parsed exactly. */
+#include "meter/ledger_backend.h"
+
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/err.h"
+#include "meter/db_pg.h"
+
+struct tg__ledger_conn_s {
+  char *url;
+  PGconn *pg;            /* NULL while not connected */
+  tg_db_pg_opts_t opts;
+  int writer;
+  int prepared;          /* the insert is prepared on pg */
+  int down;              /* the loss was reported; say when it is back */
+};
+
+/* Rows per INSERT statement: bounds the arrays built for one statement
+ * (a few hundred KiB) while keeping the usual batch to one statement. */
+#define CHUNK 1024
+/* Rows removed per purge statement (each its own transaction), so the
+ * writer never waits long behind a purge. */
+#define PURGE_CHUNK 2000
+/* The writer's statements: a batch that takes longer goes to the spool. */
+#define WRITER_STATEMENT_MS 5000
+#define QUERY_STATEMENT_MS 60000
+
+#define INSERT_NAME "tg_ledger_insert"
+#define N_COLS 14
+
+static const char insert_sql[] =
+    "INSERT INTO ledger (request_id, ts_ms, tenant, key_id, model, endpoint,"
+    " prompt_tokens, completion_tokens, cost_nano, status, usage_counted,"
+    " queue_us, ttft_us, total_us)"
+    " SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[],"
+    " $5::text[], $6::text[], $7::bigint[], $8::bigint[], $9::bigint[],"
+    " $10::integer[], $11::integer[], $12::bigint[], $13::bigint[],"
+    " $14::bigint[])"
+    " ON CONFLICT (request_id) DO NOTHING";
+
+/* ---- connection ---- */
+
+static void drop(tg__ledger_conn_t *c) {
+  PQfinish(c->pg);
+  c->pg = NULL;
+  c->prepared = 0;
+}
+
+static void say_down(tg__ledger_conn_t *c, const char *what) {
+  char msg[256];
+  if (c->down)
+    return;
+  c->down = 1;
+  fprintf(stderr, "tollgate: ledger: %s: %s\n", what,
+          tg_db_pg_errmsg(c->pg, msg, sizeof(msg)));
+}
+
+/* Makes sure c has a live connection with the schema current. Says so on
+ * stderr only when the database was fine until now. Returns 0 or TG_EDB. */
+static int ensure(tg__ledger_conn_t *c) {
+  char shown[256];
+  int rc;
+
+  if (c->pg != NULL)
+    return 0;
+  c->opts.quiet = c->down;
+  rc = tg_db_pg_connect(c->url, &c->opts, &c->pg);
+  if (rc == 0)
+    rc = tg_db_pg_migrate(c->pg, c->down);
+  /* A server set to synchronous_commit=off answers COMMIT before the
+   * record is on disk; the ledger promises durability, so the writer asks
+   * for it (a stronger setting such as remote_apply is kept). */
+  if (rc == 0 && c->writer) {
+    PGresult *r = PQexec(c->pg, "SELECT current_setting('synchronous_commit')");
+    int off = PQresultStatus(r) == PGRES_TUPLES_OK && PQntuples(r) == 1 &&
+              strcmp(PQgetvalue(r, 0, 0), "off") == 0;
+    if (PQresultStatus(r) != PGRES_TUPLES_OK)
+      rc = TG_EDB;
+    PQclear(r);
+    if (rc == 0 && off && tg_db_pg_exec(c->pg, "SET synchronous_commit = on"))
+      rc = TG_EDB;
+  }
+  if (rc != 0) {
+    if (!c->down) {
+      /* tg_db_pg_connect said why already unless quiet. */
+      c->down = 1;
+      fprintf(stderr, "tollgate: ledger: database %s unavailable\n",
+              tg_db_pg_redact(c->url, shown, sizeof(shown)));
+    }
+    drop(c);
+    return rc == TG_ENOMEM ? rc : TG_EDB;
+  }
+  if (c->down) {
+    c->down = 0;
+    fprintf(stderr, "tollgate: ledger: database %s reachable again\n",
+            tg_db_pg_redact(c->url, shown, sizeof(shown)));
+  }
+  return 0;
+}
+
+/* Runs op on a live connection. When op fails on a connection that was
+ * already open and turns out broken (the server restarted since), it
+ * reconnects once and runs op again: every op here is safe to repeat. */
+static int with_conn(tg__ledger_conn_t *c, int (*op)(tg__ledger_conn_t *, void *),
+                     void *arg) {
+  int fresh = c->pg == NULL, rc;
+
+  rc = ensure(c);
+  if (rc != 0)
+    return rc;
+  rc = op(c, arg);
+  if (rc == 0 || !tg_db_pg_broken(c->pg))
+    return rc;
+  drop(c);
+  if (fresh)
+    return rc;
+  rc = ensure(c);
+  if (rc != 0)
+    return rc;
+  rc = op(c, arg);
+  if (rc != 0 && tg_db_pg_broken(c->pg))
+    drop(c);
+  return rc;
+}
+
+/* Reports a failed statement: a broken connection once (the caller drops
+ * it); numeric overflow of a sum as TG_ETOOBIG; anything else as TG_EDB
+ * with the server's reason. Clears r. */
+static int stmt_error(tg__ledger_conn_t *c, PGresult *r, const char *what) {
+  const char *state = r ? PQresultErrorField(r, PG_DIAG_SQLSTATE) : NULL;
+  char msg[256];
+  int rc = TG_EDB;
+
+  if (state != NULL && strcmp(state, "22003") == 0) {
+    rc = TG_ETOOBIG;   /* numeric_value_out_of_range: a sum beyond int64 */
+  } else if (tg_db_pg_broken(c->pg)) {
+    say_down(c, what);
+  } else {
+    fprintf(stderr, "tollgate: ledger: %s: %s\n", what,
+            tg_db_pg_errmsg(c->pg, msg, sizeof(msg)));
+  }
+  PQclear(r);
+  return rc;
+}
+
+static void pg_close(tg__ledger_conn_t *c) {
+  if (c == NULL)
+    return;
+  PQfinish(c->pg);
+  free(c->url);
+  free(c);
+}
+
+static int pg_open(const char *database, const char *data_dir,
+                   const tg__ledger_conn_opts_t *o, tg__ledger_conn_t **out) {
+  tg__ledger_conn_t *c;
+  size_t len;
+  int rc;
+
+  (void)data_dir;
+  *out = NULL;
+  if (!tg_db_pg_is_url(database) ||
+      (len = strlen(database)) >= TG_DB_PG_URL_MAX)
+    return TG_EINVAL;
+  c = calloc(1, sizeof(*c));
+  if (c == NULL)
+    return TG_ENOMEM;
+  c->url = malloc(len + 1);
+  if (c->url == NULL) {
+    free(c);
+    return TG_ENOMEM;
+  }
+  memcpy(c->url, database, len + 1);
+  c->writer = o != NULL && o->writer;
+  c->opts.statement_timeout_ms = c->writer ? WRITER_STATEMENT_MS
+                                           : QUERY_STATEMENT_MS;
+  c->opts.lock_timeout_ms = o != NULL && o->busy_timeout_ms > 0
+                                ? o->busy_timeout_ms : 0;
+  rc = ensure(c);
+  if (rc == TG_ENOMEM || (rc != 0 && !c->writer)) {
+    pg_close(c);
+    return rc;
+  }
+  /* The writer starts without its database all the same: the ledger core
+   * spools until insert_batch finds it. */
+  *out = c;
+  return 0;
+}
+
+/* ---- insert ---- */
+
+/* A growable text buffer with a hard bound (one array literal). */
+typedef struct {
+  char *p;
+  size_t len, cap;
+} buf_t;
+
+/* Bytes of one array literal: CHUNK elements of at most 256 bytes, each
+ * byte escaped to two, plus quotes and commas. */
+#define ARRAY_MAX ((size_t)CHUNK * (2 * 256 + 3) + 16)
+
+static int buf_put(buf_t *b, const char *s, size_t n) {
+  if (b->len + n + 1 > b->cap) {
+    size_t ncap = b->cap ? b->cap : 256;
+    char *p;
+    while (ncap < b->len + n + 1)
+      ncap *= 2;
+    if (ncap > ARRAY_MAX)
+      ncap = ARRAY_MAX;
+    if (b->len + n + 1 > ncap)
+      return TG_ETOOBIG;
+    p = realloc(b->p, ncap);
+    if (p == NULL)
+      return TG_ENOMEM;
+    b->p = p;
+    b->cap = ncap;
+  }
+  memcpy(b->p + b->len, s, n);
+  b->len += n;
+  b->p[b->len] = '\0';
+  return 0;
+}
+
+/* Appends one text element, double-quoted with '"' and '\' escaped, so
+ * no value (not even "NULL" or one with braces or commas) is misread. */
+static int put_text(buf_t *b, const char *s, size_t cap) {
+  size_t n = strnlen(s, cap), i = 0;
+  int rc = buf_put(b, "\"", 1);
+  while (rc == 0 && i < n) {
+    size_t run = strcspn(s + i, "\"\\");
+    if (run > n - i)
+      run = n - i;
+    rc = buf_put(b, s + i, run);
+    i += run;
+    if (rc == 0 && i < n) {
+      char esc[2] = {'\\', s[i]};
+      rc = buf_put(b, esc, 2);
+      i++;
+    }
+  }
+  return rc == 0 ? buf_put(b, "\"", 1) : rc;
+}
+
+static int put_int(buf_t *b, int64_t v) {
+  char num[24];
+  int n = snprintf(num, sizeof(num), "%" PRId64, v);
+  return buf_put(b, num, (size_t)n);
+}
+
+/* Builds the 14 array literals of recs[0..n). */
+static int build_arrays(buf_t a[N_COLS], const tg_ledger_rec_t *const *recs,
+                        size_t n) {
+  int rc = 0;
+
+  for (int k = 0; k < N_COLS; k++) {
+    a[k].len = 0;
+    if ((rc = buf_put(&a[k], "{", 1)) != 0)
+      return rc;
+  }
+  for (size_t i = 0; i < n && rc == 0; i++) {
+    const tg_ledger_rec_t *r = recs[i];
+    if (i > 0)
+      for (int k = 0; k < N_COLS && rc == 0; k++)
+        rc = buf_put(&a[k], ",", 1);
+    if (rc == 0)
+      rc = put_text(&a[0], r->request_id, sizeof(r->request_id));
+    if (rc == 0)
+      rc = put_int(&a[1], r->ts_ms);
+    if (rc == 0)
+      rc = put_text(&a[2], r->tenant, sizeof(r->tenant));
+    if (rc == 0)
+      rc = put_text(&a[3], r->key_id, sizeof(r->key_id));
+    if (rc == 0)
+      rc = put_text(&a[4], r->model, sizeof(r->model));
+    if (rc == 0)
+      rc = put_text(&a[5], r->endpoint, sizeof(r->endpoint));
+    if (rc == 0)
+      rc = put_int(&a[6], r->prompt_tokens);
+    if (rc == 0)
+      rc = put_int(&a[7], r->completion_tokens);
+    if (rc == 0)
+      rc = put_int(&a[8], r->cost_nano);
+    if (rc == 0)
+      rc = put_int(&a[9], r->status);
+    if (rc == 0)
+      rc = put_int(&a[10], r->usage_counted ? 1 : 0);
+    if (rc == 0)
+      rc = put_int(&a[11], r->queue_us);
+    if (rc == 0)
+      rc = put_int(&a[12], r->ttft_us);
+    if (rc == 0)
+      rc = put_int(&a[13], r->total_us);
+  }
+  for (int k = 0; k < N_COLS && rc == 0; k++)
+    rc = buf_put(&a[k], "}", 1);
+  return rc;
+}
+
+typedef struct {
+  const tg_ledger_rec_t *const *recs;
+  size_t n;
+  buf_t a[N_COLS];
+} batch_t;
+
+static int insert_op(tg__ledger_conn_t *c, void *arg) {
+  batch_t *b = arg;
+  const char *vals[N_COLS];
+  PGresult *r;
+  int rc, multi = b->n > CHUNK;
+
+  if (!c->prepared) {
+    r = PQprepare(c->pg, INSERT_NAME, insert_sql, N_COLS, NULL);
+    if (PQresultStatus(r) != PGRES_COMMAND_OK)
+      return stmt_error(c, r, "cannot prepare the insert");
+    PQclear(r);
+    c->prepared = 1;
+  }
+  /* One statement is one transaction; several need an explicit one. */
+  if (multi && tg_db_pg_exec(c->pg, "BEGIN") != 0)
+    return stmt_error(c, NULL, "cannot begin a batch");
+  for (size_t off = 0; off < b->n; off += CHUNK) {
+    size_t cnt = b->n - off < CHUNK ? b->n - off : CHUNK;
+    rc = build_arrays(b->a, b->recs + off, cnt);
+    if (rc != 0)
+      goto fail;
+    for (int k = 0; k < N_COLS; k++)
+      vals[k] = b->a[k].p;
+    r = PQexecPrepared(c->pg, INSERT_NAME, N_COLS, vals, NULL, NULL, 0);
+    if (PQresultStatus(r) != PGRES_COMMAND_OK) {
+      rc = stmt_error(c, r, "insert");
+      goto fail;
+    }
+    PQclear(r);
+  }
+  if (multi && tg_db_pg_exec(c->pg, "COMMIT") != 0) {
+    rc = stmt_error(c, NULL, "commit");
+    goto fail;
+  }
+  return 0;
+fail:
+  if (!tg_db_pg_broken(c->pg) &&
+      PQtransactionStatus(c->pg) != PQTRANS_IDLE)
+    tg_db_pg_exec(c->pg, "ROLLBACK");
+  return rc == TG_ENOMEM ? rc : TG_EDB;
+}
+
+static int pg_insert_batch(tg__ledger_conn_t *c,
+                           const tg_ledger_rec_t *const *recs, size_t n) {
+  batch_t b;
+  int rc;
+
+  if (n == 0)
+    return 0;
+  memset(&b, 0, sizeof(b));
+  b.recs = recs;
+  b.n = n;
+  rc = with_conn(c, insert_op, &b);
+  for (int k = 0; k < N_COLS; k++)
+    free(b.a[k].p);
+  return rc;
+}
+
+/* ---- queries ---- */
+
+/* Grows *rows (of elem bytes each) to hold one more; bounded. */
+static int grow(void **rows, size_t *cap, size_t n, size_t elem) {
+  void *p;
+  size_t ncap;
+  if (n < *cap)
+    return 0;
+  if (n >= TG__LEDGER_MAX_ROWS)
+    return TG_ETOOBIG;
+  ncap = *cap ? *cap * 2 : 16;
+  if (ncap > TG__LEDGER_MAX_ROWS)
+    ncap = TG__LEDGER_MAX_ROWS;
+  p = realloc(*rows, ncap * elem);
+  if (p == NULL)
+    return TG_ENOMEM;
+  *rows = p;
+  *cap = ncap;
+  return 0;
+}
+
+/* Copies a cell into a fixed field, cut at its size (the gateway never
+ * writes longer values; a foreign row is shown cut rather than refused). */
+static void copy_cell(char *dst, size_t cap, const PGresult *r, int row,
+                      int col) {
+  size_t len = (size_t)PQgetlength(r, row, col);
+  if (len >= cap)
+    len = cap - 1;
+  if (len > 0)
+    memcpy(dst, PQgetvalue(r, row, col), len);
+  dst[len] = '\0';
+}
+
+/* A query with text parameters whose rows are read by fill. Fetches at
+ * most TG__LEDGER_MAX_ROWS + 1 rows (the SQL says LIMIT), so an
+ * unexpected result never fills memory before the bound is checked. */
+typedef struct {
+  const char *sql, *what;
+  int nparams;
+  const char *const *params;
+  int (*fill)(const PGresult *r, void *out);
+  void *out;
+} query_t;
+
+static int query_op(tg__ledger_conn_t *c, void *arg) {
+  query_t *q = arg;
+  PGresult *r = PQexecParams(c->pg, q->sql, q->nparams, NULL, q->params,
+                             NULL, NULL, 0);
+  int rc;
+  if (PQresultStatus(r) != PGRES_TUPLES_OK)
+    return stmt_error(c, r, q->what);
+  rc = q->fill(r, q->out);
+  PQclear(r);
+  return rc;
+}
+
+#define LIMIT_ROWS " LIMIT 1048577"
+_Static_assert(TG__LEDGER_MAX_ROWS + 1 == 1048577,
+               "LIMIT_ROWS must be TG__LEDGER_MAX_ROWS + 1");
+
+typedef struct {
+  void *rows;
+  size_t n;
+} rows_t;
+
+static int fill_usage(const PGresult *r, void *out) {
+  rows_t *o = out;
+  tg_usage_row_t *v = NULL;
+  size_t cap = 0, cnt = 0;
+  int rc = 0;
+
+  for (int i = 0; i < PQntuples(r); i++) {
+    if ((rc = grow((void **)&v, &cap, cnt, sizeof(*v))) != 0)
+      break;
+    copy_cell(v[cnt].model, sizeof(v[cnt].model), r, i, 0);
+    if (tg_db_pg_int64(r, i, 1, &v[cnt].requests) != 0 ||
+        tg_db_pg_int64(r, i, 2, &v[cnt].prompt_tokens) != 0 ||
+        tg_db_pg_int64(r, i, 3, &v[cnt].completion_tokens) != 0 ||
+        tg_db_pg_int64(r, i, 4, &v[cnt].cost_nano) != 0) {
+      rc = TG_EDB;
+      break;
+    }
+    cnt++;
+  }
+  if (rc != 0) {
+    free(v);
+    return rc;
+  }
+  o->rows = v;
+  o->n = cnt;
+  return 0;
+}
+
+static int pg_usage_by_model(tg__ledger_conn_t *c, const char *tenant,
+                             int64_t from_ms, int64_t to_ms,
+                             tg_usage_row_t **rows, size_t *n) {
+  /* COLLATE "C": byte order, as SQLite sorts, whatever the database's
+   * locale. */
+  static const char sql[] =
+      "SELECT model, COUNT(*), SUM(prompt_tokens)::bigint,"
+      " SUM(completion_tokens)::bigint, SUM(cost_nano)::bigint FROM ledger"
+      " WHERE tenant = $1 AND ts_ms >= $2::bigint AND ts_ms < $3::bigint"
+      " GROUP BY model ORDER BY model COLLATE \"C\"" LIMIT_ROWS;
+  char from[24], to[24];
+  const char *params[3] = {tenant, from, to};
+  rows_t o = {0};
+  query_t q = {sql, "usage query", 3, params, fill_usage, &o};
+  int rc;
+
+  *rows = NULL;
+  *n = 0;
+  snprintf(from, sizeof(from), "%" PRId64, from_ms);
+  snprintf(to, sizeof(to), "%" PRId64, to_ms);
+  rc = with_conn(c, query_op, &q);
+  if (rc == 0) {
+    *rows = o.rows;
+    *n = o.n;
+  }
+  return rc;
+}
+
+static int fill_spend(const PGresult *r, void *out) {
+  rows_t *o = out;
+  tg_spend_row_t *v = NULL;
+  size_t cap = 0, cnt = 0;
+  int rc = 0;
+
+  for (int i = 0; i < PQntuples(r); i++) {
+    if ((rc = grow((void **)&v, &cap, cnt, sizeof(*v))) != 0)
+      break;
+    copy_cell(v[cnt].tenant, sizeof(v[cnt].tenant), r, i, 0);
+    if (tg_db_pg_int64(r, i, 1, &v[cnt].cost_nano) != 0) {
+      rc = TG_EDB;
+      break;
+    }
+    cnt++;
+  }
+  if (rc != 0) {
+    free(v);
+    return rc;
+  }
+  o->rows = v;
+  o->n = cnt;
+  return 0;
+}
+
+static int pg_spend_by_tenant(tg__ledger_conn_t *c, int64_t from_ms,
+                              int64_t to_ms, tg_spend_row_t **rows,
+                              size_t *n) {
+  static const char sql[] =
+      "SELECT tenant, SUM(cost_nano)::bigint FROM ledger"
+      " WHERE ts_ms >= $1::bigint AND ts_ms < $2::bigint"
+      " GROUP BY tenant ORDER BY tenant COLLATE \"C\"" LIMIT_ROWS;
+  char from[24], to[24];
+  const char *params[2] = {from, to};
+  rows_t o = {0};
+  query_t q = {sql, "spend query", 2, params, fill_spend, &o};
+  int rc;
+
+  *rows = NULL;
+  *n = 0;
+  snprintf(from, sizeof(from), "%" PRId64, from_ms);
+  snprintf(to, sizeof(to), "%" PRId64, to_ms);
+  rc = with_conn(c, query_op, &q);
+  if (rc == 0) {
+    *rows = o.rows;
+    *n = o.n;
+  }
+  return rc;
+}
+
+static int fill_count(const PGresult *r, void *out) {
+  if (PQntuples(r) != 1 || tg_db_pg_int64(r, 0, 0, out) != 0)
+    return TG_EDB;
+  return 0;
+}
+
+static int pg_count(tg__ledger_conn_t *c, const char *tenant, int64_t *n) {
+  const char *params[1] = {tenant};
+  query_t q = {tenant ? "SELECT COUNT(*) FROM ledger WHERE tenant = $1"
+                      : "SELECT COUNT(*) FROM ledger",
+               "count", tenant ? 1 : 0, params, fill_count, n};
+  int rc;
+
+  *n = 0;
+  rc = with_conn(c, query_op, &q);
+  if (rc != 0)
+    *n = 0;
+  return rc;
+}
+
+typedef struct {
+  const char *tenant;
+  char before[24], chunk[16];
+  int64_t total;
+} purge_t;
+
+static int purge_op(tg__ledger_conn_t *c, void *arg) {
+  /* By request id in chunks, each its own transaction: one DELETE of a
+   * year's rows would hold its locks and its WAL for long. */
+  static const char sql_all[] =
+      "DELETE FROM ledger WHERE request_id IN (SELECT request_id FROM ledger"
+      " WHERE ts_ms < $1::bigint LIMIT $2::integer)";
+  static const char sql_tenant[] =
+      "DELETE FROM ledger WHERE request_id IN (SELECT request_id FROM ledger"
+      " WHERE ts_ms < $1::bigint AND tenant = $3 LIMIT $2::integer)";
+  purge_t *p = arg;
+  const char *params[3] = {p->before, p->chunk, p->tenant};
+  int64_t ch;
+
+  do {
+    PGresult *r = PQexecParams(c->pg, p->tenant ? sql_tenant : sql_all,
+                               p->tenant ? 3 : 2, NULL, params, NULL, NULL, 0);
+    char *end = NULL;
+    if (PQresultStatus(r) != PGRES_COMMAND_OK)
+      return stmt_error(c, r, "purge");
+    ch = strtoll(PQcmdTuples(r), &end, 10);
+    PQclear(r);
+    if (ch < 0)
+      ch = 0;
+    p->total += ch;
+  } while (ch > 0);
+  return 0;
+}
+
+static int pg_purge(tg__ledger_conn_t *c, const char *tenant,
+                    int64_t before_ms, int64_t *deleted) {
+  purge_t p = {.tenant = tenant};
+  int rc;
+
+  snprintf(p.before, sizeof(p.before), "%" PRId64, before_ms);
+  snprintf(p.chunk, sizeof(p.chunk), "%d", PURGE_CHUNK);
+  rc = with_conn(c, purge_op, &p);
+  if (deleted != NULL)
+    *deleted = p.total;
+  return rc;
+}
+
+const tg__ledger_backend_t tg__ledger_backend_pg = {
+  .name = "postgres",
+  .open = pg_open,
+  .insert_batch = pg_insert_batch,
+  .usage_by_model = pg_usage_by_model,
+  .spend_by_tenant = pg_spend_by_tenant,
+  .purge = pg_purge,
+  .count = pg_count,
+  .close = pg_close,
+};

@@ -1,0 +1,388 @@
+/* The ledger's SQLite backend: the `ledger` table (migration 3 in
+ * db_sqlite.c) in the embedded database file, <data_dir>/tollgate.db.
+ *
+ * The writer's connection runs with synchronous=FULL, so a COMMIT has
+ * reached the disk (the WAL is fsynced) before a batch is reported durable,
+ * and with a short busy timeout, so a database locked by another writer
+ * sends batches to the spool instead of holding responses back. A batch is
+ * one BEGIN IMMEDIATE ... COMMIT of INSERT ... ON CONFLICT DO NOTHING with a
+ * prepared statement kept for the connection's life.
+ *
+ * SUM() over INTEGER columns is exact in SQLite and fails with "integer
+ * overflow" instead of wrapping or turning into a float; that failure is
+ * reported as TG_ETOOBIG. */
+#include "meter/ledger_backend.h"
+
+#include <limits.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <sqlite3.h>
+
+#include "core/err.h"
+#include "meter/db_sqlite.h"
+
+struct tg__ledger_conn_s {
+  sqlite3 *db;
+  sqlite3_stmt *insert;   /* prepared once, for the writer */
+  int busy_ms;            /* the connection's lock wait, restored after a probe */
+  char err[256];          /* the last write failure, for the writer's log */
+};
+
+/* Rows removed per purge transaction: small enough that the writer waits
+ * well under its busy timeout for the lock. */
+#define PURGE_CHUNK 2000
+
+static atomic_int fail_inserts;
+
+void tg__ledger_sqlite_fail_inserts(int on) {
+  atomic_store(&fail_inserts, on);
+}
+
+static const char insert_sql[] =
+    "INSERT INTO ledger (request_id, ts_ms, tenant, key_id, model, endpoint,"
+    " prompt_tokens, completion_tokens, cost_nano, status, usage_counted,"
+    " queue_us, ttft_us, total_us)"
+    " VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)"
+    " ON CONFLICT (request_id) DO NOTHING";
+
+/* Keeps a write failure's text for errmsg(); the writer decides what to
+ * print (once per outage, not once per retry). */
+static int note(tg__ledger_conn_t *c, const char *what) {
+  snprintf(c->err, sizeof(c->err), "%s: %s", what, sqlite3_errmsg(c->db));
+  return TG_EDB;
+}
+
+static int fail(sqlite3 *db, const char *what) {
+  fprintf(stderr, "tollgate: ledger: %s: %s\n", what, sqlite3_errmsg(db));
+  return TG_EDB;
+}
+
+/* A failed step of an aggregate: SQLite refuses an integer SUM() that
+ * leaves int64 with this message (and nothing else carries it). */
+static int step_error(sqlite3 *db) {
+  const char *msg = sqlite3_errmsg(db);
+  if (msg != NULL && strstr(msg, "integer overflow") != NULL)
+    return TG_ETOOBIG;
+  return fail(db, "query");
+}
+
+static void sq_close(tg__ledger_conn_t *c) {
+  if (c == NULL)
+    return;
+  sqlite3_finalize(c->insert);
+  sqlite3_close(c->db);
+  free(c);
+}
+
+static int sq_open(const char *database, const char *data_dir,
+                   const tg__ledger_conn_opts_t *o, tg__ledger_conn_t **out) {
+  tg__ledger_conn_t *c;
+  int rc;
+
+  (void)database;
+  *out = NULL;
+  c = calloc(1, sizeof(*c));
+  if (c == NULL)
+    return TG_ENOMEM;
+  rc = tg_db_sqlite_open(&c->db, data_dir);
+  if (rc != 0)
+    goto out;
+  rc = TG_EDB;
+  /* Durable at COMMIT: in WAL mode NORMAL would only sync at checkpoints. */
+  if (sqlite3_exec(c->db, "PRAGMA synchronous=FULL", NULL, NULL, NULL) !=
+      SQLITE_OK) {
+    fail(c->db, "cannot set synchronous=FULL");
+    goto out;
+  }
+  c->busy_ms = 5000;     /* what tg_db_sqlite_open set */
+  if (o != NULL && o->busy_timeout_ms > 0)
+    c->busy_ms = o->busy_timeout_ms > INT_MAX ? INT_MAX
+                                              : (int)o->busy_timeout_ms;
+  if (sqlite3_busy_timeout(c->db, c->busy_ms) != SQLITE_OK)
+    goto out;
+  if (o != NULL && o->writer &&
+      sqlite3_prepare_v3(c->db, insert_sql, -1, SQLITE_PREPARE_PERSISTENT,
+                         &c->insert, NULL) != SQLITE_OK) {
+    fail(c->db, "cannot prepare the insert");
+    goto out;
+  }
+  rc = 0;
+out:
+  if (rc != 0) {
+    sq_close(c);
+    return rc;
+  }
+  *out = c;
+  return 0;
+}
+
+static void bind_text(sqlite3_stmt *st, int i, const char *s, size_t cap) {
+  sqlite3_bind_text(st, i, s, (int)strnlen(s, cap), SQLITE_STATIC);
+}
+
+static int bind_rec(sqlite3_stmt *st, const tg_ledger_rec_t *r) {
+  bind_text(st, 1, r->request_id, sizeof(r->request_id));
+  sqlite3_bind_int64(st, 2, r->ts_ms);
+  bind_text(st, 3, r->tenant, sizeof(r->tenant));
+  bind_text(st, 4, r->key_id, sizeof(r->key_id));
+  bind_text(st, 5, r->model, sizeof(r->model));
+  bind_text(st, 6, r->endpoint, sizeof(r->endpoint));
+  sqlite3_bind_int64(st, 7, r->prompt_tokens);
+  sqlite3_bind_int64(st, 8, r->completion_tokens);
+  sqlite3_bind_int64(st, 9, r->cost_nano);
+  sqlite3_bind_int(st, 10, r->status);
+  sqlite3_bind_int(st, 11, r->usage_counted ? 1 : 0);
+  sqlite3_bind_int64(st, 12, r->queue_us);
+  sqlite3_bind_int64(st, 13, r->ttft_us);
+  return sqlite3_bind_int64(st, 14, r->total_us);
+}
+
+static int sq_insert_batch(tg__ledger_conn_t *c,
+                           const tg_ledger_rec_t *const *recs, size_t n) {
+  int rc = TG_EDB;
+
+  if (c->insert == NULL)
+    return TG_EINVAL;
+  if (atomic_load(&fail_inserts)) {
+    snprintf(c->err, sizeof(c->err), "database down (test)");
+    return TG_EDB;
+  }
+  /* IMMEDIATE takes the write lock now, waiting up to the busy timeout;
+   * a deferred BEGIN could fail later, half-way through the batch. */
+  if (sqlite3_exec(c->db, "BEGIN IMMEDIATE", NULL, NULL, NULL) != SQLITE_OK)
+    return note(c, "cannot begin a batch");
+  for (size_t i = 0; i < n; i++) {
+    sqlite3_reset(c->insert);
+    sqlite3_clear_bindings(c->insert);
+    bind_rec(c->insert, recs[i]);
+    if (sqlite3_step(c->insert) != SQLITE_DONE) {
+      note(c, "insert");
+      goto out;
+    }
+  }
+  sqlite3_reset(c->insert);
+  if (sqlite3_exec(c->db, "COMMIT", NULL, NULL, NULL) != SQLITE_OK) {
+    note(c, "commit");
+    goto out;
+  }
+  rc = 0;
+out:
+  sqlite3_reset(c->insert);
+  if (rc != 0 && sqlite3_get_autocommit(c->db) == 0)
+    sqlite3_exec(c->db, "ROLLBACK", NULL, NULL, NULL);
+  return rc;
+}
+
+/* Takes and gives back the write lock without waiting for it. */
+static int sq_probe(tg__ledger_conn_t *c) {
+  int rc;
+  if (atomic_load(&fail_inserts)) {
+    snprintf(c->err, sizeof(c->err), "database down (test)");
+    return TG_EDB;
+  }
+  sqlite3_busy_timeout(c->db, 0);
+  rc = sqlite3_exec(c->db, "BEGIN IMMEDIATE", NULL, NULL, NULL) == SQLITE_OK
+           ? 0
+           : note(c, "probe");
+  sqlite3_busy_timeout(c->db, c->busy_ms);
+  if (sqlite3_get_autocommit(c->db) == 0)
+    sqlite3_exec(c->db, "ROLLBACK", NULL, NULL, NULL);
+  return rc;
+}
+
+static const char *sq_errmsg(tg__ledger_conn_t *c) {
+  return c->err;
+}
+
+/* Copies column text into a fixed field, cut at its size (the gateway never
+ * writes longer values; a foreign row is shown cut rather than refused). */
+static void copy_col(char *dst, size_t cap, sqlite3_stmt *st, int col) {
+  const unsigned char *s = sqlite3_column_text(st, col);
+  size_t len = s ? (size_t)sqlite3_column_bytes(st, col) : 0;
+  if (len >= cap)
+    len = cap - 1;
+  if (len > 0)
+    memcpy(dst, s, len);
+  dst[len] = '\0';
+}
+
+/* Grows *rows (of elem bytes each) to hold one more; bounded. */
+static int grow(void **rows, size_t *cap, size_t n, size_t elem) {
+  void *p;
+  size_t ncap;
+  if (n < *cap)
+    return 0;
+  if (n >= TG__LEDGER_MAX_ROWS)
+    return TG_ETOOBIG;
+  ncap = *cap ? *cap * 2 : 16;
+  if (ncap > TG__LEDGER_MAX_ROWS)
+    ncap = TG__LEDGER_MAX_ROWS;
+  p = realloc(*rows, ncap * elem);
+  if (p == NULL)
+    return TG_ENOMEM;
+  *rows = p;
+  *cap = ncap;
+  return 0;
+}
+
+static int sq_usage_by_model(tg__ledger_conn_t *c, const char *tenant,
+                             int64_t from_ms, int64_t to_ms,
+                             tg_usage_row_t **rows, size_t *n) {
+  static const char sql[] =
+      "SELECT model, COUNT(*), SUM(prompt_tokens), SUM(completion_tokens),"
+      " SUM(cost_nano) FROM ledger WHERE tenant = ?1 AND ts_ms >= ?2"
+      " AND ts_ms < ?3 GROUP BY model ORDER BY model";
+  sqlite3_stmt *st = NULL;
+  tg_usage_row_t *v = NULL;
+  size_t cap = 0, cnt = 0;
+  int rc = TG_EDB, s;
+
+  *rows = NULL;
+  *n = 0;
+  if (sqlite3_prepare_v2(c->db, sql, -1, &st, NULL) != SQLITE_OK) {
+    fail(c->db, "cannot prepare the usage query");
+    goto out;
+  }
+  sqlite3_bind_text(st, 1, tenant, -1, SQLITE_STATIC);
+  sqlite3_bind_int64(st, 2, from_ms);
+  sqlite3_bind_int64(st, 3, to_ms);
+  while ((s = sqlite3_step(st)) == SQLITE_ROW) {
+    if ((rc = grow((void **)&v, &cap, cnt, sizeof(*v))) != 0)
+      goto out;
+    copy_col(v[cnt].model, sizeof(v[cnt].model), st, 0);
+    v[cnt].requests = sqlite3_column_int64(st, 1);
+    v[cnt].prompt_tokens = sqlite3_column_int64(st, 2);
+    v[cnt].completion_tokens = sqlite3_column_int64(st, 3);
+    v[cnt].cost_nano = sqlite3_column_int64(st, 4);
+    cnt++;
+  }
+  rc = s == SQLITE_DONE ? 0 : step_error(c->db);
+out:
+  sqlite3_finalize(st);
+  if (rc != 0) {
+    free(v);
+    return rc;
+  }
+  *rows = v;
+  *n = cnt;
+  return 0;
+}
+
+static int sq_spend_by_tenant(tg__ledger_conn_t *c, int64_t from_ms,
+                              int64_t to_ms, tg_spend_row_t **rows, size_t *n) {
+  static const char sql[] =
+      "SELECT tenant, SUM(cost_nano) FROM ledger WHERE ts_ms >= ?1"
+      " AND ts_ms < ?2 GROUP BY tenant ORDER BY tenant";
+  sqlite3_stmt *st = NULL;
+  tg_spend_row_t *v = NULL;
+  size_t cap = 0, cnt = 0;
+  int rc = TG_EDB, s;
+
+  *rows = NULL;
+  *n = 0;
+  if (sqlite3_prepare_v2(c->db, sql, -1, &st, NULL) != SQLITE_OK) {
+    fail(c->db, "cannot prepare the spend query");
+    goto out;
+  }
+  sqlite3_bind_int64(st, 1, from_ms);
+  sqlite3_bind_int64(st, 2, to_ms);
+  while ((s = sqlite3_step(st)) == SQLITE_ROW) {
+    if ((rc = grow((void **)&v, &cap, cnt, sizeof(*v))) != 0)
+      goto out;
+    copy_col(v[cnt].tenant, sizeof(v[cnt].tenant), st, 0);
+    v[cnt].cost_nano = sqlite3_column_int64(st, 1);
+    cnt++;
+  }
+  rc = s == SQLITE_DONE ? 0 : step_error(c->db);
+out:
+  sqlite3_finalize(st);
+  if (rc != 0) {
+    free(v);
+    return rc;
+  }
+  *rows = v;
+  *n = cnt;
+  return 0;
+}
+
+static int sq_purge(tg__ledger_conn_t *c, const char *tenant, int64_t before_ms,
+                    int64_t *deleted) {
+  /* By rowid in chunks, each its own transaction: one DELETE of a year's
+   * rows would hold the write lock long enough to push the writer's
+   * batches into the spool. */
+  static const char sql_all[] =
+      "DELETE FROM ledger WHERE rowid IN (SELECT rowid FROM ledger"
+      " WHERE ts_ms < ?1 LIMIT ?3)";
+  static const char sql_tenant[] =
+      "DELETE FROM ledger WHERE rowid IN (SELECT rowid FROM ledger"
+      " WHERE tenant = ?2 AND ts_ms < ?1 LIMIT ?3)";
+  sqlite3_stmt *st = NULL;
+  int64_t total = 0;
+  int rc = TG_EDB, ch;
+
+  if (sqlite3_prepare_v2(c->db, tenant ? sql_tenant : sql_all, -1, &st,
+                         NULL) != SQLITE_OK) {
+    fail(c->db, "cannot prepare the purge");
+    goto out;
+  }
+  sqlite3_bind_int64(st, 1, before_ms);
+  if (tenant != NULL)
+    sqlite3_bind_text(st, 2, tenant, -1, SQLITE_STATIC);
+  sqlite3_bind_int(st, 3, PURGE_CHUNK);
+  do {
+    sqlite3_reset(st);
+    if (sqlite3_step(st) != SQLITE_DONE) {
+      fail(c->db, "purge");
+      goto out;
+    }
+    ch = sqlite3_changes(c->db);
+    total += ch;
+  } while (ch > 0);
+  rc = 0;
+out:
+  sqlite3_finalize(st);
+  if (deleted != NULL)
+    *deleted = total;
+  return rc;
+}
+
+static int sq_count(tg__ledger_conn_t *c, const char *tenant, int64_t *n) {
+  sqlite3_stmt *st = NULL;
+  int rc = TG_EDB;
+
+  *n = 0;
+  if (sqlite3_prepare_v2(c->db,
+                         tenant ? "SELECT COUNT(*) FROM ledger WHERE tenant = ?1"
+                                : "SELECT COUNT(*) FROM ledger",
+                         -1, &st, NULL) != SQLITE_OK) {
+    fail(c->db, "cannot prepare the count");
+    goto out;
+  }
+  if (tenant != NULL)
+    sqlite3_bind_text(st, 1, tenant, -1, SQLITE_STATIC);
+  if (sqlite3_step(st) != SQLITE_ROW) {
+    fail(c->db, "count");
+    goto out;
+  }
+  *n = sqlite3_column_int64(st, 0);
+  rc = 0;
+out:
+  sqlite3_finalize(st);
+  return rc;
+}
+
+const tg__ledger_backend_t tg__ledger_backend_sqlite = {
+  .name = "sqlite",
+  .open = sq_open,
+  .insert_batch = sq_insert_batch,
+  .probe = sq_probe,
+  .errmsg = sq_errmsg,
+  .usage_by_model = sq_usage_by_model,
+  .spend_by_tenant = sq_spend_by_tenant,
+  .purge = sq_purge,
+  .count = sq_count,
+  .close = sq_close,
+};

@@ -1,0 +1,1018 @@
+/* The usage ledger against a real SQLite database in a temporary directory
+ * and real libuv loops: callbacks on the appending loop, exact sums, group
+ * commit, the backlog bound, the spool when the database refuses (a lock
+ * held by another connection, or the backend's failure hook across a
+ * restart), in-order replay without duplicates, a torn spool tail, purge
+ * and close. */
+#define _GNU_SOURCE /* nftw */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <errno.h>
+#include <fcntl.h>
+#include <ftw.h>
+#include <inttypes.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <sqlite3.h>
+#include <uv.h>
+
+#include "core/err.h"
+#include "meter/db_sqlite.h"
+#include "meter/ledger.h"
+#include "meter/ledger_backend.h"
+
+/* ---- helpers ---- */
+
+static int rm_entry(const char *path, const struct stat *sb, int flag,
+                    struct FTW *ftw) {
+  (void)sb; (void)flag; (void)ftw;
+  return remove(path);
+}
+
+typedef struct {
+  char dir[64];
+  char spool[128];
+} tmp_t;
+
+static int tmp_setup(void **state) {
+  tmp_t *t = calloc(1, sizeof(*t));
+  if (t == NULL)
+    return -1;
+  memcpy(t->dir, "/tmp/tg-ledger-XXXXXX", sizeof("/tmp/tg-ledger-XXXXXX"));
+  if (mkdtemp(t->dir) == NULL) {
+    free(t);
+    return -1;
+  }
+  snprintf(t->spool, sizeof(t->spool), "%s/%s", t->dir, TG_LEDGER_SPOOL_FILE);
+  *state = t;
+  return 0;
+}
+
+static int tmp_teardown(void **state) {
+  tmp_t *t = *state;
+  tg__ledger_sqlite_fail_inserts(0);
+  nftw(t->dir, rm_entry, 16, FTW_DEPTH | FTW_PHYS);
+  free(t);
+  return 0;
+}
+
+static int64_t mono_ms(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static int64_t wall_ms(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_REALTIME, &ts);
+  return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static void sleep_ms(long ms) {
+  struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
+  nanosleep(&ts, NULL);
+}
+
+static void set_str(char *dst, size_t cap, const char *s) {
+  snprintf(dst, cap, "%s", s);
+}
+
+/* 2026-03-01T00:00:00Z and a day, in ms. */
+#define DAY_MS INT64_C(86400000)
+#define T0 INT64_C(1772323200000)
+/* 2^53 + 1: a double cannot hold it, so only integer sums stay exact. */
+#define BIG INT64_C(9007199254740993)
+
+static void make_rec(tg_ledger_rec_t *r, const char *id, const char *tenant,
+                     const char *model, int64_t ts, int64_t prompt,
+                     int64_t completion, int64_t cost) {
+  memset(r, 0, sizeof(*r));
+  set_str(r->request_id, sizeof(r->request_id), id);
+  set_str(r->tenant, sizeof(r->tenant), tenant);
+  set_str(r->key_id, sizeof(r->key_id), "3f9c01d2ab47");
+  set_str(r->model, sizeof(r->model), model);
+  set_str(r->endpoint, sizeof(r->endpoint), "http://127.0.0.1:8000");
+  r->ts_ms = ts;
+  r->prompt_tokens = prompt;
+  r->completion_tokens = completion;
+  r->cost_nano = cost;
+  r->status = 200;
+  r->queue_us = 15;
+  r->ttft_us = 1200;
+  r->total_us = 54321;
+}
+
+/* One callback's landing place. */
+typedef struct cbctx_s cbctx_t;
+typedef struct {
+  cbctx_t *c;
+  int called;
+  int status;
+} slot_t;
+
+struct cbctx_s {
+  pthread_t thread;    /* the loop's thread: callbacks must run there */
+  int got;
+  int wrong_thread;
+};
+
+static void on_durable(void *arg, int status) {
+  slot_t *s = arg;
+  s->called++;
+  s->status = status;
+  s->c->got++;
+  if (!pthread_equal(pthread_self(), s->c->thread))
+    s->c->wrong_thread++;
+}
+
+/* Runs loop until c->got reaches n or timeout_ms passes. */
+static int run_until(uv_loop_t *loop, cbctx_t *c, int n, int64_t timeout_ms) {
+  int64_t end = mono_ms() + timeout_ms;
+  while (c->got < n && mono_ms() < end) {
+    uv_run(loop, UV_RUN_NOWAIT);
+    if (c->got < n)
+      sleep_ms(1);
+  }
+  return c->got >= n;
+}
+
+/* Polls cond(l) until true or timeout. */
+static int wait_for(int (*cond)(tg_ledger_t *), tg_ledger_t *l,
+                    int64_t timeout_ms) {
+  int64_t end = mono_ms() + timeout_ms;
+  while (!cond(l) && mono_ms() < end)
+    sleep_ms(5);
+  return cond(l);
+}
+
+static int spool_empty_db_up(tg_ledger_t *l) {
+  return tg_ledger_spool_bytes(l) == 0 && tg_ledger_db_up(l) &&
+         tg_ledger_backlog(l) == 0;
+}
+
+/* Another connection holding the write lock: in WAL mode BEGIN EXCLUSIVE
+ * keeps every other writer out until it ends. */
+static sqlite3 *lock_db(const char *dir) {
+  sqlite3 *db = NULL;
+  char path[128];
+  snprintf(path, sizeof(path), "%s/%s", dir, TG_DB_SQLITE_FILE);
+  assert_int_equal(sqlite3_open(path, &db), SQLITE_OK);
+  assert_int_equal(sqlite3_exec(db, "BEGIN EXCLUSIVE", NULL, NULL, NULL),
+                   SQLITE_OK);
+  return db;
+}
+
+static void unlock_db(sqlite3 *db) {
+  assert_int_equal(sqlite3_exec(db, "ROLLBACK", NULL, NULL, NULL), SQLITE_OK);
+  sqlite3_close(db);
+}
+
+/* The ledger's request ids in insertion (rowid) order, joined by ','. */
+static char *ids_in_order(const char *dir) {
+  sqlite3 *db = NULL;
+  sqlite3_stmt *st = NULL;
+  char path[128];
+  size_t cap = 1 << 16, len = 0;
+  char *out = calloc(1, cap);
+  assert_non_null(out);
+  snprintf(path, sizeof(path), "%s/%s", dir, TG_DB_SQLITE_FILE);
+  assert_int_equal(sqlite3_open(path, &db), SQLITE_OK);
+  assert_int_equal(sqlite3_prepare_v2(db, "SELECT request_id FROM ledger "
+                                          "ORDER BY rowid", -1, &st, NULL),
+                   SQLITE_OK);
+  while (sqlite3_step(st) == SQLITE_ROW) {
+    int w = snprintf(out + len, cap - len, "%s%s", len ? "," : "",
+                     (const char *)sqlite3_column_text(st, 0));
+    assert_true(w > 0 && (size_t)w < cap - len);
+    len += (size_t)w;
+  }
+  sqlite3_finalize(st);
+  sqlite3_close(db);
+  return out;
+}
+
+static int64_t cost_of(const char *dir, const char *id) {
+  sqlite3 *db = NULL;
+  sqlite3_stmt *st = NULL;
+  char path[128];
+  int64_t v = -1;
+  snprintf(path, sizeof(path), "%s/%s", dir, TG_DB_SQLITE_FILE);
+  assert_int_equal(sqlite3_open(path, &db), SQLITE_OK);
+  assert_int_equal(sqlite3_prepare_v2(db, "SELECT cost_nano FROM ledger "
+                                          "WHERE request_id = ?1", -1, &st,
+                                      NULL), SQLITE_OK);
+  sqlite3_bind_text(st, 1, id, -1, SQLITE_STATIC);
+  if (sqlite3_step(st) == SQLITE_ROW)
+    v = sqlite3_column_int64(st, 0);
+  sqlite3_finalize(st);
+  sqlite3_close(db);
+  return v;
+}
+
+static int64_t count_rows(const char *dir, const char *tenant) {
+  tg_ledger_db_t *d = NULL;
+  int64_t n = -1;
+  assert_int_equal(tg_ledger_db_open("sqlite", dir, &d), 0);
+  assert_int_equal(tg_ledger_count(d, tenant, &n), 0);
+  tg_ledger_db_close(d);
+  return n;
+}
+
+static int count_lines(const char *path) {
+  FILE *f = fopen(path, "r");
+  int c, n = 0;
+  if (f == NULL)
+    return -1;
+  while ((c = fgetc(f)) != EOF)
+    n += c == '\n';
+  fclose(f);
+  return n;
+}
+
+static int file_exists(const char *path) {
+  struct stat sb;
+  return stat(path, &sb) == 0;
+}
+
+/* A loop on the calling thread with one port. */
+typedef struct {
+  uv_loop_t loop;
+  tg_ledger_port_t *port;
+  cbctx_t c;
+  slot_t *slots;
+  int n;
+} loopctx_t;
+
+static void loop_open(loopctx_t *x, tg_ledger_t *l, int nslots) {
+  memset(x, 0, sizeof(*x));
+  assert_int_equal(uv_loop_init(&x->loop), 0);
+  assert_int_equal(tg_ledger_port_new(l, &x->loop, &x->port), 0);
+  x->c.thread = pthread_self();
+  x->slots = calloc((size_t)nslots, sizeof(*x->slots));
+  assert_non_null(x->slots);
+  for (int i = 0; i < nslots; i++)
+    x->slots[i].c = &x->c;
+  x->n = nslots;
+}
+
+static int loop_append(loopctx_t *x, int slot, const tg_ledger_rec_t *r) {
+  return tg_ledger_append(x->port, r, on_durable, &x->slots[slot]);
+}
+
+static void loop_close(loopctx_t *x) {
+  tg_ledger_port_close(x->port);
+  uv_run(&x->loop, UV_RUN_DEFAULT);
+  assert_int_equal(uv_loop_close(&x->loop), 0);
+  free(x->slots);
+}
+
+/* Every slot in [from, to) called exactly once with status 0. */
+static void assert_all_durable(loopctx_t *x, int from, int to) {
+  for (int i = from; i < to; i++) {
+    assert_int_equal(x->slots[i].called, 1);
+    assert_int_equal(x->slots[i].status, 0);
+  }
+  assert_int_equal(x->c.wrong_thread, 0);
+}
+
+/* ---- two loops on two threads ---- */
+
+#define PER_THREAD 300
+
+typedef struct {
+  tg_ledger_t *l;
+  int idx;
+  loopctx_t x;
+  int append_errors;
+  int all_called;
+} worker_t;
+
+static const char *worker_tenant(int idx) {
+  return idx == 0 ? "acme" : "globex";
+}
+
+static void worker_rec(int idx, int i, tg_ledger_rec_t *r) {
+  char id[40];
+  snprintf(id, sizeof(id), "w%d-%05d", idx, i);
+  /* Two models, two days (every third record on the first), big costs. */
+  make_rec(r, id, worker_tenant(idx), i % 2 ? "m-b" : "m-a",
+           T0 + (i % 3 == 0 ? 0 : DAY_MS) + i, 10 + i, 2 * i,
+           BIG + i * (idx + 1));
+}
+
+static void *worker_main(void *arg) {
+  worker_t *w = arg;
+  tg_ledger_rec_t r;
+  /* No cmocka asserts off the main thread: count, check after join. */
+  if (uv_loop_init(&w->x.loop) != 0 ||
+      tg_ledger_port_new(w->l, &w->x.loop, &w->x.port) != 0) {
+    w->append_errors = -1;
+    return NULL;
+  }
+  w->x.c.thread = pthread_self();
+  for (int i = 0; i < PER_THREAD; i++) {
+    w->x.slots[i].c = &w->x.c;
+    worker_rec(w->idx, i, &r);
+    if (tg_ledger_append(w->x.port, &r, on_durable, &w->x.slots[i]) != 0)
+      w->append_errors++;
+    if (i % 50 == 0)
+      uv_run(&w->x.loop, UV_RUN_NOWAIT);
+  }
+  w->all_called = run_until(&w->x.loop, &w->x.c, PER_THREAD, 30000);
+  tg_ledger_port_close(w->x.port);
+  uv_run(&w->x.loop, UV_RUN_DEFAULT);
+  uv_loop_close(&w->x.loop);
+  return NULL;
+}
+
+static void test_two_loops_exact_sums(void **state) {
+  tmp_t *t = *state;
+  tg_ledger_opts_t o = {.batch_max = 16};
+  tg_ledger_t *l = NULL;
+  worker_t w[2];
+  pthread_t th[2];
+  tg_ledger_db_t *d = NULL;
+  tg_usage_row_t *u = NULL;
+  tg_spend_row_t *s = NULL;
+  size_t n = 0;
+
+  assert_int_equal(tg_ledger_open("sqlite", t->dir, &o, &l), 0);
+  assert_true(tg_ledger_db_up(l));
+  for (int k = 0; k < 2; k++) {
+    memset(&w[k], 0, sizeof(w[k]));
+    w[k].l = l;
+    w[k].idx = k;
+    w[k].x.slots = calloc(PER_THREAD, sizeof(slot_t));
+    assert_non_null(w[k].x.slots);
+  }
+  for (int k = 0; k < 2; k++)
+    assert_int_equal(pthread_create(&th[k], NULL, worker_main, &w[k]), 0);
+  for (int k = 0; k < 2; k++)
+    assert_int_equal(pthread_join(th[k], NULL), 0);
+  tg_ledger_close(l);
+
+  for (int k = 0; k < 2; k++) {
+    assert_int_equal(w[k].append_errors, 0);
+    assert_true(w[k].all_called);
+    assert_int_equal(w[k].x.c.got, PER_THREAD);
+    assert_int_equal(w[k].x.c.wrong_thread, 0);
+    for (int i = 0; i < PER_THREAD; i++) {
+      assert_int_equal(w[k].x.slots[i].called, 1);
+      assert_int_equal(w[k].x.slots[i].status, 0);
+    }
+    free(w[k].x.slots);
+  }
+
+  assert_int_equal(tg_ledger_db_open("sqlite", t->dir, &d), 0);
+  {
+    int64_t all = 0, acme = 0;
+    assert_int_equal(tg_ledger_count(d, NULL, &all), 0);
+    assert_int_equal(tg_ledger_count(d, "acme", &acme), 0);
+    assert_int_equal(all, 2 * PER_THREAD);
+    assert_int_equal(acme, PER_THREAD);
+  }
+
+  /* Per model, from the records as appended. */
+  for (int k = 0; k < 2; k++) {
+    int64_t req[2] = {0}, pr[2] = {0}, co[2] = {0}, cost[2] = {0};
+    for (int i = 0; i < PER_THREAD; i++) {
+      tg_ledger_rec_t r;
+      worker_rec(k, i, &r);
+      req[i % 2]++;
+      pr[i % 2] += r.prompt_tokens;
+      co[i % 2] += r.completion_tokens;
+      cost[i % 2] += r.cost_nano;
+    }
+    assert_int_equal(tg_ledger_usage_by_model(d, worker_tenant(k), T0,
+                                              T0 + 2 * DAY_MS, &u, &n), 0);
+    assert_int_equal(n, 2);
+    assert_string_equal(u[0].model, "m-a");
+    assert_string_equal(u[1].model, "m-b");
+    for (int m = 0; m < 2; m++) {
+      assert_int_equal(u[m].requests, req[m]);
+      assert_int_equal(u[m].prompt_tokens, pr[m]);
+      assert_int_equal(u[m].completion_tokens, co[m]);
+      assert_int_equal(u[m].cost_nano, cost[m]);
+    }
+    free(u);
+    u = NULL;
+  }
+  /* acme's m-a: 150 records at BIG + i for even i in [0, 300):
+   * 150 * BIG + (0 + 2 + ... + 298) = 1351079888211148950 + 22350. */
+  assert_int_equal(tg_ledger_usage_by_model(d, "acme", T0, T0 + 2 * DAY_MS,
+                                            &u, &n), 0);
+  assert_int_equal(u[0].cost_nano, INT64_C(1351079888211171300));
+  free(u);
+  u = NULL;
+
+  /* Per tenant and day: day 1 holds every third record. */
+  for (int day = 0; day < 2; day++) {
+    int64_t want[2] = {0, 0};
+    for (int k = 0; k < 2; k++)
+      for (int i = 0; i < PER_THREAD; i++)
+        if ((i % 3 == 0) == (day == 0)) {
+          tg_ledger_rec_t r;
+          worker_rec(k, i, &r);
+          want[k] += r.cost_nano;
+        }
+    assert_int_equal(tg_ledger_spend_by_tenant(d, T0 + day * DAY_MS,
+                                               T0 + (day + 1) * DAY_MS, &s, &n),
+                     0);
+    assert_int_equal(n, 2);
+    assert_string_equal(s[0].tenant, "acme");
+    assert_string_equal(s[1].tenant, "globex");
+    assert_int_equal(s[0].cost_nano, want[0]);
+    assert_int_equal(s[1].cost_nano, want[1]);
+    free(s);
+    s = NULL;
+  }
+  /* A window before everything is empty, and says so. */
+  assert_int_equal(tg_ledger_spend_by_tenant(d, 0, T0, &s, &n), 0);
+  assert_int_equal(n, 0);
+  assert_null(s);
+  tg_ledger_db_close(d);
+}
+
+/* ---- duplicates, validation ---- */
+
+static void test_duplicate_request_id_once(void **state) {
+  tmp_t *t = *state;
+  tg_ledger_t *l = NULL;
+  tg_ledger_rec_t r;
+  loopctx_t x;
+
+  assert_int_equal(tg_ledger_open(NULL, t->dir, NULL, &l), 0);
+  loop_open(&x, l, 4);
+  make_rec(&r, "req-dup", "acme", "m-a", T0, 10, 5, 100);
+  assert_int_equal(loop_append(&x, 0, &r), 0);
+  r.cost_nano = 999;               /* same id, in the same batch */
+  assert_int_equal(loop_append(&x, 1, &r), 0);
+  assert_true(run_until(&x.loop, &x.c, 2, 10000));
+  r.cost_nano = 555;               /* and in a later one */
+  assert_int_equal(loop_append(&x, 2, &r), 0);
+  assert_true(run_until(&x.loop, &x.c, 3, 10000));
+  assert_all_durable(&x, 0, 3);
+
+  /* Refused outright: no id, an unterminated field, negative money. */
+  make_rec(&r, "", "acme", "m-a", T0, 1, 1, 1);
+  assert_int_equal(loop_append(&x, 3, &r), TG_EINVAL);
+  make_rec(&r, "req-x", "acme", "m-a", T0, 1, 1, 1);
+  memset(r.model, 'x', sizeof(r.model));
+  assert_int_equal(loop_append(&x, 3, &r), TG_EINVAL);
+  make_rec(&r, "req-x", "acme", "m-a", T0, 1, 1, -1);
+  assert_int_equal(loop_append(&x, 3, &r), TG_EINVAL);
+  assert_int_equal(tg_ledger_backlog(l), 0);
+
+  loop_close(&x);
+  tg_ledger_close(l);
+  assert_int_equal(count_rows(t->dir, NULL), 1);
+  assert_int_equal(cost_of(t->dir, "req-dup"), 100);
+}
+
+/* ---- backlog bound ---- */
+
+static void test_backlog_bound_refuses(void **state) {
+  tmp_t *t = *state;
+  tg_ledger_opts_t o = {.max_backlog = 4, .busy_timeout_ms = 5000};
+  tg_ledger_stats_t st;
+  tg_ledger_t *l = NULL;
+  tg_ledger_rec_t r;
+  sqlite3 *lock;
+  loopctx_t x;
+  char id[40];
+
+  assert_int_equal(tg_ledger_open("sqlite", t->dir, &o, &l), 0);
+  loop_open(&x, l, 8);
+  /* The writer blocks on the lock with its batch: nothing becomes durable. */
+  lock = lock_db(t->dir);
+  for (int i = 0; i < 4; i++) {
+    snprintf(id, sizeof(id), "bk-%d", i);
+    make_rec(&r, id, "acme", "m-a", T0, 1, 1, 7);
+    assert_int_equal(loop_append(&x, i, &r), 0);
+  }
+  make_rec(&r, "bk-4", "acme", "m-a", T0, 1, 1, 7);
+  assert_int_equal(loop_append(&x, 4, &r), TG_EUNAVAIL);
+  assert_int_equal(tg_ledger_backlog(l), 4);
+  tg_ledger_stats(l, &st);
+  assert_int_equal(st.refused, 1);
+  sleep_ms(50);
+  uv_run(&x.loop, UV_RUN_NOWAIT);
+  assert_int_equal(x.c.got, 0);          /* the refused one gets no callback */
+
+  unlock_db(lock);
+  assert_true(run_until(&x.loop, &x.c, 4, 10000));
+  assert_all_durable(&x, 0, 4);
+  assert_int_equal(x.slots[4].called, 0);
+  assert_int_equal(tg_ledger_backlog(l), 0);
+  /* Room again. */
+  assert_int_equal(loop_append(&x, 5, &r), 0);
+  assert_true(run_until(&x.loop, &x.c, 5, 10000));
+  loop_close(&x);
+  tg_ledger_close(l);
+  assert_int_equal(count_rows(t->dir, NULL), 5);
+}
+
+/* ---- group commit ---- */
+
+static void test_group_commit_batches(void **state) {
+  tmp_t *t = *state;
+  /* A long linger: the writer commits only full batches of 50. */
+  tg_ledger_opts_t o = {.batch_max = 50, .linger_us = 2000000};
+  tg_ledger_stats_t st;
+  tg_ledger_t *l = NULL;
+  tg_ledger_rec_t r;
+  loopctx_t x;
+  char id[40];
+  int64_t t0;
+
+  assert_int_equal(tg_ledger_open("sqlite", t->dir, &o, &l), 0);
+  loop_open(&x, l, 201);
+  for (int i = 0; i < 200; i++) {
+    snprintf(id, sizeof(id), "gc-%03d", i);
+    make_rec(&r, id, "acme", "m-a", T0, 3, 4, 11);
+    assert_int_equal(loop_append(&x, i, &r), 0);
+  }
+  assert_true(run_until(&x.loop, &x.c, 200, 10000));
+  assert_all_durable(&x, 0, 200);
+  tg_ledger_stats(l, &st);
+  assert_int_equal(st.transactions, 4);
+  assert_int_equal(st.committed, 200);
+  assert_int_equal(st.spooled, 0);
+
+  /* A lone record waits for company, at most the linger. */
+  t0 = mono_ms();
+  make_rec(&r, "gc-lone", "acme", "m-a", T0, 3, 4, 11);
+  assert_int_equal(loop_append(&x, 200, &r), 0);
+  assert_true(run_until(&x.loop, &x.c, 201, 10000));
+  assert_true(mono_ms() - t0 >= 1900);
+  tg_ledger_stats(l, &st);
+  assert_int_equal(st.transactions, 5);
+  loop_close(&x);
+  tg_ledger_close(l);
+  assert_int_equal(count_rows(t->dir, "acme"), 201);
+}
+
+/* ---- database refuses: spool, then replay in order ---- */
+
+static void append_seq(loopctx_t *x, int from, int to) {
+  tg_ledger_rec_t r;
+  char id[40];
+  for (int i = from; i < to; i++) {
+    snprintf(id, sizeof(id), "r-%04d", i);
+    make_rec(&r, id, "acme", i % 2 ? "m-b" : "m-a", T0 + i, 1, 2, 1000 + i);
+    assert_int_equal(loop_append(x, i, &r), 0);
+  }
+}
+
+static char *seq_ids(int from, int to) {
+  size_t cap = 1 << 16, len = 0;
+  char *s = calloc(1, cap);
+  assert_non_null(s);
+  for (int i = from; i < to; i++)
+    len += (size_t)snprintf(s + len, cap - len, "%sr-%04d", len ? "," : "", i);
+  return s;
+}
+
+static void test_db_locked_spools_then_replays_in_order(void **state) {
+  tmp_t *t = *state;
+  tg_ledger_opts_t o = {.batch_max = 8, .busy_timeout_ms = 100,
+                        .retry_ms = 100};
+  tg_ledger_stats_t st;
+  tg_ledger_t *l = NULL;
+  tg_ledger_rec_t r;
+  sqlite3 *lock;
+  loopctx_t x;
+  char *got, *want;
+
+  assert_int_equal(tg_ledger_open("sqlite", t->dir, &o, &l), 0);
+  loop_open(&x, l, 60);
+  append_seq(&x, 0, 10);
+  assert_true(run_until(&x.loop, &x.c, 10, 10000));
+  assert_true(tg_ledger_db_up(l));
+  assert_false(file_exists(t->spool));
+
+  /* Another writer holds the database past the busy timeout. */
+  lock = lock_db(t->dir);
+  append_seq(&x, 10, 40);
+  /* The same request id again, with another cost: stored once, first wins. */
+  make_rec(&r, "r-0003", "acme", "m-b", T0 + 3, 1, 2, 777777);
+  assert_int_equal(loop_append(&x, 50, &r), 0);
+  assert_true(run_until(&x.loop, &x.c, 41, 10000));
+  assert_all_durable(&x, 0, 40);
+  assert_int_equal(x.slots[50].status, 0);
+  assert_false(tg_ledger_db_up(l));
+  assert_true(tg_ledger_spool_bytes(l) > 0);
+  assert_int_equal(count_lines(t->spool), 31);
+  tg_ledger_stats(l, &st);
+  assert_int_equal(st.spooled, 31);
+  assert_int_equal(st.committed, 10);
+  assert_true(st.db_failures >= 1);
+
+  /* The database comes back; what arrives meanwhile queues behind the
+   * spool, never ahead of it. */
+  unlock_db(lock);
+  append_seq(&x, 40, 50);
+  assert_true(run_until(&x.loop, &x.c, 51, 10000));
+  assert_true(wait_for(spool_empty_db_up, l, 10000));
+  assert_false(file_exists(t->spool));
+  tg_ledger_stats(l, &st);
+  /* Each record went one way: straight in, or through the spool and back. */
+  assert_int_equal(st.committed + st.spooled, 51);
+  assert_true(st.spooled >= 31);
+  assert_int_equal(st.replayed, st.spooled);
+  assert_int_equal(st.lost, 0);
+  loop_close(&x);
+  tg_ledger_close(l);
+
+  assert_int_equal(count_rows(t->dir, NULL), 50);
+  assert_int_equal(cost_of(t->dir, "r-0003"), 1003);
+  got = ids_in_order(t->dir);
+  want = seq_ids(0, 50);
+  assert_string_equal(got, want);
+  free(got);
+  free(want);
+}
+
+/* While the database stays locked, a record waits for the spool's fsync,
+ * not for a lock wait on every retry of the database. */
+static void test_spooling_costs_no_lock_wait(void **state) {
+  tmp_t *t = *state;
+  tg_ledger_opts_t o = {.busy_timeout_ms = 1500, .retry_ms = 20};
+  tg_ledger_t *l = NULL;
+  sqlite3 *lock;
+  loopctx_t x;
+  int64_t t0;
+
+  assert_int_equal(tg_ledger_open("sqlite", t->dir, &o, &l), 0);
+  loop_open(&x, l, 12);
+  lock = lock_db(t->dir);
+  t0 = mono_ms();
+  append_seq(&x, 0, 1);
+  assert_true(run_until(&x.loop, &x.c, 1, 10000));
+  /* The first batch found out by waiting the busy timeout... */
+  assert_true(mono_ms() - t0 >= 1400);
+  assert_false(tg_ledger_db_up(l));
+  /* ...the next ones, with many retries in between, do not. */
+  for (int i = 1; i < 11; i++) {
+    sleep_ms(30);
+    t0 = mono_ms();
+    append_seq(&x, i, i + 1);
+    assert_true(run_until(&x.loop, &x.c, i + 1, 10000));
+    assert_true(mono_ms() - t0 < 700);
+  }
+  assert_all_durable(&x, 0, 11);
+  unlock_db(lock);
+  assert_true(wait_for(spool_empty_db_up, l, 10000));
+  loop_close(&x);
+  tg_ledger_close(l);
+  assert_int_equal(count_rows(t->dir, NULL), 11);
+}
+
+/* ---- a spool left behind: replayed at open, torn tail dropped ---- */
+
+static void test_leftover_spool_replayed_at_open(void **state) {
+  tmp_t *t = *state;
+  tg_ledger_opts_t o = {.batch_max = 4, .retry_ms = 100};
+  tg_ledger_stats_t st;
+  tg_ledger_t *l = NULL;
+  loopctx_t x;
+  int fd;
+  char *got, *want;
+  static const char torn[] = "L1 1A2B3C4D r-9999 1772323200000 acme 3f9c";
+
+  /* The database is down: five records go to the spool; the gateway stops
+   * (as kill -9 would leave it, plus a record cut mid-write). */
+  assert_int_equal(tg_ledger_open("sqlite", t->dir, &o, &l), 0);
+  tg_ledger_close(l);       /* opening created the schema */
+  tg__ledger_sqlite_fail_inserts(1);
+  assert_int_equal(tg_ledger_open("sqlite", t->dir, &o, &l), 0);
+  loop_open(&x, l, 20);
+  append_seq(&x, 0, 5);
+  assert_true(run_until(&x.loop, &x.c, 5, 10000));
+  assert_all_durable(&x, 0, 5);
+  loop_close(&x);
+  tg_ledger_close(l);
+  assert_int_equal(count_lines(t->spool), 5);
+  fd = open(t->spool, O_WRONLY | O_APPEND);
+  assert_true(fd >= 0);
+  assert_int_equal(write(fd, torn, sizeof(torn) - 1), (ssize_t)sizeof(torn) - 1);
+  close(fd);
+
+  /* Restart while it is still down: the torn record is cut, the spool is
+   * kept, and new records follow it there. */
+  assert_int_equal(tg_ledger_open("sqlite", t->dir, &o, &l), 0);
+  assert_false(tg_ledger_db_up(l));
+  assert_true(tg_ledger_spool_bytes(l) > 0);
+  tg_ledger_stats(l, &st);
+  assert_int_equal(st.spool_skipped, 1);
+  loop_open(&x, l, 20);
+  append_seq(&x, 5, 8);
+  assert_true(run_until(&x.loop, &x.c, 3, 10000));
+  assert_all_durable(&x, 5, 8);
+  loop_close(&x);
+  tg_ledger_close(l);
+  assert_int_equal(count_lines(t->spool), 8);
+  assert_int_equal(count_rows(t->dir, NULL), 0);
+
+  /* Back up: the next open replays the spool before returning. */
+  tg__ledger_sqlite_fail_inserts(0);
+  assert_int_equal(tg_ledger_open("sqlite", t->dir, &o, &l), 0);
+  assert_true(tg_ledger_db_up(l));
+  assert_int_equal(tg_ledger_spool_bytes(l), 0);
+  assert_false(file_exists(t->spool));
+  tg_ledger_stats(l, &st);
+  assert_int_equal(st.replayed, 8);
+  assert_int_equal(st.spool_skipped, 0);
+  tg_ledger_close(l);
+  got = ids_in_order(t->dir);
+  want = seq_ids(0, 8);
+  assert_string_equal(got, want);
+  free(got);
+  free(want);
+  assert_int_equal(cost_of(t->dir, "r-0007"), 1007);
+}
+
+/* A line damaged in the middle of the spool is skipped; the others replay. */
+static void test_damaged_spool_line_skipped(void **state) {
+  tmp_t *t = *state;
+  tg_ledger_opts_t o = {.retry_ms = 100};
+  tg_ledger_stats_t st;
+  tg_ledger_t *l = NULL;
+  loopctx_t x;
+  FILE *f;
+  char buf[8192];
+  size_t len, line2;
+  char *got;
+
+  tg__ledger_sqlite_fail_inserts(1);
+  assert_int_equal(tg_ledger_open("sqlite", t->dir, &o, &l), 0);
+  loop_open(&x, l, 4);
+  append_seq(&x, 0, 3);
+  assert_true(run_until(&x.loop, &x.c, 3, 10000));
+  loop_close(&x);
+  tg_ledger_close(l);
+
+  /* Flip one byte of the second record's payload. */
+  f = fopen(t->spool, "r+");
+  assert_non_null(f);
+  len = fread(buf, 1, sizeof(buf), f);
+  line2 = (size_t)((char *)memchr(buf, '\n', len) - buf) + 1;
+  assert_memory_equal(buf + line2 + 12, "r-0001", 6);
+  buf[line2 + 17] = '9';
+  fseek(f, 0, SEEK_SET);
+  assert_int_equal(fwrite(buf, 1, len, f), len);
+  fclose(f);
+
+  tg__ledger_sqlite_fail_inserts(0);
+  assert_int_equal(tg_ledger_open("sqlite", t->dir, &o, &l), 0);
+  tg_ledger_stats(l, &st);
+  assert_int_equal(st.replayed, 2);
+  assert_int_equal(st.spool_skipped, 1);
+  assert_int_equal(tg_ledger_spool_bytes(l), 0);
+  tg_ledger_close(l);
+  got = ids_in_order(t->dir);
+  assert_string_equal(got, "r-0000,r-0002");
+  free(got);
+}
+
+/* Text with spaces, percent signs and bytes outside ASCII survives the
+ * spool unchanged. */
+static void test_spool_keeps_text_exact(void **state) {
+  tmp_t *t = *state;
+  tg_ledger_t *l = NULL;
+  tg_ledger_rec_t r;
+  tg_ledger_db_t *d = NULL;
+  tg_usage_row_t *u = NULL;
+  size_t n = 0;
+  loopctx_t x;
+  static const char model[] = "my model %20 ~x\tcaf\xc3\xa9\n";
+
+  tg__ledger_sqlite_fail_inserts(1);
+  assert_int_equal(tg_ledger_open("sqlite", t->dir, NULL, &l), 0);
+  loop_open(&x, l, 2);
+  make_rec(&r, "req-text", "team blue", model, T0, 5, 6, INT64_C(123456789012));
+  r.endpoint[0] = '\0';
+  r.ttft_us = -1;
+  r.status = 499;
+  r.usage_counted = 1;
+  assert_int_equal(loop_append(&x, 0, &r), 0);
+  assert_true(run_until(&x.loop, &x.c, 1, 10000));
+  loop_close(&x);
+  tg_ledger_close(l);
+  assert_int_equal(count_lines(t->spool), 1);
+
+  tg__ledger_sqlite_fail_inserts(0);
+  assert_int_equal(tg_ledger_open("sqlite", t->dir, NULL, &l), 0);
+  tg_ledger_close(l);
+  assert_int_equal(tg_ledger_db_open("sqlite", t->dir, &d), 0);
+  assert_int_equal(tg_ledger_usage_by_model(d, "team blue", T0, T0 + 1, &u,
+                                            &n), 0);
+  assert_int_equal(n, 1);
+  assert_string_equal(u[0].model, model);
+  assert_int_equal(u[0].cost_nano, INT64_C(123456789012));
+  assert_int_equal(u[0].prompt_tokens, 5);
+  free(u);
+  tg_ledger_db_close(d);
+  {
+    sqlite3 *db;
+    sqlite3_stmt *st;
+    char path[128];
+    snprintf(path, sizeof(path), "%s/%s", t->dir, TG_DB_SQLITE_FILE);
+    assert_int_equal(sqlite3_open(path, &db), SQLITE_OK);
+    assert_int_equal(sqlite3_prepare_v2(db, "SELECT endpoint, status,"
+                                            " usage_counted, queue_us, ttft_us,"
+                                            " total_us, key_id FROM ledger",
+                                        -1, &st, NULL), SQLITE_OK);
+    assert_int_equal(sqlite3_step(st), SQLITE_ROW);
+    assert_string_equal((const char *)sqlite3_column_text(st, 0), "");
+    assert_int_equal(sqlite3_column_int(st, 1), 499);
+    assert_int_equal(sqlite3_column_int(st, 2), 1);
+    assert_int_equal(sqlite3_column_int64(st, 3), 15);
+    assert_int_equal(sqlite3_column_int64(st, 4), -1);
+    assert_int_equal(sqlite3_column_int64(st, 5), 54321);
+    assert_string_equal((const char *)sqlite3_column_text(st, 6),
+                        "3f9c01d2ab47");
+    sqlite3_finalize(st);
+    sqlite3_close(db);
+  }
+}
+
+/* ---- close, purge, overflow, retention ---- */
+
+static void test_close_writes_everything(void **state) {
+  tmp_t *t = *state;
+  /* A linger far longer than the test: only close can flush these. */
+  tg_ledger_opts_t o = {.batch_max = 1000, .linger_us = 30000000};
+  tg_ledger_t *l = NULL;
+  loopctx_t x;
+
+  assert_int_equal(tg_ledger_open("sqlite", t->dir, &o, &l), 0);
+  loop_open(&x, l, 10);
+  append_seq(&x, 0, 10);
+  assert_int_equal(tg_ledger_backlog(l), 10);
+  tg_ledger_close(l);
+  /* The port outlives the ledger; closing it runs what was delivered. */
+  assert_int_equal(x.c.got, 0);
+  tg_ledger_port_close(x.port);
+  assert_int_equal(x.c.got, 10);
+  assert_all_durable(&x, 0, 10);
+  uv_run(&x.loop, UV_RUN_DEFAULT);
+  assert_int_equal(uv_loop_close(&x.loop), 0);
+  free(x.slots);
+  assert_int_equal(count_rows(t->dir, NULL), 10);
+}
+
+static void test_purge_only_older_rows(void **state) {
+  tmp_t *t = *state;
+  tg_ledger_t *l = NULL;
+  tg_ledger_db_t *d = NULL;
+  tg_ledger_rec_t r;
+  loopctx_t x;
+  int64_t now = wall_ms(), deleted = -1, n = -1;
+  /* First millisecond of the previous month. */
+  int64_t prev = tg_ledger_retention_cutoff_ms(now, 1);
+  struct {
+    const char *id, *tenant;
+    int64_t ts;
+  } rows[] = {
+    {"p-a-2020-01", "acme", INT64_C(1579046400000)},    /* 2020-01-15 */
+    {"p-a-2020-06", "acme", INT64_C(1590969600000)},    /* 2020-06-01 */
+    {"p-b-2020-01", "globex", INT64_C(1579046400000)},
+    {"p-a-before-prev", "acme", 0},
+    {"p-a-prev", "acme", 0},
+    {"p-a-now", "acme", 0},
+  };
+  rows[3].ts = prev - 1;
+  rows[4].ts = prev + 3600000;
+  rows[5].ts = now;
+
+  assert_int_equal(tg_ledger_open("sqlite", t->dir, NULL, &l), 0);
+  loop_open(&x, l, 6);
+  for (int i = 0; i < 6; i++) {
+    make_rec(&r, rows[i].id, rows[i].tenant, "m-a", rows[i].ts, 1, 1, 1);
+    assert_int_equal(loop_append(&x, i, &r), 0);
+  }
+  assert_true(run_until(&x.loop, &x.c, 6, 10000));
+  loop_close(&x);
+  tg_ledger_close(l);
+
+  assert_int_equal(tg_ledger_db_open("sqlite", t->dir, &d), 0);
+  /* Asking for everything up to tomorrow still keeps this month and the
+   * last: only acme's older rows go. */
+  assert_int_equal(tg_ledger_purge(d, "acme", now + DAY_MS, &deleted), 0);
+  assert_int_equal(deleted, 3);
+  assert_int_equal(tg_ledger_count(d, "acme", &n), 0);
+  assert_int_equal(n, 2);
+  assert_int_equal(tg_ledger_count(d, "globex", &n), 0);
+  assert_int_equal(n, 1);
+  /* All tenants, before February 2020: globex's January row. */
+  assert_int_equal(tg_ledger_purge(d, NULL, INT64_C(1580515200000), &deleted),
+                   0);
+  assert_int_equal(deleted, 1);
+  assert_int_equal(tg_ledger_count(d, NULL, &n), 0);
+  assert_int_equal(n, 2);
+  assert_int_equal(tg_ledger_purge(d, NULL, INT64_C(1580515200000), &deleted),
+                   0);
+  assert_int_equal(deleted, 0);
+  tg_ledger_db_close(d);
+  assert_int_equal(cost_of(t->dir, "p-a-now"), 1);
+  assert_int_equal(cost_of(t->dir, "p-a-prev"), 1);
+}
+
+static void test_sum_overflow_is_refused(void **state) {
+  tmp_t *t = *state;
+  tg_ledger_t *l = NULL;
+  tg_ledger_db_t *d = NULL;
+  tg_ledger_rec_t r;
+  tg_spend_row_t *s = NULL;
+  tg_usage_row_t *u = NULL;
+  size_t n = 7;
+  loopctx_t x;
+
+  assert_int_equal(tg_ledger_open("sqlite", t->dir, NULL, &l), 0);
+  loop_open(&x, l, 2);
+  make_rec(&r, "ov-1", "acme", "m-a", T0, 1, 1, INT64_MAX / 2 + 1);
+  assert_int_equal(loop_append(&x, 0, &r), 0);
+  make_rec(&r, "ov-2", "acme", "m-a", T0, 1, 1, INT64_MAX / 2 + 1);
+  assert_int_equal(loop_append(&x, 1, &r), 0);
+  assert_true(run_until(&x.loop, &x.c, 2, 10000));
+  loop_close(&x);
+  tg_ledger_close(l);
+
+  assert_int_equal(tg_ledger_db_open("sqlite", t->dir, &d), 0);
+  assert_int_equal(tg_ledger_spend_by_tenant(d, T0, T0 + 1, &s, &n),
+                   TG_ETOOBIG);
+  assert_null(s);
+  assert_int_equal(n, 0);
+  assert_int_equal(tg_ledger_usage_by_model(d, "acme", T0, T0 + 1, &u, &n),
+                   TG_ETOOBIG);
+  assert_null(u);
+  tg_ledger_db_close(d);
+}
+
+static void test_retention_cutoff_and_open_errors(void **state) {
+  tmp_t *t = *state;
+  tg_ledger_t *l = (tg_ledger_t *)1;
+  tg_ledger_db_t *d = (tg_ledger_db_t *)1;
+  /* 2026-03-15T00:00Z */
+  int64_t now = INT64_C(1773532800000);
+  int64_t feb1 = INT64_C(1769904000000);
+
+  /* 30 days back would reach into February: kept back to February 1. */
+  assert_int_equal(tg_ledger_retention_cutoff_ms(now, 30), feb1);
+  assert_int_equal(tg_ledger_retention_cutoff_ms(now, 400), now - 400 * DAY_MS);
+  assert_int_equal(tg_ledger_retention_cutoff_ms(now, 0),
+                   now - TG_LEDGER_RETENTION_DAYS_DEFAULT * DAY_MS);
+  /* January 1st: the previous month is December of the year before. */
+  assert_int_equal(tg_ledger_retention_cutoff_ms(INT64_C(1767225600000), 1),
+                   INT64_C(1764547200000));
+
+  assert_int_equal(tg_ledger_open("postgres://db/x", t->dir, NULL, &l),
+                   TG_EINVAL);
+  assert_null(l);
+  assert_int_equal(tg_ledger_open("mysql", t->dir, NULL, &l), TG_EINVAL);
+  assert_int_equal(tg_ledger_db_open("sqlite", "", &d), TG_EINVAL);
+  assert_null(d);
+}
+
+int main(void) {
+  const struct CMUnitTest tests[] = {
+    cmocka_unit_test_setup_teardown(test_two_loops_exact_sums, tmp_setup,
+                                    tmp_teardown),
+    cmocka_unit_test_setup_teardown(test_duplicate_request_id_once, tmp_setup,
+                                    tmp_teardown),
+    cmocka_unit_test_setup_teardown(test_backlog_bound_refuses, tmp_setup,
+                                    tmp_teardown),
+    cmocka_unit_test_setup_teardown(test_group_commit_batches, tmp_setup,
+                                    tmp_teardown),
+    cmocka_unit_test_setup_teardown(test_db_locked_spools_then_replays_in_order,
+                                    tmp_setup, tmp_teardown),
+    cmocka_unit_test_setup_teardown(test_spooling_costs_no_lock_wait,
+                                    tmp_setup, tmp_teardown),
+    cmocka_unit_test_setup_teardown(test_leftover_spool_replayed_at_open,
+                                    tmp_setup, tmp_teardown),
+    cmocka_unit_test_setup_teardown(test_damaged_spool_line_skipped, tmp_setup,
+                                    tmp_teardown),
+    cmocka_unit_test_setup_teardown(test_spool_keeps_text_exact, tmp_setup,
+                                    tmp_teardown),
+    cmocka_unit_test_setup_teardown(test_close_writes_everything, tmp_setup,
+                                    tmp_teardown),
+    cmocka_unit_test_setup_teardown(test_purge_only_older_rows, tmp_setup,
+                                    tmp_teardown),
+    cmocka_unit_test_setup_teardown(test_sum_overflow_is_refused, tmp_setup,
+                                    tmp_teardown),
+    cmocka_unit_test_setup_teardown(test_retention_cutoff_and_open_errors,
+                                    tmp_setup, tmp_teardown),
+  };
+  return cmocka_run_group_tests(tests, NULL, NULL);
+}
