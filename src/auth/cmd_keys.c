@@ -19,6 +19,7 @@
 
 #include "config/config.h"
 #include "core/err.h"
+#include "meter/db_pg.h"
 
 enum {
   EXIT_DONE = 0,
@@ -256,19 +257,21 @@ static int load_config(const char *path, tg_config_t **cfg) {
   return 0;
 }
 
-/* Opens the store the config names. Only the embedded database exists so
- * far; refusing others keeps keys from landing where no gateway looks. */
+/* Opens the store the config names: the SQLite file of data_dir, or the
+ * PostgreSQL database every gateway replica shares. */
 static int open_store(const tg_config_t *cfg, tg_keystore_t **ks) {
-  int rc;
-  if (cfg->database != NULL && strcmp(cfg->database, "sqlite") != 0) {
-    fprintf(stderr, "tollgate keys: database \"%s\" is not supported yet; "
-            "only sqlite\n", cfg->database);
-    return EXIT_FAIL;
-  }
-  rc = tg_keystore_open(cfg->data_dir, ks);
+  char where[320];
+  int rc = tg_keystore_open_db(cfg->database, cfg->data_dir, ks);
   if (rc != 0) {
-    fprintf(stderr, "tollgate keys: cannot open the key store in %s: %s\n",
-            cfg->data_dir, tg_strerror(rc));
+    if (tg_db_pg_is_url(cfg->database)) {
+      char shown[256];
+      snprintf(where, sizeof(where), "at %s",
+               tg_db_pg_redact(cfg->database, shown, sizeof(shown)));
+    } else {
+      snprintf(where, sizeof(where), "in %s", cfg->data_dir);
+    }
+    fprintf(stderr, "tollgate keys: cannot open the key store %s: %s\n",
+            where, tg_strerror(rc));
     return EXIT_FAIL;
   }
   return 0;

@@ -1088,8 +1088,8 @@ static void class_list(const tg_config_t *cfg, char *buf, size_t size) {
 static void parse_tenant(ydoc_t *d, tg_tenant_cfg_t *t, yaml_node_t *key,
                          yaml_node_t *n, const char *where) {
   static const char *const names[] = {"tier", "models_allowed", "rate_limits",
-                                      "budget", "priority"};
-  enum { F_TIER, F_MODELS, F_RATES, F_BUDGET, F_PRIORITY, NF };
+                                      "budget", "priority", "retention_days"};
+  enum { F_TIER, F_MODELS, F_RATES, F_BUDGET, F_PRIORITY, F_RETENTION, NF };
   loader_t *ld = d->ld;
   yaml_node_t *v[NF], *k[NF];
   char path[PATH_TEXT];
@@ -1117,6 +1117,13 @@ static void parse_tenant(ydoc_t *d, tg_tenant_cfg_t *t, yaml_node_t *key,
   if (v[F_BUDGET] != NULL) {
     join_path(path, sizeof path, where, "budget");
     parse_budget(d, t, v[F_BUDGET], path);
+  }
+  if (v[F_RETENTION] != NULL) {
+    int64_t days;
+    join_path(path, sizeof path, where, "retention_days");
+    /* at least the current and previous month are always kept anyway */
+    if (get_int(d, v[F_RETENTION], path, 1, 36500, &days) == 0)
+      t->retention_days = (int)days;
   }
 
   join_path(path, sizeof path, where, "priority");
@@ -1195,6 +1202,7 @@ static void parse_tenants(ydoc_t *d, yaml_node_t *n) {
       continue;
     }
     t->alert_threshold_percent = 80;
+    t->retention_days = TG_DEFAULT_RETENTION_DAYS;
     cfg->n_tenants++;
     join_path(path, sizeof path, where, name);
     parse_tenant(d, t, k, v, path);

@@ -30,6 +30,9 @@ typedef struct {
 
 enum { TG_MODEL_CHAT = 0, TG_MODEL_EMBEDDING = 1 };
 
+/* 13 months: a whole billing year plus the month being billed. */
+#define TG_DEFAULT_RETENTION_DAYS 400
+
 typedef struct {
   char *name;
   char *tier;                 /* may be NULL */
@@ -43,6 +46,7 @@ typedef struct {
   int alert_threshold_percent;   /* default 80 */
   char *priority;                /* a key of priority_classes; default "medium" */
   int64_t priority_weight;       /* resolved from priority_classes */
+  int retention_days;            /* ledger rows kept; default keeps a billing year */
 } tg_tenant_cfg_t;
 
 typedef struct {

@@ -270,7 +270,16 @@ static int reload(tg_app_t *app) {
 }
 
 typedef struct {
+  uv_work_t work;
+  tg_runtime_t *rt;
+  int64_t deleted;
+  int running;
+} purge_t;
+
+typedef struct {
   tg_app_t *app;
+  uv_timer_t purge_timer;    /* ledger retention, hourly */
+  purge_t purge;
   uv_signal_t sigterm, sigint, sighup;
   uv_timer_t drain_timer, watch;
   uv_fs_event_t cfg_event;   /* the config file's directory */
@@ -308,7 +317,64 @@ static void on_watch(uv_timer_t *t) {
     uv_close((uv_handle_t *)&m->drain_timer, NULL);
     uv_close((uv_handle_t *)&m->watch, NULL);
     uv_close((uv_handle_t *)&m->cfg_event, NULL);
+    uv_close((uv_handle_t *)&m->purge_timer, NULL);
     uv_close((uv_handle_t *)&m->cfg_debounce, NULL);
+  }
+}
+
+/* ---- ledger retention ----------------------------------------------------
+ * Hourly, off the loop: each tenant's records older than its
+ * retention_days go, never one of the current or previous month. */
+
+static void purge_work(uv_work_t *wk) {
+  purge_t *p = wk->data;
+  const tg_config_t *cfg = p->rt->cfg;
+  tg_ledger_db_t *db = NULL;
+  int64_t now = tg_now_ms(), n;
+  size_t i;
+
+  p->deleted = 0;
+  if (tg_ledger_db_open(cfg->database, cfg->data_dir, &db) < 0)
+    return;
+  for (i = 0; i < cfg->n_tenants; i++) {
+    const tg_tenant_cfg_t *t = &cfg->tenants[i];
+    n = 0;
+    if (tg_ledger_purge(db, t->name, tg_ledger_retention_cutoff_ms(now, t->retention_days),
+                        &n) == 0)
+      p->deleted += n;
+  }
+  tg_ledger_db_close(db);
+}
+
+static void purge_done(uv_work_t *wk, int status) {
+  purge_t *p = wk->data;
+  char msg[96];
+  (void)status;
+  if (p->deleted > 0) {
+    snprintf(msg, sizeof(msg), "%lld ledger records past their tenant's retention removed",
+             (long long)p->deleted);
+    tg_policy_log("ledger_retention_purge", msg);
+  }
+  tg_runtime_unref(p->rt);
+  p->rt = NULL;
+  p->running = 0;
+}
+
+static void on_purge_timer(uv_timer_t *t) {
+  main_ctx_t *m = t->data;
+  tg_app_t *app = m->app;
+
+  if (m->purge.running || m->stopping)
+    return;
+  pthread_mutex_lock(&app->rt_lock);
+  m->purge.rt = tg_runtime_ref(app->rt);
+  pthread_mutex_unlock(&app->rt_lock);
+  m->purge.work.data = &m->purge;
+  m->purge.running = 1;
+  if (uv_queue_work(t->loop, &m->purge.work, purge_work, purge_done) < 0) {
+    tg_runtime_unref(m->purge.rt);
+    m->purge.rt = NULL;
+    m->purge.running = 0;
   }
 }
 
@@ -468,6 +534,9 @@ int tg_cmd_serve(int argc, char **argv) {
   uv_signal_start(&m.sigint, on_signal, SIGINT);
   uv_signal_start(&m.sighup, on_signal, SIGHUP);
   watch_config(&m, main_loop, app.config_path);
+  uv_timer_init(main_loop, &m.purge_timer);
+  m.purge_timer.data = &m;
+  uv_timer_start(&m.purge_timer, on_purge_timer, 30 * 1000, 3600 * 1000);
 
   for (i = 0; i < app.n_workers; i++)
     uv_thread_create(&app.workers[i].thread, worker_main, &app.workers[i]);

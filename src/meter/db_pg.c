@@ -18,6 +18,7 @@
 #include "meter/db_pg.h"
 
 #include <errno.h>
+#include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -238,77 +239,160 @@ static void on_notice(void *arg, const PGresult *r) {
             first_line(PQresultErrorMessage(r), msg, sizeof(msg)));
 }
 
-int tg_db_pg_connect(const char *url, const tg_db_pg_opts_t *o,
-                     PGconn **out) {
-  static const tg_db_pg_opts_t defaults = {0};
-  char connect_s[16], user_timeout[16], options[160], msg[256];
+/* Reports a failure: one line on stderr unless quiet, and the reason in
+ * o->err when the caller gave a buffer. */
+static void report(const tg_db_pg_opts_t *o, const char *url, const char *why) {
   char shown[256];
-  unsigned stmt_ms, lock_ms, conn_s;
-  PQconninfoOption *parsed;
-  char *perr = NULL;
-  PGconn *c;
-  int rc;
+  if (o->err != NULL && o->err_size > 0)
+    snprintf(o->err, o->err_size, "%s", why);
+  if (!o->quiet)
+    fprintf(stderr, "tollgate: cannot connect to %s: %s\n",
+            tg_db_pg_redact(url, shown, sizeof(shown)), why);
+}
 
-  *out = NULL;
-  if (o == NULL)
-    o = &defaults;
-  if (!tg_db_pg_is_url(url) || strlen(url) >= TG_DB_PG_URL_MAX)
+/* libpq's connection keywords: our defaults first, the URL last (libpq
+ * keeps the last value of a keyword, so whatever the URL says wins). */
+typedef struct {
+  char connect_s[16], user_timeout[16], options[160];
+  const char *keys[10], *vals[10];
+} params_t;
+
+static int make_params(const char *url, const tg_db_pg_opts_t *o,
+                       params_t *p) {
+  unsigned conn_s = o->connect_timeout_s ? o->connect_timeout_s : 3;
+  unsigned stmt_ms = o->statement_timeout_ms ? o->statement_timeout_ms : 30000;
+  unsigned lock_ms = o->lock_timeout_ms ? o->lock_timeout_ms : stmt_ms;
+  PQconninfoOption *parsed;
+  char *perr = NULL, msg[256];
+  int rc, i = 0;
+
+  if (!tg_db_pg_is_url(url) || strlen(url) >= TG_DB_PG_URL_MAX) {
+    report(o, url, "not a postgres:// URL, or longer than 4 KiB");
     return TG_EINVAL;
+  }
   /* A URL libpq cannot read is a configuration error, not an outage. */
   parsed = PQconninfoParse(url, &perr);
   if (parsed == NULL) {
-    if (!o->quiet)
-      fprintf(stderr, "tollgate: database %s: %s\n",
-              tg_db_pg_redact(url, shown, sizeof(shown)),
-              perr ? first_line(perr, msg, sizeof(msg)) : "out of memory");
+    report(o, url, perr ? first_line(perr, msg, sizeof(msg)) : "out of memory");
     rc = perr ? TG_EINVAL : TG_ENOMEM;
     PQfreemem(perr);
     return rc;
   }
   PQconninfoFree(parsed);
 
-  conn_s = o->connect_timeout_s ? o->connect_timeout_s : 3;
-  stmt_ms = o->statement_timeout_ms ? o->statement_timeout_ms : 30000;
-  lock_ms = o->lock_timeout_ms ? o->lock_timeout_ms : stmt_ms;
-  snprintf(connect_s, sizeof(connect_s), "%u", conn_s);
+  snprintf(p->connect_s, sizeof(p->connect_s), "%u", conn_s);
   /* Sent data unacknowledged this long means the peer is gone. */
-  snprintf(user_timeout, sizeof(user_timeout), "%u", conn_s * 1000u + 2000u);
+  snprintf(p->user_timeout, sizeof(p->user_timeout), "%u",
+           conn_s * 1000u + 2000u);
   /* A session left inside a transaction by a frozen client must not hold
    * locks for ever. */
-  snprintf(options, sizeof(options),
+  snprintf(p->options, sizeof(p->options),
            "-c statement_timeout=%u -c lock_timeout=%u"
            " -c idle_in_transaction_session_timeout=60000",
            stmt_ms, lock_ms);
-  {
-    /* Our defaults first, the URL last: libpq keeps the last value of a
-     * keyword, so whatever the URL says wins. */
-    const char *const keys[] = {
-      "connect_timeout", "keepalives", "keepalives_idle",
-      "keepalives_interval", "keepalives_count", "tcp_user_timeout",
-      "application_name", "options", "dbname", NULL,
-    };
-    const char *const vals[] = {
-      connect_s, "1", "10", "3", "3", user_timeout,
-      "tollgate", options, url, NULL,
-    };
-    c = PQconnectdbParams(keys, vals, 1);
-  }
+#define KV(k, v) (p->keys[i] = (k), p->vals[i] = (v), i++)
+  KV("connect_timeout", p->connect_s);
+  KV("keepalives", "1");
+  KV("keepalives_idle", "10");
+  KV("keepalives_interval", "3");
+  KV("keepalives_count", "3");
+  KV("tcp_user_timeout", p->user_timeout);
+  KV("application_name", "tollgate");
+  KV("options", p->options);
+  KV("dbname", url);
+  KV(NULL, NULL);
+#undef KV
+  return 0;
+}
+
+int tg_db_pg_connect(const char *url, const tg_db_pg_opts_t *o,
+                     PGconn **out) {
+  static const tg_db_pg_opts_t defaults = {0};
+  char msg[256];
+  params_t p;
+  PGconn *c;
+  int rc;
+
+  *out = NULL;
+  if (o == NULL)
+    o = &defaults;
+  if ((rc = make_params(url, o, &p)) != 0)
+    return rc;
+  c = PQconnectdbParams(p.keys, p.vals, 1);
   if (c == NULL) {
-    if (!o->quiet)
-      fprintf(stderr, "tollgate: database: out of memory\n");
+    report(o, url, "out of memory");
     return TG_ENOMEM;
   }
   if (PQstatus(c) != CONNECTION_OK) {
-    if (!o->quiet)
-      fprintf(stderr, "tollgate: cannot connect to %s: %s\n",
-              tg_db_pg_redact(url, shown, sizeof(shown)),
-              tg_db_pg_errmsg(c, msg, sizeof(msg)));
+    report(o, url, tg_db_pg_errmsg(c, msg, sizeof(msg)));
     PQfinish(c);
     return TG_EDB;
   }
   PQsetNoticeReceiver(c, on_notice, NULL);
   *out = c;
   return 0;
+}
+
+int tg_db_pg_connect_start(const char *url, const tg_db_pg_opts_t *o,
+                           PGconn **out) {
+  static const tg_db_pg_opts_t defaults = {0};
+  char msg[256];
+  params_t p;
+  PGconn *c;
+  int rc;
+
+  *out = NULL;
+  if (o == NULL)
+    o = &defaults;
+  if ((rc = make_params(url, o, &p)) != 0)
+    return rc;
+  c = PQconnectStartParams(p.keys, p.vals, 1);
+  if (c == NULL) {
+    report(o, url, "out of memory");
+    return TG_ENOMEM;
+  }
+  if (PQstatus(c) == CONNECTION_BAD) {
+    report(o, url, tg_db_pg_errmsg(c, msg, sizeof(msg)));
+    PQfinish(c);
+    return TG_EDB;
+  }
+  PQsetNoticeReceiver(c, on_notice, NULL);
+  *out = c;
+  return 0;
+}
+
+static int64_t now_ms(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+int tg_db_pg_connect_step(PGconn *c, int wait_ms) {
+  int64_t deadline = now_ms() + (wait_ms > 0 ? wait_ms : 0);
+  for (;;) {
+    PostgresPollingStatusType st = PQconnectPoll(c);
+    struct pollfd pfd;
+    int64_t left;
+    int r;
+
+    if (st == PGRES_POLLING_OK)
+      return 0;
+    if (st == PGRES_POLLING_FAILED)
+      return TG_EDB;
+    pfd.fd = PQsocket(c);
+    pfd.events = st == PGRES_POLLING_READING ? POLLIN : POLLOUT;
+    pfd.revents = 0;
+    if (pfd.fd < 0)
+      return TG_EDB;
+    left = deadline - now_ms();
+    do
+      r = poll(&pfd, 1, left > 0 ? (int)left : 0);
+    while (r < 0 && errno == EINTR);
+    if (r < 0)
+      return TG_EDB;
+    if (r == 0)
+      return 1;
+  }
 }
 
 static int mfail(PGconn *c, int quiet, const char *what) {
@@ -400,6 +484,10 @@ int tg_db_pg_open(const char *url, const tg_db_pg_opts_t *o, PGconn **out) {
     return rc;
   rc = tg_db_pg_migrate(c, o ? o->quiet : 0);
   if (rc != 0) {
+    char msg[256];
+    if (o != NULL && o->err != NULL && o->err_size > 0)
+      snprintf(o->err, o->err_size, "schema migration: %s",
+               tg_db_pg_errmsg(c, msg, sizeof(msg)));
     PQfinish(c);
     return rc;
   }

@@ -28,6 +28,8 @@ typedef struct {
   unsigned statement_timeout_ms; /* 0: 30000 */
   unsigned lock_timeout_ms;      /* 0: the statement timeout */
   int quiet;                     /* 1: say nothing on stderr on failure */
+  char *err;                     /* not NULL: a failure's reason, one line, */
+  size_t err_size;               /* is copied here (cut to err_size) */
 } tg_db_pg_opts_t;
 
 /* Connects to url (a postgres:// or postgresql:// URL; any parameter libpq
@@ -44,6 +46,21 @@ typedef struct {
  * without its password). *out is NULL on failure. */
 int tg_db_pg_connect(const char *url, const tg_db_pg_opts_t *o,
                      PGconn **out);
+
+/* Starts the same connection as tg_db_pg_connect without waiting for it
+ * (for a caller that must not block: it drives the connection with
+ * tg_db_pg_connect_step and keeps its own deadline, since libpq applies
+ * connect_timeout only to blocking connects). Returns 0 and *out (free with
+ * PQfinish), or as tg_db_pg_connect. */
+int tg_db_pg_connect_start(const char *url, const tg_db_pg_opts_t *o,
+                           PGconn **out);
+
+/* Advances a connection started by tg_db_pg_connect_start, waiting for the
+ * network at most wait_ms in all (0: not at all). Returns 0 once it is
+ * connected, 1 when the budget ran out first (call again later: the
+ * connection keeps its progress), TG_EDB when it failed (reason in
+ * tg_db_pg_errmsg; the caller frees it). */
+int tg_db_pg_connect_step(PGconn *c, int wait_ms);
 
 /* Applies every migration not yet recorded in schema_migrations, all in one
  * transaction under the advisory lock TG_DB_PG_MIGRATE_LOCK, so replicas

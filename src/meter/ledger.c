@@ -100,8 +100,18 @@ struct tg_ledger_s {
   _Atomic int64_t spool_bytes;
   struct {
     atomic_uint_fast64_t transactions, committed, spooled, replayed,
-        spool_skipped, db_failures, lost, refused;
+        spool_skipped, db_failures, lost, refused, purged;
   } st;
+
+  /* The background purge (tg_ledger_purge_every). */
+  char *database;
+  pthread_mutex_t purge_mu;
+  pthread_cond_t purge_cond;      /* CLOCK_MONOTONIC */
+  pthread_t purge_thread;
+  int purge_started, purge_stop;
+  int64_t purge_interval_ms;
+  tg_ledger_retention_fn purge_days;
+  void *purge_arg;
 
   /* The writer thread's own (and tg_ledger_open's before it starts). */
   int spool_fd;             /* -1: no spool file */
@@ -142,19 +152,19 @@ static void bump(atomic_uint_fast64_t *c, size_t n) {
   atomic_fetch_add_explicit(c, n, memory_order_relaxed);
 }
 
-/* The backend a database setting names. Postgres is recognised and refused
- * until its backend is added here. */
+/* The backend a database setting names: "sqlite" (the default) or a
+ * postgres:// URL. */
 static int find_backend(const char *database, const tg__ledger_backend_t **be) {
   if (database == NULL || *database == '\0' || strcmp(database, "sqlite") == 0) {
     *be = &tg__ledger_backend_sqlite;
     return 0;
   }
   if (strncmp(database, "postgres://", 11) == 0 ||
-      strncmp(database, "postgresql://", 13) == 0)
-    fprintf(stderr, "tollgate: ledger: the postgres database is not "
-                    "supported yet; use sqlite\n");
-  else
-    fprintf(stderr, "tollgate: ledger: unknown database \"%s\"\n", database);
+      strncmp(database, "postgresql://", 13) == 0) {
+    *be = &tg__ledger_backend_pg;
+    return 0;
+  }
+  fprintf(stderr, "tollgate: ledger: unknown database \"%s\"\n", database);
   return TG_EINVAL;
 }
 
@@ -714,13 +724,12 @@ static void *writer_main(void *arg) {
 
     pthread_mutex_lock(&l->mu);
     for (;;) {
-      int64_t now;
       if (l->queued >= l->batch_max)
         break;
       if (l->queued > 0) {
         /* Group commit: the oldest record waits at most linger_us for
          * company; one that already waited during the last commit, none. */
-        if (l->stopping || (now = mono_us()) >= l->head->enq_us + l->linger_us)
+        if (l->stopping || mono_us() >= l->head->enq_us + l->linger_us)
           break;
         wait_until(&l->cond, &l->mu, l->head->enq_us + l->linger_us);
         continue;
@@ -728,7 +737,7 @@ static void *writer_main(void *arg) {
       if (l->stopping)
         break;
       if (l->spooling) {
-        if ((now = mono_us()) >= l->next_try_us)
+        if (mono_us() >= l->next_try_us)
           break;
         wait_until(&l->cond, &l->mu, l->next_try_us);
         continue;
@@ -751,8 +760,9 @@ static void *writer_main(void *arg) {
       int status;
       last->next = NULL;
       status = write_batch(l, first, k);
-      deliver(first, k, status);
+      /* Durable now: make room before a callback can try to use it. */
       atomic_fetch_sub(&l->pending, k);
+      deliver(first, k, status);
     }
     if (done)
       break;
@@ -854,7 +864,7 @@ int tg_ledger_append(tg_ledger_port_t *p, const tg_ledger_rec_t *rec,
                      tg_ledger_cb cb, void *arg) {
   tg_ledger_t *l;
   node_t *n;
-  int signal;
+  int wake;
 
   if (p == NULL || rec == NULL || rec->request_id[0] == '\0' ||
       !text_ok(rec->request_id, sizeof(rec->request_id)) ||
@@ -865,6 +875,11 @@ int tg_ledger_append(tg_ledger_port_t *p, const tg_ledger_rec_t *rec,
       rec->prompt_tokens < 0 || rec->completion_tokens < 0 ||
       rec->cost_nano < 0)
     return TG_EINVAL;
+  /* A callback run by tg_ledger_port_close may not queue behind it: the
+   * port would be gone before the record's delivery. Only this loop sets
+   * closing, so reading it here needs no lock. */
+  if (p->closing)
+    return TG_EUNAVAIL;
   l = p->l;
   n = malloc(sizeof(*n));
   if (n == NULL)
@@ -897,8 +912,8 @@ int tg_ledger_append(tg_ledger_port_t *p, const tg_ledger_rec_t *rec,
   l->tail = n;
   l->queued++;
   /* Wake an idle writer, or a lingering one once a batch is full. */
-  signal = l->queued == 1 || l->queued == l->batch_max;
-  if (signal)
+  wake = l->queued == 1 || l->queued == l->batch_max;
+  if (wake)
     pthread_cond_signal(&l->cond);
   pthread_mutex_unlock(&l->mu);
   return 0;
@@ -914,6 +929,9 @@ static void free_ledger(tg_ledger_t *l) {
   free(l->ptrs);
   free(l->rrecs);
   free(l->buf);
+  free(l->database);
+  pthread_cond_destroy(&l->purge_cond);
+  pthread_mutex_destroy(&l->purge_mu);
   pthread_cond_destroy(&l->cond);
   pthread_mutex_destroy(&l->mu);
   free(l);
@@ -956,6 +974,8 @@ int tg_ledger_open(const char *database, const char *data_dir,
   pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
   pthread_mutex_init(&l->mu, NULL);
   pthread_cond_init(&l->cond, &ca);
+  pthread_mutex_init(&l->purge_mu, NULL);
+  pthread_cond_init(&l->purge_cond, &ca);
   pthread_condattr_destroy(&ca);
 
   rc = TG_EINVAL;
@@ -967,6 +987,9 @@ int tg_ledger_open(const char *database, const char *data_dir,
   if (n < 0 || (size_t)n >= sizeof(l->spool_path))
     goto out;
   rc = TG_ENOMEM;
+  l->database = strdup(database != NULL ? database : "sqlite");
+  if (l->database == NULL)
+    goto out;
   l->ptrs = calloc(l->batch_max, sizeof(*l->ptrs));
   l->rrecs = calloc(l->batch_max, sizeof(*l->rrecs));
   l->buf = malloc(SPOOL_BUF);
@@ -1005,6 +1028,13 @@ out:
 void tg_ledger_close(tg_ledger_t *l) {
   if (l == NULL)
     return;
+  if (l->purge_started) {
+    pthread_mutex_lock(&l->purge_mu);
+    l->purge_stop = 1;
+    pthread_cond_signal(&l->purge_cond);
+    pthread_mutex_unlock(&l->purge_mu);
+    pthread_join(l->purge_thread, NULL);
+  }
   if (l->started) {
     pthread_mutex_lock(&l->mu);
     l->stopping = 1;
@@ -1037,6 +1067,7 @@ void tg_ledger_stats(const tg_ledger_t *l, tg_ledger_stats_t *out) {
   out->db_failures = atomic_load(&m->st.db_failures);
   out->lost = atomic_load(&m->st.lost);
   out->refused = atomic_load(&m->st.refused);
+  out->purged = atomic_load(&m->st.purged);
 }
 
 /* ---- queries ---- */
@@ -1122,4 +1153,82 @@ int tg_ledger_count(tg_ledger_db_t *d, const char *tenant, int64_t *n) {
   if (d == NULL)
     return TG_EINVAL;
   return d->be->count(d->conn, tenant, n);
+}
+
+int tg_ledger_purge_expired(tg_ledger_db_t *d, int64_t now_ms,
+                            tg_ledger_retention_fn days_of, void *arg,
+                            int64_t *deleted) {
+  tg_spend_row_t *t = NULL;
+  size_t n = 0;
+  int64_t total = 0;
+  int rc;
+
+  if (deleted != NULL)
+    *deleted = 0;
+  if (d == NULL)
+    return TG_EINVAL;
+  /* Only tenants with records older than the previous month can have
+   * anything to purge. */
+  rc = d->be->tenants_before(d->conn, purge_floor_ms(now_ms), &t, &n);
+  for (size_t i = 0; rc == 0 && i < n; i++) {
+    int days = days_of != NULL ? days_of(arg, t[i].tenant) : 0;
+    int64_t k = 0;
+    rc = tg_ledger_purge(d, t[i].tenant,
+                         tg_ledger_retention_cutoff_ms(now_ms, days), &k);
+    total += k;
+  }
+  free(t);
+  if (deleted != NULL)
+    *deleted = total;
+  return rc;
+}
+
+static void purge_once(tg_ledger_t *l) {
+  tg_ledger_db_t *d = NULL;
+  int64_t n = 0;
+  int rc = tg_ledger_db_open(l->database, l->dir, &d);
+
+  if (rc == 0)
+    rc = tg_ledger_purge_expired(d, wall_ms(), l->purge_days, l->purge_arg, &n);
+  tg_ledger_db_close(d);
+  bump(&l->st.purged, (size_t)n);
+  if (n > 0)
+    fprintf(stderr, "tollgate: ledger: purged %" PRId64 " records past their "
+            "tenant's retention\n", n);
+  if (rc != 0)
+    fprintf(stderr, "tollgate: ledger: retention purge failed: %s\n",
+            tg_strerror(rc));
+}
+
+static void *purger_main(void *arg) {
+  tg_ledger_t *l = arg;
+  int64_t wait_ms = l->purge_interval_ms < 60000 ? l->purge_interval_ms : 60000;
+
+  pthread_mutex_lock(&l->purge_mu);
+  for (;;) {
+    int64_t deadline = mono_us() + wait_ms * 1000;
+    while (!l->purge_stop && mono_us() < deadline)
+      wait_until(&l->purge_cond, &l->purge_mu, deadline);
+    if (l->purge_stop)
+      break;
+    pthread_mutex_unlock(&l->purge_mu);
+    purge_once(l);
+    pthread_mutex_lock(&l->purge_mu);
+    wait_ms = l->purge_interval_ms;
+  }
+  pthread_mutex_unlock(&l->purge_mu);
+  return NULL;
+}
+
+int tg_ledger_purge_every(tg_ledger_t *l, int64_t interval_ms,
+                          tg_ledger_retention_fn days_of, void *arg) {
+  if (l == NULL || l->purge_started || interval_ms < 0)
+    return TG_EINVAL;
+  l->purge_interval_ms = interval_ms > 0 ? interval_ms : 86400000;
+  l->purge_days = days_of;
+  l->purge_arg = arg;
+  if (pthread_create(&l->purge_thread, NULL, purger_main, l) != 0)
+    return TG_ENOMEM;
+  l->purge_started = 1;
+  return 0;
 }

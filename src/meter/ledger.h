@@ -64,12 +64,13 @@ typedef struct {
 } tg_ledger_opts_t;
 
 /* Opens the ledger: database is "sqlite" (or NULL/""; the file in data_dir,
- * migrations applied) or a postgres:// URL once that backend exists
- * (TG_EINVAL until then). o may be NULL (all defaults). Opens or creates
- * <data_dir>/ledger.spool's directory entry lazily; replays a spool left by
- * an earlier run (a torn last record is dropped: it was never reported
- * durable) and, when the database refuses it, keeps it and starts in spool
- * mode. Starts the writer thread.
+ * migrations applied) or a postgres:// (postgresql://) URL; anything else
+ * is TG_EINVAL. o may be NULL (all defaults). Replays a spool
+ * left by an earlier run before returning (a torn last record is dropped:
+ * it was never reported durable), so queries made after this call see
+ * every record; when the database refuses the replay, the spool is kept and
+ * the ledger starts in spool mode. The spool file is created only when the
+ * database first fails. One ledger per data_dir. Starts the writer thread.
  * Returns 0 and *out (free with tg_ledger_close), or TG_EINVAL, TG_EDB,
  * TG_EIO, TG_ENOMEM; one line on stderr says why. */
 int tg_ledger_open(const char *database, const char *data_dir,
@@ -87,11 +88,14 @@ void tg_ledger_close(tg_ledger_t *l);
  * thread. Returns 0 and *out, TG_ENOMEM, or a libuv error. */
 int tg_ledger_port_new(tg_ledger_t *l, uv_loop_t *loop, tg_ledger_port_t **out);
 
-/* From the port's loop thread: runs the callbacks already delivered to the
- * port, then closes its handle (freed with the loop's close callbacks, so
- * run the loop once more before uv_loop_close). Records still in the writer
- * are written all the same, but their callbacks are dropped: close a port
- * only when nothing on its loop waits for one. NULL is a no-op. */
+/* From the port's loop thread, once: waits until the writer has delivered
+ * every record this port appended (at most the time of the batch being
+ * written: a commit, or a lock wait then a spool write), runs the callbacks
+ * not yet run, then closes the port's handle (freed with the loop's close
+ * callbacks, so run the loop once more before uv_loop_close). So every
+ * accepted record's callback runs exactly once, here at the latest. Safe
+ * before or after tg_ledger_close. An append from a callback run here is
+ * refused (TG_EUNAVAIL). NULL is a no-op. */
 void tg_ledger_port_close(tg_ledger_port_t *p);
 
 /* From the port's loop thread: copies rec and queues it. cb(arg, status)
@@ -123,6 +127,7 @@ typedef struct {
   uint64_t db_failures;       /* batches the database refused */
   uint64_t lost;              /* records neither the database nor the spool kept */
   uint64_t refused;           /* appends refused by the backlog bound */
+  uint64_t purged;            /* records removed by the background purge */
 } tg_ledger_stats_t;
 void tg_ledger_stats(const tg_ledger_t *l, tg_ledger_stats_t *out);
 
@@ -175,5 +180,27 @@ int tg_ledger_count(tg_ledger_db_t *d, const char *tenant, int64_t *n);
  * now_ms: now - days, but no later than the first millisecond of the month
  * before now's. Pure. */
 int64_t tg_ledger_retention_cutoff_ms(int64_t now_ms, int retention_days);
+
+/* A tenant's retention in days (<= 0: TG_LEDGER_RETENTION_DAYS_DEFAULT).
+ * Called for every tenant that has records old enough to matter, including
+ * tenants no longer configured (give them the default). */
+typedef int (*tg_ledger_retention_fn)(void *arg, const char *tenant);
+
+/* Applies retention once: for each tenant with records before the previous
+ * month, deletes those older than tg_ledger_retention_cutoff_ms(now_ms,
+ * days_of(arg, tenant)); days_of NULL gives everyone the default. *deleted
+ * (may be NULL) gets the total. Returns 0, TG_EDB, TG_ETOOBIG or TG_ENOMEM
+ * (some tenants may have been purged already). */
+int tg_ledger_purge_expired(tg_ledger_db_t *d, int64_t now_ms,
+                            tg_ledger_retention_fn days_of, void *arg,
+                            int64_t *deleted);
+
+/* Runs tg_ledger_purge_expired on its own thread and connection: first
+ * after min(interval_ms, 60 s), then every interval_ms (0: a day), until
+ * tg_ledger_close. days_of is called on that thread (so it must read a
+ * thread-safe config) and arg must live until tg_ledger_close. Call at most
+ * once. Returns 0, TG_EINVAL (already running) or TG_ENOMEM. */
+int tg_ledger_purge_every(tg_ledger_t *l, int64_t interval_ms,
+                          tg_ledger_retention_fn days_of, void *arg);
 
 #endif

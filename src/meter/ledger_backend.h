@@ -61,6 +61,10 @@ typedef struct {
   int (*purge)(tg__ledger_conn_t *c, const char *tenant, int64_t before_ms,
                int64_t *deleted);
   int (*count)(tg__ledger_conn_t *c, const char *tenant, int64_t *n);
+  /* The tenants with records before before_ms, sorted, in rows' tenant
+   * field (cost_nano 0): whom a retention purge must look at. */
+  int (*tenants_before)(tg__ledger_conn_t *c, int64_t before_ms,
+                        tg_spend_row_t **rows, size_t *n);
 
   void (*close)(tg__ledger_conn_t *c);
 } tg__ledger_backend_t;

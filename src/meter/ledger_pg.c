@@ -29,6 +29,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "core/err.h"
 #include "meter/db_pg.h"
@@ -36,10 +37,12 @@
 struct tg__ledger_conn_s {
   char *url;
   PGconn *pg;            /* NULL while not connected */
+  PGconn *pending;       /* a connection probe() is making, or NULL */
+  int64_t pending_since_ms;
   tg_db_pg_opts_t opts;
   int writer;
   int prepared;          /* the insert is prepared on pg */
-  int down;              /* the loss was reported; say when it is back */
+  char err[512];         /* the last failure, for errmsg() */
 };
 
 /* Rows per INSERT statement: bounds the arrays built for one statement
@@ -51,6 +54,10 @@ struct tg__ledger_conn_s {
 /* The writer's statements: a batch that takes longer goes to the spool. */
 #define WRITER_STATEMENT_MS 5000
 #define QUERY_STATEMENT_MS 60000
+/* What one probe may wait for the network: enough for a whole handshake
+ * on a LAN, little enough that a server that went silent costs the writer
+ * next to nothing per retry. A slower handshake goes on at the next probe. */
+#define PROBE_WAIT_MS 50
 
 #define INSERT_NAME "tg_ledger_insert"
 #define N_COLS 14
@@ -73,56 +80,84 @@ static void drop(tg__ledger_conn_t *c) {
   c->prepared = 0;
 }
 
-static void say_down(tg__ledger_conn_t *c, const char *what) {
-  char msg[256];
-  if (c->down)
-    return;
-  c->down = 1;
-  fprintf(stderr, "tollgate: ledger: %s: %s\n", what,
-          tg_db_pg_errmsg(c->pg, msg, sizeof(msg)));
+static int64_t mono_ms(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
-/* Makes sure c has a live connection with the schema current. Says so on
- * stderr only when the database was fine until now. Returns 0 or TG_EDB. */
+/* A query connection says why a call failed on stderr, as the SQLite
+ * backend does; the writer's caller decides what to print (once per outage
+ * rather than once per retry). */
+static void say(const tg__ledger_conn_t *c) {
+  if (!c->writer)
+    fprintf(stderr, "tollgate: ledger: %s\n", c->err);
+}
+
+/* Keeps the reason of a failure for errmsg(), and says it unless the
+ * connection broke: then with_conn() reconnects and tries again, and says
+ * only what is still wrong after that. */
+static int note(tg__ledger_conn_t *c, const char *what, const char *why) {
+  char msg[256];
+  snprintf(c->err, sizeof(c->err), "%s: %s", what,
+           why ? why : tg_db_pg_errmsg(c->pg, msg, sizeof(msg)));
+  if (!tg_db_pg_broken(c->pg))
+    say(c);
+  return TG_EDB;
+}
+
+/* What a new connection needs before use: the schema current and, for the
+ * writer, commits that wait for the disk. A server set to
+ * synchronous_commit=off answers COMMIT before the record is on disk; the
+ * ledger promises durability, so the writer asks for it (a stronger
+ * setting such as remote_apply is kept). Returns 0 or TG_EDB (noted). */
+static int setup(tg__ledger_conn_t *c) {
+  PGresult *r;
+  int off;
+
+  if (tg_db_pg_migrate(c->pg, 1) != 0)
+    return note(c, "schema migration", NULL);
+  if (!c->writer)
+    return 0;
+  r = PQexec(c->pg, "SELECT current_setting('synchronous_commit')");
+  if (PQresultStatus(r) != PGRES_TUPLES_OK || PQntuples(r) != 1) {
+    PQclear(r);
+    return note(c, "cannot read synchronous_commit", NULL);
+  }
+  off = strcmp(PQgetvalue(r, 0, 0), "off") == 0;
+  PQclear(r);
+  if (off && tg_db_pg_exec(c->pg, "SET synchronous_commit = on") != 0)
+    return note(c, "cannot set synchronous_commit", NULL);
+  return 0;
+}
+
+/* Makes sure c has a live connection with the schema current, connecting
+ * (and waiting up to the connect timeout) when it has none. Returns 0,
+ * TG_EDB (noted) or TG_ENOMEM. */
 static int ensure(tg__ledger_conn_t *c) {
-  char shown[256];
+  char why[256], shown[200], what[240];
   int rc;
 
   if (c->pg != NULL)
     return 0;
-  c->opts.quiet = c->down;
+  PQfinish(c->pending);   /* a half-made probe connection: start afresh */
+  c->pending = NULL;
+  why[0] = '\0';
+  c->opts.err = why;
+  c->opts.err_size = sizeof(why);
   rc = tg_db_pg_connect(c->url, &c->opts, &c->pg);
-  if (rc == 0)
-    rc = tg_db_pg_migrate(c->pg, c->down);
-  /* A server set to synchronous_commit=off answers COMMIT before the
-   * record is on disk; the ledger promises durability, so the writer asks
-   * for it (a stronger setting such as remote_apply is kept). */
-  if (rc == 0 && c->writer) {
-    PGresult *r = PQexec(c->pg, "SELECT current_setting('synchronous_commit')");
-    int off = PQresultStatus(r) == PGRES_TUPLES_OK && PQntuples(r) == 1 &&
-              strcmp(PQgetvalue(r, 0, 0), "off") == 0;
-    if (PQresultStatus(r) != PGRES_TUPLES_OK)
-      rc = TG_EDB;
-    PQclear(r);
-    if (rc == 0 && off && tg_db_pg_exec(c->pg, "SET synchronous_commit = on"))
-      rc = TG_EDB;
-  }
+  c->opts.err = NULL;
   if (rc != 0) {
-    if (!c->down) {
-      /* tg_db_pg_connect said why already unless quiet. */
-      c->down = 1;
-      fprintf(stderr, "tollgate: ledger: database %s unavailable\n",
-              tg_db_pg_redact(c->url, shown, sizeof(shown)));
-    }
+    snprintf(what, sizeof(what), "cannot connect to %s",
+             tg_db_pg_redact(c->url, shown, sizeof(shown)));
+    snprintf(c->err, sizeof(c->err), "%s: %s", what, why);
+    say(c);
+    return rc == TG_ENOMEM || rc == TG_EINVAL ? rc : TG_EDB;
+  }
+  rc = setup(c);
+  if (rc != 0)
     drop(c);
-    return rc == TG_ENOMEM ? rc : TG_EDB;
-  }
-  if (c->down) {
-    c->down = 0;
-    fprintf(stderr, "tollgate: ledger: database %s reachable again\n",
-            tg_db_pg_redact(c->url, shown, sizeof(shown)));
-  }
-  return 0;
+  return rc;
 }
 
 /* Runs op on a live connection. When op fails on a connection that was
@@ -139,40 +174,96 @@ static int with_conn(tg__ledger_conn_t *c, int (*op)(tg__ledger_conn_t *, void *
   if (rc == 0 || !tg_db_pg_broken(c->pg))
     return rc;
   drop(c);
-  if (fresh)
+  if (fresh) {
+    say(c);
     return rc;
+  }
   rc = ensure(c);
   if (rc != 0)
     return rc;
   rc = op(c, arg);
-  if (rc != 0 && tg_db_pg_broken(c->pg))
+  if (rc != 0 && tg_db_pg_broken(c->pg)) {
+    say(c);
+    drop(c);
+  }
+  return rc;
+}
+
+/* Reports a failed statement: numeric overflow of a sum as TG_ETOOBIG,
+ * anything else as TG_EDB with the server's reason noted. Clears r. */
+static int stmt_error(tg__ledger_conn_t *c, PGresult *r, const char *what) {
+  const char *state = r ? PQresultErrorField(r, PG_DIAG_SQLSTATE) : NULL;
+  int rc = TG_EDB;
+
+  if (state != NULL && strcmp(state, "22003") == 0)
+    rc = TG_ETOOBIG;   /* numeric_value_out_of_range: a sum beyond int64 */
+  else
+    note(c, what, NULL);
+  PQclear(r);
+  return rc;
+}
+
+/* Says whether a write would go through now, without waiting more than
+ * PROBE_WAIT_MS: a live connection answers yes (insert_batch finds out if
+ * the server restarted meanwhile and reconnects); without one, a
+ * connection is started, and each call advances it within that budget, so
+ * a server that is down or unreachable costs the spooling writer next to
+ * nothing. A connection still not made after the connect timeout is
+ * dropped and the next call starts another. Returns 0 or TG_EDB (noted). */
+static int pg_probe(tg__ledger_conn_t *c) {
+  char why[256], shown[200];
+  int64_t limit_ms = (int64_t)(c->opts.connect_timeout_s
+                                   ? c->opts.connect_timeout_s : 3) * 1000;
+  int rc;
+
+  if (c->pg != NULL && !tg_db_pg_broken(c->pg))
+    return 0;
+  if (c->pg != NULL)
+    drop(c);
+  if (c->pending == NULL) {
+    why[0] = '\0';
+    c->opts.err = why;
+    c->opts.err_size = sizeof(why);
+    rc = tg_db_pg_connect_start(c->url, &c->opts, &c->pending);
+    c->opts.err = NULL;
+    if (rc != 0) {
+      snprintf(c->err, sizeof(c->err), "cannot connect to %s: %s",
+               tg_db_pg_redact(c->url, shown, sizeof(shown)), why);
+      return rc == TG_ENOMEM ? rc : TG_EDB;
+    }
+    c->pending_since_ms = mono_ms();
+  }
+  rc = tg_db_pg_connect_step(c->pending, PROBE_WAIT_MS);
+  if (rc == 1 && mono_ms() - c->pending_since_ms < limit_ms) {
+    snprintf(c->err, sizeof(c->err), "connecting to %s",
+             tg_db_pg_redact(c->url, shown, sizeof(shown)));
+    return TG_EDB;
+  }
+  if (rc != 0) {
+    snprintf(c->err, sizeof(c->err), "cannot connect to %s: %s",
+             tg_db_pg_redact(c->url, shown, sizeof(shown)),
+             rc == 1 ? "timeout expired"
+                     : tg_db_pg_errmsg(c->pending, why, sizeof(why)));
+    PQfinish(c->pending);
+    c->pending = NULL;
+    return TG_EDB;
+  }
+  c->pg = c->pending;
+  c->pending = NULL;
+  rc = setup(c);
+  if (rc != 0)
     drop(c);
   return rc;
 }
 
-/* Reports a failed statement: a broken connection once (the caller drops
- * it); numeric overflow of a sum as TG_ETOOBIG; anything else as TG_EDB
- * with the server's reason. Clears r. */
-static int stmt_error(tg__ledger_conn_t *c, PGresult *r, const char *what) {
-  const char *state = r ? PQresultErrorField(r, PG_DIAG_SQLSTATE) : NULL;
-  char msg[256];
-  int rc = TG_EDB;
-
-  if (state != NULL && strcmp(state, "22003") == 0) {
-    rc = TG_ETOOBIG;   /* numeric_value_out_of_range: a sum beyond int64 */
-  } else if (tg_db_pg_broken(c->pg)) {
-    say_down(c, what);
-  } else {
-    fprintf(stderr, "tollgate: ledger: %s: %s\n", what,
-            tg_db_pg_errmsg(c->pg, msg, sizeof(msg)));
-  }
-  PQclear(r);
-  return rc;
+static const char *pg_errmsg(tg__ledger_conn_t *c) {
+  return c->err[0] ? c->err : "no error";
 }
 
 static void pg_close(tg__ledger_conn_t *c) {
   if (c == NULL)
     return;
+  PQfinish(c->pending);
   PQfinish(c->pg);
   free(c->url);
   free(c);
@@ -203,13 +294,19 @@ static int pg_open(const char *database, const char *data_dir,
                                            : QUERY_STATEMENT_MS;
   c->opts.lock_timeout_ms = o != NULL && o->busy_timeout_ms > 0
                                 ? o->busy_timeout_ms : 0;
+  c->opts.quiet = 1;   /* ensure() and note() say it in our words */
   rc = ensure(c);
-  if (rc == TG_ENOMEM || (rc != 0 && !c->writer)) {
+  if (rc == TG_ENOMEM || rc == TG_EINVAL || (rc != 0 && !c->writer)) {
+    if (rc == TG_EINVAL && c->writer)
+      fprintf(stderr, "tollgate: ledger: %s\n", c->err);
     pg_close(c);
     return rc;
   }
   /* The writer starts without its database all the same: the ledger core
-   * spools until insert_batch finds it. */
+   * spools until probe() finds it answering. */
+  if (rc != 0)
+    fprintf(stderr, "tollgate: ledger: %s; records spool until it "
+            "answers\n", c->err);
   *out = c;
   return 0;
 }
@@ -558,6 +655,50 @@ static int pg_spend_by_tenant(tg__ledger_conn_t *c, int64_t from_ms,
   return rc;
 }
 
+static int fill_tenants(const PGresult *r, void *out) {
+  rows_t *o = out;
+  tg_spend_row_t *v = NULL;
+  size_t cap = 0, cnt = 0;
+  int rc = 0;
+
+  for (int i = 0; i < PQntuples(r); i++) {
+    if ((rc = grow((void **)&v, &cap, cnt, sizeof(*v))) != 0)
+      break;
+    copy_cell(v[cnt].tenant, sizeof(v[cnt].tenant), r, i, 0);
+    v[cnt].cost_nano = 0;
+    cnt++;
+  }
+  if (rc != 0) {
+    free(v);
+    return rc;
+  }
+  o->rows = v;
+  o->n = cnt;
+  return 0;
+}
+
+static int pg_tenants_before(tg__ledger_conn_t *c, int64_t before_ms,
+                             tg_spend_row_t **rows, size_t *n) {
+  static const char sql[] =
+      "SELECT DISTINCT tenant COLLATE \"C\" AS t FROM ledger"
+      " WHERE ts_ms < $1::bigint ORDER BY t" LIMIT_ROWS;
+  char before[24];
+  const char *params[1] = {before};
+  rows_t o = {0};
+  query_t q = {sql, "tenant query", 1, params, fill_tenants, &o};
+  int rc;
+
+  *rows = NULL;
+  *n = 0;
+  snprintf(before, sizeof(before), "%" PRId64, before_ms);
+  rc = with_conn(c, query_op, &q);
+  if (rc == 0) {
+    *rows = o.rows;
+    *n = o.n;
+  }
+  return rc;
+}
+
 static int fill_count(const PGresult *r, void *out) {
   if (PQntuples(r) != 1 || tg_db_pg_int64(r, 0, 0, out) != 0)
     return TG_EDB;
@@ -629,9 +770,12 @@ const tg__ledger_backend_t tg__ledger_backend_pg = {
   .name = "postgres",
   .open = pg_open,
   .insert_batch = pg_insert_batch,
+  .probe = pg_probe,
+  .errmsg = pg_errmsg,
   .usage_by_model = pg_usage_by_model,
   .spend_by_tenant = pg_spend_by_tenant,
   .purge = pg_purge,
   .count = pg_count,
+  .tenants_before = pg_tenants_before,
   .close = pg_close,
 };

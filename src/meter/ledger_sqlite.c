@@ -374,6 +374,41 @@ out:
   return rc;
 }
 
+static int sq_tenants_before(tg__ledger_conn_t *c, int64_t before_ms,
+                             tg_spend_row_t **rows, size_t *n) {
+  static const char sql[] =
+      "SELECT DISTINCT tenant FROM ledger WHERE ts_ms < ?1 ORDER BY tenant";
+  sqlite3_stmt *st = NULL;
+  tg_spend_row_t *v = NULL;
+  size_t cap = 0, cnt = 0;
+  int rc = TG_EDB, s;
+
+  *rows = NULL;
+  *n = 0;
+  if (sqlite3_prepare_v2(c->db, sql, -1, &st, NULL) != SQLITE_OK) {
+    fail(c->db, "cannot prepare the tenant query");
+    goto out;
+  }
+  sqlite3_bind_int64(st, 1, before_ms);
+  while ((s = sqlite3_step(st)) == SQLITE_ROW) {
+    if ((rc = grow((void **)&v, &cap, cnt, sizeof(*v))) != 0)
+      goto out;
+    copy_col(v[cnt].tenant, sizeof(v[cnt].tenant), st, 0);
+    v[cnt].cost_nano = 0;
+    cnt++;
+  }
+  rc = s == SQLITE_DONE ? 0 : step_error(c->db);
+out:
+  sqlite3_finalize(st);
+  if (rc != 0) {
+    free(v);
+    return rc;
+  }
+  *rows = v;
+  *n = cnt;
+  return 0;
+}
+
 const tg__ledger_backend_t tg__ledger_backend_sqlite = {
   .name = "sqlite",
   .open = sq_open,
@@ -384,5 +419,6 @@ const tg__ledger_backend_t tg__ledger_backend_sqlite = {
   .spend_by_tenant = sq_spend_by_tenant,
   .purge = sq_purge,
   .count = sq_count,
+  .tenants_before = sq_tenants_before,
   .close = sq_close,
 };

@@ -13,6 +13,7 @@
 
 #include "api/api.h"
 #include "core/err.h"
+#include "meter/ledger.h"
 #include "policy/state.h"
 
 struct tg_policy_s {
@@ -76,6 +77,34 @@ void tg_policy_alert(const char *tenant, const char *window, int64_t period,
   log_line(line);
 }
 
+/* Daily and monthly spend come back from the ledger, the record of what
+ * every answered request cost, so a restart never resets a budget. */
+static void restore_from_ledger(tg__mem_t *mem, const tg_config_t *cfg) {
+  tg_ledger_db_t *db = NULL;
+  tg_spend_row_t *rows = NULL;
+  size_t n = 0, i;
+  int64_t now = tg_now_ms(), day = tg_day_of(now), month = tg_month_of(now);
+  int64_t day_start = tg_day_end_ms(day - 1), month_start = tg_month_end_ms(month - 1);
+
+  if (tg_ledger_db_open(cfg->database, cfg->data_dir, &db) < 0) {
+    tg_policy_log("budget_restore_failed", "the ledger could not be read; spend starts from the saved figures");
+    return;
+  }
+  if (tg_ledger_spend_by_tenant(db, day_start, INT64_MAX, &rows, &n) == 0) {
+    for (i = 0; i < n; i++)
+      tg__mem_restore(mem, rows[i].tenant, 0, day, rows[i].cost_nano);
+    free(rows);
+  }
+  rows = NULL;
+  n = 0;
+  if (tg_ledger_spend_by_tenant(db, month_start, INT64_MAX, &rows, &n) == 0) {
+    for (i = 0; i < n; i++)
+      tg__mem_restore(mem, rows[i].tenant, 1, month, rows[i].cost_nano);
+    free(rows);
+  }
+  tg_ledger_db_close(db);
+}
+
 int tg_policy_new(const tg_config_t *cfg, tg_policy_t **out) {
   tg_policy_t *p = calloc(1, sizeof(*p));
   int r;
@@ -93,6 +122,8 @@ int tg_policy_new(const tg_config_t *cfg, tg_policy_t **out) {
     free(p);
     return r;
   }
+  if (p->backend == TG_BACKEND_MEMORY)
+    restore_from_ledger(p->mem, cfg);
   if (p->backend == TG_BACKEND_REDIS) {
     r = tg__redis_new(cfg->state, &p->redis);
     if (r < 0) {

@@ -82,6 +82,10 @@ void tg_policy_log(const char *event, const char *detail);
 typedef struct tg__mem_s tg__mem_t;
 int tg__mem_new(const char *data_dir, tg__mem_t **out);
 void tg__mem_free(tg__mem_t *m);
+/* Sets a tenant's spend of a period (day, or month when month != 0) to at
+ * least spent: the ledger's sums at start. */
+void tg__mem_restore(tg__mem_t *m, const char *tenant, int month, int64_t period,
+                     tg_nano_t spent);
 void tg__mem_admit(tg__mem_t *m, const tg_admit_req_t *r, int64_t now_ms, tg_admission_t *a);
 void tg__mem_settle(tg__mem_t *m, const tg_admit_req_t *r, const tg_admission_t *a,
                     int64_t actual_tokens, tg_nano_t actual_cost, int64_t now_ms);

@@ -153,6 +153,29 @@ void tg__mem_settle(tg__mem_t *m, const tg_admit_req_t *r, const tg_admission_t 
                     r->limits.alert_pct);
 }
 
+void tg__mem_restore(tg__mem_t *m, const char *tenant, int month, int64_t period,
+                     tg_nano_t spent) {
+  uint64_t h = hash_name(tenant);
+  stripe_t *sp = stripe_of(m, h);
+  ent_t *e;
+
+  pthread_mutex_lock(&sp->lock);
+  e = stripe_get(sp, tenant, h);
+  if (e != NULL) {
+    tg_budget_t *b = month ? &e->st.month : &e->st.day;
+    if (b->period != period) {
+      b->period = period;
+      b->spent = 0;
+      b->reserved = 0;
+      b->alerted = 0;
+    }
+    if (spent > b->spent)
+      b->spent = spent;
+    e->dirty = 1;
+  }
+  pthread_mutex_unlock(&sp->lock);
+}
+
 /* ---- saved spend -------------------------------------------------------- */
 
 typedef struct {
