@@ -210,7 +210,8 @@ static int worker_init(tg_app_t *app, tg_worker_t *w, int id, int admin) {
     return r;
   if (!admin && (r = tg_policy_loop_new(app->policy, &w->loop, &w->policy)) < 0)
     return r;
-  if (!admin && (r = tg_ledger_port_new(app->ledger, &w->loop, &w->ledger)) < 0)
+  if (!admin && app->ledger != NULL &&
+      (r = tg_ledger_port_new(app->ledger, &w->loop, &w->ledger)) < 0)
     return r;
   uv_timer_init(&w->loop, &w->tick);
   w->tick.data = w;
@@ -324,25 +325,24 @@ static void on_watch(uv_timer_t *t) {
 
 /* ---- ledger retention ----------------------------------------------------
  * Hourly, off the loop: each tenant's records older than its
- * retention_days go, never one of the current or previous month. */
+ * retention_days go (the default for tenants no longer configured), never
+ * one of the current or previous month. */
+
+static int retention_of(void *arg, const char *tenant) {
+  purge_t *p = arg;
+  const tg_tenant_cfg_t *t = tg_config_tenant(p->rt->cfg, tenant);
+  return t ? t->retention_days : 0; /* a tenant no longer configured: the default */
+}
 
 static void purge_work(uv_work_t *wk) {
   purge_t *p = wk->data;
   const tg_config_t *cfg = p->rt->cfg;
   tg_ledger_db_t *db = NULL;
-  int64_t now = tg_now_ms(), n;
-  size_t i;
 
   p->deleted = 0;
   if (tg_ledger_db_open(cfg->database, cfg->data_dir, &db) < 0)
     return;
-  for (i = 0; i < cfg->n_tenants; i++) {
-    const tg_tenant_cfg_t *t = &cfg->tenants[i];
-    n = 0;
-    if (tg_ledger_purge(db, t->name, tg_ledger_retention_cutoff_ms(now, t->retention_days),
-                        &n) == 0)
-      p->deleted += n;
-  }
+  tg_ledger_purge_expired(db, tg_now_ms(), retention_of, p, &p->deleted);
   tg_ledger_db_close(db);
 }
 
@@ -492,7 +492,7 @@ int tg_cmd_serve(int argc, char **argv) {
     tg_config_unref(cfg);
     goto out;
   }
-  r = tg_ledger_open(cfg->database, cfg->data_dir, NULL, &app.ledger);
+  r = cfg->ledger_off ? 0 : tg_ledger_open(cfg->database, cfg->data_dir, NULL, &app.ledger);
   if (r < 0) {
     fprintf(stderr, "tollgate: cannot open the usage ledger: %s\n", tg_strerror(r));
     tg_config_unref(cfg);

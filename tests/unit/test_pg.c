@@ -45,7 +45,7 @@ typedef struct {
   int in, out;        /* its stdin (we write), its stdout (we read) */
   char rbuf[4096];
   size_t rlen;
-  char url[256], dir[256];
+  char url[512], dir[512];
   int port;
 } pgsrv_t;
 
