@@ -53,8 +53,6 @@ static void readyz(tg_worker_t *w, tg_http_req_t *req, const char *rid) {
   respond_json(req, rid, 200, root);
 }
 
-#define ADMIN_TENANT "@admin"
-
 typedef struct {
   uv_work_t work;
   tg_http_req_t *req;
@@ -137,7 +135,7 @@ static int admin_auth(tg_worker_t *w, tg_http_req_t *req, const char *rid) {
                  "WWW-Authenticate: Bearer\r\n", "invalid API key");
     return 0;
   }
-  if (strcmp(rec->tenant, ADMIN_TENANT) != 0) {
+  if (strcmp(rec->tenant, TG_ADMIN_TENANT) != 0) {
     tg_api_error(req, 403, "permission_error", "admin_only", rid, NULL,
                  "this key is a tenant key; the admin API needs an admin key");
     return 0;

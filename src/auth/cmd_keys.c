@@ -35,6 +35,7 @@ enum {
   OPT_EXPIRES = 1 << 3,
   OPT_NAME = 1 << 4,
   OPT_JSON = 1 << 5,
+  OPT_ADMIN = 1 << 6,
 };
 
 #define MAX_POSITIONAL 4
@@ -48,6 +49,7 @@ typedef struct {
   const char *expires;
   const char *name;
   int json;
+  int admin; /* --admin: a key for the admin API, not for a tenant */
   int help;  /* --help was given: print usage, do nothing else */
   const char *pos[MAX_POSITIONAL];
   int npos;
@@ -56,6 +58,7 @@ typedef struct {
 static const char usage_text[] =
   "usage: tollgate keys create --config FILE --tenant T [--models a,b]\n"
   "                            [--expires 30d|12h|YYYY-MM-DD] [--name N]\n"
+  "       tollgate keys create --config FILE --admin [--expires ...] [--name N]\n"
   "       tollgate keys list   --config FILE [--tenant T] [--json]\n"
   "       tollgate keys revoke --config FILE ID\n";
 
@@ -117,6 +120,12 @@ static int parse_opts(int argc, char **argv, int first, int allowed,
       if (eq != NULL)
         return usage("--json takes no value");
       o->json = 1;
+      continue;
+    }
+    if (nlen == 5 && strncmp(a, "admin", 5) == 0 && (allowed & OPT_ADMIN)) {
+      if (eq != NULL)
+        return usage("--admin takes no value");
+      o->admin = 1;
       continue;
     }
     for (t = 0; t < sizeof(table) / sizeof(table[0]); t++)
@@ -289,8 +298,10 @@ static int cmd_create(const opts_t *o) {
 
   if (o->npos != 0)
     return usage("create takes no positional argument");
-  if (o->tenant == NULL)
-    return usage("create needs --tenant T");
+  if (o->admin && (o->tenant != NULL || o->models != NULL))
+    return usage("--admin keys have no --tenant or --models");
+  if (o->tenant == NULL && !o->admin)
+    return usage("create needs --tenant T (or --admin)");
   if (o->name != NULL && !name_ok(o->name))
     return usage("--name must be 1 to 256 printable ASCII characters");
   if (o->expires != NULL && parse_expires(o->expires, now, &expires_at) != 0)
@@ -309,8 +320,9 @@ static int cmd_create(const opts_t *o) {
   if (ex != 0)
     goto out;
   ex = EXIT_FAIL;
-  tenant = tg_config_tenant(cfg, o->tenant);
-  if (tenant == NULL) {
+  /* An admin key's tenant is "@admin", a name no tenant can have. */
+  tenant = o->admin ? NULL : tg_config_tenant(cfg, o->tenant);
+  if (tenant == NULL && !o->admin) {
     fprintf(stderr, "tollgate keys: tenant \"%s\" is not in %s\n", o->tenant,
             o->config);
     goto out;
@@ -331,7 +343,7 @@ static int cmd_create(const opts_t *o) {
     goto out;
   {
     tg_key_spec_t spec = {
-      .tenant = o->tenant,
+      .tenant = o->admin ? TG_ADMIN_TENANT : o->tenant,
       .name = o->name,
       .models = (const char *const *)models,
       .n_models = n_models,
@@ -346,7 +358,7 @@ static int cmd_create(const opts_t *o) {
   }
   fmt_time(expires_at, when, sizeof(when));
   fprintf(stderr, "created key %s for tenant %s (models: %s, expires: %s)\n",
-          id, o->tenant, n_models ? o->models : "all the tenant may use",
+          id, o->admin ? TG_ADMIN_TENANT : o->tenant, n_models ? o->models : "all the tenant may use",
           when);
   if (printf("%s\n", key) < 0 || fflush(stdout) != 0) {
     fprintf(stderr, "tollgate keys: cannot write the key to stdout\n");
@@ -556,7 +568,7 @@ int tg_cmd_keys(int argc, char **argv) {
   }
   if (strcmp(sub, "create") == 0) {
     rc = parse_opts(argc, argv, 2, OPT_CONFIG | OPT_TENANT | OPT_MODELS |
-                    OPT_EXPIRES | OPT_NAME, &o);
+                    OPT_EXPIRES | OPT_NAME | OPT_ADMIN, &o);
     return run(rc, &o, cmd_create);
   }
   if (strcmp(sub, "list") == 0) {

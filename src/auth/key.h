@@ -15,6 +15,9 @@
 #include <stdint.h>
 
 #define TG_KEY_PREFIX "tg-"
+/* The tenant of admin keys (`tollgate keys create --admin`): '@' is not
+ * allowed in tenant names, so no tenant can hold one. */
+#define TG_ADMIN_TENANT "@admin"
 #define TG_KEY_PREFIX_LEN 3
 #define TG_KEY_ID_LEN 12      /* hex characters */
 #define TG_KEY_SECRET_LEN 48  /* hex characters */

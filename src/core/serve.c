@@ -485,10 +485,10 @@ int tg_cmd_serve(int argc, char **argv) {
     goto out;
   }
   app.log_fd = r;
-  r = tg_keywatch_start(cfg->data_dir, 200, &app.keywatch);
+  r = tg_keywatch_start_db(cfg->database, cfg->data_dir, 200, &app.keywatch);
   if (r < 0) {
-    fprintf(stderr, "tollgate: cannot open the key store in %s: %s\n", cfg->data_dir,
-            tg_strerror(r));
+    fprintf(stderr, "tollgate: cannot open the key store (%s): %s\n",
+            strcmp(cfg->database, "sqlite") == 0 ? cfg->data_dir : "database", tg_strerror(r));
     tg_config_unref(cfg);
     goto out;
   }

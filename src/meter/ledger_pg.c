@@ -16,8 +16,11 @@
  * safe because inserts skip request ids already stored; a call that cannot
  * reach the server fails with TG_EDB within the connect timeout, so the
  * ledger core spools and tries again later. The writer connects lazily: a
- * gateway may start while the database is away. One line on stderr when
- * the database goes away and one when it is back, not one per call.
+ * gateway may start while the database is away. While the core spools it
+ * asks probe(), which makes a new connection a step at a time within a few
+ * milliseconds per call, so a server that hangs costs the writer next to
+ * nothing. The writer's calls print nothing (errmsg() keeps the reason and
+ * the core says once per outage); query connections say why they failed.
  *
  * Sums are computed as numeric by PostgreSQL (SUM(bigint) is numeric) and
  * cast back to bigint in the query: a total beyond int64 is an error
@@ -195,10 +198,15 @@ static int stmt_error(tg__ledger_conn_t *c, PGresult *r, const char *what) {
   const char *state = r ? PQresultErrorField(r, PG_DIAG_SQLSTATE) : NULL;
   int rc = TG_EDB;
 
-  if (state != NULL && strcmp(state, "22003") == 0)
+  if (state != NULL && strcmp(state, "22003") == 0) {
     rc = TG_ETOOBIG;   /* numeric_value_out_of_range: a sum beyond int64 */
-  else
+  } else {
+    /* invalid_sql_statement_name: the insert was deallocated under us (a
+     * pooler's DISCARD ALL); prepare it again on the next call. */
+    if (state != NULL && strcmp(state, "26000") == 0)
+      c->prepared = 0;
     note(c, what, NULL);
+  }
   PQclear(r);
   return rc;
 }

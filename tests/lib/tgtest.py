@@ -273,10 +273,16 @@ def all_procs():
 
 
 def kill_all():
-    """Kills every process this harness started that is still running."""
+    """Kills every process this harness started that is still running, and
+    stops (and removes) every PostgreSQL server a `Postgres` started."""
     for p in all_procs():
         try:
             p.kill()
+        except Exception:  # noqa: BLE001 - best effort at exit
+            pass
+    for pg in list(_PG_SERVERS):
+        try:
+            pg.close()
         except Exception:  # noqa: BLE001 - best effort at exit
             pass
 
@@ -543,15 +549,8 @@ class Gateway:
 
     def cli(self, *args, check=True, timeout=30):
         """Runs `tollgate <args> --config FILE`; returns CompletedProcess."""
-        argv = [binary("tollgate")] + list(args[:2]) + ["--config", self.config_path] + list(args[2:])
-        env = dict(os.environ)
-        env.update(SAN_ENV)
-        cp = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                            timeout=timeout, env=env, cwd=self.workdir)
-        if check and cp.returncode != 0:
-            raise AssertionError("%s exited %d\nstdout: %s\nstderr: %s" % (
-                " ".join(argv), cp.returncode, cp.stdout, cp.stderr))
-        return cp
+        return self._run_cli(list(args[:2]) + ["--config", self.config_path] + list(args[2:]),
+                             check, timeout)
 
     def create_key(self, tenant, models=None, expires=None, name=None, wait=True):
         """Creates a key with the CLI; returns the key text (tg-<id>-<secret>).
@@ -572,6 +571,57 @@ class Gateway:
                                      timeout=3).status != 401,
                      timeout=3.0, what="the gateway to accept a new key")
         return key
+
+    def tool(self, command, *args, check=True, timeout=60):
+        """Runs `tollgate COMMAND --config FILE ARGS...` (the form of the
+        one-word commands: invoice, usage, check-config); returns the
+        CompletedProcess (raises on a non-zero exit when check)."""
+        return self._run_cli([command, "--config", self.config_path] + list(args),
+                             check, timeout)
+
+    def _run_cli(self, argv_tail, check, timeout):
+        argv = [binary("tollgate")] + argv_tail
+        env = dict(os.environ)
+        env.update(SAN_ENV)
+        cp = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                            timeout=timeout, env=env, cwd=self.workdir)
+        if check and cp.returncode != 0:
+            raise AssertionError("%s exited %d\nstdout: %s\nstderr: %s" % (
+                " ".join(argv), cp.returncode, cp.stdout, cp.stderr))
+        return cp
+
+    def invoice(self, tenant, month, fmt=None):
+        """`tollgate invoice` for tenant and month (YYYY-MM): the parsed JSON
+        (numbers as Decimal, see money_json) or, with fmt="csv", the text."""
+        args = ["--tenant", tenant, "--month", month]
+        if fmt:
+            args += ["--format", fmt]
+        out = self.tool("invoice", *args).stdout
+        return out if fmt == "csv" else money_json(out)
+
+    def usage(self, tenant, day):
+        """`tollgate usage` for tenant and day (YYYY-MM-DD), parsed (Decimal)."""
+        return money_json(self.tool("usage", "--tenant", tenant, "--day", day).stdout)
+
+    def create_admin_key(self, name=None):
+        """`tollgate keys create --admin`; returns the key text."""
+        args = ["keys", "create", "--admin"]
+        if name:
+            args += ["--name", name]
+        cp = self.cli(*args)
+        key = cp.stdout.strip()
+        assert re.match(r"^tg-[0-9a-f]{12}-\S+$", key), "unexpected key output %r" % cp.stdout
+        return key
+
+    @property
+    def db_path(self):
+        """The SQLite database of `database: sqlite` (keys, ledger)."""
+        return os.path.join(self.data_dir, "tollgate.db")
+
+    @property
+    def spool_path(self):
+        """The ledger's spool file (exists only while records wait in it)."""
+        return os.path.join(self.data_dir, "ledger.spool")
 
     def revoke_key(self, key_or_id):
         return self.cli("keys", "revoke", key_id(key_or_id))
@@ -675,8 +725,9 @@ def request(port, method, path, body=None, headers=None, key=None, timeout=10.0)
         conn.close()
 
 
-def admin(gw, path, timeout=5.0):
-    return request(gw.admin_port, "GET", path, timeout=timeout)
+def admin(gw, path, timeout=5.0, key=None):
+    """GET path on the gateway's admin listener (with a Bearer key when given)."""
+    return request(gw.admin_port, "GET", path, key=key, timeout=timeout)
 
 
 def chat_body(model="llama-3.1-8b", max_tokens=None, stream=False, content="Hello there",
@@ -1408,3 +1459,494 @@ def parallel(fn, args_list, threads=8, timeout=60.0):
         if t.is_alive():
             raise AssertionError("parallel requests still running after %.0fs" % timeout)
     return results
+
+
+# --------------------------------------------------------------------------
+# PostgreSQL, for `database: postgres://...` (keys and the usage ledger)
+
+_PG_SERVERS = []   # every Postgres started and not closed yet (kill_all closes them)
+
+
+class Postgres:
+    """A throw-away PostgreSQL server (the newest /usr/lib/postgresql/*/bin)
+    run by tests/lib/pgtest.sh: a fresh cluster in its own temp directory,
+    run as the postgres user when we are root, on a free loopback port,
+    trust authentication, one database `tollgate_test`.
+
+    We keep pgtest.sh's stdin open for as long as the server is needed; it
+    stops the server and removes its directory when that pipe closes, so even
+    a test process killed with SIGKILL leaves nothing behind. stop() and
+    start() again keep the port and the data, so a gateway configured with
+    url() sees its database go away and come back. sql() runs a statement
+    through psql and returns the rows."""
+
+    SCRIPT = os.path.join(REPO, "tests", "lib", "pgtest.sh")
+    PSQL = "/usr/bin/psql"
+
+    def __init__(self, name="postgres"):
+        self.name = name
+        self.popen = None
+        self.port = None
+        self.dir = None
+        self._url = None
+        self._lines = None
+        self.running = False
+        self.log_path = None
+
+    @staticmethod
+    def available():
+        """Why PostgreSQL cannot run here (a string), or None when it can."""
+        import glob
+        if not glob.glob("/usr/lib/postgresql/*/bin/initdb") and not os.environ.get("PG_BIN"):
+            return "no PostgreSQL server binaries (scripts/install-deps.sh installs postgresql)"
+        if not os.access(Postgres.PSQL, os.X_OK):
+            return "no %s" % Postgres.PSQL
+        return None
+
+    def url(self):
+        """The database URL for the gateway's `database:` setting."""
+        return self._url
+
+    def _read_reply(self, timeout, what):
+        import queue
+        try:
+            line = self._lines.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError("timed out after %.0fs waiting for pgtest.sh to %s" %
+                                 (timeout, what)) from None
+        if line is None:
+            raise AssertionError("pgtest.sh exited while asked to %s:\n%s" %
+                                 (what, tail(self.log_path)))
+        if line.startswith("error"):
+            raise AssertionError("pgtest.sh could not %s: %s" % (what, line))
+        return line
+
+    def _command(self, cmd, reply, timeout):
+        self.popen.stdin.write((cmd + "\n").encode())
+        self.popen.stdin.flush()
+        line = self._read_reply(timeout, cmd)
+        if line != reply:
+            raise AssertionError("pgtest.sh answered %r to %r" % (line, cmd))
+
+    def start(self, timeout=60.0):
+        """First call: creates the cluster and starts the server. Later calls
+        (after stop()): starts it again on the same port with the same data."""
+        if self.popen is not None:
+            if not self.running:
+                self._command("start", "started", timeout)
+                self.running = True
+            return self
+        import queue
+        why = self.available()
+        if why:
+            raise RuntimeError(why)
+        wd = make_tmpdir("tg-pgtest-")
+        self.log_path = os.path.join(wd, "pgtest.stderr")
+        err = open(self.log_path, "ab")
+        try:
+            self.popen = subprocess.Popen(["bash", self.SCRIPT, "serve"], stdin=subprocess.PIPE,
+                                          stdout=subprocess.PIPE, stderr=err,
+                                          start_new_session=True)
+        finally:
+            err.close()
+        self._lines = queue.Queue()
+        _PG_SERVERS.append(self)
+
+        def reader(out, q):
+            for raw in out:
+                q.put(raw.decode("utf-8", "replace").rstrip("\n"))
+            q.put(None)
+        threading.Thread(target=reader, args=(self.popen.stdout, self._lines),
+                         daemon=True).start()
+        try:
+            while True:
+                line = self._read_reply(timeout, "start a server")
+                k, _, v = line.partition(" ")
+                if k == "url":
+                    # the gateway's documented form; libpq reads either scheme
+                    self._url = v.replace("postgresql://", "postgres://", 1)
+                elif k == "dir":
+                    self.dir = v
+                elif k == "port":
+                    self.port = int(v)
+                elif k == "ready":
+                    break
+        except BaseException:
+            self.close()
+            raise
+        self.running = True
+        return self
+
+    def stop(self, timeout=60.0):
+        """Stops the server (fast shutdown: open sessions are cut). The port
+        refuses connections when this returns."""
+        if self.popen is not None and self.running:
+            self._command("stop", "stopped", timeout)
+            self.running = False
+
+    def close(self, timeout=60.0):
+        """Stops the server for good and removes its directory."""
+        if self.popen is None:
+            return
+        try:
+            self.popen.stdin.write(b"quit\n")
+            self.popen.stdin.close()
+        except (OSError, ValueError):
+            pass
+        try:
+            self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            # its EXIT trap still stops the server on SIGTERM
+            self.popen.terminate()
+            try:
+                self.popen.wait(30)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+        self.popen = None
+        self.running = False
+        if self in _PG_SERVERS:
+            _PG_SERVERS.remove(self)
+
+    def sql(self, statement, timeout=30):
+        """Runs one SQL statement with psql; returns the rows as tuples of
+        text (NULL as None)."""
+        env = dict(os.environ)
+        env.pop("PGPASSWORD", None)
+        cp = subprocess.run([self.PSQL, "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1",
+                             "-F", "\x1f", "-P", "null=\x1e", "-h", "127.0.0.1",
+                             "-p", str(self.port), "-U", "postgres", "-d", "tollgate_test",
+                             "-c", statement],
+                            stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                            timeout=timeout, env=env)
+        if cp.returncode != 0:
+            raise AssertionError("psql %r exited %d: %s" % (statement, cp.returncode,
+                                                            cp.stderr.strip()))
+        rows = []
+        for line in cp.stdout.splitlines():
+            if line == "":
+                continue
+            rows.append(tuple(None if f == "\x1e" else f for f in line.split("\x1f")))
+        return rows
+
+
+# --------------------------------------------------------------------------
+# the usage ledger: exact money, mixed load, what the client saw
+
+def money_json(text):
+    """Parses JSON with every non-integer number as decimal.Decimal, so the
+    ledger's USD figures (9 decimals) are compared exactly, never as floats."""
+    from decimal import Decimal
+    return json.loads(text, parse_float=Decimal)
+
+
+USD9 = re.compile(r'"(?:total_cost_usd|cost_usd|spend_usd)":(-?[0-9]+\.[0-9]{9})[,}]')
+
+
+def usd9_fields(text):
+    """Every USD figure in an invoice or usage text; asserts each has exactly
+    nine decimals (the gateway prints nano-USD exactly)."""
+    found = USD9.findall(text)
+    n = len(re.findall(r'"(?:total_cost_usd|cost_usd|spend_usd)":', text))
+    assert len(found) == n, "a USD figure without exactly 9 decimals in %s" % text[:400]
+    return found
+
+
+def nano_of_usd(v):
+    """Exact nano-USD of a Decimal (or decimal text) USD figure."""
+    from decimal import Decimal
+    n = Decimal(str(v)) * 1000000000
+    assert n == n.to_integral_value(), "%s USD is not whole nano-USD" % v
+    return int(n)
+
+
+def utc_month(t=None):
+    return time.strftime("%Y-%m", time.gmtime(time.time() if t is None else t))
+
+
+def utc_day(t=None):
+    return time.strftime("%Y-%m-%d", time.gmtime(time.time() if t is None else t))
+
+
+class Outcome:
+    """One request of a LedgerLoad as the client saw it.
+
+    kind: "chat" / "completion" (not streamed), "stream_usage" (streamed,
+    include_usage asked), "stream" (streamed, no usage asked: tokens from
+    the text and the simulator's prompt formula), "abandon" (the client
+    read `events` content events, then reset the connection).
+    complete: a non-streamed 200 whose body arrived whole, or a stream that
+    delivered `data: [DONE]`. prompt/completion: the usage the client
+    observed (for "abandon": what the gateway must count, the prompt
+    estimate and one token per relayed content event)."""
+
+    __slots__ = ("tenant", "key", "model", "kind", "body", "rid", "status", "complete",
+                 "prompt", "completion", "events", "error", "t_start", "t_end")
+
+    def __init__(self, tenant, key, model, kind, body):
+        self.tenant, self.key, self.model, self.kind, self.body = tenant, key, model, kind, body
+        self.rid = None
+        self.status = None
+        self.complete = False
+        self.prompt = self.completion = None
+        self.events = 0
+        self.error = None
+        self.t_start = self.t_end = None
+
+    def cost_nano(self, prices):
+        """Usage x prices {model: (prompt nano/token, completion nano/token)}."""
+        p, c = prices[self.model]
+        return self.prompt * p + self.completion * c
+
+    def __repr__(self):
+        return "<Outcome %s %s %s %s rid=%s status=%s complete=%s usage=%s/%s err=%r>" % (
+            self.kind, self.tenant, self.model, self.body.get("max_tokens"), self.rid,
+            self.status, self.complete, self.prompt, self.completion, self.error)
+
+
+_WORDS = ("ledger", "tenant", "invoice", "token", "budget", "stream", "gateway", "nano",
+          "usage", "replica", "billing", "spool", "é", "数据", "commit")
+
+
+def sse_data(body):
+    """The data: payloads of an SSE body (bytes), in order."""
+    out = []
+    for block in body.replace(b"\r\n", b"\n").split(b"\n\n"):
+        lines = [ln[5:].lstrip(b" ") for ln in block.split(b"\n") if ln.startswith(b"data:")]
+        if lines:
+            out.append(b"\n".join(lines).decode("utf-8", "replace"))
+    return out
+
+
+class LedgerLoad:
+    """Mixed traffic for the ledger tests: `threads` client threads, each
+    with its own keep-alive connection, send a seeded random mix of chat
+    completions (not streamed, streamed with and without include_usage) and
+    legacy completions, over several tenants (each with one or more keys)
+    and models, with varied prompts and max_tokens; `abandon` extra streams
+    (on their own threads, slowed by x-sim-token-ms) are left by the client
+    after a few content events.
+
+    tenants: {tenant: {"keys": [key...], "models": [model...]}}. run() sends
+    `count` requests (or runs until stop() / `duration` seconds) and returns
+    the Outcomes, in no particular order. Transport errors are recorded in
+    the Outcome (error, complete False), never raised: a test that kills the
+    gateway reads them."""
+
+    def __init__(self, port, tenants, count=None, threads=8, seed=1, abandon=0,
+                 abandon_token_ms=500, stream_share=0.45, completion_share=0.1,
+                 duration=None, timeout=30.0):
+        import random
+        self.port = port
+        self.tenants = tenants
+        self.count = count
+        self.threads = threads
+        self.rng = random.Random(seed)
+        self.abandon = abandon
+        self.abandon_token_ms = abandon_token_ms
+        self.stream_share = stream_share
+        self.completion_share = completion_share
+        self.duration = duration
+        self.timeout = timeout
+        self.outcomes = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._issued = 0
+        self.done_count = 0        # requests that completed (see Outcome.complete)
+
+    # ---- the plan ----------------------------------------------------------
+
+    def _content(self, rng):
+        return " ".join(rng.choice(_WORDS) for _ in range(rng.randint(1, 40)))
+
+    def _next(self):
+        """The next request of the plan (drawn under the lock), or None."""
+        with self._lock:
+            if self._stop.is_set() or (self.count is not None and self._issued >= self.count):
+                return None
+            self._issued += 1
+            rng = self.rng
+            tenant = rng.choice(sorted(self.tenants))
+            t = self.tenants[tenant]
+            key = rng.choice(t["keys"])
+            model = rng.choice(t["models"])
+            x = rng.random()
+            if x < self.completion_share:
+                kind = "completion"
+            elif x < self.completion_share + self.stream_share:
+                kind = "stream_usage" if rng.random() < 0.7 else "stream"
+            else:
+                kind = "chat"
+            if kind == "completion":
+                body = {"model": model, "prompt": self._content(rng)}
+            else:
+                body = {"model": model, "messages": [{"role": "user", "content": self._content(rng)}]}
+                if rng.random() < 0.3:
+                    body["messages"].insert(0, {"role": "system", "content": self._content(rng)})
+            if rng.random() < 0.9:
+                body["max_tokens"] = rng.randint(1, 48)
+            if kind in ("stream", "stream_usage"):
+                body["stream"] = True
+                if kind == "stream_usage":
+                    body["stream_options"] = {"include_usage": True}
+            o = Outcome(tenant, key, model, kind, body)
+            self.outcomes.append(o)
+            return o
+
+    # ---- one request -------------------------------------------------------
+
+    def _send(self, conn, o):
+        path = "/v1/completions" if o.kind == "completion" else "/v1/chat/completions"
+        data = json.dumps(o.body).encode()
+        o.t_start = time.time()
+        conn.request("POST", path, body=data,
+                     headers={"Authorization": "Bearer %s" % o.key,
+                              "Content-Type": "application/json"})
+        r = conn.getresponse()
+        o.status = r.status
+        o.rid = r.getheader("x-request-id")
+        try:
+            body = r.read()
+            whole = True
+        except http.client.IncompleteRead as e:
+            body = e.partial
+            whole = False
+        o.t_end = time.time()
+        if r.status != 200:
+            o.error = "status %d: %r" % (r.status, body[:200])
+            return
+        if o.kind in ("chat", "completion"):
+            if not whole:
+                o.error = "body cut short"
+                return
+            u = json.loads(body)["usage"]
+            o.prompt, o.completion = u["prompt_tokens"], u["completion_tokens"]
+            o.complete = True
+            return
+        events = sse_data(body)
+        o.complete = "[DONE]" in events
+        if not o.complete:
+            o.error = "stream without [DONE] (%d events)" % len(events)
+            return
+        tokens = 0
+        usage = None
+        for ev in events:
+            if ev == "[DONE]":
+                continue
+            doc = json.loads(ev)
+            if doc.get("usage") and not doc.get("choices"):
+                usage = doc["usage"]
+            for ch in doc.get("choices") or []:
+                tokens += len(((ch.get("delta") or {}).get("content") or "").split())
+        if o.kind == "stream_usage":
+            assert usage is not None, "no usage event in a stream that asked for one"
+            o.prompt, o.completion = usage["prompt_tokens"], usage["completion_tokens"]
+        else:
+            assert usage is None, "a usage event the client did not ask for"
+            o.prompt, o.completion = sim_prompt_tokens(o.body), tokens
+
+    def _worker(self):
+        conn = None
+        while True:
+            o = self._next()
+            if o is None:
+                break
+            if conn is None:
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=self.timeout)
+            try:
+                self._send(conn, o)
+            except Exception as e:  # noqa: BLE001 - recorded for the test
+                o.error = "%s: %s" % (type(e).__name__, e)
+                o.complete = False
+                try:
+                    conn.close()
+                except OSError:
+                    pass
+                conn = None
+                if isinstance(e, (ConnectionRefusedError, ConnectionResetError)):
+                    time.sleep(0.02)   # the gateway is gone: do not spin
+            if o.complete:
+                with self._lock:
+                    self.done_count += 1
+        if conn is not None:
+            conn.close()
+
+    def _abandoner(self, n):
+        for _ in range(n):
+            if self._stop.is_set():
+                return
+            with self._lock:
+                rng = self.rng
+                tenant = rng.choice(sorted(self.tenants))
+                t = self.tenants[tenant]
+                key = rng.choice(t["keys"])
+                model = rng.choice(t["models"])
+                body = {"model": model, "stream": True, "max_tokens": 40,
+                        "messages": [{"role": "user", "content": self._content(rng)}]}
+                if rng.random() < 0.5:
+                    body["stream_options"] = {"include_usage": True}
+                want = rng.randint(1, 4)
+                o = Outcome(tenant, key, model, "abandon", body)
+                self.outcomes.append(o)
+            o.t_start = time.time()
+            try:
+                st = SSEStream(self.port, body, key=key, timeout=self.timeout,
+                               headers={"x-sim-token-ms": str(self.abandon_token_ms)})
+                o.status = st.status
+                o.rid = st.headers.get("x-request-id")
+                for ev in st.events():
+                    if content_events([ev]):
+                        o.events += 1
+                        if o.events == want:
+                            break
+                st.abort()
+            except Exception as e:  # noqa: BLE001 - recorded for the test
+                o.error = "%s: %s" % (type(e).__name__, e)
+            o.t_end = time.time()
+            # what the gateway must record for a stream it saw no usage for
+            o.prompt = prompt_estimate(body)
+            o.completion = o.events
+
+    def stop(self):
+        self._stop.set()
+
+    def run(self, progress=None):
+        """Sends the load; returns the outcomes. progress(load) is called
+        about every 50 ms from this thread while the load runs (a test that
+        kills something mid-load does it there)."""
+        ts = [threading.Thread(target=self._worker, daemon=True) for _ in range(self.threads)]
+        if self.abandon:
+            per = [self.abandon // 3 + (1 if i < self.abandon % 3 else 0) for i in range(3)]
+            ts += [threading.Thread(target=self._abandoner, args=(n,), daemon=True)
+                   for n in per if n]
+        t0 = time.monotonic()
+        for t in ts:
+            t.start()
+        limit = 600.0
+        while any(t.is_alive() for t in ts):
+            if self.duration is not None and time.monotonic() - t0 >= self.duration:
+                self.stop()
+            if progress is not None:
+                progress(self)
+            if time.monotonic() - t0 > limit:
+                self.stop()
+                raise AssertionError("ledger load still running after %.0fs" % limit)
+            time.sleep(0.05)
+        for t in ts:
+            t.join()
+        return list(self.outcomes)
+
+
+def expected_usage(outcomes, prices):
+    """{tenant: {model: [requests, prompt, completion, cost_nano]}} over the
+    outcomes a ledger must hold a record for (complete ones, and abandoned
+    streams that got their 200 head), in exact integers."""
+    out = {}
+    for o in outcomes:
+        if not (o.complete or (o.kind == "abandon" and o.status == 200 and o.events > 0)):
+            continue
+        m = out.setdefault(o.tenant, {}).setdefault(o.model, [0, 0, 0, 0])
+        m[0] += 1
+        m[1] += o.prompt
+        m[2] += o.completion
+        m[3] += o.cost_nano(prices)
+    return out
