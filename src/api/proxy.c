@@ -210,10 +210,14 @@ static void call_finish(tg_call_t *c) {
 
 enum { FIN_RESPOND, FIN_END_STREAM, FIN_ERROR, FIN_ABORT };
 
-/* Sends what ends the call (its last bytes) and finishes it. */
+/* Sends what ends the call (its last bytes) and finishes it. The policy is
+ * settled first, so the concurrency slot is free before the client can see
+ * the answer end and send its next request. */
 static void call_fin(tg_call_t *c) {
   static const char done[] = "data: [DONE]\n\n";
   char hdr[640];
+
+  call_settle(c);
 
   switch (c->fin) {
   case FIN_RESPOND:

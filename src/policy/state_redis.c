@@ -1268,5 +1268,11 @@ void tg__redis_settle(tg__redis_loop_t *rl, const tg_admit_req_t *r, const tg_ad
   if (build_settle(c, actual_tokens, actual_cost) < 0 || send_call(rl, c) < 0) {
     log_event("state_redis_settle_lost", rl->r, "could not send");
     free(c);
+    return;
   }
+  /* Put the release on the wire now, before the caller sends its answer's
+   * last bytes: the client's next request must not find the slot still
+   * taken. (Not from inside a reply callback: hiredis writes after it.) */
+  if (rl->ac != NULL && !(rl->ac->c.flags & REDIS_IN_CALLBACK))
+    redisAsyncHandleWrite(rl->ac);
 }

@@ -1607,14 +1607,21 @@ class Postgres:
         if self in _PG_SERVERS:
             _PG_SERVERS.remove(self)
 
-    def sql(self, statement, timeout=30):
-        """Runs one SQL statement with psql; returns the rows as tuples of
-        text (NULL as None)."""
+    def create_database(self, name):
+        """Creates an empty database on this server; returns its URL (one
+        database per test keeps their ledgers apart on one server)."""
+        assert re.match(r"^[a-z_][a-z0-9_]*$", name), name
+        self.sql("CREATE DATABASE %s" % name)
+        return self._url.rsplit("/", 1)[0] + "/" + name
+
+    def sql(self, statement, timeout=30, db="tollgate_test"):
+        """Runs one SQL statement with psql in database db; returns the rows
+        as tuples of text (NULL as None)."""
         env = dict(os.environ)
         env.pop("PGPASSWORD", None)
         cp = subprocess.run([self.PSQL, "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1",
                              "-F", "\x1f", "-P", "null=\x1e", "-h", "127.0.0.1",
-                             "-p", str(self.port), "-U", "postgres", "-d", "tollgate_test",
+                             "-p", str(self.port), "-U", "postgres", "-d", db,
                              "-c", statement],
                             stdin=subprocess.DEVNULL, capture_output=True, text=True,
                             timeout=timeout, env=env)
@@ -1907,33 +1914,48 @@ class LedgerLoad:
             o.completion = o.events
 
     def stop(self):
+        """Asks every thread to finish after its current request."""
         self._stop.set()
 
-    def run(self, progress=None):
-        """Sends the load; returns the outcomes. progress(load) is called
-        about every 50 ms from this thread while the load runs (a test that
-        kills something mid-load does it there)."""
-        ts = [threading.Thread(target=self._worker, daemon=True) for _ in range(self.threads)]
+    def start(self):
+        """Starts the client threads and returns at once (see wait())."""
+        self._threads = [threading.Thread(target=self._worker, daemon=True)
+                         for _ in range(self.threads)]
         if self.abandon:
             per = [self.abandon // 3 + (1 if i < self.abandon % 3 else 0) for i in range(3)]
-            ts += [threading.Thread(target=self._abandoner, args=(n,), daemon=True)
-                   for n in per if n]
-        t0 = time.monotonic()
-        for t in ts:
+            self._threads += [threading.Thread(target=self._abandoner, args=(n,), daemon=True)
+                              for n in per if n]
+        self._t0 = time.monotonic()
+        for t in self._threads:
             t.start()
-        limit = 600.0
-        while any(t.is_alive() for t in ts):
-            if self.duration is not None and time.monotonic() - t0 >= self.duration:
+        return self
+
+    def running(self):
+        return any(t.is_alive() for t in self._threads)
+
+    def completed(self):
+        """Requests completed so far (any thread)."""
+        with self._lock:
+            return self.done_count
+
+    def wait(self, limit=600.0):
+        """Waits for the threads (stopping them after `duration` seconds when
+        one was given, or after `limit`); returns the outcomes."""
+        while self.running():
+            el = time.monotonic() - self._t0
+            if self.duration is not None and el >= self.duration:
                 self.stop()
-            if progress is not None:
-                progress(self)
-            if time.monotonic() - t0 > limit:
+            if el > limit:
                 self.stop()
                 raise AssertionError("ledger load still running after %.0fs" % limit)
             time.sleep(0.05)
-        for t in ts:
+        for t in self._threads:
             t.join()
         return list(self.outcomes)
+
+    def run(self, limit=600.0):
+        """start() then wait(): sends the whole load and returns the outcomes."""
+        return self.start().wait(limit)
 
 
 def expected_usage(outcomes, prices):
@@ -1941,12 +1963,149 @@ def expected_usage(outcomes, prices):
     outcomes a ledger must hold a record for (complete ones, and abandoned
     streams that got their 200 head), in exact integers."""
     out = {}
-    for o in outcomes:
-        if not (o.complete or (o.kind == "abandon" and o.status == 200 and o.events > 0)):
-            continue
+    for o in recorded_outcomes(outcomes):
         m = out.setdefault(o.tenant, {}).setdefault(o.model, [0, 0, 0, 0])
         m[0] += 1
         m[1] += o.prompt
         m[2] += o.completion
         m[3] += o.cost_nano(prices)
     return out
+
+
+LEDGER_COLUMNS = ("request_id", "ts_ms", "tenant", "key_id", "model", "endpoint",
+                  "prompt_tokens", "completion_tokens", "cost_nano", "status", "usage_counted",
+                  "queue_us", "ttft_us", "total_us")
+_LEDGER_INTS = set(LEDGER_COLUMNS) - {"request_id", "tenant", "key_id", "model", "endpoint"}
+
+
+def _ledger_dicts(rows):
+    out = []
+    for row in rows:
+        d = dict(zip(LEDGER_COLUMNS, row))
+        for k in _LEDGER_INTS:
+            d[k] = int(d[k])
+        out.append(d)
+    return out
+
+
+def sqlite_ledger_rows(db_path, where="", args=()):
+    """Every ledger row of a SQLite database (a list of dicts, LEDGER_COLUMNS)."""
+    import sqlite3
+    db = sqlite3.connect("file:%s?mode=ro" % db_path, uri=True, timeout=10)
+    try:
+        rows = db.execute("SELECT %s FROM ledger %s" % (", ".join(LEDGER_COLUMNS), where),
+                          args).fetchall()
+    finally:
+        db.close()
+    return _ledger_dicts(rows)
+
+
+def pg_ledger_rows(pg, db="tollgate_test", where=""):
+    """Every ledger row of a PostgreSQL database (see sqlite_ledger_rows)."""
+    return _ledger_dicts(pg.sql("SELECT %s FROM ledger %s" % (", ".join(LEDGER_COLUMNS), where),
+                                db=db))
+
+
+def by_request_id(rows):
+    """{request_id: row}, asserting that no request id appears twice."""
+    out = {}
+    for r in rows:
+        assert r["request_id"] not in out, "request id %s stored twice" % r["request_id"]
+        out[r["request_id"]] = r
+    return out
+
+
+def recorded_outcomes(outcomes):
+    """The outcomes the ledger must hold a row for: completed requests and
+    abandoned streams that got their 200 head and at least one event."""
+    return [o for o in outcomes
+            if o.complete or (o.kind == "abandon" and o.status == 200 and o.events > 0)]
+
+
+def check_ledger_rows(outcomes, rows, prices, endpoint=None, exact_set=True):
+    """Asserts that each recorded outcome has exactly one row with what the
+    client saw: tenant, key, model, tokens, the exact cost, the status (499
+    and usage_counted for an abandoned stream), an arrival time inside the
+    request's span and sane latency figures. With exact_set, the ledger holds
+    no other row."""
+    rows = by_request_id(rows)
+    want = recorded_outcomes(outcomes)
+    rids = [o.rid for o in want]
+    assert len(set(rids)) == len(rids), "the gateway gave two requests one id"
+    for o in want:
+        r = rows.get(o.rid)
+        assert r is not None, "no ledger row for %r" % o
+        got = (r["tenant"], r["key_id"], r["model"], r["prompt_tokens"], r["completion_tokens"],
+               r["cost_nano"])
+        exp = (o.tenant, key_id(o.key), o.model, o.prompt, o.completion, o.cost_nano(prices))
+        assert got == exp, "row %s: %r, the client saw %r (%r)" % (o.rid, got, exp, o)
+        if o.kind == "abandon":
+            assert (r["status"], r["usage_counted"]) == (499, 1), (r, o)
+        else:
+            assert (r["status"], r["usage_counted"]) == (200, 0), (r, o)
+        assert o.t_start * 1000 - 1000 <= r["ts_ms"] <= o.t_end * 1000 + 1000, (r, o)
+        assert 0 <= r["ttft_us"] <= r["total_us"], r
+        assert 0 <= r["queue_us"] <= r["total_us"], r
+        if endpoint is not None:
+            assert r["endpoint"] == endpoint, r
+    if exact_set:
+        extra = set(rows) - set(rids)
+        assert not extra, "%d ledger rows no client request explains: %s" % (
+            len(extra), sorted(extra)[:5])
+
+
+def periods(outcomes, fmt):
+    """The UTC months ("%Y-%m") or days ("%Y-%m-%d") the outcomes span (a
+    run may cross midnight)."""
+    ts = [o.t_start for o in outcomes if o.t_start] + [o.t_end for o in outcomes if o.t_end]
+    lo, hi = min(ts) - 2, max(ts) + 2
+    out, t = [], lo
+    while True:
+        p = time.strftime(fmt, time.gmtime(t))
+        if p not in out:
+            out.append(p)
+        if t >= hi:
+            return out
+        t = min(hi, t + 3600)
+
+
+def check_invoices(gw, outcomes, prices, tenants, admin_key=None):
+    """For each tenant: the invoice (CLI; summed over the months the load
+    spans) equals, per model and in total, the requests, tokens and exact
+    cost the client observed; every USD figure has nine decimals; the usage
+    command, summed over the days spanned, agrees."""
+    exp = expected_usage(outcomes, prices)
+    months = periods(outcomes, "%Y-%m")
+    days = periods(outcomes, "%Y-%m-%d")
+    for tenant in tenants:
+        want = exp.get(tenant, {})
+        got = {}
+        total_req = total_nano = 0
+        for month in months:
+            text = gw.tool("invoice", "--tenant", tenant, "--month", month).stdout
+            usd9_fields(text)
+            inv = money_json(text)
+            assert inv["tenant_id"] == tenant and inv["billing_period"] == month, inv
+            assert re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$", inv["generated_at"]), inv
+            for model, line in inv["usage_by_model"].items():
+                g = got.setdefault(model, [0, 0, 0, 0])
+                g[0] += line["requests"]
+                g[1] += line["prompt_tokens"]
+                g[2] += line["completion_tokens"]
+                g[3] += nano_of_usd(line["cost_usd"])
+            total_req += inv["summary"]["total_requests"]
+            total_nano += nano_of_usd(inv["summary"]["total_cost_usd"])
+        assert got == want, "tenant %s: invoice %r, client %r" % (tenant, got, want)
+        assert total_req == sum(v[0] for v in want.values()), (tenant, total_req)
+        assert total_nano == sum(v[3] for v in want.values()), (tenant, total_nano)
+        u = [0, 0, 0, 0]
+        for day in days:
+            text = gw.tool("usage", "--tenant", tenant, "--day", day).stdout
+            usd9_fields(text)
+            doc = money_json(text)
+            assert doc["tenant_id"] == tenant and doc["day"] == day, doc
+            assert nano_of_usd(doc["spend_usd"]) == doc["spend_nano_usd"], doc
+            for i, k in enumerate(("requests", "prompt_tokens", "completion_tokens",
+                                   "spend_nano_usd")):
+                u[i] += doc[k]
+        assert u == [sum(v[i] for v in want.values()) for i in range(4)], (tenant, u, want)

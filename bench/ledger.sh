@@ -1,0 +1,199 @@
+#!/usr/bin/env bash
+# Cost of the usage ledger: the same wrk load (small non-streaming chat
+# completions) against tollgate in front of the simulator three ways:
+#
+#   off       `ledger: off`: no record is written
+#   sqlite    `database: sqlite`: one row per request in <data_dir>/tollgate.db
+#             (WAL, synchronous=FULL: the batch is fsynced before the answers go)
+#   postgres  `database: postgres://...` on a PostgreSQL server started here
+#             as the postgres user (stock settings: fsync and synchronous_commit on)
+#
+# A response's last byte waits for its record to be durable, so what is
+# measured is the group commit: one transaction and one fsync per batch of
+# records. The tenant has no limits, so only the ledger differs between the
+# three. Prints req/s, p50 and p99 per configuration, the ratios to "off"
+# (target: req/s >= 0.90 for sqlite and postgres), and, as a check that the
+# records were really written, the rows each configuration stored against
+# the answers wrk counted.
+#
+#   bench/ledger.sh [BUILD_DIR]       (default: build, from `make build`)
+#
+# Environment: DURATION (10s), CONNECTIONS (64), WORKERS (1: tollgate
+# workers), WRK_THREADS (1), SIM_WORKERS (1), WARMUP (2s, per run, not
+# measured), TARGETS ("off sqlite postgres": a subset runs only those),
+# ROUNDS (1: each round measures every target once, in order; the best
+# req/s of each target is reported), DATA_DIR (a directory on the disk to
+# measure; default: the temp dir under /tmp), KEEP=1 keeps the temp dir.
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=bench/lib/common.sh
+. "$here/bench/lib/common.sh"
+# shellcheck source=bench/lib/pg.sh
+. "$here/bench/lib/pg.sh"
+
+BUILD_DIR=${1:-build}
+case "$BUILD_DIR" in /*) ;; *) BUILD_DIR="$here/$BUILD_DIR" ;; esac
+DURATION=${DURATION:-10s}
+CONNECTIONS=${CONNECTIONS:-64}
+WORKERS=${WORKERS:-1}
+WRK_THREADS=${WRK_THREADS:-1}
+SIM_WORKERS=${SIM_WORKERS:-1}
+WARMUP=${WARMUP:-2s}
+TARGETS=${TARGETS:-off sqlite postgres}
+ROUNDS=${ROUNDS:-1}
+MODEL=llama-3.1-8b
+
+want() { case " $TARGETS " in *" $1 "*) return 0 ;; esac; return 1; }
+
+TOLLGATE="$BUILD_DIR/tollgate"
+SIM="$BUILD_DIR/tollgate-sim"
+LUA="$here/bench/lib/chat.lua"
+
+bench_init ledger.sh
+DATA_ROOT=${DATA_DIR:-$tmp}
+for bin in "$SIM" "$TOLLGATE"; do
+  [ -x "$bin" ] || bench_die "$bin not found (run 'make build' first)"
+done
+command -v wrk >/dev/null || bench_die "wrk not installed (scripts/install-deps.sh)"
+warn_if_sanitized "$BUILD_DIR"
+
+SIM_PORT=$(free_port)
+
+# ---- the simulator: no delays, so the gateway is what is measured ----------
+"$SIM" --listen "127.0.0.1:$SIM_PORT" --workers "$SIM_WORKERS" --ttft-ms 0 --token-ms 0 \
+  --max-num-seqs 4096 --models "$MODEL" 2>"$tmp/sim.log" &
+pids+=($!)
+wait_http "http://127.0.0.1:$SIM_PORT/health"
+
+# ---- PostgreSQL ------------------------------------------------------------------
+if want postgres; then
+  pg_start
+fi
+
+# ---- tollgate, one configuration at a time ---------------------------------------
+TG_PID=""
+TG_PORT=""
+KEY=""
+RUN_DIR=""
+PG_DB=""
+RUN_N=0
+
+# start_tollgate MODE (off | sqlite | postgres)
+start_tollgate() {
+  local mode=$1 dir admin database ledger
+  RUN_N=$((RUN_N + 1))
+  dir="$tmp/tg-$mode-$RUN_N"
+  RUN_DIR="$DATA_ROOT/ledger-bench-$mode-$RUN_N"
+  TG_PORT=$(free_port)
+  admin=$(free_port)
+  mkdir -p "$dir" "$RUN_DIR"
+  database=sqlite
+  ledger=on
+  PG_DB=""
+  case "$mode" in
+  off) ledger=off ;;
+  postgres)
+    PG_DB="bench_$RUN_N"
+    database=$(pg_new_database "$PG_DB")
+    ;;
+  esac
+  cat >"$dir/tollgate.yaml" <<YAML
+listen: 127.0.0.1:$TG_PORT
+admin_listen: 127.0.0.1:$admin
+workers: $WORKERS
+data_dir: $RUN_DIR
+access_log: "off"
+health_check_interval: 2s
+database: "$database"
+ledger: "$ledger"
+tenants:
+  bench:
+    tier: enterprise
+    models_allowed: [$MODEL]
+    priority: high
+models:
+  $MODEL:
+    endpoints:
+      - {url: "http://127.0.0.1:$SIM_PORT", max_inflight: 4096}
+    pricing: {prompt_per_1k_usd: "0.0005", completion_per_1k_usd: "0.0015"}
+YAML
+  KEY=$("$TOLLGATE" keys create --config "$dir/tollgate.yaml" --tenant bench --name bench \
+    2>>"$dir/keys.log") || bench_die "keys create failed for $mode (see KEEP=1 $dir/keys.log)"
+  "$TOLLGATE" serve --config "$dir/tollgate.yaml" 2>>"$dir/tollgate.log" &
+  TG_PID=$!
+  pids+=("$TG_PID")
+  wait_http "http://127.0.0.1:$admin/readyz"
+  wait_chat_200 "http://127.0.0.1:$TG_PORT" "$KEY" "$MODEL"
+}
+
+# ledger_rows MODE: rows the configuration stored (after tollgate stopped)
+ledger_rows() {
+  case "$1" in
+  off) echo 0 ;;
+  sqlite)
+    python3 - "$RUN_DIR/tollgate.db" <<'PY'
+import sqlite3, sys
+db = sqlite3.connect("file:%s?mode=ro" % sys.argv[1], uri=True)
+print(db.execute("SELECT COUNT(*) FROM ledger").fetchone()[0])
+PY
+    ;;
+  postgres) pg_sql "$PG_DB" "SELECT COUNT(*) FROM ledger" ;;
+  esac
+}
+
+echo "# tollgate usage-ledger benchmark"
+machine_header
+echo "# load: wrk -t $WRK_THREADS -c $CONNECTIONS -d $DURATION, POST /v1/chat/completions (16 tokens), tollgate workers $WORKERS, sim workers $SIM_WORKERS, rounds $ROUNDS"
+echo "# disk: $(df -P "$DATA_ROOT" | awk 'NR == 2 { print $1 }') ($DATA_ROOT); sqlite $(python3 -c 'import sqlite3; print(sqlite3.sqlite_version)')"
+if want postgres; then echo "# postgres: $(pg_sql tollgate_test 'SHOW server_version'), fsync $(pg_sql tollgate_test 'SHOW fsync'), synchronous_commit $(pg_sql tollgate_test 'SHOW synchronous_commit')"; fi
+echo "# build: $BUILD_DIR"
+
+export TG_BENCH_MODEL="$MODEL"
+results=()
+checks=()
+for round in $(seq 1 "$ROUNDS"); do
+  for mode in off sqlite postgres; do
+    want "$mode" || continue
+    start_tollgate "$mode"
+    export TG_BENCH_KEY="$KEY"
+    line=$(run_wrk "$mode" "http://127.0.0.1:$TG_PORT") || exit 1
+    results+=("$line")
+    if [ "$ROUNDS" -gt 1 ]; then echo "# round $round: $line"; fi
+    bench_stop "$TG_PID"     # SIGTERM: drains, every record is written
+    # answers in the measured run = req/s x seconds; the warm-up and the
+    # readiness probe add more rows, never fewer
+    answered=$(echo "$line" | awk -v d="$DURATION" '{ sub(/s$/, "", d); printf "%d", $2 * d }')
+    checks+=("$mode $(ledger_rows "$mode") $answered")
+    rm -rf "$RUN_DIR"
+  done
+done
+
+printf '%s\n' "${results[@]}" | awk '
+  BEGIN { printf "%-10s %12s %10s %10s %8s %8s\n", "target", "req/s", "p50 ms", "p99 ms", "non-2xx", "errors" }
+  # the best round of each target (by req/s)
+  !($1 in rps) || $2 > rps[$1] { rps[$1] = $2; p50[$1] = $3; p99[$1] = $4; n2[$1] = $5; er[$1] = $6; if (!($1 in seen)) { order[++n] = $1; seen[$1] = 1 } }
+  END {
+    for (i = 1; i <= n; i++) { t = order[i]; printf "%-10s %12d %10.2f %10.2f %8d %8d\n", t, rps[t], p50[t], p99[t], n2[t], er[t] }
+    if (rps["off"] > 0 && p99["off"] > 0) {
+      for (i = 1; i <= n; i++) {
+        t = order[i]
+        if (t == "off") continue
+        r = rps[t] / rps["off"]
+        printf "%s/off: req/s %.3f  p99 %.2f  (target req/s >= 0.90: %s)\n", t, r, p99[t] / p99["off"], (r >= 0.90) ? "met" : "NOT met"
+      }
+    }
+  }'
+
+# every configuration with a ledger stored at least one row per answer
+printf '%s\n' "${checks[@]}" | awk '
+  $1 != "off" {
+    printf "%s: %d ledger rows for ~%d answers in the measured run%s\n", $1, $2, $3, ($2 >= $3 * 0.99) ? "" : "  (MISSING ROWS)"
+    if ($2 < $3 * 0.99) bad = 1
+  }
+  END { exit bad }' || bench_die "a configuration stored fewer rows than it answered"
+
+bad=$(printf '%s\n' "${results[@]}" | awk '$5 > 0 || $6 > 0 { print $1 }' | sort -u)
+if [ -n "$bad" ]; then
+  echo "ledger.sh: non-2xx answers or socket errors from: $bad (see KEEP=1 logs)" >&2
+fi

@@ -1,0 +1,420 @@
+"""The usage ledger with its embedded database (`database: sqlite`): one row
+per request that reached an upstream, durable before the answer's last byte.
+
+- 10,000 mixed requests (chat and legacy completions, streamed with and
+  without include_usage, streams the client abandons) from concurrent
+  clients over three tenants and three models with different prices: every
+  request has exactly one row holding what the client observed, and each
+  tenant's invoice and daily usage equal the client-observed usage x prices
+  to the nano-USD;
+- kill -9 in the middle of that load, restart on the same data_dir: every
+  response the client saw complete (a non-streamed 200 with its body, a
+  stream that delivered `data: [DONE]`) has exactly one row;
+- daily and monthly budgets are rebuilt from the ledger at start: after a
+  kill -9 and with the saved spend figures erased, the tenant is still
+  refused (402) and has exactly the room it had before;
+- the admin route serves the CLI's invoice and usage, 401 without or with a
+  wrong key, 403 for a tenant key;
+- retention: the purge (30 s after start) removes each tenant's rows past
+  its retention_days, but never one of the current or previous month;
+- `ledger: off` writes nothing.
+
+Prices: 500/1500, 2650/3500 and 123/987 nano-USD per prompt/completion token.
+All money is compared as integers (nano-USD) or decimal.Decimal, never as
+float."""
+
+import calendar
+import os
+import re
+import sqlite3
+import time
+
+import pytest
+
+import tgtest
+
+PRICES_USD = {
+    "llama-3.1-8b": ("0.0005", "0.0015"),
+    "llama-3.1-70b": ("0.00265", "0.0035"),
+    "mistral-7b": ("0.000123", "0.000987"),
+}
+PRICES = {m: (tgtest.nano_per_token(p), tgtest.nano_per_token(c))
+          for m, (p, c) in PRICES_USD.items()}
+M = "llama-3.1-8b"
+HELLO = "Hello there"      # estimate 27 tokens, sim prompt 9 (see test_budgets.py)
+
+
+def ledger_tenant(models, **extra):
+    """A tenant whose limits never bind (only the ledger is under test)."""
+    t = {"tier": "enterprise", "models_allowed": list(models), "priority": "high",
+         "rate_limits": {"requests_per_minute": 10000000, "tokens_per_minute": 10000000000,
+                         "concurrent_requests": 10000},
+         "budget": {"daily_limit_usd": "100000.00", "monthly_limit_usd": "1000000.00",
+                    "alert_threshold_percent": 99}}
+    t.update(extra)
+    return t
+
+
+TENANTS = {
+    "alpha": ledger_tenant(PRICES_USD),
+    "beta": ledger_tenant(["llama-3.1-8b", "mistral-7b"]),
+    "gamma": ledger_tenant(["llama-3.1-70b"]),
+}
+KEYS_PER_TENANT = {"alpha": 2, "beta": 1, "gamma": 1}
+
+
+@pytest.fixture(scope="module")
+def sim(tmp_path_factory):
+    s = tgtest.Sim(workdir=str(tmp_path_factory.mktemp("sim")), workers=2,
+                   models=tuple(PRICES_USD))
+    s.start()
+    try:
+        yield s
+    finally:
+        s.stop(timeout=5)
+        s.kill()
+
+
+def models_cfg(sim):
+    return {m: tgtest.model_entry([sim.url], max_inflight=256, prompt=p, completion=c)
+            for m, (p, c) in PRICES_USD.items()}
+
+
+def start_gw(tg, sim, tenants=None, start=True, **overrides):
+    gw = tg.gateway(models_cfg(sim), tenants=tenants or TENANTS, keys=(), start=False,
+                    overrides=overrides or None)
+    if start:
+        gw.start()
+    return gw
+
+
+def load_tenants(gw):
+    """Keys for the load: {tenant: {"keys": [...], "models": [...]}}."""
+    out = {}
+    for t, n in KEYS_PER_TENANT.items():
+        out[t] = {"keys": [gw.create_key(t, name="load-%s-%d" % (t, i)) for i in range(n)],
+                  "models": list(TENANTS[t]["models_allowed"])}
+    return out
+
+
+def failed(outcomes):
+    return [o for o in outcomes if o.kind != "abandon" and not o.complete]
+
+
+# ---------------------------------------------------------------------------
+
+def test_invoices_equal_client_usage_over_10000_requests(tg, sim):
+    gw = start_gw(tg, sim)
+    tenants = load_tenants(gw)
+    load = tgtest.LedgerLoad(gw.port, tenants, count=10000, threads=8, seed=11, abandon=6)
+    outcomes = load.run()
+    bad = failed(outcomes)
+    assert not bad, "%d requests failed, e.g. %r" % (len(bad), bad[:3])
+    kinds = {}
+    for o in outcomes:
+        kinds[o.kind] = kinds.get(o.kind, 0) + 1
+    # the mix is what the test claims it is
+    assert kinds["abandon"] == 6 and min(kinds.values()) >= 6, kinds
+    assert kinds["chat"] > 3000 and kinds["stream_usage"] > 2000 and kinds["stream"] > 800, kinds
+    ab = [o for o in outcomes if o.kind == "abandon"]
+    assert all(o.status == 200 and 1 <= o.events <= 4 for o in ab), ab
+
+    # one row per request, holding exactly what the client saw
+    rows = tgtest.sqlite_ledger_rows(gw.db_path)
+    assert len(rows) == 10006, len(rows)
+    tgtest.check_ledger_rows(outcomes, rows, PRICES, endpoint=sim.url)
+    # every tenant's invoice and daily usage: client-observed usage x prices
+    tgtest.check_invoices(gw, outcomes, PRICES, tenants)
+
+    # the CSV invoice carries the same lines and total as the JSON one
+    month = tgtest.utc_month(outcomes[0].t_start)
+    inv = gw.invoice("alpha", month)
+    csv = gw.invoice("alpha", month, fmt="csv").splitlines()
+    assert csv[0] == "tenant_id,billing_period,model,requests,prompt_tokens," \
+                     "completion_tokens,cost_usd", csv[0]
+    lines = [ln.split(",") for ln in csv[1:]]
+    assert [ln[2] for ln in lines] == sorted(inv["usage_by_model"]) + ["TOTAL"], lines
+    for ln in lines[:-1]:
+        m = inv["usage_by_model"][ln[2]]
+        assert ln[:2] == ["alpha", month]
+        assert [int(ln[3]), int(ln[4]), int(ln[5])] == \
+            [m["requests"], m["prompt_tokens"], m["completion_tokens"]], ln
+        assert re.match(r"^\d+\.\d{9}$", ln[6]) and tgtest.nano_of_usd(ln[6]) == \
+            tgtest.nano_of_usd(m["cost_usd"]), ln
+    assert int(lines[-1][3]) == inv["summary"]["total_requests"]
+    assert tgtest.nano_of_usd(lines[-1][6]) == tgtest.nano_of_usd(inv["summary"]["total_cost_usd"])
+
+    # a tenant or a month with no traffic invoices zero, not an error
+    for tenant, mon in (("nobody", month), ("alpha", "2001-01")):
+        empty = gw.invoice(tenant, mon)
+        assert empty["summary"]["total_requests"] == 0 and empty["usage_by_model"] == {}, empty
+        assert tgtest.nano_of_usd(empty["summary"]["total_cost_usd"]) == 0
+
+
+def test_kill9_mid_load_every_completed_response_has_one_row(tg, sim):
+    gw = start_gw(tg, sim)
+    tenants = load_tenants(gw)
+    load = tgtest.LedgerLoad(gw.port, tenants, count=100000, threads=8, seed=22,
+                             timeout=10).start()
+    try:
+        tgtest.wait_for(lambda: load.completed() >= 1500, timeout=60,
+                        what="1,500 completed requests before the kill")
+        gw.proc.kill()                       # SIGKILL, mid-load
+        assert gw.proc.popen.returncode == -9
+        gw.checked_exit = True
+        time.sleep(0.3)                      # the clients see the gateway gone
+    finally:
+        load.stop()
+    outcomes = load.wait()
+    done = [o for o in outcomes if o.complete]
+    cut = [o for o in outcomes if not o.complete]
+    assert len(done) >= 1500 and cut, (len(done), len(cut))
+
+    gw.checked_exit = False
+    gw.start()                               # same data_dir, same config
+    db = sqlite3.connect(gw.db_path)
+    try:
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    finally:
+        db.close()
+    rows = tgtest.sqlite_ledger_rows(gw.db_path)
+    ids = tgtest.by_request_id(rows)         # asserts no request id twice
+    # every response the client saw complete has its row, with its usage
+    tgtest.check_ledger_rows(done, rows, PRICES, exact_set=False)
+    # the other rows are requests cut by the kill (their record committed,
+    # their answer never delivered): no more than the requests the client
+    # saw fail, and none of them a request the client saw complete twice
+    seen = {o.rid for o in done}
+    extra = [r for rid, r in ids.items() if rid not in seen]
+    assert len(extra) <= len(cut), (len(extra), len(cut))
+    print("kill -9 after %d completed requests: %d cut, %d of them recorded" % (
+        len(done), len(cut), len(extra)))
+
+    # after the restart the ledger goes on: the invoice adds up the rows
+    key = tenants["beta"]["keys"][0]
+    r = tgtest.chat(gw.port, key, model="mistral-7b", max_tokens=7, content=HELLO)
+    assert r.status == 200, r
+    rows = tgtest.sqlite_ledger_rows(gw.db_path, "WHERE request_id = ?", (r.header("x-request-id"),))
+    assert len(rows) == 1 and rows[0]["completion_tokens"] == 7, rows
+    all_rows = tgtest.sqlite_ledger_rows(gw.db_path)
+    for tenant in tenants:
+        mine = [x for x in all_rows if x["tenant"] == tenant]
+        nano = 0
+        n = 0
+        for month in sorted({time.strftime("%Y-%m", time.gmtime(x["ts_ms"] / 1000))
+                             for x in mine}):
+            inv = gw.invoice(tenant, month)
+            n += inv["summary"]["total_requests"]
+            nano += tgtest.nano_of_usd(inv["summary"]["total_cost_usd"])
+        assert (n, nano) == (len(mine), sum(x["cost_nano"] for x in mine)), tenant
+
+
+# ---------------------------------------------------------------------------
+# budgets come back from the ledger
+
+def usd(nano):
+    return "%d.%09d" % (nano // 10**9, nano % 10**9)
+
+
+def reserve(max_tokens, est=27):
+    p, c = PRICES[M]
+    return est * p + max_tokens * c
+
+
+def cost(max_tokens, prompt=9):
+    p, c = PRICES[M]
+    return prompt * p + max_tokens * c
+
+
+def ask(gw, key, max_tokens=50):
+    return tgtest.chat(gw.port, key, model=M, max_tokens=max_tokens, content=HELLO)
+
+
+def assert_refused(r, code):
+    assert r.status == 402, r
+    err = r.error()
+    assert (err["type"], err["code"]) == ("insufficient_quota", code), err
+
+
+def test_budgets_rebuilt_from_the_ledger_after_kill9(tg, sim):
+    """200,000 nano-USD budgets; two requests cost 2 x 79,500 and the third
+    (88,500 reserved) is refused. After kill -9 and with the saved spend
+    figures deleted, only the ledger knows the spend: still 402, and exactly
+    41,000 left (40,500 admitted, 42,000 refused)."""
+    assert (cost(50), reserve(50), reserve(18), reserve(19)) == (79500, 88500, 40500, 42000)
+    tenants = {"day": tgtest.limited_tenant(models=[M], daily=usd(200000)),
+               "month": tgtest.limited_tenant(models=[M], monthly=usd(200000))}
+    gw = start_gw(tg, sim, tenants=tenants, start=False)
+    keys = {t: gw.create_key(t) for t in tenants}
+    gw.start()
+    for t in tenants:
+        assert ask(gw, keys[t]).status == 200
+        assert ask(gw, keys[t]).status == 200
+        assert_refused(ask(gw, keys[t]), t == "day" and "daily_budget" or "monthly_budget")
+    gw.kill()                # at once: the figures saved every second may lag
+    gw.checked_exit = True
+    db = sqlite3.connect(gw.db_path)
+    try:
+        with db:
+            db.execute("DELETE FROM tenant_spend")
+        spent = dict(db.execute("SELECT tenant, SUM(cost_nano) FROM ledger GROUP BY tenant"))
+    finally:
+        db.close()
+    assert spent == {"day": 159000, "month": 159000}, spent
+    gw.checked_exit = False
+    gw.start()
+    for t, code in (("day", "daily_budget"), ("month", "monthly_budget")):
+        assert_refused(ask(gw, keys[t]), code)
+        assert_refused(ask(gw, keys[t], max_tokens=19), code)
+        assert ask(gw, keys[t], max_tokens=18).status == 200
+        assert_refused(ask(gw, keys[t], max_tokens=1), code)
+    # a clean restart keeps the same (ledger: 159,000 + 40,500 spent)
+    assert gw.stop() == 0
+    gw.start()
+    for t, code in (("day", "daily_budget"), ("month", "monthly_budget")):
+        assert_refused(ask(gw, keys[t], max_tokens=1), code)
+        inv = gw.invoice(t, tgtest.utc_month())
+        assert inv["summary"]["total_requests"] == 3, inv
+        assert tgtest.nano_of_usd(inv["summary"]["total_cost_usd"]) == 2 * 79500 + cost(18)
+
+
+# ---------------------------------------------------------------------------
+# the admin route
+
+def strip_generated(doc):
+    doc = dict(doc)
+    assert re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$", doc.pop("generated_at")), doc
+    return doc
+
+
+def test_admin_invoice_route_equals_cli_and_needs_an_admin_key(tg, sim):
+    gw = start_gw(tg, sim)
+    tenants = load_tenants(gw)
+    outcomes = tgtest.LedgerLoad(gw.port, tenants, count=300, threads=4, seed=33).run()
+    assert not failed(outcomes)
+    admin_key = gw.create_admin_key(name="billing")
+    month, day = tgtest.utc_month(), tgtest.utc_day()
+    path = "/admin/v1/tenants/%s/invoices/%s"
+
+    # a new key is seen by the running gateway within a fraction of a second
+    tgtest.wait_for(lambda: tgtest.admin(gw, path % ("alpha", month), key=admin_key).status != 401,
+                    timeout=3, what="the gateway to accept the new admin key")
+    for tenant in tenants:
+        r = tgtest.admin(gw, path % (tenant, month), key=admin_key)
+        assert r.status == 200, r
+        assert r.header("content-type", "").startswith("application/json"), r
+        text = r.body.decode()
+        tgtest.usd9_fields(text)
+        cli = gw.invoice(tenant, month)
+        assert strip_generated(tgtest.money_json(text)) == strip_generated(cli), (text, cli)
+        assert cli["summary"]["total_requests"] > 0
+        r = tgtest.admin(gw, path % (tenant, month) + "?format=csv", key=admin_key)
+        assert r.status == 200 and r.body.decode() == gw.invoice(tenant, month, fmt="csv"), r
+        r = tgtest.admin(gw, "/admin/v1/tenants/%s/usage/%s" % (tenant, day), key=admin_key)
+        assert r.status == 200, r
+        assert tgtest.money_json(r.body) == gw.usage(tenant, day), r
+    tgtest.check_invoices(gw, outcomes, PRICES, tenants)
+
+    p = path % ("alpha", month)
+    r = tgtest.admin(gw, p)
+    assert r.status == 401 and r.error()["code"] == "missing_api_key", r
+    r = tgtest.admin(gw, p, key="tg-000000000000-nope")
+    assert r.status == 401 and r.error()["code"] == "invalid_api_key", r
+    r = tgtest.admin(gw, p, key=admin_key[:-2] + ("xx" if not admin_key.endswith("xx") else "yy"))
+    assert r.status == 401 and r.error()["code"] == "invalid_api_key", r
+    r = tgtest.admin(gw, p, key=tenants["alpha"]["keys"][0])
+    assert r.status == 403, r
+    assert r.error()["type"] == "permission_error", r
+    # a tenant key cannot read its own invoice through the admin API either
+    r = tgtest.admin(gw, "/admin/v1/tenants/alpha/usage/%s" % day, key=tenants["alpha"]["keys"][0])
+    assert r.status == 403, r
+    # an admin key is not a tenant key: the API refuses it
+    r = tgtest.chat(gw.port, admin_key, model=M, max_tokens=1)
+    assert r.status in (401, 403), r
+    r = tgtest.admin(gw, path % ("alpha", "2026-13"), key=admin_key)
+    assert r.status == 400, r
+    # a revoked admin key stops working
+    gw.revoke_key(admin_key)
+    tgtest.wait_for(lambda: tgtest.admin(gw, p, key=admin_key).status == 401, timeout=3,
+                    what="the revoked admin key to be refused")
+
+
+# ---------------------------------------------------------------------------
+# retention
+
+def month_start_ms(t, back):
+    """First ms (UTC) of the month `back` months before the month of t."""
+    g = time.gmtime(t)
+    y, m = g.tm_year, g.tm_mon - back
+    while m < 1:
+        y, m = y - 1, m + 12
+    return calendar.timegm((y, m, 1, 0, 0, 0)) * 1000
+
+
+def test_retention_purge_removes_old_rows_per_tenant(tg, sim):
+    """Rows written straight into the database with old timestamps; the
+    purge runs 30 s after the gateway starts (then hourly), so the test
+    waits for its `ledger_retention_purge` line once (~30 s)."""
+    tenants = {"short": ledger_tenant([M], retention_days=1), "long": ledger_tenant([M])}
+    gw = start_gw(tg, sim, tenants=tenants, start=False)
+    key = gw.create_key("short")
+    gw.start()
+    t0 = time.time()
+    now_ms = int(t0 * 1000)
+    prev = month_start_ms(t0, 1)          # the previous month is never purged
+    day = 86400000
+    rows = [
+        # (id, tenant, ts_ms, kept?)
+        ("old-short-1", "short", prev - 1, False),                 # before the previous month
+        ("old-short-2", "short", prev - 40 * day, False),
+        ("old-short-3", "short", prev, True),                      # first ms of the previous month
+        ("old-short-4", "short", now_ms - 2 * day, True),          # past 1 day, but this/last month
+        ("old-long-1", "long", prev - 1, True),                    # default retention: 400 days
+        ("old-long-2", "long", now_ms - 399 * day, True),
+        ("old-long-3", "long", now_ms - 401 * day, False),
+        ("old-gone-1", "gone", now_ms - 500 * day, False),         # tenant no longer configured
+        ("old-gone-2", "gone", now_ms - 100 * day, True),
+    ]
+    db = sqlite3.connect(gw.db_path, timeout=10)
+    try:
+        with db:
+            for rid, tenant, ts, _ in rows:
+                db.execute("INSERT INTO ledger (request_id, ts_ms, tenant, key_id, model, endpoint,"
+                           " prompt_tokens, completion_tokens, cost_nano, status, usage_counted,"
+                           " queue_us, ttft_us, total_us)"
+                           " VALUES (?, ?, ?, 'k', ?, 'http://old', 10, 20, 35000, 200, 0, 1, 2, 3)",
+                           (rid, ts, tenant, M))
+    finally:
+        db.close()
+    old_month = time.strftime("%Y-%m", time.gmtime((prev - 1) / 1000))
+    inv = gw.invoice("short", old_month)
+    assert inv["summary"]["total_requests"] == 1, inv    # the CLI sees the inserted row
+    r = tgtest.chat(gw.port, key, model=M, max_tokens=3, content=HELLO)
+    assert r.status == 200, r
+    live = r.header("x-request-id")
+
+    ev = tgtest.wait_for(lambda: tgtest.gateway_events(gw, "ledger_retention_purge"),
+                         timeout=45, interval=0.5, what="the retention purge (30 s after start)")
+    assert time.time() - t0 >= 25, "the purge ran before its 30 s"
+    gone = [rid for rid, _, _, kept in rows if not kept]
+    assert ev[0]["detail"].startswith("%d ledger records " % len(gone)), ev
+    left = {r["request_id"] for r in tgtest.sqlite_ledger_rows(gw.db_path)}
+    assert left == {rid for rid, _, _, kept in rows if kept} | {live}, left
+    inv = gw.invoice("short", old_month)
+    assert inv["summary"]["total_requests"] == 0, inv
+    inv = gw.invoice("long", old_month)
+    assert inv["summary"]["total_requests"] == 1, inv
+
+
+# ---------------------------------------------------------------------------
+
+def test_ledger_off_records_nothing(tg, sim):
+    gw = start_gw(tg, sim, ledger="off")
+    tenants = load_tenants(gw)
+    outcomes = tgtest.LedgerLoad(gw.port, tenants, count=200, threads=4, seed=44).run()
+    assert not failed(outcomes)
+    assert all(o.status == 200 and o.rid for o in outcomes)
+    if os.path.exists(gw.db_path):
+        assert tgtest.sqlite_ledger_rows(gw.db_path) == []
+    inv = gw.invoice("alpha", tgtest.utc_month())
+    assert inv["summary"]["total_requests"] == 0, inv

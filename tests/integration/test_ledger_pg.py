@@ -1,0 +1,170 @@
+"""The usage ledger in PostgreSQL (`database: postgres://...`): a real
+PostgreSQL server (tests/lib/pgtest.sh, through tgtest.Postgres) started
+once for the module on a free loopback port; each test has its own
+database on it.
+
+- 2,000 mixed requests (the same mix as test_ledger.py, abandoned streams
+  included): one row per request with what the client saw; each tenant's
+  invoice and daily usage, from the CLI and from the admin route, equal the
+  client-observed usage x prices to the nano-USD;
+- PostgreSQL stopped in the middle of the load and started again: every
+  request still succeeds while it is down (the records go to
+  <data_dir>/ledger.spool, which grows), and once it is back the spool is
+  replayed and removed: rows == completed requests, none twice;
+- budgets are rebuilt from the PostgreSQL ledger after a kill -9."""
+
+import os
+import sqlite3
+
+import pytest
+
+import test_ledger as base
+import tgtest
+
+PRICES = base.PRICES
+
+
+@pytest.fixture(scope="module")
+def pg():
+    why = tgtest.Postgres.available()
+    assert why is None, why
+    server = tgtest.Postgres().start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture(scope="module")
+def sim(tmp_path_factory):
+    s = tgtest.Sim(workdir=str(tmp_path_factory.mktemp("sim")), workers=2,
+                   models=tuple(base.PRICES_USD))
+    s.start()
+    try:
+        yield s
+    finally:
+        s.stop(timeout=5)
+        s.kill()
+
+
+_N = [0]
+
+
+def pg_gateway(tg, sim, pg, tenants=None):
+    """A gateway whose keys and ledger live in a fresh database on pg;
+    returns (gateway, database name). Not started."""
+    _N[0] += 1
+    name = "ledger_%d_%d" % (os.getpid(), _N[0])
+    url = pg.create_database(name)
+    gw = base.start_gw(tg, sim, tenants=tenants, start=False, database=url)
+    return gw, name
+
+
+def test_invoices_equal_client_usage_postgres(tg, sim, pg):
+    gw, db = pg_gateway(tg, sim, pg)
+    gw.start()
+    tenants = base.load_tenants(gw)
+    outcomes = tgtest.LedgerLoad(gw.port, tenants, count=2000, threads=8, seed=55,
+                                 abandon=3).run()
+    bad = base.failed(outcomes)
+    assert not bad, "%d requests failed, e.g. %r" % (len(bad), bad[:3])
+    rows = tgtest.pg_ledger_rows(pg, db)
+    assert len(rows) == 2003, len(rows)
+    tgtest.check_ledger_rows(outcomes, rows, PRICES, endpoint=sim.url)
+    tgtest.check_invoices(gw, outcomes, PRICES, tenants)
+    # nothing went to the SQLite file or a spool
+    assert not os.path.exists(gw.spool_path)
+    if os.path.exists(gw.db_path):
+        d = sqlite3.connect(gw.db_path)
+        try:
+            has = d.execute("SELECT 1 FROM sqlite_master WHERE name = 'ledger'").fetchone()
+            assert has is None or d.execute("SELECT COUNT(*) FROM ledger").fetchone() == (0,)
+        finally:
+            d.close()
+
+    # the admin route reads the same database
+    admin_key = gw.create_admin_key()
+    month, day = tgtest.utc_month(), tgtest.utc_day()
+    p = "/admin/v1/tenants/alpha/invoices/%s" % month
+    tgtest.wait_for(lambda: tgtest.admin(gw, p, key=admin_key).status != 401, timeout=3,
+                    what="the gateway to accept the new admin key")
+    r = tgtest.admin(gw, p, key=admin_key)
+    assert r.status == 200, r
+    assert base.strip_generated(tgtest.money_json(r.body)) == \
+        base.strip_generated(gw.invoice("alpha", month))
+    r = tgtest.admin(gw, "/admin/v1/tenants/gamma/usage/%s" % day, key=admin_key)
+    assert r.status == 200 and tgtest.money_json(r.body) == gw.usage("gamma", day), r
+
+
+def test_postgres_stopped_mid_load_spools_then_replays(tg, sim, pg):
+    gw, db = pg_gateway(tg, sim, pg)
+    gw.start()
+    tenants = base.load_tenants(gw)
+    load = tgtest.LedgerLoad(gw.port, tenants, count=100000, threads=6, seed=66,
+                             timeout=15).start()
+    spool_sizes = []
+    try:
+        tgtest.wait_for(lambda: load.completed() >= 300, timeout=60,
+                        what="300 requests before the outage")
+        pg.stop()
+        n_down = load.completed()
+        # requests go on succeeding; their records go to the spool, which grows
+        tgtest.wait_for(lambda: load.completed() >= n_down + 300, timeout=60,
+                        what="300 requests completed while PostgreSQL is down")
+        spool_sizes.append(os.path.getsize(gw.spool_path))
+        n_mid = load.completed()
+        tgtest.wait_for(lambda: load.completed() >= n_mid + 200, timeout=60,
+                        what="200 more requests while PostgreSQL is down")
+        spool_sizes.append(os.path.getsize(gw.spool_path))
+        pg.start()
+        n_up = load.completed()
+        tgtest.wait_for(lambda: load.completed() >= n_up + 300, timeout=60,
+                        what="300 requests after PostgreSQL returned")
+    finally:
+        load.stop()
+        if not pg.running:
+            pg.start()
+    outcomes = load.wait()
+    bad = base.failed(outcomes)
+    assert not bad, "%d requests failed, e.g. %r" % (len(bad), bad[:3])
+    assert 0 < spool_sizes[0] < spool_sizes[1], spool_sizes
+    # the spool is replayed into the database and removed
+    tgtest.wait_for(lambda: not os.path.exists(gw.spool_path), timeout=30,
+                    what="the spool to be replayed and removed")
+    rows = tgtest.pg_ledger_rows(pg, db)
+    assert len(rows) == len(outcomes), (len(rows), len(outcomes))
+    tgtest.check_ledger_rows(outcomes, rows, PRICES, endpoint=sim.url)
+    tgtest.check_invoices(gw, outcomes, PRICES, tenants)
+    err = gw.proc.stderr_text()
+    assert "spooling to %s" % gw.spool_path in err, err[-2000:]
+    assert "spool replayed" in err, err[-2000:]
+
+
+def test_budgets_rebuilt_from_the_postgres_ledger(tg, sim, pg):
+    M = base.M
+    tenants = {"day": tgtest.limited_tenant(models=[M], daily=base.usd(200000))}
+    gw, db = pg_gateway(tg, sim, pg, tenants=tenants)
+    key = gw.create_key("day")
+    gw.start()
+    assert base.ask(gw, key).status == 200
+    assert base.ask(gw, key).status == 200
+    base.assert_refused(base.ask(gw, key), "daily_budget")
+    gw.kill()
+    gw.checked_exit = True
+    # only the ledger keeps the spend: the saved figures are erased
+    if os.path.exists(gw.db_path):
+        d = sqlite3.connect(gw.db_path)
+        try:
+            with d:
+                if d.execute("SELECT 1 FROM sqlite_master WHERE name = 'tenant_spend'").fetchone():
+                    d.execute("DELETE FROM tenant_spend")
+        finally:
+            d.close()
+    pg.sql("DELETE FROM tenant_spend", db=db)
+    assert pg.sql("SELECT SUM(cost_nano) FROM ledger", db=db) == [("159000",)]
+    gw.checked_exit = False
+    gw.start()
+    base.assert_refused(base.ask(gw, key), "daily_budget")
+    base.assert_refused(base.ask(gw, key, max_tokens=19), "daily_budget")
+    assert base.ask(gw, key, max_tokens=18).status == 200
+    base.assert_refused(base.ask(gw, key, max_tokens=1), "daily_budget")
