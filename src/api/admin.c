@@ -205,6 +205,76 @@ notfound:
                "unknown admin path '%.200s'", req->path);
 }
 
+/* GET /metrics: the workers' counters summed, plus gauges read now. */
+static void usd_gauge(tg_mbuf_t *b, const char *name, const char *tenant, tg_nano_t nano) {
+  char v[48];
+  if (tg_money_format_usd(nano, v, sizeof(v)) < 0)
+    return;
+  tg_mbuf_printf(b, "%s{tenant=\"%s\"} %s\n", name, tenant, v);
+}
+
+static void metrics(tg_worker_t *w, tg_http_req_t *req, const char *rid) {
+  tg_app_t *app = w->app;
+  tg_runtime_t *rt = tg_worker_runtime(w);
+  const tg_config_t *cfg = rt->cfg;
+  tg_mbuf_t b = {NULL, 0, 0, 64u * 1024 * 1024, 0};
+  char t[300], ep[600], hdr[64];
+  size_t i, j;
+
+  tg_metrics_render(app->metrics, &b);
+  tg_mbuf_printf(&b, "# HELP llm_tenant_daily_spend_usd Spend in the current UTC day.\n"
+                     "# TYPE llm_tenant_daily_spend_usd gauge\n"
+                     "# HELP llm_tenant_monthly_spend_usd Spend in the current UTC month.\n"
+                     "# TYPE llm_tenant_monthly_spend_usd gauge\n"
+                     "# HELP llm_tenant_daily_budget_usd Daily budget (absent: unlimited).\n"
+                     "# TYPE llm_tenant_daily_budget_usd gauge\n"
+                     "# HELP llm_tenant_monthly_budget_usd Monthly budget (absent: unlimited).\n"
+                     "# TYPE llm_tenant_monthly_budget_usd gauge\n");
+  for (i = 0; i < cfg->n_tenants; i++) {
+    const tg_tenant_cfg_t *tc = &cfg->tenants[i];
+    tg_nano_t day = 0, month = 0;
+    tg_metrics_label(t, sizeof(t), tc->name);
+    /* a tenant with no state yet has spent nothing (Redis: see docs) */
+    tg_policy_spend(app->policy, tc->name, &day, &month);
+    usd_gauge(&b, "llm_tenant_daily_spend_usd", t, day);
+    usd_gauge(&b, "llm_tenant_monthly_spend_usd", t, month);
+    if (tc->daily_limit_nano > 0)
+      usd_gauge(&b, "llm_tenant_daily_budget_usd", t, tc->daily_limit_nano);
+    if (tc->monthly_limit_nano > 0)
+      usd_gauge(&b, "llm_tenant_monthly_budget_usd", t, tc->monthly_limit_nano);
+  }
+  tg_mbuf_printf(&b, "# HELP llm_endpoint_up 1 when the endpoint is healthy.\n"
+                     "# TYPE llm_endpoint_up gauge\n"
+                     "# HELP llm_inflight_requests Requests in flight to the pool's endpoints.\n"
+                     "# TYPE llm_inflight_requests gauge\n");
+  for (i = 0; i < cfg->n_models; i++) {
+    const tg_pool_t *pool = &rt->pools[i];
+    int inflight = 0;
+    tg_metrics_label(t, sizeof(t), cfg->models[i].name);
+    for (j = 0; j < pool->n; j++) {
+      tg_metrics_label(ep, sizeof(ep), tg_endpoint_url(pool->eps[j]));
+      tg_mbuf_printf(&b, "llm_endpoint_up{pool=\"%s\",endpoint=\"%s\"} %d\n", t, ep,
+                     tg_endpoint_healthy(pool->eps[j]) ? 1 : 0);
+      inflight += tg_endpoint_inflight(pool->eps[j]);
+    }
+    tg_mbuf_printf(&b, "llm_inflight_requests{pool=\"%s\"} %d\n", t, inflight);
+  }
+  tg_mbuf_printf(&b, "# HELP llm_ledger_backlog Usage records queued, not yet durable.\n"
+                     "# TYPE llm_ledger_backlog gauge\nllm_ledger_backlog %zu\n"
+                     "# HELP llm_ledger_spool_bytes Usage records spooled while the database is away.\n"
+                     "# TYPE llm_ledger_spool_bytes gauge\nllm_ledger_spool_bytes %lld\n",
+                 app->ledger ? tg_ledger_backlog(app->ledger) : (size_t)0,
+                 app->ledger ? (long long)tg_ledger_spool_bytes(app->ledger) : 0LL);
+  if (b.err) {
+    free(b.s);
+    tg_api_error(req, 500, "server_error", "internal_error", rid, NULL, "metrics too large");
+    return;
+  }
+  snprintf(hdr, sizeof(hdr), "x-request-id: %s\r\n", rid);
+  tg_http_respond(req, 200, "text/plain; version=0.0.4", hdr, b.s ? b.s : "", b.len);
+  free(b.s);
+}
+
 void tg_admin_handle(tg_http_req_t *req) {
   tg_worker_t *w = tg_http_server_data(req->server);
   char rid[32];
@@ -221,6 +291,10 @@ void tg_admin_handle(tg_http_req_t *req) {
   }
   if (strcmp(req->path, "/readyz") == 0) {
     readyz(w, req, rid);
+    return;
+  }
+  if (strcmp(req->path, "/metrics") == 0) {
+    metrics(w, req, rid);
     return;
   }
   if (strncmp(req->path, "/admin/v1/tenants/", 18) == 0) {

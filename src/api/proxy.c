@@ -142,6 +142,23 @@ static void call_log(tg_call_t *c) {
   r.duration_ms = (double)(end - c->t_start) / 1e6;
   r.ttfb_ms = c->t_first_byte ? (double)(c->t_first_byte - c->t_start) / 1e6 : -1;
   tg_access_log(c->w->app, &r);
+  {
+    tg_metrics_obs_t o;
+    memset(&o, 0, sizeof(o));
+    o.tenant = c->tenant ? c->tenant->name : NULL;
+    o.model = c->model ? c->model->name : NULL;
+    o.status = c->status;
+    o.refused = c->admission.v.refused;
+    if (c->status != 429 && c->status != 402)
+      o.refused = TG_LIMIT_NONE;
+    o.prompt_tokens = c->prompt_tokens;
+    o.completion_tokens = c->completion_tokens;
+    o.duration_s = (double)(end - c->t_start) / 1e9;
+    o.ttft_s = c->t_first_byte ? (double)(c->t_first_byte - c->t_start) / 1e9 : -1;
+    /* the gateway's own share: arrival to the upstream request going out */
+    o.overhead_s = c->t_dispatch ? (double)(c->t_dispatch - c->t_start) / 1e9 : -1;
+    tg_metrics_observe(c->w->app->metrics, (size_t)c->w->id, &o);
+  }
 }
 
 static void call_free(tg_call_t *c) {

@@ -18,6 +18,7 @@
 #include "policy/state.h"
 #include "config/config.h"
 #include "meter/ledger.h"
+#include "obs/metrics.h"
 #include "http/server.h"
 #include "upstream/client.h"
 #include "upstream/pool.h"
@@ -59,6 +60,7 @@ struct tg_app_s {
   tg_keywatch_t *keywatch;
   tg_policy_t *policy;
   tg_ledger_t *ledger;
+  tg_metrics_t *metrics;
   size_t ledger_refuse_at;   /* backlog at which new requests are refused */
   int log_fd;                /* access log, or -1 */
   char id_prefix[9];         /* random per process: request ids stay unique */

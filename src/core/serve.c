@@ -233,6 +233,12 @@ static void worker_fini(tg_worker_t *w) {
 
 /* ---- reload and signals ------------------------------------------------- */
 
+static tg_metrics_t *alert_metrics; /* for the policy's alert hook */
+
+static void count_alert(const char *tenant, int month) {
+  tg_metrics_budget_event(alert_metrics, tenant, month);
+}
+
 static int reload(tg_app_t *app) {
   tg_config_t *cfg = NULL;
   tg_config_errors_t errs = {0};
@@ -242,6 +248,7 @@ static int reload(tg_app_t *app) {
 
   r = tg_config_load(app->config_path, &cfg, &errs);
   if (r < 0) {
+    tg_metrics_reload(app->metrics, 0);
     fprintf(stderr, "tollgate: reload failed, keeping the running config:\n");
     for (i = 0; i < errs.n; i++)
       fprintf(stderr, "  %s\n", errs.msgs[i]);
@@ -266,6 +273,7 @@ static int reload(tg_app_t *app) {
   atomic_fetch_add_explicit(&app->rt_gen, 1, memory_order_release);
   pthread_mutex_unlock(&app->rt_lock);
   tg_runtime_unref(old);
+  tg_metrics_reload(app->metrics, 1);
   fprintf(stderr, "tollgate: config reloaded from %s\n", app->config_path);
   return 0;
 }
@@ -510,6 +518,10 @@ int tg_cmd_serve(int argc, char **argv) {
                   app.rt->cfg->upstream_connect_timeout_ms + 1000);
 
   app.n_workers = app.rt->cfg->workers > 0 ? app.rt->cfg->workers : 1;
+  if (tg_metrics_new((size_t)app.n_workers, &app.metrics) < 0)
+    goto out;
+  alert_metrics = app.metrics;
+  tg_policy_alert_hook = count_alert;
   app.workers = calloc((size_t)app.n_workers, sizeof(*app.workers));
   if (app.workers == NULL)
     goto out;
@@ -573,7 +585,9 @@ out:
   if (app.keywatch)
     tg_keywatch_stop(app.keywatch);
   tg_runtime_unref(app.rt);
+  tg_policy_alert_hook = NULL;
   tg_policy_free(app.policy);
+  tg_metrics_free(app.metrics);
   if (app.ledger)
     tg_ledger_close(app.ledger);
   if (app.log_fd > STDERR_FILENO)

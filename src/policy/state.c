@@ -59,6 +59,15 @@ void tg_policy_log(const char *event, const char *detail) {
   log_line(line);
 }
 
+void (*tg_policy_alert_hook)(const char *tenant, int month);
+
+int tg_policy_spend(tg_policy_t *p, const char *tenant, tg_nano_t *day, tg_nano_t *month) {
+  *day = *month = 0;
+  if (p->backend != TG_BACKEND_MEMORY)
+    return TG_ENOTFOUND;
+  return tg__mem_spend(p->mem, tenant, tg_now_ms(), day, month);
+}
+
 void tg_policy_alert(const char *tenant, const char *window, int64_t period,
                      tg_nano_t spent, tg_nano_t limit, int pct) {
   char line[768], q[300], when[32], s[40], l[40];
@@ -75,6 +84,8 @@ void tg_policy_alert(const char *tenant, const char *window, int64_t period,
            "\"period\":\"%s\",\"spent_usd\":\"%s\",\"limit_usd\":\"%s\",\"threshold_percent\":%d}\n",
            (long long)tg_now_ms(), q, window, when, s, l, pct);
   log_line(line);
+  if (tg_policy_alert_hook)
+    tg_policy_alert_hook(tenant, strcmp(window, "month") == 0);
 }
 
 /* Daily and monthly spend come back from the ledger, the record of what

@@ -70,6 +70,14 @@ int tg_policy_admit(tg_policy_loop_t *pl, const tg_admit_req_t *r, tg_admit_cb c
 void tg_policy_settle(tg_policy_loop_t *pl, const tg_admit_req_t *r, const tg_admission_t *a,
                       int64_t actual_tokens, tg_nano_t actual_cost);
 
+/* A tenant's settled spend in the current UTC day and month, as this
+ * gateway knows it (memory backend). Returns 0, or TG_ENOTFOUND when the
+ * backend cannot tell synchronously (Redis) or the tenant has no state. */
+int tg_policy_spend(tg_policy_t *p, const char *tenant, tg_nano_t *day, tg_nano_t *month);
+
+/* Called for every budget-threshold event (for metrics); may stay NULL. */
+extern void (*tg_policy_alert_hook)(const char *tenant, int month);
+
 /* Writes the structured budget-threshold event (one JSON line on stderr). */
 void tg_policy_alert(const char *tenant, const char *window, int64_t period,
                      tg_nano_t spent, tg_nano_t limit, int pct);
@@ -87,6 +95,8 @@ void tg__mem_free(tg__mem_t *m);
 void tg__mem_restore(tg__mem_t *m, const char *tenant, int month, int64_t period,
                      tg_nano_t spent);
 void tg__mem_admit(tg__mem_t *m, const tg_admit_req_t *r, int64_t now_ms, tg_admission_t *a);
+int tg__mem_spend(tg__mem_t *m, const char *tenant, int64_t now_ms, tg_nano_t *day,
+                  tg_nano_t *month);
 void tg__mem_settle(tg__mem_t *m, const tg_admit_req_t *r, const tg_admission_t *a,
                     int64_t actual_tokens, tg_nano_t actual_cost, int64_t now_ms);
 

@@ -153,6 +153,27 @@ void tg__mem_settle(tg__mem_t *m, const tg_admit_req_t *r, const tg_admission_t 
                     r->limits.alert_pct);
 }
 
+int tg__mem_spend(tg__mem_t *m, const char *tenant, int64_t now_ms, tg_nano_t *day,
+                  tg_nano_t *month) {
+  uint64_t h = hash_name(tenant);
+  stripe_t *sp = stripe_of(m, h);
+  ent_t *e = NULL;
+  size_t i;
+
+  pthread_mutex_lock(&sp->lock);
+  if (sp->n_buckets > 0)
+    for (e = sp->buckets[h % sp->n_buckets]; e != NULL; e = e->next)
+      if (e->hash == h && strcmp(e->name, tenant) == 0)
+        break;
+  if (e != NULL) {
+    *day = e->st.day.period == tg_day_of(now_ms) ? e->st.day.spent : 0;
+    *month = e->st.month.period == tg_month_of(now_ms) ? e->st.month.spent : 0;
+  }
+  pthread_mutex_unlock(&sp->lock);
+  (void)i;
+  return e ? 0 : TG_ENOTFOUND;
+}
+
 void tg__mem_restore(tg__mem_t *m, const char *tenant, int month, int64_t period,
                      tg_nano_t spent) {
   uint64_t h = hash_name(tenant);

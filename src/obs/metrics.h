@@ -1,0 +1,59 @@
+/* Per-tenant metrics in the Prometheus text format, with the seed's names.
+ *
+ * Counting is per loop thread and takes no lock: each worker owns a table
+ * of (tenant, model) entries that only its thread adds to and counts in
+ * (relaxed atomics); entries are never moved or removed, so a scrape on the
+ * admin thread walks every worker's table at the same time and sums. A
+ * table is bounded; requests past its bound count under tenant "_other". */
+#ifndef TG_OBS_METRICS_H
+#define TG_OBS_METRICS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "policy/limits.h"
+
+typedef struct tg_metrics_s tg_metrics_t;
+
+/* What one finished API request contributes. */
+typedef struct {
+  const char *tenant;        /* NULL: not attributed (no valid key) */
+  const char *model;         /* NULL or "" when none was resolved */
+  int status;                /* the client's status (499: client left) */
+  tg_limit_kind_t refused;   /* TG_LIMIT_NONE unless a limit or budget refused */
+  int64_t prompt_tokens, completion_tokens;
+  double duration_s;         /* arrival to last byte */
+  double ttft_s;             /* arrival to the upstream's first byte; < 0: none */
+  double overhead_s;         /* time spent in the gateway itself; < 0: unknown */
+  int upstream_error;        /* the upstream failed (connect, broken, 5xx) */
+} tg_metrics_obs_t;
+
+/* One table per worker; all are freed with tg_metrics_free(). */
+int tg_metrics_new(size_t n_workers, tg_metrics_t **out);
+void tg_metrics_free(tg_metrics_t *m);
+
+/* Counts one request on worker w's table. Only from that worker's thread. */
+void tg_metrics_observe(tg_metrics_t *m, size_t w, const tg_metrics_obs_t *o);
+
+/* Process-wide counters (any thread). */
+void tg_metrics_reload(tg_metrics_t *m, int ok);
+void tg_metrics_budget_event(tg_metrics_t *m, const char *tenant, int month);
+
+/* Growable text for a scrape, bounded at max bytes. */
+typedef struct {
+  char *s;
+  size_t len, cap, max;
+  int err;
+} tg_mbuf_t;
+
+void tg_mbuf_printf(tg_mbuf_t *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+/* Appends every counter and histogram summed over the workers. Gauges that
+ * come from elsewhere (spend, budgets, endpoints, ledger) are appended by
+ * the caller. */
+void tg_metrics_render(tg_metrics_t *m, tg_mbuf_t *b);
+
+/* Writes a Prometheus label value (escaped) into buf. */
+const char *tg_metrics_label(char *buf, size_t size, const char *v);
+
+#endif
