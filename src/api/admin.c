@@ -293,7 +293,7 @@ void tg_admin_handle(tg_http_req_t *req) {
     readyz(w, req, rid);
     return;
   }
-  if (strcmp(req->path, "/metrics") == 0) {
+  if (strcmp(req->path, "/metrics") == 0 && w->app->metrics != NULL) {
     metrics(w, req, rid);
     return;
   }

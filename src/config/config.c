@@ -1337,12 +1337,12 @@ static const char *const top_names[] = {
     "access_log",      "forward_headers",  "health_check_interval",
     "timeouts",        "global_rate_limit", "priority_classes",
     "tenants_file",    "tenants",          "models",
-    "ledger"};
+    "ledger",          "metrics"};
 enum {
   T_LISTEN, T_ADMIN_LISTEN, T_WORKERS, T_DATA_DIR, T_STATE, T_STATE_FAILURE,
   T_DATABASE, T_MAX_BODY, T_MAX_HEADER, T_ACCESS_LOG, T_FORWARD_HEADERS,
   T_HEALTH, T_TIMEOUTS, T_GLOBAL_RL, T_PRIORITY, T_TENANTS_FILE, T_TENANTS,
-  T_MODELS, T_LEDGER, T__N
+  T_MODELS, T_LEDGER, T_METRICS, T__N
 };
 _Static_assert(sizeof top_names / sizeof top_names[0] == T__N,
                "top_names and the T_ enum must match");
@@ -1389,6 +1389,16 @@ static void parse_scalars(ydoc_t *d, yaml_node_t **v) {
       cfg->state = s;
       s = NULL;
     }
+  }
+  free(s);
+  s = NULL;
+  if (v[T_METRICS] && get_string(d, v[T_METRICS], "metrics", &s) == 0) {
+    if (strcmp(s, "on") == 0)
+      cfg->metrics_off = 0;
+    else if (strcmp(s, "off") == 0)
+      cfg->metrics_off = 1;
+    else
+      yerr(d, v[T_METRICS], "metrics", "expected 'on' or 'off', got '%s'", s);
   }
   free(s);
   s = NULL;

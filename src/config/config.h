@@ -65,7 +65,8 @@ typedef struct tg_config_s {
   char *state;             /* "memory" or redis://... */
   char *state_failure;     /* "closed" (default) or "open" */
   char *database;          /* "sqlite" or postgres://... */
-  int ledger_off;          /* `ledger: off`: no usage records (benchmarks) */
+  int ledger_off;
+  int metrics_off;         /* `metrics: off`: no counting, no /metrics (benchmarks) */          /* `ledger: off`: no usage records (benchmarks) */
 
   size_t max_body_bytes;   /* default 1 MiB */
   size_t max_header_bytes; /* default 16 KiB */

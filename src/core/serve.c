@@ -518,7 +518,7 @@ int tg_cmd_serve(int argc, char **argv) {
                   app.rt->cfg->upstream_connect_timeout_ms + 1000);
 
   app.n_workers = app.rt->cfg->workers > 0 ? app.rt->cfg->workers : 1;
-  if (tg_metrics_new((size_t)app.n_workers, &app.metrics) < 0)
+  if (!app.rt->cfg->metrics_off && tg_metrics_new((size_t)app.n_workers, &app.metrics) < 0)
     goto out;
   alert_metrics = app.metrics;
   tg_policy_alert_hook = count_alert;
