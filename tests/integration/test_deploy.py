@@ -58,8 +58,8 @@ METRICS = {
     "llm_tenant_monthly_budget_usd": ("gauge", ("tenant",)),
     "llm_tenant_prompt_tokens_total": ("counter", ("tenant", "model")),
     "llm_tenant_completion_tokens_total": ("counter", ("tenant", "model")),
-    "llm_request_duration_seconds": ("histogram", ("tenant", "model")),
-    "llm_time_to_first_token_seconds": ("histogram", ("tenant", "model")),
+    "llm_request_duration_seconds": ("histogram", ("tenant",)),
+    "llm_time_to_first_token_seconds": ("histogram", ("tenant",)),
     "llm_gateway_overhead_seconds": ("histogram", ()),
     "llm_queue_length": ("gauge", ("pool", "tenant")),
     "llm_inflight_requests": ("gauge", ("pool", "tenant")),
@@ -558,8 +558,8 @@ def exposition(n):
                                                           ((start, m8), 200 * n)])
     family("llm_tenant_completion_tokens_total", "counter", [((acme, m8), 300 * n), ((acme, m70), 150 * n),
                                                               ((start, m8), 60 * n)])
-    hist("llm_request_duration_seconds", [(acme, m8), (acme, m70), (start, m8)], 100)
-    hist("llm_time_to_first_token_seconds", [(acme, m8), (acme, m70), (start, m8)], 100)
+    hist("llm_request_duration_seconds", [(acme,), (start,)], 100)
+    hist("llm_time_to_first_token_seconds", [(acme,), (start,)], 100)
     hist("llm_gateway_overhead_seconds", [()], 200)
     family("llm_queue_length", "gauge", [((p8, acme), 3), ((p8, start), 0)])
     family("llm_inflight_requests", "gauge", [((p8, acme), 12), ((p70, acme), 4), ((p8, start), 2)])
