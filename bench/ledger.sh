@@ -11,14 +11,22 @@
 # A response's last byte waits for its record to be durable, so what is
 # measured is the group commit: one transaction and one fsync per batch of
 # records. The tenant has no limits, so only the ledger differs between the
-# three. Prints req/s, p50 and p99 per configuration, the ratios to "off"
-# (target: req/s >= 0.90 for sqlite and postgres), and, as a check that the
-# records were really written, the rows each configuration stored against
-# the answers wrk counted.
+# three. Prints req/s, p50 and p99 per configuration (the best round of
+# each), the ratios to "off" (best against best, and the median of the
+# ratios within each round; target: req/s >= 0.90 for sqlite and postgres),
+# and, as a check that the records were really written, the rows each
+# configuration stored against the answers wrk counted.
 #
 #   bench/ledger.sh [BUILD_DIR]       (default: build, from `make build`)
 #
-# Environment: DURATION (10s), CONNECTIONS (64), WORKERS (1: tollgate
+# Each answer waits for a group commit (an fsync: a millisecond or two), so
+# with few connections wrk's closed loop measures that added latency, not
+# the gateway's capacity: 64 connections / (3.3 ms + 1.5 ms) is fewer req/s
+# than 64 / 3.3 ms even with the CPU idle. The default of 256 connections keeps the
+# CPU the bound, which is what the ledger's cost per request is measured
+# against; CONNECTIONS=64 shows the latency-bound figure.
+#
+# Environment: DURATION (10s; whole seconds), CONNECTIONS (256), WORKERS (1: tollgate
 # workers), WRK_THREADS (1), SIM_WORKERS (1), WARMUP (2s, per run, not
 # measured), TARGETS ("off sqlite postgres": a subset runs only those),
 # ROUNDS (1: each round measures every target once, in order; the best
@@ -35,7 +43,7 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 BUILD_DIR=${1:-build}
 case "$BUILD_DIR" in /*) ;; *) BUILD_DIR="$here/$BUILD_DIR" ;; esac
 DURATION=${DURATION:-10s}
-CONNECTIONS=${CONNECTIONS:-64}
+CONNECTIONS=${CONNECTIONS:-256}
 WORKERS=${WORKERS:-1}
 WRK_THREADS=${WRK_THREADS:-1}
 SIM_WORKERS=${SIM_WORKERS:-1}
@@ -158,7 +166,7 @@ for round in $(seq 1 "$ROUNDS"); do
     start_tollgate "$mode"
     export TG_BENCH_KEY="$KEY"
     line=$(run_wrk "$mode" "http://127.0.0.1:$TG_PORT") || exit 1
-    results+=("$line")
+    results+=("$round $line")
     if [ "$ROUNDS" -gt 1 ]; then echo "# round $round: $line"; fi
     bench_stop "$TG_PID"     # SIGTERM: drains, every record is written
     # answers in the measured run = req/s x seconds; the warm-up and the
@@ -171,16 +179,25 @@ done
 
 printf '%s\n' "${results[@]}" | awk '
   BEGIN { printf "%-10s %12s %10s %10s %8s %8s\n", "target", "req/s", "p50 ms", "p99 ms", "non-2xx", "errors" }
+  # fields: round target req/s p50 p99 non2xx errors
+  { r_rps[$1, $2] = $3; rounds[$1] = 1 }
   # the best round of each target (by req/s)
-  !($1 in rps) || $2 > rps[$1] { rps[$1] = $2; p50[$1] = $3; p99[$1] = $4; n2[$1] = $5; er[$1] = $6; if (!($1 in seen)) { order[++n] = $1; seen[$1] = 1 } }
+  !($2 in rps) || $3 > rps[$2] { rps[$2] = $3; p50[$2] = $4; p99[$2] = $5; n2[$2] = $6; er[$2] = $7; if (!($2 in seen)) { order[++n] = $2; seen[$2] = 1 } }
   END {
     for (i = 1; i <= n; i++) { t = order[i]; printf "%-10s %12d %10.2f %10.2f %8d %8d\n", t, rps[t], p50[t], p99[t], n2[t], er[t] }
     if (rps["off"] > 0 && p99["off"] > 0) {
       for (i = 1; i <= n; i++) {
         t = order[i]
         if (t == "off") continue
+        # the ratio within each round (off measured just before), then their median:
+        # steadier than best against best when the machine is shared
+        k = 0
+        for (rd in rounds) if ((rd, "off") in r_rps && (rd, t) in r_rps && r_rps[rd, "off"] > 0) v[++k] = r_rps[rd, t] / r_rps[rd, "off"]
+        for (a = 1; a <= k; a++) for (b = a + 1; b <= k; b++) if (v[b] < v[a]) { x = v[a]; v[a] = v[b]; v[b] = x }
+        med = (k % 2) ? v[(k + 1) / 2] : (v[k / 2] + v[k / 2 + 1]) / 2
         r = rps[t] / rps["off"]
-        printf "%s/off: req/s %.3f  p99 %.2f  (target req/s >= 0.90: %s)\n", t, r, p99[t] / p99["off"], (r >= 0.90) ? "met" : "NOT met"
+        printf "%s/off: req/s %.3f (best of each), %.3f (median of %d rounds)  p99 %.2f  (target req/s >= 0.90: %s)\n", t, r, med, k, p99[t] / p99["off"], (med >= 0.90) ? "met" : "NOT met"
+        delete v
       }
     }
   }'
@@ -193,7 +210,7 @@ printf '%s\n' "${checks[@]}" | awk '
   }
   END { exit bad }' || bench_die "a configuration stored fewer rows than it answered"
 
-bad=$(printf '%s\n' "${results[@]}" | awk '$5 > 0 || $6 > 0 { print $1 }' | sort -u)
+bad=$(printf '%s\n' "${results[@]}" | awk '$6 > 0 || $7 > 0 { print $2 }' | sort -u)
 if [ -n "$bad" ]; then
   echo "ledger.sh: non-2xx answers or socket errors from: $bad (see KEEP=1 logs)" >&2
 fi

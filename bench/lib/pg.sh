@@ -1,3 +1,4 @@
+# shellcheck shell=bash disable=SC2154  # $here, $tmp, pids: set by the sourcing script
 # A throw-away PostgreSQL server for the bench/*.sh scripts (sourced, not
 # run; needs bench/lib/common.sh first, for $tmp, the pids array and
 # bench_die). It runs tests/lib/pgtest.sh serve as a coprocess: a fresh

@@ -159,6 +159,7 @@ def test_kill9_mid_load_every_completed_response_has_one_row(tg, sim):
     try:
         tgtest.wait_for(lambda: load.completed() >= 1500, timeout=60,
                         what="1,500 completed requests before the kill")
+        t_kill = time.time()
         gw.proc.kill()                       # SIGKILL, mid-load
         assert gw.proc.popen.returncode == -9
         gw.checked_exit = True
@@ -167,8 +168,8 @@ def test_kill9_mid_load_every_completed_response_has_one_row(tg, sim):
         load.stop()
     outcomes = load.wait()
     done = [o for o in outcomes if o.complete]
-    cut = [o for o in outcomes if not o.complete]
-    assert len(done) >= 1500 and cut, (len(done), len(cut))
+    cut = [o for o in outcomes if not o.complete and o.t_start is not None and o.t_start < t_kill]
+    assert len(done) >= 1500 and cut, "the kill cut no request"
 
     gw.checked_exit = False
     gw.start()                               # same data_dir, same config
@@ -181,14 +182,12 @@ def test_kill9_mid_load_every_completed_response_has_one_row(tg, sim):
     ids = tgtest.by_request_id(rows)         # asserts no request id twice
     # every response the client saw complete has its row, with its usage
     tgtest.check_ledger_rows(done, rows, PRICES, exact_set=False)
-    # the other rows are requests cut by the kill (their record committed,
-    # their answer never delivered): no more than the requests the client
-    # saw fail, and none of them a request the client saw complete twice
+    # any other row is a request the kill cut (its record committed, its
+    # answer not delivered in full): one that was inside the gateway when it
+    # died, so at most one per client thread
     seen = {o.rid for o in done}
-    extra = [r for rid, r in ids.items() if rid not in seen]
-    assert len(extra) <= len(cut), (len(extra), len(cut))
-    print("kill -9 after %d completed requests: %d cut, %d of them recorded" % (
-        len(done), len(cut), len(extra)))
+    extra = [rid for rid in ids if rid not in seen]
+    assert len(extra) <= load.threads, (extra, cut)
 
     # after the restart the ledger goes on: the invoice adds up the rows
     key = tenants["beta"]["keys"][0]
@@ -297,8 +296,7 @@ def test_admin_invoice_route_equals_cli_and_needs_an_admin_key(tg, sim):
     path = "/admin/v1/tenants/%s/invoices/%s"
 
     # a new key is seen by the running gateway within a fraction of a second
-    tgtest.wait_for(lambda: tgtest.admin(gw, path % ("alpha", month), key=admin_key).status != 401,
-                    timeout=3, what="the gateway to accept the new admin key")
+    gw.wait_admin_key(admin_key)
     for tenant in tenants:
         r = tgtest.admin(gw, path % (tenant, month), key=admin_key)
         assert r.status == 200, r
@@ -395,7 +393,7 @@ def test_retention_purge_removes_old_rows_per_tenant(tg, sim):
 
     ev = tgtest.wait_for(lambda: tgtest.gateway_events(gw, "ledger_retention_purge"),
                          timeout=45, interval=0.5, what="the retention purge (30 s after start)")
-    assert time.time() - t0 >= 25, "the purge ran before its 30 s"
+    assert time.time() - t0 >= 20, "the purge ran long before its 30 s"
     gone = [rid for rid, _, _, kept in rows if not kept]
     assert ev[0]["detail"].startswith("%d ledger records " % len(gone)), ev
     left = {r["request_id"] for r in tgtest.sqlite_ledger_rows(gw.db_path)}

@@ -86,8 +86,7 @@ def test_invoices_equal_client_usage_postgres(tg, sim, pg):
     admin_key = gw.create_admin_key()
     month, day = tgtest.utc_month(), tgtest.utc_day()
     p = "/admin/v1/tenants/alpha/invoices/%s" % month
-    tgtest.wait_for(lambda: tgtest.admin(gw, p, key=admin_key).status != 401, timeout=3,
-                    what="the gateway to accept the new admin key")
+    gw.wait_admin_key(admin_key)
     r = tgtest.admin(gw, p, key=admin_key)
     assert r.status == 200, r
     assert base.strip_generated(tgtest.money_json(r.body)) == \

@@ -11,6 +11,12 @@ running (the pytest fixtures and an atexit hook call it), so a failing test
 never leaves a server behind. Each process writes its stderr to a file in its
 temporary directory; `tails()` returns the end of each for failure reports.
 
+PostgreSQL servers (`Postgres`, through tests/lib/pgtest.sh) are stopped and
+removed by `kill_all()` too. For the usage ledger: exact money parsing
+(`money_json`), a mixed-load driver that records what each client saw
+(`LedgerLoad`, `Outcome`) and the checks of ledger rows and invoices against
+it (`check_ledger_rows`, `check_invoices`).
+
 Binaries come from $TG_BUILD_DIR (default: <repo>/build-asan).
 """
 
@@ -612,6 +618,26 @@ class Gateway:
         key = cp.stdout.strip()
         assert re.match(r"^tg-[0-9a-f]{12}-\S+$", key), "unexpected key output %r" % cp.stdout
         return key
+
+    def wait_admin_key(self, key, path="/admin/v1/tenants/x/usage/2026-01-01", timeout=10.0):
+        """Waits until the running gateway's admin API accepts key (a new
+        key is picked up by its key watcher); the assertion lists every
+        answer seen when it does not."""
+        seen = []
+
+        def ok():
+            try:
+                r = admin(self, path, key=key, timeout=3)
+            except OSError as e:
+                seen.append(repr(e))
+                return False
+            seen.append(r.status)
+            return r.status != 401
+        try:
+            wait_for(alive_check(self.proc)(ok), timeout=timeout, interval=0.1,
+                     what="the gateway to accept the admin key")
+        except AssertionError as e:
+            raise AssertionError("%s; answers: %s" % (e, seen[-20:])) from None
 
     @property
     def db_path(self):
