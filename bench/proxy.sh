@@ -65,23 +65,10 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
-}
-
-# wait_http URL [seconds]: until the URL answers 200
-wait_http() {
-  local url=$1 n=$(( ${2:-15} * 10 ))
-  while [ $n -gt 0 ]; do
-    if [ "$(curl -s -o /dev/null -w '%{http_code}' "$url" || true)" = 200 ]; then
-      return 0
-    fi
-    sleep 0.1
-    n=$((n - 1))
-  done
-  echo "proxy.sh: $url did not come up" >&2
-  return 1
-}
+# free_port and wait_http are shared with the other benchmarks.
+BENCH_NAME=proxy.sh
+# shellcheck source=bench/lib/common.sh
+. "$here/bench/lib/common.sh"
 
 SIM_PORT=$(free_port)
 NGINX_PORT=$(free_port)
