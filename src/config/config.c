@@ -1330,6 +1330,18 @@ static void load_tenants_file(ydoc_t *d, yaml_node_t *n, ydoc_t *td,
     yerr(td, root, "", "missing required key 'tenants'");
 }
 
+/* An `on` / `off` switch: *off becomes 1 for "off", 0 for "on". */
+static void get_off(ydoc_t *d, yaml_node_t *n, const char *where, int *off) {
+  char *s = NULL;
+  if (n == NULL || get_string(d, n, where, &s) < 0)
+    return;
+  if (strcmp(s, "on") == 0 || strcmp(s, "off") == 0)
+    *off = s[1] == 'f';
+  else
+    yerr(d, n, where, "expected 'on' or 'off', got '%s'", s);
+  free(s);
+}
+
 static const char *const top_names[] = {
     "listen",          "admin_listen",     "workers",
     "data_dir",        "state",            "state_failure",
@@ -1392,26 +1404,8 @@ static void parse_scalars(ydoc_t *d, yaml_node_t **v) {
   }
   free(s);
   s = NULL;
-  if (v[T_METRICS] && get_string(d, v[T_METRICS], "metrics", &s) == 0) {
-    if (strcmp(s, "on") == 0)
-      cfg->metrics_off = 0;
-    else if (strcmp(s, "off") == 0)
-      cfg->metrics_off = 1;
-    else
-      yerr(d, v[T_METRICS], "metrics", "expected 'on' or 'off', got '%s'", s);
-  }
-  free(s);
-  s = NULL;
-  if (v[T_LEDGER] && get_string(d, v[T_LEDGER], "ledger", &s) == 0) {
-    if (strcmp(s, "on") == 0)
-      cfg->ledger_off = 0;
-    else if (strcmp(s, "off") == 0)
-      cfg->ledger_off = 1;
-    else
-      yerr(d, v[T_LEDGER], "ledger", "expected 'on' or 'off', got '%s'", s);
-  }
-  free(s);
-  s = NULL;
+  get_off(d, v[T_METRICS], "metrics", &cfg->metrics_off);
+  get_off(d, v[T_LEDGER], "ledger", &cfg->ledger_off);
   if (v[T_STATE_FAILURE] &&
       get_string(d, v[T_STATE_FAILURE], "state_failure", &s) == 0) {
     if (strcmp(s, "closed") != 0 && strcmp(s, "open") != 0)
