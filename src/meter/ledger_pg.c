@@ -557,6 +557,35 @@ typedef struct {
   size_t n;
 } rows_t;
 
+/* Runs a query over [from_ms, to_ms): its parameters are tenant (when not
+ * NULL) then the two bounds. On success *rows and *n take what fill made. */
+static int range_query(tg__ledger_conn_t *c, const char *sql, const char *what,
+                       const char *tenant, int64_t from_ms, int64_t to_ms,
+                       int (*fill)(const PGresult *r, void *out), void **rows,
+                       size_t *n) {
+  char from[24], to[24];
+  const char *params[3];
+  int np = 0, rc;
+  rows_t o = {0};
+  query_t q;
+
+  *rows = NULL;
+  *n = 0;
+  snprintf(from, sizeof(from), "%" PRId64, from_ms);
+  snprintf(to, sizeof(to), "%" PRId64, to_ms);
+  if (tenant != NULL)
+    params[np++] = tenant;
+  params[np++] = from;
+  params[np++] = to;
+  q = (query_t){sql, what, np, params, fill, &o};
+  rc = with_conn(c, query_op, &q);
+  if (rc == 0) {
+    *rows = o.rows;
+    *n = o.n;
+  }
+  return rc;
+}
+
 static int fill_usage(const PGresult *r, void *out) {
   rows_t *o = out;
   tg_usage_row_t *v = NULL;
@@ -595,22 +624,8 @@ static int pg_usage_by_model(tg__ledger_conn_t *c, const char *tenant,
       " SUM(completion_tokens)::bigint, SUM(cost_nano)::bigint FROM ledger"
       " WHERE tenant = $1 AND ts_ms >= $2::bigint AND ts_ms < $3::bigint"
       " GROUP BY model ORDER BY model COLLATE \"C\"" LIMIT_ROWS;
-  char from[24], to[24];
-  const char *params[3] = {tenant, from, to};
-  rows_t o = {0};
-  query_t q = {sql, "usage query", 3, params, fill_usage, &o};
-  int rc;
-
-  *rows = NULL;
-  *n = 0;
-  snprintf(from, sizeof(from), "%" PRId64, from_ms);
-  snprintf(to, sizeof(to), "%" PRId64, to_ms);
-  rc = with_conn(c, query_op, &q);
-  if (rc == 0) {
-    *rows = o.rows;
-    *n = o.n;
-  }
-  return rc;
+  return range_query(c, sql, "usage query", tenant, from_ms, to_ms, fill_usage,
+                     (void **)rows, n);
 }
 
 static int fill_spend(const PGresult *r, void *out) {
@@ -645,22 +660,8 @@ static int pg_spend_by_tenant(tg__ledger_conn_t *c, int64_t from_ms,
       "SELECT tenant, SUM(cost_nano)::bigint FROM ledger"
       " WHERE ts_ms >= $1::bigint AND ts_ms < $2::bigint"
       " GROUP BY tenant ORDER BY tenant COLLATE \"C\"" LIMIT_ROWS;
-  char from[24], to[24];
-  const char *params[2] = {from, to};
-  rows_t o = {0};
-  query_t q = {sql, "spend query", 2, params, fill_spend, &o};
-  int rc;
-
-  *rows = NULL;
-  *n = 0;
-  snprintf(from, sizeof(from), "%" PRId64, from_ms);
-  snprintf(to, sizeof(to), "%" PRId64, to_ms);
-  rc = with_conn(c, query_op, &q);
-  if (rc == 0) {
-    *rows = o.rows;
-    *n = o.n;
-  }
-  return rc;
+  return range_query(c, sql, "spend query", NULL, from_ms, to_ms, fill_spend,
+                     (void **)rows, n);
 }
 
 static int fill_tenants(const PGresult *r, void *out) {

@@ -234,35 +234,32 @@ static int grow(void **rows, size_t *cap, size_t n, size_t elem) {
   return 0;
 }
 
-static int sq_usage_by_model(tg__ledger_conn_t *c, const char *tenant,
-                             int64_t from_ms, int64_t to_ms,
-                             tg_usage_row_t **rows, size_t *n) {
-  static const char sql[] =
-      "SELECT model, COUNT(*), SUM(prompt_tokens), SUM(completion_tokens),"
-      " SUM(cost_nano) FROM ledger WHERE tenant = ?1 AND ts_ms >= ?2"
-      " AND ts_ms < ?3 GROUP BY model ORDER BY model";
+/* Runs a query over [from_ms, to_ms): its parameters are tenant (when not
+ * NULL) then the two bounds; row() copies one result row into a slot of
+ * size bytes. On success *rows (malloc'd) and *n take the rows. */
+static int range_query(tg__ledger_conn_t *c, const char *sql, const char *what,
+                       const char *tenant, int64_t from_ms, int64_t to_ms,
+                       void (*row)(sqlite3_stmt *st, void *slot), size_t size,
+                       void **rows, size_t *n) {
   sqlite3_stmt *st = NULL;
-  tg_usage_row_t *v = NULL;
+  char *v = NULL;
   size_t cap = 0, cnt = 0;
-  int rc = TG_EDB, s;
+  int rc = TG_EDB, s, i = 1;
 
   *rows = NULL;
   *n = 0;
   if (sqlite3_prepare_v2(c->db, sql, -1, &st, NULL) != SQLITE_OK) {
-    fail(c->db, "cannot prepare the usage query");
+    fail(c->db, what);
     goto out;
   }
-  sqlite3_bind_text(st, 1, tenant, -1, SQLITE_STATIC);
-  sqlite3_bind_int64(st, 2, from_ms);
-  sqlite3_bind_int64(st, 3, to_ms);
+  if (tenant != NULL)
+    sqlite3_bind_text(st, i++, tenant, -1, SQLITE_STATIC);
+  sqlite3_bind_int64(st, i++, from_ms);
+  sqlite3_bind_int64(st, i, to_ms);
   while ((s = sqlite3_step(st)) == SQLITE_ROW) {
-    if ((rc = grow((void **)&v, &cap, cnt, sizeof(*v))) != 0)
+    if ((rc = grow((void **)&v, &cap, cnt, size)) != 0)
       goto out;
-    copy_col(v[cnt].model, sizeof(v[cnt].model), st, 0);
-    v[cnt].requests = sqlite3_column_int64(st, 1);
-    v[cnt].prompt_tokens = sqlite3_column_int64(st, 2);
-    v[cnt].completion_tokens = sqlite3_column_int64(st, 3);
-    v[cnt].cost_nano = sqlite3_column_int64(st, 4);
+    row(st, v + cnt * size);
     cnt++;
   }
   rc = s == SQLITE_DONE ? 0 : step_error(c->db);
@@ -277,41 +274,39 @@ out:
   return 0;
 }
 
+static void usage_row(sqlite3_stmt *st, void *slot) {
+  tg_usage_row_t *r = slot;
+  copy_col(r->model, sizeof(r->model), st, 0);
+  r->requests = sqlite3_column_int64(st, 1);
+  r->prompt_tokens = sqlite3_column_int64(st, 2);
+  r->completion_tokens = sqlite3_column_int64(st, 3);
+  r->cost_nano = sqlite3_column_int64(st, 4);
+}
+
+static int sq_usage_by_model(tg__ledger_conn_t *c, const char *tenant,
+                             int64_t from_ms, int64_t to_ms,
+                             tg_usage_row_t **rows, size_t *n) {
+  static const char sql[] =
+      "SELECT model, COUNT(*), SUM(prompt_tokens), SUM(completion_tokens),"
+      " SUM(cost_nano) FROM ledger WHERE tenant = ?1 AND ts_ms >= ?2"
+      " AND ts_ms < ?3 GROUP BY model ORDER BY model";
+  return range_query(c, sql, "cannot prepare the usage query", tenant, from_ms, to_ms,
+                     usage_row, sizeof(tg_usage_row_t), (void **)rows, n);
+}
+
+static void spend_row(sqlite3_stmt *st, void *slot) {
+  tg_spend_row_t *r = slot;
+  copy_col(r->tenant, sizeof(r->tenant), st, 0);
+  r->cost_nano = sqlite3_column_int64(st, 1);
+}
+
 static int sq_spend_by_tenant(tg__ledger_conn_t *c, int64_t from_ms,
                               int64_t to_ms, tg_spend_row_t **rows, size_t *n) {
   static const char sql[] =
       "SELECT tenant, SUM(cost_nano) FROM ledger WHERE ts_ms >= ?1"
       " AND ts_ms < ?2 GROUP BY tenant ORDER BY tenant";
-  sqlite3_stmt *st = NULL;
-  tg_spend_row_t *v = NULL;
-  size_t cap = 0, cnt = 0;
-  int rc = TG_EDB, s;
-
-  *rows = NULL;
-  *n = 0;
-  if (sqlite3_prepare_v2(c->db, sql, -1, &st, NULL) != SQLITE_OK) {
-    fail(c->db, "cannot prepare the spend query");
-    goto out;
-  }
-  sqlite3_bind_int64(st, 1, from_ms);
-  sqlite3_bind_int64(st, 2, to_ms);
-  while ((s = sqlite3_step(st)) == SQLITE_ROW) {
-    if ((rc = grow((void **)&v, &cap, cnt, sizeof(*v))) != 0)
-      goto out;
-    copy_col(v[cnt].tenant, sizeof(v[cnt].tenant), st, 0);
-    v[cnt].cost_nano = sqlite3_column_int64(st, 1);
-    cnt++;
-  }
-  rc = s == SQLITE_DONE ? 0 : step_error(c->db);
-out:
-  sqlite3_finalize(st);
-  if (rc != 0) {
-    free(v);
-    return rc;
-  }
-  *rows = v;
-  *n = cnt;
-  return 0;
+  return range_query(c, sql, "cannot prepare the spend query", NULL, from_ms, to_ms,
+                     spend_row, sizeof(tg_spend_row_t), (void **)rows, n);
 }
 
 static int sq_purge(tg__ledger_conn_t *c, const char *tenant, int64_t before_ms,
