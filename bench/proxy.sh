@@ -1,15 +1,23 @@
 #!/usr/bin/env bash
 # Proxy overhead benchmark: the same wrk load (small non-streaming chat
 # completions) against the simulator directly, nginx in front of it, and
-# tollgate in front of it, all on loopback. Prints req/s, p50 and p99 per
-# target and tollgate's ratios to nginx.
+# tollgate in front of it (once with the default `upstream_client: auto`,
+# the native HTTP/1.1 client for http:// endpoints, as target "tollgate",
+# once with `upstream_client: curl`, libcurl's multi interface, as target
+# "curl"), all on loopback. Prints req/s, p50, p99 and the target's CPU
+# time per request (all its threads and child processes) per target, and
+# each tollgate's ratios to nginx.
 #
 #   bench/proxy.sh [BUILD_DIR]        (default: build, from `make build`)
 #
 # Environment: DURATION (10s), CONNECTIONS (64), WORKERS (1: nginx
 # worker_processes and tollgate workers), WRK_THREADS (1), SIM_WORKERS (1),
-# WARMUP (2s, per target, not measured), TARGETS ("sim nginx tollgate": a
-# subset runs only those), KEEP=1 keeps the temp dir.
+# WARMUP (2s, per target, not measured), TARGETS ("sim nginx tollgate
+# curl": a subset runs only those), ROUNDS (1: with more, the targets are
+# measured in turn ROUNDS times, so a load that comes and goes on a shared
+# machine hits each alike, and the median round of each is printed),
+# TG_EXTRA_CONFIG (top-level YAML lines added to both tollgates' config,
+# e.g. "ledger: off"), KEEP=1 keeps the temp dir.
 #
 # nginx is Debian's nginx-light, run in the foreground from a generated
 # config (upstream keepalive, HTTP/1.1 to the upstream, access_log off).
@@ -25,7 +33,8 @@ WORKERS=${WORKERS:-1}
 WRK_THREADS=${WRK_THREADS:-1}
 SIM_WORKERS=${SIM_WORKERS:-1}
 WARMUP=${WARMUP:-2s}
-TARGETS=${TARGETS:-sim nginx tollgate}
+ROUNDS=${ROUNDS:-1}
+TARGETS=${TARGETS:-sim nginx tollgate curl}
 MODEL=llama-3.1-8b
 
 want() { case " $TARGETS " in *" $1 "*) return 0 ;; esac; return 1; }
@@ -36,7 +45,7 @@ LUA="$here/bench/lib/chat.lua"
 NGINX=${NGINX:-$(command -v nginx || echo /usr/sbin/nginx)}
 
 bins=("$SIM")
-if want tollgate; then bins+=("$TOLLGATE"); fi
+if want tollgate || want curl; then bins+=("$TOLLGATE"); fi
 for bin in "${bins[@]}"; do
   [ -x "$bin" ] || { echo "proxy.sh: $bin not found (run 'make build' first)" >&2; exit 1; }
 done
@@ -74,11 +83,15 @@ SIM_PORT=$(free_port)
 NGINX_PORT=$(free_port)
 TG_PORT=$(free_port)
 TG_ADMIN=$(free_port)
+CURL_PORT=$(free_port)
+CURL_ADMIN=$(free_port)
 
 # ---- the simulator: no delays, so the proxies are what is measured --------
 "$SIM" --listen "127.0.0.1:$SIM_PORT" --workers "$SIM_WORKERS" --ttft-ms 0 --token-ms 0 \
   --max-num-seqs 4096 --models "$MODEL" 2>"$tmp/sim.log" &
 pids+=($!)
+declare -A PIDS   # target name → the process whose CPU time (with its children) is counted
+PIDS[sim]=$!
 wait_http "http://127.0.0.1:$SIM_PORT/health"
 
 # ---- nginx ------------------------------------------------------------------
@@ -116,18 +129,25 @@ EOF
 "$NGINX" -p "$tmp/nginx" -c "$tmp/nginx/nginx.conf" -e "$tmp/nginx/error.log" \
   2>>"$tmp/nginx/error.log" &
 pids+=($!)
+PIDS[nginx]=$!
 }
 
 # ---- tollgate -----------------------------------------------------------------
+# start_tollgate NAME PORT ADMIN_PORT CLIENT: a gateway in $tmp/NAME with
+# `upstream_client: CLIENT`; its key goes to KEYS[NAME].
+declare -A KEYS
 start_tollgate() {
-mkdir -p "$tmp/tg/data"
-cat >"$tmp/tg/tollgate.yaml" <<EOF
-listen: 127.0.0.1:$TG_PORT
-admin_listen: 127.0.0.1:$TG_ADMIN
+local name=$1 port=$2 admin=$3 client=$4 dir="$tmp/$1"
+mkdir -p "$dir/data"
+cat >"$dir/tollgate.yaml" <<EOF
+listen: 127.0.0.1:$port
+admin_listen: 127.0.0.1:$admin
 workers: $WORKERS
-data_dir: $tmp/tg/data
+data_dir: $dir/data
 access_log: "off"
 health_check_interval: 2s
+upstream_client: $client
+${TG_EXTRA_CONFIG:-}
 tenants:
   bench:
     tier: enterprise
@@ -147,21 +167,32 @@ models:
       - {url: "http://127.0.0.1:$SIM_PORT", max_inflight: 4096}
     pricing: {prompt_per_1k_usd: "0.0005", completion_per_1k_usd: "0.0015"}
 EOF
-KEY=$("$TOLLGATE" keys create --config "$tmp/tg/tollgate.yaml" --tenant bench --name bench \
-  2>>"$tmp/tg/keys.log")
-"$TOLLGATE" serve --config "$tmp/tg/tollgate.yaml" 2>"$tmp/tg/tollgate.log" &
+KEYS[$name]=$("$TOLLGATE" keys create --config "$dir/tollgate.yaml" --tenant bench --name bench \
+  2>>"$dir/keys.log")
+"$TOLLGATE" serve --config "$dir/tollgate.yaml" 2>"$dir/tollgate.log" &
 pids+=($!)
-wait_http "http://127.0.0.1:$TG_ADMIN/readyz"
+PIDS[$name]=$!
+wait_http "http://127.0.0.1:$admin/readyz"
 }
 
-KEY=""
-urls=()
-want sim && urls+=("http://127.0.0.1:$SIM_PORT")
-if want nginx; then start_nginx; urls+=("http://127.0.0.1:$NGINX_PORT"); fi
-if want tollgate; then start_tollgate; urls+=("http://127.0.0.1:$TG_PORT"); fi
+# target name → URL; only the tollgates need a key
+declare -A URLS
+names=()
+if want sim; then names+=(sim); URLS[sim]="http://127.0.0.1:$SIM_PORT"; fi
+if want nginx; then start_nginx; names+=(nginx); URLS[nginx]="http://127.0.0.1:$NGINX_PORT"; fi
+if want tollgate; then
+  start_tollgate tollgate "$TG_PORT" "$TG_ADMIN" auto
+  names+=(tollgate); URLS[tollgate]="http://127.0.0.1:$TG_PORT"
+fi
+if want curl; then
+  start_tollgate curl "$CURL_PORT" "$CURL_ADMIN" curl
+  names+=(curl); URLS[curl]="http://127.0.0.1:$CURL_PORT"
+fi
 
 # every target must answer 200 before it is measured
-for url in "${urls[@]}"; do
+for name in "${names[@]}"; do
+  url=${URLS[$name]}
+  KEY=${KEYS[$name]:-}
   n=100
   until [ "$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $KEY" \
       -H 'Content-Type: application/json' \
@@ -173,37 +204,72 @@ for url in "${urls[@]}"; do
   done
 done
 
-export TG_BENCH_KEY="$KEY" TG_BENCH_MODEL="$MODEL"
+export TG_BENCH_MODEL="$MODEL"
 
-# run_wrk NAME URL: prints "NAME req/s p50_ms p99_ms non2xx errors"
+# cpu_ticks PID: user + system clock ticks of PID and its child processes
+# (nginx's workers), all threads included
+cpu_ticks() {
+  local p t=0 v
+  for p in "$1" $(pgrep -P "$1" 2>/dev/null || true); do
+    v=$(sed 's/.*) //' "/proc/$p/stat" 2>/dev/null | awk '{ print $12 + $13 }') || v=0
+    t=$((t + ${v:-0}))
+  done
+  echo "$t"
+}
+CLK_TCK=$(getconf CLK_TCK)
+
+# run_wrk NAME: prints "NAME req/s p50_ms p99_ms non2xx errors cpu_us_per_req"
+# The CPU time the target spent per request does not depend on what else
+# runs on the machine the way req/s does: on a shared machine it is the
+# steadier comparison (it leaves out the simulator behind the proxies).
 run_wrk() {
-  local name=$1 url=$2 line
+  local name=$1 url=${URLS[$1]} line c0 c1
+  export TG_BENCH_KEY="${KEYS[$1]:-}"
   wrk -t "$WRK_THREADS" -c "$CONNECTIONS" -d "$WARMUP" -s "$LUA" "$url/v1/chat/completions" \
     >/dev/null 2>&1 || true
+  c0=$(cpu_ticks "${PIDS[$name]}")
   line=$(wrk -t "$WRK_THREADS" -c "$CONNECTIONS" -d "$DURATION" -s "$LUA" \
     "$url/v1/chat/completions" 2>&1 | grep '^TGBENCH ' || true)
+  c1=$(cpu_ticks "${PIDS[$name]}")
   [ -n "$line" ] || { echo "proxy.sh: wrk against $name printed no result" >&2; exit 1; }
-  echo "$line" | awk -v n="$name" '{ printf "%s %.0f %.3f %.3f %d %d\n", n, $2 / ($3 / 1e6), $4 / 1000, $5 / 1000, $6, $7 }'
+  echo "$line" | awk -v n="$name" -v ticks=$((c1 - c0)) -v hz="$CLK_TCK" '{
+    printf "%s %.0f %.3f %.3f %d %d %.1f\n", n, $2 / ($3 / 1e6), $4 / 1000, $5 / 1000, $6, $7,
+      ($2 > 0 ? ticks / hz * 1e6 / $2 : 0) }'
 }
 
 echo "# tollgate proxy benchmark"
 echo "# date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
 echo "# machine: $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')"
 echo "# kernel: $(uname -r); $("$NGINX" -v 2>&1); $(wrk --version 2>&1 | head -1 | cut -d' ' -f1-2)"
-echo "# load: wrk -t $WRK_THREADS -c $CONNECTIONS -d $DURATION, POST /v1/chat/completions (16 tokens), workers $WORKERS (nginx, tollgate), sim workers $SIM_WORKERS"
-echo "# build: $BUILD_DIR"
+echo "# load: wrk -t $WRK_THREADS -c $CONNECTIONS -d $DURATION x $ROUNDS rounds, POST /v1/chat/completions (16 tokens), workers $WORKERS (nginx, tollgate), sim workers $SIM_WORKERS"
+echo "# build: $BUILD_DIR${TG_EXTRA_CONFIG:+; tollgate config adds: $TG_EXTRA_CONFIG}"
 
+# every round measures every target; per target, the round with the median
+# req/s is kept (its p50 and p99 with it)
+rounds=()
+for ((r = 1; r <= ROUNDS; r++)); do
+  for name in "${names[@]}"; do
+    rounds+=("$(run_wrk "$name")")
+  done
+done
 results=()
-if want sim; then results+=("$(run_wrk sim "http://127.0.0.1:$SIM_PORT")"); fi
-if want nginx; then results+=("$(run_wrk nginx "http://127.0.0.1:$NGINX_PORT")"); fi
-if want tollgate; then results+=("$(run_wrk tollgate "http://127.0.0.1:$TG_PORT")"); fi
+for name in "${names[@]}"; do
+  results+=("$(printf '%s\n' "${rounds[@]}" | awk -v n="$name" '$1 == n' | sort -k2,2n |
+    awk '{ l[NR] = $0 } END { print l[int((NR + 1) / 2)] }')")
+done
+if [ "$ROUNDS" -gt 1 ]; then
+  echo "# rounds (target req/s p50 p99 cpu-us/req):"
+  printf '#   %s\n' "${rounds[@]}" | awk '{ printf "#   %-9s %7d %7.2f %7.2f %7.1f\n", $2, $3, $4, $5, $8 }'
+fi
 
 printf '%s\n' "${results[@]}" | awk '
-  BEGIN { printf "%-10s %12s %10s %10s %8s %8s\n", "target", "req/s", "p50 ms", "p99 ms", "non-2xx", "errors" }
-  { printf "%-10s %12d %10.2f %10.2f %8d %8d\n", $1, $2, $3, $4, $5, $6; rps[$1] = $2; p99[$1] = $4 }
+  BEGIN { printf "%-10s %12s %10s %10s %8s %8s %12s\n", "target", "req/s", "p50 ms", "p99 ms", "non-2xx", "errors", "cpu us/req" }
+  { printf "%-10s %12d %10.2f %10.2f %8d %8d %12.1f\n", $1, $2, $3, $4, $5, $6, $7; rps[$1] = $2; p99[$1] = $4; cpu[$1] = $7 }
   END {
     if (rps["nginx"] > 0 && p99["nginx"] > 0 && ("tollgate" in rps))
-      printf "tollgate/nginx: req/s %.2f  p99 %.2f\n", rps["tollgate"] / rps["nginx"], p99["tollgate"] / p99["nginx"]
+      printf "tollgate/nginx: req/s %.2f  p99 %.2f  cpu/req %.2f\n", rps["tollgate"] / rps["nginx"], p99["tollgate"] / p99["nginx"], (cpu["nginx"] > 0 ? cpu["tollgate"] / cpu["nginx"] : 0)
+    if (rps["nginx"] > 0 && p99["nginx"] > 0 && ("curl" in rps))
+      printf "curl/nginx:     req/s %.2f  p99 %.2f  cpu/req %.2f\n", rps["curl"] / rps["nginx"], p99["curl"] / p99["nginx"], (cpu["nginx"] > 0 ? cpu["curl"] / cpu["nginx"] : 0)
   }'
 
 bad=$(printf '%s\n' "${results[@]}" | awk '$5 > 0 || $6 > 0 { print $1 }')

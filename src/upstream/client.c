@@ -1,4 +1,12 @@
-/* libcurl multi on a libuv loop: curl tells us which sockets to watch and
+/* The upstream client interface and its libcurl implementation.
+ *
+ * Each tg_upstream_t holds a libcurl multi handle and, once
+ * tg_upstream_set_mode() asks for it, the native HTTP/1.1 client
+ * (h1client.c); tg_xfer_start() sends http:// URLs to the native client in
+ * that mode and everything else to libcurl. The other tg_xfer_* calls
+ * follow the transfer's own kind (its tg__xfer_head_t).
+ *
+ * libcurl multi on a libuv loop: curl tells us which sockets to watch and
  * when to time out (socket and timer callbacks), libuv tells curl when they
  * are ready (socket_action). Finished transfers are collected with
  * curl_multi_info_read after every action and reported through on_done.
@@ -14,6 +22,7 @@
 #include <unistd.h>
 
 #include "core/err.h"
+#include "upstream/h1client.h"
 
 #define EASY_FREE_MAX 64
 
@@ -32,9 +41,11 @@ struct tg_upstream_s {
   tg_xfer_t *xfers;          /* live transfers */
   sock_ctx_t **socks;        /* watchers by descriptor */
   size_t n_socks;
+  tg__h1_t *h1;              /* the native client, NULL in curl mode */
 };
 
 struct tg_xfer_s {
+  tg__xfer_head_t head;      /* native = 0 */
   tg_upstream_t *up;
   CURL *easy;
   struct curl_slist *headers;
@@ -327,6 +338,9 @@ static size_t header_cb(char *buf, size_t size, size_t nitems, void *userdata) {
   return len;
 }
 
+static int curl_xfer_start(tg_upstream_t *up, const tg_xfer_opts_t *opts,
+                           const tg_xfer_cbs_t *cbs, void *arg, tg_xfer_t **out);
+
 int tg_upstream_init(tg_upstream_t **out, uv_loop_t *loop) {
   tg_upstream_t *up = calloc(1, sizeof(*up));
   if (up == NULL)
@@ -352,9 +366,23 @@ static void on_up_timer_closed(uv_handle_t *h) {
   free(h->data);
 }
 
+int tg_upstream_set_mode(tg_upstream_t *up, int mode) {
+  if (mode == TG_UPSTREAM_NATIVE && up->h1 == NULL)
+    return tg__h1_init(&up->h1, up->loop);
+  if (mode == TG_UPSTREAM_CURL && up->h1 != NULL) {
+    tg__h1_close(up->h1);
+    up->h1 = NULL;
+  }
+  return 0;
+}
+
 void tg_upstream_close(tg_upstream_t *up) {
   int i;
   up->closing = 1;
+  if (up->h1 != NULL) {
+    tg__h1_close(up->h1);
+    up->h1 = NULL;
+  }
   while (up->xfers)
     xfer_free(up->xfers);
   for (i = 0; i < up->n_free; i++) {
@@ -373,6 +401,19 @@ void tg_upstream_close(tg_upstream_t *up) {
 
 int tg_xfer_start(tg_upstream_t *up, const tg_xfer_opts_t *opts,
                   const tg_xfer_cbs_t *cbs, void *arg, tg_xfer_t **out) {
+  if (up->closing)
+    return TG_ECANCELED;
+  if (up->h1 != NULL && tg__h1_accepts(opts->url))
+    return tg__h1_start(up->h1, opts, cbs, arg, out);
+  return curl_xfer_start(up, opts, cbs, arg, out);
+}
+
+static int is_native(const tg_xfer_t *x) {
+  return ((const tg__xfer_head_t *)(const void *)x)->native;
+}
+
+static int curl_xfer_start(tg_upstream_t *up, const tg_xfer_opts_t *opts,
+                           const tg_xfer_cbs_t *cbs, void *arg, tg_xfer_t **out) {
   tg_xfer_t *x;
   CURL *e;
   size_t i;
@@ -440,11 +481,19 @@ fail:
 }
 
 void tg_xfer_cancel(tg_xfer_t *x) {
+  if (is_native(x)) {
+    tg__h1_cancel(x);
+    return;
+  }
   x->failed = 1; /* stopped mid-way: do not keep its handle */
   xfer_free(x);
 }
 
 void tg_xfer_resume(tg_xfer_t *x) {
+  if (is_native(x)) {
+    tg__h1_resume(x);
+    return;
+  }
   if (!x->paused)
     return;
   x->paused = 0;
@@ -452,5 +501,7 @@ void tg_xfer_resume(tg_xfer_t *x) {
 }
 
 int tg_xfer_paused(const tg_xfer_t *x) {
+  if (is_native(x))
+    return tg__h1_paused(x);
   return x->paused;
 }

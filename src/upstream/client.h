@@ -1,7 +1,10 @@
-/* Upstream HTTP client: libcurl's multi interface driven by one libuv loop.
+/* Upstream HTTP client: libcurl's multi interface driven by one libuv loop,
+ * or (`upstream_client: native`) a native HTTP/1.1 client on the same loop
+ * for http:// upstreams; both behind this one interface.
  *
  * One tg_upstream_t per loop thread; it owns the curl multi handle (and so
- * the connection cache to the upstreams) and a free list of easy handles.
+ * the connection cache to the upstreams), a free list of easy handles and,
+ * in native mode, the native client's connection pools.
  * A transfer reports the response status, its body bytes as they arrive and
  * its end through callbacks, all on the loop thread. The body callback may
  * ask to pause (the bytes are then offered again after tg_xfer_resume()). */
@@ -44,7 +47,18 @@ typedef struct {
   uint64_t connect_timeout_ms;
 } tg_xfer_opts_t;
 
+enum {
+  TG_UPSTREAM_CURL = 0,   /* libcurl for every URL (the default) */
+  TG_UPSTREAM_NATIVE = 1, /* the native client for http://, libcurl for the rest */
+};
+
+/* Creates the client of one loop, in TG_UPSTREAM_CURL mode. */
 int tg_upstream_init(tg_upstream_t **out, uv_loop_t *loop);
+/* Chooses the client for transfers started from now on. Meant to be called
+ * once, before any transfer starts: switching from native back to curl
+ * cancels the native client's running transfers without callbacks and
+ * closes its connections. Returns 0 or TG_ENOMEM. */
+int tg_upstream_set_mode(tg_upstream_t *up, int mode);
 /* Cancels every transfer (without callbacks), closes handles; the object is
  * freed once its handles are closed (run the loop afterwards). */
 void tg_upstream_close(tg_upstream_t *up);

@@ -515,6 +515,9 @@ class Gateway:
             "tenants": tenants if tenants is not None else default_tenants(tuple(models)),
             "models": mcfg,
         }
+        if os.environ.get("TG_UPSTREAM_CLIENT"):
+            # runs the whole suite against the chosen upstream client
+            cfg["upstream_client"] = os.environ["TG_UPSTREAM_CLIENT"]
         for k, v in (overrides or {}).items():
             if k == "timeouts" and isinstance(v, dict):
                 cfg["timeouts"].update(v)

@@ -1,0 +1,478 @@
+"""The native upstream client (`upstream_client: native`): keep-alive
+connections to an upstream are reused; an upstream that closes idle
+connections (or drops one just as it is reused) costs the client nothing;
+chunked and Content-Length answers, streamed or not, reach the client byte
+for byte; a client that stops reading pauses the upstream; refused and
+black-holed upstreams give 503, a silent one 504; an https endpoint is a
+configuration error in this mode.
+
+The upstream here is a small raw-socket HTTP/1.1 server in this file, so the
+tests can count connections and shape the bytes on the wire."""
+
+import json
+import socket
+import threading
+import time
+
+import pytest
+
+import tgtest
+from tgtest import SSEStream, chat, chat_body, closed_port
+
+M8B = tgtest.DEFAULT_MODELS[0]
+NATIVE = {"upstream_client": "native", "health_check_interval": "60s"}
+
+
+def _answer_json(max_tokens):
+    n = max_tokens or 4
+    return {
+        "id": "chatcmpl-native", "object": "chat.completion", "created": 1, "model": M8B,
+        "choices": [{"index": 0, "finish_reason": "length",
+                     "message": {"role": "assistant",
+                                 "content": " ".join("w%d" % i for i in range(n))}}],
+        "usage": {"prompt_tokens": 7, "completion_tokens": n, "total_tokens": 7 + n},
+    }
+
+
+def _sse_events(n, pad=0):
+    out = []
+    for i in range(n):
+        chunk = {"id": "c", "object": "chat.completion.chunk", "model": M8B,
+                 "choices": [{"index": 0, "delta": {"content": "w%d " % i + "x" * pad},
+                              "finish_reason": "length" if i == n - 1 else None}]}
+        out.append(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+    usage = {"id": "c", "object": "chat.completion.chunk", "model": M8B, "choices": [],
+             "usage": {"prompt_tokens": 7, "completion_tokens": n, "total_tokens": 7 + n}}
+    out.append(b"data: " + json.dumps(usage).encode() + b"\n\n")
+    out.append(b"data: [DONE]\n\n")
+    return out
+
+
+class Upstream:
+    """A threaded HTTP/1.1 server on a free port.
+
+    mode: "keepalive" (default), "close" (closes after each answer without
+    saying so), "drop_second" (answers the first request of a connection
+    and closes on the second without answering), "stall" (never answers).
+    chunked: non-streamed answers go out chunked, in pieces.
+    Counts: .conns (connections that carried a POST), .posts, .answered,
+    .dropped; .sent_bytes of streamed bodies."""
+
+    def __init__(self, mode="keepalive", chunked=False, stream_pad=0, stall_after=None):
+        self.mode = mode
+        self.chunked = chunked
+        self.stream_pad = stream_pad
+        self.stall_after = stall_after   # streamed events sent before stalling
+        self.lock = threading.Lock()
+        self.conns = 0
+        self.posts = 0
+        self.answered = 0
+        self.dropped = 0
+        self.sent_bytes = 0
+        self.peer_closed = 0             # connections the gateway closed on us
+        self.first_headers = None        # header names of the first POST
+        self.last_prompt_len = 0         # length of the last request's first message
+        self.stop = threading.Event()
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(128)
+        self.port = self.sock.getsockname()[1]
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self):
+        return "http://127.0.0.1:%d" % self.port
+
+    def close(self):
+        self.stop.set()
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    def _accept(self):
+        while not self.stop.is_set():
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(c,), daemon=True).start()
+
+    @staticmethod
+    def _read_request(c, buf):
+        while b"\r\n\r\n" not in buf:
+            d = c.recv(65536)
+            if not d:
+                return None, buf
+            buf += d
+        head, rest = buf.split(b"\r\n\r\n", 1)
+        lines = head.decode("latin-1").split("\r\n")
+        method, path, _ = lines[0].split(" ", 2)
+        hdrs = {}
+        for l in lines[1:]:
+            k, v = l.split(":", 1)
+            hdrs[k.strip().lower()] = v.strip()
+        n = int(hdrs.get("content-length", "0"))
+        while len(rest) < n:
+            d = c.recv(65536)
+            if not d:
+                return None, b""
+            rest += d
+        return (method, path, hdrs, rest[:n]), rest[n:]
+
+    def _serve(self, c):
+        buf = b""
+        n_req = 0
+        counted = False
+        try:
+            while True:
+                req, buf = self._read_request(c, buf)
+                if req is None:
+                    with self.lock:
+                        self.peer_closed += 1
+                    return
+                method, path, hdrs, body = req
+                if method == "GET":
+                    c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                    continue
+                n_req += 1
+                with self.lock:
+                    if self.first_headers is None:
+                        self.first_headers = sorted(hdrs)
+                    self.posts += 1
+                    if not counted:
+                        self.conns += 1
+                        counted = True
+                if self.mode == "drop_second" and n_req == 2:
+                    with self.lock:
+                        self.dropped += 1
+                    return
+                if self.mode == "stall":
+                    self.stop.wait(30)
+                    return
+                doc = json.loads(body)
+                with self.lock:
+                    self.last_prompt_len = len(doc["messages"][0]["content"])
+                if doc.get("stream"):
+                    self._stream(c, doc)
+                else:
+                    self._plain(c, doc)
+                with self.lock:
+                    self.answered += 1
+                if self.mode == "close":
+                    return
+        except OSError:
+            with self.lock:
+                self.peer_closed += 1
+        finally:
+            c.close()
+
+    def _plain(self, c, doc):
+        data = json.dumps(_answer_json(doc.get("max_tokens"))).encode()
+        if not self.chunked:
+            c.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: %d\r\n\r\n" % len(data) + data)
+            return
+        c.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                  b"Transfer-Encoding: chunked\r\n\r\n")
+        # uneven pieces, each its own chunk, some in separate segments
+        cuts = [0, 1, 9, len(data) // 2, len(data)]
+        for a, b in zip(cuts, cuts[1:]):
+            c.sendall(b"%x\r\n" % (b - a) + data[a:b] + b"\r\n")
+            time.sleep(0.002)
+        c.sendall(b"0\r\n\r\n")
+
+    def _stream(self, c, doc):
+        events = _sse_events(doc.get("max_tokens") or 4, self.stream_pad)
+        c.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                  b"Transfer-Encoding: chunked\r\n\r\n")
+        # events cut across chunk boundaries in the middle of a line
+        blob = b"".join(events)
+        if self.stall_after is not None:
+            blob = b"".join(events[:self.stall_after])
+        step = 4093
+        for i in range(0, len(blob), step):
+            piece = blob[i:i + step]
+            c.sendall(b"%x\r\n" % len(piece) + piece + b"\r\n")
+            with self.lock:
+                self.sent_bytes += len(piece)
+        if self.stall_after is not None:
+            # wait for the gateway to give up on us
+            c.settimeout(30)
+            c.recv(1)
+            raise OSError("closed by the gateway")
+        c.sendall(b"0\r\n\r\n")
+
+
+def _contents(events):
+    out = []
+    for e in tgtest.content_events(events):
+        ch = e.json()["choices"][0]
+        out.append((ch.get("delta") or {}).get("content"))
+    return out
+
+
+def test_native_reuses_keepalive_connections(tg):
+    up = Upstream()
+    try:
+        gw = tg.gateway({M8B: [up.url]}, workers=1, overrides=NATIVE)
+        key = gw.keys["acme"]
+        for i in range(20):
+            r = chat(gw.port, key, M8B, max_tokens=i + 1)
+            assert r.status == 200, r
+            assert r.json() == _answer_json(i + 1)
+        for i in range(5):
+            s = SSEStream(gw.port, chat_body(M8B, stream=True, max_tokens=3), key=key)
+            events = s.read_all()
+            s.close()
+            assert s.done and _contents(events) == ["w0 ", "w1 ", "w2 "]
+        assert up.posts == 25
+        # the request carries what the gateway sets and nothing a library adds
+        # (libcurl would add Accept): the native client is the one in use
+        assert up.first_headers == ["content-length", "content-type", "host", "x-request-id"], \
+            up.first_headers
+        # one worker, one request at a time: one upstream connection for all
+        assert up.conns == 1, "%d upstream connections for 25 sequential requests" % up.conns
+        # concurrent requests open at most one connection each, then reuse
+        rs = tgtest.parallel(lambda _: chat(gw.port, key, M8B, max_tokens=2),
+                             [(i,) for i in range(24)], threads=6)
+        assert [r.status for r in rs] == [200] * 24
+        assert up.posts == 49
+        assert up.conns <= 1 + 6, "%d upstream connections" % up.conns
+    finally:
+        up.close()
+
+
+def test_native_large_request_body(tg):
+    # larger than what a loopback socket takes at once: the rest of the
+    # request is queued and written as the upstream reads
+    up = Upstream()
+    try:
+        gw = tg.gateway({M8B: [up.url]}, workers=1,
+                        overrides=dict(NATIVE, max_body_bytes=32 * 1024 * 1024))
+        key = gw.keys["acme"]
+        for n in (12 * 1024 * 1024, 100, 9 * 1024 * 1024):
+            r = chat(gw.port, key, M8B, max_tokens=2, content="a" * n, timeout=30)
+            assert r.status == 200, r
+            assert r.json() == _answer_json(2)
+            assert up.last_prompt_len == n
+        assert up.posts == 3 and up.conns == 1
+    finally:
+        up.close()
+
+
+def test_native_upstream_closing_after_each_answer(tg):
+    up = Upstream(mode="close")
+    try:
+        gw = tg.gateway({M8B: [up.url]}, workers=1, overrides=NATIVE)
+        key = gw.keys["acme"]
+        for i in range(30):
+            r = chat(gw.port, key, M8B, max_tokens=3)
+            assert r.status == 200, (i, r)
+            assert r.json()["usage"]["completion_tokens"] == 3
+            if i % 2:
+                time.sleep(0.05)  # lets the gateway see the close while idle
+        assert up.answered == 30
+        assert up.posts == 30
+        assert up.conns == 30
+        # no request failed on the way: every access-log line says 200
+        statuses = [e.get("status") for e in gw.access_log_entries()
+                    if e.get("model") == M8B]
+        assert statuses.count(200) == 30, statuses
+    finally:
+        up.close()
+
+
+def test_native_retries_request_on_dropped_reused_connection(tg):
+    up = Upstream(mode="drop_second")
+    try:
+        gw = tg.gateway({M8B: [up.url]}, workers=1, overrides=NATIVE)
+        key = gw.keys["acme"]
+        for i in range(10):
+            r = chat(gw.port, key, M8B, max_tokens=2)
+            assert r.status == 200, (i, r)
+            assert r.json() == _answer_json(2)
+            s = SSEStream(gw.port, chat_body(M8B, stream=True, max_tokens=2), key=key)
+            events = s.read_all()
+            s.close()
+            assert s.done and _contents(events) == ["w0 ", "w1 "]
+        # every reuse of a connection was dropped and sent again on a new one
+        assert up.answered == 20
+        assert up.dropped >= 10, "the reuse path was not exercised (%d drops)" % up.dropped
+        assert up.posts == up.answered + up.dropped
+    finally:
+        up.close()
+
+
+def test_native_chunked_and_content_length_answers(tg):
+    for chunked in (False, True):
+        up = Upstream(chunked=chunked)
+        try:
+            gw = tg.gateway({M8B: [up.url]}, workers=1, overrides=NATIVE)
+            key = gw.keys["acme"]
+            r = chat(gw.port, key, M8B, max_tokens=40)
+            assert r.status == 200, r
+            assert r.json() == _answer_json(40)
+            s = SSEStream(gw.port, chat_body(M8B, stream=True, max_tokens=500,
+                                             include_usage=True), key=key)
+            events = s.read_all()
+            s.close()
+            assert s.done and s.complete
+            assert _contents(events) == ["w%d " % i for i in range(500)]
+            usage = [e.json()["usage"] for e in tgtest.usage_events(events)]
+            assert usage and usage[-1]["completion_tokens"] == 500
+        finally:
+            up.close()
+
+
+def test_native_slow_client_pauses_upstream(tg):
+    up = Upstream(stream_pad=4000)  # ~4 KiB per event
+    try:
+        gw = tg.gateway({M8B: [up.url]}, workers=1, overrides=NATIVE)
+        key = gw.keys["acme"]
+        n = 12000  # ~48 MiB of events; loopback socket buffers hold ~10 MiB
+        rss0 = gw.rss_kb()
+        s = SSEStream(gw.port, chat_body(M8B, stream=True, max_tokens=n), key=key,
+                      rcvbuf=4096, read_head=False)
+        time.sleep(1.5)
+        sent1 = up.sent_bytes
+        rss1 = gw.rss_kb()
+        time.sleep(1.0)
+        sent2 = up.sent_bytes
+        total = sum(len(e) for e in _sse_events(n, 4000))
+        print("slow client: upstream sent %d then %d of %d bytes; RSS %d -> %d KiB"
+              % (sent1, sent2, total, rss0, rss1))
+        assert sent2 < total / 2, "upstream sent %d of %d bytes" % (sent2, total)
+        assert sent2 - sent1 < 256 * 1024, "upstream kept sending: %d then %d" % (sent1, sent2)
+        assert rss1 - rss0 < 8192, "RSS grew %d KiB" % (rss1 - rss0)
+        s.read_head()
+        assert s.status == 200
+        events = s.read_all()
+        s.close()
+        assert s.done
+        got = _contents(events)
+        assert len(got) == n
+        assert all(c.startswith("w%d " % i) for i, c in enumerate(got))
+        assert up.sent_bytes == total
+        # the connection that was paused and resumed serves the next request
+        r = chat(gw.port, key, M8B, max_tokens=3)
+        assert r.status == 200 and r.json() == _answer_json(3)
+        assert up.conns == 1
+    finally:
+        up.close()
+
+
+def test_native_refused_and_blackholed_upstreams(tg):
+    dead = "http://127.0.0.1:%d" % closed_port()
+    gw = tg.gateway({M8B: [dead]}, workers=1, overrides=NATIVE, ready=False)
+    key = gw.keys["acme"]
+    r = chat(gw.port, key, M8B, max_tokens=2)
+    assert r.status == 503, r
+    assert r.error()["code"] == "no_healthy_endpoint"
+
+    # a listener whose backlog is full never completes a connect
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(0)
+    fillers = []
+    for _ in range(3):
+        f = socket.socket()
+        f.setblocking(False)
+        try:
+            f.connect(hole.getsockname())
+        except BlockingIOError:
+            pass
+        fillers.append(f)
+    try:
+        url = "http://127.0.0.1:%d" % hole.getsockname()[1]
+        overrides = dict(NATIVE, timeouts={"upstream_connect": "300ms"})
+        gw2 = tg.gateway({M8B: [url]}, workers=1, overrides=overrides, ready=False)
+        t0 = time.monotonic()
+        r = chat(gw2.port, gw2.keys["acme"], M8B, max_tokens=2)
+        took = time.monotonic() - t0
+        assert r.status == 503, r
+        assert r.error()["code"] == "no_healthy_endpoint"
+        assert 0.25 <= took < 2.5, "answered after %.2f s" % took
+    finally:
+        for f in fillers:
+            f.close()
+        hole.close()
+
+
+def test_native_stalled_upstream_times_out(tg):
+    up = Upstream(mode="stall")
+    try:
+        gw = tg.gateway({M8B: [up.url]}, workers=1,
+                        overrides=dict(NATIVE, timeouts={"upstream_first_byte": "1s"}))
+        key = gw.keys["acme"]
+        t0 = time.monotonic()
+        r = chat(gw.port, key, M8B, max_tokens=2)
+        took = time.monotonic() - t0
+        assert r.status == 504, r
+        assert r.error()["code"] == "upstream_timeout"
+        assert 0.9 <= took < 3.0, took
+    finally:
+        up.close()
+
+    # an upstream that stops in the middle of a stream: the client's stream
+    # ends without [DONE] and the gateway drops the connection
+    up = Upstream(stall_after=5)
+    try:
+        gw = tg.gateway({M8B: [up.url]}, workers=1,
+                        overrides=dict(NATIVE, timeouts={"upstream_idle": "1s"}))
+        key = gw.keys["acme"]
+        s = SSEStream(gw.port, chat_body(M8B, stream=True, max_tokens=50), key=key)
+        assert s.status == 200
+        events = s.read_all()
+        s.close()
+        assert not s.done
+        assert _contents(events) == ["w%d " % i for i in range(5)]
+        tgtest.wait_for(lambda: up.peer_closed >= 1, timeout=5.0,
+                        what="the gateway closing the stalled connection")
+    finally:
+        up.close()
+
+
+def test_native_resolves_host_names(tg):
+    name = socket.gethostname()
+    try:
+        addrs = {a[4][0] for a in socket.getaddrinfo(name, None, socket.AF_INET)}
+    except OSError:
+        addrs = set()
+    if addrs != {"127.0.0.1"}:
+        pytest.skip("the host name %r does not resolve to 127.0.0.1 only" % name)
+    up = Upstream()
+    try:
+        # a name the resolver answers, and one it does not
+        gw = tg.gateway({M8B: ["http://%s:%d" % (name, up.port)],
+                         "llama-3.1-70b": ["http://no-such-host.invalid:%d" % up.port]},
+                        workers=1, overrides=NATIVE, ready=False)
+        key = gw.keys["acme"]
+        for i in range(5):
+            r = chat(gw.port, key, M8B, max_tokens=i + 1)
+            assert r.status == 200, r
+            assert r.json() == _answer_json(i + 1)
+        assert up.conns == 1
+        r = chat(gw.port, key, "llama-3.1-70b", max_tokens=2)
+        assert r.status == 503, r
+        assert r.error()["code"] == "no_healthy_endpoint"
+    finally:
+        up.close()
+
+
+def test_native_rejects_https_endpoints(tg):
+    gw = tg.gateway({M8B: ["https://127.0.0.1:8443"]}, start=False, keys=(),
+                    overrides={"upstream_client": "native"})
+    cp = gw.tool("check-config", check=False)
+    assert cp.returncode == 1
+    assert "upstream_client 'native' serves only http:// endpoints" in cp.stdout + cp.stderr
+    gw.config["upstream_client"] = "curl"
+    gw.write_config()
+    assert gw.tool("check-config", check=False).returncode == 0
+    gw.config["upstream_client"] = "fast"
+    gw.write_config()
+    cp = gw.tool("check-config", check=False)
+    assert cp.returncode == 1
+    assert "expected 'auto', 'curl' or 'native', got 'fast'" in cp.stdout + cp.stderr
