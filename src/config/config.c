@@ -662,14 +662,14 @@ static void parse_timeouts(ydoc_t *d, yaml_node_t *n) {
   static const char *const names[] = {
       "client_request",      "client_keepalive", "client_send",
       "upstream_connect",    "upstream_first_byte", "upstream_idle",
-      "drain"};
+      "drain",               "queue"};
   enum { NT = sizeof names / sizeof names[0] };
   tg_config_t *cfg = d->ld->cfg;
   uint64_t *dst[NT] = {
       &cfg->client_request_timeout_ms,      &cfg->client_keepalive_timeout_ms,
       &cfg->client_send_timeout_ms,         &cfg->upstream_connect_timeout_ms,
       &cfg->upstream_first_byte_timeout_ms, &cfg->upstream_idle_timeout_ms,
-      &cfg->drain_timeout_ms};
+      &cfg->drain_timeout_ms, &cfg->queue_timeout_ms};
   yaml_node_t *v[NT], *k[NT];
   if (map_fields(d, n, "timeouts", names, NT, v, k) < 0)
     return;
@@ -849,6 +849,13 @@ static void parse_endpoints(ydoc_t *d, tg_model_cfg_t *m, yaml_node_t *n,
       const char *why = check_url(e->url);
       if (why != NULL) {
         yerr(d, v[0], fpath, "%s, got '%s'", why, e->url);
+        ok = 0;
+      } else if (d->ld->cfg->upstream_native == TG_UPSTREAM_CLIENT_NATIVE &&
+                 strncmp(e->url, "https://", 8) == 0) {
+        /* The native client speaks plain HTTP/1.1 only; a silent fallback
+         * would hide which client serves the endpoint. */
+        yerr(d, v[0], fpath,
+             "upstream_client 'native' serves only http:// endpoints, got '%s'", e->url);
         ok = 0;
       }
     }
@@ -1349,12 +1356,13 @@ static const char *const top_names[] = {
     "access_log",      "forward_headers",  "health_check_interval",
     "timeouts",        "global_rate_limit", "priority_classes",
     "tenants_file",    "tenants",          "models",
-    "ledger",          "metrics"};
+    "ledger",          "metrics",          "upstream_client",
+    "queue_max"};
 enum {
   T_LISTEN, T_ADMIN_LISTEN, T_WORKERS, T_DATA_DIR, T_STATE, T_STATE_FAILURE,
   T_DATABASE, T_MAX_BODY, T_MAX_HEADER, T_ACCESS_LOG, T_FORWARD_HEADERS,
   T_HEALTH, T_TIMEOUTS, T_GLOBAL_RL, T_PRIORITY, T_TENANTS_FILE, T_TENANTS,
-  T_MODELS, T_LEDGER, T_METRICS, T__N
+  T_MODELS, T_LEDGER, T_METRICS, T_UPSTREAM_CLIENT, T_QUEUE_MAX, T__N
 };
 _Static_assert(sizeof top_names / sizeof top_names[0] == T__N,
                "top_names and the T_ enum must match");
@@ -1405,6 +1413,20 @@ static void parse_scalars(ydoc_t *d, yaml_node_t **v) {
   free(s);
   s = NULL;
   get_off(d, v[T_METRICS], "metrics", &cfg->metrics_off);
+  if (v[T_UPSTREAM_CLIENT] &&
+      get_string(d, v[T_UPSTREAM_CLIENT], "upstream_client", &s) == 0) {
+    if (strcmp(s, "curl") == 0)
+      cfg->upstream_native = TG_UPSTREAM_CLIENT_CURL;
+    else if (strcmp(s, "native") == 0)
+      cfg->upstream_native = TG_UPSTREAM_CLIENT_NATIVE;
+    else if (strcmp(s, "auto") == 0)
+      cfg->upstream_native = TG_UPSTREAM_CLIENT_AUTO;
+    else
+      yerr(d, v[T_UPSTREAM_CLIENT], "upstream_client",
+           "expected 'auto', 'curl' or 'native', got '%s'", s);
+  }
+  free(s);
+  s = NULL;
   get_off(d, v[T_LEDGER], "ledger", &cfg->ledger_off);
   if (v[T_STATE_FAILURE] &&
       get_string(d, v[T_STATE_FAILURE], "state_failure", &s) == 0) {
@@ -1432,6 +1454,8 @@ static void parse_scalars(ydoc_t *d, yaml_node_t **v) {
   }
   free(s);
   s = NULL;
+  if (v[T_QUEUE_MAX] && get_int(d, v[T_QUEUE_MAX], "queue_max", 0, 1000000, &i64) == 0)
+    cfg->queue_max = (size_t)i64;
   if (v[T_MAX_BODY] && get_int(d, v[T_MAX_BODY], "max_body_bytes", 1,
                                MAX_BODY_LIMIT, &i64) == 0)
     cfg->max_body_bytes = (size_t)i64;
@@ -1564,6 +1588,9 @@ static tg_config_t *config_new(const char *path) {
   cfg->upstream_first_byte_timeout_ms = 60000;
   cfg->upstream_idle_timeout_ms = 30000;
   cfg->drain_timeout_ms = 30000;
+  cfg->queue_timeout_ms = 30000;
+  cfg->upstream_native = TG_UPSTREAM_CLIENT_AUTO;
+  cfg->queue_max = 1024;
   cfg->health_check_interval_ms = 2000;
   cfg->path = strdup(path);
   cfg->listen_host = strdup("127.0.0.1");

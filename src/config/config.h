@@ -13,6 +13,13 @@
 
 #include "core/money.h"
 
+/* upstream_client: which client carries requests to upstreams. */
+enum {
+  TG_UPSTREAM_CLIENT_CURL = 0,   /* libcurl's multi interface, every endpoint */
+  TG_UPSTREAM_CLIENT_NATIVE = 1, /* the native HTTP/1.1 client; http:// endpoints only */
+  TG_UPSTREAM_CLIENT_AUTO = 2    /* default: native for http://, libcurl for https:// */
+};
+
 typedef struct {
   char *url;          /* base URL, no trailing slash: http://127.0.0.1:8000 */
   int max_inflight;   /* default 256 */
@@ -79,8 +86,13 @@ typedef struct tg_config_s {
   uint64_t upstream_first_byte_timeout_ms; /* default 60000 */
   uint64_t upstream_idle_timeout_ms;    /* default 30000 */
   uint64_t drain_timeout_ms;            /* default 30000 */
+  uint64_t queue_timeout_ms;            /* default 30000: longest wait for a pool slot */
+  size_t queue_max;                     /* default 1024: waiting requests per model
+                                           (the workers share it); 0: shed at once */
   uint64_t health_check_interval_ms;    /* default 2000; 0 disables probes */
 
+  int upstream_native;     /* `upstream_client`: TG_UPSTREAM_CLIENT_*; read when the
+                              workers start, a reload keeps it */
   char *access_log;        /* "stdout" (default), "off", or a file path */
   char **forward_headers;  /* client headers passed to upstreams, lower-case */
   size_t n_forward_headers;

@@ -138,6 +138,7 @@ static void worker_close(tg_worker_t *w) {
     w->ledger = NULL;
   }
   uv_close((uv_handle_t *)&w->tick, on_worker_handle_closed);
+  tg_api_worker_closing(w);
   uv_close((uv_handle_t *)&w->async, on_worker_handle_closed);
 }
 
@@ -155,7 +156,10 @@ static void worker_command(tg_worker_t *w) {
 }
 
 static void on_worker_async(uv_async_t *a) {
-  worker_command(a->data);
+  tg_worker_t *w = a->data;
+  worker_command(w);
+  if (w->http != NULL && !w->is_admin)
+    tg_api_serve_queues(w);
 }
 
 static void on_worker_tick(uv_timer_t *t) {
@@ -208,6 +212,10 @@ static int worker_init(tg_app_t *app, tg_worker_t *w, int id, int admin) {
   tg_http_server_on_reject(w->http, tg_api_reject);
   if (!admin && (r = tg_upstream_init(&w->up, &w->loop)) < 0)
     return r;
+  /* native or auto: http:// goes to the native client, https:// to libcurl */
+  if (!admin && cfg->upstream_native != TG_UPSTREAM_CLIENT_CURL &&
+      (r = tg_upstream_set_mode(w->up, TG_UPSTREAM_NATIVE)) < 0)
+    return r;
   if (!admin && (r = tg_policy_loop_new(app->policy, &w->loop, &w->policy)) < 0)
     return r;
   if (!admin && app->ledger != NULL &&
@@ -225,6 +233,7 @@ static void worker_fini(tg_worker_t *w) {
   /* the loop has no handles left once the thread returns */
   uv_run(&w->loop, UV_RUN_DEFAULT);
   uv_loop_close(&w->loop);
+  tg_api_worker_fini(w);
   tg_runtime_unref(w->rt);
   tg_keyset_release(w->keys);
   w->rt = NULL;

@@ -849,6 +849,87 @@ static void test_check_config_command(void **state) {
   assert_int_equal(run_check(3, unknown, out, err, sizeof out), 2);
 }
 
+/* ---- upstream_client ------------------------------------------------------ */
+
+/* A config file with `first` as its first line (may be empty) and a model
+ * whose second endpoint is url (line 6 when first is one line). */
+static char *client_config(const char *first, const char *url) {
+  char text[1024];
+  snprintf(text, sizeof text,
+           "%s\n"
+           "models:\n"
+           "  m:\n"
+           "    endpoints:\n"
+           "      - url: http://10.0.0.1:8000\n"
+           "      - url: %s\n"
+           "    pricing: {prompt_per_1k_usd: \"1\", completion_per_1k_usd: \"1\"}\n"
+           "tenants:\n"
+           "  t: {models_allowed: [m]}\n",
+           first, url);
+  return tmp_config(text);
+}
+
+static void test_upstream_client(void **state) {
+  (void)state;
+  tg_config_errors_t e;
+  tg_config_t *cfg;
+  char *path;
+
+  /* absent: auto (native for http://, libcurl for https://), and https
+   * endpoints are fine */
+  path = client_config("", "https://gpu:8443");
+  cfg = load_ok(path);
+  assert_int_equal(cfg->upstream_native, TG_UPSTREAM_CLIENT_AUTO);
+  tg_config_unref(cfg);
+  unlink(path);
+  free(path);
+
+  /* auto, said explicitly */
+  path = client_config("upstream_client: auto", "https://gpu:8443");
+  cfg = load_ok(path);
+  assert_int_equal(cfg->upstream_native, TG_UPSTREAM_CLIENT_AUTO);
+  tg_config_unref(cfg);
+  unlink(path);
+  free(path);
+
+  /* native with http endpoints only */
+  path = client_config("upstream_client: native", "http://localhost:8001/");
+  cfg = load_ok(path);
+  assert_int_equal(cfg->upstream_native, 1);
+  assert_string_equal(cfg->models[0].endpoints[1].url, "http://localhost:8001");
+  tg_config_unref(cfg);
+  unlink(path);
+  free(path);
+
+  /* explicit curl keeps https */
+  path = client_config("upstream_client: curl", "https://gpu:8443");
+  cfg = load_ok(path);
+  assert_int_equal(cfg->upstream_native, 0);
+  tg_config_unref(cfg);
+  unlink(path);
+  free(path);
+
+  /* native with an https endpoint: an error at the endpoint's line */
+  path = client_config("upstream_client: native", "https://gpu:8443");
+  load_bad(path, &e);
+  assert_int_equal(e.n, 1);
+  expect_err(&e, path, 6, "upstream_client 'native' serves only http:// endpoints",
+             "https://gpu:8443", NULL);
+  tg_config_errors_free(&e);
+  unlink(path);
+  free(path);
+
+  /* an unknown value: an error at its line */
+  path = client_config("upstream_client: libcurl", "http://gpu:8000");
+  load_bad(path, &e);
+  assert_int_equal(e.n, 1);
+  expect_err(&e, path, 1, "upstream_client",
+             "expected 'auto', 'curl' or 'native', got 'libcurl'", NULL);
+  tg_config_errors_free(&e);
+  unlink(path);
+  free(path);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_example_config),
@@ -864,6 +945,7 @@ int main(void) {
       cmocka_unit_test(test_many_models_lookup),
       cmocka_unit_test(test_refcount),
       cmocka_unit_test(test_check_config_command),
+      cmocka_unit_test(test_upstream_client),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
