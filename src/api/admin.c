@@ -244,20 +244,29 @@ static void metrics(tg_worker_t *w, tg_http_req_t *req, const char *rid) {
       usd_gauge(&b, "llm_tenant_monthly_budget_usd", t, tc->monthly_limit_nano);
   }
   tg_mbuf_printf(&b, "# HELP llm_endpoint_up 1 when the endpoint is healthy.\n"
-                     "# TYPE llm_endpoint_up gauge\n"
-                     "# HELP llm_inflight_requests Requests in flight to the pool's endpoints.\n"
-                     "# TYPE llm_inflight_requests gauge\n");
+                     "# TYPE llm_endpoint_up gauge\n");
   for (i = 0; i < cfg->n_models; i++) {
     const tg_pool_t *pool = &rt->pools[i];
-    int inflight = 0;
     tg_metrics_label(t, sizeof(t), cfg->models[i].name);
     for (j = 0; j < pool->n; j++) {
       tg_metrics_label(ep, sizeof(ep), tg_endpoint_url(pool->eps[j]));
       tg_mbuf_printf(&b, "llm_endpoint_up{pool=\"%s\",endpoint=\"%s\"} %d\n", t, ep,
                      tg_endpoint_healthy(pool->eps[j]) ? 1 : 0);
-      inflight += tg_endpoint_inflight(pool->eps[j]);
     }
-    tg_mbuf_printf(&b, "llm_inflight_requests{pool=\"%s\"} %d\n", t, inflight);
+  }
+  tg_mbuf_printf(&b, "# HELP llm_upstream_errors_total Failed upstream attempts, by endpoint and kind.\n"
+                     "# TYPE llm_upstream_errors_total counter\n");
+  for (i = 0; i < cfg->n_models; i++) {
+    const tg_pool_t *pool = &rt->pools[i];
+    tg_metrics_label(t, sizeof(t), cfg->models[i].name);
+    for (j = 0; j < pool->n; j++) {
+      int k;
+      tg_metrics_label(ep, sizeof(ep), tg_endpoint_url(pool->eps[j]));
+      for (k = 0; k < TG_UPERR_N; k++)
+        tg_mbuf_printf(&b, "llm_upstream_errors_total{pool=\"%s\",endpoint=\"%s\",kind=\"%s\"} %llu\n",
+                       t, ep, tg_uperr_names[k],
+                       (unsigned long long)tg_endpoint_errors(pool->eps[j], (tg_uperr_t)k));
+    }
   }
   tg_mbuf_printf(&b, "# HELP llm_ledger_backlog Usage records queued, not yet durable.\n"
                      "# TYPE llm_ledger_backlog gauge\nllm_ledger_backlog %zu\n"

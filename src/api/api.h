@@ -28,6 +28,16 @@ void tg_admin_handle(tg_http_req_t *req);
  * periodic tick. */
 void tg_api_tick(tg_worker_t *w);
 
+/* Dispatches calls waiting for a saturated pool on w's loop while slots
+ * are free; run when another loop (or this one) gave a slot back. */
+void tg_api_serve_queues(tg_worker_t *w);
+
+/* Before w's async handle closes: other loops stop waking it. */
+void tg_api_worker_closing(tg_worker_t *w);
+
+/* Frees w's queue structures once its loop has stopped. */
+void tg_api_worker_fini(tg_worker_t *w);
+
 /* Sends an OpenAI-style error {"error":{"message","type","code"}} and
  * completes req. request_id may be NULL; extra is NULL or header lines. */
 void tg_api_error(tg_http_req_t *req, int status, const char *type, const char *code,

@@ -7,9 +7,17 @@
  * another endpoint only while nothing was relayed to the client. A stream is
  * relayed event by event: each upstream chunk's whole events go out as one
  * HTTP chunk, and when the client's pending output passes the high-water mark
- * the upstream transfer is paused until it drains. */
+ * the upstream transfer is paused until it drains.
+ *
+ * When every endpoint of a model is at max_inflight, an admitted call waits
+ * in its loop's fair queue for that model (sched/fairq.h: weighted round
+ * robin across tenants) up to queue_timeout; a full queue or the timeout
+ * sheds it with 503 and Retry-After. A call giving back an endpoint slot
+ * wakes the loops that have waiters (uv_async), and each loop dispatches its
+ * own waiters: a call never leaves its loop. */
 #define _GNU_SOURCE /* memmem */
 #include <jansson.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -25,9 +33,11 @@
 #include "obs/accesslog.h"
 #include "meter/ledger.h"
 #include "policy/state.h"
+#include "sched/fairq.h"
 
 #define RESP_MAX (16u * 1024 * 1024)   /* a non-streamed upstream answer */
 #define EVENT_MAX (1024u * 1024)       /* one SSE event */
+#define WQUEUES_MAX 4096               /* models with a queue, per loop */
 #define MAX_FWD_HEADERS 16
 
 enum { DL_NONE, DL_FIRST_BYTE, DL_IDLE };
@@ -49,6 +59,13 @@ struct tg_call_s {
   int client_usage;               /* client asked for the usage chunk */
 
   tg_endpoint_t *ep;              /* endpoint of the current attempt */
+  int holding;                    /* holds a slot of ep (and counts in flight) */
+  void *mslot;                    /* the (tenant, model) metrics, once looked up */
+  tg_fq_waiter_t qw;              /* place in the model's fair queue */
+  struct tg_wqueue_s *wq;         /* that queue while waiting, else NULL */
+  uint64_t q_deadline;            /* when waiting ends with 503 */
+  uint64_t t_queued, queue_ns;    /* start and length of the wait */
+  int pick_why;                   /* TG_PICK_* when no endpoint was left */
   uint64_t tried;
   int attempts;
   tg_xfer_t *xfer;
@@ -66,6 +83,7 @@ struct tg_call_s {
   int relayed;                    /* response head sent to the client */
   int saw_done;
   int bad_event;
+  int resp_too_big;               /* the non-streamed answer passed RESP_MAX */
 
   int64_t prompt_tokens, completion_tokens, events;
   int has_usage;
@@ -89,6 +107,7 @@ struct tg_call_s {
   uint64_t deadline;
   int deadline_kind;
   int status;                     /* what the client got, for the log */
+  int shed;                       /* refused because the pool was saturated */
   const char *err_code;
 
   tg_call_t *prev, *next;
@@ -151,6 +170,9 @@ static void call_log(tg_call_t *c) {
     o.refused = c->admission.v.refused;
     if (c->status != 429 && c->status != 402)
       o.refused = TG_LIMIT_NONE;
+    o.shed = c->shed;
+    /* the cached slot is (tenant, model): only for calls that resolved both */
+    o.slot = o.tenant && o.model ? c->mslot : NULL;
     o.prompt_tokens = c->prompt_tokens;
     o.completion_tokens = c->completion_tokens;
     o.duration_s = (double)(end - c->t_start) / 1e9;
@@ -161,8 +183,11 @@ static void call_log(tg_call_t *c) {
   }
 }
 
+static void queue_leave(tg_call_t *c, int served);
+
 static void call_free(tg_call_t *c) {
   size_t i;
+  queue_leave(c, 0);
   call_unlink(c);
   for (i = 0; i < c->n_hdr_lines; i++)
     free(c->hdr_lines[i]);
@@ -176,14 +201,37 @@ static void call_free(tg_call_t *c) {
 }
 
 /* Releases the current attempt's transfer and endpoint slot. */
+/* An attempt took a slot of c->ep: count it in flight for the tenant. */
+static void *call_mslot(tg_call_t *c) {
+  if (c->mslot == NULL)
+    c->mslot = tg_metrics_slot(c->w->app->metrics, (size_t)c->w->id, c->tenant->name,
+                               c->model->name);
+  return c->mslot;
+}
+
+static void call_hold(tg_call_t *c) {
+  c->holding = 1;
+  tg_metrics_inflight(call_mslot(c), 1);
+}
+
+/* Gives back the attempt's endpoint slot, once. c->ep stays for the log. */
+static void wake_waiters(tg_app_t *app);
+
+static void call_unhold(tg_call_t *c) {
+  if (!c->holding)
+    return;
+  c->holding = 0;
+  tg_endpoint_release(c->ep);
+  tg_metrics_inflight(call_mslot(c), -1);
+  wake_waiters(c->w->app);
+}
+
 static void call_drop_attempt(tg_call_t *c) {
   if (c->xfer) {
     tg_xfer_cancel(c->xfer);
     c->xfer = NULL;
   }
-  if (c->ep)
-    tg_endpoint_release(c->ep);
-  /* c->ep stays for the log; the slot is what was given back */
+  call_unhold(c);
 }
 
 /* What the call really used: the upstream's usage when it reported one;
@@ -251,8 +299,8 @@ static void call_fin(tg_call_t *c) {
       tg_http_end(c->req);
     break;
   case FIN_ERROR:
-    tg_api_error(c->req, c->status, c->fin_type, c->err_code, c->request_id, NULL, "%s",
-                 c->fin_msg);
+    tg_api_error(c->req, c->status, c->fin_type, c->err_code, c->request_id,
+                 c->shed ? "Retry-After: 1\r\n" : NULL, "%s", c->fin_msg);
     break;
   default:
     tg_http_abort(c->req);
@@ -303,7 +351,9 @@ static void call_close(tg_call_t *c, int fin) {
   rec.completion_tokens = c->completion_tokens;
   rec.usage_counted = !c->has_usage && c->events > 0;
   rec.status = c->status;
-  rec.queue_us = c->t_dispatch ? (int64_t)(c->t_dispatch - c->t_start) / 1000 : -1;
+  /* arrival until the upstream request went out, waiting in the queue included */
+  rec.queue_us =
+      c->t_dispatch ? (int64_t)(c->t_dispatch - c->t_start + c->queue_ns) / 1000 : -1;
   rec.ttft_us = c->t_first_byte ? (int64_t)(c->t_first_byte - c->t_start) / 1000 : -1;
   rec.total_us = (int64_t)(now_ns() - c->t_start) / 1000;
   gone = tg_http_req_gone(c->req);
@@ -410,8 +460,10 @@ static int on_event(void *arg, const char *ev, size_t len) {
 }
 
 static int resp_append(tg_call_t *c, const char *data, size_t len) {
-  if (c->resp_len + len > RESP_MAX)
+  if (c->resp_len + len > RESP_MAX) {
+    c->resp_too_big = 1;
     return TG_ETOOBIG;
+  }
   if (c->resp_len + len + 1 > c->resp_cap) {
     size_t cap = c->resp_cap ? c->resp_cap : 4096;
     char *nb;
@@ -507,6 +559,7 @@ static int scan_usage(tg_call_t *c, const char *body, size_t len) {
 /* The upstream's whole non-streamed answer is in c->resp. */
 static void deliver_buffered(tg_call_t *c) {
   if (c->up_status == 200 && scan_usage(c, c->resp ? c->resp : "", c->resp_len) < 0) {
+    tg_endpoint_error(c->ep, TG_UPERR_BAD_RESPONSE);
     call_error(c, 502, "server_error", "bad_upstream_response",
                "the upstream returned a response that is not valid JSON");
     return;
@@ -517,17 +570,42 @@ static void deliver_buffered(tg_call_t *c) {
   call_close(c, FIN_RESPOND);
 }
 
+/* Counts an attempt's failure against its endpoint (llm_upstream_errors_total). */
+static void count_up_error(tg_call_t *c, int result) {
+  tg_uperr_t kind;
+  switch (result) {
+  case TG_XFER_OK:
+    if (c->up_status >= 500)
+      kind = TG_UPERR_STATUS;
+    else if ((c->stream && c->up_status == 200 && !(c->relayed && c->saw_done)) ||
+             (c->resp == NULL && c->up_status == 0))
+      kind = TG_UPERR_BAD_RESPONSE;
+    else
+      return;
+    break;
+  case TG_XFER_CONNECT: kind = TG_UPERR_CONNECT; break;
+  case TG_XFER_TIMEOUT: kind = TG_UPERR_TIMEOUT; break;
+  case TG_XFER_BROKEN: kind = TG_UPERR_BROKEN; break;
+  default:
+    if (!c->resp_too_big)
+      return; /* our own abort (the client left): not the upstream's fault */
+    kind = TG_UPERR_BAD_RESPONSE;
+    break;
+  }
+  tg_endpoint_error(c->ep, kind);
+}
+
 static void on_up_done(int result, const char *detail, void *arg) {
   tg_call_t *c = arg;
   int retryable;
 
   c->xfer = NULL;
   c->deadline_kind = DL_NONE;
-  if (c->ep)
-    tg_endpoint_release(c->ep);
+  call_unhold(c);
 
   if (result == TG_XFER_BROKEN)
     c->reached = 1; /* the request went out; the answer broke */
+  count_up_error(c, result);
   if (tg_http_req_gone(c->req)) {
     c->status = 499;
     c->err_code = "client_closed";
@@ -574,7 +652,7 @@ static void on_up_done(int result, const char *detail, void *arg) {
   }
   (void)detail;
   call_error(c, 502, "server_error", "bad_upstream_response",
-             c->resp_len >= RESP_MAX ? "the upstream response exceeds the size limit"
+             c->resp_too_big ? "the upstream response exceeds the size limit"
                                      : "the upstream connection failed before a complete response");
 }
 
@@ -583,16 +661,14 @@ static const tg_xfer_cbs_t xfer_cbs = { on_up_status, on_up_data, on_up_done };
 /* Starts an attempt on the best untried endpoint. Returns 0 when one
  * started (or the call was finished with an error response), -1 when no
  * endpoint is left (the caller decides what to answer). */
-static int try_next(tg_call_t *c) {
+/* Starts an attempt on ep (index idx of the pool), whose slot the caller
+ * took. Returns 0, or -1 when it could not start (the slot is given back). */
+static int start_attempt(tg_call_t *c, tg_endpoint_t *ep, size_t idx) {
   const tg_config_t *cfg = c->rt->cfg;
   tg_xfer_opts_t opts;
-  size_t idx = 0;
-  int why = 0, r;
+  int r;
 
-  for (;;) {
-    tg_endpoint_t *ep = tg_pool_pick(c->pool, c->tried, &idx, &why);
-    if (ep == NULL)
-      return -1;
+  {
     if (idx < 64)
       c->tried |= UINT64_C(1) << idx;
     c->ep = ep;
@@ -606,34 +682,215 @@ static int try_next(tg_call_t *c) {
     opts.body_len = c->body_len;
     opts.headers = (const char *const *)c->hdr_lines;
     opts.connect_timeout_ms = cfg->upstream_connect_timeout_ms;
+    /* held before the start: a client may report the end from inside it */
+    call_hold(c);
+    c->deadline_kind = DL_FIRST_BYTE;
+    c->deadline = now_ns() + cfg->upstream_first_byte_timeout_ms * 1000000;
     r = tg_xfer_start(c->w->up, &opts, &xfer_cbs, c, &c->xfer);
-    if (r == 0) {
-      c->deadline_kind = DL_FIRST_BYTE;
-      c->deadline = now_ns() + cfg->upstream_first_byte_timeout_ms * 1000000;
+    if (r == 0)
       return 0;
+    c->deadline_kind = DL_NONE;
+    call_unhold(c);
+    return -1;
+  }
+}
+
+static int try_next(tg_call_t *c) {
+  size_t idx = 0;
+  int why = 0;
+
+  for (;;) {
+    tg_endpoint_t *ep = tg_pool_pick(c->pool, c->tried, &idx, &why);
+    if (ep == NULL) {
+      c->pick_why = why;
+      return -1;
     }
-    tg_endpoint_release(ep);
+    if (start_attempt(c, ep, idx) == 0)
+      return 0;
+  }
+}
+
+/* ---- waiting for a saturated pool --------------------------------------- */
+
+struct tg_wqueue_s {
+  char *model;
+  tg_fairq_t q;
+};
+
+/* Orders wake-ups from other loops against a loop closing its async handle. */
+static pthread_mutex_t wake_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static tg_call_t *waiter_call(tg_fq_waiter_t *qw) {
+  return (tg_call_t *)(void *)((char *)qw - offsetof(tg_call_t, qw));
+}
+
+static struct tg_wqueue_s *wqueue_find(tg_worker_t *w, const char *model) {
+  size_t i;
+  for (i = 0; i < w->n_queues; i++)
+    if (strcmp(w->queues[i]->model, model) == 0)
+      return w->queues[i];
+  return NULL;
+}
+
+/* This loop's queue for model, made on first use; NULL when out of memory
+ * or past WQUEUES_MAX models. */
+static struct tg_wqueue_s *wqueue_get(tg_worker_t *w, const char *model) {
+  struct tg_wqueue_s *wq = wqueue_find(w, model), **nv;
+  if (wq != NULL)
+    return wq;
+  if (w->n_queues == WQUEUES_MAX)
+    return NULL;
+  nv = realloc(w->queues, (w->n_queues + 1) * sizeof(*nv));
+  if (nv == NULL)
+    return NULL;
+  w->queues = nv;
+  wq = calloc(1, sizeof(*wq));
+  if (wq == NULL || (wq->model = strdup(model)) == NULL) {
+    free(wq);
+    return NULL;
+  }
+  tg_fairq_init(&wq->q);
+  w->queues[w->n_queues++] = wq;
+  return wq;
+}
+
+/* The tenant's share in the fair queue: its priority class weight (the
+ * queue uses only ratios), kept within what the queue's arithmetic takes. */
+static unsigned tenant_weight(const tg_call_t *c) {
+  int64_t wt = c->tenant->priority_weight;
+  return wt < 1 ? 1 : wt > (1 << 20) ? (1u << 20) : (unsigned)wt;
+}
+
+static void queue_count(tg_call_t *c, int delta) {
+  tg_worker_t *w = c->w;
+  atomic_fetch_add(&w->queued, delta);
+  atomic_fetch_add(&w->app->queued, delta);
+  tg_metrics_queued(call_mslot(c), delta);
+}
+
+/* Puts an admitted call in its model's queue. Returns 0, or -1 when the
+ * queue is full (or memory ran out): the caller sheds the call. */
+static int queue_enter(tg_call_t *c) {
+  const tg_config_t *cfg = c->rt->cfg;
+  struct tg_wqueue_s *wq = wqueue_get(c->w, c->model->name);
+  uint64_t now = now_ns();
+
+  /* each loop holds its share of the model's bound */
+  size_t share = (cfg->queue_max + (size_t)c->w->app->n_workers - 1) /
+                 (size_t)(c->w->app->n_workers > 0 ? c->w->app->n_workers : 1);
+
+  if (wq == NULL || wq->q.len >= share)
+    return -1;
+  if (tg_fairq_push(&wq->q, c->tenant->name, tenant_weight(c), &c->qw) < 0)
+    return -1;
+  c->wq = wq;
+  c->t_queued = now;
+  c->q_deadline = now + cfg->queue_timeout_ms * 1000000;
+  queue_count(c, 1);
+  return 0;
+}
+
+/* Takes a call out of its queue (served=1: it leaves in turn, at the head). */
+static void queue_leave(tg_call_t *c, int served) {
+  if (c->wq == NULL)
+    return;
+  if (served)
+    tg_fairq_pop(&c->wq->q);
+  else
+    tg_fairq_remove(&c->wq->q, &c->qw);
+  c->wq = NULL;
+  c->queue_ns = now_ns() - c->t_queued;
+  queue_count(c, -1);
+}
+
+static void shed(tg_call_t *c, const char *code, const char *msg) {
+  c->shed = 1;
+  call_error(c, 503, "server_error", code, msg);
+}
+
+/* A slot came free somewhere: wake every loop with waiters (cheap when
+ * none: one relaxed load). */
+static void wake_waiters(tg_app_t *app) {
+  int i;
+  if (atomic_load_explicit(&app->queued, memory_order_relaxed) == 0)
+    return;
+  pthread_mutex_lock(&wake_lock);
+  for (i = 0; i < app->n_workers; i++) {
+    tg_worker_t *o = &app->workers[i];
+    if (!o->async_closed && atomic_load(&o->queued) > 0)
+      uv_async_send(&o->async);
+  }
+  pthread_mutex_unlock(&wake_lock);
+}
+
+void tg_api_worker_closing(tg_worker_t *w) {
+  pthread_mutex_lock(&wake_lock);
+  w->async_closed = 1;
+  pthread_mutex_unlock(&wake_lock);
+}
+
+void tg_api_worker_fini(tg_worker_t *w) {
+  size_t i;
+  for (i = 0; i < w->n_queues; i++) {
+    tg_fairq_fini(&w->queues[i]->q);
+    free(w->queues[i]->model);
+    free(w->queues[i]);
+  }
+  free(w->queues);
+  w->queues = NULL;
+  w->n_queues = 0;
+}
+
+void tg_api_serve_queues(tg_worker_t *w) {
+  size_t i;
+
+  if (atomic_load(&w->queued) == 0)
+    return;
+  for (i = 0; i < w->n_queues; i++) {
+    tg_fq_waiter_t *qw;
+    while ((qw = tg_fairq_peek(&w->queues[i]->q)) != NULL) {
+      tg_call_t *c = waiter_call(qw);
+      size_t idx = 0;
+      int why = 0;
+      tg_endpoint_t *ep = tg_pool_pick(c->pool, 0, &idx, &why);
+      if (ep == NULL && why == TG_PICK_SATURATED)
+        break; /* still full: the next freed slot wakes us again */
+      queue_leave(c, 1);
+      if (ep == NULL) {
+        call_error(c, 503, "server_error", "no_healthy_endpoint",
+                   "no healthy upstream endpoint serves this model");
+        continue;
+      }
+      if (start_attempt(c, ep, idx) == 0 || try_next(c) == 0)
+        continue;
+      call_error(c, 503, "server_error", "no_healthy_endpoint",
+                 "no upstream endpoint of this model could be reached");
+    }
   }
 }
 
 static void start_dispatch(tg_call_t *c) {
-  int why = 0;
-  size_t idx;
-  tg_endpoint_t *probe;
+  const char *msg = "every endpoint of this model is at capacity and its queue is full; retry shortly";
+  struct tg_wqueue_s *wq = wqueue_find(c->w, c->model->name);
 
   c->t_dispatch = now_ns();
+  /* waiters of this model on this loop go first */
+  if (wq != NULL && wq->q.len > 0) {
+    if (queue_enter(c) == 0)
+      return;
+    shed(c, "queue_full", msg);
+    return;
+  }
   if (try_next(c) == 0)
     return;
-  /* Nothing started: tell saturation from absence of healthy endpoints. */
-  probe = tg_pool_pick(c->pool, 0, &idx, &why);
-  if (probe)
-    tg_endpoint_release(probe);
-  if (why == TG_PICK_SATURATED)
-    call_error(c, 503, "server_error", "pool_saturated",
-               "every endpoint of this model is at capacity; retry shortly");
-  else
-    call_error(c, 503, "server_error", "no_healthy_endpoint",
-               "no healthy upstream endpoint serves this model");
+  if (c->pick_why == TG_PICK_SATURATED) {
+    if (c->rt->cfg->queue_max > 0 && queue_enter(c) == 0)
+      return;
+    shed(c, "queue_full", msg);
+    return;
+  }
+  call_error(c, 503, "server_error", "no_healthy_endpoint",
+             "no healthy upstream endpoint serves this model");
 }
 
 static void on_client_abort(tg_http_req_t *req) {
@@ -651,6 +908,7 @@ static void on_client_abort(tg_http_req_t *req) {
     tg_http_abort(req);
     return;
   }
+  queue_leave(c, 0);
   call_drop_attempt(c);
   c->status = 499;
   c->err_code = "client_closed";
@@ -661,10 +919,18 @@ void tg_api_tick(tg_worker_t *w) {
   uint64_t now = now_ns();
   tg_call_t *c, *next;
 
+  tg_api_serve_queues(w); /* also serves waiters a reload gave room to */
   for (c = w->calls; c != NULL; c = next) {
     next = c->next;
+    if (c->wq != NULL && now >= c->q_deadline) {
+      queue_leave(c, 0);
+      shed(c, "queue_timeout",
+           "every endpoint of this model stayed at capacity for the queue timeout; retry shortly");
+      continue;
+    }
     if (c->deadline_kind == DL_NONE || now < c->deadline)
       continue;
+    tg_endpoint_error(c->ep, TG_UPERR_TIMEOUT);
     call_drop_attempt(c);
     if (c->relayed) {
       c->status = 502;

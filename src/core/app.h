@@ -48,6 +48,10 @@ typedef struct tg_worker_s {
   tg_keyset_t *keys;
   uint64_t keys_gen;
   tg_call_t *calls;          /* calls in flight on this loop */
+  struct tg_wqueue_s **queues; /* calls waiting for a saturated pool, by model */
+  size_t n_queues;
+  atomic_int queued;         /* calls waiting here: other loops wake this one */
+  int async_closed;          /* under the API's wake lock */
   uint64_t seq;
   int is_admin;
 } tg_worker_t;
@@ -68,6 +72,7 @@ struct tg_app_s {
   int n_workers;
   tg_worker_t admin;
   atomic_int cmd;            /* TG_CMD_* for the workers */
+  atomic_int queued;         /* calls waiting for a pool slot, all loops */
 };
 
 enum { TG_CMD_NONE = 0, TG_CMD_DRAIN = 1, TG_CMD_STOP = 2 };

@@ -3,10 +3,13 @@
  * A worker's table is open addressing with linear probing and no deletion:
  * the owner thread fills a free slot's fields, then publishes its key with a
  * release store; readers load keys with acquire and skip empty slots.
- * Counters are 64-bit relaxed atomics written by one thread only. */
+ * Counters are 64-bit relaxed atomics written by one thread only, so an
+ * increment is a plain load and store (no locked instruction): a reader
+ * never sees a torn value, and there is no other writer to lose. */
 #include "obs/metrics.h"
 
 #include <stdarg.h>
+#include <stddef.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -16,7 +19,8 @@
 
 #define TABLE_SIZE 8192            /* entries per worker (power of two) */
 #define ERR_SLOTS 8                /* distinct error codes per entry */
-#define N_LIMITS 8
+#define N_LIMITS 9                 /* tg_limit_kind_t, then LIM_QUEUE */
+#define LIM_QUEUE 8                /* shed: the model's pool was saturated */
 
 static const double dur_bounds[] = {0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1,
                                     2.5,   5,    10,    30,   60,  120};
@@ -42,6 +46,8 @@ typedef struct {
   ctr_t err_count[ERR_SLOTS];
   ctr_t err_other;
   ctr_t prompt_tokens, completion_tokens;
+  _Atomic int64_t inflight;        /* attempts holding an endpoint slot */
+  _Atomic int64_t queued;          /* requests waiting for a slot */
   hist_t dur, ttft;
 } entry_t;
 
@@ -105,6 +111,13 @@ static entry_t *find(table_t *t, const char *tenant, const char *model, uint64_t
   return NULL;
 }
 
+/* Finds (tenant, model) in worker w's table, adding it; past the table's
+ * bound, the "_other" entry. */
+static entry_t *entry_of(tg_metrics_t *m, size_t w, const char *tenant, const char *model) {
+  entry_t *e = find(&m->t[w], tenant, model, hash2(tenant, model), 1);
+  return e ? e : find(&m->t[w], "_other", "", hash2("_other", ""), 1);
+}
+
 int tg_metrics_new(size_t n_workers, tg_metrics_t **out) {
   tg_metrics_t *m = calloc(1, sizeof(*m));
   size_t i;
@@ -148,8 +161,10 @@ void tg_metrics_free(tg_metrics_t *m) {
   free(m);
 }
 
+/* Only for counters with one writer (a worker's own table). */
 static void inc(ctr_t *c, uint64_t v) {
-  atomic_fetch_add_explicit(c, v, memory_order_relaxed);
+  atomic_store_explicit(c, atomic_load_explicit(c, memory_order_relaxed) + v,
+                        memory_order_relaxed);
 }
 
 static void hist_add(ctr_t *b, const double *bounds, size_t nb, ctr_t *sum_us, ctr_t *count,
@@ -166,7 +181,6 @@ void tg_metrics_observe(tg_metrics_t *m, size_t w, const tg_metrics_obs_t *o) {
   table_t *t;
   entry_t *e;
   const char *model;
-  uint64_t h;
   int i;
 
   if (m == NULL || w >= m->n)
@@ -177,16 +191,14 @@ void tg_metrics_observe(tg_metrics_t *m, size_t w, const tg_metrics_obs_t *o) {
   if (o->tenant == NULL)
     return;
   model = o->model ? o->model : "";
-  h = hash2(o->tenant, model);
-  e = find(t, o->tenant, model, h, 1);
-  if (e == NULL) {
-    e = find(t, "_other", "", hash2("_other", ""), 1);
-    if (e == NULL)
-      return;
-  }
+  e = o->slot ? (entry_t *)o->slot : entry_of(m, w, o->tenant, model);
+  if (e == NULL)
+    return;
   inc(&e->requests, 1);
   if (o->refused != TG_LIMIT_NONE && o->refused != TG_LIMIT_UNAVAILABLE) {
-    inc(&e->rejections[(unsigned)o->refused % N_LIMITS], 1);
+    inc(&e->rejections[(unsigned)o->refused % LIM_QUEUE], 1);
+  } else if (o->shed) {
+    inc(&e->rejections[LIM_QUEUE], 1);
   } else if (o->status >= 400) {
     for (i = 0; i < ERR_SLOTS; i++) {
       int c = atomic_load_explicit(&e->err_code[i], memory_order_relaxed);
@@ -213,9 +225,31 @@ void tg_metrics_observe(tg_metrics_t *m, size_t w, const tg_metrics_obs_t *o) {
   }
 }
 
+void *tg_metrics_slot(tg_metrics_t *m, size_t w, const char *tenant, const char *model) {
+  if (m == NULL || w >= m->n || tenant == NULL || model == NULL)
+    return NULL;
+  return entry_of(m, w, tenant, model);
+}
+
+static void gauge_add(_Atomic int64_t *g, int delta) {
+  atomic_store_explicit(g, atomic_load_explicit(g, memory_order_relaxed) + delta,
+                        memory_order_relaxed);
+}
+
+void tg_metrics_inflight(void *slot, int delta) {
+  if (slot != NULL)
+    gauge_add(&((entry_t *)slot)->inflight, delta);
+}
+
+void tg_metrics_queued(void *slot, int delta) {
+  if (slot != NULL)
+    gauge_add(&((entry_t *)slot)->queued, delta);
+}
+
+/* Process-wide counters: any thread may add, so these take a locked add. */
 void tg_metrics_reload(tg_metrics_t *m, int ok) {
   if (m)
-    inc(ok ? &m->reloads : &m->reload_failures, 1);
+    atomic_fetch_add_explicit(ok ? &m->reloads : &m->reload_failures, 1, memory_order_relaxed);
 }
 
 void tg_metrics_budget_event(tg_metrics_t *m, const char *tenant, int month) {
@@ -239,7 +273,7 @@ void tg_metrics_budget_event(tg_metrics_t *m, const char *tenant, int month) {
     while (!atomic_compare_exchange_weak(&m->events, &head, ev));
     /* two threads may add the same tenant: render sums duplicates */
   }
-  inc(month ? &ev->month : &ev->day, 1);
+  atomic_fetch_add_explicit(month ? &ev->month : &ev->day, 1, memory_order_relaxed);
 }
 
 /* ---- rendering ------------------------------------------------------------ */
@@ -344,10 +378,11 @@ typedef struct {
   int what;
 } pass_t;
 
-enum { P_TOK };
+enum { P_TOK, P_INFLIGHT, P_QUEUED };
 
 static const char *const limit_label[N_LIMITS] = {
-    "none", "global", "concurrency", "requests", "tokens", "budget", "budget", "unavailable"};
+    "none", "global", "concurrency", "requests", "tokens", "budget", "budget", "unavailable",
+    "queue"};
 
 /* Per-tenant sums over models and workers, for the seed's series. */
 #define AGG_CODES 32
@@ -492,10 +527,10 @@ static void render_tenants(tg_metrics_t *m, tg_mbuf_t *b) {
     if (!g.a[i].tenant)
       continue;
     tg_metrics_label(t, sizeof(t), g.a[i].tenant);
-    for (l = 1; l < N_LIMITS - 1; l++)
+    for (l = 1; l < N_LIMITS; l++)
       v[strcmp(limit_label[l], "budget") == 0 ? TG_LIMIT_DAILY_BUDGET : l] += g.a[i].rej[l];
-    for (l = 1; l < N_LIMITS - 1; l++)
-      if (l != TG_LIMIT_MONTHLY_BUDGET)
+    for (l = 1; l < N_LIMITS; l++)
+      if (l != TG_LIMIT_MONTHLY_BUDGET && l != TG_LIMIT_UNAVAILABLE)
         tg_mbuf_printf(b, "llm_rate_limit_rejections_total{tenant=\"%s\",limit=\"%s\"} %llu\n", t,
                        limit_label[l], (unsigned long long)v[l]);
   }
@@ -535,6 +570,19 @@ static void pass_cb(tg_mbuf_t *b, const char *tenant, const char *model, entry_t
                       "llm_tenant_completion_tokens_total{tenant=\"%s\",model=\"%s\"} %llu\n",
                    t, mo, (unsigned long long)v, t, mo, (unsigned long long)v2);
     break;
+  case P_INFLIGHT:
+  case P_QUEUED: {
+    int64_t in = 0;
+    if (!model[0]) break;
+    for (k = 0; k < n; k++)
+      if (es[k])
+        in += atomic_load_explicit(p->what == P_QUEUED ? &es[k]->queued : &es[k]->inflight,
+                                   memory_order_relaxed);
+    tg_mbuf_printf(b, "%s{pool=\"%s\",tenant=\"%s\"} %lld\n",
+                   p->what == P_QUEUED ? "llm_queue_length" : "llm_inflight_requests", mo, t,
+                   (long long)in);
+    break;
+  }
   }
 }
 
@@ -551,6 +599,14 @@ void tg_metrics_render(tg_metrics_t *m, tg_mbuf_t *b) {
                     "# HELP llm_tenant_completion_tokens_total Completion tokens billed, by tenant and model.\n"
                     "# TYPE llm_tenant_completion_tokens_total counter\n");
   p.what = P_TOK;
+  visit(m, b, pass_cb, &p);
+  tg_mbuf_printf(b, "# HELP llm_inflight_requests Requests in flight to the pool's endpoints, by tenant.\n"
+                    "# TYPE llm_inflight_requests gauge\n");
+  p.what = P_INFLIGHT;
+  visit(m, b, pass_cb, &p);
+  tg_mbuf_printf(b, "# HELP llm_queue_length Requests waiting for a slot of the saturated pool, by tenant.\n"
+                    "# TYPE llm_queue_length gauge\n");
+  p.what = P_QUEUED;
   visit(m, b, pass_cb, &p);
 
   tg_mbuf_printf(b, "# HELP llm_gateway_overhead_seconds Time a request spent in the gateway itself.\n"

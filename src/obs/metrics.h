@@ -25,7 +25,8 @@ typedef struct {
   double duration_s;         /* arrival to last byte */
   double ttft_s;             /* arrival to the upstream's first byte; < 0: none */
   double overhead_s;         /* time spent in the gateway itself; < 0: unknown */
-  int upstream_error;        /* the upstream failed (connect, broken, 5xx) */
+  int shed;                  /* refused because the model's pool was saturated */
+  void *slot;                /* from tg_metrics_slot() for (tenant, model), or NULL */
 } tg_metrics_obs_t;
 
 /* One table per worker; all are freed with tg_metrics_free(). */
@@ -34,6 +35,17 @@ void tg_metrics_free(tg_metrics_t *m);
 
 /* Counts one request on worker w's table. Only from that worker's thread. */
 void tg_metrics_observe(tg_metrics_t *m, size_t w, const tg_metrics_obs_t *o);
+
+/* The counters of (tenant, model) in worker w's table, found (or added)
+ * once so a request's later counting skips the lookup; NULL when m is NULL
+ * (metrics off). Only from worker w's thread; valid while m lives. */
+void *tg_metrics_slot(tg_metrics_t *m, size_t w, const char *tenant, const char *model);
+
+/* Moves the slot's count of requests in flight to the pool (+1 when an
+ * attempt takes an endpoint slot, -1 when it gives it back), or of requests
+ * waiting in the pool's queue. slot may be NULL (nothing is counted). */
+void tg_metrics_inflight(void *slot, int delta);
+void tg_metrics_queued(void *slot, int delta);
 
 /* Process-wide counters (any thread). */
 void tg_metrics_reload(tg_metrics_t *m, int ok);

@@ -26,6 +26,7 @@ struct tg_endpoint_s {
   atomic_int healthy;       /* routable */
   atomic_int probed_ok;     /* a probe has succeeded since the last failure */
   atomic_uint_fast64_t down_at_ms;
+  atomic_uint_fast64_t errors[TG_UPERR_N];
   tg_endpoint_t *next;
 };
 
@@ -88,6 +89,20 @@ void tg_endpoint_put(tg_endpoint_t *ep) {
 
 const char *tg_endpoint_url(const tg_endpoint_t *ep) { return ep->url; }
 int tg_endpoint_inflight(const tg_endpoint_t *ep) { return atomic_load(&ep->inflight); }
+
+const char *const tg_uperr_names[TG_UPERR_N] = {"connect", "timeout", "broken", "status",
+                                                "bad_response"};
+
+void tg_endpoint_error(tg_endpoint_t *ep, tg_uperr_t kind) {
+  if (ep != NULL && (unsigned)kind < TG_UPERR_N)
+    atomic_fetch_add_explicit(&ep->errors[kind], 1, memory_order_relaxed);
+}
+
+uint64_t tg_endpoint_errors(const tg_endpoint_t *ep, tg_uperr_t kind) {
+  if ((unsigned)kind >= TG_UPERR_N)
+    return 0;
+  return atomic_load_explicit(&((tg_endpoint_t *)ep)->errors[kind], memory_order_relaxed);
+}
 
 static int usable(tg_endpoint_t *ep) {
   if (atomic_load_explicit(&ep->healthy, memory_order_relaxed))

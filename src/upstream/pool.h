@@ -32,6 +32,21 @@ const char *tg_endpoint_url(const tg_endpoint_t *ep);
 int tg_endpoint_inflight(const tg_endpoint_t *ep);
 int tg_endpoint_healthy(const tg_endpoint_t *ep);
 
+/* Upstream failures, counted per endpoint for the metrics (any thread). */
+typedef enum {
+  TG_UPERR_CONNECT = 0,   /* could not connect */
+  TG_UPERR_TIMEOUT,       /* connect, first-byte or idle timeout */
+  TG_UPERR_BROKEN,        /* the connection broke after the request went out */
+  TG_UPERR_STATUS,        /* answered with a 5xx status */
+  TG_UPERR_BAD_RESPONSE,  /* an answer that is not one (garbage, stream cut before [DONE]) */
+  TG_UPERR_N
+} tg_uperr_t;
+
+extern const char *const tg_uperr_names[TG_UPERR_N];
+
+void tg_endpoint_error(tg_endpoint_t *ep, tg_uperr_t kind);
+uint64_t tg_endpoint_errors(const tg_endpoint_t *ep, tg_uperr_t kind);
+
 /* Picks an endpoint not in tried (bit i = pool->eps[i]) and takes one of its
  * slots; *idx receives its index. Returns the endpoint, or NULL with *why set
  * to TG_PICK_NONE_HEALTHY or TG_PICK_SATURATED. */

@@ -64,7 +64,7 @@ METRICS = {
     "llm_queue_length": ("gauge", ("pool", "tenant")),
     "llm_inflight_requests": ("gauge", ("pool", "tenant")),
     "llm_endpoint_up": ("gauge", ("pool", "endpoint")),
-    "llm_upstream_errors_total": ("counter", ("pool", "endpoint")),
+    "llm_upstream_errors_total": ("counter", ("pool", "endpoint", "kind")),
     "llm_ledger_backlog": ("gauge", ()),
     "llm_ledger_spool_bytes": ("gauge", ()),
     "llm_config_reloads_total": ("counter", ()),
@@ -565,7 +565,7 @@ def exposition(n):
     family("llm_inflight_requests", "gauge", [((p8, acme), 12), ((p70, acme), 4), ((p8, start), 2)])
     e1, e2, e3 = (("endpoint", "http://10.0.0.%d:8000" % i) for i in (1, 2, 3))
     family("llm_endpoint_up", "gauge", [((p8, e1), 1), ((p8, e2), 0), ((p70, e3), 1)])
-    family("llm_upstream_errors_total", "counter", [((p8, e2), 2 * n)])
+    family("llm_upstream_errors_total", "counter", [((p8, e2, ("kind", "connect")), 2 * n)])
     family("llm_ledger_backlog", "gauge", [((), 7)])
     family("llm_ledger_spool_bytes", "gauge", [((), 0)])
     family("llm_config_reloads_total", "counter", [((), n // 2)])
@@ -619,6 +619,38 @@ def test_exposition_covers_every_metric_with_its_labels():
         for ln in rows:
             got = set(re.findall(r'(\w+)="', ln)) - {"le"}
             assert got == set(labels), ln
+
+
+def test_the_gateway_exports_every_metric_with_its_labels():
+    """The stand-in exporter above is what Prometheus, the rules and the
+    dashboard are tested against; this holds the real gateway to the same
+    list: after a little traffic (a 200, a 500 from the upstream, a budget
+    alert) every family is in its /metrics with the declared type and
+    exactly the declared labels, and nothing else named llm_ is."""
+    sim = tgtest.Sim().start()
+    m1 = tgtest.DEFAULT_MODELS[0]
+    tenants = tgtest.default_tenants((m1,))
+    tenants["acme"]["budget"] = {"daily_limit_usd": "0.001", "monthly_limit_usd": 1000.0,
+                                 "alert_threshold_percent": 1}
+    gw = tgtest.Gateway({m1: [sim.url]}, tenants=tenants, workers=1).start()
+    try:
+        key = gw.create_key("acme")
+        assert tgtest.chat(gw.port, key, model=m1, max_tokens=16).status == 200
+        assert tgtest.chat(gw.port, key, model=m1, max_tokens=16,
+                           headers={"x-sim-fault": "status:500"}).status == 500
+        body = tgtest.admin(gw, "/metrics").body.decode()
+    finally:
+        gw.stop()
+        sim.stop()
+    types = dict(re.findall(r"^# TYPE (\S+) (\S+)$", body, re.M))
+    assert {k: v for k, v in types.items() if k.startswith("llm_")} == \
+        {name: typ for name, (typ, _) in METRICS.items()}
+    for name, (typ, labels) in METRICS.items():
+        sample = name + ("_bucket" if typ == "histogram" else "")
+        rows = [ln for ln in body.splitlines() if re.match(r"%s[{ ]" % re.escape(sample), ln)]
+        assert rows, "no %s series" % name
+        for ln in rows:
+            assert set(re.findall(r'(\w+)="', ln)) - {"le"} == set(labels), ln
 
 
 def test_shipped_prometheus_config():

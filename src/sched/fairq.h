@@ -1,0 +1,63 @@
+/* A fair queue of waiting requests for one model pool on one loop thread.
+ *
+ * Each tenant has its own FIFO; across tenants the queue is start-time fair
+ * queuing: every tenant carries a virtual time that advances by 1/weight for
+ * each of its requests served, and the waiting tenant with the smallest
+ * virtual time goes next (ties: the one that started waiting first). With
+ * equal weights tenants alternate; with weights 3:1 three requests of one
+ * leave for each of the other's. A tenant that starts waiting takes the
+ * current virtual time, so idling earns no credit, and one that floods the
+ * queue waits behind its own requests, not in front of others'.
+ *
+ * The structure is single-threaded (its loop thread owns it) and intrusive:
+ * a waiter lives inside the caller's request object, so pushing allocates
+ * only for a tenant not seen before. The total length is bounded by the
+ * caller (tg_fairq_len before tg_fairq_push). */
+#ifndef TG_SCHED_FAIRQ_H
+#define TG_SCHED_FAIRQ_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+typedef struct tg_fq_tenant_s tg_fq_tenant_t;
+
+typedef struct tg_fq_waiter_s {
+  struct tg_fq_waiter_s *next, *prev;
+  tg_fq_tenant_t *t;       /* NULL while not queued */
+} tg_fq_waiter_t;
+
+#define TG_FQ_BUCKETS 64
+
+typedef struct {
+  tg_fq_tenant_t *buckets[TG_FQ_BUCKETS];  /* every tenant seen, by name */
+  tg_fq_tenant_t *active, *active_tail;     /* tenants with waiters, in the
+                                               order they started waiting */
+  uint64_t vnow;           /* virtual time of the last request served */
+  size_t len;              /* waiters queued */
+  size_t n_tenants;        /* tenant nodes allocated */
+} tg_fairq_t;
+
+void tg_fairq_init(tg_fairq_t *q);
+/* Frees the tenant nodes. The queue must be empty. */
+void tg_fairq_fini(tg_fairq_t *q);
+
+/* Queues w (not queued) behind tenant's earlier waiters; weight >= 1 is the
+ * tenant's share (its priority class weight). Returns 0, or TG_ENOMEM (w is
+ * then not queued). tenant is copied. */
+int tg_fairq_push(tg_fairq_t *q, const char *tenant, unsigned weight, tg_fq_waiter_t *w);
+
+/* The waiter that leaves next, or NULL when the queue is empty. */
+tg_fq_waiter_t *tg_fairq_peek(const tg_fairq_t *q);
+
+/* Removes the waiter tg_fairq_peek() returned, as served: its tenant's
+ * virtual time advances. */
+void tg_fairq_pop(tg_fairq_t *q);
+
+/* Removes a queued waiter wherever it is (cancelled or timed out), without
+ * advancing its tenant's virtual time. */
+void tg_fairq_remove(tg_fairq_t *q, tg_fq_waiter_t *w);
+
+/* Waiters of tenant now queued (0 when the tenant has none). */
+size_t tg_fairq_tenant_len(const tg_fairq_t *q, const char *tenant);
+
+#endif

@@ -1,0 +1,263 @@
+"""Waiting for a saturated pool, and the gauges and counters that show it.
+
+A model whose endpoints are all at max_inflight makes new admitted requests
+wait in a bounded per-model queue served in weighted round robin across
+tenants; a full queue or the queue timeout sheds with 503 and Retry-After,
+counted as llm_rate_limit_rejections_total{limit="queue"}. The metrics
+llm_queue_length and llm_inflight_requests (by pool and tenant) and
+llm_upstream_errors_total (by endpoint and kind) are read from the gateway's
+/metrics while the traffic runs.
+
+The simulator's x-sim-ttft-ms header makes each request hold its slot for a
+known time, so the tests decide exactly how many requests wait."""
+
+import concurrent.futures
+import os
+import sqlite3
+import sys
+import threading
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lib"))
+
+import tgtest  # noqa: E402
+
+M1 = tgtest.DEFAULT_MODELS[0]
+
+
+def gateway(sim, max_inflight=1, workers=1, overrides=None, tenants=None):
+    models = {M1: tgtest.model_entry([sim.url], max_inflight=max_inflight)}
+    gw = tgtest.Gateway(models, tenants=tenants, workers=workers, overrides=overrides)
+    return gw.start()
+
+
+def slow_chat(gw, key, ms, timeout=20.0):
+    return tgtest.chat(gw.port, key, model=M1, headers={"x-sim-ttft-ms": str(ms)},
+                       timeout=timeout)
+
+
+def series(gw, name, **labels):
+    """The value of one series of the gateway's /metrics (0 when absent)."""
+    want = ",".join('%s="%s"' % kv for kv in sorted(labels.items()))
+    for k, v in tgtest.parse_metrics(tgtest.admin(gw, "/metrics").body.decode()).items():
+        base, _, rest = k.partition("{")
+        if base != name:
+            continue
+        got = ",".join(sorted(p for p in rest.rstrip("}").split(",") if p))
+        if got == want:
+            return v
+    return 0.0
+
+
+def test_requests_wait_for_a_slot_and_show_in_the_gauges():
+    sim = tgtest.Sim().start()
+    gw = gateway(sim, max_inflight=2)
+    try:
+        key = gw.create_key("acme")
+        with concurrent.futures.ThreadPoolExecutor(6) as ex:
+            futs = [ex.submit(slow_chat, gw, key, 1500) for _ in range(6)]
+            # two run, four wait
+            tgtest.wait_for(lambda: series(gw, "llm_queue_length", pool=M1, tenant="acme") == 4,
+                            timeout=5, what="4 queued")
+            assert series(gw, "llm_inflight_requests", pool=M1, tenant="acme") == 2
+            statuses = [f.result().status for f in futs]
+        # nobody was shed: each waited for a slot and then got its answer
+        assert statuses == [200] * 6
+        assert series(gw, "llm_queue_length", pool=M1, tenant="acme") == 0
+        assert series(gw, "llm_inflight_requests", pool=M1, tenant="acme") == 0
+        assert series(gw, "llm_rate_limit_rejections_total", tenant="acme", limit="queue") == 0
+        # the ledger's queue figure holds the wait: two waited one 1.5 s turn,
+        # two waited two turns
+        db = sqlite3.connect("file:%s?mode=ro" % gw.db_path, uri=True, timeout=10)
+        try:
+            waits = sorted(r[0] for r in db.execute("SELECT queue_us FROM ledger"))
+        finally:
+            db.close()
+        assert len(waits) == 6
+        assert waits[1] < 500000 and waits[2] > 1300000 and waits[4] > 2800000, waits
+    finally:
+        gw.stop()
+        sim.stop()
+
+
+def test_a_noisy_tenant_does_not_make_a_quiet_one_wait_behind_it():
+    """One slot; the noisy tenant queues 11 requests behind its running one,
+    then the quiet one sends 2: they leave after at most one more noisy
+    request each, not after all of the noisy tenant's backlog."""
+    sim = tgtest.Sim().start()
+    tenants = tgtest.default_tenants((M1,))
+    tenants["small"]["priority"] = "high"      # same weight as acme
+    gw = gateway(sim, max_inflight=1, tenants=tenants)
+    try:
+        noisy = gw.create_key("acme")
+        quiet = gw.create_key("small")
+        done = []
+        lock = threading.Lock()
+
+        def run(tenant, key):
+            r = slow_chat(gw, key, 300, timeout=60)
+            with lock:
+                done.append((tenant, r.status))
+
+        threads = [threading.Thread(target=run, args=("noisy", noisy)) for _ in range(12)]
+        for t in threads:
+            t.start()
+        tgtest.wait_for(lambda: series(gw, "llm_queue_length", pool=M1, tenant="acme") >= 8,
+                        timeout=10, what="noisy requests queued")
+        quiet_threads = [threading.Thread(target=run, args=("quiet", quiet)) for _ in range(2)]
+        for t in quiet_threads:
+            t.start()
+        tgtest.wait_for(lambda: series(gw, "llm_queue_length", pool=M1, tenant="small") == 2,
+                        timeout=10, what="quiet requests queued")
+        with lock:
+            before = len(done)       # noisy answers finished before quiet waited
+        assert before <= 4
+        for t in threads + quiet_threads:
+            t.join(60)
+        assert all(st == 200 for _, st in done), done
+        order = [tenant for tenant, _ in done]
+        assert len(order) == 14
+        # FIFO would finish the quiet ones 13th and 14th; alternation finishes
+        # them within the next four answers (the one running, then turns)
+        positions = [i for i, t in enumerate(order) if t == "quiet"]
+        assert positions[-1] <= before + 4, order
+    finally:
+        gw.stop()
+        sim.stop()
+
+
+def test_priority_classes_weigh_the_turns():
+    """high: 300, low: 100: once both have six waiting, three of the high
+    tenant's requests leave per turn for one of the low tenant's."""
+    sim = tgtest.Sim().start()
+    gw = gateway(sim, max_inflight=1,
+                 overrides={"priority_classes": {"high": 300, "low": 100}})
+    try:
+        hi = gw.create_key("acme")     # priority high
+        lo = gw.create_key("small")    # priority low
+        done = []
+        lock = threading.Lock()
+
+        def run(tenant, key, ms):
+            r = slow_chat(gw, key, ms, timeout=30)
+            with lock:
+                done.append((tenant, r.status))
+
+        holder = threading.Thread(target=run, args=("holder", hi, 1500))
+        holder.start()
+        tgtest.wait_for(lambda: series(gw, "llm_inflight_requests", pool=M1,
+                                       tenant="acme") == 1, timeout=5, what="slot held")
+        threads = []
+        for i in range(12):
+            tenant, key = ("hi", hi) if i % 2 else ("lo", lo)
+            threads.append(threading.Thread(target=run, args=(tenant, key, 50)))
+            threads[-1].start()
+        tgtest.wait_for(lambda: series(gw, "llm_queue_length", pool=M1, tenant="acme") == 6
+                        and series(gw, "llm_queue_length", pool=M1, tenant="small") == 6,
+                        timeout=5, what="6 + 6 queued")
+        for t in [holder] + threads:
+            t.join(30)
+        assert all(st == 200 for _, st in done), done
+        order = [tenant for tenant, _ in done if tenant != "holder"]
+        assert len(order) == 12
+        # weighted turns: six of the first eight are high (round robin: four)
+        assert order[:8].count("hi") == 6, order
+    finally:
+        gw.stop()
+        sim.stop()
+
+
+def test_full_queue_and_queue_timeout_shed_with_503_and_retry_after():
+    sim = tgtest.Sim().start()
+    gw = gateway(sim, max_inflight=1, overrides={"queue_max": 1,
+                                                  "timeouts": {"queue": "400ms"}})
+    try:
+        key = gw.create_key("acme")
+        with concurrent.futures.ThreadPoolExecutor(3) as ex:
+            holder = ex.submit(slow_chat, gw, key, 2000)
+            tgtest.wait_for(lambda: series(gw, "llm_inflight_requests", pool=M1,
+                                           tenant="acme") == 1, timeout=5, what="slot held")
+            waiter = ex.submit(slow_chat, gw, key, 10)
+            tgtest.wait_for(lambda: series(gw, "llm_queue_length", pool=M1,
+                                           tenant="acme") == 1, timeout=5, what="one queued")
+            # the queue holds one: the next is shed at once
+            t0 = time.monotonic()
+            full = slow_chat(gw, key, 10)
+            assert time.monotonic() - t0 < 0.35
+            assert full.status == 503
+            assert full.error()["code"] == "queue_full"
+            assert full.header("retry-after") == "1"
+            # the waiter times out after 400 ms in the queue, the holder finishes
+            timed_out = waiter.result()
+            assert timed_out.status == 503
+            assert timed_out.error()["code"] == "queue_timeout"
+            assert timed_out.header("retry-after") == "1"
+            assert holder.result().status == 200
+        assert series(gw, "llm_rate_limit_rejections_total", tenant="acme", limit="queue") == 2
+        # shedding is not an error of the tenant's
+        assert series(gw, "llm_tenant_errors_total", tenant="acme", code="503") == 0
+        assert series(gw, "llm_queue_length", pool=M1, tenant="acme") == 0
+    finally:
+        gw.stop()
+        sim.stop()
+
+
+def test_a_client_leaving_the_queue_frees_its_place():
+    sim = tgtest.Sim().start()
+    gw = gateway(sim, max_inflight=1, overrides={"queue_max": 1})
+    try:
+        key = gw.create_key("acme")
+        with concurrent.futures.ThreadPoolExecutor(2) as ex:
+            holder = ex.submit(slow_chat, gw, key, 1000)
+            tgtest.wait_for(lambda: series(gw, "llm_inflight_requests", pool=M1,
+                                           tenant="acme") == 1, timeout=5, what="slot held")
+            conn = tgtest.RawConn(gw.port)
+            conn.send(tgtest.http_request_bytes(
+                "POST", "/v1/chat/completions", tgtest.chat_body(model=M1), key=key))
+            tgtest.wait_for(lambda: series(gw, "llm_queue_length", pool=M1,
+                                           tenant="acme") == 1, timeout=5, what="queued")
+            conn.abort()
+            tgtest.wait_for(lambda: series(gw, "llm_queue_length", pool=M1,
+                                           tenant="acme") == 0, timeout=5, what="left the queue")
+            # its place is free again: the next request waits instead of being shed
+            nxt = ex.submit(slow_chat, gw, key, 10)
+            assert holder.result().status == 200
+            assert nxt.result().status == 200
+        assert series(gw, "llm_rate_limit_rejections_total", tenant="acme", limit="queue") == 0
+    finally:
+        gw.stop()
+        sim.stop()
+
+
+def test_upstream_errors_are_counted_by_endpoint_and_kind():
+    sim = tgtest.Sim().start()
+    dead = "http://127.0.0.1:%d" % tgtest.closed_port()
+    models = {M1: tgtest.model_entry([sim.url], max_inflight=8),
+              tgtest.DEFAULT_MODELS[1]: tgtest.model_entry([dead], max_inflight=8)}
+    # no probes: the dead endpoint is tried, and fails to connect
+    gw = tgtest.Gateway(models, workers=1,
+                        overrides={"health_check_interval": "0s"}).start(ready=False)
+    try:
+        key = gw.create_key("acme")
+        for _ in range(3):
+            r = tgtest.chat(gw.port, key, model=M1, headers={"x-sim-fault": "status:500"})
+            assert r.status == 500
+        r = tgtest.chat(gw.port, key, model=M1, headers={"x-sim-fault": "garbage"})
+        assert r.status == 502
+        r = tgtest.chat(gw.port, key, model=tgtest.DEFAULT_MODELS[1])
+        assert r.status == 503
+        assert tgtest.chat(gw.port, key, model=M1).status == 200
+        assert series(gw, "llm_upstream_errors_total", pool=M1, endpoint=sim.url,
+                      kind="status") == 3
+        assert series(gw, "llm_upstream_errors_total", pool=M1, endpoint=sim.url,
+                      kind="connect") == 0
+        assert series(gw, "llm_upstream_errors_total", pool=tgtest.DEFAULT_MODELS[1],
+                      endpoint=dead, kind="connect") == 1
+        # a 200 whose body is not JSON: the client gets 502, the endpoint a bad_response
+        assert series(gw, "llm_upstream_errors_total", pool=M1, endpoint=sim.url,
+                      kind="bad_response") == 1
+        assert series(gw, "llm_upstream_errors_total", pool=M1, endpoint=sim.url,
+                      kind="broken") == 0
+    finally:
+        gw.stop()
+        sim.stop()

@@ -1,0 +1,185 @@
+/* The fair queue decides which tenant's waiting request reaches a saturated
+ * pool next. These tests check the exact order requests leave in: FIFO within
+ * a tenant, alternation across tenants of equal weight, shares by priority
+ * class weight, no credit for idling, and that cancelling a waiter keeps
+ * every other order intact. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+
+#include <cmocka.h>
+
+#include "sched/fairq.h"
+
+typedef struct {
+  tg_fq_waiter_t w;            /* first: a waiter pointer is the item */
+  char label[8];
+} item_t;
+
+/* Pops every waiter and writes their labels, space separated, into out. */
+static void drain(tg_fairq_t *q, char *out, size_t size) {
+  size_t n = 0;
+  tg_fq_waiter_t *w;
+  out[0] = '\0';
+  while ((w = tg_fairq_peek(q)) != NULL) {
+    item_t *it = (item_t *)w;
+    n += (size_t)snprintf(out + n, size - n, "%s%s", n ? " " : "", it->label);
+    assert_true(n < size);
+    tg_fairq_pop(q);
+  }
+  assert_int_equal(q->len, 0);
+}
+
+static void push(tg_fairq_t *q, item_t *it, const char *tenant, unsigned quantum,
+                 const char *label) {
+  snprintf(it->label, sizeof(it->label), "%s", label);
+  assert_int_equal(tg_fairq_push(q, tenant, quantum, &it->w), 0);
+}
+
+static void test_fifo_within_a_tenant(void **state) {
+  tg_fairq_t q;
+  item_t it[3];
+  char out[64];
+  (void)state;
+  tg_fairq_init(&q);
+  assert_null(tg_fairq_peek(&q));
+  push(&q, &it[0], "a", 1, "a1");
+  push(&q, &it[1], "a", 1, "a2");
+  push(&q, &it[2], "a", 1, "a3");
+  assert_int_equal(tg_fairq_tenant_len(&q, "a"), 3);
+  assert_int_equal(tg_fairq_tenant_len(&q, "b"), 0);
+  drain(&q, out, sizeof(out));
+  assert_string_equal(out, "a1 a2 a3");
+  tg_fairq_fini(&q);
+}
+
+/* A tenant that queued five requests first does not make a second tenant's
+ * two wait behind all five. */
+static void test_round_robin_across_tenants(void **state) {
+  tg_fairq_t q;
+  item_t it[7];
+  char out[64];
+  (void)state;
+  tg_fairq_init(&q);
+  push(&q, &it[0], "noisy", 1, "n1");
+  push(&q, &it[1], "noisy", 1, "n2");
+  push(&q, &it[2], "noisy", 1, "n3");
+  push(&q, &it[3], "noisy", 1, "n4");
+  push(&q, &it[4], "noisy", 1, "n5");
+  push(&q, &it[5], "quiet", 1, "q1");
+  push(&q, &it[6], "quiet", 1, "q2");
+  drain(&q, out, sizeof(out));
+  assert_string_equal(out, "n1 q1 n2 q2 n3 n4 n5");
+  tg_fairq_fini(&q);
+}
+
+/* Weights 2:1 (say high = 1000, medium = 500): two of the heavier tenant's
+ * requests leave for each one of the other's. */
+static void test_weighted_turns(void **state) {
+  tg_fairq_t q;
+  item_t it[8];
+  char out[64];
+  (void)state;
+  tg_fairq_init(&q);
+  push(&q, &it[0], "hi", 2, "h1");
+  push(&q, &it[1], "hi", 2, "h2");
+  push(&q, &it[2], "hi", 2, "h3");
+  push(&q, &it[3], "hi", 2, "h4");
+  push(&q, &it[4], "lo", 1, "l1");
+  push(&q, &it[5], "lo", 1, "l2");
+  push(&q, &it[6], "lo", 1, "l3");
+  push(&q, &it[7], "lo", 1, "l4");
+  drain(&q, out, sizeof(out));
+  assert_string_equal(out, "h1 l1 h2 h3 l2 h4 l3 l4");
+  tg_fairq_fini(&q);
+}
+
+/* A cancelled waiter leaves; the rest keep their order, and a tenant whose
+ * last waiter is cancelled gives up its turn. */
+static void test_remove_keeps_order(void **state) {
+  tg_fairq_t q;
+  item_t it[5];
+  char out[64];
+  (void)state;
+  tg_fairq_init(&q);
+  push(&q, &it[0], "a", 1, "a1");
+  push(&q, &it[1], "a", 1, "a2");
+  push(&q, &it[2], "b", 1, "b1");
+  push(&q, &it[3], "a", 1, "a3");
+  push(&q, &it[4], "c", 1, "c1");
+  tg_fairq_remove(&q, &it[1].w);   /* a2, in the middle of a's FIFO */
+  assert_null(it[1].w.t);
+  tg_fairq_remove(&q, &it[2].w);   /* b's only waiter: b leaves the ring */
+  tg_fairq_remove(&q, &it[2].w);   /* removing twice is harmless */
+  assert_int_equal(q.len, 3);
+  drain(&q, out, sizeof(out));
+  assert_string_equal(out, "a1 c1 a3");
+  /* cancelling the head of the tenant whose turn it is moves the turn on */
+  push(&q, &it[0], "a", 1, "a1");
+  push(&q, &it[2], "b", 1, "b1");
+  tg_fairq_remove(&q, &it[0].w);
+  assert_ptr_equal(tg_fairq_peek(&q), &it[2].w);
+  drain(&q, out, sizeof(out));
+  assert_string_equal(out, "b1");
+  tg_fairq_fini(&q);
+}
+
+/* A tenant that starts waiting mid-way takes the current virtual time: it
+ * is served within a turn, not after everyone's backlog. */
+static void test_newcomer_joins_the_round(void **state) {
+  tg_fairq_t q;
+  item_t it[6];
+  char out[64];
+  (void)state;
+  tg_fairq_init(&q);
+  push(&q, &it[0], "a", 1, "a1");
+  push(&q, &it[1], "a", 1, "a2");
+  push(&q, &it[2], "b", 1, "b1");
+  push(&q, &it[3], "b", 1, "b2");
+  tg_fairq_pop(&q);                 /* a1 served: b's turn */
+  push(&q, &it[4], "c", 1, "c1");
+  push(&q, &it[5], "c", 1, "c2");
+  drain(&q, out, sizeof(out));
+  assert_string_equal(out, "b1 c1 a2 b2 c2");
+  tg_fairq_fini(&q);
+}
+
+/* Being served alone costs nothing later: a, served four times while no one
+ * else waited, is charged only for its last request when b arrives (b
+ * starts at the current virtual time, not at 0 where it would take four
+ * turns before a got one). */
+static void test_idling_earns_nothing(void **state) {
+  tg_fairq_t q;
+  item_t it[8];
+  char out[64];
+  int i;
+  (void)state;
+  tg_fairq_init(&q);
+  /* a alone for a while: its virtual time runs ahead */
+  for (i = 0; i < 4; i++) {
+    push(&q, &it[0], "a", 1, "a");
+    tg_fairq_pop(&q);
+  }
+  push(&q, &it[1], "b", 1, "b1");   /* b starts now, not at 0 */
+  push(&q, &it[2], "b", 1, "b2");
+  push(&q, &it[3], "b", 1, "b3");
+  push(&q, &it[4], "a", 1, "a1");
+  drain(&q, out, sizeof(out));
+  assert_string_equal(out, "b1 b2 a1 b3");
+  tg_fairq_fini(&q);
+}
+
+int main(void) {
+  const struct CMUnitTest tests[] = {
+      cmocka_unit_test(test_fifo_within_a_tenant),
+      cmocka_unit_test(test_round_robin_across_tenants),
+      cmocka_unit_test(test_weighted_turns),
+      cmocka_unit_test(test_remove_keeps_order),
+      cmocka_unit_test(test_newcomer_joins_the_round),
+      cmocka_unit_test(test_idling_earns_nothing),
+  };
+  return cmocka_run_group_tests(tests, NULL, NULL);
+}
