@@ -9,9 +9,15 @@
 # The limits are far above what the load can reach, so nothing is refused:
 # what is measured is the admission and settlement work itself. Prints req/s,
 # p50 and p99 per configuration and the ratios to "off" (targets: memory
-# req/s >= 0.95, redis >= 0.85).
+# req/s >= 0.95, redis >= 0.85). Each round also prints the CPU time the
+# gateway and redis-server used per request in the measured run (from
+# /proc): on a shared machine req/s moves with the neighbours' load, CPU
+# time per request much less.
 #
 #   bench/limits.sh [BUILD_DIR]       (default: build, from `make build`)
+#
+# "cpu us/req" is the gateway's CPU time per request, plus redis-server's for
+# the redis target (the lowest round).
 #
 # Environment: DURATION (10s), CONNECTIONS (64), WORKERS (1: tollgate
 # workers), WRK_THREADS (1), SIM_WORKERS (1), WARMUP (2s, per run, not
@@ -64,11 +70,13 @@ wait_http "http://127.0.0.1:$SIM_PORT/health"
 
 # ---- redis ---------------------------------------------------------------------
 REDIS_PORT=""
+REDIS_PID=""
 if want redis; then
   REDIS_PORT=$(free_port)
   mkdir -p "$tmp/redis"
   "$REDIS_SERVER" --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no \
     --dir "$tmp/redis" --daemonize no --logfile '' >"$tmp/redis/redis.log" 2>&1 &
+  REDIS_PID=$!
   pids+=($!)
   n=100
   until [ "$(redis-cli -p "$REDIS_PORT" ping 2>/dev/null || true)" = PONG ]; do
@@ -139,6 +147,34 @@ EOF
   fi
 }
 
+# cpu_ticks PID: user + system clock ticks the process has used (0 if gone)
+cpu_ticks() {
+  [ -n "$1" ] && [ -r "/proc/$1/stat" ] || { echo 0; return; }
+  # fields 14 and 15, counted after the ")" that ends the command name
+  sed 's/^.*) //' "/proc/$1/stat" | awk '{ print $12 + $13 }'
+}
+
+# run_wrk_cpu NAME URL: run_wrk's warm-up and measured run, with the CPU
+# time of the gateway and redis-server during the measured run; prints
+# run_wrk's line plus "gw_us_per_req redis_us_per_req".
+run_wrk_cpu() {
+  local name=$1 url=$2 line g0 r0 g1 r1 hz
+  hz=$(getconf CLK_TCK)
+  wrk -t "$WRK_THREADS" -c "$CONNECTIONS" -d "$WARMUP" -s "$LUA" "$url/v1/chat/completions" \
+    >/dev/null 2>&1 || true
+  g0=$(cpu_ticks "$TG_PID")
+  r0=$(cpu_ticks "$REDIS_PID")
+  line=$(wrk -t "$WRK_THREADS" -c "$CONNECTIONS" -d "$DURATION" -s "$LUA" \
+    "$url/v1/chat/completions" 2>&1 | grep '^TGBENCH ' || true)
+  g1=$(cpu_ticks "$TG_PID")
+  r1=$(cpu_ticks "$REDIS_PID")
+  [ -n "$line" ] || { echo "$BENCH_NAME: wrk against $name printed no result" >&2; return 1; }
+  echo "$line" | awk -v n="$name" -v g=$((g1 - g0)) -v r=$((r1 - r0)) -v hz="$hz" '{
+    reqs = $2 > 0 ? $2 : 1
+    printf "%s %.0f %.3f %.3f %d %d %.1f %.1f\n", n, $2 / ($3 / 1e6), $4 / 1000, $5 / 1000, $6, $7,
+      g * 1e6 / hz / reqs, r * 1e6 / hz / reqs }'
+}
+
 echo "# tollgate tenant-limits benchmark"
 machine_header
 echo "# load: wrk -t $WRK_THREADS -c $CONNECTIONS -d $DURATION, POST /v1/chat/completions (16 tokens), tollgate workers $WORKERS, sim workers $SIM_WORKERS, rounds $ROUNDS"
@@ -152,19 +188,21 @@ for round in $(seq 1 "$ROUNDS"); do
     want "$mode" || continue
     start_tollgate "$mode"
     export TG_BENCH_KEY="$KEY"
-    line=$(run_wrk "$mode" "http://127.0.0.1:$TG_PORT") || exit 1
+    line=$(run_wrk_cpu "$mode" "http://127.0.0.1:$TG_PORT") || exit 1
     results+=("$line")
-    if [ "$ROUNDS" -gt 1 ]; then echo "# round $round: $line"; fi
+    if [ "$mode" = redis ]; then cpu="redis-server $(echo "$line" | awk '{ print $8 }') us/req"; else cpu=""; fi
+    echo "# round $round: $line  (gateway CPU $(echo "$line" | awk '{ print $7 }') us/req${cpu:+, $cpu})"
     bench_stop "$TG_PID"
   done
 done
 
 printf '%s\n' "${results[@]}" | awk '
-  BEGIN { printf "%-10s %12s %10s %10s %8s %8s\n", "target", "req/s", "p50 ms", "p99 ms", "non-2xx", "errors" }
-  # the best round of each target (by req/s)
+  BEGIN { printf "%-10s %12s %10s %10s %8s %8s %14s\n", "target", "req/s", "p50 ms", "p99 ms", "non-2xx", "errors", "cpu us/req" }
+  # the best round of each target (by req/s); CPU per request: the lowest
+  { c = $7 + ($1 == "redis" ? $8 : 0); if (!($1 in cpu) || c < cpu[$1]) cpu[$1] = c }
   !($1 in rps) || $2 > rps[$1] { rps[$1] = $2; p50[$1] = $3; p99[$1] = $4; n2[$1] = $5; er[$1] = $6; if (!($1 in seen)) { order[++n] = $1; seen[$1] = 1 } }
   END {
-    for (i = 1; i <= n; i++) { t = order[i]; printf "%-10s %12d %10.2f %10.2f %8d %8d\n", t, rps[t], p50[t], p99[t], n2[t], er[t] }
+    for (i = 1; i <= n; i++) { t = order[i]; printf "%-10s %12d %10.2f %10.2f %8d %8d %14.1f\n", t, rps[t], p50[t], p99[t], n2[t], er[t], cpu[t] }
     goal["memory"] = 0.95; goal["redis"] = 0.85
     if (rps["off"] > 0 && p99["off"] > 0) {
       for (i = 1; i <= n; i++) {

@@ -1,31 +1,45 @@
 /* The Lua scripts of the Redis policy backend (state_redis.c), kept as C
- * string constants so they read as Lua. Each script is the Redis side of
- * one decision in src/policy/limits.c and follows it step for step; a
+ * string constants so they read as Lua. The scripts are the Redis side of
+ * the decisions in src/policy/limits.c and follow them step for step; a
  * change to the rules there needs the same change here
  * (docs/state-redis.md lists the keys and arguments).
+ *
+ * One script call carries a batch: every admission and settlement a loop
+ * thread made for one tenant in one loop iteration, in the order made
+ * (TG_REDIS_LUA_BATCH), or every global-limit check of the iteration
+ * (TG_REDIS_LUA_GLOBAL). The script reads each structure once, applies
+ * the operations one after the other in memory with exactly the rules of
+ * one call at a time, and writes the result once. Redis runs a script
+ * atomically, so a batch is the same as its operations sent one by one
+ * with nothing in between: the verdicts are those of that sequence.
  *
  * Why the helpers look the way they do:
  *   - Redis' Lua numbers are doubles. Every number handed to redis.call()
  *     goes through fmt(), because Redis turns a bare Lua number into text
  *     with "%.14g", which writes 10^14 and above in exponent form that
  *     HINCRBY/ZADD then refuse.
- *   - Money never takes that path: costs arrive as decimal strings and are
- *     added with HINCRBY (exact 64-bit). Only comparisons read money into
- *     doubles, exact while a window's spent + reserved + cost stays below
- *     2^53 nano-USD (about 9 million USD).
+ *   - Money arrives as decimal strings. Comparisons read it into doubles,
+ *     exact while a window's spent + reserved + cost stays below 2^53
+ *     nano-USD (about 9 million USD). A window is written with HSET only
+ *     while every figure stayed below 2^53 (so the double is exact);
+ *     otherwise its changes are replayed with HINCRBY, exact 64-bit.
  *   - Integer division: math.floor(a / b) is exact for |a| < 2^53, b >= 1
  *     (a correctly rounded quotient cannot cross an integer there).
  *   - Nothing reads the Redis clock (TIME): "now" is the gateway's, passed
  *     in ARGV, so both backends share the same injected-clock meaning.
+ *   - Lua's unpack() is bounded by its stack: long argument lists go in
+ *     chunks (call_chunked).
  *
  * Sliding logs (requests per minute, global per second) are run-length
  * encoded like tg_slog_t: a list of "<ms> <count>" entries, oldest first,
  * with distinct increasing times, plus a separate key holding the total
- * count. A window of W ms holds at most W entries whatever the limit. */
+ * count. A window of W ms holds at most W entries whatever the limit. A
+ * batch reads only the head entries it expires or needs for a wait, and
+ * the tail it appends to. */
 #ifndef TG_POLICY_REDIS_SCRIPTS_H
 #define TG_POLICY_REDIS_SCRIPTS_H
 
-/* Codes the admission script returns in its first element. */
+/* Codes an admission returns in its first element. */
 #define TG_REDIS_OK          0
 #define TG_REDIS_CONCURRENCY 1
 #define TG_REDIS_REQUESTS    2
@@ -33,290 +47,619 @@
 #define TG_REDIS_DAILY       4
 #define TG_REDIS_MONTHLY     5
 
-/* ---- shared helpers (prepended to every script) ------------------------ */
+/* Fields of a limits record ("L") in a batch's ARGV, after its kind. */
+#define TG_REDIS_LIMIT_FIELDS 7
 
-#define TG_REDIS_LUA_LIB                                                      \
-  "local LEVEL_MIN = -4611686018427387904\n" /* -(2^62), as limits.c */       \
-  "local function fmt(x) return string.format('%d', x) end\n"                 \
-  "local function idiv(a, b) return math.floor(a / b) end\n"                  \
-  "local function ceildiv(a, b) return math.floor((a + b - 1) / b) end\n"     \
-  "\n"                                                                        \
-  "-- sliding log: list L of '<ms> <n>' (oldest first), total in key T\n"     \
-  "local function log_entry(e)\n"                                             \
-  "  local ts, n = string.match(e, '^(%-?%d+) (%d+)$')\n"                     \
-  "  return tonumber(ts), tonumber(n)\n"                                      \
-  "end\n"                                                                     \
-  "local function log_total(L, T)\n"                                          \
-  "  if redis.call('LLEN', L) == 0 then\n"                                    \
-  "    redis.call('DEL', T)\n"                                                \
-  "    return 0\n"                                                            \
-  "  end\n"                                                                   \
-  "  return tonumber(redis.call('GET', T) or '0')\n"                          \
-  "end\n"                                                                     \
-  "-- drops the entries that left the window (now - t >= window); returns\n"  \
-  "-- the admissions left\n"                                                  \
-  "local function log_expire(L, T, now, window)\n"                            \
-  "  local total = log_total(L, T)\n"                                         \
-  "  local before = total\n"                                                  \
-  "  while total > 0 do\n"                                                    \
-  "    local e = redis.call('LINDEX', L, 0)\n"                                \
-  "    if not e then total = 0 break end\n"                                   \
-  "    local ts, n = log_entry(e)\n"                                          \
-  "    if now - ts < window then break end\n"                                 \
-  "    redis.call('LPOP', L)\n"                                               \
-  "    total = total - n\n"                                                   \
-  "  end\n"                                                                   \
-  "  if total <= 0 then\n"                                                    \
-  "    redis.call('DEL', L, T)\n"                                             \
-  "    return 0\n"                                                            \
-  "  end\n"                                                                   \
-  "  if total ~= before then redis.call('SET', T, fmt(total), 'KEEPTTL') end\n" \
-  "  return total\n"                                                          \
-  "end\n"                                                                     \
-  "-- ms until the count under limit next goes down: until the k-th oldest\n" \
-  "-- admission leaves, k = total - limit + 1 (the oldest unless a lowered\n" \
-  "-- limit left more in the log); 0 when empty. Walks only in that case.\n"  \
-  "local function log_wait(L, total, limit, now, window)\n"                   \
-  "  local k = total - limit + 1\n"                                           \
-  "  local seen, i, size, last = 0, 0, 1, nil\n"                              \
-  "  while true do\n"                                                         \
-  "    local chunk = redis.call('LRANGE', L, i, i + size - 1)\n"              \
-  "    if #chunk == 0 then break end\n"                                       \
-  "    for j = 1, #chunk do\n"                                                \
-  "      local ts, n = log_entry(chunk[j])\n"                                 \
-  "      seen = seen + n\n"                                                   \
-  "      last = ts\n"                                                         \
-  "      if seen >= k then return ts + window - now end\n"                    \
-  "    end\n"                                                                 \
-  "    i = i + #chunk\n"                                                      \
-  "    size = 256\n"                                                          \
-  "  end\n"                                                                   \
-  "  if last == nil then return 0 end\n"                                      \
-  "  return last + window - now\n"                                            \
-  "end\n"                                                                     \
-  "-- one admission at now; a clock behind the newest entry counts it\n"      \
-  "-- there (errs toward refusing); keys live a window past a minute of skew\n" \
-  "local function log_append(L, T, now, window)\n"                            \
-  "  local e = redis.call('LINDEX', L, -1)\n"                                 \
-  "  local merged = false\n"                                                  \
-  "  if e then\n"                                                             \
-  "    local ts, n = log_entry(e)\n"                                          \
-  "    if ts >= now then\n"                                                   \
-  "      redis.call('LSET', L, -1, fmt(ts) .. ' ' .. fmt(n + 1))\n"           \
-  "      merged = true\n"                                                     \
-  "    end\n"                                                                 \
-  "  end\n"                                                                   \
-  "  if not merged then redis.call('RPUSH', L, fmt(now) .. ' 1') end\n"       \
-  "  local total = redis.call('INCR', T)\n"                                   \
-  "  redis.call('PEXPIRE', L, fmt(window + 60000))\n"                         \
-  "  redis.call('PEXPIRE', T, fmt(window + 60000))\n"                         \
-  "  return total\n"                                                          \
-  "end\n"                                                                     \
-  "\n"                                                                        \
-  "-- token bucket: hash B {level_mt, updated_ms}; absent = never used\n"     \
-  "local function tb_load(B)\n"                                               \
-  "  local v = redis.call('HMGET', B, 'level_mt', 'updated_ms')\n"            \
-  "  if not v[1] or not v[2] then return nil end\n"                           \
-  "  return {level = tonumber(v[1]), updated = tonumber(v[2])}\n"             \
-  "end\n"                                                                     \
-  "-- tg_tbucket_refill: a never-used bucket starts full; else it gains\n"    \
-  "-- floor(e * cap / 60000) = q * cap + floor(r * tpm / 60) (e = q minutes\n" \
-  "-- and r ms), which keeps every product below 2^53 for tpm < 1.5e11\n"     \
-  "local function tb_refill(b, tpm, now)\n"                                   \
-  "  local cap = tpm * 1000\n"                                                \
-  "  if b == nil then return {level = cap, updated = now} end\n"              \
-  "  local r = {level = b.level, updated = b.updated}\n"                      \
-  "  if now > b.updated then\n"                                               \
-  "    local e = now - b.updated\n"                                           \
-  "    local deficit = cap - r.level\n"                                       \
-  "    local q = idiv(e, 60000)\n"                                            \
-  "    if deficit <= 0 or q > idiv(deficit, cap) then\n"                      \
-  "      r.level = cap -- whole minutes alone fill it\n"                      \
-  "    else\n"                                                                \
-  "      local gain = q * cap + idiv((e - q * 60000) * tpm, 60)\n"            \
-  "      r.level = math.min(cap, r.level + gain)\n"                           \
-  "    end\n"                                                                 \
-  "    r.updated = now\n"                                                     \
-  "  elseif r.level > cap then\n"                                             \
-  "    r.level = cap\n"                                                       \
-  "  end\n"                                                                   \
-  "  return r\n"                                                              \
-  "end\n"                                                                     \
-  "-- ms until stored bucket b holds target (limits.c tbucket_wait):\n"      \
-  "-- ceil(d * 60000 / cap) written as ceil(d * 60 / tpm)\n"                  \
-  "local function tb_wait(b, tpm, target, now)\n"                             \
-  "  if b == nil or tpm <= 0 then return 0 end\n"                             \
-  "  local lv = math.min(b.level, tpm * 1000)\n"                              \
-  "  if lv >= target then return 0 end\n"                                     \
-  "  local w = ceildiv((target - lv) * 60, tpm) - (now - b.updated)\n"        \
-  "  if w > 0 then return w end\n"                                            \
-  "  return 0\n"                                                              \
-  "end\n"                                                                     \
-  "-- stores b; the key lives until the bucket would be full again\n"        \
-  "local function tb_store(B, b, tpm, now)\n"                                 \
-  "  redis.call('HSET', B, 'level_mt', fmt(b.level), 'updated_ms', fmt(b.updated))\n" \
-  "  redis.call('PEXPIRE', B, fmt(tb_wait(b, tpm, tpm * 1000, now) + 60000))\n" \
-  "end\n"                                                                     \
-  "\n"                                                                        \
-  "-- budget window: hash K {spent, reserved, alerted}\n"                     \
-  "local function unreserve(K, c)\n"                                          \
-  "  if c == '0' or redis.call('EXISTS', K) == 0 then return end\n"           \
-  "  if redis.call('HINCRBY', K, 'reserved', '-' .. c) < 0 then\n"            \
-  "    redis.call('HSET', K, 'reserved', '0')\n"                              \
-  "  end\n"                                                                   \
+/* ---- shared helpers (prepended to both scripts) ------------------------ */
+
+#define TG_REDIS_LUA_LIB                                                                                     \
+  "-- globals read once: a script's global table is protected, so each\n"                                    \
+  "-- global access goes through a metatable\n"                                                              \
+  "local tonumber, unpack, rcall = tonumber, unpack, redis.call\n"                                           \
+  "local mfloor, mmin, mmax, mabs = math.floor, math.min, math.max, math.abs\n"                              \
+  "local smatch, sformat, sbyte = string.match, string.format, string.byte\n"                                \
+  "local LEVEL_MIN = -4611686018427387904 -- -(2^62), as limits.c\n"                                         \
+  "local EXACT = 9007199254740992 -- 2^53: doubles hold every integer below\n"                               \
+  "local function fmt(x) return sformat('%d', x) end\n"                                                      \
+  "local function idiv(a, b) return mfloor(a / b) end\n"                                                     \
+  "local function ceildiv(a, b) return mfloor((a + b - 1) / b) end\n"                                        \
+  "-- a command whose arguments may exceed Lua's stack: sent in chunks\n"                                    \
+  "local function call_chunked(cmd, key, list)\n"                                                            \
+  "  local i = 1\n"                                                                                          \
+  "  while i <= #list do\n"                                                                                  \
+  "    local j = mmin(i + 999, #list)\n"                                                                     \
+  "    rcall(cmd, key, unpack(list, i, j))\n"                                                                \
+  "    i = j + 1\n"                                                                                          \
+  "  end\n"                                                                                                  \
+  "end\n"                                                                                                    \
+  "\n"                                                                                                       \
+  "-- sliding log: list L of '<ms> <n>' (oldest first, distinct increasing\n"                                \
+  "-- times), total in key T. Read lazily from the head (and the tail),\n"                                   \
+  "-- changed in memory, written once by log_commit.\n"                                                      \
+  "local function log_open(L, T) return {L = L, T = T, loaded = false} end\n"                                \
+  "local function log_parse(e)\n"                                                                            \
+  "  local ts, n = smatch(e, '^(%-?%d+) (%d+)$')\n"                                                          \
+  "  return {tonumber(ts), tonumber(n)}\n"                                                                   \
+  "end\n"                                                                                                    \
+  "local function log_load(g)\n"                                                                             \
+  "  if g.loaded then return end\n"                                                                          \
+  "  g.loaded = true\n"                                                                                      \
+  "  g.len = rcall('LLEN', g.L)\n"                                                                           \
+  "  g.total = 0\n"                                                                                          \
+  "  if g.len > 0 then g.total = tonumber(rcall('GET', g.T) or '0') end\n"                                   \
+  "  g.total0, g.popped, g.cache, g.chunk = g.total, 0, {}, 1\n"                                             \
+  "  g.app, g.app_first, g.last_n, g.appended = {}, 1, nil, false\n"                                         \
+  "end\n"                                                                                                    \
+  "-- the stored entry at 0-based index oi (read in growing chunks)\n"                                       \
+  "local function log_orig(g, oi)\n"                                                                         \
+  "  local e = g.cache[oi]\n"                                                                                \
+  "  if e == nil then\n"                                                                                     \
+  "    local chunk = rcall('LRANGE', g.L, oi, oi + g.chunk - 1)\n"                                           \
+  "    for j = 1, #chunk do\n"                                                                               \
+  "      if g.cache[oi + j - 1] == nil then g.cache[oi + j - 1] = log_parse(chunk[j]) end\n"                 \
+  "    end\n"                                                                                                \
+  "    if g.chunk < 256 then g.chunk = g.chunk * 4 end\n"                                                    \
+  "    e = g.cache[oi]\n"                                                                                    \
+  "  end\n"                                                                                                  \
+  "  return e\n"                                                                                             \
+  "end\n"                                                                                                    \
+  "-- the i-th live entry (1 = oldest): ts, n; nil when there is none\n"                                     \
+  "local function log_get(g, i)\n"                                                                           \
+  "  local oi = g.popped + i - 1\n"                                                                          \
+  "  if oi < g.len then\n"                                                                                   \
+  "    local e = log_orig(g, oi)\n"                                                                          \
+  "    if e == nil then return nil end\n"                                                                    \
+  "    if oi == g.len - 1 and g.last_n ~= nil then return e[1], g.last_n end\n"                              \
+  "    return e[1], e[2]\n"                                                                                  \
+  "  end\n"                                                                                                  \
+  "  local a = g.app[g.app_first + oi - g.len]\n"                                                            \
+  "  if a == nil then return nil end\n"                                                                      \
+  "  return a[1], a[2]\n"                                                                                    \
+  "end\n"                                                                                                    \
+  "local function log_clear(g)\n"                                                                            \
+  "  if not g.loaded then\n"                                                                                 \
+  "    g.loaded, g.len, g.total0, g.cache, g.chunk, g.appended = true, 0, 0, {}, 1, false\n"                 \
+  "  end\n"                                                                                                  \
+  "  g.popped, g.app, g.app_first, g.last_n, g.total = g.len, {}, 1, nil, 0\n"                               \
+  "end\n"                                                                                                    \
+  "-- drops the entries that left the window (now - t >= window); returns\n"                                 \
+  "-- the admissions left\n"                                                                                 \
+  "local function log_expire(g, now, window)\n"                                                              \
+  "  log_load(g)\n"                                                                                          \
+  "  while g.total > 0 do\n"                                                                                 \
+  "    local ts, n = log_get(g, 1)\n"                                                                        \
+  "    if ts == nil then g.total = 0 break end\n"                                                            \
+  "    if now - ts < window then break end\n"                                                                \
+  "    if g.popped < g.len then g.popped = g.popped + 1 else g.app_first = g.app_first + 1 end\n"            \
+  "    g.total = g.total - n\n"                                                                              \
+  "  end\n"                                                                                                  \
+  "  if g.total <= 0 then log_clear(g) end\n"                                                                \
+  "  return g.total\n"                                                                                       \
+  "end\n"                                                                                                    \
+  "-- ms until the count under limit next goes down: until the k-th oldest\n"                                \
+  "-- admission leaves, k = total - limit + 1 (the oldest unless a lowered\n"                                \
+  "-- limit left more in the log); 0 when empty. Walks only in that case.\n"                                 \
+  "local function log_wait(g, limit, now, window)\n"                                                         \
+  "  local k = g.total - limit + 1\n"                                                                        \
+  "  local seen, i, last = 0, 1, nil\n"                                                                      \
+  "  while true do\n"                                                                                        \
+  "    local ts, n = log_get(g, i)\n"                                                                        \
+  "    if ts == nil then break end\n"                                                                        \
+  "    seen = seen + n\n"                                                                                    \
+  "    last = ts\n"                                                                                          \
+  "    if seen >= k then return ts + window - now end\n"                                                     \
+  "    i = i + 1\n"                                                                                          \
+  "  end\n"                                                                                                  \
+  "  if last == nil then return 0 end\n"                                                                     \
+  "  return last + window - now\n"                                                                           \
+  "end\n"                                                                                                    \
+  "-- one admission at now; a clock behind the newest entry counts it there\n"                               \
+  "-- (errs toward refusing)\n"                                                                              \
+  "local function log_append(g, now)\n"                                                                      \
+  "  local merged = false\n"                                                                                 \
+  "  if #g.app >= g.app_first then\n"                                                                        \
+  "    local a = g.app[#g.app]\n"                                                                            \
+  "    if a[1] >= now then\n"                                                                                \
+  "      a[2] = a[2] + 1\n"                                                                                  \
+  "      merged = true\n"                                                                                    \
+  "    end\n"                                                                                                \
+  "  elseif g.popped < g.len then\n"                                                                         \
+  "    local e = g.cache[g.len - 1]\n"                                                                       \
+  "    if e == nil then\n"                                                                                   \
+  "      e = log_parse(rcall('LINDEX', g.L, -1))\n"                                                          \
+  "      g.cache[g.len - 1] = e\n"                                                                           \
+  "    end\n"                                                                                                \
+  "    if e[1] >= now then\n"                                                                                \
+  "      g.last_n = (g.last_n or e[2]) + 1\n"                                                                \
+  "      merged = true\n"                                                                                    \
+  "    end\n"                                                                                                \
+  "  end\n"                                                                                                  \
+  "  if not merged then g.app[#g.app + 1] = {now, 1} end\n"                                                  \
+  "  g.total = g.total + 1\n"                                                                                \
+  "  g.appended = true\n"                                                                                    \
+  "end\n"                                                                                                    \
+  "-- writes what changed; the keys live a window past a minute of skew\n"                                   \
+  "local function log_commit(g, window)\n"                                                                   \
+  "  if not g.loaded then return end\n"                                                                      \
+  "  local live_orig = g.len - g.popped\n"                                                                   \
+  "  if g.total <= 0 or live_orig + #g.app - g.app_first + 1 <= 0 then\n"                                    \
+  "    rcall('DEL', g.L, g.T)\n"                                                                             \
+  "    return\n"                                                                                             \
+  "  end\n"                                                                                                  \
+  "  if g.popped > 0 then\n"                                                                                 \
+  "    if live_orig > 0 then rcall('LTRIM', g.L, g.popped, -1) else rcall('DEL', g.L) end\n"                 \
+  "  end\n"                                                                                                  \
+  "  if g.last_n ~= nil and live_orig > 0 then\n"                                                            \
+  "    rcall('LSET', g.L, -1, fmt(g.cache[g.len - 1][1]) .. ' ' .. fmt(g.last_n))\n"                         \
+  "  end\n"                                                                                                  \
+  "  if #g.app >= g.app_first then\n"                                                                        \
+  "    local items = {}\n"                                                                                   \
+  "    for i = g.app_first, #g.app do items[#items + 1] = fmt(g.app[i][1]) .. ' ' .. fmt(g.app[i][2]) end\n" \
+  "    call_chunked('RPUSH', g.L, items)\n"                                                                  \
+  "  end\n"                                                                                                  \
+  "  if g.appended then\n"                                                                                   \
+  "    rcall('SET', g.T, fmt(g.total), 'PX', fmt(window + 60000))\n"                                         \
+  "    rcall('PEXPIRE', g.L, fmt(window + 60000))\n"                                                         \
+  "  elseif g.total ~= g.total0 then\n"                                                                      \
+  "    rcall('SET', g.T, fmt(g.total), 'KEEPTTL')\n"                                                         \
+  "  end\n"                                                                                                  \
+  "end\n"                                                                                                    \
+  "\n"                                                                                                       \
+  "\n"                                                                                                       \
+  "-- token bucket: hash B {level_mt, updated_ms}; absent = never used. t.has,\n"                            \
+  "-- t.level, t.updated hold the stored bucket (read once, written once).\n"                                \
+  "local function tb_get(t)\n"                                                                               \
+  "  if not t.loaded then\n"                                                                                 \
+  "    t.loaded = true\n"                                                                                    \
+  "    local v = rcall('HMGET', t.B, 'level_mt', 'updated_ms')\n"                                            \
+  "    if v[1] and v[2] then t.has, t.level, t.updated = true, tonumber(v[1]), tonumber(v[2]) end\n"         \
+  "  end\n"                                                                                                  \
+  "  return t\n"                                                                                             \
+  "end\n"                                                                                                    \
+  "-- tg_tbucket_refill of the stored bucket to now, returned (level,\n"                                     \
+  "-- updated), not stored: a never-used bucket starts full; else it gains\n"                                \
+  "-- floor(e * cap / 60000) = q * cap + floor(r * tpm / 60) (e = q minutes\n"                               \
+  "-- and r ms), which keeps every product below 2^53 for tpm < 1.5e11\n"                                    \
+  "local function tb_refill(t, tpm, now)\n"                                                                  \
+  "  local cap = tpm * 1000\n"                                                                               \
+  "  if not t.has then return cap, now end\n"                                                                \
+  "  local level = t.level\n"                                                                                \
+  "  if now > t.updated then\n"                                                                              \
+  "    local e = now - t.updated\n"                                                                          \
+  "    local deficit = cap - level\n"                                                                        \
+  "    local q = idiv(e, 60000)\n"                                                                           \
+  "    if deficit <= 0 or q > idiv(deficit, cap) then\n"                                                     \
+  "      level = cap -- whole minutes alone fill it\n"                                                       \
+  "    else\n"                                                                                               \
+  "      level = mmin(cap, level + q * cap + idiv((e - q * 60000) * tpm, 60))\n"                             \
+  "    end\n"                                                                                                \
+  "    return level, now\n"                                                                                  \
+  "  end\n"                                                                                                  \
+  "  if level > cap then level = cap end\n"                                                                  \
+  "  return level, t.updated\n"                                                                              \
+  "end\n"                                                                                                    \
+  "-- ms until a bucket (level, updated) holds target (limits.c\n"                                           \
+  "-- tbucket_wait): ceil(d * 60000 / cap) written as ceil(d * 60 / tpm)\n"                                  \
+  "local function tb_wait(has, level, updated, tpm, target, now)\n"                                          \
+  "  if not has or tpm <= 0 then return 0 end\n"                                                             \
+  "  local lv = mmin(level, tpm * 1000)\n"                                                                   \
+  "  if lv >= target then return 0 end\n"                                                                    \
+  "  local w = ceildiv((target - lv) * 60, tpm) - (now - updated)\n"                                         \
+  "  if w > 0 then return w end\n"                                                                           \
+  "  return 0\n"                                                                                             \
+  "end\n"                                                                                                    \
+  "local function tb_set(t, level, updated, tpm, now)\n"                                                     \
+  "  t.has, t.level, t.updated, t.dirty, t.tpm, t.now = true, level, updated, true, tpm, now\n"              \
+  "end\n"                                                                                                    \
+  "-- the key lives until the bucket would be full again\n"                                                  \
+  "local function tb_commit(t)\n"                                                                            \
+  "  if not t.dirty then return end\n"                                                                       \
+  "  rcall('HSET', t.B, 'level_mt', fmt(t.level), 'updated_ms', fmt(t.updated))\n"                           \
+  "  rcall('PEXPIRE', t.B, fmt(tb_wait(true, t.level, t.updated, t.tpm, t.tpm * 1000, t.now) + 60000))\n"    \
+  "end\n"                                                                                                    \
+  "\n"                                                                                                       \
+  "\n"                                                                                                       \
+  "-- budget window: hash {spent, reserved, alerted}, read once, changed in\n"                               \
+  "-- memory. Written with HSET while every figure stays below 2^53 (exact in\n"                             \
+  "-- a double); otherwise the changes are replayed with HINCRBY, exact 64-bit.\n"                           \
+  "local function win_open(K)\n"                                                                             \
+  "  local v = rcall('HMGET', K, 'spent', 'reserved', 'alerted')\n"                                          \
+  "  local w = {K = K, kind = {}, arg = {}, exact = true}\n"                                                 \
+  "  w.exists = (v[1] or v[2] or v[3]) and true or false\n"                                                  \
+  "  w.spent, w.reserved = tonumber(v[1] or '0'), tonumber(v[2] or '0')\n"                                   \
+  "  w.alerted = v[3] and true or false\n"                                                                   \
+  "  if mabs(w.spent) >= EXACT or mabs(w.reserved) >= EXACT then w.exact = false end\n"                      \
+  "  return w\n"                                                                                             \
+  "end\n"                                                                                                    \
+  "local function win_num(w, x)\n"                                                                           \
+  "  if x >= EXACT or x <= -EXACT then w.exact = false end\n"                                                \
+  "  return x\n"                                                                                             \
+  "end\n"                                                                                                    \
+  "local function win_reserve(w, c, cn, ttl)\n"                                                              \
+  "  w.exists = true\n"                                                                                      \
+  "  w.reserved = win_num(w, w.reserved + win_num(w, cn))\n"                                                 \
+  "  local n = #w.kind + 1\n"                                                                                \
+  "  w.kind[n], w.arg[n] = 'r', c\n"                                                                         \
+  "  w.ttl = ttl\n"                                                                                          \
+  "end\n"                                                                                                    \
+  "local function win_unreserve(w, c)\n"                                                                     \
+  "  if c == '0' or not w.exists then return end\n"                                                          \
+  "  w.reserved = mmax(0, w.reserved - win_num(w, tonumber(c)))\n"                                           \
+  "  local n = #w.kind + 1\n"                                                                                \
+  "  w.kind[n], w.arg[n] = 'u', c\n"                                                                         \
+  "end\n"                                                                                                    \
+  "-- res[at], res[at + 1] = 1 and spent (text) when this raised the alert\n"                                \
+  "local function win_settle(w, held, rc, ac, thr, res, at)\n"                                               \
+  "  if not w.exists then return end\n"                                                                      \
+  "  if held == 1 then win_unreserve(w, rc) end\n"                                                           \
+  "  w.spent = win_num(w, w.spent + win_num(w, tonumber(ac)))\n"                                             \
+  "  if thr > 0 and w.spent >= thr and not w.alerted then\n"                                                 \
+  "    w.alerted, w.alert_new, res[at], res[at + 1] = true, true, 1, fmt(w.spent)\n"                         \
+  "  end\n"                                                                                                  \
+  "  local n = #w.kind + 1\n"                                                                                \
+  "  w.kind[n], w.arg[n] = 's', {ac, thr, res, at}\n"                                                        \
+  "end\n"                                                                                                    \
+  "-- writes the window; returns its spent (text)\n"                                                         \
+  "local function win_commit(w)\n"                                                                           \
+  "  local n = #w.kind\n"                                                                                    \
+  "  if n > 0 and w.exact then\n"                                                                            \
+  "    local a, r, s = {}, false, false\n"                                                                   \
+  "    for i = 1, n do\n"                                                                                    \
+  "      if w.kind[i] == 's' then s = true else r = true end\n"                                              \
+  "    end\n"                                                                                                \
+  "    if r then a[#a + 1] = 'reserved' a[#a + 1] = fmt(w.reserved) end\n"                                   \
+  "    if s then a[#a + 1] = 'spent' a[#a + 1] = fmt(w.spent) end\n"                                         \
+  "    if w.alert_new then a[#a + 1] = 'alerted' a[#a + 1] = '1' end\n"                                      \
+  "    rcall('HSET', w.K, unpack(a))\n"                                                                      \
+  "  elseif n > 0 then\n"                                                                                    \
+  "    for i = 1, n do\n"                                                                                    \
+  "      local k, x = w.kind[i], w.arg[i]\n"                                                                 \
+  "      if k == 'r' then\n"                                                                                 \
+  "        rcall('HINCRBY', w.K, 'reserved', x)\n"                                                           \
+  "      elseif k == 'u' then\n"                                                                             \
+  "        if rcall('HINCRBY', w.K, 'reserved', '-' .. x) < 0 then\n"                                        \
+  "          rcall('HSET', w.K, 'reserved', '0')\n"                                                          \
+  "        end\n"                                                                                            \
+  "      else\n"                                                                                             \
+  "        local res, at = x[3], x[4]\n"                                                                     \
+  "        local spent = rcall('HINCRBY', w.K, 'spent', x[1])\n"                                             \
+  "        res[at], res[at + 1] = 0, ''\n"                                                                   \
+  "        if x[2] > 0 and spent >= x[2] and rcall('HSETNX', w.K, 'alerted', '1') == 1 then\n"               \
+  "          res[at], res[at + 1] = 1, rcall('HGET', w.K, 'spent')\n"                                        \
+  "        end\n"                                                                                            \
+  "      end\n"                                                                                              \
+  "    end\n"                                                                                                \
+  "  end\n"                                                                                                  \
+  "  if w.ttl then rcall('PEXPIRE', w.K, fmt(w.ttl)) end\n"                                                  \
+  "  if not w.exists then return '0' end\n"                                                                  \
+  "  if w.exact then return fmt(w.spent) end\n"                                                              \
+  "  return rcall('HGET', w.K, 'spent') or '0'\n"                                                            \
   "end\n"
 
 /* ---- global requests per second ---------------------------------------
  * KEYS: 1 log list, 2 log total          ({global} tag)
- * ARGV: 1 now_ms, 2 rps (> 0)
- * Returns {1, 0} admitted (recorded) or {0, retry_after_ms}. */
+ * ARGV: 1 n, then n pairs: now_ms, rps (> 0)
+ * Returns one {1, 0} (admitted, recorded) or {0, retry_after_ms} per
+ * check, in order. */
 #define TG_REDIS_LUA_GLOBAL                                                   \
   TG_REDIS_LUA_LIB                                                            \
-  "local now = tonumber(ARGV[1])\n"                                           \
-  "local rps = tonumber(ARGV[2])\n"                                           \
-  "local total = log_expire(KEYS[1], KEYS[2], now, 1000)\n"                  \
-  "if total >= rps then\n"                                                    \
-  "  return {0, log_wait(KEYS[1], total, rps, now, 1000)}\n"                  \
-  "end\n"                                                                     \
-  "log_append(KEYS[1], KEYS[2], now, 1000)\n"                                 \
-  "return {1, 0}\n"
-
-/* ---- admission ---------------------------------------------------------
- * KEYS: 1 rpm log, 2 rpm total, 3 tpm bucket, 4 leases, 5 reservations,
- *       6 day window, 7 month window            (all tagged {tenant})
- * ARGV: 1 now_ms, 2 rpm, 3 tpm, 4 concurrency, 5 day limit (nano),
- *       6 month limit (nano), 7 reserved milli-tokens, 8 reserved cost
- *       (nano, decimal string), 9 lease id, 10 lease expiry ms, 11 day
- *       period, 12 month period, 13 day key ttl ms, 14 month key ttl ms,
- *       15 ms to the end of the day, 16 ms to the end of the month
- * Returns {code, retry_after_ms, limit_requests, remaining_requests,
- *          reset_requests_ms, limit_tokens, remaining_tokens,
- *          reset_tokens_ms}; -1 = unlimited. A refusal changes nothing but
- *          what nobody can observe (expired log entries, dead leases). */
-#define TG_REDIS_LUA_ADMIT                                                    \
-  TG_REDIS_LUA_LIB                                                            \
-  "local now = tonumber(ARGV[1])\n"                                           \
-  "local rpm, tpm, conc = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])\n" \
-  "local dlim, mlim = tonumber(ARGV[5]), tonumber(ARGV[6])\n"                 \
-  "local res_mt, cost_s = tonumber(ARGV[7]), ARGV[8]\n"                       \
-  "local cost = tonumber(cost_s)\n"                                           \
-  "local lease, lease_exp = ARGV[9], ARGV[10]\n"                              \
-  "local day_s, month_s = ARGV[11], ARGV[12]\n"                               \
-  "local rpmL, rpmT, tpmK, leasesK, resvK, dayK, monthK =\n"                  \
-  "  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]\n"         \
-  "\n"                                                                        \
-  "-- leases nobody renewed: a gateway that died gives back its slots and\n"  \
-  "-- the money it reserved in the current windows\n"                         \
-  "local dead = redis.call('ZRANGEBYSCORE', leasesK, '-inf', fmt(now), 'LIMIT', 0, 256)\n" \
-  "for _, id in ipairs(dead) do\n"                                            \
-  "  local rec = redis.call('HGET', resvK, id)\n"                             \
-  "  if rec then\n"                                                           \
-  "    local d, m, c = string.match(rec, '^(%-?%d+) (%-?%d+) (%d+)$')\n"      \
-  "    if d == day_s then unreserve(dayK, c) end\n"                           \
-  "    if m == month_s then unreserve(monthK, c) end\n"                       \
-  "    redis.call('HDEL', resvK, id)\n"                                       \
-  "  end\n"                                                                   \
-  "  redis.call('ZREM', leasesK, id)\n"                                       \
-  "end\n"                                                                     \
-  "local inflight = redis.call('ZCOUNT', leasesK, '(' .. fmt(now), '+inf')\n" \
-  "\n"                                                                        \
-  "-- a log above a lowered limit is not trimmed: counting all of it\n"      \
-  "-- refuses exactly as trimming would, and a refusal changes nothing\n"    \
-  "local total = 0\n"                                                         \
-  "if rpm > 0 then total = log_expire(rpmL, rpmT, now, 60000) end\n"          \
-  "local cap = tpm * 1000\n"                                                  \
-  "local stored, bucket = nil, nil\n"                                         \
-  "if tpm > 0 then\n"                                                         \
-  "  stored = tb_load(tpmK)\n"                                                \
-  "  bucket = tb_refill(stored, tpm, now) -- a copy: stored only if admitted\n" \
-  "end\n"                                                                     \
-  "local w = redis.call('HMGET', dayK, 'spent', 'reserved')\n"                \
-  "local dspent, dres = tonumber(w[1] or '0'), tonumber(w[2] or '0')\n"       \
-  "w = redis.call('HMGET', monthK, 'spent', 'reserved')\n"                    \
-  "local mspent, mres = tonumber(w[1] or '0'), tonumber(w[2] or '0')\n"       \
-  "\n"                                                                        \
-  "local code, retry = 0, 0\n"                                                \
-  "local function refuse(k, r)\n"                                             \
-  "  if code == 0 then code = k retry = r end\n"                              \
-  "end\n"                                                                     \
-  "if conc > 0 and inflight >= conc then refuse(1, 1000) end\n"               \
-  "if rpm > 0 and total >= rpm then\n"                                        \
-  "  refuse(2, log_wait(rpmL, total, rpm, now, 60000))\n"                     \
-  "end\n"                                                                     \
-  "if tpm > 0 then\n"                                                         \
-  "  local need = math.min(res_mt, cap)\n"                                    \
-  "  if bucket.level < need then refuse(3, tb_wait(stored, tpm, need, now)) end\n" \
-  "end\n"                                                                     \
-  "if dlim > 0 and dspent + dres + cost > dlim then refuse(4, tonumber(ARGV[15])) end\n" \
-  "if mlim > 0 and mspent + mres + cost > mlim then refuse(5, tonumber(ARGV[16])) end\n" \
-  "\n"                                                                        \
-  "if code == 0 then\n"                                                       \
-  "  redis.call('ZADD', leasesK, lease_exp, lease)\n"                         \
-  "  redis.call('HSET', resvK, lease, day_s .. ' ' .. month_s .. ' ' .. cost_s)\n" \
-  "  if rpm > 0 then\n"                                                       \
-  "    total = log_append(rpmL, rpmT, now, 60000)\n"                          \
+  "local g = log_open(KEYS[1], KEYS[2])\n"                                    \
+  "local n = tonumber(ARGV[1])\n"                                             \
+  "local out = {}\n"                                                          \
+  "for i = 1, n do\n"                                                         \
+  "  local now, rps = tonumber(ARGV[2 * i]), tonumber(ARGV[2 * i + 1])\n"     \
+  "  if log_expire(g, now, 1000) >= rps then\n"                               \
+  "    out[i] = {0, log_wait(g, rps, now, 1000)}\n"                           \
   "  else\n"                                                                  \
-  "    redis.call('DEL', rpmL, rpmT) -- unlimited records nothing\n"         \
+  "    log_append(g, now)\n"                                                  \
+  "    out[i] = {1, 0}\n"                                                     \
   "  end\n"                                                                   \
-  "  if tpm > 0 then\n"                                                       \
-  "    bucket.level = math.max(bucket.level - res_mt, LEVEL_MIN)\n"           \
-  "    tb_store(tpmK, bucket, tpm, now)\n"                                    \
-  "    stored = bucket\n"                                                     \
-  "  end\n"                                                                   \
-  "  redis.call('HINCRBY', dayK, 'reserved', cost_s)\n"                       \
-  "  redis.call('PEXPIRE', dayK, ARGV[13])\n"                                 \
-  "  redis.call('HINCRBY', monthK, 'reserved', cost_s)\n"                     \
-  "  redis.call('PEXPIRE', monthK, ARGV[14])\n"                               \
   "end\n"                                                                     \
-  "\n"                                                                        \
-  "local lr, rr, sr, lt, rt, st = -1, -1, -1, -1, -1, -1\n"                   \
-  "if rpm > 0 then\n"                                                         \
-  "  lr = rpm\n"                                                              \
-  "  rr = math.max(rpm - total, 0)\n"                                         \
-  "  sr = log_wait(rpmL, total, rpm, now, 60000)\n"                          \
-  "end\n"                                                                     \
-  "if tpm > 0 then\n"                                                         \
-  "  lt = tpm\n"                                                              \
-  "  rt = 0\n"                                                                \
-  "  if bucket.level > 0 then rt = idiv(bucket.level, 1000) end\n"            \
-  "  st = tb_wait(stored, tpm, cap, now)\n"                                   \
-  "end\n"                                                                     \
-  "return {code, retry, lr, rr, sr, lt, rt, st}\n"
+  "log_commit(g, 1000)\n"                                                     \
+  "return out\n"
 
-/* ---- settlement --------------------------------------------------------
- * KEYS: 1 tpm bucket, 2 leases, 3 reservations, 4 day window (admitted
- *       period), 5 month window (admitted period)   (all tagged {tenant})
- * ARGV: 1 now_ms, 2 tpm, 3 1 when the admission charged the bucket,
- *       4 lease id, 5 reserved milli-tokens, 6 actual milli-tokens,
- *       7 reserved cost, 8 actual cost (nano, decimal strings), 9 day
- *       alert threshold, 10 month alert threshold (nano; 0 = no alert)
- * Returns {held, day_alert, day_spent, month_alert, month_spent}: held = 1
- * when the lease's reservation was still counted (0: it had expired and
- * was given back already), *_alert = 1 when this settlement raised the
- * window's alert, *_spent as a decimal string. */
-#define TG_REDIS_LUA_SETTLE                                                   \
-  TG_REDIS_LUA_LIB                                                            \
-  "local now, tpm = tonumber(ARGV[1]), tonumber(ARGV[2])\n"                   \
-  "redis.call('ZREM', KEYS[2], ARGV[4])\n"                                    \
-  "local held = redis.call('HDEL', KEYS[3], ARGV[4])\n"                       \
-  "if ARGV[3] == '1' and tpm > 0 then\n"                                      \
-  "  local b = tb_refill(tb_load(KEYS[1]), tpm, now)\n"                       \
-  "  local lv = b.level + tonumber(ARGV[5]) - tonumber(ARGV[6])\n"            \
-  "  b.level = math.max(math.min(lv, tpm * 1000), LEVEL_MIN)\n"               \
-  "  tb_store(KEYS[1], b, tpm, now)\n"                                        \
-  "end\n"                                                                     \
-  "local function settle(K, thr)\n"                                           \
-  "  if redis.call('EXISTS', K) == 0 then return 0, '0' end\n"                \
-  "  if held == 1 then unreserve(K, ARGV[7]) end\n"                           \
-  "  local spent = redis.call('HINCRBY', K, 'spent', ARGV[8])\n"              \
-  "  local alert = 0\n"                                                       \
-  "  if thr > 0 and spent >= thr and redis.call('HSETNX', K, 'alerted', '1') == 1 then\n" \
-  "    alert = 1\n"                                                           \
-  "  end\n"                                                                   \
-  "  return alert, redis.call('HGET', K, 'spent')\n"                          \
-  "end\n"                                                                     \
-  "local da, ds = settle(KEYS[4], tonumber(ARGV[9]))\n"                       \
-  "local ma, ms = settle(KEYS[5], tonumber(ARGV[10]))\n"                      \
-  "return {held, da, ds, ma, ms}\n"
+/* ---- tenant batch --------------------------------------------------------
+ * KEYS: 1 rpm log, 2 rpm total, 3 tpm bucket, 4 leases, then 4 + i:
+ *       window i (tg:{T}:day:<d> or tg:{T}:month:<m>), the windows the
+ *       operations name                        (all tagged {tenant})
+ * ARGV: lease ttl ms, number of windows, then for each window its period,
+ *       the ms its period ends and how long its key outlives that, then
+ *       records in the order made:
+ *   "L" and 7 more arguments: the limits of the operations that follow:
+ *       rpm, tpm, concurrency, day limit, month limit (nano), day and
+ *       month alert thresholds (nano; 0 = none). Sent before the first
+ *       operation and whenever they change.
+ *   an operation: one argument, its fields separated by single spaces
+ *   "A <now_ms> <reserved milli-tokens> <reserved cost (nano)> <lease
+ *       member: id day month cost> <day window> <month window>" (window
+ *       indexes), an admission
+ *   "S <now_ms> <1 when the admission charged the bucket, else 0> <lease
+ *       member> <reserved milli-tokens> <actual milli-tokens> <reserved
+ *       cost> <actual cost> <day window> <month window>" (of the admitted
+ *       periods), a settlement
+ * Returns one flat array (fewer objects to build and to parse): for each
+ * admission or settlement in order its figures, then each window's spent:
+ *   admission  code, retry_after_ms, limit_requests, remaining_requests,
+ *              reset_requests_ms, limit_tokens, remaining_tokens,
+ *              reset_tokens_ms; -1 = unlimited. A refusal changes nothing
+ *              but what nobody can observe (expired log entries, dead
+ *              leases).
+ *   settlement held, day_alert, day_spent, month_alert, month_spent:
+ *              held = 1 when the lease (and so its reservation) was still
+ *              there; *_alert = 1 when it raised the window's alert, and
+ *              then *_spent is the window's spent (decimal text), else ""
+ *   windows    spent of window 1, 2, ...: decimal text after the batch
+ *              ("0" when the window does not exist). */
+#define TG_REDIS_LUA_BATCH                                                                                   \
+  TG_REDIS_LUA_LIB                                                                                           \
+  "local LOG = log_open(KEYS[1], KEYS[2])\n"                                                                 \
+  "local TB = {B = KEYS[3], loaded = false}\n"                                                               \
+  "local leasesK = KEYS[4]\n"                                                                                \
+  "\n"                                                                                                       \
+  "-- ARGV: lease ttl, the number of windows, each window's period, end and\n"                               \
+  "-- keep ms, then the operations in the order the gateway made them. An 'L'\n"                             \
+  "-- record sets the limits of the operations that follow it.\n"                                            \
+  "local lease_ttl, nw = tonumber(ARGV[1]), tonumber(ARGV[2])\n"                                             \
+  "local WIN = {}\n"                                                                                         \
+  "for i = 1, nw do\n"                                                                                       \
+  "  local q = 3 * i\n"                                                                                      \
+  "  WIN[i] = {period = ARGV[q], e = tonumber(ARGV[q + 1]), keep = tonumber(ARGV[q + 2])}\n"                 \
+  "end\n"                                                                                                    \
+  "-- each operation is one argument, its fields separated by spaces: the\n"                                 \
+  "-- argument, its kind ('A' 65, 'S' 83), now and limits\n"                                                 \
+  "local recs, kinds, nows, lims = {}, {}, {}, {}\n"                                                         \
+  "local nA, min_now, max_now, last_admit = 0, nil, nil, 0\n"                                                \
+  "do\n"                                                                                                     \
+  "  local p, L, nargs = 3 + 3 * nw, nil, #ARGV\n"                                                           \
+  "  while p <= nargs do\n"                                                                                  \
+  "    if ARGV[p] == 'L' then\n"                                                                             \
+  "      L = {rpm = tonumber(ARGV[p + 1]), tpm = tonumber(ARGV[p + 2]), conc = tonumber(ARGV[p + 3]),\n"     \
+  "           dlim = tonumber(ARGV[p + 4]), mlim = tonumber(ARGV[p + 5]),\n"                                 \
+  "           dthr = tonumber(ARGV[p + 6]), mthr = tonumber(ARGV[p + 7])}\n"                                 \
+  "      p = p + 8\n"                                                                                        \
+  "    else\n"                                                                                               \
+  "      local rec = ARGV[p]\n"                                                                              \
+  "      local i, kind, now = #recs + 1, sbyte(rec, 1), tonumber(smatch(rec, '^%a (%-?%d+)'))\n"             \
+  "      recs[i], kinds[i], nows[i], lims[i] = rec, kind, now, L\n"                                          \
+  "      if kind == 65 then\n"                                                                               \
+  "        nA, last_admit = nA + 1, i\n"                                                                     \
+  "        if min_now == nil or now < min_now then min_now = now end\n"                                      \
+  "        if max_now == nil or now > max_now then max_now = now end\n"                                      \
+  "      end\n"                                                                                              \
+  "      p = p + 1\n"                                                                                        \
+  "    end\n"                                                                                                \
+  "  end\n"                                                                                                  \
+  "end\n"                                                                                                    \
+  "\n"                                                                                                       \
+  "local W = {}\n"                                                                                           \
+  "local function win(i)\n"                                                                                  \
+  "  if W[i] == nil then W[i] = win_open(KEYS[4 + i]) end\n"                                                 \
+  "  return W[i]\n"                                                                                          \
+  "end\n"                                                                                                    \
+  "\n"                                                                                                       \
+  "-- leases: members '<id> <day> <month> <cost>' (the lease and the money it\n"                             \
+  "-- reserved in that day and month), scored by expiry. Live ones are\n"                                    \
+  "-- counted as ZCOUNT (now, +inf) would count them before each admission:\n"                               \
+  "-- those expiring after the batch's latest now (C), plus those expiring\n"                                \
+  "-- within its span (few), plus this batch's own, less what the batch\n"                                   \
+  "-- removed. Changes are written at the end.\n"                                                            \
+  "local C, dead, dp, span = 0, {}, 1, {}\n"                                                                 \
+  "local added, added_live, added_min = {}, 0, nil\n"                                                        \
+  "local gone, zrem = {}, {}\n"                                                                              \
+  "local near, truncated = {}, false\n"                                                                      \
+  "if nA > 0 then\n"                                                                                         \
+  "  local lim = 256 * nA\n"                                                                                 \
+  "  local d = rcall('ZRANGEBYSCORE', leasesK, '-inf', fmt(max_now), 'WITHSCORES', 'LIMIT', 0, lim)\n"       \
+  "  for j = 1, #d, 2 do\n"                                                                                  \
+  "    local e = {d[j], tonumber(d[j + 1])}\n"                                                               \
+  "    dead[#dead + 1] = e\n"                                                                                \
+  "    near[e[1]] = e\n"                                                                                     \
+  "    if e[2] > min_now then span[#span + 1] = e end\n"                                                     \
+  "  end\n"                                                                                                  \
+  "  truncated = #dead == lim\n"                                                                             \
+  "  if truncated and min_now < max_now then\n"                                                              \
+  "    d = rcall('ZRANGEBYSCORE', leasesK, '(' .. fmt(min_now), fmt(max_now), 'WITHSCORES')\n"               \
+  "    for j = 1, #d, 2 do\n"                                                                                \
+  "      if near[d[j]] == nil then\n"                                                                        \
+  "        local e = {d[j], tonumber(d[j + 1])}\n"                                                           \
+  "        near[e[1]] = e\n"                                                                                 \
+  "        span[#span + 1] = e\n"                                                                            \
+  "      end\n"                                                                                              \
+  "    end\n"                                                                                                \
+  "  end\n"                                                                                                  \
+  "  C = rcall('ZCOUNT', leasesK, '(' .. fmt(max_now), '+inf')\n"                                            \
+  "end\n"                                                                                                    \
+  "local function inflight(now)\n"                                                                           \
+  "  local c = C\n"                                                                                          \
+  "  for i = 1, #span do\n"                                                                                  \
+  "    local e = span[i]\n"                                                                                  \
+  "    if not gone[e[1]] and e[2] > now then c = c + 1 end\n"                                                \
+  "  end\n"                                                                                                  \
+  "  if added_live > 0 then\n"                                                                               \
+  "    if added_min > now then\n"                                                                            \
+  "      c = c + added_live\n"                                                                               \
+  "    else\n"                                                                                               \
+  "      for i = 1, #added do\n"                                                                             \
+  "        local e = added[i]\n"                                                                             \
+  "        if not gone[e[1]] and e[2] > now then c = c + 1 end\n"                                            \
+  "      end\n"                                                                                              \
+  "    end\n"                                                                                                \
+  "  end\n"                                                                                                  \
+  "  return c\n"                                                                                             \
+  "end\n"                                                                                                    \
+  "-- the settled leases' expiries (false: gone already), in one call where\n"                               \
+  "-- Redis has ZMSCORE (6.2)\n"                                                                             \
+  "local score0 = {}\n"                                                                                      \
+  "do\n"                                                                                                     \
+  "  local ids = {}\n"                                                                                       \
+  "  for i = 1, #recs do\n"                                                                                  \
+  "    if kinds[i] == 83 then ids[#ids + 1] = smatch(recs[i], '^S %-?%d+ %d (%S+ %-?%d+ %-?%d+ %d+)') end\n" \
+  "  end\n"                                                                                                  \
+  "  if #ids > 0 then\n"                                                                                     \
+  "    local v = redis.pcall('ZMSCORE', leasesK, unpack(ids))\n"                                             \
+  "    if type(v) ~= 'table' or v.err ~= nil then\n"                                                         \
+  "      v = {}\n"                                                                                           \
+  "      for j = 1, #ids do v[j] = rcall('ZSCORE', leasesK, ids[j]) end\n"                                   \
+  "    end\n"                                                                                                \
+  "    for j = 1, #ids do score0[ids[j]] = v[j] and tonumber(v[j]) or false end\n"                           \
+  "  end\n"                                                                                                  \
+  "end\n"                                                                                                    \
+  "-- a lease nobody renewed: its slot and the money it reserved in the\n"                                   \
+  "-- admitting request's current windows come back\n"                                                       \
+  "local function release(m, dw, mw)\n"                                                                      \
+  "  gone[m] = true\n"                                                                                       \
+  "  local d, mo, c = smatch(m, ' (%-?%d+) (%-?%d+) (%d+)$')\n"                                              \
+  "  if d then\n"                                                                                            \
+  "    if d == WIN[dw].period then win_unreserve(win(dw), c) end\n"                                          \
+  "    if mo == WIN[mw].period then win_unreserve(win(mw), c) end\n"                                         \
+  "  end\n"                                                                                                  \
+  "end\n"                                                                                                    \
+  "local function sweep(now, dw, mw)\n"                                                                      \
+  "  local swept = 0\n"                                                                                      \
+  "  while dp <= #dead and swept < 256 do\n"                                                                 \
+  "    local e = dead[dp]\n"                                                                                 \
+  "    if e[2] > now then break end\n"                                                                       \
+  "    dp = dp + 1\n"                                                                                        \
+  "    if not gone[e[1]] then\n"                                                                             \
+  "      zrem[#zrem + 1] = e[1]\n"                                                                           \
+  "      release(e[1], dw, mw)\n"                                                                            \
+  "      swept = swept + 1\n"                                                                                \
+  "    end\n"                                                                                                \
+  "  end\n"                                                                                                  \
+  "  if added_live > 0 and added_min <= now then\n"                                                          \
+  "    for _, e in ipairs(added) do\n"                                                                       \
+  "      if not gone[e[1]] and e[2] <= now then\n"                                                           \
+  "        added_live = added_live - 1\n"                                                                    \
+  "        release(e[1], dw, mw)\n"                                                                          \
+  "      end\n"                                                                                              \
+  "    end\n"                                                                                                \
+  "  end\n"                                                                                                  \
+  "end\n"                                                                                                    \
+  "\n"                                                                                                       \
+  "-- one flat reply: 8 figures per admission, 5 per settlement, then the\n"                                 \
+  "-- windows' spent\n"                                                                                      \
+  "local out = {}\n"                                                                                         \
+  "-- A <now> <reserved mt> <cost> <lease member (4 fields)> <day win> <month win>\n"                        \
+  "local function admit(rec, now, lim)\n"                                                                    \
+  "  local res_mt, cost_s, m, dwi, mwi =\n"                                                                  \
+  "    smatch(rec, '^A %-?%d+ (%d+) (%d+) (%S+ %-?%d+ %-?%d+ %d+) (%d+) (%d+)$')\n"                          \
+  "  res_mt, dwi, mwi = tonumber(res_mt), tonumber(dwi), tonumber(mwi)\n"                                    \
+  "  sweep(now, dwi, mwi)\n"                                                                                 \
+  "  local inf = inflight(now)\n"                                                                            \
+  "  local rpm, tpm, cap = lim.rpm, lim.tpm, lim.tpm * 1000\n"                                               \
+  "  -- a log above a lowered limit is not trimmed: counting all of it\n"                                    \
+  "  -- refuses exactly as trimming would, and a refusal changes nothing\n"                                  \
+  "  local total = 0\n"                                                                                      \
+  "  if rpm > 0 then total = log_expire(LOG, now, 60000) end\n"                                              \
+  "  local has, level, updated = false, 0, 0\n"                                                              \
+  "  if tpm > 0 then\n"                                                                                      \
+  "    tb_get(TB)\n"                                                                                         \
+  "    has = TB.has\n"                                                                                       \
+  "    level, updated = tb_refill(TB, tpm, now) -- a copy: stored only if admitted\n"                        \
+  "  end\n"                                                                                                  \
+  "  local dw, mw = win(dwi), win(mwi)\n"                                                                    \
+  "  local cost = tonumber(cost_s)\n"                                                                        \
+  "  local code, retry = 0, 0\n"                                                                             \
+  "  if lim.conc > 0 and inf >= lim.conc then\n"                                                             \
+  "    code, retry = 1, 1000\n"                                                                              \
+  "  elseif rpm > 0 and total >= rpm then\n"                                                                 \
+  "    code, retry = 2, log_wait(LOG, rpm, now, 60000)\n"                                                    \
+  "  elseif tpm > 0 and level < mmin(res_mt, cap) then\n"                                                    \
+  "    code, retry = 3, tb_wait(has, TB.level, TB.updated, tpm, mmin(res_mt, cap), now)\n"                   \
+  "  elseif lim.dlim > 0 and dw.spent + dw.reserved + cost > lim.dlim then\n"                                \
+  "    code, retry = 4, WIN[dwi].e - now\n"                                                                  \
+  "  elseif lim.mlim > 0 and mw.spent + mw.reserved + cost > lim.mlim then\n"                                \
+  "    code, retry = 5, WIN[mwi].e - now\n"                                                                  \
+  "  end\n"                                                                                                  \
+  "  if code == 0 then\n"                                                                                    \
+  "    local exp = now + lease_ttl\n"                                                                        \
+  "    added[#added + 1] = {m, exp}\n"                                                                       \
+  "    added_live = added_live + 1\n"                                                                        \
+  "    if added_min == nil or exp < added_min then added_min = exp end\n"                                    \
+  "    if rpm > 0 then\n"                                                                                    \
+  "      log_append(LOG, now)\n"                                                                             \
+  "      total = LOG.total\n"                                                                                \
+  "    else\n"                                                                                               \
+  "      log_clear(LOG) -- unlimited records nothing\n"                                                      \
+  "    end\n"                                                                                                \
+  "    if tpm > 0 then\n"                                                                                    \
+  "      level = mmax(level - res_mt, LEVEL_MIN)\n"                                                          \
+  "      tb_set(TB, level, updated, tpm, now)\n"                                                             \
+  "    end\n"                                                                                                \
+  "    win_reserve(dw, cost_s, cost, WIN[dwi].e + WIN[dwi].keep - now)\n"                                    \
+  "    win_reserve(mw, cost_s, cost, WIN[mwi].e + WIN[mwi].keep - now)\n"                                    \
+  "  end\n"                                                                                                  \
+  "  local n = #out\n"                                                                                       \
+  "  out[n + 1], out[n + 2] = code, retry\n"                                                                 \
+  "  if rpm > 0 then\n"                                                                                      \
+  "    out[n + 3], out[n + 4], out[n + 5] = rpm, mmax(rpm - total, 0), log_wait(LOG, rpm, now, 60000)\n"     \
+  "  else\n"                                                                                                 \
+  "    out[n + 3], out[n + 4], out[n + 5] = -1, -1, -1\n"                                                    \
+  "  end\n"                                                                                                  \
+  "  if tpm > 0 then\n"                                                                                      \
+  "    local rt = 0\n"                                                                                       \
+  "    if level > 0 then rt = idiv(level, 1000) end\n"                                                       \
+  "    -- the reset comes from the stored bucket: this one when admitted\n"                                  \
+  "    out[n + 6], out[n + 7], out[n + 8] = tpm, rt, tb_wait(TB.has, TB.level, TB.updated, tpm, cap, now)\n" \
+  "  else\n"                                                                                                 \
+  "    out[n + 6], out[n + 7], out[n + 8] = -1, -1, -1\n"                                                    \
+  "  end\n"                                                                                                  \
+  "end\n"                                                                                                    \
+  "\n"                                                                                                       \
+  "-- S <now> <charged 0/1> <lease member (4 fields)> <reserved mt> <actual mt>\n"                           \
+  "--   <reserved cost> <actual cost> <day win> <month win>\n"                                               \
+  "local function settle(rec, now, lim, counted)\n"                                                          \
+  "  local charged, m, res_mt, act_mt, rc, ac, dwi, mwi = smatch(rec,\n"                                     \
+  "    '^S %-?%d+ (%d) (%S+ %-?%d+ %-?%d+ %d+) (%d+) (%d+) (%d+) (%d+) (%d+) (%d+)$')\n"                     \
+  "  dwi, mwi = tonumber(dwi), tonumber(mwi)\n"                                                              \
+  "  -- the lease goes, and with it the reservation it still held; while\n"                                  \
+  "  -- admissions follow in this batch, C loses it if it counted it\n"                                      \
+  "  local held = 0\n"                                                                                       \
+  "  if not gone[m] then\n"                                                                                  \
+  "    gone[m] = true\n"                                                                                     \
+  "    local sc = score0[m]\n"                                                                               \
+  "    if sc then\n"                                                                                         \
+  "      held = 1\n"                                                                                         \
+  "      zrem[#zrem + 1] = m\n"                                                                              \
+  "      if counted and near[m] == nil and sc > max_now then C = C - 1 end\n"                                \
+  "    end\n"                                                                                                \
+  "  end\n"                                                                                                  \
+  "  local tpm = lim.tpm\n"                                                                                  \
+  "  if charged == '1' and tpm > 0 then\n"                                                                   \
+  "    tb_get(TB)\n"                                                                                         \
+  "    local level, updated = tb_refill(TB, tpm, now)\n"                                                     \
+  "    level = level + tonumber(res_mt) - tonumber(act_mt)\n"                                                \
+  "    tb_set(TB, mmax(mmin(level, tpm * 1000), LEVEL_MIN), updated, tpm, now)\n"                            \
+  "  end\n"                                                                                                  \
+  "  local n = #out\n"                                                                                       \
+  "  out[n + 1], out[n + 2], out[n + 3], out[n + 4], out[n + 5] = held, 0, '', 0, ''\n"                      \
+  "  win_settle(win(dwi), held, rc, ac, lim.dthr, out, n + 2)\n"                                             \
+  "  win_settle(win(mwi), held, rc, ac, lim.mthr, out, n + 4)\n"                                             \
+  "end\n"                                                                                                    \
+  "\n"                                                                                                       \
+  "for i = 1, #recs do\n"                                                                                    \
+  "  if kinds[i] == 65 then\n"                                                                               \
+  "    admit(recs[i], nows[i], lims[i])\n"                                                                   \
+  "  else\n"                                                                                                 \
+  "    settle(recs[i], nows[i], lims[i], i < last_admit)\n"                                                  \
+  "  end\n"                                                                                                  \
+  "end\n"                                                                                                    \
+  "\n"                                                                                                       \
+  "-- write everything once\n"                                                                               \
+  "if #zrem > 0 then call_chunked('ZREM', leasesK, zrem) end\n"                                              \
+  "local za = {}\n"                                                                                          \
+  "for _, e in ipairs(added) do\n"                                                                           \
+  "  if not gone[e[1]] then\n"                                                                               \
+  "    za[#za + 1] = fmt(e[2])\n"                                                                            \
+  "    za[#za + 1] = e[1]\n"                                                                                 \
+  "  end\n"                                                                                                  \
+  "end\n"                                                                                                    \
+  "if #za > 0 then call_chunked('ZADD', leasesK, za) end\n"                                                  \
+  "log_commit(LOG, 60000)\n"                                                                                 \
+  "tb_commit(TB)\n"                                                                                          \
+  "for i = 1, nw do\n"                                                                                       \
+  "  if W[i] ~= nil then out[#out + 1] = win_commit(W[i]) else out[#out + 1] = '' end\n"                     \
+  "end\n"                                                                                                    \
+  "return out\n"
 
 #endif

@@ -63,8 +63,8 @@ void (*tg_policy_alert_hook)(const char *tenant, int month);
 
 int tg_policy_spend(tg_policy_t *p, const char *tenant, tg_nano_t *day, tg_nano_t *month) {
   *day = *month = 0;
-  if (p->backend != TG_BACKEND_MEMORY)
-    return TG_ENOTFOUND;
+  if (p->backend == TG_BACKEND_REDIS)
+    return tg__redis_spend(p->redis, tenant, tg_now_ms(), day, month);
   return tg__mem_spend(p->mem, tenant, tg_now_ms(), day, month);
 }
 
@@ -142,6 +142,10 @@ int tg_policy_new(const tg_config_t *cfg, tg_policy_t **out) {
       tg_policy_free(p);
       return r;
     }
+    /* The configured tenants' spend is read from Redis from the start, so
+     * the first /metrics scrape shows it. */
+    for (size_t i = 0; i < cfg->n_tenants; i++)
+      tg__redis_watch(p->redis, cfg->tenants[i].name);
   }
   *out = p;
   return 0;

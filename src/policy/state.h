@@ -4,9 +4,10 @@
  *   memory (state_mem.c)   exact within one process; tenants' states in a
  *                          table striped over mutexes; budget spend is
  *                          saved to the SQLite store so a restart keeps it
- *   redis  (state_redis.c) each admission and each settlement is one Lua
- *                          script, so any number of gateways share exact
- *                          limits; keys are hash-tagged by tenant
+ *   redis  (state_redis.c) admissions and settlements run in Lua scripts,
+ *                          batched per tenant and loop iteration, so any
+ *                          number of gateways share exact limits; keys
+ *                          are hash-tagged by tenant
  *                          ({tenant}) for Redis Cluster; concurrency leases
  *                          expire unless renewed, so a dead gateway's slots
  *                          come back
@@ -70,9 +71,10 @@ int tg_policy_admit(tg_policy_loop_t *pl, const tg_admit_req_t *r, tg_admit_cb c
 void tg_policy_settle(tg_policy_loop_t *pl, const tg_admit_req_t *r, const tg_admission_t *a,
                       int64_t actual_tokens, tg_nano_t actual_cost);
 
-/* A tenant's settled spend in the current UTC day and month, as this
- * gateway knows it (memory backend). Returns 0, or TG_ENOTFOUND when the
- * backend cannot tell synchronously (Redis) or the tenant has no state. */
+/* A tenant's settled spend in the current UTC day and month. Memory: this
+ * gateway's figures. Redis: the figures last read from Redis, shared by
+ * every gateway, at most a few seconds old (tg__redis_spend). Never blocks.
+ * Returns 0, or TG_ENOTFOUND (both 0) when the tenant has no state yet. */
 int tg_policy_spend(tg_policy_t *p, const char *tenant, tg_nano_t *day, tg_nano_t *month);
 
 /* Called for every budget-threshold event (for metrics); may stay NULL. */
@@ -117,6 +119,16 @@ void tg__redis_settle(tg__redis_loop_t *rl, const tg_admit_req_t *r, const tg_ad
                       int64_t actual_tokens, tg_nano_t actual_cost, int64_t now_ms);
 /* 1 while the loop's connection is up. */
 int tg__redis_connected(const tg__redis_loop_t *rl);
+/* Tenant's spend in the UTC day and month of now_ms, from the figures the
+ * backend last heard from Redis (admission and settlement replies, and a
+ * refresh every 2 s of every tenant asked about or watched). Never blocks;
+ * callable from any thread. Figures of an earlier period read as 0.
+ * Returns 0, or TG_ENOTFOUND (both 0) before anything was heard about the
+ * tenant, which is then refreshed from now on. */
+int tg__redis_spend(tg__redis_t *r, const char *tenant, int64_t now_ms, tg_nano_t *day,
+                    tg_nano_t *month);
+/* Adds tenant to the ones whose spend is refreshed (any thread). */
+void tg__redis_watch(tg__redis_t *r, const char *tenant);
 
 /* Wall clock in unix milliseconds. */
 int64_t tg_now_ms(void);

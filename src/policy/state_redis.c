@@ -1,15 +1,26 @@
-/* The Redis backend of the policy state (state.h): every admission and every
- * settlement is one Lua script (redis_scripts.h), so any number of gateways
- * share exact limits. docs/state-redis.md describes the keys, the scripts
- * and what happens when Redis fails.
+/* The Redis backend of the policy state (state.h): admissions and
+ * settlements run in Lua scripts (redis_scripts.h), so any number of
+ * gateways share exact limits. docs/state-redis.md describes the keys, the
+ * scripts and what happens when Redis fails.
  *
  * Each loop thread owns one tg__redis_loop_t: one hiredis async connection
  * driven by that loop, a reconnect timer (100 ms doubling to 2 s), and a
  * tick timer that renews the loop's concurrency leases every 10 s and gives
- * up on replies that do not come. Every request sent is a call_t kept in a
- * list in send order until hiredis hands back its reply; hiredis answers
- * every pending command exactly once, with NULL when the connection goes,
- * so each admission callback runs exactly once.
+ * up on replies that do not come. Admissions and settlements are not sent
+ * one by one: each is an op_t queued in a batch call_t per tenant (and one
+ * for the global limit), and a prepare and a check handle send every batch
+ * of the loop iteration as one script call each, just before the loop
+ * polls and just after. Every call sent is kept in a list in send order
+ * until hiredis hands back its reply; hiredis answers every pending command
+ * exactly once, with NULL when the connection goes, and a batch that cannot
+ * be sent is answered at once, so each admission callback runs exactly
+ * once.
+ *
+ * The backend also keeps each tenant's spend of the current UTC day and
+ * month (for the /metrics gauges, which read it from another thread): from
+ * the batches' replies, and refreshed every 2 s by one loop for every
+ * tenant asked about, so a gateway that serves no traffic still shows what
+ * the others spent.
  *
  * hiredis 0.14's own libuv adapter ignores poll errors: a refused connect
  * (POLLERR) then never reaches hiredis and the connection hangs forever. The
@@ -25,10 +36,12 @@
 #include <netdb.h>
 #include <openssl/evp.h>
 #include <openssl/rand.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <uv.h>
 
 #include "core/err.h"
@@ -47,8 +60,14 @@
 #define TG_REDIS_BACKOFF_MIN_MS 100
 #define TG_REDIS_BACKOFF_MAX_MS 2000
 #define TG_REDIS_TICK_MS 250
-/* Bounds: calls waiting for a reply and leases held per loop thread. */
+/* Bounds: calls and operations waiting for a reply and leases held per
+ * loop thread; operations in one script call. */
 #define TG_REDIS_MAX_PENDING 20000
+#define TG_REDIS_MAX_OPS 20000
+#define TG_REDIS_BATCH_MAX 64
+/* Spend figures: refreshed this often, for at most this many tenants. */
+#define TG_REDIS_SPEND_REFRESH_MS 2000
+#define TG_REDIS_SPEND_MAX 4096
 #define TG_REDIS_MAX_LEASES 65536
 #define TG_REDIS_MAX_TENANT 128
 /* Window keys outlive their period by this much (late settlements,
@@ -58,13 +77,20 @@
 /* Same clamp as limits.c: tokens and token rates above this are taken as it. */
 #define TG_REDIS_TOKENS_MAX INT64_C(1000000000000)
 
-enum { SCRIPT_GLOBAL, SCRIPT_ADMIT, SCRIPT_SETTLE, N_SCRIPTS };
+enum { SCRIPT_GLOBAL, SCRIPT_BATCH, N_SCRIPTS };
 
 static const char *const script_text[N_SCRIPTS] = {
     TG_REDIS_LUA_GLOBAL,
-    TG_REDIS_LUA_ADMIT,
-    TG_REDIS_LUA_SETTLE,
+    TG_REDIS_LUA_BATCH,
 };
+
+/* A tenant's spend as last heard: the figure of the window of that period
+ * (a later period replaces it; spend only grows within one). */
+typedef struct {
+  char tenant[TG_REDIS_MAX_TENANT + 1];
+  int64_t day, month;         /* periods of the figures; -1 = none yet */
+  tg_nano_t day_spent, month_spent;
+} spend_t;
 
 struct tg__redis_s {
   char host[256];
@@ -74,41 +100,73 @@ struct tg__redis_s {
   char pass[256];
   int has_pass;
   char sha[N_SCRIPTS][41];
+
+  /* Spend figures, read by the admin thread: under spend_lock. */
+  pthread_mutex_t spend_lock;
+  spend_t *spend;
+  size_t n_spend, cap_spend;
+  tg__redis_loop_t *refresher; /* the loop that refreshes them */
 };
 
 /* ---- calls --------------------------------------------------------------- */
 
-enum { CALL_SETUP, CALL_ADMIT, CALL_SETTLE, CALL_RENEW };
-enum { STAGE_GLOBAL, STAGE_TENANT };
+/* CALL_BATCH: a tenant's admissions and settlements (TG_REDIS_LUA_BATCH);
+ * CALL_GLOBAL: global-limit checks of admissions, which then go on to
+ * their tenant's batch; the others are plain commands. */
+enum { CALL_SETUP, CALL_BATCH, CALL_GLOBAL, CALL_RENEW, CALL_SPEND };
+enum { OP_ADMIT, OP_SETTLE };
 
 #define CALL_MAX_ARGS 32
-#define CALL_BUF 2048
+#define CALL_BUF 1024
+/* A lease's member in tg:{T}:leases: "<id> <day> <month> <cost>", the
+ * lease and the money it reserved in those periods. */
+#define LEASE_MEMBER_MAX 112
 
-typedef struct call_s call_t;
-struct call_s {
-  call_t *prev, *next;        /* pending list, in send order */
-  tg__redis_loop_t *rl;
+
+/* One admission or settlement, from tg__redis_admit/settle until its
+ * reply (the admission's callback) has been handled. */
+typedef struct {
   int kind;
-  int stage;                  /* CALL_ADMIT: global script first, or tenant;
-                               * CALL_SETUP: 1 on the handshake's last call */
-  int script;                 /* index for EVALSHA, or -1 for a plain command */
-  int eval_retry;             /* already sent again with EVAL after NOSCRIPT */
-  uint64_t sent_ms;           /* uv_now() when sent */
-  int argc;
-  const char *argv[CALL_MAX_ARGS];
-  size_t argvlen[CALL_MAX_ARGS];
-  size_t used;
-  char buf[CALL_BUF];
-
-  /* admission and settlement */
   char tenant[TG_REDIS_MAX_TENANT + 1];
   tg_admit_req_t req;         /* req.tenant points at tenant above */
   int64_t now_ms;
   tg_admit_cb cb;
   void *arg;
   uint32_t slot;              /* lease table slot of an admission */
-  tg_admission_t a;
-  int64_t day, month;         /* settlement: periods admitted in */
+  tg_admission_t a;           /* admission: the answer being built;
+                               * settlement: the admission settled */
+  int64_t day, month;         /* periods admitted in */
+  char member[LEASE_MEMBER_MAX]; /* the lease's member in tg:{T}:leases */
+  int64_t actual_tokens;      /* settlement */
+  tg_nano_t actual_cost;
+} op_t;
+
+typedef struct call_s call_t;
+struct call_s {
+  call_t *prev, *next;        /* pending list, in send order */
+  call_t *qnext;              /* the loop's queue of batches not sent yet */
+  tg__redis_loop_t *rl;
+  int kind;
+  int stage;                  /* CALL_SETUP: 1 on the handshake's last call;
+                               * CALL_SPEND: 1 for the month's figure */
+  int script;                 /* index for EVALSHA, or -1 for a plain command */
+  int eval_retry;             /* already sent again with EVAL after NOSCRIPT */
+  uint64_t sent_ms;           /* uv_now() when sent */
+  /* plain commands */
+  int argc;
+  const char *argv[CALL_MAX_ARGS];
+  size_t argvlen[CALL_MAX_ARGS];
+  size_t used;
+  char buf[CALL_BUF];
+
+  char tenant[TG_REDIS_MAX_TENANT + 1]; /* batch, renewal, spend */
+  int64_t period;             /* CALL_SPEND */
+  /* batches: the operations in order, and the distinct windows they name */
+  size_t n_ops;
+  op_t *ops[TG_REDIS_BATCH_MAX];
+  int n_win;
+  int64_t win_period[2 * TG_REDIS_BATCH_MAX];
+  uint8_t win_month[2 * TG_REDIS_BATCH_MAX];
 };
 
 /* ---- per loop ------------------------------------------------------------ */
@@ -120,6 +178,7 @@ enum { LEASE_FREE, LEASE_PENDING, LEASE_ACTIVE };
 
 typedef struct {
   char id[40];
+  char member[LEASE_MEMBER_MAX];
   char tenant[TG_REDIS_MAX_TENANT + 1];
   uint32_t next_free;
   uint8_t state;
@@ -141,6 +200,11 @@ struct tg__redis_loop_s {
   int gai_busy;
   call_t *head, *tail;
   size_t n_pending;
+  call_t *q_head, *q_tail;    /* batches to send at the next flush */
+  size_t n_ops;               /* admissions and settlements not answered */
+  uv_prepare_t flush_prepare; /* flush before the loop polls ... */
+  uv_check_t flush_check;     /* ... and after its I/O callbacks */
+  uint64_t last_refresh_ms;
   uint64_t last_renew_ms;     /* start of the last renewal round */
   int renewing;               /* a round is under way */
   uint32_t renew_cursor;      /* next lease slot of the round */
@@ -191,6 +255,14 @@ static int64_t loop_clock(const tg__redis_loop_t *rl) {
 
 static void note_clock(tg__redis_loop_t *rl, int64_t now_ms) {
   rl->clock_offset_ms = now_ms - (int64_t)uv_now(rl->loop);
+}
+
+/* Unix ms, as tg_now_ms() gives (kept here so the backend does not need
+ * the dispatcher, and its tests can stand alone). */
+static int64_t wall_ms(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_REALTIME, &ts);
+  return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
 /* ---- URL ----------------------------------------------------------------- */
@@ -302,6 +374,10 @@ int tg__redis_new(const char *url, tg__redis_t **out) {
   for (int i = 0; i < N_SCRIPTS; i++)
     if ((rc = sha1_hex(script_text[i], r->sha[i])) < 0)
       goto fail;
+  if (pthread_mutex_init(&r->spend_lock, NULL) != 0) {
+    rc = TG_ENOMEM;
+    goto fail;
+  }
   *out = r;
   return 0;
 fail:
@@ -313,6 +389,8 @@ void tg__redis_free(tg__redis_t *r) {
   if (r == NULL)
     return;
   OPENSSL_cleanse(r->pass, sizeof r->pass);
+  pthread_mutex_destroy(&r->spend_lock);
+  free(r->spend);
   free(r);
 }
 
@@ -452,11 +530,6 @@ static int lease_find(const tg__redis_loop_t *rl, const char *id, uint32_t *slot
 
 /* ---- building commands --------------------------------------------------- */
 
-static void call_reset(call_t *c) {
-  c->argc = 0;
-  c->used = 0;
-}
-
 /* Appends one argument, formatted, into the call's own buffer. */
 static int arg(call_t *c, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 static int arg(call_t *c, const char *fmt, ...) {
@@ -494,68 +567,275 @@ static int arg_key(call_t *c, const char *suffix) {
   return arg(c, "tg:{%s}:%s", c->tenant, suffix);
 }
 
-/* EVALSHA <sha> <numkeys>; EVAL replaces the first two after NOSCRIPT. */
-static int script_head(call_t *c, int script, int numkeys) {
-  call_reset(c);
-  c->script = script;
-  c->eval_retry = 0;
-  int rc = arg(c, "EVALSHA");
-  if (rc == 0)
-    rc = arg(c, "%s", c->rl->r->sha[script]);
-  if (rc == 0)
-    rc = arg(c, "%d", numkeys);
-  return rc;
+/* ---- batches ------------------------------------------------------------ */
+
+/* The arguments of one script call, sized for its batch: argument texts go
+ * into one buffer that never moves (hiredis copies them when the command is
+ * queued, so they live only while it is sent). */
+typedef struct {
+  const char **argv;
+  size_t *len;
+  int argc, cap;
+  char *buf;
+  size_t used, size;
+} args_t;
+
+static void args_free(args_t *a) {
+  free(a->argv);
+  free(a->len);
+  free(a->buf);
+  memset(a, 0, sizeof *a);
 }
 
-static int build_global(call_t *c) {
-  int rc = script_head(c, SCRIPT_GLOBAL, 2);
-  if (rc == 0) rc = arg(c, "tg:{global}:rps");
-  if (rc == 0) rc = arg(c, "tg:{global}:rps:n");
-  if (rc == 0) rc = arg_i64(c, c->now_ms);
-  if (rc == 0) rc = arg_i64(c, c->req.global_rps);
-  return rc;
+static int args_init(args_t *a, int cap, size_t size) {
+  memset(a, 0, sizeof *a);
+  a->argv = malloc((size_t)cap * sizeof *a->argv);
+  a->len = malloc((size_t)cap * sizeof *a->len);
+  a->buf = malloc(size);
+  a->cap = cap;
+  a->size = size;
+  if (a->argv == NULL || a->len == NULL || a->buf == NULL) {
+    args_free(a);
+    return TG_ENOMEM;
+  }
+  return 0;
 }
 
-static int build_admit(call_t *c) {
-  const tg_limits_t *lim = &c->req.limits;
-  int64_t now = c->now_ms;
-  int64_t day = tg_day_of(now), month = tg_month_of(now);
-  int64_t day_end = tg_day_end_ms(day), month_end = tg_month_end_ms(month);
-  int64_t res_mt = clamp64(c->req.reserve.tokens, 0, TG_REDIS_TOKENS_MAX) * 1000;
-  tg_nano_t cost = c->req.reserve.cost > 0 ? c->req.reserve.cost : 0;
-  char daykey[40], monthkey[40];
+static int args_add(args_t *a, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static int args_add(args_t *a, const char *fmt, ...) {
+  va_list ap;
+  if (a->argc >= a->cap)
+    return TG_ETOOBIG;
+  size_t room = a->size - a->used;
+  va_start(ap, fmt);
+  int n = vsnprintf(a->buf + a->used, room, fmt, ap);
+  va_end(ap);
+  if (n < 0 || (size_t)n >= room)
+    return TG_ETOOBIG;
+  a->argv[a->argc] = a->buf + a->used;
+  a->len[a->argc] = (size_t)n;
+  a->argc++;
+  a->used += (size_t)n + 1;
+  return 0;
+}
+
+/* Appends one integer argument. Batches carry thousands of them, and
+ * vsnprintf is the largest cost of building one. */
+static int args_int(args_t *a, int64_t v) {
+  char tmp[24];
+  size_t n = 0;
+  uint64_t u = v < 0 ? (uint64_t)0 - (uint64_t)v : (uint64_t)v;
+  if (a->argc >= a->cap || a->size - a->used < sizeof tmp)
+    return TG_ETOOBIG;
+  do {
+    tmp[n++] = (char)('0' + u % 10);
+    u /= 10;
+  } while (u != 0);
+  if (v < 0)
+    tmp[n++] = '-';
+  char *out = a->buf + a->used;
+  for (size_t i = 0; i < n; i++)
+    out[i] = tmp[n - 1 - i];
+  out[n] = '\0';
+  a->argv[a->argc] = out;
+  a->len[a->argc] = n;
+  a->argc++;
+  a->used += n + 1;
+  return 0;
+}
+
+/* Appends a string argument, copied. */
+static int args_str(args_t *a, const char *v) {
+  size_t n = strlen(v);
+  if (a->argc >= a->cap || a->size - a->used <= n)
+    return TG_ETOOBIG;
+  memcpy(a->buf + a->used, v, n + 1);
+  a->argv[a->argc] = a->buf + a->used;
+  a->len[a->argc] = n;
+  a->argc++;
+  a->used += n + 1;
+  return 0;
+}
+
+/* EVALSHA <sha> <numkeys>, or EVAL <text> <numkeys> after NOSCRIPT. */
+static int args_head(args_t *a, const call_t *c, int numkeys) {
+  if (a->argc + 3 > a->cap)
+    return TG_ETOOBIG;
+  if (c->eval_retry) {
+    a->argv[0] = "EVAL";
+    a->len[0] = 4;
+    a->argv[1] = script_text[c->script];
+    a->len[1] = strlen(script_text[c->script]);
+    a->argc = 2;
+  } else if (args_add(a, "EVALSHA") < 0 || args_add(a, "%s", c->rl->r->sha[c->script]) < 0) {
+    return TG_ETOOBIG;
+  }
+  return args_add(a, "%d", numkeys);
+}
+
+/* The 1-based index of a window among the batch's keys, added if new. */
+static int win_index(call_t *c, int month, int64_t period) {
+  for (int i = 0; i < c->n_win; i++)
+    if (c->win_month[i] == month && c->win_period[i] == period)
+      return i + 1;
+  c->win_month[c->n_win] = (uint8_t)month;
+  c->win_period[c->n_win] = period;
+  return ++c->n_win;
+}
+
+#define A_(...)                                                                         \
+  do {                                                                                  \
+    if ((rc = args_add(a, __VA_ARGS__)) < 0)                                            \
+      return rc;                                                                        \
+  } while (0)
+#define S_(v)                                                                           \
+  do {                                                                                  \
+    if ((rc = args_str(a, (v))) < 0)                                                    \
+      return rc;                                                                        \
+  } while (0)
+#define I_(v)                                                                           \
+  do {                                                                                  \
+    if ((rc = args_int(a, (int64_t)(v))) < 0)                                           \
+      return rc;                                                                        \
+  } while (0)
+
+static int build_global(call_t *c, args_t *a) {
+  int rc;
+  if ((rc = args_init(a, (int)(6 + 2 * c->n_ops), 256 + 48 * c->n_ops)) < 0)
+    return rc;
+  if ((rc = args_head(a, c, 2)) < 0)
+    return rc;
+  A_("tg:{global}:rps");
+  A_("tg:{global}:rps:n");
+  I_(c->n_ops);
+  for (size_t i = 0; i < c->n_ops; i++) {
+    I_(c->ops[i]->now_ms);
+    I_(c->ops[i]->req.global_rps);
+  }
+  return 0;
+}
+
+static tg_nano_t alert_threshold(tg_nano_t limit, int pct);
+
+/* An 'L' record: the limits of the operations after it. */
+static int build_limits(args_t *a, const tg_limits_t *lim) {
+  int rc;
+  S_("L");
+  I_(lim->rpm > 0 ? lim->rpm : 0);
+  I_(clamp64(lim->tpm, 0, TG_REDIS_TOKENS_MAX));
+  I_(lim->concurrency > 0 ? lim->concurrency : 0);
+  I_(lim->day_limit > 0 ? lim->day_limit : 0);
+  I_(lim->month_limit > 0 ? lim->month_limit : 0);
+  I_(alert_threshold(lim->day_limit, lim->alert_pct));
+  I_(alert_threshold(lim->month_limit, lim->alert_pct));
+  return 0;
+}
+
+static int same_limits(const tg_limits_t *x, const tg_limits_t *y) {
+  return x->rpm == y->rpm && x->tpm == y->tpm && x->concurrency == y->concurrency &&
+         x->day_limit == y->day_limit && x->month_limit == y->month_limit &&
+         x->alert_pct == y->alert_pct;
+}
+
+/* Appends " <v>" to a record being built in rec (room checked by the
+ * caller: a record is at most OP_REC_MAX bytes). */
+static size_t put_int(char *rec, size_t n, int64_t v) {
+  char tmp[24];
+  size_t k = 0;
+  uint64_t u = v < 0 ? (uint64_t)0 - (uint64_t)v : (uint64_t)v;
+  do {
+    tmp[k++] = (char)('0' + u % 10);
+    u /= 10;
+  } while (u != 0);
+  if (v < 0)
+    tmp[k++] = '-';
+  rec[n++] = ' ';
+  while (k > 0)
+    rec[n++] = tmp[--k];
+  return n;
+}
+
+#define OP_REC_MAX (LEASE_MEMBER_MAX + 10 * 24 + 8)
+
+/* One operation is one argument, its fields separated by spaces: Redis
+ * and hiredis handle one argument per operation instead of ten. */
+static int build_op(args_t *a, const op_t *o, int dw, int mw) {
+  char rec[OP_REC_MAX];
+  size_t n = 1, ml = strlen(o->member);
+  if (ml >= LEASE_MEMBER_MAX)
+    return TG_ETOOBIG;
+  if (o->kind == OP_ADMIT) {
+    rec[0] = 'A';
+    n = put_int(rec, n, o->now_ms);
+    n = put_int(rec, n, clamp64(o->req.reserve.tokens, 0, TG_REDIS_TOKENS_MAX) * 1000);
+    n = put_int(rec, n, o->req.reserve.cost > 0 ? o->req.reserve.cost : 0);
+  } else {
+    rec[0] = 'S';
+    n = put_int(rec, n, o->now_ms);
+    n = put_int(rec, n, o->a.v.limit_tokens > 0 && o->req.limits.tpm > 0); /* charged */
+  }
+  rec[n++] = ' ';
+  memcpy(rec + n, o->member, ml);
+  n += ml;
+  if (o->kind == OP_SETTLE) {
+    n = put_int(rec, n, clamp64(o->req.reserve.tokens, 0, TG_REDIS_TOKENS_MAX) * 1000);
+    n = put_int(rec, n, clamp64(o->actual_tokens, 0, TG_REDIS_TOKENS_MAX) * 1000);
+    n = put_int(rec, n, o->req.reserve.cost > 0 ? o->req.reserve.cost : 0);
+    n = put_int(rec, n, o->actual_cost > 0 ? o->actual_cost : 0);
+  }
+  n = put_int(rec, n, dw);
+  n = put_int(rec, n, mw);
+  rec[n] = '\0';
+  return args_str(a, rec);
+}
+
+static int build_batch(call_t *c, args_t *a) {
+  static const char *const fixed[4] = {"rpm", "rpm:n", "tpm", "leases"};
+  int dw[TG_REDIS_BATCH_MAX], mw[TG_REDIS_BATCH_MAX];
+  const tg_limits_t *last = NULL;
   int rc;
 
-  c->a.v.day = day;
-  c->a.v.month = month;
-  snprintf(daykey, sizeof daykey, "day:%" PRId64, day);
-  snprintf(monthkey, sizeof monthkey, "month:%" PRId64, month);
-  rc = script_head(c, SCRIPT_ADMIT, 7);
-  if (rc == 0) rc = arg_key(c, "rpm");
-  if (rc == 0) rc = arg_key(c, "rpm:n");
-  if (rc == 0) rc = arg_key(c, "tpm");
-  if (rc == 0) rc = arg_key(c, "leases");
-  if (rc == 0) rc = arg_key(c, "resv");
-  if (rc == 0) rc = arg_key(c, daykey);
-  if (rc == 0) rc = arg_key(c, monthkey);
-  if (rc == 0) rc = arg_i64(c, now);
-  if (rc == 0) rc = arg_i64(c, lim->rpm > 0 ? lim->rpm : 0);
-  if (rc == 0) rc = arg_i64(c, clamp64(lim->tpm, 0, TG_REDIS_TOKENS_MAX));
-  if (rc == 0) rc = arg_i64(c, lim->concurrency > 0 ? lim->concurrency : 0);
-  if (rc == 0) rc = arg_i64(c, lim->day_limit > 0 ? lim->day_limit : 0);
-  if (rc == 0) rc = arg_i64(c, lim->month_limit > 0 ? lim->month_limit : 0);
-  if (rc == 0) rc = arg_i64(c, res_mt);
-  if (rc == 0) rc = arg_i64(c, cost);
-  if (rc == 0) rc = arg(c, "%s", c->a.lease);
-  if (rc == 0) rc = arg_i64(c, now + TG_REDIS_LEASE_TTL_MS);
-  if (rc == 0) rc = arg_i64(c, day);
-  if (rc == 0) rc = arg_i64(c, month);
-  if (rc == 0) rc = arg_i64(c, day_end + TG_REDIS_DAY_KEEP_MS - now);
-  if (rc == 0) rc = arg_i64(c, month_end + TG_REDIS_MONTH_KEEP_MS - now);
-  if (rc == 0) rc = arg_i64(c, day_end - now);
-  if (rc == 0) rc = arg_i64(c, month_end - now);
-  return rc;
+  c->n_win = 0;
+  for (size_t i = 0; i < c->n_ops; i++) {
+    dw[i] = win_index(c, 0, c->ops[i]->day);
+    mw[i] = win_index(c, 1, c->ops[i]->month);
+  }
+  int nkeys = 4 + c->n_win;
+  int cap = 6 + nkeys + 3 * c->n_win + (int)c->n_ops * (2 + TG_REDIS_LIMIT_FIELDS);
+  size_t size = (size_t)nkeys * (TG_REDIS_MAX_TENANT + 48) + (size_t)c->n_win * 64 +
+                c->n_ops * 480 + 256;
+  if ((rc = args_init(a, cap, size)) < 0)
+    return rc;
+  if ((rc = args_head(a, c, nkeys)) < 0)
+    return rc;
+  for (int i = 0; i < 4; i++)
+    A_("tg:{%s}:%s", c->tenant, fixed[i]);
+  for (int i = 0; i < c->n_win; i++)
+    A_("tg:{%s}:%s:%" PRId64, c->tenant, c->win_month[i] ? "month" : "day", c->win_period[i]);
+  I_(TG_REDIS_LEASE_TTL_MS);
+  I_(c->n_win);
+  for (int i = 0; i < c->n_win; i++) {
+    int64_t p = c->win_period[i];
+    I_(p);
+    I_(c->win_month[i] ? tg_month_end_ms(p) : tg_day_end_ms(p));
+    I_(c->win_month[i] ? TG_REDIS_MONTH_KEEP_MS : TG_REDIS_DAY_KEEP_MS);
+  }
+  for (size_t i = 0; i < c->n_ops; i++) {
+    const op_t *o = c->ops[i];
+    if (last == NULL || !same_limits(last, &o->req.limits)) {
+      if ((rc = build_limits(a, &o->req.limits)) < 0)
+        return rc;
+      last = &o->req.limits;
+    }
+    if ((rc = build_op(a, o, dw[i], mw[i])) < 0)
+      return rc;
+  }
+  return 0;
 }
+
+#undef A_
+#undef I_
+#undef S_
 
 /* ceil(limit * pct / 100) without overflow: spent >= it exactly when
  * spent * 100 >= limit * pct, the rule of limits.c. 0 = no alert. */
@@ -564,35 +844,6 @@ static tg_nano_t alert_threshold(tg_nano_t limit, int pct) {
     return 0;
   pct = pct < 1 ? 1 : pct > 100 ? 100 : pct;
   return (limit / 100) * pct + ((limit % 100) * pct + 99) / 100;
-}
-
-static int build_settle(call_t *c, int64_t actual_tokens, tg_nano_t actual_cost) {
-  const tg_limits_t *lim = &c->req.limits;
-  int charged = c->a.v.limit_tokens > 0 && lim->tpm > 0;
-  tg_nano_t rcost = c->req.reserve.cost > 0 ? c->req.reserve.cost : 0;
-  tg_nano_t acost = actual_cost > 0 ? actual_cost : 0;
-  char daykey[40], monthkey[40];
-  int rc;
-
-  snprintf(daykey, sizeof daykey, "day:%" PRId64, c->day);
-  snprintf(monthkey, sizeof monthkey, "month:%" PRId64, c->month);
-  rc = script_head(c, SCRIPT_SETTLE, 5);
-  if (rc == 0) rc = arg_key(c, "tpm");
-  if (rc == 0) rc = arg_key(c, "leases");
-  if (rc == 0) rc = arg_key(c, "resv");
-  if (rc == 0) rc = arg_key(c, daykey);
-  if (rc == 0) rc = arg_key(c, monthkey);
-  if (rc == 0) rc = arg_i64(c, c->now_ms);
-  if (rc == 0) rc = arg_i64(c, clamp64(lim->tpm, 0, TG_REDIS_TOKENS_MAX));
-  if (rc == 0) rc = arg(c, "%d", charged);
-  if (rc == 0) rc = arg(c, "%s", c->a.lease);
-  if (rc == 0) rc = arg_i64(c, clamp64(c->req.reserve.tokens, 0, TG_REDIS_TOKENS_MAX) * 1000);
-  if (rc == 0) rc = arg_i64(c, clamp64(actual_tokens, 0, TG_REDIS_TOKENS_MAX) * 1000);
-  if (rc == 0) rc = arg_i64(c, rcost);
-  if (rc == 0) rc = arg_i64(c, acost);
-  if (rc == 0) rc = arg_i64(c, alert_threshold(lim->day_limit, lim->alert_pct));
-  if (rc == 0) rc = arg_i64(c, alert_threshold(lim->month_limit, lim->alert_pct));
-  return rc;
 }
 
 /* ---- sending ------------------------------------------------------------- */
@@ -630,6 +881,25 @@ static int send_call(tg__redis_loop_t *rl, call_t *c) {
     return TG_EUNAVAIL;
   if (redisAsyncCommandArgv(rl->ac, on_reply, c, c->argc, c->argv, c->argvlen) != REDIS_OK)
     return TG_EUNAVAIL;
+  c->sent_ms = uv_now(rl->loop);
+  pending_add(rl, c);
+  return 0;
+}
+
+/* Sends a batch or global call (EVALSHA, or EVAL after NOSCRIPT). Returns
+ * 0 (on_reply follows, exactly once) or a negative error (no reply). */
+static int send_script(tg__redis_loop_t *rl, call_t *c) {
+  args_t a;
+  int rc;
+  if (rl->ac == NULL || rl->state != RL_UP || rl->n_pending >= TG_REDIS_MAX_PENDING)
+    return TG_EUNAVAIL;
+  rc = c->kind == CALL_GLOBAL ? build_global(c, &a) : build_batch(c, &a);
+  if (rc == 0 &&
+      redisAsyncCommandArgv(rl->ac, on_reply, c, a.argc, a.argv, a.len) != REDIS_OK)
+    rc = TG_EUNAVAIL;
+  args_free(&a);
+  if (rc < 0)
+    return rc;
   c->sent_ms = uv_now(rl->loop);
   pending_add(rl, c);
   return 0;
@@ -691,92 +961,174 @@ static void unavailable(tg_admission_t *a) {
   a->v.limit_tokens = a->v.remaining_tokens = a->v.reset_tokens_ms = -1;
 }
 
-/* Finishes an admission: the lease is live or given back, then the caller
- * hears once. c is freed. */
-static void admit_done(call_t *c, int admitted) {
-  tg__redis_loop_t *rl = c->rl;
-  if (admitted) {
-    rl->leases[c->slot].state = LEASE_ACTIVE;
-  } else {
-    lease_put(rl, c->slot);
-    c->a.lease[0] = '\0';
+/* Finishes an operation. An admission's lease is live or given back, then
+ * the caller hears once. o is freed. */
+static void op_done(tg__redis_loop_t *rl, op_t *o, int admitted) {
+  rl->n_ops--;
+  if (o->kind != OP_ADMIT) {
+    free(o);
+    return;
   }
-  tg_admit_cb cb = c->cb;
-  void *arg = c->arg;
-  tg_admission_t a = c->a;
-  free(c);
+  if (admitted) {
+    rl->leases[o->slot].state = LEASE_ACTIVE;
+  } else {
+    lease_put(rl, o->slot);
+    o->a.lease[0] = '\0';
+  }
+  tg_admit_cb cb = o->cb;
+  void *arg = o->arg;
+  tg_admission_t a = o->a;
+  free(o);
   cb(arg, &a);
 }
 
-static void admit_reply(call_t *c, const redisReply *rep) {
-  tg_verdict_t *v = &c->a.v;
-  static const tg_limit_kind_t kinds[] = {
-      [TG_REDIS_OK] = TG_LIMIT_NONE,
-      [TG_REDIS_CONCURRENCY] = TG_LIMIT_CONCURRENCY,
-      [TG_REDIS_REQUESTS] = TG_LIMIT_REQUESTS,
-      [TG_REDIS_TOKENS] = TG_LIMIT_TOKENS,
-      [TG_REDIS_DAILY] = TG_LIMIT_DAILY_BUDGET,
-      [TG_REDIS_MONTHLY] = TG_LIMIT_MONTHLY_BUDGET,
-  };
-
-  if (c->stage == STAGE_GLOBAL) {
-    if (rep->type != REDIS_REPLY_ARRAY || rep->elements != 2)
-      goto bad;
-    if (reply_int(rep->element[0]) != 1) {
-      memset(v, 0, sizeof *v);
-      v->refused = TG_LIMIT_GLOBAL;
-      v->retry_after_ms = reply_int(rep->element[1]);
-      v->limit_requests = v->remaining_requests = v->reset_requests_ms = -1;
-      v->limit_tokens = v->remaining_tokens = v->reset_tokens_ms = -1;
-      admit_done(c, 0);
-      return;
-    }
-    c->stage = STAGE_TENANT;
-    if (build_admit(c) < 0 || send_call(c->rl, c) < 0) {
-      unavailable(&c->a);
-      admit_done(c, 0);
-    }
-    return;
-  }
-  if (rep->type != REDIS_REPLY_ARRAY || rep->elements != 8)
-    goto bad;
-  int64_t code = reply_int(rep->element[0]);
-  if (code < 0 || code > TG_REDIS_MONTHLY)
-    goto bad;
-  int64_t day = v->day, month = v->month;
-  memset(v, 0, sizeof *v);
-  v->refused = kinds[code];
-  v->retry_after_ms = reply_int(rep->element[1]);
-  v->limit_requests = reply_int(rep->element[2]);
-  v->remaining_requests = reply_int(rep->element[3]);
-  v->reset_requests_ms = reply_int(rep->element[4]);
-  v->limit_tokens = reply_int(rep->element[5]);
-  v->remaining_tokens = reply_int(rep->element[6]);
-  v->reset_tokens_ms = reply_int(rep->element[7]);
-  v->day = day;
-  v->month = month;
-  admit_done(c, v->refused == TG_LIMIT_NONE);
-  return;
-bad:
-  log_reply_error(c->rl, "admission", "unexpected reply shape");
-  unavailable(&c->a);
-  admit_done(c, 0);
+/* An operation whose answer cannot come: admissions are UNAVAILABLE,
+ * settlements are lost (their leases then expire on their own). */
+static void op_fail(tg__redis_loop_t *rl, op_t *o, const char *why) {
+  if (o->kind == OP_ADMIT)
+    unavailable(&o->a);
+  else
+    log_event("state_redis_settle_lost", rl->r, why);
+  op_done(rl, o, 0);
 }
 
-static void settle_reply(call_t *c, const redisReply *rep) {
+/* Answers every operation of a call that failed as a whole; frees it. */
+static void call_fail(call_t *c, const char *why) {
+  tg__redis_loop_t *rl = c->rl;
+  size_t n = c->n_ops;
+  c->n_ops = 0;
+  for (size_t i = 0; i < n; i++)
+    op_fail(rl, c->ops[i], why);
+  free(c);
+}
+
+static void spend_note(tg__redis_t *r, const char *tenant, int month, int64_t period,
+                       tg_nano_t spent);
+static int enqueue(tg__redis_loop_t *rl, op_t *o, int global);
+
+static const tg_limit_kind_t code_kind[] = {
+    [TG_REDIS_OK] = TG_LIMIT_NONE,
+    [TG_REDIS_CONCURRENCY] = TG_LIMIT_CONCURRENCY,
+    [TG_REDIS_REQUESTS] = TG_LIMIT_REQUESTS,
+    [TG_REDIS_TOKENS] = TG_LIMIT_TOKENS,
+    [TG_REDIS_DAILY] = TG_LIMIT_DAILY_BUDGET,
+    [TG_REDIS_MONTHLY] = TG_LIMIT_MONTHLY_BUDGET,
+};
+
+/* e[0..7] of a batch reply answer admission o: 0, or -1 when malformed. */
+static int admit_reply(tg__redis_loop_t *rl, op_t *o, redisReply *const *e) {
+  tg_verdict_t *v = &o->a.v;
+  for (int i = 0; i < 8; i++)
+    if (e[i]->type != REDIS_REPLY_INTEGER)
+      return -1;
+  int64_t code = reply_int(e[0]);
+  if (code < 0 || code > TG_REDIS_MONTHLY)
+    return -1;
+  memset(v, 0, sizeof *v);
+  v->refused = code_kind[code];
+  v->retry_after_ms = reply_int(e[1]);
+  v->limit_requests = reply_int(e[2]);
+  v->remaining_requests = reply_int(e[3]);
+  v->reset_requests_ms = reply_int(e[4]);
+  v->limit_tokens = reply_int(e[5]);
+  v->remaining_tokens = reply_int(e[6]);
+  v->reset_tokens_ms = reply_int(e[7]);
+  v->day = o->day;
+  v->month = o->month;
+  op_done(rl, o, v->refused == TG_LIMIT_NONE);
+  return 0;
+}
+
+/* e[0..4] of a batch reply answer settlement o (held, then alert and
+ * spent for the day and the month): raises the alerts it crossed. */
+static void settle_reply(tg__redis_loop_t *rl, op_t *o, redisReply *const *e) {
   static const char *const window[2] = {"day", "month"};
-  if (rep->type != REDIS_REPLY_ARRAY || rep->elements != 5) {
-    log_reply_error(c->rl, "settlement", "unexpected reply shape");
+  {
+    for (int w = 0; w < 2; w++) {
+      if (reply_int(e[1 + 2 * w]) != 1)
+        continue;
+      tg_nano_t spent = reply_int(e[2 + 2 * w]);
+      tg_nano_t limit = w == 0 ? o->req.limits.day_limit : o->req.limits.month_limit;
+      tg_policy_alert(o->tenant, window[w], w == 0 ? o->day : o->month, spent, limit,
+                      o->req.limits.alert_pct);
+    }
+  }
+  op_done(rl, o, 0);
+}
+
+/* A batch's reply is flat: 8 elements per admission, 5 per settlement,
+ * in order, then the spent of each window. */
+static void batch_reply(call_t *c, const redisReply *rep) {
+  tg__redis_loop_t *rl = c->rl;
+  size_t n = c->n_ops, want = (size_t)c->n_win, at = 0;
+
+  for (size_t i = 0; i < n; i++)
+    want += c->ops[i]->kind == OP_ADMIT ? 8 : 5;
+  if (rep->type != REDIS_REPLY_ARRAY || rep->elements != want) {
+    log_reply_error(rl, "admission", "unexpected reply shape");
+    call_fail(c, "unexpected reply");
     return;
   }
-  for (int w = 0; w < 2; w++) {
-    if (reply_int(rep->element[1 + 2 * w]) != 1)
-      continue;
-    tg_nano_t spent = reply_int(rep->element[2 + 2 * w]);
-    tg_nano_t limit = w == 0 ? c->req.limits.day_limit : c->req.limits.month_limit;
-    tg_policy_alert(c->tenant, window[w], w == 0 ? c->day : c->month, spent, limit,
-                    c->req.limits.alert_pct);
+  /* The windows' spend first: the callbacks below may close the loop. */
+  for (int w = 0; w < c->n_win; w++) {
+    const redisReply *e = rep->element[want - (size_t)c->n_win + (size_t)w];
+    if (e->type == REDIS_REPLY_STRING && e->len > 0)
+      spend_note(rl->r, c->tenant, c->win_month[w], c->win_period[w], reply_int(e));
   }
+  c->n_ops = 0;
+  for (size_t i = 0; i < n; i++) {
+    op_t *o = c->ops[i];
+    redisReply *const *e = rep->element + at;
+    if (o->kind == OP_SETTLE) {
+      at += 5;
+      settle_reply(rl, o, e);
+    } else {
+      at += 8;
+      if (admit_reply(rl, o, e) < 0) {
+        log_reply_error(rl, "admission", "unexpected reply shape");
+        op_fail(rl, o, "unexpected reply");
+      }
+    }
+  }
+  free(c);
+}
+
+/* Global checks answered: the refused are answered, the others go on to
+ * their tenants' batches (sent at the next flush). */
+static void global_reply(call_t *c, const redisReply *rep) {
+  tg__redis_loop_t *rl = c->rl;
+  size_t n = c->n_ops;
+
+  if (rep->type != REDIS_REPLY_ARRAY || rep->elements != n) {
+    log_reply_error(rl, "admission", "unexpected reply shape");
+    call_fail(c, "unexpected reply");
+    return;
+  }
+  c->n_ops = 0;
+  for (size_t i = 0; i < n; i++) {
+    op_t *o = c->ops[i];
+    const redisReply *e = rep->element[i];
+    if (e->type != REDIS_REPLY_ARRAY || e->elements != 2) {
+      op_fail(rl, o, "unexpected reply");
+    } else if (reply_int(e->element[0]) != 1) {
+      tg_verdict_t *v = &o->a.v;
+      memset(v, 0, sizeof *v);
+      v->refused = TG_LIMIT_GLOBAL;
+      v->retry_after_ms = reply_int(e->element[1]);
+      v->limit_requests = v->remaining_requests = v->reset_requests_ms = -1;
+      v->limit_tokens = v->remaining_tokens = v->reset_tokens_ms = -1;
+      op_done(rl, o, 0);
+    } else if (rl->state != RL_UP || enqueue(rl, o, 0) < 0) {
+      op_fail(rl, o, "connection lost");
+    }
+  }
+  free(c);
+}
+
+static void spend_reply(call_t *c, const redisReply *rep) {
+  if (rep->type == REDIS_REPLY_STRING || rep->type == REDIS_REPLY_NIL)
+    spend_note(c->rl->r, c->tenant, c->stage, c->period,
+               rep->type == REDIS_REPLY_STRING ? reply_int(rep) : 0);
 }
 
 /* The one place replies arrive. reply is NULL when the connection went
@@ -794,35 +1146,33 @@ static void on_reply(redisAsyncContext *ac, void *reply, void *priv) {
     /* The server forgot the script (restart, SCRIPT FLUSH, failover):
      * send the text itself once. */
     c->eval_retry = 1;
-    c->argv[0] = "EVAL";
-    c->argvlen[0] = 4;
-    c->argv[1] = script_text[c->script];
-    c->argvlen[1] = strlen(script_text[c->script]);
-    if (send_call(rl, c) == 0)
+    if (send_script(rl, c) == 0)
       return;
   }
   if (rep != NULL && rep->type == REDIS_REPLY_ERROR) {
     switch (c->kind) {
-    case CALL_ADMIT: log_reply_error(rl, "admission", rep->str); break;
-    case CALL_SETTLE: log_reply_error(rl, "settlement", rep->str); break;
+    case CALL_BATCH:
+    case CALL_GLOBAL: log_reply_error(rl, "admission or settlement", rep->str); break;
     case CALL_RENEW: log_reply_error(rl, "lease renewal", rep->str); break;
+    case CALL_SPEND: log_reply_error(rl, "spend refresh", rep->str); break;
     default: break;
     }
   }
   switch (c->kind) {
-  case CALL_ADMIT:
-    if (rep == NULL || rep->type == REDIS_REPLY_ERROR) {
-      unavailable(&c->a);
-      admit_done(c, 0);
-    } else {
-      admit_reply(c, rep);
-    }
-    return; /* c is freed */
-  case CALL_SETTLE:
+  case CALL_BATCH:
+  case CALL_GLOBAL:
     if (rep == NULL)
-      log_event("state_redis_settle_lost", rl->r, "connection lost before the reply");
-    else if (rep->type != REDIS_REPLY_ERROR)
-      settle_reply(c, rep);
+      call_fail(c, "connection lost before the reply");
+    else if (rep->type == REDIS_REPLY_ERROR)
+      call_fail(c, "error reply");
+    else if (c->kind == CALL_BATCH)
+      batch_reply(c, rep);
+    else
+      global_reply(c, rep);
+    return; /* c is freed */
+  case CALL_SPEND:
+    if (rep != NULL)
+      spend_reply(c, rep);
     break;
   case CALL_SETUP:
     /* A connection that cannot authenticate, select its database or load
@@ -839,6 +1189,67 @@ static void on_reply(redisAsyncContext *ac, void *reply, void *priv) {
     break;
   }
   free(c);
+}
+
+/* ---- queue and flush ----------------------------------------------------- */
+
+static call_t *call_new(tg__redis_loop_t *rl, int kind);
+
+/* Adds o to the newest queued batch of its tenant (or the global one) that
+ * has room, or to a new one at the end of the queue. Operations of one
+ * tenant thus reach Redis in the order they were made. */
+static int enqueue(tg__redis_loop_t *rl, op_t *o, int global) {
+  int kind = global ? CALL_GLOBAL : CALL_BATCH;
+  call_t *last = NULL;
+  for (call_t *c = rl->q_head; c != NULL; c = c->qnext)
+    if (c->kind == kind && (global || strcmp(c->tenant, o->tenant) == 0))
+      last = c;
+  if (last == NULL || last->n_ops >= TG_REDIS_BATCH_MAX) {
+    if ((last = call_new(rl, kind)) == NULL)
+      return TG_ENOMEM;
+    last->script = global ? SCRIPT_GLOBAL : SCRIPT_BATCH;
+    memcpy(last->tenant, o->tenant, sizeof last->tenant);
+    if (rl->q_tail)
+      rl->q_tail->qnext = last;
+    else
+      rl->q_head = last;
+    rl->q_tail = last;
+  }
+  last->ops[last->n_ops++] = o;
+  return 0;
+}
+
+/* Sends every queued batch; one that cannot be sent is answered now. The
+ * queue is taken first: callbacks may queue more (for the next flush). */
+static void flush(tg__redis_loop_t *rl) {
+  call_t *q = rl->q_head;
+  int sent = 0;
+  rl->q_head = rl->q_tail = NULL;
+  while (q != NULL) {
+    call_t *c = q;
+    q = q->qnext;
+    c->qnext = NULL;
+    if (send_script(rl, c) == 0)
+      sent = 1;
+    else
+      call_fail(c, "could not send");
+  }
+  /* Onto the wire now rather than at the next poll: a settlement then
+   * leaves before the client can follow up with its next request. */
+  if (sent && rl->ac != NULL && !(rl->ac->c.flags & REDIS_IN_CALLBACK))
+    redisAsyncHandleWrite(rl->ac);
+}
+
+static void on_flush_prepare(uv_prepare_t *h) {
+  tg__redis_loop_t *rl = h->data;
+  if (rl->q_head != NULL)
+    flush(rl);
+}
+
+static void on_flush_check(uv_check_t *h) {
+  tg__redis_loop_t *rl = h->data;
+  if (rl->q_head != NULL)
+    flush(rl);
 }
 
 /* ---- connection ---------------------------------------------------------- */
@@ -1095,7 +1506,7 @@ static void renew_leases(tg__redis_loop_t *rl) {
     snprintf(c->tenant, sizeof c->tenant, "%s", l->tenant);
     /* XX: a lease already expired and swept stays gone. */
     if (arg(c, "ZADD") || arg_key(c, "leases") || arg(c, "XX") ||
-        arg_i64(c, rl->renew_expiry) || arg(c, "%s", l->id) || send_call(rl, c) < 0) {
+        arg_i64(c, rl->renew_expiry) || arg(c, "%s", l->member) || send_call(rl, c) < 0) {
       free(c);
       return;
     }
@@ -1103,8 +1514,117 @@ static void renew_leases(tg__redis_loop_t *rl) {
   rl->renewing = 0;
 }
 
+/* ---- spend figures ------------------------------------------------------- */
+
+/* The entry of tenant, added when create is set and there is room; NULL
+ * otherwise. Called with spend_lock held. */
+static spend_t *spend_find(tg__redis_t *r, const char *tenant, int create) {
+  for (size_t i = 0; i < r->n_spend; i++)
+    if (strcmp(r->spend[i].tenant, tenant) == 0)
+      return &r->spend[i];
+  if (!create || strlen(tenant) > TG_REDIS_MAX_TENANT || r->n_spend >= TG_REDIS_SPEND_MAX)
+    return NULL;
+  if (r->n_spend == r->cap_spend) {
+    size_t cap = r->cap_spend ? r->cap_spend * 2 : 16;
+    spend_t *n = realloc(r->spend, cap * sizeof *n);
+    if (n == NULL)
+      return NULL;
+    r->spend = n;
+    r->cap_spend = cap;
+  }
+  spend_t *e = &r->spend[r->n_spend++];
+  memset(e, 0, sizeof *e);
+  snprintf(e->tenant, sizeof e->tenant, "%s", tenant);
+  e->day = e->month = -1;
+  return e;
+}
+
+/* A window's spent as Redis reported it: a later period replaces the
+ * figure, the same period keeps the larger (replies from several loops
+ * may arrive out of order, and spend only grows within a period). */
+static void spend_note(tg__redis_t *r, const char *tenant, int month, int64_t period,
+                       tg_nano_t spent) {
+  pthread_mutex_lock(&r->spend_lock);
+  spend_t *e = spend_find(r, tenant, 1);
+  if (e != NULL) {
+    int64_t *p = month ? &e->month : &e->day;
+    tg_nano_t *v = month ? &e->month_spent : &e->day_spent;
+    if (period > *p || (period == *p && spent > *v)) {
+      *p = period;
+      *v = spent;
+    }
+  }
+  pthread_mutex_unlock(&r->spend_lock);
+}
+
+void tg__redis_watch(tg__redis_t *r, const char *tenant) {
+  if (r == NULL || tenant == NULL || tenant[0] == '\0')
+    return;
+  pthread_mutex_lock(&r->spend_lock);
+  (void)spend_find(r, tenant, 1);
+  pthread_mutex_unlock(&r->spend_lock);
+}
+
+int tg__redis_spend(tg__redis_t *r, const char *tenant, int64_t now_ms, tg_nano_t *day,
+                    tg_nano_t *month) {
+  int rc = TG_ENOTFOUND;
+  *day = *month = 0;
+  if (r == NULL || tenant == NULL || tenant[0] == '\0')
+    return TG_EINVAL;
+  pthread_mutex_lock(&r->spend_lock);
+  spend_t *e = spend_find(r, tenant, 1); /* asked about: refreshed from now on */
+  if (e != NULL && (e->day >= 0 || e->month >= 0)) {
+    /* A figure of an earlier period is that period's: nothing is spent in
+     * the current one until Redis says otherwise. */
+    if (e->day == tg_day_of(now_ms))
+      *day = e->day_spent;
+    if (e->month == tg_month_of(now_ms))
+      *month = e->month_spent;
+    rc = 0;
+  }
+  pthread_mutex_unlock(&r->spend_lock);
+  return rc;
+}
+
+/* One round of HGETs of every known tenant's current day and month spent,
+ * on the refreshing loop's connection. */
+static void refresh_spend(tg__redis_loop_t *rl) {
+  tg__redis_t *r = rl->r;
+  int64_t now = loop_clock(rl);
+  int64_t day = tg_day_of(now), month = tg_month_of(now);
+  char (*names)[TG_REDIS_MAX_TENANT + 1] = NULL;
+  size_t n = 0;
+
+  pthread_mutex_lock(&r->spend_lock);
+  if (r->n_spend > 0 && (names = malloc(r->n_spend * sizeof *names)) != NULL) {
+    n = r->n_spend;
+    for (size_t i = 0; i < n; i++)
+      memcpy(names[i], r->spend[i].tenant, sizeof names[i]);
+  }
+  pthread_mutex_unlock(&r->spend_lock);
+  for (size_t i = 0; i < n; i++) {
+    for (int w = 0; w < 2; w++) {
+      call_t *c = call_new(rl, CALL_SPEND);
+      if (c == NULL)
+        goto out;
+      memcpy(c->tenant, names[i], sizeof c->tenant);
+      c->stage = w;
+      c->period = w ? month : day;
+      if (arg(c, "HGET") || arg(c, "tg:{%s}:%s:%" PRId64, c->tenant, w ? "month" : "day",
+                                c->period) ||
+          arg(c, "spent") || send_call(rl, c) < 0) {
+        free(c);
+        goto out;
+      }
+    }
+  }
+out:
+  free(names);
+}
+
 static void on_tick(uv_timer_t *t) {
   tg__redis_loop_t *rl = t->data;
+  tg__redis_t *r = rl->r;
   uint64_t now = uv_now(rl->loop);
 
   if (rl->head != NULL && now - rl->head->sent_ms >= TG_REDIS_REPLY_TIMEOUT_MS) {
@@ -1121,6 +1641,17 @@ static void on_tick(uv_timer_t *t) {
   }
   if (rl->renewing)
     renew_leases(rl);
+  /* One loop refreshes the spend figures; another takes over when it
+   * closes. */
+  pthread_mutex_lock(&r->spend_lock);
+  if (r->refresher == NULL)
+    r->refresher = rl;
+  int mine = r->refresher == rl;
+  pthread_mutex_unlock(&r->spend_lock);
+  if (mine && now - rl->last_refresh_ms >= TG_REDIS_SPEND_REFRESH_MS) {
+    rl->last_refresh_ms = now;
+    refresh_spend(rl);
+  }
 }
 
 /* ---- public -------------------------------------------------------------- */
@@ -1147,11 +1678,25 @@ int tg__redis_loop_new(tg__redis_t *r, uv_loop_t *loop, tg__redis_loop_t **out) 
   rl->backoff_ms = TG_REDIS_BACKOFF_MIN_MS;
   uv_timer_init(loop, &rl->conn_timer);
   uv_timer_init(loop, &rl->tick);
+  uv_prepare_init(loop, &rl->flush_prepare);
+  uv_check_init(loop, &rl->flush_check);
   rl->conn_timer.data = rl;
   rl->tick.data = rl;
-  rl->open = 2;
+  rl->flush_prepare.data = rl;
+  rl->flush_check.data = rl;
+  rl->open = 4;
   rl->last_renew_ms = uv_now(loop);
+  /* The wall clock until admissions give it theirs: a loop that serves no
+   * traffic still refreshes the spend of the right day. */
+  note_clock(rl, wall_ms());
+  /* The first refresh comes a tick after connecting. */
+  rl->last_refresh_ms = uv_now(loop) - TG_REDIS_SPEND_REFRESH_MS;
   uv_timer_start(&rl->tick, on_tick, TG_REDIS_TICK_MS, TG_REDIS_TICK_MS);
+  /* Always running, but they never keep the loop alive by themselves. */
+  uv_prepare_start(&rl->flush_prepare, on_flush_prepare);
+  uv_check_start(&rl->flush_check, on_flush_check);
+  uv_unref((uv_handle_t *)&rl->flush_prepare);
+  uv_unref((uv_handle_t *)&rl->flush_check);
   start_connect(rl);
   *out = rl;
   return 0;
@@ -1165,6 +1710,18 @@ void tg__redis_loop_close(tg__redis_loop_t *rl) {
   if (rl == NULL || rl->closing)
     return;
   rl->closing = 1;
+  pthread_mutex_lock(&rl->r->spend_lock);
+  if (rl->r->refresher == rl)
+    rl->r->refresher = NULL;
+  pthread_mutex_unlock(&rl->r->spend_lock);
+  /* Batches not sent yet are answered now, like the pending ones below. */
+  while (rl->q_head != NULL) {
+    call_t *c = rl->q_head;
+    rl->q_head = c->qnext;
+    if (rl->q_head == NULL)
+      rl->q_tail = NULL;
+    call_fail(c, "closed before it was sent");
+  }
   if (rl->ac != NULL) {
     redisAsyncContext *ac = rl->ac;
     if (rl->state == RL_CONNECTING) {
@@ -1181,15 +1738,24 @@ void tg__redis_loop_close(tg__redis_loop_t *rl) {
     uv_cancel((uv_req_t *)&rl->gai);
   uv_close((uv_handle_t *)&rl->conn_timer, on_timer_closed);
   uv_close((uv_handle_t *)&rl->tick, on_timer_closed);
+  uv_close((uv_handle_t *)&rl->flush_prepare, on_timer_closed);
+  uv_close((uv_handle_t *)&rl->flush_check, on_timer_closed);
 }
 
 int tg__redis_connected(const tg__redis_loop_t *rl) {
   return rl != NULL && rl->state == RL_UP;
 }
 
+/* The member of o's lease: the same text at admission, renewal and
+ * settlement, built from what each of them knows. */
+static void lease_member(op_t *o) {
+  snprintf(o->member, sizeof o->member, "%s %" PRId64 " %" PRId64 " %" PRId64, o->a.lease, o->day,
+           o->month, o->req.reserve.cost > 0 ? o->req.reserve.cost : 0);
+}
+
 int tg__redis_admit(tg__redis_loop_t *rl, const tg_admit_req_t *r, int64_t now_ms,
                     tg_admit_cb cb, void *arg_) {
-  call_t *c;
+  op_t *o;
   size_t tlen;
   int rc;
 
@@ -1200,44 +1766,43 @@ int tg__redis_admit(tg__redis_loop_t *rl, const tg_admit_req_t *r, int64_t now_m
     return TG_EINVAL;
   if (tlen > TG_REDIS_MAX_TENANT)
     return TG_ETOOBIG;
-  if (rl->state != RL_UP || rl->n_pending >= TG_REDIS_MAX_PENDING)
+  if (rl->state != RL_UP || rl->closing || rl->n_ops >= TG_REDIS_MAX_OPS)
     return TG_EUNAVAIL;
-  if ((c = call_new(rl, CALL_ADMIT)) == NULL)
+  if ((o = calloc(1, sizeof *o)) == NULL)
     return TG_ENOMEM;
   note_clock(rl, now_ms);
-  memcpy(c->tenant, r->tenant, tlen + 1);
-  c->req = *r;
-  c->req.tenant = c->tenant;
-  c->now_ms = now_ms;
-  c->cb = cb;
-  c->arg = arg_;
-  c->a.backend = TG_BACKEND_REDIS;
-  if ((rc = lease_alloc(rl, c->tenant, &c->slot)) < 0) {
-    free(c);
+  o->kind = OP_ADMIT;
+  memcpy(o->tenant, r->tenant, tlen + 1);
+  o->req = *r;
+  o->req.tenant = o->tenant;
+  o->now_ms = now_ms;
+  o->cb = cb;
+  o->arg = arg_;
+  o->day = tg_day_of(now_ms);
+  o->month = tg_month_of(now_ms);
+  o->a.backend = TG_BACKEND_REDIS;
+  o->a.v.day = o->day;
+  o->a.v.month = o->month;
+  if ((rc = lease_alloc(rl, o->tenant, &o->slot)) < 0) {
+    free(o);
     return rc;
   }
-  memcpy(c->a.lease, rl->leases[c->slot].id, sizeof c->a.lease);
-  if (r->global_rps > 0) {
-    c->stage = STAGE_GLOBAL;
-    rc = build_global(c);
-  } else {
-    c->stage = STAGE_TENANT;
-    rc = build_admit(c);
-  }
-  if (rc == 0)
-    rc = send_call(rl, c);
-  if (rc < 0) {
-    lease_put(rl, c->slot);
-    free(c);
+  memcpy(o->a.lease, rl->leases[o->slot].id, sizeof o->a.lease);
+  lease_member(o);
+  memcpy(rl->leases[o->slot].member, o->member, sizeof o->member);
+  if ((rc = enqueue(rl, o, r->global_rps > 0)) < 0) {
+    lease_put(rl, o->slot);
+    free(o);
     return rc;
   }
+  rl->n_ops++;
   return 0;
 }
 
 void tg__redis_settle(tg__redis_loop_t *rl, const tg_admit_req_t *r, const tg_admission_t *a,
                       int64_t actual_tokens, tg_nano_t actual_cost, int64_t now_ms) {
   uint32_t slot;
-  call_t *c;
+  op_t *o;
   size_t tlen;
 
   if (rl == NULL || r == NULL || a == NULL || r->tenant == NULL)
@@ -1251,28 +1816,35 @@ void tg__redis_settle(tg__redis_loop_t *rl, const tg_admit_req_t *r, const tg_ad
   tlen = strlen(r->tenant);
   if (tlen == 0 || tlen > TG_REDIS_MAX_TENANT)
     return;
-  if (rl->state != RL_UP) {
+  if (rl->state != RL_UP || rl->closing) {
     log_event("state_redis_settle_lost", rl->r, "not connected");
     return;
   }
-  if ((c = call_new(rl, CALL_SETTLE)) == NULL)
-    return;
-  note_clock(rl, now_ms);
-  memcpy(c->tenant, r->tenant, tlen + 1);
-  c->req = *r;
-  c->req.tenant = c->tenant;
-  c->now_ms = now_ms;
-  c->a = *a;
-  c->day = a->v.day;
-  c->month = a->v.month;
-  if (build_settle(c, actual_tokens, actual_cost) < 0 || send_call(rl, c) < 0) {
-    log_event("state_redis_settle_lost", rl->r, "could not send");
-    free(c);
+  if ((o = calloc(1, sizeof *o)) == NULL) {
+    log_event("state_redis_settle_lost", rl->r, "out of memory");
     return;
   }
-  /* Put the release on the wire now, before the caller sends its answer's
-   * last bytes: the client's next request must not find the slot still
-   * taken. (Not from inside a reply callback: hiredis writes after it.) */
-  if (rl->ac != NULL && !(rl->ac->c.flags & REDIS_IN_CALLBACK))
-    redisAsyncHandleWrite(rl->ac);
+  note_clock(rl, now_ms);
+  o->kind = OP_SETTLE;
+  memcpy(o->tenant, r->tenant, tlen + 1);
+  o->req = *r;
+  o->req.tenant = o->tenant;
+  o->now_ms = now_ms;
+  o->a = *a;
+  o->day = a->v.day;
+  o->month = a->v.month;
+  lease_member(o);
+  o->actual_tokens = actual_tokens;
+  o->actual_cost = actual_cost;
+  /* Sent with this tenant's other operations at the end of this loop
+   * iteration, the one in which the client gets its answer: a follow-up
+   * request on this loop thread is queued behind the release on the same
+   * connection. One on another thread may still get to Redis first
+   * (docs/state-redis.md, Batches). */
+  if (enqueue(rl, o, 0) < 0) {
+    log_event("state_redis_settle_lost", rl->r, "out of memory");
+    free(o);
+    return;
+  }
+  rl->n_ops++;
 }

@@ -395,3 +395,51 @@ def test_budget_spend_kept_in_redis(tg, sim, redis):
     refused(ask(a, "spend", max_tokens=19), 402, "insufficient_quota", "daily_budget")
     assert ask(a, "spend", max_tokens=18).status == 200    # exactly 41,000 was left
     refused(ask(b, "spend", max_tokens=1), 402, "insufficient_quota", "daily_budget")
+
+
+def spend_gauges(gw, tenant):
+    """The (daily, monthly) spend gauges of tenant on gw's /metrics, as the
+    exposition's text."""
+    expo = tgtest.admin(gw, "/metrics").body.decode()
+    got = []
+    for name in ("llm_tenant_daily_spend_usd", "llm_tenant_monthly_spend_usd"):
+        m = re.search(r'^%s\{tenant="%s"\} (\S+)$' % (name, re.escape(tenant)), expo, re.M)
+        got.append(m.group(1) if m else None)
+    return tuple(got)
+
+
+def test_spend_gauges_read_redis(tg, sim, redis):
+    """With state redis the spend gauges show what Redis counted: the
+    ledger's spend on the gateway that served the traffic, and the same
+    figure, within a refresh, on a gateway sharing the Redis that served
+    none of it."""
+    tenants = {"sg": tgtest.limited_tenant(daily="1000", monthly="5000"),
+               "idle": tgtest.limited_tenant()}
+    a = start_gw(tg, sim, redis, tenants)
+    b = start_gw(tg, sim, redis, tenants)
+    for n in (5, 12, 30, 7):
+        assert ask(a, "sg", max_tokens=n).status == 200
+    time.sleep(SETTLE_S)
+    spend = tgtest.money_json(a.tool("usage", "--tenant", "sg",
+                                     "--day", tgtest.utc_day()).stdout)["spend_usd"]
+    assert spend > 0, spend
+    want = ("%s" % spend, "%s" % spend)    # a fresh Redis: the month is the day
+    tgtest.wait_for(lambda: spend_gauges(a, "sg") == want, timeout=5,
+                    what="A's gauges show the ledger's spend")
+    # B never served sg: its figures come from its periodic read of Redis
+    assert b.usage("sg", tgtest.utc_day())["spend_usd"] == 0
+    tgtest.wait_for(lambda: spend_gauges(b, "sg") == want, timeout=6,
+                    what="B's gauges show the spend A's traffic made")
+    # a tenant without traffic reads 0 on both
+    for gw in (a, b):
+        assert tuple(float(x) for x in spend_gauges(gw, "idle")) == (0.0, 0.0)
+    # more traffic through B shows on A too (A learns it from Redis)
+    assert ask(b, "sg", max_tokens=9).status == 200
+    time.sleep(SETTLE_S)
+    more = tgtest.money_json(b.tool("usage", "--tenant", "sg",
+                                    "--day", tgtest.utc_day()).stdout)["spend_usd"]
+    total = "%s" % (spend + more)
+    tgtest.wait_for(lambda: spend_gauges(a, "sg")[0] == total, timeout=6,
+                    what="A's daily gauge includes B's spend")
+    tgtest.wait_for(lambda: spend_gauges(b, "sg")[0] == total, timeout=6,
+                    what="B's daily gauge includes its own spend")

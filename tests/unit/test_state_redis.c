@@ -543,7 +543,6 @@ static void test_lease_expiry(void **state) {
   assert_string_equal(sget("HGET tg:{acme}:day:%lld spent", (long long)tg_day_of(T0)),
                       "5000000000");
   assert_string_equal(sget("ZCARD tg:{acme}:leases"), "0");
-  assert_string_equal(sget("HLEN tg:{acme}:resv"), "0");
 }
 
 static void test_budgets(void **state) {
@@ -881,7 +880,230 @@ static void test_same_verdicts_as_limits_c(void **state) {
       fail_msg("no verdict of kind %s in %d steps", tg_limit_detail((tg_limit_kind_t)k), step);
 }
 
+/* The backend sends the operations of one loop iteration as one script
+ * call per tenant. Bursts of admissions (each with its own clock) and
+ * settlements made without running the loop in between must get exactly
+ * the verdicts limits.c gives the same operations one at a time. */
+typedef struct {
+  res_t res;
+  tg_verdict_t mv;
+  tg_admit_req_t r;
+  int64_t at;
+} burst_t;
+
+static void test_batches_same_as_one_at_a_time(void **state) {
+  (void)state;
+  static const int64_t rpms[] = {0, 5, 30};
+  static const int64_t tpms[] = {0, 2000, 60000};
+  static const int64_t concs[] = {0, 3, 12};
+  static const tg_nano_t days[] = {0, USD(3), USD(40)};
+  const char *env = getenv("TG_DIFF_SCENARIOS");
+  int scenarios = env ? (int)strtol(env, NULL, 10) : 12;
+  int seen[TG_LIMIT_UNAVAILABLE + 1] = {0};
+  int step = 0, biggest = 0;
+
+  for (int scenario = 0; scenario < scenarios; scenario++) {
+    char tenant[32];
+    tg_tenant_state_t s;
+    tg_slog_t glog;
+    held_t held[64];
+    burst_t b[24];
+    int n_held = 0, mem_alerts = 0;
+    int64_t now = T0 + scenario * 1000;
+    tg_limits_t lim;
+
+    snprintf(tenant, sizeof tenant, "burst%d", scenario);
+    tg_tenant_state_init(&s);
+    memset(&glog, 0, sizeof glog);
+    memset(&lim, 0, sizeof lim);
+    lim.rpm = rpms[rnd(3)];
+    lim.tpm = tpms[rnd(3)];
+    lim.concurrency = concs[rnd(3)];
+    lim.day_limit = days[rnd(3)];
+    lim.month_limit = days[rnd(3)];
+    lim.alert_pct = 50 + (int)rnd(51);
+    int64_t grps = rnd(3) == 0 ? 10 : 0;
+    sget("DEL tg:{global}:rps tg:{global}:rps:n");
+    pthread_mutex_lock(&hook_lock);
+    n_alerts = 0;
+    pthread_mutex_unlock(&hook_lock);
+
+    for (int burst = 0; burst < 30; burst++) {
+      now += rnd(6) == 0 ? rnd(40000) : rnd(3000);
+      /* Settlements first: an admission past the global limit reaches its
+       * tenant's script one round trip later, after them. */
+      int n_settled = 0;
+      while (n_held > 0 && (now - held[0].at > 20000 || n_held > 40 || rnd(3) == 0)) {
+        held_t *h = &held[0];
+        int64_t tok = rnd(2500);
+        tg_nano_t cost = (tg_nano_t)rnd(900) * 1000000;
+        int ad = 0, am = 0;
+        tg_limits_settle(&s, &h->r.limits, &h->r.reserve, &h->v, tok, cost, now, &ad, &am);
+        mem_alerts += ad + am;
+        tg__redis_settle(fx.rl, &h->r, &h->a, tok, cost, now);
+        memmove(&held[0], &held[1], (size_t)(n_held - 1) * sizeof held[0]);
+        n_held--;
+        n_settled++;
+      }
+      if (rnd(10) == 0) { /* a reload between bursts */
+        lim.rpm = rpms[rnd(3)];
+        lim.tpm = tpms[rnd(3)];
+        lim.concurrency = concs[rnd(3)];
+      }
+      int k = 1 + (int)rnd(20);
+      for (int j = 0; j < k; j++) {
+        burst_t *x = &b[j];
+        memset(x, 0, sizeof *x);
+        now += rnd(3) == 0 ? 0 : rnd(40);
+        x->at = now;
+        x->r = req(tenant);
+        x->r.limits = lim;
+        x->r.global_rps = grps;
+        x->r.reserve.tokens = rnd(4000);
+        x->r.reserve.cost = (tg_nano_t)rnd(1500) * 1000000;
+        int64_t gretry = 0;
+        if (grps > 0 && !tg_global_admit(&glog, grps, now, &gretry)) {
+          x->mv.refused = TG_LIMIT_GLOBAL;
+          x->mv.retry_after_ms = gretry;
+        } else {
+          assert_int_equal(tg_limits_admit(&s, &lim, &x->r.reserve, now, &x->mv), 0);
+        }
+        assert_int_equal(tg__redis_admit(fx.rl, &x->r, now, on_admit, &x->res), 0);
+      }
+      if (n_settled + k > biggest)
+        biggest = n_settled + k;
+      for (int j = 0; j < k; j++) {
+        spin(&fx.loop, &b[j].res.done, 1, 3000);
+        assert_int_equal(b[j].res.done, 1);
+      }
+      for (int j = 0; j < k; j++, step++) {
+        burst_t *x = &b[j];
+        seen[x->mv.refused]++;
+        if (x->mv.refused == TG_LIMIT_GLOBAL) {
+          assert_int_equal(x->res.a.v.refused, TG_LIMIT_GLOBAL);
+          assert_int_equal(x->res.a.v.retry_after_ms, x->mv.retry_after_ms);
+          continue;
+        }
+        check_same(&x->mv, &x->res.a.v, step);
+        if (x->mv.refused == TG_LIMIT_NONE) {
+          assert_true(n_held < 64);
+          held[n_held].a = x->res.a;
+          held[n_held].v = x->mv;
+          held[n_held].r = x->r;
+          held[n_held].at = x->at;
+          n_held++;
+        }
+      }
+    }
+    for (int j = 0; j < n_held; j++) {
+      int ad = 0, am = 0;
+      tg_limits_settle(&s, &held[j].r.limits, &held[j].r.reserve, &held[j].v, 100, 0, now,
+                       &ad, &am);
+      mem_alerts += ad + am;
+      tg__redis_settle(fx.rl, &held[j].r, &held[j].a, 100, 0, now);
+    }
+    tg_admit_req_t probe = req("settle-probe");
+    (void)admit(&probe, now);
+    assert_int_equal(n_alerts, mem_alerts);
+    /* Money and the leases left in Redis are what limits.c counted. */
+    if (s.day.period == tg_day_of(T0)) {
+      long long spent = strtoll(
+          sget("HGET tg:{%s}:day:%lld spent", tenant, (long long)s.day.period), NULL, 10);
+      assert_int_equal(spent, s.day.spent);
+      long long reserved = strtoll(
+          sget("HGET tg:{%s}:day:%lld reserved", tenant, (long long)s.day.period), NULL, 10);
+      assert_int_equal(reserved, s.day.reserved);
+    }
+    assert_string_equal(sget("ZCARD tg:{%s}:leases", tenant), "0");
+    tg_tenant_state_free(&s);
+    tg_slog_free(&glog);
+  }
+  for (int k = TG_LIMIT_NONE; k < TG_LIMIT_UNAVAILABLE; k++)
+    if (seen[k] == 0)
+      fail_msg("no verdict of kind %s in %d steps", tg_limit_detail((tg_limit_kind_t)k), step);
+  assert_true(biggest >= 20); /* batches of many operations were tried */
+}
+
+/* The spend figures behind the /metrics gauges: known at once from the
+ * settlement's reply, read from Redis by a gateway that served nothing,
+ * and 0 once the day (or month) has rolled over, traffic or not. */
+static void test_spend_figures(void **state) {
+  (void)state;
+  tg_admit_req_t r = req("spender");
+  tg__redis_t *r2 = NULL;
+  tg__redis_loop_t *rl2 = NULL;
+  tg_nano_t d = -1, m = -1;
+  char url[64];
+  int64_t day0 = tg_day_of(T0);
+
+  r.limits.day_limit = USD(100);
+  r.reserve.cost = USD(2);
+  tg_admission_t a = admit(&r, T0);
+  assert_admitted(a);
+  settle(&r, &a, 10, 1500000000, T0 + 10); /* 1.50 USD */
+  assert_int_equal(tg__redis_spend(fx.r, "spender", T0 + 20, &d, &m), 0);
+  assert_int_equal(d, 1500000000);
+  assert_int_equal(m, 1500000000);
+  assert_string_equal(sget("HGET tg:{spender}:day:%lld spent", (long long)day0), "1500000000");
+
+  /* Another gateway on the same Redis, with no traffic of this tenant: it
+   * does not know yet, and learns within a refresh (2 s). Its clock is the
+   * one its own admissions use (the test's). */
+  snprintf(url, sizeof url, "redis://127.0.0.1:%d", fx.srv.port);
+  assert_int_equal(tg__redis_new(url, &r2), 0);
+  assert_int_equal(tg__redis_loop_new(r2, &fx.loop, &rl2), 0);
+  assert_true(wait_connected(&fx.loop, rl2, 1, 3000));
+  tg_admit_req_t other = req("someone-else");
+  assert_admitted(admit_on(rl2, &fx.loop, &other, T0 + 30));
+  assert_int_equal(tg__redis_spend(r2, "spender", T0 + 40, &d, &m), TG_ENOTFOUND);
+  assert_int_equal(d, 0);
+  assert_int_equal(m, 0);
+  uint64_t start = uv_hrtime();
+  while (uv_hrtime() - start < UINT64_C(4000) * 1000000) {
+    spin_ms(&fx.loop, 100);
+    if (tg__redis_spend(r2, "spender", T0 + 40, &d, &m) == 0 && d == 1500000000)
+      break;
+  }
+  assert_int_equal(d, 1500000000);
+  assert_int_equal(m, 1500000000);
+
+  /* More spend through the first gateway reaches the second one too. */
+  a = admit(&r, T0 + 50);
+  assert_admitted(a);
+  settle(&r, &a, 10, 250000000, T0 + 60);
+  start = uv_hrtime();
+  while (uv_hrtime() - start < UINT64_C(4000) * 1000000) {
+    spin_ms(&fx.loop, 100);
+    if (tg__redis_spend(r2, "spender", T0 + 70, &d, &m) == 0 && d == 1750000000)
+      break;
+  }
+  assert_int_equal(d, 1750000000);
+
+  /* The next UTC day starts at 0 without any request; so does the month. */
+  assert_int_equal(tg__redis_spend(fx.r, "spender", tg_day_end_ms(day0), &d, &m), 0);
+  assert_int_equal(d, 0);
+  assert_int_equal(m, tg_month_of(tg_day_end_ms(day0)) == tg_month_of(T0) ? 1750000000 : 0);
+  int64_t next_month = tg_month_end_ms(tg_month_of(T0));
+  assert_int_equal(tg__redis_spend(r2, "spender", next_month, &d, &m), 0);
+  assert_int_equal(d, 0);
+  assert_int_equal(m, 0);
+  assert_int_equal(tg__redis_spend(fx.r, "nobody", T0, &d, &m), TG_ENOTFOUND);
+  assert_int_equal(d + m, 0);
+
+  tg__redis_loop_close(rl2);
+  spin_ms(&fx.loop, 20);
+  tg__redis_free(r2);
+}
+
 /* ---- lease renewal (waits 10 s of real time) ------------------------------------ */
+
+/* A lease's member in tg:{T}:leases: its id, periods and reserved cost. */
+static const char *member(const tg_admission_t *a, tg_nano_t cost) {
+  static char m[128];
+  snprintf(m, sizeof m, "%s %lld %lld %lld", a->lease, (long long)a->v.day,
+           (long long)a->v.month, (long long)cost);
+  return m;
+}
 
 static void test_lease_renewal(void **state) {
   (void)state;
@@ -889,14 +1111,14 @@ static void test_lease_renewal(void **state) {
   r.limits.concurrency = 1;
   tg_admission_t a = admit(&r, T0);
   assert_admitted(a);
-  assert_string_equal(sget("ZSCORE tg:{acme}:leases %s", a.lease), "1795867230000");
+  assert_string_equal(sget("ZSCORE tg:{acme}:leases %s", member(&a, 0)), "1795867230000");
   /* Within one renewal period the expiry moves on by about the time that
    * passed (the backend's clock follows the one admissions gave it). */
   uint64_t start = uv_hrtime();
   long long score = 0;
   while (uv_hrtime() - start < UINT64_C(11500) * 1000000) {
     spin_ms(&fx.loop, 100);
-    score = strtoll(sget("ZSCORE tg:{acme}:leases %s", a.lease), NULL, 10);
+    score = strtoll(sget("ZSCORE tg:{acme}:leases %s", member(&a, 0)), NULL, 10);
     if (score > T0 + 30000)
       break;
   }
@@ -905,7 +1127,7 @@ static void test_lease_renewal(void **state) {
   /* So a live gateway keeps its slot past the first TTL. */
   assert_refused(admit(&r, score - 1), TG_LIMIT_CONCURRENCY, 1000);
   settle(&r, &a, 0, 0, score);
-  assert_string_equal(sget("ZSCORE tg:{acme}:leases %s", a.lease), "(nil)");
+  assert_string_equal(sget("ZSCORE tg:{acme}:leases %s", member(&a, 0)), "(nil)");
 }
 
 /* ---- failures ------------------------------------------------------------------- */
@@ -1082,6 +1304,8 @@ int main(void) {
       cmocka_unit_test_setup(test_password, test_setup),
       cmocka_unit_test_setup(test_two_gateways_share_the_limit, test_setup),
       cmocka_unit_test_setup(test_same_verdicts_as_limits_c, test_setup),
+      cmocka_unit_test_setup(test_batches_same_as_one_at_a_time, test_setup),
+      cmocka_unit_test_setup(test_spend_figures, test_setup),
       cmocka_unit_test_setup(test_lease_renewal, test_setup),
       cmocka_unit_test_setup(test_close_answers_pending, test_setup),
       cmocka_unit_test_setup(test_frozen_redis_times_out, test_setup),
