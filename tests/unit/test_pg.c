@@ -576,6 +576,63 @@ static void test_ledger_exact(void **state) {
   be->close(q);
 }
 
+/* A batch of new request ids goes in by COPY (the fast path), one that
+ * repeats a stored id by the ON CONFLICT insert: both store every byte of
+ * every text as written, COPY's own escape characters included, and the
+ * repeat adds only its new row. */
+static void test_ledger_copy(void **state) {
+  const tg__ledger_backend_t *be = &tg__ledger_backend_pg;
+  tg__ledger_conn_opts_t wo = {.busy_timeout_ms = 1000, .writer = 1};
+  tg__ledger_conn_t *w = NULL;
+  char buf[512];
+  PGconn *s;
+  tg_ledger_rec_t b[] = {
+    mkrec("r-copy-1", T0 + 1, "copy-t", "m\\N\t\\.\r\nx", 1, 2, 3),
+    mkrec("r-copy-2", T0 + 2, "copy-t", "\\.", 4, 5, 6),
+    mkrec("r-copy-3", T0 + 3, "copy-t", "", 0, 0, INT64_MAX),
+  };
+  tg_ledger_rec_t again[] = {
+    mkrec("r-copy-2", T0 + 9, "copy-t", "other", 9, 9, 9),
+    mkrec("r-copy-4", T0 + 4, "copy-t", "tab\there", 7, 8, 9),
+  };
+
+  (void)state;
+  snprintf(b[0].endpoint, sizeof(b[0].endpoint), "%s", "\\\n");
+  b[2].queue_us = -1;
+  b[2].ttft_us = INT64_MIN;
+  assert_int_equal(be->open(srv.url, NULL, &wo, &w), 0);
+  s = sql_conn(srv.url);
+  assert_int_equal(insert(w, b, 3), 0);
+  assert_string_equal(
+      sql_val(s, "SELECT count(*) FROM ledger WHERE tenant = 'copy-t'", buf,
+              sizeof(buf)), "3");
+  assert_string_equal(
+      sql_val(s, "SELECT (model = E'm\\\\N\\t\\\\.\\r\\nx' AND"
+                 " endpoint = E'\\\\\\n')::text FROM ledger"
+                 " WHERE request_id = 'r-copy-1'", buf, sizeof(buf)),
+      "true");
+  assert_string_equal(
+      sql_val(s, "SELECT concat_ws('|', model, cost_nano, queue_us, ttft_us)"
+                 " FROM ledger WHERE request_id = 'r-copy-2'", buf,
+              sizeof(buf)),
+      "\\.|6|15|12000");
+  assert_string_equal(
+      sql_val(s, "SELECT concat_ws('|', '<' || model || '>', cost_nano,"
+                 " queue_us, ttft_us) FROM ledger WHERE request_id ="
+                 " 'r-copy-3'", buf, sizeof(buf)),
+      "<>|9223372036854775807|-1|-9223372036854775808");
+  /* The repeat: r-copy-2 keeps its first values, r-copy-4 is added. */
+  assert_int_equal(insert(w, again, 2), 0);
+  assert_string_equal(
+      sql_val(s, "SELECT string_agg(request_id || ':' || cost_nano, ','"
+                 " ORDER BY request_id) FROM ledger WHERE tenant = 'copy-t'",
+              buf, sizeof(buf)),
+      "r-copy-1:3,r-copy-2:6,r-copy-3:9223372036854775807,r-copy-4:9");
+  sql_ok(s, "DELETE FROM ledger WHERE tenant = 'copy-t'");
+  PQfinish(s);
+  be->close(w);
+}
+
 /* Stops the server, checks every component fails fast and keeps going,
  * restarts it and checks the very next call reconnects. */
 static void test_ledger_outage(void **state) {
@@ -1136,6 +1193,7 @@ int main(void) {
     cmocka_unit_test(test_url_helpers),
     cmocka_unit_test(test_migrations),
     cmocka_unit_test(test_ledger_exact),
+    cmocka_unit_test(test_ledger_copy),
     cmocka_unit_test(test_ledger_outage),
     cmocka_unit_test(test_ledger_core),
     cmocka_unit_test(test_keystore),
