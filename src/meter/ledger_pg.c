@@ -776,6 +776,8 @@ static int pg_usage_by_model(tg__ledger_conn_t *c, const char *tenant,
                      (void **)rows, n);
 }
 
+/* Rows of (tenant[, cost]): a one-column result (the tenant query) gives
+ * cost 0. */
 static int fill_spend(const PGresult *r, void *out) {
   rows_t *o = out;
   tg_spend_row_t *v = NULL;
@@ -786,7 +788,8 @@ static int fill_spend(const PGresult *r, void *out) {
     if ((rc = grow((void **)&v, &cap, cnt, sizeof(*v))) != 0)
       break;
     copy_cell(v[cnt].tenant, sizeof(v[cnt].tenant), r, i, 0);
-    if (tg_db_pg_int64(r, i, 1, &v[cnt].cost_nano) != 0) {
+    v[cnt].cost_nano = 0;
+    if (PQnfields(r) > 1 && tg_db_pg_int64(r, i, 1, &v[cnt].cost_nano) != 0) {
       rc = TG_EDB;
       break;
     }
@@ -812,28 +815,6 @@ static int pg_spend_by_tenant(tg__ledger_conn_t *c, int64_t from_ms,
                      (void **)rows, n);
 }
 
-static int fill_tenants(const PGresult *r, void *out) {
-  rows_t *o = out;
-  tg_spend_row_t *v = NULL;
-  size_t cap = 0, cnt = 0;
-  int rc = 0;
-
-  for (int i = 0; i < PQntuples(r); i++) {
-    if ((rc = grow((void **)&v, &cap, cnt, sizeof(*v))) != 0)
-      break;
-    copy_cell(v[cnt].tenant, sizeof(v[cnt].tenant), r, i, 0);
-    v[cnt].cost_nano = 0;
-    cnt++;
-  }
-  if (rc != 0) {
-    free(v);
-    return rc;
-  }
-  o->rows = v;
-  o->n = cnt;
-  return 0;
-}
-
 static int pg_tenants_before(tg__ledger_conn_t *c, int64_t before_ms,
                              tg_spend_row_t **rows, size_t *n) {
   static const char sql[] =
@@ -842,7 +823,7 @@ static int pg_tenants_before(tg__ledger_conn_t *c, int64_t before_ms,
   char before[24];
   const char *params[1] = {before};
   rows_t o = {0};
-  query_t q = {sql, "tenant query", 1, params, fill_tenants, &o};
+  query_t q = {sql, "tenant query", 1, params, fill_spend, &o};
   int rc;
 
   *rows = NULL;
