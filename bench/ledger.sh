@@ -75,13 +75,16 @@ pids+=($!)
 wait_http "http://127.0.0.1:$SIM_PORT/health"
 
 # ---- PostgreSQL ------------------------------------------------------------------
+PG_PID=""
 if want postgres; then
   pg_start
+  PG_PID=$(pg_server_pid)
 fi
 
 # ---- tollgate, one configuration at a time ---------------------------------------
 TG_PID=""
 TG_PORT=""
+ADMIN_PORT=""
 KEY=""
 RUN_DIR=""
 PG_DB=""
@@ -89,12 +92,12 @@ RUN_N=0
 
 # start_tollgate MODE (off | sqlite | postgres)
 start_tollgate() {
-  local mode=$1 dir admin database ledger
+  local mode=$1 dir database ledger
   RUN_N=$((RUN_N + 1))
   dir="$tmp/tg-$mode-$RUN_N"
   RUN_DIR="$DATA_ROOT/ledger-bench-$mode-$RUN_N"
   TG_PORT=$(free_port)
-  admin=$(free_port)
+  ADMIN_PORT=$(free_port)
   mkdir -p "$dir" "$RUN_DIR"
   database=sqlite
   ledger=on
@@ -108,7 +111,7 @@ start_tollgate() {
   esac
   cat >"$dir/tollgate.yaml" <<YAML
 listen: 127.0.0.1:$TG_PORT
-admin_listen: 127.0.0.1:$admin
+admin_listen: 127.0.0.1:$ADMIN_PORT
 workers: $WORKERS
 data_dir: $RUN_DIR
 access_log: "off"
@@ -131,7 +134,7 @@ YAML
   "$TOLLGATE" serve --config "$dir/tollgate.yaml" 2>>"$dir/tollgate.log" &
   TG_PID=$!
   pids+=("$TG_PID")
-  wait_http "http://127.0.0.1:$admin/readyz"
+  wait_http "http://127.0.0.1:$ADMIN_PORT/readyz"
   wait_chat_200 "http://127.0.0.1:$TG_PORT" "$KEY" "$MODEL"
 }
 
@@ -165,9 +168,16 @@ for round in $(seq 1 "$ROUNDS"); do
     want "$mode" || continue
     start_tollgate "$mode"
     export TG_BENCH_KEY="$KEY"
-    line=$(run_wrk "$mode" "http://127.0.0.1:$TG_PORT") || exit 1
+    srv=""
+    if [ "$mode" = postgres ]; then srv=$PG_PID; fi
+    line=$(run_wrk_cpu "$mode" "http://127.0.0.1:$TG_PORT" "$TG_PID" "$srv") || exit 1
     results+=("$round $line")
-    if [ "$ROUNDS" -gt 1 ]; then echo "# round $round: $line"; fi
+    # records per committed batch, since the start (warm-up included)
+    batch=$(curl -s "http://127.0.0.1:$ADMIN_PORT/metrics" | awk '
+      /^llm_ledger_transactions_total / { t = $2 }
+      /^llm_ledger_records_total\{outcome="committed"\}/ { r = $2 }
+      END { if (t > 0) printf "%.1f", r / t; else printf "-" }')
+    echo "# round $round: $line  (records per batch $batch)"
     bench_stop "$TG_PID"     # SIGTERM: drains, every record is written
     # answers in the measured run = req/s x seconds; the warm-up and the
     # readiness probe add more rows, never fewer
@@ -178,13 +188,14 @@ for round in $(seq 1 "$ROUNDS"); do
 done
 
 printf '%s\n' "${results[@]}" | awk '
-  BEGIN { printf "%-10s %12s %10s %10s %8s %8s\n", "target", "req/s", "p50 ms", "p99 ms", "non-2xx", "errors" }
-  # fields: round target req/s p50 p99 non2xx errors
-  { r_rps[$1, $2] = $3; rounds[$1] = 1 }
+  BEGIN { printf "%-10s %12s %10s %10s %8s %8s %12s %12s\n", "target", "req/s", "p50 ms", "p99 ms", "non-2xx", "errors", "gw us/req", "db us/req" }
+  # fields: round target req/s p50 p99 non2xx errors gw_cpu_us db_cpu_us
+  { r_rps[$1, $2] = $3; rounds[$1] = 1; gw[$2] += $8; db[$2] += $9; nr[$2]++ }
   # the best round of each target (by req/s)
   !($2 in rps) || $3 > rps[$2] { rps[$2] = $3; p50[$2] = $4; p99[$2] = $5; n2[$2] = $6; er[$2] = $7; if (!($2 in seen)) { order[++n] = $2; seen[$2] = 1 } }
   END {
-    for (i = 1; i <= n; i++) { t = order[i]; printf "%-10s %12d %10.2f %10.2f %8d %8d\n", t, rps[t], p50[t], p99[t], n2[t], er[t] }
+    # CPU per answer: the mean over the rounds
+    for (i = 1; i <= n; i++) { t = order[i]; printf "%-10s %12d %10.2f %10.2f %8d %8d %12.1f %12.1f\n", t, rps[t], p50[t], p99[t], n2[t], er[t], gw[t] / nr[t], db[t] / nr[t] }
     if (rps["off"] > 0 && p99["off"] > 0) {
       for (i = 1; i <= n; i++) {
         t = order[i]
@@ -197,6 +208,7 @@ printf '%s\n' "${results[@]}" | awk '
         med = (k % 2) ? v[(k + 1) / 2] : (v[k / 2] + v[k / 2 + 1]) / 2
         r = rps[t] / rps["off"]
         printf "%s/off: req/s %.3f (best of each), %.3f (median of %d rounds)  p99 %.2f  (target req/s >= 0.90: %s)\n", t, r, med, k, p99[t] / p99["off"], (med >= 0.90) ? "met" : "NOT met"
+        printf "%s: the ledger costs %.1f us of gateway CPU and %.1f us of database-server CPU per answer\n", t, gw[t] / nr[t] - gw["off"] / nr["off"], db[t] / nr[t]
         delete v
       }
     }

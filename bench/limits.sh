@@ -147,34 +147,6 @@ EOF
   fi
 }
 
-# cpu_ticks PID: user + system clock ticks the process has used (0 if gone)
-cpu_ticks() {
-  [ -n "$1" ] && [ -r "/proc/$1/stat" ] || { echo 0; return; }
-  # fields 14 and 15, counted after the ")" that ends the command name
-  sed 's/^.*) //' "/proc/$1/stat" | awk '{ print $12 + $13 }'
-}
-
-# run_wrk_cpu NAME URL: run_wrk's warm-up and measured run, with the CPU
-# time of the gateway and redis-server during the measured run; prints
-# run_wrk's line plus "gw_us_per_req redis_us_per_req".
-run_wrk_cpu() {
-  local name=$1 url=$2 line g0 r0 g1 r1 hz
-  hz=$(getconf CLK_TCK)
-  wrk -t "$WRK_THREADS" -c "$CONNECTIONS" -d "$WARMUP" -s "$LUA" "$url/v1/chat/completions" \
-    >/dev/null 2>&1 || true
-  g0=$(cpu_ticks "$TG_PID")
-  r0=$(cpu_ticks "$REDIS_PID")
-  line=$(wrk -t "$WRK_THREADS" -c "$CONNECTIONS" -d "$DURATION" -s "$LUA" \
-    "$url/v1/chat/completions" 2>&1 | grep '^TGBENCH ' || true)
-  g1=$(cpu_ticks "$TG_PID")
-  r1=$(cpu_ticks "$REDIS_PID")
-  [ -n "$line" ] || { echo "$BENCH_NAME: wrk against $name printed no result" >&2; return 1; }
-  echo "$line" | awk -v n="$name" -v g=$((g1 - g0)) -v r=$((r1 - r0)) -v hz="$hz" '{
-    reqs = $2 > 0 ? $2 : 1
-    printf "%s %.0f %.3f %.3f %d %d %.1f %.1f\n", n, $2 / ($3 / 1e6), $4 / 1000, $5 / 1000, $6, $7,
-      g * 1e6 / hz / reqs, r * 1e6 / hz / reqs }'
-}
-
 echo "# tollgate tenant-limits benchmark"
 machine_header
 echo "# load: wrk -t $WRK_THREADS -c $CONNECTIONS -d $DURATION, POST /v1/chat/completions (16 tokens), tollgate workers $WORKERS, sim workers $SIM_WORKERS, rounds $ROUNDS"
@@ -188,7 +160,7 @@ for round in $(seq 1 "$ROUNDS"); do
     want "$mode" || continue
     start_tollgate "$mode"
     export TG_BENCH_KEY="$KEY"
-    line=$(run_wrk_cpu "$mode" "http://127.0.0.1:$TG_PORT") || exit 1
+    line=$(run_wrk_cpu "$mode" "http://127.0.0.1:$TG_PORT" "$TG_PID" "$REDIS_PID") || exit 1
     results+=("$line")
     if [ "$mode" = redis ]; then cpu="redis-server $(echo "$line" | awk '{ print $8 }') us/req"; else cpu=""; fi
     echo "# round $round: $line  (gateway CPU $(echo "$line" | awk '{ print $7 }') us/req${cpu:+, $cpu})"

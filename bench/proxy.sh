@@ -206,16 +206,6 @@ done
 
 export TG_BENCH_MODEL="$MODEL"
 
-# cpu_ticks PID: user + system clock ticks of PID and its child processes
-# (nginx's workers), all threads included
-cpu_ticks() {
-  local p t=0 v
-  for p in "$1" $(pgrep -P "$1" 2>/dev/null || true); do
-    v=$(sed 's/.*) //' "/proc/$p/stat" 2>/dev/null | awk '{ print $12 + $13 }') || v=0
-    t=$((t + ${v:-0}))
-  done
-  echo "$t"
-}
 CLK_TCK=$(getconf CLK_TCK)
 
 # run_wrk NAME: prints "NAME req/s p50_ms p99_ms non2xx errors cpu_us_per_req"

@@ -90,6 +90,46 @@ run_wrk() {
   echo "$line" | awk -v n="$name" '{ printf "%s %.0f %.3f %.3f %d %d\n", n, $2 / ($3 / 1e6), $4 / 1000, $5 / 1000, $6, $7 }'
 }
 
+# cpu_ticks PID...: user + system clock ticks used by these processes and
+# their child processes (nginx's workers, PostgreSQL's backends), all threads
+# included; a process that is gone counts 0
+cpu_ticks() {
+  local p t=0 v
+  for p in "$@" $(for q in "$@"; do pgrep -P "$q" 2>/dev/null || true; done); do
+    [ -n "$p" ] || continue
+    v=$(sed 's/.*) //' "/proc/$p/stat" 2>/dev/null | awk '{ print $12 + $13 }') || v=0
+    t=$((t + ${v:-0}))
+  done
+  echo "$t"
+}
+
+# run_wrk_cpu NAME URL "GW_PIDS" "SERVER_PIDS": run_wrk, plus the CPU time
+# per answer that the gateway's processes and a server's (Redis, PostgreSQL;
+# may be "") spent during the measured run. Prints run_wrk's line plus
+# "gw_us_per_req server_us_per_req". CPU per answer does not move with what
+# else runs on a shared machine the way req/s does.
+run_wrk_cpu() {
+  local name=$1 url=$2 gw=$3 srv=$4 line g0 s0 g1 s1 hz
+  hz=$(getconf CLK_TCK)
+  wrk -t "$WRK_THREADS" -c "$CONNECTIONS" -d "$WARMUP" -s "$LUA" "$url/v1/chat/completions" \
+    >/dev/null 2>&1 || true
+  # shellcheck disable=SC2086  # lists of pids
+  g0=$(cpu_ticks $gw)
+  # shellcheck disable=SC2086
+  s0=$(cpu_ticks $srv)
+  line=$(wrk -t "$WRK_THREADS" -c "$CONNECTIONS" -d "$DURATION" -s "$LUA" \
+    "$url/v1/chat/completions" 2>&1 | grep '^TGBENCH ' || true)
+  # shellcheck disable=SC2086
+  g1=$(cpu_ticks $gw)
+  # shellcheck disable=SC2086
+  s1=$(cpu_ticks $srv)
+  [ -n "$line" ] || { echo "$BENCH_NAME: wrk against $name printed no result" >&2; return 1; }
+  echo "$line" | awk -v n="$name" -v g=$((g1 - g0)) -v s=$((s1 - s0)) -v hz="$hz" '{
+    reqs = $2 > 0 ? $2 : 1
+    printf "%s %.0f %.3f %.3f %d %d %.1f %.1f\n", n, $2 / ($3 / 1e6), $4 / 1000, $5 / 1000, $6, $7,
+      g * 1e6 / hz / reqs, s * 1e6 / hz / reqs }'
+}
+
 # warn_if_sanitized BUILD_DIR
 warn_if_sanitized() {
   if [ -f "$1/CMakeCache.txt" ] && grep -q '^TG_SANITIZE:BOOL=ON' "$1/CMakeCache.txt"; then

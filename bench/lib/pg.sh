@@ -9,6 +9,7 @@
 #   pg_start                 starts it; sets PG_URL (postgres://...) and PG_PORT
 #   pg_new_database NAME     creates an empty database; prints its URL
 #   pg_sql DB STATEMENT      runs one statement, prints the rows (unaligned)
+#   pg_server_pid            the postmaster's pid
 #
 # The server stops and its directory goes when the script ends: the exit
 # trap's kill of the recorded pid runs pgtest.sh's own clean-up, and the
@@ -39,6 +40,12 @@ pg_start() {
 
 pg_sql() {
   "$PSQL" -X -q -A -t -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$PG_PORT" -U postgres -d "$1" -c "$2"
+}
+
+# pg_server_pid: the postmaster's pid (its children are the backends and
+# the WAL writer, so cpu_ticks of it counts the whole server)
+pg_server_pid() {
+  head -1 "$(pg_sql tollgate_test 'SHOW data_directory')/postmaster.pid"
 }
 
 pg_new_database() {

@@ -274,6 +274,23 @@ static void metrics(tg_worker_t *w, tg_http_req_t *req, const char *rid) {
                      "# TYPE llm_ledger_spool_bytes gauge\nllm_ledger_spool_bytes %lld\n",
                  app->ledger ? tg_ledger_backlog(app->ledger) : (size_t)0,
                  app->ledger ? (long long)tg_ledger_spool_bytes(app->ledger) : 0LL);
+  {
+    tg_ledger_stats_t ls = {0};
+    if (app->ledger != NULL)
+      tg_ledger_stats(app->ledger, &ls);
+    tg_mbuf_printf(&b, "# HELP llm_ledger_transactions_total Batches of usage records committed to the database.\n"
+                       "# TYPE llm_ledger_transactions_total counter\nllm_ledger_transactions_total %llu\n"
+                       "# HELP llm_ledger_records_total Usage records by what became of them.\n"
+                       "# TYPE llm_ledger_records_total counter\n"
+                       "llm_ledger_records_total{outcome=\"committed\"} %llu\n"
+                       "llm_ledger_records_total{outcome=\"spooled\"} %llu\n"
+                       "llm_ledger_records_total{outcome=\"replayed\"} %llu\n"
+                       "llm_ledger_records_total{outcome=\"refused\"} %llu\n"
+                       "llm_ledger_records_total{outcome=\"lost\"} %llu\n",
+                   (unsigned long long)ls.transactions, (unsigned long long)ls.committed,
+                   (unsigned long long)ls.spooled, (unsigned long long)ls.replayed,
+                   (unsigned long long)ls.refused, (unsigned long long)ls.lost);
+  }
   if (b.err) {
     free(b.s);
     tg_api_error(req, 500, "server_error", "internal_error", rid, NULL, "metrics too large");

@@ -1145,6 +1145,21 @@ int tg_ledger_purge(tg_ledger_db_t *d, const char *tenant, int64_t before_ms,
     return TG_EINVAL;
   if (before_ms > floor_ms)
     before_ms = floor_ms;
+  if (tenant == NULL) {
+    /* Tenant by tenant, through the (tenant, ts_ms) index. */
+    tg_spend_row_t *t = NULL;
+    size_t n = 0;
+    int64_t total = 0, k = 0;
+    int rc = d->be->tenants_before(d->conn, before_ms, &t, &n);
+    for (size_t i = 0; rc == 0 && i < n; i++) {
+      rc = d->be->purge(d->conn, t[i].tenant, before_ms, &k);
+      total += k;
+    }
+    free(t);
+    if (deleted != NULL)
+      *deleted = total;
+    return rc;
+  }
   return d->be->purge(d->conn, tenant, before_ms, deleted);
 }
 

@@ -55,9 +55,9 @@ typedef struct {
                         size_t *n);
   int (*spend_by_tenant)(tg__ledger_conn_t *c, int64_t from_ms, int64_t to_ms,
                          tg_spend_row_t **rows, size_t *n);
-  /* Deletes records with ts_ms < before_ms (of tenant, or all when NULL),
-   * in chunks so the writer is not locked out for long. No policy here:
-   * ledger.c has already bounded before_ms. */
+  /* Deletes tenant's records with ts_ms < before_ms (tenant is never
+   * NULL: ledger.c walks the tenants), in chunks so the writer is not locked
+   * out for long. No policy here: ledger.c has already bounded before_ms. */
   int (*purge)(tg__ledger_conn_t *c, const char *tenant, int64_t before_ms,
                int64_t *deleted);
   int (*count)(tg__ledger_conn_t *c, const char *tenant, int64_t *n);

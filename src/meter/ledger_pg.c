@@ -804,13 +804,24 @@ static int fill_spend(const PGresult *r, void *out) {
   return 0;
 }
 
+/* The tenants with records, one index seek each on (tenant, ts_ms): the
+ * queries over every tenant go through it, there being no index on ts_ms
+ * alone (migration 4), so none of them reads the whole table. */
+#define TENANTS_CTE                                                           \
+  "WITH RECURSIVE t(tenant) AS (SELECT MIN(tenant) FROM ledger UNION ALL"     \
+  " SELECT (SELECT MIN(l.tenant) FROM ledger l WHERE l.tenant > t.tenant)"    \
+  " FROM t WHERE t.tenant IS NOT NULL)"
+
 static int pg_spend_by_tenant(tg__ledger_conn_t *c, int64_t from_ms,
                               int64_t to_ms, tg_spend_row_t **rows,
                               size_t *n) {
   static const char sql[] =
-      "SELECT tenant, SUM(cost_nano)::bigint FROM ledger"
-      " WHERE ts_ms >= $1::bigint AND ts_ms < $2::bigint"
-      " GROUP BY tenant ORDER BY tenant COLLATE \"C\"" LIMIT_ROWS;
+      TENANTS_CTE
+      ", v AS MATERIALIZED (SELECT tenant, (SELECT SUM(cost_nano)::bigint"
+      " FROM ledger l WHERE l.tenant = t.tenant AND l.ts_ms >= $1::bigint"
+      " AND l.ts_ms < $2::bigint) AS s FROM t WHERE tenant IS NOT NULL)"
+      " SELECT tenant, s FROM v WHERE s IS NOT NULL ORDER BY tenant COLLATE \"C\""
+      LIMIT_ROWS;
   return range_query(c, sql, "spend query", NULL, from_ms, to_ms, fill_spend,
                      (void **)rows, n);
 }
@@ -818,8 +829,10 @@ static int pg_spend_by_tenant(tg__ledger_conn_t *c, int64_t from_ms,
 static int pg_tenants_before(tg__ledger_conn_t *c, int64_t before_ms,
                              tg_spend_row_t **rows, size_t *n) {
   static const char sql[] =
-      "SELECT DISTINCT tenant COLLATE \"C\" AS t FROM ledger"
-      " WHERE ts_ms < $1::bigint ORDER BY t" LIMIT_ROWS;
+      TENANTS_CTE
+      " SELECT tenant FROM t WHERE tenant IS NOT NULL AND (SELECT MIN(ts_ms)"
+      " FROM ledger l WHERE l.tenant = t.tenant) < $1::bigint"
+      " ORDER BY tenant COLLATE \"C\"" LIMIT_ROWS;
   char before[24];
   const char *params[1] = {before};
   rows_t o = {0};
@@ -866,10 +879,7 @@ typedef struct {
 static int purge_op(tg__ledger_conn_t *c, void *arg) {
   /* By request id in chunks, each its own transaction: one DELETE of a
    * year's rows would hold its locks and its WAL for long. */
-  static const char sql_all[] =
-      "DELETE FROM ledger WHERE request_id IN (SELECT request_id FROM ledger"
-      " WHERE ts_ms < $1::bigint LIMIT $2::integer)";
-  static const char sql_tenant[] =
+  static const char sql[] =
       "DELETE FROM ledger WHERE request_id IN (SELECT request_id FROM ledger"
       " WHERE ts_ms < $1::bigint AND tenant = $3 LIMIT $2::integer)";
   purge_t *p = arg;
@@ -877,8 +887,7 @@ static int purge_op(tg__ledger_conn_t *c, void *arg) {
   int64_t ch;
 
   do {
-    PGresult *r = PQexecParams(c->pg, p->tenant ? sql_tenant : sql_all,
-                               p->tenant ? 3 : 2, NULL, params, NULL, NULL, 0);
+    PGresult *r = PQexecParams(c->pg, sql, 3, NULL, params, NULL, NULL, 0);
     char *end = NULL;
     if (PQresultStatus(r) != PGRES_COMMAND_OK)
       return stmt_error(c, r, "purge");

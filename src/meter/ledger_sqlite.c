@@ -15,6 +15,7 @@
 #include "meter/ledger_backend.h"
 
 #include <limits.h>
+#include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -25,10 +26,35 @@
 #include "core/err.h"
 #include "meter/db_sqlite.h"
 
+/* The writer's checkpointer. SQLite's automatic checkpoint runs inside the
+ * COMMIT that grows the WAL past its threshold, with two fsyncs: every few
+ * hundred batches, one batch (and every response waiting on it) would wait
+ * for the disk. Instead the writer's connection has no automatic
+ * checkpoint; its WAL hook wakes this thread, which checkpoints PASSIVE on
+ * its own connection: it copies committed pages into the database file
+ * while the writer goes on committing, and never takes the write lock. When
+ * a checkpoint has caught up, the writer's next transaction starts the WAL
+ * over, so the file stays about CKPT_FRAMES pages long. That needs the
+ * writer to pause now and then (it does, between batches, while records
+ * linger); when batches follow each other without a break the thread never
+ * catches up, and at CKPT_FRAMES_INLINE the writer checkpoints itself, as
+ * SQLite would have, which completes and lets the WAL start over. */
+#define CKPT_FRAMES 1000
+#define CKPT_FRAMES_INLINE (4 * CKPT_FRAMES)
+
+typedef struct {
+  sqlite3 *db;            /* the checkpointer's own connection */
+  pthread_t thread;
+  pthread_mutex_t mu;
+  pthread_cond_t cond;
+  int want, stop;
+} ckpt_t;
+
 struct tg__ledger_conn_s {
   sqlite3 *db;
   sqlite3_stmt *insert;   /* prepared once, for the writer */
   int busy_ms;            /* the connection's lock wait, restored after a probe */
+  ckpt_t *ck;             /* the writer's checkpointer, or NULL */
   char err[256];          /* the last write failure, for the writer's log */
 };
 
@@ -70,9 +96,95 @@ static int step_error(sqlite3 *db) {
   return fail(db, "query");
 }
 
+static void *ckpt_main(void *arg) {
+  ckpt_t *k = arg;
+
+  pthread_mutex_lock(&k->mu);
+  for (;;) {
+    while (!k->want && !k->stop)
+      pthread_cond_wait(&k->cond, &k->mu);
+    if (k->stop)
+      break;
+    k->want = 0;
+    pthread_mutex_unlock(&k->mu);
+    /* PASSIVE neither waits for nor blocks the writer; a failure (a busy
+     * database) is retried at the next wake-up. */
+    sqlite3_wal_checkpoint_v2(k->db, NULL, SQLITE_CHECKPOINT_PASSIVE, NULL, NULL);
+    pthread_mutex_lock(&k->mu);
+  }
+  pthread_mutex_unlock(&k->mu);
+  return NULL;
+}
+
+/* The writer connection's WAL hook: after each commit, with the WAL's
+ * length in pages. */
+static int on_wal_commit(void *arg, sqlite3 *db, const char *name, int frames) {
+  ckpt_t *k = arg;
+
+  if (frames >= CKPT_FRAMES_INLINE) {
+    sqlite3_wal_checkpoint_v2(db, name, SQLITE_CHECKPOINT_PASSIVE, NULL, NULL);
+    return SQLITE_OK;
+  }
+  if (frames >= CKPT_FRAMES) {
+    pthread_mutex_lock(&k->mu);
+    if (!k->want) {
+      k->want = 1;
+      pthread_cond_signal(&k->cond);
+    }
+    pthread_mutex_unlock(&k->mu);
+  }
+  return SQLITE_OK;
+}
+
+static void ckpt_stop(ckpt_t *k) {
+  if (k == NULL)
+    return;
+  pthread_mutex_lock(&k->mu);
+  k->stop = 1;
+  pthread_cond_signal(&k->cond);
+  pthread_mutex_unlock(&k->mu);
+  pthread_join(k->thread, NULL);
+  pthread_cond_destroy(&k->cond);
+  pthread_mutex_destroy(&k->mu);
+  sqlite3_close(k->db);
+  free(k);
+}
+
+/* Starts the checkpointer of the writer's connection c and hands it the WAL
+ * hook. Returns 0, or an error (c then keeps SQLite's own checkpoints). */
+static int ckpt_start(tg__ledger_conn_t *c, const char *data_dir) {
+  ckpt_t *k = calloc(1, sizeof(*k));
+  int rc;
+
+  if (k == NULL)
+    return TG_ENOMEM;
+  if ((rc = tg_db_sqlite_open(&k->db, data_dir)) != 0) {
+    free(k);
+    return rc;
+  }
+  /* NORMAL: a checkpoint syncs the WAL before copying and the database
+   * file after, so it never leaves a page only in a file it may reset. */
+  sqlite3_exec(k->db, "PRAGMA synchronous=NORMAL", NULL, NULL, NULL);
+  pthread_mutex_init(&k->mu, NULL);
+  pthread_cond_init(&k->cond, NULL);
+  if (pthread_create(&k->thread, NULL, ckpt_main, k) != 0) {
+    pthread_cond_destroy(&k->cond);
+    pthread_mutex_destroy(&k->mu);
+    sqlite3_close(k->db);
+    free(k);
+    return TG_ENOMEM;
+  }
+  c->ck = k;
+  sqlite3_wal_hook(c->db, on_wal_commit, k);   /* replaces the automatic checkpoint */
+  return 0;
+}
+
 static void sq_close(tg__ledger_conn_t *c) {
   if (c == NULL)
     return;
+  if (c->ck != NULL)
+    sqlite3_wal_hook(c->db, NULL, NULL);
+  ckpt_stop(c->ck);
   sqlite3_finalize(c->insert);
   sqlite3_close(c->db);
   free(c);
@@ -115,6 +227,9 @@ static int sq_open(const char *database, const char *data_dir,
     fail(c->db, "cannot prepare the insert");
     goto out;
   }
+  if (o != NULL && o->writer && ckpt_start(c, data_dir) != 0)
+    fprintf(stderr, "tollgate: ledger: no checkpoint thread; SQLite "
+            "checkpoints inside commits\n");
   rc = 0;
 out:
   if (rc != 0) {
@@ -294,6 +409,14 @@ static int sq_usage_by_model(tg__ledger_conn_t *c, const char *tenant,
                      usage_row, sizeof(tg_usage_row_t), (void **)rows, n);
 }
 
+/* The tenants with records, one index seek each on (tenant, ts_ms): the
+ * queries over every tenant go through it, there being no index on ts_ms
+ * alone (migration 4), so none of them reads the whole table. */
+#define TENANTS_CTE                                                         \
+  "WITH RECURSIVE t(tenant) AS (SELECT MIN(tenant) FROM ledger UNION ALL"   \
+  " SELECT (SELECT MIN(tenant) FROM ledger WHERE tenant > t.tenant) FROM t" \
+  " WHERE t.tenant IS NOT NULL)"
+
 static void spend_row(sqlite3_stmt *st, void *slot) {
   tg_spend_row_t *r = slot;
   copy_col(r->tenant, sizeof(r->tenant), st, 0);
@@ -303,8 +426,11 @@ static void spend_row(sqlite3_stmt *st, void *slot) {
 static int sq_spend_by_tenant(tg__ledger_conn_t *c, int64_t from_ms,
                               int64_t to_ms, tg_spend_row_t **rows, size_t *n) {
   static const char sql[] =
-      "SELECT tenant, SUM(cost_nano) FROM ledger WHERE ts_ms >= ?1"
-      " AND ts_ms < ?2 GROUP BY tenant ORDER BY tenant";
+      TENANTS_CTE
+      ", v AS MATERIALIZED (SELECT tenant, (SELECT SUM(cost_nano) FROM ledger l"
+      " WHERE l.tenant = t.tenant AND l.ts_ms >= ?1 AND l.ts_ms < ?2) AS s"
+      " FROM t WHERE tenant IS NOT NULL)"
+      " SELECT tenant, s FROM v WHERE s IS NOT NULL ORDER BY tenant";
   return range_query(c, sql, "cannot prepare the spend query", NULL, from_ms, to_ms,
                      spend_row, sizeof(tg_spend_row_t), (void **)rows, n);
 }
@@ -314,24 +440,19 @@ static int sq_purge(tg__ledger_conn_t *c, const char *tenant, int64_t before_ms,
   /* By rowid in chunks, each its own transaction: one DELETE of a year's
    * rows would hold the write lock long enough to push the writer's
    * batches into the spool. */
-  static const char sql_all[] =
-      "DELETE FROM ledger WHERE rowid IN (SELECT rowid FROM ledger"
-      " WHERE ts_ms < ?1 LIMIT ?3)";
-  static const char sql_tenant[] =
+  static const char sql[] =
       "DELETE FROM ledger WHERE rowid IN (SELECT rowid FROM ledger"
       " WHERE tenant = ?2 AND ts_ms < ?1 LIMIT ?3)";
   sqlite3_stmt *st = NULL;
   int64_t total = 0;
   int rc = TG_EDB, ch;
 
-  if (sqlite3_prepare_v2(c->db, tenant ? sql_tenant : sql_all, -1, &st,
-                         NULL) != SQLITE_OK) {
+  if (sqlite3_prepare_v2(c->db, sql, -1, &st, NULL) != SQLITE_OK) {
     fail(c->db, "cannot prepare the purge");
     goto out;
   }
   sqlite3_bind_int64(st, 1, before_ms);
-  if (tenant != NULL)
-    sqlite3_bind_text(st, 2, tenant, -1, SQLITE_STATIC);
+  sqlite3_bind_text(st, 2, tenant, -1, SQLITE_STATIC);
   sqlite3_bind_int(st, 3, PURGE_CHUNK);
   do {
     sqlite3_reset(st);
@@ -378,7 +499,9 @@ out:
 static int sq_tenants_before(tg__ledger_conn_t *c, int64_t before_ms,
                              tg_spend_row_t **rows, size_t *n) {
   static const char sql[] =
-      "SELECT DISTINCT tenant FROM ledger WHERE ts_ms < ?1 ORDER BY tenant";
+      TENANTS_CTE
+      " SELECT tenant FROM t WHERE tenant IS NOT NULL AND (SELECT MIN(ts_ms)"
+      " FROM ledger l WHERE l.tenant = t.tenant) < ?1 ORDER BY tenant";
   sqlite3_stmt *st = NULL;
   tg_spend_row_t *v = NULL;
   size_t cap = 0, cnt = 0;

@@ -67,6 +67,8 @@ METRICS = {
     "llm_upstream_errors_total": ("counter", ("pool", "endpoint", "kind")),
     "llm_ledger_backlog": ("gauge", ()),
     "llm_ledger_spool_bytes": ("gauge", ()),
+    "llm_ledger_transactions_total": ("counter", ()),
+    "llm_ledger_records_total": ("counter", ("outcome",)),
     "llm_config_reloads_total": ("counter", ()),
     "llm_config_reload_failures_total": ("counter", ()),
     "llm_budget_threshold_events_total": ("counter", ("tenant", "window")),
@@ -568,6 +570,9 @@ def exposition(n):
     family("llm_upstream_errors_total", "counter", [((p8, e2, ("kind", "connect")), 2 * n)])
     family("llm_ledger_backlog", "gauge", [((), 7)])
     family("llm_ledger_spool_bytes", "gauge", [((), 0)])
+    family("llm_ledger_transactions_total", "counter", [((), 40 * n)])
+    family("llm_ledger_records_total", "counter", [((("outcome", "committed"),), 1500 * n),
+                                                    ((("outcome", "lost"),), 0)])
     family("llm_config_reloads_total", "counter", [((), n // 2)])
     family("llm_config_reload_failures_total", "counter", [((), 1 if n >= 3 else 0)])
     family("llm_budget_threshold_events_total", "counter", [((acme, ("window", "day")), 1)])

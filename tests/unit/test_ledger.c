@@ -1150,6 +1150,48 @@ static void test_sum_overflow_is_refused(void **state) {
   tg_ledger_db_close(d);
 }
 
+/* The writer's connection leaves checkpoints to a thread of its own (no
+ * fsync inside a batch's commit). Under a steady stream of batches with
+ * short pauses between them (the writer's linger) the WAL must still be
+ * copied into the database file and started over, so it stays near the
+ * checkpoint threshold (1,000 pages) instead of growing with every record
+ * or reaching the writer's own fallback (4,000), and every record stays
+ * readable from another connection while the writer runs. */
+static void test_wal_stays_bounded(void **state) {
+  tmp_t *t = *state;
+  const tg__ledger_backend_t *be = &tg__ledger_backend_sqlite;
+  tg__ledger_conn_opts_t wo = {.busy_timeout_ms = 1000, .writer = 1};
+  tg__ledger_conn_t *w = NULL;
+  enum { BATCHES = 2500, PER = 12 };
+  static tg_ledger_rec_t recs[PER];
+  const tg_ledger_rec_t *ptrs[PER];
+  char path[160], id[40];
+  struct stat st;
+
+  assert_int_equal(be->open("sqlite", t->dir, &wo, &w), 0);
+  for (int b = 0; b < BATCHES; b++) {
+    for (int i = 0; i < PER; i++) {
+      snprintf(id, sizeof(id), "wal-%06d-%02d", b, i);
+      make_rec(&recs[i], id, i % 2 ? "acme" : "globex", "llama-3.1-8b",
+               T0 + b, 10, 20, 30);
+      ptrs[i] = &recs[i];
+    }
+    assert_int_equal(be->insert_batch(w, ptrs, PER), 0);
+    sleep_ms(1);
+  }
+  assert_int_equal(count_rows(t->dir, NULL), BATCHES * PER);
+  /* 30,000 records took about 12,000 WAL pages (48 MB) to write */
+  snprintf(path, sizeof(path), "%s/%s-wal", t->dir, TG_DB_SQLITE_FILE);
+  assert_int_equal(stat(path, &st), 0);
+  fprintf(stderr, "# WAL file: %lld pages\n", (long long)st.st_size / 4120);
+  assert_true(st.st_size < (off_t)2500 * 4120);
+  /* and the database file itself got the pages */
+  snprintf(path, sizeof(path), "%s/%s", t->dir, TG_DB_SQLITE_FILE);
+  assert_int_equal(stat(path, &st), 0);
+  assert_true(st.st_size > (off_t)1000 * 4096);
+  be->close(w);
+}
+
 static void test_retention_cutoff_and_open_errors(void **state) {
   tmp_t *t = *state;
   tg_ledger_t *l = (tg_ledger_t *)1;
@@ -1208,6 +1250,8 @@ int main(void) {
                                     tmp_teardown),
     cmocka_unit_test_setup_teardown(test_retention_cutoff_and_open_errors,
                                     tmp_setup, tmp_teardown),
+    cmocka_unit_test_setup_teardown(test_wal_stays_bounded, tmp_setup,
+                                    tmp_teardown),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

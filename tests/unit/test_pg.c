@@ -300,17 +300,17 @@ static void test_migrations(void **state) {
   int latest = tg_db_pg_schema_version();
 
   (void)state;
-  assert_int_equal(latest, 3);
+  assert_int_equal(latest, 4);
   /* Opening twice applies nothing twice. */
   for (int round = 0; round < 2; round++) {
     assert_int_equal(tg_db_pg_open(srv.url, NULL, &c), 0);
     PQfinish(c);
   }
   s = sql_conn(srv.url);
-  assert_int_equal(sql_int(s, "SELECT COUNT(*) FROM schema_migrations"), 3);
-  assert_int_equal(sql_int(s, "SELECT MAX(version) FROM schema_migrations"), 3);
+  assert_int_equal(sql_int(s, "SELECT COUNT(*) FROM schema_migrations"), 4);
+  assert_int_equal(sql_int(s, "SELECT MAX(version) FROM schema_migrations"), 4);
   assert_int_equal(sql_int(s, "SELECT COUNT(*) FROM schema_migrations"
-                              " WHERE applied_at > 1600000000"), 3);
+                              " WHERE applied_at > 1600000000"), 4);
   /* The SQLite columns, in exact PostgreSQL types. */
   {
     PGresult *r = PQexec(s, "SELECT string_agg(column_name || ':' ||"
@@ -336,9 +336,12 @@ static void test_migrations(void **state) {
     PQclear(r);
   }
   assert_int_equal(sql_int(s, "SELECT COUNT(*) FROM pg_indexes WHERE"
-                              " indexname IN ('ledger_tenant_ts', 'ledger_ts',"
+                              " indexname IN ('ledger_tenant_ts',"
                               " 'api_keys_tenant', 'tenant_spend_pkey',"
-                              " 'ledger_pkey', 'api_keys_pkey')"), 6);
+                              " 'ledger_pkey', 'api_keys_pkey')"), 5);
+  /* migration 4 dropped it: every record paid an insert into it */
+  assert_int_equal(sql_int(s, "SELECT COUNT(*) FROM pg_indexes WHERE"
+                              " indexname = 'ledger_ts'"), 0);
 
   /* Replicas starting together on a fresh database: every one succeeds,
    * each migration is recorded once. */
@@ -355,7 +358,7 @@ static void test_migrations(void **state) {
   }
   pthread_barrier_destroy(&go);
   c = sql_conn(url);
-  assert_int_equal(sql_int(c, "SELECT COUNT(*) FROM schema_migrations"), 3);
+  assert_int_equal(sql_int(c, "SELECT COUNT(*) FROM schema_migrations"), 4);
   assert_int_equal(sql_int(c, "SELECT version FROM api_keys_changes"), 0);
 
   /* A schema written by a newer binary is refused, not half-used. */
@@ -567,8 +570,18 @@ static void test_ledger_exact(void **state) {
   sp = NULL;
   assert_int_equal(be->purge(q, "acme", T0, &deleted), 0);
   assert_int_equal(deleted, 1);
-  assert_int_equal(be->purge(q, NULL, T0 + 100 + 1000, &deleted), 0);
-  assert_int_equal(deleted, 7 + 1000);
+  /* every tenant, one at a time, as tg_ledger_purge(NULL) does */
+  assert_int_equal(be->tenants_before(q, T0 + 100 + 1000, &sp, &n), 0);
+  {
+    int64_t all = 0;
+    for (size_t i = 0; i < n; i++) {
+      assert_int_equal(be->purge(q, sp[i].tenant, T0 + 100 + 1000, &deleted), 0);
+      all += deleted;
+    }
+    assert_int_equal(all, 7 + 1000);
+  }
+  free(sp);
+  sp = NULL;
   assert_int_equal(count(q, NULL), BULK - 1000 + 1);
 
   PQfinish(s);
