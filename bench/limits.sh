@@ -23,8 +23,9 @@
 # workers), WRK_THREADS (1), SIM_WORKERS (1), WARMUP (2s, per run, not
 # measured), TARGETS ("off memory redis": a subset runs only those), ROUNDS
 # (1: each round measures every target once, in order; the best req/s of
-# each target is reported), REDIS_SERVER (/usr/bin/redis-server), KEEP=1
-# keeps the temp dir.
+# each target is reported), REDIS_SERVER (/usr/bin/redis-server),
+# REDIS_ARGS (more redis-server options, e.g. "--zset-max-listpack-entries
+# 0"), KEEP=1 keeps the temp dir.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -74,8 +75,9 @@ REDIS_PID=""
 if want redis; then
   REDIS_PORT=$(free_port)
   mkdir -p "$tmp/redis"
+  read -ra redis_args <<<"${REDIS_ARGS:-}"
   "$REDIS_SERVER" --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no \
-    --dir "$tmp/redis" --daemonize no --logfile '' >"$tmp/redis/redis.log" 2>&1 &
+    --dir "$tmp/redis" --daemonize no --logfile '' "${redis_args[@]}" >"$tmp/redis/redis.log" 2>&1 &
   REDIS_PID=$!
   pids+=($!)
   n=100

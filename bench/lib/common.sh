@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Helpers shared by the bench/*.sh scripts (sourced, not run). They expect
 # `set -euo pipefail` in the caller and use these variables when set:
 #   DURATION, CONNECTIONS, WRK_THREADS, WARMUP   wrk settings
