@@ -30,6 +30,7 @@
 #include "api/api.h"
 #include "api/sse.h"
 #include "core/err.h"
+#include "core/strbuf.h"
 #include "obs/accesslog.h"
 #include "meter/ledger.h"
 #include "policy/state.h"
@@ -120,8 +121,12 @@ static uint64_t now_ns(void) {
 }
 
 void tg_api_request_id(tg_worker_t *w, char *buf, size_t size) {
-  snprintf(buf, size, "req_%s%02x%010llx", w->app->id_prefix, (unsigned)(w->id & 0xff),
-           (unsigned long long)++w->seq);
+  tg_sb_t b;
+  tg_sb_init(&b, buf, size);
+  tg_sb_lit(&b, "req_");
+  tg_sb_puts(&b, w->app->id_prefix);
+  tg_sb_puthex(&b, (unsigned)(w->id & 0xff), 2);
+  tg_sb_puthex(&b, ++w->seq, 10);
 }
 
 static void call_link(tg_call_t *c) {
@@ -281,13 +286,18 @@ enum { FIN_RESPOND, FIN_END_STREAM, FIN_ERROR, FIN_ABORT };
 static void call_fin(tg_call_t *c) {
   static const char done[] = "data: [DONE]\n\n";
   char hdr[640];
+  tg_sb_t b;
 
   call_settle(c);
 
   switch (c->fin) {
   case FIN_RESPOND:
-    snprintf(hdr, sizeof(hdr), "x-request-id: %s\r\n%s", c->request_id,
-             c->status < 300 ? c->rl_headers : "");
+    tg_sb_init(&b, hdr, sizeof(hdr));
+    tg_sb_lit(&b, "x-request-id: ");
+    tg_sb_puts(&b, c->request_id);
+    tg_sb_lit(&b, "\r\n");
+    if (c->status < 300)
+      tg_sb_puts(&b, c->rl_headers);
     tg_http_respond(c->req, c->status, "application/json", hdr, c->resp ? c->resp : "",
                     c->resp_len);
     break;
@@ -496,8 +506,12 @@ static int on_up_data(tg_xfer_t *x, const char *data, size_t len, void *arg) {
   if (c->relayed && tg_http_congested(c->req))
     return TG_XFER_PAUSE;
   if (!c->relayed) {
-    snprintf(hdr, sizeof(hdr), "x-request-id: %s\r\nCache-Control: no-cache\r\n%s",
-             c->request_id, c->rl_headers);
+    tg_sb_t b;
+    tg_sb_init(&b, hdr, sizeof(hdr));
+    tg_sb_lit(&b, "x-request-id: ");
+    tg_sb_puts(&b, c->request_id);
+    tg_sb_lit(&b, "\r\nCache-Control: no-cache\r\n");
+    tg_sb_puts(&b, c->rl_headers);
     if (tg_http_begin(c->req, 200, "text/event-stream", hdr) < 0)
       return -1;
     c->relayed = 1;
@@ -1187,43 +1201,51 @@ static const char *upstream_path(const char *path) {
 
 /* "850ms", "12s", "2m5s": how long until a limit frees up, in the form the
  * OpenAI API uses in x-ratelimit-reset-*. */
-static void fmt_reset(char *buf, size_t size, int64_t ms) {
+static void put_reset(tg_sb_t *b, int64_t ms) {
   int64_t s;
   if (ms < 0)
     ms = 0;
   if (ms < 1000) {
-    snprintf(buf, size, "%lldms", (long long)ms);
+    tg_sb_puti(b, ms);
+    tg_sb_lit(b, "ms");
     return;
   }
   s = (ms + 999) / 1000;
-  if (s < 60)
-    snprintf(buf, size, "%llds", (long long)s);
-  else
-    snprintf(buf, size, "%lldm%llds", (long long)(s / 60), (long long)(s % 60));
+  if (s >= 60) {
+    tg_sb_puti(b, s / 60);
+    tg_sb_lit(b, "m");
+  }
+  tg_sb_puti(b, s < 60 ? s : s % 60);
+  tg_sb_lit(b, "s");
 }
 
+/* The x-ratelimit-* headers of a successful answer (limits the tenant
+ * has; none when it has neither). Built on every admitted request. */
 static void format_rl_headers(tg_call_t *c) {
   const tg_verdict_t *v = &c->admission.v;
-  char rr[32], rt[32];
-  size_t n = 0;
-  int k;
+  tg_sb_t b;
 
-  c->rl_headers[0] = '\0';
+  tg_sb_init(&b, c->rl_headers, sizeof(c->rl_headers));
   if (v->limit_requests >= 0) {
-    fmt_reset(rr, sizeof(rr), v->reset_requests_ms);
-    k = snprintf(c->rl_headers, sizeof(c->rl_headers),
-                 "x-ratelimit-limit-requests: %lld\r\nx-ratelimit-remaining-requests: %lld\r\n"
-                 "x-ratelimit-reset-requests: %s\r\n",
-                 (long long)v->limit_requests, (long long)v->remaining_requests, rr);
-    n = k > 0 ? (size_t)k : 0;
+    tg_sb_lit(&b, "x-ratelimit-limit-requests: ");
+    tg_sb_puti(&b, v->limit_requests);
+    tg_sb_lit(&b, "\r\nx-ratelimit-remaining-requests: ");
+    tg_sb_puti(&b, v->remaining_requests);
+    tg_sb_lit(&b, "\r\nx-ratelimit-reset-requests: ");
+    put_reset(&b, v->reset_requests_ms);
+    tg_sb_lit(&b, "\r\n");
   }
-  if (v->limit_tokens >= 0 && n < sizeof(c->rl_headers)) {
-    fmt_reset(rt, sizeof(rt), v->reset_tokens_ms);
-    snprintf(c->rl_headers + n, sizeof(c->rl_headers) - n,
-             "x-ratelimit-limit-tokens: %lld\r\nx-ratelimit-remaining-tokens: %lld\r\n"
-             "x-ratelimit-reset-tokens: %s\r\n",
-             (long long)v->limit_tokens, (long long)v->remaining_tokens, rt);
+  if (v->limit_tokens >= 0) {
+    tg_sb_lit(&b, "x-ratelimit-limit-tokens: ");
+    tg_sb_puti(&b, v->limit_tokens);
+    tg_sb_lit(&b, "\r\nx-ratelimit-remaining-tokens: ");
+    tg_sb_puti(&b, v->remaining_tokens);
+    tg_sb_lit(&b, "\r\nx-ratelimit-reset-tokens: ");
+    put_reset(&b, v->reset_tokens_ms);
+    tg_sb_lit(&b, "\r\n");
   }
+  if (b.err)   /* cannot happen with int64 figures; never send half a line */
+    c->rl_headers[0] = '\0';
 }
 
 static void refuse_by_policy(tg_call_t *c) {

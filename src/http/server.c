@@ -21,6 +21,7 @@
 #include <unistd.h>
 
 #include "core/err.h"
+#include "core/strbuf.h"
 
 #define MAX_HEADERS 100
 #define READ_BUF_SIZE 65536
@@ -985,25 +986,38 @@ static int format_head(tg_http_conn_t *c, char *buf, size_t size, int status,
                        const char *ctype, const char *extra, int chunked,
                        size_t clen) {
   int keep = c->req.keep_alive && !c->srv->draining && !(chunked && c->http10);
-  int n;
-  char lenhdr[48];
+  tg_sb_t b;
 
-  if (chunked && !c->http10)
-    memcpy(lenhdr, "Transfer-Encoding: chunked\r\n", 29);
-  else if (chunked)
-    lenhdr[0] = '\0';
+  tg_sb_init(&b, buf, size);
+  tg_sb_lit(&b, "HTTP/1.");
+  tg_sb_put(&b, c->http10 ? "0 " : "1 ", 2);
+  tg_sb_puti(&b, status);
+  tg_sb_lit(&b, " ");
+  tg_sb_puts(&b, tg_http_reason(status));
+  tg_sb_lit(&b, "\r\n");
+  if (ctype) {
+    tg_sb_lit(&b, "Content-Type: ");
+    tg_sb_puts(&b, ctype);
+    tg_sb_lit(&b, "\r\n");
+  }
+  if (chunked && !c->http10) {
+    tg_sb_lit(&b, "Transfer-Encoding: chunked\r\n");
+  } else if (!chunked) {
+    tg_sb_lit(&b, "Content-Length: ");
+    tg_sb_putu(&b, clen);
+    tg_sb_lit(&b, "\r\n");
+  }
+  if (extra)
+    tg_sb_puts(&b, extra);
+  if (keep)
+    tg_sb_lit(&b, "Connection: keep-alive\r\n\r\n");
   else
-    snprintf(lenhdr, sizeof(lenhdr), "Content-Length: %zu\r\n", clen);
-  n = snprintf(buf, size,
-               "HTTP/1.%d %d %s\r\n%s%s%s%s%sConnection: %s\r\n\r\n",
-               c->http10 ? 0 : 1, status, tg_http_reason(status),
-               ctype ? "Content-Type: " : "", ctype ? ctype : "", ctype ? "\r\n" : "",
-               lenhdr, extra ? extra : "", keep ? "keep-alive" : "close");
+    tg_sb_lit(&b, "Connection: close\r\n\r\n");
   if (!keep)
     c->req.keep_alive = 0;
-  if (n < 0 || (size_t)n >= size)
+  if (b.err)
     return TG_ETOOBIG;
-  return n;
+  return (int)b.len;
 }
 
 int tg_http_respond(tg_http_req_t *req, int status, const char *content_type,

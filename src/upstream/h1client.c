@@ -30,6 +30,7 @@
 #include <string.h>
 
 #include "core/err.h"
+#include "core/strbuf.h"
 
 #define RBUF_SIZE 16384          /* one read; also bounds a paused transfer */
 #define IDLE_MAX 256             /* idle connections kept per host */
@@ -659,8 +660,12 @@ static int head_build(char *dst, size_t cap, size_t *len, const tg_xfer_opts_t *
   r |= head_put(dst, cap, len, auth, auth_len);
   r |= head_put(dst, cap, len, "\r\n", 2);
   if (opts->body) {
-    int n = snprintf(num, sizeof(num), "Content-Length: %zu\r\n", opts->body_len);
-    r |= head_put(dst, cap, len, num, (size_t)n);
+    tg_sb_t b;
+    tg_sb_init(&b, num, sizeof(num));
+    tg_sb_lit(&b, "Content-Length: ");
+    tg_sb_putu(&b, opts->body_len);
+    tg_sb_lit(&b, "\r\n");
+    r |= head_put(dst, cap, len, num, b.len);
   }
   for (i = 0; opts->headers && opts->headers[i]; i++) {
     const char *l = opts->headers[i];

@@ -1,0 +1,82 @@
+/* Bounded text building without printf, for what every request formats
+ * (response heads, rate-limit headers, request ids). snprintf parses its
+ * format string on every call; these only copy.
+ *
+ * A tg_sb_t writes into the caller's buffer and keeps it NUL-terminated.
+ * Once a piece does not fit, nothing more is written and err is set, so a
+ * caller checks once at the end; what was written before stays whole. */
+#ifndef TG_CORE_STRBUF_H
+#define TG_CORE_STRBUF_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+typedef struct {
+  char *p;
+  size_t len, cap;   /* cap >= 1: room for the NUL */
+  int err;           /* 1 once something did not fit */
+} tg_sb_t;
+
+static inline void tg_sb_init(tg_sb_t *b, char *p, size_t cap) {
+  b->p = p;
+  b->len = 0;
+  b->cap = cap;
+  b->err = cap == 0;
+  if (cap > 0)
+    p[0] = '\0';
+}
+
+static inline void tg_sb_put(tg_sb_t *b, const char *s, size_t n) {
+  if (b->err || n >= b->cap - b->len) {
+    b->err = 1;
+    return;
+  }
+  memcpy(b->p + b->len, s, n);
+  b->len += n;
+  b->p[b->len] = '\0';
+}
+
+/* A string literal, its length counted by the compiler. */
+#define tg_sb_lit(b, lit) tg_sb_put((b), "" lit, sizeof(lit) - 1)
+
+static inline void tg_sb_puts(tg_sb_t *b, const char *s) {
+  tg_sb_put(b, s, strlen(s));
+}
+
+/* v in decimal. */
+static inline void tg_sb_putu(tg_sb_t *b, uint64_t v) {
+  char t[20];
+  size_t i = sizeof(t);
+  do {
+    t[--i] = (char)('0' + v % 10);
+    v /= 10;
+  } while (v != 0);
+  tg_sb_put(b, t + i, sizeof(t) - i);
+}
+
+static inline void tg_sb_puti(tg_sb_t *b, int64_t v) {
+  if (v < 0) {
+    tg_sb_put(b, "-", 1);
+    tg_sb_putu(b, (uint64_t)0 - (uint64_t)v);
+  } else {
+    tg_sb_putu(b, (uint64_t)v);
+  }
+}
+
+/* v in lowercase hex, zero-padded to at least width digits (<= 16), as
+ * printf's "%0*llx". */
+static inline void tg_sb_puthex(tg_sb_t *b, uint64_t v, int width) {
+  static const char digits[] = "0123456789abcdef";
+  char t[16];
+  size_t i = sizeof(t);
+  do {
+    t[--i] = digits[v & 0xf];
+    v >>= 4;
+  } while (v != 0);
+  while (i > 0 && (int)(sizeof(t) - i) < width)
+    t[--i] = '0';
+  tg_sb_put(b, t + i, sizeof(t) - i);
+}
+
+#endif
