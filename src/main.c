@@ -2,6 +2,8 @@
 #include <stdio.h>
 #include <string.h>
 
+#include <sqlite3.h>
+
 #include "auth/keystore.h"
 #include "config/config.h"
 #include "core/app.h"
@@ -21,6 +23,11 @@ static void usage(FILE *f) {
 }
 
 int main(int argc, char **argv) {
+  /* SQLite counts every allocation under a global mutex, for
+   * sqlite3_status(), which nothing here reads; the ledger's writer
+   * allocates for every record (about 7% of its CPU per row). Must come
+   * before any other SQLite call. */
+  sqlite3_config(SQLITE_CONFIG_MEMSTATUS, 0);
   if (argc < 2) {
     usage(stderr);
     return 2;
