@@ -108,8 +108,15 @@ static void *ckpt_main(void *arg) {
     k->want = 0;
     pthread_mutex_unlock(&k->mu);
     /* PASSIVE neither waits for nor blocks the writer; a failure (a busy
-     * database) is retried at the next wake-up. */
-    sqlite3_wal_checkpoint_v2(k->db, NULL, SQLITE_CHECKPOINT_PASSIVE, NULL, NULL);
+     * database) is retried at the next wake-up. Frames the writer added
+     * during a pass are copied by another, a few times at most, so that
+     * the WAL is wholly copied the next time the writer pauses. */
+    for (int pass = 0; pass < 4; pass++) {
+      int log = 0, done = 0;
+      if (sqlite3_wal_checkpoint_v2(k->db, NULL, SQLITE_CHECKPOINT_PASSIVE, &log,
+                                    &done) != SQLITE_OK || done >= log)
+        break;
+    }
     pthread_mutex_lock(&k->mu);
   }
   pthread_mutex_unlock(&k->mu);

@@ -276,7 +276,7 @@ def test_promtool_script_passes():
     assert "check rules %s" % RULES in out
     assert "check config %s" % PROM_CONFIG in out
     assert "test rules %s" % RULE_TESTS in out
-    assert "SUCCESS: 9 rules found" in out
+    assert "SUCCESS: 10 rules found" in out
     assert "valid prometheus config file syntax" in out
     assert re.search(r"Unit Testing:\s+%s\s+SUCCESS" % re.escape(RULE_TESTS), out), out
     assert "all 3 checks passed" in out
@@ -331,7 +331,7 @@ def test_seed_rules_kept():
 
 def test_every_alert_has_firing_and_silent_cases():
     names = [r["name"] for r in parse_rules(read(RULES))]
-    assert len(names) == len(set(names)) == 9
+    assert len(names) == len(set(names)) == 10
     cases = parse_alert_cases(read(RULE_TESTS))
     assert set(cases) == set(names)
     for name in names:
@@ -363,8 +363,9 @@ def _for_lines(text):
 def test_unit_tests_pin_every_for_duration(tmp_path):
     text = read(RULES)
     fors = _for_lines(text)
-    # every rule but the reload one (news at once) waits
-    assert set(fors) == {r["name"] for r in parse_rules(text)} - {"TollgateConfigReloadFailed"}
+    # every rule but the reload and lost-record ones (news at once) waits
+    assert set(fors) == {r["name"] for r in parse_rules(text)} - {"TollgateConfigReloadFailed",
+                                                                    "TollgateLedgerRecordsLost"}
     assert promtool("test", "rules", RULE_TESTS).returncode == 0
     for name, (off, dur) in fors.items():
         m = re.fullmatch(r"(\d+)m", dur)
@@ -397,6 +398,9 @@ def test_unit_tests_pin_every_for_duration(tmp_path):
     ("TollgatePoolDown", "max by (pool) (llm_endpoint_up)", "min by (pool) (llm_endpoint_up)"),
     # a steady backlog is not a growing one
     ("TollgateLedgerBacklogGrowing", "\n          and deriv(llm_ledger_backlog[10m]) > 0\n", "\n"),
+    # records lost before a restart are not news; lost ones since are
+    ("TollgateLedgerRecordsLost", 'increase(llm_ledger_records_total{outcome="lost"}[10m]) > 0',
+     'llm_ledger_records_total{outcome="lost"} > 0'),
     # a failure long ago (or before a restart) is not news
     ("TollgateConfigReloadFailed", "increase(llm_config_reload_failures_total[10m]) > 0",
      "llm_config_reload_failures_total > 0"),
