@@ -166,10 +166,12 @@ typedef struct {
 int tg_ledger_spend_by_tenant(tg_ledger_db_t *d, int64_t from_ms, int64_t to_ms,
                               tg_spend_row_t **rows, size_t *n);
 
-/* Deletes the records of tenant (NULL = every tenant) with ts_ms < before_ms,
- * but never one of the current or previous UTC month (before_ms is lowered
- * to the previous month's first millisecond, by the wall clock). *deleted
- * (may be NULL) gets the count. Returns 0 or TG_EDB. */
+/* Deletes the records of tenant (NULL = every tenant, one after another)
+ * with ts_ms < before_ms, but never one of the current or previous UTC month
+ * (before_ms is lowered to the previous month's first millisecond, by the
+ * wall clock). *deleted (may be NULL) gets the count. Returns 0 or TG_EDB;
+ * with NULL also TG_ENOMEM or TG_ETOOBIG (listing the tenants), and some
+ * tenants may have been purged already. */
 int tg_ledger_purge(tg_ledger_db_t *d, const char *tenant, int64_t before_ms,
                     int64_t *deleted);
 
