@@ -1219,6 +1219,24 @@ static void put_reset(tg_sb_t *b, int64_t ms) {
   tg_sb_lit(b, "s");
 }
 
+/* "x-ratelimit-limit-<what>: ...", remaining and reset: one limit's lines. */
+static void put_rl(tg_sb_t *b, const char *what, int64_t limit, int64_t remaining,
+                   int64_t reset_ms) {
+  tg_sb_lit(b, "x-ratelimit-limit-");
+  tg_sb_puts(b, what);
+  tg_sb_lit(b, ": ");
+  tg_sb_puti(b, limit);
+  tg_sb_lit(b, "\r\nx-ratelimit-remaining-");
+  tg_sb_puts(b, what);
+  tg_sb_lit(b, ": ");
+  tg_sb_puti(b, remaining);
+  tg_sb_lit(b, "\r\nx-ratelimit-reset-");
+  tg_sb_puts(b, what);
+  tg_sb_lit(b, ": ");
+  put_reset(b, reset_ms);
+  tg_sb_lit(b, "\r\n");
+}
+
 /* The x-ratelimit-* headers of a successful answer (limits the tenant
  * has; none when it has neither). Built on every admitted request. */
 static void format_rl_headers(tg_call_t *c) {
@@ -1226,24 +1244,10 @@ static void format_rl_headers(tg_call_t *c) {
   tg_sb_t b;
 
   tg_sb_init(&b, c->rl_headers, sizeof(c->rl_headers));
-  if (v->limit_requests >= 0) {
-    tg_sb_lit(&b, "x-ratelimit-limit-requests: ");
-    tg_sb_puti(&b, v->limit_requests);
-    tg_sb_lit(&b, "\r\nx-ratelimit-remaining-requests: ");
-    tg_sb_puti(&b, v->remaining_requests);
-    tg_sb_lit(&b, "\r\nx-ratelimit-reset-requests: ");
-    put_reset(&b, v->reset_requests_ms);
-    tg_sb_lit(&b, "\r\n");
-  }
-  if (v->limit_tokens >= 0) {
-    tg_sb_lit(&b, "x-ratelimit-limit-tokens: ");
-    tg_sb_puti(&b, v->limit_tokens);
-    tg_sb_lit(&b, "\r\nx-ratelimit-remaining-tokens: ");
-    tg_sb_puti(&b, v->remaining_tokens);
-    tg_sb_lit(&b, "\r\nx-ratelimit-reset-tokens: ");
-    put_reset(&b, v->reset_tokens_ms);
-    tg_sb_lit(&b, "\r\n");
-  }
+  if (v->limit_requests >= 0)
+    put_rl(&b, "requests", v->limit_requests, v->remaining_requests, v->reset_requests_ms);
+  if (v->limit_tokens >= 0)
+    put_rl(&b, "tokens", v->limit_tokens, v->remaining_tokens, v->reset_tokens_ms);
   if (b.err)   /* cannot happen with int64 figures; never send half a line */
     c->rl_headers[0] = '\0';
 }

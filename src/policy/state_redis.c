@@ -45,6 +45,7 @@
 #include <uv.h>
 
 #include "core/err.h"
+#include "core/strbuf.h"
 #include "policy/redis_scripts.h"
 
 /* A lease lives this long unless renewed: a gateway that dies gives its
@@ -622,25 +623,17 @@ static int args_add(args_t *a, const char *fmt, ...) {
 /* Appends one integer argument. Batches carry thousands of them, and
  * vsnprintf is the largest cost of building one. */
 static int args_int(args_t *a, int64_t v) {
-  char tmp[24];
-  size_t n = 0;
-  uint64_t u = v < 0 ? (uint64_t)0 - (uint64_t)v : (uint64_t)v;
-  if (a->argc >= a->cap || a->size - a->used < sizeof tmp)
+  tg_sb_t b;
+  if (a->argc >= a->cap)
     return TG_ETOOBIG;
-  do {
-    tmp[n++] = (char)('0' + u % 10);
-    u /= 10;
-  } while (u != 0);
-  if (v < 0)
-    tmp[n++] = '-';
-  char *out = a->buf + a->used;
-  for (size_t i = 0; i < n; i++)
-    out[i] = tmp[n - 1 - i];
-  out[n] = '\0';
-  a->argv[a->argc] = out;
-  a->len[a->argc] = n;
+  tg_sb_init(&b, a->buf + a->used, a->size - a->used);
+  tg_sb_puti(&b, v);
+  if (b.err)
+    return TG_ETOOBIG;
+  a->argv[a->argc] = b.p;
+  a->len[a->argc] = b.len;
   a->argc++;
-  a->used += n + 1;
+  a->used += b.len + 1;
   return 0;
 }
 
@@ -737,55 +730,41 @@ static int same_limits(const tg_limits_t *x, const tg_limits_t *y) {
          x->alert_pct == y->alert_pct;
 }
 
-/* Appends " <v>" to a record being built in rec (room checked by the
- * caller: a record is at most OP_REC_MAX bytes). */
-static size_t put_int(char *rec, size_t n, int64_t v) {
-  char tmp[24];
-  size_t k = 0;
-  uint64_t u = v < 0 ? (uint64_t)0 - (uint64_t)v : (uint64_t)v;
-  do {
-    tmp[k++] = (char)('0' + u % 10);
-    u /= 10;
-  } while (u != 0);
-  if (v < 0)
-    tmp[k++] = '-';
-  rec[n++] = ' ';
-  while (k > 0)
-    rec[n++] = tmp[--k];
-  return n;
-}
-
 #define OP_REC_MAX (LEASE_MEMBER_MAX + 10 * 24 + 8)
 
 /* One operation is one argument, its fields separated by spaces: Redis
  * and hiredis handle one argument per operation instead of ten. */
 static int build_op(args_t *a, const op_t *o, int dw, int mw) {
   char rec[OP_REC_MAX];
-  size_t n = 1, ml = strlen(o->member);
+  size_t ml = strlen(o->member);
+  tg_sb_t b;
   if (ml >= LEASE_MEMBER_MAX)
     return TG_ETOOBIG;
+  tg_sb_init(&b, rec, sizeof(rec));
+#define PUT_INT(v) (tg_sb_lit(&b, " "), tg_sb_puti(&b, (int64_t)(v)))
   if (o->kind == OP_ADMIT) {
-    rec[0] = 'A';
-    n = put_int(rec, n, o->now_ms);
-    n = put_int(rec, n, clamp64(o->req.reserve.tokens, 0, TG_REDIS_TOKENS_MAX) * 1000);
-    n = put_int(rec, n, o->req.reserve.cost > 0 ? o->req.reserve.cost : 0);
+    tg_sb_lit(&b, "A");
+    PUT_INT(o->now_ms);
+    PUT_INT(clamp64(o->req.reserve.tokens, 0, TG_REDIS_TOKENS_MAX) * 1000);
+    PUT_INT(o->req.reserve.cost > 0 ? o->req.reserve.cost : 0);
   } else {
-    rec[0] = 'S';
-    n = put_int(rec, n, o->now_ms);
-    n = put_int(rec, n, o->a.v.limit_tokens > 0 && o->req.limits.tpm > 0); /* charged */
+    tg_sb_lit(&b, "S");
+    PUT_INT(o->now_ms);
+    PUT_INT(o->a.v.limit_tokens > 0 && o->req.limits.tpm > 0); /* charged */
   }
-  rec[n++] = ' ';
-  memcpy(rec + n, o->member, ml);
-  n += ml;
+  tg_sb_lit(&b, " ");
+  tg_sb_put(&b, o->member, ml);
   if (o->kind == OP_SETTLE) {
-    n = put_int(rec, n, clamp64(o->req.reserve.tokens, 0, TG_REDIS_TOKENS_MAX) * 1000);
-    n = put_int(rec, n, clamp64(o->actual_tokens, 0, TG_REDIS_TOKENS_MAX) * 1000);
-    n = put_int(rec, n, o->req.reserve.cost > 0 ? o->req.reserve.cost : 0);
-    n = put_int(rec, n, o->actual_cost > 0 ? o->actual_cost : 0);
+    PUT_INT(clamp64(o->req.reserve.tokens, 0, TG_REDIS_TOKENS_MAX) * 1000);
+    PUT_INT(clamp64(o->actual_tokens, 0, TG_REDIS_TOKENS_MAX) * 1000);
+    PUT_INT(o->req.reserve.cost > 0 ? o->req.reserve.cost : 0);
+    PUT_INT(o->actual_cost > 0 ? o->actual_cost : 0);
   }
-  n = put_int(rec, n, dw);
-  n = put_int(rec, n, mw);
-  rec[n] = '\0';
+  PUT_INT(dw);
+  PUT_INT(mw);
+#undef PUT_INT
+  if (b.err)
+    return TG_ETOOBIG;
   return args_str(a, rec);
 }
 
