@@ -8,7 +8,7 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 
 PKGS=(
   build-essential cmake pkg-config
-  libuv1-dev node-llhttp libcurl4-openssl-dev libssl-dev libjansson-dev
+  libuv1-dev node-llhttp libcurl4-openssl-dev libssl-dev libjansson-dev libcjson-dev
   libyaml-dev libsqlite3-dev libhiredis-dev libpq-dev libcmocka-dev
   python3 python3-pytest sqlite3 curl
   redis-server postgresql prometheus nginx-light wrk

@@ -30,6 +30,7 @@
 #include "api/api.h"
 #include "api/sse.h"
 #include "core/err.h"
+#include "core/json.h"
 #include "core/strbuf.h"
 #include "obs/accesslog.h"
 #include "meter/ledger.h"
@@ -540,8 +541,8 @@ static void on_client_drain(tg_http_req_t *req) {
  * not a JSON object. */
 static int scan_usage(tg_call_t *c, const char *body, size_t len) {
   const char *p = body, *end = body + len, *u = NULL, *q;
-  json_t *usage, *pt, *ct;
-  json_error_t jerr;
+  cJSON *usage;
+  int64_t pt, ct;
 
   while (p < end && (*p == ' ' || *p == '\n' || *p == '\r' || *p == '\t'))
     p++;
@@ -556,17 +557,14 @@ static int scan_usage(tg_call_t *c, const char *body, size_t len) {
   u += 7;
   while (u < end && (*u == ' ' || *u == ':' || *u == '\n' || *u == '\t' || *u == '\r'))
     u++;
-  usage = json_loadb(u, (size_t)(end - u), JSON_DISABLE_EOF_CHECK, &jerr);
-  if (json_is_object(usage)) {
-    pt = json_object_get(usage, "prompt_tokens");
-    ct = json_object_get(usage, "completion_tokens");
-    if (json_is_integer(pt)) {
-      c->has_usage = 1;
-      c->prompt_tokens = json_integer_value(pt);
-      c->completion_tokens = json_is_integer(ct) ? json_integer_value(ct) : 0;
-    }
+  usage = tg_json_parse(u, (size_t)(end - u), 0, NULL);
+  if (tg_json_int(tg_json_get(usage, "prompt_tokens"), &pt) && pt >= 0) {
+    c->has_usage = 1;
+    c->prompt_tokens = pt;
+    c->completion_tokens =
+        tg_json_int(tg_json_get(usage, "completion_tokens"), &ct) && ct >= 0 ? ct : 0;
   }
-  json_decref(usage);
+  cJSON_Delete(usage);
   return 0;
 }
 
@@ -1076,21 +1074,20 @@ static int build_upstream_headers(tg_call_t *c) {
 /* Bytes of prompt text in a content value: a string, an array of strings,
  * of token ids (one each) or of parts with "text". Tokens never outnumber
  * the bytes they were cut from, so this bounds the prompt from above. */
-static int64_t text_bytes(json_t *v) {
+static int64_t text_bytes(const cJSON *v) {
   int64_t n = 0;
-  size_t i;
-  json_t *e;
+  const cJSON *e;
 
-  if (json_is_string(v))
-    return (int64_t)json_string_length(v);
-  if (json_is_integer(v))
+  if (cJSON_IsString(v))
+    return (int64_t)strlen(v->valuestring); /* no NUL inside: tg_json_parse */
+  if (cJSON_IsNumber(v))
     return 1;
-  if (json_is_object(v))
-    return text_bytes(json_object_get(v, "text"));
-  if (json_is_array(v))
-    json_array_foreach(v, i, e) {
-      if (json_is_array(e))
-        n += (int64_t)json_array_size(e); /* a list of token ids */
+  if (cJSON_IsObject(v))
+    return text_bytes(tg_json_get(v, "text"));
+  if (cJSON_IsArray(v))
+    cJSON_ArrayForEach(e, v) {
+      if (cJSON_IsArray(e))
+        n += (int64_t)cJSON_GetArraySize(e); /* a list of token ids */
       else
         n += text_bytes(e);
     }
@@ -1098,27 +1095,25 @@ static int64_t text_bytes(json_t *v) {
 }
 
 /* The prompt estimate (from above) and the completion tokens to reserve. */
-static void estimate(tg_call_t *c, json_t *root) {
-  json_t *msgs = json_object_get(root, "messages"), *m, *mt;
-  int64_t est = 8, max_tokens = 0;
-  size_t i;
+static void estimate(tg_call_t *c, const cJSON *root) {
+  const cJSON *msgs = tg_json_get(root, "messages"), *m;
+  int64_t est = 8, max_tokens = 0, mt;
 
-  if (json_is_array(msgs)) {
-    json_array_foreach(msgs, i, m) {
+  if (cJSON_IsArray(msgs)) {
+    cJSON_ArrayForEach(m, msgs) {
       /* a chat template adds a few tokens per message */
-      est += 8 + text_bytes(json_object_get(m, "content"));
+      est += 8 + text_bytes(tg_json_get(m, "content"));
     }
   }
-  est += text_bytes(json_object_get(root, "prompt"));
-  est += text_bytes(json_object_get(root, "input"));
+  est += text_bytes(tg_json_get(root, "prompt"));
+  est += text_bytes(tg_json_get(root, "input"));
   c->prompt_estimate = est;
 
   if (strcmp(c->path, "/v1/embeddings") != 0 && c->model->kind != TG_MODEL_EMBEDDING) {
-    mt = json_object_get(root, "max_completion_tokens");
-    if (!json_is_integer(mt))
-      mt = json_object_get(root, "max_tokens");
-    max_tokens = json_is_integer(mt) && json_integer_value(mt) > 0 ? json_integer_value(mt)
-                                                                     : c->model->max_tokens;
+    if (!tg_json_int(tg_json_get(root, "max_completion_tokens"), &mt) &&
+        !tg_json_int(tg_json_get(root, "max_tokens"), &mt))
+      mt = 0;
+    max_tokens = mt > 0 ? mt : c->model->max_tokens;
   }
   c->admit.reserve.tokens = est + max_tokens;
   c->admit.reserve.cost = tg_money_cost(est, c->model->prompt_nano_per_token);
@@ -1128,32 +1123,76 @@ static void estimate(tg_call_t *c, json_t *root) {
     c->admit.reserve.cost = INT64_MAX;
 }
 
+/* The body with "stream_options":{"include_usage":true} added, for a
+ * streamed request that did not ask for usage, in *out (malloc'd,
+ * NUL-terminated). When the body has no stream_options the member is
+ * spliced in before the closing brace, so every other byte goes upstream as
+ * the client sent it; otherwise the body is rewritten through jansson, which
+ * keeps each number's exact value. Returns 0, TG_ENOMEM, or TG_EPARSE for a
+ * number jansson refuses where cJSON was lenient ("01", "1."). */
+static int with_usage_requested(const char *body, size_t len, int has_options, char **out) {
+  static const char add[] = ",\"stream_options\":{\"include_usage\":true}}";
+  const char *end = body + len;
+  json_error_t jerr;
+  json_t *root, *so;
+
+  if (!has_options) {
+    while (end > body && end[-1] != '}')
+      end--; /* trailing whitespace; the root is an object with "model" */
+    if (end == body)
+      return TG_EPARSE;
+    end--;
+    *out = malloc((size_t)(end - body) + sizeof(add));
+    if (*out == NULL)
+      return TG_ENOMEM;
+    memcpy(*out, body, (size_t)(end - body));
+    memcpy(*out + (end - body), add, sizeof(add));
+    return 0;
+  }
+  root = json_loadb(body, len, 0, &jerr);
+  if (root == NULL)
+    return json_error_code(&jerr) == json_error_out_of_memory ? TG_ENOMEM : TG_EPARSE;
+  so = json_object_get(root, "stream_options");
+  if (!json_is_object(so)) {
+    so = json_object();
+    json_object_set_new(root, "stream_options", so);
+  }
+  json_object_set_new(so, "include_usage", json_true());
+  *out = json_dumps(root, JSON_COMPACT);
+  json_decref(root);
+  return *out != NULL ? 0 : TG_ENOMEM;
+}
+
 /* Reads what policy needs from the body and asks the upstream for usage on
  * streams. Returns 0, or refuses the request (finishing the call) and
  * returns -1. */
 static int parse_body(tg_call_t *c, const tg_key_rec_t *rec) {
   tg_http_req_t *req = c->req;
-  json_t *root, *model, *stream, *so, *iu;
-  json_error_t jerr;
+  cJSON *root, *model, *so;
+  tg_json_err_t jerr;
   int rc = -1;
 
-  root = json_loadb(req->body, req->body_len, 0, &jerr);
-  if (!json_is_object(root)) {
+  root = tg_json_parse(req->body, req->body_len, 1, &jerr);
+  if (root == NULL) {
     call_refuse(c, 400, "invalid_request_error", "invalid_json", NULL,
-                "the request body is not a JSON object%s%s", root ? "" : ": ",
-                root ? "" : jerr.text);
+                "the request body is not valid JSON: %s (byte %zu)", jerr.why, jerr.at);
     goto out;
   }
-  model = json_object_get(root, "model");
-  if (!json_is_string(model) || json_string_length(model) == 0) {
+  if (!cJSON_IsObject(root)) {
+    call_refuse(c, 400, "invalid_request_error", "invalid_json", NULL,
+                "the request body is not a JSON object");
+    goto out;
+  }
+  model = tg_json_get(root, "model");
+  if (!cJSON_IsString(model) || model->valuestring[0] == '\0') {
     call_refuse(c, 400, "invalid_request_error", "missing_model", NULL,
                 "the request must name a model (a non-empty string)");
     goto out;
   }
-  c->model = tg_config_model(c->rt->cfg, json_string_value(model));
+  c->model = tg_config_model(c->rt->cfg, model->valuestring);
   if (c->model == NULL) {
     call_refuse(c, 404, "invalid_request_error", "model_not_found", NULL,
-                "the model '%.200s' does not exist", json_string_value(model));
+                "the model '%.200s' does not exist", model->valuestring);
     goto out;
   }
   if (!may_use(c->tenant, rec, c->model->name)) {
@@ -1163,22 +1202,20 @@ static int parse_body(tg_call_t *c, const tg_key_rec_t *rec) {
   }
   c->pool = tg_runtime_pool(c->rt, c->model);
   estimate(c, root);
-  stream = json_object_get(root, "stream");
-  c->stream = json_is_true(stream);
+  c->stream = cJSON_IsTrue(tg_json_get(root, "stream"));
   c->body = req->body;
   c->body_len = req->body_len;
   if (c->stream) {
-    so = json_object_get(root, "stream_options");
-    iu = json_is_object(so) ? json_object_get(so, "include_usage") : NULL;
-    c->client_usage = json_is_true(iu);
+    so = tg_json_get(root, "stream_options");
+    c->client_usage = cJSON_IsTrue(tg_json_get(so, "include_usage"));
     if (!c->client_usage) {
-      if (!json_is_object(so)) {
-        so = json_object();
-        json_object_set_new(root, "stream_options", so);
+      int r = with_usage_requested(req->body, req->body_len, so != NULL, &c->body_owned);
+      if (r == TG_EPARSE) {
+        call_refuse(c, 400, "invalid_request_error", "invalid_json", NULL,
+                    "the request body is not valid JSON (a number's form)");
+        goto out;
       }
-      json_object_set_new(so, "include_usage", json_true());
-      c->body_owned = json_dumps(root, JSON_COMPACT);
-      if (c->body_owned == NULL) {
+      if (r < 0) {
         call_refuse(c, 500, "server_error", "internal_error", NULL, "out of memory");
         goto out;
       }
@@ -1188,7 +1225,7 @@ static int parse_body(tg_call_t *c, const tg_key_rec_t *rec) {
   }
   rc = 0;
 out:
-  json_decref(root);
+  cJSON_Delete(root);
   return rc;
 }
 

@@ -4,11 +4,11 @@
 #define _GNU_SOURCE /* memmem */
 #include "api/sse.h"
 
-#include <jansson.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "core/err.h"
+#include "core/json.h"
 
 void tg_sse_init(tg_sse_t *p, size_t max_event) {
   memset(p, 0, sizeof(*p));
@@ -92,8 +92,10 @@ static void *find(const char *s, size_t n, const char *needle) {
 
 int tg_sse_inspect(const char *ev, size_t len, tg_sse_info_t *info) {
   const char *d, *end = ev + len, *le;
-  json_t *root, *usage, *choices;
-  json_error_t jerr;
+  cJSON *root;
+  const cJSON *usage, *choices;
+  int64_t pt, ct;
+  int n_choices;
 
   memset(info, 0, sizeof(*info));
   d = find(ev, len, "data:");
@@ -118,24 +120,22 @@ int tg_sse_inspect(const char *ev, size_t len, tg_sse_info_t *info) {
                         find(d, (size_t)(le - d), "\"choices\": []") == NULL;
     return (le > d && *d == '{') ? 0 : TG_EPARSE;
   }
-  root = json_loadb(d, (size_t)(le - d), 0, &jerr);
-  if (root == NULL || !json_is_object(root)) {
-    json_decref(root);
+  root = tg_json_parse(d, (size_t)(le - d), 1, NULL);
+  if (!cJSON_IsObject(root)) {
+    cJSON_Delete(root);
     return TG_EPARSE;
   }
-  choices = json_object_get(root, "choices");
-  info->has_choices = json_is_array(choices) && json_array_size(choices) > 0;
-  usage = json_object_get(root, "usage");
-  if (json_is_object(usage)) {
-    json_t *pt = json_object_get(usage, "prompt_tokens");
-    json_t *ct = json_object_get(usage, "completion_tokens");
-    if (json_is_integer(pt)) {
-      info->has_usage = 1;
-      info->prompt_tokens = json_integer_value(pt);
-      info->completion_tokens = json_is_integer(ct) ? json_integer_value(ct) : 0;
-      info->usage_only = json_is_array(choices) && json_array_size(choices) == 0;
-    }
+  choices = tg_json_get(root, "choices");
+  n_choices = cJSON_IsArray(choices) ? cJSON_GetArraySize(choices) : 0;
+  info->has_choices = n_choices > 0;
+  usage = tg_json_get(root, "usage");
+  if (tg_json_int(tg_json_get(usage, "prompt_tokens"), &pt) && pt >= 0) {
+    info->has_usage = 1;
+    info->prompt_tokens = pt;
+    info->completion_tokens =
+        tg_json_int(tg_json_get(usage, "completion_tokens"), &ct) && ct >= 0 ? ct : 0;
+    info->usage_only = cJSON_IsArray(choices) && n_choices == 0;
   }
-  json_decref(root);
+  cJSON_Delete(root);
   return 0;
 }

@@ -40,6 +40,38 @@ def test_invalid_json(stack):
          400, "invalid_request_error", "invalid_json")
 
 
+def test_ambiguous_bodies_refused(stack):
+    # bodies a lenient parser would read differently from the upstream's:
+    # each is refused, so the gateway never authorises one model and the
+    # upstream serves another
+    bodies = [
+        b'{"model": "llama-3.1-8b", "model": "llama-3.1-70b", "messages": []}',
+        b'{"model": "llama-3.1-8b", "stream": false, "stream": true, "messages": []}',
+        b'{"model": "llama-3.1-8b", "messages": [{"role": "user", "content": "a", "content": "b"}]}',
+        b'{"model": "llama-3.1-8b\\u0000x", "messages": []}',
+        b'{"model": "llama-3.1-8b", "messages": [{"role": "user", "content": "\xc0\x80"}]}',
+        b'{"model": "llama-3.1-8b", "messages": [{"role": "user", "content": "\xed\xa0\x80"}]}',
+        b'{"model": "llama-3.1-8b", "messages": [{"role": "user", "content": "a\x01b"}]}',
+        b'{"model": "llama-3.1-8b", "messages": []} {}',
+    ]
+    for body in bodies:
+        r = request(stack.port, "POST", "/v1/chat/completions", body=body, key=stack.key,
+                    headers={"Content-Type": "application/json"})
+        e = _err(r, 400, "invalid_request_error", "invalid_json")
+        assert "not valid JSON" in e["message"], (body, e)
+    # a key differing only in case is another key: no model named
+    r = request(stack.port, "POST", "/v1/chat/completions", key=stack.key,
+                body=b'{"Model": "llama-3.1-8b", "messages": []}')
+    _err(r, 400, "invalid_request_error", "missing_model")
+    # what must still pass: non-ASCII text, escapes, an escaped backslash
+    # before "u0000", whitespace around the object
+    ok = ('\n {"model": "llama-3.1-8b", "max_tokens": 2, "messages": [{"role": "user", '
+          '"content": "caf\u00e9 € 😀 \\\\u0000"}]} \n').encode()
+    r = request(stack.port, "POST", "/v1/chat/completions", body=ok, key=stack.key,
+                headers={"Content-Type": "application/json"})
+    assert r.status == 200, r
+
+
 def test_missing_or_non_string_model(stack):
     for body in [{"messages": []}, {"model": 7, "messages": []}, {"model": None},
                  {"model": ["llama-3.1-8b"]}]:

@@ -72,6 +72,7 @@ class Upstream:
         self.peer_closed = 0             # connections the gateway closed on us
         self.first_headers = None        # header names of the first POST
         self.last_prompt_len = 0         # length of the last request's first message
+        self.last_body = None            # bytes of the last POST's body
         self.stop = threading.Event()
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -154,6 +155,7 @@ class Upstream:
                     return
                 doc = json.loads(body)
                 with self.lock:
+                    self.last_body = body
                     self.last_prompt_len = len(doc["messages"][0]["content"])
                 if doc.get("stream"):
                     self._stream(c, doc)
@@ -302,6 +304,45 @@ def test_native_retries_request_on_dropped_reused_connection(tg):
         assert up.answered == 20
         assert up.dropped >= 10, "the reuse path was not exercised (%d drops)" % up.dropped
         assert up.posts == up.answered + up.dropped
+    finally:
+        up.close()
+
+
+def test_stream_asks_upstream_for_usage_keeping_the_body(tg):
+    # a streamed request that did not ask for usage goes upstream with
+    # stream_options.include_usage set and every other byte as sent: a
+    # number past 2^53 keeps its digits, spacing and key order stay
+    up = Upstream()
+    try:
+        gw = tg.gateway({M8B: [up.url]}, workers=1, overrides=NATIVE)
+        key = gw.keys["acme"]
+        plain = (b'{ "model" : "%s", "stream": true, "max_tokens": 3, "seed": 9007199254740993,'
+                 b'\n  "messages": [{"role": "user", "content": "hi \\u00e9"}] }\n \t' % M8B.encode())
+        with_opts = (b'{"model": "%s", "stream": true, "max_tokens": 3, "seed": 9007199254740993, '
+                     b'"stream_options": {"include_usage": false}, '
+                     b'"messages": [{"role": "user", "content": "hi"}]}' % M8B.encode())
+        asked = (b'{"model": "%s", "stream": true, "max_tokens": 3, '
+                 b'"stream_options": {"include_usage": true}, '
+                 b'"messages": [{"role": "user", "content": "hi"}]}' % M8B.encode())
+        for body in (plain, with_opts, asked):
+            s = SSEStream(gw.port, body, key=key,
+                          headers={"Content-Type": "application/json"})
+            events = s.read_all()
+            s.close()
+            assert s.status == 200 and s.done, body
+            assert _contents(events) == ["w0 ", "w1 ", "w2 "]
+            sent = up.last_body
+            doc = json.loads(sent)
+            assert doc["stream_options"]["include_usage"] is True, sent
+            if body is asked:
+                assert sent == body
+                continue
+            # the usage chunk the client did not ask for is not relayed
+            assert tgtest.usage_events(events) == [], body
+            assert b'"seed": 9007199254740993' in sent or b'"seed":9007199254740993' in sent, sent
+            if body is plain:
+                cut = body.rindex(b"}")
+                assert sent == body[:cut] + b',"stream_options":{"include_usage":true}}', sent
     finally:
         up.close()
 

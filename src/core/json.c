@@ -1,0 +1,156 @@
+/* Strict JSON reading on cJSON: see json.h for what is added and why. */
+#include "core/json.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+static int fail(tg_json_err_t *err, const char *why, size_t at) {
+  if (err != NULL) {
+    err->why = why;
+    err->at = at;
+  }
+  return -1;
+}
+
+int tg_json_check_text(const char *buf, size_t len, tg_json_err_t *err) {
+  const unsigned char *s = (const unsigned char *)buf;
+  size_t i = 0;
+
+  while (i < len) {
+    unsigned char c = s[i];
+    if (c >= 0x20 && c < 0x80) {
+      if (c == '\\' && i + 1 < len) {
+        if (s[i + 1] == 'u' && i + 5 < len && memcmp(s + i + 2, "0000", 4) == 0)
+          return fail(err, "a string holds \\u0000", i);
+        if (s[i + 1] == '\\') /* an escaped backslash escapes nothing after it */
+          i++;
+      }
+      i++;
+      continue;
+    }
+    if (c < 0x80) {
+      if (c == '\t' || c == '\n' || c == '\r') {
+        i++;
+        continue;
+      }
+      return fail(err, "a control character outside an escape", i);
+    }
+    /* a multi-byte sequence: lead byte, then 1-3 continuation bytes, with
+     * the second byte's range narrowed where the lead allows overlong forms,
+     * surrogates or code points past U+10FFFF */
+    {
+      size_t n;
+      unsigned char lo = 0x80, hi = 0xBF;
+      if (c >= 0xC2 && c <= 0xDF)
+        n = 1;
+      else if (c >= 0xE0 && c <= 0xEF) {
+        n = 2;
+        if (c == 0xE0)
+          lo = 0xA0;
+        else if (c == 0xED)
+          hi = 0x9F;
+      } else if (c >= 0xF0 && c <= 0xF4) {
+        n = 3;
+        if (c == 0xF0)
+          lo = 0x90;
+        else if (c == 0xF4)
+          hi = 0x8F;
+      } else
+        return fail(err, "invalid UTF-8", i);
+      if (len - i <= n || s[i + 1] < lo || s[i + 1] > hi)
+        return fail(err, "invalid UTF-8", i);
+      for (size_t k = 2; k <= n; k++)
+        if ((s[i + k] & 0xC0) != 0x80)
+          return fail(err, "invalid UTF-8", i);
+      i += n + 1;
+    }
+  }
+  return 0;
+}
+
+static int cmp_str(const void *a, const void *b) {
+  return strcmp(*(const char *const *)a, *(const char *const *)b);
+}
+
+/* 0 when no object under v (v included) has a key twice; -1 otherwise, or
+ * on a failed allocation. Depth is bounded by cJSON's nesting limit. */
+static int check_keys(const cJSON *v, tg_json_err_t *err) {
+  const cJSON *e;
+  size_t n = 0;
+
+  if (!cJSON_IsObject(v) && !cJSON_IsArray(v))
+    return 0;
+  for (e = v->child; e != NULL; e = e->next) {
+    if (check_keys(e, err) < 0)
+      return -1;
+    n++;
+  }
+  if (!cJSON_IsObject(v) || n < 2)
+    return 0;
+  if (n <= 16) {
+    for (e = v->child; e != NULL; e = e->next)
+      for (const cJSON *f = e->next; f != NULL; f = f->next)
+        if (strcmp(e->string, f->string) == 0)
+          return fail(err, "an object has a key twice", 0);
+    return 0;
+  }
+  {
+    const char **keys = malloc(n * sizeof(*keys));
+    size_t i = 0;
+    int rc = 0;
+    if (keys == NULL)
+      return fail(err, "out of memory", 0);
+    for (e = v->child; e != NULL; e = e->next)
+      keys[i++] = e->string;
+    qsort(keys, n, sizeof(*keys), cmp_str);
+    for (i = 1; i < n && rc == 0; i++)
+      if (strcmp(keys[i - 1], keys[i]) == 0)
+        rc = fail(err, "an object has a key twice", 0);
+    free(keys);
+    return rc;
+  }
+}
+
+static int is_ws(char c) {
+  return c == ' ' || c == '\t' || c == '\n' || c == '\r';
+}
+
+cJSON *tg_json_parse(const char *buf, size_t len, int whole, tg_json_err_t *err) {
+  const char *end = NULL;
+  cJSON *root;
+
+  if (tg_json_check_text(buf, len, err) < 0)
+    return NULL;
+  root = cJSON_ParseWithLengthOpts(buf, len, &end, 0);
+  if (root == NULL) {
+    size_t at = end != NULL && end >= buf && end <= buf + len ? (size_t)(end - buf) : 0;
+    fail(err, len == 0 ? "empty text" : "invalid JSON syntax", at);
+    return NULL;
+  }
+  if (whole && end != NULL) {
+    while (end < buf + len && is_ws(*end))
+      end++;
+    if (end < buf + len) {
+      fail(err, "text after the JSON value", (size_t)(end - buf));
+      cJSON_Delete(root);
+      return NULL;
+    }
+  }
+  if (check_keys(root, err) < 0) {
+    cJSON_Delete(root);
+    return NULL;
+  }
+  return root;
+}
+
+int tg_json_int(const cJSON *v, int64_t *out) {
+  double d;
+  if (!cJSON_IsNumber(v))
+    return 0;
+  d = v->valuedouble;
+  if (!(fabs(d) <= 9007199254740992.0) || d != floor(d))
+    return 0;
+  *out = (int64_t)d;
+  return 1;
+}
