@@ -73,8 +73,11 @@ struct tg_call_s {
   tg_xfer_t *xfer;
   int up_status;
   int last_failure;               /* TG_XFER_* of the last failed attempt */
-  char *hdr_lines[MAX_FWD_HEADERS + 4];
+  const char *hdr_lines[MAX_FWD_HEADERS + 4]; /* NULL-terminated */
   size_t n_hdr_lines;
+  char *hdr_owned[MAX_FWD_HEADERS]; /* the forwarded lines, malloc'd */
+  size_t n_hdr_owned;
+  char rid_line[48];              /* "X-Request-Id: <id>" */
   char url[1024];
 
   char *resp;                     /* non-streamed answer */
@@ -195,8 +198,8 @@ static void call_free(tg_call_t *c) {
   size_t i;
   queue_leave(c, 0);
   call_unlink(c);
-  for (i = 0; i < c->n_hdr_lines; i++)
-    free(c->hdr_lines[i]);
+  for (i = 0; i < c->n_hdr_owned; i++)
+    free(c->hdr_owned[i]);
   free(c->body_owned);
   free(c->resp);
   free(c->out);
@@ -1047,27 +1050,42 @@ static void list_models(tg_call_t *c, const tg_key_rec_t *rec) {
   call_finish(c);
 }
 
-/* Forwards the configured client headers and names the request upstream. */
+/* Forwards the configured client headers and names the request upstream.
+ * The fixed lines are static or in the call; only forwarded ones are
+ * allocated (a value is as long as the client's header bound allows). */
 static int build_upstream_headers(tg_call_t *c) {
   const tg_config_t *cfg = c->rt->cfg;
-  char line[1024];
+  tg_sb_t b;
   size_t i;
 
-  c->hdr_lines[c->n_hdr_lines++] = strdup("Content-Type: application/json");
-  c->hdr_lines[c->n_hdr_lines++] = strdup("Expect:");
-  snprintf(line, sizeof(line), "X-Request-Id: %s", c->request_id);
-  c->hdr_lines[c->n_hdr_lines++] = strdup(line);
-  for (i = 0; i < cfg->n_forward_headers && c->n_hdr_lines < MAX_FWD_HEADERS + 3; i++) {
-    const char *v = tg_http_req_header(c->req, cfg->forward_headers[i]);
+  tg_sb_init(&b, c->rid_line, sizeof(c->rid_line));
+  tg_sb_lit(&b, "X-Request-Id: ");
+  tg_sb_puts(&b, c->request_id);
+  if (b.err)
+    return TG_ETOOBIG; /* cannot happen: ids are 31 bytes at most */
+  c->n_hdr_lines = 0;
+  c->hdr_lines[c->n_hdr_lines++] = "Content-Type: application/json";
+  c->hdr_lines[c->n_hdr_lines++] = "Expect:";
+  c->hdr_lines[c->n_hdr_lines++] = c->rid_line;
+  for (i = 0; i < cfg->n_forward_headers && c->n_hdr_owned < MAX_FWD_HEADERS; i++) {
+    const char *name = cfg->forward_headers[i];
+    const char *v = tg_http_req_header(c->req, name);
+    size_t nl, vl;
+    char *line;
     if (v == NULL)
       continue;
-    snprintf(line, sizeof(line), "%s: %s", cfg->forward_headers[i], v);
-    c->hdr_lines[c->n_hdr_lines++] = strdup(line);
+    nl = strlen(name);
+    vl = strlen(v);
+    line = malloc(nl + 2 + vl + 1);
+    if (line == NULL)
+      return TG_ENOMEM;
+    memcpy(line, name, nl);
+    memcpy(line + nl, ": ", 2);
+    memcpy(line + nl + 2, v, vl + 1);
+    c->hdr_owned[c->n_hdr_owned++] = line;
+    c->hdr_lines[c->n_hdr_lines++] = line;
   }
   c->hdr_lines[c->n_hdr_lines] = NULL;
-  for (i = 0; i < c->n_hdr_lines; i++)
-    if (c->hdr_lines[i] == NULL)
-      return TG_ENOMEM;
   return 0;
 }
 

@@ -97,21 +97,57 @@ int tg_key_parse(const char *text, size_t len, tg_key_parts_t *out) {
 /* The digest is fetched from the provider once: passing EVP_sha256() to
  * each EVP_Digest makes OpenSSL 3 look it up by name on every call, which
  * tripled the cost of a verification. The fetched object is shared by all
- * threads (it is immutable) and lives until the process ends. */
+ * threads (it is immutable) and lives until the process ends.
+ *
+ * Each thread keeps one digest context and re-initialises it per hash:
+ * EVP_Digest() allocates, sets up and frees a context on every call, which
+ * cost as much as the hash of a 32-byte secret. The context is freed when
+ * its thread ends (the key's destructor). */
 static EVP_MD *sha256_md;
 static pthread_once_t sha256_once = PTHREAD_ONCE_INIT;
+static pthread_key_t sha256_ctx_key;
+static int sha256_ctx_key_ok;
+
+static void ctx_free(void *ctx) {
+  EVP_MD_CTX_free(ctx);
+}
 
 static void sha256_fetch(void) {
   sha256_md = EVP_MD_fetch(NULL, "SHA256", NULL);
+  sha256_ctx_key_ok = pthread_key_create(&sha256_ctx_key, ctx_free) == 0;
+}
+
+/* This thread's context, created on first use; NULL when out of memory. */
+static EVP_MD_CTX *thread_ctx(void) {
+  EVP_MD_CTX *ctx;
+  if (!sha256_ctx_key_ok)
+    return NULL;
+  ctx = pthread_getspecific(sha256_ctx_key);
+  if (ctx == NULL) {
+    ctx = EVP_MD_CTX_new();
+    if (ctx != NULL && pthread_setspecific(sha256_ctx_key, ctx) != 0) {
+      EVP_MD_CTX_free(ctx);
+      ctx = NULL;
+    }
+  }
+  return ctx;
 }
 
 int tg_key_hash_secret(const char *secret, size_t len,
                        uint8_t out[TG_KEY_HASH_LEN]) {
   unsigned int n = 0;
   const EVP_MD *md;
+  EVP_MD_CTX *ctx;
 
   pthread_once(&sha256_once, sha256_fetch);
   md = sha256_md != NULL ? sha256_md : EVP_sha256();
+  ctx = thread_ctx();
+  if (ctx != NULL) {
+    if (EVP_DigestInit_ex2(ctx, md, NULL) != 1 || EVP_DigestUpdate(ctx, secret, len) != 1 ||
+        EVP_DigestFinal_ex(ctx, out, &n) != 1 || n != TG_KEY_HASH_LEN)
+      return TG_EUNAVAIL;
+    return 0;
+  }
   if (EVP_Digest(secret, len, out, &n, md, NULL) != 1 ||
       n != TG_KEY_HASH_LEN)
     return TG_EUNAVAIL;
