@@ -234,22 +234,45 @@ echo "# kernel: $(uname -r); $("$NGINX" -v 2>&1); $(wrk --version 2>&1 | head -1
 echo "# load: wrk -t $WRK_THREADS -c $CONNECTIONS -d $DURATION x $ROUNDS rounds, POST /v1/chat/completions (16 tokens), workers $WORKERS (nginx, tollgate), sim workers $SIM_WORKERS"
 echo "# build: $BUILD_DIR${TG_EXTRA_CONFIG:+; tollgate config adds: $TG_EXTRA_CONFIG}"
 
-# every round measures every target; per target, the round with the median
-# req/s is kept (its p50 and p99 with it)
+# every round measures every target, in the opposite order every other
+# round so a machine that speeds up or slows down favours no target; per
+# target, the round with the median req/s is kept (its p50 and p99 with it)
 rounds=()
 for ((r = 1; r <= ROUNDS; r++)); do
-  for name in "${names[@]}"; do
-    rounds+=("$(run_wrk "$name")")
+  order=("${names[@]}")
+  if ((r % 2 == 0)); then
+    order=()
+    for ((i = ${#names[@]} - 1; i >= 0; i--)); do order+=("${names[i]}"); done
+  fi
+  for name in "${order[@]}"; do
+    rounds+=("$(echo "$r $(run_wrk "$name")")")
   done
 done
 results=()
 for name in "${names[@]}"; do
-  results+=("$(printf '%s\n' "${rounds[@]}" | awk -v n="$name" '$1 == n' | sort -k2,2n |
-    awk '{ l[NR] = $0 } END { print l[int((NR + 1) / 2)] }')")
+  results+=("$(printf '%s\n' "${rounds[@]}" | cut -d' ' -f2- | awk -v n="$name" '$1 == n' |
+    sort -k2,2n | awk '{ l[NR] = $0 } END { print l[int((NR + 1) / 2)] }')")
 done
 if [ "$ROUNDS" -gt 1 ]; then
-  echo "# rounds (target req/s p50 p99 cpu-us/req):"
-  printf '#   %s\n' "${rounds[@]}" | awk '{ printf "#   %-9s %7d %7.2f %7.2f %7.1f\n", $2, $3, $4, $5, $8 }'
+  echo "# rounds (round target req/s p50 p99 cpu-us/req):"
+  printf '%s\n' "${rounds[@]}" |
+    awk '{ printf "#   %2d %-9s %7d %7.2f %7.2f %7.1f\n", $1, $2, $3, $4, $5, $8 }'
+  # the two targets of one round ran back to back: the median of their
+  # per-round ratios is the steadier figure on a machine whose speed drifts
+  if want nginx && want tollgate; then
+    printf '%s\n' "${rounds[@]}" | awk '
+      $2 == "nginx" { nr[$1] = $3; np[$1] = $5 }
+      $2 == "tollgate" { tr[$1] = $3; tp[$1] = $5 }
+      function median(a, n,   i, j, t) {
+        for (i = 2; i <= n; i++) for (j = i; j > 1 && a[j - 1] > a[j]; j--) { t = a[j]; a[j] = a[j - 1]; a[j - 1] = t }
+        return n % 2 ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
+      }
+      END {
+        n = 0
+        for (r in nr) if ((r in tr) && nr[r] > 0 && np[r] > 0) { n++; q[n] = tr[r] / nr[r]; p[n] = tp[r] / np[r] }
+        if (n > 0) printf "tollgate/nginx, median of %d per-round ratios: req/s %.2f  p99 %.2f\n", n, median(q, n), median(p, n)
+      }'
+  fi
 fi
 
 printf '%s\n' "${results[@]}" | awk '

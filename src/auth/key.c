@@ -184,11 +184,42 @@ out:
   return rc;
 }
 
+/* Secrets this thread verified lately, so a client that sends the same key
+ * on every request is not hashed every time. Direct-mapped by key id; an
+ * entry holds a secret and its SHA-256. A presented secret equal to the
+ * entry's (compared in constant time) has the entry's hash, so comparing
+ * that hash with the record's settles it without hashing. Revocation,
+ * expiry and a re-created key (another hash) are checked on every request
+ * as before. Only secrets that matched a record are kept: a wrong secret is
+ * always hashed. The entries live in the thread's memory, as the requests
+ * that carried them did. */
+#define VERIFIED_SLOTS 64
+typedef struct {
+  uint64_t id_num;
+  int used;
+  char secret[TG_KEY_SECRET_LEN];
+  uint8_t sha256[TG_KEY_HASH_LEN];
+} verified_t;
+static _Thread_local verified_t verified[VERIFIED_SLOTS];
+
 tg_key_verdict_t tg_key_verify(const tg_key_rec_t *rec,
                                const tg_key_parts_t *parts, int64_t now) {
+  verified_t *e = &verified[parts->id_num % VERIFIED_SLOTS];
   uint8_t h[TG_KEY_HASH_LEN];
-  if (tg_key_hash_secret(parts->secret, TG_KEY_SECRET_LEN, h) != 0)
-    return TG_KEY_BAD_SECRET;  /* fail closed */
+
+  if (e->used && e->id_num == parts->id_num &&
+      CRYPTO_memcmp(e->secret, parts->secret, TG_KEY_SECRET_LEN) == 0) {
+    memcpy(h, e->sha256, TG_KEY_HASH_LEN);
+  } else {
+    if (tg_key_hash_secret(parts->secret, TG_KEY_SECRET_LEN, h) != 0)
+      return TG_KEY_BAD_SECRET;  /* fail closed */
+    if (CRYPTO_memcmp(h, rec->secret_sha256, TG_KEY_HASH_LEN) == 0) {
+      e->used = 1;
+      e->id_num = parts->id_num;
+      memcpy(e->secret, parts->secret, TG_KEY_SECRET_LEN);
+      memcpy(e->sha256, h, TG_KEY_HASH_LEN);
+    }
+  }
   if (CRYPTO_memcmp(h, rec->secret_sha256, TG_KEY_HASH_LEN) != 0)
     return TG_KEY_BAD_SECRET;
   if (rec->revoked_at != 0)

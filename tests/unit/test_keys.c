@@ -241,6 +241,52 @@ static void test_verify_injected_clock(void **state) {
   assert_string_equal(tg_key_verdict_str(TG_KEY_UNKNOWN), "unknown_key");
 }
 
+/* A verified secret is remembered per thread so it is not hashed again;
+ * what is remembered must never accept what hashing would refuse. */
+static void test_verify_memory_never_widens(void **state) {
+  char key[TG_KEY_LEN + 1], other[TG_KEY_LEN + 1], wrong[TG_KEY_LEN + 1];
+  tg_key_rec_t rec, rec2, recreated;
+  tg_key_parts_t parts, parts2, wparts;
+  (void)state;
+
+  make_rec(&rec, key);
+  assert_int_equal(tg_key_parse(key, TG_KEY_LEN, &parts), 0);
+  /* a wrong secret first: refused, and not remembered */
+  memcpy(wrong, key, sizeof(wrong));
+  wrong[TG_KEY_LEN - 1] = wrong[TG_KEY_LEN - 1] == '0' ? '1' : '0';
+  assert_int_equal(tg_key_parse(wrong, TG_KEY_LEN, &wparts), 0);
+  for (int i = 0; i < 3; i++) {
+    assert_int_equal(tg_key_verify(&rec, &wparts, 1000), TG_KEY_BAD_SECRET);
+    assert_int_equal(tg_key_verify(&rec, &parts, 1000), TG_KEY_OK);
+  }
+  /* the same id with another hash (the key re-created): the remembered
+   * secret no longer matches the record */
+  recreated = rec;
+  recreated.secret_sha256[0] ^= 1;
+  assert_int_equal(tg_key_verify(&recreated, &parts, 1000), TG_KEY_BAD_SECRET);
+  assert_int_equal(tg_key_verify(&rec, &parts, 1000), TG_KEY_OK);
+  /* revocation and expiry are read from the record every time */
+  rec.revoked_at = 1;
+  assert_int_equal(tg_key_verify(&rec, &parts, 1000), TG_KEY_REVOKED);
+  rec.revoked_at = 0;
+  rec.expires_at = 1000;
+  assert_int_equal(tg_key_verify(&rec, &parts, 1000), TG_KEY_EXPIRED);
+  rec.expires_at = 0;
+
+  /* two keys sharing a slot (ids 64 apart) take turns: each still verifies,
+   * and neither's secret passes for the other */
+  make_rec(&rec2, other);
+  assert_int_equal(tg_key_parse(other, TG_KEY_LEN, &parts2), 0);
+  parts2.id_num = rec2.id_num = rec.id_num + 64;
+  for (int i = 0; i < 3; i++) {
+    assert_int_equal(tg_key_verify(&rec, &parts, 1000), TG_KEY_OK);
+    assert_int_equal(tg_key_verify(&rec2, &parts2, 1000), TG_KEY_OK);
+  }
+  parts2.secret = parts.secret;
+  assert_int_equal(tg_key_verify(&rec2, &parts2, 1000), TG_KEY_BAD_SECRET);
+  assert_int_equal(tg_key_verify(&rec2, &parts2, 1000), TG_KEY_BAD_SECRET);
+}
+
 /* ---- keyset ---- */
 
 static void test_keyset_lookup_and_bounds(void **state) {
@@ -931,6 +977,7 @@ int main(void) {
     cmocka_unit_test(test_generate_parse_roundtrip),
     cmocka_unit_test(test_parse_rejects_malformed),
     cmocka_unit_test(test_verify_injected_clock),
+    cmocka_unit_test(test_verify_memory_never_widens),
     cmocka_unit_test(test_keyset_lookup_and_bounds),
     cmocka_unit_test_setup_teardown(test_store_create_list_revoke, tmp_setup,
                                     tmp_teardown),
