@@ -81,6 +81,8 @@ struct tg_http_conn_s {
 
   size_t out_pending;
   int timer_mode;
+  uint64_t due;                /* loop ms when timer_mode's limit passes */
+  uint64_t armed_due;          /* when the uv timer fires, while armed */
   int handles;                 /* open uv handles; freed at 0 */
   unsigned in_message : 1;
   unsigned active : 1;         /* handed to the handler, not completed */
@@ -88,6 +90,7 @@ struct tg_http_conn_s {
   unsigned closing : 1;
   unsigned close_after : 1;    /* close once output is flushed */
   unsigned reading : 1;
+  unsigned armed : 1;          /* the uv timer is running */
   unsigned queued : 1;         /* on srv->ready */
   unsigned chunked : 1;        /* current response is chunked */
   unsigned begun : 1;          /* response head sent */
@@ -106,6 +109,7 @@ typedef struct {
 static void conn_close(tg_http_conn_t *c);
 static void conn_process(tg_http_conn_t *c);
 static void conn_timer_update(tg_http_conn_t *c);
+static void on_timer(uv_timer_t *t);
 static void conn_start_reading(tg_http_conn_t *c);
 static void on_idle(uv_idle_t *h);
 
@@ -559,8 +563,7 @@ static size_t conn_feed(tg_http_conn_t *c, const char *data, size_t len) {
   c->req.body_len = c->body_len;
   c->active = 1;
   c->srv->active++;
-  c->timer_mode = TIMER_NONE;
-  uv_timer_stop(&c->timer);
+  c->timer_mode = TIMER_NONE; /* an armed timer fires and finds nothing due */
   c->srv->handler(&c->req);
   return used;
 }
@@ -625,8 +628,34 @@ static void on_idle(uv_idle_t *h) {
 
 /* ---- connection lifecycle --------------------------------------------- */
 
+/* Timers are armed lazily: a connection changes its deadline (c->due) on
+ * every request, several times, and moving a libuv timer costs a heap
+ * update each time. The uv timer is only moved when the new deadline is
+ * earlier than the one it is armed for; when it fires early, it is armed
+ * again for what is left. A connection going idle, busy and idle again
+ * touches the timer heap about once per timeout, not three times a
+ * request. */
+static void conn_timer_arm(tg_http_conn_t *c, uint64_t ms) {
+  uint64_t now = uv_now(c->srv->loop);
+  c->due = now + ms;
+  if (c->armed && c->armed_due <= c->due)
+    return;
+  uv_timer_start(&c->timer, on_timer, ms, 0);
+  c->armed = 1;
+  c->armed_due = c->due;
+}
+
 static void on_timer(uv_timer_t *t) {
   tg_http_conn_t *c = t->data;
+  uint64_t now = uv_now(c->srv->loop);
+
+  c->armed = 0;
+  if (c->timer_mode == TIMER_NONE)
+    return;
+  if (now < c->due) {
+    conn_timer_arm(c, c->due - now);
+    return;
+  }
   switch (c->timer_mode) {
   case TIMER_REQUEST:
     if (c->active)
@@ -668,9 +697,7 @@ static void conn_timer_update(tg_http_conn_t *c) {
     ms = lim->keepalive_timeout_ms;
   }
   if (mode == TIMER_NONE || ms == 0) {
-    if (c->timer_mode != TIMER_NONE)
-      uv_timer_stop(&c->timer);
-    c->timer_mode = TIMER_NONE;
+    c->timer_mode = TIMER_NONE; /* an armed timer fires and finds nothing due */
     return;
   }
   /* The request timer measures the whole request, so it is not restarted
@@ -678,7 +705,7 @@ static void conn_timer_update(tg_http_conn_t *c) {
   if (mode == TIMER_REQUEST && c->timer_mode == TIMER_REQUEST)
     return;
   c->timer_mode = mode;
-  uv_timer_start(&c->timer, on_timer, ms, 0);
+  conn_timer_arm(c, ms);
 }
 
 static void on_conn_closed(uv_handle_t *h) {

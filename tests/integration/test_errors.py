@@ -177,6 +177,35 @@ def test_idle_keepalive_connection_closed_without_response(stack):
     c.close()
 
 
+def test_deadlines_follow_the_connection_state(stack):
+    # a busy keep-alive connection outlives client_request (2 s): each
+    # request's deadline replaces the last one. Idle again, it is closed
+    # client_keepalive (5 s) after its last answer, not before; and a
+    # request started on a connection idle for a while still gets 408 two
+    # seconds after it began, not at the idle deadline
+    c = RawConn(stack.port)
+    t_end = time.monotonic() + 3.0
+    while time.monotonic() < t_end:
+        c.send(http_request_bytes("GET", "/v1/models", key=stack.key))
+        assert c.read_response().status == 200
+        time.sleep(0.3)
+    t_last = time.monotonic()
+    assert not c.closed_by_peer(3.5), "closed before client_keepalive"
+    assert c.closed_by_peer(4.0), "idle connection never closed"
+    assert 4.5 <= time.monotonic() - t_last <= 7.5
+    c.close()
+
+    c = RawConn(stack.port)
+    c.send(http_request_bytes("GET", "/v1/models", key=stack.key))
+    assert c.read_response().status == 200
+    time.sleep(1.0)
+    t0 = time.monotonic()
+    c.send("POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")  # never finished
+    _err(c.read_response(), 408, "invalid_request_error", "request_timeout")
+    assert 1.5 <= time.monotonic() - t0 <= 3.0
+    c.close()
+
+
 # ---- upstream answers -----------------------------------------------------
 
 def test_upstream_client_errors_relayed_unchanged(stack):
