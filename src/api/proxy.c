@@ -354,12 +354,12 @@ static void call_close(tg_call_t *c, int fin) {
     return;
   }
   memset(&rec, 0, sizeof(rec));
-  snprintf(rec.request_id, sizeof(rec.request_id), "%s", c->request_id);
+  tg_str_copy(rec.request_id, sizeof(rec.request_id), c->request_id);
   rec.ts_ms = c->t_start_ms;
-  snprintf(rec.tenant, sizeof(rec.tenant), "%s", c->tenant->name);
-  snprintf(rec.key_id, sizeof(rec.key_id), "%s", c->key_id);
-  snprintf(rec.model, sizeof(rec.model), "%s", c->model->name);
-  snprintf(rec.endpoint, sizeof(rec.endpoint), "%s", c->ep ? tg_endpoint_url(c->ep) : "");
+  tg_str_copy(rec.tenant, sizeof(rec.tenant), c->tenant->name);
+  tg_str_copy(rec.key_id, sizeof(rec.key_id), c->key_id);
+  tg_str_copy(rec.model, sizeof(rec.model), c->model->name);
+  tg_str_copy(rec.endpoint, sizeof(rec.endpoint), c->ep ? tg_endpoint_url(c->ep) : "");
   rec.cost_nano = call_usage(c);
   rec.prompt_tokens = c->prompt_tokens;
   rec.completion_tokens = c->completion_tokens;
@@ -396,7 +396,7 @@ static void call_error(tg_call_t *c, int status, const char *type, const char *c
   c->status = status;
   c->err_code = code;
   c->fin_type = type;
-  snprintf(c->fin_msg, sizeof(c->fin_msg), "%s", msg);
+  tg_str_copy(c->fin_msg, sizeof(c->fin_msg), msg);
   call_close(c, c->relayed ? FIN_ABORT : FIN_ERROR);
 }
 
@@ -690,7 +690,10 @@ static int start_attempt(tg_call_t *c, tg_endpoint_t *ep, size_t idx) {
     c->attempts++;
     c->up_status = 0;
     c->resp_len = 0;
-    snprintf(c->url, sizeof(c->url), "%s%s", tg_endpoint_url(ep), c->path);
+    {
+      size_t n = tg_str_copy(c->url, sizeof(c->url), tg_endpoint_url(ep));
+      tg_str_copy(c->url + n, sizeof(c->url) - n, c->path);
+    }
     memset(&opts, 0, sizeof(opts));
     opts.url = c->url;
     opts.body = c->body;

@@ -44,6 +44,18 @@ static inline void tg_sb_puts(tg_sb_t *b, const char *s) {
   tg_sb_put(b, s, strlen(s));
 }
 
+/* Copies src into dst[0..size) as snprintf(dst, size, "%s", src) would:
+ * cut to size - 1 bytes and NUL-terminated (size >= 1). Returns the bytes
+ * written, without the NUL. */
+static inline size_t tg_str_copy(char *dst, size_t size, const char *src) {
+  size_t n = strlen(src);
+  if (n >= size)
+    n = size - 1;
+  memcpy(dst, src, n);
+  dst[n] = '\0';
+  return n;
+}
+
 /* v in decimal. */
 static inline void tg_sb_putu(tg_sb_t *b, uint64_t v) {
   char t[20];

@@ -212,7 +212,7 @@ out:
   return rc;
 }
 
-int tg_db_sqlite_open(sqlite3 **db, const char *data_dir) {
+static int open_flags(sqlite3 **db, const char *data_dir, int flags) {
   char path[PATH_MAX];
   sqlite3 *conn = NULL;
   int rc, n;
@@ -228,7 +228,7 @@ int tg_db_sqlite_open(sqlite3 **db, const char *data_dir) {
     return rc;
 
   rc = TG_EDB;
-  if (sqlite3_open_v2(path, &conn, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE,
+  if (sqlite3_open_v2(path, &conn, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | flags,
                       NULL) != SQLITE_OK) {
     fprintf(stderr, "tollgate: cannot open %s: %s\n", path,
             conn ? sqlite3_errmsg(conn) : "out of memory");
@@ -249,4 +249,12 @@ out:
   }
   *db = conn;
   return 0;
+}
+
+int tg_db_sqlite_open(sqlite3 **db, const char *data_dir) {
+  return open_flags(db, data_dir, 0);
+}
+
+int tg_db_sqlite_open_private(sqlite3 **db, const char *data_dir) {
+  return open_flags(db, data_dir, SQLITE_OPEN_NOMUTEX);
 }

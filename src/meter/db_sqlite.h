@@ -22,6 +22,11 @@
  * TG_EINVAL, prints one line saying why on stderr, and *db is NULL. */
 int tg_db_sqlite_open(sqlite3 **db, const char *data_dir);
 
+/* The same, for a connection only ever used by one thread at a time (a
+ * writer or checkpointer thread's own): opened SQLITE_OPEN_NOMUTEX, so no
+ * call takes the connection's mutex. */
+int tg_db_sqlite_open_private(sqlite3 **db, const char *data_dir);
+
 /* The highest migration version this binary knows (the schema version a
  * freshly opened database has). */
 int tg_db_sqlite_schema_version(void);

@@ -53,6 +53,8 @@ typedef struct {
 struct tg__ledger_conn_s {
   sqlite3 *db;
   sqlite3_stmt *insert;   /* prepared once, for the writer */
+  sqlite3_stmt *begin;    /* BEGIN IMMEDIATE, likewise */
+  sqlite3_stmt *commit;   /* COMMIT, likewise */
   int busy_ms;            /* the connection's lock wait, restored after a probe */
   ckpt_t *ck;             /* the writer's checkpointer, or NULL */
   char err[256];          /* the last write failure, for the writer's log */
@@ -165,7 +167,7 @@ static int ckpt_start(tg__ledger_conn_t *c, const char *data_dir) {
 
   if (k == NULL)
     return TG_ENOMEM;
-  if ((rc = tg_db_sqlite_open(&k->db, data_dir)) != 0) {
+  if ((rc = tg_db_sqlite_open_private(&k->db, data_dir)) != 0) {
     free(k);
     return rc;
   }
@@ -193,6 +195,8 @@ static void sq_close(tg__ledger_conn_t *c) {
     sqlite3_wal_hook(c->db, NULL, NULL);
   ckpt_stop(c->ck);
   sqlite3_finalize(c->insert);
+  sqlite3_finalize(c->begin);
+  sqlite3_finalize(c->commit);
   sqlite3_close(c->db);
   free(c);
 }
@@ -207,7 +211,9 @@ static int sq_open(const char *database, const char *data_dir,
   c = calloc(1, sizeof(*c));
   if (c == NULL)
     return TG_ENOMEM;
-  rc = tg_db_sqlite_open(&c->db, data_dir);
+  /* the writer's connection is the writer thread's alone */
+  rc = o != NULL && o->writer ? tg_db_sqlite_open_private(&c->db, data_dir)
+                              : tg_db_sqlite_open(&c->db, data_dir);
   if (rc != 0)
     goto out;
   rc = TG_EDB;
@@ -229,8 +235,12 @@ static int sq_open(const char *database, const char *data_dir,
   if (sqlite3_busy_timeout(c->db, c->busy_ms) != SQLITE_OK)
     goto out;
   if (o != NULL && o->writer &&
-      sqlite3_prepare_v3(c->db, insert_sql, -1, SQLITE_PREPARE_PERSISTENT,
-                         &c->insert, NULL) != SQLITE_OK) {
+      (sqlite3_prepare_v3(c->db, insert_sql, -1, SQLITE_PREPARE_PERSISTENT,
+                          &c->insert, NULL) != SQLITE_OK ||
+       sqlite3_prepare_v3(c->db, "BEGIN IMMEDIATE", -1, SQLITE_PREPARE_PERSISTENT,
+                          &c->begin, NULL) != SQLITE_OK ||
+       sqlite3_prepare_v3(c->db, "COMMIT", -1, SQLITE_PREPARE_PERSISTENT,
+                          &c->commit, NULL) != SQLITE_OK)) {
     fail(c->db, "cannot prepare the insert");
     goto out;
   }
@@ -268,11 +278,19 @@ static int bind_rec(sqlite3_stmt *st, const tg_ledger_rec_t *r) {
   return sqlite3_bind_int64(st, 14, r->total_us);
 }
 
+/* Runs a prepared statement without rows (BEGIN, COMMIT) and resets it, so
+ * a failure's code survives the reset. */
+static int step_once(sqlite3_stmt *st) {
+  int rc = sqlite3_step(st);
+  sqlite3_reset(st);
+  return rc;
+}
+
 static int sq_insert_batch(tg__ledger_conn_t *c,
                            const tg_ledger_rec_t *const *recs, size_t n) {
   int rc = TG_EDB;
 
-  if (c->insert == NULL)
+  if (c->insert == NULL || c->begin == NULL || c->commit == NULL)
     return TG_EINVAL;
   if (atomic_load(&fail_inserts)) {
     snprintf(c->err, sizeof(c->err), "database down (test)");
@@ -280,7 +298,7 @@ static int sq_insert_batch(tg__ledger_conn_t *c,
   }
   /* IMMEDIATE takes the write lock now, waiting up to the busy timeout;
    * a deferred BEGIN could fail later, half-way through the batch. */
-  if (sqlite3_exec(c->db, "BEGIN IMMEDIATE", NULL, NULL, NULL) != SQLITE_OK)
+  if (step_once(c->begin) != SQLITE_DONE)
     return note(c, "cannot begin a batch");
   for (size_t i = 0; i < n; i++) {
     sqlite3_reset(c->insert);
@@ -292,7 +310,7 @@ static int sq_insert_batch(tg__ledger_conn_t *c,
     }
   }
   sqlite3_reset(c->insert);
-  if (sqlite3_exec(c->db, "COMMIT", NULL, NULL, NULL) != SQLITE_OK) {
+  if (step_once(c->commit) != SQLITE_DONE) {
     note(c, "commit");
     goto out;
   }

@@ -73,10 +73,29 @@ static void test_bound_is_kept(void **state) {
   assert_true(b.err);
 }
 
+static void test_copy_as_snprintf(void **state) {
+  static const char *const texts[] = {"", "a", "abcdef", "abcdefg", "abcdefgh", "abcdefghijklmno"};
+  char got[16], want[16];
+  (void)state;
+
+  for (size_t i = 0; i < sizeof(texts) / sizeof(texts[0]); i++) {
+    for (size_t size = 1; size <= 9; size++) {
+      int n;
+      memset(got, 'x', sizeof(got));
+      memset(want, 'x', sizeof(want));
+      n = snprintf(want, size, "%s", texts[i]);
+      assert_int_equal(tg_str_copy(got, size, texts[i]),
+                       (size_t)n < size ? (size_t)n : size - 1);
+      assert_memory_equal(got, want, sizeof(got)); /* and nothing past size */
+    }
+  }
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
     cmocka_unit_test(test_numbers_as_printf),
     cmocka_unit_test(test_bound_is_kept),
+    cmocka_unit_test(test_copy_as_snprintf),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
