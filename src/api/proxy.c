@@ -553,8 +553,13 @@ static int scan_usage(tg_call_t *c, const char *body, size_t len) {
     end--;
   if (p >= end || *p != '{' || end[-1] != '}')
     return TG_EPARSE;
-  for (q = p; (q = memmem(q, (size_t)(end - q), "\"usage\"", 7)) != NULL; q += 7)
-    u = q;
+  /* the last "usage" of the text, searched from the end: upstreams put
+   * usage last, so this reads a few dozen bytes, not the whole answer */
+  for (q = end; (q = memrchr(p, '"', (size_t)(q - p))) != NULL;)
+    if (end - q >= 7 && memcmp(q, "\"usage\"", 7) == 0) {
+      u = q;
+      break;
+    }
   if (u == NULL)
     return 0;
   u += 7;
@@ -1115,24 +1120,58 @@ static int64_t text_bytes(const cJSON *v) {
   return n;
 }
 
+/* The members of a request body the gateway reads, found in one walk over
+ * the object (tg_json_parse has made sure no key appears twice). */
+typedef struct {
+  const cJSON *model, *messages, *prompt, *input, *max_completion_tokens, *max_tokens,
+      *stream, *stream_options;
+} body_fields_t;
+
+static void body_fields(const cJSON *root, body_fields_t *f) {
+  const cJSON *e;
+  memset(f, 0, sizeof(*f));
+  cJSON_ArrayForEach(e, root) {
+    const char *k = e->string;
+    switch (k[0]) {
+    case 'm':
+      if (strcmp(k, "model") == 0) f->model = e;
+      else if (strcmp(k, "messages") == 0) f->messages = e;
+      else if (strcmp(k, "max_tokens") == 0) f->max_tokens = e;
+      else if (strcmp(k, "max_completion_tokens") == 0) f->max_completion_tokens = e;
+      break;
+    case 'p':
+      if (strcmp(k, "prompt") == 0) f->prompt = e;
+      break;
+    case 'i':
+      if (strcmp(k, "input") == 0) f->input = e;
+      break;
+    case 's':
+      if (strcmp(k, "stream") == 0) f->stream = e;
+      else if (strcmp(k, "stream_options") == 0) f->stream_options = e;
+      break;
+    default:
+      break;
+    }
+  }
+}
+
 /* The prompt estimate (from above) and the completion tokens to reserve. */
-static void estimate(tg_call_t *c, const cJSON *root) {
-  const cJSON *msgs = tg_json_get(root, "messages"), *m;
+static void estimate(tg_call_t *c, const body_fields_t *f) {
+  const cJSON *m;
   int64_t est = 8, max_tokens = 0, mt;
 
-  if (cJSON_IsArray(msgs)) {
-    cJSON_ArrayForEach(m, msgs) {
+  if (cJSON_IsArray(f->messages)) {
+    cJSON_ArrayForEach(m, f->messages) {
       /* a chat template adds a few tokens per message */
       est += 8 + text_bytes(tg_json_get(m, "content"));
     }
   }
-  est += text_bytes(tg_json_get(root, "prompt"));
-  est += text_bytes(tg_json_get(root, "input"));
+  est += text_bytes(f->prompt);
+  est += text_bytes(f->input);
   c->prompt_estimate = est;
 
   if (strcmp(c->path, "/v1/embeddings") != 0 && c->model->kind != TG_MODEL_EMBEDDING) {
-    if (!tg_json_int(tg_json_get(root, "max_completion_tokens"), &mt) &&
-        !tg_json_int(tg_json_get(root, "max_tokens"), &mt))
+    if (!tg_json_int(f->max_completion_tokens, &mt) && !tg_json_int(f->max_tokens, &mt))
       mt = 0;
     max_tokens = mt > 0 ? mt : c->model->max_tokens;
   }
@@ -1189,7 +1228,9 @@ static int with_usage_requested(const char *body, size_t len, int has_options, c
  * returns -1. */
 static int parse_body(tg_call_t *c, const tg_key_rec_t *rec) {
   tg_http_req_t *req = c->req;
-  cJSON *root, *model, *so;
+  cJSON *root;
+  const cJSON *model, *so;
+  body_fields_t f;
   tg_json_err_t jerr;
   int rc = -1;
 
@@ -1204,7 +1245,8 @@ static int parse_body(tg_call_t *c, const tg_key_rec_t *rec) {
                 "the request body is not a JSON object");
     goto out;
   }
-  model = tg_json_get(root, "model");
+  body_fields(root, &f);
+  model = f.model;
   if (!cJSON_IsString(model) || model->valuestring[0] == '\0') {
     call_refuse(c, 400, "invalid_request_error", "missing_model", NULL,
                 "the request must name a model (a non-empty string)");
@@ -1222,12 +1264,12 @@ static int parse_body(tg_call_t *c, const tg_key_rec_t *rec) {
     goto out;
   }
   c->pool = tg_runtime_pool(c->rt, c->model);
-  estimate(c, root);
-  c->stream = cJSON_IsTrue(tg_json_get(root, "stream"));
+  estimate(c, &f);
+  c->stream = cJSON_IsTrue(f.stream);
   c->body = req->body;
   c->body_len = req->body_len;
   if (c->stream) {
-    so = tg_json_get(root, "stream_options");
+    so = f.stream_options;
     c->client_usage = cJSON_IsTrue(tg_json_get(so, "include_usage"));
     if (!c->client_usage) {
       int r = with_usage_requested(req->body, req->body_len, so != NULL, &c->body_owned);
