@@ -545,7 +545,6 @@ static void on_client_drain(tg_http_req_t *req) {
 static int scan_usage(tg_call_t *c, const char *body, size_t len) {
   const char *p = body, *end = body + len, *u = NULL, *q;
   cJSON *usage;
-  int64_t pt, ct;
 
   while (p < end && (*p == ' ' || *p == '\n' || *p == '\r' || *p == '\t'))
     p++;
@@ -566,12 +565,8 @@ static int scan_usage(tg_call_t *c, const char *body, size_t len) {
   while (u < end && (*u == ' ' || *u == ':' || *u == '\n' || *u == '\t' || *u == '\r'))
     u++;
   usage = tg_json_parse(u, (size_t)(end - u), 0, NULL);
-  if (tg_json_int(tg_json_get(usage, "prompt_tokens"), &pt) && pt >= 0) {
+  if (tg_usage_read(usage, &c->prompt_tokens, &c->completion_tokens))
     c->has_usage = 1;
-    c->prompt_tokens = pt;
-    c->completion_tokens =
-        tg_json_int(tg_json_get(usage, "completion_tokens"), &ct) && ct >= 0 ? ct : 0;
-  }
   cJSON_Delete(usage);
   return 0;
 }

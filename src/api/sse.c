@@ -90,11 +90,19 @@ static void *find(const char *s, size_t n, const char *needle) {
   return memmem(s, n, needle, strlen(needle));
 }
 
+int tg_usage_read(const cJSON *usage, int64_t *prompt, int64_t *completion) {
+  int64_t pt, ct;
+  if (!tg_json_int(tg_json_get(usage, "prompt_tokens"), &pt) || pt < 0)
+    return 0;
+  *prompt = pt;
+  *completion = tg_json_int(tg_json_get(usage, "completion_tokens"), &ct) && ct >= 0 ? ct : 0;
+  return 1;
+}
+
 int tg_sse_inspect(const char *ev, size_t len, tg_sse_info_t *info) {
   const char *d, *end = ev + len, *le;
   cJSON *root;
   const cJSON *usage, *choices;
-  int64_t pt, ct;
   int n_choices;
 
   memset(info, 0, sizeof(*info));
@@ -129,11 +137,8 @@ int tg_sse_inspect(const char *ev, size_t len, tg_sse_info_t *info) {
   n_choices = cJSON_IsArray(choices) ? cJSON_GetArraySize(choices) : 0;
   info->has_choices = n_choices > 0;
   usage = tg_json_get(root, "usage");
-  if (tg_json_int(tg_json_get(usage, "prompt_tokens"), &pt) && pt >= 0) {
+  if (tg_usage_read(usage, &info->prompt_tokens, &info->completion_tokens)) {
     info->has_usage = 1;
-    info->prompt_tokens = pt;
-    info->completion_tokens =
-        tg_json_int(tg_json_get(usage, "completion_tokens"), &ct) && ct >= 0 ? ct : 0;
     info->usage_only = cJSON_IsArray(choices) && n_choices == 0;
   }
   cJSON_Delete(root);

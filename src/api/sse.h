@@ -8,6 +8,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "core/json.h"
+
 typedef struct {
   char *buf;        /* bytes of an event not yet complete */
   size_t len, cap;
@@ -41,5 +43,10 @@ typedef struct {
 /* Classifies one event. Returns 0, or TG_EPARSE when its data is not
  * [DONE] and not a JSON object. */
 int tg_sse_inspect(const char *ev, size_t len, tg_sse_info_t *info);
+
+/* Reads an OpenAI "usage" object, streamed or not: 1 with the token counts
+ * when prompt_tokens is a non-negative integer (completion_tokens then
+ * defaults to 0), 0 otherwise. usage may be NULL or not an object. */
+int tg_usage_read(const cJSON *usage, int64_t *prompt, int64_t *completion);
 
 #endif

@@ -206,22 +206,21 @@ tg_key_verdict_t tg_key_verify(const tg_key_rec_t *rec,
                                const tg_key_parts_t *parts, int64_t now) {
   verified_t *e = &verified[parts->id_num % VERIFIED_SLOTS];
   uint8_t h[TG_KEY_HASH_LEN];
+  int known = e->used && e->id_num == parts->id_num &&
+              CRYPTO_memcmp(e->secret, parts->secret, TG_KEY_SECRET_LEN) == 0;
 
-  if (e->used && e->id_num == parts->id_num &&
-      CRYPTO_memcmp(e->secret, parts->secret, TG_KEY_SECRET_LEN) == 0) {
+  if (known)
     memcpy(h, e->sha256, TG_KEY_HASH_LEN);
-  } else {
-    if (tg_key_hash_secret(parts->secret, TG_KEY_SECRET_LEN, h) != 0)
-      return TG_KEY_BAD_SECRET;  /* fail closed */
-    if (CRYPTO_memcmp(h, rec->secret_sha256, TG_KEY_HASH_LEN) == 0) {
-      e->used = 1;
-      e->id_num = parts->id_num;
-      memcpy(e->secret, parts->secret, TG_KEY_SECRET_LEN);
-      memcpy(e->sha256, h, TG_KEY_HASH_LEN);
-    }
-  }
+  else if (tg_key_hash_secret(parts->secret, TG_KEY_SECRET_LEN, h) != 0)
+    return TG_KEY_BAD_SECRET;  /* fail closed */
   if (CRYPTO_memcmp(h, rec->secret_sha256, TG_KEY_HASH_LEN) != 0)
     return TG_KEY_BAD_SECRET;
+  if (!known) {
+    e->used = 1;
+    e->id_num = parts->id_num;
+    memcpy(e->secret, parts->secret, TG_KEY_SECRET_LEN);
+    memcpy(e->sha256, h, TG_KEY_HASH_LEN);
+  }
   if (rec->revoked_at != 0)
     return TG_KEY_REVOKED;
   if (rec->expires_at != 0 && now >= rec->expires_at)
