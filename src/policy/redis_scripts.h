@@ -57,7 +57,7 @@
   "-- global access goes through a metatable\n"                                                              \
   "local tonumber, unpack, rcall = tonumber, unpack, redis.call\n"                                           \
   "local mfloor, mmin, mmax, mabs = math.floor, math.min, math.max, math.abs\n"                              \
-  "local smatch, sformat, sbyte = string.match, string.format, string.byte\n"                                \
+  "local smatch, sformat, sbyte, pairs = string.match, string.format, string.byte, pairs\n"                  \
   "local LEVEL_MIN = -4611686018427387904 -- -(2^62), as limits.c\n"                                         \
   "local EXACT = 9007199254740992 -- 2^53: doubles hold every integer below\n"                               \
   "local function fmt(x) return sformat('%d', x) end\n"                                                      \
@@ -110,6 +110,7 @@
   "    local e = log_orig(g, oi)\n"                                                                          \
   "    if e == nil then return nil end\n"                                                                    \
   "    if oi == g.len - 1 and g.last_n ~= nil then return e[1], g.last_n end\n"                              \
+  "    if g.mod ~= nil and g.mod[oi] ~= nil then return e[1], g.mod[oi] end\n"                               \
   "    return e[1], e[2]\n"                                                                                  \
   "  end\n"                                                                                                  \
   "  local a = g.app[g.app_first + oi - g.len]\n"                                                            \
@@ -153,15 +154,15 @@
   "  if last == nil then return 0 end\n"                                                                     \
   "  return last + window - now\n"                                                                           \
   "end\n"                                                                                                    \
-  "-- one admission at now; a clock behind the newest entry counts it there\n"                               \
-  "-- (errs toward refusing)\n"                                                                              \
-  "local function log_append(g, now)\n"                                                                      \
-  "  local merged = false\n"                                                                                 \
+  "-- n admissions at ts; a clock behind the newest entry counts them there\n"                               \
+  "-- (errs toward refusing). Returns the time they were counted at.\n"                                      \
+  "local function log_append(g, ts, n)\n"                                                                    \
+  "  local at = nil\n"                                                                                       \
   "  if #g.app >= g.app_first then\n"                                                                        \
   "    local a = g.app[#g.app]\n"                                                                            \
-  "    if a[1] >= now then\n"                                                                                \
-  "      a[2] = a[2] + 1\n"                                                                                  \
-  "      merged = true\n"                                                                                    \
+  "    if a[1] >= ts then\n"                                                                                 \
+  "      a[2] = a[2] + n\n"                                                                                  \
+  "      at = a[1]\n"                                                                                        \
   "    end\n"                                                                                                \
   "  elseif g.popped < g.len then\n"                                                                         \
   "    local e = g.cache[g.len - 1]\n"                                                                       \
@@ -169,14 +170,61 @@
   "      e = log_parse(rcall('LINDEX', g.L, -1))\n"                                                          \
   "      g.cache[g.len - 1] = e\n"                                                                           \
   "    end\n"                                                                                                \
-  "    if e[1] >= now then\n"                                                                                \
-  "      g.last_n = (g.last_n or e[2]) + 1\n"                                                                \
-  "      merged = true\n"                                                                                    \
+  "    if e[1] >= ts then\n"                                                                                 \
+  "      g.last_n = (g.last_n or e[2]) + n\n"                                                                \
+  "      at = e[1]\n"                                                                                        \
   "    end\n"                                                                                                \
   "  end\n"                                                                                                  \
-  "  if not merged then g.app[#g.app + 1] = {now, 1} end\n"                                                  \
-  "  g.total = g.total + 1\n"                                                                                \
+  "  if at == nil then\n"                                                                                    \
+  "    g.app[#g.app + 1] = {ts, n}\n"                                                                        \
+  "    at = ts\n"                                                                                            \
+  "  end\n"                                                                                                  \
+  "  g.total = g.total + n\n"                                                                                \
   "  g.appended = true\n"                                                                                    \
+  "  return at\n"                                                                                            \
+  "end\n"                                                                                                    \
+  "-- takes back up to n admissions counted at ts (a holding's unused\n"                                     \
+  "-- grant): found among the newest 16 entries, else left to expire (errs\n"                                \
+  "-- toward refusing)\n"                                                                                    \
+  "local function log_give_back(g, ts, n)\n"                                                                 \
+  "  log_load(g)\n"                                                                                          \
+  "  for i = #g.app, g.app_first, -1 do\n"                                                                   \
+  "    local a = g.app[i]\n"                                                                                 \
+  "    if a[1] == ts then\n"                                                                                 \
+  "      local d = mmin(n, a[2])\n"                                                                          \
+  "      a[2], g.total = a[2] - d, g.total - d\n"                                                            \
+  "      return\n"                                                                                           \
+  "    end\n"                                                                                                \
+  "    if a[1] < ts then return end\n"                                                                       \
+  "  end\n"                                                                                                  \
+  "  local live = g.len - g.popped\n"                                                                        \
+  "  for j = 1, mmin(live, 16) do\n"                                                                         \
+  "    local oi = g.len - j\n"                                                                               \
+  "    local e = g.cache[oi]\n"                                                                              \
+  "    if e == nil then\n"                                                                                   \
+  "      local chunk = rcall('LRANGE', g.L, mmax(oi - 15, g.popped), oi)\n"                                  \
+  "      local first = oi - #chunk + 1\n"                                                                    \
+  "      for x = 1, #chunk do\n"                                                                             \
+  "        if g.cache[first + x - 1] == nil then g.cache[first + x - 1] = log_parse(chunk[x]) end\n"         \
+  "      end\n"                                                                                              \
+  "      e = g.cache[oi]\n"                                                                                  \
+  "      if e == nil then return end\n"                                                                      \
+  "    end\n"                                                                                                \
+  "    if e[1] == ts then\n"                                                                                 \
+  "      if oi == g.len - 1 then\n"                                                                          \
+  "        local cur = g.last_n or e[2]\n"                                                                   \
+  "        local d = mmin(n, cur)\n"                                                                         \
+  "        g.last_n, g.total = cur - d, g.total - d\n"                                                       \
+  "      else\n"                                                                                             \
+  "        g.mod = g.mod or {}\n"                                                                            \
+  "        local cur = g.mod[oi] or e[2]\n"                                                                  \
+  "        local d = mmin(n, cur)\n"                                                                         \
+  "        g.mod[oi], g.total = cur - d, g.total - d\n"                                                      \
+  "      end\n"                                                                                              \
+  "      return\n"                                                                                           \
+  "    end\n"                                                                                                \
+  "    if e[1] < ts then return end\n"                                                                       \
+  "  end\n"                                                                                                  \
   "end\n"                                                                                                    \
   "-- writes what changed; the keys live a window past a minute of skew\n"                                   \
   "local function log_commit(g, window)\n"                                                                   \
@@ -188,6 +236,13 @@
   "  end\n"                                                                                                  \
   "  if g.popped > 0 then\n"                                                                                 \
   "    if live_orig > 0 then rcall('LTRIM', g.L, g.popped, -1) else rcall('DEL', g.L) end\n"                 \
+  "  end\n"                                                                                                  \
+  "  if g.mod ~= nil then\n"                                                                                 \
+  "    for oi, n in pairs(g.mod) do\n"                                                                       \
+  "      if oi >= g.popped and oi < g.len - 1 then\n"                                                        \
+  "        rcall('LSET', g.L, oi - g.popped, fmt(g.cache[oi][1]) .. ' ' .. fmt(n))\n"                        \
+  "      end\n"                                                                                              \
+  "    end\n"                                                                                                \
   "  end\n"                                                                                                  \
   "  if g.last_n ~= nil and live_orig > 0 then\n"                                                            \
   "    rcall('LSET', g.L, -1, fmt(g.cache[g.len - 1][1]) .. ' ' .. fmt(g.last_n))\n"                         \
@@ -351,7 +406,7 @@
   "  if log_expire(g, now, 1000) >= rps then\n"                               \
   "    out[i] = {0, log_wait(g, rps, now, 1000)}\n"                           \
   "  else\n"                                                                  \
-  "    log_append(g, now)\n"                                                  \
+  "    log_append(g, now, 1)\n"                                                \
   "    out[i] = {1, 0}\n"                                                     \
   "  end\n"                                                                   \
   "end\n"                                                                     \
@@ -359,7 +414,7 @@
   "return out\n"
 
 /* ---- tenant batch --------------------------------------------------------
- * KEYS: 1 rpm log, 2 rpm total, 3 tpm bucket, 4 leases, then 4 + i:
+ * KEYS: 1 rpm log, 2 rpm total, 3 tpm bucket, 4 leases, 5 holdings, then 5 + i:
  *       window i (tg:{T}:day:<d> or tg:{T}:month:<m>), the windows the
  *       operations name                        (all tagged {tenant})
  * ARGV: lease ttl ms, number of windows, then for each window its period,
@@ -377,6 +432,12 @@
  *       member> <reserved milli-tokens> <actual milli-tokens> <reserved
  *       cost> <actual cost> <day window> <month window>" (of the admitted
  *       periods), a settlement
+ *   "H <now_ms> <holding id> <old day window> <old month window> <day
+ *       window> <month window> <unused requests> <the time they were
+ *       counted at> <token refund (milli-tokens, signed)> <spent (nano)>
+ *       <slots kept> <cost kept> <requests wanted> <milli-tokens each>
+ *       <cost each> <slots wanted> <until>", a holding's sync
+ *       (docs/state-redis.md, Holdings)
  * Returns one flat array (fewer objects to build and to parse): for each
  * admission or settlement in order its figures, then each window's spent:
  *   admission  code, retry_after_ms, limit_requests, remaining_requests,
@@ -384,6 +445,10 @@
  *              reset_tokens_ms; -1 = unlimited. A refusal changes nothing
  *              but what nobody can observe (expired log entries, dead
  *              leases).
+ *   sync       held, requests granted, milli-tokens, cost, slots, the time
+ *              the grant's requests are counted at, the six x-ratelimit
+ *              figures as an admission's, then day_alert, day_spent,
+ *              month_alert, month_spent as a settlement's
  *   settlement held, day_alert, day_spent, month_alert, month_spent:
  *              held = 1 when the lease (and so its reservation) was still
  *              there; *_alert = 1 when it raised the window's alert, and
@@ -394,7 +459,7 @@
   TG_REDIS_LUA_LIB                                                                                           \
   "local LOG = log_open(KEYS[1], KEYS[2])\n"                                                                 \
   "local TB = {B = KEYS[3], loaded = false}\n"                                                               \
-  "local leasesK = KEYS[4]\n"                                                                                \
+  "local leasesK, holdsK = KEYS[4], KEYS[5]\n"                                                               \
   "\n"                                                                                                       \
   "-- ARGV: lease ttl, the number of windows, each window's period, end and\n"                               \
   "-- keep ms, then the operations in the order the gateway made them. An 'L'\n"                             \
@@ -406,7 +471,7 @@
   "  WIN[i] = {period = ARGV[q], e = tonumber(ARGV[q + 1]), keep = tonumber(ARGV[q + 2])}\n"                 \
   "end\n"                                                                                                    \
   "-- each operation is one argument, its fields separated by spaces: the\n"                                 \
-  "-- argument, its kind ('A' 65, 'S' 83), now and limits\n"                                                 \
+  "-- argument, its kind ('A' 65, 'S' 83, 'H' 72), now and limits\n"                                         \
   "local recs, kinds, nows, lims = {}, {}, {}, {}\n"                                                         \
   "local nA, min_now, max_now, last_admit = 0, nil, nil, 0\n"                                                \
   "do\n"                                                                                                     \
@@ -421,7 +486,7 @@
   "      local rec = ARGV[p]\n"                                                                              \
   "      local i, kind, now = #recs + 1, sbyte(rec, 1), tonumber(smatch(rec, '^%a (%-?%d+)'))\n"             \
   "      recs[i], kinds[i], nows[i], lims[i] = rec, kind, now, L\n"                                          \
-  "      if kind == 65 then\n"                                                                               \
+  "      if kind == 65 or kind == 72 then\n"                                                                 \
   "        nA, last_admit = nA + 1, i\n"                                                                     \
   "        if min_now == nil or now < min_now then min_now = now end\n"                                      \
   "        if max_now == nil or now > max_now then max_now = now end\n"                                      \
@@ -433,7 +498,7 @@
   "\n"                                                                                                       \
   "local W = {}\n"                                                                                           \
   "local function win(i)\n"                                                                                  \
-  "  if W[i] == nil then W[i] = win_open(KEYS[4 + i]) end\n"                                                 \
+  "  if W[i] == nil then W[i] = win_open(KEYS[5 + i]) end\n"                                                 \
   "  return W[i]\n"                                                                                          \
   "end\n"                                                                                                    \
   "\n"                                                                                                       \
@@ -536,8 +601,51 @@
   "  end\n"                                                                                                  \
   "end\n"                                                                                                    \
   "\n"                                                                                                       \
-  "-- one flat reply: 8 figures per admission, 5 per settlement, then the\n"                                 \
-  "-- windows' spent\n"                                                                                      \
+  "-- holdings: members '<hid> <slots> <day> <month> <cost>' of tg:{T}:holds,\n"                             \
+  "-- scored by expiry, one per gateway loop thread that holds a grant or\n"                                 \
+  "-- requests admitted from one (docs/state-redis.md, Holdings): its slots\n"                               \
+  "-- count as leases, its cost is reserved in that day and month. Few, so\n"                                \
+  "-- read whole once per batch that admits or syncs.\n"                                                     \
+  "local HOLD, hlist, hzrem, hloaded = {}, {}, {}, false\n"                                                  \
+  "local function holds_load()\n"                                                                            \
+  "  if hloaded then return end\n"                                                                           \
+  "  hloaded = true\n"                                                                                       \
+  "  local d = rcall('ZRANGE', holdsK, 0, -1, 'WITHSCORES')\n"                                               \
+  "  for j = 1, #d, 2 do\n"                                                                                  \
+  "    local hid, sl, dd, mo, c = smatch(d[j], '^(%S+) (%d+) (%-?%d+) (%-?%d+) (%d+)$')\n"                   \
+  "    if hid then\n"                                                                                        \
+  "      local h = {m = d[j], exp = tonumber(d[j + 1]), slots = tonumber(sl), day = dd, month = mo, cost = c}\n" \
+  "      HOLD[hid] = h\n"                                                                                    \
+  "      hlist[#hlist + 1] = h\n"                                                                            \
+  "    end\n"                                                                                                \
+  "  end\n"                                                                                                  \
+  "end\n"                                                                                                    \
+  "-- a holding goes: its money comes back from whichever of the batch's\n"                                  \
+  "-- windows dw, dw2 (day), mw, mw2 (month) is its period\n"                                                \
+  "local function hold_drop(h, dw, mw, dw2, mw2)\n"                                                          \
+  "  h.gone = true\n"                                                                                        \
+  "  if not h.new then hzrem[#hzrem + 1] = h.m end\n"                                                        \
+  "  for _, i in ipairs({dw, dw2}) do\n"                                                                     \
+  "    if i and WIN[i].period == h.day then win_unreserve(win(i), h.cost) break end\n"                       \
+  "  end\n"                                                                                                  \
+  "  for _, i in ipairs({mw, mw2}) do\n"                                                                     \
+  "    if i and WIN[i].period == h.month then win_unreserve(win(i), h.cost) break end\n"                     \
+  "  end\n"                                                                                                  \
+  "end\n"                                                                                                    \
+  "-- live holdings' slots at now; expired ones are dropped on the way\n"                                    \
+  "local function hold_slots(now, dw, mw)\n"                                                                 \
+  "  holds_load()\n"                                                                                         \
+  "  local n = 0\n"                                                                                          \
+  "  for _, h in ipairs(hlist) do\n"                                                                         \
+  "    if not h.gone then\n"                                                                                 \
+  "      if h.exp > now then n = n + h.slots else hold_drop(h, dw, mw) end\n"                                \
+  "    end\n"                                                                                                \
+  "  end\n"                                                                                                  \
+  "  return n\n"                                                                                             \
+  "end\n"                                                                                                    \
+  "\n"                                                                                                       \
+  "-- one flat reply: 8 figures per admission, 5 per settlement, 16 per\n"                                   \
+  "-- holding sync, then the windows' spent\n"                                                               \
   "local out = {}\n"                                                                                         \
   "-- A <now> <reserved mt> <cost> <lease member (4 fields)> <day win> <month win>\n"                        \
   "local function admit(rec, now, lim)\n"                                                                    \
@@ -545,7 +653,7 @@
   "    smatch(rec, '^A %-?%d+ (%d+) (%d+) (%S+ %-?%d+ %-?%d+ %d+) (%d+) (%d+)$')\n"                          \
   "  res_mt, dwi, mwi = tonumber(res_mt), tonumber(dwi), tonumber(mwi)\n"                                    \
   "  sweep(now, dwi, mwi)\n"                                                                                 \
-  "  local inf = inflight(now)\n"                                                                            \
+  "  local inf = inflight(now) + hold_slots(now, dwi, mwi)\n"                                                \
   "  local rpm, tpm, cap = lim.rpm, lim.tpm, lim.tpm * 1000\n"                                               \
   "  -- a log above a lowered limit is not trimmed: counting all of it\n"                                    \
   "  -- refuses exactly as trimming would, and a refusal changes nothing\n"                                  \
@@ -577,7 +685,7 @@
   "    added_live = added_live + 1\n"                                                                        \
   "    if added_min == nil or exp < added_min then added_min = exp end\n"                                    \
   "    if rpm > 0 then\n"                                                                                    \
-  "      log_append(LOG, now)\n"                                                                             \
+  "      log_append(LOG, now, 1)\n"                                                                          \
   "      total = LOG.total\n"                                                                                \
   "    else\n"                                                                                               \
   "      log_clear(LOG) -- unlimited records nothing\n"                                                      \
@@ -637,8 +745,109 @@
   "  win_settle(win(mwi), held, rc, ac, lim.mthr, out, n + 4)\n"                                             \
   "end\n"                                                                                                    \
   "\n"                                                                                                       \
+  "-- H <now> <hid> <old day win> <old month win> <day win> <month win>\n"                                   \
+  "--   <unused requests> <their time> <token refund mt> <spent> <slots kept>\n"                             \
+  "--   <cost kept> <requests wanted> <mt each> <cost each> <slots wanted>\n"                                \
+  "--   <until>: a holding's sync. Its old grant and settled requests are\n"                                 \
+  "-- accounted (unused requests, tokens and money back, spent added), then\n"                               \
+  "-- a new grant is made of at most 1/HF of what every limit has left, or\n"                                \
+  "-- none when that is below HMIN requests; what is kept (slots and money\n"                                \
+  "-- of requests still running) is held whatever the limits say, as their\n"                                \
+  "-- leases would be.\n"                                                                                    \
+  "local HF, HMIN = 8, 8\n"                                                                                  \
+  "local function hold(rec, now, lim)\n"                                                                     \
+  "  local f = {}\n"                                                                                         \
+  "  for x in string.gmatch(rec, '%S+') do f[#f + 1] = x end\n"                                              \
+  "  local hid = f[3]\n"                                                                                     \
+  "  local odw, omw, dwi, mwi = tonumber(f[4]), tonumber(f[5]), tonumber(f[6]), tonumber(f[7])\n"            \
+  "  local ret_n, ret_ts, refund, spent = tonumber(f[8]), tonumber(f[9]), tonumber(f[10]), f[11]\n"          \
+  "  local keep_s, keep_c = tonumber(f[12]), tonumber(f[13])\n"                                              \
+  "  local k, per_mt, per_c, want_s, until_ts = tonumber(f[14]), tonumber(f[15]), tonumber(f[16]),\n"        \
+  "    tonumber(f[17]), tonumber(f[18])\n"                                                                   \
+  "  sweep(now, dwi, mwi)\n"                                                                                 \
+  "  holds_load()\n"                                                                                         \
+  "  local held, h = 0, HOLD[hid]\n"                                                                         \
+  "  if h and not h.gone then\n"                                                                             \
+  "    held = 1\n"                                                                                           \
+  "    hold_drop(h, odw, omw, dwi, mwi)\n"                                                                   \
+  "  end\n"                                                                                                  \
+  "  local n = #out\n"                                                                                       \
+  "  out[n + 13], out[n + 14], out[n + 15], out[n + 16] = 0, '', 0, ''\n"                                    \
+  "  if spent ~= '0' then\n"                                                                                 \
+  "    win_settle(win(odw), 0, '0', spent, lim.dthr, out, n + 13)\n"                                         \
+  "    win_settle(win(omw), 0, '0', spent, lim.mthr, out, n + 15)\n"                                         \
+  "  end\n"                                                                                                  \
+  "  local rpm, tpm, cap = lim.rpm, lim.tpm, lim.tpm * 1000\n"                                               \
+  "  if ret_n > 0 and rpm > 0 then log_give_back(LOG, ret_ts, ret_n) end\n"                                  \
+  "  local level, updated = 0, 0\n"                                                                          \
+  "  if tpm > 0 then\n"                                                                                      \
+  "    tb_get(TB)\n"                                                                                         \
+  "    level, updated = tb_refill(TB, tpm, now)\n"                                                           \
+  "    if refund ~= 0 then\n"                                                                                \
+  "      level = mmax(mmin(level + refund, cap), LEVEL_MIN)\n"                                               \
+  "      tb_set(TB, level, updated, tpm, now)\n"                                                             \
+  "    end\n"                                                                                                \
+  "  end\n"                                                                                                  \
+  "  local total = 0\n"                                                                                      \
+  "  if rpm > 0 then\n"                                                                                      \
+  "    total = log_expire(LOG, now, 60000)\n"                                                                \
+  "    k = mmin(k, idiv(rpm - total, HF))\n"                                                                 \
+  "  end\n"                                                                                                  \
+  "  if tpm > 0 and per_mt > 0 then k = mmin(k, idiv(level, HF * per_mt)) end\n"                             \
+  "  local dw, mw = win(dwi), win(mwi)\n"                                                                    \
+  "  for _, b in ipairs({{lim.dlim, dw}, {lim.mlim, mw}}) do\n"                                              \
+  "    if b[1] > 0 then\n"                                                                                   \
+  "      local free = b[1] - b[2].spent - b[2].reserved - keep_c\n"                                          \
+  "      if per_c > 0 then k = mmin(k, idiv(free, HF * per_c)) elseif free < 0 then k = 0 end\n"             \
+  "    end\n"                                                                                                \
+  "  end\n"                                                                                                  \
+  "  local sl = want_s\n"                                                                                    \
+  "  if lim.conc > 0 then\n"                                                                                 \
+  "    local free = lim.conc - inflight(now) - hold_slots(now, dwi, mwi) - keep_s\n"                         \
+  "    sl = mmax(0, mmin(sl, idiv(free, HF)))\n"                                                             \
+  "    if sl < 1 then k = 0 end\n"                                                                           \
+  "  end\n"                                                                                                  \
+  "  local at = 0\n"                                                                                         \
+  "  if k < HMIN then\n"                                                                                     \
+  "    k, sl = 0, 0\n"                                                                                       \
+  "  else\n"                                                                                                 \
+  "    if rpm > 0 then at = log_append(LOG, until_ts, k) end\n"                                              \
+  "    if tpm > 0 then\n"                                                                                    \
+  "      level = mmax(level - k * per_mt, LEVEL_MIN)\n"                                                      \
+  "      tb_set(TB, level, updated, tpm, now)\n"                                                             \
+  "    end\n"                                                                                                \
+  "  end\n"                                                                                                  \
+  "  local slots, cost = keep_s + sl, keep_c + k * per_c\n"                                                  \
+  "  if slots > 0 or cost > 0 then\n"                                                                        \
+  "    local cs = fmt(cost)\n"                                                                               \
+  "    win_reserve(dw, cs, cost, WIN[dwi].e + WIN[dwi].keep - now)\n"                                        \
+  "    win_reserve(mw, cs, cost, WIN[mwi].e + WIN[mwi].keep - now)\n"                                        \
+  "    local nh = {m = hid .. ' ' .. fmt(slots) .. ' ' .. WIN[dwi].period .. ' ' .. WIN[mwi].period .. ' ' .. cs,\n" \
+  "                exp = now + lease_ttl, slots = slots, day = WIN[dwi].period, month = WIN[mwi].period,\n"  \
+  "                cost = cs, new = true}\n"                                                                 \
+  "    HOLD[hid] = nh\n"                                                                                     \
+  "    hlist[#hlist + 1] = nh\n"                                                                             \
+  "  end\n"                                                                                                  \
+  "  out[n + 1], out[n + 2], out[n + 3], out[n + 4], out[n + 5], out[n + 6] =\n"                             \
+  "    held, k, k * per_mt, k * per_c, sl, at\n"                                                             \
+  "  if rpm > 0 then\n"                                                                                      \
+  "    out[n + 7], out[n + 8], out[n + 9] = rpm, mmax(rpm - LOG.total, 0), log_wait(LOG, rpm, now, 60000)\n" \
+  "  else\n"                                                                                                 \
+  "    out[n + 7], out[n + 8], out[n + 9] = -1, -1, -1\n"                                                    \
+  "  end\n"                                                                                                  \
+  "  if tpm > 0 then\n"                                                                                      \
+  "    local rt = 0\n"                                                                                       \
+  "    if level > 0 then rt = idiv(level, 1000) end\n"                                                       \
+  "    out[n + 10], out[n + 11], out[n + 12] = tpm, rt, tb_wait(true, level, updated, tpm, cap, now)\n"      \
+  "  else\n"                                                                                                 \
+  "    out[n + 10], out[n + 11], out[n + 12] = -1, -1, -1\n"                                                 \
+  "  end\n"                                                                                                  \
+  "end\n"                                                                                                    \
+  "\n"                                                                                                       \
   "for i = 1, #recs do\n"                                                                                    \
-  "  if kinds[i] == 65 then\n"                                                                               \
+  "  if kinds[i] == 72 then\n"                                                                               \
+  "    hold(recs[i], nows[i], lims[i])\n"                                                                    \
+  "  elseif kinds[i] == 65 then\n"                                                                           \
   "    admit(recs[i], nows[i], lims[i])\n"                                                                   \
   "  else\n"                                                                                                 \
   "    settle(recs[i], nows[i], lims[i], i < last_admit)\n"                                                  \
@@ -655,6 +864,18 @@
   "  end\n"                                                                                                  \
   "end\n"                                                                                                    \
   "if #za > 0 then call_chunked('ZADD', leasesK, za) end\n"                                                  \
+  "if #hzrem > 0 then call_chunked('ZREM', holdsK, hzrem) end\n"                                             \
+  "local hza = {}\n"                                                                                         \
+  "for _, h in ipairs(hlist) do\n"                                                                           \
+  "  if h.new and not h.gone then\n"                                                                         \
+  "    hza[#hza + 1] = fmt(h.exp)\n"                                                                         \
+  "    hza[#hza + 1] = h.m\n"                                                                                \
+  "  end\n"                                                                                                  \
+  "end\n"                                                                                                    \
+  "if #hza > 0 then\n"                                                                                       \
+  "  rcall('ZADD', holdsK, unpack(hza))\n"                                                                   \
+  "  rcall('PEXPIRE', holdsK, fmt(lease_ttl + 60000))\n"                                                     \
+  "end\n"                                                                                                    \
   "log_commit(LOG, 60000)\n"                                                                                 \
   "tb_commit(TB)\n"                                                                                          \
   "for i = 1, nw do\n"                                                                                       \

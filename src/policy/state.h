@@ -117,6 +117,10 @@ int tg__redis_admit(tg__redis_loop_t *rl, const tg_admit_req_t *r, int64_t now_m
  * lease then expires on its own). */
 void tg__redis_settle(tg__redis_loop_t *rl, const tg_admit_req_t *r, const tg_admission_t *a,
                       int64_t actual_tokens, tg_nano_t actual_cost, int64_t now_ms);
+/* Holdings (docs/state-redis.md) are on unless turned off here, before the
+ * loops start: then every admission is decided by Redis one by one, as the
+ * tests that compare verdicts with limits.c need. */
+void tg__redis_holding(tg__redis_t *r, int on);
 /* 1 while the loop's connection is up. */
 int tg__redis_connected(const tg__redis_loop_t *rl);
 /* Tenant's spend in the UTC day and month of now_ms, from the figures the

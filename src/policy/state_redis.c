@@ -77,6 +77,22 @@
 #define TG_REDIS_MONTH_KEEP_MS (INT64_C(62) * 86400000)
 /* Same clamp as limits.c: tokens and token rates above this are taken as it. */
 #define TG_REDIS_TOKENS_MAX INT64_C(1000000000000)
+/* Holdings (docs/state-redis.md, Holdings): a busy tenant's loop thread
+ * takes a grant of requests, tokens, money and slots in one script call and
+ * admits from it locally. A grant is usable for TG_REDIS_HOLD_MS; the
+ * script makes none smaller than 8 requests or above 1/8 of what any limit
+ * has left (HMIN, HF there). A tenant counts as busy with this many
+ * admissions on the loop over the last two periods. */
+#define TG_REDIS_HOLD_MS 200
+#define TG_REDIS_HOLD_BUSY 8
+#define TG_REDIS_HOLD_MAX_REQ 4096
+#define TG_REDIS_HOLD_MIN_SLOTS 16
+/* At most one sync per tenant and loop this often from the admission path. */
+#define TG_REDIS_HOLD_RESYNC_MS 20
+/* Tenants with a holding per loop thread; others are admitted one by one. */
+#define TG_REDIS_MAX_HOLDS 64
+/* Grants stay below 2^53 in every figure: Lua's numbers are doubles. */
+#define TG_REDIS_HOLD_EXACT (INT64_C(1) << 53)
 
 enum { SCRIPT_GLOBAL, SCRIPT_BATCH, N_SCRIPTS };
 
@@ -101,6 +117,7 @@ struct tg__redis_s {
   char pass[256];
   int has_pass;
   char sha[N_SCRIPTS][41];
+  int hold_off;               /* tg__redis_holding(r, 0): one by one */
 
   /* Spend figures, read by the admin thread: under spend_lock. */
   pthread_mutex_t spend_lock;
@@ -115,7 +132,7 @@ struct tg__redis_s {
  * CALL_GLOBAL: global-limit checks of admissions, which then go on to
  * their tenant's batch; the others are plain commands. */
 enum { CALL_SETUP, CALL_BATCH, CALL_GLOBAL, CALL_RENEW, CALL_SPEND };
-enum { OP_ADMIT, OP_SETTLE };
+enum { OP_ADMIT, OP_SETTLE, OP_HOLD };
 
 #define CALL_MAX_ARGS 32
 #define CALL_BUF 1024
@@ -140,6 +157,11 @@ typedef struct {
   char member[LEASE_MEMBER_MAX]; /* the lease's member in tg:{T}:leases */
   int64_t actual_tokens;      /* settlement */
   tg_nano_t actual_cost;
+  /* holding sync: the H record's figures (redis_scripts.h) */
+  uint32_t hold;              /* index in the loop's holdings */
+  int64_t oday, omonth;       /* periods of the holding being replaced */
+  int64_t ret_n, ret_ts, refund_mt, keep_slots, want, per_mt, want_slots, until;
+  tg_nano_t spent, keep_cost, per_cost;
 } op_t;
 
 typedef struct call_s call_t;
@@ -166,8 +188,8 @@ struct call_s {
   size_t n_ops;
   op_t *ops[TG_REDIS_BATCH_MAX];
   int n_win;
-  int64_t win_period[2 * TG_REDIS_BATCH_MAX];
-  uint8_t win_month[2 * TG_REDIS_BATCH_MAX];
+  int64_t win_period[4 * TG_REDIS_BATCH_MAX];
+  uint8_t win_month[4 * TG_REDIS_BATCH_MAX];
 };
 
 /* ---- per loop ------------------------------------------------------------ */
@@ -176,6 +198,35 @@ struct call_s {
  * HANDSHAKE (AUTH, SELECT, SCRIPT LOAD under way) -> UP: usable. */
 enum { RL_IDLE, RL_RESOLVING, RL_CONNECTING, RL_HANDSHAKE, RL_UP, RL_CLOSED };
 enum { LEASE_FREE, LEASE_PENDING, LEASE_ACTIVE };
+
+/* A tenant's holding on this loop thread. Its member in tg:{T}:holds holds
+ * `slots` slots and the money of the requests running on it plus what is
+ * left of the grant; local admissions take from the grant until `until`;
+ * settlements are added up here and reported at the next sync. */
+typedef struct {
+  char tenant[TG_REDIS_MAX_TENANT + 1];
+  char hid[40];               /* "<lease prefix>-h<index>": its lease text */
+  int in_use;
+  int syncing;                /* a sync is on its way to Redis */
+  int in_redis;               /* a member is (believed) held in Redis */
+  tg_limits_t lim;            /* the limits of the grant */
+  int64_t day, month;         /* periods of the member */
+  int64_t until;              /* grant usable while now < until; 0 = none */
+  int64_t at_ts;              /* where its requests are counted in the log */
+  int64_t req_left, mt_left;
+  tg_nano_t cost_left;
+  int64_t slots, used;        /* slots held; taken by running requests */
+  tg_nano_t running_cost;     /* reservations of the running requests */
+  tg_nano_t pend_spent;       /* settled, not reported yet */
+  int64_t pend_refund_mt;     /* tokens settled below (above) reservation */
+  int64_t last_sync;          /* ms */
+  int64_t last_seen;          /* ms of the last admission asked for */
+  int64_t win_start, win_n, prev_n; /* admissions in this and the last period */
+  int64_t peak_used;
+  int64_t per_mt;             /* largest reservation seen lately */
+  tg_nano_t per_cost;
+  int64_t rem_req, reset_req, rem_tok, reset_tok; /* from the last sync */
+} hold_t;
 
 typedef struct {
   char id[40];
@@ -214,6 +265,7 @@ struct tg__redis_loop_s {
   /* The gateway's clock minus uv_now(), learnt from the now_ms of each call,
    * so renewals use the same clock as admissions (injected in tests). */
   int64_t clock_offset_ms;
+  hold_t *holds;              /* TG_REDIS_MAX_HOLDS, allocated on first use */
   lease_t *leases;
   uint32_t lease_cap;
   uint32_t lease_free;        /* head of the free list; lease_cap = none */
@@ -226,6 +278,7 @@ static void schedule_reconnect(tg__redis_loop_t *rl);
 static void become_up(tg__redis_loop_t *rl);
 static void on_conn_timer(uv_timer_t *t);
 static void on_reply(redisAsyncContext *ac, void *reply, void *priv);
+static void hold_tick(tg__redis_loop_t *rl);
 
 /* ---- small helpers ------------------------------------------------------- */
 
@@ -730,11 +783,11 @@ static int same_limits(const tg_limits_t *x, const tg_limits_t *y) {
          x->alert_pct == y->alert_pct;
 }
 
-#define OP_REC_MAX (LEASE_MEMBER_MAX + 10 * 24 + 8)
+#define OP_REC_MAX (LEASE_MEMBER_MAX + 20 * 24 + 8)
 
 /* One operation is one argument, its fields separated by spaces: Redis
  * and hiredis handle one argument per operation instead of ten. */
-static int build_op(args_t *a, const op_t *o, int dw, int mw) {
+static int build_op(args_t *a, const op_t *o, int dw, int mw, int odw, int omw) {
   char rec[OP_REC_MAX];
   size_t ml = strlen(o->member);
   tg_sb_t b;
@@ -742,6 +795,28 @@ static int build_op(args_t *a, const op_t *o, int dw, int mw) {
     return TG_ETOOBIG;
   tg_sb_init(&b, rec, sizeof(rec));
 #define PUT_INT(v) (tg_sb_lit(&b, " "), tg_sb_puti(&b, (int64_t)(v)))
+  if (o->kind == OP_HOLD) {
+    tg_sb_lit(&b, "H");
+    PUT_INT(o->now_ms);
+    tg_sb_lit(&b, " ");
+    tg_sb_put(&b, o->member, ml); /* the holding's id */
+    PUT_INT(odw);
+    PUT_INT(omw);
+    PUT_INT(dw);
+    PUT_INT(mw);
+    PUT_INT(o->ret_n);
+    PUT_INT(o->ret_ts);
+    PUT_INT(o->refund_mt);
+    PUT_INT(o->spent);
+    PUT_INT(o->keep_slots);
+    PUT_INT(o->keep_cost);
+    PUT_INT(o->want);
+    PUT_INT(o->per_mt);
+    PUT_INT(o->per_cost);
+    PUT_INT(o->want_slots);
+    PUT_INT(o->until);
+    return b.err ? TG_ETOOBIG : args_str(a, rec);
+  }
   if (o->kind == OP_ADMIT) {
     tg_sb_lit(&b, "A");
     PUT_INT(o->now_ms);
@@ -769,25 +844,29 @@ static int build_op(args_t *a, const op_t *o, int dw, int mw) {
 }
 
 static int build_batch(call_t *c, args_t *a) {
-  static const char *const fixed[4] = {"rpm", "rpm:n", "tpm", "leases"};
+  static const char *const fixed[5] = {"rpm", "rpm:n", "tpm", "leases", "holds"};
   int dw[TG_REDIS_BATCH_MAX], mw[TG_REDIS_BATCH_MAX];
+  int odw[TG_REDIS_BATCH_MAX], omw[TG_REDIS_BATCH_MAX];
   const tg_limits_t *last = NULL;
   int rc;
 
   c->n_win = 0;
   for (size_t i = 0; i < c->n_ops; i++) {
-    dw[i] = win_index(c, 0, c->ops[i]->day);
-    mw[i] = win_index(c, 1, c->ops[i]->month);
+    const op_t *o = c->ops[i];
+    dw[i] = win_index(c, 0, o->day);
+    mw[i] = win_index(c, 1, o->month);
+    odw[i] = o->kind == OP_HOLD ? win_index(c, 0, o->oday) : 0;
+    omw[i] = o->kind == OP_HOLD ? win_index(c, 1, o->omonth) : 0;
   }
-  int nkeys = 4 + c->n_win;
+  int nkeys = 5 + c->n_win;
   int cap = 6 + nkeys + 3 * c->n_win + (int)c->n_ops * (2 + TG_REDIS_LIMIT_FIELDS);
   size_t size = (size_t)nkeys * (TG_REDIS_MAX_TENANT + 48) + (size_t)c->n_win * 64 +
-                c->n_ops * 480 + 256;
+                c->n_ops * 800 + 256;
   if ((rc = args_init(a, cap, size)) < 0)
     return rc;
   if ((rc = args_head(a, c, nkeys)) < 0)
     return rc;
-  for (int i = 0; i < 4; i++)
+  for (int i = 0; i < 5; i++)
     A_("tg:{%s}:%s", c->tenant, fixed[i]);
   for (int i = 0; i < c->n_win; i++)
     A_("tg:{%s}:%s:%" PRId64, c->tenant, c->win_month[i] ? "month" : "day", c->win_period[i]);
@@ -806,7 +885,7 @@ static int build_batch(call_t *c, args_t *a) {
         return rc;
       last = &o->req.limits;
     }
-    if ((rc = build_op(a, o, dw[i], mw[i])) < 0)
+    if ((rc = build_op(a, o, dw[i], mw[i], odw[i], omw[i])) < 0)
       return rc;
   }
   return 0;
@@ -963,9 +1042,13 @@ static void op_done(tg__redis_loop_t *rl, op_t *o, int admitted) {
 
 /* An operation whose answer cannot come: admissions are UNAVAILABLE,
  * settlements are lost (their leases then expire on their own). */
+static void hold_failed(tg__redis_loop_t *rl, op_t *o, const char *why);
+
 static void op_fail(tg__redis_loop_t *rl, op_t *o, const char *why) {
   if (o->kind == OP_ADMIT)
     unavailable(&o->a);
+  else if (o->kind == OP_HOLD)
+    hold_failed(rl, o, why);
   else
     log_event("state_redis_settle_lost", rl->r, why);
   op_done(rl, o, 0);
@@ -994,6 +1077,33 @@ static const tg_limit_kind_t code_kind[] = {
     [TG_REDIS_MONTHLY] = TG_LIMIT_MONTHLY_BUDGET,
 };
 
+/* Redis counts this loop's grant as used: what is left of it is still
+ * there for the tenant's next requests here, and the x-ratelimit figures
+ * say so, as they do for requests admitted from the grant. */
+static void hold_headers(tg__redis_loop_t *rl, const op_t *o, tg_verdict_t *v) {
+  if (rl->holds == NULL)
+    return;
+  for (uint32_t i = 0; i < TG_REDIS_MAX_HOLDS; i++) {
+    hold_t *h = &rl->holds[i];
+    if (!h->in_use || strcmp(h->tenant, o->tenant) != 0)
+      continue;
+    if (same_limits(&h->lim, &o->req.limits)) {
+      /* the latest figures, for the grant's own requests */
+      h->rem_req = v->remaining_requests;
+      h->reset_req = v->reset_requests_ms;
+      h->rem_tok = v->remaining_tokens;
+      h->reset_tok = v->reset_tokens_ms;
+    }
+    if (h->req_left > 0 && same_limits(&h->lim, &o->req.limits)) {
+      if (v->remaining_requests >= 0)
+        v->remaining_requests += h->req_left;
+      if (v->remaining_tokens >= 0 && h->lim.tpm > 0)
+        v->remaining_tokens += h->mt_left / 1000;
+    }
+    return;
+  }
+}
+
 /* e[0..7] of a batch reply answer admission o: 0, or -1 when malformed. */
 static int admit_reply(tg__redis_loop_t *rl, op_t *o, redisReply *const *e) {
   tg_verdict_t *v = &o->a.v;
@@ -1014,25 +1124,64 @@ static int admit_reply(tg__redis_loop_t *rl, op_t *o, redisReply *const *e) {
   v->reset_tokens_ms = reply_int(e[7]);
   v->day = o->day;
   v->month = o->month;
+  hold_headers(rl, o, v);
   op_done(rl, o, v->refused == TG_LIMIT_NONE);
   return 0;
+}
+
+/* e[0..3]: alert and spent for the day and the month of a settlement or
+ * sync that added spend in periods day and month: raises what it crossed. */
+static void raise_alerts(const op_t *o, redisReply *const *e, int64_t day, int64_t month) {
+  static const char *const window[2] = {"day", "month"};
+  for (int w = 0; w < 2; w++) {
+    if (reply_int(e[2 * w]) != 1)
+      continue;
+    tg_nano_t spent = reply_int(e[1 + 2 * w]);
+    tg_nano_t limit = w == 0 ? o->req.limits.day_limit : o->req.limits.month_limit;
+    tg_policy_alert(o->tenant, window[w], w == 0 ? day : month, spent, limit,
+                    o->req.limits.alert_pct);
+  }
 }
 
 /* e[0..4] of a batch reply answer settlement o (held, then alert and
  * spent for the day and the month): raises the alerts it crossed. */
 static void settle_reply(tg__redis_loop_t *rl, op_t *o, redisReply *const *e) {
-  static const char *const window[2] = {"day", "month"};
-  {
-    for (int w = 0; w < 2; w++) {
-      if (reply_int(e[1 + 2 * w]) != 1)
-        continue;
-      tg_nano_t spent = reply_int(e[2 + 2 * w]);
-      tg_nano_t limit = w == 0 ? o->req.limits.day_limit : o->req.limits.month_limit;
-      tg_policy_alert(o->tenant, window[w], w == 0 ? o->day : o->month, spent, limit,
-                      o->req.limits.alert_pct);
-    }
-  }
+  raise_alerts(o, e + 1, o->day, o->month);
   op_done(rl, o, 0);
+}
+
+/* e[0..15] of a batch reply answer holding sync o: held, the grant
+ * (requests, milli-tokens, cost, slots, where its requests are counted),
+ * the x-ratelimit figures after it, then alerts as a settlement's. */
+static int hold_reply(tg__redis_loop_t *rl, op_t *o, redisReply *const *e) {
+  hold_t *h = &rl->holds[o->hold];
+  for (int i = 0; i < 12; i++)
+    if (e[i]->type != REDIS_REPLY_INTEGER)
+      return -1;
+  int64_t k = reply_int(e[1]), mt = reply_int(e[2]), cost = reply_int(e[3]);
+  int64_t sl = reply_int(e[4]);
+  if (k < 0 || mt < 0 || cost < 0 || sl < 0)
+    return -1;
+  h->syncing = 0;
+  h->lim = o->req.limits;
+  h->day = o->day;
+  h->month = o->month;
+  h->slots += sl;
+  h->in_redis = o->keep_slots + sl > 0 || o->keep_cost + cost > 0;
+  if (k > 0) {
+    h->req_left = k;
+    h->mt_left = mt;
+    h->cost_left = cost;
+    h->at_ts = reply_int(e[5]);
+    h->until = o->until;
+  }
+  h->rem_req = reply_int(e[7]);
+  h->reset_req = reply_int(e[8]);
+  h->rem_tok = reply_int(e[10]);
+  h->reset_tok = reply_int(e[11]);
+  raise_alerts(o, e + 12, o->oday, o->omonth);
+  op_done(rl, o, 0);
+  return 0;
 }
 
 /* A batch's reply is flat: 8 elements per admission, 5 per settlement,
@@ -1042,7 +1191,7 @@ static void batch_reply(call_t *c, const redisReply *rep) {
   size_t n = c->n_ops, want = (size_t)c->n_win, at = 0;
 
   for (size_t i = 0; i < n; i++)
-    want += c->ops[i]->kind == OP_ADMIT ? 8 : 5;
+    want += c->ops[i]->kind == OP_ADMIT ? 8 : c->ops[i]->kind == OP_HOLD ? 16 : 5;
   if (rep->type != REDIS_REPLY_ARRAY || rep->elements != want) {
     log_reply_error(rl, "admission", "unexpected reply shape");
     call_fail(c, "unexpected reply");
@@ -1061,6 +1210,12 @@ static void batch_reply(call_t *c, const redisReply *rep) {
     if (o->kind == OP_SETTLE) {
       at += 5;
       settle_reply(rl, o, e);
+    } else if (o->kind == OP_HOLD) {
+      at += 16;
+      if (hold_reply(rl, o, e) < 0) {
+        log_reply_error(rl, "holding sync", "unexpected reply shape");
+        op_fail(rl, o, "unexpected reply");
+      }
     } else {
       at += 8;
       if (admit_reply(rl, o, e) < 0) {
@@ -1376,6 +1531,7 @@ static void maybe_free(tg__redis_loop_t *rl) {
   if (--rl->open > 0)
     return;
   free(rl->leases);
+  free(rl->holds);
   free(rl);
 }
 
@@ -1620,6 +1776,7 @@ static void on_tick(uv_timer_t *t) {
   }
   if (rl->renewing)
     renew_leases(rl);
+  hold_tick(rl);
   /* One loop refreshes the spend figures; another takes over when it
    * closes. */
   pthread_mutex_lock(&r->spend_lock);
@@ -1725,6 +1882,242 @@ int tg__redis_connected(const tg__redis_loop_t *rl) {
   return rl != NULL && rl->state == RL_UP;
 }
 
+/* ---- holdings ------------------------------------------------------------ */
+
+void tg__redis_holding(tg__redis_t *r, int on) {
+  if (r != NULL)
+    r->hold_off = !on;
+}
+
+/* Starts a new demand period when the current one is over. */
+static void hold_roll(hold_t *h, int64_t now) {
+  if (now - h->win_start >= TG_REDIS_HOLD_MS || now < h->win_start) {
+    h->prev_n = now - h->win_start < 2 * TG_REDIS_HOLD_MS ? h->win_n : 0;
+    h->win_n = 0;
+    h->win_start = now;
+  }
+}
+
+static int hold_busy(const hold_t *h) {
+  return h->win_n + h->prev_n >= TG_REDIS_HOLD_BUSY;
+}
+
+/* Nothing of the holding is in Redis or on its way, nothing runs on it,
+ * nothing is left to report: its entry may serve another tenant. */
+static int hold_idle(const hold_t *h) {
+  return !h->syncing && !h->in_redis && h->used == 0 && h->pend_spent == 0 &&
+         h->pend_refund_mt == 0 && h->req_left == 0;
+}
+
+/* The tenant's holding on this loop, made when there is room (an unused
+ * entry, or one idle for 10 s); NULL otherwise. */
+static hold_t *hold_get(tg__redis_loop_t *rl, const char *tenant, int64_t now) {
+  hold_t *spare = NULL;
+  if (rl->holds == NULL && (rl->holds = calloc(TG_REDIS_MAX_HOLDS, sizeof *rl->holds)) == NULL)
+    return NULL;
+  for (uint32_t i = 0; i < TG_REDIS_MAX_HOLDS; i++) {
+    hold_t *h = &rl->holds[i];
+    if (!h->in_use) {
+      if (spare == NULL)
+        spare = h;
+      continue;
+    }
+    if (h->tenant[0] == tenant[0] && strcmp(h->tenant, tenant) == 0)
+      return h;
+    if (spare == NULL && hold_idle(h) && now - h->last_seen > 10000)
+      spare = h;
+  }
+  if (spare == NULL)
+    return NULL;
+  uint32_t i = (uint32_t)(spare - rl->holds);
+  memset(spare, 0, sizeof *spare);
+  spare->in_use = 1;
+  snprintf(spare->tenant, sizeof spare->tenant, "%s", tenant);
+  snprintf(spare->hid, sizeof spare->hid, "%s-h%" PRIx32, rl->lease_prefix, i);
+  spare->win_start = now;
+  return spare;
+}
+
+/* The holding whose requests carry lease text `lease`, or NULL. */
+static hold_t *hold_of_lease(tg__redis_loop_t *rl, const char *lease, const char *tenant) {
+  size_t n = strlen(rl->lease_prefix);
+  char *end;
+  if (rl->holds == NULL || strncmp(lease, rl->lease_prefix, n) != 0 || lease[n] != '-' ||
+      lease[n + 1] != 'h')
+    return NULL;
+  unsigned long i = strtoul(lease + n + 2, &end, 16);
+  if (end == lease + n + 2 || *end != '\0' || i >= TG_REDIS_MAX_HOLDS)
+    return NULL;
+  hold_t *h = &rl->holds[i];
+  if (!h->in_use || strcmp(h->hid, lease) != 0 || strcmp(h->tenant, tenant) != 0)
+    return NULL;
+  return h;
+}
+
+/* Queues the holding's sync: hands back what is left of its grant and
+ * reports what its requests settled, keeps the slots and money of those
+ * still running, and asks for a new grant sized to twice the demand of a
+ * period when the tenant is busy. Returns 0 or a negative error (nothing
+ * changed). */
+static int hold_sync(tg__redis_loop_t *rl, hold_t *h, int64_t now, const tg_limits_t *lim) {
+  op_t *o = calloc(1, sizeof *o);
+  if (o == NULL)
+    return TG_ENOMEM;
+  o->kind = OP_HOLD;
+  memcpy(o->tenant, h->tenant, sizeof o->tenant);
+  o->req.tenant = o->tenant;
+  o->req.limits = *lim;
+  o->now_ms = now;
+  o->hold = (uint32_t)(h - rl->holds);
+  memcpy(o->member, h->hid, sizeof h->hid);
+  o->day = tg_day_of(now);
+  o->month = tg_month_of(now);
+  o->oday = h->in_redis ? h->day : o->day;
+  o->omonth = h->in_redis ? h->month : o->month;
+  o->ret_n = h->req_left;
+  o->ret_ts = h->at_ts;
+  o->refund_mt = h->pend_refund_mt + (h->lim.tpm > 0 ? h->mt_left : 0);
+  o->spent = h->pend_spent;
+  o->keep_slots = h->used;
+  o->keep_cost = h->running_cost;
+  o->until = now + TG_REDIS_HOLD_MS;
+  if (!rl->r->hold_off && hold_busy(h)) {
+    int64_t rate = h->win_n > h->prev_n ? h->win_n : h->prev_n;
+    int64_t want = clamp64(2 * rate, TG_REDIS_HOLD_BUSY, TG_REDIS_HOLD_MAX_REQ);
+    int64_t target = 2 * h->peak_used;
+    /* Every figure of the grant stays below 2^53 (exact in Lua). */
+    if (h->per_mt > 0 && want > TG_REDIS_HOLD_EXACT / 4 / h->per_mt)
+      want = TG_REDIS_HOLD_EXACT / 4 / h->per_mt;
+    if (h->per_cost > 0 && want > (TG_REDIS_HOLD_EXACT / 4 - o->keep_cost) / h->per_cost)
+      want = (TG_REDIS_HOLD_EXACT / 4 - o->keep_cost) / h->per_cost;
+    o->want = want > 0 ? want : 0;
+    o->per_mt = h->per_mt;
+    o->per_cost = h->per_cost;
+    if (target < TG_REDIS_HOLD_MIN_SLOTS)
+      target = TG_REDIS_HOLD_MIN_SLOTS;
+    o->want_slots = target > h->used ? target - h->used : 0;
+  }
+  if (enqueue(rl, o, 0) < 0) {
+    free(o);
+    return TG_ENOMEM;
+  }
+  rl->n_ops++;
+  /* What is left of the grant goes back with the sync. */
+  h->syncing = 1;
+  h->last_sync = now;
+  h->req_left = h->mt_left = h->cost_left = 0;
+  h->until = 0;
+  h->pend_spent = 0;
+  h->pend_refund_mt = 0;
+  h->slots = h->used;
+  h->peak_used = h->used;
+  return 0;
+}
+
+/* A sync whose answer cannot come: what it reported is lost (logged), as a
+ * settlement would be; the member left in Redis, if any, is replaced by
+ * the next sync or expires. */
+static void hold_failed(tg__redis_loop_t *rl, op_t *o, const char *why) {
+  hold_t *h = &rl->holds[o->hold];
+  h->syncing = 0;
+  h->in_redis = 1;
+  if (o->spent > 0 || o->refund_mt != 0)
+    log_event("state_redis_settle_lost", rl->r, why);
+}
+
+/* Admits r from the tenant's holding when its grant covers it: answers
+ * through cb and returns 1. Otherwise returns 0, after queueing a sync when
+ * the tenant is busy, and r goes to Redis on its own. */
+static int hold_admit(tg__redis_loop_t *rl, const tg_admit_req_t *r, int64_t now,
+                      tg_admit_cb cb, void *arg_) {
+  hold_t *h;
+  if (rl->r->hold_off || r->global_rps > 0 || (h = hold_get(rl, r->tenant, now)) == NULL)
+    return 0;
+  int64_t mt = clamp64(r->reserve.tokens, 0, TG_REDIS_TOKENS_MAX) * 1000;
+  tg_nano_t cost = r->reserve.cost > 0 ? r->reserve.cost : 0;
+  hold_roll(h, now);
+  h->win_n++;
+  h->last_seen = now;
+  if (mt > h->per_mt)
+    h->per_mt = mt;
+  if (cost > h->per_cost)
+    h->per_cost = cost;
+  if (h->syncing || now >= h->until || h->req_left <= 0 || !same_limits(&h->lim, &r->limits) ||
+      h->day != tg_day_of(now) || h->month != tg_month_of(now) ||
+      (h->lim.tpm > 0 && h->mt_left < mt) || h->cost_left < cost ||
+      (h->lim.concurrency > 0 && h->used >= h->slots)) {
+    /* A grant made under other limits goes back at once, ahead of this
+     * request on the same connection: a lowered limit holds exactly. */
+    int changed = !same_limits(&h->lim, &r->limits) && (h->in_redis || h->req_left > 0);
+    if (!h->syncing &&
+        (changed || (hold_busy(h) && now - h->last_sync >= TG_REDIS_HOLD_RESYNC_MS)))
+      (void)hold_sync(rl, h, now, &r->limits);
+    return 0;
+  }
+  h->req_left--;
+  if (h->lim.tpm > 0)
+    h->mt_left -= mt;
+  h->cost_left -= cost;
+  h->used++;
+  if (h->used > h->peak_used)
+    h->peak_used = h->used;
+  h->running_cost += cost;
+
+  tg_admission_t a;
+  memset(&a, 0, sizeof a);
+  a.backend = TG_BACKEND_REDIS;
+  memcpy(a.lease, h->hid, sizeof a.lease);
+  a.v.refused = TG_LIMIT_NONE;
+  a.v.day = h->day;
+  a.v.month = h->month;
+  a.v.limit_requests = a.v.remaining_requests = a.v.reset_requests_ms = -1;
+  a.v.limit_tokens = a.v.remaining_tokens = a.v.reset_tokens_ms = -1;
+  if (h->lim.rpm > 0) {
+    a.v.limit_requests = h->lim.rpm;
+    a.v.remaining_requests = h->rem_req + h->req_left;
+    a.v.reset_requests_ms = h->reset_req;
+  }
+  if (h->lim.tpm > 0) {
+    a.v.limit_tokens = clamp64(h->lim.tpm, 0, TG_REDIS_TOKENS_MAX);
+    a.v.remaining_tokens = h->rem_tok + h->mt_left / 1000;
+    a.v.reset_tokens_ms = h->reset_tok;
+  }
+  cb(arg_, &a);
+  return 1;
+}
+
+/* Settles a request admitted from a holding: its slot and reservation
+ * return to the holding, its usage waits for the next sync. */
+static void hold_settle(hold_t *h, const tg_admit_req_t *r, const tg_admission_t *a,
+                        int64_t actual_tokens, tg_nano_t actual_cost) {
+  tg_nano_t cost = r->reserve.cost > 0 ? r->reserve.cost : 0;
+  if (h->used > 0)
+    h->used--;
+  h->running_cost = h->running_cost > cost ? h->running_cost - cost : 0;
+  h->pend_spent += actual_cost > 0 ? actual_cost : 0;
+  if (a->v.limit_tokens > 0)
+    h->pend_refund_mt += clamp64(r->reserve.tokens, 0, TG_REDIS_TOKENS_MAX) * 1000 -
+                         clamp64(actual_tokens, 0, TG_REDIS_TOKENS_MAX) * 1000;
+}
+
+/* Each tick: a grant whose period is over goes back, settled usage is
+ * reported within a period, and a member still held is renewed. */
+static void hold_tick(tg__redis_loop_t *rl) {
+  int64_t now = loop_clock(rl);
+  if (rl->holds == NULL)
+    return;
+  for (uint32_t i = 0; i < TG_REDIS_MAX_HOLDS; i++) {
+    hold_t *h = &rl->holds[i];
+    if (!h->in_use || h->syncing)
+      continue;
+    hold_roll(h, now);
+    if ((h->until != 0 && now >= h->until) ||
+        ((h->pend_spent > 0 || h->pend_refund_mt != 0) && now - h->last_sync >= TG_REDIS_HOLD_MS) ||
+        (h->in_redis && now - h->last_sync >= TG_REDIS_LEASE_RENEW_MS))
+      (void)hold_sync(rl, h, now, &h->lim);
+  }
+}
+
 /* The member of o's lease: the same text at admission, renewal and
  * settlement, built from what each of them knows. */
 static void lease_member(op_t *o) {
@@ -1747,9 +2140,11 @@ int tg__redis_admit(tg__redis_loop_t *rl, const tg_admit_req_t *r, int64_t now_m
     return TG_ETOOBIG;
   if (rl->state != RL_UP || rl->closing || rl->n_ops >= TG_REDIS_MAX_OPS)
     return TG_EUNAVAIL;
+  note_clock(rl, now_ms);
+  if (hold_admit(rl, r, now_ms, cb, arg_))
+    return 0;
   if ((o = calloc(1, sizeof *o)) == NULL)
     return TG_ENOMEM;
-  note_clock(rl, now_ms);
   o->kind = OP_ADMIT;
   memcpy(o->tenant, r->tenant, tlen + 1);
   o->req = *r;
@@ -1788,6 +2183,12 @@ void tg__redis_settle(tg__redis_loop_t *rl, const tg_admit_req_t *r, const tg_ad
     return;
   if (a->v.refused != TG_LIMIT_NONE || a->lease[0] == '\0')
     return; /* nothing was charged */
+  hold_t *h = hold_of_lease(rl, a->lease, r->tenant);
+  if (h != NULL) {
+    note_clock(rl, now_ms);
+    hold_settle(h, r, a, actual_tokens, actual_cost);
+    return;
+  }
   /* Stop renewing the lease whatever happens next: if the settlement is
    * lost, the lease and its reservation expire on their own. */
   if (lease_find(rl, a->lease, &slot) == 0)

@@ -189,6 +189,46 @@ def test_two_gateways_share_requests_per_minute(tg, sim, redis):
     assert ask(a, "shared").status == 429 and ask(b, "shared").status == 429
 
 
+def evalsha_calls(redis):
+    m = re.search(r"cmdstat_evalsha:calls=([0-9]+)", redis.cmd("INFO", "commandstats"))
+    return int(m.group(1)) if m else 0
+
+
+def test_two_gateways_with_holdings_admit_exactly_the_limit(tg, sim, redis):
+    """A busy tenant far from its limits is admitted from grants each
+    gateway loop holds (docs/state-redis.md, Holdings), not one script call
+    a request. Near the limit they stop; a grant left unused goes back
+    within half a second; the two gateways never admit more than the limit
+    between them, and exactly the limit once the grants are back."""
+    rpm = 600
+    tenants = {"busy": tgtest.limited_tenant(rpm=rpm)}
+    a = start_gw(tg, sim, redis, tenants)
+    b = start_gw(tg, sim, redis, tenants)
+    def burst(n):
+        jobs = [(a if i % 2 == 0 else b,) for i in range(n)]
+        rs = tgtest.parallel(lambda gw: ask(gw, "busy"), jobs, threads=16, timeout=120)
+        return rs, [r.status for r in rs]
+
+    # far from the limit: most requests never reach Redis on their own
+    calls0 = evalsha_calls(redis)
+    _, far = burst(300)
+    assert far == [200] * 300, far
+    calls = evalsha_calls(redis) - calls0
+    print("far: %d script calls for 300 requests" % calls)
+    assert calls < 150, calls
+    # up to the limit and past it: never more
+    _, first = burst(500)
+    assert all(st in (200, 429) for st in first), first
+    assert 300 + first.count(200) <= rpm
+    time.sleep(1.0)
+    # the grants left unused are back: exactly the limit in all
+    rs, second = burst(200)
+    assert 300 + first.count(200) + second.count(200) == rpm, (first.count(200), second.count(200))
+    for r in rs:
+        if r.status != 200:
+            refused(r, 429, "rate_limit_error", "requests")
+
+
 def test_concurrency_shared_between_gateways(tg, sim, redis):
     tenants = {"cc": tgtest.limited_tenant(concurrency=2)}
     a = start_gw(tg, sim, redis, tenants)

@@ -297,6 +297,7 @@ static int test_setup(void **state) {
   if (fx.sync == NULL)
     return -1;
   sget("FLUSHALL");
+  tg__redis_holding(fx.r, 1);
   pthread_mutex_lock(&hook_lock);
   n_alerts = 0;
   n_down_logs = n_up_logs = 0;
@@ -668,6 +669,7 @@ static void test_noscript_falls_back(void **state) {
 
 typedef struct {
   int admitted, refused, other, done, ready;
+  int waves;                  /* 2: a second burst after the grants are back */
 } worker_t;
 
 static void on_worker_admit(void *arg, const tg_admission_t *a) {
@@ -698,6 +700,15 @@ static void *worker_main(void *arg) {
       if (tg__redis_admit(rl, &r, T0 + i, on_worker_admit, w) < 0)
         w->other++, w->done++;
     spin(&loop, &w->done, PER_THREAD, 10000);
+    if (w->waves == 2) {
+      /* A grant left unused goes back when its period is over (a tick
+       * after 200 ms): then the other gateway may have it. */
+      spin_ms(&loop, 900);
+      for (int i = 0; i < PER_THREAD; i++)
+        if (tg__redis_admit(rl, &r, T0 + 1000 + i, on_worker_admit, w) < 0)
+          w->other++, w->done++;
+      spin(&loop, &w->done, 2 * PER_THREAD, 10000);
+    }
   }
   if (rl)
     tg__redis_loop_close(rl);
@@ -707,24 +718,187 @@ static void *worker_main(void *arg) {
   return NULL;
 }
 
-static void test_two_gateways_share_the_limit(void **state) {
-  (void)state;
-  worker_t w[2];
+static void run_two_gateways(worker_t w[2], int waves) {
   pthread_t th[2];
-  memset(w, 0, sizeof w);
-  for (int i = 0; i < 2; i++)
+  memset(w, 0, 2 * sizeof *w);
+  for (int i = 0; i < 2; i++) {
+    w[i].waves = waves;
     assert_int_equal(pthread_create(&th[i], NULL, worker_main, &w[i]), 0);
+  }
   for (int i = 0; i < 2; i++)
     pthread_join(th[i], NULL);
   for (int i = 0; i < 2; i++) {
     assert_int_equal(w[i].ready, 1);
-    assert_int_equal(w[i].done, PER_THREAD);
+    assert_int_equal(w[i].done, waves * PER_THREAD);
     assert_int_equal(w[i].other, 0);
   }
-  assert_int_equal(w[0].admitted + w[1].admitted, SHARED_RPM);
-  assert_int_equal(w[0].refused + w[1].refused, 2 * PER_THREAD - SHARED_RPM);
   /* Both really took part. */
   assert_true(w[0].admitted > 0 && w[1].admitted > 0);
+}
+
+/* One by one (holdings off), a burst from both sides gets exactly the limit. */
+static void test_two_gateways_share_the_limit(void **state) {
+  (void)state;
+  worker_t w[2];
+  tg__redis_holding(fx.r, 0);
+  run_two_gateways(w, 1);
+  assert_int_equal(w[0].admitted + w[1].admitted, SHARED_RPM);
+  assert_int_equal(w[0].refused + w[1].refused, 2 * PER_THREAD - SHARED_RPM);
+}
+
+/* With holdings, a burst may leave part of a grant unused on one side for
+ * a period; once it is back, the two together have had exactly the limit,
+ * never more. */
+static void test_two_gateways_holdings_exact(void **state) {
+  (void)state;
+  worker_t w[2];
+  run_two_gateways(w, 2);
+  assert_int_equal(w[0].admitted + w[1].admitted, SHARED_RPM);
+  assert_int_equal(w[0].refused + w[1].refused, 4 * PER_THREAD - SHARED_RPM);
+  assert_string_equal(sget("GET tg:{shared}:rpm:n"), "200");
+}
+
+/* ---- holdings ------------------------------------------------------------------ */
+
+static long long evalsha_calls(void) {
+  redisReply *r = redisCommand(fx.sync, "INFO commandstats");
+  long long n = 0;
+  assert_non_null(r);
+  if (r->type == REDIS_REPLY_STRING) {
+    const char *p = strstr(r->str, "cmdstat_evalsha:calls=");
+    if (p != NULL)
+      n = strtoll(p + strlen("cmdstat_evalsha:calls="), NULL, 10);
+  }
+  freeReplyObject(r);
+  return n;
+}
+
+/* Holdings sync on the loop's 250 ms tick once their 200 ms period is over. */
+static void wait_holdings(void) {
+  spin_ms(&fx.loop, 900);
+}
+
+/* A busy tenant far from its limits is admitted from its holding, without a
+ * script call per request, and what its requests spent reaches Redis to the
+ * nano-USD, with nothing left reserved or held. */
+static void test_holding_admits_locally_and_reports_exactly(void **state) {
+  (void)state;
+  tg_admit_req_t r = req("busy");
+  const long long day = (long long)tg_day_of(T0), month = (long long)tg_month_of(T0);
+  r.limits.rpm = 1000000;
+  r.limits.concurrency = 1000;
+  r.limits.day_limit = USD(1000);
+  r.limits.month_limit = USD(10000);
+  r.reserve.tokens = 100;
+  r.reserve.cost = 1000000;
+  long long calls0 = evalsha_calls();
+  tg_nano_t spent = 0;
+  int local = 0;
+  for (int i = 0; i < 2000; i++) {
+    int64_t now = T0 + i / 10;
+    tg_admission_t a = admit(&r, now);
+    assert_admitted(a);
+    assert_int_equal(a.v.limit_requests, 1000000);
+    assert_int_equal(a.v.remaining_requests, 1000000 - 1 - i);
+    local += strstr(a.lease, "-h") != NULL;
+    tg__redis_settle(fx.rl, &r, &a, 40 + i % 7, 300000 + i, now);
+    spent += 300000 + i;
+  }
+  long long calls = evalsha_calls() - calls0;
+  assert_true(local > 1800);
+  assert_true(calls < 200);
+  wait_holdings();
+  char want[32];
+  snprintf(want, sizeof want, "%lld", (long long)spent);
+  assert_string_equal(sget("HGET tg:{busy}:day:%lld spent", day), want);
+  assert_string_equal(sget("HGET tg:{busy}:month:%lld spent", month), want);
+  assert_string_equal(sget("HGET tg:{busy}:day:%lld reserved", day), "0");
+  assert_string_equal(sget("HGET tg:{busy}:month:%lld reserved", month), "0");
+  assert_string_equal(sget("GET tg:{busy}:rpm:n"), "2000"); /* unused grants came back */
+  assert_string_equal(sget("ZCARD tg:{busy}:holds"), "0");
+  assert_string_equal(sget("ZCARD tg:{busy}:leases"), "0");
+}
+
+/* Grants never take a budget past its limit, and what they leave unused
+ * comes back: two bursts get exactly what the budget allows. */
+static void test_holding_never_passes_budget(void **state) {
+  (void)state;
+  tg_admit_req_t r = req("thrifty");
+  const long long day = (long long)tg_day_of(T0);
+  r.limits.day_limit = USD(1);
+  r.reserve.cost = 1000000; /* 1000 requests fit */
+  int admitted = 0;
+  for (int wave = 0; wave < 2; wave++) {
+    for (int i = 0; i < 1500; i++) {
+      int64_t now = T0 + wave * 2000 + i / 10;
+      tg_admission_t a = admit(&r, now);
+      if (a.v.refused == TG_LIMIT_NONE) {
+        admitted++;
+        tg__redis_settle(fx.rl, &r, &a, 0, 1000000, now);
+      } else {
+        assert_int_equal(a.v.refused, TG_LIMIT_DAILY_BUDGET);
+      }
+    }
+    wait_holdings();
+  }
+  assert_int_equal(admitted, 1000);
+  assert_string_equal(sget("HGET tg:{thrifty}:day:%lld spent", day), "1000000000");
+  assert_string_equal(sget("HGET tg:{thrifty}:day:%lld reserved", day), "0");
+}
+
+/* A gateway that dies holding a grant and running requests gives its slots
+ * and reserved money back when the holding expires, like a lease. */
+static void test_holding_of_a_dead_gateway_expires(void **state) {
+  (void)state;
+  tg_admit_req_t r = req("crash");
+  tg__redis_loop_t *dead = NULL;
+  const long long day = (long long)tg_day_of(T0);
+  r.limits.concurrency = 1000;
+  r.limits.day_limit = USD(1000);
+  r.reserve.cost = USD(1);
+  assert_int_equal(tg__redis_loop_new(fx.r, &fx.loop, &dead), 0);
+  assert_true(wait_connected(&fx.loop, dead, 1, 3000));
+  int local = 0;
+  for (int i = 0; i < 50; i++) {
+    tg_admission_t a = admit_on(dead, &fx.loop, &r, T0 + i / 10);
+    assert_admitted(a);
+    local += strstr(a.lease, "-h") != NULL;
+  }
+  assert_true(local > 0);
+  tg__redis_loop_close(dead); /* killed: never settles, never syncs */
+  assert_string_equal(sget("ZCARD tg:{crash}:holds"), "1");
+  assert_true(strtoll(sget("HGET tg:{crash}:day:%lld reserved", day), NULL, 10) >= USD(50));
+  r.limits.concurrency = 1;
+  assert_refused(admit(&r, T0 + 1000), TG_LIMIT_CONCURRENCY, 1000);
+  assert_admitted(admit(&r, T0 + 31000));
+  assert_string_equal(sget("HGET tg:{crash}:day:%lld reserved", day), "1000000000");
+  assert_string_equal(sget("ZCARD tg:{crash}:holds"), "0");
+}
+
+/* A reload that lowers a limit applies to the next request: the grant made
+ * under the old limit goes back ahead of it. */
+static void test_holding_follows_a_lowered_limit(void **state) {
+  (void)state;
+  tg_admit_req_t r = req("reload");
+  r.limits.rpm = 100000;
+  int local = 0;
+  for (int i = 0; i < 100; i++) {
+    tg_admission_t a = admit(&r, T0 + i / 10);
+    assert_admitted(a);
+    local += strstr(a.lease, "-h") != NULL;
+    tg__redis_settle(fx.rl, &r, &a, 0, 0, T0 + i / 10);
+  }
+  assert_true(local > 0);
+  r.limits.rpm = 110;
+  int n = 0;
+  for (int i = 0; i < 30; i++) {
+    tg_admission_t a = admit(&r, T0 + 100 + i);
+    if (a.v.refused == TG_LIMIT_NONE)
+      n++;
+    else
+      assert_int_equal(a.v.refused, TG_LIMIT_REQUESTS);
+  }
+  assert_int_equal(n, 10);
 }
 
 /* ---- same meaning as limits.c -------------------------------------------------- */
@@ -765,6 +939,7 @@ static void check_same(const tg_verdict_t *m, const tg_verdict_t *v, int step) {
 
 static void test_same_verdicts_as_limits_c(void **state) {
   (void)state;
+  tg__redis_holding(fx.r, 0); /* one by one, as limits.c decides */
   static const int64_t rpms[] = {0, 4, 12};
   static const int64_t tpms[] = {0, 900, 50000, 2000000000}; /* the last: big figures */
   static const int64_t concs[] = {0, 2, 5};
@@ -893,6 +1068,7 @@ typedef struct {
 
 static void test_batches_same_as_one_at_a_time(void **state) {
   (void)state;
+  tg__redis_holding(fx.r, 0); /* one by one, as limits.c decides */
   static const int64_t rpms[] = {0, 5, 30};
   static const int64_t tpms[] = {0, 2000, 60000};
   static const int64_t concs[] = {0, 3, 12};
@@ -1303,6 +1479,11 @@ int main(void) {
       cmocka_unit_test_setup(test_host_name_and_db_from_url, test_setup),
       cmocka_unit_test_setup(test_password, test_setup),
       cmocka_unit_test_setup(test_two_gateways_share_the_limit, test_setup),
+      cmocka_unit_test_setup(test_two_gateways_holdings_exact, test_setup),
+      cmocka_unit_test_setup(test_holding_admits_locally_and_reports_exactly, test_setup),
+      cmocka_unit_test_setup(test_holding_never_passes_budget, test_setup),
+      cmocka_unit_test_setup(test_holding_of_a_dead_gateway_expires, test_setup),
+      cmocka_unit_test_setup(test_holding_follows_a_lowered_limit, test_setup),
       cmocka_unit_test_setup(test_same_verdicts_as_limits_c, test_setup),
       cmocka_unit_test_setup(test_batches_same_as_one_at_a_time, test_setup),
       cmocka_unit_test_setup(test_spend_figures, test_setup),
