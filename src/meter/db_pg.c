@@ -102,6 +102,13 @@ static const migration_t migrations[] = {
    /* As SQLite's migration 4: the (ts_ms) index cost every record an
     * index insert; the all-tenant queries walk (tenant, ts_ms). */
    "DROP INDEX IF EXISTS ledger_ts;"},
+  {5,
+   /* As SQLite's migration 5: one key, (tenant, ts_ms, request_id), in
+    * place of the request_id primary key and the (tenant, ts_ms) index:
+    * one index insert a record instead of two. */
+   "ALTER TABLE ledger DROP CONSTRAINT ledger_pkey;"
+   "DROP INDEX IF EXISTS ledger_tenant_ts;"
+   "ALTER TABLE ledger ADD CONSTRAINT ledger_pkey PRIMARY KEY (tenant, ts_ms, request_id);"},
 };
 
 #define N_MIGRATIONS (sizeof(migrations) / sizeof(migrations[0]))

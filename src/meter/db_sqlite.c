@@ -81,6 +81,36 @@ static const migration_t migrations[] = {
     * for queries that run at start and once a day. They now walk the
     * tenants through (tenant, ts_ms) instead (ledger_sqlite.c). */
    "DROP INDEX IF EXISTS ledger_ts;"},
+  {5,
+   /* One key instead of two: the request_id primary key and the (tenant,
+    * ts_ms) index cost every record two B-tree inserts besides the table's
+    * own. A unique (tenant, ts_ms, request_id) index serves the invoices,
+    * budget rebuilds and purges as (tenant, ts_ms) did, and keeps a
+    * replayed record out (it carries the same tenant, time and id).
+    * SQLite cannot drop a primary key: the table is rebuilt, in rowid
+    * (arrival) order. */
+   "CREATE TABLE ledger_v5 ("
+   "  request_id TEXT NOT NULL,"
+   "  ts_ms INTEGER NOT NULL,"
+   "  tenant TEXT NOT NULL,"
+   "  key_id TEXT NOT NULL,"
+   "  model TEXT NOT NULL,"
+   "  endpoint TEXT NOT NULL,"
+   "  prompt_tokens INTEGER NOT NULL,"
+   "  completion_tokens INTEGER NOT NULL,"
+   "  cost_nano INTEGER NOT NULL,"
+   "  status INTEGER NOT NULL,"
+   "  usage_counted INTEGER NOT NULL DEFAULT 0,"
+   "  queue_us INTEGER NOT NULL DEFAULT -1,"
+   "  ttft_us INTEGER NOT NULL DEFAULT -1,"
+   "  total_us INTEGER NOT NULL DEFAULT -1"
+   ") STRICT;"
+   "INSERT INTO ledger_v5 SELECT request_id, ts_ms, tenant, key_id, model, endpoint,"
+   "  prompt_tokens, completion_tokens, cost_nano, status, usage_counted, queue_us,"
+   "  ttft_us, total_us FROM ledger ORDER BY rowid;"
+   "DROP TABLE ledger;"
+   "ALTER TABLE ledger_v5 RENAME TO ledger;"
+   "CREATE UNIQUE INDEX ledger_key ON ledger(tenant, ts_ms, request_id);"},
 };
 
 #define N_MIGRATIONS (sizeof(migrations) / sizeof(migrations[0]))

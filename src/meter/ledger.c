@@ -16,7 +16,7 @@
  *   spool too, until the spool has been replayed from its start to its end
  *   (in file order) into the database; only then do batches go straight to
  *   the database again. A record replayed twice (crash during replay) is
- *   stored once: the request id is unique.
+ *   stored once: its key (tenant, time, request id) is unique.
  * - The spool only grows by whole lines; a write that fails half-way is cut
  *   back. A torn last line left by a crash was never reported durable and is
  *   dropped at open.

@@ -3,7 +3,7 @@
  *
  * A batch is one COPY (the fast path, see copy_op) or, when it repeats a
  * stored request id, one INSERT ... SELECT FROM unnest(<14 arrays>) ON
- * CONFLICT (request_id) DO NOTHING: a statement prepared once per
+ * CONFLICT (tenant, ts_ms, request_id) DO NOTHING: a statement prepared once per
  * connection, one round trip and one transaction for the whole batch
  * whatever its size (batches beyond CHUNK rows always go this way, in
  * several statements inside one BEGIN ... COMMIT). A statement is its own
@@ -75,7 +75,7 @@ static const char insert_sql[] =
     " $5::text[], $6::text[], $7::bigint[], $8::bigint[], $9::bigint[],"
     " $10::integer[], $11::integer[], $12::bigint[], $13::bigint[],"
     " $14::bigint[])"
-    " ON CONFLICT (request_id) DO NOTHING";
+    " ON CONFLICT (tenant, ts_ms, request_id) DO NOTHING";
 
 /* ---- connection ---- */
 
@@ -877,11 +877,12 @@ typedef struct {
 } purge_t;
 
 static int purge_op(tg__ledger_conn_t *c, void *arg) {
-  /* By request id in chunks, each its own transaction: one DELETE of a
-   * year's rows would hold its locks and its WAL for long. */
+  /* By row address in chunks, each its own transaction: one DELETE of a
+   * year's rows would hold its locks and its WAL for long. The chunk is
+   * found through the (tenant, ts_ms, request_id) key. */
   static const char sql[] =
-      "DELETE FROM ledger WHERE request_id IN (SELECT request_id FROM ledger"
-      " WHERE ts_ms < $1::bigint AND tenant = $3 LIMIT $2::integer)";
+      "DELETE FROM ledger WHERE ctid = ANY (ARRAY(SELECT ctid FROM ledger"
+      " WHERE tenant = $3 AND ts_ms < $1::bigint LIMIT $2::integer))";
   purge_t *p = arg;
   const char *params[3] = {p->before, p->chunk, p->tenant};
   int64_t ch;

@@ -75,7 +75,7 @@ static const char insert_sql[] =
     " prompt_tokens, completion_tokens, cost_nano, status, usage_counted,"
     " queue_us, ttft_us, total_us)"
     " VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)"
-    " ON CONFLICT (request_id) DO NOTHING";
+    " ON CONFLICT (tenant, ts_ms, request_id) DO NOTHING";
 
 /* Keeps a write failure's text for errmsg(); the writer decides what to
  * print (once per outage, not once per retry). */

@@ -445,6 +445,87 @@ static void test_two_loops_exact_sums(void **state) {
   tg_ledger_db_close(d);
 }
 
+/* ---- schema ---- */
+
+static int64_t sql_int1(sqlite3 *db, const char *sql) {
+  sqlite3_stmt *st = NULL;
+  int64_t v = -1;
+  assert_int_equal(sqlite3_prepare_v2(db, sql, -1, &st, NULL), SQLITE_OK);
+  if (sqlite3_step(st) == SQLITE_ROW)
+    v = sqlite3_column_int64(st, 0);
+  sqlite3_finalize(st);
+  return v;
+}
+
+/* Migration 5 on a ledger of schema 4: every row kept, in arrival order,
+ * with one index left, the unique (tenant, ts_ms, request_id) key, which
+ * the queries use and which still keeps a replayed record out. */
+static void test_migration_5_one_key(void **state) {
+  tmp_t *t = *state;
+  char path[128];
+  sqlite3 *db = NULL;
+  tg_ledger_t *l = NULL;
+  tg_ledger_rec_t r;
+  loopctx_t x;
+
+  snprintf(path, sizeof(path), "%s/%s", t->dir, TG_DB_SQLITE_FILE);
+  assert_int_equal(sqlite3_open(path, &db), SQLITE_OK);
+  assert_int_equal(sqlite3_exec(db,
+      "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_at INTEGER);"
+      "INSERT INTO schema_migrations VALUES (1, 1), (2, 1), (3, 1), (4, 1);"
+      "CREATE TABLE ledger (request_id TEXT PRIMARY KEY, ts_ms INTEGER NOT NULL,"
+      " tenant TEXT NOT NULL, key_id TEXT NOT NULL, model TEXT NOT NULL,"
+      " endpoint TEXT NOT NULL, prompt_tokens INTEGER NOT NULL,"
+      " completion_tokens INTEGER NOT NULL, cost_nano INTEGER NOT NULL,"
+      " status INTEGER NOT NULL, usage_counted INTEGER NOT NULL DEFAULT 0,"
+      " queue_us INTEGER NOT NULL DEFAULT -1, ttft_us INTEGER NOT NULL DEFAULT -1,"
+      " total_us INTEGER NOT NULL DEFAULT -1) STRICT;"
+      "CREATE INDEX ledger_tenant_ts ON ledger(tenant, ts_ms);"
+      "INSERT INTO ledger VALUES ('req-z', 1795867200000, 'acme', 'k', 'm-a', 'e', 1, 2, 30, 200, 0, 5, 6, 7),"
+      " ('req-a', 1795867200001, 'acme', 'k', 'm-a', 'e', 3, 4, 70, 200, 1, -1, -1, 9),"
+      " ('req-m', 1795867199999, 'beta', 'k', 'm-b', 'e', 5, 6, 11, 502, 0, -1, -1, -1);",
+      NULL, NULL, NULL), SQLITE_OK);
+  sqlite3_close(db);
+
+  assert_int_equal(tg_ledger_open(NULL, t->dir, NULL, &l), 0);
+  loop_open(&x, l, 2);
+  make_rec(&r, "req-a", "acme", "m-a", 1795867200001, 3, 4, 70); /* stored: kept out */
+  assert_int_equal(loop_append(&x, 0, &r), 0);
+  make_rec(&r, "req-b", "acme", "m-a", 1795867200002, 1, 1, 5);
+  assert_int_equal(loop_append(&x, 1, &r), 0);
+  assert_true(run_until(&x.loop, &x.c, 2, 10000));
+  assert_all_durable(&x, 0, 2);
+  loop_close(&x);
+  tg_ledger_close(l);
+
+  char *ids = ids_in_order(t->dir);
+  assert_string_equal(ids, "req-z,req-a,req-m,req-b");
+  free(ids);
+  assert_int_equal(cost_of(t->dir, "req-a"), 70);
+  assert_int_equal(count_rows(t->dir, "acme"), 3);
+  assert_int_equal(sqlite3_open(path, &db), SQLITE_OK);
+  assert_int_equal(sql_int1(db, "SELECT MAX(version) FROM schema_migrations"), 5);
+  assert_int_equal(sql_int1(db, "SELECT COUNT(*) FROM sqlite_master WHERE type = 'index'"
+                                " AND tbl_name = 'ledger'"), 1);
+  assert_int_equal(sql_int1(db, "SELECT COUNT(*) FROM sqlite_master WHERE name = 'ledger_key'"
+                                " AND sql LIKE 'CREATE UNIQUE INDEX%(tenant, ts_ms, request_id)'"),
+                   1);
+  assert_int_equal(sql_int1(db, "SELECT total_us FROM ledger WHERE request_id = 'req-z'"), 7);
+  /* An invoice's query is served by the key. */
+  {
+    sqlite3_stmt *st = NULL;
+    int by_key = 0;
+    assert_int_equal(sqlite3_prepare_v2(db, "EXPLAIN QUERY PLAN SELECT SUM(cost_nano) FROM ledger"
+                                            " WHERE tenant = 'acme' AND ts_ms >= 1 AND ts_ms < 2",
+                                        -1, &st, NULL), SQLITE_OK);
+    while (sqlite3_step(st) == SQLITE_ROW)
+      by_key |= strstr((const char *)sqlite3_column_text(st, 3), "ledger_key") != NULL;
+    sqlite3_finalize(st);
+    assert_true(by_key);
+  }
+  sqlite3_close(db);
+}
+
 /* ---- duplicates, validation ---- */
 
 static void test_duplicate_request_id_once(void **state) {
@@ -1221,6 +1302,7 @@ int main(void) {
   const struct CMUnitTest tests[] = {
     cmocka_unit_test_setup_teardown(test_two_loops_exact_sums, tmp_setup,
                                     tmp_teardown),
+    cmocka_unit_test_setup_teardown(test_migration_5_one_key, tmp_setup, tmp_teardown),
     cmocka_unit_test_setup_teardown(test_duplicate_request_id_once, tmp_setup,
                                     tmp_teardown),
     cmocka_unit_test_setup_teardown(test_backlog_bound_refuses, tmp_setup,

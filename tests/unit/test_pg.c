@@ -300,17 +300,17 @@ static void test_migrations(void **state) {
   int latest = tg_db_pg_schema_version();
 
   (void)state;
-  assert_int_equal(latest, 4);
+  assert_int_equal(latest, 5);
   /* Opening twice applies nothing twice. */
   for (int round = 0; round < 2; round++) {
     assert_int_equal(tg_db_pg_open(srv.url, NULL, &c), 0);
     PQfinish(c);
   }
   s = sql_conn(srv.url);
-  assert_int_equal(sql_int(s, "SELECT COUNT(*) FROM schema_migrations"), 4);
-  assert_int_equal(sql_int(s, "SELECT MAX(version) FROM schema_migrations"), 4);
+  assert_int_equal(sql_int(s, "SELECT COUNT(*) FROM schema_migrations"), 5);
+  assert_int_equal(sql_int(s, "SELECT MAX(version) FROM schema_migrations"), 5);
   assert_int_equal(sql_int(s, "SELECT COUNT(*) FROM schema_migrations"
-                              " WHERE applied_at > 1600000000"), 4);
+                              " WHERE applied_at > 1600000000"), 5);
   /* The SQLite columns, in exact PostgreSQL types. */
   {
     PGresult *r = PQexec(s, "SELECT string_agg(column_name || ':' ||"
@@ -336,12 +336,17 @@ static void test_migrations(void **state) {
     PQclear(r);
   }
   assert_int_equal(sql_int(s, "SELECT COUNT(*) FROM pg_indexes WHERE"
-                              " indexname IN ('ledger_tenant_ts',"
-                              " 'api_keys_tenant', 'tenant_spend_pkey',"
-                              " 'ledger_pkey', 'api_keys_pkey')"), 5);
-  /* migration 4 dropped it: every record paid an insert into it */
+                              " indexname IN ('api_keys_tenant',"
+                              " 'tenant_spend_pkey', 'ledger_pkey',"
+                              " 'api_keys_pkey')"), 4);
+  /* The ledger has one index, its key: migration 4 dropped (ts_ms) and 5
+   * put (tenant, ts_ms, request_id) in place of the request_id key and
+   * (tenant, ts_ms); every record paid an insert into each. */
   assert_int_equal(sql_int(s, "SELECT COUNT(*) FROM pg_indexes WHERE"
-                              " indexname = 'ledger_ts'"), 0);
+                              " tablename = 'ledger'"), 1);
+  assert_int_equal(sql_int(s, "SELECT COUNT(*) FROM pg_indexes WHERE"
+                              " indexname = 'ledger_pkey' AND indexdef LIKE"
+                              " '%(tenant, ts_ms, request_id)'"), 1);
 
   /* Replicas starting together on a fresh database: every one succeeds,
    * each migration is recorded once. */
@@ -358,7 +363,7 @@ static void test_migrations(void **state) {
   }
   pthread_barrier_destroy(&go);
   c = sql_conn(url);
-  assert_int_equal(sql_int(c, "SELECT COUNT(*) FROM schema_migrations"), 4);
+  assert_int_equal(sql_int(c, "SELECT COUNT(*) FROM schema_migrations"), 5);
   assert_int_equal(sql_int(c, "SELECT version FROM api_keys_changes"), 0);
 
   /* A schema written by a newer binary is refused, not half-used. */
@@ -441,8 +446,9 @@ static void test_ledger_exact(void **state) {
     mkrec("r-acme-2", T0 + 3, "acme", WEIRD, 3, 4, 7),
     mkrec("r-acme-3", T0 + 4, "acme", "a-model", 5, 6, 999999999),
     mkrec("r-null", T0 + 5, "NULL", "m-b", 1, 1, 5),
-    /* Same id again in the same batch: skipped, the first one counts. */
-    mkrec("r-acme-1", T0 + 6, "acme", "a-model", 1, 1, 123456),
+    /* The same record again in the same batch (its key: tenant, time and
+     * id): skipped, the first one counts. */
+    mkrec("r-acme-1", T0 + 2, "acme", "a-model", 1, 1, 123456),
     /* At to_ms and before from_ms: outside [T0, T1). */
     mkrec("r-late", T1, "acme", "a-model", 1, 1, 1000),
     mkrec("r-early", T0 - 1, "acme", "a-model", 1, 1, 1000),
@@ -605,7 +611,7 @@ static void test_ledger_copy(void **state) {
     mkrec("r-copy-3", T0 + 3, "copy-t", "", 0, 0, INT64_MAX),
   };
   tg_ledger_rec_t again[] = {
-    mkrec("r-copy-2", T0 + 9, "copy-t", "other", 9, 9, 9),
+    mkrec("r-copy-2", T0 + 2, "copy-t", "other", 9, 9, 9),
     mkrec("r-copy-4", T0 + 4, "copy-t", "tab\there", 7, 8, 9),
   };
 
