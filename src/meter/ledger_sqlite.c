@@ -300,9 +300,9 @@ static int sq_insert_batch(tg__ledger_conn_t *c,
    * a deferred BEGIN could fail later, half-way through the batch. */
   if (step_once(c->begin) != SQLITE_DONE)
     return note(c, "cannot begin a batch");
+  /* Every parameter is bound again for each record: no clearing needed. */
   for (size_t i = 0; i < n; i++) {
     sqlite3_reset(c->insert);
-    sqlite3_clear_bindings(c->insert);
     bind_rec(c->insert, recs[i]);
     if (sqlite3_step(c->insert) != SQLITE_DONE) {
       note(c, "insert");
