@@ -826,6 +826,7 @@ static void test_holding_never_passes_budget(void **state) {
   tg_admit_req_t r = req("thrifty");
   const long long day = (long long)tg_day_of(T0);
   r.limits.day_limit = USD(1);
+  r.limits.alert_pct = 80;
   r.reserve.cost = 1000000; /* 1000 requests fit */
   int admitted = 0;
   for (int wave = 0; wave < 2; wave++) {
@@ -844,6 +845,15 @@ static void test_holding_never_passes_budget(void **state) {
   assert_int_equal(admitted, 1000);
   assert_string_equal(sget("HGET tg:{thrifty}:day:%lld spent", day), "1000000000");
   assert_string_equal(sget("HGET tg:{thrifty}:day:%lld reserved", day), "0");
+  /* The spend the syncs reported crossed 80% once: one event. */
+  pthread_mutex_lock(&hook_lock);
+  assert_int_equal(n_alerts, 1);
+  assert_string_equal(alerts[0].tenant, "thrifty");
+  assert_string_equal(alerts[0].window, "day");
+  assert_int_equal(alerts[0].period, tg_day_of(T0));
+  assert_true(alerts[0].spent >= USD(1) * 8 / 10 && alerts[0].spent <= USD(1));
+  assert_int_equal(alerts[0].limit, USD(1));
+  pthread_mutex_unlock(&hook_lock);
 }
 
 /* A gateway that dies holding a grant and running requests gives its slots
