@@ -528,6 +528,42 @@ static void test_migration_5_one_key(void **state) {
 
 /* ---- duplicates, validation ---- */
 
+/* The SQLite backend writes a batch in statements of 16 records and the
+ * rest one by one: a record repeated inside one statement, across two, or
+ * in the single-row tail is stored once, the first time; all others are
+ * stored, in order. */
+static void test_batch_statements_skip_repeats(void **state) {
+  tmp_t *t = *state;
+  const tg__ledger_backend_t *be = &tg__ledger_backend_sqlite;
+  tg__ledger_conn_opts_t wo = {.busy_timeout_ms = 1000, .writer = 1};
+  tg__ledger_conn_t *w = NULL;
+  tg_ledger_rec_t recs[40];
+  const tg_ledger_rec_t *ptrs[40];
+  char id[32], want[1024] = "";
+  size_t wl = 0;
+
+  for (int i = 0; i < 40; i++) {
+    int src = i == 9 ? 5 : i == 20 ? 3 : i == 37 ? 33 : i; /* repeats */
+    snprintf(id, sizeof(id), "req-%02d", src);
+    make_rec(&recs[i], id, "acme", "m-a", T0 + src, 1, 1, 10 + i);
+    ptrs[i] = &recs[i];
+    if (src == i)
+      wl += (size_t)snprintf(want + wl, sizeof(want) - wl, "%s%s", wl ? "," : "", id);
+  }
+  assert_int_equal(be->open(NULL, t->dir, &wo, &w), 0);
+  assert_int_equal(be->insert_batch(w, ptrs, 40), 0);
+  /* A replay of the whole batch adds nothing. */
+  assert_int_equal(be->insert_batch(w, ptrs, 40), 0);
+  be->close(w);
+  char *ids = ids_in_order(t->dir);
+  assert_string_equal(ids, want);
+  free(ids);
+  assert_int_equal(count_rows(t->dir, "acme"), 37);
+  assert_int_equal(cost_of(t->dir, "req-05"), 15);   /* the first, not row 9's */
+  assert_int_equal(cost_of(t->dir, "req-33"), 43);
+}
+
+
 static void test_duplicate_request_id_once(void **state) {
   tmp_t *t = *state;
   tg_ledger_t *l = NULL;
@@ -1303,6 +1339,8 @@ int main(void) {
     cmocka_unit_test_setup_teardown(test_two_loops_exact_sums, tmp_setup,
                                     tmp_teardown),
     cmocka_unit_test_setup_teardown(test_migration_5_one_key, tmp_setup, tmp_teardown),
+    cmocka_unit_test_setup_teardown(test_batch_statements_skip_repeats, tmp_setup,
+                                    tmp_teardown),
     cmocka_unit_test_setup_teardown(test_duplicate_request_id_once, tmp_setup,
                                     tmp_teardown),
     cmocka_unit_test_setup_teardown(test_backlog_bound_refuses, tmp_setup,
