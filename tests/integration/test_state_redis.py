@@ -14,6 +14,7 @@ started on a free loopback port for each test, shared by one or two gateways.
   by every gateway; keys are hash-tagged by tenant for Redis Cluster."""
 
 import re
+import sys
 import threading
 import time
 
@@ -40,7 +41,7 @@ def sim(tmp_path_factory):
 
 
 @pytest.fixture
-def redis(tmp_path):
+def redis(request, tmp_path):
     d = tmp_path / "redis"
     d.mkdir()
     r = tgtest.Redis(workdir=str(d))
@@ -48,6 +49,12 @@ def redis(tmp_path):
     try:
         yield r
     finally:
+        rep = getattr(request.node, "rep_call", None)
+        if rep is not None and rep.failed:
+            # Redis logs to stdout: whether it restarted, crashed or
+            # dropped a client is there, not in the gateway's log.
+            sys.stderr.write("\n==== redis of %s ====\n%s\n" % (request.node.nodeid,
+                                                               r.log_tail()))
         r.kill()
 
 

@@ -1197,7 +1197,10 @@ class Redis:
                                % self.SERVER)
         argv = [self.SERVER, "--port", str(self.port), "--bind", "127.0.0.1",
                 "--save", "", "--appendonly", "no", "--dir", self.workdir,
-                "--daemonize", "no", "--logfile", ""]
+                "--daemonize", "no", "--logfile", "",
+                # verbose: a client Redis drops for a protocol error, and
+                # each connection, show in the log a failing test prints
+                "--loglevel", "verbose"]
         self.starts += 1
         self.proc = Proc("%s-%d" % (self.name, self.starts), argv, self.workdir)
         wait_for(alive_check(self.proc)(self.ping), timeout=timeout,
@@ -1229,6 +1232,16 @@ class Redis:
 
     def alive(self):
         return self.proc is not None and self.proc.alive()
+
+    def log_tail(self, n=40):
+        """The end of each start's log (stdout) with its exit code."""
+        out = []
+        for i in range(1, self.starts + 1):
+            name = "%s-%d" % (self.name, i)
+            path = os.path.join(self.workdir, "%s.stdout" % name)
+            rc = self.proc.popen.poll() if i == self.starts and self.proc else "-"
+            out.append("----- %s (rc %s): %s\n%s" % (name, rc, path, tail(path, n)))
+        return "\n".join(out)
 
     # ---- RESP client ------------------------------------------------------
 
