@@ -31,6 +31,7 @@
 #include <inttypes.h>
 #include <limits.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -714,8 +715,20 @@ static void try_replay(tg_ledger_t *l) {
   replay_step(l);
 }
 
+/* The ledger's threads (writer, checkpointer, purger) run SCHED_BATCH: when one
+ * wakes it never preempts a running thread, a loop thread above all, which
+ * would lose its caches and its turn mid-request. It runs when a core is
+ * free or at the next tick, a millisecond or so later: its work is a batch
+ * whose answers are already waiting, and the loops go on meanwhile. */
+void tg__ledger_thread_background(void) {
+  struct sched_param sp = {.sched_priority = 0};
+  (void)pthread_setschedparam(pthread_self(), SCHED_BATCH, &sp);
+}
+
 static void *writer_main(void *arg) {
   tg_ledger_t *l = arg;
+
+  tg__ledger_thread_background();
 
   for (;;) {
     node_t *first, *last = NULL;
@@ -1218,6 +1231,8 @@ static void purge_once(tg_ledger_t *l) {
 static void *purger_main(void *arg) {
   tg_ledger_t *l = arg;
   int64_t wait_ms = l->purge_interval_ms < 60000 ? l->purge_interval_ms : 60000;
+
+  tg__ledger_thread_background();
 
   pthread_mutex_lock(&l->purge_mu);
   for (;;) {

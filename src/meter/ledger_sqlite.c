@@ -133,6 +133,8 @@ static int step_error(sqlite3 *db) {
 static void *ckpt_main(void *arg) {
   ckpt_t *k = arg;
 
+  tg__ledger_thread_background();
+
   pthread_mutex_lock(&k->mu);
   for (;;) {
     while (!k->want && !k->stop)

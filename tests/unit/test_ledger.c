@@ -11,11 +11,13 @@
 #include <stdint.h>
 #include <cmocka.h>
 
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <ftw.h>
 #include <inttypes.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -1311,6 +1313,57 @@ static void test_wal_stays_bounded(void **state) {
   be->close(w);
 }
 
+/* Threads of this process whose scheduling policy is SCHED_BATCH (the
+ * 41st field of /proc/self/task/TID/stat, the 39th after the name's ')'). */
+static int batch_threads(void) {
+  DIR *d = opendir("/proc/self/task");
+  struct dirent *e;
+  int n = 0;
+
+  assert_non_null(d);
+  while ((e = readdir(d)) != NULL) {
+    char path[300], buf[1024];
+    const char *p;
+    int field = 3;
+    FILE *f;
+    size_t len;
+
+    if (e->d_name[0] == '.')
+      continue;
+    snprintf(path, sizeof(path), "/proc/self/task/%s/stat", e->d_name);
+    if ((f = fopen(path, "r")) == NULL)
+      continue; /* the thread ended meanwhile */
+    len = fread(buf, 1, sizeof(buf) - 1, f);
+    fclose(f);
+    buf[len] = '\0';
+    p = strrchr(buf, ')');
+    assert_non_null(p);
+    for (p += 2; *p != '\0' && field < 41; p++)
+      if (*p == ' ')
+        field++;
+    if (field == 41 && atoi(p) == SCHED_BATCH)
+      n++;
+  }
+  closedir(d);
+  return n;
+}
+
+/* The writer, the checkpointer and the purger never preempt a loop thread
+ * when they wake (ledger.c, tg__ledger_thread_background). */
+static void test_threads_yield_to_loops(void **state) {
+  tmp_t *t = *state;
+  tg_ledger_t *l = NULL;
+
+  assert_int_equal(batch_threads(), 0);
+  assert_int_equal(tg_ledger_open("sqlite", t->dir, NULL, &l), 0);
+  assert_int_equal(tg_ledger_purge_every(l, 3600 * 1000, NULL, NULL), 0);
+  for (int i = 0; i < 200 && batch_threads() < 3; i++)
+    sleep_ms(10);
+  assert_int_equal(batch_threads(), 3);
+  tg_ledger_close(l);
+  assert_int_equal(batch_threads(), 0);
+}
+
 static void test_retention_cutoff_and_open_errors(void **state) {
   tmp_t *t = *state;
   tg_ledger_t *l = (tg_ledger_t *)1;
@@ -1372,6 +1425,8 @@ int main(void) {
                                     tmp_teardown),
     cmocka_unit_test_setup_teardown(test_retention_cutoff_and_open_errors,
                                     tmp_setup, tmp_teardown),
+    cmocka_unit_test_setup_teardown(test_threads_yield_to_loops, tmp_setup,
+                                    tmp_teardown),
     cmocka_unit_test_setup_teardown(test_wal_stays_bounded, tmp_setup,
                                     tmp_teardown),
   };
