@@ -1,6 +1,7 @@
 /* The admin listener: liveness (/healthz), readiness (/readyz: the config is
- * loaded, the gateway is not draining, and every model has at least one
- * healthy endpoint), and the admin API, which needs an admin key (a key made
+ * loaded, the gateway is not draining, every model has at least one
+ * healthy endpoint, and with `state_failure: closed` every loop is connected
+ * to Redis), and the admin API, which needs an admin key (a key made
  * with `tollgate keys create --admin`):
  *
  *   GET /admin/v1/tenants/{tenant}/invoices/{YYYY-MM}[?format=csv]
@@ -38,13 +39,17 @@ static void readyz(tg_worker_t *w, tg_http_req_t *req, const char *rid) {
   json_t *root = json_object(), *down = json_array();
   size_t i;
   int draining = atomic_load(&w->app->cmd) != TG_CMD_NONE;
+  /* with `state_failure: closed`, a loop without its Redis connection
+   * refuses every request: not ready until all have one */
+  int state_up = tg_policy_ready(w->app->policy);
 
   for (i = 0; i < rt->cfg->n_models; i++)
     if (!tg_pool_ready(&rt->pools[i]))
       json_array_append_new(down, json_string(rt->cfg->models[i].name));
-  if (draining || json_array_size(down) > 0) {
+  if (draining || json_array_size(down) > 0 || !state_up) {
     json_object_set_new(root, "status", json_string(draining ? "draining" : "not_ready"));
     json_object_set_new(root, "models_without_healthy_endpoint", down);
+    json_object_set_new(root, "state", json_string(state_up ? "up" : "unavailable"));
     respond_json(req, rid, 503, root);
     return;
   }

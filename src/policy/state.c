@@ -61,6 +61,12 @@ void tg_policy_log(const char *event, const char *detail) {
 
 void (*tg_policy_alert_hook)(const char *tenant, int month);
 
+int tg_policy_ready(tg_policy_t *p) {
+  if (p == NULL || p->backend != TG_BACKEND_REDIS || p->fail_open)
+    return 1;
+  return tg__redis_ready(p->redis);
+}
+
 int tg_policy_spend(tg_policy_t *p, const char *tenant, tg_nano_t *day, tg_nano_t *month) {
   *day = *month = 0;
   if (p->backend == TG_BACKEND_REDIS)

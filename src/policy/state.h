@@ -77,6 +77,11 @@ void tg_policy_settle(tg_policy_loop_t *pl, const tg_admit_req_t *r, const tg_ad
  * Returns 0, or TG_ENOTFOUND (both 0) when the tenant has no state yet. */
 int tg_policy_spend(tg_policy_t *p, const char *tenant, tg_nano_t *day, tg_nano_t *month);
 
+/* 0 while requests would be refused for want of the state backend: with
+ * Redis and state_failure "closed", until every loop's connection is up
+ * (after a start or an outage); 1 otherwise. Any thread. */
+int tg_policy_ready(tg_policy_t *p);
+
 /* Called for every budget-threshold event (for metrics); may stay NULL. */
 extern void (*tg_policy_alert_hook)(const char *tenant, int month);
 
@@ -123,6 +128,9 @@ void tg__redis_settle(tg__redis_loop_t *rl, const tg_admit_req_t *r, const tg_ad
 void tg__redis_holding(tg__redis_t *r, int on);
 /* 1 while the loop's connection is up. */
 int tg__redis_connected(const tg__redis_loop_t *rl);
+/* 1 while every loop made (and not closed) has its connection up; any
+ * thread. */
+int tg__redis_ready(tg__redis_t *r);
 /* Tenant's spend in the UTC day and month of now_ms, from the figures the
  * backend last heard from Redis (admission and settlement replies, and a
  * refresh every 2 s of every tenant asked about or watched). Never blocks;

@@ -38,6 +38,7 @@
 #include <openssl/rand.h>
 #include <pthread.h>
 #include <stdarg.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -118,6 +119,8 @@ struct tg__redis_s {
   int has_pass;
   char sha[N_SCRIPTS][41];
   int hold_off;               /* tg__redis_holding(r, 0): one by one */
+  atomic_int n_loops;         /* loops made and not closed */
+  atomic_int n_up;            /* of which connected (RL_UP) */
 
   /* Spend figures, read by the admin thread: under spend_lock. */
   pthread_mutex_t spend_lock;
@@ -272,6 +275,16 @@ struct tg__redis_loop_s {
   uint32_t lease_gen;
   char lease_prefix[17];
 };
+
+/* Every change of a loop's state goes through here: the shared count of
+ * connected loops (readiness, tg__redis_ready) follows it. */
+static void set_state(tg__redis_loop_t *rl, int st) {
+  if (rl->state == RL_UP && st != RL_UP)
+    atomic_fetch_sub(&rl->r->n_up, 1);
+  else if (rl->state != RL_UP && st == RL_UP)
+    atomic_fetch_add(&rl->r->n_up, 1);
+  rl->state = st;
+}
 
 static void start_connect(tg__redis_loop_t *rl);
 static void schedule_reconnect(tg__redis_loop_t *rl);
@@ -967,7 +980,7 @@ static int send_script(tg__redis_loop_t *rl, call_t *c) {
  * hiredis answers what is pending with NULL and then calls on_disconnect. */
 static void mark_down(tg__redis_loop_t *rl, const char *why) {
   if (rl->state == RL_UP || rl->state == RL_HANDSHAKE) {
-    rl->state = RL_IDLE;
+    set_state(rl, RL_IDLE);
     if (!rl->down && !rl->closing) {
       rl->down = 1;
       log_event("state_redis_down", rl->r, why);
@@ -984,7 +997,7 @@ static void drop(tg__redis_loop_t *rl, const char *why) {
   if (rl->state == RL_CONNECTING) {
     /* Never connected: hiredis will not call on_disconnect. */
     rl->ac = NULL;
-    rl->state = RL_IDLE;
+    set_state(rl, RL_IDLE);
     ac->data = NULL;
     redisAsyncFree(ac);
     if (!rl->down && !rl->closing) {
@@ -1401,7 +1414,7 @@ static call_t *call_new(tg__redis_loop_t *rl, int kind) {
 /* The handshake's last reply came: the connection is usable. */
 static void become_up(tg__redis_loop_t *rl) {
   uv_timer_stop(&rl->conn_timer); /* the connect and handshake timeout */
-  rl->state = RL_UP;
+  set_state(rl, RL_UP);
   rl->backoff_ms = TG_REDIS_BACKOFF_MIN_MS;
   if (rl->down) {
     rl->down = 0;
@@ -1443,7 +1456,7 @@ static void on_connect(const redisAsyncContext *cac, int status) {
     /* hiredis frees the context after this returns. */
     uv_timer_stop(&rl->conn_timer);
     rl->ac = NULL;
-    rl->state = RL_IDLE;
+    set_state(rl, RL_IDLE);
     ac->data = NULL;
     if (!rl->down && !rl->closing) {
       rl->down = 1;
@@ -1455,7 +1468,7 @@ static void on_connect(const redisAsyncContext *cac, int status) {
   /* Pipelined ahead of anything else: by the time a script runs, the
    * connection is authenticated, on its database, and the scripts loaded.
    * Admissions wait (are refused) until the last of these answers. */
-  rl->state = RL_HANDSHAKE;
+  set_state(rl, RL_HANDSHAKE);
   const tg__redis_t *r = rl->r;
   if (r->has_pass)
     c[n++] = r->user[0] ? setup_call(rl, "AUTH", r->user, r->pass, NULL)
@@ -1489,13 +1502,13 @@ static void on_disconnect(const redisAsyncContext *cac, int status) {
   rl->ac = NULL;
   ac->data = NULL;
   if (rl->closing) {
-    rl->state = RL_CLOSED;
+    set_state(rl, RL_CLOSED);
     return;
   }
   mark_down(rl, status == REDIS_OK   ? "disconnected"
                 : ac->errstr[0] ? ac->errstr
                                 : "connection lost");
-  rl->state = RL_IDLE;
+  set_state(rl, RL_IDLE);
   schedule_reconnect(rl);
 }
 
@@ -1520,7 +1533,7 @@ static void connect_to(tg__redis_loop_t *rl, const char *ip) {
   redisAsyncSetConnectCallback(ac, on_connect);
   redisAsyncSetDisconnectCallback(ac, on_disconnect);
   rl->ac = ac;
-  rl->state = RL_CONNECTING;
+  set_state(rl, RL_CONNECTING);
 }
 
 static void arm_connect_timeout(tg__redis_loop_t *rl) {
@@ -1552,7 +1565,7 @@ static void on_resolved(uv_getaddrinfo_t *req, int status, struct addrinfo *res)
       rl->down = 1;
       log_event("state_redis_down", rl->r, status < 0 ? uv_strerror(status) : "no address");
     }
-    rl->state = RL_IDLE;
+    set_state(rl, RL_IDLE);
     if (res)
       uv_freeaddrinfo(res);
     schedule_reconnect(rl);
@@ -1572,7 +1585,7 @@ static void on_resolved(uv_getaddrinfo_t *req, int status, struct addrinfo *res)
   else
     uv_ip4_name((const struct sockaddr_in *)pick->ai_addr, ip, sizeof ip);
   uv_freeaddrinfo(res);
-  rl->state = RL_IDLE;
+  set_state(rl, RL_IDLE);
   connect_to(rl, ip);
   if (rl->state == RL_CONNECTING)
     arm_connect_timeout(rl);
@@ -1603,7 +1616,7 @@ static void start_connect(tg__redis_loop_t *rl) {
   }
   rl->gai_busy = 1;
   rl->open++;
-  rl->state = RL_RESOLVING;
+  set_state(rl, RL_RESOLVING);
 }
 
 static void on_conn_timer(uv_timer_t *t) {
@@ -1810,7 +1823,7 @@ int tg__redis_loop_new(tg__redis_t *r, uv_loop_t *loop, tg__redis_loop_t **out) 
     snprintf(rl->lease_prefix + 2 * i, 3, "%02x", rnd[i]);
   rl->r = r;
   rl->loop = loop;
-  rl->state = RL_IDLE;
+  set_state(rl, RL_IDLE);
   rl->backoff_ms = TG_REDIS_BACKOFF_MIN_MS;
   uv_timer_init(loop, &rl->conn_timer);
   uv_timer_init(loop, &rl->tick);
@@ -1834,6 +1847,7 @@ int tg__redis_loop_new(tg__redis_t *r, uv_loop_t *loop, tg__redis_loop_t **out) 
   uv_unref((uv_handle_t *)&rl->flush_prepare);
   uv_unref((uv_handle_t *)&rl->flush_check);
   start_connect(rl);
+  atomic_fetch_add(&r->n_loops, 1);
   *out = rl;
   return 0;
 }
@@ -1846,6 +1860,7 @@ void tg__redis_loop_close(tg__redis_loop_t *rl) {
   if (rl == NULL || rl->closing)
     return;
   rl->closing = 1;
+  atomic_fetch_sub(&rl->r->n_loops, 1);
   pthread_mutex_lock(&rl->r->spend_lock);
   if (rl->r->refresher == rl)
     rl->r->refresher = NULL;
@@ -1864,12 +1879,12 @@ void tg__redis_loop_close(tg__redis_loop_t *rl) {
       rl->ac = NULL;
       ac->data = NULL;
     }
-    rl->state = RL_CLOSED;
+    set_state(rl, RL_CLOSED);
     /* Pending calls are answered now (admissions: UNAVAILABLE). */
     redisAsyncFree(ac);
     rl->ac = NULL;
   }
-  rl->state = RL_CLOSED;
+  set_state(rl, RL_CLOSED);
   if (rl->gai_busy)
     uv_cancel((uv_req_t *)&rl->gai);
   uv_close((uv_handle_t *)&rl->conn_timer, on_timer_closed);
@@ -1880,6 +1895,11 @@ void tg__redis_loop_close(tg__redis_loop_t *rl) {
 
 int tg__redis_connected(const tg__redis_loop_t *rl) {
   return rl != NULL && rl->state == RL_UP;
+}
+
+int tg__redis_ready(tg__redis_t *r) {
+  int loops = atomic_load(&r->n_loops);
+  return loops > 0 && atomic_load(&r->n_up) == loops;
 }
 
 /* ---- holdings ------------------------------------------------------------ */

@@ -7,12 +7,13 @@ started on a free loopback port for each test, shared by one or two gateways.
 - concurrency slots are leases: a gateway killed with SIGKILL gives its
   slots back within the 30 s lease expiry;
 - Redis stopped mid-load: `state_failure: closed` answers 503
-  state_unavailable while it is down, `open` keeps serving with each
+  state_unavailable (and /readyz 503) while it is down, `open` keeps serving with each
   gateway's own limits and logs the outage; both recover by themselves when
   Redis returns;
 - budget spend lives in Redis, so it survives a gateway restart and is seen
   by every gateway; keys are hash-tagged by tenant for Redis Cluster."""
 
+import json
 import re
 import sys
 import threading
@@ -58,10 +59,11 @@ def redis(request, tmp_path):
         r.kill()
 
 
-def start_gw(tg, sim, redis, tenants, failure="closed", **overrides):
+def start_gw(tg, sim, redis, tenants, failure="closed", ready=True, **overrides):
     ov = {"state": redis.url(), "state_failure": failure}
     ov.update(overrides)
-    return tg.gateway({M: [sim.url]}, tenants=tenants, keys=tuple(tenants), overrides=ov)
+    return tg.gateway({M: [sim.url]}, tenants=tenants, keys=tuple(tenants), overrides=ov,
+                      ready=ready)
 
 
 def ask(gw, tenant, max_tokens=1, timeout=10.0, **kw):
@@ -379,6 +381,7 @@ def test_redis_down_fail_closed_then_recovers(tg, sim, redis):
     # no request hung while Redis was away
     assert max(x[3] for x in log) < 5, max(x[3] for x in log)
     # the refusal as a client sees it
+    assert tgtest.admin(gw, "/readyz").status == 200
     redis.stop()
     r = tgtest.wait_for(lambda: (lambda x: x if x.status == 503 else None)(ask(gw, "load")),
                         timeout=5, what="503")
@@ -386,8 +389,34 @@ def test_redis_down_fail_closed_then_recovers(tg, sim, redis):
     assert err["code"] == "state_unavailable", err
     assert re.search(r"state|redis|unavailable", err["message"], re.I), err
     assert tgtest.retry_after(r) >= 1
+    # a gateway that refuses everything says so to its load balancer
+    ready = tgtest.wait_for(lambda: (lambda x: x if x.status == 503 else None)(
+        tgtest.admin(gw, "/readyz")), timeout=5, what="/readyz 503 while Redis is down")
+    assert json.loads(ready.body)["state"] == "unavailable", ready
     redis.start()
+    tgtest.wait_for(lambda: tgtest.admin(gw, "/readyz").status == 200, timeout=15,
+                    what="/readyz 200 once every loop is connected again")
     tgtest.wait_for(lambda: ok_or_none(ask(gw, "load")), timeout=15, what="recovery again")
+
+
+def test_not_ready_before_redis_answers(tg, sim, redis):
+    """With state_failure: closed a gateway that starts while Redis is away
+    is not ready (it would refuse every request); it is once Redis comes,
+    and then admits at once. With open it is ready all along."""
+    tenants = {"t": tgtest.limited_tenant(rpm=100)}
+    redis.stop()
+    closed = start_gw(tg, sim, redis, tenants, failure="closed", ready=False)
+    opened = start_gw(tg, sim, redis, tenants, failure="open", ready=False)
+    tgtest.wait_for(lambda: tgtest.admin(opened, "/readyz").status == 200, timeout=10,
+                    what="the open gateway ready without Redis")
+    r = tgtest.admin(closed, "/readyz")
+    assert r.status == 503 and json.loads(r.body)["state"] == "unavailable", r
+    refused(ask(closed, "t"), 503, "server_error", "state_unavailable")
+    redis.start()
+    tgtest.wait_for(lambda: tgtest.admin(closed, "/readyz").status == 200, timeout=15,
+                    what="/readyz 200 once Redis answers")
+    # ready means admitted: the first request after it is not refused
+    assert ask(closed, "t").status == 200
 
 
 def test_redis_down_fail_open_uses_local_limits(tg, sim, redis):
