@@ -22,8 +22,9 @@
 # Environment: DURATION (10s), CONNECTIONS (64), WORKERS (1: tollgate
 # workers), WRK_THREADS (1), SIM_WORKERS (1), WARMUP (2s, per run, not
 # measured), TARGETS ("off memory redis": a subset runs only those), ROUNDS
-# (1: each round measures every target once, in order; the best req/s of
-# each target is reported), REDIS_SERVER (/usr/bin/redis-server),
+# (1: each round measures every target once, every other round in the
+# opposite order; the best req/s of each target is reported, and with more
+# than one round the median of the per-round ratios to off), REDIS_SERVER (/usr/bin/redis-server),
 # REDIS_ARGS (more redis-server options, e.g. "--zset-max-listpack-entries
 # 0"), KEEP=1 keeps the temp dir.
 set -euo pipefail
@@ -157,13 +158,19 @@ echo "# build: $BUILD_DIR"
 
 export TG_BENCH_MODEL="$MODEL"
 results=()
+rounds=()
 for round in $(seq 1 "$ROUNDS"); do
-  for mode in off memory redis; do
+  # every other round in the opposite order: a machine whose speed drifts
+  # during a round favours neither end
+  modes="off memory redis"
+  if [ $((round % 2)) -eq 0 ]; then modes="redis memory off"; fi
+  for mode in $modes; do
     want "$mode" || continue
     start_tollgate "$mode"
     export TG_BENCH_KEY="$KEY"
     line=$(run_wrk_cpu "$mode" "http://127.0.0.1:$TG_PORT" "$TG_PID" "$REDIS_PID") || exit 1
     results+=("$line")
+    rounds+=("$round $line")
     if [ "$mode" = redis ]; then cpu="redis-server $(echo "$line" | awk '{ print $8 }') us/req"; else cpu=""; fi
     echo "# round $round: $line  (gateway CPU $(echo "$line" | awk '{ print $7 }') us/req${cpu:+, $cpu})"
     bench_stop "$TG_PID"
@@ -187,6 +194,24 @@ printf '%s\n' "${results[@]}" | awk '
       }
     }
   }'
+
+# the ratio within each round (off measured in the same round), then their
+# median: steadier than best against best when the machine is shared
+if [ "$ROUNDS" -gt 1 ]; then
+  printf '%s\n' "${rounds[@]}" | awk '
+    { rps[$1, $2] = $3; seen[$1] = 1; if ($2 != "off") t[$2] = 1 }
+    END {
+      goal["memory"] = 0.95; goal["redis"] = 0.85
+      for (m in t) {
+        k = 0
+        for (rd in seen) if ((rd, "off") in rps && (rd, m) in rps && rps[rd, "off"] > 0) v[++k] = rps[rd, m] / rps[rd, "off"]
+        for (a = 1; a <= k; a++) for (b = a + 1; b <= k; b++) if (v[b] < v[a]) { x = v[a]; v[a] = v[b]; v[b] = x }
+        med = (k % 2) ? v[(k + 1) / 2] : (v[k / 2] + v[k / 2 + 1]) / 2
+        printf "%s/off: median of %d per-round req/s ratios %.3f (%.3f to %.3f; target >= %.2f: %s)\n", m, k, med, v[1], v[k], goal[m], (med >= goal[m]) ? "met" : "NOT met"
+        delete v
+      }
+    }'
+fi
 
 bad=$(printf '%s\n' "${results[@]}" | awk '$5 > 0 || $6 > 0 { print $1 }' | sort -u)
 if [ -n "$bad" ]; then
