@@ -715,9 +715,9 @@ static void try_replay(tg_ledger_t *l) {
   replay_step(l);
 }
 
-/* The ledger's threads (writer, checkpointer, purger) run SCHED_BATCH: when one
- * wakes it never preempts a running thread, a loop thread above all, which
- * would lose its caches and its turn mid-request. It runs when a core is
+/* The ledger's threads (writer, checkpointer, purger) run SCHED_BATCH: when
+ * one wakes it never preempts a running thread, a loop thread above all,
+ * which would lose its caches and its turn mid-request. It runs when a core is
  * free or at the next tick, a millisecond or so later: its work is a batch
  * whose answers are already waiting, and the loops go on meanwhile. */
 void tg__ledger_thread_background(void) {

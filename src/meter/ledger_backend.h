@@ -77,8 +77,7 @@ extern const tg__ledger_backend_t tg__ledger_backend_sqlite;
 extern const tg__ledger_backend_t tg__ledger_backend_pg;
 
 /* Called first by each thread of the ledger (writer, checkpointer,
- * purger): they
- * yield to the loop threads (ledger.c). */
+ * purger): they yield to the loop threads (ledger.c). */
 void tg__ledger_thread_background(void);
 
 /* Tests only: while on is non-zero, the SQLite backend's insert_batch fails
