@@ -160,11 +160,7 @@ export TG_BENCH_MODEL="$MODEL"
 results=()
 rounds=()
 for round in $(seq 1 "$ROUNDS"); do
-  # every other round in the opposite order: a machine whose speed drifts
-  # during a round favours neither end
-  modes="off memory redis"
-  if [ $((round % 2)) -eq 0 ]; then modes="redis memory off"; fi
-  for mode in $modes; do
+  for mode in $(round_order "$round" off memory redis); do
     want "$mode" || continue
     start_tollgate "$mode"
     export TG_BENCH_KEY="$KEY"
@@ -195,22 +191,8 @@ printf '%s\n' "${results[@]}" | awk '
     }
   }'
 
-# the ratio within each round (off measured in the same round), then their
-# median: steadier than best against best when the machine is shared
 if [ "$ROUNDS" -gt 1 ]; then
-  printf '%s\n' "${rounds[@]}" | awk '
-    { rps[$1, $2] = $3; seen[$1] = 1; if ($2 != "off") t[$2] = 1 }
-    END {
-      goal["memory"] = 0.95; goal["redis"] = 0.85
-      for (m in t) {
-        k = 0
-        for (rd in seen) if ((rd, "off") in rps && (rd, m) in rps && rps[rd, "off"] > 0) v[++k] = rps[rd, m] / rps[rd, "off"]
-        for (a = 1; a <= k; a++) for (b = a + 1; b <= k; b++) if (v[b] < v[a]) { x = v[a]; v[a] = v[b]; v[b] = x }
-        med = (k % 2) ? v[(k + 1) / 2] : (v[k / 2] + v[k / 2 + 1]) / 2
-        printf "%s/off: median of %d per-round req/s ratios %.3f (%.3f to %.3f; target >= %.2f: %s)\n", m, k, med, v[1], v[k], goal[m], (med >= goal[m]) ? "met" : "NOT met"
-        delete v
-      }
-    }'
+  printf '%s\n' "${rounds[@]}" | round_ratio_medians off "memory:0.95 redis:0.85"
 fi
 
 bad=$(printf '%s\n' "${results[@]}" | awk '$5 > 0 || $6 > 0 { print $1 }' | sort -u)

@@ -239,12 +239,7 @@ echo "# build: $BUILD_DIR${TG_EXTRA_CONFIG:+; tollgate config adds: $TG_EXTRA_CO
 # target, the round with the median req/s is kept (its p50 and p99 with it)
 rounds=()
 for ((r = 1; r <= ROUNDS; r++)); do
-  order=("${names[@]}")
-  if ((r % 2 == 0)); then
-    order=()
-    for ((i = ${#names[@]} - 1; i >= 0; i--)); do order+=("${names[i]}"); done
-  fi
-  for name in "${order[@]}"; do
+  for name in $(round_order "$r" "${names[@]}"); do
     rounds+=("$(echo "$r $(run_wrk "$name")")")
   done
 done

@@ -143,3 +143,39 @@ machine_header() {
   echo "# machine: $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')"
   echo "# kernel: $(uname -r); $(wrk --version 2>&1 | head -1 | cut -d' ' -f1-2)"
 }
+
+# round_order ROUND NAME...: the names in the order round ROUND measures
+# them: as given in odd rounds, reversed in even ones, so a machine that
+# speeds up or slows down during a round favours no target.
+round_order() {
+  local r=$1 i
+  shift
+  local names=("$@")
+  if ((r % 2 == 0)); then
+    for ((i = ${#names[@]} - 1; i >= 0; i--)); do printf '%s\n' "${names[i]}"; done
+  else
+    printf '%s\n' "${names[@]}"
+  fi
+}
+
+# round_ratio_medians BASE "TARGET:GOAL ...": reads lines "round target
+# req/s ..." and prints, per TARGET measured in a round with BASE, the
+# median of its per-round req/s ratios to BASE (measured in the same
+# round), their range, and whether the median reaches GOAL. The steadier
+# figure on a shared machine than best round against best round.
+round_ratio_medians() {
+  awk -v base="$1" -v goals="$2" '
+    { rps[$1, $2] = $3; seen[$1] = 1 }
+    END {
+      ng = split(goals, g, " ")
+      for (i = 1; i <= ng; i++) {
+        split(g[i], tg, ":"); m = tg[1]; k = 0
+        for (rd in seen) if ((rd, base) in rps && (rd, m) in rps && rps[rd, base] > 0) v[++k] = rps[rd, m] / rps[rd, base]
+        if (k == 0) continue
+        for (a = 1; a <= k; a++) for (b = a + 1; b <= k; b++) if (v[b] < v[a]) { x = v[a]; v[a] = v[b]; v[b] = x }
+        med = (k % 2) ? v[(k + 1) / 2] : (v[k / 2] + v[k / 2 + 1]) / 2
+        printf "%s/%s: median of %d per-round req/s ratios %.3f (%.3f to %.3f; target >= %.2f: %s)\n", m, base, k, med, v[1], v[k], tg[2], (med >= tg[2]) ? "met" : "NOT met"
+        delete v
+      }
+    }'
+}
