@@ -7,6 +7,7 @@
 #include "auth/keystore.h"
 #include "config/config.h"
 #include "core/app.h"
+#include "core/json.h"
 #include "meter/invoice.h"
 
 
@@ -28,6 +29,8 @@ int main(int argc, char **argv) {
    * allocates for every record (about 7% of its CPU per row). Must come
    * before any other SQLite call. */
   sqlite3_config(SQLITE_CONFIG_MEMSTATUS, 0);
+  /* cJSON's allocation hooks, before any thread is started. */
+  tg_json_init();
   if (argc < 2) {
     usage(stderr);
     return 2;

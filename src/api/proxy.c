@@ -117,6 +117,8 @@ struct tg_call_s {
 
   tg_call_t *prev, *next;
 };
+_Static_assert(sizeof(tg_call_t) <= TG_API_BLOCK,
+               "a call must fit a block of the loop's recycle");
 
 /* ---- helpers ------------------------------------------------------------ */
 
@@ -195,18 +197,22 @@ static void call_log(tg_call_t *c) {
 static void queue_leave(tg_call_t *c, int served);
 
 static void call_free(tg_call_t *c) {
+  tg_recycle_t *mem = &c->w->mem;
   size_t i;
   queue_leave(c, 0);
   call_unlink(c);
   for (i = 0; i < c->n_hdr_owned; i++)
     free(c->hdr_owned[i]);
   free(c->body_owned);
-  free(c->resp);
+  if (c->resp_cap == TG_API_BLOCK)
+    tg_recycle_free(mem, c->resp);   /* never grown: the recycle's block */
+  else
+    free(c->resp);
   free(c->out);
   tg_sse_free(&c->sse);
   if (c->rt)
     tg_runtime_unref(c->rt);
-  free(c);
+  tg_recycle_free(mem, c);
 }
 
 /* Releases the current attempt's transfer and endpoint slot. */
@@ -479,11 +485,13 @@ static int resp_append(tg_call_t *c, const char *data, size_t len) {
     return TG_ETOOBIG;
   }
   if (c->resp_len + len + 1 > c->resp_cap) {
-    size_t cap = c->resp_cap ? c->resp_cap : 4096;
+    size_t cap = c->resp_cap ? c->resp_cap : TG_API_BLOCK;
     char *nb;
     while (cap < c->resp_len + len + 1)
       cap *= 2;
-    nb = realloc(c->resp, cap);
+    /* the usual answer fits a block of the loop's recycle */
+    nb = c->resp == NULL && cap == TG_API_BLOCK ? tg_recycle_alloc(&c->w->mem)
+                                                : realloc(c->resp, cap);
     if (nb == NULL)
       return TG_ENOMEM;
     c->resp = nb;
@@ -544,7 +552,6 @@ static void on_client_drain(tg_http_req_t *req) {
  * not a JSON object. */
 static int scan_usage(tg_call_t *c, const char *body, size_t len) {
   const char *p = body, *end = body + len, *u = NULL, *q;
-  cJSON *usage;
 
   while (p < end && (*p == ' ' || *p == '\n' || *p == '\r' || *p == '\t'))
     p++;
@@ -564,10 +571,8 @@ static int scan_usage(tg_call_t *c, const char *body, size_t len) {
   u += 7;
   while (u < end && (*u == ' ' || *u == ':' || *u == '\n' || *u == '\t' || *u == '\r'))
     u++;
-  usage = tg_json_parse(u, (size_t)(end - u), 0, NULL);
-  if (tg_usage_read(usage, &c->prompt_tokens, &c->completion_tokens))
+  if (tg_usage_read_text(u, (size_t)(end - u), &c->prompt_tokens, &c->completion_tokens))
     c->has_usage = 1;
-  cJSON_Delete(usage);
   return 0;
 }
 
@@ -849,6 +854,7 @@ void tg_api_worker_closing(tg_worker_t *w) {
 
 void tg_api_worker_fini(tg_worker_t *w) {
   size_t i;
+  tg_recycle_clear(&w->mem);
   for (i = 0; i < w->n_queues; i++) {
     tg_fairq_fini(&w->queues[i]->q);
     free(w->queues[i]->model);
@@ -1283,7 +1289,7 @@ static int parse_body(tg_call_t *c, const tg_key_rec_t *rec) {
   }
   rc = 0;
 out:
-  cJSON_Delete(root);
+  tg_json_free(root);
   return rc;
 }
 
@@ -1445,11 +1451,12 @@ void tg_api_handle(tg_http_req_t *req) {
   int models;
   tg_call_t *c;
 
-  c = calloc(1, sizeof(*c));
+  c = tg_recycle_alloc(&w->mem);
   if (c == NULL) {
     tg_api_error(req, 500, "server_error", "internal_error", NULL, NULL, "out of memory");
     return;
   }
+  memset(c, 0, sizeof(*c));
   c->req = req;
   c->w = w;
   c->rt = tg_runtime_ref(tg_worker_runtime(w));

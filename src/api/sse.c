@@ -99,6 +99,114 @@ int tg_usage_read(const cJSON *usage, int64_t *prompt, int64_t *completion) {
   return 1;
 }
 
+/* ---- usage from text, without a tree ----
+ *
+ * The shape read here: '{' members '}' with JSON whitespace around tokens,
+ * at most USAGE_MEMBERS members, each a key of [a-z_] (1 to 32 bytes, so
+ * no escape) and a value that is null or an integer in plain decimal
+ * without sign or leading zero, of at most 15 digits (below 2^53, so
+ * tg_json_int takes it as it is). That is what upstreams send, and every
+ * text of that shape means the same to cJSON. Anything else, including a
+ * key twice (which the strict parser refuses), is left to the parser: the
+ * fast path answers "not mine" and never a different result. */
+
+#define USAGE_MEMBERS 8
+#define USAGE_KEY_MAX 32
+#define USAGE_DIGITS_MAX 15
+
+static int json_ws(char c) {
+  return c == ' ' || c == '\t' || c == '\n' || c == '\r';
+}
+
+/* 1 (read: *found says whether prompt_tokens was there), or -1 when the
+ * text is not of the shape above. *used is the length of the object. */
+static int usage_flat(const char *p, size_t n, int64_t *pt, int64_t *ct,
+                      int *found_pt, int *found_ct, size_t *used) {
+  const char *keys[USAGE_MEMBERS];
+  size_t klen[USAGE_MEMBERS], i = 0, m = 0;
+
+  *found_pt = *found_ct = 0;
+  while (i < n && json_ws(p[i]))
+    i++;
+  if (i >= n || p[i++] != '{')
+    return -1;
+  for (;;) {
+    size_t k0, kl;
+    while (i < n && json_ws(p[i]))
+      i++;
+    if (i < n && p[i] == '}' && m == 0)
+      break;
+    if (i >= n || p[i++] != '"' || m == USAGE_MEMBERS)
+      return -1;
+    k0 = i;
+    while (i < n && ((p[i] >= 'a' && p[i] <= 'z') || p[i] == '_'))
+      i++;
+    kl = i - k0;
+    if (i >= n || p[i++] != '"' || kl == 0 || kl > USAGE_KEY_MAX)
+      return -1;
+    for (size_t j = 0; j < m; j++)
+      if (klen[j] == kl && memcmp(keys[j], p + k0, kl) == 0)
+        return -1;   /* a key twice: the strict parser's call */
+    keys[m] = p + k0;
+    klen[m++] = kl;
+    while (i < n && json_ws(p[i]))
+      i++;
+    if (i >= n || p[i++] != ':')
+      return -1;
+    while (i < n && json_ws(p[i]))
+      i++;
+    if (i + 4 <= n && memcmp(p + i, "null", 4) == 0) {
+      i += 4;
+    } else {
+      int64_t v = 0;
+      size_t d0 = i;
+      while (i < n && p[i] >= '0' && p[i] <= '9')
+        v = v * 10 + (p[i++] - '0');
+      if (i == d0 || i - d0 > USAGE_DIGITS_MAX || (p[d0] == '0' && i - d0 > 1))
+        return -1;
+      if (kl == 13 && memcmp(p + k0, "prompt_tokens", 13) == 0) {
+        *pt = v;
+        *found_pt = 1;
+      } else if (kl == 17 && memcmp(p + k0, "completion_tokens", 17) == 0) {
+        *ct = v;
+        *found_ct = 1;
+      }
+    }
+    /* a number must end at a delimiter, as in "16}" and not "16.5}" */
+    while (i < n && json_ws(p[i]))
+      i++;
+    if (i < n && p[i] == ',') {
+      i++;
+      continue;
+    }
+    if (i < n && p[i] == '}')
+      break;
+    return -1;
+  }
+  *used = i + 1;
+  return 1;
+}
+
+int tg_usage_read_text(const char *p, size_t n, int64_t *prompt, int64_t *completion) {
+  int64_t pt = 0, ct = 0;
+  int fpt, fct, r;
+  size_t used = 0;
+  cJSON *usage;
+
+  if (usage_flat(p, n, &pt, &ct, &fpt, &fct, &used) == 1 &&
+      tg_json_check_text(p + used, n - used, NULL) == 0) {
+    if (!fpt)
+      return 0;
+    *prompt = pt;
+    *completion = fct ? ct : 0;
+    return 1;
+  }
+  usage = tg_json_parse(p, n, 0, NULL);
+  r = tg_usage_read(usage, prompt, completion);
+  tg_json_free(usage);
+  return r;
+}
+
 int tg_sse_inspect(const char *ev, size_t len, tg_sse_info_t *info) {
   const char *d, *end = ev + len, *le;
   cJSON *root;
@@ -130,7 +238,7 @@ int tg_sse_inspect(const char *ev, size_t len, tg_sse_info_t *info) {
   }
   root = tg_json_parse(d, (size_t)(le - d), 1, NULL);
   if (!cJSON_IsObject(root)) {
-    cJSON_Delete(root);
+    tg_json_free(root);
     return TG_EPARSE;
   }
   choices = tg_json_get(root, "choices");
@@ -141,6 +249,6 @@ int tg_sse_inspect(const char *ev, size_t len, tg_sse_info_t *info) {
     info->has_usage = 1;
     info->usage_only = cJSON_IsArray(choices) && n_choices == 0;
   }
-  cJSON_Delete(root);
+  tg_json_free(root);
   return 0;
 }

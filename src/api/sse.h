@@ -49,4 +49,12 @@ int tg_sse_inspect(const char *ev, size_t len, tg_sse_info_t *info);
  * defaults to 0), 0 otherwise. usage may be NULL or not an object. */
 int tg_usage_read(const cJSON *usage, int64_t *prompt, int64_t *completion);
 
+/* The same reading from the text of a usage value at p[0..n) (what follows
+ * the value is ignored, as tg_json_parse's prefix mode ignores it, but is
+ * still checked as text): exactly tg_usage_read(tg_json_parse(p, n, 0)).
+ * The usual shape, a flat object of small integers and nulls with plain
+ * keys, is read in one pass without building a tree; anything else goes
+ * through the strict parser. */
+int tg_usage_read_text(const char *p, size_t n, int64_t *prompt, int64_t *completion);
+
 #endif

@@ -17,6 +17,7 @@
 #include "auth/keystore.h"
 #include "policy/state.h"
 #include "config/config.h"
+#include "core/recycle.h"
 #include "meter/ledger.h"
 #include "obs/metrics.h"
 #include "http/server.h"
@@ -30,6 +31,9 @@ typedef struct tg_runtime_s {
 } tg_runtime_t;
 
 typedef struct tg_call_s tg_call_t;
+
+/* Bytes of the blocks a loop recycles for its calls (tg_worker_t.mem). */
+#define TG_API_BLOCK 4096
 typedef struct tg_app_s tg_app_t;
 
 typedef struct tg_worker_s {
@@ -48,6 +52,7 @@ typedef struct tg_worker_s {
   tg_keyset_t *keys;
   uint64_t keys_gen;
   tg_call_t *calls;          /* calls in flight on this loop */
+  tg_recycle_t mem;          /* TG_API_BLOCK blocks: calls, answers' first buffers */
   struct tg_wqueue_s **queues; /* calls waiting for a saturated pool, by model */
   size_t n_queues;
   atomic_int queued;         /* calls waiting here: other loops wake this one */

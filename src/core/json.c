@@ -2,8 +2,73 @@
 #include "core/json.h"
 
 #include <math.h>
+#include <pthread.h>
+#include <stdalign.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+/* ---- the per-thread arena (json.h, "Memory") ----
+ *
+ * cJSON allocates nodes and strings through the hooks. While this thread's
+ * arena is filling (a tg_json_parse() on it), the hooks hand out its
+ * bytes in order; once it is full, or when it is not filling, they call
+ * malloc(). free() of a pointer inside the arena does nothing: the whole
+ * arena is reused when its tree is freed (tg_json_free) or when the parse
+ * failed. */
+
+static _Thread_local struct {
+  alignas(max_align_t) char mem[TG_JSON_ARENA];
+  size_t used;
+  int filling;   /* a parse on this thread is allocating from mem */
+  int live;      /* a tree in mem has not been freed yet */
+} arena;
+
+static int in_arena(const void *p) {
+  const char *c = p;
+  return c >= arena.mem && c < arena.mem + sizeof(arena.mem);
+}
+
+int tg__json_in_arena(const void *p) {
+  return in_arena(p);
+}
+
+static void *hook_malloc(size_t n) {
+  if (arena.filling) {
+    size_t a = (n + alignof(max_align_t) - 1) & ~(alignof(max_align_t) - 1);
+    if (a >= n && a <= sizeof(arena.mem) - arena.used) {
+      void *p = arena.mem + arena.used;
+      arena.used += a;
+      return p;
+    }
+  }
+  return malloc(n);
+}
+
+static void hook_free(void *p) {
+  if (!in_arena(p))
+    free(p);
+}
+
+static void init_hooks(void) {
+  cJSON_Hooks h = {hook_malloc, hook_free};
+  cJSON_InitHooks(&h);
+}
+
+void tg_json_init(void) {
+  static pthread_once_t once = PTHREAD_ONCE_INIT;
+  pthread_once(&once, init_hooks);
+}
+
+void tg_json_free(cJSON *root) {
+  if (root == NULL)
+    return;
+  cJSON_Delete(root);
+  if (in_arena(root)) {
+    arena.live = 0;
+    arena.used = 0;
+  }
+}
 
 static int fail(tg_json_err_t *err, const char *why, size_t at) {
   if (err != NULL) {
@@ -18,7 +83,22 @@ int tg_json_check_text(const char *buf, size_t len, tg_json_err_t *err) {
   size_t i = 0;
 
   while (i < len) {
-    unsigned char c = s[i];
+    unsigned char c;
+    /* Eight bytes at a time while they are all printable ASCII other than
+     * a backslash: the bulk of any body. A word with anything else is
+     * checked a byte at a time below. */
+    while (len - i >= 8) {
+      const uint64_t ones = UINT64_C(0x0101010101010101), highs = ones * 0x80;
+      uint64_t w, bs;
+      memcpy(&w, s + i, 8);
+      bs = w ^ (ones * '\\');
+      if (((w | ((w - ones * 0x20) & ~w) | ((bs - ones) & ~bs)) & highs) != 0)
+        break;
+      i += 8;
+    }
+    if (i >= len)
+      break;
+    c = s[i];
     if (c >= 0x20 && c < 0x80) {
       if (c == '\\' && i + 1 < len) {
         if (s[i + 1] == 'u' && i + 5 < len && memcmp(s + i + 2, "0000", 4) == 0)
@@ -122,7 +202,16 @@ cJSON *tg_json_parse(const char *buf, size_t len, int whole, tg_json_err_t *err)
 
   if (tg_json_check_text(buf, len, err) < 0)
     return NULL;
+  tg_json_init();
+  if (!arena.live) {
+    arena.used = 0;
+    arena.filling = 1;
+  }
   root = cJSON_ParseWithLengthOpts(buf, len, &end, 0);
+  if (arena.filling) {
+    arena.filling = 0;
+    arena.live = root != NULL && in_arena(root);
+  }
   if (root == NULL) {
     size_t at = end != NULL && end >= buf && end <= buf + len ? (size_t)(end - buf) : 0;
     fail(err, len == 0 ? "empty text" : "invalid JSON syntax", at);
@@ -133,12 +222,12 @@ cJSON *tg_json_parse(const char *buf, size_t len, int whole, tg_json_err_t *err)
       end++;
     if (end < buf + len) {
       fail(err, "text after the JSON value", (size_t)(end - buf));
-      cJSON_Delete(root);
+      tg_json_free(root);
       return NULL;
     }
   }
   if (check_keys(root, err) < 0) {
-    cJSON_Delete(root);
+    tg_json_free(root);
     return NULL;
   }
   return root;

@@ -184,6 +184,7 @@ static int worker_init(tg_app_t *app, tg_worker_t *w, int id, int admin) {
   int r;
 
   memset(w, 0, sizeof(*w));
+  tg_recycle_init(&w->mem, TG_API_BLOCK);
   w->app = app;
   w->id = id;
   w->is_admin = admin;

@@ -30,6 +30,7 @@
 #include <string.h>
 
 #include "core/err.h"
+#include "core/recycle.h"
 #include "core/strbuf.h"
 
 #define RBUF_SIZE 16384          /* one read; also bounds a paused transfer */
@@ -59,6 +60,7 @@ struct tg__h1_s {
   h1x_t *done_q;             /* completions waiting for the defer timer */
   uv_timer_t defer;
   uv_timer_t sweep;          /* closes connections idle too long */
+  tg_recycle_t xfer_mem;     /* freed transfers, for the next ones */
   size_t pending;            /* handles and getaddrinfo requests in flight */
   size_t n_conns, n_idle, n_hosts;
   int closing;
@@ -160,7 +162,7 @@ static void xfer_free(h1x_t *x) {
   if (x->next) x->next->prev = x->prev;
   if (x->req != x->req_inline)
     free(x->req);
-  free(x);
+  tg_recycle_free(&h->xfer_mem, x);
 }
 
 static void on_defer(uv_timer_t *t) {
@@ -826,6 +828,7 @@ int tg__h1_init(tg__h1_t **out, uv_loop_t *loop) {
   if (h == NULL)
     return TG_ENOMEM;
   h->loop = loop;
+  tg_recycle_init(&h->xfer_mem, sizeof(h1x_t));
   uv_timer_init(loop, &h->defer);
   h->defer.data = h;
   uv_timer_init(loop, &h->sweep);
@@ -838,8 +841,10 @@ int tg__h1_init(tg__h1_t **out, uv_loop_t *loop) {
 }
 
 static void h1_maybe_free(tg__h1_t *h) {
-  if (h->closing && h->pending == 0)
+  if (h->closing && h->pending == 0) {
+    tg_recycle_clear(&h->xfer_mem);
     free(h);
+  }
 }
 
 static void on_h1_handle_closed(uv_handle_t *hd) {
@@ -882,7 +887,7 @@ int tg__h1_start(tg__h1_t *h, const tg_xfer_opts_t *opts, const tg_xfer_cbs_t *c
   if ((r = head_build(NULL, HEAD_MAX, &need, opts, auth, auth_len, path)) < 0)
     return r;
   /* the inline head buffer is written, not cleared */
-  x = malloc(sizeof(*x));
+  x = tg_recycle_alloc(&h->xfer_mem);
   if (x == NULL)
     return TG_ENOMEM;
   memset(x, 0, offsetof(h1x_t, req_inline));
@@ -894,7 +899,7 @@ int tg__h1_start(tg__h1_t *h, const tg_xfer_opts_t *opts, const tg_xfer_cbs_t *c
     r = x->req == NULL ? TG_ENOMEM : TG_EINVAL;
     if (x->req != x->req_inline)
       free(x->req);
-    free(x);
+    tg_recycle_free(&h->xfer_mem, x);
     return r;
   }
   head_build(x->req, need, &x->req_len, opts, auth, auth_len, path);

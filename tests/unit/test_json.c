@@ -1,11 +1,13 @@
 /* Strict JSON reading (src/core/json.c): what cJSON alone would let through
  * and the request path must not (a key twice, \u0000, invalid UTF-8,
  * control bytes, text after the value), and what must still pass. */
+#include <pthread.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <setjmp.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include <cmocka.h>
@@ -31,7 +33,7 @@ static void accepted(const char *text) {
   cJSON *v = parse(text, 1, &err);
   if (v == NULL)
     fail_msg("refused (%s at %zu): %s", err.why, err.at, text);
-  cJSON_Delete(v);
+  tg_json_free(v);
 }
 
 static void test_duplicate_keys_refused_at_any_depth(void **state) {
@@ -70,7 +72,7 @@ static void test_nul_escape_refused(void **state) {
   v = parse("{\"a\":\"x\\\\u0000\"}", 1, NULL);
   assert_non_null(v);
   assert_string_equal(cJSON_GetObjectItemCaseSensitive(v, "a")->valuestring, "x\\u0000");
-  cJSON_Delete(v);
+  tg_json_free(v);
   refused("{\"a\":\"x\\\\\\u0000\"}", "\\u0000");
   accepted("{\"a\":\"\\u0001\\u00e9\"}");
 }
@@ -102,7 +104,7 @@ static void test_utf8(void **state) {
   v = parse("\"\xf0\x9f\x98\x80\"", 1, NULL);
   assert_non_null(v);
   assert_int_equal(strlen(v->valuestring), 4);
-  cJSON_Delete(v);
+  tg_json_free(v);
 }
 
 static void test_control_bytes_and_syntax(void **state) {
@@ -119,6 +121,45 @@ static void test_control_bytes_and_syntax(void **state) {
   accepted("{\"a\":\"tab\\tnl\\n\"}");
 }
 
+/* The text check reads printable ASCII eight bytes at a time: whatever it
+ * must refuse is found at every position of a long text and at every
+ * alignment, and reported at its own byte. */
+static void test_check_text_every_position(void **state) {
+  static const struct {
+    const char *bad;
+    size_t at;     /* offset of the reported byte within bad */
+    const char *why;
+  } cases[] = {
+    {"\x01", 0, "control"}, {"\x1f", 0, "control"}, {"\x80", 0, "UTF-8"},
+    {"\xff", 0, "UTF-8"}, {"\xc3(", 0, "UTF-8"}, {"\xed\xa0\x80", 0, "UTF-8"},
+    {"\\u0000", 0, "\\u0000"}, {"\\\\\\u0000", 2, "\\u0000"},
+  };
+  char text[96];
+  tg_json_err_t err;
+  (void)state;
+
+  for (size_t c = 0; c < sizeof(cases) / sizeof(cases[0]); c++) {
+    size_t bl = strlen(cases[c].bad);
+    for (size_t pos = 0; pos + bl <= 64; pos++) {
+      memset(text, 'a', sizeof(text));
+      memcpy(text + pos, cases[c].bad, bl);
+      err.why = NULL;
+      if (tg_json_check_text(text, 64, &err) == 0)
+        fail_msg("case %zu at %zu: accepted", c, pos);
+      assert_int_equal(err.at, pos + cases[c].at);
+      assert_non_null(strstr(err.why, cases[c].why));
+    }
+  }
+  /* valid text of every length and alignment: escapes, tabs, UTF-8 */
+  for (size_t off = 0; off < 8; off++)
+    for (size_t n = 0; n + off <= 80; n++) {
+      memset(text, 'b', sizeof(text));
+      memcpy(text + 10, "\\\\u0000\t\xc3\xa9\\n", 12);
+      if (n + off > 22 && tg_json_check_text(text + off, n, NULL) != 0)
+        fail_msg("refused a valid text of %zu bytes at offset %zu", n, off);
+    }
+}
+
 static void test_prefix_mode(void **state) {
   const char *text = "{\"prompt_tokens\":7,\"completion_tokens\":9}},\"x\":1}";
   tg_json_err_t err;
@@ -132,7 +173,7 @@ static void test_prefix_mode(void **state) {
   assert_int_equal(n, 7);
   assert_true(tg_json_int(tg_json_get(v, "completion_tokens"), &n));
   assert_int_equal(n, 9);
-  cJSON_Delete(v);
+  tg_json_free(v);
   assert_null(tg_json_parse(text, strlen(text), 1, &err));
   /* the rest is still checked as text */
   assert_null(tg_json_parse("{\"a\":1}\xff", 8, 0, &err));
@@ -162,7 +203,7 @@ static void test_integers(void **state) {
   /* tg_json_get on a non-object is NULL, not a crash */
   assert_null(tg_json_get(tg_json_get(v, "a"), "x"));
   assert_null(tg_json_get(NULL, "x"));
-  cJSON_Delete(v);
+  tg_json_free(v);
 }
 
 static void test_deep_nesting_bounded(void **state) {
@@ -175,15 +216,164 @@ static void test_deep_nesting_bounded(void **state) {
   refused(deep, "syntax");
 }
 
+/* {"v":N,"s":"N","a":[N,{"k":N}]}: a small body whose values tell trees
+ * apart. */
+static cJSON *small(int n) {
+  char text[128];
+  snprintf(text, sizeof(text), "{\"v\":%d,\"s\":\"%d\",\"a\":[%d,{\"k\":%d}]}",
+           n, n, n, n);
+  return parse(text, 1, NULL);
+}
+
+/* 1 when t is small(n), read back whole. */
+static int is_small(const cJSON *t, int n) {
+  char s[16];
+  int64_t v, k;
+  const cJSON *a = tg_json_get(t, "a");
+  snprintf(s, sizeof(s), "%d", n);
+  return tg_json_int(tg_json_get(t, "v"), &v) && v == n &&
+         cJSON_IsString(tg_json_get(t, "s")) &&
+         strcmp(tg_json_get(t, "s")->valuestring, s) == 0 &&
+         cJSON_GetArraySize(a) == 2 &&
+         tg_json_int(cJSON_GetArrayItem(a, 0), &v) && v == n &&
+         tg_json_int(tg_json_get(cJSON_GetArrayItem(a, 1), "k"), &k) && k == n;
+}
+
+static void test_arena_reused(void **state) {
+  cJSON *t;
+  (void)state;
+
+  tg_json_init();
+  for (int i = 0; i < 1000; i++) {
+    t = small(i);
+    assert_non_null(t);
+    /* the tree, its nodes and its strings come from the arena */
+    assert_true(tg__json_in_arena(t));
+    assert_true(tg__json_in_arena(tg_json_get(t, "a")->child->next));
+    assert_true(tg__json_in_arena(tg_json_get(t, "s")->valuestring));
+    assert_true(is_small(t, i));
+    tg_json_free(t);
+  }
+  /* a refused text (syntax, a key twice) leaves the arena free for the next */
+  assert_null(parse("{\"a\":[1,2,{\"b\":", 1, NULL));
+  assert_null(parse("{\"a\":{\"b\":1,\"b\":2}}", 1, NULL));
+  assert_null(parse("[1] x", 1, NULL));
+  t = small(7);
+  assert_true(tg__json_in_arena(t));
+  tg_json_free(t);
+}
+
+/* A tree larger than the arena: what does not fit comes from the heap, all
+ * of it reads back, and freeing it frees the heap part (the sanitizer's leak
+ * check sees a miss). */
+static void test_arena_spills_to_heap(void **state) {
+  size_t cap = 64 * 1024, n = 0;
+  char *text = malloc(cap);
+  int count = 2000, in = 0, out = 0;
+  cJSON *t, *e;
+  (void)state;
+
+  assert_non_null(text);
+  n += (size_t)snprintf(text + n, cap - n, "[");
+  for (int i = 0; i < count; i++)
+    n += (size_t)snprintf(text + n, cap - n, "%s{\"key%d\":\"value %d\"}",
+                          i ? "," : "", i, i);
+  n += (size_t)snprintf(text + n, cap - n, "]");
+  assert_true(n < cap - 1);
+  t = tg_json_parse(text, n, 1, NULL);
+  assert_non_null(t);
+  assert_int_equal(cJSON_GetArraySize(t), count);
+  int i = 0;
+  cJSON_ArrayForEach(e, t) {
+    char k[16], v[24];
+    snprintf(k, sizeof(k), "key%d", i);
+    snprintf(v, sizeof(v), "value %d", i);
+    assert_string_equal(e->child->string, k);
+    assert_string_equal(e->child->valuestring, v);
+    if (tg__json_in_arena(e->child->valuestring))
+      in++;
+    else
+      out++;
+    i++;
+  }
+  assert_true(in > 0);
+  assert_true(out > 0);
+  tg_json_free(t);
+  free(text);
+  t = small(3);
+  assert_true(tg__json_in_arena(t));
+  tg_json_free(t);
+}
+
+/* While one arena tree lives, a second parse takes the heap, and freeing the
+ * second does not free the arena under the first. */
+static void test_arena_one_tree_at_a_time(void **state) {
+  cJSON *x, *y, *z;
+  (void)state;
+
+  x = small(1);
+  assert_true(tg__json_in_arena(x));
+  y = small(2);
+  assert_false(tg__json_in_arena(y));
+  assert_false(tg__json_in_arena(tg_json_get(y, "a")->child));
+  tg_json_free(y);
+  z = small(3);                 /* would overwrite x if y had reset the arena */
+  assert_false(tg__json_in_arena(z));
+  assert_true(is_small(x, 1));
+  assert_true(is_small(z, 3));
+  tg_json_free(z);
+  tg_json_free(x);
+  x = small(4);
+  assert_true(tg__json_in_arena(x));
+  tg_json_free(x);
+}
+
+static void *parse_many(void *arg) {
+  int base = *(int *)arg;
+  for (int i = 0; i < 20000; i++) {
+    cJSON *t = small(base + i);
+    if (t == NULL || !tg__json_in_arena(t) || !is_small(t, base + i))
+      return "a tree read back wrong";
+    tg_json_free(t);
+  }
+  return NULL;
+}
+
+/* Each thread has its own arena: trees parsed at once on several threads,
+ * and one kept on this thread meanwhile, all read back as parsed. */
+static void test_arena_per_thread(void **state) {
+  pthread_t th[3];
+  int base[3] = {100000, 200000, 300000};
+  cJSON *mine = small(42);
+  void *res;
+  (void)state;
+
+  assert_true(tg__json_in_arena(mine));
+  for (int i = 0; i < 3; i++)
+    assert_int_equal(pthread_create(&th[i], NULL, parse_many, &base[i]), 0);
+  for (int i = 0; i < 3; i++) {
+    assert_int_equal(pthread_join(th[i], &res), 0);
+    if (res != NULL)
+      fail_msg("%s", (const char *)res);
+  }
+  assert_true(is_small(mine, 42));
+  tg_json_free(mine);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
     cmocka_unit_test(test_duplicate_keys_refused_at_any_depth),
     cmocka_unit_test(test_nul_escape_refused),
     cmocka_unit_test(test_utf8),
     cmocka_unit_test(test_control_bytes_and_syntax),
+    cmocka_unit_test(test_check_text_every_position),
     cmocka_unit_test(test_prefix_mode),
     cmocka_unit_test(test_integers),
     cmocka_unit_test(test_deep_nesting_bounded),
+    cmocka_unit_test(test_arena_reused),
+    cmocka_unit_test(test_arena_spills_to_heap),
+    cmocka_unit_test(test_arena_one_tree_at_a_time),
+    cmocka_unit_test(test_arena_per_thread),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -14,6 +14,7 @@
 
 #include "api/sse.h"
 #include "core/err.h"
+#include "core/json.h"
 
 #define CHUNK1 "data: {\"id\":\"c1\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"tok0\"}}]}\n\n"
 #define CHUNK2 "data: {\"id\":\"c1\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\" tok1\"}}]}\n\n"
@@ -163,6 +164,114 @@ static void test_inspect(void **state) {
   assert_false(i.done || i.has_usage || i.has_choices);
 }
 
+/* What the strict parser says of a usage text: the reference that
+ * tg_usage_read_text must match whatever the text. */
+static int usage_ref(const char *t, size_t n, int64_t *pt, int64_t *ct) {
+  cJSON *u = tg_json_parse(t, n, 0, NULL);
+  int r = tg_usage_read(u, pt, ct);
+  tg_json_free(u);
+  return r;
+}
+
+static void same_as_parser(const char *t, size_t n) {
+  int64_t p1 = -1, c1 = -1, p2 = -1, c2 = -1;
+  int r1 = tg_usage_read_text(t, n, &p1, &c1), r2 = usage_ref(t, n, &p2, &c2);
+  if (r1 != r2 || (r1 && (p1 != p2 || c1 != c2)))
+    fail_msg("usage text [%.*s]: read %d (%lld, %lld), parser %d (%lld, %lld)",
+             (int)n, t, r1, (long long)p1, (long long)c1, r2, (long long)p2,
+             (long long)c2);
+}
+
+static void test_usage_text(void **state) {
+  static const struct {
+    const char *text;
+    int r;
+    int64_t pt, ct;
+  } cases[] = {
+    {"{\"prompt_tokens\":7,\"completion_tokens\":16,\"total_tokens\":23}}", 1, 7, 16},
+    {" {\n \"completion_tokens\" : 0 ,\t\"prompt_tokens\":\r12 } ", 1, 12, 0},
+    {"{\"prompt_tokens\":5,\"total_tokens\":5,\"prompt_tokens_details\":null}", 1, 5, 0},
+    {"{\"prompt_tokens\":5,\"prompt_tokens_details\":{\"cached_tokens\":3}}", 1, 5, 0},
+    {"{\"prompt_tokens\":999999999999999,\"completion_tokens\":1}", 1, 999999999999999, 1},
+    {"{\"prompt_tokens\":9007199254740992}", 1, INT64_C(9007199254740992), 0},
+    {"{\"prompt_tokens\":9007199254740993}", 1, INT64_C(9007199254740992), 0},
+    {"{\"prompt_tokens\":2.0,\"completion_tokens\":1e1}", 1, 2, 10},
+    {"{\"prompt_tokens\":016}", 1, 16, 0},     /* cJSON reads it; so do we */
+    {"{\"prompt\\u005ftokens\":4}", 1, 4, 0},   /* an escaped key is the key */
+    {"{\"prompt_tokens\":3,\"completion_tokens\":-2}", 1, 3, 0},
+    {"{\"prompt_tokens\":1,\"prompt_tokens\":2}", 0, 0, 0},   /* a key twice */
+    {"{\"a\":1,\"completion_tokens\":1,\"a\":1,\"prompt_tokens\":1}", 0, 0, 0},
+    {"{\"prompt_tokens\":-1}", 0, 0, 0},
+    {"{\"prompt_tokens\":null,\"completion_tokens\":3}", 0, 0, 0},
+    {"{\"prompt_tokens\":\"7\"}", 0, 0, 0},
+    {"{\"prompt_tokens\":16.5}", 0, 0, 0},
+    {"{\"prompt_tokens\":7,}", 0, 0, 0},
+    {"{\"prompt_tokens\":7", 0, 0, 0},
+    {"{\"prompt_tokens\":7}\xff", 0, 0, 0},       /* the rest is checked as text */
+    {"{\"prompt_tokens\":7}\x01", 0, 0, 0},
+    {"{\"prompt_tokens\"\x01:7}", 0, 0, 0},
+    {"{}", 0, 0, 0},
+    {"null", 0, 0, 0},
+    {"[7]", 0, 0, 0},
+    {"", 0, 0, 0},
+  };
+  (void)state;
+
+  for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+    int64_t pt = -1, ct = -1;
+    size_t n = strlen(cases[i].text);
+    int r = tg_usage_read_text(cases[i].text, n, &pt, &ct);
+    if (r != cases[i].r || (r && (pt != cases[i].pt || ct != cases[i].ct)))
+      fail_msg("case %zu [%s]: %d (%lld, %lld)", i, cases[i].text, r,
+               (long long)pt, (long long)ct);
+    same_as_parser(cases[i].text, n);
+    for (size_t cut = 0; cut < n; cut++)   /* every prefix, too */
+      same_as_parser(cases[i].text, cut);
+  }
+}
+
+static uint32_t rnd(uint32_t *seed, size_t n) {
+  *seed = *seed * 1103515245u + 12345u;
+  return (*seed >> 16) % (uint32_t)n;
+}
+
+/* Many texts assembled from the pieces upstreams send and the ones they
+ * should not: the one-pass reading and the strict parser always agree. */
+static void test_usage_text_agrees_with_parser(void **state) {
+  static const char *keys[] = {"prompt_tokens", "completion_tokens", "total_tokens",
+                               "prompt_tokens_details", "Prompt_tokens", "",
+                               "prompt_tokens ", "completion\\u005ftokens", "x"};
+  static const char *vals[] = {"0", "7", "16", "016", "-3", "16.5", "1e2", "2.0",
+                               "null", "true", "\"7\"", "{}", "{\"cached_tokens\":0}",
+                               "[1]", "999999999999999", "9999999999999999",
+                               "90071992547409921", "00", "1 2", "nul", "7x"};
+  static const char *ws[] = {"", " ", "\n", "\t ", "\r\n", "\x0b"};
+  static const char *after[] = {"", "}", "}}\n", "\xff", " ,\"x\":1}", "\x01", "\xc3\xa9"};
+  uint32_t seed = 12345;
+  char t[512];
+  (void)state;
+
+#define PICK(a) a[rnd(&seed, sizeof(a) / sizeof(a[0]))]
+  for (int iter = 0; iter < 200000; iter++) {
+    size_t n = 0;
+    int members = (int)rnd(&seed, 6);
+    n += (size_t)snprintf(t + n, sizeof(t) - n, "%s{", PICK(ws));
+    for (int m = 0; m < members; m++) {
+      const char *w1 = PICK(ws), *k = PICK(keys), *w2 = PICK(ws), *w3 = PICK(ws);
+      const char *v = PICK(vals), *w4 = PICK(ws);
+      n += (size_t)snprintf(t + n, sizeof(t) - n, "%s%s\"%s\"%s:%s%s%s",
+                            m ? "," : "", w1, k, w2, w3, v, w4);
+    }
+    {
+      const char *comma = rnd(&seed, 20) ? "" : ",", *rest = PICK(after);
+      n += (size_t)snprintf(t + n, sizeof(t) - n, "%s}%s", comma, rest);
+    }
+    assert_true(n < sizeof(t));
+    same_as_parser(t, n);
+  }
+#undef PICK
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
     cmocka_unit_test(test_split_every_cut),
@@ -171,6 +280,8 @@ int main(void) {
     cmocka_unit_test(test_event_bound),
     cmocka_unit_test(test_callback_error_stops),
     cmocka_unit_test(test_inspect),
+    cmocka_unit_test(test_usage_text),
+    cmocka_unit_test(test_usage_text_agrees_with_parser),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
