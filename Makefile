@@ -4,9 +4,11 @@
 JOBS        ?= $(shell nproc 2>/dev/null || echo 2)
 BUILD       ?= build
 BUILD_ASAN  ?= build-asan
+BUILD_FUZZ  ?= build-fuzz
+FUZZ_SECONDS ?= 60
 CONFIG      ?= examples/tollgate.yaml
 
-.PHONY: all deps build build-asan run test unit bench clean
+.PHONY: all deps build build-asan run test unit bench fuzz clean
 
 all: build
 
@@ -35,5 +37,13 @@ unit: build-asan
 bench: build
 	@bash bench/proxy.sh $(BUILD)
 
+# The fuzz targets with clang's libFuzzer, each run FUZZ_SECONDS from its
+# seed corpus (`make test` replays the seeds without clang).
+fuzz: deps
+	@command -v clang >/dev/null || { echo "make fuzz needs clang: apt-get install clang"; exit 1; }
+	@CC=clang cmake -S . -B $(BUILD_FUZZ) -DCMAKE_BUILD_TYPE=Debug -DTG_SANITIZE=ON -DTG_FUZZ=ON >/dev/null
+	@cmake --build $(BUILD_FUZZ) -j $(JOBS) --target fuzz_json fuzz_sse fuzz_key
+	@bash scripts/fuzz.sh $(BUILD_FUZZ) $(FUZZ_SECONDS)
+
 clean:
-	rm -rf $(BUILD) $(BUILD_ASAN)
+	rm -rf $(BUILD) $(BUILD_ASAN) $(BUILD_FUZZ)

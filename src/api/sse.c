@@ -160,9 +160,12 @@ static int usage_flat(const char *p, size_t n, int64_t *pt, int64_t *ct,
     } else {
       int64_t v = 0;
       size_t d0 = i;
-      while (i < n && p[i] >= '0' && p[i] <= '9')
+      while (i < n && p[i] >= '0' && p[i] <= '9') {
+        if (i - d0 == USAGE_DIGITS_MAX)
+          return -1;   /* past 15 digits: the parser's call */
         v = v * 10 + (p[i++] - '0');
-      if (i == d0 || i - d0 > USAGE_DIGITS_MAX || (p[d0] == '0' && i - d0 > 1))
+      }
+      if (i == d0 || (p[d0] == '0' && i - d0 > 1))
         return -1;
       if (kl == 13 && memcmp(p + k0, "prompt_tokens", 13) == 0) {
         *pt = v;

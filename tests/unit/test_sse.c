@@ -193,6 +193,9 @@ static void test_usage_text(void **state) {
     {"{\"prompt_tokens\":5,\"total_tokens\":5,\"prompt_tokens_details\":null}", 1, 5, 0},
     {"{\"prompt_tokens\":5,\"prompt_tokens_details\":{\"cached_tokens\":3}}", 1, 5, 0},
     {"{\"prompt_tokens\":999999999999999,\"completion_tokens\":1}", 1, 999999999999999, 1},
+    /* found by fuzz_json: digits past what int64 holds are never summed */
+    {"{\"prompt_tokens\":177777777777777777777777777777777,\"completion_tokens\":2}", 0, 0, 0},
+    {"{\"prompt_tokens\":7,\"completion_tokens\":1777777777777777777777}", 1, 7, 0},
     {"{\"prompt_tokens\":9007199254740992}", 1, INT64_C(9007199254740992), 0},
     {"{\"prompt_tokens\":9007199254740993}", 1, INT64_C(9007199254740992), 0},
     {"{\"prompt_tokens\":2.0,\"completion_tokens\":1e1}", 1, 2, 10},

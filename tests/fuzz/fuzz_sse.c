@@ -1,0 +1,59 @@
+/* Fuzz target: splitting an upstream's SSE bytes into events and
+ * classifying them (src/api/sse.c). The first byte chooses where the bytes
+ * are cut in two and how long an event may be; whatever the input, every
+ * byte ends up in exactly one event or in the held remainder, and each
+ * event ends with an empty line. */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "api/sse.h"
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
+
+typedef struct {
+  size_t bytes;
+} seen_t;
+
+static int on_event(void *arg, const char *ev, size_t len) {
+  seen_t *s = arg;
+  tg_sse_info_t info;
+
+  /* a line's end, then an empty line: "\n\n", or "\n\r\n" (which covers
+   * "\r\n\r\n") */
+  if (len < 2 || ev[len - 1] != '\n' ||
+      (ev[len - 2] != '\n' && (len < 3 || memcmp(ev + len - 3, "\n\r\n", 3) != 0)))
+    abort();
+  (void)tg_sse_inspect(ev, len, &info);
+  if (info.usage_only && !info.has_usage)
+    abort();
+  s->bytes += len;
+  return 0;
+}
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
+  tg_sse_t p;
+  seen_t s = {0};
+  size_t cut, max;
+  int r;
+
+  if (size == 0)
+    return 0;
+  cut = size > 1 ? data[0] % size : 0;
+  max = 16 + (size_t)data[0] * 8;
+  data++;
+  size--;
+  if (cut > size)
+    cut = size;
+  tg_json_init();
+  tg_sse_init(&p, max);
+  r = tg_sse_feed(&p, (const char *)data, cut, on_event, &s);
+  if (r == 0)
+    r = tg_sse_feed(&p, (const char *)data + cut, size - cut, on_event, &s);
+  if (r == 0 && s.bytes + tg_sse_pending(&p) != size)
+    abort();   /* a byte lost or doubled */
+  if (tg_sse_pending(&p) > max)
+    abort();   /* the bound on one held event */
+  tg_sse_free(&p);
+  return 0;
+}
