@@ -553,9 +553,9 @@ static void on_client_drain(tg_http_req_t *req) {
 static int scan_usage(tg_call_t *c, const char *body, size_t len) {
   const char *p = body, *end = body + len, *u = NULL, *q;
 
-  while (p < end && (*p == ' ' || *p == '\n' || *p == '\r' || *p == '\t'))
+  while (p < end && tg_json_ws(*p))
     p++;
-  while (end > p && (end[-1] == ' ' || end[-1] == '\n' || end[-1] == '\r' || end[-1] == '\t'))
+  while (end > p && tg_json_ws(end[-1]))
     end--;
   if (p >= end || *p != '{' || end[-1] != '}')
     return TG_EPARSE;
@@ -569,7 +569,7 @@ static int scan_usage(tg_call_t *c, const char *body, size_t len) {
   if (u == NULL)
     return 0;
   u += 7;
-  while (u < end && (*u == ' ' || *u == ':' || *u == '\n' || *u == '\t' || *u == '\r'))
+  while (u < end && (tg_json_ws(*u) || *u == ':'))
     u++;
   if (tg_usage_read_text(u, (size_t)(end - u), &c->prompt_tokens, &c->completion_tokens))
     c->has_usage = 1;

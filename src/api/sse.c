@@ -114,10 +114,6 @@ int tg_usage_read(const cJSON *usage, int64_t *prompt, int64_t *completion) {
 #define USAGE_KEY_MAX 32
 #define USAGE_DIGITS_MAX 15
 
-static int json_ws(char c) {
-  return c == ' ' || c == '\t' || c == '\n' || c == '\r';
-}
-
 /* 1 (read: *found says whether prompt_tokens was there), or -1 when the
  * text is not of the shape above. *used is the length of the object. */
 static int usage_flat(const char *p, size_t n, int64_t *pt, int64_t *ct,
@@ -126,13 +122,13 @@ static int usage_flat(const char *p, size_t n, int64_t *pt, int64_t *ct,
   size_t klen[USAGE_MEMBERS], i = 0, m = 0;
 
   *found_pt = *found_ct = 0;
-  while (i < n && json_ws(p[i]))
+  while (i < n && tg_json_ws(p[i]))
     i++;
   if (i >= n || p[i++] != '{')
     return -1;
   for (;;) {
     size_t k0, kl;
-    while (i < n && json_ws(p[i]))
+    while (i < n && tg_json_ws(p[i]))
       i++;
     if (i < n && p[i] == '}' && m == 0)
       break;
@@ -149,11 +145,11 @@ static int usage_flat(const char *p, size_t n, int64_t *pt, int64_t *ct,
         return -1;   /* a key twice: the strict parser's call */
     keys[m] = p + k0;
     klen[m++] = kl;
-    while (i < n && json_ws(p[i]))
+    while (i < n && tg_json_ws(p[i]))
       i++;
     if (i >= n || p[i++] != ':')
       return -1;
-    while (i < n && json_ws(p[i]))
+    while (i < n && tg_json_ws(p[i]))
       i++;
     if (i + 4 <= n && memcmp(p + i, "null", 4) == 0) {
       i += 4;
@@ -176,7 +172,7 @@ static int usage_flat(const char *p, size_t n, int64_t *pt, int64_t *ct,
       }
     }
     /* a number must end at a delimiter, as in "16}" and not "16.5}" */
-    while (i < n && json_ws(p[i]))
+    while (i < n && tg_json_ws(p[i]))
       i++;
     if (i < n && p[i] == ',') {
       i++;

@@ -192,10 +192,6 @@ static int check_keys(const cJSON *v, tg_json_err_t *err) {
   }
 }
 
-static int is_ws(char c) {
-  return c == ' ' || c == '\t' || c == '\n' || c == '\r';
-}
-
 cJSON *tg_json_parse(const char *buf, size_t len, int whole, tg_json_err_t *err) {
   const char *end = NULL;
   cJSON *root;
@@ -218,7 +214,7 @@ cJSON *tg_json_parse(const char *buf, size_t len, int whole, tg_json_err_t *err)
     return NULL;
   }
   if (whole && end != NULL) {
-    while (end < buf + len && is_ws(*end))
+    while (end < buf + len && tg_json_ws(*end))
       end++;
     if (end < buf + len) {
       fail(err, "text after the JSON value", (size_t)(end - buf));

@@ -59,6 +59,11 @@ void tg_json_free(cJSON *root);
 /* Tests only: 1 when p lies in the calling thread's arena. */
 int tg__json_in_arena(const void *p);
 
+/* 1 for JSON's whitespace: space, tab, LF, CR. */
+static inline int tg_json_ws(char c) {
+  return c == ' ' || c == '\t' || c == '\n' || c == '\r';
+}
+
 /* The member `key` of object `o` (case-sensitive, as JSON is), or NULL when
  * o is not an object or has no such member. */
 static inline cJSON *tg_json_get(const cJSON *o, const char *key) {
