@@ -20,7 +20,8 @@
 # e.g. "ledger: off"), KEEP=1 keeps the temp dir.
 #
 # nginx is Debian's nginx-light, run in the foreground from a generated
-# config (upstream keepalive, HTTP/1.1 to the upstream, access_log off).
+# config (upstream keepalive: up to 4,096 idle connections per worker, as
+# tollgate keeps; HTTP/1.1 to the upstream; access_log off).
 # tollgate runs with access_log off and one tenant whose limits cannot bind.
 set -euo pipefail
 
@@ -114,7 +115,7 @@ http {
   keepalive_requests 1000000;
   upstream sim {
     server 127.0.0.1:$SIM_PORT;
-    keepalive 128;
+    keepalive 4096;
   }
   server {
     listen 127.0.0.1:$NGINX_PORT reuseport;

@@ -14,6 +14,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include <curl/curl.h>
@@ -463,6 +464,27 @@ static const char *arg_config(int argc, char **argv) {
   return NULL;
 }
 
+/* Every client connection and every upstream connection is a descriptor,
+ * and so is each idle one kept for reuse. Debian's default soft limit
+ * (1,024) is below what one loop holds at a thousand concurrent requests
+ * (a client and an upstream connection each), so the soft limit is raised
+ * to the hard one, as a server that expects many connections does. Says so
+ * when the hard limit is still low. */
+static void raise_nofile(void) {
+  struct rlimit rl;
+
+  if (getrlimit(RLIMIT_NOFILE, &rl) != 0)
+    return;
+  if (rl.rlim_cur < rl.rlim_max) {
+    rl.rlim_cur = rl.rlim_max;
+    if (setrlimit(RLIMIT_NOFILE, &rl) != 0 || getrlimit(RLIMIT_NOFILE, &rl) != 0)
+      return;
+  }
+  if (rl.rlim_cur != RLIM_INFINITY && rl.rlim_cur < 16384)
+    fprintf(stderr, "tollgate: warning: open files limited to %llu; each concurrent "
+                    "request takes two\n", (unsigned long long)rl.rlim_cur);
+}
+
 int tg_cmd_serve(int argc, char **argv) {
   tg_app_t app;
   tg_config_t *cfg = NULL;
@@ -490,6 +512,7 @@ int tg_cmd_serve(int argc, char **argv) {
   }
   app.config_path = strdup(path);
   signal(SIGPIPE, SIG_IGN);
+  raise_nofile();
   curl_global_init(CURL_GLOBAL_DEFAULT);
   if (RAND_bytes(rnd, sizeof(rnd)) != 1)
     memset(rnd, 0, sizeof(rnd));

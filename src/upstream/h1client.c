@@ -6,7 +6,8 @@
  * Objects, all owned by one loop thread:
  * - host: one per upstream host:port; its resolved address (numeric hosts
  *   and "localhost" at once, names through uv_getaddrinfo) and a LIFO stack
- *   of idle keep-alive connections, at most IDLE_MAX.
+ *   of idle keep-alive connections (at most IDLE_MAX idle in the loop,
+ *   across hosts).
  * - conn: a TCP connection with its parser and read buffer. Reading stays
  *   on while it idles, so an upstream that closes it is noticed (EOF) and
  *   the connection leaves the pool before anyone sends into it.
@@ -34,7 +35,13 @@
 #include "core/strbuf.h"
 
 #define RBUF_SIZE 16384          /* one read; also bounds a paused transfer */
-#define IDLE_MAX 256             /* idle connections kept per host */
+/* Idle connections kept by a loop, across its hosts: as many as libcurl's
+ * connection cache holds (CURLMOPT_MAXCONNECTS), so the two clients pool
+ * alike. A cap below the concurrency an endpoint sees closes connections
+ * after every burst and opens them again on the next: at 1,024 concurrent
+ * requests a cap of 256 made every second request open a connection. The
+ * LIFO stack leaves the surplus at the bottom, where the sweep closes it. */
+#define IDLE_MAX 4096
 #define IDLE_TIMEOUT_MS 60000    /* an idle connection unused this long closes */
 #define IDLE_SWEEP_MS 5000       /* how often idle connections are checked */
 #define HEAD_INLINE 1024         /* request heads up to this size need no malloc */
@@ -279,7 +286,7 @@ static void on_sweep(uv_timer_t *t) {
 static void conn_release(conn_t *c, int keep) {
   host_t *host = c->host;
   c->x = NULL;
-  if (!keep || c->wpending || host->n_idle >= IDLE_MAX || c->h->closing ||
+  if (!keep || c->wpending || c->h->n_idle >= IDLE_MAX || c->h->closing ||
       conn_read(c, 1) < 0) {
     conn_close(c);
     return;

@@ -58,8 +58,10 @@ class Upstream:
     Counts: .conns (connections that carried a POST), .posts, .answered,
     .dropped; .sent_bytes of streamed bodies."""
 
-    def __init__(self, mode="keepalive", chunked=False, stream_pad=0, stall_after=None):
+    def __init__(self, mode="keepalive", chunked=False, stream_pad=0, stall_after=None,
+                 hold=None, backlog=128):
         self.mode = mode
+        self.hold = hold                 # an Event each POST's answer waits for
         self.chunked = chunked
         self.stream_pad = stream_pad
         self.stall_after = stall_after   # streamed events sent before stalling
@@ -77,7 +79,7 @@ class Upstream:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(128)
+        self.sock.listen(backlog)
         self.port = self.sock.getsockname()[1]
         self.thread = threading.Thread(target=self._accept, daemon=True)
         self.thread.start()
@@ -153,6 +155,8 @@ class Upstream:
                 if self.mode == "stall":
                     self.stop.wait(30)
                     return
+                if self.hold is not None:
+                    self.hold.wait(60)
                 doc = json.loads(body)
                 with self.lock:
                     self.last_body = body
@@ -244,6 +248,44 @@ def test_native_reuses_keepalive_connections(tg):
         assert up.posts == 49
         assert up.conns <= 1 + 6, "%d upstream connections" % up.conns
     finally:
+        up.close()
+
+
+def test_native_keeps_as_many_idle_connections_as_it_had_busy(tg):
+    """A burst of 300 concurrent requests to one upstream leaves 300 idle
+    connections, and the next burst reuses every one of them: none is
+    closed when the burst ends, none opened for the second. (A per-host cap
+    of 256 idle connections closed the surplus after every burst and
+    opened it again on the next.)"""
+    n = 300
+    hold = threading.Event()
+    up = Upstream(hold=hold, backlog=n)
+    try:
+        gw = tg.gateway({M8B: tgtest.model_entry([up.url], max_inflight=n + 100)},
+                        workers=1, overrides=NATIVE)
+        key = gw.keys["acme"]
+
+        def release_when(posts):
+            try:
+                tgtest.wait_for(lambda: up.posts >= posts, timeout=60, what="the burst")
+            finally:
+                hold.set()
+
+        for wave in (1, 2):
+            hold.clear()
+            releaser = threading.Thread(target=release_when, args=(n * wave,), daemon=True)
+            releaser.start()
+            rs = tgtest.parallel(lambda _: chat(gw.port, key, M8B, max_tokens=2, timeout=90),
+                                 [(i,) for i in range(n)], threads=n, timeout=120)
+            releaser.join()
+            assert [r.status for r in rs] == [200] * n
+            assert up.posts == n * wave
+            # every request of a burst was on its own connection at once
+            assert up.conns == n, "wave %d: %d upstream connections" % (wave, up.conns)
+        time.sleep(0.3)
+        assert up.peer_closed == 0, "%d idle connections closed" % up.peer_closed
+    finally:
+        hold.set()
         up.close()
 
 
