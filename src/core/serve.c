@@ -185,7 +185,7 @@ static int worker_init(tg_app_t *app, tg_worker_t *w, int id, int admin) {
   int r;
 
   memset(w, 0, sizeof(*w));
-  tg_recycle_init(&w->mem, TG_API_BLOCK);
+  tg_recycle_init(&w->mem, TG_API_BLOCK, TG_RECYCLE_MAX);
   w->app = app;
   w->id = id;
   w->is_admin = admin;

@@ -41,6 +41,7 @@
 #include <unistd.h>
 
 #include "core/err.h"
+#include "core/recycle.h"
 #include "meter/ledger_backend.h"
 #include "policy/limits.h"
 
@@ -77,6 +78,7 @@ struct tg_ledger_port_s {
   pthread_cond_t cond;      /* signalled when inflight reaches 0 while closing */
   node_t *done, *done_tail; /* delivered, callbacks not yet run */
   atomic_size_t inflight;   /* appended, not yet delivered */
+  tg_recycle_t nodes;       /* the loop's: a batch's nodes for the next records */
   int closing;
 };
 
@@ -787,12 +789,12 @@ static void *writer_main(void *arg) {
 
 /* ---- ports ---- */
 
-static void run_callbacks(node_t *n) {
+static void run_callbacks(tg_ledger_port_t *p, node_t *n) {
   while (n != NULL) {
     node_t *next = n->next;
     if (n->cb != NULL)
       n->cb(n->arg, n->status);
-    free(n);
+    tg_recycle_free(&p->nodes, n);
     n = next;
   }
 }
@@ -807,11 +809,13 @@ static node_t *take_done(tg_ledger_port_t *p) {
 }
 
 static void on_port_async(uv_async_t *h) {
-  run_callbacks(take_done(h->data));
+  tg_ledger_port_t *p = h->data;
+  run_callbacks(p, take_done(p));
 }
 
 static void on_port_closed(uv_handle_t *h) {
   tg_ledger_port_t *p = h->data;
+  tg_recycle_clear(&p->nodes);
   pthread_mutex_destroy(&p->mu);
   pthread_cond_destroy(&p->cond);
   free(p);
@@ -830,6 +834,7 @@ int tg_ledger_port_new(tg_ledger_t *l, uv_loop_t *loop,
     return TG_ENOMEM;
   p->l = l;
   atomic_init(&p->inflight, 0);
+  tg_recycle_init(&p->nodes, sizeof(node_t), TG_RECYCLE_MAX);
   if (pthread_mutex_init(&p->mu, NULL) != 0) {
     free(p);
     return TG_ENOMEM;
@@ -865,7 +870,7 @@ void tg_ledger_port_close(tg_ledger_port_t *p) {
   list = p->done;
   p->done = p->done_tail = NULL;
   pthread_mutex_unlock(&p->mu);
-  run_callbacks(list);
+  run_callbacks(p, list);
   uv_close((uv_handle_t *)&p->async, on_port_closed);
 }
 
@@ -894,7 +899,7 @@ int tg_ledger_append(tg_ledger_port_t *p, const tg_ledger_rec_t *rec,
   if (p->closing)
     return TG_EUNAVAIL;
   l = p->l;
-  n = malloc(sizeof(*n));
+  n = tg_recycle_alloc(&p->nodes);
   if (n == NULL)
     return TG_ENOMEM;
   n->next = NULL;
@@ -911,7 +916,7 @@ int tg_ledger_append(tg_ledger_port_t *p, const tg_ledger_rec_t *rec,
     int stopping = l->stopping;
     pthread_mutex_unlock(&l->mu);
     atomic_fetch_sub(&p->inflight, 1);
-    free(n);
+    tg_recycle_free(&p->nodes, n);
     if (!stopping)
       bump(&l->st.refused, 1);
     return TG_EUNAVAIL;

@@ -835,7 +835,7 @@ int tg__h1_init(tg__h1_t **out, uv_loop_t *loop) {
   if (h == NULL)
     return TG_ENOMEM;
   h->loop = loop;
-  tg_recycle_init(&h->xfer_mem, sizeof(h1x_t));
+  tg_recycle_init(&h->xfer_mem, sizeof(h1x_t), TG_RECYCLE_MAX);
   uv_timer_init(loop, &h->defer);
   h->defer.data = h;
   uv_timer_init(loop, &h->sweep);
