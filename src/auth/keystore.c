@@ -31,6 +31,7 @@
 #include <sqlite3.h>
 
 #include "core/err.h"
+#include "core/thread.h"
 #include "meter/db_pg.h"
 #include "meter/db_sqlite.h"
 
@@ -617,6 +618,7 @@ static void *watch_main(void *arg) {
   tg_keywatch_t *w = arg;
   struct timespec deadline;
 
+  tg_thread_name("tg-keywatch");
   pthread_mutex_lock(&w->mu);
   while (!w->stopping) {
     clock_gettime(CLOCK_MONOTONIC, &deadline);

@@ -22,6 +22,7 @@
 #include "api/api.h"
 #include "core/app.h"
 #include "core/err.h"
+#include "core/thread.h"
 #include "obs/accesslog.h"
 
 #define TICK_MS 100
@@ -176,6 +177,14 @@ static void on_worker_tick(uv_timer_t *t) {
 
 static void worker_main(void *arg) {
   tg_worker_t *w = arg;
+  char name[16];
+
+  if (w->is_admin)
+    tg_thread_name("tg-admin");
+  else {
+    snprintf(name, sizeof(name), "tg-worker-%d", w->id);
+    tg_thread_name(name);
+  }
   uv_run(&w->loop, UV_RUN_DEFAULT);
 }
 

@@ -42,6 +42,7 @@
 
 #include "core/err.h"
 #include "core/recycle.h"
+#include "core/thread.h"
 #include "meter/ledger_backend.h"
 #include "policy/limits.h"
 
@@ -730,6 +731,7 @@ void tg__ledger_thread_background(void) {
 static void *writer_main(void *arg) {
   tg_ledger_t *l = arg;
 
+  tg_thread_name("tg-ledger");
   tg__ledger_thread_background();
 
   for (;;) {
@@ -1237,6 +1239,7 @@ static void *purger_main(void *arg) {
   tg_ledger_t *l = arg;
   int64_t wait_ms = l->purge_interval_ms < 60000 ? l->purge_interval_ms : 60000;
 
+  tg_thread_name("tg-ledger-purge");
   tg__ledger_thread_background();
 
   pthread_mutex_lock(&l->purge_mu);

@@ -24,6 +24,7 @@
 #include <sqlite3.h>
 
 #include "core/err.h"
+#include "core/thread.h"
 #include "meter/db_sqlite.h"
 
 /* The writer's checkpointer. SQLite's automatic checkpoint runs inside the
@@ -133,6 +134,7 @@ static int step_error(sqlite3 *db) {
 static void *ckpt_main(void *arg) {
   ckpt_t *k = arg;
 
+  tg_thread_name("tg-checkpoint");
   tg__ledger_thread_background();
 
   pthread_mutex_lock(&k->mu);

@@ -16,6 +16,7 @@
 #include <time.h>
 
 #include "core/err.h"
+#include "core/thread.h"
 #include "meter/db_sqlite.h"
 #include "policy/state.h"
 
@@ -299,6 +300,7 @@ static void *saver_main(void *arg) {
   tg__mem_t *m = arg;
   sqlite3 *db = NULL;
 
+  tg_thread_name("tg-state-save");
   if (tg_db_sqlite_open(&db, m->data_dir) < 0)
     return NULL;
   pthread_mutex_lock(&m->saver_lock);

@@ -14,6 +14,7 @@
 #include <uv.h>
 
 #include "core/err.h"
+#include "core/thread.h"
 
 #define COOL_OFF_MS 2000
 
@@ -219,7 +220,7 @@ static int probe(CURL *e, const char *url) {
 static void *health_main(void *arg) {
   CURL *e = curl_easy_init();
   (void)arg;
-  pthread_mutex_lock(&health_lock);
+  tg_thread_name("tg-health");  pthread_mutex_lock(&health_lock);
   while (!health_stop) {
     char **urls = NULL;
     size_t n = 0, i;

@@ -3,8 +3,11 @@ graceful SIGTERM (no new connections, in-flight streams finish, exit 0), and
 a clean exit with nothing in flight."""
 
 import os
+import resource
 import socket
 import time
+
+import pytest
 
 import tgtest
 from tgtest import SSEStream, chat, chat_body
@@ -85,6 +88,40 @@ def test_sigterm_idle_exits_zero_quickly(tg):
     assert time.monotonic() - t0 < 3.0
     assert c.closed_by_peer(1.0)
     c.close()
+
+
+def _thread_names(pid):
+    names = []
+    for t in os.listdir("/proc/%d/task" % pid):
+        with open("/proc/%d/task/%s/comm" % (pid, t)) as f:
+            names.append(f.read().strip())
+    return sorted(names)
+
+
+def test_threads_are_named_and_fds_raised(tg):
+    """Each thread says what it is (top -H, ps -L, perf), and the gateway
+    raised its soft open-files limit to the hard one at start."""
+    sim = tg.sim()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    low = min(soft, 512)
+    if hard != resource.RLIM_INFINITY and hard <= low:
+        pytest.skip("the hard open-files limit is %d" % hard)
+    # started with a low soft limit, as Debian's default of 1,024 is
+    resource.setrlimit(resource.RLIMIT_NOFILE, (low, hard))
+    try:
+        gw = tg.gateway({M8B: [sim.url]}, workers=2)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert chat(gw.port, gw.keys["acme"], M8B, max_tokens=1).status == 200
+    names = tgtest.wait_for(
+        lambda: (lambda n: n if "tg-ledger" in n else None)(_thread_names(gw.proc.pid)),
+        what="the ledger's writer thread")
+    for want in ("tg-worker-0", "tg-worker-1", "tg-admin", "tg-ledger", "tg-keywatch"):
+        assert want in names, names
+    with open("/proc/%d/limits" % gw.proc.pid) as f:
+        line = [l for l in f if l.startswith("Max open files")][0].split()
+    want_hard = "unlimited" if hard == resource.RLIM_INFINITY else str(hard)
+    assert line[3] == line[4] == want_hard, line
 
 
 def test_check_config_valid(tg):
