@@ -72,6 +72,11 @@ struct tg_http_conn_s {
   int in_field;
   int value_open;
   int reject;                  /* status decided by a bound, or 0 */
+  /* The head's bytes as they came, separators and whitespace included, for
+   * max_header_bytes: those in earlier reads, and where they start in the
+   * current one (NULL outside a head). */
+  size_t head_raw;
+  const char *head_from;
 
   char *body;
   size_t body_len, body_cap;
@@ -85,6 +90,7 @@ struct tg_http_conn_s {
   uint64_t armed_due;          /* when the uv timer fires, while armed */
   int handles;                 /* open uv handles; freed at 0 */
   unsigned in_message : 1;
+  unsigned in_head : 1;        /* from the method to the end of the headers */
   unsigned active : 1;         /* handed to the handler, not completed */
   unsigned gone : 1;           /* client left or socket failed */
   unsigned closing : 1;
@@ -263,6 +269,9 @@ static void conn_reset_request(tg_http_conn_t *c) {
   c->body = NULL;
   c->body_len = c->body_cap = 0;
   c->hlen = 0;
+  c->in_head = 0;
+  c->head_raw = 0;
+  c->head_from = NULL;
   c->n_hdrs = 0;
   c->in_field = 0;
   c->value_open = 0;
@@ -342,6 +351,27 @@ static tg_http_conn_t *parser_conn(llhttp_t *p) {
   return (tg_http_conn_t *)p->data;
 }
 
+/* The raw head so far, up to end in the current read, against the bound:
+ * what the stored copy leaves out (the method, spaces, colons, line ends)
+ * counts too, so the bound is on the bytes the client sent. */
+static int head_within(tg_http_conn_t *c, const char *end) {
+  if (c->head_raw + (size_t)(end - c->head_from) > c->srv->lim.max_header_bytes) {
+    c->reject = 431;
+    return -1;
+  }
+  return 0;
+}
+
+static int on_method(llhttp_t *p, const char *at, size_t len) {
+  tg_http_conn_t *c = parser_conn(p);
+  if (!c->in_head) {
+    c->in_head = 1;
+    c->head_raw = 0;
+    c->head_from = at;
+  }
+  return head_within(c, at + len);
+}
+
 static int on_message_begin(llhttp_t *p) {
   tg_http_conn_t *c = parser_conn(p);
   c->in_message = 1;
@@ -353,6 +383,8 @@ static int on_message_begin(llhttp_t *p) {
 
 static int on_url(llhttp_t *p, const char *at, size_t len) {
   tg_http_conn_t *c = parser_conn(p);
+  if (head_within(c, at + len) < 0)
+    return -1;
   return head_append(c, at, len, 0);
 }
 
@@ -377,6 +409,8 @@ static int on_header_field(llhttp_t *p, const char *at, size_t len) {
     c->n_hdrs++;
     c->in_field = 1;
   }
+  if (head_within(c, at + len) < 0)
+    return -1;
   return head_append(c, at, len, 1);
 }
 
@@ -391,7 +425,10 @@ static int on_header_field_complete(llhttp_t *p) {
 }
 
 static int on_header_value(llhttp_t *p, const char *at, size_t len) {
-  return head_append(parser_conn(p), at, len, 0);
+  tg_http_conn_t *c = parser_conn(p);
+  if (head_within(c, at + len) < 0)
+    return -1;
+  return head_append(c, at, len, 0);
 }
 
 static int on_header_value_complete(llhttp_t *p) {
@@ -418,6 +455,7 @@ static int on_headers_complete(llhttp_t *p) {
   char *url, *q;
   const char *expect;
 
+  c->in_head = 0;
   if (c->value_open) {
     if (head_terminate(c) < 0)
       return -1;
@@ -548,9 +586,21 @@ static size_t conn_feed(tg_http_conn_t *c, const char *data, size_t len) {
   llhttp_errno_t err;
   size_t used;
 
+  if (c->in_head)
+    c->head_from = data;   /* the head goes on from the start of this read */
   err = llhttp_execute(&c->parser, data, len);
-  if (err == HPE_OK)
+  if (err == HPE_OK) {
+    if (c->in_head) {
+      /* the headers go on past this read: all of its rest is head,
+       * whitespace that reached no callback included */
+      if (head_within(c, data + len) < 0) {
+        conn_parse_error(c, HPE_USER);
+        return len;
+      }
+      c->head_raw += (size_t)(data + len - c->head_from);
+    }
     return len;
+  }
   if (err != HPE_PAUSED) {
     conn_parse_error(c, err);
     return len;
@@ -895,6 +945,7 @@ int tg_http_server_init(tg_http_server_t **out, uv_loop_t *loop,
   srv->data = data;
   llhttp_settings_init(&srv->settings);
   srv->settings.on_message_begin = on_message_begin;
+  srv->settings.on_method = on_method;
   srv->settings.on_url = on_url;
   srv->settings.on_url_complete = on_url_complete;
   srv->settings.on_header_field = on_header_field;
