@@ -1,6 +1,8 @@
-/* SSE splitting and classification; see sse.h. Events end with a blank line
- * ("\n\n" or "\r\n\r\n"). Only events that mention "usage" are parsed as JSON:
- * ordinary token chunks are relayed after a byte scan. */
+/* SSE splitting and classification; see sse.h. Events end with a blank line;
+ * lines end with LF, CRLF or a lone CR, as the SSE format allows (vLLM and
+ * OpenAI send LF; servers built on some frameworks send CRLF). Only events
+ * that mention "usage" are parsed as JSON: ordinary token chunks are relayed
+ * after a byte scan. */
 #define _GNU_SOURCE /* memmem */
 #include "api/sse.h"
 
@@ -25,15 +27,39 @@ size_t tg_sse_pending(const tg_sse_t *p) {
   return p->len;
 }
 
-/* Returns the length of the first whole event in s[0..n), or 0. */
-static size_t event_end(const char *s, size_t n, size_t from) {
-  const char *q = s + from, *end = s + n;
-  while (q < end && (q = memchr(q, '\n', (size_t)(end - q))) != NULL) {
-    q++;
-    if (q < end && *q == '\n')
-      return (size_t)(q + 1 - s);
-    if (q + 1 < end && q[0] == '\r' && q[1] == '\n')
-      return (size_t)(q + 2 - s);
+/* The first line end (CR or LF) in [q, end), or NULL. */
+static const char *next_eol(const char *q, const char *end) {
+  const char *lf = memchr(q, '\n', (size_t)(end - q));
+  const char *cr = memchr(q, '\r', (size_t)((lf ? lf : end) - q));
+  return cr ? cr : lf;
+}
+
+/* Returns the length of the first whole event in s[0..n), or 0: the bytes
+ * up to and including the line end of its first empty line.
+ *
+ * A CR that is the last byte so far may be a lone CR or the first half of a
+ * CRLF. Ending an empty line there would leave the LF to come as a stray
+ * byte after the event; waiting would hold a CR-only stream's event until
+ * its next one. The stream's own style decides: once a CR was followed by
+ * something other than LF (p->lone_cr), a last CR ends the line; before
+ * that, the LF is waited for, as CRLF streams send it in the same write. */
+static size_t event_end(tg_sse_t *p, const char *s, size_t n) {
+  const char *line = s, *end = s + n, *q;
+  while ((q = next_eol(line, end)) != NULL) {
+    size_t term = 1;
+    if (*q == '\r') {
+      if (q + 1 < end) {
+        if (q[1] == '\n')
+          term = 2;
+        else
+          p->lone_cr = 1;
+      } else if (!p->lone_cr) {
+        return 0; /* a CR last: CRLF's first half, perhaps */
+      }
+    }
+    if (q == line)
+      return (size_t)(q + term - s); /* an empty line ends the event */
+    line = q + term;
   }
   return 0;
 }
@@ -67,7 +93,7 @@ int tg_sse_feed(tg_sse_t *p, const char *data, size_t len, tg_sse_event_cb cb, v
     /* An event began in an earlier chunk: join, then split the buffer. */
     if ((r = keep(p, data, len)) < 0)
       return r;
-    while (used < p->len && (e = event_end(p->buf + used, p->len - used, 0)) > 0) {
+    while (used < p->len && (e = event_end(p, p->buf + used, p->len - used)) > 0) {
       if ((r = cb(arg, p->buf + used, e)) < 0)
         return r;
       used += e;
@@ -76,7 +102,7 @@ int tg_sse_feed(tg_sse_t *p, const char *data, size_t len, tg_sse_event_cb cb, v
     p->len -= used;
     return 0;
   }
-  while (used < len && (e = event_end(data + used, len - used, 0)) > 0) {
+  while (used < len && (e = event_end(p, data + used, len - used)) > 0) {
     if ((r = cb(arg, data + used, e)) < 0)
       return r;
     used += e;
@@ -221,11 +247,9 @@ int tg_sse_inspect(const char *ev, size_t len, tg_sse_info_t *info) {
     d++;
   if (d >= end)
     return TG_EPARSE;
-  le = memchr(d, '\n', (size_t)(end - d));
+  le = next_eol(d, end); /* data never holds a CR or LF: its line ends there */
   if (le == NULL)
     le = end;
-  if (le > d && le[-1] == '\r')
-    le--;
   if ((size_t)(le - d) == 6 && memcmp(d, "[DONE]", 6) == 0) {
     info->done = 1;
     return 0;

@@ -14,6 +14,7 @@ typedef struct {
   char *buf;        /* bytes of an event not yet complete */
   size_t len, cap;
   size_t max;       /* an event longer than this is an error */
+  int lone_cr;      /* the stream ends lines with a lone CR (seen once) */
 } tg_sse_t;
 
 /* Called once per whole event, terminator included. A negative return stops

@@ -34,17 +34,17 @@ def _answer_json(max_tokens):
     }
 
 
-def _sse_events(n, pad=0):
+def _sse_events(n, pad=0, eol=b"\n"):
     out = []
     for i in range(n):
         chunk = {"id": "c", "object": "chat.completion.chunk", "model": M8B,
                  "choices": [{"index": 0, "delta": {"content": "w%d " % i + "x" * pad},
                               "finish_reason": "length" if i == n - 1 else None}]}
-        out.append(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+        out.append(b"data: " + json.dumps(chunk).encode() + eol + eol)
     usage = {"id": "c", "object": "chat.completion.chunk", "model": M8B, "choices": [],
              "usage": {"prompt_tokens": 7, "completion_tokens": n, "total_tokens": 7 + n}}
-    out.append(b"data: " + json.dumps(usage).encode() + b"\n\n")
-    out.append(b"data: [DONE]\n\n")
+    out.append(b"data: " + json.dumps(usage).encode() + eol + eol)
+    out.append(b"data: [DONE]" + eol + eol)
     return out
 
 
@@ -59,8 +59,9 @@ class Upstream:
     .dropped; .sent_bytes of streamed bodies."""
 
     def __init__(self, mode="keepalive", chunked=False, stream_pad=0, stall_after=None,
-                 hold=None, backlog=128):
+                 hold=None, backlog=128, eol=b"\n"):
         self.mode = mode
+        self.eol = eol                   # line end of streamed events
         self.hold = hold                 # an Event each POST's answer waits for
         self.chunked = chunked
         self.stream_pad = stream_pad
@@ -191,7 +192,7 @@ class Upstream:
         c.sendall(b"0\r\n\r\n")
 
     def _stream(self, c, doc):
-        events = _sse_events(doc.get("max_tokens") or 4, self.stream_pad)
+        events = _sse_events(doc.get("max_tokens") or 4, self.stream_pad, self.eol)
         c.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
                   b"Transfer-Encoding: chunked\r\n\r\n")
         # events cut across chunk boundaries in the middle of a line
@@ -514,6 +515,55 @@ def test_native_stalled_upstream_times_out(tg):
         assert _contents(events) == ["w%d " % i for i in range(5)]
         tgtest.wait_for(lambda: up.peer_closed >= 1, timeout=5.0,
                         what="the gateway closing the stalled connection")
+    finally:
+        up.close()
+
+
+def test_stream_with_lone_cr_line_ends(tg):
+    """Events whose lines end with a lone CR (the SSE format allows CR, LF
+    and CRLF) are relayed one by one as they come, with their bytes as the
+    upstream sent them; the usage chunk is read and billed, and removed when
+    the client did not ask for it."""
+    up = Upstream(eol=b"\r")
+    try:
+        gw = tg.gateway({M8B: [up.url]}, workers=1, overrides=NATIVE)
+        key = gw.keys["acme"]
+        s = SSEStream(gw.port, chat_body(M8B, stream=True, max_tokens=4), key=key)
+        events = s.read_all()
+        s.close()
+        assert s.status == 200 and s.done and s.complete
+        assert _contents(events) == ["w0 ", "w1 ", "w2 ", "w3 "]
+        assert b"usage" not in s.raw
+        for ev in _sse_events(4, eol=b"\r")[:4]:
+            assert ev in s.raw
+        entry = tgtest.wait_for(
+            lambda: [e for e in gw.access_log_entries() if e.get("model") == M8B],
+            what="the access-log line")[-1]
+        assert (entry["status"], entry["prompt_tokens"], entry["completion_tokens"]) == \
+            (200, 7, 4), entry
+    finally:
+        up.close()
+
+    # each event reaches the client while the upstream waits: here it sends
+    # three and stalls, the last byte it sent being the third's final CR
+    up = Upstream(eol=b"\r", stall_after=3)
+    try:
+        gw = tg.gateway({M8B: [up.url]}, workers=1,
+                        overrides=dict(NATIVE, timeouts={"upstream_idle": "5s"}))
+        s = SSEStream(gw.port, chat_body(M8B, stream=True, max_tokens=50),
+                      key=gw.keys["acme"])
+        # read as bytes: a client's own parser may wait to see whether an
+        # LF follows the last CR, the gateway must not
+        want = b"".join(_sse_events(50, eol=b"\r")[:3])
+        raw = b""
+        for _, piece in s._body:
+            raw += piece
+            if raw == want:
+                break
+        took = time.monotonic() - s.t0
+        s.close()
+        assert raw == want
+        assert took < 3.0, "three events took %.2f s: held for more" % took
     finally:
         up.close()
 

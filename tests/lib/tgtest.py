@@ -1016,11 +1016,17 @@ class SSEStream:
         for t, piece in self._body:
             self._raw.append(piece)
             pending += piece
-            pending = pending.replace(b"\r\n", b"\n")
+            # lines end with LF, CRLF or a lone CR; a CR last may be the
+            # first half of a CRLF, so it waits for the next piece
+            held = b"\r" if pending.endswith(b"\r") else b""
+            if held:
+                pending = pending[:-1]
+            pending = pending.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
             if b"\n\n" not in pending:
+                pending += held
                 continue
             blocks = pending.split(b"\n\n")
-            pending = blocks.pop()
+            pending = blocks.pop() + held
             for block in blocks:
                 data_lines = []
                 for line in block.decode("utf-8", "replace").split("\n"):

@@ -79,6 +79,58 @@ static void test_split_bytewise_crlf(void **state) {
   tg_sse_free(&p);
 }
 
+/* Lone CR line ends (the SSE format allows them): whole events however the
+ * bytes are cut, and each passed on as soon as its blank line's CR is in,
+ * not held for the next event. */
+static void test_split_lone_cr(void **state) {
+  const char *s = "data: {\"a\":1}\r\rdata: {\"b\":2}\r\r: ping\r\rdata: [DONE]\r\r";
+  const size_t first = strlen("data: {\"a\":1}\r\r");
+  size_t i, n = strlen(s), cut;
+  tg_sse_t p;
+  collect_t c;
+  (void)state;
+
+  memset(&c, 0, sizeof(c));
+  tg_sse_init(&p, 1024);
+  for (i = 0; i < n; i++) {
+    assert_int_equal(tg_sse_feed(&p, s + i, 1, collect, &c), 0);
+    if (i + 1 == first)
+      assert_int_equal(c.n, 1); /* out at its last CR */
+  }
+  assert_int_equal(c.n, 4);
+  assert_int_equal(c.lens[0], first);
+  assert_memory_equal(c.joined, s, n);
+  assert_int_equal(tg_sse_pending(&p), 0);
+  tg_sse_free(&p);
+
+  for (cut = 0; cut <= n; cut++) {
+    memset(&c, 0, sizeof(c));
+    tg_sse_init(&p, 1024);
+    assert_int_equal(tg_sse_feed(&p, s, cut, collect, &c), 0);
+    assert_int_equal(tg_sse_feed(&p, s + cut, n - cut, collect, &c), 0);
+    assert_int_equal(c.n, 4);
+    assert_int_equal(c.lens[0], first);
+    assert_memory_equal(c.joined, s, n);
+    tg_sse_free(&p);
+  }
+}
+
+/* With CRLF line ends, a blank line's CR that arrives alone waits for its LF:
+ * the event goes out whole, not with its last byte split off. */
+static void test_split_crlf_waits_for_lf(void **state) {
+  tg_sse_t p;
+  collect_t c;
+  (void)state;
+  memset(&c, 0, sizeof(c));
+  tg_sse_init(&p, 1024);
+  assert_int_equal(tg_sse_feed(&p, "data: {}\r\n\r", 11, collect, &c), 0);
+  assert_int_equal(c.n, 0);
+  assert_int_equal(tg_sse_feed(&p, "\n", 1, collect, &c), 0);
+  assert_int_equal(c.n, 1);
+  assert_int_equal(c.lens[0], 12);
+  tg_sse_free(&p);
+}
+
 /* An incomplete event is held, not passed on. */
 static void test_partial_held(void **state) {
   tg_sse_t p;
@@ -162,6 +214,24 @@ static void test_inspect(void **state) {
   assert_int_equal(tg_sse_inspect("data: \"usage\" oops\n\n", 20, &i), TG_EPARSE);
   assert_int_equal(tg_sse_inspect(": keep-alive\n\n", 14, &i), 0);
   assert_false(i.done || i.has_usage || i.has_choices);
+
+  /* every line end the format allows ends the data line */
+  {
+    static const char *const ends[] = {"\n\n", "\r\n\r\n", "\r\r"};
+    char ev[256];
+    for (size_t k = 0; k < 3; k++) {
+      int n = snprintf(ev, sizeof(ev), "data: [DONE]%s", ends[k]);
+      assert_int_equal(tg_sse_inspect(ev, (size_t)n, &i), 0);
+      assert_true(i.done);
+      n = snprintf(ev, sizeof(ev),
+                   "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":5,"
+                   "\"completion_tokens\":6}}%s", ends[k]);
+      assert_int_equal(tg_sse_inspect(ev, (size_t)n, &i), 0);
+      assert_true(i.has_usage && i.usage_only);
+      assert_int_equal(i.prompt_tokens, 5);
+      assert_int_equal(i.completion_tokens, 6);
+    }
+  }
 }
 
 /* What the strict parser says of a usage text: the reference that
@@ -279,6 +349,8 @@ int main(void) {
   const struct CMUnitTest tests[] = {
     cmocka_unit_test(test_split_every_cut),
     cmocka_unit_test(test_split_bytewise_crlf),
+    cmocka_unit_test(test_split_lone_cr),
+    cmocka_unit_test(test_split_crlf_waits_for_lf),
     cmocka_unit_test(test_partial_held),
     cmocka_unit_test(test_event_bound),
     cmocka_unit_test(test_callback_error_stops),
