@@ -2,7 +2,7 @@
  * classifying them (src/api/sse.c). The first byte chooses where the bytes
  * are cut in two and how long an event may be; whatever the input, every
  * byte ends up in exactly one event or in the held remainder, and each
- * event ends with an empty line. */
+ * event ends at its first empty line (LF, CRLF or lone CR line ends). */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -15,14 +15,31 @@ typedef struct {
   size_t bytes;
 } seen_t;
 
+/* Where the first empty line of s[0..n) ends, by the SSE format's rules
+ * (lines end with CRLF, LF or a lone CR; a CR last in s ends its line), or
+ * 0 when it has none. Written apart from the splitter, to check it. */
+static size_t first_empty_line_end(const char *s, size_t n) {
+  size_t line = 0, i = 0;
+  while (i < n) {
+    if (s[i] != '\r' && s[i] != '\n') {
+      i++;
+      continue;
+    }
+    size_t t = (s[i] == '\r' && i + 1 < n && s[i + 1] == '\n') ? 2 : 1;
+    if (i == line)
+      return i + t;
+    i += t;
+    line = i;
+  }
+  return 0;
+}
+
 static int on_event(void *arg, const char *ev, size_t len) {
   seen_t *s = arg;
   tg_sse_info_t info;
 
-  /* a line's end, then an empty line: "\n\n", or "\n\r\n" (which covers
-   * "\r\n\r\n") */
-  if (len < 2 || ev[len - 1] != '\n' ||
-      (ev[len - 2] != '\n' && (len < 3 || memcmp(ev + len - 3, "\n\r\n", 3) != 0)))
+  /* an event is everything up to its first empty line, and no more */
+  if (len == 0 || first_empty_line_end(ev, len) != len)
     abort();
   (void)tg_sse_inspect(ev, len, &info);
   if (info.usage_only && !info.has_usage)
