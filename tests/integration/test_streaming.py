@@ -5,6 +5,8 @@ the backend's work, and that a client who stops reading pauses the backend
 instead of growing the gateway's memory."""
 
 import json
+import os
+import threading
 import time
 
 import tgtest
@@ -253,3 +255,101 @@ def test_stream_error_before_head_is_json(stack):
     body = json.loads(s.body_bytes())
     assert body["error"]["code"] == "model_not_allowed"
     s.close()
+
+
+def _burst(port, key, n, body, timeout=60.0):
+    """Opens n connections, sends each a streaming request at once, and
+    reads every answer to its end on one thread. Returns the raw bytes of
+    each answer (head and chunked body)."""
+    import selectors
+    import socket
+    req = tgtest.http_request_bytes("POST", "/v1/chat/completions", body, key=key)
+    socks = []
+    for _ in range(n):
+        s = socket.create_connection(("127.0.0.1", port), timeout=10)
+        s.setblocking(False)
+        socks.append(s)
+    for s in socks:
+        sent = 0
+        while sent < len(req):
+            try:
+                sent += s.send(req[sent:])
+            except BlockingIOError:
+                time.sleep(0.001)
+    sel = selectors.DefaultSelector()
+    got = {s: bytearray() for s in socks}
+    for s in socks:
+        sel.register(s, selectors.EVENT_READ)
+    open_n = n
+    deadline = time.monotonic() + timeout
+    while open_n and time.monotonic() < deadline:
+        for k, _ in sel.select(0.5):
+            s = k.fileobj
+            try:
+                d = s.recv(65536)
+            except BlockingIOError:
+                continue
+            except OSError:
+                d = b""
+            got[s] += d
+            if not d or got[s].endswith(b"\r\n0\r\n\r\n"):
+                sel.unregister(s)
+                open_n -= 1
+    sel.close()
+    for s in socks:
+        s.close()
+    return [bytes(got[s]) for s in socks]
+
+
+def test_a_thousand_streams_at_once(tg):
+    """1,000 streams in flight together through one worker: every one is
+    answered 200 with all its events and [DONE], the backend really ran
+    them side by side, and each has its ledger row with the backend's usage.
+    Under the sanitizers this runs the loop's recycles past their bounds and
+    the upstream pool at a thousand connections."""
+    import resource
+    n = 1000
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < n + 200:
+        want = hard if hard == resource.RLIM_INFINITY else min(hard, 4 * n)
+        if want != resource.RLIM_INFINITY and want < n + 200:
+            import pytest
+            pytest.skip("open-files limit %d" % hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    sim = tg.sim(max_num_seqs=2 * n, token_ms=100)
+    tenants = tgtest.default_tenants(models=[M8B])
+    tenants["acme"]["rate_limits"]["concurrent_requests"] = 2 * n
+    gw = tg.gateway({M8B: tgtest.model_entry([sim.url], max_inflight=2 * n)},
+                    tenants=tenants, workers=1)
+    key = gw.keys["acme"]
+    db = os.path.join(gw.data_dir, "tollgate.db")
+    before = {r["request_id"] for r in tgtest.sqlite_ledger_rows(db)}
+    peak = [0]
+    stop = [False]
+
+    def watch():
+        while not stop[0]:
+            try:
+                peak[0] = max(peak[0], int(sim.metric("sim_requests_running")))
+            except Exception:  # noqa: BLE001 - the sim may be busy
+                pass
+            time.sleep(0.05)
+    w = threading.Thread(target=watch, daemon=True)
+    w.start()
+    try:
+        answers = _burst(gw.port, key, n, chat_body(M8B, stream=True, max_tokens=12))
+    finally:
+        stop[0] = True
+        w.join()
+    bad = [a[:200] for a in answers if not a.startswith(b"HTTP/1.1 200")]
+    assert not bad, "%d of %d not 200, e.g. %r" % (len(bad), n, bad[:2])
+    for a in answers:
+        assert a.endswith(b"\r\n0\r\n\r\n"), a[-200:]
+        assert a.count(b'"content":') == 12 and b"data: [DONE]" in a, a[-300:]
+    assert peak[0] >= 0.9 * n, "at most %d sequences ran at once" % peak[0]
+    # the ledger: one row per stream, with the usage the backend reported
+    rows = [r for r in tgtest.sqlite_ledger_rows(db) if r["request_id"] not in before]
+    assert len(rows) == n, len(rows)
+    assert len({r["request_id"] for r in rows}) == n
+    assert all(r["status"] == 200 and r["completion_tokens"] == 12 for r in rows), \
+        [r for r in rows if r["status"] != 200 or r["completion_tokens"] != 12][:3]
