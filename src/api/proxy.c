@@ -113,6 +113,7 @@ struct tg_call_s {
   int deadline_kind;
   int status;                     /* what the client got, for the log */
   int shed;                       /* refused because the pool was saturated */
+  int retry_soon;                 /* answered with Retry-After: 1 */
   const char *err_code;
 
   tg_call_t *prev, *next;
@@ -320,7 +321,7 @@ static void call_fin(tg_call_t *c) {
     break;
   case FIN_ERROR:
     tg_api_error(c->req, c->status, c->fin_type, c->err_code, c->request_id,
-                 c->shed ? "Retry-After: 1\r\n" : NULL, "%s", c->fin_msg);
+                 c->shed || c->retry_soon ? "Retry-After: 1\r\n" : NULL, "%s", c->fin_msg);
     break;
   default:
     tg_http_abort(c->req);
@@ -606,6 +607,8 @@ static void count_up_error(tg_call_t *c, int result) {
   case TG_XFER_CONNECT: kind = TG_UPERR_CONNECT; break;
   case TG_XFER_TIMEOUT: kind = TG_UPERR_TIMEOUT; break;
   case TG_XFER_BROKEN: kind = TG_UPERR_BROKEN; break;
+  case TG_XFER_LOCAL:
+    return; /* the gateway's shortage, not the upstream's error */
   default:
     if (!c->resp_too_big)
       return; /* our own abort (the client left): not the upstream's fault */
@@ -655,6 +658,15 @@ static void on_up_done(int result, const char *detail, void *arg) {
   }
 
   c->last_failure = result;
+  if (result == TG_XFER_LOCAL) {
+    /* No descriptor, memory or local port for a connection: the endpoint
+     * is not at fault (it stays routable) and another would fail alike. */
+    c->retry_soon = 1;
+    call_error(c, 503, "server_error", "gateway_overloaded",
+               "the gateway could not open an upstream connection (out of file "
+               "descriptors, memory or local ports); retry shortly");
+    return;
+  }
   if (result == TG_XFER_CONNECT || result == TG_XFER_TIMEOUT)
     tg_endpoint_failed(c->ep);
   if (!c->relayed && result != TG_XFER_ABORTED && try_next(c) == 0)

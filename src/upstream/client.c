@@ -19,6 +19,7 @@
 #include <curl/curl.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include "core/err.h"
@@ -57,6 +58,7 @@ struct tg_xfer_s {
   int paused;
   int failed;                /* a callback asked to abort */
   int sent;                  /* request bytes went out */
+  int local_errno;           /* socket() failed with the gateway's own shortage */
 };
 
 struct sock_ctx_s {
@@ -254,7 +256,23 @@ static int timer_cb(CURLM *multi, long timeout_ms, void *userp) {
   return 0;
 }
 
+/* Makes curl's sockets, to tell a socket the gateway could not have (no
+ * descriptor left) from an upstream that refused: curl reports both as
+ * CURLE_COULDNT_CONNECT. */
+static curl_socket_t opensocket_cb(void *clientp, curlsocktype purpose,
+                                   struct curl_sockaddr *a) {
+  tg_xfer_t *x = clientp;
+  curl_socket_t fd;
+  (void)purpose;
+  fd = socket(a->family, a->socktype | SOCK_CLOEXEC, a->protocol);
+  if (fd == CURL_SOCKET_BAD && tg_xfer_errno_local(errno))
+    x->local_errno = errno;
+  return fd;
+}
+
 static int map_result(tg_xfer_t *x, CURLcode rc) {
+  if (rc != CURLE_OK && x->local_errno != 0 && !x->sent)
+    return TG_XFER_LOCAL;
   switch (rc) {
   case CURLE_OK:
     return TG_XFER_OK;
@@ -447,12 +465,14 @@ static int curl_xfer_start(tg_upstream_t *up, const tg_xfer_opts_t *opts,
     curl_easy_setopt(e, CURLOPT_HTTP_VERSION, (long)CURL_HTTP_VERSION_1_1);
     curl_easy_setopt(e, CURLOPT_CLOSESOCKETFUNCTION, closesocket_cb);
     curl_easy_setopt(e, CURLOPT_CLOSESOCKETDATA, up);
+    curl_easy_setopt(e, CURLOPT_OPENSOCKETFUNCTION, opensocket_cb);
     curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, write_cb);
     curl_easy_setopt(e, CURLOPT_HEADERFUNCTION, header_cb);
   }
   /* per request: everything that points at this transfer or its body */
   curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT_MS, (long)opts->connect_timeout_ms);
   curl_easy_setopt(e, CURLOPT_PRIVATE, x);
+  curl_easy_setopt(e, CURLOPT_OPENSOCKETDATA, x);
   curl_easy_setopt(e, CURLOPT_WRITEDATA, x);
   curl_easy_setopt(e, CURLOPT_HEADERDATA, x);
   if (opts->body != NULL) {

@@ -11,6 +11,7 @@
 #ifndef TG_UPSTREAM_CLIENT_H
 #define TG_UPSTREAM_CLIENT_H
 
+#include <errno.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <uv.h>
@@ -24,7 +25,17 @@ enum {
   TG_XFER_TIMEOUT = 2,    /* connect timed out */
   TG_XFER_BROKEN = 3,     /* connection failed after the request was sent */
   TG_XFER_ABORTED = 4,    /* our callback refused the data */
+  TG_XFER_LOCAL = 5,      /* the gateway could not open a connection: out of
+                           * descriptors, memory or local ports (nothing sent;
+                           * says nothing of the upstream) */
 };
+
+/* Whether errno value err is the gateway's own shortage rather than the
+ * upstream's answer: no descriptor, no memory, no local port. */
+static inline int tg_xfer_errno_local(int err) {
+  return err == EMFILE || err == ENFILE || err == ENOMEM || err == ENOBUFS ||
+         err == EADDRNOTAVAIL;
+}
 
 #define TG_XFER_PAUSE (-2)  /* returned by on_data: offer the bytes again later */
 

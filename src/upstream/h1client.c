@@ -463,7 +463,7 @@ static void xfer_connect(h1x_t *x) {
 
   x->state = X_ON_CONN;
   if (c == NULL) {
-    xfer_finish(x, TG_XFER_CONNECT, "out of memory", 1);
+    xfer_finish(x, TG_XFER_LOCAL, "out of memory", 1);
     return;
   }
   c->h = h;
@@ -489,7 +489,8 @@ static void xfer_connect(h1x_t *x) {
     c->x = NULL;
     x->conn = NULL;
     conn_close(c);
-    xfer_finish(x, TG_XFER_CONNECT, uv_strerror(r), 1);
+    /* the socket could not be made (uv errors are negative errno values) */
+    xfer_finish(x, tg_xfer_errno_local(-r) ? TG_XFER_LOCAL : TG_XFER_CONNECT, uv_strerror(r), 1);
     return;
   }
   if (x->connect_timeout_ms > 0)

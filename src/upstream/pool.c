@@ -10,11 +10,13 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <time.h>
 #include <uv.h>
 
 #include "core/err.h"
 #include "core/thread.h"
+#include "upstream/client.h"
 
 #define COOL_OFF_MS 2000
 
@@ -204,15 +206,32 @@ static size_t discard(char *p, size_t s, size_t n, void *u) {
   return s * n;
 }
 
+/* The probe's socket, made here to tell "this gateway has no descriptor
+ * left" (the endpoint keeps its state) from an endpoint that is down. */
+static curl_socket_t probe_socket(void *clientp, curlsocktype purpose,
+                                  struct curl_sockaddr *a) {
+  int *local = clientp;
+  curl_socket_t fd;
+  (void)purpose;
+  fd = socket(a->family, a->socktype | SOCK_CLOEXEC, a->protocol);
+  if (fd == CURL_SOCKET_BAD && tg_xfer_errno_local(errno))
+    *local = 1;
+  return fd;
+}
+
+/* 1: healthy; 0: down; -1: the gateway could not probe (no socket). */
 static int probe(CURL *e, const char *url) {
   long code = 0;
+  int local = 0;
   curl_easy_setopt(e, CURLOPT_URL, url);
+  curl_easy_setopt(e, CURLOPT_OPENSOCKETFUNCTION, probe_socket);
+  curl_easy_setopt(e, CURLOPT_OPENSOCKETDATA, &local);
   curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
   curl_easy_setopt(e, CURLOPT_NOPROXY, "*");
   curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, (long)health_timeout_ms);
   curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, discard);
   if (curl_easy_perform(e) != CURLE_OK)
-    return 0;
+    return local ? -1 : 0;
   curl_easy_getinfo(e, CURLINFO_RESPONSE_CODE, &code);
   return code >= 200 && code < 300;
 }
@@ -220,7 +239,8 @@ static int probe(CURL *e, const char *url) {
 static void *health_main(void *arg) {
   CURL *e = curl_easy_init();
   (void)arg;
-  tg_thread_name("tg-health");  pthread_mutex_lock(&health_lock);
+  tg_thread_name("tg-health");
+  pthread_mutex_lock(&health_lock);
   while (!health_stop) {
     char **urls = NULL;
     size_t n = 0, i;
@@ -238,7 +258,11 @@ static void *health_main(void *arg) {
     pthread_mutex_unlock(&reg_lock);
 
     for (i = 0; urls != NULL && i < n; i++) {
-      int ok = e != NULL && urls[i] != NULL && probe(e, urls[i]);
+      int ok = e != NULL && urls[i] != NULL ? probe(e, urls[i]) : 0;
+      if (ok < 0) {
+        free(urls[i]);
+        continue; /* says nothing of the endpoint: its state stays */
+      }
       pthread_mutex_lock(&reg_lock);
       for (ep = registry; ep != NULL; ep = ep->next)
         if (urls[i] && strcmp(ep->health_url, urls[i]) == 0) {

@@ -169,3 +169,54 @@ def test_load_spread_over_endpoints(tg):
     b = sim_b.metric(tgtest.SIM_REQUESTS)
     assert a + b >= 8
     assert a >= 1 and b >= 1, (a, b)
+
+
+@pytest.mark.parametrize("client", ["native", "curl"])
+def test_out_of_descriptors_is_not_the_endpoints_fault(tg, client):
+    """When the gateway itself has no descriptor left for an upstream
+    connection, the request gets 503 gateway_overloaded with Retry-After,
+    and the endpoint stays routable: once descriptors are free again the
+    next request is served, without waiting for a health probe. (A local
+    failure used to count as the endpoint's: it was marked down and every
+    request of the model got 503 no_healthy_endpoint until a probe.)"""
+    import os
+    import resource
+    sim = tg.sim()
+    gw = tg.gateway({M8B: [sim.url]}, workers=1,
+                    overrides={"upstream_client": client, "health_check_interval": "60s"})
+    key = gw.keys["acme"]
+    body = chat_body(M8B, max_tokens=1)
+    a = tgtest.RawConn(gw.port)
+    c = tgtest.RawConn(gw.port)
+    try:
+        # one pooled upstream connection, then held by a slow request on a
+        c.send(tgtest.http_request_bytes("POST", "/v1/chat/completions", body, key=key))
+        assert c.read_response("POST").status == 200
+        a.send(tgtest.http_request_bytes("POST", "/v1/chat/completions", body, key=key,
+                                         headers={"x-sim-ttft-ms": "1500"}))
+        tgtest.wait_for(lambda: sim.metric("sim_requests_running") >= 1,
+                        what="the slow request at the backend")
+        # no descriptor can be opened: the lowest free number is the limit
+        pid = gw.proc.pid
+        soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+        fds = {int(f) for f in os.listdir("/proc/%d/fd" % pid)}
+        lowest_free = min(set(range(max(fds) + 2)) - fds)
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (lowest_free, hard))
+        try:
+            c.send(tgtest.http_request_bytes("POST", "/v1/chat/completions", body, key=key))
+            r = c.read_response("POST")
+        finally:
+            resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
+        _err(r, 503, "server_error", "gateway_overloaded")
+        assert r.header("retry-after") == "1"
+        assert a.read_response("POST").status == 200
+        # the endpoint was not blamed: served at once, ready
+        c.send(tgtest.http_request_bytes("POST", "/v1/chat/completions", body, key=key))
+        assert c.read_response("POST").status == 200
+        assert tgtest.admin(gw, "/readyz").status == 200
+        # and the upstream error counters say nothing of it
+        m = tgtest.parse_metrics(tgtest.admin(gw, "/metrics").body.decode())
+        assert tgtest.metric_sum(m, "llm_upstream_errors_total") == 0, m.get("llm_upstream_errors_total")
+    finally:
+        a.close()
+        c.close()
