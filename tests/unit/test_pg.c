@@ -597,8 +597,8 @@ static void test_ledger_exact(void **state) {
 
 /* A batch of new request ids goes in by COPY (the fast path), one that
  * repeats a stored id by the ON CONFLICT insert: both store every byte of
- * every text as written, COPY's own escape characters included, and the
- * repeat adds only its new row. */
+ * every text as written, COPY's text-format escape characters included,
+ * and the repeat adds only its new row. */
 static void test_ledger_copy(void **state) {
   const tg__ledger_backend_t *be = &tg__ledger_backend_pg;
   tg__ledger_conn_opts_t wo = {.busy_timeout_ms = 1000, .writer = 1};
@@ -647,6 +647,24 @@ static void test_ledger_copy(void **state) {
                  " ORDER BY request_id) FROM ledger WHERE tenant = 'copy-t'",
               buf, sizeof(buf)),
       "r-copy-1:3,r-copy-2:6,r-copy-3:9223372036854775807,r-copy-4:9");
+  /* Texts at their longest and in UTF-8, and the INTEGER columns: each
+   * field as the binary format carries it. */
+  {
+    tg_ledger_rec_t big = mkrec("r-copy-5", T0 + 5, "copy-t", "mod\xc3\xa8le-\xcf\x80", 1, 2, 3);
+    memset(big.endpoint, 'e', sizeof(big.endpoint) - 1);
+    big.endpoint[sizeof(big.endpoint) - 1] = '\0';
+    memset(big.request_id + 8, 'x', sizeof(big.request_id) - 9);
+    big.request_id[sizeof(big.request_id) - 1] = '\0';
+    big.status = 499;
+    big.usage_counted = 1;
+    big.total_us = -1;
+    assert_int_equal(insert(w, &big, 1), 0);
+    assert_string_equal(
+        sql_val(s, "SELECT concat_ws('|', model, length(endpoint), length(request_id),"
+                   " status, usage_counted, total_us) FROM ledger"
+                   " WHERE request_id LIKE 'r-copy-5%'", buf, sizeof(buf)),
+        "mod\xc3\xa8le-\xcf\x80|255|39|499|1|-1");
+  }
   sql_ok(s, "DELETE FROM ledger WHERE tenant = 'copy-t'");
   PQfinish(s);
   be->close(w);
