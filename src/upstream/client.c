@@ -58,7 +58,7 @@ struct tg_xfer_s {
   int paused;
   int failed;                /* a callback asked to abort */
   int sent;                  /* request bytes went out */
-  int local_errno;           /* socket() failed with the gateway's own shortage */
+  int local_fail;            /* socket() failed for the gateway's own shortage */
 };
 
 struct sock_ctx_s {
@@ -256,22 +256,24 @@ static int timer_cb(CURLM *multi, long timeout_ms, void *userp) {
   return 0;
 }
 
-/* Makes curl's sockets, to tell a socket the gateway could not have (no
- * descriptor left) from an upstream that refused: curl reports both as
- * CURLE_COULDNT_CONNECT. */
-static curl_socket_t opensocket_cb(void *clientp, curlsocktype purpose,
-                                   struct curl_sockaddr *a) {
-  tg_xfer_t *x = clientp;
-  curl_socket_t fd;
-  (void)purpose;
-  fd = socket(a->family, a->socktype | SOCK_CLOEXEC, a->protocol);
-  if (fd == CURL_SOCKET_BAD && tg_xfer_errno_local(errno))
-    x->local_errno = errno;
+int tg_curl_socket(int family, int socktype, int protocol, int *local) {
+  int fd = socket(family, socktype | SOCK_CLOEXEC, protocol);
+  if (fd < 0 && tg_xfer_errno_local(errno))
+    *local = 1;
   return fd;
 }
 
+/* Makes the transfers' sockets, to tell "no descriptor left" from an
+ * upstream that refused. */
+static curl_socket_t opensocket_cb(void *clientp, curlsocktype purpose,
+                                   struct curl_sockaddr *a) {
+  tg_xfer_t *x = clientp;
+  (void)purpose;
+  return tg_curl_socket(a->family, a->socktype, a->protocol, &x->local_fail);
+}
+
 static int map_result(tg_xfer_t *x, CURLcode rc) {
-  if (rc != CURLE_OK && x->local_errno != 0 && !x->sent)
+  if (rc != CURLE_OK && x->local_fail && !x->sent)
     return TG_XFER_LOCAL;
   switch (rc) {
   case CURLE_OK:

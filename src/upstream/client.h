@@ -37,6 +37,12 @@ static inline int tg_xfer_errno_local(int err) {
          err == EADDRNOTAVAIL;
 }
 
+/* socket(2) for libcurl's CURLOPT_OPENSOCKETFUNCTION (libcurl reports a
+ * socket it could not make and an upstream that refused alike, as
+ * CURLE_COULDNT_CONNECT): sets *local to 1 when the socket could not be
+ * made for tg_xfer_errno_local's reasons. Returns the descriptor or -1. */
+int tg_curl_socket(int family, int socktype, int protocol, int *local);
+
 #define TG_XFER_PAUSE (-2)  /* returned by on_data: offer the bytes again later */
 
 typedef struct {

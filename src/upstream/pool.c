@@ -10,7 +10,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/socket.h>
 #include <time.h>
 #include <uv.h>
 
@@ -210,13 +209,8 @@ static size_t discard(char *p, size_t s, size_t n, void *u) {
  * left" (the endpoint keeps its state) from an endpoint that is down. */
 static curl_socket_t probe_socket(void *clientp, curlsocktype purpose,
                                   struct curl_sockaddr *a) {
-  int *local = clientp;
-  curl_socket_t fd;
   (void)purpose;
-  fd = socket(a->family, a->socktype | SOCK_CLOEXEC, a->protocol);
-  if (fd == CURL_SOCKET_BAD && tg_xfer_errno_local(errno))
-    *local = 1;
-  return fd;
+  return tg_curl_socket(a->family, a->socktype, a->protocol, clientp);
 }
 
 /* 1: healthy; 0: down; -1: the gateway could not probe (no socket). */
