@@ -21,6 +21,7 @@
 #include <unistd.h>
 
 #include "core/err.h"
+#include "core/recycle.h"
 #include "core/strbuf.h"
 
 #define MAX_HEADERS 100
@@ -29,6 +30,19 @@
 #define STACK_RESP 8192
 
 enum { TIMER_NONE, TIMER_REQUEST, TIMER_KEEPALIVE, TIMER_SEND };
+
+/* A request's head: its URL and headers, NUL-separated in text (bounded by
+ * max_header_bytes), and where each header starts. Taken from the server's
+ * recycle when a request begins and given back when it completes, so an
+ * idle keep-alive connection holds none. */
+typedef struct {
+  uint32_t name_off[MAX_HEADERS], value_off[MAX_HEADERS];
+  tg_http_header_t hdrs[MAX_HEADERS];
+  char text[];
+} head_t;
+
+/* Heads a server keeps for the next requests. */
+#define HEADS_KEPT 256
 
 struct tg_http_server_s {
   uv_loop_t *loop;
@@ -50,6 +64,8 @@ struct tg_http_server_s {
   void (*done)(void *);
   void *done_arg;
   llhttp_settings_t settings;
+  size_t hcap;                 /* bytes of a head's text */
+  tg_recycle_t heads;          /* head_t blocks of hcap bytes of text */
   char rbuf[READ_BUF_SIZE];
 };
 
@@ -62,12 +78,8 @@ struct tg_http_conn_s {
   llhttp_t parser;
   tg_http_req_t req;
 
-  /* request head: url and headers, NUL-separated, bounded by max_header_bytes */
-  char *hbuf;
-  size_t hlen, hcap;
-  size_t url_off;
-  size_t name_off[MAX_HEADERS], value_off[MAX_HEADERS];
-  tg_http_header_t hdrs[MAX_HEADERS];
+  head_t *head;                /* the request's head, while one is parsed or served */
+  size_t hlen;                 /* bytes of head->text used */
   size_t n_hdrs;
   int in_field;
   int value_open;
@@ -268,6 +280,8 @@ static void conn_reset_request(tg_http_conn_t *c) {
   free(c->body);
   c->body = NULL;
   c->body_len = c->body_cap = 0;
+  tg_recycle_free(&c->srv->heads, c->head);
+  c->head = NULL;
   c->hlen = 0;
   c->in_head = 0;
   c->head_raw = 0;
@@ -321,29 +335,30 @@ static void req_complete(tg_http_conn_t *c, int keep) {
 /* ---- llhttp callbacks ------------------------------------------------- */
 
 static int head_append(tg_http_conn_t *c, const char *at, size_t len, int lower) {
+  char *t = c->head->text;
   size_t i;
-  if (c->hlen + len + 1 > c->hcap) {
+  if (c->hlen + len + 1 > c->srv->hcap) {
     c->reject = 431;
     return -1;
   }
   if (lower) {
     for (i = 0; i < len; i++) {
       char ch = at[i];
-      c->hbuf[c->hlen + i] = (ch >= 'A' && ch <= 'Z') ? (char)(ch + 32) : ch;
+      t[c->hlen + i] = (ch >= 'A' && ch <= 'Z') ? (char)(ch + 32) : ch;
     }
   } else {
-    memcpy(c->hbuf + c->hlen, at, len);
+    memcpy(t + c->hlen, at, len);
   }
   c->hlen += len;
   return 0;
 }
 
 static int head_terminate(tg_http_conn_t *c) {
-  if (c->hlen + 1 > c->hcap) {
+  if (c->hlen + 1 > c->srv->hcap) {
     c->reject = 431;
     return -1;
   }
-  c->hbuf[c->hlen++] = '\0';
+  c->head->text[c->hlen++] = '\0';
   return 0;
 }
 
@@ -374,6 +389,10 @@ static int on_method(llhttp_t *p, const char *at, size_t len) {
 
 static int on_message_begin(llhttp_t *p) {
   tg_http_conn_t *c = parser_conn(p);
+  if (c->head == NULL && (c->head = tg_recycle_alloc(&c->srv->heads)) == NULL) {
+    c->reject = 500;
+    return -1;
+  }
   c->in_message = 1;
   c->req.start_ns = uv_hrtime();
   c->timer_mode = TIMER_NONE;
@@ -404,8 +423,8 @@ static int on_header_field(llhttp_t *p, const char *at, size_t len) {
       c->reject = 431;
       return -1;
     }
-    c->name_off[c->n_hdrs] = c->hlen;
-    c->value_off[c->n_hdrs] = c->hlen;
+    c->head->name_off[c->n_hdrs] = (uint32_t)c->hlen;
+    c->head->value_off[c->n_hdrs] = (uint32_t)c->hlen;
     c->n_hdrs++;
     c->in_field = 1;
   }
@@ -419,7 +438,7 @@ static int on_header_field_complete(llhttp_t *p) {
   if (head_terminate(c) < 0)
     return -1;
   c->in_field = 0;
-  c->value_off[c->n_hdrs - 1] = c->hlen;
+  c->head->value_off[c->n_hdrs - 1] = (uint32_t)c->hlen;
   c->value_open = 1;
   return 0;
 }
@@ -451,6 +470,7 @@ static char *trim(char *s) {
 
 static int on_headers_complete(llhttp_t *p) {
   tg_http_conn_t *c = parser_conn(p);
+  head_t *h = c->head;
   size_t i;
   char *url, *q;
   const char *expect;
@@ -462,10 +482,10 @@ static int on_headers_complete(llhttp_t *p) {
     c->value_open = 0;
   }
   for (i = 0; i < c->n_hdrs; i++) {
-    c->hdrs[i].name = c->hbuf + c->name_off[i];
-    c->hdrs[i].value = trim(c->hbuf + c->value_off[i]);
+    h->hdrs[i].name = h->text + h->name_off[i];
+    h->hdrs[i].value = trim(h->text + h->value_off[i]);
   }
-  url = c->hbuf + c->url_off;
+  url = h->text; /* the URL comes first */
   q = strchr(url, '?');
   if (q != NULL) {
     *q = '\0';
@@ -474,7 +494,7 @@ static int on_headers_complete(llhttp_t *p) {
     c->req.query = "";
   }
   c->req.path = url;
-  c->req.headers = c->hdrs;
+  c->req.headers = h->hdrs;
   c->req.n_headers = c->n_hdrs;
   c->req.method = (int)p->method;
   c->http10 = (p->http_major == 1 && p->http_minor == 0);
@@ -758,6 +778,11 @@ static void conn_timer_update(tg_http_conn_t *c) {
   conn_timer_arm(c, ms);
 }
 
+static void srv_free(tg_http_server_t *srv) {
+  tg_recycle_clear(&srv->heads);
+  free(srv);
+}
+
 static void on_conn_closed(uv_handle_t *h) {
   tg_http_conn_t *c = h->data;
   tg_http_server_t *srv = c->srv;
@@ -768,14 +793,14 @@ static void on_conn_closed(uv_handle_t *h) {
   else srv->conns = c->next;
   if (c->next) c->next->prev = c->prev;
   srv->n_conns--;
-  free(c->hbuf);
+  tg_recycle_free(&srv->heads, c->head);
   free(c->body);
   free(c->pend);
   free(c);
   if (srv->closing && srv->n_conns == 0 && !srv->listener_open && !srv->idle_open) {
     void (*done)(void *) = srv->done;
     void *arg = srv->done_arg;
-    free(srv);
+    srv_free(srv);
     if (done)
       done(arg);
   }
@@ -869,12 +894,6 @@ static void on_connection(uv_stream_t *server, int status) {
   if (c == NULL)
     return;
   c->srv = srv;
-  c->hcap = srv->lim.max_header_bytes + MAX_HEADERS * 2 + 2;
-  c->hbuf = malloc(c->hcap);
-  if (c->hbuf == NULL) {
-    free(c);
-    return;
-  }
   uv_tcp_init(srv->loop, &c->tcp);
   uv_timer_init(srv->loop, &c->timer);
   c->tcp.data = c;
@@ -941,6 +960,9 @@ int tg_http_server_init(tg_http_server_t **out, uv_loop_t *loop,
     srv->lim = *lim;
   else
     tg_http_limits_default(&srv->lim);
+  /* the stored head never exceeds the head as sent, plus a NUL a part */
+  srv->hcap = srv->lim.max_header_bytes + MAX_HEADERS * 2 + 2;
+  tg_recycle_init(&srv->heads, sizeof(head_t) + srv->hcap, HEADS_KEPT);
   srv->handler = handler;
   srv->data = data;
   llhttp_settings_init(&srv->settings);
@@ -958,7 +980,7 @@ int tg_http_server_init(tg_http_server_t **out, uv_loop_t *loop,
 
   r = bind_socket(host, port, reuseport, &fd);
   if (r < 0) {
-    free(srv);
+    srv_free(srv);
     return r;
   }
   uv_tcp_init(loop, &srv->listener);
@@ -1001,7 +1023,7 @@ static void on_listener_closed(uv_handle_t *h) {
   if (srv->closing && srv->n_conns == 0 && !srv->listener_open && !srv->idle_open) {
     void (*done)(void *) = srv->done;
     void *arg = srv->done_arg;
-    free(srv);
+    srv_free(srv);
     if (done)
       done(arg);
   }
