@@ -113,7 +113,7 @@ struct tg_call_s {
   int deadline_kind;
   int status;                     /* what the client got, for the log */
   int shed;                       /* refused because the pool was saturated */
-  int retry_soon;                 /* answered with Retry-After: 1 */
+  int retry_soon;                 /* answered with Retry-After: 1 (shed, or a local shortage) */
   const char *err_code;
 
   tg_call_t *prev, *next;
@@ -321,7 +321,7 @@ static void call_fin(tg_call_t *c) {
     break;
   case FIN_ERROR:
     tg_api_error(c->req, c->status, c->fin_type, c->err_code, c->request_id,
-                 c->shed || c->retry_soon ? "Retry-After: 1\r\n" : NULL, "%s", c->fin_msg);
+                 c->retry_soon ? "Retry-After: 1\r\n" : NULL, "%s", c->fin_msg);
     break;
   default:
     tg_http_abort(c->req);
@@ -840,6 +840,7 @@ static void queue_leave(tg_call_t *c, int served) {
 
 static void shed(tg_call_t *c, const char *code, const char *msg) {
   c->shed = 1;
+  c->retry_soon = 1;
   call_error(c, 503, "server_error", code, msg);
 }
 

@@ -113,9 +113,9 @@ def test_threads_are_named_and_fds_raised(tg):
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     assert chat(gw.port, gw.keys["acme"], M8B, max_tokens=1).status == 200
-    names = tgtest.wait_for(
-        lambda: (lambda n: n if "tg-ledger" in n else None)(_thread_names(gw.proc.pid)),
-        what="the ledger's writer thread")
+    tgtest.wait_for(lambda: "tg-ledger" in _thread_names(gw.proc.pid),
+                    what="the ledger's writer thread")
+    names = _thread_names(gw.proc.pid)
     for want in ("tg-worker-0", "tg-worker-1", "tg-admin", "tg-ledger", "tg-keywatch"):
         assert want in names, names
     with open("/proc/%d/limits" % gw.proc.pid) as f:
