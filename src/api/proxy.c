@@ -662,6 +662,13 @@ static void on_up_done(int result, const char *detail, void *arg) {
     /* No descriptor, memory or local port for a connection: the endpoint
      * is not at fault (it stays routable) and another would fail alike. */
     c->retry_soon = 1;
+    if (c->relayed) {
+      /* Out of memory to keep a paused stream's bytes: the stream is cut. */
+      c->err_code = "gateway_overloaded";
+      c->status = 503;
+      call_close(c, FIN_ABORT);
+      return;
+    }
     call_error(c, 503, "server_error", "gateway_overloaded",
                "the gateway could not open an upstream connection (out of file "
                "descriptors, memory or local ports); retry shortly");

@@ -34,7 +34,14 @@
 #include "core/recycle.h"
 #include "core/strbuf.h"
 
-#define RBUF_SIZE 16384          /* one read; also bounds a paused transfer */
+/* One read. Every connection of a loop reads into the loop's one buffer of
+ * this size and is done with the bytes before the next read; only bytes a
+ * paused transfer has not taken are copied out, into a block the
+ * connection holds until it resumes. So an idle or busy connection costs
+ * its ~1 KiB of state, not a read buffer of its own, and the buffer every
+ * answer passes through stays in the cache. Also bounds a paused
+ * transfer. */
+#define RBUF_SIZE 16384
 /* Idle connections kept by a loop, across its hosts: as many as libcurl's
  * connection cache holds (CURLMOPT_MAXCONNECTS), so the two clients pool
  * alike. A cap below the concurrency an endpoint sees closes connections
@@ -71,6 +78,7 @@ struct tg__h1_s {
   size_t pending;            /* handles and getaddrinfo requests in flight */
   size_t n_conns, n_idle, n_hosts;
   int closing;
+  char rbuf[RBUF_SIZE];      /* every connection's reads; see RBUF_SIZE */
 };
 
 typedef struct gai_s {
@@ -109,7 +117,7 @@ struct conn_s {
   int wpending;              /* a uv_write is in flight */
   int reading;               /* uv_read_start is on */
   int handles;               /* open handles; freed at 0 */
-  char rbuf[RBUF_SIZE];
+  char *hold;                /* a paused transfer's bytes (malloc), or NULL */
 };
 
 struct h1x_s {
@@ -138,7 +146,7 @@ struct h1x_s {
   int complete;              /* message complete */
   int keep_alive;
   size_t head_bytes;
-  const char *pend_body;     /* refused body bytes, in conn->rbuf */
+  const char *pend_body;     /* refused body bytes, in conn->hold */
   size_t pend_body_len;
   const char *pend_raw;      /* bytes the parser has not seen */
   size_t pend_raw_len;
@@ -227,6 +235,7 @@ static void on_conn_handle_closed(uv_handle_t *hd) {
   conn_t *c = hd->data;
   tg__h1_t *h = c->h;
   if (--c->handles == 0) {
+    free(c->hold);
     free(c);
     h->pending--;
     h1_maybe_free(h);
@@ -306,8 +315,38 @@ static void conn_release(conn_t *c, int keep) {
 static void on_alloc(uv_handle_t *hd, size_t suggested, uv_buf_t *buf) {
   conn_t *c = hd->data;
   (void)suggested;
-  buf->base = c->rbuf;
-  buf->len = sizeof(c->rbuf);
+  buf->base = c->h->rbuf;
+  buf->len = sizeof(c->h->rbuf);
+}
+
+static void drop_hold(conn_t *c) {
+  free(c->hold);
+  c->hold = NULL;
+}
+
+/* The transfer on c paused with bytes it has not taken (in the loop's read
+ * buffer, or in c->hold when a resumed feed paused again): they move into
+ * a block of their own size, which c holds until the transfer resumes. */
+static int hold_pending(conn_t *c, h1x_t *x) {
+  size_t nb = x->pend_body_len, nr = x->pend_raw_len;
+  char *p;
+
+  if (nb + nr == 0) {
+    drop_hold(c);
+    return 0;
+  }
+  p = malloc(nb + nr);
+  if (p == NULL)
+    return TG_ENOMEM;
+  if (nb > 0)
+    memcpy(p, x->pend_body, nb);
+  if (nr > 0)
+    memcpy(p + nb, x->pend_raw, nr);
+  drop_hold(c); /* the old block, a source of the copy */
+  c->hold = p;
+  x->pend_body = p;
+  x->pend_raw = p + nb;
+  return 0;
 }
 
 static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
@@ -788,7 +827,8 @@ static const llhttp_settings_t *parser_settings(void) {
   return &s;
 }
 
-/* Runs the parser over bytes of c->rbuf and acts on where it stopped.
+/* Runs the parser over bytes of the loop's read buffer or of c->hold and
+ * acts on where it stopped.
  * Returns 1 when the transfer ended (freed, or queued for on_done), 0 when
  * it goes on (possibly paused). */
 static int conn_feed(conn_t *c, const char *data, size_t len) {
@@ -820,6 +860,12 @@ static int conn_feed(conn_t *c, const char *data, size_t len) {
   if (x->paused) {
     x->pend_raw = pos;
     x->pend_raw_len = (size_t)(data + len - pos);
+    if (hold_pending(c, x) != 0) {
+      c->x = NULL;
+      conn_close(c);
+      xfer_finish(x, TG_XFER_LOCAL, "out of memory for a paused answer", 0);
+      return 1;
+    }
     conn_read(c, 0);
   }
   return 0;
@@ -1010,13 +1056,18 @@ void tg__h1_resume(tg_xfer_t *xt) {
     const char *raw = x->pend_raw;
     size_t n = x->pend_raw_len;
     x->pend_raw_len = 0;
-    if (conn_feed(c, raw, n))
-      return; /* x is freed or waits in the done queue */
-    if (x->paused) {
-      x->starting = 0;
+    if (conn_feed(c, raw, n)) {
+      /* x is freed or waits in the done queue; c, if closed, is freed by
+       * its close callbacks, so its hold can go now. */
+      drop_hold(c);
       return;
     }
+    if (x->paused) {
+      x->starting = 0;
+      return; /* the rest moved to a new hold */
+    }
   }
+  drop_hold(c);
   x->starting = 0;
   conn_read(c, 1);
 }

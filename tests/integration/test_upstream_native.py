@@ -20,6 +20,7 @@ import tgtest
 from tgtest import SSEStream, chat, chat_body, closed_port
 
 M8B = tgtest.DEFAULT_MODELS[0]
+M8B_70B = tgtest.DEFAULT_MODELS[:2]
 NATIVE = {"upstream_client": "native", "health_check_interval": "60s"}
 
 
@@ -288,6 +289,63 @@ def test_native_keeps_as_many_idle_connections_as_it_had_busy(tg):
     finally:
         hold.set()
         up.close()
+
+
+def test_native_idle_connections_hold_no_read_buffer(tg):
+    """Upstream connections read into their loop's one buffer, so one that
+    idles in the pool after answers that filled its reads holds only its
+    state. Bursts of 200 concurrent streams of ~32 KiB each: the first, to
+    a second upstream, warms every per-request cache; the second opens 200
+    connections to the upstream measured; the third reuses them and
+    allocates what the second did otherwise. The difference of the last
+    two growths is what the 200 pooled connections keep (their 16 KiB
+    read buffers, before)."""
+    n = 200
+    hold = threading.Event()
+    ups = [Upstream(hold=hold, backlog=n, stream_pad=4000) for _ in range(2)]
+    try:
+        gw = tg.gateway({model: tgtest.model_entry([up.url], max_inflight=n + 100)
+                         for model, up in zip(M8B_70B, ups)},
+                        workers=1, overrides=NATIVE)
+        key = gw.keys["acme"]
+        expected = "".join("w%d " % i + "x" * 4000 for i in range(8))
+
+        def burst(model, up, posts):
+            hold.clear()
+
+            def release():
+                try:
+                    tgtest.wait_for(lambda: up.posts >= posts, timeout=60, what="the burst")
+                finally:
+                    hold.set()
+
+            releaser = threading.Thread(target=release, daemon=True)
+            releaser.start()
+            before = tgtest.rss_kb(gw.proc.pid)
+            rs = tgtest.parallel(
+                lambda _: chat(gw.port, key, model, max_tokens=8, stream=True, timeout=90),
+                [(i,) for i in range(n)], threads=n, timeout=120)
+            releaser.join()
+            assert [r.status for r in rs] == [200] * n
+            assert up.conns == n, "%d upstream connections" % up.conns
+            docs = [json.loads(d) for d in tgtest.sse_data(rs[-1].body) if d != "[DONE]"]
+            assert "".join(d["choices"][0]["delta"]["content"]
+                           for d in docs if d["choices"]) == expected
+            time.sleep(0.3)
+            return tgtest.rss_kb(gw.proc.pid) - before
+
+        burst(M8B_70B[1], ups[1], n)
+        opened = burst(M8B, ups[0], n)
+        reused = burst(M8B, ups[0], 2 * n)
+        per_conn = (opened - reused) / float(n)
+        print("RSS growth: %d KiB opening %d connections, %d KiB reusing them: "
+              "%.1f KiB per pooled connection" % (opened, n, reused, per_conn))
+        assert per_conn < 6.0, "%.1f KiB per pooled connection" % per_conn
+        assert ups[0].peer_closed == 0
+    finally:
+        hold.set()
+        for up in ups:
+            up.close()
 
 
 def test_native_large_request_body(tg):
