@@ -56,8 +56,9 @@ class Upstream:
     saying so), "drop_second" (answers the first request of a connection
     and closes on the second without answering), "stall" (never answers).
     chunked: non-streamed answers go out chunked, in pieces.
-    Counts: .conns (connections that carried a POST), .posts, .answered,
-    .dropped; .sent_bytes of streamed bodies."""
+    Counts: .conns (connections that carried a POST), .posts, .gets,
+    .answered, .dropped; .sent_bytes of streamed bodies. In "close" mode a
+    GET (a health probe) closes its connection too."""
 
     def __init__(self, mode="keepalive", chunked=False, stream_pad=0, stall_after=None,
                  hold=None, backlog=128, eol=b"\n"):
@@ -70,6 +71,7 @@ class Upstream:
         self.lock = threading.Lock()
         self.conns = 0
         self.posts = 0
+        self.gets = 0                    # health probes (any GET)
         self.answered = 0
         self.dropped = 0
         self.sent_bytes = 0
@@ -141,6 +143,10 @@ class Upstream:
                 method, path, hdrs, body = req
                 if method == "GET":
                     c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                    with self.lock:
+                        self.gets += 1
+                    if self.mode == "close":
+                        return
                     continue
                 n_req += 1
                 with self.lock:
@@ -384,6 +390,48 @@ def test_native_upstream_closing_after_each_answer(tg):
         statuses = [e.get("status") for e in gw.access_log_entries()
                     if e.get("model") == M8B]
         assert statuses.count(200) == 30, statuses
+    finally:
+        up.close()
+
+
+def test_probe_without_a_descriptor_leaves_the_endpoint_up(tg):
+    """A health probe that cannot open a socket because the gateway is out
+    of descriptors says nothing of the endpoint: it stays up. The upstream
+    closes after every answer, so each probe needs a new socket; while the
+    gateway's limit allows none, several probes fail locally, and the
+    request sent the moment descriptors are free again is served. (Counted
+    as the endpoint's failure, the probes marked it down, and requests got
+    503 no_healthy_endpoint until the next probe went through.)"""
+    import os
+    import resource
+    up = Upstream(mode="close")
+    try:
+        gw = tg.gateway({M8B: [up.url]}, workers=1,
+                        overrides={"health_check_interval": "200ms"})
+        key = gw.keys["acme"]
+        assert chat(gw.port, key, M8B, max_tokens=2).status == 200
+        conn = tgtest.RawConn(gw.port)  # opened now: no descriptor needed later
+        try:
+            # no new descriptor at all: the probe's last socket, closed by
+            # the upstream, may have a low number that would be free again
+            pid = gw.proc.pid
+            soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+            gets0 = up.gets
+            resource.prlimit(pid, resource.RLIMIT_NOFILE, (3, hard))
+            try:
+                time.sleep(1.2)  # ~6 probe rounds, each without a socket
+            finally:
+                resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
+            assert up.gets - gets0 <= 1, "%d probes reached the upstream" % (up.gets - gets0)
+            conn.send(tgtest.http_request_bytes("POST", "/v1/chat/completions",
+                                                chat_body(M8B, max_tokens=2), key=key))
+            r = conn.read_response("POST")
+            assert r.status == 200, (r.status, r.body)
+        finally:
+            conn.close()
+        # probes go through again
+        tgtest.wait_for(lambda: up.gets > gets0 + 1, timeout=5.0, what="a probe")
+        assert tgtest.admin(gw, "/readyz").status == 200
     finally:
         up.close()
 
