@@ -1510,6 +1510,10 @@ void tg_api_handle(tg_http_req_t *req) {
     call_error(c, 500, "server_error", "internal_error", "out of memory");
     return;
   }
+  /* Every header the call needs is read or copied by now: the head's
+   * buffer serves the next request while this one waits, streams or
+   * waits for its ledger record. */
+  tg_http_req_drop_head(req);
   req->data = c;
   req->on_abort = on_client_abort;
   req->on_drain = on_client_drain;

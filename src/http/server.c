@@ -33,8 +33,10 @@ enum { TIMER_NONE, TIMER_REQUEST, TIMER_KEEPALIVE, TIMER_SEND };
 
 /* A request's head: its URL and headers, NUL-separated in text (bounded by
  * max_header_bytes), and where each header starts. Taken from the server's
- * recycle when a request begins and given back when it completes, so an
- * idle keep-alive connection holds none. */
+ * recycle when a request begins and given back when it completes, or
+ * earlier when the handler says it is done with it
+ * (tg_http_req_drop_head), so an idle keep-alive connection holds none and
+ * a long stream none after its first moments. */
 typedef struct {
   uint32_t name_off[MAX_HEADERS], value_off[MAX_HEADERS];
   tg_http_header_t hdrs[MAX_HEADERS];
@@ -1080,6 +1082,19 @@ const char *tg_http_req_header(const tg_http_req_t *req, const char *lname) {
     if (strcmp(req->headers[i].name, lname) == 0)
       return req->headers[i].value;
   return NULL;
+}
+
+void tg_http_req_drop_head(tg_http_req_t *req) {
+  tg_http_conn_t *c = req->conn;
+  /* The parser reads no further head while this request is served (the
+   * next pipelined one waits), so nothing else points into it. */
+  tg_recycle_free(&c->srv->heads, c->head);
+  c->head = NULL;
+  c->hlen = 0;
+  req->path = "";
+  req->query = "";
+  req->headers = NULL;
+  req->n_headers = 0;
 }
 
 static int format_head(tg_http_conn_t *c, char *buf, size_t size, int status,

@@ -97,6 +97,12 @@ void tg_http_server_close(tg_http_server_t *srv, void (*done)(void *arg), void *
 /* Value of a request header by lower-case name, or NULL. */
 const char *tg_http_req_header(const tg_http_req_t *req, const char *lname);
 
+/* The handler is done with the request's URL and headers: their memory (a
+ * head buffer of max_header_bytes) goes back to the server now instead of
+ * when the request completes, which for a stream may be minutes later.
+ * path and query become "", headers none; the body stays. */
+void tg_http_req_drop_head(tg_http_req_t *req);
+
 /* Sends a whole response with Content-Length and completes the request.
  * extra_headers is NULL or a block of "Name: value\r\n" lines. */
 int tg_http_respond(tg_http_req_t *req, int status, const char *content_type,

@@ -304,6 +304,53 @@ def _burst(port, key, n, body, timeout=60.0):
     return [bytes(got[s]) for s in socks]
 
 
+def test_streams_keep_no_request_head(tg):
+    """A request's head buffer (max_header_bytes) goes back once the call
+    has read the headers it needs, not when its stream ends. 300 streams
+    held open at the backend, sent with 12 KB of headers each, grow the
+    gateway no more than the same 300 sent with a few bytes of headers;
+    before, each kept its head, all of it touched, while it lasted."""
+    n = 300
+    sim = tg.sim(max_num_seqs=2 * n)
+    tenants = tgtest.default_tenants(models=[M8B])
+    tenants["acme"]["rate_limits"]["concurrent_requests"] = 2 * n
+    gw = tg.gateway({M8B: tgtest.model_entry([sim.url], max_inflight=2 * n)},
+                    tenants=tenants, workers=1, overrides={"max_header_bytes": 16384})
+    key = gw.keys["acme"]
+    body = chat_body(M8B, stream=True, max_tokens=2)
+
+    def held(pad):
+        """RSS growth (KiB) with n streams waiting at the backend."""
+        running0 = int(sim.metric("sim_requests_running"))
+        before = tgtest.rss_kb(gw.proc.pid)
+        conns = []
+        try:
+            for _ in range(n):
+                c = tgtest.RawConn(gw.port)
+                c.send(tgtest.http_request_bytes(
+                    "POST", "/v1/chat/completions", body, key=key,
+                    headers={"x-sim-ttft-ms": "2500", "x-pad": "p" * pad}))
+                conns.append(c)
+            tgtest.wait_for(lambda: int(sim.metric("sim_requests_running")) >= running0 + n,
+                            timeout=20, what="%d streams at the backend" % n)
+            grown = tgtest.rss_kb(gw.proc.pid) - before
+            for c in conns:
+                r = c.read_response("POST")
+                assert r.status == 200 and b"data: [DONE]" in r.body, (r.status, r.body[-200:])
+        finally:
+            for c in conns:
+                c.close()
+        return grown
+
+    held(8)  # warms the loop's caches and pools
+    small = held(8)
+    big = held(12000)
+    per_stream = (big - small) / float(n)
+    print("RSS growth with %d streams held: %d KiB (8-byte header), %d KiB (12 KB header):"
+          " %.1f KiB a stream" % (n, small, big, per_stream))
+    assert per_stream < 4.0, "%.1f KiB more a stream with a 12 KB header" % per_stream
+
+
 def test_a_thousand_streams_at_once(tg):
     """1,000 streams in flight together through one worker: every one is
     answered 200 with all its events and [DONE], the backend really ran
