@@ -259,6 +259,25 @@ def test_native_reuses_keepalive_connections(tg):
         up.close()
 
 
+def _held_burst(up, hold, posts, send, n):
+    """Sends n requests at once with send(i) while up holds every answer
+    until it has seen `posts` POSTs in all, so all n are on connections at
+    the same time; returns the answers."""
+    hold.clear()
+
+    def release():
+        try:
+            tgtest.wait_for(lambda: up.posts >= posts, timeout=60, what="the burst")
+        finally:
+            hold.set()
+
+    releaser = threading.Thread(target=release, daemon=True)
+    releaser.start()
+    rs = tgtest.parallel(send, [(i,) for i in range(n)], threads=n, timeout=120)
+    releaser.join()
+    return rs
+
+
 def test_native_keeps_as_many_idle_connections_as_it_had_busy(tg):
     """A burst of 300 concurrent requests to one upstream leaves 300 idle
     connections, and the next burst reuses every one of them: none is
@@ -272,20 +291,9 @@ def test_native_keeps_as_many_idle_connections_as_it_had_busy(tg):
         gw = tg.gateway({M8B: tgtest.model_entry([up.url], max_inflight=n + 100)},
                         workers=1, overrides=NATIVE)
         key = gw.keys["acme"]
-
-        def release_when(posts):
-            try:
-                tgtest.wait_for(lambda: up.posts >= posts, timeout=60, what="the burst")
-            finally:
-                hold.set()
-
         for wave in (1, 2):
-            hold.clear()
-            releaser = threading.Thread(target=release_when, args=(n * wave,), daemon=True)
-            releaser.start()
-            rs = tgtest.parallel(lambda _: chat(gw.port, key, M8B, max_tokens=2, timeout=90),
-                                 [(i,) for i in range(n)], threads=n, timeout=120)
-            releaser.join()
+            rs = _held_burst(up, hold, n * wave, n=n,
+                             send=lambda _: chat(gw.port, key, M8B, max_tokens=2, timeout=90))
             assert [r.status for r in rs] == [200] * n
             assert up.posts == n * wave
             # every request of a burst was on its own connection at once
@@ -317,21 +325,9 @@ def test_native_idle_connections_hold_no_read_buffer(tg):
         expected = "".join("w%d " % i + "x" * 4000 for i in range(8))
 
         def burst(model, up, posts):
-            hold.clear()
-
-            def release():
-                try:
-                    tgtest.wait_for(lambda: up.posts >= posts, timeout=60, what="the burst")
-                finally:
-                    hold.set()
-
-            releaser = threading.Thread(target=release, daemon=True)
-            releaser.start()
             before = tgtest.rss_kb(gw.proc.pid)
-            rs = tgtest.parallel(
-                lambda _: chat(gw.port, key, model, max_tokens=8, stream=True, timeout=90),
-                [(i,) for i in range(n)], threads=n, timeout=120)
-            releaser.join()
+            rs = _held_burst(up, hold, posts, n=n, send=lambda _: chat(
+                gw.port, key, model, max_tokens=8, stream=True, timeout=90))
             assert [r.status for r in rs] == [200] * n
             assert up.conns == n, "%d upstream connections" % up.conns
             docs = [json.loads(d) for d in tgtest.sse_data(rs[-1].body) if d != "[DONE]"]
