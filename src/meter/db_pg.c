@@ -109,6 +109,21 @@ static const migration_t migrations[] = {
    "ALTER TABLE ledger DROP CONSTRAINT ledger_pkey;"
    "DROP INDEX IF EXISTS ledger_tenant_ts;"
    "ALTER TABLE ledger ADD CONSTRAINT ledger_pkey PRIMARY KEY (tenant, ts_ms, request_id);"},
+  {6,
+   /* The text columns of every key and index compare bytes (COLLATE "C",
+    * SQLite's BINARY), whatever the database's locale. Under a linguistic
+    * collation (en_US.UTF-8, ICU) every comparison of a B-tree insert goes
+    * through the locale's rules, which made each ledger record's key insert
+    * markedly dearer, and a C library upgrade that changes those rules
+    * leaves an index out of order: a unique key that no longer finds its
+    * duplicates. Identifiers need neither. The type stays text, so no
+    * table is rewritten; the indexes on these columns are rebuilt. */
+   "ALTER TABLE ledger ALTER COLUMN tenant TYPE TEXT COLLATE \"C\","
+   "  ALTER COLUMN request_id TYPE TEXT COLLATE \"C\";"
+   "ALTER TABLE tenant_spend ALTER COLUMN tenant TYPE TEXT COLLATE \"C\","
+   "  ALTER COLUMN period TYPE TEXT COLLATE \"C\";"
+   "ALTER TABLE api_keys ALTER COLUMN id TYPE TEXT COLLATE \"C\","
+   "  ALTER COLUMN tenant TYPE TEXT COLLATE \"C\";"},
 };
 
 #define N_MIGRATIONS (sizeof(migrations) / sizeof(migrations[0]))

@@ -300,17 +300,17 @@ static void test_migrations(void **state) {
   int latest = tg_db_pg_schema_version();
 
   (void)state;
-  assert_int_equal(latest, 5);
+  assert_int_equal(latest, 6);
   /* Opening twice applies nothing twice. */
   for (int round = 0; round < 2; round++) {
     assert_int_equal(tg_db_pg_open(srv.url, NULL, &c), 0);
     PQfinish(c);
   }
   s = sql_conn(srv.url);
-  assert_int_equal(sql_int(s, "SELECT COUNT(*) FROM schema_migrations"), 5);
-  assert_int_equal(sql_int(s, "SELECT MAX(version) FROM schema_migrations"), 5);
+  assert_int_equal(sql_int(s, "SELECT COUNT(*) FROM schema_migrations"), 6);
+  assert_int_equal(sql_int(s, "SELECT MAX(version) FROM schema_migrations"), 6);
   assert_int_equal(sql_int(s, "SELECT COUNT(*) FROM schema_migrations"
-                              " WHERE applied_at > 1600000000"), 5);
+                              " WHERE applied_at > 1600000000"), 6);
   /* The SQLite columns, in exact PostgreSQL types. */
   {
     PGresult *r = PQexec(s, "SELECT string_agg(column_name || ':' ||"
@@ -363,7 +363,7 @@ static void test_migrations(void **state) {
   }
   pthread_barrier_destroy(&go);
   c = sql_conn(url);
-  assert_int_equal(sql_int(c, "SELECT COUNT(*) FROM schema_migrations"), 5);
+  assert_int_equal(sql_int(c, "SELECT COUNT(*) FROM schema_migrations"), 6);
   assert_int_equal(sql_int(c, "SELECT version FROM api_keys_changes"), 0);
 
   /* A schema written by a newer binary is refused, not half-used. */
@@ -372,6 +372,78 @@ static void test_migrations(void **state) {
   c = NULL;
   assert_int_equal(tg_db_pg_open(url, &quiet, &c), TG_EDB);
   assert_null(c);
+  PQfinish(s);
+}
+
+/* The key columns' collation, as "table.column:collation" in one line. */
+#define KEY_COLLATIONS_SQL                                                   \
+  "SELECT string_agg(table_name || '.' || column_name || ':' ||"             \
+  " COALESCE(collation_name, 'default'), ',' ORDER BY table_name COLLATE"    \
+  " \"C\", column_name COLLATE \"C\") FROM information_schema.columns"       \
+  " WHERE (table_name, column_name) IN (('ledger', 'tenant'),"               \
+  " ('ledger', 'request_id'), ('tenant_spend', 'tenant'),"                   \
+  " ('tenant_spend', 'period'), ('api_keys', 'id'), ('api_keys', 'tenant'))"
+#define KEY_COLLATIONS_C                                                     \
+  "api_keys.id:C,api_keys.tenant:C,ledger.request_id:C,ledger.tenant:C,"     \
+  "tenant_spend.period:C,tenant_spend.tenant:C"
+
+/* Migration 6 on a database whose own collation is linguistic (ICU en-US,
+ * where 'a' sorts before 'B'): the keys compare bytes, as SQLite's do; and
+ * applied to a ledger that already holds rows, it keeps them and their
+ * key's uniqueness. */
+static void test_migration_byte_order_keys(void **state) {
+  char url[256], buf[512];
+  PGconn *s, *c = NULL;
+  PGresult *r;
+
+  (void)state;
+  s = sql_conn(srv.url);
+  sql_ok(s, "CREATE DATABASE icu_en TEMPLATE template0 LOCALE_PROVIDER icu"
+            " ICU_LOCALE 'en-US'");
+  db_url(url, sizeof(url), "icu_en");
+  assert_int_equal(tg_db_pg_open(url, NULL, &c), 0);
+  PQfinish(c);
+  c = sql_conn(url);
+  /* The database sorts linguistically; the keys do not. */
+  assert_string_equal(sql_val(c, "SELECT min(t) FROM (VALUES ('B'), ('a')) v(t)",
+                              buf, sizeof(buf)), "a");
+  assert_string_equal(sql_val(c, KEY_COLLATIONS_SQL, buf, sizeof(buf)),
+                      KEY_COLLATIONS_C);
+  sql_ok(c, "INSERT INTO ledger (request_id, ts_ms, tenant, key_id, model,"
+            " endpoint, prompt_tokens, completion_tokens, cost_nano, status)"
+            " VALUES ('req-2', 1, 'a', 'k', 'm', 'e', 1, 1, 1, 200),"
+            " ('req-1', 1, 'B', 'k', 'm', 'e', 1, 1, 1, 200)");
+  assert_string_equal(sql_val(c, "SELECT tenant FROM ledger ORDER BY tenant"
+                                 " LIMIT 1", buf, sizeof(buf)), "B");
+
+  /* Back to the schema of version 5, rows kept; opening migrates again. */
+  sql_ok(c, "ALTER TABLE ledger ALTER COLUMN tenant TYPE TEXT COLLATE \"default\","
+            " ALTER COLUMN request_id TYPE TEXT COLLATE \"default\";"
+            "ALTER TABLE tenant_spend ALTER COLUMN tenant TYPE TEXT COLLATE \"default\","
+            " ALTER COLUMN period TYPE TEXT COLLATE \"default\";"
+            "ALTER TABLE api_keys ALTER COLUMN id TYPE TEXT COLLATE \"default\","
+            " ALTER COLUMN tenant TYPE TEXT COLLATE \"default\";"
+            "DELETE FROM schema_migrations WHERE version = 6");
+  assert_string_equal(sql_val(c, "SELECT tenant FROM ledger ORDER BY tenant"
+                                 " LIMIT 1", buf, sizeof(buf)), "a");
+  PQfinish(c);
+  c = NULL;
+  assert_int_equal(tg_db_pg_open(url, NULL, &c), 0);
+  PQfinish(c);
+  c = sql_conn(url);
+  assert_string_equal(sql_val(c, KEY_COLLATIONS_SQL, buf, sizeof(buf)),
+                      KEY_COLLATIONS_C);
+  assert_int_equal(sql_int(c, "SELECT COUNT(*) FROM ledger"), 2);
+  assert_string_equal(sql_val(c, "SELECT tenant FROM ledger ORDER BY tenant"
+                                 " LIMIT 1", buf, sizeof(buf)), "B");
+  r = PQexec(c, "INSERT INTO ledger (request_id, ts_ms, tenant, key_id, model,"
+                " endpoint, prompt_tokens, completion_tokens, cost_nano, status)"
+                " VALUES ('req-1', 1, 'B', 'k', 'm', 'e', 1, 1, 1, 200)");
+  assert_int_equal(PQresultStatus(r), PGRES_FATAL_ERROR);
+  assert_string_equal(PQresultErrorField(r, PG_DIAG_SQLSTATE), "23505");
+  PQclear(r);
+  PQfinish(c);
+  sql_ok(s, "DROP DATABASE icu_en");
   PQfinish(s);
 }
 
@@ -1229,6 +1301,7 @@ int main(void) {
   const struct CMUnitTest tests[] = {
     cmocka_unit_test(test_url_helpers),
     cmocka_unit_test(test_migrations),
+    cmocka_unit_test(test_migration_byte_order_keys),
     cmocka_unit_test(test_ledger_exact),
     cmocka_unit_test(test_ledger_copy),
     cmocka_unit_test(test_ledger_outage),
