@@ -33,7 +33,10 @@
 # ROUNDS (1: each round measures every target once, every other round in
 # the opposite order; the best
 # req/s of each target is reported), DATA_DIR (a directory on the disk to
-# measure; default: the temp dir under /tmp), KEEP=1 keeps the temp dir.
+# measure; default: the temp dir under /tmp), KEEP=1 keeps the temp dir,
+# PG_ICU_LOCALE (e.g. en-US: PostgreSQL's databases sort by that locale, as
+# on a cluster set up with a linguistic one; default C), TENANTS (1: the
+# requests go in turn with the keys of that many tenants).
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -52,9 +55,14 @@ SIM_WORKERS=${SIM_WORKERS:-1}
 WARMUP=${WARMUP:-2s}
 TARGETS=${TARGETS:-off sqlite postgres}
 ROUNDS=${ROUNDS:-1}
+TENANTS=${TENANTS:-1}
 MODEL=llama-3.1-8b
 
 want() { case " $TARGETS " in *" $1 "*) return 0 ;; esac; return 1; }
+# the tenants' names: bench, or bench-01 ... bench-NN
+tenant_names() {
+  if [ "$TENANTS" -le 1 ]; then echo bench; else seq -f 'bench-%02g' 1 "$TENANTS"; fi
+}
 
 TOLLGATE="$BUILD_DIR/tollgate"
 SIM="$BUILD_DIR/tollgate-sim"
@@ -121,18 +129,19 @@ health_check_interval: 2s
 database: "$database"
 ledger: "$ledger"
 tenants:
-  bench:
-    tier: enterprise
-    models_allowed: [$MODEL]
-    priority: high
+$(for t in $(tenant_names); do printf '  %s:\n    tier: enterprise\n    models_allowed: [%s]\n    priority: high\n' "$t" "$MODEL"; done)
 models:
   $MODEL:
     endpoints:
       - {url: "http://127.0.0.1:$SIM_PORT", max_inflight: 4096}
     pricing: {prompt_per_1k_usd: "0.0005", completion_per_1k_usd: "0.0015"}
 YAML
-  KEY=$("$TOLLGATE" keys create --config "$dir/tollgate.yaml" --tenant bench --name bench \
-    2>>"$dir/keys.log") || bench_die "keys create failed for $mode (see KEEP=1 $dir/keys.log)"
+  KEYS=""
+  for t in $(tenant_names); do
+    KEY=$("$TOLLGATE" keys create --config "$dir/tollgate.yaml" --tenant "$t" --name bench \
+      2>>"$dir/keys.log") || bench_die "keys create failed for $mode (see KEEP=1 $dir/keys.log)"
+    KEYS="$KEYS $KEY"
+  done
   "$TOLLGATE" serve --config "$dir/tollgate.yaml" 2>>"$dir/tollgate.log" &
   TG_PID=$!
   pids+=("$TG_PID")
@@ -157,9 +166,9 @@ PY
 
 echo "# tollgate usage-ledger benchmark"
 machine_header
-echo "# load: wrk -t $WRK_THREADS -c $CONNECTIONS -d $DURATION, POST /v1/chat/completions (16 tokens), tollgate workers $WORKERS, sim workers $SIM_WORKERS, rounds $ROUNDS"
+echo "# load: wrk -t $WRK_THREADS -c $CONNECTIONS -d $DURATION, POST /v1/chat/completions (16 tokens), tollgate workers $WORKERS, sim workers $SIM_WORKERS, rounds $ROUNDS, tenants $TENANTS"
 echo "# disk: $(df -P "$DATA_ROOT" | awk 'NR == 2 { print $1 }') ($DATA_ROOT); sqlite $(python3 -c 'import sqlite3; print(sqlite3.sqlite_version)')"
-if want postgres; then echo "# postgres: $(pg_sql tollgate_test 'SHOW server_version'), fsync $(pg_sql tollgate_test 'SHOW fsync'), synchronous_commit $(pg_sql tollgate_test 'SHOW synchronous_commit')"; fi
+if want postgres; then echo "# postgres: $(pg_sql tollgate_test 'SHOW server_version'), fsync $(pg_sql tollgate_test 'SHOW fsync'), synchronous_commit $(pg_sql tollgate_test 'SHOW synchronous_commit'), databases' collation ${PG_ICU_LOCALE:+ICU }${PG_ICU_LOCALE:-C}"; fi
 echo "# build: $BUILD_DIR"
 
 export TG_BENCH_MODEL="$MODEL"
@@ -170,6 +179,7 @@ for round in $(seq 1 "$ROUNDS"); do
     want "$mode" || continue
     start_tollgate "$mode"
     export TG_BENCH_KEY="$KEY"
+    if [ "$TENANTS" -gt 1 ]; then export TG_BENCH_KEYS="$KEYS"; fi
     srv=""
     if [ "$mode" = postgres ]; then srv=$PG_PID; fi
     line=$(run_wrk_cpu "$mode" "http://127.0.0.1:$TG_PORT" "$TG_PID" "$srv") || exit 1

@@ -1,7 +1,7 @@
 -- wrk script for bench/proxy.sh: every request is a small non-streaming
 -- chat completion. The key comes from $TG_BENCH_KEY (sent to every target;
--- the simulator and nginx ignore it). At the end one machine-readable line
--- is printed:
+-- the simulator and nginx ignore it), or one of $TG_BENCH_KEYS in turn.
+-- At the end one machine-readable line is printed:
 --   TGBENCH <requests> <duration_us> <p50_us> <p99_us> <non2xx> <socket_errors>
 
 local key = os.getenv("TG_BENCH_KEY") or ""
@@ -14,6 +14,21 @@ wrk.body = '{"model":"' .. model .. '","max_tokens":' .. max_tokens ..
 wrk.headers["Content-Type"] = "application/json"
 if key ~= "" then
   wrk.headers["Authorization"] = "Bearer " .. key
+end
+
+-- $TG_BENCH_KEYS (space-separated), when set, is a key per tenant: each
+-- request goes with the next key in turn (requests built once, up front).
+local keys = os.getenv("TG_BENCH_KEYS") or ""
+if keys ~= "" then
+  local reqs, i = {}, 0
+  for k in keys:gmatch("%S+") do
+    wrk.headers["Authorization"] = "Bearer " .. k
+    reqs[#reqs + 1] = wrk.format()
+  end
+  function request()
+    i = i % #reqs + 1
+    return reqs[i]
+  end
 end
 
 function done(summary, latency, requests)

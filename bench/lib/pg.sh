@@ -48,7 +48,13 @@ pg_server_pid() {
   head -1 "$(pg_sql tollgate_test 'SHOW data_directory')/postmaster.pid"
 }
 
+# PG_ICU_LOCALE (e.g. en-US): the databases sort by that ICU locale, as a
+# cluster set up with a linguistic locale does; default: the cluster's C.
 pg_new_database() {
-  pg_sql tollgate_test "CREATE DATABASE $1" >/dev/null || bench_die "CREATE DATABASE $1 failed"
+  local how=""
+  if [ -n "${PG_ICU_LOCALE:-}" ]; then
+    how=" TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE '$PG_ICU_LOCALE'"
+  fi
+  pg_sql tollgate_test "CREATE DATABASE $1$how" >/dev/null || bench_die "CREATE DATABASE $1 failed"
   echo "${PG_URL%/*}/$1"
 }
