@@ -31,6 +31,7 @@
 #include <string.h>
 
 #include "core/err.h"
+#include "core/fault.h"
 #include "core/recycle.h"
 #include "core/strbuf.h"
 
@@ -335,7 +336,7 @@ static int hold_pending(conn_t *c, h1x_t *x) {
     drop_hold(c);
     return 0;
   }
-  p = malloc(nb + nr);
+  p = tg_fault("upstream_hold") ? NULL : malloc(nb + nr);
   if (p == NULL)
     return TG_ENOMEM;
   if (nb > 0)

@@ -550,6 +550,44 @@ def test_native_slow_client_pauses_upstream(tg):
         up.close()
 
 
+@pytest.mark.skipif(not tgtest.faults_built(), reason="needs the sanitizer build (TG_FAULTS)")
+def test_paused_stream_without_memory_for_its_bytes_is_cut(tg):
+    # A client that stops reading pauses the transfer; the bytes of the
+    # upstream's last read it has not taken are copied into a block of their
+    # own. When that copy cannot be allocated (the injected fault), the
+    # stream already relaying is cut, logged 503 gateway_overloaded, its
+    # upstream connection closed, and the endpoint stays up.
+    up = Upstream(stream_pad=4000)
+    try:
+        gw = tg.gateway({M8B: [up.url]}, workers=1, overrides=NATIVE, start=False)
+        gw.env = {"TG_FAULTS": "upstream_hold:1"}
+        gw.start()
+        key = gw.keys["acme"]
+        n = 12000
+        s = SSEStream(gw.port, chat_body(M8B, stream=True, max_tokens=n), key=key,
+                      rcvbuf=4096, read_head=False)
+        tgtest.wait_for(lambda: up.peer_closed >= 1, timeout=5.0,
+                        what="the gateway to close the paused upstream connection")
+        assert "upstream_hold fails on pass 1" in gw.proc.stderr_text()
+        s.read_head()
+        assert s.status == 200
+        events = s.read_all()
+        s.close()
+        assert not s.done
+        got = _contents(events)
+        assert 0 < len(got) < n
+        assert all(c.startswith("w%d " % i) for i, c in enumerate(got))
+        e = gw.access_entry(s.headers["x-request-id"], timeout=5.0)
+        assert e["status"] == 503 and e["error"] == "gateway_overloaded", e
+        # not the endpoint's fault: it stays routable, and the next request
+        # is served on a new connection
+        r = chat(gw.port, key, M8B, max_tokens=3)
+        assert r.status == 200 and r.json() == _answer_json(3)
+        assert up.conns == 2
+    finally:
+        up.close()
+
+
 def test_native_refused_and_blackholed_upstreams(tg):
     dead = "http://127.0.0.1:%d" % closed_port()
     gw = tg.gateway({M8B: [dead]}, workers=1, overrides=NATIVE, ready=False)

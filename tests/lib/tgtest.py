@@ -54,6 +54,16 @@ def build_dir():
     return os.path.abspath(os.environ.get("TG_BUILD_DIR") or os.path.join(REPO, "build-asan"))
 
 
+def faults_built():
+    """Whether the binaries under test have failure injection (TG_FAULTS,
+    src/core/fault.h): the sanitizer build has it."""
+    try:
+        with open(os.path.join(build_dir(), "CMakeCache.txt")) as f:
+            return "TG_SANITIZE:BOOL=ON" in f.read()
+    except OSError:
+        return False
+
+
 def binary(name):
     path = os.path.join(build_dir(), name)
     if not os.access(path, os.X_OK):
@@ -529,6 +539,7 @@ class Gateway:
         self.config_path = os.path.join(self.workdir, "tollgate.yaml")
         self.write_config()
         self.proc = None
+        self.env = None  # extra environment of the gateway process
         self.checked_exit = False  # set by tests that assert the exit themselves
 
     def write_config(self):
@@ -546,7 +557,7 @@ class Gateway:
     def start(self, timeout=20.0, ready=True):
         self.proc = Proc("tollgate-%d" % self.port,
                          [binary("tollgate"), "serve", "--config", self.config_path],
-                         self.workdir)
+                         self.workdir, env=self.env)
         _wait_line(self.proc, r"tollgate: serving on", timeout)
         live = alive_check(self.proc)
         wait_for(live(lambda: admin(self, "/healthz", timeout=2).status == 200),

@@ -1,0 +1,71 @@
+/* Failure injection for tests; see fault.h. */
+#include "core/fault.h"
+
+#ifdef TG_FAULTS
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define MAX_SITES 8
+#define SITE_NAME 48
+
+static struct {
+  char name[SITE_NAME];
+  unsigned long nth;   /* the pass that fails, from 1 */
+  atomic_ulong passes;
+} sites[MAX_SITES];
+static int n_sites;
+static pthread_once_t once = PTHREAD_ONCE_INIT;
+
+/* Reads $TG_FAULTS once: "site:N" entries separated by commas. An entry
+ * that does not parse is reported and ignored. */
+static void parse(void) {
+  const char *p = getenv("TG_FAULTS");
+
+  while (p != NULL && *p != '\0') {
+    size_t len = strcspn(p, ",");
+    const char *colon = memchr(p, ':', len);
+    char *end;
+    unsigned long nth = 0;
+
+    if (colon != NULL) {
+      nth = strtoul(colon + 1, &end, 10);
+      if (end != p + len)
+        nth = 0;
+    }
+    if (colon == NULL || colon == p || (size_t)(colon - p) >= SITE_NAME ||
+        nth == 0 || n_sites == MAX_SITES) {
+      fprintf(stderr, "tollgate: TG_FAULTS: ignored '%.*s' (want site:N)\n",
+              (int)len, p);
+    } else {
+      memcpy(sites[n_sites].name, p, (size_t)(colon - p));
+      sites[n_sites].name[colon - p] = '\0';
+      sites[n_sites].nth = nth;
+      atomic_init(&sites[n_sites].passes, 0);
+      fprintf(stderr, "tollgate: fault injection: %s fails on pass %lu\n",
+              sites[n_sites].name, nth);
+      n_sites++;
+    }
+    p += len;
+    if (*p == ',')
+      p++;
+  }
+}
+
+int tg_fault(const char *site) {
+  pthread_once(&once, parse);
+  for (int i = 0; i < n_sites; i++)
+    if (strcmp(sites[i].name, site) == 0)
+      return atomic_fetch_add(&sites[i].passes, 1) + 1 == sites[i].nth;
+  return 0;
+}
+
+#else
+
+/* ISO C wants a declaration in every translation unit. */
+typedef int tg_fault_off;
+
+#endif

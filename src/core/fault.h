@@ -1,0 +1,27 @@
+/* Failure injection for tests (curl's and SQLite's habit): a branch that
+ * only runs when the system refuses (malloc() returning NULL) is driven by
+ * a test instead of left untested.
+ *
+ * In a build with TG_FAULTS defined (the sanitizer build, which `make test`
+ * uses), tg_fault(site) tells the code at that site to act as if its
+ * resource were refused, on the pass $TG_FAULTS asks for:
+ *
+ *   TG_FAULTS=upstream_hold:1             the site's first pass fails
+ *   TG_FAULTS=upstream_hold:3,other:1     several sites, each once
+ *
+ * Passes are counted per site across threads; every other pass, and every
+ * site not named, goes through. In any other build tg_fault() is the
+ * constant 0: the site compiles to its plain code.
+ *
+ * Sites: upstream_hold (src/upstream/h1client.c, the copy of a paused
+ * answer's unread bytes). */
+#ifndef TG_CORE_FAULT_H
+#define TG_CORE_FAULT_H
+
+#ifdef TG_FAULTS
+int tg_fault(const char *site);
+#else
+#define tg_fault(site) ((void)(site), 0)
+#endif
+
+#endif
