@@ -151,10 +151,10 @@ def test_invoices_equal_client_usage_over_10000_requests(tg, sim):
         assert tgtest.nano_of_usd(empty["summary"]["total_cost_usd"]) == 0
 
 
-def test_kill9_mid_load_every_completed_response_has_one_row(tg, sim):
-    gw = start_gw(tg, sim)
-    tenants = load_tenants(gw)
-    load = tgtest.LedgerLoad(gw.port, tenants, count=100000, threads=8, seed=22,
+def kill9_under_load(gw, tenants, seed):
+    """Kills gateway gw with SIGKILL once 1,500 requests of a mixed load
+    completed; returns (load, completed outcomes)."""
+    load = tgtest.LedgerLoad(gw.port, tenants, count=100000, threads=8, seed=seed,
                              timeout=10).start()
     try:
         tgtest.wait_for(lambda: load.completed() >= 1500, timeout=60,
@@ -170,15 +170,16 @@ def test_kill9_mid_load_every_completed_response_has_one_row(tg, sim):
     done = [o for o in outcomes if o.complete]
     cut = [o for o in outcomes if not o.complete and o.t_start is not None and o.t_start < t_kill]
     assert len(done) >= 1500 and cut, "the kill cut no request"
-
     gw.checked_exit = False
-    gw.start()                               # same data_dir, same config
-    db = sqlite3.connect(gw.db_path)
-    try:
-        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
-    finally:
-        db.close()
-    rows = tgtest.sqlite_ledger_rows(gw.db_path)
+    return load, done
+
+
+def check_rows_after_kill9(gw, tenants, load, done, rows_of):
+    """After the restart of a killed gateway: every response the client saw
+    complete has exactly one row; any other row is a request the kill cut;
+    the ledger goes on and the invoices add up the rows. rows_of(rid) reads
+    the rows of one request id, rows_of(None) all of them."""
+    rows = rows_of(None)
     ids = tgtest.by_request_id(rows)         # asserts no request id twice
     # every response the client saw complete has its row, with its usage
     tgtest.check_ledger_rows(done, rows, PRICES, exact_set=False)
@@ -187,15 +188,15 @@ def test_kill9_mid_load_every_completed_response_has_one_row(tg, sim):
     # died, so at most one per client thread
     seen = {o.rid for o in done}
     extra = [rid for rid in ids if rid not in seen]
-    assert len(extra) <= load.threads, (extra, cut)
+    assert len(extra) <= load.threads, extra
 
     # after the restart the ledger goes on: the invoice adds up the rows
     key = tenants["beta"]["keys"][0]
     r = tgtest.chat(gw.port, key, model="mistral-7b", max_tokens=7, content=HELLO)
     assert r.status == 200, r
-    rows = tgtest.sqlite_ledger_rows(gw.db_path, "WHERE request_id = ?", (r.header("x-request-id"),))
+    rows = rows_of(r.header("x-request-id"))
     assert len(rows) == 1 and rows[0]["completion_tokens"] == 7, rows
-    all_rows = tgtest.sqlite_ledger_rows(gw.db_path)
+    all_rows = rows_of(None)
     for tenant in tenants:
         mine = [x for x in all_rows if x["tenant"] == tenant]
         nano = 0
@@ -206,6 +207,24 @@ def test_kill9_mid_load_every_completed_response_has_one_row(tg, sim):
             n += inv["summary"]["total_requests"]
             nano += tgtest.nano_of_usd(inv["summary"]["total_cost_usd"])
         assert (n, nano) == (len(mine), sum(x["cost_nano"] for x in mine)), tenant
+
+
+def test_kill9_mid_load_every_completed_response_has_one_row(tg, sim):
+    gw = start_gw(tg, sim)
+    tenants = load_tenants(gw)
+    load, done = kill9_under_load(gw, tenants, seed=22)
+    gw.start()                               # same data_dir, same config
+    db = sqlite3.connect(gw.db_path)
+    try:
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    finally:
+        db.close()
+
+    def rows_of(rid):
+        if rid is None:
+            return tgtest.sqlite_ledger_rows(gw.db_path)
+        return tgtest.sqlite_ledger_rows(gw.db_path, "WHERE request_id = ?", (rid,))
+    check_rows_after_kill9(gw, tenants, load, done, rows_of)
 
 
 # ---------------------------------------------------------------------------

@@ -3,17 +3,20 @@ PostgreSQL server (tests/lib/pgtest.sh, through tgtest.Postgres) started
 once for the module on a free loopback port; each test has its own
 database on it.
 
-- 2,000 mixed requests (the same mix as test_ledger.py, abandoned streams
-  included): one row per request with what the client saw; each tenant's
+- 10,000 mixed requests from three tenants (the same mix as
+  test_ledger.py, abandoned streams included): one row per request with what the client saw; each tenant's
   invoice and daily usage, from the CLI and from the admin route, equal the
   client-observed usage x prices to the nano-USD;
 - PostgreSQL stopped in the middle of the load and started again: every
   request still succeeds while it is down (the records go to
   <data_dir>/ledger.spool, which grows), and once it is back the spool is
   replayed and removed: rows == completed requests, none twice;
+- kill -9 of the gateway in the middle of the load, then a restart: every
+  response the client saw complete has exactly one row;
 - budgets are rebuilt from the PostgreSQL ledger after a kill -9."""
 
 import os
+import re
 import sqlite3
 
 import pytest
@@ -64,12 +67,17 @@ def test_invoices_equal_client_usage_postgres(tg, sim, pg):
     gw, db = pg_gateway(tg, sim, pg)
     gw.start()
     tenants = base.load_tenants(gw)
-    outcomes = tgtest.LedgerLoad(gw.port, tenants, count=2000, threads=8, seed=55,
-                                 abandon=3).run()
+    outcomes = tgtest.LedgerLoad(gw.port, tenants, count=10000, threads=8, seed=55,
+                                 abandon=6).run()
     bad = base.failed(outcomes)
     assert not bad, "%d requests failed, e.g. %r" % (len(bad), bad[:3])
+    kinds = {}
+    for o in outcomes:
+        kinds[o.kind] = kinds.get(o.kind, 0) + 1
+    assert kinds["abandon"] == 6 and min(kinds.values()) >= 6, kinds
+    assert kinds["chat"] > 3000 and kinds["stream_usage"] > 2000 and kinds["stream"] > 800, kinds
     rows = tgtest.pg_ledger_rows(pg, db)
-    assert len(rows) == 2003, len(rows)
+    assert len(rows) == 10006, len(rows)
     tgtest.check_ledger_rows(outcomes, rows, PRICES, endpoint=sim.url)
     tgtest.check_invoices(gw, outcomes, PRICES, tenants)
     # nothing went to the SQLite file or a spool
@@ -93,6 +101,22 @@ def test_invoices_equal_client_usage_postgres(tg, sim, pg):
         base.strip_generated(gw.invoice("alpha", month))
     r = tgtest.admin(gw, "/admin/v1/tenants/gamma/usage/%s" % day, key=admin_key)
     assert r.status == 200 and tgtest.money_json(r.body) == gw.usage("gamma", day), r
+
+
+def test_kill9_mid_load_every_completed_response_has_one_row_postgres(tg, sim, pg):
+    gw, db = pg_gateway(tg, sim, pg)
+    gw.start()
+    tenants = base.load_tenants(gw)
+    load, done = base.kill9_under_load(gw, tenants, seed=77)
+    gw.start()                               # same database, same config
+
+    def rows_of(rid):
+        if rid is None:
+            return tgtest.pg_ledger_rows(pg, db)
+        assert re.match(r"^[A-Za-z0-9_-]+$", rid), rid
+        return tgtest.pg_ledger_rows(pg, db, "WHERE request_id = '%s'" % rid)
+    base.check_rows_after_kill9(gw, tenants, load, done, rows_of)
+    assert not os.path.exists(gw.spool_path)
 
 
 def test_postgres_stopped_mid_load_spools_then_replays(tg, sim, pg):
