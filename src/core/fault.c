@@ -38,8 +38,8 @@ static void parse(void) {
     }
     if (colon == NULL || colon == p || (size_t)(colon - p) >= SITE_NAME ||
         nth == 0 || n_sites == MAX_SITES) {
-      fprintf(stderr, "tollgate: TG_FAULTS: ignored '%.*s' (want site:N)\n",
-              (int)len, p);
+      fprintf(stderr, "tollgate: TG_FAULTS: ignored '%.*s' (want site:N, N >= 1,"
+              " at most %d sites)\n", (int)len, p, MAX_SITES);
     } else {
       memcpy(sites[n_sites].name, p, (size_t)(colon - p));
       sites[n_sites].name[colon - p] = '\0';
