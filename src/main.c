@@ -9,6 +9,7 @@
 #include "core/app.h"
 #include "core/json.h"
 #include "meter/invoice.h"
+#include "meter/migrate.h"
 
 
 static void usage(FILE *f) {
@@ -20,7 +21,8 @@ static void usage(FILE *f) {
           "  keys list --config FILE [--tenant T] [--json]\n"
           "  keys revoke --config FILE ID\n"
           "  invoice --config FILE --tenant T --month YYYY-MM [--format json|csv]\n"
-          "  usage --config FILE --tenant T --day YYYY-MM-DD\n");
+          "  usage --config FILE --tenant T --day YYYY-MM-DD\n"
+          "  migrate --config FILE [--timeout SECONDS]   bring the database's schema up to date\n");
 }
 
 int main(int argc, char **argv) {
@@ -45,6 +47,8 @@ int main(int argc, char **argv) {
     return tg_cmd_invoice(argc - 1, argv + 1);
   if (strcmp(argv[1], "usage") == 0)
     return tg_cmd_usage(argc - 1, argv + 1);
+  if (strcmp(argv[1], "migrate") == 0)
+    return tg_cmd_migrate(argc - 1, argv + 1);
   if (strcmp(argv[1], "help") == 0 || strcmp(argv[1], "--help") == 0) {
     usage(stdout);
     return 0;

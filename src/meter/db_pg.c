@@ -128,10 +128,11 @@ static const migration_t migrations[] = {
 
 #define N_MIGRATIONS (sizeof(migrations) / sizeof(migrations[0]))
 
-/* Migrations may rebuild an index on a big ledger: they get more time than
- * a gateway statement, and wait longer for a replica that migrates. */
-#define MIGRATE_TIMEOUTS \
-  "SET LOCAL statement_timeout = '300s'; SET LOCAL lock_timeout = '60s'"
+/* Migrations may rebuild an index on a big ledger: at start they get more
+ * time than a gateway statement (`tollgate migrate` chooses its own), and
+ * wait longer for a replica that migrates. */
+#define MIGRATE_TIMEOUT_S 300
+#define MIGRATE_LOCK_TIMEOUT "SET LOCAL lock_timeout = '60s'"
 
 int tg_db_pg_schema_version(void) {
   return migrations[N_MIGRATIONS - 1].version;
@@ -430,7 +431,11 @@ static int mfail(PGconn *c, int quiet, const char *what) {
 }
 
 int tg_db_pg_migrate(PGconn *c, int quiet) {
-  char lock[80], ver[16], at[24];
+  return tg_db_pg_migrate_ex(c, quiet, MIGRATE_TIMEOUT_S, NULL);
+}
+
+int tg_db_pg_migrate_ex(PGconn *c, int quiet, unsigned timeout_s, int *from) {
+  char lock[80], stmt[64], ver[16], at[24];
   PGresult *r = NULL;
   int64_t current = 0;
   int rc = TG_EDB;
@@ -439,9 +444,12 @@ int tg_db_pg_migrate(PGconn *c, int quiet) {
     return mfail(c, quiet, "BEGIN");
   snprintf(lock, sizeof(lock), "SELECT pg_advisory_xact_lock(%lld)",
            (long long)TG_DB_PG_MIGRATE_LOCK);
+  snprintf(stmt, sizeof(stmt), "SET LOCAL statement_timeout = '%llds'",
+           (long long)timeout_s);
   /* The lock before anything else: a second replica waits here until the
    * first has committed, then finds nothing left to do. */
-  if (tg_db_pg_exec(c, MIGRATE_TIMEOUTS) != 0 || tg_db_pg_exec(c, lock) != 0) {
+  if (tg_db_pg_exec(c, stmt) != 0 || tg_db_pg_exec(c, MIGRATE_LOCK_TIMEOUT) != 0 ||
+      tg_db_pg_exec(c, lock) != 0) {
     mfail(c, quiet, "cannot take the migration lock");
     goto out;
   }
@@ -459,6 +467,8 @@ int tg_db_pg_migrate(PGconn *c, int quiet) {
   }
   PQclear(r);
   r = NULL;
+  if (from != NULL)
+    *from = (int)current;
   if (current > tg_db_pg_schema_version()) {
     if (!quiet)
       fprintf(stderr, "tollgate: database schema version %lld is newer than "

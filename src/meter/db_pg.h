@@ -69,6 +69,12 @@ int tg_db_pg_connect_step(PGconn *c, int wait_ms);
  * this binary knows), saying why on stderr unless quiet. */
 int tg_db_pg_migrate(PGconn *c, int quiet);
 
+/* tg_db_pg_migrate with its statement timeout chosen: timeout_s seconds
+ * (0: none; a gateway's start gives 300), and the version the database had
+ * before in *from when from is not NULL (0 for an empty database; set once
+ * it is read, also when the migration then fails). */
+int tg_db_pg_migrate_ex(PGconn *c, int quiet, unsigned timeout_s, int *from);
+
 /* tg_db_pg_connect then tg_db_pg_migrate; on a migration failure the
  * connection is closed and *out is NULL. Returns as those two. */
 int tg_db_pg_open(const char *url, const tg_db_pg_opts_t *o, PGconn **out);

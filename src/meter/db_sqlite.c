@@ -189,7 +189,7 @@ out:
   return rc;
 }
 
-static int migrate(sqlite3 *db) {
+static int migrate(sqlite3 *db, int *from) {
   sqlite3_stmt *st = NULL;
   int current = 0, rc, said = 0;
 
@@ -211,6 +211,8 @@ static int migrate(sqlite3 *db) {
   current = sqlite3_column_int(st, 0);
   sqlite3_finalize(st);
   st = NULL;
+  if (from != NULL)
+    *from = current;
   if (current > tg_db_sqlite_schema_version()) {
     fprintf(stderr, "tollgate: database schema version %d is newer than this "
             "binary knows (%d)\n", current, tg_db_sqlite_schema_version());
@@ -253,7 +255,7 @@ out:
   return rc;
 }
 
-static int open_flags(sqlite3 **db, const char *data_dir, int flags) {
+static int open_flags(sqlite3 **db, const char *data_dir, int flags, int *from) {
   char path[PATH_MAX];
   sqlite3 *conn = NULL;
   int rc, n;
@@ -283,7 +285,7 @@ static int open_flags(sqlite3 **db, const char *data_dir, int flags) {
     goto out;
   if ((rc = exec(conn, "PRAGMA foreign_keys=ON")) != 0)
     goto out;
-  rc = migrate(conn);
+  rc = migrate(conn, from);
 out:
   if (rc != 0) {
     sqlite3_close(conn);
@@ -294,9 +296,13 @@ out:
 }
 
 int tg_db_sqlite_open(sqlite3 **db, const char *data_dir) {
-  return open_flags(db, data_dir, 0);
+  return open_flags(db, data_dir, 0, NULL);
 }
 
 int tg_db_sqlite_open_private(sqlite3 **db, const char *data_dir) {
-  return open_flags(db, data_dir, SQLITE_OPEN_NOMUTEX);
+  return open_flags(db, data_dir, SQLITE_OPEN_NOMUTEX, NULL);
+}
+
+int tg_db_sqlite_open_from(sqlite3 **db, const char *data_dir, int *from) {
+  return open_flags(db, data_dir, 0, from);
 }

@@ -27,6 +27,10 @@ int tg_db_sqlite_open(sqlite3 **db, const char *data_dir);
  * call takes the connection's mutex. */
 int tg_db_sqlite_open_private(sqlite3 **db, const char *data_dir);
 
+/* tg_db_sqlite_open, and the schema version the database had before in
+ * *from (0 for a new one; set once it is read). */
+int tg_db_sqlite_open_from(sqlite3 **db, const char *data_dir, int *from);
+
 /* The highest migration version this binary knows (the schema version a
  * freshly opened database has). */
 int tg_db_sqlite_schema_version(void);

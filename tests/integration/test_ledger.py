@@ -435,3 +435,39 @@ def test_ledger_off_records_nothing(tg, sim):
         assert tgtest.sqlite_ledger_rows(gw.db_path) == []
     inv = gw.invoice("alpha", tgtest.utc_month())
     assert inv["summary"]["total_requests"] == 0, inv
+
+
+def test_migrate_command_brings_the_sqlite_schema_up_to_date(tg, sim):
+    gw = start_gw(tg, sim, start=False)
+    cp = gw.tool("migrate")
+    m = re.fullmatch(r"sqlite schema migrated from version 0 to (\d+)\n", cp.stdout)
+    assert m, cp.stdout
+    version = int(m.group(1))
+    d = sqlite3.connect(gw.db_path)
+    try:
+        assert d.execute("SELECT MAX(version) FROM schema_migrations").fetchone() == (version,)
+        assert d.execute("SELECT 1 FROM sqlite_master WHERE name = 'ledger'").fetchone()
+    finally:
+        d.close()
+    assert gw.tool("migrate").stdout == "sqlite schema at version %d: nothing to do\n" % version
+    # the gateway starts on the migrated database and records as usual
+    gw.start()
+    key = gw.create_key("alpha")
+    assert ask(gw, key).status == 200
+    gw.stop()
+    assert len(tgtest.sqlite_ledger_rows(gw.db_path)) == 1
+    # bad usage is told apart from a failure
+    for args in (("--timeout", "soon"), ("--timeout", "-1"), ("--timeout", "604801"),
+                 ("--frobnicate", "1"), ("--timeout",)):
+        cp = gw.tool("migrate", *args, check=False)
+        assert cp.returncode == 2 and "usage: tollgate migrate" in cp.stderr, (args, cp)
+    # a schema newer than this binary knows is refused, not touched
+    d = sqlite3.connect(gw.db_path)
+    try:
+        with d:
+            d.execute("INSERT INTO schema_migrations VALUES (?, 0)", (version + 1,))
+    finally:
+        d.close()
+    cp = gw.tool("migrate", check=False)
+    assert cp.returncode == 1 and cp.stdout == "", cp
+    assert "newer than this binary knows (%d)" % version in cp.stderr, cp.stderr

@@ -18,6 +18,8 @@ database on it.
 import os
 import re
 import sqlite3
+import subprocess
+import time
 
 import pytest
 
@@ -191,3 +193,71 @@ def test_budgets_rebuilt_from_the_postgres_ledger(tg, sim, pg):
     base.assert_refused(base.ask(gw, key, max_tokens=19), "daily_budget")
     assert base.ask(gw, key, max_tokens=18).status == 200
     base.assert_refused(base.ask(gw, key, max_tokens=1), "daily_budget")
+
+
+def _collation(pg, db, table, column):
+    return pg.sql("SELECT COALESCE(collation_name, '-') FROM information_schema.columns"
+                  " WHERE table_name = '%s' AND column_name = '%s'" % (table, column), db=db)
+
+
+def test_migrate_command_postgres_with_and_without_a_time_limit(tg, sim, pg):
+    """`tollgate migrate` applies what a starting gateway would, with no
+    statement timeout unless --timeout gives one (a start allows 300 s, too
+    little for migration 6's index rebuild on a very large ledger)."""
+    gw, db = pg_gateway(tg, sim, pg)
+    cp = gw.tool("migrate")
+    m = re.fullmatch(r"postgres schema migrated from version 0 to (\d+)\n", cp.stdout)
+    assert m, cp.stdout
+    version = int(m.group(1))
+    assert version >= 6
+    assert pg.sql("SELECT MAX(version) FROM schema_migrations", db=db) == [(str(version),)]
+    assert _collation(pg, db, "ledger", "tenant") == [("C",)]
+    assert gw.tool("migrate").stdout == "postgres schema at version %d: nothing to do\n" % version
+
+    # The database as version 5 left it: migration 6 (the byte-order keys)
+    # is to run again, and must wait for the ledger's lock.
+    pg.sql("ALTER TABLE ledger ALTER COLUMN tenant TYPE TEXT COLLATE \"default\","
+           " ALTER COLUMN request_id TYPE TEXT COLLATE \"default\"", db=db)
+    pg.sql("DELETE FROM schema_migrations WHERE version >= 6", db=db)
+    assert _collation(pg, db, "ledger", "tenant") == [("-",)]
+    holder = subprocess.Popen(
+        [pg.PSQL, "-X", "-q", "-h", "127.0.0.1", "-p", str(pg.port), "-U", "postgres",
+         "-d", db, "-c", "BEGIN; LOCK TABLE ledger IN ACCESS SHARE MODE;"
+         " SELECT pg_sleep(30); COMMIT;"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        tgtest.wait_for(lambda: pg.sql(
+            "SELECT COUNT(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation"
+            " WHERE c.relname = 'ledger' AND l.granted AND l.pid <> pg_backend_pid()",
+            db=db) == [("1",)], timeout=10, what="psql to hold the ledger's lock")
+        t0 = time.monotonic()
+        cp = gw.tool("migrate", "--timeout", "1", check=False)
+        took = time.monotonic() - t0
+        assert cp.returncode == 1 and cp.stdout == "", cp
+        assert "migration 6 failed" in cp.stderr and "statement timeout" in cp.stderr, cp.stderr
+        assert took < 20, took
+        # nothing of the failed migration stayed
+        assert pg.sql("SELECT MAX(version) FROM schema_migrations", db=db) == [("5",)]
+        assert _collation(pg, db, "ledger", "tenant") == [("-",)]
+        # without a limit it waits for the lock, then completes
+        waiting = subprocess.Popen(gw.tool_argv("migrate"), stdin=subprocess.DEVNULL,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                   env=tgtest.cli_env(), cwd=gw.workdir)
+        time.sleep(2)
+        assert waiting.poll() is None, waiting.communicate()
+        pg.sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+               " WHERE query LIKE '%pg_sleep(30)%' AND pid <> pg_backend_pid()", db=db)
+        out, err = waiting.communicate(timeout=30)
+        assert waiting.returncode == 0, err
+        assert out == "postgres schema migrated from version 5 to %d\n" % version, (out, err)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert _collation(pg, db, "ledger", "tenant") == [("C",)]
+    assert _collation(pg, db, "ledger", "request_id") == [("C",)]
+    # a gateway starts on it and records in PostgreSQL
+    gw.start()
+    key = gw.create_key("alpha")
+    assert base.ask(gw, key).status == 200
+    gw.stop()
+    assert pg.sql("SELECT COUNT(*) FROM ledger", db=db) == [("1",)]

@@ -64,6 +64,13 @@ def faults_built():
         return False
 
 
+def cli_env():
+    """The environment a tollgate command runs in (the sanitizers' options)."""
+    env = dict(os.environ)
+    env.update(SAN_ENV)
+    return env
+
+
 def binary(name):
     path = os.path.join(build_dir(), name)
     if not os.access(path, os.X_OK):
@@ -592,6 +599,11 @@ class Gateway:
                      timeout=3.0, what="the gateway to accept a new key")
         return key
 
+    def tool_argv(self, command, *args):
+        """The argv of `tollgate COMMAND --config FILE ARGS...`, for a caller
+        that runs it itself (in the background; with env=cli_env())."""
+        return [binary("tollgate"), command, "--config", self.config_path] + list(args)
+
     def tool(self, command, *args, check=True, timeout=60):
         """Runs `tollgate COMMAND --config FILE ARGS...` (the form of the
         one-word commands: invoice, usage, check-config); returns the
@@ -601,10 +613,8 @@ class Gateway:
 
     def _run_cli(self, argv_tail, check, timeout):
         argv = [binary("tollgate")] + argv_tail
-        env = dict(os.environ)
-        env.update(SAN_ENV)
         cp = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                            timeout=timeout, env=env, cwd=self.workdir)
+                            timeout=timeout, env=cli_env(), cwd=self.workdir)
         if check and cp.returncode != 0:
             raise AssertionError("%s exited %d\nstdout: %s\nstderr: %s" % (
                 " ".join(argv), cp.returncode, cp.stdout, cp.stderr))
