@@ -17,12 +17,15 @@
 # measured in turn ROUNDS times, so a load that comes and goes on a shared
 # machine hits each alike, and the median round of each is printed),
 # TG_EXTRA_CONFIG (top-level YAML lines added to both tollgates' config,
-# e.g. "ledger: off"), KEEP=1 keeps the temp dir.
+# e.g. "ledger: off"), ACCESS_LOG (0: no proxy logs requests; 1: each logs
+# every request to a file in the temp dir, nginx in its combined format with
+# `buffer=64k flush=1s`, tollgate its JSON lines), KEEP=1 keeps the temp dir.
 #
 # nginx is Debian's nginx-light, run in the foreground from a generated
 # config (upstream keepalive: up to 4,096 idle connections per worker, as
-# tollgate keeps; HTTP/1.1 to the upstream; access_log off).
-# tollgate runs with access_log off and one tenant whose limits cannot bind.
+# tollgate keeps; HTTP/1.1 to the upstream; access_log off unless ACCESS_LOG=1).
+# tollgate runs with one tenant whose limits cannot bind, access_log off
+# unless ACCESS_LOG=1.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -35,6 +38,7 @@ WRK_THREADS=${WRK_THREADS:-1}
 SIM_WORKERS=${SIM_WORKERS:-1}
 WARMUP=${WARMUP:-2s}
 ROUNDS=${ROUNDS:-1}
+ACCESS_LOG=${ACCESS_LOG:-0}
 TARGETS=${TARGETS:-sim nginx tollgate curl}
 MODEL=llama-3.1-8b
 
@@ -97,6 +101,10 @@ wait_http "http://127.0.0.1:$SIM_PORT/health"
 
 # ---- nginx ------------------------------------------------------------------
 start_nginx() {
+local log="access_log off;"
+if [ "$ACCESS_LOG" = 1 ]; then
+  log="access_log $tmp/nginx/access.log combined buffer=64k flush=1s;"
+fi
 mkdir -p "$tmp/nginx"
 cat >"$tmp/nginx/nginx.conf" <<EOF
 worker_processes $WORKERS;
@@ -106,7 +114,7 @@ pid $tmp/nginx/nginx.pid;
 error_log $tmp/nginx/error.log warn;
 events { worker_connections 4096; }
 http {
-  access_log off;
+  $log
   client_body_temp_path $tmp/nginx/body;
   proxy_temp_path $tmp/nginx/proxy;
   fastcgi_temp_path $tmp/nginx/fastcgi;
@@ -138,14 +146,15 @@ PIDS[nginx]=$!
 # `upstream_client: CLIENT`; its key goes to KEYS[NAME].
 declare -A KEYS
 start_tollgate() {
-local name=$1 port=$2 admin=$3 client=$4 dir="$tmp/$1"
+local name=$1 port=$2 admin=$3 client=$4 dir="$tmp/$1" log='"off"'
+if [ "$ACCESS_LOG" = 1 ]; then log="$dir/access.log"; fi
 mkdir -p "$dir/data"
 cat >"$dir/tollgate.yaml" <<EOF
 listen: 127.0.0.1:$port
 admin_listen: 127.0.0.1:$admin
 workers: $WORKERS
 data_dir: $dir/data
-access_log: "off"
+access_log: $log
 health_check_interval: 2s
 upstream_client: $client
 ${TG_EXTRA_CONFIG:-}
@@ -234,6 +243,7 @@ echo "# machine: $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: 
 echo "# kernel: $(uname -r); $("$NGINX" -v 2>&1); $(wrk --version 2>&1 | head -1 | cut -d' ' -f1-2)"
 echo "# load: wrk -t $WRK_THREADS -c $CONNECTIONS -d $DURATION x $ROUNDS rounds, POST /v1/chat/completions (16 tokens), workers $WORKERS (nginx, tollgate), sim workers $SIM_WORKERS"
 echo "# build: $BUILD_DIR${TG_EXTRA_CONFIG:+; tollgate config adds: $TG_EXTRA_CONFIG}"
+echo "# access logs: $([ "$ACCESS_LOG" = 1 ] && echo "on (nginx combined, buffer=64k; tollgate JSON lines), to files" || echo off)"
 
 # every round measures every target, in the opposite order every other
 # round so a machine that speeds up or slows down favours no target; per

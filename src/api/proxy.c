@@ -172,7 +172,7 @@ static void call_log(tg_call_t *c) {
   r.usage_reported = c->has_usage;
   r.duration_ms = (double)(end - c->t_start) / 1e6;
   r.ttfb_ms = c->t_first_byte ? (double)(c->t_first_byte - c->t_start) / 1e6 : -1;
-  tg_access_log(c->w->app, &r);
+  tg_access_log(c->w->alog, &r);
   {
     tg_metrics_obs_t o;
     memset(&o, 0, sizeof(o));
@@ -1462,7 +1462,7 @@ void tg_api_reject(tg_http_server_t *srv, int status, const char *code, char *hd
   r.status = status;
   r.error = code;
   r.ttfb_ms = -1;
-  tg_access_log(w->app, &r);
+  tg_access_log(w->alog, &r);
 }
 
 void tg_api_handle(tg_http_req_t *req) {

@@ -47,6 +47,7 @@ typedef struct tg_worker_s {
   tg_upstream_t *up;
   tg_policy_loop_t *policy;
   tg_ledger_port_t *ledger;
+  struct tg_access_out_s *alog; /* the access log's lines, NULL when off */
   tg_runtime_t *rt;
   uint64_t rt_gen;
   tg_keyset_t *keys;

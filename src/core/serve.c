@@ -142,6 +142,7 @@ static void worker_close(tg_worker_t *w) {
   uv_close((uv_handle_t *)&w->tick, on_worker_handle_closed);
   tg_api_worker_closing(w);
   uv_close((uv_handle_t *)&w->async, on_worker_handle_closed);
+  tg_access_out_close(w->alog);
 }
 
 static void worker_command(tg_worker_t *w) {
@@ -232,6 +233,8 @@ static int worker_init(tg_app_t *app, tg_worker_t *w, int id, int admin) {
   if (!admin && app->ledger != NULL &&
       (r = tg_ledger_port_new(app->ledger, &w->loop, &w->ledger)) < 0)
     return r;
+  if (!admin && app->log_fd >= 0 && (r = tg_access_out_new(&w->loop, app->log_fd, &w->alog)) < 0)
+    return r;
   uv_timer_init(&w->loop, &w->tick);
   w->tick.data = w;
   uv_timer_start(&w->tick, on_worker_tick, TICK_MS, TICK_MS);
@@ -244,6 +247,8 @@ static void worker_fini(tg_worker_t *w) {
   /* the loop has no handles left once the thread returns */
   uv_run(&w->loop, UV_RUN_DEFAULT);
   uv_loop_close(&w->loop);
+  tg_access_out_free(w->alog); /* lines logged while the loop closed */
+  w->alog = NULL;
   tg_api_worker_fini(w);
   tg_runtime_unref(w->rt);
   tg_keyset_release(w->keys);

@@ -5,14 +5,98 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
+#include <limits.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <sys/time.h>
 #include <time.h>
 #include <unistd.h>
 
 #include "api/api.h"
 #include "core/err.h"
+
+#define LINE_MAX_BYTES 4096 /* a line, newline included: at most PIPE_BUF */
+#define OUT_BYTES 65536     /* gathered before a write is forced */
+
+struct tg_access_out_s {
+  uv_check_t check;
+  int fd;
+  int chunked; /* a pipe or socket: writes of whole lines, at most PIPE_BUF */
+  int closed;  /* the check handle is closed: every line is written at once */
+  size_t len;
+  char buf[OUT_BYTES];
+};
+
+/* The length of the longest run of whole lines from p that fits in max
+ * (a line is never longer than max). */
+static size_t whole_lines(const char *p, size_t n, size_t max) {
+  size_t k;
+  if (n <= max)
+    return n;
+  for (k = max; k > 0; k--)
+    if (p[k - 1] == '\n')
+      return k;
+  return max;
+}
+
+static void out_flush(tg_access_out_t *o) {
+  size_t off = 0;
+  while (off < o->len) {
+    size_t n = o->len - off;
+    ssize_t w;
+    if (o->chunked)
+      n = whole_lines(o->buf + off, n, PIPE_BUF);
+    w = write(o->fd, o->buf + off, n);
+    if (w < 0) {
+      if (errno == EINTR)
+        continue;
+      break; /* the destination fails: these lines are lost, the requests are not */
+    }
+    off += (size_t)w;
+  }
+  o->len = 0;
+}
+
+static void on_check(uv_check_t *h) {
+  tg_access_out_t *o = h->data;
+  out_flush(o);
+  uv_check_stop(h);
+}
+
+int tg_access_out_new(uv_loop_t *loop, int fd, tg_access_out_t **out) {
+  tg_access_out_t *o = malloc(sizeof(*o));
+  struct stat st;
+
+  *out = NULL;
+  if (o == NULL)
+    return TG_ENOMEM;
+  o->fd = fd;
+  o->chunked = !(fstat(fd, &st) == 0 && S_ISREG(st.st_mode));
+  o->closed = 0;
+  o->len = 0;
+  uv_check_init(loop, &o->check);
+  o->check.data = o;
+  uv_unref((uv_handle_t *)&o->check); /* pending lines never keep a loop up */
+  *out = o;
+  return 0;
+}
+
+void tg_access_out_close(tg_access_out_t *o) {
+  if (o == NULL || o->closed)
+    return;
+  out_flush(o);
+  o->closed = 1;
+  uv_close((uv_handle_t *)&o->check, NULL);
+}
+
+void tg_access_out_free(tg_access_out_t *o) {
+  if (o == NULL)
+    return;
+  out_flush(o);
+  free(o);
+}
 
 int tg_access_log_open(const char *dest) {
   int fd;
@@ -39,14 +123,14 @@ static size_t put_str(char *buf, size_t size, size_t n, const char *key, const c
   return r < 0 ? n : n + (size_t)r;
 }
 
-void tg_access_log(tg_app_t *app, const tg_access_rec_t *r) {
-  char line[4096], ts[40];
+void tg_access_log(tg_access_out_t *o, const tg_access_rec_t *r) {
+  char line[LINE_MAX_BYTES], ts[40];
   struct timeval tv;
   struct tm tm;
   size_t n;
   int k;
 
-  if (app->log_fd < 0)
+  if (o == NULL)
     return;
   gettimeofday(&tv, NULL);
   gmtime_r(&tv.tv_sec, &tm);
@@ -78,6 +162,12 @@ void tg_access_log(tg_app_t *app, const tg_access_rec_t *r) {
     n = sizeof(line) - 3; /* truncated: still one line */
   line[n++] = '}';
   line[n++] = '\n';
-  while (write(app->log_fd, line, n) < 0 && errno == EINTR)
-    ;
+  if (o->len + n > sizeof(o->buf))
+    out_flush(o);
+  memcpy(o->buf + o->len, line, n);
+  o->len += n;
+  if (o->closed)
+    out_flush(o);
+  else if (!uv_is_active((uv_handle_t *)&o->check))
+    uv_check_start(&o->check, on_check);
 }

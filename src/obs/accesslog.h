@@ -1,11 +1,21 @@
-/* The access log: one JSON object per line per API request, written with a
- * single write(2) so lines from several loop threads never interleave. */
+/* The access log: one JSON object per line per API request.
+ *
+ * Each loop gathers its lines in its own buffer and writes them together
+ * once per loop iteration (from a uv_check handle, right after the
+ * iteration's I/O callbacks), or sooner when the buffer fills: a request
+ * costs no system call of its own. Writes hold whole lines, so lines from
+ * several loops never interleave: a regular file (opened O_APPEND) takes the
+ * whole buffer in one write(2); a pipe or socket gets writes of at most
+ * PIPE_BUF bytes, which the kernel keeps whole. A line is written within
+ * the iteration that completed its request; a kill -9 can lose only the
+ * lines of the iteration in progress (the usage ledger, not this log, is
+ * the record of what was served). */
 #ifndef TG_OBS_ACCESSLOG_H
 #define TG_OBS_ACCESSLOG_H
 
 #include <stdint.h>
 
-#include "core/app.h"
+#include <uv.h>
 
 typedef struct {
   const char *request_id, *tenant, *key_id, *model, *endpoint, *path, *error;
@@ -18,6 +28,18 @@ typedef struct {
  * descriptor, -1 for "off", or a negative error below -1. */
 int tg_access_log_open(const char *dest);
 
-void tg_access_log(tg_app_t *app, const tg_access_rec_t *r);
+/* A loop's access-log output to fd (not owned). Returns 0 and *out, or
+ * TG_ENOMEM. */
+typedef struct tg_access_out_s tg_access_out_t;
+int tg_access_out_new(uv_loop_t *loop, int fd, tg_access_out_t **out);
+
+/* Writes what is gathered and closes the loop handle; lines logged after
+ * this are written at once. Call from the loop's thread; free after the
+ * loop has run its close callbacks. NULL is ignored. */
+void tg_access_out_close(tg_access_out_t *o);
+void tg_access_out_free(tg_access_out_t *o);
+
+/* Adds r's line (o NULL: the log is off). From the loop's thread only. */
+void tg_access_log(tg_access_out_t *o, const tg_access_rec_t *r);
 
 #endif

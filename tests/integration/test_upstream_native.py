@@ -383,9 +383,11 @@ def test_native_upstream_closing_after_each_answer(tg):
         assert up.posts == 30
         assert up.conns == 30
         # no request failed on the way: every access-log line says 200
-        statuses = [e.get("status") for e in gw.access_log_entries()
-                    if e.get("model") == M8B]
-        assert statuses.count(200) == 30, statuses
+        def statuses():
+            st = [e.get("status") for e in gw.access_log_entries() if e.get("model") == M8B]
+            return st if len(st) >= 30 else None
+        st = tgtest.wait_for(statuses, timeout=3, what="30 access-log lines")
+        assert st.count(200) == 30, st
     finally:
         up.close()
 

@@ -685,12 +685,16 @@ class Gateway:
         return [json.loads(line) for line in text.splitlines() if line.strip()]
 
     def access_log_entries(self):
+        """The access log's records so far. Only whole lines count: the
+        gateway appends many lines a write, and a read may meet one half
+        written (as `tail -f` would)."""
         try:
             with open(self.access_log) as f:
-                lines = f.read().splitlines()
+                text = f.read()
         except OSError:
             return []
-        return [json.loads(line) for line in lines if line.strip()]
+        text = text[:text.rfind("\n") + 1]
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
 
     def access_entry(self, request_id, timeout=3.0):
         """The access-log record of request_id, waiting for it to be written."""

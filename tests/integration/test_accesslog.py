@@ -1,0 +1,96 @@
+"""The access log under load: each loop gathers its lines and writes many at
+once (src/obs/accesslog.c), so these tests check what that must not break.
+Two loops answer thousands of concurrent requests (200, 401, 403, 404):
+every request leaves exactly one whole JSON line holding its own status,
+in a regular file and through a pipe whose reader is slow (the pipe fills,
+and writes of more than PIPE_BUF bytes could then be split and
+interleaved). Lines are written without waiting for a stop: each is in the
+log shortly after its response."""
+
+import json
+import os
+import threading
+import time
+
+import tgtest
+from tgtest import chat
+
+M8B, M70B, _ = tgtest.DEFAULT_MODELS
+REQUESTS = 3000
+
+
+def mixed_load(gw, keys):
+    """REQUESTS requests from 16 threads; returns [(request id, status)]."""
+    def one(i):
+        if i % 10 == 1:
+            r = chat(gw.port, "tg-000000000000-" + "0" * 64, M8B, max_tokens=1)
+        elif i % 10 == 2:
+            r = chat(gw.port, keys["small"], M70B, max_tokens=1)
+        elif i % 10 == 3:
+            r = chat(gw.port, keys["acme"], "no-such-model", max_tokens=1)
+        else:
+            r = chat(gw.port, keys["acme"], M8B, max_tokens=1 + i % 4)
+        return r.header("x-request-id"), r.status
+    out = tgtest.parallel(one, [(i,) for i in range(REQUESTS)], threads=16, timeout=240)
+    bad = [o for o in out if isinstance(o, Exception)]
+    assert not bad, bad[:3]
+    assert {s for _, s in out} == {200, 401, 403, 404}, {s for _, s in out}
+    return out
+
+
+def check_lines(lines, answered):
+    """Every line is one JSON object; each answered request has exactly one,
+    with the status its client saw."""
+    entries = [json.loads(line) for line in lines]
+    seen = {}
+    for e in entries:
+        seen.setdefault(e["request_id"], []).append(e["status"])
+    for rid, status in answered:
+        assert seen.get(rid) == [status], (rid, status, seen.get(rid))
+    assert len(entries) == len(answered), (len(entries), len(answered))
+
+
+def test_access_log_file_one_whole_line_per_request_from_two_loops(tg):
+    sim = tg.sim(token_ms=0, ttft_ms=0)
+    gw = tg.gateway({m: [sim.url] for m in tgtest.DEFAULT_MODELS}, keys=("acme", "small"),
+                    workers=2)
+    answered = mixed_load(gw, gw.keys)
+    t0 = time.monotonic()
+    tgtest.wait_for(lambda: len(gw.access_log_entries()) >= REQUESTS, timeout=5,
+                    what="%d access-log lines" % REQUESTS)
+    assert time.monotonic() - t0 < 2  # written as the requests end, not at a stop
+    with open(gw.access_log) as f:
+        text = f.read()
+    assert text.endswith("\n")
+    check_lines(text.splitlines(), answered)
+
+
+def test_access_log_through_a_slow_pipe_keeps_lines_whole(tg, tmp_path):
+    fifo = str(tmp_path / "access.fifo")
+    os.mkfifo(fifo)
+    chunks = []
+
+    def reader():
+        # a slow consumer: the pipe fills and the gateway's writes wait
+        with open(fifo, "rb", buffering=0) as f:
+            while True:
+                b = f.read(1024)
+                if not b:
+                    return
+                chunks.append(b)
+                time.sleep(0.002)
+
+    t = threading.Thread(target=reader, daemon=True)
+    t.start()
+    sim = tg.sim(token_ms=0, ttft_ms=0)
+    gw = tg.gateway({m: [sim.url] for m in tgtest.DEFAULT_MODELS}, keys=("acme", "small"),
+                    workers=2, overrides={"access_log": fifo})
+    answered = mixed_load(gw, gw.keys)
+    tgtest.wait_for(lambda: sum(c.count(b"\n") for c in chunks) >= REQUESTS, timeout=10,
+                    what="%d lines through the pipe" % REQUESTS)
+    assert gw.stop() == 0
+    t.join(10)
+    assert not t.is_alive()
+    text = b"".join(chunks).decode()
+    assert text.endswith("\n")
+    check_lines(text.splitlines(), answered)
