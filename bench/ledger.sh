@@ -36,7 +36,11 @@
 # measure; default: the temp dir under /tmp), KEEP=1 keeps the temp dir,
 # PG_ICU_LOCALE (e.g. en-US: PostgreSQL's databases sort by that locale, as
 # on a cluster set up with a linguistic one; default C), TENANTS (1: the
-# requests go in turn with the keys of that many tenants).
+# requests go in turn with the keys of that many tenants), DB_CPUS (unset:
+# every process shares every CPU; a CPU list such as 1: the PostgreSQL
+# server runs on those CPUs only and wrk, the simulator and every tollgate
+# on the others, as where the database has its own host; each target, off
+# included, then has the same CPUs for the gateway).
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -76,6 +80,20 @@ done
 command -v wrk >/dev/null || bench_die "wrk not installed (scripts/install-deps.sh)"
 warn_if_sanitized "$BUILD_DIR"
 
+# ---- DB_CPUS: the database server on its own CPUs ---------------------------------
+LOAD_CPUS=""
+if [ -n "${DB_CPUS:-}" ]; then
+  command -v taskset >/dev/null || bench_die "DB_CPUS needs taskset (util-linux)"
+  case "$DB_CPUS" in *[!0-9,]* | "" | ,* | *,) bench_die "DB_CPUS wants a list of CPU numbers, e.g. 1 or 2,3" ;; esac
+  for c in $(seq 0 $(($(nproc) - 1))); do
+    case ",$DB_CPUS," in *",$c,"*) ;; *) LOAD_CPUS="${LOAD_CPUS:+$LOAD_CPUS,}$c" ;; esac
+  done
+  [ -n "$LOAD_CPUS" ] || bench_die "DB_CPUS leaves no CPU for wrk, the simulator and tollgate"
+  # this script and everything it starts from now on (wrk, the simulator,
+  # tollgate, the PostgreSQL server until it is moved below)
+  taskset -a -c -p "$LOAD_CPUS" $$ >/dev/null || bench_die "taskset failed"
+fi
+
 SIM_PORT=$(free_port)
 
 # ---- the simulator: no delays, so the gateway is what is measured ----------
@@ -89,6 +107,12 @@ PG_PID=""
 if want postgres; then
   pg_start
   PG_PID=$(pg_server_pid)
+  if [ -n "$LOAD_CPUS" ]; then
+    # the postmaster and its processes; the backends it forks later inherit
+    for p in "$PG_PID" $(pgrep -P "$PG_PID"); do
+      taskset -a -c -p "$DB_CPUS" "$p" >/dev/null || bench_die "taskset of PostgreSQL failed"
+    done
+  fi
 fi
 
 # ---- tollgate, one configuration at a time ---------------------------------------
@@ -170,6 +194,11 @@ echo "# load: wrk -t $WRK_THREADS -c $CONNECTIONS -d $DURATION, POST /v1/chat/co
 echo "# disk: $(df -P "$DATA_ROOT" | awk 'NR == 2 { print $1 }') ($DATA_ROOT); sqlite $(python3 -c 'import sqlite3; print(sqlite3.sqlite_version)')"
 if want postgres; then echo "# postgres: $(pg_sql tollgate_test 'SHOW server_version'), fsync $(pg_sql tollgate_test 'SHOW fsync'), synchronous_commit $(pg_sql tollgate_test 'SHOW synchronous_commit'), databases' collation ${PG_ICU_LOCALE:+ICU }${PG_ICU_LOCALE:-C}"; fi
 echo "# build: $BUILD_DIR"
+if [ -n "$LOAD_CPUS" ]; then
+  echo "# cpus: PostgreSQL server on $DB_CPUS; wrk, simulator and tollgate on $LOAD_CPUS"
+else
+  echo "# cpus: $(nproc), shared by wrk, simulator, tollgate and the PostgreSQL server"
+fi
 
 export TG_BENCH_MODEL="$MODEL"
 results=()

@@ -233,7 +233,7 @@ static int worker_init(tg_app_t *app, tg_worker_t *w, int id, int admin) {
   if (!admin && app->ledger != NULL &&
       (r = tg_ledger_port_new(app->ledger, &w->loop, &w->ledger)) < 0)
     return r;
-  if (!admin && app->log_fd >= 0 && (r = tg_access_out_new(&w->loop, app->log_fd, &w->alog)) < 0)
+  if (app->log_fd >= 0 && (r = tg_access_out_new(&w->loop, app->log_fd, &w->alog)) < 0)
     return r;
   uv_timer_init(&w->loop, &w->tick);
   w->tick.data = w;

@@ -762,13 +762,21 @@ static void *writer_main(void *arg) {
       pthread_cond_wait(&l->cond, &l->mu);
     }
     first = l->head;
-    while (k < l->batch_max && l->head != NULL) {
-      last = l->head;
-      l->head = l->head->next;
-      k++;
+    if (l->queued <= l->batch_max) {
+      /* the whole queue, without walking it under the lock the loops
+       * append with (each node is a cache miss) */
+      last = l->tail;
+      k = l->queued;
+      l->head = l->tail = NULL;
+    } else {
+      while (k < l->batch_max && l->head != NULL) {
+        last = l->head;
+        l->head = l->head->next;
+        k++;
+      }
+      if (l->head == NULL)
+        l->tail = NULL;
     }
-    if (l->head == NULL)
-      l->tail = NULL;
     l->queued -= k;
     done = l->stopping && l->queued == 0;
     pthread_mutex_unlock(&l->mu);
