@@ -21,10 +21,10 @@
 #define OUT_BYTES 65536     /* gathered before a write is forced */
 
 struct tg_access_out_s {
-  uv_check_t check;
+  uv_prepare_t prep;
   int fd;
   int chunked; /* a pipe or socket: writes of whole lines, at most PIPE_BUF */
-  int closed;  /* the check handle is closed: every line is written at once */
+  int closed;  /* the prepare handle is closed: every line is written at once */
   size_t len;
   char buf[OUT_BYTES];
 };
@@ -59,10 +59,11 @@ static void out_flush(tg_access_out_t *o) {
   o->len = 0;
 }
 
-static void on_check(uv_check_t *h) {
+/* Before the loop waits for I/O: what its callbacks logged since. */
+static void on_prepare(uv_prepare_t *h) {
   tg_access_out_t *o = h->data;
   out_flush(o);
-  uv_check_stop(h);
+  uv_prepare_stop(h);
 }
 
 int tg_access_out_new(uv_loop_t *loop, int fd, tg_access_out_t **out) {
@@ -76,9 +77,9 @@ int tg_access_out_new(uv_loop_t *loop, int fd, tg_access_out_t **out) {
   o->chunked = !(fstat(fd, &st) == 0 && S_ISREG(st.st_mode));
   o->closed = 0;
   o->len = 0;
-  uv_check_init(loop, &o->check);
-  o->check.data = o;
-  uv_unref((uv_handle_t *)&o->check); /* pending lines never keep a loop up */
+  uv_prepare_init(loop, &o->prep);
+  o->prep.data = o;
+  uv_unref((uv_handle_t *)&o->prep); /* pending lines never keep a loop up */
   *out = o;
   return 0;
 }
@@ -88,7 +89,7 @@ void tg_access_out_close(tg_access_out_t *o) {
     return;
   out_flush(o);
   o->closed = 1;
-  uv_close((uv_handle_t *)&o->check, NULL);
+  uv_close((uv_handle_t *)&o->prep, NULL);
 }
 
 void tg_access_out_free(tg_access_out_t *o) {
@@ -168,6 +169,6 @@ void tg_access_log(tg_access_out_t *o, const tg_access_rec_t *r) {
   o->len += n;
   if (o->closed)
     out_flush(o);
-  else if (!uv_is_active((uv_handle_t *)&o->check))
-    uv_check_start(&o->check, on_check);
+  else if (!uv_is_active((uv_handle_t *)&o->prep))
+    uv_prepare_start(&o->prep, on_prepare);
 }

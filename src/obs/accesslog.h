@@ -1,14 +1,14 @@
 /* The access log: one JSON object per line per API request.
  *
  * Each loop gathers its lines in its own buffer and writes them together
- * once per loop iteration (from a uv_check handle, right after the
- * iteration's I/O callbacks), or sooner when the buffer fills: a request
- * costs no system call of its own. Writes hold whole lines, so lines from
+ * once per loop iteration (from a uv_prepare handle, before the loop waits
+ * for I/O again), or sooner when the buffer fills: a request costs no
+ * system call of its own. Writes hold whole lines, so lines from
  * several loops never interleave: a regular file (opened O_APPEND) takes the
  * whole buffer in one write(2); a pipe or socket gets writes of at most
- * PIPE_BUF bytes, which the kernel keeps whole. A line is written within
- * the iteration that completed its request; a kill -9 can lose only the
- * lines of the iteration in progress (the usage ledger, not this log, is
+ * PIPE_BUF bytes, which the kernel keeps whole. A line is written before
+ * the loop next waits, so microseconds after its response; a kill -9 can
+ * lose only the lines of the iteration in progress (the usage ledger, not this log, is
  * the record of what was served). */
 #ifndef TG_OBS_ACCESSLOG_H
 #define TG_OBS_ACCESSLOG_H
