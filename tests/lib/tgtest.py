@@ -65,7 +65,7 @@ def faults_built():
 
 
 def cli_env():
-    """The environment a tollgate command runs in (the sanitizers' options)."""
+    """The environment our binaries run in (the sanitizers' options)."""
     env = dict(os.environ)
     env.update(SAN_ENV)
     return env
@@ -220,8 +220,7 @@ class Proc:
         self.workdir = workdir
         self.stderr_path = os.path.join(workdir, "%s.stderr" % name)
         self.stdout_path = os.path.join(workdir, "%s.stdout" % name)
-        full_env = dict(os.environ)
-        full_env.update(SAN_ENV)
+        full_env = cli_env()
         if env:
             full_env.update(env)
         self._err = open(self.stderr_path, "ab")
