@@ -132,7 +132,6 @@ static const migration_t migrations[] = {
  * time than a gateway statement (`tollgate migrate` chooses its own), and
  * wait longer for a replica that migrates. */
 #define MIGRATE_TIMEOUT_S 300
-#define MIGRATE_LOCK_TIMEOUT "SET LOCAL lock_timeout = '60s'"
 
 int tg_db_pg_schema_version(void) {
   return migrations[N_MIGRATIONS - 1].version;
@@ -435,7 +434,7 @@ int tg_db_pg_migrate(PGconn *c, int quiet) {
 }
 
 int tg_db_pg_migrate_ex(PGconn *c, int quiet, unsigned timeout_s, int *from) {
-  char lock[80], stmt[64], ver[16], at[24];
+  char lock[80], timeouts[96], ver[16], at[24];
   PGresult *r = NULL;
   int64_t current = 0;
   int rc = TG_EDB;
@@ -444,12 +443,12 @@ int tg_db_pg_migrate_ex(PGconn *c, int quiet, unsigned timeout_s, int *from) {
     return mfail(c, quiet, "BEGIN");
   snprintf(lock, sizeof(lock), "SELECT pg_advisory_xact_lock(%lld)",
            (long long)TG_DB_PG_MIGRATE_LOCK);
-  snprintf(stmt, sizeof(stmt), "SET LOCAL statement_timeout = '%llds'",
+  snprintf(timeouts, sizeof(timeouts),
+           "SET LOCAL statement_timeout = '%llds'; SET LOCAL lock_timeout = '60s'",
            (long long)timeout_s);
   /* The lock before anything else: a second replica waits here until the
    * first has committed, then finds nothing left to do. */
-  if (tg_db_pg_exec(c, stmt) != 0 || tg_db_pg_exec(c, MIGRATE_LOCK_TIMEOUT) != 0 ||
-      tg_db_pg_exec(c, lock) != 0) {
+  if (tg_db_pg_exec(c, timeouts) != 0 || tg_db_pg_exec(c, lock) != 0) {
     mfail(c, quiet, "cannot take the migration lock");
     goto out;
   }

@@ -26,6 +26,8 @@ struct tg_access_out_s {
   int chunked; /* a pipe or socket: writes of whole lines, at most PIPE_BUF */
   int closed;  /* the prepare handle is closed: every line is written at once */
   size_t len;
+  time_t ts_sec;  /* the second ts holds, formatted once a second */
+  char ts[24];    /* "YYYY-MM-DDTHH:MM:SS" */
   char buf[OUT_BYTES];
 };
 
@@ -77,6 +79,7 @@ int tg_access_out_new(uv_loop_t *loop, int fd, tg_access_out_t **out) {
   o->chunked = !(fstat(fd, &st) == 0 && S_ISREG(st.st_mode));
   o->closed = 0;
   o->len = 0;
+  o->ts_sec = (time_t)-1;
   uv_prepare_init(loop, &o->prep);
   o->prep.data = o;
   uv_unref((uv_handle_t *)&o->prep); /* pending lines never keep a loop up */
@@ -125,27 +128,35 @@ static size_t put_str(char *buf, size_t size, size_t n, const char *key, const c
 }
 
 void tg_access_log(tg_access_out_t *o, const tg_access_rec_t *r) {
-  char line[LINE_MAX_BYTES], ts[40];
+  const size_t size = LINE_MAX_BYTES;
   struct timeval tv;
-  struct tm tm;
+  char *line;
   size_t n;
   int k;
 
   if (o == NULL)
     return;
+  /* the line is formatted in place, at the end of what is gathered */
+  if (sizeof(o->buf) - o->len < size)
+    out_flush(o);
+  line = o->buf + o->len;
   gettimeofday(&tv, NULL);
-  gmtime_r(&tv.tv_sec, &tm);
-  strftime(ts, sizeof(ts), "%Y-%m-%dT%H:%M:%S", &tm);
-  k = snprintf(line, sizeof(line), "{\"ts\":\"%s.%03dZ\"", ts, (int)(tv.tv_usec / 1000));
+  if (tv.tv_sec != o->ts_sec) {
+    struct tm tm;
+    gmtime_r(&tv.tv_sec, &tm);
+    strftime(o->ts, sizeof(o->ts), "%Y-%m-%dT%H:%M:%S", &tm);
+    o->ts_sec = tv.tv_sec;
+  }
+  k = snprintf(line, size, "{\"ts\":\"%s.%03dZ\"", o->ts, (int)(tv.tv_usec / 1000));
   n = k < 0 ? 0 : (size_t)k;
-  n = put_str(line, sizeof(line), n, "request_id", r->request_id);
-  n = put_str(line, sizeof(line), n, "tenant", r->tenant);
-  n = put_str(line, sizeof(line), n, "key_id", r->key_id);
-  n = put_str(line, sizeof(line), n, "model", r->model);
-  n = put_str(line, sizeof(line), n, "path", r->path);
-  n = put_str(line, sizeof(line), n, "endpoint", r->endpoint);
-  if (n < sizeof(line)) {
-    k = snprintf(line + n, sizeof(line) - n,
+  n = put_str(line, size, n, "request_id", r->request_id);
+  n = put_str(line, size, n, "tenant", r->tenant);
+  n = put_str(line, size, n, "key_id", r->key_id);
+  n = put_str(line, size, n, "model", r->model);
+  n = put_str(line, size, n, "path", r->path);
+  n = put_str(line, size, n, "endpoint", r->endpoint);
+  if (n < size) {
+    k = snprintf(line + n, size - n,
                  ",\"status\":%d,\"stream\":%s,\"attempts\":%d,\"prompt_tokens\":%" PRId64
                  ",\"completion_tokens\":%" PRId64 ",\"usage_reported\":%s"
                  ",\"duration_ms\":%.3f,\"ttfb_ms\":",
@@ -153,19 +164,16 @@ void tg_access_log(tg_access_out_t *o, const tg_access_rec_t *r) {
                  r->completion_tokens, r->usage_reported ? "true" : "false", r->duration_ms);
     n = k < 0 ? n : n + (size_t)k;
   }
-  if (n < sizeof(line)) {
-    k = r->ttfb_ms < 0 ? snprintf(line + n, sizeof(line) - n, "null")
-                       : snprintf(line + n, sizeof(line) - n, "%.3f", r->ttfb_ms);
+  if (n < size) {
+    k = r->ttfb_ms < 0 ? snprintf(line + n, size - n, "null")
+                       : snprintf(line + n, size - n, "%.3f", r->ttfb_ms);
     n = k < 0 ? n : n + (size_t)k;
   }
-  n = put_str(line, sizeof(line), n, "error", r->error);
-  if (n + 2 >= sizeof(line))
-    n = sizeof(line) - 3; /* truncated: still one line */
+  n = put_str(line, size, n, "error", r->error);
+  if (n + 2 >= size)
+    n = size - 3; /* truncated: still one line */
   line[n++] = '}';
   line[n++] = '\n';
-  if (o->len + n > sizeof(o->buf))
-    out_flush(o);
-  memcpy(o->buf + o->len, line, n);
   o->len += n;
   if (o->closed)
     out_flush(o);
