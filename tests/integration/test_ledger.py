@@ -17,6 +17,11 @@ per request that reached an upstream, durable before the answer's last byte.
   wrong key, 403 for a tenant key;
 - retention: the purge (30 s after start) removes each tenant's rows past
   its retention_days, but never one of the current or previous month;
+- faults, abandons and refusals from concurrent clients: one row for each
+  request that reached the upstream (an upstream 500, a hang-up before or
+  during the answer, a broken body, a stream the client left), none for a
+  refusal, and the rows are exactly the access log's requests with an
+  endpoint;
 - `ledger: off` writes nothing.
 
 Prices: 500/1500, 2650/3500 and 123/987 nano-USD per prompt/completion token.
@@ -25,8 +30,10 @@ float."""
 
 import calendar
 import os
+import random
 import re
 import sqlite3
+import threading
 import time
 
 import pytest
@@ -421,6 +428,140 @@ def test_retention_purge_removes_old_rows_per_tenant(tg, sim):
     assert inv["summary"]["total_requests"] == 0, inv
     inv = gw.invoice("long", old_month)
     assert inv["summary"]["total_requests"] == 1, inv
+
+
+# ---------------------------------------------------------------------------
+# faults, abandons and refusals, concurrently
+
+# What a client of test_faults_abandons_and_refusals_have_exactly_their_rows
+# asks (ask_kind); the refusals never reach an upstream.
+FAULT_KINDS = ("ok", "ok_stream", "status500", "disconnect", "garbage", "cut", "abandon",
+               "stall_abandon", "bad_key", "no_model", "out_of_scope", "bad_json")
+REFUSALS = {"bad_key": 401, "no_model": 404, "out_of_scope": 403, "bad_json": 400}
+
+
+def ask_kind(gw, kind, key, scoped_key):
+    """One request of the given kind; returns what the client saw:
+    {"kind", "rid", "status", "usage", "events", "done"}."""
+    fault = {"status500": "status:500", "disconnect": "disconnect", "garbage": "garbage",
+             "cut": "disconnect-after:3", "stall_abandon": "stall-after:2"}.get(kind)
+    headers = {"x-sim-fault": fault} if fault else {}
+    out = {"kind": kind, "usage": None, "events": 0, "done": False}
+    if kind in ("ok_stream", "cut", "abandon", "stall_abandon"):
+        if kind == "abandon":
+            headers["x-sim-token-ms"] = "20"
+        body = tgtest.chat_body(M, max_tokens=40 if kind == "abandon" else 12, stream=True,
+                                include_usage=True, content=HELLO)
+        s = tgtest.SSEStream(gw.port, body, key=key, headers=headers)
+        out["rid"], out["status"] = s.headers.get("x-request-id"), s.status
+        try:
+            for ev in s.events():
+                if ev.data == "[DONE]":
+                    continue
+                doc = ev.json()
+                if doc.get("usage"):
+                    out["usage"] = doc["usage"]
+                if doc.get("choices"):
+                    out["events"] += 1
+                if kind in ("abandon", "stall_abandon") and out["events"] == 2:
+                    break                    # the client leaves mid-stream
+        finally:
+            s.close()
+        out["done"] = s.done
+        return out
+    if kind == "bad_key":
+        r = tgtest.chat(gw.port, "tg_" + "x" * 40, model=M, max_tokens=3)
+    elif kind == "no_model":
+        r = tgtest.chat(gw.port, key, model="no-such-model", max_tokens=3)
+    elif kind == "out_of_scope":
+        r = tgtest.chat(gw.port, scoped_key, model=M, max_tokens=3)
+    elif kind == "bad_json":
+        r = tgtest.request(gw.port, "POST", "/v1/chat/completions", body='{"model": "x", ',
+                           key=key, headers={"Content-Type": "application/json"})
+    else:
+        r = tgtest.chat(gw.port, key, model=M, max_tokens=9, content=HELLO, headers=headers)
+    out["rid"], out["status"] = r.header("x-request-id"), r.status
+    if kind == "ok" and r.status == 200:
+        out["usage"] = r.json()["usage"]
+    return out
+
+
+def test_faults_abandons_and_refusals_have_exactly_their_rows(tg, sim):
+    """Under concurrent load from two loops, every request that reached the
+    upstream has exactly one row, whatever became of it (an upstream error
+    status, an upstream that hung up before or during its answer, a broken
+    body, a client that left mid-stream, an upstream that stalled and was
+    left), with what the gateway saw of it; no refusal has one; and the
+    rows are exactly the access log's requests with an endpoint."""
+    gw = start_gw(tg, sim)
+    key = gw.create_key("beta", name="faults")
+    scoped = gw.create_key("beta", models=["mistral-7b"], name="faults-scoped")
+    per_thread, threads = 40, 8
+    seen, errors = [], []
+
+    def run(seed):
+        rnd = random.Random(seed)
+        try:
+            for _ in range(per_thread):
+                seen.append(ask_kind(gw, rnd.choice(FAULT_KINDS), key, scoped))
+        except Exception as e:              # reported below, not lost in the thread
+            errors.append(repr(e))
+
+    ts = [threading.Thread(target=run, args=(100 + i,)) for i in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(60)
+    assert not errors, errors[:3]
+    assert len(seen) == per_thread * threads
+    kinds = {k: [o for o in seen if o["kind"] == k] for k in FAULT_KINDS}
+    assert all(len(v) >= 8 for v in kinds.values()), {k: len(v) for k, v in kinds.items()}
+
+    # what each client saw
+    assert all(o["rid"] for o in seen), [o for o in seen if not o["rid"]][:3]
+    for k, status in REFUSALS.items():
+        assert {o["status"] for o in kinds[k]} == {status}, (k, kinds[k][:2])
+    assert {o["status"] for o in kinds["ok"] + kinds["ok_stream"]} == {200}
+    assert {o["status"] for o in kinds["status500"]} == {500}
+    assert {o["status"] for o in kinds["disconnect"] + kinds["garbage"]} == {502}
+    assert all(o["done"] and o["usage"] for o in kinds["ok_stream"]), kinds["ok_stream"][:2]
+    assert all(o["status"] == 200 and o["events"] == 3 and not o["done"]
+               for o in kinds["cut"]), kinds["cut"][:2]
+    assert all(o["status"] == 200 and o["events"] == 2
+               for o in kinds["abandon"] + kinds["stall_abandon"])
+
+    reached = [o for o in seen if o["kind"] not in REFUSALS]
+    rids = {o["rid"] for o in reached}
+    # abandoned streams are recorded once the gateway has cancelled them
+    tgtest.wait_for(lambda: len(tgtest.sqlite_ledger_rows(gw.db_path)) >= len(rids),
+                    timeout=10, what="a row for each of %d requests" % len(rids))
+    tgtest.wait_for(lambda: len(gw.access_log_entries()) >= len(seen), timeout=5,
+                    what="an access-log line for each request")
+    time.sleep(0.5)                          # a row too many would show by now
+    rows = tgtest.by_request_id(tgtest.sqlite_ledger_rows(gw.db_path))
+    log = {e["request_id"]: e for e in gw.access_log_entries()}
+
+    # exactly one row for each request that reached the upstream, none else
+    assert set(rows) == rids, (len(set(rows) - rids), len(rids - set(rows)))
+    assert {rid for rid, e in log.items() if e.get("endpoint")} == rids
+    for o in reached:
+        row, e = rows[o["rid"]], log[o["rid"]]
+        assert (row["status"], row["prompt_tokens"], row["completion_tokens"]) == \
+            (e["status"], e["prompt_tokens"], e["completion_tokens"]), (o, row, e)
+        assert (row["tenant"], row["model"], row["endpoint"]) == ("beta", M, sim.url), row
+        p, c = PRICES[M]
+        assert row["cost_nano"] == row["prompt_tokens"] * p + row["completion_tokens"] * c, row
+        if o["usage"]:
+            # the upstream's own usage, as the client saw it
+            assert (row["prompt_tokens"], row["completion_tokens"]) == \
+                (o["usage"]["prompt_tokens"], o["usage"]["completion_tokens"]), (o, row)
+            assert row["status"] == 200 and row["usage_counted"] == 0, row
+        elif o["kind"] in ("cut", "abandon", "stall_abandon"):
+            # no usage came: counted from the events relayed before the end
+            assert row["usage_counted"] == 1 and row["completion_tokens"] >= o["events"], (o, row)
+        else:
+            assert row["completion_tokens"] == 0 and row["status"] == o["status"], (o, row)
+    assert {rows[o["rid"]]["status"] for o in kinds["abandon"] + kinds["stall_abandon"]} == {499}
 
 
 # ---------------------------------------------------------------------------
