@@ -49,8 +49,6 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 # shellcheck source=bench/lib/pg.sh
 . "$here/bench/lib/pg.sh"
 
-BUILD_DIR=${1:-build}
-case "$BUILD_DIR" in /*) ;; *) BUILD_DIR="$here/$BUILD_DIR" ;; esac
 DURATION=${DURATION:-10s}
 CONNECTIONS=${CONNECTIONS:-256}
 WORKERS=${WORKERS:-1}
@@ -68,15 +66,11 @@ tenant_names() {
   if [ "$TENANTS" -le 1 ]; then echo bench; else seq -f 'bench-%02g' 1 "$TENANTS"; fi
 }
 
-TOLLGATE="$BUILD_DIR/tollgate"
-SIM="$BUILD_DIR/tollgate-sim"
 LUA="$here/bench/lib/chat.lua"
 
 bench_init ledger.sh
+bench_build "${1:-build}"
 DATA_ROOT=${DATA_DIR:-$tmp}
-for bin in "$SIM" "$TOLLGATE"; do
-  [ -x "$bin" ] || bench_die "$bin not found (run 'make build' first)"
-done
 command -v wrk >/dev/null || bench_die "wrk not installed (scripts/install-deps.sh)"
 warn_if_sanitized "$BUILD_DIR"
 

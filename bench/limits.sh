@@ -33,8 +33,6 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 # shellcheck source=bench/lib/common.sh
 . "$here/bench/lib/common.sh"
 
-BUILD_DIR=${1:-build}
-case "$BUILD_DIR" in /*) ;; *) BUILD_DIR="$here/$BUILD_DIR" ;; esac
 DURATION=${DURATION:-10s}
 CONNECTIONS=${CONNECTIONS:-64}
 WORKERS=${WORKERS:-1}
@@ -48,14 +46,10 @@ MODEL=llama-3.1-8b
 
 want() { case " $TARGETS " in *" $1 "*) return 0 ;; esac; return 1; }
 
-TOLLGATE="$BUILD_DIR/tollgate"
-SIM="$BUILD_DIR/tollgate-sim"
 LUA="$here/bench/lib/chat.lua"
 
 bench_init limits.sh
-for bin in "$SIM" "$TOLLGATE"; do
-  [ -x "$bin" ] || bench_die "$bin not found (run 'make build' first)"
-done
+bench_build "${1:-build}"
 command -v wrk >/dev/null || bench_die "wrk not installed (scripts/install-deps.sh)"
 if want redis; then
   [ -x "$REDIS_SERVER" ] || bench_die "redis-server not installed (scripts/install-deps.sh)"

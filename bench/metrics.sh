@@ -22,8 +22,6 @@
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")/.." && pwd)
-BUILD_DIR=${1:-build}
-case "$BUILD_DIR" in /*) ;; *) BUILD_DIR="$here/$BUILD_DIR" ;; esac
 TENANTS=${TENANTS:-1000}
 MODELS=${MODELS:-5}
 SCRAPES=${SCRAPES:-20}
@@ -39,12 +37,8 @@ LUA="$here/bench/lib/chat.lua"
 # shellcheck source=bench/lib/common.sh
 . "$here/bench/lib/common.sh"
 bench_init metrics.sh
+bench_build "${1:-build}"
 
-TOLLGATE="$BUILD_DIR/tollgate"
-SIM="$BUILD_DIR/tollgate-sim"
-for bin in "$TOLLGATE" "$SIM"; do
-  [ -x "$bin" ] || bench_die "$bin not found (run 'make build' first)"
-done
 command -v wrk >/dev/null || bench_die "wrk not installed (scripts/install-deps.sh)"
 if [ "$TENANTS" -lt 1 ] || [ "$TENANTS" -gt 100000 ]; then bench_die "TENANTS must be 1..100000"; fi
 if [ "$MODELS" -lt 1 ] || [ "$MODELS" -gt 50 ]; then bench_die "MODELS must be 1..50"; fi

@@ -28,17 +28,11 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 # shellcheck source=bench/lib/common.sh
 . "$here/bench/lib/common.sh"
 
-BUILD_DIR=${1:-build}
-case "$BUILD_DIR" in /*) ;; *) BUILD_DIR="$here/$BUILD_DIR" ;; esac
 SECONDS_RUN=${2:-120}
 CONNECTIONS=${CONNECTIONS:-64}
-TOLLGATE="$BUILD_DIR/tollgate"
-SIM="$BUILD_DIR/tollgate-sim"
 
 bench_init soak.sh
-for bin in "$SIM" "$TOLLGATE"; do
-  [ -x "$bin" ] || bench_die "$bin not found (run 'make build' first)"
-done
+bench_build "${1:-build}"
 
 SIM_A=$(free_port)
 SIM_B=$(free_port)

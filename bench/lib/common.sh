@@ -131,6 +131,20 @@ run_wrk_cpu() {
       g * 1e6 / hz / reqs, s * 1e6 / hz / reqs }'
 }
 
+# bench_build DIR (after bench_init): sets BUILD_DIR (DIR, relative to the
+# project unless absolute), TOLLGATE and SIM, and stops when either binary
+# is missing.
+bench_build() {
+  local bin
+  BUILD_DIR=$1
+  case "$BUILD_DIR" in /*) ;; *) BUILD_DIR="$here/$BUILD_DIR" ;; esac
+  TOLLGATE="$BUILD_DIR/tollgate"
+  SIM="$BUILD_DIR/tollgate-sim"
+  for bin in "$SIM" "$TOLLGATE"; do
+    [ -x "$bin" ] || bench_die "$bin not found (run 'make build' first)"
+  done
+}
+
 # warn_if_sanitized BUILD_DIR
 warn_if_sanitized() {
   if [ -f "$1/CMakeCache.txt" ] && grep -q '^TG_SANITIZE:BOOL=ON' "$1/CMakeCache.txt"; then
