@@ -797,10 +797,10 @@ static struct tg_wqueue_s *wqueue_get(tg_worker_t *w, const char *model) {
 }
 
 /* The tenant's share in the fair queue: its priority class weight (the
- * queue uses only ratios), kept within what the queue's arithmetic takes. */
+ * queue uses only ratios; the config bounds it to the queue's range). */
 static unsigned tenant_weight(const tg_call_t *c) {
   int64_t wt = c->tenant->priority_weight;
-  return wt < 1 ? 1 : wt > (1 << 20) ? (1u << 20) : (unsigned)wt;
+  return wt < 1 ? 1 : wt > TG_FQ_WEIGHT_MAX ? TG_FQ_WEIGHT_MAX : (unsigned)wt;
 }
 
 static void queue_count(tg_call_t *c, int delta) {

@@ -46,6 +46,7 @@
 #define MAX_INFLIGHT 1000000
 #define MAX_RATE INT64_C(1000000000000)
 #define MAX_CONCURRENT 1000000
+/* A priority class value is a fair-queue weight: TG_FQ_WEIGHT_MAX at most. */
 #define MAX_CLASS_VALUE 1000000000
 #define MAX_GLOBAL_RPS 1000000000
 #define PATH_TEXT 512 /* key paths in messages; longer ones are truncated */

@@ -12,8 +12,23 @@
 
 #include "core/err.h"
 
-/* Virtual time per request at weight 1; weights up to 2^20 still advance. */
-#define VT_SCALE (UINT64_C(1) << 40)
+/* Virtual time per request at weight 1. At the heaviest weight
+ * (TG_FQ_WEIGHT_MAX, 10^9) a request still advances ~1.1 million, so shares
+ * keep their ratio to within a millionth.
+ *
+ * Virtual times wrap (a weight-1 tenant after 2^14 requests) and are
+ * compared by their difference, which stays small: an active tenant is at
+ * most one of its own increments (VT_SCALE / weight) ahead of vnow, and
+ * vnow never goes back. A tenant that stopped waiting keeps its time; on its
+ * return, a time more than VT_SCALE ahead of vnow can only be one vnow
+ * overtook meanwhile (any distance, wrapped), and it restarts at vnow. */
+#define VT_SCALE (UINT64_C(1) << 50)
+_Static_assert(VT_SCALE / TG_FQ_WEIGHT_MAX > (1u << 20), "shares lose precision");
+
+/* a before b in virtual time */
+static int vt_before(uint64_t a, uint64_t b) {
+  return (int64_t)(a - b) < 0;
+}
 
 struct tg_fq_tenant_s {
   tg_fq_tenant_t *hnext;           /* bucket chain */
@@ -82,11 +97,12 @@ int tg_fairq_push(tg_fairq_t *q, const char *tenant, unsigned weight, tg_fq_wait
     if (t == NULL)
       return TG_ENOMEM;
     memcpy(t->name, tenant, n + 1);
+    t->vtime = q->vnow;
     t->hnext = q->buckets[b];
     q->buckets[b] = t;
     q->n_tenants++;
   }
-  t->weight = weight ? weight : 1;
+  t->weight = weight < 1 ? 1 : weight > TG_FQ_WEIGHT_MAX ? TG_FQ_WEIGHT_MAX : weight;
   w->t = t;
   w->next = NULL;
   w->prev = t->tail;
@@ -99,7 +115,7 @@ int tg_fairq_push(tg_fairq_t *q, const char *tenant, unsigned weight, tg_fq_wait
   q->len++;
   if (!t->active) {
     /* starts at the current virtual time: waiting later earns no credit */
-    if (t->vtime < q->vnow)
+    if (t->vtime - q->vnow > VT_SCALE)
       t->vtime = q->vnow;
     t->active = 1;
     t->aprev = q->active_tail;
@@ -117,7 +133,7 @@ int tg_fairq_push(tg_fairq_t *q, const char *tenant, unsigned weight, tg_fq_wait
 static tg_fq_tenant_t *next_tenant(const tg_fairq_t *q) {
   tg_fq_tenant_t *t, *best = q->active;
   for (t = best ? best->anext : NULL; t != NULL; t = t->anext)
-    if (t->vtime < best->vtime)
+    if (vt_before(t->vtime, best->vtime))
       best = t;
   return best;
 }

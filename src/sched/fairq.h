@@ -27,6 +27,9 @@ typedef struct tg_fq_waiter_s {
 } tg_fq_waiter_t;
 
 #define TG_FQ_BUCKETS 64
+/* The heaviest weight (the config's largest priority class value); a
+ * heavier one counts as this. */
+#define TG_FQ_WEIGHT_MAX 1000000000u
 
 typedef struct {
   tg_fq_tenant_t *buckets[TG_FQ_BUCKETS];  /* every tenant seen, by name */
@@ -41,9 +44,10 @@ void tg_fairq_init(tg_fairq_t *q);
 /* Frees the tenant nodes. The queue must be empty. */
 void tg_fairq_fini(tg_fairq_t *q);
 
-/* Queues w (not queued) behind tenant's earlier waiters; weight >= 1 is the
- * tenant's share (its priority class weight). Returns 0, or TG_ENOMEM (w is
- * then not queued). tenant is copied. */
+/* Queues w (not queued) behind tenant's earlier waiters; weight, 1 to
+ * TG_FQ_WEIGHT_MAX, is the tenant's share (its priority class weight): only
+ * ratios count. Returns 0, or TG_ENOMEM (w is then not queued). tenant is
+ * copied. */
 int tg_fairq_push(tg_fairq_t *q, const char *tenant, unsigned weight, tg_fq_waiter_t *w);
 
 /* The waiter that leaves next, or NULL when the queue is empty. */

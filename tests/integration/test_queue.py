@@ -18,6 +18,8 @@ import sys
 import threading
 import time
 
+import pytest
+
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lib"))
 
 import tgtest  # noqa: E402
@@ -126,12 +128,14 @@ def test_a_noisy_tenant_does_not_make_a_quiet_one_wait_behind_it():
         sim.stop()
 
 
-def test_priority_classes_weigh_the_turns():
+@pytest.mark.parametrize("high,low", [(300, 100), (300000000, 100000000)])
+def test_priority_classes_weigh_the_turns(high, low):
     """high: 300, low: 100: once both have six waiting, three of the high
-    tenant's requests leave per turn for one of the low tenant's."""
+    tenant's requests leave per turn for one of the low tenant's. Only the
+    ratio counts: class values as large as Kubernetes' give the same turns."""
     sim = tgtest.Sim().start()
     gw = gateway(sim, max_inflight=1,
-                 overrides={"priority_classes": {"high": 300, "low": 100}})
+                 overrides={"priority_classes": {"high": high, "low": low}})
     try:
         hi = gw.create_key("acme")     # priority high
         lo = gw.create_key("small")    # priority low

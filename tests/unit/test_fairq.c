@@ -1,8 +1,9 @@
 /* The fair queue decides which tenant's waiting request reaches a saturated
  * pool next. These tests check the exact order requests leave in: FIFO within
  * a tenant, alternation across tenants of equal weight, shares by priority
- * class weight, no credit for idling, and that cancelling a waiter keeps
- * every other order intact. */
+ * class weight at any scale, no credit for idling, turns unchanged when
+ * virtual time wraps, and that cancelling a waiter keeps every other order
+ * intact. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -172,6 +173,62 @@ static void test_idling_earns_nothing(void **state) {
   tg_fairq_fini(&q);
 }
 
+/* Only the ratio of weights counts, at any scale up to the largest class
+ * value the config takes (10^9, as Kubernetes priority classes): 3:1 gives
+ * the same turns as 300,000,000:100,000,000; a heavier weight counts as the
+ * largest. */
+static void test_shares_keep_their_ratio_at_any_scale(void **state) {
+  static const unsigned w[][2] = {{3, 1}, {300000000u, 100000000u},
+                                  {TG_FQ_WEIGHT_MAX, TG_FQ_WEIGHT_MAX / 3},
+                                  {4000000000u, TG_FQ_WEIGHT_MAX / 3}};
+  size_t k;
+  (void)state;
+  for (k = 0; k < sizeof(w) / sizeof(w[0]); k++) {
+    tg_fairq_t q;
+    item_t it[8];
+    char out[64];
+    int i;
+    tg_fairq_init(&q);
+    for (i = 0; i < 4; i++) {
+      char label[4];
+      snprintf(label, sizeof(label), "h%d", i + 1);
+      push(&q, &it[i], "hi", w[k][0], label);
+    }
+    for (i = 0; i < 4; i++) {
+      char label[4];
+      snprintf(label, sizeof(label), "l%d", i + 1);
+      push(&q, &it[4 + i], "lo", w[k][1], label);
+    }
+    drain(&q, out, sizeof(out));
+    assert_string_equal(out, "h1 l1 h2 h3 h4 l2 l3 l4");
+    tg_fairq_fini(&q);
+  }
+}
+
+/* Virtual time wraps around (a weight-1 tenant after 2^14 requests served):
+ * turns go on as before. Here the queue has served until its virtual time
+ * is about to wrap; a is served once across the wrap, then a and b alternate
+ * from b's turn, as they would anywhere else. */
+static void test_virtual_time_wraps(void **state) {
+  tg_fairq_t q;
+  item_t it[7];
+  char out[64];
+  (void)state;
+  tg_fairq_init(&q);
+  q.vnow = UINT64_MAX - 1000;
+  push(&q, &it[0], "a", 1, "a1");
+  tg_fairq_pop(&q);                  /* a's virtual time wraps past 0 */
+  push(&q, &it[1], "a", 1, "a2");
+  push(&q, &it[2], "a", 1, "a3");
+  push(&q, &it[3], "a", 1, "a4");
+  push(&q, &it[4], "b", 1, "b1");
+  push(&q, &it[5], "b", 1, "b2");
+  push(&q, &it[6], "b", 1, "b3");
+  drain(&q, out, sizeof(out));
+  assert_string_equal(out, "b1 a2 b2 a3 b3 a4");
+  tg_fairq_fini(&q);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_fifo_within_a_tenant),
@@ -180,6 +237,8 @@ int main(void) {
       cmocka_unit_test(test_remove_keeps_order),
       cmocka_unit_test(test_newcomer_joins_the_round),
       cmocka_unit_test(test_idling_earns_nothing),
+      cmocka_unit_test(test_shares_keep_their_ratio_at_any_scale),
+      cmocka_unit_test(test_virtual_time_wraps),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
