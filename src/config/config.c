@@ -34,7 +34,7 @@
 #define MAX_PRIORITY_CLASSES 64
 #define MAX_FORWARD_HEADERS 64
 #define MAX_MODELS_ALLOWED 4096
-#define MAX_MODEL_NAME 128
+#define MAX_MODEL_NAME 127 /* fits a ledger record's model field */
 #define MAX_TENANT_NAME 64
 #define MAX_HEADER_NAME 128
 #define MAX_URL 2048
@@ -563,9 +563,12 @@ static const char *check_url(const char *s) {
     return "expected an http:// or https:// URL";
   if (strlen(s) > MAX_URL)
     return "URL is too long";
+  /* ASCII only, as RFC 3986 has it (other characters are percent-encoded):
+   * the URL is also the ledger record's endpoint, cut to its field, and a
+   * cut inside a multi-byte character would be text PostgreSQL refuses */
   for (const char *q = s; *q; q++)
-    if ((unsigned char)*q <= ' ' || *q == 0x7f)
-      return "URL contains spaces or control characters";
+    if ((unsigned char)*q <= ' ' || (unsigned char)*q >= 0x7f)
+      return "URL contains spaces, control or non-ASCII characters (percent-encode them)";
   if (strpbrk(s, "?#") != NULL)
     return "URL must not have a query or fragment";
   size_t alen = strcspn(auth, "/");

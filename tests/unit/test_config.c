@@ -653,6 +653,11 @@ static void test_structure_errors(void **state) {
        "invalid port"},
       {"models:\n  m:\n    endpoints: [{url: \"http://u:p@h:1\"}]\n", 3,
        "credentials"},
+      {"models:\n  m:\n    endpoints: [{url: \"http://h:1/caf\u00e9\"}]\n", 3,
+       "non-ASCII"},
+      {"models:\n  " "mmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmm"
+       "mmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmm:\n"
+       "    endpoints: [{url: \"http://h\"}]\n", 2, "at most 127"},
       {"models:\n  m:\n    kind: vision\n    endpoints: [{url: \"http://h\"}]\n",
        3, "models.m.kind: expected 'chat' or 'embedding', got 'vision'"},
       {"models:\n  m:\n    endpoints: [{url: \"http://h\"}]\n"
