@@ -330,10 +330,30 @@ static void call_fin(tg_call_t *c) {
   call_finish(c);
 }
 
+/* The record could not be made durable (the ledger refused it, or lost it
+ * with the database and the spool both failing): the answer must not
+ * complete, or the client would hold a response no record bills. A whole
+ * answer becomes a 503 to retry; a stream ends without [DONE]. */
+static void call_unrecorded(tg_call_t *c) {
+  if (c->fin == FIN_RESPOND) {
+    c->fin = FIN_ERROR;
+    c->status = 503;
+    c->fin_type = "server_error";
+    c->err_code = "ledger_unavailable";
+    c->retry_soon = 1;
+    tg_str_copy(c->fin_msg, sizeof(c->fin_msg),
+                "the usage record of this answer could not be stored, so the answer is "
+                "withheld; retry shortly");
+  } else if (c->fin == FIN_END_STREAM) {
+    c->fin = FIN_ABORT;
+  }
+}
+
 static void on_recorded(void *arg, int status) {
   tg_call_t *c = arg;
-  (void)status;
   c->recording = 0;
+  if (status != 0)
+    call_unrecorded(c);
   if (c->abandoned) {
     call_finish(c); /* the client left while the record was written */
     return;
@@ -381,13 +401,15 @@ static void call_close(tg_call_t *c, int fin) {
   if (tg_ledger_append(port, &rec, gone ? on_recorded_detached : on_recorded,
                        gone ? NULL : c) < 0) {
     /* over the backlog bound (admission keeps headroom, so this is rare):
-     * say so loudly with the whole record rather than drop it silently */
+     * the answer is withheld, and the record, for work the upstream did,
+     * goes to stderr whole rather than nowhere */
     fprintf(stderr,
             "{\"event\":\"ledger_append_refused\",\"request_id\":\"%s\",\"tenant\":\"%s\","
             "\"model\":\"%s\",\"prompt_tokens\":%lld,\"completion_tokens\":%lld,"
             "\"cost_nano\":%lld,\"status\":%d}\n",
             rec.request_id, rec.tenant, rec.model, (long long)rec.prompt_tokens,
             (long long)rec.completion_tokens, (long long)rec.cost_nano, rec.status);
+    call_unrecorded(c);
     call_fin(c);
     return;
   }
@@ -516,8 +538,13 @@ static int on_up_data(tg_xfer_t *x, const char *data, size_t len, void *arg) {
   if (!c->stream || c->up_status != 200)
     return resp_append(c, data, len) < 0 ? -1 : 0;
 
-  if (c->relayed && tg_http_congested(c->req))
+  if (c->relayed && tg_http_congested(c->req)) {
+    /* the upstream waits for the client now, not the other way round: no
+     * idle deadline until on_client_drain resumes it (client_send bounds
+     * a client that stops reading) */
+    c->deadline_kind = DL_NONE;
     return TG_XFER_PAUSE;
+  }
   if (!c->relayed) {
     tg_sb_t b;
     tg_sb_init(&b, hdr, sizeof(hdr));
@@ -543,8 +570,11 @@ static int on_up_data(tg_xfer_t *x, const char *data, size_t len, void *arg) {
 
 static void on_client_drain(tg_http_req_t *req) {
   tg_call_t *c = req->data;
-  if (c && c->xfer && tg_xfer_paused(c->xfer))
+  if (c && c->xfer && tg_xfer_paused(c->xfer)) {
+    c->deadline_kind = DL_IDLE;
+    c->deadline = now_ns() + c->rt->cfg->upstream_idle_timeout_ms * 1000000;
     tg_xfer_resume(c->xfer);
+  }
 }
 
 /* Reads usage from a whole JSON answer without parsing all of it: the

@@ -431,6 +431,48 @@ def test_retention_purge_removes_old_rows_per_tenant(tg, sim):
 
 
 # ---------------------------------------------------------------------------
+
+def test_an_answer_whose_record_cannot_be_kept_is_withheld(tg, sim):
+    """When neither the database nor the spool can keep a record, the
+    client never gets a complete answer that no record bills: a whole
+    answer becomes 503 ledger_unavailable with Retry-After, a stream ends
+    without [DONE]. Once the disk is back, answers and rows come back."""
+    gw = start_gw(tg, sim, workers=1)
+    key = gw.create_key("beta", name="eio")
+    assert tgtest.chat(gw.port, key, model=M, max_tokens=2).status == 200
+    spool = gw.spool_path
+    lock = sqlite3.connect(gw.db_path, isolation_level=None, timeout=5)
+    try:
+        lock.execute("BEGIN EXCLUSIVE")   # the database refuses every write
+        os.mkdir(spool)                   # and the spool cannot be opened
+        r = tgtest.chat(gw.port, key, model=M, max_tokens=3, timeout=30)
+        assert r.status == 503, r
+        assert r.error()["code"] == "ledger_unavailable", r
+        assert r.header("retry-after") == "1", r
+        s = tgtest.SSEStream(gw.port, tgtest.chat_body(M, max_tokens=3, stream=True),
+                             key=key, timeout=30)
+        assert s.status == 200
+        events = s.read_all()
+        s.close()
+        assert len([e for e in events if e.data != "[DONE]"]) >= 3 and not s.done, events
+        lost = {r.header("x-request-id"), s.headers["x-request-id"]}
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
+        if os.path.isdir(spool):
+            os.rmdir(spool)
+    r = tgtest.wait_for(lambda: (lambda x: x if x.status == 200 else None)(
+        tgtest.chat(gw.port, key, model=M, max_tokens=2, timeout=30)),
+        timeout=20, what="a 200 once the disk is back")
+    rid = r.header("x-request-id")
+    tgtest.wait_for(lambda: tgtest.sqlite_ledger_rows(gw.db_path, "WHERE request_id = ?", (rid,)),
+                    timeout=20, what="the row of the answer after the outage")
+    rows = tgtest.by_request_id(tgtest.sqlite_ledger_rows(gw.db_path))
+    assert not lost & set(rows), "a withheld answer has a row"
+    assert "records could not be kept" in gw.proc.stderr_text()
+
+
+# ---------------------------------------------------------------------------
 # faults, abandons and refusals, concurrently
 
 # What a client of test_faults_abandons_and_refusals_have_exactly_their_rows

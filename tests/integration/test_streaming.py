@@ -221,6 +221,33 @@ def test_slow_client_pauses_upstream_with_bounded_memory(tg):
     assert r.status == 200
 
 
+def test_slow_reader_is_not_cut_by_the_upstream_idle_timeout(tg):
+    """A client that reads slowly pauses the upstream; the pause is the
+    client's doing, so the upstream idle timeout (3 s) does not run during
+    it and the upstream is not blamed: the stream ends whole."""
+    sim = tg.sim(token_ms=0, ttft_ms=0)
+    gw = tg.gateway({M8B: [sim.url]}, workers=1)
+    key = gw.keys["acme"]
+
+    def upstream_errors():
+        return tgtest.metric_sum(tgtest.parse_metrics(tgtest.admin(gw, "/metrics").body.decode()),
+                                 "llm_upstream_errors_total")
+
+    errors0 = upstream_errors()
+    s = SSEStream(gw.port, chat_body(M8B, stream=True, max_tokens=60000), key=key,
+                  rcvbuf=4096, read_head=False, timeout=30)
+    time.sleep(5)            # longer than upstream_idle, shorter than client_send
+    s.read_head()
+    assert s.status == 200
+    events = s.read_all()
+    s.close()
+    assert s.done, "the stream was cut after %d events" % len(events)
+    assert len(_token_events(events)) == 60000
+    e = gw.access_entry(s.headers["x-request-id"], timeout=5.0)
+    assert e["status"] == 200 and e.get("error") is None, e
+    assert upstream_errors() == errors0
+
+
 def test_upstream_stall_mid_stream_ends_on_idle_timeout(stack):
     # the backend sends 3 tokens then goes silent; upstream_idle is 3 s
     s = _stream(stack, max_tokens=50, headers={"x-sim-fault": "stall-after:3"})
