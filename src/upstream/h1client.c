@@ -1053,8 +1053,11 @@ void tg__h1_resume(tg_xfer_t *xt) {
     x->pend_body_len = 0;
   }
   llhttp_resume(&c->parser);
-  if (x->pend_raw_len > 0) {
-    const char *raw = x->pend_raw;
+  {
+    /* Fed even with no bytes held: a pause on the last bytes of a
+     * Content-Length body left the parser before on_message_complete, which
+     * no further byte from the upstream would ever bring. */
+    const char *raw = x->pend_raw_len > 0 ? x->pend_raw : "";
     size_t n = x->pend_raw_len;
     x->pend_raw_len = 0;
     if (conn_feed(c, raw, n)) {

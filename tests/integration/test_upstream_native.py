@@ -61,8 +61,10 @@ class Upstream:
     GET (a health probe) closes its connection too."""
 
     def __init__(self, mode="keepalive", chunked=False, stream_pad=0, stall_after=None,
-                 hold=None, backlog=128, eol=b"\n"):
+                 hold=None, backlog=128, eol=b"\n", length_framed=False, tail_delay=0.0):
         self.mode = mode
+        self.length_framed = length_framed  # streams framed by Content-Length
+        self.tail_delay = tail_delay        # ... their usage and [DONE] sent this much later
         self.eol = eol                   # line end of streamed events
         self.hold = hold                 # an Event each POST's answer waits for
         self.chunked = chunked
@@ -200,6 +202,15 @@ class Upstream:
 
     def _stream(self, c, doc):
         events = _sse_events(doc.get("max_tokens") or 4, self.stream_pad, self.eol)
+        if self.length_framed:
+            head, tail = b"".join(events[:-2]), b"".join(events[-2:])
+            c.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                      b"Content-Length: %d\r\n\r\n" % (len(head) + len(tail)) + head)
+            time.sleep(self.tail_delay)
+            c.sendall(tail)
+            with self.lock:
+                self.sent_bytes += len(head) + len(tail)
+            return
         c.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
                   b"Transfer-Encoding: chunked\r\n\r\n")
         # events cut across chunk boundaries in the middle of a line
@@ -513,6 +524,34 @@ def test_native_chunked_and_content_length_answers(tg):
             assert usage and usage[-1]["completion_tokens"] == 500
         finally:
             up.close()
+
+
+def test_native_paused_on_the_last_bytes_of_a_length_framed_stream(tg):
+    """A stream framed by Content-Length whose last bytes (usage, [DONE])
+    arrive while the client is not reading: the transfer pauses on them,
+    before the parser has seen the answer end, and nothing more will come
+    from the upstream. Resumed, it still ends: every event, [DONE], 200.
+    Heads of 1 to 7 events of ~900 KB, so that on some of them the pause
+    falls on the last bytes, whatever this machine's socket buffers hold."""
+    up = Upstream(stream_pad=900000, length_framed=True, tail_delay=0.5)
+    try:
+        gw = tg.gateway({M8B: [up.url]}, workers=1, overrides=NATIVE)
+        key = gw.keys["acme"]
+        for k in range(1, 8):
+            s = SSEStream(gw.port, chat_body(M8B, stream=True, max_tokens=k), key=key,
+                          rcvbuf=4096, read_head=False, timeout=30)
+            time.sleep(2.5)                  # the tail came and found the client full
+            s.read_head()
+            assert s.status == 200
+            events = s.read_all()
+            s.close()
+            assert s.done and s.complete, "k=%d: the stream did not end (%d events)" % (
+                k, len(events))
+            assert len(_contents(events)) == k
+            e = gw.access_entry(s.headers["x-request-id"], timeout=5.0)
+            assert e["status"] == 200 and e.get("error") is None, (k, e)
+    finally:
+        up.close()
 
 
 def test_native_slow_client_pauses_upstream(tg):
