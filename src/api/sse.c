@@ -64,16 +64,18 @@ static size_t event_end(tg_sse_t *p, const char *s, size_t n) {
   return 0;
 }
 
+/* Appends data to the held bytes. The buffer holds at most one partial
+ * event (p->max) plus the read being joined to it, so it stays bounded
+ * while the bound itself applies to each event, wherever reads cut. */
 static int keep(tg_sse_t *p, const char *data, size_t len) {
-  if (p->len + len > p->max)
-    return TG_ETOOBIG;
-  if (p->len + len > p->cap) {
+  size_t need = p->len + len;
+  if (need > p->cap) {
     size_t cap = p->cap ? p->cap : 1024;
     char *nb;
-    while (cap < p->len + len)
+    while (cap < need)
       cap *= 2;
-    if (cap > p->max)
-      cap = p->max;
+    if (cap > p->max && cap > need)
+      cap = need > p->max ? need : p->max;
     nb = realloc(p->buf, cap);
     if (nb == NULL)
       return TG_ENOMEM;
@@ -85,6 +87,13 @@ static int keep(tg_sse_t *p, const char *data, size_t len) {
   return 0;
 }
 
+/* An event, or the start of one, longer than the bound: the stream is cut,
+ * and what was held is dropped with it. */
+static int too_big(tg_sse_t *p) {
+  p->len = 0;
+  return TG_ETOOBIG;
+}
+
 int tg_sse_feed(tg_sse_t *p, const char *data, size_t len, tg_sse_event_cb cb, void *arg) {
   size_t e, used = 0;
   int r;
@@ -94,21 +103,25 @@ int tg_sse_feed(tg_sse_t *p, const char *data, size_t len, tg_sse_event_cb cb, v
     if ((r = keep(p, data, len)) < 0)
       return r;
     while (used < p->len && (e = event_end(p, p->buf + used, p->len - used)) > 0) {
+      if (e > p->max)
+        return too_big(p);
       if ((r = cb(arg, p->buf + used, e)) < 0)
         return r;
       used += e;
     }
     memmove(p->buf, p->buf + used, p->len - used);
     p->len -= used;
-    return 0;
+    return p->len > p->max ? too_big(p) : 0;
   }
   while (used < len && (e = event_end(p, data + used, len - used)) > 0) {
+    if (e > p->max)
+      return too_big(p);
     if ((r = cb(arg, data + used, e)) < 0)
       return r;
     used += e;
   }
   if (used < len)
-    return keep(p, data + used, len - used);
+    return len - used > p->max ? too_big(p) : keep(p, data + used, len - used);
   return 0;
 }
 

@@ -158,6 +158,33 @@ static void test_event_bound(void **state) {
   tg_sse_free(&p);
 }
 
+/* The bound is each event's, wherever reads cut: an event of exactly the
+ * bound passes even when the read that ends it carries the next event too,
+ * and one byte more is refused even within a single read. */
+static void test_event_bound_is_per_event(void **state) {
+  char ev[256 + 100 + 257];
+  tg_sse_t p;
+  collect_t c;
+  (void)state;
+  memset(ev, 'a', sizeof(ev));
+  memcpy(ev, "data: ", 6);
+  memcpy(ev + 254, "\n\n", 2);            /* event 1: 256 bytes */
+  memcpy(ev + 256, "data: ", 6);
+  memcpy(ev + 354, "\n\n", 2);            /* event 2: 100 bytes */
+  memcpy(ev + 356, "data: ", 6);
+  memcpy(ev + 611, "\n\n", 2);            /* event 3: 257 bytes */
+  memset(&c, 0, sizeof(c));
+  tg_sse_init(&p, 256);
+  assert_int_equal(tg_sse_feed(&p, ev, 200, collect, &c), 0);
+  assert_int_equal(tg_sse_feed(&p, ev + 200, 156, collect, &c), 0);
+  assert_int_equal(c.n, 2);
+  assert_int_equal(tg_sse_pending(&p), 0);
+  assert_int_equal(tg_sse_feed(&p, ev + 356, 257, collect, &c), TG_ETOOBIG);
+  assert_int_equal(c.n, 2);
+  assert_int_equal(tg_sse_pending(&p), 0);
+  tg_sse_free(&p);
+}
+
 static int refuse_second(void *arg, const char *ev, size_t len) {
   int *n = arg;
   (void)ev;
@@ -353,6 +380,7 @@ int main(void) {
     cmocka_unit_test(test_split_crlf_waits_for_lf),
     cmocka_unit_test(test_partial_held),
     cmocka_unit_test(test_event_bound),
+    cmocka_unit_test(test_event_bound_is_per_event),
     cmocka_unit_test(test_callback_error_stops),
     cmocka_unit_test(test_inspect),
     cmocka_unit_test(test_usage_text),
