@@ -268,6 +268,17 @@ static int64_t slog_wait(const tg_slog_t *l, int64_t limit, int64_t now_ms, int6
   return l->ts[slog_at(l, i)] + window_ms - now_ms;
 }
 
+void tg_global_unadmit(tg_slog_t *log) {
+  uint32_t last;
+  if (log->count == 0)
+    return; /* expired meanwhile, or the limit was turned off */
+  last = slog_at(log, log->count - 1);
+  log->n[last]--;
+  log->total--;
+  if (log->n[last] == 0)
+    log->count--;
+}
+
 int tg_global_admit(tg_slog_t *log, int64_t rps, int64_t now_ms, int64_t *retry_after_ms) {
   int64_t dummy;
   if (retry_after_ms == NULL)

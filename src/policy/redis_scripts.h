@@ -413,6 +413,34 @@
   "log_commit(g, 1000)\n"                                                     \
   "return out\n"
 
+/* ---- global give-back ----------------------------------------------------
+ * KEYS: 1 log list, 2 log total          ({global} tag)
+ * ARGV: 1 n: admissions to give back, requests the global script admitted
+ *       and their tenants' limits then refused
+ * Takes them from the newest entries, as tg_global_unadmit() does. */
+#define TG_REDIS_LUA_GLOBAL_UNDO                                              \
+  "local n = tonumber(ARGV[1])\n"                                             \
+  "local total = tonumber(redis.call('GET', KEYS[2]) or '0')\n"               \
+  "while n > 0 and total > 0 do\n"                                            \
+  "  local last = redis.call('LINDEX', KEYS[1], -1)\n"                        \
+  "  if not last then break end\n"                                            \
+  "  local ts, c = string.match(last, '^(%-?%d+) (%d+)$')\n"                  \
+  "  c = tonumber(c)\n"                                                       \
+  "  local take = math.min(c, n, total)\n"                                    \
+  "  if take >= c then\n"                                                     \
+  "    redis.call('RPOP', KEYS[1])\n"                                         \
+  "  else\n"                                                                  \
+  "    redis.call('LSET', KEYS[1], -1, ts .. ' ' .. string.format('%d', c - take))\n" \
+  "  end\n"                                                                   \
+  "  total, n = total - take, n - take\n"                                     \
+  "end\n"                                                                     \
+  "if total <= 0 or redis.call('LLEN', KEYS[1]) == 0 then\n"                  \
+  "  redis.call('DEL', KEYS[1], KEYS[2])\n"                                   \
+  "else\n"                                                                    \
+  "  redis.call('SET', KEYS[2], string.format('%d', total), 'KEEPTTL')\n"     \
+  "end\n"                                                                     \
+  "return 0\n"
+
 /* ---- tenant batch --------------------------------------------------------
  * KEYS: 1 rpm log, 2 rpm total, 3 tpm bucket, 4 leases, 5 holdings, then 5 + i:
  *       window i (tg:{T}:day:<d> or tg:{T}:month:<m>), the windows the

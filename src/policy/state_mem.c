@@ -126,6 +126,12 @@ void tg__mem_admit(tg__mem_t *m, const tg_admit_req_t *r, int64_t now_ms, tg_adm
     a->v.refused = TG_LIMIT_UNAVAILABLE;
     a->v.retry_after_ms = 1000;
   }
+  if (r->global_rps > 0 && a->v.refused != TG_LIMIT_NONE) {
+    /* refused by its tenant's limits: not a request the pool serves */
+    pthread_mutex_lock(&m->global_lock);
+    tg_global_unadmit(&m->global);
+    pthread_mutex_unlock(&m->global_lock);
+  }
 }
 
 void tg__mem_settle(tg__mem_t *m, const tg_admit_req_t *r, const tg_admission_t *a,

@@ -257,6 +257,8 @@ struct tg__redis_loop_s {
   size_t n_pending;
   call_t *q_head, *q_tail;    /* batches to send at the next flush */
   size_t n_ops;               /* admissions and settlements not answered */
+  int64_t global_undo;        /* global admissions to give back (their
+                                 tenants' limits refused them) */
   uv_prepare_t flush_prepare; /* flush before the loop polls ... */
   uv_check_t flush_check;     /* ... and after its I/O callbacks */
   uint64_t last_refresh_ms;
@@ -1137,6 +1139,8 @@ static int admit_reply(tg__redis_loop_t *rl, op_t *o, redisReply *const *e) {
   v->reset_tokens_ms = reply_int(e[7]);
   v->day = o->day;
   v->month = o->month;
+  if (o->req.global_rps > 0 && v->refused != TG_LIMIT_NONE)
+    rl->global_undo++; /* it passed the global check to get here */
   hold_headers(rl, o, v);
   op_done(rl, o, v->refused == TG_LIMIT_NONE);
   return 0;
@@ -1372,6 +1376,15 @@ static void flush(tg__redis_loop_t *rl) {
   call_t *q = rl->q_head;
   int sent = 0;
   rl->q_head = rl->q_tail = NULL;
+  if (rl->global_undo > 0 && rl->ac != NULL && rl->state == RL_UP) {
+    /* No answer is awaited: one lost with the connection leaves those
+     * admissions counted until they leave the window, as before. */
+    if (redisAsyncCommand(rl->ac, NULL, NULL, "EVAL %s 2 %s %s %lld",
+                          TG_REDIS_LUA_GLOBAL_UNDO, "tg:{global}:rps", "tg:{global}:rps:n",
+                          (long long)rl->global_undo) == REDIS_OK)
+      sent = 1;
+    rl->global_undo = 0;
+  }
   while (q != NULL) {
     call_t *c = q;
     q = q->qnext;
@@ -1389,13 +1402,13 @@ static void flush(tg__redis_loop_t *rl) {
 
 static void on_flush_prepare(uv_prepare_t *h) {
   tg__redis_loop_t *rl = h->data;
-  if (rl->q_head != NULL)
+  if (rl->q_head != NULL || rl->global_undo > 0)
     flush(rl);
 }
 
 static void on_flush_check(uv_check_t *h) {
   tg__redis_loop_t *rl = h->data;
-  if (rl->q_head != NULL)
+  if (rl->q_head != NULL || rl->global_undo > 0)
     flush(rl);
 }
 

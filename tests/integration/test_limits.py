@@ -402,6 +402,15 @@ def test_global_rate_limit_across_tenants(tg, sim):
     assert ask(gw, "gb").status == 200
 
 
+def test_a_tenant_over_its_own_limit_leaves_the_global_limit_to_others(tg, sim):
+    """A request its tenant's limits refuse never reaches the pool, so it
+    takes no global slot: a tenant hammering its own limit cannot make the
+    safety net refuse the others."""
+    tenants = {"noisy": tgtest.limited_tenant(rpm=1), "quiet": tgtest.limited_tenant()}
+    gw = start_gw(tg, sim, tenants, global_rate_limit={"requests_per_second": 4})
+    tgtest.check_global_limit_left_to_others(lambda t: ask(gw, t), "noisy", "quiet", 4)
+
+
 # ---------------------------------------------------------------------------
 # reload
 

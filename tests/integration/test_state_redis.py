@@ -178,6 +178,14 @@ def test_refusals_and_headers(tg, sim, redis):
         assert any("{%s}" % t in k for k in keys), (t, keys)
 
 
+def test_a_tenant_over_its_own_limit_leaves_the_global_limit_to_others(tg, sim, redis):
+    """As with the memory state: the global slot of a request its tenant
+    refused goes back to Redis's global log."""
+    tenants = {"noisy": tgtest.limited_tenant(rpm=1), "quiet": tgtest.limited_tenant()}
+    gw = start_gw(tg, sim, redis, tenants, global_rate_limit={"requests_per_second": 4})
+    tgtest.check_global_limit_left_to_others(lambda t: ask(gw, t), "noisy", "quiet", 4)
+
+
 def test_two_gateways_share_requests_per_minute(tg, sim, redis):
     tenants = {"shared": tgtest.limited_tenant(rpm=60)}
     a = start_gw(tg, sim, redis, tenants)

@@ -1440,6 +1440,31 @@ def parse_duration_s(text):
     return total
 
 
+def check_global_limit_left_to_others(ask, noisy, quiet, rps):
+    """With a global limit of rps requests a second and tenant `noisy`
+    allowed 1 request a minute: noisy asks 3 * rps times within one second,
+    its own limit refusing all but (at most) the first, then `quiet` asks
+    until refused. quiet gets every global slot noisy did not use, and only
+    then the global refusal. ask(tenant) sends one request."""
+    for _ in range(4):
+        time.sleep(1.1)                       # an empty second
+        t0 = time.monotonic()
+        loud = [ask(noisy) for _ in range(3 * rps)]
+        calm = [ask(quiet) for _ in range(rps + 1)]
+        if time.monotonic() - t0 >= 0.9:
+            continue                          # not within one second: again
+        used = [r.status for r in loud].count(200)
+        assert used <= 1, [r.status for r in loud]
+        for r in loud:
+            if r.status != 200:
+                assert r.status == 429 and r.error()["code"] == "requests", r
+        assert [r.status for r in calm] == [200] * (rps - used) + [429] * (used + 1), \
+            [r.status for r in calm]
+        assert calm[-1].error()["code"] == "global", calm[-1]
+        return
+    raise AssertionError("could not send the requests within one second")
+
+
 def retry_after(resp):
     """The Retry-After header as an int, asserting it is whole seconds >= 1."""
     v = resp.header("retry-after")

@@ -509,6 +509,31 @@ static void test_global_greedy(void **state) {
   tg_slog_free(&c.log);
 }
 
+/* An admission given back (its tenant's limits refused the request) frees
+ * its place at once: with 100 rps, 100 admitted and given back leave room
+ * for 100 more in the same millisecond; entries emptied are dropped. */
+static void test_global_unadmit(void **state) {
+  (void)state;
+  tg_slog_t log;
+  memset(&log, 0, sizeof log);
+  int64_t t = t0();
+  for (int i = 0; i < 100; i++) {
+    assert_int_equal(tg_global_admit(&log, 100, t + i % 3, NULL), 1);
+    tg_global_unadmit(&log);
+  }
+  assert_int_equal(log.total, 0);
+  assert_int_equal(log.count, 0);
+  for (int i = 0; i < 100; i++)
+    assert_int_equal(tg_global_admit(&log, 100, t + 5, NULL), 1);
+  assert_int_equal(tg_global_admit(&log, 100, t + 5, NULL), 0);
+  tg_global_unadmit(&log);
+  assert_int_equal(log.total, 99);
+  assert_int_equal(tg_global_admit(&log, 100, t + 5, NULL), 1);
+  tg_slog_free(&log);
+  tg_global_unadmit(&log); /* an empty log: nothing to give back */
+  assert_int_equal(log.total, 0);
+}
+
 static void test_global_burst_and_unlimited(void **state) {
   (void)state;
   tg_slog_t log;
@@ -1183,6 +1208,7 @@ int main(void) {
       cmocka_unit_test(test_headers_unlimited_and_refused),
       cmocka_unit_test(test_global_greedy),
       cmocka_unit_test(test_global_burst_and_unlimited),
+      cmocka_unit_test(test_global_unadmit),
       cmocka_unit_test(test_tpm_boundaries),
       cmocka_unit_test(test_tpm_refill_exact),
       cmocka_unit_test(test_tpm_settle_up_and_down),
