@@ -3,11 +3,13 @@
  *
  * One request per connection is active at a time. Bytes that arrive while a
  * request is active (pipelining) wait in the connection's pending buffer and
- * are parsed once the request completes; that continuation runs from an idle
- * handle, never from inside the completing call, so a handler that completes
- * a request from a library callback is never re-entered. A connection whose
- * client left while a request is active stays allocated until the handler
- * completes the request; it is freed from its close callbacks only. */
+ * are parsed once the request completes and the answers waiting for the
+ * client are under the write high-water mark; that continuation runs from an
+ * idle handle, never from inside the completing call, so a handler that
+ * completes a request from a library callback is never re-entered. A
+ * connection whose client left while a request is active stays allocated
+ * until the handler completes the request; it is freed from its close
+ * callbacks only. */
 #include "http/server.h"
 
 #include <errno.h>
@@ -28,8 +30,12 @@
 #define READ_BUF_SIZE 65536
 #define PEND_MAX (256 * 1024)      /* pipelined bytes held before reading stops */
 #define STACK_RESP 8192
+/* A refused connection's input is read and dropped for at most this long
+ * and this many bytes before it closes (see conn_linger). */
+#define LINGER_MS 2000
+#define LINGER_MAX (8 * 1024 * 1024)
 
-enum { TIMER_NONE, TIMER_REQUEST, TIMER_KEEPALIVE, TIMER_SEND };
+enum { TIMER_NONE, TIMER_REQUEST, TIMER_KEEPALIVE, TIMER_SEND, TIMER_LINGER };
 
 /* A request's head: its URL and headers, NUL-separated in text (bounded by
  * max_header_bytes), and where each header starts. Taken from the server's
@@ -97,6 +103,7 @@ struct tg_http_conn_s {
 
   char *pend;                  /* unparsed bytes (pipelining) */
   size_t pend_len;
+  size_t linger_bytes;         /* input dropped while lingering */
 
   size_t out_pending;
   int timer_mode;
@@ -115,6 +122,9 @@ struct tg_http_conn_s {
   unsigned chunked : 1;        /* current response is chunked */
   unsigned begun : 1;          /* response head sent */
   unsigned above_high : 1;     /* pending crossed the high-water mark */
+  unsigned held : 1;           /* input held until pending falls under low water */
+  unsigned trailers : 1;       /* headers complete: fields now are trailers */
+  unsigned lingering : 1;      /* refused: reply flushed, input dropped */
   unsigned http10 : 1;
   unsigned abort_sent : 1;     /* on_abort delivered for the active request */
 };
@@ -129,8 +139,11 @@ typedef struct {
 static void conn_close(tg_http_conn_t *c);
 static void conn_process(tg_http_conn_t *c);
 static void conn_timer_update(tg_http_conn_t *c);
+static void conn_timer_arm(tg_http_conn_t *c, uint64_t ms);
 static void on_timer(uv_timer_t *t);
 static void conn_start_reading(tg_http_conn_t *c);
+static void conn_stop_reading(tg_http_conn_t *c);
+static void conn_resume_input(tg_http_conn_t *c);
 static void on_idle(uv_idle_t *h);
 
 void tg_http_limits_default(tg_http_limits_t *lim) {
@@ -197,11 +210,25 @@ static void on_write(uv_write_t *w, int status) {
     conn_gone_notify(c);
   if (c->closing)
     return;
+  if (c->lingering) {
+    /* the refusal cannot reach the client: nothing left to wait for */
+    if (status < 0)
+      conn_close(c);
+    return;
+  }
   if (c->out_pending == 0 && (c->gone || (c->close_after && !c->active))) {
     conn_close(c);
     return;
   }
+  /* bytes left: the client reads, so its send deadline starts again */
+  if (status == 0 && c->timer_mode == TIMER_SEND)
+    c->timer_mode = TIMER_NONE;
   conn_timer_update(c);
+  if (c->held && c->out_pending <= srv->lim.write_low_water) {
+    c->held = 0;
+    if (!c->active && !c->close_after)
+      conn_resume_input(c);
+  }
   if (c->active && c->above_high && c->out_pending <= srv->lim.write_low_water) {
     c->above_high = 0;
     if (c->req.on_drain)
@@ -259,7 +286,7 @@ static int conn_sendv(tg_http_conn_t *c, const uv_buf_t *bufs, unsigned nb) {
   }
   c->out_pending += wr->len;
   if (c->out_pending >= c->srv->lim.write_high_water)
-    c->above_high = 1;
+    c->above_high = c->held = 1;
   conn_timer_update(c);
   return 0;
 }
@@ -292,7 +319,7 @@ static void conn_reset_request(tg_http_conn_t *c) {
   c->in_field = 0;
   c->value_open = 0;
   c->reject = 0;
-  c->chunked = c->begun = c->above_high = c->abort_sent = 0;
+  c->chunked = c->begun = c->above_high = c->abort_sent = c->trailers = 0;
   memset(&c->req, 0, sizeof(c->req));
   c->req.conn = c;
   c->req.server = c->srv;
@@ -328,6 +355,16 @@ static void req_complete(tg_http_conn_t *c, int keep) {
   if (c->close_after)
     return; /* closes from on_write once flushed */
   conn_timer_update(c);
+  if (c->held) {
+    conn_stop_reading(c); /* on_write resumes under the low-water mark */
+    return;
+  }
+  conn_resume_input(c);
+}
+
+/* Goes on with the connection's input: the pipelined bytes first, then the
+ * socket. */
+static void conn_resume_input(tg_http_conn_t *c) {
   if (c->pend_len > 0)
     srv_queue_ready(c);
   else
@@ -379,6 +416,19 @@ static int head_within(tg_http_conn_t *c, const char *end) {
   return 0;
 }
 
+/* Trailers (fields after a chunked body) are bounded like a head, on their
+ * own: measured from the first trailer's start by the same machinery (the
+ * head's own count ended with its headers), and dropped, since nothing
+ * reads them. */
+static int trailer_within(tg_http_conn_t *c, const char *at, size_t len) {
+  if (!c->in_head) {
+    c->in_head = 1;
+    c->head_raw = 0;
+    c->head_from = at;
+  }
+  return head_within(c, at + len);
+}
+
 static int on_method(llhttp_t *p, const char *at, size_t len) {
   tg_http_conn_t *c = parser_conn(p);
   if (!c->in_head) {
@@ -415,6 +465,8 @@ static int on_url_complete(llhttp_t *p) {
 
 static int on_header_field(llhttp_t *p, const char *at, size_t len) {
   tg_http_conn_t *c = parser_conn(p);
+  if (c->trailers)
+    return trailer_within(c, at, len);
   if (!c->in_field) {
     if (c->value_open) {
       if (head_terminate(c) < 0)
@@ -437,6 +489,8 @@ static int on_header_field(llhttp_t *p, const char *at, size_t len) {
 
 static int on_header_field_complete(llhttp_t *p) {
   tg_http_conn_t *c = parser_conn(p);
+  if (c->trailers)
+    return 0;
   if (head_terminate(c) < 0)
     return -1;
   c->in_field = 0;
@@ -447,6 +501,8 @@ static int on_header_field_complete(llhttp_t *p) {
 
 static int on_header_value(llhttp_t *p, const char *at, size_t len) {
   tg_http_conn_t *c = parser_conn(p);
+  if (c->trailers)
+    return trailer_within(c, at, len);
   if (head_within(c, at + len) < 0)
     return -1;
   return head_append(c, at, len, 0);
@@ -454,7 +510,7 @@ static int on_header_value(llhttp_t *p, const char *at, size_t len) {
 
 static int on_header_value_complete(llhttp_t *p) {
   tg_http_conn_t *c = parser_conn(p);
-  if (!c->value_open)
+  if (c->trailers || !c->value_open)
     return 0;
   c->value_open = 0;
   return head_terminate(c);
@@ -478,6 +534,7 @@ static int on_headers_complete(llhttp_t *p) {
   const char *expect;
 
   c->in_head = 0;
+  c->trailers = 1;
   if (c->value_open) {
     if (head_terminate(c) < 0)
       return -1;
@@ -500,6 +557,18 @@ static int on_headers_complete(llhttp_t *p) {
   c->req.n_headers = c->n_hdrs;
   c->req.method = (int)p->method;
   c->http10 = (p->http_major == 1 && p->http_minor == 0);
+
+  /* The server speaks HTTP/1.1 only and never switches protocols. An
+   * Upgrade offer (curl --http2 sends h2c) may be ignored (RFC 9110 7.8):
+   * the request is answered as plain HTTP/1.1 and the connection goes on
+   * as such, so llhttp must not stop at its end as if a new protocol
+   * followed. CONNECT asks for a tunnel; this is no proxy, and what the
+   * client sends after it is meant for the tunnel, not as requests. */
+  if (p->method == HTTP_CONNECT) {
+    c->reject = 405;
+    return -1;
+  }
+  p->upgrade = 0;
 
   if ((p->flags & F_CONTENT_LENGTH) && p->content_length > c->srv->lim.max_body_bytes) {
     c->reject = 413;
@@ -552,11 +621,52 @@ static int on_body(llhttp_t *p, const char *at, size_t len) {
 static int on_message_complete(llhttp_t *p) {
   tg_http_conn_t *c = parser_conn(p);
   c->in_message = 0;
+  c->in_head = 0; /* the trailers' count, if any, ends here */
   c->req.keep_alive = llhttp_should_keep_alive(p) && !c->srv->draining;
   return HPE_PAUSED;
 }
 
 /* ---- protocol errors -------------------------------------------------- */
+
+static void on_shutdown(uv_shutdown_t *sr, int status) {
+  tg_http_conn_t *c = sr->data;
+  free(sr);
+  if (status < 0 && !c->closing)
+    conn_close(c);
+}
+
+/* A refused connection closes gently. Its client may still be sending (a
+ * body over the limit, say), and closing a socket with unread input sends
+ * a reset, which can destroy the reply before the client read it. So, as
+ * nginx's lingering close: the reply is flushed, the write side shut, and
+ * input read and dropped until the client closes, for at most LINGER_MS
+ * and LINGER_MAX bytes. The connection holds no buffer meanwhile. */
+static void conn_linger(tg_http_conn_t *c) {
+  uv_shutdown_t *sr;
+
+  conn_reset_request(c);
+  free(c->pend);
+  c->pend = NULL;
+  c->pend_len = 0;
+  c->in_message = 0;
+  c->lingering = 1;
+  c->linger_bytes = 0;
+  sr = malloc(sizeof(*sr));
+  if (sr == NULL) {
+    conn_close(c);
+    return;
+  }
+  sr->data = c;
+  /* libuv shuts the write side once the queued reply is written */
+  if (uv_shutdown(sr, (uv_stream_t *)&c->tcp, on_shutdown) < 0) {
+    free(sr);
+    conn_close(c);
+    return;
+  }
+  c->timer_mode = TIMER_LINGER;
+  conn_timer_arm(c, LINGER_MS);
+  conn_start_reading(c);
+}
 
 static void conn_reject(tg_http_conn_t *c, int status, const char *code,
                         const char *msg) {
@@ -575,13 +685,11 @@ static void conn_reject(tg_http_conn_t *c, int status, const char *code,
                 "Content-Length: %d\r\n%sConnection: close\r\n\r\n",
                 status, tg_http_reason(status), bl, extra);
   c->close_after = 1;
-  if (c->reading) {
-    uv_read_stop((uv_stream_t *)&c->tcp);
-    c->reading = 0;
-  }
-  c->pend_len = 0;
-  if (conn_send2(c, head, (size_t)hl, body, (size_t)bl) < 0 || c->out_pending == 0)
+  if (conn_send2(c, head, (size_t)hl, body, (size_t)bl) < 0) {
     conn_close(c);
+    return;
+  }
+  conn_linger(c);
 }
 
 static void conn_parse_error(tg_http_conn_t *c, llhttp_errno_t err) {
@@ -591,6 +699,9 @@ static void conn_parse_error(tg_http_conn_t *c, llhttp_errno_t err) {
     return;
   case 431:
     conn_reject(c, 431, "headers_too_large", "request headers exceed the limit");
+    return;
+  case 405:
+    conn_reject(c, 405, "method_not_allowed", "CONNECT is not supported");
     return;
   case 500:
     conn_reject(c, 500, "internal_error", "out of memory");
@@ -653,24 +764,26 @@ static int pend_append(tg_http_conn_t *c, const char *data, size_t len) {
   return 0;
 }
 
-/* Feeds bytes while no request is active; keeps the rest for later. */
+/* Feeds bytes while no request is active and the answers already queued
+ * are under the high-water mark; keeps the rest for later. A client that
+ * pipelines and never reads so holds at most that much output (plus one
+ * answer) and PEND_MAX of input, and reading stops until on_write sees the
+ * output fall under the low-water mark. */
 static void conn_consume(tg_http_conn_t *c, const char *data, size_t len) {
   size_t used;
-  while (len > 0 && !c->active && !c->closing && !c->close_after) {
+  while (len > 0 && !c->active && !c->held && !c->closing && !c->close_after) {
     used = conn_feed(c, data, len);
     data += used;
     len -= used;
   }
-  if (len > 0 && !c->closing && !c->close_after) {
-    if (pend_append(c, data, len) < 0) {
-      conn_close(c);
-      return;
-    }
-    if (c->pend_len > PEND_MAX && c->reading) {
-      uv_read_stop((uv_stream_t *)&c->tcp);
-      c->reading = 0;
-    }
+  if (c->closing || c->close_after)
+    return;
+  if (len > 0 && pend_append(c, data, len) < 0) {
+    conn_close(c);
+    return;
   }
+  if (c->pend_len > PEND_MAX || (c->held && !c->active))
+    conn_stop_reading(c);
 }
 
 /* Parses the pipelined bytes kept while the previous request was active. */
@@ -682,7 +795,13 @@ static void conn_process(tg_http_conn_t *c) {
   c->pend_len = 0;
   conn_consume(c, buf, len);
   free(buf);
-  if (!c->closing && !c->active && !c->close_after && !c->gone)
+  if (c->closing || c->active || c->close_after || c->gone)
+    return;
+  /* Bytes that started no message (a stray CRLF, which RFC 9112 2.2 lets a
+   * server ignore before a request) leave the connection idle: back to the
+   * keep-alive deadline, not the request one armed while they waited. */
+  conn_timer_update(c);
+  if (!c->held)
     conn_start_reading(c);
 }
 
@@ -692,7 +811,7 @@ static void on_idle(uv_idle_t *h) {
     tg_http_conn_t *c = srv->ready;
     srv->ready = c->ready_next;
     c->queued = 0;
-    if (!c->closing && !c->active)
+    if (!c->closing && !c->active && !c->lingering)
       conn_process(c);
   }
   uv_idle_stop(h);
@@ -734,6 +853,9 @@ static void on_timer(uv_timer_t *t) {
       return;
     conn_reject(c, 408, "request_timeout", "request not received in time");
     return;
+  case TIMER_LINGER:
+    conn_close(c);
+    return;
   case TIMER_SEND:
     if (c->active) {
       conn_gone_notify(c);
@@ -754,7 +876,7 @@ static void conn_timer_update(tg_http_conn_t *c) {
   int mode;
   uint64_t ms = 0;
 
-  if (c->closing)
+  if (c->closing || c->lingering)
     return;
   if (c->out_pending > 0) {
     mode = TIMER_SEND;
@@ -773,8 +895,10 @@ static void conn_timer_update(tg_http_conn_t *c) {
     return;
   }
   /* The request timer measures the whole request, so it is not restarted
-   * by each arriving piece; the others are restarted on progress. */
-  if (mode == TIMER_REQUEST && c->timer_mode == TIMER_REQUEST)
+   * by each arriving piece; the send timer is restarted only by bytes
+   * leaving (on_write), not by more output queued behind those that do not
+   * move; the keep-alive one by any activity. */
+  if ((mode == TIMER_REQUEST || mode == TIMER_SEND) && c->timer_mode == mode)
     return;
   c->timer_mode = mode;
   conn_timer_arm(c, ms);
@@ -847,6 +971,12 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
 
   if (nread == 0)
     return;
+  if (c->lingering) {
+    c->linger_bytes += nread > 0 ? (size_t)nread : 0;
+    if (nread < 0 || c->linger_bytes > LINGER_MAX)
+      conn_close(c);
+    return;
+  }
   if (nread < 0) {
     uv_read_stop(s);
     c->reading = 0;
@@ -860,17 +990,15 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
     return;
   }
   if (c->close_after)
-    return; /* input after a rejected request is ignored */
-  if (c->active || c->pend_len > 0) {
+    return; /* input after the last answer is ignored */
+  if (c->active || c->pend_len > 0 || c->held) {
     if (pend_append(c, buf->base, (size_t)nread) < 0) {
       conn_close(c);
       return;
     }
-    if (c->pend_len > PEND_MAX) {
-      uv_read_stop(s);
-      c->reading = 0;
-    }
-    if (!c->active)
+    if (c->pend_len > PEND_MAX || (c->held && !c->active))
+      conn_stop_reading(c);
+    if (!c->active && !c->held)
       srv_queue_ready(c);
     return;
   }
@@ -884,6 +1012,13 @@ static void conn_start_reading(tg_http_conn_t *c) {
     return;
   if (uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read) == 0)
     c->reading = 1;
+}
+
+static void conn_stop_reading(tg_http_conn_t *c) {
+  if (!c->reading)
+    return;
+  uv_read_stop((uv_stream_t *)&c->tcp);
+  c->reading = 0;
 }
 
 static void on_connection(uv_stream_t *server, int status) {

@@ -10,7 +10,12 @@
  * to arrive (408), the idle time of a keep-alive connection, and the output a
  * slow reader may leave pending (the handler sees it through tg_http_pending()
  * and is told by on_drain when it falls back under the low-water mark).
- * Pipelined requests are answered in order, one at a time. */
+ * Pipelined requests are answered in order, one at a time, and parsed only
+ * while the answers waiting for the client are under the high-water mark.
+ * Upgrade offers are ignored (the connection stays HTTP/1.1); CONNECT is
+ * refused with 405. A refused connection (400, 405, 408, 413, 431) gets its
+ * answer, then input is read and dropped for a bounded time before it
+ * closes, so the client is not reset before it reads the answer. */
 #ifndef TG_HTTP_SERVER_H
 #define TG_HTTP_SERVER_H
 
@@ -28,8 +33,8 @@ typedef struct {
   uint64_t request_timeout_ms;   /* whole request must arrive within; -> 408 */
   uint64_t keepalive_timeout_ms; /* idle connection between requests closes */
   uint64_t send_timeout_ms;      /* pending output that does not move -> close */
-  size_t write_high_water;       /* handlers stop producing above this */
-  size_t write_low_water;        /* on_drain fires when pending falls under */
+  size_t write_high_water;       /* handlers stop producing, pipelined parsing stops */
+  size_t write_low_water;        /* on_drain fires, parsing resumes, under this */
 } tg_http_limits_t;
 
 /* Fills *lim with the defaults: 16 KiB headers, 1 MiB body, 30 s request,
@@ -71,7 +76,7 @@ int tg_http_server_init(tg_http_server_t **out, uv_loop_t *loop,
                         const tg_http_limits_t *lim,
                         tg_http_handler_cb handler, void *data);
 
-/* Called when the server itself refuses a request (400, 408, 413, 431)
+/* Called when the server itself refuses a request (400, 405, 408, 413, 431)
  * before any handler saw it: may write extra header lines ("Name: value\r\n")
  * into hdrs (size bytes, NUL-terminated) and log the refusal. */
 typedef void (*tg_http_reject_cb)(tg_http_server_t *srv, int status, const char *code,

@@ -289,3 +289,186 @@ def test_idle_connections_hold_little_memory(tg):
     finally:
         for c in conns:
             c.close()
+
+
+def test_pipelining_client_that_never_reads_is_bounded_and_dropped(tg):
+    """A client that pipelines requests and never reads its answers: the
+    gateway stops parsing and reading once the answers waiting for it reach
+    the high-water mark, so its memory stays flat, and the connection is
+    dropped once nothing moved for client_send, however many requests the
+    client keeps queueing."""
+    sim = tg.sim()
+    gw = tg.gateway({M8B: [sim.url]}, workers=1,
+                    overrides={"timeouts": {"client_send": "1s"}})
+    key = gw.keys["acme"]
+    batch = http_request_bytes("GET", "/v1/models", key=key) * 500
+    before = tgtest.rss_kb(gw.proc.pid)
+    c = RawConn(gw.port, rcvbuf=4096, timeout=0.5)
+    grown = 0
+    closed_after = None
+    t0 = time.monotonic()
+    try:
+        while time.monotonic() - t0 < 12:
+            try:
+                c.sock.send(batch)
+            except socket.timeout:
+                pass
+            except OSError:  # reset or broken pipe: the gateway closed
+                closed_after = time.monotonic() - t0
+                break
+            grown = max(grown, tgtest.rss_kb(gw.proc.pid) - before)
+            if grown > 200 * 1024:
+                break  # unbounded: stop before it hurts the machine
+    finally:
+        c.close()
+    assert grown < 64 * 1024, "gateway grew by %d KiB" % grown
+    # client_send is 1 s: closed well within the loop, not after it
+    assert closed_after is not None and closed_after < 10, closed_after
+    assert chat(gw.port, key, M8B, max_tokens=1).status == 200
+
+
+def test_pipelined_burst_answered_while_client_reads(tg):
+    """Many pipelined requests at once, read as they come: every answer
+    arrives, in order, though the gateway pauses their parsing each time
+    the answers waiting pass the high-water mark."""
+    sim = tg.sim()
+    gw = tg.gateway({M8B: [sim.url]}, workers=1)
+    key = gw.keys["acme"]
+    n = 3000
+    c = RawConn(gw.port)
+    c.sock.sendall(b"".join(http_request_bytes("GET", "/v1/models", key=key if i % 3 else None)
+                            for i in range(n)))
+    for i in range(n):
+        r = c.read_response()
+        assert r is not None, "closed after %d answers" % i
+        assert r.status == (200 if i % 3 else 401), (i, r)
+    c.close()
+
+
+def test_upgrade_offer_ignored_and_connection_kept(stack):
+    """A request offering another protocol (curl --http2 offers h2c) is
+    answered as HTTP/1.1 and the connection goes on serving requests,
+    whether the next one waits for the answer or is pipelined behind it."""
+    h2c = http_request_bytes("GET", "/v1/models", key=stack.key,
+                             headers={"Connection": "Upgrade, HTTP2-Settings",
+                                      "Upgrade": "h2c",
+                                      "HTTP2-Settings": "AAMAAABkAAQCAAAAAAIAAAAA"})
+    ws = http_request_bytes("GET", "/v1/models", key=stack.key,
+                            headers={"Connection": "upgrade", "Upgrade": "websocket"})
+    models = http_request_bytes("GET", "/v1/models", key=stack.key)
+    c = RawConn(stack.port, timeout=5)
+    c.send(h2c)
+    r = c.read_response()
+    assert r.status == 200 and r.header("upgrade") is None, r
+    c.send(models)
+    r = c.read_response()
+    assert r is not None and r.status == 200, r
+    c.send(ws + models)
+    for _ in range(2):
+        r = c.read_response()
+        assert r is not None and r.status == 200, r
+    c.close()
+
+
+def test_connect_refused_with_405(stack):
+    """CONNECT asks for a tunnel, which the gateway does not offer: 405 in
+    the API's error format, then the connection closes (what follows a
+    CONNECT is meant for the tunnel, not as requests)."""
+    c = RawConn(stack.port, timeout=5)
+    c.send(b"CONNECT api.example:443 HTTP/1.1\r\nHost: api.example:443\r\n\r\n"
+           + http_request_bytes("GET", "/v1/models", key=stack.key))
+    r = c.read_response()
+    assert r.status == 405, r
+    assert r.error()["type"] == "invalid_request_error", r
+    assert r.error()["code"] == "method_not_allowed", r
+    assert r.header("x-request-id"), r
+    assert c.closed_by_peer(3.0)
+    c.close()
+    _still_serving(stack)
+
+
+def test_stray_crlf_while_serving_leaves_connection_idle(tg):
+    """An empty line arriving while a request is served starts no request
+    (RFC 9112 2.2): once the answer is out the connection is idle, so a
+    request sent after client_request but before client_keepalive is served,
+    not met by a 408."""
+    sim = tg.sim()
+    gw = tg.gateway({M8B: [sim.url]}, workers=1,
+                    overrides={"timeouts": {"client_request": "1s", "client_keepalive": "10s"}})
+    key = gw.keys["acme"]
+    c = RawConn(gw.port)
+    c.send(_chat_bytes(key, 2, extra_headers={"x-sim-ttft-ms": "500"}))
+    time.sleep(0.2)
+    c.send(b"\r\n")
+    r = c.read_response()
+    assert r.status == 200, r
+    time.sleep(2.5)
+    c.send(http_request_bytes("GET", "/v1/models", key=key))
+    r = c.read_response()
+    assert r is not None and r.status == 200, r
+    c.close()
+
+
+def _chunked_chat(key, body, trailer):
+    head = ("POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
+            "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n" % key).encode()
+    return head + b"%x\r\n%s\r\n0\r\n%s\r\n" % (len(body), body, trailer)
+
+
+def test_chunked_body_with_trailer(stack):
+    """Trailers after a chunked body are bounded on their own by
+    max_header_bytes (8 KiB here), not together with the body before them."""
+    content = "y" * 20000  # the body alone is over max_header_bytes
+    body = json.dumps(tgtest.chat_body(M8B, max_tokens=2, content=content)).encode()
+    c = RawConn(stack.port, timeout=5)
+    c.send(_chunked_chat(stack.key, body, b"X-Checksum: abc\r\n"))
+    r = c.read_response()
+    assert r.status == 200 and r.json()["usage"]["completion_tokens"] == 2, r
+    # and the connection goes on
+    c.send(http_request_bytes("GET", "/v1/models", key=stack.key))
+    assert c.read_response().status == 200
+    c.close()
+    # trailers over the bound themselves are refused
+    big = b"".join(b"X-T%d: %s\r\n" % (i, b"v" * 100) for i in range(100))
+    c = RawConn(stack.port, timeout=5)
+    c.send(_chunked_chat(stack.key, body, big))
+    r = c.read_response()
+    assert r.status == 431, r
+    c.close()
+
+
+def test_over_limit_body_sent_whole_gets_413(stack):
+    """A client that sends an over-limit body in one go, as HTTP libraries
+    do, and only then reads, gets the 413: the gateway reads and drops the
+    rest of the body after answering instead of resetting the connection
+    under it. The dropping is bounded: a client that never stops sending is
+    closed within seconds."""
+    body = b"x" * (4 * 1024 * 1024)  # max_body_bytes is 64 KiB
+    data = http_request_bytes("POST", "/v1/chat/completions", body=body, key=stack.key,
+                              headers={"Content-Type": "application/json"})
+    for _ in range(3):
+        c = RawConn(stack.port, timeout=10)
+        try:
+            c.send(data)
+            r = c.read_response()
+        except OSError as e:
+            raise AssertionError("connection broken instead of a 413: %r" % e)
+        assert r is not None and r.status == 413, r
+        assert r.error()["code"] == "body_too_large", r
+        assert c.closed_by_peer(5.0)
+        c.close()
+
+    c = RawConn(stack.port, timeout=1)
+    c.send(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100000000000\r\n\r\n")
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 20:
+        try:
+            c.sock.send(b"z" * 65536)
+        except socket.timeout:
+            continue
+        except OSError:  # reset once the gateway stops lingering
+            break
+    took = time.monotonic() - t0
+    c.close()
+    assert took < 10, "still accepting input after %.1f s" % took
+    _still_serving(stack)
