@@ -11,6 +11,7 @@
  * the way out. */
 #include "meter/invoice.h"
 
+#include <ctype.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -72,13 +73,21 @@ static void sb_add(sbuf_t *b, const char *fmt, ...) {
   }
 }
 
+/* s is exactly the pattern, 'd' a digit and any other byte itself: "dddd-dd"
+ * takes "2026-01", not "2026-+1" or " 2026-1", which sscanf's %d would. */
+static int shaped(const char *s, const char *pattern) {
+  for (; *pattern; s++, pattern++)
+    if (*pattern == 'd' ? !isdigit((unsigned char)*s) : *s != *pattern)
+      return 0;
+  return *s == '\0';
+}
+
 int tg_month_range(const char *month, int64_t *from_ms, int64_t *to_ms) {
   struct tm tm;
   int y, m;
-  char tail;
 
-  if (month == NULL || sscanf(month, "%4d-%2d%c", &y, &m, &tail) != 2 || strlen(month) != 7 ||
-      y < 1970 || y > 9999 || m < 1 || m > 12)
+  if (month == NULL || !shaped(month, "dddd-dd") || sscanf(month, "%4d-%2d", &y, &m) != 2 ||
+      y < 1970 || m < 1 || m > 12)
     return TG_EPARSE;
   memset(&tm, 0, sizeof(tm));
   tm.tm_year = y - 1900;
@@ -93,11 +102,11 @@ int tg_month_range(const char *month, int64_t *from_ms, int64_t *to_ms) {
 int tg_day_range(const char *day, int64_t *from_ms, int64_t *to_ms) {
   struct tm tm, chk;
   int y, m, d;
-  char tail;
   time_t t;
 
-  if (day == NULL || sscanf(day, "%4d-%2d-%2d%c", &y, &m, &d, &tail) != 3 || strlen(day) != 10 ||
-      y < 1970 || m < 1 || m > 12 || d < 1 || d > 31)
+  if (day == NULL || !shaped(day, "dddd-dd-dd") ||
+      sscanf(day, "%4d-%2d-%2d", &y, &m, &d) != 3 || y < 1970 || m < 1 || m > 12 || d < 1 ||
+      d > 31)
     return TG_EPARSE;
   memset(&tm, 0, sizeof(tm));
   tm.tm_year = y - 1900;

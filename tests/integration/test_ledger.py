@@ -355,8 +355,13 @@ def test_admin_invoice_route_equals_cli_and_needs_an_admin_key(tg, sim):
     # an admin key is not a tenant key: the API refuses it
     r = tgtest.chat(gw.port, admin_key, model=M, max_tokens=1)
     assert r.status in (401, 403), r
-    r = tgtest.admin(gw, path % ("alpha", "2026-13"), key=admin_key)
-    assert r.status == 400, r
+    # a month or day only in its one spelling: 2026-01, 2026-01-05
+    for month in ("2026-13", "2026-+1"):
+        r = tgtest.admin(gw, path % ("alpha", month), key=admin_key)
+        assert r.status == 400, (month, r)
+    for d in ("2026-01-+5", "2026-02-30"):
+        r = tgtest.admin(gw, "/admin/v1/tenants/alpha/usage/%s" % d, key=admin_key)
+        assert r.status == 400, (d, r)
     # a revoked admin key stops working
     gw.revoke_key(admin_key)
     tgtest.wait_for(lambda: tgtest.admin(gw, p, key=admin_key).status == 401, timeout=3,
