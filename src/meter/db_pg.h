@@ -65,8 +65,9 @@ int tg_db_pg_connect_step(PGconn *c, int wait_ms);
 /* Applies every migration not yet recorded in schema_migrations, all in one
  * transaction under the advisory lock TG_DB_PG_MIGRATE_LOCK, so replicas
  * starting together migrate once and a migration that fails leaves the
- * database as it was. Returns 0, or TG_EDB (including a schema newer than
- * this binary knows), saying why on stderr unless quiet. */
+ * database as it was. A schema already at this binary's version returns 0
+ * at once, without the lock. Returns 0, or TG_EDB (including a schema newer
+ * than this binary knows), saying why on stderr unless quiet. */
 int tg_db_pg_migrate(PGconn *c, int quiet);
 
 /* tg_db_pg_migrate with its statement timeout chosen: timeout_s seconds

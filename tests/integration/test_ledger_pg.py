@@ -200,6 +200,45 @@ def _collation(pg, db, table, column):
                   " WHERE table_name = '%s' AND column_name = '%s'" % (table, column), db=db)
 
 
+MIGRATE_LOCK = 0x746f6c6c67617465    # TG_DB_PG_MIGRATE_LOCK (src/meter/db_pg.h)
+
+
+def test_ledger_reconnects_while_a_migration_holds_the_lock(tg, sim, pg):
+    """A `tollgate migrate` in progress holds the migration lock for as long
+    as it takes. A gateway whose connections drop meanwhile (a server
+    restart, a network blip) finds its schema current and goes on: its
+    answers do not wait for the lock."""
+    gw, db = pg_gateway(tg, sim, pg)
+    gw.start()
+    key = gw.create_key("alpha")
+    assert base.ask(gw, key).status == 200
+    holder = subprocess.Popen(
+        [pg.PSQL, "-X", "-q", "-h", "127.0.0.1", "-p", str(pg.port), "-U", "postgres",
+         "-d", db, "-c", "BEGIN; SELECT pg_advisory_xact_lock(%d); SELECT pg_sleep(60); COMMIT;"
+         % MIGRATE_LOCK],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        tgtest.wait_for(lambda: pg.sql(
+            "SELECT COUNT(*) FROM pg_locks WHERE locktype = 'advisory' AND granted",
+            db=db) == [("1",)], timeout=10, what="psql to hold the migration lock")
+        # every connection of the gateway drops
+        pg.sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '%s'"
+               " AND pid <> pg_backend_pid() AND query NOT LIKE '%%pg_sleep%%'" % db, db=db)
+        t0 = time.monotonic()
+        r = tgtest.chat(gw.port, key, model=base.M, max_tokens=3, timeout=60)
+        took = time.monotonic() - t0
+        assert r.status == 200, r
+        assert took < 10, "the answer waited %.1f s for the migration lock" % took
+        rid = r.header("x-request-id")
+        tgtest.wait_for(lambda: pg.sql("SELECT COUNT(*) FROM ledger WHERE request_id = '%s'"
+                                       % rid, db=db) == [("1",)],
+                        timeout=10, what="the answer's row in PostgreSQL")
+    finally:
+        holder.kill()
+        holder.wait()
+    gw.stop()
+
+
 def test_migrate_command_postgres_with_and_without_a_time_limit(tg, sim, pg):
     """`tollgate migrate` applies what a starting gateway would, with no
     statement timeout unless --timeout gives one (a start allows 300 s, too
