@@ -1376,11 +1376,14 @@ static void flush(tg__redis_loop_t *rl) {
   call_t *q = rl->q_head;
   int sent = 0;
   rl->q_head = rl->q_tail = NULL;
-  if (rl->global_undo > 0 && rl->ac != NULL && rl->state == RL_UP) {
-    /* No answer is awaited: one lost with the connection leaves those
-     * admissions counted until they leave the window, as before. */
-    if (redisAsyncCommand(rl->ac, NULL, NULL, "EVAL %s 2 %s %s %lld",
-                          TG_REDIS_LUA_GLOBAL_UNDO, "tg:{global}:rps", "tg:{global}:rps:n",
+  if (rl->global_undo > 0) {
+    /* No answer is awaited. Give-backs that cannot go now are dropped, not
+     * kept for a later connection, when they would take back admissions
+     * of requests the tenants admitted: those slots stay counted until they
+     * leave the second, as they were before give-backs. */
+    if (rl->ac != NULL && rl->state == RL_UP &&
+        redisAsyncCommand(rl->ac, NULL, NULL, "EVAL %s 2 %s %s %lld", TG_REDIS_LUA_GLOBAL_UNDO,
+                          "tg:{global}:rps", "tg:{global}:rps:n",
                           (long long)rl->global_undo) == REDIS_OK)
       sent = 1;
     rl->global_undo = 0;
