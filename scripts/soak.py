@@ -8,6 +8,7 @@ import json
 import os
 import random
 import sqlite3
+import subprocess
 import sys
 import time
 
@@ -227,15 +228,22 @@ class Load:
 
 
 def check_ledger(db_path, log_path):
+    """db_path: the SQLite file, or a postgres:// URL (read with psql)."""
     log = {}
     with open(log_path) as f:
         for line in f:
             e = json.loads(line)
             log[e["request_id"]] = e
-    db = sqlite3.connect("file:%s?mode=ro" % db_path, uri=True)
-    rows = db.execute("SELECT request_id, status, prompt_tokens, completion_tokens "
-                      "FROM ledger").fetchall()
-    db.close()
+    query = "SELECT request_id, status, prompt_tokens, completion_tokens FROM ledger"
+    if db_path.startswith("postgres"):
+        out = subprocess.run(["psql", db_path, "-X", "-A", "-t", "-F", " ", "-c", query],
+                             check=True, capture_output=True, text=True).stdout
+        rows = [(p[0], int(p[1]), int(p[2]), int(p[3]))
+                for p in (line.split() for line in out.splitlines() if line)]
+    else:
+        db = sqlite3.connect("file:%s?mode=ro" % db_path, uri=True)
+        rows = db.execute(query).fetchall()
+        db.close()
     reached = {rid for rid, e in log.items() if e.get("endpoint")}
     ids = [r[0] for r in rows]
     bad = []

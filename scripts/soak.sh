@@ -22,9 +22,18 @@
 # gateway does not exit 0 on SIGTERM, when a client connection stays open
 # after its client left, or (with a sanitizer build, such as build-asan) when
 # a sanitizer reported anything. KEEP=1 keeps the work directory.
+#
+# STATE=redis keeps the limits in a redis-server started here (default:
+# memory); DATABASE=postgres keeps the keys and the ledger in a PostgreSQL
+# server started here through tests/lib/pgtest.sh (default: sqlite).
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")/.." && pwd)
+STATE=${STATE:-memory}
+DATABASE=${DATABASE:-sqlite}
+if [ "$DATABASE" = postgres ] && [ -z "${TG_PG_URL:-}" ]; then
+  exec bash "$here/tests/lib/pgtest.sh" run bash "$0" "$@"
+fi
 # shellcheck source=bench/lib/common.sh
 . "$here/bench/lib/common.sh"
 
@@ -39,12 +48,27 @@ SIM_B=$(free_port)
 PORT=$(free_port)
 ADMIN=$(free_port)
 mkdir -p "$tmp/data"
+state=memory
+if [ "$STATE" = redis ]; then
+  REDIS_PORT=$(free_port)
+  redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no \
+    --dir "$tmp" >"$tmp/redis.log" 2>&1 &
+  pids+=($!)
+  for _ in $(seq 50); do
+    redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break
+    sleep 0.1
+  done
+  state="redis://127.0.0.1:$REDIS_PORT/0"
+fi
+database=sqlite
+if [ "$DATABASE" = postgres ]; then database=$TG_PG_URL; fi
 cat >"$tmp/tollgate.yaml" <<YAML
 listen: 127.0.0.1:$PORT
 admin_listen: 127.0.0.1:$ADMIN
 workers: 2
 data_dir: $tmp/data
-database: sqlite
+database: "$database"
+state: "$state"
 access_log: $tmp/access.log
 forward_headers: [x-sim-fault]
 health_check_interval: 1s
@@ -101,7 +125,7 @@ TG_PID=$!
 pids+=("$TG_PID")
 wait_http "http://127.0.0.1:$ADMIN/readyz"
 
-echo "# soak: ${SECONDS_RUN}s, $CONNECTIONS clients, build $BUILD_DIR, work dir $tmp"
+echo "# soak: ${SECONDS_RUN}s, $CONNECTIONS clients, build $BUILD_DIR, state $STATE, database $DATABASE, work dir $tmp"
 status=0
 python3 "$here/scripts/soak.py" --port "$PORT" --pid "$TG_PID" --seconds "$SECONDS_RUN" \
   --clients "$CONNECTIONS" --big-key "${keys[0]}" --scoped-key "${keys[1]}" \
@@ -118,6 +142,7 @@ if grep -E "runtime error|Sanitizer" "$tmp/tollgate.log" >&2; then
   echo "gateway: the sanitizers reported the above ($tmp/tollgate.log)" >&2
   status=1
 fi
-python3 "$here/scripts/soak.py" --check-ledger "$tmp/data/tollgate.db" \
-  --access-log "$tmp/access.log" || status=1
+if [ "$DATABASE" = postgres ]; then ledger=$TG_PG_URL; else ledger=$tmp/data/tollgate.db; fi
+python3 "$here/scripts/soak.py" --check-ledger "$ledger" --access-log "$tmp/access.log" ||
+  status=1
 exit $status
