@@ -144,6 +144,7 @@ static void on_timer(uv_timer_t *t);
 static void conn_start_reading(tg_http_conn_t *c);
 static void conn_stop_reading(tg_http_conn_t *c);
 static void conn_resume_input(tg_http_conn_t *c);
+static void conn_linger_timer(tg_http_conn_t *c);
 static void on_idle(uv_idle_t *h);
 
 void tg_http_limits_default(tg_http_limits_t *lim) {
@@ -211,9 +212,10 @@ static void on_write(uv_write_t *w, int status) {
   if (c->closing)
     return;
   if (c->lingering) {
-    /* the refusal cannot reach the client: nothing left to wait for */
     if (status < 0)
-      conn_close(c);
+      conn_close(c); /* the refusal cannot reach the client */
+    else
+      conn_linger_timer(c);
     return;
   }
   if (c->out_pending == 0 && (c->gone || (c->close_after && !c->active))) {
@@ -635,12 +637,27 @@ static void on_shutdown(uv_shutdown_t *sr, int status) {
     conn_close(c);
 }
 
+/* A lingering connection's deadline: client_send while output it queued
+ * before the refusal (answers to earlier pipelined requests, the refusal
+ * itself) still waits for the client, restarted as bytes leave; once all
+ * is out, LINGER_MS for the client to close its side. */
+static void conn_linger_timer(tg_http_conn_t *c) {
+  if (c->out_pending > 0) {
+    c->timer_mode = TIMER_SEND;
+    conn_timer_arm(c, c->srv->lim.send_timeout_ms);
+  } else if (c->timer_mode != TIMER_LINGER) {
+    c->timer_mode = TIMER_LINGER;
+    conn_timer_arm(c, LINGER_MS);
+  }
+}
+
 /* A refused connection closes gently. Its client may still be sending (a
  * body over the limit, say), and closing a socket with unread input sends
  * a reset, which can destroy the reply before the client read it. So, as
- * nginx's lingering close: the reply is flushed, the write side shut, and
- * input read and dropped until the client closes, for at most LINGER_MS
- * and LINGER_MAX bytes. The connection holds no buffer meanwhile. */
+ * nginx's lingering close: the reply is flushed (within client_send, like
+ * any output), the write side shut, and input read and dropped until the
+ * client closes, for at most LINGER_MS from then and LINGER_MAX bytes. The
+ * connection holds no buffer meanwhile. */
 static void conn_linger(tg_http_conn_t *c) {
   uv_shutdown_t *sr;
 
@@ -663,8 +680,8 @@ static void conn_linger(tg_http_conn_t *c) {
     conn_close(c);
     return;
   }
-  c->timer_mode = TIMER_LINGER;
-  conn_timer_arm(c, LINGER_MS);
+  c->timer_mode = TIMER_NONE;
+  conn_linger_timer(c);
   conn_start_reading(c);
 }
 

@@ -437,6 +437,34 @@ def test_chunked_body_with_trailer(stack):
     c.close()
 
 
+def test_refusal_behind_unsent_answers_waits_for_them(tg):
+    """A malformed request pipelined behind many small ones, from a client
+    that reads nothing for longer than the lingering close lasts (2 s): the
+    answers queued before the refusal, then the refusal, all reach the
+    client once it reads. The lingering window starts when they are out,
+    not when the refusal is queued. Which counts leave answers queued in the
+    gateway (more than the socket buffers hold, less than its high-water
+    mark) depends on this machine's buffers, so several are tried."""
+    sim = tg.sim()
+    gw = tg.gateway({M8B: [sim.url]}, workers=1)
+    one = http_request_bytes("GET", "/v1/models", key=gw.keys["acme"])
+    for n in range(12000, 14500, 500):
+        c = RawConn(gw.port, rcvbuf=4096, timeout=10)
+        c.send(one * n + b"GARBAGE / HTTP/1.1\r\n\r\n")
+        time.sleep(4)                 # the gateway parses them all meanwhile
+        got = []
+        while True:
+            try:
+                r = c.read_response()
+            except OSError:
+                break
+            if r is None:
+                break
+            got.append(r.status)
+        c.close()
+        assert got == [200] * n + [400], (n, len(got), got[-3:])
+
+
 def test_over_limit_body_sent_whole_gets_413(stack):
     """A client that sends an over-limit body in one go, as HTTP libraries
     do, and only then reads, gets the 413: the gateway reads and drops the
