@@ -259,6 +259,7 @@ struct tg__redis_loop_s {
   size_t n_ops;               /* admissions and settlements not answered */
   int64_t global_undo;        /* global admissions to give back (their
                                  tenants' limits refused them) */
+  int flushed_at_close;       /* what the loop owed Redis went out at close */
   uv_prepare_t flush_prepare; /* flush before the loop polls ... */
   uv_check_t flush_check;     /* ... and after its I/O callbacks */
   uint64_t last_refresh_ms;
@@ -1062,6 +1063,8 @@ static void hold_failed(tg__redis_loop_t *rl, op_t *o, const char *why);
 static void op_fail(tg__redis_loop_t *rl, op_t *o, const char *why) {
   if (o->kind == OP_ADMIT)
     unavailable(&o->a);
+  else if (rl->closing && rl->flushed_at_close)
+    ; /* sent before the connection closed, its answer not awaited */
   else if (o->kind == OP_HOLD)
     hold_failed(rl, o, why);
   else
@@ -1872,6 +1875,30 @@ static void on_timer_closed(uv_handle_t *h) {
   maybe_free(h->data);
 }
 
+static int hold_sync(tg__redis_loop_t *rl, hold_t *h, int64_t now, const tg_limits_t *lim);
+
+/* At close, before the connection goes: what the loop owes Redis is sent,
+ * the holdings' spend not reported yet (each hands its grant back and asks
+ * for none) and the settlements queued in this iteration, the last ones of
+ * a drained gateway. Their answers are not awaited: the bytes are on the
+ * socket, and Redis runs what it has read before it sees the close. Without
+ * this, a restart under load left Redis's spend short of the ledger by the
+ * holdings' last period (a few percent of a second's traffic). */
+static void flush_at_close(tg__redis_loop_t *rl) {
+  int64_t now = loop_clock(rl);
+  if (rl->state != RL_UP || rl->ac == NULL)
+    return;
+  if (rl->holds != NULL)
+    for (uint32_t i = 0; i < TG_REDIS_MAX_HOLDS; i++) {
+      hold_t *h = &rl->holds[i];
+      if (h->in_use && !h->syncing &&
+          (h->pend_spent > 0 || h->pend_refund_mt != 0 || h->req_left > 0 || h->in_redis))
+        (void)hold_sync(rl, h, now, &h->lim);
+    }
+  flush(rl);
+  rl->flushed_at_close = 1;
+}
+
 void tg__redis_loop_close(tg__redis_loop_t *rl) {
   if (rl == NULL || rl->closing)
     return;
@@ -1881,6 +1908,7 @@ void tg__redis_loop_close(tg__redis_loop_t *rl) {
   if (rl->r->refresher == rl)
     rl->r->refresher = NULL;
   pthread_mutex_unlock(&rl->r->spend_lock);
+  flush_at_close(rl);
   /* Batches not sent yet are answered now, like the pending ones below. */
   while (rl->q_head != NULL) {
     call_t *c = rl->q_head;
@@ -2017,7 +2045,7 @@ static int hold_sync(tg__redis_loop_t *rl, hold_t *h, int64_t now, const tg_limi
   o->keep_slots = h->used;
   o->keep_cost = h->running_cost;
   o->until = now + TG_REDIS_HOLD_MS;
-  if (!rl->r->hold_off && hold_busy(h)) {
+  if (!rl->r->hold_off && !rl->closing && hold_busy(h)) {
     int64_t rate = h->win_n > h->prev_n ? h->win_n : h->prev_n;
     int64_t want = clamp64(2 * rate, TG_REDIS_HOLD_BUSY, TG_REDIS_HOLD_MAX_REQ);
     int64_t target = 2 * h->peak_used;
