@@ -40,6 +40,17 @@ static void push(tg_fairq_t *q, item_t *it, const char *tenant, unsigned quantum
   assert_int_equal(tg_fairq_push(q, tenant, quantum, &it->w), 0);
 }
 
+/* Pushes n waiters of tenant, labelled with the tenant's first letter and
+ * first, first + 1, ... ("h1 h2 ..."), into it[0..n). */
+static void push_run(tg_fairq_t *q, item_t *it, const char *tenant, unsigned quantum,
+                     int first, int n) {
+  for (int i = 0; i < n; i++) {
+    char label[8];
+    snprintf(label, sizeof(label), "%c%d", tenant[0], first + i);
+    push(q, &it[i], tenant, quantum, label);
+  }
+}
+
 static void test_fifo_within_a_tenant(void **state) {
   tg_fairq_t q;
   item_t it[3];
@@ -187,18 +198,9 @@ static void test_shares_keep_their_ratio_at_any_scale(void **state) {
     tg_fairq_t q;
     item_t it[8];
     char out[64];
-    int i;
     tg_fairq_init(&q);
-    for (i = 0; i < 4; i++) {
-      char label[4];
-      snprintf(label, sizeof(label), "h%d", i + 1);
-      push(&q, &it[i], "hi", w[k][0], label);
-    }
-    for (i = 0; i < 4; i++) {
-      char label[4];
-      snprintf(label, sizeof(label), "l%d", i + 1);
-      push(&q, &it[4 + i], "lo", w[k][1], label);
-    }
+    push_run(&q, &it[0], "hi", w[k][0], 1, 4);
+    push_run(&q, &it[4], "lo", w[k][1], 1, 4);
     drain(&q, out, sizeof(out));
     assert_string_equal(out, "h1 l1 h2 h3 h4 l2 l3 l4");
     tg_fairq_fini(&q);
@@ -218,12 +220,8 @@ static void test_virtual_time_wraps(void **state) {
   q.vnow = UINT64_MAX - 1000;
   push(&q, &it[0], "a", 1, "a1");
   tg_fairq_pop(&q);                  /* a's virtual time wraps past 0 */
-  push(&q, &it[1], "a", 1, "a2");
-  push(&q, &it[2], "a", 1, "a3");
-  push(&q, &it[3], "a", 1, "a4");
-  push(&q, &it[4], "b", 1, "b1");
-  push(&q, &it[5], "b", 1, "b2");
-  push(&q, &it[6], "b", 1, "b3");
+  push_run(&q, &it[1], "a", 1, 2, 3);
+  push_run(&q, &it[4], "b", 1, 1, 3);
   drain(&q, out, sizeof(out));
   assert_string_equal(out, "b1 a2 b2 a3 b3 a4");
   tg_fairq_fini(&q);
