@@ -87,7 +87,6 @@ struct tg_call_s {
   size_t out_len, out_cap;
   int relayed;                    /* response head sent to the client */
   int saw_done;
-  int bad_event;
   int resp_too_big;               /* the non-streamed answer passed RESP_MAX */
 
   int64_t prompt_tokens, completion_tokens, events;
@@ -484,8 +483,7 @@ static int on_event(void *arg, const char *ev, size_t len) {
   tg_call_t *c = arg;
   tg_sse_info_t info;
 
-  if (tg_sse_inspect(ev, len, &info) < 0)
-    c->bad_event = 1;
+  (void)tg_sse_inspect(ev, len, &info); /* an event it cannot read is relayed as is */
   if (info.done) {
     c->saw_done = 1;
     return 0; /* sent once the ledger record is durable (call_fin) */
@@ -559,10 +557,8 @@ static int on_up_data(tg_xfer_t *x, const char *data, size_t len, void *arg) {
   }
   c->out_len = 0;
   r = tg_sse_feed(&c->sse, data, len, on_event, c);
-  if (r < 0) {
-    c->bad_event = 1;
+  if (r < 0)
     return -1;
-  }
   if (c->out_len > 0 && tg_http_write(c->req, c->out, c->out_len) < 0)
     return -1;
   return 0;

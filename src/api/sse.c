@@ -245,6 +245,20 @@ int tg_usage_read_text(const char *p, size_t n, int64_t *prompt, int64_t *comple
   return r;
 }
 
+/* The first line of ev that is a data field ("data:" at the line's start),
+ * or NULL. Other fields and comments may mention "data:" anywhere. */
+static const char *data_field(const char *ev, const char *end) {
+  const char *line = ev, *q;
+  while (line < end) {
+    if ((size_t)(end - line) >= 5 && memcmp(line, "data:", 5) == 0)
+      return line;
+    if ((q = next_eol(line, end)) == NULL)
+      return NULL;
+    line = q + 1;
+  }
+  return NULL;
+}
+
 int tg_sse_inspect(const char *ev, size_t len, tg_sse_info_t *info) {
   const char *d, *end = ev + len, *le;
   cJSON *root;
@@ -252,7 +266,7 @@ int tg_sse_inspect(const char *ev, size_t len, tg_sse_info_t *info) {
   int n_choices;
 
   memset(info, 0, sizeof(*info));
-  d = find(ev, len, "data:");
+  d = data_field(ev, end);
   if (d == NULL)
     return 0; /* comment or other field: relayed as is */
   d += 5;

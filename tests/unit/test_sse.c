@@ -242,6 +242,19 @@ static void test_inspect(void **state) {
   assert_int_equal(tg_sse_inspect(": keep-alive\n\n", 14, &i), 0);
   assert_false(i.done || i.has_usage || i.has_choices);
 
+  /* the data field is the line that starts with "data:": a comment or
+   * another field that mentions it is not */
+  {
+    const char *ev = ": data: proxy note\r\nid: data:7\r\ndata: {\"choices\":[],"
+                     "\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":6}}\r\n\r\n";
+    assert_int_equal(tg_sse_inspect(ev, strlen(ev), &i), 0);
+    assert_true(i.has_usage && i.usage_only);
+    assert_int_equal(i.prompt_tokens, 5);
+    assert_int_equal(i.completion_tokens, 6);
+    assert_int_equal(tg_sse_inspect(": data: [DONE]\n\n", 16, &i), 0);
+    assert_false(i.done || i.has_usage || i.has_choices);
+  }
+
   /* every line end the format allows ends the data line */
   {
     static const char *const ends[] = {"\n\n", "\r\n\r\n", "\r\r"};
