@@ -488,7 +488,7 @@ static int on_event(void *arg, const char *ev, size_t len) {
     c->saw_done = 1;
     return 0; /* sent once the ledger record is durable (call_fin) */
   }
-  if (info.has_choices)
+  if (info.has_choices && !c->saw_done)
     c->events++;
   if (info.has_usage) {
     c->has_usage = 1;
@@ -497,6 +497,8 @@ static int on_event(void *arg, const char *ev, size_t len) {
     if (info.usage_only && !c->client_usage)
       return 0; /* the client did not ask for it: we did */
   }
+  if (c->saw_done)
+    return 0; /* [DONE] ends the client's stream: later events are read, not relayed */
   return out_append(c, ev, len);
 }
 

@@ -61,8 +61,10 @@ class Upstream:
     GET (a health probe) closes its connection too."""
 
     def __init__(self, mode="keepalive", chunked=False, stream_pad=0, stall_after=None,
-                 hold=None, backlog=128, eol=b"\n", length_framed=False, tail_delay=0.0):
+                 hold=None, backlog=128, eol=b"\n", length_framed=False, tail_delay=0.0,
+                 after_done=b""):
         self.mode = mode
+        self.after_done = after_done     # bytes a stream sends after its [DONE]
         self.length_framed = length_framed  # streams framed by Content-Length
         self.tail_delay = tail_delay        # ... their usage and [DONE] sent this much later
         self.eol = eol                   # line end of streamed events
@@ -214,7 +216,7 @@ class Upstream:
         c.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
                   b"Transfer-Encoding: chunked\r\n\r\n")
         # events cut across chunk boundaries in the middle of a line
-        blob = b"".join(events)
+        blob = b"".join(events) + self.after_done
         if self.stall_after is not None:
             blob = b"".join(events[:self.stall_after])
         step = 4093
@@ -745,6 +747,35 @@ def test_stream_with_lone_cr_line_ends(tg):
         s.close()
         assert raw == want
         assert took < 3.0, "three events took %.2f s: held for more" % took
+    finally:
+        up.close()
+
+
+def test_nothing_relayed_after_done(tg):
+    """[DONE] is the last event the client gets: what a stream sends after
+    it (here a content chunk, a usage chunk and a comment) is read for its
+    usage, which is what the request is billed, and not relayed."""
+    usage = {"id": "c", "object": "chat.completion.chunk", "model": M8B, "choices": [],
+             "usage": {"prompt_tokens": 7, "completion_tokens": 9, "total_tokens": 16}}
+    late = (b'data: {"choices":[{"index":0,"delta":{"content":"late"}}]}\n\n'
+            b"data: " + json.dumps(usage).encode() + b"\n\n: trailing\n\n")
+    up = Upstream(after_done=late)
+    try:
+        gw = tg.gateway({M8B: [up.url]}, workers=1, overrides=NATIVE)
+        body = chat_body(M8B, stream=True, max_tokens=3)
+        body["stream_options"] = {"include_usage": True}
+        s = SSEStream(gw.port, body, key=gw.keys["acme"])
+        events = s.read_all()
+        s.close()
+        assert s.status == 200 and s.done and s.complete
+        assert s.raw.endswith(b"data: [DONE]\n\n"), s.raw[-200:]
+        assert b"late" not in s.raw and b"trailing" not in s.raw
+        assert _contents(events) == ["w0 ", "w1 ", "w2 "]
+        entry = tgtest.wait_for(
+            lambda: [e for e in gw.access_log_entries() if e.get("model") == M8B],
+            what="the access-log line")[-1]
+        assert (entry["status"], entry["prompt_tokens"], entry["completion_tokens"]) == \
+            (200, 7, 9), entry
     finally:
         up.close()
 
