@@ -334,7 +334,9 @@ static int cmd_create(const opts_t *o) {
       goto out;
     }
   }
-  if (expires_at != 0 && expires_at <= now) {
+  /* Tested on o->expires, not on expires_at: 1970-01-01 is 0, which the
+   * store reads as "never". */
+  if (o->expires != NULL && expires_at <= now) {
     fprintf(stderr, "tollgate keys: --expires %s is in the past\n",
             o->expires);
     goto out;

@@ -880,6 +880,12 @@ static void test_cli(void **state) {
   run_cli(t, r, "create", "--config", cfg, "--tenant", "internal-dev",
           "--expires", "2001-01-01", NULL);
   assert_int_equal(r->status, 1);
+  /* 1970-01-01 is day 0, an expiry the store would read as "never". */
+  run_cli(t, r, "create", "--config", cfg, "--tenant", "internal-dev",
+          "--expires", "1970-01-01", NULL);
+  assert_int_equal(r->status, 1);
+  assert_string_equal(r->out, "");
+  assert_non_null(strstr(r->err, "in the past"));
   run_cli(t, r, "create", "--config", cfg, "--tenant", "internal-dev",
           "--expires", "30w", NULL);
   assert_int_equal(r->status, 2);
