@@ -516,7 +516,10 @@ static int cmd_revoke(const opts_t *o) {
   } else if (strlen(arg) == TG_KEY_ID_LEN) {
     memcpy(id, arg, TG_KEY_ID_LEN + 1);
   } else {
-    id[0] = '\0';  /* no id has another length */
+    /* No id has another length. Such an argument is never echoed: it may
+     * be a key spoiled in the pasting (a trailing CR, a character more, upper
+     * case) or a bare secret. */
+    id[0] = '\0';
   }
   ex = load_config(o->config, &cfg);
   if (ex != 0)
@@ -527,8 +530,11 @@ static int cmd_revoke(const opts_t *o) {
   rc = id[0] ? tg_keystore_revoke(ks, id, (int64_t)time(NULL))
              : TG_ENOTFOUND;
   if (rc == TG_ENOTFOUND) {
-    fprintf(stderr, "tollgate keys: no key with id \"%.64s\"\n",
-            id[0] ? id : arg);
+    if (id[0])
+      fprintf(stderr, "tollgate keys: no key with id \"%s\"\n", id);
+    else
+      fprintf(stderr, "tollgate keys: not a key id (12 lowercase hex "
+              "characters) nor a whole key; nothing revoked\n");
     goto out;
   }
   if (rc != 0) {

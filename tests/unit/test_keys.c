@@ -8,6 +8,7 @@
 #include <stdint.h>
 #include <cmocka.h>
 
+#include <ctype.h>
 #include <dirent.h>
 #include <errno.h>
 #include <ftw.h>
@@ -955,6 +956,32 @@ static void test_cli(void **state) {
   assert_null(strstr(r->out, "acme-corp"));
   assert_null(strstr(r->out, key + 16));
 
+  /* revoke: a key spoiled in the pasting (a trailing CR, a character more,
+   * upper case) or a bare secret is no id: nothing is revoked and the
+   * secret is not echoed. */
+  {
+    char spoiled[4][TG_KEY_LEN + 2];
+    snprintf(spoiled[0], sizeof(spoiled[0]), "%s\r", key);
+    snprintf(spoiled[1], sizeof(spoiled[1]), "%sx", key);
+    for (size_t i = 0; i <= TG_KEY_LEN; i++)
+      spoiled[2][i] = (char)toupper((unsigned char)key[i]);
+    snprintf(spoiled[3], sizeof(spoiled[3]), "%s", key + 16);
+    for (int i = 0; i < 4; i++) {
+      char secret_up[TG_KEY_SECRET_LEN + 1];
+      for (size_t j = 0; j <= TG_KEY_SECRET_LEN; j++)
+        secret_up[j] = (char)toupper((unsigned char)key[16 + j]);
+      run_cli(t, r, "revoke", "--config", cfg, spoiled[i], NULL);
+      assert_int_equal(r->status, 1);
+      assert_string_equal(r->out, "");
+      assert_null(strstr(r->err, key + 16));
+      assert_null(strstr(r->err, secret_up));
+      assert_non_null(strstr(r->err, "nothing revoked"));
+    }
+    assert_int_equal(tg_keystore_load(st, &set, NULL), 0);
+    assert_int_equal(tg_keyset_verify(set, key, TG_KEY_LEN,
+                                      (int64_t)time(NULL), NULL), TG_KEY_OK);
+    tg_keyset_release(set);
+  }
   /* revoke: known id, unknown id, no id. */
   {
     char id[TG_KEY_ID_LEN + 1];
