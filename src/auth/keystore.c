@@ -11,11 +11,11 @@
  *
  * Writers are short transactions on their own connection (the CLI, later
  * the admin API). The watcher owns a second connection on its own thread and
- * asks the backend every interval for its change marker (SQLite's `PRAGMA
- * data_version` changes only when anyone else committed, across connections
- * and processes alike; PostgreSQL's is a counter a trigger bumps), so an
- * idle store costs one tiny query per poll and a change costs one full read
- * into a fresh keyset. Readers never wait for a reload: they keep whatever
+ * asks the backend every interval for its change marker (in both databases
+ * a counter row that triggers bump on every write to api_keys, whoever
+ * writes), so a store whose keys do not change costs one tiny query per
+ * poll, however busy the ledger in the same database, and a change costs one
+ * full read into a fresh keyset. Readers never wait for a reload: they keep whatever
  * keyset they hold until they ask for the new one. */
 #include "auth/keystore.h"
 
@@ -546,14 +546,20 @@ out:
   return rc;
 }
 
+/* api_keys_changes.version, which triggers bump on every write to api_keys
+ * (migration 6). Not PRAGMA data_version: that moves on every commit to the
+ * file, the ledger's and the budgets' too, so under traffic every poll
+ * reloaded every key. A missing or second row is an error, as in
+ * PostgreSQL: a marker that never moves would hide every change. */
 static int sq_marker(tg__keystore_conn_t *c, int64_t *out) {
   sqlite3_stmt *st = NULL;
   int rc = TG_EDB;
-  if (sqlite3_prepare_v2(c->db, "PRAGMA data_version", -1, &st, NULL) ==
-          SQLITE_OK &&
+  if (sqlite3_prepare_v2(c->db, "SELECT version FROM api_keys_changes", -1,
+                         &st, NULL) == SQLITE_OK &&
       sqlite3_step(st) == SQLITE_ROW) {
     *out = (int64_t)sqlite3_column_int64(st, 0);
-    rc = 0;
+    if (sqlite3_step(st) == SQLITE_DONE)
+      rc = 0;
   }
   sqlite3_finalize(st);
   return rc;

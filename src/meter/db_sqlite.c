@@ -112,6 +112,23 @@ static const migration_t migrations[] = {
    "DROP TABLE ledger;"
    "ALTER TABLE ledger_v5 RENAME TO ledger;"
    "CREATE UNIQUE INDEX ledger_key ON ledger(tenant, ts_ms, request_id);"},
+  {6,
+   /* The key watchers' change marker, as PostgreSQL's api_keys_changes:
+    * triggers bump its one row in the same transaction as any write to
+    * api_keys (the CLI's or an operator's own SQL). PRAGMA data_version,
+    * the marker before, moves on every commit to the file, and the ledger
+    * commits many times a second: every poll reloaded every key. */
+   "CREATE TABLE api_keys_changes ("
+   "  singleton INTEGER PRIMARY KEY CHECK (singleton = 1),"
+   "  version INTEGER NOT NULL"
+   ");"
+   "INSERT INTO api_keys_changes (singleton, version) VALUES (1, 0);"
+   "CREATE TRIGGER api_keys_bump_insert AFTER INSERT ON api_keys BEGIN"
+   "  UPDATE api_keys_changes SET version = version + 1; END;"
+   "CREATE TRIGGER api_keys_bump_update AFTER UPDATE ON api_keys BEGIN"
+   "  UPDATE api_keys_changes SET version = version + 1; END;"
+   "CREATE TRIGGER api_keys_bump_delete AFTER DELETE ON api_keys BEGIN"
+   "  UPDATE api_keys_changes SET version = version + 1; END;"},
 };
 
 #define N_MIGRATIONS (sizeof(migrations) / sizeof(migrations[0]))

@@ -704,6 +704,52 @@ static void test_watcher_sees_changes(void **state) {
   tg_keystore_close(writer);
 }
 
+/* Commits to the database's other tables (the ledger's, the budgets') do
+ * not reload the keys; a write to api_keys from any connection, an
+ * operator's own SQL included, does. */
+static void test_watcher_reloads_only_on_key_changes(void **state) {
+  tmp_t *t = *state;
+  tg_keystore_t *writer = NULL;
+  worker_t wk = {0};
+  char *key = NULL, id[TG_KEY_ID_LEN + 1], sql[160];
+  tg_key_spec_t spec = {.tenant = "acme-corp"};
+  sqlite3 *db = NULL;
+  uint64_t g0;
+  double t0, took;
+
+  assert_int_equal(tg_keystore_open(t->dir, &writer), 0);
+  assert_int_equal(tg_keystore_create(writer, &spec, (int64_t)time(NULL),
+                                      &key, id), 0);
+  assert_int_equal(tg_keywatch_start(t->dir, 50, &wk.w), 0);
+  g0 = tg_keywatch_generation(wk.w);
+  assert_int_equal(worker_check(&wk, key), TG_KEY_OK);
+
+  /* A ledger's worth of commits for 600 ms: no reload. */
+  assert_int_equal(tg_db_sqlite_open(&db, t->dir), 0);
+  t0 = mono_now();
+  for (int i = 0; mono_now() - t0 < 0.6; i++) {
+    snprintf(sql, sizeof(sql), "INSERT INTO tenant_spend VALUES "
+             "('acme-corp', 'day:%d', 1, 0, 1)", i);
+    assert_int_equal(sqlite3_exec(db, sql, NULL, NULL, NULL), SQLITE_OK);
+    sleep_ms(10);
+  }
+  assert_int_equal(tg_keywatch_generation(wk.w), g0);
+
+  /* An operator's UPDATE of api_keys is seen within 1 s. */
+  snprintf(sql, sizeof(sql),
+           "UPDATE api_keys SET expires_at = 1 WHERE id = '%s'", id);
+  assert_int_equal(sqlite3_exec(db, sql, NULL, NULL, NULL), SQLITE_OK);
+  took = wait_for(&wk, key, TG_KEY_EXPIRED);
+  assert_true(took >= 0.0 && took < 1.0);
+  assert_true(tg_keywatch_generation(wk.w) > g0);
+
+  sqlite3_close(db);
+  tg_keywatch_stop(wk.w);
+  tg_keyset_release(wk.set);
+  tg_keystore_key_free(key);
+  tg_keystore_close(writer);
+}
+
 static void test_watcher_start_fails(void **state) {
   tmp_t *t = *state;
   tg_keywatch_t *w = (tg_keywatch_t *)1;
@@ -1023,6 +1069,8 @@ int main(void) {
                                     tmp_teardown),
     cmocka_unit_test_setup_teardown(test_watcher_sees_changes, tmp_setup,
                                     tmp_teardown),
+    cmocka_unit_test_setup_teardown(test_watcher_reloads_only_on_key_changes,
+                                    tmp_setup, tmp_teardown),
     cmocka_unit_test_setup_teardown(test_watcher_start_fails, tmp_setup,
                                     tmp_teardown),
     cmocka_unit_test_setup_teardown(test_cli, tmp_setup, tmp_teardown),

@@ -475,6 +475,9 @@ static void test_migration_5_one_key(void **state) {
   assert_int_equal(sqlite3_exec(db,
       "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_at INTEGER);"
       "INSERT INTO schema_migrations VALUES (1, 1), (2, 1), (3, 1), (4, 1);"
+      "CREATE TABLE api_keys (id TEXT PRIMARY KEY, tenant TEXT NOT NULL, name TEXT,"
+      " models TEXT, secret_sha256 BLOB NOT NULL, created_at INTEGER NOT NULL,"
+      " expires_at INTEGER, revoked_at INTEGER);"
       "CREATE TABLE ledger (request_id TEXT PRIMARY KEY, ts_ms INTEGER NOT NULL,"
       " tenant TEXT NOT NULL, key_id TEXT NOT NULL, model TEXT NOT NULL,"
       " endpoint TEXT NOT NULL, prompt_tokens INTEGER NOT NULL,"
@@ -506,7 +509,8 @@ static void test_migration_5_one_key(void **state) {
   assert_int_equal(cost_of(t->dir, "req-a"), 70);
   assert_int_equal(count_rows(t->dir, "acme"), 3);
   assert_int_equal(sqlite3_open(path, &db), SQLITE_OK);
-  assert_int_equal(sql_int1(db, "SELECT MAX(version) FROM schema_migrations"), 5);
+  assert_int_equal(sql_int1(db, "SELECT MAX(version) FROM schema_migrations"),
+                   tg_db_sqlite_schema_version());
   assert_int_equal(sql_int1(db, "SELECT COUNT(*) FROM sqlite_master WHERE type = 'index'"
                                 " AND tbl_name = 'ledger'"), 1);
   assert_int_equal(sql_int1(db, "SELECT COUNT(*) FROM sqlite_master WHERE name = 'ledger_key'"
