@@ -12,7 +12,6 @@
 #include <jansson.h>
 #include <stdio.h>
 #include <stdlib.h>
-#include <strings.h>
 #include <time.h>
 #include <string.h>
 
@@ -122,14 +121,15 @@ static void on_job_abort(tg_http_req_t *req) {
 static int admin_auth(tg_worker_t *w, tg_http_req_t *req, const char *rid) {
   const tg_keyset_t *ks = tg_worker_keys(w);
   const tg_key_rec_t *rec = NULL;
-  const char *v = tg_http_req_header(req, "authorization");
+  const char *v, *bad = tg_api_credentials(req, &v);
   tg_key_verdict_t verdict;
 
-  if (v != NULL && strncasecmp(v, "Bearer ", 7) == 0)
-    v += 7;
-  else
-    v = tg_http_req_header(req, "x-api-key");
-  if (v == NULL) {
+  if (bad != NULL) {
+    tg_api_error(req, 400, "invalid_request_error", "ambiguous_credentials", rid, NULL,
+                 "%s", bad);
+    return 0;
+  }
+  if (v == NULL || *v == '\0') {
     tg_api_error(req, 401, "authentication_error", "missing_api_key", rid,
                  "WWW-Authenticate: Bearer\r\n", "the admin API needs an admin key");
     return 0;

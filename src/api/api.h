@@ -21,6 +21,14 @@ void tg_api_handle(tg_http_req_t *req);
 void tg_api_reject(tg_http_server_t *srv, int status, const char *code, char *hdrs,
                    size_t size);
 
+/* The API key req presents in *key (NULL when none): Authorization's
+ * Bearer token (SP or HTAB after the scheme), else X-Api-Key, else the
+ * Authorization value itself. Returns NULL, or why the request's
+ * credentials are ambiguous (Authorization, X-Api-Key or X-Tenant-Id more
+ * than once, or a Bearer token and an X-Api-Key that differ): such a
+ * request is refused, whichever key it would have been served with. */
+const char *tg_api_credentials(const tg_http_req_t *req, const char **key);
+
 /* Handler of the admin listener. */
 void tg_admin_handle(tg_http_req_t *req);
 

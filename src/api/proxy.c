@@ -1019,27 +1019,55 @@ void tg_api_tick(tg_worker_t *w) {
 
 /* ---- request parsing and authentication -------------------------------- */
 
-static const char *bearer_key(const tg_http_req_t *req) {
-  const char *v = tg_http_req_header(req, "authorization");
-  if (v != NULL) {
-    if (strncasecmp(v, "Bearer ", 7) == 0) {
-      v += 7;
-      while (*v == ' ')
-        v++;
-      return v;
+/* The value of header lname (lower case), or NULL; *dup is set when it
+ * appears more than once. */
+static const char *header_once(const tg_http_req_t *req, const char *lname, int *dup) {
+  const char *v = NULL;
+  for (size_t i = 0; i < req->n_headers; i++)
+    if (strcmp(req->headers[i].name, lname) == 0) {
+      if (v != NULL)
+        *dup = 1;
+      else
+        v = req->headers[i].value;
     }
-    return v; /* malformed scheme: judged as an invalid key */
+  return v;
+}
+
+const char *tg_api_credentials(const tg_http_req_t *req, const char **key) {
+  int dup = 0;
+  const char *auth = header_once(req, "authorization", &dup);
+  const char *xkey = header_once(req, "x-api-key", &dup);
+  const char *bearer = NULL;
+
+  *key = NULL;
+  (void)header_once(req, "x-tenant-id", &dup);
+  if (dup)
+    return "Authorization, X-Api-Key and X-Tenant-Id may each appear once";
+  if (auth != NULL && strncasecmp(auth, "Bearer", 6) == 0 &&
+      (auth[6] == ' ' || auth[6] == '\t')) {
+    bearer = auth + 7;
+    while (*bearer == ' ' || *bearer == '\t')
+      bearer++;
   }
-  return tg_http_req_header(req, "x-api-key");
+  if (bearer != NULL && xkey != NULL && strcmp(bearer, xkey) != 0)
+    return "Authorization and X-Api-Key carry different keys";
+  /* Another scheme (a front proxy's Basic, say) leaves X-Api-Key to name
+   * the key; alone, its value is judged as a key (and a bare key passes). */
+  *key = bearer ? bearer : xkey ? xkey : auth;
+  return NULL;
 }
 
 /* Resolves the caller into c->tenant and *rec. Returns 0, or refuses the
  * request (401), which finishes the call, and returns -1. */
 static int authenticate(tg_call_t *c, const tg_key_rec_t **rec) {
   const tg_keyset_t *ks = tg_worker_keys(c->w);
-  const char *key = bearer_key(c->req), *claimed;
+  const char *key, *claimed, *bad = tg_api_credentials(c->req, &key);
   tg_key_verdict_t v;
 
+  if (bad != NULL) {
+    call_refuse(c, 400, "invalid_request_error", "ambiguous_credentials", NULL, "%s", bad);
+    return -1;
+  }
   if (key == NULL || *key == '\0') {
     call_refuse(c, 401, "authentication_error", "missing_api_key",
                 "WWW-Authenticate: Bearer\r\n",

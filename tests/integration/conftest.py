@@ -105,6 +105,7 @@ class Stack:
         self.gw = f.gateway({m: [self.sim.url] for m in self.models}, start=False)
         self.key = self.gw.create_key("acme")
         self.small_key = self.gw.create_key("small")
+        self.admin_key = self.gw.create_admin_key(name="ops")
         self.gw.start()
 
     @property

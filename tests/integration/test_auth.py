@@ -56,6 +56,56 @@ def test_tenant_mismatch(stack):
          401, "authentication_error", "tenant_mismatch")
 
 
+def _raw(port, headers, method="POST", path="/v1/chat/completions"):
+    """One request whose headers may repeat a name (a list of pairs)."""
+    c = tgtest.RawConn(port)
+    try:
+        body = tgtest.chat_body(M8B) if method == "POST" else b""
+        c.send(tgtest.http_request_bytes(method, path, body, headers=headers))
+        return c.read_response(method)
+    finally:
+        c.close()
+
+
+def test_ambiguous_credentials_refused(stack):
+    """A request whose credentials could name two callers is refused with
+    400 whichever header would have won: Authorization, X-Api-Key or
+    X-Tenant-Id more than once, or a Bearer key and an X-Api-Key that
+    differ. A Bearer token after a tab, the same key in both headers, and
+    X-Api-Key next to another Authorization scheme (a front proxy's Basic)
+    are served. The admin API judges them alike."""
+    acme, small = stack.key, stack.small_key
+    for headers in (
+        [("Authorization", "Bearer " + acme), ("X-Tenant-Id", "acme"), ("X-Tenant-Id", "small")],
+        [("Authorization", "Bearer " + acme), ("Authorization", "Bearer " + small)],
+        [("X-Api-Key", acme), ("X-Api-Key", small)],
+        [("X-Api-Key", acme), ("X-Api-Key", acme)],
+        [("Authorization", "Bearer " + acme), ("X-Api-Key", small)],
+    ):
+        _err(_raw(stack.port, headers), 400, "invalid_request_error", "ambiguous_credentials")
+    for headers in (
+        [("Authorization", "Bearer\t" + acme)],
+        [("Authorization", "bearer " + acme), ("X-Api-Key", acme), ("X-Tenant-Id", "acme")],
+        [("Authorization", "Basic dXNlcjpwYXNz"), ("X-Api-Key", acme)],
+    ):
+        r = _raw(stack.port, headers)
+        assert r.status == 200, (headers, r)
+    _err(_raw(stack.port, [("Authorization", "Basic dXNlcjpwYXNz")]),
+         401, "authentication_error", "invalid_api_key")
+
+    path = "/admin/v1/tenants/acme/usage/2026-01-01"
+    admin = stack.admin_key
+    stack.gw.wait_admin_key(admin, path=path)
+    _err(_raw(stack.gw.admin_port, [("Authorization", "Bearer " + admin),
+                                    ("X-Api-Key", acme)], "GET", path),
+         400, "invalid_request_error", "ambiguous_credentials")
+    _err(_raw(stack.gw.admin_port, [("Authorization", "Bearer " + admin),
+                                    ("Authorization", "Bearer " + admin)], "GET", path),
+         400, "invalid_request_error", "ambiguous_credentials")
+    assert _raw(stack.gw.admin_port, [("Authorization", "Basic dXNlcjpwYXNz"),
+                                      ("X-Api-Key", admin)], "GET", path).status == 200
+
+
 def test_model_outside_tenant(stack):
     _err(chat(stack.port, stack.small_key, M70B), 403, "permission_error", "model_not_allowed")
     r = request(stack.port, "POST", "/v1/embeddings", body={"model": EMBED, "input": "x"},

@@ -976,17 +976,17 @@ class RawConn:
 
 
 def http_request_bytes(method, path, body=b"", headers=None, key=None, host="127.0.0.1"):
-    """Serialises one HTTP/1.1 request (Content-Length framing)."""
+    """Serialises one HTTP/1.1 request (Content-Length framing). headers: a
+    dict, or a list of (name, value) pairs, which may repeat a name."""
+    pairs = list(headers.items()) if isinstance(headers, dict) else list(headers or [])
     if isinstance(body, (dict, list)):
         body = json.dumps(body).encode()
-        headers = dict(headers or {})
-        headers.setdefault("Content-Type", "application/json")
+        if not any(k.lower() == "content-type" for k, _ in pairs):
+            pairs.append(("Content-Type", "application/json"))
     elif isinstance(body, str):
         body = body.encode()
     lines = ["%s %s HTTP/1.1" % (method, path), "Host: %s" % host]
-    for k, v in auth_headers(key).items():
-        lines.append("%s: %s" % (k, v))
-    for k, v in (headers or {}).items():
+    for k, v in list(auth_headers(key).items()) + pairs:
         lines.append("%s: %s" % (k, v))
     if body or method in ("POST", "PUT"):
         lines.append("Content-Length: %d" % len(body))
