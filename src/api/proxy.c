@@ -68,7 +68,7 @@ struct tg_call_s {
   uint64_t q_deadline;            /* when waiting ends with 503 */
   uint64_t t_queued, queue_ns;    /* start and length of the wait */
   int pick_why;                   /* TG_PICK_* when no endpoint was left */
-  uint64_t tried;
+  tg_tried_t tried;                /* endpoints of the pool already tried */
   int attempts;
   tg_xfer_t *xfer;
   int up_status;
@@ -736,8 +736,7 @@ static int start_attempt(tg_call_t *c, tg_endpoint_t *ep, size_t idx) {
   int r;
 
   {
-    if (idx < 64)
-      c->tried |= UINT64_C(1) << idx;
+    tg_tried_add(&c->tried, idx);
     c->ep = ep;
     c->attempts++;
     c->up_status = 0;
@@ -770,7 +769,7 @@ static int try_next(tg_call_t *c) {
   int why = 0;
 
   for (;;) {
-    tg_endpoint_t *ep = tg_pool_pick(c->pool, c->tried, &idx, &why);
+    tg_endpoint_t *ep = tg_pool_pick(c->pool, &c->tried, &idx, &why);
     if (ep == NULL) {
       c->pick_why = why;
       return -1;
@@ -924,7 +923,7 @@ void tg_api_serve_queues(tg_worker_t *w) {
       tg_call_t *c = waiter_call(qw);
       size_t idx = 0;
       int why = 0;
-      tg_endpoint_t *ep = tg_pool_pick(c->pool, 0, &idx, &why);
+      tg_endpoint_t *ep = tg_pool_pick(c->pool, NULL, &idx, &why);
       if (ep == NULL && why == TG_PICK_SATURATED)
         break; /* still full: the next freed slot wakes us again */
       queue_leave(c, 1);

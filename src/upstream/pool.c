@@ -121,7 +121,8 @@ int tg_endpoint_healthy(const tg_endpoint_t *ep) {
   return usable((tg_endpoint_t *)ep);
 }
 
-tg_endpoint_t *tg_pool_pick(const tg_pool_t *pool, uint64_t tried, size_t *idx, int *why) {
+tg_endpoint_t *tg_pool_pick(const tg_pool_t *pool, const tg_tried_t *tried, size_t *idx,
+                            int *why) {
   size_t i, k, start, best;
   int any_healthy = 0;
 
@@ -138,7 +139,7 @@ tg_endpoint_t *tg_pool_pick(const tg_pool_t *pool, uint64_t tried, size_t *idx, 
       tg_endpoint_t *ep;
       int load, max;
       i = (start + k) % pool->n;
-      if (i < 64 && (tried & (UINT64_C(1) << i)))
+      if (tg_tried_has(tried, i))
         continue;
       ep = pool->eps[i];
       if (!usable(ep))

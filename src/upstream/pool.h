@@ -47,10 +47,28 @@ extern const char *const tg_uperr_names[TG_UPERR_N];
 void tg_endpoint_error(tg_endpoint_t *ep, tg_uperr_t kind);
 uint64_t tg_endpoint_errors(const tg_endpoint_t *ep, tg_uperr_t kind);
 
-/* Picks an endpoint not in tried (bit i = pool->eps[i]) and takes one of its
+/* The endpoints of a pool a call has tried: bit i stands for pool->eps[i].
+ * A pool has at most TG_POOL_MAX endpoints (MAX_ENDPOINTS in config.c),
+ * so every one of them can be marked and a retry never comes back to one. */
+#define TG_POOL_MAX 256
+typedef struct {
+  uint64_t bits[TG_POOL_MAX / 64];
+} tg_tried_t;
+
+static inline void tg_tried_add(tg_tried_t *t, size_t i) {
+  if (i < TG_POOL_MAX)
+    t->bits[i / 64] |= UINT64_C(1) << (i % 64);
+}
+
+static inline int tg_tried_has(const tg_tried_t *t, size_t i) {
+  return t != NULL && i < TG_POOL_MAX && (t->bits[i / 64] >> (i % 64)) & 1;
+}
+
+/* Picks an endpoint not in tried (NULL: none tried yet) and takes one of its
  * slots; *idx receives its index. Returns the endpoint, or NULL with *why set
  * to TG_PICK_NONE_HEALTHY or TG_PICK_SATURATED. */
-tg_endpoint_t *tg_pool_pick(const tg_pool_t *pool, uint64_t tried, size_t *idx, int *why);
+tg_endpoint_t *tg_pool_pick(const tg_pool_t *pool, const tg_tried_t *tried, size_t *idx,
+                            int *why);
 
 /* Gives back the slot taken by tg_pool_pick. */
 void tg_endpoint_release(tg_endpoint_t *ep);

@@ -82,6 +82,27 @@ def test_upstream_500_not_retried(tg):
         fake.close()
 
 
+def test_retries_try_each_endpoint_of_a_large_pool_once(tg):
+    """A model may have up to 256 endpoints. A request that every one of
+    them answers with 503 tries each once and then gets the last answer.
+    (Only the first 64 used to be remembered as tried: with more, the
+    retries went round the others for ever and the client never got an
+    answer.)"""
+    fake = tgtest.FakeUpstream(503)
+    try:
+        n = 80
+        # distinct endpoints (by URL) served by the one fake upstream
+        urls = ["%s/replica%d" % (fake.url, i) for i in range(n)]
+        gw = tg.gateway({M8B: urls}, overrides={"health_check_interval": "60s"})
+        r = chat(gw.port, gw.keys["acme"], M8B, max_tokens=2, timeout=30)
+        assert r.status == 503, r
+        assert r.json()["error"]["code"] == "fake"
+        assert fake.posts == n
+        assert gw.access_entry(r.header("x-request-id"))["attempts"] == n
+    finally:
+        fake.close()
+
+
 def test_all_endpoints_down(tg):
     sim = tg.sim()
     down = ["http://127.0.0.1:%d" % closed_port(), "http://127.0.0.1:%d" % closed_port()]
