@@ -450,6 +450,7 @@ static void call_refuse(tg_call_t *c, int status, const char *type, const char *
 /* ---- upstream attempt ---------------------------------------------------- */
 
 static int try_next(tg_call_t *c);
+static void wait_or_shed(tg_call_t *c);
 
 static int on_up_status(tg_xfer_t *x, int status, void *arg) {
   tg_call_t *c = arg;
@@ -704,8 +705,15 @@ static void on_up_done(int result, const char *detail, void *arg) {
   }
   if (result == TG_XFER_CONNECT || result == TG_XFER_TIMEOUT)
     tg_endpoint_failed(c->ep);
-  if (!c->relayed && result != TG_XFER_ABORTED && try_next(c) == 0)
-    return;
+  if (!c->relayed && result != TG_XFER_ABORTED) {
+    if (try_next(c) == 0)
+      return;
+    if (c->pick_why == TG_PICK_SATURATED) {
+      /* the endpoints left are up but full: wait for a slot like any call */
+      wait_or_shed(c);
+      return;
+    }
+  }
   if (c->relayed) {
     c->err_code = "upstream_broken";
     c->status = 502;
@@ -854,7 +862,8 @@ static int queue_enter(tg_call_t *c) {
     return -1;
   c->wq = wq;
   c->t_queued = now;
-  c->q_deadline = now + cfg->queue_timeout_ms * 1000000;
+  if (c->q_deadline == 0) /* waits after a failed attempt share the first one's bound */
+    c->q_deadline = now + cfg->queue_timeout_ms * 1000000;
   queue_count(c, 1);
   return 0;
 }
@@ -868,7 +877,7 @@ static void queue_leave(tg_call_t *c, int served) {
   else
     tg_fairq_remove(&c->wq->q, &c->qw);
   c->wq = NULL;
-  c->queue_ns = now_ns() - c->t_queued;
+  c->queue_ns += now_ns() - c->t_queued; /* a call may wait again after a failed attempt */
   queue_count(c, -1);
 }
 
@@ -923,7 +932,9 @@ void tg_api_serve_queues(tg_worker_t *w) {
       tg_call_t *c = waiter_call(qw);
       size_t idx = 0;
       int why = 0;
-      tg_endpoint_t *ep = tg_pool_pick(c->pool, NULL, &idx, &why);
+      /* a call back in the queue after a failed attempt is not sent to an
+       * endpoint it has tried */
+      tg_endpoint_t *ep = tg_pool_pick(c->pool, &c->tried, &idx, &why);
       if (ep == NULL && why == TG_PICK_SATURATED)
         break; /* still full: the next freed slot wakes us again */
       queue_leave(c, 1);
@@ -940,24 +951,28 @@ void tg_api_serve_queues(tg_worker_t *w) {
   }
 }
 
+/* Every endpoint the call may still use is at max_inflight: it waits in
+ * the model's queue, or is shed when the queue is full (or off). */
+static void wait_or_shed(tg_call_t *c) {
+  if (c->rt->cfg->queue_max > 0 && queue_enter(c) == 0)
+    return;
+  shed(c, "queue_full",
+       "every endpoint of this model is at capacity and its queue is full; retry shortly");
+}
+
 static void start_dispatch(tg_call_t *c) {
-  const char *msg = "every endpoint of this model is at capacity and its queue is full; retry shortly";
   struct tg_wqueue_s *wq = wqueue_find(c->w, c->model->name);
 
   c->t_dispatch = now_ns();
   /* waiters of this model on this loop go first */
   if (wq != NULL && wq->q.len > 0) {
-    if (queue_enter(c) == 0)
-      return;
-    shed(c, "queue_full", msg);
+    wait_or_shed(c);
     return;
   }
   if (try_next(c) == 0)
     return;
   if (c->pick_why == TG_PICK_SATURATED) {
-    if (c->rt->cfg->queue_max > 0 && queue_enter(c) == 0)
-      return;
-    shed(c, "queue_full", msg);
+    wait_or_shed(c);
     return;
   }
   call_error(c, 503, "server_error", "no_healthy_endpoint",

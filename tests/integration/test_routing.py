@@ -4,6 +4,8 @@ when no endpoint can serve, the client gets 503 no_healthy_endpoint and
 /readyz says so; a backend that dies mid-stream truncates only that
 stream."""
 
+import socket
+import threading
 import time
 
 import pytest
@@ -101,6 +103,105 @@ def test_retries_try_each_endpoint_of_a_large_pool_once(tg):
         assert gw.access_entry(r.header("x-request-id"))["attempts"] == n
     finally:
         fake.close()
+
+
+def test_failed_attempt_waits_for_a_full_endpoint(tg):
+    """When an attempt fails to connect and the model's other endpoints are
+    up but at max_inflight, the request waits in the queue for a slot like
+    any request finding them full, and is served. (It used to get 503
+    no_healthy_endpoint, "no upstream endpoint of this model could be
+    reached", while a healthy endpoint was only busy.)"""
+    sim = tg.sim()
+    dead = "http://127.0.0.1:%d" % closed_port()
+    # no probes: a refused endpoint is tried again after its 2 s cool-off
+    gw = tg.gateway({M8B: tgtest.model_entry([dead, sim.url], max_inflight=1)}, workers=1,
+                    ready=False, overrides={"health_check_interval": "0"})
+    key = gw.keys["acme"]
+    busy = []  # takes the simulator's only slot for 3.5 s
+    t = threading.Thread(target=lambda: busy.append(
+        chat(gw.port, key, M8B, max_tokens=1, headers={"x-sim-ttft-ms": "3500"})))
+    t.start()
+    tgtest.wait_for(lambda: sim.metric(tgtest.SIM_RUNNING) == 1, what="the busy request")
+    time.sleep(2.3)  # the dead endpoint is a candidate again, whichever way busy went
+    t0 = time.monotonic()
+    r = chat(gw.port, key, M8B, max_tokens=2)
+    assert r.status == 200, r
+    assert r.json()["usage"]["completion_tokens"] == 2
+    assert time.monotonic() - t0 > 0.5, "served before the busy request gave its slot back"
+    e = gw.access_entry(r.header("x-request-id"))
+    assert (e["endpoint"], e["attempts"]) == (sim.url, 2), e
+    t.join()
+    assert busy[0].status == 200
+
+
+class _Hangup:
+    """An upstream that answers health probes (GET) and hangs up on every
+    POST without answering it. Counts the POSTs."""
+
+    def __init__(self):
+        self.posts = 0
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.url = "http://127.0.0.1:%d" % self.sock.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(c,), daemon=True).start()
+
+    def _serve(self, c):
+        with c:
+            while True:
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    d = c.recv(65536)
+                    if not d:
+                        return
+                    head += d
+                if not head.startswith(b"GET"):
+                    self.posts += 1
+                    return
+                c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    def close(self):
+        self.sock.close()
+
+
+def test_failed_attempt_waits_without_coming_back_to_its_endpoint(tg):
+    """A request back in the queue after its attempt broke is not sent to
+    the endpoint that broke it again, and its waits together stay within
+    the queue timeout: here the other endpoint never frees its slot, so the
+    request gets 503 queue_timeout after 2 s, with one POST to the broken
+    endpoint."""
+    sim = tg.sim()
+    bad = _Hangup()
+    try:
+        gw = tg.gateway({M8B: tgtest.model_entry([bad.url, sim.url], max_inflight=1)},
+                        workers=1, overrides={"health_check_interval": "60s",
+                                              "timeouts": {"queue": "2s"}})
+        key = gw.keys["acme"]
+        stalled = []  # holds the simulator's only slot until the 5 s first-byte timeout
+        t = threading.Thread(target=lambda: stalled.append(
+            chat(gw.port, key, M8B, max_tokens=1, headers={"x-sim-fault": "stall"})))
+        t.start()
+        tgtest.wait_for(lambda: sim.metric(tgtest.SIM_RUNNING) == 1, what="the stalled request")
+        posts = bad.posts
+        t0 = time.monotonic()
+        r = chat(gw.port, key, M8B, max_tokens=2)
+        took = time.monotonic() - t0
+        _err(r, 503, "server_error", "queue_timeout")
+        assert r.header("retry-after") == "1"
+        assert 1.5 < took < 3.5, took
+        assert bad.posts - posts == 1
+        t.join()
+        assert stalled[0].status == 504
+    finally:
+        bad.close()
 
 
 def test_all_endpoints_down(tg):
