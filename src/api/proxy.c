@@ -457,6 +457,10 @@ static int on_up_status(tg_xfer_t *x, int status, void *arg) {
   (void)x;
   c->up_status = status;
   c->reached = 1;
+  if (c->stream && status == 200)
+    return 0; /* vLLM sends a stream's head at once, before it queues the
+               * request or makes a token: the first-byte deadline and the
+               * time to first token wait for the first event (on_up_data) */
   c->t_first_byte = now_ns();
   c->deadline_kind = DL_IDLE;
   c->deadline = c->t_first_byte + c->rt->cfg->upstream_idle_timeout_ms * 1000000;
@@ -533,6 +537,10 @@ static int on_up_data(tg_xfer_t *x, const char *data, size_t len, void *arg) {
   int r;
 
   (void)x;
+  if (c->t_first_byte == 0)
+    c->t_first_byte = now_ns();
+  if (c->deadline_kind == DL_FIRST_BYTE)
+    c->deadline_kind = DL_IDLE;
   c->deadline = now_ns() + c->rt->cfg->upstream_idle_timeout_ms * 1000000;
   if (tg_http_req_gone(c->req))
     return -1;
@@ -761,6 +769,7 @@ static int start_attempt(tg_call_t *c, tg_endpoint_t *ep, size_t idx) {
     opts.connect_timeout_ms = cfg->upstream_connect_timeout_ms;
     /* held before the start: a client may report the end from inside it */
     call_hold(c);
+    c->t_first_byte = 0; /* this attempt's, not an earlier one's */
     c->deadline_kind = DL_FIRST_BYTE;
     c->deadline = now_ns() + cfg->upstream_first_byte_timeout_ms * 1000000;
     r = tg_xfer_start(c->w->up, &opts, &xfer_cbs, c, &c->xfer);

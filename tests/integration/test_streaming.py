@@ -221,6 +221,38 @@ def test_slow_client_pauses_upstream_with_bounded_memory(tg):
     assert r.status == 200
 
 
+def test_stream_head_before_first_token_waits_on_the_first_byte_deadline(tg):
+    """An upstream sends a stream's head at once and its first event only
+    after the time to first token (as vLLM does, queueing and prefill
+    included): that wait is bounded by upstream_first_byte, not by the
+    shorter upstream_idle, and the access log and the ledger time the first
+    token, not the head."""
+    sim = tg.sim(token_ms=0, ttft_ms=0)
+    gw = tg.gateway({M8B: [sim.url]}, workers=1,
+                    overrides={"timeouts": {"upstream_idle": "500ms",
+                                            "upstream_first_byte": "10s"}})
+    s = SSEStream(gw.port, chat_body(M8B, stream=True, max_tokens=3), key=gw.keys["acme"],
+                  headers={"x-sim-ttft-ms": "1200"})
+    s.read_all()
+    s.close()
+    assert s.status == 200 and s.done and s.complete
+    rid = s.headers["x-request-id"]
+    e = gw.access_entry(rid, timeout=5.0)
+    assert e["status"] == 200 and e["completion_tokens"] == 3, e
+    assert 1150 <= e["ttfb_ms"] <= e["duration_ms"], e
+    rows = tgtest.sqlite_ledger_rows(gw.db_path, "WHERE request_id = ?", (rid,))
+    assert len(rows) == 1 and rows[0]["ttft_us"] >= 1150000, rows
+
+    # the first-byte deadline still ends a stream whose first event never comes
+    t0 = time.monotonic()
+    s = SSEStream(gw.port, chat_body(M8B, stream=True, max_tokens=3), key=gw.keys["acme"],
+                  headers={"x-sim-ttft-ms": "60000"}, timeout=30)
+    s.read_all()
+    s.close()
+    assert s.status == 504, s.status
+    assert 9.0 <= time.monotonic() - t0 < 15.0
+
+
 def test_slow_reader_is_not_cut_by_the_upstream_idle_timeout(tg):
     """A client that reads slowly pauses the upstream; the pause is the
     client's doing, so the upstream idle timeout (3 s) does not run during
