@@ -21,6 +21,7 @@
 #define ERR_SLOTS 8                /* distinct error codes per entry */
 #define N_LIMITS 9                 /* tg_limit_kind_t, then LIM_QUEUE */
 #define LIM_QUEUE 8                /* shed: the model's pool was saturated */
+#define OTHER "_other"             /* the tenant past a full table, with model "" */
 
 static const double dur_bounds[] = {0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1,
                                     2.5,   5,    10,    30,   60,  120};
@@ -53,6 +54,7 @@ typedef struct {
 
 typedef struct {
   entry_t *e;                      /* TABLE_SIZE entries */
+  size_t used;                     /* keys published (owner thread only) */
   ctr_t ovh_b[N_OVH + 1];
   ctr_t ovh_sum_us, ovh_count;
 } table_t;
@@ -103,6 +105,7 @@ static entry_t *find(table_t *t, const char *tenant, const char *model, uint64_t
       memcpy(nk + tl + 1, model, ml + 1);
       e->hash = h;
       atomic_store_explicit(&e->key, nk, memory_order_release);
+      t->used++;
       return e;
     }
     if (e->hash == h && key_eq(k, tenant, model))
@@ -112,10 +115,12 @@ static entry_t *find(table_t *t, const char *tenant, const char *model, uint64_t
 }
 
 /* Finds (tenant, model) in worker w's table, adding it; past the table's
- * bound, the "_other" entry. */
+ * bound, the "_other" entry. The last free slot is kept for "_other": a
+ * table filled by other keys would have no room left for it. */
 static entry_t *entry_of(tg_metrics_t *m, size_t w, const char *tenant, const char *model) {
-  entry_t *e = find(&m->t[w], tenant, model, hash2(tenant, model), 1);
-  return e ? e : find(&m->t[w], "_other", "", hash2("_other", ""), 1);
+  table_t *t = &m->t[w];
+  entry_t *e = find(t, tenant, model, hash2(tenant, model), t->used < TABLE_SIZE - 1);
+  return e ? e : find(t, OTHER, "", hash2(OTHER, ""), 1);
 }
 
 int tg_metrics_new(size_t n_workers, tg_metrics_t **out) {
@@ -564,7 +569,10 @@ static void pass_cb(tg_mbuf_t *b, const char *tenant, const char *model, entry_t
   tg_metrics_label(mo, sizeof(mo), model);
   switch (p->what) {
   case P_TOK:
-    if (!model[0]) break;
+    /* a tenant's requests without a model have no tokens; the overflow's
+     * have, of every model: they show as model "_other" */
+    if (!model[0] && strcmp(tenant, OTHER) != 0) break;
+    if (!model[0]) tg_metrics_label(mo, sizeof(mo), OTHER);
     for (k = 0; k < n; k++) if (es[k]) { v += ld(&es[k]->prompt_tokens); v2 += ld(&es[k]->completion_tokens); }
     tg_mbuf_printf(b, "llm_tenant_prompt_tokens_total{tenant=\"%s\",model=\"%s\"} %llu\n"
                       "llm_tenant_completion_tokens_total{tenant=\"%s\",model=\"%s\"} %llu\n",

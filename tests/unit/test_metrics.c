@@ -1,0 +1,91 @@
+/* The metric tables and their Prometheus text: what a scrape shows after a
+ * known set of observations, read back line by line. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cmocka.h>
+
+#include "obs/metrics.h"
+
+#define TABLE_KEYS 8191 /* (tenant, model) pairs a worker's table holds besides "_other" */
+
+static char *render(tg_metrics_t *m) {
+  tg_mbuf_t b = {NULL, 0, 0, 256u * 1024 * 1024, 0};
+  tg_metrics_render(m, &b);
+  assert_int_equal(b.err, 0);
+  assert_non_null(b.s);
+  return b.s;
+}
+
+/* The value of the sample whose line starts with `series ` (name and
+ * labels exactly as rendered); -1 when absent; fails when it is there twice. */
+static long long sample(const char *text, const char *series) {
+  size_t n = strlen(series);
+  long long v = -1;
+  const char *p;
+  for (p = text; p != NULL && *p; p = strchr(p, '\n'), p = p ? p + 1 : NULL) {
+    if (strncmp(p, series, n) == 0 && p[n] == ' ') {
+      if (v != -1)
+        fail_msg("%s is there twice", series);
+      v = strtoll(p + n + 1, NULL, 10);
+    }
+  }
+  return v;
+}
+
+static void observe(tg_metrics_t *m, size_t w, const char *tenant, const char *model,
+                    int64_t prompt, int64_t completion) {
+  tg_metrics_obs_t o;
+  memset(&o, 0, sizeof(o));
+  o.tenant = tenant;
+  o.model = model;
+  o.status = 200;
+  o.refused = TG_LIMIT_NONE;
+  o.prompt_tokens = prompt;
+  o.completion_tokens = completion;
+  o.duration_s = 0.2;
+  o.ttft_s = 0.05;
+  o.overhead_s = 0.0003;
+  tg_metrics_observe(m, w, &o);
+}
+
+/* Past the table's bound, requests count under tenant "_other" (requests,
+ * tokens and latency alike): a full table loses none of them. */
+static void test_full_table_counts_under_other(void **state) {
+  tg_metrics_t *m = NULL;
+  char tenant[32], *text;
+  int i;
+
+  (void)state;
+  assert_int_equal(tg_metrics_new(1, &m), 0);
+  for (i = 0; i < TABLE_KEYS; i++) {
+    snprintf(tenant, sizeof(tenant), "t%d", i);
+    observe(m, 0, tenant, "m", 1, 1);
+  }
+  observe(m, 0, "late-1", "m", 10, 20);
+  observe(m, 0, "late-2", "m2", 100, 200);
+  text = render(m);
+  assert_int_equal(sample(text, "llm_tenant_requests_total{tenant=\"late-1\"}"), -1);
+  assert_int_equal(sample(text, "llm_tenant_requests_total{tenant=\"_other\"}"), 2);
+  assert_int_equal(sample(text, "llm_tenant_prompt_tokens_total{tenant=\"_other\",model=\"_other\"}"),
+                   110);
+  assert_int_equal(
+      sample(text, "llm_tenant_completion_tokens_total{tenant=\"_other\",model=\"_other\"}"), 220);
+  assert_int_equal(sample(text, "llm_request_duration_seconds_count{tenant=\"_other\"}"), 2);
+  assert_int_equal(sample(text, "llm_tenant_requests_total{tenant=\"t0\"}"), 1);
+  assert_int_equal(sample(text, "llm_tenant_requests_total{tenant=\"t8190\"}"), 1);
+  free(text);
+  tg_metrics_free(m);
+}
+
+int main(void) {
+  const struct CMUnitTest tests[] = {
+      cmocka_unit_test(test_full_table_counts_under_other),
+  };
+  return cmocka_run_group_tests(tests, NULL, NULL);
+}
