@@ -257,26 +257,39 @@ void tg_metrics_reload(tg_metrics_t *m, int ok) {
     atomic_fetch_add_explicit(ok ? &m->reloads : &m->reload_failures, 1, memory_order_relaxed);
 }
 
+/* The node of tenant in the list from head up to (not including) stop. */
+static event_t *event_find(event_t *head, event_t *stop, const char *tenant) {
+  for (; head != stop; head = head->next)
+    if (strcmp(head->tenant, tenant) == 0)
+      return head;
+  return NULL;
+}
+
 void tg_metrics_budget_event(tg_metrics_t *m, const char *tenant, int month) {
-  event_t *ev, *head;
+  event_t *ev, *head, *found;
   size_t n;
 
   if (m == NULL)
     return;
-  for (ev = atomic_load(&m->events); ev; ev = ev->next)
-    if (strcmp(ev->tenant, tenant) == 0)
-      break;
+  head = atomic_load(&m->events);
+  ev = event_find(head, NULL, tenant);
   if (ev == NULL) {
     n = strlen(tenant);
     ev = calloc(1, sizeof(*ev) + n + 1);
     if (ev == NULL)
       return;
     memcpy(ev->tenant, tenant, n + 1);
-    head = atomic_load(&m->events);
-    do
+    ev->next = head;
+    /* a failed exchange loads the new head: the nodes pushed meanwhile
+     * (down to ev->next, already searched) may hold the tenant */
+    while (!atomic_compare_exchange_weak(&m->events, &head, ev)) {
+      if ((found = event_find(head, ev->next, tenant)) != NULL) {
+        free(ev);
+        ev = found;
+        break;
+      }
       ev->next = head;
-    while (!atomic_compare_exchange_weak(&m->events, &head, ev));
-    /* two threads may add the same tenant: render sums duplicates */
+    }
   }
   atomic_fetch_add_explicit(month ? &ev->month : &ev->day, 1, memory_order_relaxed);
 }

@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include <cmocka.h>
+#include <pthread.h>
 
 #include "obs/metrics.h"
 
@@ -83,9 +84,54 @@ static void test_full_table_counts_under_other(void **state) {
   tg_metrics_free(m);
 }
 
+#define EVENT_TENANTS 2000
+#define EVENT_THREADS 4
+
+static pthread_barrier_t event_start;
+
+static void *raise_events(void *arg) {
+  tg_metrics_t *m = arg;
+  char tenant[32];
+  int i;
+  pthread_barrier_wait(&event_start);
+  for (i = 0; i < EVENT_TENANTS; i++) {
+    snprintf(tenant, sizeof(tenant), "t%d", i);
+    tg_metrics_budget_event(m, tenant, 0);
+  }
+  return NULL;
+}
+
+/* Threads that raise the first event of the same tenants at the same time
+ * leave one series per tenant holding every event: a tenant listed twice
+ * would be a duplicate series, which Prometheus refuses. */
+static void test_budget_events_from_threads_one_series_per_tenant(void **state) {
+  tg_metrics_t *m = NULL;
+  pthread_t th[EVENT_THREADS];
+  char series[96], *text;
+  int i;
+
+  (void)state;
+  assert_int_equal(tg_metrics_new(1, &m), 0);
+  pthread_barrier_init(&event_start, NULL, EVENT_THREADS);
+  for (i = 0; i < EVENT_THREADS; i++)
+    assert_int_equal(pthread_create(&th[i], NULL, raise_events, m), 0);
+  for (i = 0; i < EVENT_THREADS; i++)
+    pthread_join(th[i], NULL);
+  pthread_barrier_destroy(&event_start);
+  text = render(m);
+  for (i = 0; i < EVENT_TENANTS; i++) {
+    snprintf(series, sizeof(series),
+             "llm_budget_threshold_events_total{tenant=\"t%d\",window=\"day\"}", i);
+    assert_int_equal(sample(text, series), EVENT_THREADS);
+  }
+  free(text);
+  tg_metrics_free(m);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_full_table_counts_under_other),
+      cmocka_unit_test(test_budget_events_from_threads_one_series_per_tenant),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
