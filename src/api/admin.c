@@ -148,6 +148,16 @@ static int admin_auth(tg_worker_t *w, tg_http_req_t *req, const char *rid) {
   return 1;
 }
 
+/* 1 when the query string holds the parameter param ("name=value") whole. */
+static int query_has(const char *query, const char *param) {
+  size_t n = strlen(param);
+  const char *p;
+  for (p = query; p != NULL; p = strchr(p, '&'), p = p ? p + 1 : NULL)
+    if (strncmp(p, param, n) == 0 && (p[n] == '\0' || p[n] == '&'))
+      return 1;
+  return 0;
+}
+
 /* /admin/v1/tenants/{tenant}/{invoices|usage}/{period} */
 static void admin_api(tg_worker_t *w, tg_http_req_t *req, const char *rid) {
   const char *p = req->path + strlen("/admin/v1/tenants/"), *slash, *kind, *period;
@@ -175,7 +185,8 @@ static void admin_api(tg_worker_t *w, tg_http_req_t *req, const char *rid) {
   }
   memcpy(j->tenant, p, tl);
   j->invoice = kind[0] == 'i';
-  j->csv = strstr(req->query, "format=csv") != NULL;
+  /* only an invoice has a CSV form; a day's usage is always JSON */
+  j->csv = j->invoice && query_has(req->query, "format=csv");
   if (strlen(period) >= sizeof(j->period) ||
       (j->invoice ? tg_month_range(period, &a, &b) : tg_day_range(period, &a, &b)) < 0) {
     tg_api_error(req, 400, "invalid_request_error", "bad_period", rid, NULL,

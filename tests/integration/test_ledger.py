@@ -337,6 +337,16 @@ def test_admin_invoice_route_equals_cli_and_needs_an_admin_key(tg, sim):
         r = tgtest.admin(gw, "/admin/v1/tenants/%s/usage/%s" % (tenant, day), key=admin_key)
         assert r.status == 200, r
         assert tgtest.money_json(r.body) == gw.usage(tenant, day), r
+    # a day's usage has no CSV form: JSON, labelled so, whatever the query
+    r = tgtest.admin(gw, "/admin/v1/tenants/alpha/usage/%s?format=csv" % day, key=admin_key)
+    assert r.status == 200 and r.header("content-type", "").startswith("application/json"), r
+    assert tgtest.money_json(r.body) == gw.usage("alpha", day), r
+    # format=csv is a parameter of its own, not a substring of another
+    for q in ("?format=csvx", "?xformat=csv", "?a=format=csv"):
+        r = tgtest.admin(gw, path % ("alpha", month) + q, key=admin_key)
+        assert r.status == 200 and r.header("content-type", "").startswith("application/json"), (q, r)
+    r = tgtest.admin(gw, path % ("alpha", month) + "?a=1&format=csv", key=admin_key)
+    assert r.status == 200 and r.body.decode() == gw.invoice("alpha", month, fmt="csv"), r
     tgtest.check_invoices(gw, outcomes, PRICES, tenants)
 
     p = path % ("alpha", month)
