@@ -158,14 +158,16 @@ int tg_invoice_build(tg_ledger_db_t *db, const char *tenant, const char *month, 
     usd(money, sizeof(money), total_cost);
     sb_add(&b, "%s,%s,TOTAL,%lld,,,%s\n", tenant, month, (long long)total_req, money);
   } else {
-    tg_json_quote(q, sizeof(q), tenant);
+    if (tg_json_quote(q, sizeof(q), tenant) < 0)
+      b.err = TG_ETOOBIG; /* q is not a string: print nothing */
     usd(money, sizeof(money), total_cost);
     sb_add(&b,
            "{\"tenant_id\":%s,\"billing_period\":\"%s\",\"generated_at\":\"%s\","
            "\"summary\":{\"total_requests\":%lld,\"total_cost_usd\":%s},\"usage_by_model\":{",
            q, month, when, (long long)total_req, money);
     for (i = 0; i < n; i++) {
-      tg_json_quote(q, sizeof(q), rows[i].model);
+      if (tg_json_quote(q, sizeof(q), rows[i].model) < 0)
+        b.err = TG_ETOOBIG;
       usd(money, sizeof(money), rows[i].cost_nano);
       sb_add(&b,
              "%s%s:{\"requests\":%lld,\"prompt_tokens\":%lld,\"completion_tokens\":%lld,"
@@ -203,7 +205,8 @@ int tg_usage_build(tg_ledger_db_t *db, const char *tenant, const char *day, char
     cost += rows[i].cost_nano;
   }
   free(rows);
-  tg_json_quote(q, sizeof(q), tenant);
+  if (tg_json_quote(q, sizeof(q), tenant) < 0)
+    return TG_ETOOBIG; /* q is not a string */
   usd(money, sizeof(money), cost);
   sb_add(&b,
          "{\"tenant_id\":%s,\"day\":\"%s\",\"requests\":%lld,\"prompt_tokens\":%lld,"

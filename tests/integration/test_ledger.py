@@ -669,3 +669,17 @@ def test_migrate_command_brings_the_sqlite_schema_up_to_date(tg, sim):
     cp = gw.tool("migrate", check=False)
     assert cp.returncode == 1 and cp.stdout == "", cp
     assert "newer than this binary knows (%d)" % version in cp.stderr, cp.stderr
+
+
+def test_invoice_and_usage_of_a_name_too_long_to_print_fail_instead_of_printing_broken_json(tg, sim):
+    gw = start_gw(tg, sim, start=False)
+    gw.tool("migrate")
+    for cmd, period in (("invoice", ["--month", tgtest.utc_month()]),
+                        ("usage", ["--day", tgtest.utc_day()])):
+        # 400 quotes: 800 bytes escaped, past what one JSON field may hold
+        cp = gw.tool(cmd, "--tenant", '"' * 400, *period, check=False)
+        assert cp.returncode == 1 and cp.stdout == "", (cmd, cp.stdout[:200])
+        assert cp.stderr.startswith("tollgate: "), (cmd, cp.stderr)
+        # a long name that fits is printed whole
+        cp = gw.tool(cmd, "--tenant", "x" * 200, *period)
+        assert tgtest.money_json(cp.stdout)["tenant_id"] == "x" * 200, (cmd, cp.stdout)
