@@ -1222,14 +1222,172 @@ static void parse_tenants(ydoc_t *d, yaml_node_t *n) {
 
 /* ---- files ---------------------------------------------------------------- */
 
+/* Reads the whole file into *buf, at most MAX_FILE_BYTES whatever the file
+ * is: a pipe or a device has no size to check beforehand. Returns 0, or -1
+ * with why set. */
+static int read_bounded(FILE *f, char **buf, size_t *len, char *why,
+                        size_t whysz) {
+  size_t cap = 0, n = 0;
+  char *b = NULL;
+  for (;;) {
+    if (n == cap) {
+      /* one byte past the bound tells a too-big file from one just at it */
+      size_t ncap = cap ? cap * 2 : 65536;
+      if (ncap > (size_t)MAX_FILE_BYTES + 1)
+        ncap = (size_t)MAX_FILE_BYTES + 1;
+      if (n == ncap) {
+        snprintf(why, whysz, "file is larger than %lld bytes", MAX_FILE_BYTES);
+        free(b);
+        return -1;
+      }
+      char *nb = realloc(b, ncap);
+      if (nb == NULL) {
+        snprintf(why, whysz, "%s", strerror(ENOMEM));
+        free(b);
+        return -1;
+      }
+      b = nb;
+      cap = ncap;
+    }
+    size_t got = fread(b + n, 1, cap - n, f);
+    n += got;
+    if (got == 0) {
+      if (ferror(f)) {
+        snprintf(why, whysz, "%s", strerror(errno ? errno : EIO));
+        free(b);
+        return -1;
+      }
+      break;
+    }
+  }
+  *buf = b;
+  *len = n;
+  return 0;
+}
+
+/* libyaml's scanner keeps one possible simple key per flow level and checks
+ * them all for every token, and its loader looks anchors up in a flat list,
+ * so nesting and anchors cost quadratic time (a 1 MiB file of '[' takes
+ * most of an hour, while a reload holds the main loop and its SIGTERM);
+ * and aliases multiply what the schema walk visits (a 4 MB tenants file
+ * aliasing one 4096-model list from 100000 tenants asks for 400 million
+ * copies). This pass reads events only, so it stops at the first excess
+ * after work linear in what it read, and refuses nesting deeper than
+ * MAX_DEPTH, more than MAX_ANCHORS anchors, and aliases that expand the
+ * file beyond MAX_NODES nodes (more than a file of MAX_FILE_BYTES holds
+ * without them). A YAML error is left to the load that follows, which
+ * meets the same one. Returns 0, or -1 after reporting. */
+#define MAX_DEPTH 64    /* the schema itself needs 5 */
+#define MAX_ANCHORS 256
+#define MAX_NODES ((uint64_t)MAX_FILE_BYTES / 2) /* 8388608: "a," per node */
+
+typedef struct {
+  char *name;
+  uint64_t start; /* nodes counted when its node began */
+  uint64_t size;  /* nodes it stands for; 0 while its node is still open */
+} anchor_t;
+
+/* Adds a node that starts with ev; returns why it is refused, or NULL. */
+static const char *prescan_node(const yaml_event_t *ev, anchor_t *anchors,
+                                size_t *n_anchors, size_t *open, int *depth,
+                                uint64_t nodes, int *nomem) {
+  const yaml_char_t *anchor = ev->type == YAML_SCALAR_EVENT
+                                  ? ev->data.scalar.anchor
+                              : ev->type == YAML_SEQUENCE_START_EVENT
+                                  ? ev->data.sequence_start.anchor
+                                  : ev->data.mapping_start.anchor;
+  size_t slot = SIZE_MAX;
+  if (anchor != NULL) {
+    if (*n_anchors == MAX_ANCHORS)
+      return "more than 256 YAML anchors" /* MAX_ANCHORS */;
+    char *name = strdup((const char *)anchor);
+    if (name == NULL) {
+      *nomem = 1;
+      return NULL;
+    }
+    slot = (*n_anchors)++;
+    anchors[slot] = (anchor_t){name, nodes, 1};
+  }
+  if (ev->type == YAML_SCALAR_EVENT)
+    return NULL;
+  if (*depth == MAX_DEPTH)
+    return "YAML nesting deeper than 64 levels" /* MAX_DEPTH */;
+  open[(*depth)++] = slot;
+  if (slot != SIZE_MAX)
+    anchors[slot].size = 0;
+  return NULL;
+}
+
+static int yaml_prescan(ydoc_t *d, const char *buf, size_t len) {
+  yaml_parser_t parser;
+  yaml_event_t ev;
+  anchor_t anchors[MAX_ANCHORS];
+  size_t n_anchors = 0, open[MAX_DEPTH];
+  int depth = 0, nomem = 0, done = 0;
+  uint64_t nodes = 0;
+  const char *why = NULL;
+
+  if (!yaml_parser_initialize(&parser)) {
+    d->ld->nomem = 1;
+    return -1;
+  }
+  yaml_parser_set_input_string(&parser, (const unsigned char *)buf, len);
+  while (!done && why == NULL && !nomem && yaml_parser_parse(&parser, &ev)) {
+    switch (ev.type) {
+    case YAML_STREAM_END_EVENT:
+      done = 1;
+      break;
+    case YAML_ALIAS_EVENT: {
+      uint64_t size = 1; /* an undefined alias is the load's to report */
+      for (size_t i = n_anchors; i-- > 0;)
+        if (strcmp(anchors[i].name, (const char *)ev.data.alias.anchor) == 0) {
+          size = anchors[i].size ? anchors[i].size : 1;
+          break;
+        }
+      nodes += size;
+      break;
+    }
+    case YAML_SCALAR_EVENT:
+    case YAML_SEQUENCE_START_EVENT:
+    case YAML_MAPPING_START_EVENT:
+      why = prescan_node(&ev, anchors, &n_anchors, open, &depth, nodes, &nomem);
+      nodes++;
+      break;
+    case YAML_SEQUENCE_END_EVENT:
+    case YAML_MAPPING_END_EVENT:
+      depth--;
+      if (open[depth] != SIZE_MAX)
+        anchors[open[depth]].size = nodes - anchors[open[depth]].start;
+      break;
+    default:
+      break;
+    }
+    if (why == NULL && nodes > MAX_NODES)
+      why = "aliases expand the file beyond 8388608 nodes" /* MAX_NODES */;
+    if (why != NULL)
+      add_err(d->ld, d->rank, d->file, (unsigned long)ev.start_mark.line + 1,
+              why);
+    yaml_event_delete(&ev);
+  }
+  yaml_parser_delete(&parser);
+  for (size_t i = 0; i < n_anchors; i++)
+    free(anchors[i].name);
+  if (nomem)
+    d->ld->nomem = 1;
+  return why != NULL || nomem ? -1 : 0;
+}
+
 /* Loads path into d->doc. Returns 0 when a document was loaded (its root
  * may still be NULL for an empty file), -1 when the file cannot be read
  * (why holds the reason; the caller reports it where the file was named),
- * -2 on a YAML syntax error (reported here, against the file itself). */
+ * -2 on a YAML syntax error or a refused shape (reported here, against the
+ * file itself). */
 static int ydoc_load(ydoc_t *d, const char *path, char *why, size_t whysz) {
   yaml_parser_t parser;
   struct stat st;
   int rc = -1;
+  char *buf = NULL;
+  size_t len = 0;
   FILE *f = fopen(path, "rb");
 
   if (f == NULL) {
@@ -1248,12 +1406,20 @@ static int ydoc_load(ydoc_t *d, const char *path, char *why, size_t whysz) {
       return -1;
     }
   }
-  if (!yaml_parser_initialize(&parser)) {
-    d->ld->nomem = 1;
-    fclose(f);
+  rc = read_bounded(f, &buf, &len, why, whysz);
+  fclose(f);
+  if (rc < 0)
+    return -1;
+  if (yaml_prescan(d, buf, len) < 0) {
+    free(buf);
     return -2;
   }
-  yaml_parser_set_input_file(&parser, f);
+  if (!yaml_parser_initialize(&parser)) {
+    d->ld->nomem = 1;
+    free(buf);
+    return -2;
+  }
+  yaml_parser_set_input_string(&parser, (const unsigned char *)buf, len);
   if (!yaml_parser_load(&parser, &d->doc)) {
     goto syntax;
   }
@@ -1296,7 +1462,7 @@ syntax:
   rc = -2;
 out:
   yaml_parser_delete(&parser);
-  fclose(f);
+  free(buf);
   return rc;
 }
 

@@ -13,7 +13,9 @@
 
 #include <cmocka.h>
 #include <fcntl.h>
+#include <signal.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include "config/config.h"
@@ -935,6 +937,132 @@ static void test_upstream_client(void **state) {
   free(path);
 }
 
+/* ---- bounds on the YAML itself ------------------------------------------- */
+
+/* A growable text for generated files. */
+typedef struct {
+  char *p;
+  size_t len, cap;
+} text_t;
+
+static void text_add(text_t *t, const char *s) {
+  size_t n = strlen(s);
+  if (t->len + n + 1 > t->cap) {
+    t->cap = (t->len + n + 1) * 2;
+    t->p = realloc(t->p, t->cap);
+    assert_non_null(t->p);
+  }
+  memcpy(t->p + t->len, s, n + 1);
+  t->len += n;
+}
+
+static void expect_only_err(const char *text, unsigned line, const char *frag) {
+  char *path = tmp_config(text);
+  tg_config_errors_t e;
+  load_bad(path, &e);
+  expect_err(&e, path, line, frag, NULL);
+  if (e.n != 1)
+    dump_errors(&e);
+  assert_int_equal(e.n, 1);
+  tg_config_errors_free(&e);
+  unlink(path);
+  free(path);
+}
+
+/* libyaml spends time quadratic in the nesting depth and in the number of
+ * anchors, and aliases multiply what the loader walks: each is bounded and
+ * reported at its line before libyaml's loader runs. */
+static void test_yaml_shape_bounds(void **state) {
+  (void)state;
+  text_t t = {0};
+
+  /* The 64th '[' opens the 65th level (the root mapping is the first). */
+  text_add(&t, "models: ");
+  for (int i = 0; i < 20000; i++)
+    text_add(&t, "[\n");
+  for (int i = 0; i < 20000; i++)
+    text_add(&t, "]");
+  text_add(&t, "\n");
+  expect_only_err(t.p, 64, "YAML nesting deeper than 64 levels");
+
+  t.len = 0;
+  text_add(&t, "models:\n");
+  for (int i = 0; i < 20000; i++) {
+    char line[32];
+    snprintf(line, sizeof line, "- &a%d x\n", i);
+    text_add(&t, line);
+  }
+  expect_only_err(t.p, 258, "more than 256 YAML anchors");
+
+  /* Each list is ten of the one before: the seventh stands for 11111111
+   * nodes, more than a 16 MiB file holds without aliases. */
+  t.len = 0;
+  text_add(&t, "models:\n  m: {endpoints: [{url: \"http://h:1\"}]}\n"
+               "laughs:\n  - &l0 [a, a, a, a, a, a, a, a, a, a]\n");
+  for (int i = 1; i < 8; i++) {
+    char line[256];
+    int n = snprintf(line, sizeof line, "  - &l%d [", i);
+    for (int j = 0; j < 10; j++)
+      n += snprintf(line + n, sizeof line - (size_t)n, "%s*l%d", j ? ", " : "",
+                    i - 1);
+    snprintf(line + n, sizeof line - (size_t)n, "]\n");
+    text_add(&t, line);
+  }
+  expect_only_err(t.p, 10, "aliases expand the file beyond 8388608 nodes");
+
+  /* Aliases that stay small work as YAML says. */
+  char *path = tmp_config("models:\n  m: {endpoints: [{url: \"http://h:1\"}]}\n"
+                          "tenants:\n"
+                          "  t1: {models_allowed: &all [m], rate_limits: &rl "
+                          "{requests_per_minute: 7}}\n"
+                          "  t2: {models_allowed: *all, rate_limits: *rl}\n");
+  tg_config_t *cfg = load_ok(path);
+  assert_true(tg_tenant_allows(tg_config_tenant(cfg, "t2"), "m"));
+  assert_int_equal(tg_config_tenant(cfg, "t2")->requests_per_minute, 7);
+  tg_config_unref(cfg);
+  unlink(path);
+  free(path);
+  free(t.p);
+}
+
+/* A pipe has no size to check beforehand: the 16 MiB bound holds on what
+ * is read. */
+static void test_file_size_bound_on_a_pipe(void **state) {
+  (void)state;
+  tmpdir_t td;
+  tmp_open(&td);
+  char fifo[128];
+  snprintf(fifo, sizeof fifo, "%s/tollgate.yaml", td.dir);
+  assert_int_equal(mkfifo(fifo, 0600), 0);
+  pid_t pid = fork();
+  assert_true(pid >= 0);
+  if (pid == 0) {
+    static const char head[] = "models: {m: {endpoints: [{url: \"http://h:1\"}]}}\n";
+    static char pad[65536];
+    signal(SIGPIPE, SIG_IGN);
+    int fd = open(fifo, O_WRONLY);
+    if (fd < 0)
+      _exit(1);
+    memset(pad, '#', sizeof pad);
+    pad[sizeof pad - 1] = '\n';
+    if (write(fd, head, sizeof head - 1) < 0)
+      _exit(1);
+    for (int i = 0; i < 17 * 16; i++) /* 17 MiB of comments */
+      if (write(fd, pad, sizeof pad) < 0)
+        break;
+    _exit(0);
+  }
+  tg_config_errors_t e;
+  load_bad(fifo, &e);
+  expect_err(&e, fifo, 1, "cannot read configuration",
+             "file is larger than 16777216 bytes", NULL);
+  tg_config_errors_free(&e);
+  int status;
+  assert_int_equal(waitpid(pid, &status, 0), pid);
+  unlink(fifo);
+  tmp_close(&td);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_example_config),
@@ -951,6 +1079,8 @@ int main(void) {
       cmocka_unit_test(test_refcount),
       cmocka_unit_test(test_check_config_command),
       cmocka_unit_test(test_upstream_client),
+      cmocka_unit_test(test_yaml_shape_bounds),
+      cmocka_unit_test(test_file_size_bound_on_a_pipe),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
