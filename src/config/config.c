@@ -1377,6 +1377,23 @@ static int yaml_prescan(ydoc_t *d, const char *buf, size_t len) {
   return why != NULL || nomem ? -1 : 0;
 }
 
+/* The line of byte off in UTF-8 text, counting line breaks as libyaml
+ * does: LF, CR, CR LF, and NEL, LS and PS. */
+static unsigned long line_of(const char *buf, size_t off) {
+  const unsigned char *p = (const unsigned char *)buf;
+  unsigned long line = 1;
+  for (size_t i = 0; i < off; i++) {
+    if (p[i] == '\n' || (p[i] == '\r' && (i + 1 >= off || p[i + 1] != '\n')))
+      line++;
+    else if (i + 1 < off && p[i] == 0xC2 && p[i + 1] == 0x85)
+      line++;
+    else if (i + 2 < off && p[i] == 0xE2 && p[i + 1] == 0x80 &&
+             (p[i + 2] == 0xA8 || p[i + 2] == 0xA9))
+      line++;
+  }
+  return line;
+}
+
 /* Loads path into d->doc. Returns 0 when a document was loaded (its root
  * may still be NULL for an empty file), -1 when the file cannot be read
  * (why holds the reason; the caller reports it where the file was named),
@@ -1447,7 +1464,9 @@ syntax:
       snprintf(msg, sizeof msg, "YAML error: %s at byte %zu",
                parser.problem ? parser.problem : "unreadable input",
                parser.problem_offset);
-      line = 1;
+      /* libyaml gives the byte, not the line, of an undecodable one */
+      size_t at = parser.problem_offset < len ? parser.problem_offset : len;
+      line = parser.encoding == YAML_UTF8_ENCODING ? line_of(buf, at) : 1;
     } else if (parser.context != NULL) {
       snprintf(msg, sizeof msg, "YAML syntax error: %s (%s at line %lu)",
                parser.problem ? parser.problem : "invalid YAML",

@@ -1063,6 +1063,16 @@ static void test_file_size_bound_on_a_pipe(void **state) {
   tmp_close(&td);
 }
 
+/* Bytes that are not UTF-8 (or are control characters) are reported at
+ * the line that holds them, CR LF files included, like every other error. */
+static void test_undecodable_bytes_line(void **state) {
+  (void)state;
+  expect_only_err("models:\n  m:\n    endpoints: [{url: \"http://h\xff:1\"}]\n",
+                  3, "YAML error: invalid leading UTF-8 octet");
+  expect_only_err("models:\r\n  m:\r\n\r\n    endpoints: []\r\n  \x01\r\n", 5,
+                  "YAML error: control characters are not allowed");
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_example_config),
@@ -1081,6 +1091,7 @@ int main(void) {
       cmocka_unit_test(test_upstream_client),
       cmocka_unit_test(test_yaml_shape_bounds),
       cmocka_unit_test(test_file_size_bound_on_a_pipe),
+      cmocka_unit_test(test_undecodable_bytes_line),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
