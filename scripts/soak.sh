@@ -96,8 +96,8 @@ tenants:
 models:
   llama-3.1-70b:
     endpoints:
-      - {url: "http://127.0.0.1:$SIM_A", max_inflight: 24}
-      - {url: "http://127.0.0.1:$SIM_B", max_inflight: 24}
+      - {url: "http://127.0.0.1:$SIM_A", max_inflight: 32}
+      - {url: "http://127.0.0.1:$SIM_B", max_inflight: 32}
     pricing: {prompt_per_1k_usd: "0.004", completion_per_1k_usd: "0.012"}
   llama-3.1-8b:
     endpoints:

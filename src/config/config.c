@@ -139,6 +139,7 @@ typedef struct {
   char *dir;       /* the config file's directory as given ("." if none) */
   int models_ok;   /* models parsed as a mapping: tenant references checkable */
   int classes_ok;  /* priority_classes usable: tenant priorities checkable */
+  ntab_t endpoints; /* URL -> model << 8 | endpoint, sized by models' count */
 } loader_t;
 
 typedef struct {
@@ -811,6 +812,42 @@ static void parse_price(ydoc_t *d, yaml_node_t *n, const char *path,
          yscalar(n));
 }
 
+/* An endpoint is one server with one max_inflight (the gateway keeps one
+ * slot count per URL, shared by every model that lists it, as a vLLM
+ * serving several LoRA adapters under several model names shares its
+ * sequences): a URL listed twice in one model, or under two models with
+ * different caps, is refused. e is m's next endpoint, not yet counted.
+ * Returns 1 when e may be added. */
+static int endpoint_unique(ydoc_t *d, const tg_model_cfg_t *m, const tg_endpoint_cfg_t *e,
+                           yaml_node_t *at, const char *path) {
+  const tg_config_t *cfg = d->ld->cfg;
+  size_t mi = (size_t)(m - cfg->models);
+  const ntab_slot_t *prev;
+  const tg_model_cfg_t *pm;
+  const tg_endpoint_cfg_t *pe;
+
+  if (d->ld->endpoints.slots == NULL)
+    return 1; /* no table (out of memory, noted): not checked */
+  prev = ntab_put(&d->ld->endpoints, e->url, mi << 8 | m->n_endpoints, yline(at));
+  if (prev == NULL)
+    return 1;
+  pm = &cfg->models[prev->idx >> 8];
+  pe = &pm->endpoints[prev->idx & 0xff];
+  if (pm == m) {
+    yerr(d, at, path, "endpoint '%s' is listed twice for this model (first at line %lu)",
+         e->url, prev->line);
+    return 0;
+  }
+  if (pe->max_inflight != e->max_inflight) {
+    yerr(d, at, path,
+         "endpoint '%s' has max_inflight %d here and %d under model '%s' (line %lu): "
+         "one server has one cap, shared by the models it serves",
+         e->url, e->max_inflight, pe->max_inflight, pm->name, prev->line);
+    return 0;
+  }
+  return 1;
+}
+
 static void parse_endpoints(ydoc_t *d, tg_model_cfg_t *m, yaml_node_t *n,
                             const char *where) {
   static const char *const names[] = {"url", "max_inflight"};
@@ -871,6 +908,11 @@ static void parse_endpoints(ydoc_t *d, tg_model_cfg_t *m, yaml_node_t *n,
     }
     for (size_t l = strlen(e->url); l > 0 && e->url[l - 1] == '/'; l--)
       e->url[l - 1] = '\0';
+    if (!endpoint_unique(d, m, e, v[1] ? v[1] : v[0], path)) {
+      free(e->url);
+      e->url = NULL;
+      continue;
+    }
     m->n_endpoints++;
   }
 }
@@ -933,6 +975,26 @@ static void parse_model(ydoc_t *d, tg_model_cfg_t *m, yaml_node_t *key,
   }
 }
 
+/* How many endpoints the models mapping n lists (each list counted up to
+ * its bound): the size of the loader's endpoint table. */
+static size_t count_endpoints(ydoc_t *d, yaml_node_t *n) {
+  size_t total = 0;
+  for (yaml_node_pair_t *p = n->data.mapping.pairs.start; p < n->data.mapping.pairs.top; p++) {
+    yaml_node_t *v = ynode(d, p->value);
+    if (v == NULL || v->type != YAML_MAPPING_NODE)
+      continue;
+    for (yaml_node_pair_t *q = v->data.mapping.pairs.start; q < v->data.mapping.pairs.top; q++) {
+      yaml_node_t *k = ynode(d, q->key), *e = ynode(d, q->value);
+      if (k != NULL && e != NULL && k->type == YAML_SCALAR_NODE &&
+          strcmp(yscalar(k), "endpoints") == 0 && e->type == YAML_SEQUENCE_NODE) {
+        size_t c = (size_t)(e->data.sequence.items.top - e->data.sequence.items.start);
+        total += c < MAX_ENDPOINTS ? c : MAX_ENDPOINTS;
+      }
+    }
+  }
+  return total;
+}
+
 static void parse_models(ydoc_t *d, yaml_node_t *key, yaml_node_t *n) {
   loader_t *ld = d->ld;
   tg_config_t *cfg = ld->cfg;
@@ -955,7 +1017,8 @@ static void parse_models(ydoc_t *d, yaml_node_t *key, yaml_node_t *n) {
     return;
   }
   cfg->models = xcalloc(ld, count, sizeof *cfg->models);
-  if (cfg->models == NULL || ntab_init(&cfg->index->models, count) < 0) {
+  if (cfg->models == NULL || ntab_init(&cfg->index->models, count) < 0 ||
+      ntab_init(&ld->endpoints, count_endpoints(d, n)) < 0) {
     ld->nomem = 1;
     return;
   }
@@ -1904,6 +1967,7 @@ out:
     free(ld.errs[i].msg);
   free(ld.errs);
   free(ld.dir);
+  free(ld.endpoints.slots);
   if (main_doc.have_doc)
     yaml_document_delete(&main_doc.doc);
   if (tenants_doc.have_doc)

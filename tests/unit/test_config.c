@@ -703,6 +703,12 @@ static void test_structure_errors(void **state) {
        4, "duplicate key 'listen' (first at line 3)"},
       {"models:\n  m: {endpoints: [{url: \"http://h\"}]}\n---\nlisten: x\n", 3,
        "only one YAML document"},
+      {"models:\n  m:\n    endpoints:\n      - {url: \"http://h:1\"}\n"
+       "      - {url: \"http://h:1/\"}\n",
+       5, "endpoint 'http://h:1' is listed twice for this model (first at line 4)"},
+      {"models:\n  a:\n    endpoints: [{url: \"http://h:1\", max_inflight: 8}]\n"
+       "  b:\n    endpoints: [{url: \"http://h:2\"}, {url: \"http://h:1\"}]\n",
+       5, "endpoint 'http://h:1' has max_inflight 256 here and 8 under model 'a' (line 3)"},
   };
   for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
     char *path = tmp_config(cases[i].text);
@@ -717,6 +723,25 @@ static void test_structure_errors(void **state) {
     unlink(path);
     free(path);
   }
+}
+
+/* One server under two model names (a vLLM serving LoRA adapters) with
+ * the same cap loads: both models list it. */
+static void test_endpoint_shared_by_models(void **state) {
+  (void)state;
+  char *path = tmp_config("models:\n"
+                          "  base: {endpoints: [{url: \"http://h:1\", max_inflight: 8}]}\n"
+                          "  lora: {endpoints: [{url: \"http://h:1/\", max_inflight: 8}]}\n");
+  tg_config_t *cfg = load_ok(path);
+  assert_int_equal(cfg->n_models, 2);
+  for (size_t i = 0; i < 2; i++) {
+    assert_int_equal(cfg->models[i].n_endpoints, 1);
+    assert_string_equal(cfg->models[i].endpoints[0].url, "http://h:1");
+    assert_int_equal(cfg->models[i].endpoints[0].max_inflight, 8);
+  }
+  tg_config_unref(cfg);
+  unlink(path);
+  free(path);
 }
 
 static void test_missing_file(void **state) {
@@ -1084,6 +1109,7 @@ int main(void) {
       cmocka_unit_test(test_unreadable_tenants_file),
       cmocka_unit_test(test_syntax_error),
       cmocka_unit_test(test_structure_errors),
+      cmocka_unit_test(test_endpoint_shared_by_models),
       cmocka_unit_test(test_missing_file),
       cmocka_unit_test(test_many_models_lookup),
       cmocka_unit_test(test_refcount),
