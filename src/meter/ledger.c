@@ -53,6 +53,11 @@
 #define DEF_RETRY_MS 1000
 /* Bounds the writer's preallocated batch arrays. */
 #define MAX_BATCH 16384
+/* A replay step takes up to this many batches' worth of the spool. While
+ * the spool is replayed, every new batch is spooled behind it: a step of
+ * one batch against a full batch spooled per step kept the spool's size as
+ * long as the load lasted. */
+#define REPLAY_BATCHES 4
 /* Longest spool line the encoder can produce is about 2 KiB (every text
  * byte percent-encoded); anything longer in a spool is damage. */
 #define SPOOL_LINE_MAX 4096
@@ -123,8 +128,9 @@ struct tg_ledger_s {
   int spooling;
   int replaying;            /* the last replay step went through */
   int64_t next_try_us;
-  const tg_ledger_rec_t **ptrs;   /* batch_max */
-  tg_ledger_rec_t *rrecs;         /* batch_max, records read back for replay */
+  size_t replay_max;              /* batch_max * REPLAY_BATCHES */
+  const tg_ledger_rec_t **ptrs;   /* replay_max */
+  tg_ledger_rec_t *rrecs;         /* replay_max, records read back for replay */
   char *buf;                      /* SPOOL_BUF */
 };
 
@@ -482,14 +488,14 @@ out:
   return rc;
 }
 
-/* Reads up to batch_max records from replay_off into rrecs; *next is the
+/* Reads up to replay_max records from replay_off into rrecs; *next is the
  * offset after the last line consumed. Damaged lines are skipped. Returns
  * the count, or -1 on a read error. */
 static ssize_t spool_read(tg_ledger_t *l, int64_t *next) {
   int64_t off = l->replay_off;
   size_t n = 0;
 
-  while (n < l->batch_max && off < l->spool_size) {
+  while (n < l->replay_max && off < l->spool_size) {
     size_t want = (size_t)(l->spool_size - off), used = 0;
     ssize_t got;
     if (want > SPOOL_BUF)
@@ -499,7 +505,7 @@ static ssize_t spool_read(tg_ledger_t *l, int64_t *next) {
       return -1;
     if (got == 0)
       break;
-    while (n < l->batch_max) {
+    while (n < l->replay_max) {
       char *nl = memchr(l->buf + used, '\n', (size_t)got - used);
       size_t len;
       if (nl == NULL)
@@ -1018,8 +1024,9 @@ int tg_ledger_open(const char *database, const char *data_dir,
   l->database = strdup(database != NULL ? database : "sqlite");
   if (l->database == NULL)
     goto out;
-  l->ptrs = calloc(l->batch_max, sizeof(*l->ptrs));
-  l->rrecs = calloc(l->batch_max, sizeof(*l->rrecs));
+  l->replay_max = l->batch_max * REPLAY_BATCHES;
+  l->ptrs = calloc(l->replay_max, sizeof(*l->ptrs));
+  l->rrecs = calloc(l->replay_max, sizeof(*l->rrecs));
   l->buf = malloc(SPOOL_BUF);
   if (l->ptrs == NULL || l->rrecs == NULL || l->buf == NULL)
     goto out;

@@ -768,6 +768,53 @@ static void test_db_locked_spools_then_replays_in_order(void **state) {
   free(want);
 }
 
+/* The database comes back under a load that fills every batch: the spool
+ * still drains (each replay step takes more records than a batch brings),
+ * and the records after it go straight in, in order. Replaying one batch a
+ * step while a full batch was spooled a step kept the spool's size for as
+ * long as the load lasted. */
+static void test_spool_drains_under_full_batches(void **state) {
+  tmp_t *t = *state;
+  tg_ledger_opts_t o = {.batch_max = 8, .busy_timeout_ms = 100, .retry_ms = 1};
+  tg_ledger_stats_t st;
+  tg_ledger_t *l = NULL;
+  sqlite3 *lock;
+  loopctx_t x;
+  char *got, *want;
+
+  assert_int_equal(tg_ledger_open("sqlite", t->dir, &o, &l), 0);
+  loop_open(&x, l, 1200);
+  lock = lock_db(t->dir);
+  append_seq(&x, 0, 40);
+  assert_true(run_until(&x.loop, &x.c, 40, 10000));
+  assert_false(tg_ledger_db_up(l));
+  assert_int_equal(count_lines(t->spool), 40);
+
+  /* Back, and 1,000 records at once: every batch the writer takes is
+   * full for the next 125 batches. */
+  unlock_db(lock);
+  append_seq(&x, 40, 1040);
+  assert_true(run_until(&x.loop, &x.c, 1040, 30000));
+  assert_all_durable(&x, 0, 1040);
+  assert_true(wait_for(spool_empty_db_up, l, 10000));
+  tg_ledger_stats(l, &st);
+  /* The 40 spooled while down, and the few batches before the replay had
+   * caught up; the rest went straight to the database. */
+  assert_true(st.committed >= 900);
+  assert_int_equal(st.committed + st.spooled, 1040);
+  assert_int_equal(st.replayed, st.spooled);
+  assert_int_equal(st.lost, 0);
+  loop_close(&x);
+  tg_ledger_close(l);
+
+  assert_int_equal(count_rows(t->dir, NULL), 1040);
+  got = ids_in_order(t->dir);
+  want = seq_ids(0, 1040);
+  assert_string_equal(got, want);
+  free(got);
+  free(want);
+}
+
 /* While the database stays locked, a record waits for the spool's fsync,
  * not for a lock wait on every retry of the database. */
 static void test_spooling_costs_no_lock_wait(void **state) {
@@ -1405,6 +1452,8 @@ int main(void) {
     cmocka_unit_test_setup_teardown(test_group_commit_batches, tmp_setup,
                                     tmp_teardown),
     cmocka_unit_test_setup_teardown(test_db_locked_spools_then_replays_in_order,
+                                    tmp_setup, tmp_teardown),
+    cmocka_unit_test_setup_teardown(test_spool_drains_under_full_batches,
                                     tmp_setup, tmp_teardown),
     cmocka_unit_test_setup_teardown(test_spooling_costs_no_lock_wait,
                                     tmp_setup, tmp_teardown),
