@@ -65,7 +65,9 @@ typedef struct {
   char tenant[128];
   char period[16];
   int invoice, csv;
-  int rc;
+  int unlisted;       /* a tenant no longer (or never) in the config */
+  int64_t from_ms, to_ms;
+  int rc;             /* < 0: error; 1: an unlisted tenant without rows */
   char *text;
   char *database, *data_dir;
   int gone;
@@ -78,6 +80,20 @@ static void job_work(uv_work_t *wk) {
   j->rc = tg_ledger_db_open(j->database, j->data_dir, &db);
   if (j->rc < 0)
     return;
+  if (j->unlisted) {
+    /* A tenant taken out of the config is still billed for what its rows
+     * hold; a name with none in the period is unknown. */
+    tg_usage_row_t *rows = NULL;
+    size_t n = 0;
+    j->rc = tg_ledger_usage_by_model(db, j->tenant, j->from_ms, j->to_ms, &rows, &n);
+    free(rows);
+    if (j->rc == 0 && n == 0)
+      j->rc = 1;
+    if (j->rc != 0) {
+      tg_ledger_db_close(db);
+      return;
+    }
+  }
   j->rc = j->invoice ? tg_invoice_build(db, j->tenant, j->period, j->csv, &j->text)
                      : tg_usage_build(db, j->tenant, j->period, &j->text);
   tg_ledger_db_close(db);
@@ -100,7 +116,11 @@ static void job_done(uv_work_t *wk, int status) {
     return;
   }
   j->req->on_abort = NULL;
-  if (status < 0 || j->rc < 0) {
+  if (status == 0 && j->rc == 1) {
+    tg_api_error(j->req, 404, "invalid_request_error", "tenant_not_found", j->rid, NULL,
+                 "no tenant '%s' in the configuration, and none in the ledger for %s",
+                 j->tenant, j->period);
+  } else if (status < 0 || j->rc < 0) {
     tg_api_error(j->req, 500, "server_error", "ledger_unavailable", j->rid, NULL,
                  "the ledger could not be read");
   } else {
@@ -195,11 +215,16 @@ static void admin_api(tg_worker_t *w, tg_http_req_t *req, const char *rid) {
     return;
   }
   if (tg_config_tenant(rt->cfg, j->tenant) == NULL) {
-    tg_api_error(req, 404, "invalid_request_error", "tenant_not_found", rid, NULL,
-                 "no tenant '%s'", j->tenant);
-    free(j);
-    return;
+    if (!tg_config_tenant_name_ok(j->tenant)) {
+      tg_api_error(req, 404, "invalid_request_error", "tenant_not_found", rid, NULL,
+                   "no tenant '%s'", j->tenant);
+      free(j);
+      return;
+    }
+    j->unlisted = 1;  /* removed from the config: its ledger rows decide */
   }
+  j->from_ms = a;
+  j->to_ms = b;
   memcpy(j->period, period, strlen(period) + 1);
   memcpy(j->rid, rid, sizeof(j->rid));
   j->database = strdup(rt->cfg->database);

@@ -1064,6 +1064,10 @@ static int tenant_name_ok(const char *s) {
   return class_name_ok(s); /* same alphabet: names end up in keys and labels */
 }
 
+int tg_config_tenant_name_ok(const char *name) {
+  return tenant_name_ok(name);
+}
+
 static void parse_budget(ydoc_t *d, tg_tenant_cfg_t *t, yaml_node_t *n,
                          const char *where) {
   static const char *const names[] = {"daily_limit_usd", "monthly_limit_usd",

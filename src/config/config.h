@@ -131,6 +131,10 @@ void tg_config_unref(tg_config_t *cfg);
 /* Lookups by name; NULL when absent. */
 const tg_model_cfg_t *tg_config_model(const tg_config_t *cfg, const char *name);
 const tg_tenant_cfg_t *tg_config_tenant(const tg_config_t *cfg, const char *name);
+
+/* 1 when name is spelled as a tenant name may be (letters, digits, '.',
+ * '_', '-'; bounded), configured or not. */
+int tg_config_tenant_name_ok(const char *name);
 int tg_tenant_allows(const tg_tenant_cfg_t *t, const char *model);
 
 /* `tollgate check-config --config FILE`: prints every error, exits 0/1. */

@@ -372,6 +372,21 @@ def test_admin_invoice_route_equals_cli_and_needs_an_admin_key(tg, sim):
     for d in ("2026-01-+5", "2026-02-30"):
         r = tgtest.admin(gw, "/admin/v1/tenants/alpha/usage/%s" % d, key=admin_key)
         assert r.status == 400, (d, r)
+    # a tenant taken out of the config is still invoiced from its rows; a
+    # name without any in the period is unknown
+    gone, now_month = sorted(tenants)[-1], tgtest.utc_month()
+    want = gw.invoice(gone, now_month)
+    assert want["summary"]["total_requests"] > 0
+    del gw.config["tenants"][gone]
+    tgtest.gateway_reload(gw)
+    r = tgtest.admin(gw, path % (gone, now_month), key=admin_key)
+    assert r.status == 200, r
+    assert strip_generated(tgtest.money_json(r.body)) == strip_generated(want), r
+    r = tgtest.admin(gw, "/admin/v1/tenants/%s/usage/%s" % (gone, day), key=admin_key)
+    assert r.status == 200 and tgtest.money_json(r.body) == gw.usage(gone, day), r
+    for t, m in (("ghost", now_month), (gone, "2020-01"), ("bad%20name", now_month)):
+        r = tgtest.admin(gw, path % (t, m), key=admin_key)
+        assert r.status == 404 and r.error()["code"] == "tenant_not_found", (t, m, r)
     # a revoked admin key stops working
     gw.revoke_key(admin_key)
     tgtest.wait_for(lambda: tgtest.admin(gw, p, key=admin_key).status == 401, timeout=3,
