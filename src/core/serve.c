@@ -153,7 +153,9 @@ static void worker_command(tg_worker_t *w) {
     worker_close(w);
   } else if (cmd == TG_CMD_DRAIN && !w->is_admin) {
     tg_http_server_drain(w->http);
-    if (tg_http_server_active(w->http) == 0)
+    /* not when the last request completes: its answer may still be
+     * queued for a slow client, and closing now would cut it */
+    if (tg_http_server_conns(w->http) == 0)
       worker_close(w);
   }
 }

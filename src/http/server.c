@@ -1167,6 +1167,7 @@ void *tg_http_server_data(const tg_http_server_t *srv) { return srv->data; }
 int tg_http_server_port(const tg_http_server_t *srv) { return srv->port; }
 uv_loop_t *tg_http_server_loop(const tg_http_server_t *srv) { return srv->loop; }
 size_t tg_http_server_active(const tg_http_server_t *srv) { return srv->active; }
+size_t tg_http_server_conns(const tg_http_server_t *srv) { return srv->n_conns; }
 
 static void on_listener_closed(uv_handle_t *h) {
   tg_http_server_t *srv = h->data;

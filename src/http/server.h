@@ -94,6 +94,10 @@ void tg_http_server_drain(tg_http_server_t *srv);
 /* Requests handed to the handler and not yet completed. */
 size_t tg_http_server_active(const tg_http_server_t *srv);
 
+/* Connections open, idle, answered and still flushing, or closing
+ * included: a drain is over when none is left. */
+size_t tg_http_server_conns(const tg_http_server_t *srv);
+
 /* Closes the listener and every connection (requests in progress get their
  * on_abort first), then frees the server from a close callback. done may be
  * NULL. */

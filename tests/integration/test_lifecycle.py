@@ -2,6 +2,7 @@
 graceful SIGTERM (no new connections, in-flight streams finish, exit 0), and
 a clean exit with nothing in flight."""
 
+import json
 import os
 import resource
 import socket
@@ -50,6 +51,33 @@ def test_sigterm_drains_inflight_stream(tg):
     rc = gw.proc.wait(10.0)
     assert rc == 0, "exit code %s\n%s" % (rc, gw.proc.tail())
     assert "serving on" in gw.proc.stderr_text()
+
+
+def test_sigterm_lets_a_slow_client_read_its_whole_answer(tg):
+    """A request already answered but not yet read by its client (the
+    answer still queued in the gateway) is part of the drain: the client
+    reads every byte, and the gateway exits once it has."""
+    sim = tg.sim()
+    gw = tg.gateway({M8B: [sim.url]})
+    key = gw.keys["acme"]
+    # about 10 MB of answer, far more than the sockets' buffers hold
+    body = json.dumps(chat_body(M8B, max_tokens=100000, n=12)).encode()
+    c = tgtest.RawConn(gw.port, rcvbuf=4096)
+    c.send(tgtest.http_request_bytes("POST", "/v1/chat/completions", body=body, key=key,
+                                     headers={"content-type": "application/json"}))
+    # the call is over for the gateway (its access log line) before the
+    # client reads anything
+    tgtest.wait_for(lambda: len(gw.access_log_entries()) == 1, what="the access log line")
+    gw.proc.signal(15)
+    time.sleep(0.5)
+    assert gw.proc.alive(), "the gateway left with an answer unread:\n%s" % gw.proc.tail()
+    r = c.read_response(method="POST")
+    c.close()
+    assert r.status == 200
+    assert len(r.body) == int(r.header("content-length"))
+    assert len(r.json()["choices"]) == 12
+    rc = gw.proc.wait(10.0)
+    assert rc == 0, "exit code %s\n%s" % (rc, gw.proc.tail())
 
 
 def test_sigterm_drain_timeout_bounds_shutdown(tg):
@@ -161,3 +189,4 @@ def test_serve_refuses_invalid_config(tg):
     rc = proc.wait(15.0)
     assert rc not in (None, 0), proc.tail()
     assert gw.config_path in proc.stderr_text() or "tollgate.yaml" in proc.stderr_text()
+
