@@ -266,10 +266,84 @@ static void count_alert(const char *tenant, int month) {
   tg_metrics_budget_event(alert_metrics, tenant, month);
 }
 
+/* Appends name to the list of keys whose change waits for a restart. */
+static void note_key(char *list, size_t cap, const char *name) {
+  size_t n = strlen(list);
+  snprintf(list + n, cap - n, "%s%s", n ? ", " : "", name);
+}
+
+/* *dst becomes a copy of running when they differ. Returns 1 when they
+ * did, 0 when not, TG_ENOMEM. */
+static int keep_str(char **dst, const char *running) {
+  char *p;
+  if ((*dst == NULL && running == NULL) ||
+      (*dst != NULL && running != NULL && strcmp(*dst, running) == 0))
+    return 0;
+  if (running != NULL && (p = strdup(running)) == NULL)
+    return TG_ENOMEM;
+  free(*dst);
+  *dst = running != NULL ? p : NULL;
+  return 1;
+}
+
+/* What the running process was built from cannot change under it: its
+ * listeners, threads, stores, policy backend, HTTP limits, access log and
+ * health prober are open. A new config keeps the running values of those
+ * keys, so every reader of the runtime (the admin API's ledger queries, the
+ * retention purge) sees the store the process writes to, and `waits` names
+ * the keys whose new value waits for a restart ("" when none changed).
+ * Returns 0 or TG_ENOMEM. */
+static int keep_running_keys(const tg_config_t *cur, tg_config_t *cfg, char *waits, size_t cap) {
+  int r;
+
+  waits[0] = '\0';
+#define KEEP_NUM(field, name)                                                                 \
+  if (cfg->field != cur->field) {                                                           \
+    cfg->field = cur->field;                                                                \
+    note_key(waits, cap, name);                                                             \
+  }
+#define KEEP_STR(field, name)                                                                 \
+  if ((r = keep_str(&cfg->field, cur->field)) < 0)                                          \
+    return r;                                                                               \
+  if (r > 0)                                                                                \
+    note_key(waits, cap, name);
+  if ((r = keep_str(&cfg->listen_host, cur->listen_host)) < 0)
+    return r;
+  if (r > 0 || cfg->listen_port != cur->listen_port) {
+    cfg->listen_port = cur->listen_port;
+    note_key(waits, cap, "listen");
+  }
+  if ((r = keep_str(&cfg->admin_host, cur->admin_host)) < 0)
+    return r;
+  if (r > 0 || cfg->admin_port != cur->admin_port) {
+    cfg->admin_port = cur->admin_port;
+    note_key(waits, cap, "admin_listen");
+  }
+  KEEP_NUM(workers, "workers")
+  KEEP_STR(data_dir, "data_dir")
+  KEEP_STR(state, "state")
+  KEEP_STR(state_failure, "state_failure")
+  KEEP_STR(database, "database")
+  KEEP_NUM(ledger_off, "ledger")
+  KEEP_NUM(metrics_off, "metrics")
+  KEEP_NUM(max_body_bytes, "max_body_bytes")
+  KEEP_NUM(max_header_bytes, "max_header_bytes")
+  KEEP_NUM(client_request_timeout_ms, "timeouts.client_request")
+  KEEP_NUM(client_keepalive_timeout_ms, "timeouts.client_keepalive")
+  KEEP_NUM(client_send_timeout_ms, "timeouts.client_send")
+  KEEP_NUM(health_check_interval_ms, "health_check_interval")
+  KEEP_STR(access_log, "access_log")
+  KEEP_NUM(upstream_native, "upstream_client")
+#undef KEEP_NUM
+#undef KEEP_STR
+  return 0;
+}
+
 static int reload(tg_app_t *app) {
   tg_config_t *cfg = NULL;
   tg_config_errors_t errs = {0};
   tg_runtime_t *rt, *old;
+  char waits[512];
   size_t i;
   int r;
 
@@ -282,16 +356,13 @@ static int reload(tg_app_t *app) {
     tg_config_errors_free(&errs);
     return r;
   }
-  {
-    /* what the running process was built from cannot change under it */
-    const tg_config_t *cur = app->rt->cfg;
-    if (strcmp(cur->state, cfg->state) != 0 || strcmp(cur->database, cfg->database) != 0 ||
-        strcmp(cur->listen_host, cfg->listen_host) != 0 || cur->listen_port != cfg->listen_port ||
-        strcmp(cur->admin_host, cfg->admin_host) != 0 || cur->admin_port != cfg->admin_port ||
-        cur->workers != cfg->workers || strcmp(cur->data_dir, cfg->data_dir) != 0)
-      fprintf(stderr, "tollgate: reload: listen, admin_listen, workers, data_dir, state and "
-                      "database apply at the next restart; the rest applies now\n");
+  if ((r = keep_running_keys(app->rt->cfg, cfg, waits, sizeof(waits))) < 0) {
+    tg_config_unref(cfg);
+    return r;
   }
+  if (waits[0] != '\0')
+    fprintf(stderr, "tollgate: reload: a restart is needed to change %s (the running "
+                    "values stay); the rest applies now\n", waits);
   if ((r = tg_runtime_new(cfg, &rt)) < 0)
     return r;
   pthread_mutex_lock(&app->rt_lock);

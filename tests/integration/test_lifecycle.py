@@ -190,3 +190,36 @@ def test_serve_refuses_invalid_config(tg):
     assert rc not in (None, 0), proc.tail()
     assert gw.config_path in proc.stderr_text() or "tollgate.yaml" in proc.stderr_text()
 
+
+def test_reload_keeps_what_needs_a_restart_and_says_so(tg):
+    """A reload that moves data_dir and raises max_body_bytes: the gateway
+    goes on writing and reading the ledger where it did (the admin API counts
+    the requests before and after the reload), the old body bound holds, and
+    the reload names both keys as waiting for a restart."""
+    sim = tg.sim()
+    gw = tg.gateway({M8B: [sim.url]})
+    key = gw.keys["acme"]
+    admin_key = gw.create_admin_key()
+    gw.wait_admin_key(admin_key)
+    assert chat(gw.port, key, M8B, max_tokens=5).status == 200
+    day = time.strftime("%Y-%m-%d", time.gmtime())
+    path = "/admin/v1/tenants/acme/usage/%s" % day
+
+    def requests_counted():
+        r = tgtest.admin(gw, path, key=admin_key)
+        assert r.status == 200, r.body
+        return r.json()["requests"]
+
+    tgtest.wait_for(lambda: requests_counted() == 1, what="the first request's row")
+    gw.config["data_dir"] = os.path.join(gw.workdir, "data-moved")
+    gw.config["max_body_bytes"] = 4 * 65536
+    tgtest.gateway_reload(gw)
+    said = [l for l in gw.proc.stderr_text().splitlines() if "a restart is needed" in l]
+    assert len(said) == 1, gw.proc.tail()
+    assert "data_dir" in said[0] and "max_body_bytes" in said[0], said
+    # the new limits apply, the restart-only keys do not
+    assert chat(gw.port, key, M8B, max_tokens=5).status == 200
+    tgtest.wait_for(lambda: requests_counted() == 2, what="both requests in the running ledger")
+    big = chat_body(M8B, max_tokens=1, content="x" * (2 * 65536))
+    r = tgtest.request(gw.port, "POST", "/v1/chat/completions", body=big, key=key)
+    assert r.status == 413, r
