@@ -597,6 +597,16 @@ int tg_cmd_serve(int argc, char **argv) {
     tg_config_errors_free(&errs);
     return 1;
   }
+  /* the workers' listeners share the port (SO_REUSEPORT), and would share
+   * it with another gateway already there: check that none is, before
+   * anything (the ledger's spool) is opened */
+  if ((r = tg_http_listen_probe(cfg->listen_host, cfg->listen_port)) < 0) {
+    fprintf(stderr, "tollgate: cannot listen on %s:%d: %s\n", cfg->listen_host,
+            cfg->listen_port, tg_strerror(r));
+    tg_config_unref(cfg);
+    pthread_mutex_destroy(&app.rt_lock);
+    return 1;
+  }
   app.config_path = strdup(path);
   signal(SIGPIPE, SIG_IGN);
   raise_nofile();

@@ -1097,6 +1097,14 @@ static int bind_socket(const char *host, int port, int reuseport, uv_os_sock_t *
   return 0;
 }
 
+int tg_http_listen_probe(const char *host, int port) {
+  uv_os_sock_t fd;
+  int r = bind_socket(host, port, 0, &fd);
+  if (r == 0)
+    close(fd);
+  return r;
+}
+
 int tg_http_server_init(tg_http_server_t **out, uv_loop_t *loop,
                         const char *host, int port, int reuseport,
                         const tg_http_limits_t *lim,

@@ -66,6 +66,13 @@ struct tg_http_req_s {
   tg_http_conn_t *conn;       /* internal */
 };
 
+/* Whether host:port is free for a new listener group: binds a socket without
+ * SO_REUSEPORT there and closes it. Servers created with reuseport share a
+ * port with any other process's reuseport listeners (same user), so a
+ * process checks first that nothing listens there yet. Returns 0 or a
+ * negative errno (UV_EADDRINUSE when a listener, of any process, holds it). */
+int tg_http_listen_probe(const char *host, int port);
+
 /* Creates a server listening on host:port on loop. reuseport != 0 sets
  * SO_REUSEPORT so other loops may bind the same port. port 0 binds a free
  * port (see tg_http_server_port). handler and data are kept; data is readable

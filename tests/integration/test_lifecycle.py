@@ -152,6 +152,31 @@ def test_threads_are_named_and_fds_raised(tg):
     assert line[3] == line[4] == want_hard, line
 
 
+def test_serve_refuses_a_port_another_gateway_listens_on(tg):
+    """The workers share their port through SO_REUSEPORT, which the kernel
+    would also share with a second gateway of the same user: started on a
+    running gateway's port, a second one exits 1 and says why, and the
+    first keeps every connection."""
+    sim = tg.sim()
+    gw = tg.gateway({M8B: [sim.url]})
+    other = tg.gateway({M8B: [sim.url]}, start=False)
+    other.config["listen"] = "127.0.0.1:%d" % gw.port
+    other.write_config()
+    proc = tgtest.Proc("tollgate-same-port", [tgtest.binary("tollgate"), "serve", "--config",
+                                              other.config_path], other.workdir)
+    rc = proc.wait(15.0)
+    if rc is None:
+        proc.signal(15)
+        proc.wait(15.0)
+    assert rc == 1, proc.tail()
+    assert "cannot listen on 127.0.0.1:%d: address already in use" % gw.port in \
+        proc.stderr_text(), proc.tail()
+    assert "serving on" not in proc.stderr_text()
+    for _ in range(20):
+        assert chat(gw.port, gw.keys["acme"], M8B, max_tokens=1).status == 200
+    tgtest.wait_for(lambda: len(gw.access_log_entries()) == 20, what="20 lines of the first gateway")
+
+
 def test_check_config_valid(tg):
     gw = tg.gateway({M8B: ["http://127.0.0.1:9"]}, start=False)
     cp = gw.cli("check-config", check=False)
