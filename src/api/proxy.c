@@ -655,6 +655,14 @@ static void count_up_error(tg_call_t *c, int result) {
   tg_endpoint_error(c->ep, kind);
 }
 
+/* The connection went: the client left (499), or a stop past its drain
+ * timeout cut it (503 gateway_stopped, so the log and the ledger do not
+ * blame the client). */
+static void abort_status(tg_call_t *c) {
+  c->status = c->w->cutting ? 503 : 499;
+  c->err_code = c->w->cutting ? "gateway_stopped" : "client_closed";
+}
+
 static void on_up_done(int result, const char *detail, void *arg) {
   tg_call_t *c = arg;
   int retryable;
@@ -667,8 +675,7 @@ static void on_up_done(int result, const char *detail, void *arg) {
     c->reached = 1; /* the request went out; the answer broke */
   count_up_error(c, result);
   if (tg_http_req_gone(c->req)) {
-    c->status = 499;
-    c->err_code = "client_closed";
+    abort_status(c);
     call_close(c, FIN_ABORT);
     return;
   }
@@ -996,17 +1003,14 @@ static void on_client_abort(tg_http_req_t *req) {
     /* the policy's answer or the ledger's commit is still coming: the
      * call waits for it */
     c->abandoned = 1;
-    if (c->admitting) {
-      c->status = 499;
-      c->err_code = "client_closed";
-    }
+    if (c->admitting)
+      abort_status(c);
     tg_http_abort(req);
     return;
   }
   queue_leave(c, 0);
   call_drop_attempt(c);
-  c->status = 499;
-  c->err_code = "client_closed";
+  abort_status(c);
   call_close(c, FIN_ABORT);
 }
 

@@ -60,6 +60,7 @@ typedef struct tg_worker_s {
   int async_closed;          /* under the API's wake lock */
   uint64_t seq;
   int is_admin;
+  int cutting;               /* stopping: the requests left are cut, not abandoned */
 } tg_worker_t;
 
 struct tg_app_s {

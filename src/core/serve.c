@@ -150,6 +150,7 @@ static void worker_command(tg_worker_t *w) {
   if (w->http == NULL)
     return;
   if (cmd == TG_CMD_STOP) {
+    w->cutting = 1; /* what is left is cut by the gateway, not by its clients */
     worker_close(w);
   } else if (cmd == TG_CMD_DRAIN && !w->is_admin) {
     tg_http_server_drain(w->http);
@@ -530,6 +531,7 @@ static void on_signal(uv_signal_t *s, int signum) {
     return;
   }
   if (m->stopping) {
+    fprintf(stderr, "tollgate: second signal, closing remaining connections\n");
     broadcast(m->app, TG_CMD_STOP);
     return;
   }

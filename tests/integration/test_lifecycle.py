@@ -99,6 +99,39 @@ def test_sigterm_drain_timeout_bounds_shutdown(tg):
     assert rc == 0, "exit code %s\n%s" % (rc, gw.proc.tail())
     assert took < 5.0, "shutdown took %.1fs with drain: 1s" % took
     assert not s.done
+    # the gateway cut it, not the client: logged and recorded as such, with
+    # the tokens relayed before the cut
+    rid = s.headers["x-request-id"]
+    e = gw.access_entry(rid)
+    assert (e["status"], e["error"]) == (503, "gateway_stopped"), e
+    rows = tgtest.sqlite_ledger_rows(gw.db_path, "WHERE request_id = ?", (rid,))
+    assert len(rows) == 1 and rows[0]["status"] == 503, rows
+    assert 1 <= rows[0]["completion_tokens"] < 1000, rows
+    assert "drain timeout, closing remaining connections" in gw.proc.stderr_text()
+
+
+def test_second_signal_cuts_what_is_left(tg):
+    """A second SIGTERM during a long drain stops at once, says so, and the
+    stream it cuts is logged as the gateway's cut (503 gateway_stopped)."""
+    sim = tg.sim()
+    gw = tg.gateway({M8B: [sim.url]}, overrides={"timeouts": {"drain": "60s"}})
+    s = SSEStream(gw.port, chat_body(M8B, stream=True, max_tokens=1000), key=gw.keys["acme"],
+                  headers={"x-sim-token-ms": "100"})
+    it = s.events()
+    next(it)
+    gw.proc.signal(15)
+    tgtest.wait_for(lambda: "draining" in gw.proc.stderr_text(), what="the drain")
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    gw.proc.signal(15)
+    rc = gw.proc.wait(8.0)
+    assert rc == 0 and time.monotonic() - t0 < 5.0, gw.proc.tail()
+    list(it)
+    s.close()
+    assert not s.done
+    assert "second signal, closing remaining connections" in gw.proc.stderr_text()
+    e = gw.access_entry(s.headers["x-request-id"])
+    assert (e["status"], e["error"]) == (503, "gateway_stopped"), e
 
 
 def test_sigterm_idle_exits_zero_quickly(tg):
