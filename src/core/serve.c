@@ -497,8 +497,11 @@ static void on_cfg_settled(uv_timer_t *t) {
 static void on_cfg_event(uv_fs_event_t *h, const char *filename, int events, int status) {
   main_ctx_t *m = h->data;
   (void)events;
+  /* A YAML file, or "..data": a Kubernetes ConfigMap volume updates its
+   * files by swapping that symlink, so no .yaml name changes. */
   if (status < 0 || filename == NULL ||
-      (strstr(filename, ".yaml") == NULL && strstr(filename, ".yml") == NULL))
+      (strstr(filename, ".yaml") == NULL && strstr(filename, ".yml") == NULL &&
+       strcmp(filename, "..data") != 0))
     return;
   uv_timer_start(&m->cfg_debounce, on_cfg_settled, 300, 0);
 }

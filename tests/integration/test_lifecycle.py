@@ -134,6 +134,50 @@ def test_second_signal_cuts_what_is_left(tg):
     assert (e["status"], e["error"]) == (503, "gateway_stopped"), e
 
 
+def test_config_changes_on_disk_reload(tg):
+    """A change of the config file reloads it without a signal: a file
+    rewritten in place, and a Kubernetes ConfigMap volume's update, which
+    swaps the `..data` symlink the file's own symlink goes through (no
+    .yaml name changes there)."""
+    sim = tg.sim()
+    gw = tg.gateway({M8B: [sim.url]}, start=False)
+    cm = os.path.join(gw.workdir, "configmap")
+    os.makedirs(cm)
+
+    def publish(version):
+        d = os.path.join(cm, "..v%d" % version)
+        os.makedirs(d)
+        with open(os.path.join(d, "tollgate.yaml"), "w") as f:
+            f.write(tgtest.to_yaml(gw.config))
+        os.symlink("..v%d" % version, os.path.join(cm, "..data_tmp"))
+        os.rename(os.path.join(cm, "..data_tmp"), os.path.join(cm, "..data"))
+
+    def reloads():
+        return gw.proc.stderr_text().count("config reloaded")
+
+    publish(1)
+    os.symlink("..data/tollgate.yaml", os.path.join(cm, "tollgate.yaml"))
+    plain = gw.config_path
+    gw.config_path = os.path.join(cm, "tollgate.yaml")
+    gw.start()
+    n = reloads()
+    gw.config["tenants"]["acme"]["rate_limits"] = {"requests_per_minute": 1}
+    publish(2)
+    tgtest.wait_for(lambda: reloads() > n, timeout=5, what="a reload after the ConfigMap swap")
+    assert chat(gw.port, gw.keys["acme"], M8B, max_tokens=1).status == 200
+    assert chat(gw.port, gw.keys["acme"], M8B, max_tokens=1).status == 429
+    gw.stop()
+
+    # a file rewritten in place
+    gw.config_path = plain
+    gw.write_config()
+    gw.start()
+    n = reloads()
+    gw.config["tenants"]["acme"]["rate_limits"] = {"requests_per_minute": 1000}
+    gw.write_config()
+    tgtest.wait_for(lambda: reloads() > n, timeout=5, what="a reload after the file changed")
+
+
 def test_sigterm_idle_exits_zero_quickly(tg):
     sim = tg.sim()
     gw = tg.gateway({M8B: [sim.url]})
