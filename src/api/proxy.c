@@ -1228,7 +1228,7 @@ static int64_t text_bytes(const cJSON *v) {
  * the object (tg_json_parse has made sure no key appears twice). */
 typedef struct {
   const cJSON *model, *messages, *prompt, *input, *max_completion_tokens, *max_tokens,
-      *stream, *stream_options;
+      *n, *stream, *stream_options;
 } body_fields_t;
 
 static void body_fields(const cJSON *root, body_fields_t *f) {
@@ -1242,6 +1242,9 @@ static void body_fields(const cJSON *root, body_fields_t *f) {
       else if (strcmp(k, "messages") == 0) f->messages = e;
       else if (strcmp(k, "max_tokens") == 0) f->max_tokens = e;
       else if (strcmp(k, "max_completion_tokens") == 0) f->max_completion_tokens = e;
+      break;
+    case 'n':
+      if (strcmp(k, "n") == 0) f->n = e;
       break;
     case 'p':
       if (strcmp(k, "prompt") == 0) f->prompt = e;
@@ -1259,10 +1262,33 @@ static void body_fields(const cJSON *root, body_fields_t *f) {
   }
 }
 
-/* The prompt estimate (from above) and the completion tokens to reserve. */
+/* How many completions the upstream may write: `n` for each prompt, and a
+ * /v1/completions prompt that is a list of prompts (strings or lists of
+ * token ids, not one list of token ids) has a set for each. */
+static int64_t completions(const tg_call_t *c, const body_fields_t *f) {
+  const cJSON *e;
+  int64_t n, prompts = 0;
+
+  if (!tg_json_int(f->n, &n) || n < 1)
+    n = 1; /* absent, or a value the upstream refuses */
+  if (strcmp(c->path, "/v1/completions") == 0 && cJSON_IsArray(f->prompt))
+    cJSON_ArrayForEach(e, f->prompt) {
+      if (cJSON_IsNumber(e)) {
+        prompts = 0; /* one prompt given as token ids */
+        break;
+      }
+      prompts++;
+    }
+  if (prompts > 1 && n > INT64_MAX / prompts)
+    return INT64_MAX;
+  return prompts > 1 ? n * prompts : n;
+}
+
+/* The prompt estimate (from above) and the completion tokens to reserve:
+ * max_tokens for every completion the request asks for. */
 static void estimate(tg_call_t *c, const body_fields_t *f) {
   const cJSON *m;
-  int64_t est = 8, max_tokens = 0, mt;
+  int64_t est = 8, max_tokens = 0, mt, k;
 
   if (cJSON_IsArray(f->messages)) {
     cJSON_ArrayForEach(m, f->messages) {
@@ -1278,8 +1304,10 @@ static void estimate(tg_call_t *c, const body_fields_t *f) {
     if (!tg_json_int(f->max_completion_tokens, &mt) && !tg_json_int(f->max_tokens, &mt))
       mt = 0;
     max_tokens = mt > 0 ? mt : c->model->max_tokens;
+    k = completions(c, f);
+    max_tokens = max_tokens > INT64_MAX / k ? INT64_MAX : max_tokens * k;
   }
-  c->admit.reserve.tokens = est + max_tokens;
+  c->admit.reserve.tokens = max_tokens < INT64_MAX - est ? est + max_tokens : INT64_MAX;
   c->admit.reserve.cost = tg_money_cost(est, c->model->prompt_nano_per_token);
   if (c->admit.reserve.cost < INT64_MAX - tg_money_cost(max_tokens, c->model->completion_nano_per_token))
     c->admit.reserve.cost += tg_money_cost(max_tokens, c->model->completion_nano_per_token);

@@ -97,7 +97,8 @@ typedef struct {
 
 /* What one request reserves. */
 typedef struct {
-  int64_t tokens;           /* prompt estimate + max_tokens (or the model's cap) */
+  int64_t tokens;           /* prompt estimate + max_tokens (or the model's cap) for each
+                             * completion asked for (n, and prompts of a list) */
   tg_nano_t cost;           /* that at the model's prices */
 } tg_reserve_t;
 

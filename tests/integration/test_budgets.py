@@ -160,6 +160,38 @@ def test_reservation_priced_exactly(tg, sim):
         assert_budget_refused(r, "daily_budget")
 
 
+def test_reservation_covers_every_completion_asked_for(tg, sim):
+    """`n` completions, and for /v1/completions one set per prompt of a list,
+    each up to max_tokens: the reservation holds them all, so a budget of
+    one request's reservation is never passed by what that request costs."""
+    chat_n4 = tgtest.chat_body(M, max_tokens=50, content=HELLO, n=4)
+    two_prompts = {"model": M, "prompt": [HELLO, HELLO], "max_tokens": 10, "n": 2}
+    token_ids = {"model": M, "prompt": [1, 2, 3, 4], "max_tokens": 10, "n": 3}
+    cases = {       # path, body, prompt estimate, completion tokens at most
+        "chat_n": ("/v1/chat/completions", chat_n4, EST, 4 * 50),
+        "prompts": ("/v1/completions", two_prompts, 8 + 2 * len(HELLO), 2 * 2 * 10),
+        "token_ids": ("/v1/completions", token_ids, 8 + 4, 3 * 10),
+    }
+    assert tgtest.prompt_estimate(chat_n4) == EST
+    assert tgtest.prompt_estimate(two_prompts) == 8 + 2 * len(HELLO)
+    tenants = {}
+    for name, (_, _, est, completion) in cases.items():
+        res = est * 500 + completion * 1500
+        tenants[name + "_fits"] = tgtest.limited_tenant(daily=usd(res))
+        tenants[name + "_short"] = tgtest.limited_tenant(daily=usd(res - 1))
+    gw = start_gw(tg, sim, tenants)
+    for name, (path, body, _, completion) in cases.items():
+        r = tgtest.request(gw.port, "POST", path, body=body, key=gw.keys[name + "_short"])
+        assert_budget_refused(r, "daily_budget")
+        r = tgtest.request(gw.port, "POST", path, body=body, key=gw.keys[name + "_fits"])
+        assert r.status == 200, (name, r)
+        u = r.json()["usage"]
+        assert u["completion_tokens"] == completion, (name, u)
+        # and the one request admitted cannot spend past its budget
+        r = tgtest.request(gw.port, "POST", path, body=body, key=gw.keys[name + "_fits"])
+        assert_budget_refused(r, "daily_budget")
+
+
 def test_concurrent_burst_stays_within_budget(tg, sim):
     limit = 1000000
     mt = 40
