@@ -364,6 +364,13 @@ static int budget_fits(const tg_budget_t *b, tg_nano_t limit, tg_nano_t cost) {
   return (__int128)b->spent + b->reserved + cost <= limit;
 }
 
+int tg_budget_alert_due(tg_nano_t spent, tg_nano_t limit, int pct) {
+  if (limit <= 0)
+    return 0;
+  pct = pct < 1 ? 1 : pct > 100 ? 100 : pct;
+  return (__int128)spent * 100 >= (__int128)limit * pct;
+}
+
 /* Applies a settlement to one window; returns 1 when it crossed the alert
  * threshold for the first time in this window. */
 static int budget_settle(tg_budget_t *b, int64_t period, tg_nano_t limit, int pct,
@@ -372,14 +379,10 @@ static int budget_settle(tg_budget_t *b, int64_t period, tg_nano_t limit, int pc
     return 0; /* rolled over since: that money belongs to a closed window */
   b->reserved = b->reserved > reserved ? b->reserved - reserved : 0;
   b->spent = sat64((__int128)b->spent + actual);
-  if (limit <= 0 || b->alerted)
+  if (b->alerted || !tg_budget_alert_due(b->spent, limit, pct))
     return 0;
-  pct = pct < 1 ? 1 : pct > 100 ? 100 : pct;
-  if ((__int128)b->spent * 100 >= (__int128)limit * pct) {
-    b->alerted = 1;
-    return 1;
-  }
-  return 0;
+  b->alerted = 1;
+  return 1;
 }
 
 /* ---- tenant ------------------------------------------------------------ */

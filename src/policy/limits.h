@@ -151,6 +151,10 @@ void tg_limits_settle(tg_tenant_state_t *s, const tg_limits_t *lim, const tg_res
                       tg_nano_t actual_cost, int64_t now_ms, int *alert_day,
                       int *alert_month);
 
+/* 1 when spent has reached pct % of limit, the alert threshold (pct is
+ * clamped into 1..100; an unlimited window, limit <= 0, never has). */
+int tg_budget_alert_due(tg_nano_t spent, tg_nano_t limit, int pct);
+
 /* The global per-second limit: a sliding log over 1 s. Returns 1 and records
  * the admission, or 0 with *retry_after_ms set. rps <= 0 admits everything
  * (and frees the log). Out of memory refuses, with a retry after 1 s. */

@@ -94,8 +94,21 @@ void tg_policy_alert(const char *tenant, const char *window, int64_t period,
     tg_policy_alert_hook(tenant, strcmp(window, "month") == 0);
 }
 
+/* 1 when a window's spend rebuilt at start has reached the tenant's alert
+ * threshold: the settlement that crossed it, before the start, raised the
+ * window's one event. */
+static int alert_raised(const tg_config_t *cfg, const char *tenant, int month,
+                        tg_nano_t spent) {
+  const tg_tenant_cfg_t *t = tg_config_tenant(cfg, tenant);
+  if (t == NULL)
+    return 0;
+  return tg_budget_alert_due(spent, month ? t->monthly_limit_nano : t->daily_limit_nano,
+                             t->alert_threshold_percent);
+}
+
 /* Daily and monthly spend come back from the ledger, the record of what
- * every answered request cost, so a restart never resets a budget. */
+ * every answered request cost, so a restart never resets a budget, nor
+ * raises again a threshold event its window has had. */
 static void restore_from_ledger(tg__mem_t *mem, const tg_config_t *cfg) {
   tg_ledger_db_t *db = NULL;
   tg_spend_row_t *rows = NULL;
@@ -109,14 +122,16 @@ static void restore_from_ledger(tg__mem_t *mem, const tg_config_t *cfg) {
   }
   if (tg_ledger_spend_by_tenant(db, day_start, INT64_MAX, &rows, &n) == 0) {
     for (i = 0; i < n; i++)
-      tg__mem_restore(mem, rows[i].tenant, 0, day, rows[i].cost_nano);
+      tg__mem_restore(mem, rows[i].tenant, 0, day, rows[i].cost_nano,
+                      alert_raised(cfg, rows[i].tenant, 0, rows[i].cost_nano));
     free(rows);
   }
   rows = NULL;
   n = 0;
   if (tg_ledger_spend_by_tenant(db, month_start, INT64_MAX, &rows, &n) == 0) {
     for (i = 0; i < n; i++)
-      tg__mem_restore(mem, rows[i].tenant, 1, month, rows[i].cost_nano);
+      tg__mem_restore(mem, rows[i].tenant, 1, month, rows[i].cost_nano,
+                      alert_raised(cfg, rows[i].tenant, 1, rows[i].cost_nano));
     free(rows);
   }
   tg_ledger_db_close(db);

@@ -98,9 +98,10 @@ typedef struct tg__mem_s tg__mem_t;
 int tg__mem_new(const char *data_dir, tg__mem_t **out);
 void tg__mem_free(tg__mem_t *m);
 /* Sets a tenant's spend of a period (day, or month when month != 0) to at
- * least spent: the ledger's sums at start. */
+ * least spent: the ledger's sums at start. alerted = 1 marks the period's
+ * threshold event as raised already. */
 void tg__mem_restore(tg__mem_t *m, const char *tenant, int month, int64_t period,
-                     tg_nano_t spent);
+                     tg_nano_t spent, int alerted);
 void tg__mem_admit(tg__mem_t *m, const tg_admit_req_t *r, int64_t now_ms, tg_admission_t *a);
 int tg__mem_spend(tg__mem_t *m, const char *tenant, int64_t now_ms, tg_nano_t *day,
                   tg_nano_t *month);

@@ -182,7 +182,7 @@ int tg__mem_spend(tg__mem_t *m, const char *tenant, int64_t now_ms, tg_nano_t *d
 }
 
 void tg__mem_restore(tg__mem_t *m, const char *tenant, int month, int64_t period,
-                     tg_nano_t spent) {
+                     tg_nano_t spent, int alerted) {
   uint64_t h = hash_name(tenant);
   stripe_t *sp = stripe_of(m, h);
   ent_t *e;
@@ -199,6 +199,8 @@ void tg__mem_restore(tg__mem_t *m, const char *tenant, int month, int64_t period
     }
     if (spent > b->spent)
       b->spent = spent;
+    if (alerted)
+      b->alerted = 1;
     e->dirty = 1;
   }
   pthread_mutex_unlock(&sp->lock);

@@ -303,3 +303,32 @@ def test_spend_saved_within_a_second_survives_sigkill(tg, sim):
     gw.kill()
     gw.start()
     _exactly_41000_left(gw)
+
+
+def test_threshold_event_not_raised_again_when_the_ledger_rebuilds_spend(tg, sim):
+    """A window whose spend, rebuilt from the ledger at start, has already
+    reached the threshold raised its event before the restart: the next
+    settlement does not raise it again. The saved figures (which carry the
+    event's flag) are lost here as after a kill -9 within their second, or
+    with a new data_dir beside a shared PostgreSQL ledger."""
+    import sqlite3
+    gw = start_gw(tg, sim, {"alert": tgtest.limited_tenant(daily=usd(1000000), alert=50)})
+    for _ in range(4):      # 4 x 154,500 = 618,000: past 50 % at the 4th
+        assert ask(gw, "alert", max_tokens=100).status == 200
+    tgtest.wait_for(lambda: len(tgtest.gateway_events(gw, "budget_threshold")) == 1,
+                    timeout=3, what="one budget_threshold event")
+    assert gw.stop() == 0
+    db = sqlite3.connect(gw.db_path)
+    with db:
+        assert db.execute("DELETE FROM tenant_spend").rowcount > 0
+    db.close()
+    gw.start()
+    # the day's spend came back from the ledger: 2 more fit, the 3rd does not
+    assert ask(gw, "alert", max_tokens=100).status == 200
+    assert ask(gw, "alert", max_tokens=100).status == 200
+    assert_budget_refused(ask(gw, "alert", max_tokens=100), "daily_budget")
+    time.sleep(0.5)
+    evs = tgtest.gateway_events(gw, "budget_threshold")
+    assert len(evs) == 1, evs
+    m = tgtest.parse_metrics(tgtest.admin(gw, "/metrics").body.decode())
+    assert m.get('llm_budget_threshold_events_total{tenant="alert",window="day"}', 0) == 0, m
