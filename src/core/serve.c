@@ -131,13 +131,16 @@ static void worker_close(tg_worker_t *w) {
     tg_upstream_close(w->up);
     w->up = NULL;
   }
-  if (w->policy) {
-    tg_policy_loop_close(w->policy);
-    w->policy = NULL;
-  }
+  /* The ledger port first: closing it runs the commit callbacks of calls
+   * the client closure left waiting for their record, and those calls
+   * settle their admission with the policy. */
   if (w->ledger) {
     tg_ledger_port_close(w->ledger);
     w->ledger = NULL;
+  }
+  if (w->policy) {
+    tg_policy_loop_close(w->policy);
+    w->policy = NULL;
   }
   uv_close((uv_handle_t *)&w->tick, on_worker_handle_closed);
   tg_api_worker_closing(w);

@@ -332,3 +332,39 @@ def test_threshold_event_not_raised_again_when_the_ledger_rebuilds_spend(tg, sim
     assert len(evs) == 1, evs
     m = tgtest.parse_metrics(tgtest.admin(gw, "/metrics").body.decode())
     assert m.get('llm_budget_threshold_events_total{tenant="alert",window="day"}', 0) == 0, m
+
+
+def test_a_request_recording_at_shutdown_is_settled(tg, sim):
+    """A request whose ledger record is still being committed when the
+    gateway stops (SIGTERM twice: drain, then close) is settled before the
+    policy state goes: the gateway exits 0 and the spend it saved at
+    shutdown holds both requests."""
+    import signal
+    import sqlite3
+    import threading
+    gw = start_gw(tg, sim, {"keep": tgtest.limited_tenant(daily=usd(200000))})
+    assert ask(gw, "keep").status == 200
+    lock = sqlite3.connect(gw.db_path, isolation_level=None, timeout=5)
+    lock.execute("BEGIN EXCLUSIVE")     # the record waits: database locked
+    try:
+        def second():
+            try:
+                ask(gw, "keep", timeout=20)
+            except OSError:
+                pass        # the gateway closed the connection: it stopped
+        t = threading.Thread(target=second, daemon=True)
+        t.start()
+        time.sleep(0.3)
+        gw.proc.signal(signal.SIGTERM)
+        time.sleep(0.2)
+        gw.proc.signal(signal.SIGTERM)
+        time.sleep(0.2)
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
+    rc = gw.proc.wait(20)
+    gw.checked_exit = True
+    t.join(5)
+    assert rc == 0, gw.proc.tail(30)
+    gw.start()
+    _exactly_41000_left(gw)
