@@ -395,11 +395,15 @@ void tg_tenant_state_free(tg_tenant_state_t *s) {
   tg_slog_free(&s->rpm);
 }
 
+/* The first refusal in check order names the limit; the wait is the
+ * longest of all the refusals': the request passes only once every limit
+ * that refused it does (a tenant over both budgets waits for the month's
+ * end, not for midnight). */
 static void refuse(tg_verdict_t *v, tg_limit_kind_t kind, int64_t retry_after_ms) {
-  if (v->refused == TG_LIMIT_NONE) { /* the first refusal in check order wins */
+  if (v->refused == TG_LIMIT_NONE)
     v->refused = kind;
+  if (retry_after_ms > v->retry_after_ms)
     v->retry_after_ms = retry_after_ms;
-  }
 }
 
 /* Fills the x-ratelimit-* fields from the state as it stands. */

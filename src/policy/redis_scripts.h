@@ -695,18 +695,19 @@
   "  end\n"                                                                                                  \
   "  local dw, mw = win(dwi), win(mwi)\n"                                                                    \
   "  local cost = tonumber(cost_s)\n"                                                                        \
+  "  -- the first refusal names the limit; the wait is the longest of them all\n"                            \
   "  local code, retry = 0, 0\n"                                                                             \
-  "  if lim.conc > 0 and inf >= lim.conc then\n"                                                             \
-  "    code, retry = 1, 1000\n"                                                                              \
-  "  elseif rpm > 0 and total >= rpm then\n"                                                                 \
-  "    code, retry = 2, log_wait(LOG, rpm, now, 60000)\n"                                                    \
-  "  elseif tpm > 0 and level < mmin(res_mt, cap) then\n"                                                    \
-  "    code, retry = 3, tb_wait(has, TB.level, TB.updated, tpm, mmin(res_mt, cap), now)\n"                   \
-  "  elseif lim.dlim > 0 and dw.spent + dw.reserved + cost > lim.dlim then\n"                                \
-  "    code, retry = 4, WIN[dwi].e - now\n"                                                                  \
-  "  elseif lim.mlim > 0 and mw.spent + mw.reserved + cost > lim.mlim then\n"                                \
-  "    code, retry = 5, WIN[mwi].e - now\n"                                                                  \
+  "  local function refuse(c, r)\n"                                                                          \
+  "    if code == 0 then code = c end\n"                                                                     \
+  "    if r > retry then retry = r end\n"                                                                    \
   "  end\n"                                                                                                  \
+  "  if lim.conc > 0 and inf >= lim.conc then refuse(1, 1000) end\n"                                         \
+  "  if rpm > 0 and total >= rpm then refuse(2, log_wait(LOG, rpm, now, 60000)) end\n"                       \
+  "  if tpm > 0 and level < mmin(res_mt, cap) then\n"                                                        \
+  "    refuse(3, tb_wait(has, TB.level, TB.updated, tpm, mmin(res_mt, cap), now))\n"                         \
+  "  end\n"                                                                                                  \
+  "  if lim.dlim > 0 and dw.spent + dw.reserved + cost > lim.dlim then refuse(4, WIN[dwi].e - now) end\n"    \
+  "  if lim.mlim > 0 and mw.spent + mw.reserved + cost > lim.mlim then refuse(5, WIN[mwi].e - now) end\n"    \
   "  if code == 0 then\n"                                                                                    \
   "    local exp = now + lease_ttl\n"                                                                        \
   "    added[#added + 1] = {m, exp}\n"                                                                       \

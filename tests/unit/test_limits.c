@@ -824,10 +824,31 @@ static void test_check_order(void **state) {
                                    TG_LIMIT_DAILY_BUDGET, TG_LIMIT_MONTHLY_BUDGET};
   const int64_t retry[] = {1000, 60000, 6000, 12 * 3600 * 1000,
                            utc(2026, 4, 1, 0, 0, 0, 0) - t};
+  /* The first refusal names the limit, the wait is the longest of those
+   * still refusing: the request passes only once they all do. Lifted from
+   * the first, the month's end stays the wait; lifted from the last, each
+   * step shows the longest wait left. */
+  const tg_limits_t all = lim;
   for (int i = 0; i < 5; i++) {
     tg_verdict_t v = admit(&s, &lim, 1, 1, t);
     assert_int_equal(v.refused, order[i]);
-    assert_int_equal(v.retry_after_ms, retry[i]);
+    assert_int_equal(v.retry_after_ms, retry[4]);
+    switch (i) {
+    case 0: lim.concurrency = 0; break;
+    case 1: lim.rpm = 0; break;
+    case 2: lim.tpm = 0; break;
+    case 3: lim.day_limit = 0; break;
+    default: lim.month_limit = 0; break;
+    }
+  }
+  lim = all;
+  for (int i = 4; i >= 0; i--) {
+    tg_verdict_t v = admit(&s, &lim, 1, 1, t);
+    int64_t longest = 0;
+    for (int j = 0; j <= i; j++)
+      longest = retry[j] > longest ? retry[j] : longest;
+    assert_int_equal(v.refused, order[0]);
+    assert_int_equal(v.retry_after_ms, longest);
     switch (i) {
     case 0: lim.concurrency = 0; break;
     case 1: lim.rpm = 0; break;

@@ -589,9 +589,10 @@ static void test_budgets(void **state) {
   assert_admitted(admit(&m, T0 + 1));
   assert_refused(admit(&m, T0 + 2), TG_LIMIT_MONTHLY_BUDGET, MONTH_END - (T0 + 2));
   assert_string_equal(sget("HGET tg:{big}:month:%lld reserved", month), "5000000000000000");
-  /* Both exceeded: the daily one is reported (check order). */
+  /* Both exceeded: the daily one is named (check order), and the wait is
+   * the month's: the request passes only once both budgets do. */
   m.limits.day_limit = 1;
-  assert_refused(admit(&m, T0 + 3), TG_LIMIT_DAILY_BUDGET, DAY_END - (T0 + 3));
+  assert_refused(admit(&m, T0 + 3), TG_LIMIT_DAILY_BUDGET, MONTH_END - (T0 + 3));
   /* Keys expire a few periods after theirs ends. */
   long long ttl = strtoll(sget("PTTL tg:{acme}:day:%lld", day), NULL, 10);
   assert_true(ttl > 3LL * 86400000 && ttl <= (DAY_END - T0) + 3LL * 86400000);
