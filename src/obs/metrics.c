@@ -2,7 +2,10 @@
  *
  * A worker's table is open addressing with linear probing and no deletion:
  * the owner thread fills a free slot's fields, then publishes its key with a
- * release store; readers load keys with acquire and skip empty slots.
+ * release store; readers load keys with acquire and skip empty slots. The
+ * owner also lists the slots it fills, in order, and publishes their count
+ * (`used`) with a release store, so a scrape visits the keys published
+ * without walking all 8,192 slots of each table.
  * Counters are 64-bit relaxed atomics written by one thread only, so an
  * increment is a plain load and store (no locked instruction): a reader
  * never sees a torn value, and there is no other writer to lose. */
@@ -22,6 +25,8 @@
 #define N_LIMITS 9                 /* tg_limit_kind_t, then LIM_QUEUE */
 #define LIM_QUEUE 8                /* shed: the model's pool was saturated */
 #define OTHER "_other"             /* the tenant past a full table, with model "" */
+
+_Static_assert(TABLE_SIZE - 1 <= UINT16_MAX, "a slot's index fits table_t.order");
 
 static const double dur_bounds[] = {0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1,
                                     2.5,   5,    10,    30,   60,  120};
@@ -54,7 +59,8 @@ typedef struct {
 
 typedef struct {
   entry_t *e;                      /* TABLE_SIZE entries */
-  size_t used;                     /* keys published (owner thread only) */
+  uint16_t *order;                 /* slots of the keys, in the order added */
+  _Atomic size_t used;             /* keys published (written by the owner only) */
   ctr_t ovh_b[N_OVH + 1];
   ctr_t ovh_sum_us, ovh_count;
 } table_t;
@@ -92,7 +98,7 @@ static entry_t *find(table_t *t, const char *tenant, const char *model, uint64_t
     entry_t *e = &t->e[i];
     const char *k = atomic_load_explicit(&e->key, memory_order_acquire);
     if (k == NULL) {
-      size_t tl, ml;
+      size_t tl, ml, used;
       char *nk;
       if (!add)
         return NULL;
@@ -105,7 +111,9 @@ static entry_t *find(table_t *t, const char *tenant, const char *model, uint64_t
       memcpy(nk + tl + 1, model, ml + 1);
       e->hash = h;
       atomic_store_explicit(&e->key, nk, memory_order_release);
-      t->used++;
+      used = atomic_load_explicit(&t->used, memory_order_relaxed);
+      t->order[used] = (uint16_t)i;
+      atomic_store_explicit(&t->used, used + 1, memory_order_release);
       return e;
     }
     if (e->hash == h && key_eq(k, tenant, model))
@@ -119,7 +127,8 @@ static entry_t *find(table_t *t, const char *tenant, const char *model, uint64_t
  * table filled by other keys would have no room left for it. */
 static entry_t *entry_of(tg_metrics_t *m, size_t w, const char *tenant, const char *model) {
   table_t *t = &m->t[w];
-  entry_t *e = find(t, tenant, model, hash2(tenant, model), t->used < TABLE_SIZE - 1);
+  int add = atomic_load_explicit(&t->used, memory_order_relaxed) < TABLE_SIZE - 1;
+  entry_t *e = find(t, tenant, model, hash2(tenant, model), add);
   return e ? e : find(t, OTHER, "", hash2(OTHER, ""), 1);
 }
 
@@ -138,7 +147,8 @@ int tg_metrics_new(size_t n_workers, tg_metrics_t **out) {
   for (i = 0; i < n_workers; i++) {
     /* calloc of a large block maps zero pages: untouched slots cost no RAM */
     m->t[i].e = calloc(TABLE_SIZE, sizeof(entry_t));
-    if (m->t[i].e == NULL) {
+    m->t[i].order = malloc(TABLE_SIZE * sizeof(*m->t[i].order));
+    if (m->t[i].e == NULL || m->t[i].order == NULL) {
       tg_metrics_free(m);
       return TG_ENOMEM;
     }
@@ -157,6 +167,7 @@ void tg_metrics_free(tg_metrics_t *m) {
     for (j = 0; m->t[i].e && j < TABLE_SIZE; j++)
       free((void *)atomic_load(&m->t[i].e[j].key));
     free(m->t[i].e);
+    free(m->t[i].order);
   }
   for (ev = atomic_load(&m->events); ev; ev = next) {
     next = ev->next;
@@ -357,47 +368,6 @@ static uint64_t ld(const ctr_t *c) {
   return atomic_load_explicit(c, memory_order_relaxed);
 }
 
-/* Calls fn for each distinct (tenant, model) with the entries of every
- * worker holding it (NULL where absent). */
-typedef void (*visit_fn)(tg_mbuf_t *b, const char *tenant, const char *model, entry_t **es,
-                         size_t n, void *arg);
-
-static void visit(tg_metrics_t *m, tg_mbuf_t *b, visit_fn fn, void *arg) {
-  entry_t **es = calloc(m->n ? m->n : 1, sizeof(*es));
-  size_t w, i, j;
-
-  if (es == NULL) {
-    b->err = TG_ENOMEM;
-    return;
-  }
-  for (w = 0; w < m->n; w++) {
-    for (i = 0; i < TABLE_SIZE; i++) {
-      entry_t *e = &m->t[w].e[i];
-      const char *k = atomic_load_explicit(&e->key, memory_order_acquire);
-      const char *tenant, *model;
-      int seen = 0;
-      if (k == NULL)
-        continue;
-      tenant = k;
-      model = k + strlen(k) + 1;
-      for (j = 0; j < w && !seen; j++)
-        seen = find(&m->t[j], tenant, model, e->hash, 0) != NULL;
-      if (seen)
-        continue; /* summed when its first holder was visited */
-      for (j = 0; j < m->n; j++)
-        es[j] = j < w ? NULL : j == w ? e : find(&m->t[j], tenant, model, e->hash, 0);
-      fn(b, tenant, model, es, m->n, arg);
-    }
-  }
-  free(es);
-}
-
-typedef struct {
-  int what;
-} pass_t;
-
-enum { P_TOK, P_INFLIGHT, P_QUEUED };
-
 static const char *const limit_label[N_LIMITS] = {
     "none", "global", "concurrency", "requests", "tokens", "budget", "budget", "unavailable",
     "queue"};
@@ -416,23 +386,79 @@ typedef struct {
   uint64_t ttft[N_DUR + 1], ttft_sum, ttft_count;
 } agg_t;
 
+/* Per-(tenant, model) sums over workers. */
 typedef struct {
-  agg_t *a;
-  size_t cap, n;
-} aggs_t;
+  const char *key;             /* a table key, "tenant\0model\0" */
+  uint64_t hash;
+  size_t agg;                  /* its tenant's index in merge_t.agg */
+  uint64_t prompt, completion;
+  int64_t inflight, queued;
+} pair_t;
 
-static agg_t *agg_get(aggs_t *g, const char *tenant) {
-  uint64_t h = hash2(tenant, "");
-  size_t i, mask = g->cap - 1;
-  for (i = h & mask;; i = (i + 1) & mask) {
-    if (g->a[i].tenant == NULL) {
-      g->a[i].tenant = tenant;
-      g->n++;
-      return &g->a[i];
-    }
-    if (strcmp(g->a[i].tenant, tenant) == 0)
-      return &g->a[i];
+/* A scrape's own table: the keys every worker had published when the scrape
+ * began, summed, each kept in the order first seen (worker 0's keys in the
+ * order it added them, then worker 1's new ones, ...). Its indexes are sized
+ * from the keys published, at most half full, so a lookup ends within a few
+ * probes: looking keys up in the workers' tables instead cost a walk of all
+ * 8,192 slots for each key missing from a full one. */
+typedef struct {
+  pair_t *pair;
+  agg_t *agg;
+  size_t n_pair, n_agg, max_pair, max_agg;
+  uint32_t *pair_at, *agg_at;  /* 1 + index into pair / agg; 0: free */
+  size_t mask;                 /* slots in each index, minus 1 */
+} merge_t;
+
+/* Makes room for element n of *a (zeroed), growing it up to max elements. */
+static int grow(void **a, size_t *cap, size_t n, size_t max, size_t size) {
+  size_t nc;
+  char *na;
+  if (n < *cap)
+    return 0;
+  nc = *cap ? *cap * 2 : 64;
+  if (nc > max)
+    nc = max;
+  if (n >= nc || (na = realloc(*a, nc * size)) == NULL)
+    return TG_ENOMEM;
+  memset(na + *cap * size, 0, (nc - *cap) * size);
+  *a = na;
+  *cap = nc;
+  return 0;
+}
+
+/* The index of tenant's sums in g, added when absent; -1: out of memory. */
+static long agg_of(merge_t *g, const char *tenant, size_t keys) {
+  size_t i;
+  for (i = hash2(tenant, "") & g->mask; g->agg_at[i] != 0; i = (i + 1) & g->mask)
+    if (strcmp(g->agg[g->agg_at[i] - 1].tenant, tenant) == 0)
+      return (long)g->agg_at[i] - 1;
+  if (grow((void **)&g->agg, &g->max_agg, g->n_agg, keys, sizeof(*g->agg)) != 0)
+    return -1;
+  g->agg[g->n_agg].tenant = tenant;
+  g->agg_at[i] = (uint32_t)++g->n_agg;
+  return (long)g->n_agg - 1;
+}
+
+/* The sums of e's (tenant, model) in g, added when absent; NULL: out of memory. */
+static pair_t *pair_of(merge_t *g, const entry_t *e, const char *key, size_t keys) {
+  const char *model = key + strlen(key) + 1;
+  pair_t *p;
+  long a;
+  size_t i;
+  for (i = e->hash & g->mask; g->pair_at[i] != 0; i = (i + 1) & g->mask) {
+    p = &g->pair[g->pair_at[i] - 1];
+    if (p->hash == e->hash && key_eq(p->key, key, model))
+      return p;
   }
+  if ((a = agg_of(g, key, keys)) < 0 ||
+      grow((void **)&g->pair, &g->max_pair, g->n_pair, keys, sizeof(*g->pair)) != 0)
+    return NULL;
+  p = &g->pair[g->n_pair];
+  p->key = key;
+  p->hash = e->hash;
+  p->agg = (size_t)a;
+  g->pair_at[i] = (uint32_t)++g->n_pair;
+  return p;
 }
 
 static void agg_code(agg_t *a, int code, uint64_t n) {
@@ -450,36 +476,73 @@ static void agg_code(agg_t *a, int code, uint64_t n) {
   a->code_n[a->ncodes++] = n;
 }
 
-/* Sums every worker's entries by tenant into g (cap >= 2 * keys). */
-static void aggregate(tg_metrics_t *m, aggs_t *g) {
-  size_t w, i;
+/* Adds a worker's entry to its pair's and its tenant's sums. */
+static void add_entry(pair_t *p, agg_t *a, const entry_t *e) {
   int k, l;
+  p->prompt += ld(&e->prompt_tokens);
+  p->completion += ld(&e->completion_tokens);
+  p->inflight += atomic_load_explicit(&e->inflight, memory_order_relaxed);
+  p->queued += atomic_load_explicit(&e->queued, memory_order_relaxed);
+  a->requests += ld(&e->requests);
+  for (l = 0; l < N_LIMITS; l++)
+    a->rej[l] += ld(&e->rejections[l]);
+  for (k = 0; k < ERR_SLOTS; k++) {
+    int code = atomic_load_explicit(&e->err_code[k], memory_order_acquire);
+    if (code != 0)
+      agg_code(a, code, ld(&e->err_count[k]));
+  }
+  a->other_errors += ld(&e->err_other);
+  for (l = 0; l <= (int)N_DUR; l++) {
+    a->dur[l] += ld(&e->dur.b[l]);
+    a->ttft[l] += ld(&e->ttft.b[l]);
+  }
+  a->dur_sum += ld(&e->dur.sum_us);
+  a->dur_count += ld(&e->dur.count);
+  a->ttft_sum += ld(&e->ttft.sum_us);
+  a->ttft_count += ld(&e->ttft.count);
+}
+
+static void merge_free(merge_t *g) {
+  free(g->pair);
+  free(g->agg);
+  free(g->pair_at);
+  free(g->agg_at);
+}
+
+/* Sums every worker's published entries into g by (tenant, model) and by
+ * tenant. Costs time and memory in proportion to the keys published. */
+static int merge(tg_metrics_t *m, merge_t *g) {
+  size_t *n_keys = calloc(m->n ? m->n : 1, sizeof(*n_keys));
+  size_t w, i, keys = 0, slots = 16;
+  int rc = TG_ENOMEM;
+
+  memset(g, 0, sizeof(*g));
+  if (n_keys == NULL)
+    return TG_ENOMEM;
+  /* the count first: keys a worker adds meanwhile wait for the next scrape,
+   * so the indexes stay at most half full */
   for (w = 0; w < m->n; w++)
-    for (i = 0; i < TABLE_SIZE; i++) {
-      entry_t *e = &m->t[w].e[i];
+    keys += n_keys[w] = atomic_load_explicit(&m->t[w].used, memory_order_acquire);
+  while (slots < 2 * keys)
+    slots *= 2;
+  g->mask = slots - 1;
+  g->pair_at = calloc(slots, sizeof(*g->pair_at));
+  g->agg_at = calloc(slots, sizeof(*g->agg_at));
+  if (g->pair_at == NULL || g->agg_at == NULL)
+    goto out;
+  for (w = 0; w < m->n; w++)
+    for (i = 0; i < n_keys[w]; i++) {
+      const entry_t *e = &m->t[w].e[m->t[w].order[i]];
       const char *key = atomic_load_explicit(&e->key, memory_order_acquire);
-      agg_t *a;
-      if (key == NULL)
-        continue;
-      a = agg_get(g, key);
-      a->requests += ld(&e->requests);
-      for (l = 0; l < N_LIMITS; l++)
-        a->rej[l] += ld(&e->rejections[l]);
-      for (k = 0; k < ERR_SLOTS; k++) {
-        int code = atomic_load_explicit(&e->err_code[k], memory_order_acquire);
-        if (code != 0)
-          agg_code(a, code, ld(&e->err_count[k]));
-      }
-      a->other_errors += ld(&e->err_other);
-      for (l = 0; l <= (int)N_DUR; l++) {
-        a->dur[l] += ld(&e->dur.b[l]);
-        a->ttft[l] += ld(&e->ttft.b[l]);
-      }
-      a->dur_sum += ld(&e->dur.sum_us);
-      a->dur_count += ld(&e->dur.count);
-      a->ttft_sum += ld(&e->ttft.sum_us);
-      a->ttft_count += ld(&e->ttft.count);
+      pair_t *p = pair_of(g, e, key, keys);
+      if (p == NULL)
+        goto out;
+      add_entry(p, &g->agg[p->agg], e);
     }
+  rc = 0;
+out:
+  free(n_keys);
+  return rc;
 }
 
 /* A histogram's lines from per-bucket counts (not cumulative). */
@@ -502,51 +565,36 @@ static void emit_buckets(tg_mbuf_t *b, const char *name, const char *t, const ui
                  (double)sum_us / 1e6, name, t, (unsigned long long)count);
 }
 
-static void render_tenants(tg_metrics_t *m, tg_mbuf_t *b) {
-  aggs_t g;
+static void render_tenants(const merge_t *g, tg_mbuf_t *b) {
   size_t i;
   int k, l;
   char t[300];
 
-  g.cap = 1;
-  while (g.cap < 2 * TABLE_SIZE * (m->n ? m->n : 1))
-    g.cap *= 2;
-  g.n = 0;
-  g.a = calloc(g.cap, sizeof(*g.a));
-  if (g.a == NULL) {
-    b->err = TG_ENOMEM;
-    return;
-  }
-  aggregate(m, &g);
   tg_mbuf_printf(b, "# HELP llm_tenant_requests_total Requests attributed to a tenant, whatever their outcome.\n"
                     "# TYPE llm_tenant_requests_total counter\n");
-  for (i = 0; i < g.cap; i++)
-    if (g.a[i].tenant)
-      tg_mbuf_printf(b, "llm_tenant_requests_total{tenant=\"%s\"} %llu\n",
-                     tg_metrics_label(t, sizeof(t), g.a[i].tenant),
-                     (unsigned long long)g.a[i].requests);
+  for (i = 0; i < g->n_agg; i++)
+    tg_mbuf_printf(b, "llm_tenant_requests_total{tenant=\"%s\"} %llu\n",
+                   tg_metrics_label(t, sizeof(t), g->agg[i].tenant),
+                   (unsigned long long)g->agg[i].requests);
   tg_mbuf_printf(b, "# HELP llm_tenant_errors_total Responses with status >= 400 other than limit and budget refusals.\n"
                     "# TYPE llm_tenant_errors_total counter\n");
-  for (i = 0; i < g.cap; i++) {
-    if (!g.a[i].tenant)
-      continue;
-    tg_metrics_label(t, sizeof(t), g.a[i].tenant);
-    for (k = 0; k < g.a[i].ncodes; k++)
+  for (i = 0; i < g->n_agg; i++) {
+    const agg_t *a = &g->agg[i];
+    tg_metrics_label(t, sizeof(t), a->tenant);
+    for (k = 0; k < a->ncodes; k++)
       tg_mbuf_printf(b, "llm_tenant_errors_total{tenant=\"%s\",code=\"%d\"} %llu\n", t,
-                     g.a[i].codes[k], (unsigned long long)g.a[i].code_n[k]);
-    if (g.a[i].other_errors)
+                     a->codes[k], (unsigned long long)a->code_n[k]);
+    if (a->other_errors)
       tg_mbuf_printf(b, "llm_tenant_errors_total{tenant=\"%s\",code=\"other\"} %llu\n", t,
-                     (unsigned long long)g.a[i].other_errors);
+                     (unsigned long long)a->other_errors);
   }
   tg_mbuf_printf(b, "# HELP llm_rate_limit_rejections_total Requests refused by a limit or budget.\n"
                     "# TYPE llm_rate_limit_rejections_total counter\n");
-  for (i = 0; i < g.cap; i++) {
+  for (i = 0; i < g->n_agg; i++) {
     uint64_t v[N_LIMITS] = {0};
-    if (!g.a[i].tenant)
-      continue;
-    tg_metrics_label(t, sizeof(t), g.a[i].tenant);
+    tg_metrics_label(t, sizeof(t), g->agg[i].tenant);
     for (l = 1; l < N_LIMITS; l++)
-      v[strcmp(limit_label[l], "budget") == 0 ? TG_LIMIT_DAILY_BUDGET : l] += g.a[i].rej[l];
+      v[strcmp(limit_label[l], "budget") == 0 ? TG_LIMIT_DAILY_BUDGET : l] += g->agg[i].rej[l];
     for (l = 1; l < N_LIMITS; l++)
       if (l != TG_LIMIT_MONTHLY_BUDGET && l != TG_LIMIT_UNAVAILABLE)
         tg_mbuf_printf(b, "llm_rate_limit_rejections_total{tenant=\"%s\",limit=\"%s\"} %llu\n", t,
@@ -556,79 +604,82 @@ static void render_tenants(tg_metrics_t *m, tg_mbuf_t *b) {
    * of 1,000 tenants x 5 models 16 MB. Tokens keep the model label. */
   tg_mbuf_printf(b, "# HELP llm_request_duration_seconds Time from a request's arrival to its last byte.\n"
                     "# TYPE llm_request_duration_seconds histogram\n");
-  for (i = 0; i < g.cap; i++)
-    if (g.a[i].tenant)
-      emit_buckets(b, "llm_request_duration_seconds",
-                   tg_metrics_label(t, sizeof(t), g.a[i].tenant), g.a[i].dur, g.a[i].dur_sum,
-                   g.a[i].dur_count);
+  for (i = 0; i < g->n_agg; i++)
+    emit_buckets(b, "llm_request_duration_seconds",
+                 tg_metrics_label(t, sizeof(t), g->agg[i].tenant), g->agg[i].dur,
+                 g->agg[i].dur_sum, g->agg[i].dur_count);
   tg_mbuf_printf(b, "# HELP llm_time_to_first_token_seconds Time from arrival to the upstream's first byte.\n"
                     "# TYPE llm_time_to_first_token_seconds histogram\n");
-  for (i = 0; i < g.cap; i++)
-    if (g.a[i].tenant)
-      emit_buckets(b, "llm_time_to_first_token_seconds",
-                   tg_metrics_label(t, sizeof(t), g.a[i].tenant), g.a[i].ttft, g.a[i].ttft_sum,
-                   g.a[i].ttft_count);
-  free(g.a);
+  for (i = 0; i < g->n_agg; i++)
+    emit_buckets(b, "llm_time_to_first_token_seconds",
+                 tg_metrics_label(t, sizeof(t), g->agg[i].tenant), g->agg[i].ttft,
+                 g->agg[i].ttft_sum, g->agg[i].ttft_count);
 }
 
-static void pass_cb(tg_mbuf_t *b, const char *tenant, const char *model, entry_t **es, size_t n,
-                    void *arg) {
-  pass_t *p = arg;
+static void render_tokens(const merge_t *g, tg_mbuf_t *b) {
   char t[300], mo[300];
-  size_t k;
-  uint64_t v = 0, v2 = 0;
+  size_t i;
 
-  tg_metrics_label(t, sizeof(t), tenant);
-  tg_metrics_label(mo, sizeof(mo), model);
-  switch (p->what) {
-  case P_TOK:
+  tg_mbuf_printf(b, "# HELP llm_tenant_prompt_tokens_total Prompt tokens billed, by tenant and model.\n"
+                    "# TYPE llm_tenant_prompt_tokens_total counter\n"
+                    "# HELP llm_tenant_completion_tokens_total Completion tokens billed, by tenant and model.\n"
+                    "# TYPE llm_tenant_completion_tokens_total counter\n");
+  for (i = 0; i < g->n_pair; i++) {
+    const pair_t *p = &g->pair[i];
+    const char *model = p->key + strlen(p->key) + 1;
     /* a tenant's requests without a model have no tokens; the overflow's
      * have, of every model: they show as model "_other" */
-    if (!model[0] && strcmp(tenant, OTHER) != 0) break;
-    if (!model[0]) tg_metrics_label(mo, sizeof(mo), OTHER);
-    for (k = 0; k < n; k++) if (es[k]) { v += ld(&es[k]->prompt_tokens); v2 += ld(&es[k]->completion_tokens); }
+    if (!model[0] && strcmp(p->key, OTHER) != 0)
+      continue;
+    tg_metrics_label(t, sizeof(t), p->key);
+    tg_metrics_label(mo, sizeof(mo), model[0] ? model : OTHER);
     tg_mbuf_printf(b, "llm_tenant_prompt_tokens_total{tenant=\"%s\",model=\"%s\"} %llu\n"
                       "llm_tenant_completion_tokens_total{tenant=\"%s\",model=\"%s\"} %llu\n",
-                   t, mo, (unsigned long long)v, t, mo, (unsigned long long)v2);
-    break;
-  case P_INFLIGHT:
-  case P_QUEUED: {
-    int64_t in = 0;
-    if (!model[0]) break;
-    for (k = 0; k < n; k++)
-      if (es[k])
-        in += atomic_load_explicit(p->what == P_QUEUED ? &es[k]->queued : &es[k]->inflight,
-                                   memory_order_relaxed);
-    tg_mbuf_printf(b, "%s{pool=\"%s\",tenant=\"%s\"} %lld\n",
-                   p->what == P_QUEUED ? "llm_queue_length" : "llm_inflight_requests", mo, t,
-                   (long long)in);
-    break;
+                   t, mo, (unsigned long long)p->prompt, t, mo,
+                   (unsigned long long)p->completion);
   }
+}
+
+/* llm_inflight_requests (queued == 0) or llm_queue_length, by pool and tenant. */
+static void render_pool_gauge(const merge_t *g, tg_mbuf_t *b, int queued) {
+  const char *name = queued ? "llm_queue_length" : "llm_inflight_requests";
+  char t[300], mo[300];
+  size_t i;
+
+  if (queued)
+    tg_mbuf_printf(b, "# HELP llm_queue_length Requests waiting for a slot of the saturated pool, by tenant.\n"
+                      "# TYPE llm_queue_length gauge\n");
+  else
+    tg_mbuf_printf(b, "# HELP llm_inflight_requests Requests in flight to the pool's endpoints, by tenant.\n"
+                      "# TYPE llm_inflight_requests gauge\n");
+  for (i = 0; i < g->n_pair; i++) {
+    const pair_t *p = &g->pair[i];
+    const char *model = p->key + strlen(p->key) + 1;
+    if (!model[0])
+      continue;
+    tg_mbuf_printf(b, "%s{pool=\"%s\",tenant=\"%s\"} %lld\n", name,
+                   tg_metrics_label(mo, sizeof(mo), model), tg_metrics_label(t, sizeof(t), p->key),
+                   (long long)(queued ? p->queued : p->inflight));
   }
 }
 
 void tg_metrics_render(tg_metrics_t *m, tg_mbuf_t *b) {
-  pass_t p;
+  merge_t g;
   size_t w, i;
   uint64_t cum = 0, sum = 0, count = 0;
   event_t *ev;
   char t[300];
 
-  render_tenants(m, b);
-  tg_mbuf_printf(b, "# HELP llm_tenant_prompt_tokens_total Prompt tokens billed, by tenant and model.\n"
-                    "# TYPE llm_tenant_prompt_tokens_total counter\n"
-                    "# HELP llm_tenant_completion_tokens_total Completion tokens billed, by tenant and model.\n"
-                    "# TYPE llm_tenant_completion_tokens_total counter\n");
-  p.what = P_TOK;
-  visit(m, b, pass_cb, &p);
-  tg_mbuf_printf(b, "# HELP llm_inflight_requests Requests in flight to the pool's endpoints, by tenant.\n"
-                    "# TYPE llm_inflight_requests gauge\n");
-  p.what = P_INFLIGHT;
-  visit(m, b, pass_cb, &p);
-  tg_mbuf_printf(b, "# HELP llm_queue_length Requests waiting for a slot of the saturated pool, by tenant.\n"
-                    "# TYPE llm_queue_length gauge\n");
-  p.what = P_QUEUED;
-  visit(m, b, pass_cb, &p);
+  if (merge(m, &g) != 0) {
+    merge_free(&g);
+    b->err = TG_ENOMEM;
+    return;
+  }
+  render_tenants(&g, b);
+  render_tokens(&g, b);
+  render_pool_gauge(&g, b, 0);
+  render_pool_gauge(&g, b, 1);
+  merge_free(&g);
 
   tg_mbuf_printf(b, "# HELP llm_gateway_overhead_seconds Time a request spent in the gateway itself.\n"
                     "# TYPE llm_gateway_overhead_seconds histogram\n");

@@ -3,8 +3,10 @@
  * Counting is per loop thread and takes no lock: each worker owns a table
  * of (tenant, model) entries that only its thread adds to and counts in
  * (relaxed atomics); entries are never moved or removed, so a scrape on the
- * admin thread walks every worker's table at the same time and sums. A
- * table is bounded; requests past its bound count under tenant "_other". */
+ * admin thread visits the entries every worker has published at the same
+ * time and sums them in a table of its own, in time and memory proportional
+ * to those entries. A table is bounded; requests past its bound count under
+ * tenant "_other". */
 #ifndef TG_OBS_METRICS_H
 #define TG_OBS_METRICS_H
 

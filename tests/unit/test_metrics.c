@@ -1,5 +1,6 @@
 /* The metric tables and their Prometheus text: what a scrape shows after a
  * known set of observations, read back line by line. */
+#include <ctype.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -84,6 +85,85 @@ static void test_full_table_counts_under_other(void **state) {
   tg_metrics_free(m);
 }
 
+#define MANY_WORKERS 8
+#define OVERFLOW 3 /* requests per worker past its full table */
+
+/* Every worker's table full of its own tenants (the scrape merges
+ * MANY_WORKERS x 8,192 keys, none held by two workers but "shared" and
+ * "_other"): every series is there once, with the exact sums. */
+static void test_many_full_disjoint_tables_sum_exactly(void **state) {
+  tg_metrics_t *m = NULL;
+  static unsigned char seen[MANY_WORKERS][TABLE_KEYS];
+  const char *p;
+  char tenant[32], *text;
+  unsigned w, i, lines = 0;
+  unsigned long long total = 0;
+
+  (void)state;
+  memset(seen, 0, sizeof(seen));
+  assert_int_equal(tg_metrics_new(MANY_WORKERS, &m), 0);
+  for (w = 0; w < MANY_WORKERS; w++) {
+    observe(m, w, "shared", "m", 1 + w, 2);
+    tg_metrics_inflight(tg_metrics_slot(m, w, "shared", "m"), 1);
+    for (i = 1; i < TABLE_KEYS; i++) {
+      snprintf(tenant, sizeof(tenant), "w%u-t%u", w, i);
+      observe(m, w, tenant, "", 0, 0); /* no model: one series per family at most */
+    }
+    for (i = 0; i < OVERFLOW; i++) {
+      snprintf(tenant, sizeof(tenant), "late-%u-%u", w, i);
+      observe(m, w, tenant, "m", 10, 20);
+    }
+  }
+  text = render(m);
+  for (p = text; p != NULL && *p; p = strchr(p, '\n'), p = p ? p + 1 : NULL) {
+    static const char name[] = "llm_tenant_requests_total{tenant=\"";
+    unsigned long long v;
+    const char *q;
+    if (strncmp(p, name, sizeof(name) - 1) != 0)
+      continue;
+    p += sizeof(name) - 1;
+    q = strchr(p, '"'); /* no strstr or sscanf: both read to the text's end */
+    assert_non_null(q);
+    v = strtoull(q + 3, NULL, 10);
+    lines++;
+    total += v;
+    if (p[0] == 'w' && isdigit((unsigned char)p[1])) {
+      char *end;
+      w = (unsigned)strtoul(p + 1, &end, 10);
+      assert_true(end[0] == '-' && end[1] == 't');
+      i = (unsigned)strtoul(end + 2, &end, 10);
+      assert_true(end == q && w < MANY_WORKERS && i >= 1 && i < TABLE_KEYS);
+      assert_int_equal(seen[w][i]++, 0);
+      assert_int_equal(v, 1);
+    } else if (strncmp(p, "shared\"", 7) == 0) {
+      assert_int_equal(v, MANY_WORKERS);
+    } else {
+      assert_int_equal(strncmp(p, "_other\"", 7), 0);
+      assert_int_equal(v, MANY_WORKERS * OVERFLOW);
+    }
+  }
+  assert_int_equal(lines, MANY_WORKERS * (TABLE_KEYS - 1) + 2);
+  assert_int_equal(total, MANY_WORKERS * (TABLE_KEYS + OVERFLOW));
+  assert_int_equal(sample(text, "llm_tenant_prompt_tokens_total{tenant=\"shared\",model=\"m\"}"),
+                   MANY_WORKERS * (MANY_WORKERS + 1) / 2);
+  assert_int_equal(
+      sample(text, "llm_tenant_completion_tokens_total{tenant=\"shared\",model=\"m\"}"),
+      2 * MANY_WORKERS);
+  assert_int_equal(sample(text, "llm_inflight_requests{pool=\"m\",tenant=\"shared\"}"),
+                   MANY_WORKERS);
+  assert_int_equal(sample(text, "llm_tenant_prompt_tokens_total{tenant=\"_other\",model=\"_other\"}"),
+                   10 * MANY_WORKERS * OVERFLOW);
+  assert_int_equal(sample(text, "llm_request_duration_seconds_count{tenant=\"_other\"}"),
+                   MANY_WORKERS * OVERFLOW);
+  assert_int_equal(sample(text, "llm_request_duration_seconds_count{tenant=\"w0-t1\"}"), -1);
+  assert_int_equal(
+      sample(text, "llm_rate_limit_rejections_total{tenant=\"w7-t8190\",limit=\"requests\"}"), 0);
+  assert_int_equal(sample(text, "llm_gateway_overhead_seconds_count"),
+                   MANY_WORKERS * (TABLE_KEYS + OVERFLOW));
+  free(text);
+  tg_metrics_free(m);
+}
+
 #define EVENT_TENANTS 2000
 #define EVENT_THREADS 4
 
@@ -131,6 +211,7 @@ static void test_budget_events_from_threads_one_series_per_tenant(void **state) 
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_full_table_counts_under_other),
+      cmocka_unit_test(test_many_full_disjoint_tables_sum_exactly),
       cmocka_unit_test(test_budget_events_from_threads_one_series_per_tenant),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
