@@ -3,7 +3,8 @@
 # (bench/scrape.c, target bench-scrape, built here): one process per row of
 # WORKERS x TENANTS per worker, tenants disjoint (each worker its own, the
 # worst case for the merge) or shared (every worker the same ones). 9,000
-# tenants fill a table (8,191 pairs, the rest under `_other`).
+# tenants fill a table (8,191 pairs, the rest under `_other`). Each row also
+# times one request's observation on the request path.
 #
 #   bench/scrape.sh [BUILD_DIR]        (default: build, from `make build`)
 #

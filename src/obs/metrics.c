@@ -5,7 +5,7 @@
  * release store; readers load keys with acquire and skip empty slots. The
  * owner also lists the slots it fills, in order, and publishes their count
  * (`used`) with a release store, so a scrape visits the keys published
- * without walking all 8,192 slots of each table.
+ * without walking all 16,384 slots of each table.
  * Counters are 64-bit relaxed atomics written by one thread only, so an
  * increment is a plain load and store (no locked instruction): a reader
  * never sees a torn value, and there is no other writer to lose. */
@@ -20,13 +20,18 @@
 
 #include "core/err.h"
 
-#define TABLE_SIZE 8192            /* entries per worker (power of two) */
+#define TABLE_SIZE 16384           /* slots per worker (power of two) */
+#define MAX_KEYS 8192              /* keys a table takes: at most half full, so a
+                                    * lookup of a key it lacks (every request of a
+                                    * pair past the bound) ends within a few probes,
+                                    * not after a walk of the whole table */
 #define ERR_SLOTS 8                /* distinct error codes per entry */
 #define N_LIMITS 9                 /* tg_limit_kind_t, then LIM_QUEUE */
 #define LIM_QUEUE 8                /* shed: the model's pool was saturated */
 #define OTHER "_other"             /* the tenant past a full table, with model "" */
 
 _Static_assert(TABLE_SIZE - 1 <= UINT16_MAX, "a slot's index fits table_t.order");
+_Static_assert(MAX_KEYS <= TABLE_SIZE / 2, "tables stay at most half full");
 
 static const double dur_bounds[] = {0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1,
                                     2.5,   5,    10,    30,   60,  120};
@@ -59,7 +64,7 @@ typedef struct {
 
 typedef struct {
   entry_t *e;                      /* TABLE_SIZE entries */
-  uint16_t *order;                 /* slots of the keys, in the order added */
+  uint16_t *order;                 /* slots of the keys, in the order added (MAX_KEYS) */
   _Atomic size_t used;             /* keys published (written by the owner only) */
   ctr_t ovh_b[N_OVH + 1];
   ctr_t ovh_sum_us, ovh_count;
@@ -127,7 +132,7 @@ static entry_t *find(table_t *t, const char *tenant, const char *model, uint64_t
  * table filled by other keys would have no room left for it. */
 static entry_t *entry_of(tg_metrics_t *m, size_t w, const char *tenant, const char *model) {
   table_t *t = &m->t[w];
-  int add = atomic_load_explicit(&t->used, memory_order_relaxed) < TABLE_SIZE - 1;
+  int add = atomic_load_explicit(&t->used, memory_order_relaxed) < MAX_KEYS - 1;
   entry_t *e = find(t, tenant, model, hash2(tenant, model), add);
   return e ? e : find(t, OTHER, "", hash2(OTHER, ""), 1);
 }
@@ -147,7 +152,7 @@ int tg_metrics_new(size_t n_workers, tg_metrics_t **out) {
   for (i = 0; i < n_workers; i++) {
     /* calloc of a large block maps zero pages: untouched slots cost no RAM */
     m->t[i].e = calloc(TABLE_SIZE, sizeof(entry_t));
-    m->t[i].order = malloc(TABLE_SIZE * sizeof(*m->t[i].order));
+    m->t[i].order = malloc(MAX_KEYS * sizeof(*m->t[i].order));
     if (m->t[i].e == NULL || m->t[i].order == NULL) {
       tg_metrics_free(m);
       return TG_ENOMEM;
