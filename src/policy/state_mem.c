@@ -268,6 +268,21 @@ static int save_row(sqlite3_stmt *st, const char *tenant, const char *period,
   return rc == SQLITE_DONE ? 0 : TG_EDB;
 }
 
+/* A save that did not commit: its tenants are dirty again, so the next
+ * round writes them even if they do not change meanwhile. */
+static void redirty(tg__mem_t *m, const snap_t *v, size_t n) {
+  for (size_t i = 0; i < n; i++) {
+    uint64_t h = hash_name(v[i].tenant);
+    stripe_t *sp = stripe_of(m, h);
+    ent_t *e;
+    pthread_mutex_lock(&sp->lock);
+    e = stripe_get(sp, v[i].tenant, h);
+    if (e != NULL)
+      e->dirty = 1;
+    pthread_mutex_unlock(&sp->lock);
+  }
+}
+
 static void save_dirty(tg__mem_t *m, sqlite3 *db) {
   static const char sql[] =
       "INSERT INTO tenant_spend (tenant, period, spent_nano, alerted, updated_at) "
@@ -277,26 +292,38 @@ static void save_dirty(tg__mem_t *m, sqlite3 *db) {
   sqlite3_stmt *st = NULL;
   snap_t *v = NULL;
   size_t n, i;
+  int ok = 1;
   char day[32], month[32], period[48];
 
   n = collect_dirty(m, &v);
-  if (n > 0 && sqlite3_prepare_v2(db, sql, -1, &st, NULL) == SQLITE_OK) {
-    sqlite3_exec(db, "BEGIN", NULL, NULL, NULL);
-    for (i = 0; i < n; i++) {
+  if (n == 0) {
+    free(v);
+    return;
+  }
+  if (sqlite3_prepare_v2(db, sql, -1, &st, NULL) != SQLITE_OK ||
+      sqlite3_exec(db, "BEGIN IMMEDIATE", NULL, NULL, NULL) != SQLITE_OK) {
+    ok = 0;
+  } else {
+    for (i = 0; i < n && ok; i++) {
       if (v[i].day > 0) {
         snprintf(period, sizeof(period), "day:%s", tg_day_str(v[i].day, day, sizeof(day)));
-        save_row(st, v[i].tenant, period, v[i].day_spent, v[i].day_alerted);
+        ok = save_row(st, v[i].tenant, period, v[i].day_spent, v[i].day_alerted) == 0;
       }
-      if (v[i].month > 0) {
+      if (ok && v[i].month > 0) {
         snprintf(period, sizeof(period), "month:%s",
                  tg_month_str(v[i].month, month, sizeof(month)));
-        save_row(st, v[i].tenant, period, v[i].month_spent, v[i].month_alerted);
+        ok = save_row(st, v[i].tenant, period, v[i].month_spent, v[i].month_alerted) == 0;
       }
     }
-    if (sqlite3_exec(db, "COMMIT", NULL, NULL, NULL) != SQLITE_OK) {
-      fprintf(stderr, "tollgate: saving tenant spend failed: %s\n", sqlite3_errmsg(db));
+    sqlite3_reset(st); /* a statement left mid-step would hold the COMMIT back */
+    if (!ok || sqlite3_exec(db, "COMMIT", NULL, NULL, NULL) != SQLITE_OK) {
+      ok = 0;
       sqlite3_exec(db, "ROLLBACK", NULL, NULL, NULL);
     }
+  }
+  if (!ok) {
+    fprintf(stderr, "tollgate: saving tenant spend failed: %s; retrying\n", sqlite3_errmsg(db));
+    redirty(m, v, n);
   }
   sqlite3_finalize(st);
   for (i = 0; i < n; i++)

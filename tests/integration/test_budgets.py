@@ -334,6 +334,36 @@ def test_threshold_event_not_raised_again_when_the_ledger_rebuilds_spend(tg, sim
     assert m.get('llm_budget_threshold_events_total{tenant="alert",window="day"}', 0) == 0, m
 
 
+def test_spend_save_held_off_by_a_lock_is_retried(tg, sim):
+    """The saver's write of a tenant's spend that finds the database locked
+    past its busy timeout is tried again once the lock goes, though the
+    spend does not change meanwhile: before, the failed round had already
+    cleared the tenant's changed mark and the saved figure stayed behind."""
+    import sqlite3
+    gw = start_gw(tg, sim, {"keep": tgtest.limited_tenant(daily=usd(200000))})
+    db = sqlite3.connect(gw.db_path, timeout=10)
+
+    def saved():
+        row = db.execute("SELECT spent_nano FROM tenant_spend WHERE tenant = 'keep'"
+                         " AND period LIKE 'day:%'").fetchone()
+        return row[0] if row else None
+
+    assert ask(gw, "keep").status == 200
+    one = tgtest.wait_for(saved, timeout=5, what="the first save")
+    lock = sqlite3.connect(gw.db_path, isolation_level=None, timeout=5)
+    lock.execute("BEGIN EXCLUSIVE")
+    try:
+        assert ask(gw, "keep", timeout=20).status == 200   # its record spools
+        time.sleep(7)       # a save round waits its 5 s busy timeout and fails
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
+    tgtest.wait_for(lambda: saved() == 2 * one, timeout=5,
+                    what="the second request's spend saved (%d saved)" % saved())
+    assert "saving tenant spend failed" in gw.proc.stderr_text()
+    db.close()
+
+
 def test_a_request_recording_at_shutdown_is_settled(tg, sim):
     """A request whose ledger record is still being committed when the
     gateway stops (SIGTERM twice: drain, then close) is settled before the
