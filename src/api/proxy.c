@@ -1355,6 +1355,26 @@ static int with_usage_requested(const char *body, size_t len, int has_options, c
   return *out != NULL ? 0 : TG_ENOMEM;
 }
 
+/* The name of the first member the gateway reads for policy whose type is
+ * not the one it reads, or NULL. The upstream (vLLM's pydantic models, in
+ * their lax mode) coerces such values where the gateway would not:
+ * "stream": "true" or 1 streams an answer the gateway takes for a whole
+ * one (it cannot read its usage, so the work went unbilled), and "n": "4"
+ * or "max_completion_tokens": "4096" writes more than was reserved. */
+static const char *mistyped_field(const body_fields_t *f) {
+  int64_t v;
+  if (f->stream != NULL && !cJSON_IsBool(f->stream) && !cJSON_IsNull(f->stream))
+    return "stream";
+  if (f->n != NULL && !cJSON_IsNull(f->n) && !tg_json_int(f->n, &v))
+    return "n";
+  if (f->max_tokens != NULL && !cJSON_IsNull(f->max_tokens) && !tg_json_int(f->max_tokens, &v))
+    return "max_tokens";
+  if (f->max_completion_tokens != NULL && !cJSON_IsNull(f->max_completion_tokens) &&
+      !tg_json_int(f->max_completion_tokens, &v))
+    return "max_completion_tokens";
+  return NULL;
+}
+
 /* Reads what policy needs from the body and asks the upstream for usage on
  * streams. Returns 0, or refuses the request (finishing the call) and
  * returns -1. */
@@ -1362,6 +1382,7 @@ static int parse_body(tg_call_t *c, const tg_key_rec_t *rec) {
   tg_http_req_t *req = c->req;
   cJSON *root;
   const cJSON *model, *so;
+  const char *bad;
   body_fields_t f;
   tg_json_err_t jerr;
   int rc = -1;
@@ -1395,9 +1416,17 @@ static int parse_body(tg_call_t *c, const tg_key_rec_t *rec) {
                 "this API key may not use the model '%s'", c->model->name);
     goto out;
   }
+  if ((bad = mistyped_field(&f)) != NULL) {
+    call_refuse(c, 400, "invalid_request_error", "invalid_type", NULL,
+                "'%s' must be %s", bad,
+                strcmp(bad, "stream") == 0 ? "a boolean" : "an integer");
+    goto out;
+  }
   c->pool = tg_runtime_pool(c->rt, c->model);
   estimate(c, &f);
-  c->stream = cJSON_IsTrue(f.stream);
+  /* embeddings never stream: the upstream ignores "stream" there and
+   * answers with one JSON object, whose usage is read as such */
+  c->stream = cJSON_IsTrue(f.stream) && strcmp(c->path, "/v1/embeddings") != 0;
   c->body = req->body;
   c->body_len = req->body_len;
   if (c->stream) {

@@ -60,6 +60,22 @@ def test_embeddings(stack):
     assert doc["usage"]["prompt_tokens"] == ref.json()["usage"]["prompt_tokens"] > 0
 
 
+def test_embeddings_ignore_stream(stack):
+    # embeddings never stream: the upstream ignores "stream" and answers with
+    # one JSON object, which reaches the client, and its usage is billed
+    body = {"model": EMBED, "input": "alpha beta", "stream": True}
+    r = request(stack.port, "POST", "/v1/embeddings", body=body, key=stack.key)
+    ref = request(stack.sim.port, "POST", "/v1/embeddings", body=body)
+    assert r.status == 200, r
+    assert r.header("content-type", "").startswith("application/json"), r
+    doc = r.json()
+    assert doc["data"][0]["embedding"] == ref.json()["data"][0]["embedding"]
+    e = stack.gw.access_entry(r.header("x-request-id"))
+    assert e["status"] == 200 and e["stream"] is False, e
+    assert e["usage_reported"] is True, e
+    assert e["prompt_tokens"] == ref.json()["usage"]["prompt_tokens"] > 0, e
+
+
 def _model_ids(port, key):
     r = request(port, "GET", "/v1/models", key=key)
     assert r.status == 200, r

@@ -72,6 +72,45 @@ def test_ambiguous_bodies_refused(stack):
     assert r.status == 200, r
 
 
+def test_mistyped_policy_fields_refused(tg):
+    # The upstream's parser coerces "true", 1 or "4" where the gateway would
+    # not: "stream": "true" would stream an answer the gateway reads as a
+    # whole one (its usage unread, so unbilled) and "n": "4" or
+    # "max_completion_tokens": "4096" would write more than was reserved.
+    # Such bodies are refused before any upstream sees them.
+    fake = tgtest.FakeUpstream(200, {
+        "id": "x", "object": "chat.completion", "model": M8B,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}}],
+        "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6}})
+    try:
+        gw = tg.gateway({M8B: [fake.url]}, overrides={"health_check_interval": "60s"})
+        key = gw.keys["acme"]
+        msgs = [{"role": "user", "content": "hi"}]
+        for field, value in [("stream", "true"), ("stream", 1), ("stream", "yes"),
+                             ("n", "4"), ("n", 2.5), ("n", 1e16),
+                             ("max_tokens", "4096"),
+                             ("max_completion_tokens", "4096"),
+                             ("max_completion_tokens", [4096])]:
+            body = {"model": M8B, "messages": msgs, "max_tokens": 4, field: value}
+            r = request(gw.port, "POST", "/v1/chat/completions", body=body, key=key)
+            e = _err(r, 400, "invalid_request_error", "invalid_type")
+            assert "'%s'" % field in e["message"], (field, e)
+        r = request(gw.port, "POST", "/v1/completions", key=key,
+                    body={"model": M8B, "prompt": "hi", "max_tokens": 4, "stream": "true"})
+        _err(r, 400, "invalid_request_error", "invalid_type")
+        assert fake.posts == 0, fake.posts
+        # the types the gateway reads, null included, go through
+        for extra in [{"stream": False}, {"stream": None}, {"n": 2}, {"n": None},
+                      {"max_tokens": 16.0}, {"max_tokens": None},
+                      {"max_completion_tokens": 8}]:
+            body = dict({"model": M8B, "messages": msgs}, **extra)
+            r = request(gw.port, "POST", "/v1/chat/completions", body=body, key=key)
+            assert r.status == 200, (extra, r)
+        assert fake.posts == 7
+    finally:
+        fake.close()
+
+
 def test_missing_or_non_string_model(stack):
     for body in [{"messages": []}, {"model": 7, "messages": []}, {"model": None},
                  {"model": ["llama-3.1-8b"]}]:
