@@ -1228,7 +1228,7 @@ static int64_t text_bytes(const cJSON *v) {
  * the object (tg_json_parse has made sure no key appears twice). */
 typedef struct {
   const cJSON *model, *messages, *prompt, *input, *max_completion_tokens, *max_tokens,
-      *n, *stream, *stream_options;
+      *n, *stream, *stream_options, *priority;
 } body_fields_t;
 
 static void body_fields(const cJSON *root, body_fields_t *f) {
@@ -1248,6 +1248,7 @@ static void body_fields(const cJSON *root, body_fields_t *f) {
       break;
     case 'p':
       if (strcmp(k, "prompt") == 0) f->prompt = e;
+      else if (strcmp(k, "priority") == 0) f->priority = e;
       break;
     case 'i':
       if (strcmp(k, "input") == 0) f->input = e;
@@ -1375,6 +1376,17 @@ static const char *mistyped_field(const body_fields_t *f) {
   return NULL;
 }
 
+/* 1 when the body leaves the upstream's scheduling order alone: no
+ * "priority", or the default 0. vLLM's priority scheduling serves a lower
+ * value first among the requests it has waiting, whatever their tenant, so
+ * a client's own value would put it ahead of every other tenant's requests
+ * there, past the gateway's fair queue. (vLLM without priority scheduling
+ * refuses any other value anyway.) */
+static int client_priority_ok(const cJSON *v) {
+  int64_t p;
+  return v == NULL || cJSON_IsNull(v) || (tg_json_int(v, &p) && p == 0);
+}
+
 /* Reads what policy needs from the body and asks the upstream for usage on
  * streams. Returns 0, or refuses the request (finishing the call) and
  * returns -1. */
@@ -1420,6 +1432,12 @@ static int parse_body(tg_call_t *c, const tg_key_rec_t *rec) {
     call_refuse(c, 400, "invalid_request_error", "invalid_type", NULL,
                 "'%s' must be %s", bad,
                 strcmp(bad, "stream") == 0 ? "a boolean" : "an integer");
+    goto out;
+  }
+  if (!client_priority_ok(f.priority)) {
+    call_refuse(c, 400, "invalid_request_error", "unsupported_parameter", NULL,
+                "'priority' may not be set: the gateway orders requests across tenants "
+                "by their priority class");
     goto out;
   }
   c->pool = tg_runtime_pool(c->rt, c->model);

@@ -111,6 +111,22 @@ def test_mistyped_policy_fields_refused(tg):
         fake.close()
 
 
+def test_client_priority_refused(stack):
+    # vLLM's priority scheduling serves a lower "priority" first among all
+    # the requests it has waiting: a client's own value would jump every
+    # other tenant's requests there, past the gateway's fair queue
+    before = stack.sim.metric(tgtest.SIM_REQUESTS)
+    for prio in [-100, 5, "-1", 0.5, "high"]:
+        r = chat(stack.port, stack.key, M8B, max_tokens=1, priority=prio)
+        e = _err(r, 400, "invalid_request_error", "unsupported_parameter")
+        assert "'priority'" in e["message"], e
+    assert stack.sim.metric(tgtest.SIM_REQUESTS) == before
+    # the default value, or none, changes nothing and goes through
+    for prio in [0, None]:
+        r = chat(stack.port, stack.key, M8B, max_tokens=1, priority=prio)
+        assert r.status == 200, (prio, r)
+
+
 def test_missing_or_non_string_model(stack):
     for body in [{"messages": []}, {"model": 7, "messages": []}, {"model": None},
                  {"model": ["llama-3.1-8b"]}]:
