@@ -1228,7 +1228,7 @@ static int64_t text_bytes(const cJSON *v) {
  * the object (tg_json_parse has made sure no key appears twice). */
 typedef struct {
   const cJSON *model, *messages, *prompt, *input, *max_completion_tokens, *max_tokens,
-      *n, *stream, *stream_options, *priority;
+      *n, *stream, *stream_options, *priority, *cache_salt;
 } body_fields_t;
 
 static void body_fields(const cJSON *root, body_fields_t *f) {
@@ -1252,6 +1252,9 @@ static void body_fields(const cJSON *root, body_fields_t *f) {
       break;
     case 'i':
       if (strcmp(k, "input") == 0) f->input = e;
+      break;
+    case 'c':
+      if (strcmp(k, "cache_salt") == 0) f->cache_salt = e;
       break;
     case 's':
       if (strcmp(k, "stream") == 0) f->stream = e;
@@ -1316,41 +1319,63 @@ static void estimate(tg_call_t *c, const body_fields_t *f) {
     c->admit.reserve.cost = INT64_MAX;
 }
 
-/* The body with "stream_options":{"include_usage":true} added, for a
- * streamed request that did not ask for usage, in *out (malloc'd,
- * NUL-terminated). When the body has no stream_options the member is
- * spliced in before the closing brace, so every other byte goes upstream as
- * the client sent it; otherwise the body is rewritten through jansson, which
- * keeps each number's exact value. Returns 0, TG_ENOMEM, or TG_EPARSE for a
- * number jansson refuses where cJSON was lenient ("01", "1."). */
-static int with_usage_requested(const char *body, size_t len, int has_options, char **out) {
-  static const char add[] = ",\"stream_options\":{\"include_usage\":true}}";
+/* What the upstream's copy of a body gets: "stream_options":
+ * {"include_usage":true} for a stream whose client did not ask for usage,
+ * and the tenant's "cache_salt" in place of any the client sent. */
+typedef struct {
+  int usage, has_options; /* add include_usage; the body has stream_options */
+  const char *salt;       /* NULL: leave cache_salt alone */
+  int has_salt;           /* the body has a cache_salt of its own */
+} rewrite_t;
+
+/* The body rewritten as w says, in *out (malloc'd, NUL-terminated). When
+ * no member to set is in the body already, the members are spliced in
+ * before the closing brace, so every other byte goes upstream as the
+ * client sent it; otherwise the body is rewritten through jansson, which
+ * keeps each number's exact value. Returns 0, TG_ENOMEM, or TG_EPARSE for
+ * a number jansson refuses where cJSON was lenient ("01", "1."). */
+static int rewrite_body(const char *body, size_t len, const rewrite_t *w, char **out) {
+  static const char usage[] = ",\"stream_options\":{\"include_usage\":true}";
+  static const char salt_key[] = ",\"cache_salt\":\"";
   const char *end = body + len;
   json_error_t jerr;
   json_t *root, *so;
 
-  if (!has_options) {
+  if (!(w->usage && w->has_options) && !(w->salt != NULL && w->has_salt)) {
+    size_t n, cap;
     while (end > body && end[-1] != '}')
       end--; /* trailing whitespace; the root is an object with "model" */
     if (end == body)
       return TG_EPARSE;
     end--;
-    *out = malloc((size_t)(end - body) + sizeof(add));
+    n = (size_t)(end - body);
+    cap = n + sizeof(usage) + sizeof(salt_key) + TG_CACHE_SALT_LEN + 4;
+    *out = malloc(cap);
     if (*out == NULL)
       return TG_ENOMEM;
-    memcpy(*out, body, (size_t)(end - body));
-    memcpy(*out + (end - body), add, sizeof(add));
+    memcpy(*out, body, n);
+    if (w->usage) {
+      memcpy(*out + n, usage, sizeof(usage) - 1);
+      n += sizeof(usage) - 1;
+    }
+    if (w->salt != NULL)
+      n += (size_t)snprintf(*out + n, cap - n, "%s%s\"", salt_key, w->salt);
+    memcpy(*out + n, "}", 2);
     return 0;
   }
   root = json_loadb(body, len, 0, &jerr);
   if (root == NULL)
     return json_error_code(&jerr) == json_error_out_of_memory ? TG_ENOMEM : TG_EPARSE;
-  so = json_object_get(root, "stream_options");
-  if (!json_is_object(so)) {
-    so = json_object();
-    json_object_set_new(root, "stream_options", so);
+  if (w->usage) {
+    so = json_object_get(root, "stream_options");
+    if (!json_is_object(so)) {
+      so = json_object();
+      json_object_set_new(root, "stream_options", so);
+    }
+    json_object_set_new(so, "include_usage", json_true());
   }
-  json_object_set_new(so, "include_usage", json_true());
+  if (w->salt != NULL)
+    json_object_set_new(root, "cache_salt", json_string(w->salt));
   *out = json_dumps(root, JSON_COMPACT);
   json_decref(root);
   return *out != NULL ? 0 : TG_ENOMEM;
@@ -1393,9 +1418,10 @@ static int client_priority_ok(const cJSON *v) {
 static int parse_body(tg_call_t *c, const tg_key_rec_t *rec) {
   tg_http_req_t *req = c->req;
   cJSON *root;
-  const cJSON *model, *so;
+  const cJSON *model;
   const char *bad;
   body_fields_t f;
+  rewrite_t w;
   tg_json_err_t jerr;
   int rc = -1;
 
@@ -1447,23 +1473,29 @@ static int parse_body(tg_call_t *c, const tg_key_rec_t *rec) {
   c->stream = cJSON_IsTrue(f.stream) && strcmp(c->path, "/v1/embeddings") != 0;
   c->body = req->body;
   c->body_len = req->body_len;
-  if (c->stream) {
-    so = f.stream_options;
-    c->client_usage = cJSON_IsTrue(tg_json_get(so, "include_usage"));
-    if (!c->client_usage) {
-      int r = with_usage_requested(req->body, req->body_len, so != NULL, &c->body_owned);
-      if (r == TG_EPARSE) {
-        call_refuse(c, 400, "invalid_request_error", "invalid_json", NULL,
-                    "the request body is not valid JSON (a number's form)");
-        goto out;
-      }
-      if (r < 0) {
-        call_refuse(c, 500, "server_error", "internal_error", NULL, "out of memory");
-        goto out;
-      }
-      c->body = c->body_owned;
-      c->body_len = strlen(c->body_owned);
+  if (c->stream)
+    c->client_usage = cJSON_IsTrue(tg_json_get(f.stream_options, "include_usage"));
+  w.usage = c->stream && !c->client_usage;
+  w.has_options = f.stream_options != NULL;
+  /* embeddings have no prefix cache to keep apart */
+  w.salt = c->model->cache_salt == TG_CACHE_SALT_TENANT && c->model->kind != TG_MODEL_EMBEDDING &&
+                   strcmp(c->path, "/v1/embeddings") != 0
+               ? c->rt->salts[c->tenant - c->rt->cfg->tenants]
+               : NULL;
+  w.has_salt = f.cache_salt != NULL;
+  if (w.usage || w.salt != NULL) {
+    int r = rewrite_body(req->body, req->body_len, &w, &c->body_owned);
+    if (r == TG_EPARSE) {
+      call_refuse(c, 400, "invalid_request_error", "invalid_json", NULL,
+                  "the request body is not valid JSON (a number's form)");
+      goto out;
     }
+    if (r < 0) {
+      call_refuse(c, 500, "server_error", "internal_error", NULL, "out of memory");
+      goto out;
+    }
+    c->body = c->body_owned;
+    c->body_len = strlen(c->body_owned);
   }
   rc = 0;
 out:

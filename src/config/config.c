@@ -920,8 +920,8 @@ static void parse_endpoints(ydoc_t *d, tg_model_cfg_t *m, yaml_node_t *n,
 static void parse_model(ydoc_t *d, tg_model_cfg_t *m, yaml_node_t *key,
                         yaml_node_t *n, const char *where) {
   static const char *const names[] = {"kind", "max_tokens", "endpoints",
-                                      "pricing"};
-  enum { F_KIND, F_MAX_TOKENS, F_ENDPOINTS, F_PRICING, NF };
+                                      "pricing", "cache_salt"};
+  enum { F_KIND, F_MAX_TOKENS, F_ENDPOINTS, F_PRICING, F_CACHE_SALT, NF };
   static const char *const pnames[] = {"prompt_per_1k_usd",
                                        "completion_per_1k_usd"};
   yaml_node_t *v[NF], *k[NF];
@@ -949,6 +949,18 @@ static void parse_model(ydoc_t *d, tg_model_cfg_t *m, yaml_node_t *key,
   if (v[F_MAX_TOKENS] != NULL) {
     join_path(path, sizeof path, where, "max_tokens");
     get_int(d, v[F_MAX_TOKENS], path, 1, MAX_TOKENS_CAP, &m->max_tokens);
+  }
+  if (v[F_CACHE_SALT] != NULL) {
+    join_path(path, sizeof path, where, "cache_salt");
+    if (scalar_text(d, v[F_CACHE_SALT], path, "a string") == 0) {
+      const char *s = yscalar(v[F_CACHE_SALT]);
+      if (strcmp(s, "tenant") == 0)
+        m->cache_salt = TG_CACHE_SALT_TENANT;
+      else if (strcmp(s, "off") == 0)
+        m->cache_salt = TG_CACHE_SALT_OFF;
+      else
+        yerr(d, v[F_CACHE_SALT], path, "expected 'tenant' or 'off', got '%s'", s);
+    }
   }
   join_path(path, sizeof path, where, "endpoints");
   if (v[F_ENDPOINTS] == NULL)

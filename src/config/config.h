@@ -33,9 +33,16 @@ typedef struct {
   tg_nano_t completion_nano_per_token;  /* from pricing.completion_per_1k_usd */
   int64_t max_tokens;  /* completion cap when a request states none; default 4096 */
   int kind;            /* TG_MODEL_CHAT (default) or TG_MODEL_EMBEDDING */
+  int cache_salt;      /* TG_CACHE_SALT_TENANT (default) or TG_CACHE_SALT_OFF */
 } tg_model_cfg_t;
 
 enum { TG_MODEL_CHAT = 0, TG_MODEL_EMBEDDING = 1 };
+
+/* cache_salt: what the gateway sets as a request's vLLM cache_salt. TENANT:
+ * the tenant's own salt, whatever the client sent, so the upstream's
+ * prefix cache is never shared between tenants; OFF: the body goes as the
+ * client sent it (for upstreams that refuse unknown fields). */
+enum { TG_CACHE_SALT_TENANT = 0, TG_CACHE_SALT_OFF = 1 };
 
 /* 13 months: a whole billing year plus the month being billed. */
 #define TG_DEFAULT_RETENTION_DAYS 400

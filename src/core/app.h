@@ -24,10 +24,14 @@
 #include "upstream/client.h"
 #include "upstream/pool.h"
 
+/* A tenant's vLLM cache_salt: 32 hex digits of SHA-256 of its name. */
+#define TG_CACHE_SALT_LEN 32
+
 typedef struct tg_runtime_s {
   atomic_int refs;
   tg_config_t *cfg;
   tg_pool_t *pools;          /* parallel to cfg->models */
+  char (*salts)[TG_CACHE_SALT_LEN + 1]; /* parallel to cfg->tenants */
 } tg_runtime_t;
 
 typedef struct tg_call_s tg_call_t;

@@ -20,6 +20,7 @@
 #include <curl/curl.h>
 
 #include "api/api.h"
+#include "auth/key.h"
 #include "core/app.h"
 #include "core/err.h"
 #include "core/thread.h"
@@ -28,6 +29,27 @@
 #define TICK_MS 100
 
 /* ---- runtime ------------------------------------------------------------ */
+
+/* A tenant's cache_salt (vLLM keys its prefix cache by it, so tenants
+ * never share cached prefixes, nor learn from a cache hit what another
+ * sent): derived from the name alone, so every replica of the gateway
+ * gives a tenant the same salt and its own requests still share their
+ * cache. Clients cannot choose it: the gateway overwrites theirs. */
+static int cache_salt_of(const char *tenant, char out[TG_CACHE_SALT_LEN + 1]) {
+  static const char hex[] = "0123456789abcdef";
+  char text[200];
+  uint8_t h[TG_KEY_HASH_LEN];
+  int n = snprintf(text, sizeof(text), "tollgate cache_salt %s", tenant);
+
+  if (n < 0 || (size_t)n >= sizeof(text) || tg_key_hash_secret(text, (size_t)n, h) != 0)
+    return TG_ENOMEM;
+  for (size_t i = 0; i < TG_CACHE_SALT_LEN / 2; i++) {
+    out[2 * i] = hex[h[i] >> 4];
+    out[2 * i + 1] = hex[h[i] & 15];
+  }
+  out[TG_CACHE_SALT_LEN] = '\0';
+  return 0;
+}
 
 int tg_runtime_new(tg_config_t *cfg, tg_runtime_t **out) {
   tg_runtime_t *rt = calloc(1, sizeof(*rt));
@@ -53,6 +75,12 @@ int tg_runtime_new(tg_config_t *cfg, tg_runtime_t **out) {
       p->n++;
     }
   }
+  rt->salts = calloc(cfg->n_tenants ? cfg->n_tenants : 1, sizeof(*rt->salts));
+  if (rt->salts == NULL)
+    goto fail;
+  for (i = 0; i < cfg->n_tenants; i++)
+    if (cache_salt_of(cfg->tenants[i].name, rt->salts[i]) != 0)
+      goto fail;
   *out = rt;
   return 0;
 fail:
@@ -80,6 +108,7 @@ void tg_runtime_unref(tg_runtime_t *rt) {
     free(rt->pools[i].eps);
   }
   free(rt->pools);
+  free(rt->salts);
   if (rt->cfg)
     tg_config_unref(rt->cfg);
   free(rt);

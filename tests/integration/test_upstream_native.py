@@ -9,6 +9,7 @@ configuration error in this mode.
 The upstream here is a small raw-socket HTTP/1.1 server in this file, so the
 tests can count connections and shape the bytes on the wire."""
 
+import hashlib
 import json
 import socket
 import threading
@@ -231,6 +232,11 @@ class Upstream:
             c.recv(1)
             raise OSError("closed by the gateway")
         c.sendall(b"0\r\n\r\n")
+
+
+def _salt(tenant):
+    """The cache_salt the gateway gives a tenant's requests."""
+    return hashlib.sha256(b"tollgate cache_salt " + tenant.encode()).hexdigest()[:32]
 
 
 def _contents(events):
@@ -494,15 +500,52 @@ def test_stream_asks_upstream_for_usage_keeping_the_body(tg):
             sent = up.last_body
             doc = json.loads(sent)
             assert doc["stream_options"]["include_usage"] is True, sent
+            salt = b',"cache_salt":"%s"}' % _salt("acme").encode()
             if body is asked:
-                assert sent == body
+                assert sent == body[:body.rindex(b"}")] + salt, sent
                 continue
             # the usage chunk the client did not ask for is not relayed
             assert tgtest.usage_events(events) == [], body
             assert b'"seed": 9007199254740993' in sent or b'"seed":9007199254740993' in sent, sent
             if body is plain:
                 cut = body.rindex(b"}")
-                assert sent == body[:cut] + b',"stream_options":{"include_usage":true}}', sent
+                assert sent == body[:cut] + b',"stream_options":{"include_usage":true}' + salt, sent
+    finally:
+        up.close()
+
+
+def test_cache_salt_is_the_tenants(tg):
+    """Every chat request goes upstream with its tenant's cache_salt (vLLM
+    keys its prefix cache by it): the same for a tenant's requests, another
+    for another tenant, in place of any the client sent, so no tenant
+    shares cached prefixes with another or learns from a cache hit what it
+    sent. A model set to `cache_salt: off` gets the body as sent."""
+    up = Upstream()
+    try:
+        models = {M8B: tgtest.model_entry([up.url]),
+                  tgtest.DEFAULT_MODELS[1]: dict(tgtest.model_entry([up.url]), cache_salt="off")}
+        gw = tg.gateway(models, workers=1, overrides=NATIVE, keys=("acme", "small"))
+        seen = {}
+        for tenant, extra in (("acme", {}), ("small", {}), ("acme", {"cache_salt": "small-guess"}),
+                              ("small", {"cache_salt": _salt("acme"), "seed": 9007199254740993})):
+            body = dict(chat_body(M8B, max_tokens=2), **extra)
+            r = tgtest.request(gw.port, "POST", "/v1/chat/completions", body, key=gw.keys[tenant])
+            assert r.status == 200, r
+            doc = json.loads(up.last_body)
+            seen.setdefault(tenant, set()).add(doc["cache_salt"])
+            if "seed" in extra:
+                assert b"9007199254740993" in up.last_body, up.last_body
+        assert seen == {"acme": {_salt("acme")}, "small": {_salt("small")}}, seen
+        assert _salt("acme") != _salt("small")
+        body = dict(chat_body(tgtest.DEFAULT_MODELS[1], max_tokens=2), cache_salt="mine")
+        r = tgtest.request(gw.port, "POST", "/v1/chat/completions", body, key=gw.keys["acme"])
+        assert r.status == 200, r
+        assert json.loads(up.last_body)["cache_salt"] == "mine"
+        del body["cache_salt"]
+        raw = json.dumps(body).encode()
+        r = tgtest.request(gw.port, "POST", "/v1/chat/completions", raw, key=gw.keys["acme"],
+                           headers={"Content-Type": "application/json"})
+        assert r.status == 200 and up.last_body == raw, up.last_body
     finally:
         up.close()
 

@@ -670,6 +670,8 @@ static void test_structure_errors(void **state) {
        4, "models.m.max_tokens: 99999999999 is out of range"},
       {"models:\n  bad name:\n    endpoints: [{url: \"http://h\"}]\n", 2,
        "invalid model name 'bad name'"},
+      {"models:\n  m:\n    endpoints: [{url: \"http://h\"}]\n    cache_salt: maybe\n", 4,
+       "models.m.cache_salt: expected 'tenant' or 'off', got 'maybe'"},
       {"models:\n  m: {endpoints: [{url: \"http://h\"}]}\n"
        "forward_headers: [Authorization]\n",
        3, "'authorization' cannot be forwarded"},
@@ -734,6 +736,7 @@ static void test_endpoint_shared_by_models(void **state) {
                           "  lora: {endpoints: [{url: \"http://h:1/\", max_inflight: 8}]}\n");
   tg_config_t *cfg = load_ok(path);
   assert_int_equal(cfg->n_models, 2);
+  assert_int_equal(cfg->models[0].cache_salt, TG_CACHE_SALT_TENANT); /* the default */
   for (size_t i = 0; i < 2; i++) {
     assert_int_equal(cfg->models[i].n_endpoints, 1);
     assert_string_equal(cfg->models[i].endpoints[0].url, "http://h:1");
