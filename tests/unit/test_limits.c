@@ -807,6 +807,17 @@ static void test_budget_monthly(void **state) {
   tg_tenant_state_free(&s);
 }
 
+/* Lifts the i-th limit of test_check_order's order. */
+static void lift(tg_limits_t *lim, int i) {
+  switch (i) {
+  case 0: lim->concurrency = 0; break;
+  case 1: lim->rpm = 0; break;
+  case 2: lim->tpm = 0; break;
+  case 3: lim->day_limit = 0; break;
+  default: lim->month_limit = 0; break;
+  }
+}
+
 /* Every limit refuses at once; lifting them one by one shows the order. */
 static void test_check_order(void **state) {
   (void)state;
@@ -833,13 +844,7 @@ static void test_check_order(void **state) {
     tg_verdict_t v = admit(&s, &lim, 1, 1, t);
     assert_int_equal(v.refused, order[i]);
     assert_int_equal(v.retry_after_ms, retry[4]);
-    switch (i) {
-    case 0: lim.concurrency = 0; break;
-    case 1: lim.rpm = 0; break;
-    case 2: lim.tpm = 0; break;
-    case 3: lim.day_limit = 0; break;
-    default: lim.month_limit = 0; break;
-    }
+    lift(&lim, i);
   }
   lim = all;
   for (int i = 4; i >= 0; i--) {
@@ -849,13 +854,7 @@ static void test_check_order(void **state) {
       longest = retry[j] > longest ? retry[j] : longest;
     assert_int_equal(v.refused, order[0]);
     assert_int_equal(v.retry_after_ms, longest);
-    switch (i) {
-    case 0: lim.concurrency = 0; break;
-    case 1: lim.rpm = 0; break;
-    case 2: lim.tpm = 0; break;
-    case 3: lim.day_limit = 0; break;
-    default: lim.month_limit = 0; break;
-    }
+    lift(&lim, i);
   }
   assert_int_equal(admit(&s, &lim, 1, 1, t).refused, TG_LIMIT_NONE);
   assert_int_equal(s.inflight, 2);
