@@ -1334,7 +1334,8 @@ typedef struct {
  * client sent it; otherwise the body is rewritten through jansson, which
  * keeps each number's exact value. Returns 0, TG_ENOMEM, or TG_EPARSE for
  * a number jansson refuses where cJSON was lenient ("01", "1."). */
-static int rewrite_body(const char *body, size_t len, const rewrite_t *w, char **out) {
+static int rewrite_body(const char *body, size_t len, const rewrite_t *w, char **out,
+                        size_t *out_len) {
   static const char usage[] = ",\"stream_options\":{\"include_usage\":true}";
   static const char salt_key[] = ",\"cache_salt\":\"";
   const char *end = body + len;
@@ -1358,9 +1359,16 @@ static int rewrite_body(const char *body, size_t len, const rewrite_t *w, char *
       memcpy(*out + n, usage, sizeof(usage) - 1);
       n += sizeof(usage) - 1;
     }
-    if (w->salt != NULL)
-      n += (size_t)snprintf(*out + n, cap - n, "%s%s\"", salt_key, w->salt);
+    if (w->salt != NULL) {
+      size_t sl = strlen(w->salt);
+      memcpy(*out + n, salt_key, sizeof(salt_key) - 1);
+      n += sizeof(salt_key) - 1;
+      memcpy(*out + n, w->salt, sl);
+      n += sl;
+      (*out)[n++] = '"';
+    }
     memcpy(*out + n, "}", 2);
+    *out_len = n + 1;
     return 0;
   }
   root = json_loadb(body, len, 0, &jerr);
@@ -1378,7 +1386,10 @@ static int rewrite_body(const char *body, size_t len, const rewrite_t *w, char *
     json_object_set_new(root, "cache_salt", json_string(w->salt));
   *out = json_dumps(root, JSON_COMPACT);
   json_decref(root);
-  return *out != NULL ? 0 : TG_ENOMEM;
+  if (*out == NULL)
+    return TG_ENOMEM;
+  *out_len = strlen(*out);
+  return 0;
 }
 
 /* The name of the first member the gateway reads for policy whose type is
@@ -1484,7 +1495,7 @@ static int parse_body(tg_call_t *c, const tg_key_rec_t *rec) {
                : NULL;
   w.has_salt = f.cache_salt != NULL;
   if (w.usage || w.salt != NULL) {
-    int r = rewrite_body(req->body, req->body_len, &w, &c->body_owned);
+    int r = rewrite_body(req->body, req->body_len, &w, &c->body_owned, &c->body_len);
     if (r == TG_EPARSE) {
       call_refuse(c, 400, "invalid_request_error", "invalid_json", NULL,
                   "the request body is not valid JSON (a number's form)");
@@ -1495,7 +1506,6 @@ static int parse_body(tg_call_t *c, const tg_key_rec_t *rec) {
       goto out;
     }
     c->body = c->body_owned;
-    c->body_len = strlen(c->body_owned);
   }
   rc = 0;
 out:
