@@ -610,6 +610,14 @@ static void watch_poll(tg_keywatch_t *w) {
     return;
   if (rc == 0)
     rc = watch_reload(w, v);
+  if (rc != 0) {
+    int stopping;
+    pthread_mutex_lock(&w->mu);
+    stopping = w->stopping;
+    pthread_mutex_unlock(&w->mu);
+    if (stopping)
+      return;   /* cut short by the stop: nothing to report */
+  }
   if (rc != 0 && !w->failing) {
     fprintf(stderr, "tollgate: keys: reload failed (%s: %s); keeping the "
             "previous keys\n", tg_strerror(rc), ks->be->errmsg(ks->c));
@@ -720,6 +728,10 @@ void tg_keywatch_stop(tg_keywatch_t *w) {
   w->stopping = 1;
   pthread_cond_signal(&w->cond);
   pthread_mutex_unlock(&w->mu);
+  /* A poll may be waiting for a database that does not answer (a connect
+   * up to its timeout, a query for ever): end that wait now. */
+  if (w->store->be->interrupt != NULL)
+    w->store->be->interrupt(w->store->c);
   pthread_join(w->thread, NULL);
   watch_free(w);
 }

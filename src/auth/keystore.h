@@ -179,6 +179,10 @@ typedef struct {
   int (*marker)(tg__keystore_conn_t *c, int64_t *out);
   /* The last error as text for a log line (never NULL). */
   const char *(*errmsg)(tg__keystore_conn_t *c);
+  /* Optional; may be called from another thread while a call runs on c:
+   * that call, and every later one, gives up waiting for the database at
+   * once (TG_EDB or TG_ECANCELED). For a stop; then close c. */
+  void (*interrupt)(tg__keystore_conn_t *c);
   void (*close)(tg__keystore_conn_t *c);
 } tg__keystore_backend_t;
 

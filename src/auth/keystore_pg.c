@@ -20,6 +20,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
 
 #include "core/err.h"
 #include "meter/db_pg.h"
@@ -28,11 +30,16 @@ struct tg__keystore_conn_s {
   char *url;
   PGconn *pg;          /* NULL while not connected */
   tg_db_pg_opts_t opts;
+  tg_db_pg_wait_t wait; /* answers within STATEMENT_MS and a little; its
+                         * wake_fd, an eventfd, is written by interrupt() */
   char err[512];       /* the last failure, for errmsg() */
 };
 
 #define STATEMENT_MS 10000
 #define LOCK_MS 5000
+/* Past the statement timeout the server's own error is due: one that has
+ * not answered by then cannot (stopped, frozen), and is cut. */
+#define ANSWER_GRACE_MS 1000
 
 /* ---- connection ---- */
 
@@ -44,8 +51,12 @@ static void drop(tg__keystore_conn_t *c) {
 /* Records the connection's last error (or what) for errmsg(). */
 static int note(tg__keystore_conn_t *c, const char *what) {
   char msg[200];
-  snprintf(c->err, sizeof(c->err), "%s: %s", what,
-           tg_db_pg_errmsg(c->pg, msg, sizeof(msg)));
+  if (c->wait.cut)
+    snprintf(msg, sizeof(msg), "no answer from the server within %d ms",
+             c->wait.wait_ms);
+  else
+    tg_db_pg_errmsg(c->pg, msg, sizeof(msg));
+  snprintf(c->err, sizeof(c->err), "%s: %s", what, msg);
   return TG_EDB;
 }
 
@@ -58,7 +69,7 @@ static int ensure(tg__keystore_conn_t *c) {
   why[0] = '\0';
   c->opts.err = why;
   c->opts.err_size = sizeof(why);
-  rc = tg_db_pg_open(c->url, &c->opts, &c->pg);
+  rc = tg_db_pg_open_wake(c->url, &c->opts, c->wait.wake_fd, &c->pg);
   c->opts.err = NULL;
   if (rc != 0) {
     snprintf(c->err, sizeof(c->err), "cannot connect to %s: %s",
@@ -74,6 +85,7 @@ static int with_conn(tg__keystore_conn_t *c,
                      int (*op)(tg__keystore_conn_t *, void *), void *arg) {
   int fresh = c->pg == NULL, rc;
 
+  c->wait.cut = 0;
   rc = ensure(c);
   if (rc != 0)
     return rc;
@@ -81,7 +93,8 @@ static int with_conn(tg__keystore_conn_t *c,
   if (rc == 0 || !tg_db_pg_broken(c->pg))
     return rc;
   drop(c);
-  if (fresh || (rc = ensure(c)) != 0)
+  /* A server that did not answer in time is not asked again at once. */
+  if (fresh || c->wait.cut || (rc = ensure(c)) != 0)
     return rc;
   rc = op(c, arg);
   if (rc != 0 && tg_db_pg_broken(c->pg))
@@ -109,6 +122,13 @@ static int pg_open(const char *database, const char *data_dir,
     return TG_ENOMEM;
   }
   memcpy(c->url, database, len + 1);
+  c->wait.wait_ms = STATEMENT_MS + ANSWER_GRACE_MS;
+  c->wait.wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  if (c->wait.wake_fd < 0) {
+    free(c->url);
+    free(c);
+    return TG_ENOMEM;
+  }
   c->opts.statement_timeout_ms = STATEMENT_MS;
   c->opts.lock_timeout_ms = LOCK_MS;
   /* The first connection says why it fails (the CLI and the gateway's
@@ -116,6 +136,7 @@ static int pg_open(const char *database, const char *data_dir,
   rc = ensure(c);
   c->opts.quiet = 1;
   if (rc != 0) {
+    close(c->wait.wake_fd);
     free(c->url);
     free(c);
     return rc;
@@ -124,9 +145,17 @@ static int pg_open(const char *database, const char *data_dir,
   return 0;
 }
 
+static void pg_interrupt(tg__keystore_conn_t *c) {
+  uint64_t one = 1;
+  /* Fails only when the counter is full, which leaves it readable too. */
+  ssize_t n = write(c->wait.wake_fd, &one, sizeof(one));
+  (void)n;
+}
+
 static void pg_close(tg__keystore_conn_t *c) {
   if (c == NULL)
     return;
+  close(c->wait.wake_fd);
   PQfinish(c->pg);
   free(c->url);
   free(c);
@@ -169,12 +198,12 @@ static int insert_op(tg__keystore_conn_t *c, void *arg) {
   fmts[4] = 1;
   vals[5] = created;
   vals[6] = r->expires_at != 0 ? expires : NULL;
-  res = PQexecParams(c->pg,
-                     "INSERT INTO api_keys (id, tenant, name, models,"
-                     " secret_sha256, created_at, expires_at, revoked_at)"
-                     " VALUES ($1, $2, $3, $4, $5::bytea, $6::bigint,"
-                     " $7::bigint, NULL) ON CONFLICT (id) DO NOTHING",
-                     7, NULL, vals, lens, fmts, 0);
+  res = tg_db_pg_query(c->pg,
+                       "INSERT INTO api_keys (id, tenant, name, models,"
+                       " secret_sha256, created_at, expires_at, revoked_at)"
+                       " VALUES ($1, $2, $3, $4, $5::bytea, $6::bigint,"
+                       " $7::bigint, NULL) ON CONFLICT (id) DO NOTHING",
+                       7, vals, lens, fmts, &c->wait);
   if (PQresultStatus(res) != PGRES_COMMAND_OK) {
     rc = note(c, "insert");
     goto out;
@@ -189,9 +218,9 @@ static int insert_op(tg__keystore_conn_t *c, void *arg) {
   {
     const char *v2[2] = {id, vals[4]};
     int l2[2] = {0, lens[4]}, f2[2] = {0, 1};
-    res = PQexecParams(c->pg,
-                       "SELECT secret_sha256 = $2::bytea FROM api_keys"
-                       " WHERE id = $1", 2, NULL, v2, l2, f2, 0);
+    res = tg_db_pg_query(c->pg,
+                         "SELECT secret_sha256 = $2::bytea FROM api_keys"
+                         " WHERE id = $1", 2, v2, l2, f2, &c->wait);
   }
   if (PQresultStatus(res) != PGRES_TUPLES_OK) {
     rc = note(c, "insert");
@@ -228,10 +257,10 @@ static int revoke_op(tg__keystore_conn_t *c, void *arg) {
   snprintf(now, sizeof(now), "%lld", (long long)a->now);
   /* COALESCE keeps the first revocation time, as in SQLite: revoking twice
    * is harmless and the moment access really ended is kept. */
-  res = PQexecParams(c->pg,
-                     "UPDATE api_keys SET revoked_at ="
-                     " COALESCE(revoked_at, $1::bigint) WHERE id = $2",
-                     2, NULL, vals, NULL, NULL, 0);
+  res = tg_db_pg_query(c->pg,
+                       "UPDATE api_keys SET revoked_at ="
+                       " COALESCE(revoked_at, $1::bigint) WHERE id = $2",
+                       2, vals, NULL, NULL, &c->wait);
   if (PQresultStatus(res) != PGRES_COMMAND_OK) {
     PQclear(res);
     return note(c, "revoke");
@@ -308,7 +337,8 @@ static int scan_op(tg__keystore_conn_t *c, void *arg) {
   _Static_assert(TG_KEYSET_MAX_KEYS + 1 == 1048577,
                  "the LIMIT must be TG_KEYSET_MAX_KEYS + 1");
   scan_t *a = arg;
-  PGresult *res = PQexec(c->pg, a->listing ? sql_list : sql_load);
+  PGresult *res = tg_db_pg_query(c->pg, a->listing ? sql_list : sql_load, 0,
+                                 NULL, NULL, NULL, &c->wait);
   int rc, n;
 
   if (PQresultStatus(res) != PGRES_TUPLES_OK) {
@@ -348,7 +378,8 @@ static int pg_scan(tg__keystore_conn_t *c, int listing, tg__key_sink_t *sink) {
 }
 
 static int marker_op(tg__keystore_conn_t *c, void *arg) {
-  PGresult *res = PQexec(c->pg, "SELECT version FROM api_keys_changes");
+  PGresult *res = tg_db_pg_query(c->pg, "SELECT version FROM api_keys_changes",
+                                 0, NULL, NULL, NULL, &c->wait);
   int rc = 0;
 
   if (PQresultStatus(res) != PGRES_TUPLES_OK) {
@@ -376,5 +407,6 @@ const tg__keystore_backend_t tg__keystore_backend_pg = {
   .scan = pg_scan,
   .marker = pg_marker,
   .errmsg = pg_errmsg,
+  .interrupt = pg_interrupt,
   .close = pg_close,
 };

@@ -18,10 +18,12 @@
 #include "meter/db_pg.h"
 
 #include <errno.h>
+#include <limits.h>
 #include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <time.h>
 
 #include "core/err.h"
@@ -393,32 +395,84 @@ static int64_t now_ms(void) {
   return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
-int tg_db_pg_connect_step(PGconn *c, int wait_ms) {
+/* Waits until fd is ready for events, until deadline (monotonic ms) at the
+ * latest, or until wake_fd (-1: none) is readable. Returns 0 (ready), 1
+ * (the time is up), TG_ECANCELED (woken) or TG_EDB (poll failed). */
+static int wait_fd(int fd, short events, int64_t deadline, int wake_fd) {
+  struct pollfd p[2] = {{fd, events, 0}, {wake_fd, POLLIN, 0}};
+  for (;;) {
+    int64_t left = deadline - now_ms();
+    int r = poll(p, 2, left <= 0 ? 0 : left > INT_MAX ? INT_MAX : (int)left);
+    if (r < 0 && errno == EINTR)
+      continue;
+    if (r < 0)
+      return TG_EDB;
+    if (p[1].revents != 0)
+      return TG_ECANCELED;
+    return r == 0 ? 1 : 0;
+  }
+}
+
+int tg_db_pg_connect_step(PGconn *c, int wait_ms, int wake_fd) {
   int64_t deadline = now_ms() + (wait_ms > 0 ? wait_ms : 0);
   for (;;) {
     PostgresPollingStatusType st = PQconnectPoll(c);
-    struct pollfd pfd;
-    int64_t left;
     int r;
 
     if (st == PGRES_POLLING_OK)
       return 0;
-    if (st == PGRES_POLLING_FAILED)
+    if (st == PGRES_POLLING_FAILED || PQsocket(c) < 0)
       return TG_EDB;
-    pfd.fd = PQsocket(c);
-    pfd.events = st == PGRES_POLLING_READING ? POLLIN : POLLOUT;
-    pfd.revents = 0;
-    if (pfd.fd < 0)
-      return TG_EDB;
-    left = deadline - now_ms();
-    do
-      r = poll(&pfd, 1, left > 0 ? (int)left : 0);
-    while (r < 0 && errno == EINTR);
-    if (r < 0)
-      return TG_EDB;
-    if (r == 0)
-      return 1;
+    r = wait_fd(PQsocket(c), st == PGRES_POLLING_READING ? POLLIN : POLLOUT,
+                deadline, wake_fd);
+    if (r != 0)
+      return r;
   }
+}
+
+/* Ends a connection whose server did not answer in time: libpq reads the
+ * end of the stream and marks it broken, as if the server had hung up. */
+static void cut(PGconn *c, tg_db_pg_wait_t *w) {
+  if (PQsocket(c) >= 0)
+    shutdown(PQsocket(c), SHUT_RDWR);
+  PQconsumeInput(c);
+  w->cut = 1;
+}
+
+PGresult *tg_db_pg_result(PGconn *c, tg_db_pg_wait_t *w) {
+  int64_t deadline = w->wait_ms > 0 ? now_ms() + w->wait_ms : INT64_MAX;
+  PGresult *last = NULL, *r;
+
+  for (;;) {
+    ExecStatusType st;
+    while (PQisBusy(c) && PQsocket(c) >= 0) {
+      if (wait_fd(PQsocket(c), POLLIN, deadline, w->wake_fd) != 0) {
+        cut(c, w);
+        PQclear(last);
+        return NULL;
+      }
+      if (!PQconsumeInput(c))
+        break;   /* broken: PQgetResult says so */
+    }
+    r = PQgetResult(c);
+    if (r == NULL)
+      return last;
+    PQclear(last);
+    last = r;
+    st = PQresultStatus(r);
+    if (st == PGRES_COPY_IN || st == PGRES_COPY_OUT || st == PGRES_COPY_BOTH ||
+        PQstatus(c) == CONNECTION_BAD)
+      return last;
+  }
+}
+
+PGresult *tg_db_pg_query(PGconn *c, const char *sql, int nparams,
+                         const char *const *vals, const int *lens,
+                         const int *fmts, tg_db_pg_wait_t *w) {
+  int sent = vals != NULL ? PQsendQueryParams(c, sql, nparams, NULL, vals,
+                                              lens, fmts, 0)
+                          : PQsendQuery(c, sql);
+  return sent ? tg_db_pg_result(c, w) : NULL;
 }
 
 static int mfail(PGconn *c, int quiet, const char *what) {
@@ -429,9 +483,15 @@ static int mfail(PGconn *c, int quiet, const char *what) {
   return TG_EDB;
 }
 
-/* 1 when the schema is at this binary's version, read without the lock. */
+/* 1 when the schema is at this binary's version, read without the lock.
+ * A server that does not answer in SCHEMA_READ_MS has its connection cut,
+ * so the migration that follows fails at once instead of waiting for it. */
+#define SCHEMA_READ_MS 10000
 static int schema_current(PGconn *c) {
-  PGresult *r = PQexec(c, "SELECT COALESCE(MAX(version), 0) FROM schema_migrations");
+  tg_db_pg_wait_t w = {SCHEMA_READ_MS, -1, 0};
+  PGresult *r = tg_db_pg_query(
+      c, "SELECT COALESCE(MAX(version), 0) FROM schema_migrations", 0, NULL,
+      NULL, NULL, &w);
   int64_t v = -1;
   int ok = PQresultStatus(r) == PGRES_TUPLES_OK && PQntuples(r) == 1 &&
            tg_db_pg_int64(r, 0, 0, &v) == 0 && v == tg_db_pg_schema_version();
@@ -527,9 +587,65 @@ out:
   return rc;
 }
 
-int tg_db_pg_open(const char *url, const tg_db_pg_opts_t *o, PGconn **out) {
+/* The connect timeout in force on c (the URL's, else ours, as make_params
+ * set it; libpq applies it only to blocking connects), or -1 when c has
+ * several hosts: libpq gives each its own timeout and goes on to the next
+ * only in a blocking connect, so those must block. */
+static int connect_wait_ms(PGconn *c) {
+  PQconninfoOption *opts = PQconninfo(c);
+  long s = 3;
+  int several = 0;
+
+  for (PQconninfoOption *o = opts; o != NULL && o->keyword != NULL; o++) {
+    if (o->val == NULL)
+      continue;
+    if (strcmp(o->keyword, "connect_timeout") == 0)
+      s = strtol(o->val, NULL, 10);
+    else if (strcmp(o->keyword, "host") == 0 ||
+             strcmp(o->keyword, "hostaddr") == 0)
+      several |= strchr(o->val, ',') != NULL;
+  }
+  PQconninfoFree(opts);
+  if (several)
+    return -1;
+  if (s <= 0 || s > 3600)
+    s = 3600;   /* 0 is libpq's "for ever": an hour is bound enough */
+  return (int)(s < 2 ? 2 : s) * 1000;   /* libpq's floor is 2 s */
+}
+
+/* Connects without blocking in libpq: within the connect timeout, and
+ * given up when wake_fd becomes readable. A URL with several hosts
+ * connects blocking, for libpq's failover from one to the next. */
+static int connect_wake(const char *url, const tg_db_pg_opts_t *o, int wake_fd,
+                        PGconn **out) {
+  char msg[256];
   PGconn *c = NULL;
-  int rc = tg_db_pg_connect(url, o, &c);
+  int rc = tg_db_pg_connect_start(url, o, &c), wait;
+
+  *out = NULL;
+  if (rc != 0)
+    return rc;
+  if ((wait = connect_wait_ms(c)) < 0) {
+    PQfinish(c);
+    return tg_db_pg_connect(url, o, out);
+  }
+  rc = tg_db_pg_connect_step(c, wait, wake_fd);
+  if (rc != 0) {
+    report(o, url, rc == 1 ? "timeout expired"
+                   : rc == TG_ECANCELED ? "interrupted"
+                   : tg_db_pg_errmsg(c, msg, sizeof(msg)));
+    PQfinish(c);
+    return rc == TG_ECANCELED ? rc : TG_EDB;
+  }
+  *out = c;
+  return 0;
+}
+
+static int open_db(const char *url, const tg_db_pg_opts_t *o, int wake,
+                   int wake_fd, PGconn **out) {
+  PGconn *c = NULL;
+  int rc = wake ? connect_wake(url, o, wake_fd, &c)
+                : tg_db_pg_connect(url, o, &c);
 
   *out = NULL;
   if (rc != 0)
@@ -545,4 +661,14 @@ int tg_db_pg_open(const char *url, const tg_db_pg_opts_t *o, PGconn **out) {
   }
   *out = c;
   return 0;
+}
+
+int tg_db_pg_open(const char *url, const tg_db_pg_opts_t *o, PGconn **out) {
+  return open_db(url, o, 0, -1, out);
+}
+
+int tg_db_pg_open_wake(const char *url, const tg_db_pg_opts_t *o, int wake_fd,
+                       PGconn **out) {
+  static const tg_db_pg_opts_t defaults = {0};
+  return open_db(url, o ? o : &defaults, 1, wake_fd, out);
 }

@@ -56,11 +56,51 @@ int tg_db_pg_connect_start(const char *url, const tg_db_pg_opts_t *o,
                            PGconn **out);
 
 /* Advances a connection started by tg_db_pg_connect_start, waiting for the
- * network at most wait_ms in all (0: not at all). Returns 0 once it is
- * connected, 1 when the budget ran out first (call again later: the
- * connection keeps its progress), TG_EDB when it failed (reason in
+ * network at most wait_ms in all (0: not at all), less when wake_fd (-1:
+ * none) becomes readable. Returns 0 once it is connected, 1 when the budget
+ * ran out first (call again later: the connection keeps its progress),
+ * TG_ECANCELED when woken, TG_EDB when it failed (reason in
  * tg_db_pg_errmsg; the caller frees it). */
-int tg_db_pg_connect_step(PGconn *c, int wait_ms);
+int tg_db_pg_connect_step(PGconn *c, int wait_ms, int wake_fd);
+
+/* How long a caller waits for the server's answer, and what cuts the wait
+ * short. libpq's own calls wait for as long as the connection stands, and a
+ * server that is stopped (SIGSTOP), frozen, or stuck on its disk keeps it
+ * standing: its kernel acknowledges every byte and every keepalive, so no
+ * TCP timeout ends the wait, and the server's statement_timeout cannot fire
+ * either. */
+typedef struct {
+  int wait_ms;   /* the server's whole answer within this; 0: no bound */
+  int wake_fd;   /* -1, or a descriptor whose readability ends the wait */
+  int cut;       /* set to 1 (never back to 0) when a wait was cut */
+} tg_db_pg_wait_t;
+
+/* The answer to what was just sent on c (PQsendQuery, PQsendQueryParams,
+ * PQsendPrepare, PQsendQueryPrepared, or PQputCopyEnd), as PQexec gives
+ * it: the last result, or the one that starts a COPY. When w's time runs
+ * out or its wake_fd becomes readable first, the connection is cut (it
+ * reads as broken from then on: replace it), w->cut is set and NULL is
+ * returned. */
+PGresult *tg_db_pg_result(PGconn *c, tg_db_pg_wait_t *w);
+
+/* Sends sql (with nparams parameters when vals is not NULL, as
+ * PQsendQueryParams; else as PQsendQuery, which takes several statements)
+ * and returns tg_db_pg_result's answer. NULL when it could not be sent
+ * (the reason in tg_db_pg_errmsg) or the wait was cut. The caller clears
+ * the result. */
+PGresult *tg_db_pg_query(PGconn *c, const char *sql, int nparams,
+                         const char *const *vals, const int *lens,
+                         const int *fmts, tg_db_pg_wait_t *w);
+
+/* tg_db_pg_open for a connection that a thread must be able to stop:
+ * the connection is made without blocking inside libpq, given up after the
+ * connect timeout (the URL's connect_timeout, else o's), or at once when
+ * wake_fd (-1: none) becomes readable. A URL that names several hosts
+ * connects as tg_db_pg_open does (libpq moves on to the next host after a
+ * timeout only when it blocks). Returns as tg_db_pg_open, with
+ * TG_ECANCELED when woken. */
+int tg_db_pg_open_wake(const char *url, const tg_db_pg_opts_t *o, int wake_fd,
+                       PGconn **out);
 
 /* Applies every migration not yet recorded in schema_migrations, all in one
  * transaction under the advisory lock TG_DB_PG_MIGRATE_LOCK, so replicas

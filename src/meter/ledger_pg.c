@@ -45,6 +45,7 @@ struct tg__ledger_conn_s {
   PGconn *pending;       /* a connection probe() is making, or NULL */
   int64_t pending_since_ms;
   tg_db_pg_opts_t opts;
+  tg_db_pg_wait_t wait;  /* how long a statement's answer may take */
   int writer;
   int prepared;          /* the insert is prepared on pg */
   char err[512];         /* the last failure, for errmsg() */
@@ -59,6 +60,10 @@ struct tg__ledger_conn_s {
 /* The writer's statements: a batch that takes longer goes to the spool. */
 #define WRITER_STATEMENT_MS 5000
 #define QUERY_STATEMENT_MS 60000
+/* Past the statement timeout, the server's own error is due: a server that
+ * has not answered a little after it cannot (stopped, frozen, stuck on its
+ * disk), and its connection is cut so the writer can spool. */
+#define ANSWER_GRACE_MS 1000
 /* What one probe may wait for the network: enough for a whole handshake
  * on a LAN, little enough that a server that went silent costs the writer
  * next to nothing per retry. A slower handshake goes on at the next probe. */
@@ -104,11 +109,25 @@ static void say(const tg__ledger_conn_t *c) {
  * only what is still wrong after that. */
 static int note(tg__ledger_conn_t *c, const char *what, const char *why) {
   char msg[256];
+  if (why == NULL && c->wait.cut) {
+    snprintf(msg, sizeof(msg), "no answer from the server within %d ms",
+             c->wait.wait_ms);
+    why = msg;
+  }
   snprintf(c->err, sizeof(c->err), "%s: %s", what,
            why ? why : tg_db_pg_errmsg(c->pg, msg, sizeof(msg)));
   if (!tg_db_pg_broken(c->pg))
     say(c);
   return TG_EDB;
+}
+
+/* tg_db_pg_exec within the connection's answer time. Returns 0 or
+ * TG_EDB. */
+static int exec_ok(tg__ledger_conn_t *c, const char *sql) {
+  PGresult *r = tg_db_pg_query(c->pg, sql, 0, NULL, NULL, NULL, &c->wait);
+  ExecStatusType st = PQresultStatus(r);
+  PQclear(r);
+  return st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK ? 0 : TG_EDB;
 }
 
 /* What a new connection needs before use: the schema current and, for the
@@ -124,14 +143,15 @@ static int setup(tg__ledger_conn_t *c) {
     return note(c, "schema migration", NULL);
   if (!c->writer)
     return 0;
-  r = PQexec(c->pg, "SELECT current_setting('synchronous_commit')");
+  r = tg_db_pg_query(c->pg, "SELECT current_setting('synchronous_commit')", 0,
+                     NULL, NULL, NULL, &c->wait);
   if (PQresultStatus(r) != PGRES_TUPLES_OK || PQntuples(r) != 1) {
     PQclear(r);
     return note(c, "cannot read synchronous_commit", NULL);
   }
   off = strcmp(PQgetvalue(r, 0, 0), "off") == 0;
   PQclear(r);
-  if (off && tg_db_pg_exec(c->pg, "SET synchronous_commit = on") != 0)
+  if (off && exec_ok(c, "SET synchronous_commit = on") != 0)
     return note(c, "cannot set synchronous_commit", NULL);
   return 0;
 }
@@ -167,11 +187,14 @@ static int ensure(tg__ledger_conn_t *c) {
 
 /* Runs op on a live connection. When op fails on a connection that was
  * already open and turns out broken (the server restarted since), it
- * reconnects once and runs op again: every op here is safe to repeat. */
+ * reconnects once and runs op again: every op here is safe to repeat.
+ * Each answer is awaited for the statement timeout and a little more
+ * (tg_db_pg_result), so a server that cannot answer costs that, once. */
 static int with_conn(tg__ledger_conn_t *c, int (*op)(tg__ledger_conn_t *, void *),
                      void *arg) {
   int fresh = c->pg == NULL, rc;
 
+  c->wait.cut = 0;
   rc = ensure(c);
   if (rc != 0)
     return rc;
@@ -179,7 +202,9 @@ static int with_conn(tg__ledger_conn_t *c, int (*op)(tg__ledger_conn_t *, void *
   if (rc == 0 || !tg_db_pg_broken(c->pg))
     return rc;
   drop(c);
-  if (fresh) {
+  /* A server that did not answer in time is not asked again at once: a
+   * new connection would wait for it as long again. */
+  if (fresh || c->wait.cut) {
     say(c);
     return rc;
   }
@@ -230,6 +255,7 @@ static int pg_probe(tg__ledger_conn_t *c) {
     return 0;
   if (c->pg != NULL)
     drop(c);
+  c->wait.cut = 0;
   if (c->pending == NULL) {
     why[0] = '\0';
     c->opts.err = why;
@@ -243,7 +269,7 @@ static int pg_probe(tg__ledger_conn_t *c) {
     }
     c->pending_since_ms = mono_ms();
   }
-  rc = tg_db_pg_connect_step(c->pending, PROBE_WAIT_MS);
+  rc = tg_db_pg_connect_step(c->pending, PROBE_WAIT_MS, -1);
   if (rc == 1 && mono_ms() - c->pending_since_ms < limit_ms) {
     snprintf(c->err, sizeof(c->err), "connecting to %s",
              tg_db_pg_redact(c->url, shown, sizeof(shown)));
@@ -304,6 +330,8 @@ static int pg_open(const char *database, const char *data_dir,
                                            : QUERY_STATEMENT_MS;
   c->opts.lock_timeout_ms = o != NULL && o->busy_timeout_ms > 0
                                 ? o->busy_timeout_ms : 0;
+  c->wait.wait_ms = (int)c->opts.statement_timeout_ms + ANSWER_GRACE_MS;
+  c->wait.wake_fd = -1;
   c->opts.quiet = 1;   /* ensure() and note() say it in our words */
   rc = ensure(c);
   if (rc == TG_ENOMEM || rc == TG_EINVAL || (rc != 0 && !c->writer)) {
@@ -443,14 +471,15 @@ static int insert_op(tg__ledger_conn_t *c, void *arg) {
   int rc, multi = b->n > CHUNK;
 
   if (!c->prepared) {
-    r = PQprepare(c->pg, INSERT_NAME, insert_sql, N_COLS, NULL);
+    r = PQsendPrepare(c->pg, INSERT_NAME, insert_sql, N_COLS, NULL)
+            ? tg_db_pg_result(c->pg, &c->wait) : NULL;
     if (PQresultStatus(r) != PGRES_COMMAND_OK)
       return stmt_error(c, r, "cannot prepare the insert");
     PQclear(r);
     c->prepared = 1;
   }
   /* One statement is one transaction; several need an explicit one. */
-  if (multi && tg_db_pg_exec(c->pg, "BEGIN") != 0)
+  if (multi && exec_ok(c, "BEGIN") != 0)
     return stmt_error(c, NULL, "cannot begin a batch");
   for (size_t off = 0; off < b->n; off += CHUNK) {
     size_t cnt = b->n - off < CHUNK ? b->n - off : CHUNK;
@@ -459,14 +488,15 @@ static int insert_op(tg__ledger_conn_t *c, void *arg) {
       goto fail;
     for (int k = 0; k < N_COLS; k++)
       vals[k] = b->a[k].p;
-    r = PQexecPrepared(c->pg, INSERT_NAME, N_COLS, vals, NULL, NULL, 0);
+    r = PQsendQueryPrepared(c->pg, INSERT_NAME, N_COLS, vals, NULL, NULL, 0)
+            ? tg_db_pg_result(c->pg, &c->wait) : NULL;
     if (PQresultStatus(r) != PGRES_COMMAND_OK) {
       rc = stmt_error(c, r, "insert");
       goto fail;
     }
     PQclear(r);
   }
-  if (multi && tg_db_pg_exec(c->pg, "COMMIT") != 0) {
+  if (multi && exec_ok(c, "COMMIT") != 0) {
     rc = stmt_error(c, NULL, "commit");
     goto fail;
   }
@@ -474,7 +504,7 @@ static int insert_op(tg__ledger_conn_t *c, void *arg) {
 fail:
   if (!tg_db_pg_broken(c->pg) &&
       PQtransactionStatus(c->pg) != PQTRANS_IDLE)
-    tg_db_pg_exec(c->pg, "ROLLBACK");
+    exec_ok(c, "ROLLBACK");
   return rc == TG_ENOMEM ? rc : TG_EDB;
 }
 
@@ -571,7 +601,7 @@ static int copy_op(tg__ledger_conn_t *c, const batch_t *b) {
 
   if (buf == NULL)
     return TG_ENOMEM;
-  r = PQexec(c->pg, copy_sql);
+  r = tg_db_pg_query(c->pg, copy_sql, 0, NULL, NULL, NULL, &c->wait);
   if (PQresultStatus(r) != PGRES_COPY_IN) {
     free(buf);
     return stmt_error(c, r, "copy");
@@ -599,7 +629,7 @@ static int copy_op(tg__ledger_conn_t *c, const batch_t *b) {
   if (sent != 1)
     return note(c, "copy", NULL);
   /* The result, then the end of results: the connection is idle after. */
-  r = PQgetResult(c->pg);
+  r = tg_db_pg_result(c->pg, &c->wait);
   if (PQresultStatus(r) == PGRES_COMMAND_OK) {
     PQclear(r);
   } else {
@@ -690,8 +720,8 @@ typedef struct {
 
 static int query_op(tg__ledger_conn_t *c, void *arg) {
   query_t *q = arg;
-  PGresult *r = PQexecParams(c->pg, q->sql, q->nparams, NULL, q->params,
-                             NULL, NULL, 0);
+  PGresult *r = tg_db_pg_query(c->pg, q->sql, q->nparams, q->params, NULL,
+                               NULL, &c->wait);
   int rc;
   if (PQresultStatus(r) != PGRES_TUPLES_OK)
     return stmt_error(c, r, q->what);
@@ -892,7 +922,7 @@ static int purge_op(tg__ledger_conn_t *c, void *arg) {
   int64_t ch;
 
   do {
-    PGresult *r = PQexecParams(c->pg, sql, 3, NULL, params, NULL, NULL, 0);
+    PGresult *r = tg_db_pg_query(c->pg, sql, 3, params, NULL, NULL, &c->wait);
     char *end = NULL;
     if (PQresultStatus(r) != PGRES_COMMAND_OK)
       return stmt_error(c, r, "purge");

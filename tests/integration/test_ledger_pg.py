@@ -165,6 +165,44 @@ def test_postgres_stopped_mid_load_spools_then_replays(tg, sim, pg):
     assert "spool replayed" in err, err[-2000:]
 
 
+def test_a_frozen_server_costs_an_answer_seconds_and_holds_no_stop(tg, sim, pg):
+    """A server that is frozen (SIGSTOP here; a hung disk or a paused VM
+    alike) keeps its connections standing: its kernel acknowledges every
+    byte and keepalive, so neither TCP timeouts nor its own
+    statement_timeout end a wait. The writer gives a batch the statement
+    timeout (5 s) and a second more, then spools it; the key watcher's wait
+    ends when the gateway stops. Before, the answer waited for as long as
+    the server was frozen and so did a stop."""
+    gw, db = pg_gateway(tg, sim, pg)
+    gw.start()
+    key = gw.create_key("alpha")
+    assert base.ask(gw, key).status == 200
+    pg.pause()
+    try:
+        time.sleep(0.5)                  # the key watcher is waiting on it now
+        t0 = time.monotonic()
+        r = tgtest.chat(gw.port, key, model=base.M, max_tokens=3, timeout=30)
+        took = time.monotonic() - t0
+        assert r.status == 200, r
+        assert 5 <= took < 9, "the answer took %.1f s" % took
+        assert os.path.getsize(gw.spool_path) > 0
+        t0 = time.monotonic()
+        assert gw.stop(timeout=20) == 0
+        took = time.monotonic() - t0
+        assert took < 3, "the stop took %.1f s" % took
+    finally:
+        pg.resume()
+    err = gw.proc.stderr_text()
+    assert "no answer from the server within 6000 ms" in err, err[-2000:]
+    # back: the spooled record is replayed at the next start, once
+    gw.start()
+    tgtest.wait_for(lambda: not os.path.exists(gw.spool_path), timeout=30,
+                    what="the spool to be replayed and removed")
+    rows = tgtest.pg_ledger_rows(pg, db)
+    assert len(rows) == 2 and r.header("x-request-id") in [x["request_id"] for x in rows], rows
+    gw.stop()
+
+
 def test_budgets_rebuilt_from_the_postgres_ledger(tg, sim, pg):
     M = base.M
     tenants = {"day": tgtest.limited_tenant(models=[M], daily=base.usd(200000))}

@@ -1681,6 +1681,27 @@ class Postgres:
             self._command("stop", "stopped", timeout)
             self.running = False
 
+    def _pids(self):
+        with open(os.path.join(self.dir, "data", "postmaster.pid")) as f:
+            postmaster = int(f.readline())
+        kids = subprocess.run(["pgrep", "-P", str(postmaster)], capture_output=True,
+                              text=True).stdout.split()
+        return [postmaster] + [int(k) for k in kids]
+
+    def pause(self):
+        """SIGSTOPs the server and every backend: a frozen server, whose
+        kernel still accepts connections and acknowledges every byte, so no
+        TCP timeout fires. resume() sends SIGCONT (call it in a finally)."""
+        for pid in self._pids():
+            os.kill(pid, signal.SIGSTOP)
+
+    def resume(self):
+        for pid in self._pids():
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+
     def close(self, timeout=60.0):
         """Stops the server for good and removes its directory."""
         if self.popen is None:

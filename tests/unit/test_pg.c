@@ -1142,6 +1142,55 @@ static void test_keywatch(void **state) {
   tg_keystore_close(writer);
 }
 
+/* SIGSTOP (or SIGCONT) to the server and every backend: a frozen server,
+ * whose kernel still accepts connections and acknowledges every byte. */
+static void srv_freeze(int sig) {
+  char path[PATH_MAX + 32], cmd[64], line[32];
+  FILE *f;
+  long pm = 0;
+
+  snprintf(path, sizeof(path), "%s/data/postmaster.pid", srv.dir);
+  f = fopen(path, "r");
+  assert_non_null(f);
+  assert_non_null(fgets(line, sizeof(line), f));
+  fclose(f);
+  pm = strtol(line, NULL, 10);
+  assert_true(pm > 1);
+  snprintf(cmd, sizeof(cmd), "pgrep -P %ld", pm);
+  f = popen(cmd, "r");
+  assert_non_null(f);
+  while (fgets(line, sizeof(line), f) != NULL)
+    kill((pid_t)strtol(line, NULL, 10), sig);
+  pclose(f);
+  kill((pid_t)pm, sig);
+}
+
+/* A frozen server holds every wait of the watcher: a query for ever (no
+ * TCP timeout fires), a new connection for the connect timeout (3 s). A
+ * stop ends the wait at once, whichever it is. */
+static void test_keywatch_stop_while_frozen(void **state) {
+  tg_keywatch_t *w = NULL;
+  PGconn *s = sql_conn(srv.url);
+  double t;
+
+  (void)state;
+  for (int reconnect = 0; reconnect < 2; reconnect++) {
+    assert_int_equal(tg_keywatch_start_db(srv.url, NULL, 50, &w), 0);
+    if (reconnect)   /* the watcher's connection is gone: it connects anew */
+      sql_ok(s, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE application_name = 'tollgate'");
+    srv_freeze(SIGSTOP);
+    sleep_ms(300);   /* a poll is waiting on the server now */
+    t = mono_now();
+    tg_keywatch_stop(w);
+    t = mono_now() - t;
+    srv_freeze(SIGCONT);
+    if (t >= 0.5)
+      fail_msg("the stop took %.2f s (reconnect %d)", t, reconnect);
+  }
+  PQfinish(s);
+}
+
 /* ---- the CLI -------------------------------------------------------------- */
 
 typedef struct {
@@ -1308,6 +1357,7 @@ int main(void) {
     cmocka_unit_test(test_ledger_core),
     cmocka_unit_test(test_keystore),
     cmocka_unit_test(test_keywatch),
+    cmocka_unit_test(test_keywatch_stop_while_frozen),
     cmocka_unit_test(test_cli),
     cmocka_unit_test(test_harness_cleans_up),
   };
