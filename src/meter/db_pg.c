@@ -282,10 +282,76 @@ static void report(const tg_db_pg_opts_t *o, const char *url, const char *why) {
  * keeps the last value of a keyword, so whatever the URL says wins). */
 typedef struct {
   char connect_s[16], user_timeout[16], options[160];
-  const char *keys[10], *vals[10];
+  char host[256], hostaddr[64], port[16];   /* one of the URL's hosts */
+  const char *keys[13], *vals[13];
 } params_t;
 
-static int make_params(const char *url, const tg_db_pg_opts_t *o,
+/* Elements in a comma list (1 for a value without a comma). */
+static int list_len(const char *v) {
+  int n = 1;
+  while (v != NULL && (v = strchr(v, ',')) != NULL) {
+    n++;
+    v++;
+  }
+  return n;
+}
+
+/* The i-th element of a comma list into buf (a value without a comma is
+ * every element). 0, or -1 when it does not fit. */
+static int list_at(const char *v, int i, char *buf, size_t size) {
+  size_t len;
+  if (strchr(v, ',') != NULL)
+    for (; i > 0 && v != NULL; i--)
+      if ((v = strchr(v, ',')) != NULL)
+        v++;
+  if (v == NULL)
+    v = "";
+  len = strcspn(v, ",");
+  if (len >= size)
+    return -1;
+  memcpy(buf, v, len);
+  buf[len] = '\0';
+  return 0;
+}
+
+/* The URL's host number host (its host, hostaddr and port) as keywords
+ * after the URL's, which they override; nothing when the URL names one
+ * host, or host is -1. */
+static void pick_host(const PQconninfoOption *parsed, int host, params_t *p,
+                      int *i) {
+  const char *vals[3] = {NULL, NULL, NULL};
+  static const char *const keys[3] = {"host", "hostaddr", "port"};
+  char *bufs[3] = {p->host, p->hostaddr, p->port};
+  size_t sizes[3] = {sizeof(p->host), sizeof(p->hostaddr), sizeof(p->port)};
+
+  for (const PQconninfoOption *o = parsed; o->keyword != NULL; o++)
+    for (int k = 0; k < 3; k++)
+      if (strcmp(o->keyword, keys[k]) == 0)
+        vals[k] = o->val;
+  if (host < 0 || (list_len(vals[0]) < 2 && list_len(vals[1]) < 2))
+    return;
+  for (int k = 0; k < 3; k++) {
+    if (vals[k] == NULL || list_at(vals[k], host, bufs[k], sizes[k]) != 0)
+      continue;
+    p->keys[*i] = keys[k];
+    p->vals[*i] = bufs[k];
+    (*i)++;
+  }
+}
+
+int tg_db_pg_hosts(const char *url) {
+  PQconninfoOption *parsed = url ? PQconninfoParse(url, NULL) : NULL;
+  int n = 1;
+
+  for (PQconninfoOption *o = parsed; o != NULL && o->keyword != NULL; o++)
+    if (strcmp(o->keyword, "host") == 0 || strcmp(o->keyword, "hostaddr") == 0)
+      if (list_len(o->val) > n)
+        n = list_len(o->val);
+  PQconninfoFree(parsed);
+  return n;
+}
+
+static int make_params(const char *url, const tg_db_pg_opts_t *o, int host,
                        params_t *p) {
   unsigned conn_s = o->connect_timeout_s ? o->connect_timeout_s : 3;
   unsigned stmt_ms = o->statement_timeout_ms ? o->statement_timeout_ms : 30000;
@@ -306,7 +372,6 @@ static int make_params(const char *url, const tg_db_pg_opts_t *o,
     PQfreemem(perr);
     return rc;
   }
-  PQconninfoFree(parsed);
 
   snprintf(p->connect_s, sizeof(p->connect_s), "%u", conn_s);
   /* Sent data unacknowledged this long means the peer is gone. */
@@ -328,8 +393,10 @@ static int make_params(const char *url, const tg_db_pg_opts_t *o,
   KV("application_name", "tollgate");
   KV("options", p->options);
   KV("dbname", url);
-  KV(NULL, NULL);
 #undef KV
+  pick_host(parsed, host, p, &i);
+  p->keys[i] = p->vals[i] = NULL;
+  PQconninfoFree(parsed);
   return 0;
 }
 
@@ -344,7 +411,7 @@ int tg_db_pg_connect(const char *url, const tg_db_pg_opts_t *o,
   *out = NULL;
   if (o == NULL)
     o = &defaults;
-  if ((rc = make_params(url, o, &p)) != 0)
+  if ((rc = make_params(url, o, -1, &p)) != 0)
     return rc;
   c = PQconnectdbParams(p.keys, p.vals, 1);
   if (c == NULL) {
@@ -362,7 +429,7 @@ int tg_db_pg_connect(const char *url, const tg_db_pg_opts_t *o,
 }
 
 int tg_db_pg_connect_start(const char *url, const tg_db_pg_opts_t *o,
-                           PGconn **out) {
+                           int host, PGconn **out) {
   static const tg_db_pg_opts_t defaults = {0};
   char msg[256];
   params_t p;
@@ -372,7 +439,7 @@ int tg_db_pg_connect_start(const char *url, const tg_db_pg_opts_t *o,
   *out = NULL;
   if (o == NULL)
     o = &defaults;
-  if ((rc = make_params(url, o, &p)) != 0)
+  if ((rc = make_params(url, o, host, &p)) != 0)
     return rc;
   c = PQconnectStartParams(p.keys, p.vals, 1);
   if (c == NULL) {
@@ -620,7 +687,7 @@ static int connect_wake(const char *url, const tg_db_pg_opts_t *o, int wake_fd,
                         PGconn **out) {
   char msg[256];
   PGconn *c = NULL;
-  int rc = tg_db_pg_connect_start(url, o, &c), wait;
+  int rc = tg_db_pg_connect_start(url, o, -1, &c), wait;
 
   *out = NULL;
   if (rc != 0)

@@ -50,10 +50,17 @@ int tg_db_pg_connect(const char *url, const tg_db_pg_opts_t *o,
 /* Starts the same connection as tg_db_pg_connect without waiting for it
  * (for a caller that must not block: it drives the connection with
  * tg_db_pg_connect_step and keeps its own deadline, since libpq applies
- * connect_timeout only to blocking connects). Returns 0 and *out (free with
- * PQfinish), or as tg_db_pg_connect. */
+ * connect_timeout only to blocking connects). host -1 lets libpq go
+ * through the URL's hosts in turn, which without blocking it does only
+ * past a host that fails, never past one that does not answer; host i
+ * (below tg_db_pg_hosts(url)) connects to the URL's i-th host alone, so
+ * the caller can give each host its own time. Returns 0 and *out (free
+ * with PQfinish), or as tg_db_pg_connect. */
 int tg_db_pg_connect_start(const char *url, const tg_db_pg_opts_t *o,
-                           PGconn **out);
+                           int host, PGconn **out);
+
+/* How many hosts url names (its host or hostaddr list); 1 at least. */
+int tg_db_pg_hosts(const char *url);
 
 /* Advances a connection started by tg_db_pg_connect_start, waiting for the
  * network at most wait_ms in all (0: not at all), less when wake_fd (-1:

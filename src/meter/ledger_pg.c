@@ -44,6 +44,7 @@ struct tg__ledger_conn_s {
   PGconn *pg;            /* NULL while not connected */
   PGconn *pending;       /* a connection probe() is making, or NULL */
   int64_t pending_since_ms;
+  int hosts, host;       /* the URL's hosts; the one probe() tries */
   tg_db_pg_opts_t opts;
   tg_db_pg_wait_t wait;  /* how long a statement's answer may take */
   int writer;
@@ -244,7 +245,10 @@ static int stmt_error(tg__ledger_conn_t *c, PGresult *r, const char *what) {
  * connection is started, and each call advances it within that budget, so
  * a server that is down or unreachable costs the spooling writer next to
  * nothing. A connection still not made after the connect timeout is
- * dropped and the next call starts another. Returns 0 or TG_EDB (noted). */
+ * dropped and the next call starts another, to the URL's next host when it
+ * names several: libpq, not blocking, would wait on the first for ever
+ * when it does not answer, and never reach the one that took over.
+ * Returns 0 or TG_EDB (noted). */
 static int pg_probe(tg__ledger_conn_t *c) {
   char why[256], shown[200];
   int64_t limit_ms = (int64_t)(c->opts.connect_timeout_s
@@ -260,7 +264,8 @@ static int pg_probe(tg__ledger_conn_t *c) {
     why[0] = '\0';
     c->opts.err = why;
     c->opts.err_size = sizeof(why);
-    rc = tg_db_pg_connect_start(c->url, &c->opts, &c->pending);
+    rc = tg_db_pg_connect_start(c->url, &c->opts,
+                                c->hosts > 1 ? c->host : -1, &c->pending);
     c->opts.err = NULL;
     if (rc != 0) {
       snprintf(c->err, sizeof(c->err), "cannot connect to %s: %s",
@@ -282,6 +287,7 @@ static int pg_probe(tg__ledger_conn_t *c) {
                      : tg_db_pg_errmsg(c->pending, why, sizeof(why)));
     PQfinish(c->pending);
     c->pending = NULL;
+    c->host = (c->host + 1) % c->hosts;
     return TG_EDB;
   }
   c->pg = c->pending;
@@ -325,6 +331,7 @@ static int pg_open(const char *database, const char *data_dir,
     return TG_ENOMEM;
   }
   memcpy(c->url, database, len + 1);
+  c->hosts = tg_db_pg_hosts(database);
   c->writer = o != NULL && o->writer;
   c->opts.statement_timeout_ms = c->writer ? WRITER_STATEMENT_MS
                                            : QUERY_STATEMENT_MS;

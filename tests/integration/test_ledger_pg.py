@@ -17,6 +17,7 @@ database on it.
 
 import os
 import re
+import socket
 import sqlite3
 import subprocess
 import time
@@ -201,6 +202,40 @@ def test_a_frozen_server_costs_an_answer_seconds_and_holds_no_stop(tg, sim, pg):
     rows = tgtest.pg_ledger_rows(pg, db)
     assert len(rows) == 2 and r.header("x-request-id") in [x["request_id"] for x in rows], rows
     gw.stop()
+
+
+def test_spool_replays_through_the_second_host_when_the_first_does_not_answer(tg, sim, pg):
+    """`database: postgres://…@pg-a,pg-b/…` after a failover: pg-a (a
+    socket that takes connections and never answers, as a host gone silent)
+    stays first in the list. Without blocking, libpq waits on a host that
+    does not answer for as long as it is asked to and never goes on to the
+    next, so the writer's probe, which starts over every connect timeout,
+    never reached pg-b: the spool was never replayed. Each probe now tries
+    one host, the next one after a timeout."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(64)                   # the kernel accepts; nobody answers
+    try:
+        name = "multihost_%d" % os.getpid()
+        pg.create_database(name)
+        url = "postgres://postgres@127.0.0.1:%d,127.0.0.1:%d/%s" % (
+            silent.getsockname()[1], pg.port, name)
+        gw = base.start_gw(tg, sim, start=False, database=url)
+        gw.start(timeout=40)             # each blocking connect waits 3 s on pg-a
+        key = gw.create_key("alpha")
+        assert base.ask(gw, key).status == 200
+        pg.stop()
+        try:
+            assert base.ask(gw, key).status == 200
+            assert os.path.getsize(gw.spool_path) > 0
+        finally:
+            pg.start()
+        tgtest.wait_for(lambda: not os.path.exists(gw.spool_path), timeout=20,
+                        what="the spool to be replayed through pg-b")
+        assert pg.sql("SELECT COUNT(*) FROM ledger", db=name) == [("2",)]
+        assert gw.stop() == 0
+    finally:
+        silent.close()
 
 
 def test_budgets_rebuilt_from_the_postgres_ledger(tg, sim, pg):

@@ -242,6 +242,12 @@ static void test_url_helpers(void **state) {
   assert_false(tg_db_pg_is_url("sqlite"));
   assert_false(tg_db_pg_is_url("postgres:/h/d"));
   assert_false(tg_db_pg_is_url("mysql://h/d"));
+  /* The hosts a writer's probe goes through, one at a time. */
+  assert_int_equal(tg_db_pg_hosts("postgres://u@h/d"), 1);
+  assert_int_equal(tg_db_pg_hosts("postgres://u@pg-a,pg-b:5433/d"), 2);
+  assert_int_equal(tg_db_pg_hosts("postgresql:///d?host=/run/pg"), 1);
+  assert_int_equal(
+      tg_db_pg_hosts("postgresql:///d?hostaddr=10.0.0.1,10.0.0.2,10.0.0.3"), 3);
   assert_false(tg_db_pg_is_url(NULL));
 
   /* Passwords never reach a log line, in the user info or the query. */
