@@ -239,6 +239,14 @@ def _salt(tenant):
     return hashlib.sha256(b"tollgate cache_salt " + tenant.encode()).hexdigest()[:32]
 
 
+def _check_logged(gw, want):
+    """The last access-log line of M8B holds (status, prompt, completion) want."""
+    entry = tgtest.wait_for(
+        lambda: [e for e in gw.access_log_entries() if e.get("model") == M8B],
+        what="the access-log line")[-1]
+    assert (entry["status"], entry["prompt_tokens"], entry["completion_tokens"]) == want, entry
+
+
 def _contents(events):
     out = []
     for e in tgtest.content_events(events):
@@ -762,11 +770,7 @@ def test_stream_with_lone_cr_line_ends(tg):
         assert b"usage" not in s.raw
         for ev in _sse_events(4, eol=b"\r")[:4]:
             assert ev in s.raw
-        entry = tgtest.wait_for(
-            lambda: [e for e in gw.access_log_entries() if e.get("model") == M8B],
-            what="the access-log line")[-1]
-        assert (entry["status"], entry["prompt_tokens"], entry["completion_tokens"]) == \
-            (200, 7, 4), entry
+        _check_logged(gw, (200, 7, 4))
     finally:
         up.close()
 
@@ -814,11 +818,7 @@ def test_nothing_relayed_after_done(tg):
         assert s.raw.endswith(b"data: [DONE]\n\n"), s.raw[-200:]
         assert b"late" not in s.raw and b"trailing" not in s.raw
         assert _contents(events) == ["w0 ", "w1 ", "w2 "]
-        entry = tgtest.wait_for(
-            lambda: [e for e in gw.access_log_entries() if e.get("model") == M8B],
-            what="the access-log line")[-1]
-        assert (entry["status"], entry["prompt_tokens"], entry["completion_tokens"]) == \
-            (200, 7, 9), entry
+        _check_logged(gw, (200, 7, 9))
     finally:
         up.close()
 
