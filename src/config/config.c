@@ -917,6 +917,21 @@ static void parse_endpoints(ydoc_t *d, tg_model_cfg_t *m, yaml_node_t *n,
   }
 }
 
+/* A scalar that is one of two words: *out becomes 0 for a, 1 for b (the
+ * values of the enums it fills: TG_MODEL_CHAT/EMBEDDING,
+ * TG_CACHE_SALT_TENANT/OFF); anything else is reported at n. */
+static void get_either(ydoc_t *d, yaml_node_t *n, const char *path, const char *a,
+                       const char *b, int *out) {
+  const char *s;
+  if (scalar_text(d, n, path, "a string") != 0)
+    return;
+  s = yscalar(n);
+  if (strcmp(s, a) == 0 || strcmp(s, b) == 0)
+    *out = strcmp(s, b) == 0;
+  else
+    yerr(d, n, path, "expected '%s' or '%s', got '%s'", a, b, s);
+}
+
 static void parse_model(ydoc_t *d, tg_model_cfg_t *m, yaml_node_t *key,
                         yaml_node_t *n, const char *where) {
   static const char *const names[] = {"kind", "max_tokens", "endpoints",
@@ -935,16 +950,7 @@ static void parse_model(ydoc_t *d, tg_model_cfg_t *m, yaml_node_t *key,
     return;
   if (v[F_KIND] != NULL) {
     join_path(path, sizeof path, where, "kind");
-    if (scalar_text(d, v[F_KIND], path, "a string") == 0) {
-      const char *s = yscalar(v[F_KIND]);
-      if (strcmp(s, "chat") == 0)
-        m->kind = TG_MODEL_CHAT;
-      else if (strcmp(s, "embedding") == 0)
-        m->kind = TG_MODEL_EMBEDDING;
-      else
-        yerr(d, v[F_KIND], path, "expected 'chat' or 'embedding', got '%s'",
-             s);
-    }
+    get_either(d, v[F_KIND], path, "chat", "embedding", &m->kind);
   }
   if (v[F_MAX_TOKENS] != NULL) {
     join_path(path, sizeof path, where, "max_tokens");
@@ -952,15 +958,7 @@ static void parse_model(ydoc_t *d, tg_model_cfg_t *m, yaml_node_t *key,
   }
   if (v[F_CACHE_SALT] != NULL) {
     join_path(path, sizeof path, where, "cache_salt");
-    if (scalar_text(d, v[F_CACHE_SALT], path, "a string") == 0) {
-      const char *s = yscalar(v[F_CACHE_SALT]);
-      if (strcmp(s, "tenant") == 0)
-        m->cache_salt = TG_CACHE_SALT_TENANT;
-      else if (strcmp(s, "off") == 0)
-        m->cache_salt = TG_CACHE_SALT_OFF;
-      else
-        yerr(d, v[F_CACHE_SALT], path, "expected 'tenant' or 'off', got '%s'", s);
-    }
+    get_either(d, v[F_CACHE_SALT], path, "tenant", "off", &m->cache_salt);
   }
   join_path(path, sizeof path, where, "endpoints");
   if (v[F_ENDPOINTS] == NULL)

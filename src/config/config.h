@@ -36,7 +36,7 @@ typedef struct {
   int cache_salt;      /* TG_CACHE_SALT_TENANT (default) or TG_CACHE_SALT_OFF */
 } tg_model_cfg_t;
 
-enum { TG_MODEL_CHAT = 0, TG_MODEL_EMBEDDING = 1 };
+enum { TG_MODEL_CHAT = 0, TG_MODEL_EMBEDDING = 1 }; /* the order config.c reads them in */
 
 /* cache_salt: what the gateway sets as a request's vLLM cache_salt. TENANT:
  * the tenant's own salt, whatever the client sent, so the upstream's
