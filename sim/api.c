@@ -290,6 +290,7 @@ int tg__sim_fault_parse(const char *v, tg__sim_fault_t *fault, uint32_t *arg) {
     {"disconnect-after:", TG__SIM_FAULT_DISCONNECT_AFTER, 1},
     {"disconnect", TG__SIM_FAULT_DISCONNECT, 0},
     {"garbage", TG__SIM_FAULT_GARBAGE, 0},
+    {"no-usage", TG__SIM_FAULT_NO_USAGE, 0},
   };
   size_t i;
 
@@ -644,6 +645,8 @@ static int body_embeddings(tg__sim_buf_t *b, const tg__sim_call_t *call) {
   for (i = 0; i < call->n_inputs && b->err == 0; i++)
     add_embedding(b, call, i, v);
   free(v);
+  if (call->fault == TG__SIM_FAULT_NO_USAGE)
+    return tg__sim_buf_adds(b, "]}");
   return tg__sim_buf_addf(b,
                           "],\"usage\":{\"prompt_tokens\":%llu,\"total_tokens\":%llu}}",
                           (unsigned long long)call->prompt_tokens,
@@ -668,6 +671,8 @@ int tg__sim_body_full(tg__sim_buf_t *b, const tg__sim_call_t *call) {
     tg__sim_buf_addf(b, "%s,\"logprobs\":null,\"finish_reason\":\"%s\"}",
                      chat ? "}" : "", finish_reason(call));
   }
+  if (call->fault == TG__SIM_FAULT_NO_USAGE)
+    return tg__sim_buf_adds(b, "]}");
   tg__sim_buf_adds(b, "],");
   add_usage(b, call);
   return tg__sim_buf_adds(b, "}");
@@ -695,7 +700,7 @@ int tg__sim_event_finish(tg__sim_buf_t *b, const tg__sim_call_t *call, uint32_t 
 }
 
 int tg__sim_event_tail(tg__sim_buf_t *b, const tg__sim_call_t *call) {
-  if (call->include_usage) {
+  if (call->include_usage && call->fault != TG__SIM_FAULT_NO_USAGE) {
     tg__sim_buf_adds(b, call->head);
     tg__sim_buf_adds(b, "],");
     add_usage(b, call);

@@ -73,7 +73,8 @@ typedef enum {
   TG__SIM_FAULT_STALL_AFTER,      /* arg tokens, then hold */
   TG__SIM_FAULT_DISCONNECT,       /* close at once */
   TG__SIM_FAULT_DISCONNECT_AFTER, /* arg tokens, then close */
-  TG__SIM_FAULT_GARBAGE           /* 200 with a body that is not JSON */
+  TG__SIM_FAULT_GARBAGE,          /* 200 with a body that is not JSON */
+  TG__SIM_FAULT_NO_USAGE          /* the answer in full, without its usage */
 } tg__sim_fault_t;
 
 typedef struct {

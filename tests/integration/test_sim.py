@@ -583,6 +583,37 @@ def test_fault_garbage(sim):
         s.close()
 
 
+def test_fault_no_usage_answers_in_full_without_usage(sim):
+    """The whole answer, streamed or not, as without the fault, minus its usage:
+    the shape of upstreams that never report usage. It is a complete answer, so
+    it counts as completed (not faulted) with all its tokens generated."""
+    no_usage = {"x-sim-fault": "no-usage"}
+    cases = [("/v1/chat/completions", chat("hello world!", max_tokens=5, n=2)),
+             ("/v1/completions", {"model": "m2", "prompt": ["abcd", "efgh"], "max_tokens": 3}),
+             ("/v1/embeddings", {"model": "emb", "input": ["hello", "other text"]})]
+    before = sim.metrics()
+    for path, body in cases:
+        status, _, data = sim.post(path, body)
+        full = json.loads(data)
+        status2, _, data2 = sim.post(path, body, headers=no_usage)
+        bare = json.loads(data2)
+        assert status == status2 == 200
+        assert "usage" in full and "usage" not in bare
+        for r in (full, bare):
+            del r["id"], r["created"]
+        del full["usage"]
+        assert bare == full
+    body = chat("hi", max_tokens=3, stream=True, stream_options={"include_usage": True})
+    evs = [e for _, e in stream(sim, "/v1/chat/completions", body, headers=no_usage)]
+    assert evs[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in evs[:-1]]
+    assert len(chunks) == 4 and all("usage" not in c and c["choices"] for c in chunks)
+    m = sim.wait_metrics(requests_completed_total=before["sim_requests_completed_total"] + 7)
+    assert m["sim_requests_faulted_total"] == before["sim_requests_faulted_total"]
+    # (10 + 6 + 0) with usage and as many without, and the stream's 3
+    assert m["sim_generation_tokens_total"] == before["sim_generation_tokens_total"] + 35
+
+
 # ---- cancellation and back-pressure -----------------------------------------
 
 def test_client_disconnect_cancels_and_frees_slot_for_waiter():
