@@ -89,8 +89,11 @@ struct tg_call_s {
   int saw_done;
   int resp_too_big;               /* the non-streamed answer passed RESP_MAX */
 
-  int64_t prompt_tokens, completion_tokens, events;
-  int has_usage;
+  int64_t prompt_tokens, completion_tokens;
+  int has_usage;                  /* the upstream reported usable usage */
+  int counted;                    /* else: something was delivered, billed from above */
+  int64_t counted_tokens;         /* its completion tokens: content events relayed,
+                                   * or the bytes of a whole answer's generated text */
 
   tg_admit_req_t admit;           /* what the policy was asked */
   tg_admission_t admission;       /* its answer */
@@ -250,15 +253,16 @@ static void call_drop_attempt(tg_call_t *c) {
 }
 
 /* What the call really used: the upstream's usage when it reported one;
- * else, for an answer cut short, the prompt estimate and one token per
- * relayed content event; else nothing. Sets the call's token figures and
- * returns the cost. */
+ * else, for what was delivered without it (a stream's content events, a
+ * whole answer), the prompt estimate and the counted completion tokens,
+ * both from above; else nothing. Sets the call's token figures and returns
+ * the cost. */
 static tg_nano_t call_usage(tg_call_t *c) {
   tg_nano_t cost, more;
 
   if (!c->has_usage) {
-    c->prompt_tokens = c->events > 0 ? c->prompt_estimate : 0;
-    c->completion_tokens = c->events;
+    c->prompt_tokens = c->counted ? c->prompt_estimate : 0;
+    c->completion_tokens = c->counted ? c->counted_tokens : 0;
   }
   if (c->model == NULL)
     return 0;
@@ -389,7 +393,7 @@ static void call_close(tg_call_t *c, int fin) {
   rec.cost_nano = call_usage(c);
   rec.prompt_tokens = c->prompt_tokens;
   rec.completion_tokens = c->completion_tokens;
-  rec.usage_counted = !c->has_usage && c->events > 0;
+  rec.usage_counted = !c->has_usage && c->counted;
   rec.status = c->status;
   /* arrival until the upstream request went out, waiting in the queue included */
   rec.queue_us =
@@ -493,8 +497,10 @@ static int on_event(void *arg, const char *ev, size_t len) {
     c->saw_done = 1;
     return 0; /* sent once the ledger record is durable (call_fin) */
   }
-  if (info.has_choices && !c->saw_done)
-    c->events++;
+  if (info.has_choices && !c->saw_done) {
+    c->counted = 1;
+    c->counted_tokens++;
+  }
   if (info.has_usage) {
     c->has_usage = 1;
     c->prompt_tokens = info.prompt_tokens;
@@ -586,10 +592,13 @@ static void on_client_drain(tg_http_req_t *req) {
 
 /* Reads usage from a whole JSON answer without parsing all of it: the
  * answer must look like one JSON object, and the object after its last
- * "usage" key is parsed alone. Returns 0, or TG_EPARSE for an answer that is
- * not a JSON object. */
+ * "usage" key is parsed alone. A chat or completions usage needs both
+ * counts; one without a usable usage is counted from the answer instead
+ * (call_usage): its generated text's bytes, or none for embeddings.
+ * Returns 0, or TG_EPARSE for an answer that is not a JSON object. */
 static int scan_usage(tg_call_t *c, const char *body, size_t len) {
   const char *p = body, *end = body + len, *u = NULL, *q;
+  int embeddings = strcmp(c->path, "/v1/embeddings") == 0;
 
   while (p < end && tg_json_ws(*p))
     p++;
@@ -604,13 +613,20 @@ static int scan_usage(tg_call_t *c, const char *body, size_t len) {
       u = q;
       break;
     }
-  if (u == NULL)
-    return 0;
-  u += 7;
-  while (u < end && (tg_json_ws(*u) || *u == ':'))
-    u++;
-  if (tg_usage_read_text(u, (size_t)(end - u), &c->prompt_tokens, &c->completion_tokens))
-    c->has_usage = 1;
+  if (u != NULL) {
+    u += 7;
+    while (u < end && (tg_json_ws(*u) || *u == ':'))
+      u++;
+    if (tg_usage_read_text(u, (size_t)(end - u), &c->prompt_tokens, &c->completion_tokens) &&
+        (c->completion_tokens >= 0 || embeddings)) {
+      c->has_usage = 1;
+      if (c->completion_tokens < 0)
+        c->completion_tokens = 0;
+      return 0;
+    }
+  }
+  c->counted = 1;
+  c->counted_tokens = embeddings ? 0 : tg_answer_text_bytes(body, len);
   return 0;
 }
 

@@ -2,7 +2,8 @@
  * lines end with LF, CRLF or a lone CR, as the SSE format allows (vLLM and
  * OpenAI send LF; servers built on some frameworks send CRLF). Only events
  * that mention "usage" are parsed as JSON: ordinary token chunks are relayed
- * after a byte scan. */
+ * after a byte scan. Also here: reading a usage object, from a tree or its
+ * text, and the generated text of a whole answer that came without one. */
 #define _GNU_SOURCE /* memmem */
 #include "api/sse.h"
 
@@ -134,7 +135,7 @@ int tg_usage_read(const cJSON *usage, int64_t *prompt, int64_t *completion) {
   if (!tg_json_int(tg_json_get(usage, "prompt_tokens"), &pt) || pt < 0)
     return 0;
   *prompt = pt;
-  *completion = tg_json_int(tg_json_get(usage, "completion_tokens"), &ct) && ct >= 0 ? ct : 0;
+  *completion = tg_json_int(tg_json_get(usage, "completion_tokens"), &ct) && ct >= 0 ? ct : -1;
   return 1;
 }
 
@@ -236,7 +237,7 @@ int tg_usage_read_text(const char *p, size_t n, int64_t *prompt, int64_t *comple
     if (!fpt)
       return 0;
     *prompt = pt;
-    *completion = fct ? ct : 0;
+    *completion = fct ? ct : -1;
     return 1;
   }
   usage = tg_json_parse(p, n, 0, NULL);
@@ -297,8 +298,66 @@ int tg_sse_inspect(const char *ev, size_t len, tg_sse_info_t *info) {
   usage = tg_json_get(root, "usage");
   if (tg_usage_read(usage, &info->prompt_tokens, &info->completion_tokens)) {
     info->has_usage = 1;
+    if (info->completion_tokens < 0)
+      info->completion_tokens = 0;
     info->usage_only = cJSON_IsArray(choices) && n_choices == 0;
   }
   tg_json_free(root);
   return 0;
+}
+
+/* ---- generated text of a whole answer ---- */
+
+static int64_t str_bytes(const cJSON *v) {
+  return cJSON_IsString(v) ? (int64_t)strlen(v->valuestring) : 0; /* no NUL inside */
+}
+
+/* A message's content: a string, or a list of parts (strings or objects
+ * with "text"). */
+static int64_t content_bytes(const cJSON *v) {
+  const cJSON *e;
+  int64_t n = 0;
+
+  if (!cJSON_IsArray(v))
+    return str_bytes(v);
+  cJSON_ArrayForEach(e, v) {
+    n += cJSON_IsObject(e) ? str_bytes(tg_json_get(e, "text")) : str_bytes(e);
+  }
+  return n;
+}
+
+/* A function's name and arguments ({"name","arguments"}). */
+static int64_t call_bytes(const cJSON *f) {
+  return str_bytes(tg_json_get(f, "name")) + str_bytes(tg_json_get(f, "arguments"));
+}
+
+static int64_t message_bytes(const cJSON *m) {
+  const cJSON *t;
+  int64_t n = content_bytes(tg_json_get(m, "content")) + str_bytes(tg_json_get(m, "refusal")) +
+              str_bytes(tg_json_get(m, "reasoning_content")) +
+              call_bytes(tg_json_get(m, "function_call"));
+  t = tg_json_get(m, "tool_calls");
+  if (cJSON_IsArray(t)) {
+    const cJSON *e;
+    cJSON_ArrayForEach(e, t) {
+      n += call_bytes(tg_json_get(e, "function"));
+    }
+  }
+  return n;
+}
+
+int64_t tg_answer_text_bytes(const char *body, size_t len) {
+  cJSON *root;
+  const cJSON *choices, *e;
+  int64_t n = 0;
+
+  if (len > TG_ANSWER_WALK_MAX || (root = tg_json_parse(body, len, 1, NULL)) == NULL)
+    return (int64_t)len;
+  choices = tg_json_get(root, "choices");
+  if (cJSON_IsArray(choices))
+    cJSON_ArrayForEach(e, choices) {
+      n += str_bytes(tg_json_get(e, "text")) + message_bytes(tg_json_get(e, "message"));
+    }
+  tg_json_free(root);
+  return n;
 }

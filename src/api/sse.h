@@ -46,8 +46,10 @@ typedef struct {
 int tg_sse_inspect(const char *ev, size_t len, tg_sse_info_t *info);
 
 /* Reads an OpenAI "usage" object, streamed or not: 1 with the token counts
- * when prompt_tokens is a non-negative integer (completion_tokens then
- * defaults to 0), 0 otherwise. usage may be NULL or not an object. */
+ * when prompt_tokens is a non-negative integer, 0 otherwise. *completion is
+ * -1 when completion_tokens is absent or not a non-negative integer (an
+ * embeddings answer has none; for a completion the caller decides). usage
+ * may be NULL or not an object. */
 int tg_usage_read(const cJSON *usage, int64_t *prompt, int64_t *completion);
 
 /* The same reading from the text of a usage value at p[0..n) (what follows
@@ -57,5 +59,16 @@ int tg_usage_read(const cJSON *usage, int64_t *prompt, int64_t *completion);
  * keys, is read in one pass without building a tree; anything else goes
  * through the strict parser. */
 int tg_usage_read_text(const char *p, size_t n, int64_t *prompt, int64_t *completion);
+
+/* Bytes in a whole chat or completions answer body[0..len) (a JSON object)
+ * that the model generated: for each choice its text (completions), or its
+ * message's content (a string, or parts' "text"), refusal,
+ * reasoning_content, and each tool call's or function call's name and
+ * arguments (chat). A token never covers less than one byte, so this
+ * bounds the completion tokens from above. A body over TG_ANSWER_WALK_MAX,
+ * or one the strict parser refuses, is not walked: every byte of generated
+ * text is in it (escaped, never shorter), so its length is returned. */
+#define TG_ANSWER_WALK_MAX (1024u * 1024)
+int64_t tg_answer_text_bytes(const char *body, size_t len);
 
 #endif

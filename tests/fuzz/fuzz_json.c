@@ -1,7 +1,8 @@
 /* Fuzz target: the strict JSON reading of request bodies, answers and
  * streamed events (src/core/json.c), and the one-pass usage reading
  * (src/api/sse.c), which must give exactly what the strict parser gives on
- * any text: a difference aborts. */
+ * any text: a difference aborts. The generated text counted in a whole
+ * answer never exceeds the answer (unescaped text is never longer). */
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -45,5 +46,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
             (long long)p1, (long long)c1, r2, (long long)p2, (long long)c2);
     abort();
   }
+  if (tg_answer_text_bytes(text, size) > (int64_t)size)
+    abort();
   return 0;
 }

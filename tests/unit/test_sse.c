@@ -230,6 +230,14 @@ static void test_inspect(void **state) {
     assert_true(i.has_choices);
     assert_int_equal(i.completion_tokens, 4);
   }
+  /* a stream's usage without completion_tokens reads as 0 completion tokens */
+  {
+    const char *ev = "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3}}\n\n";
+    assert_int_equal(tg_sse_inspect(ev, strlen(ev), &i), 0);
+    assert_true(i.has_usage && i.usage_only);
+    assert_int_equal(i.prompt_tokens, 3);
+    assert_int_equal(i.completion_tokens, 0);
+  }
   /* "usage": null (OpenAI sends it on chunks when include_usage is set) */
   {
     const char *ev = "data: {\"choices\":[{\"index\":0}],\"usage\":null}\n\n";
@@ -300,18 +308,18 @@ static void test_usage_text(void **state) {
   } cases[] = {
     {"{\"prompt_tokens\":7,\"completion_tokens\":16,\"total_tokens\":23}}", 1, 7, 16},
     {" {\n \"completion_tokens\" : 0 ,\t\"prompt_tokens\":\r12 } ", 1, 12, 0},
-    {"{\"prompt_tokens\":5,\"total_tokens\":5,\"prompt_tokens_details\":null}", 1, 5, 0},
-    {"{\"prompt_tokens\":5,\"prompt_tokens_details\":{\"cached_tokens\":3}}", 1, 5, 0},
+    {"{\"prompt_tokens\":5,\"total_tokens\":5,\"prompt_tokens_details\":null}", 1, 5, -1},
+    {"{\"prompt_tokens\":5,\"prompt_tokens_details\":{\"cached_tokens\":3}}", 1, 5, -1},
     {"{\"prompt_tokens\":999999999999999,\"completion_tokens\":1}", 1, 999999999999999, 1},
     /* found by fuzz_json: digits past what int64 holds are never summed */
     {"{\"prompt_tokens\":177777777777777777777777777777777,\"completion_tokens\":2}", 0, 0, 0},
-    {"{\"prompt_tokens\":7,\"completion_tokens\":1777777777777777777777}", 1, 7, 0},
-    {"{\"prompt_tokens\":9007199254740992}", 1, INT64_C(9007199254740992), 0},
-    {"{\"prompt_tokens\":9007199254740993}", 1, INT64_C(9007199254740992), 0},
+    {"{\"prompt_tokens\":7,\"completion_tokens\":1777777777777777777777}", 1, 7, -1},
+    {"{\"prompt_tokens\":9007199254740992}", 1, INT64_C(9007199254740992), -1},
+    {"{\"prompt_tokens\":9007199254740993}", 1, INT64_C(9007199254740992), -1},
     {"{\"prompt_tokens\":2.0,\"completion_tokens\":1e1}", 1, 2, 10},
-    {"{\"prompt_tokens\":016}", 1, 16, 0},     /* cJSON reads it; so do we */
-    {"{\"prompt\\u005ftokens\":4}", 1, 4, 0},   /* an escaped key is the key */
-    {"{\"prompt_tokens\":3,\"completion_tokens\":-2}", 1, 3, 0},
+    {"{\"prompt_tokens\":016}", 1, 16, -1},     /* cJSON reads it; so do we */
+    {"{\"prompt\\u005ftokens\":4}", 1, 4, -1},   /* an escaped key is the key */
+    {"{\"prompt_tokens\":3,\"completion_tokens\":-2}", 1, 3, -1},
     {"{\"prompt_tokens\":1,\"prompt_tokens\":2}", 0, 0, 0},   /* a key twice */
     {"{\"a\":1,\"completion_tokens\":1,\"a\":1,\"prompt_tokens\":1}", 0, 0, 0},
     {"{\"prompt_tokens\":-1}", 0, 0, 0},
@@ -341,6 +349,48 @@ static void test_usage_text(void **state) {
     for (size_t cut = 0; cut < n; cut++)   /* every prefix, too */
       same_as_parser(cases[i].text, cut);
   }
+}
+
+/* The generated text of a whole answer: every place a model writes text,
+ * counted in bytes after JSON unescaping; an answer the strict parser
+ * refuses, or one past the walk's bound, counts its own length. */
+static void test_answer_text_bytes(void **state) {
+  static const struct {
+    const char *text;
+    int64_t bytes;
+  } cases[] = {
+    /* completions: each choice's text */
+    {"{\"choices\":[{\"text\":\"tok0 tok1\"},{\"text\":\"ab\"}],\"usage\":null}", 11},
+    /* chat: content, refusal, reasoning, tool and function calls */
+    {"{\"choices\":[{\"message\":{\"role\":\"assistant\",\"content\":\"hi\","
+     "\"refusal\":\"no\",\"reasoning_content\":\"why\",\"function_call\":"
+     "{\"name\":\"f\",\"arguments\":\"{}\"},\"tool_calls\":[{\"id\":\"call_9\","
+     "\"function\":{\"name\":\"get\",\"arguments\":\"{\\\"a\\\":1}\"}}]}}]}", 20},
+    /* content parts, escapes and multi-byte text: bytes, not characters */
+    {"{\"choices\":[{\"message\":{\"content\":[{\"type\":\"text\",\"text\":\"\\u00e9\\n\"},"
+     "\"\xe2\x9c\x93\",7]}}]}", 6},
+    /* null content and no choices count nothing */
+    {"{\"choices\":[{\"message\":{\"content\":null}}]}", 0},
+    {"{\"id\":\"x\"}", 0},
+    /* refused by the strict parser (a key twice): the whole length */
+    {"{\"choices\":[],\"choices\":[]}", 27},
+    {"{\"choices\":[{\"text\":\"\xff\"}]}", 26},
+  };
+  char *big;
+  (void)state;
+
+  for (size_t k = 0; k < sizeof(cases) / sizeof(cases[0]); k++) {
+    int64_t n = tg_answer_text_bytes(cases[k].text, strlen(cases[k].text));
+    if (n != cases[k].bytes)
+      fail_msg("case %zu [%s]: %lld bytes", k, cases[k].text, (long long)n);
+  }
+  /* one byte past the bound is not parsed: its length, not its text */
+  big = test_malloc(TG_ANSWER_WALK_MAX + 2);
+  memset(big, ' ', TG_ANSWER_WALK_MAX + 1);
+  memcpy(big, "{\"choices\":[{\"text\":\"ab\"}]}", 27);
+  assert_int_equal(tg_answer_text_bytes(big, TG_ANSWER_WALK_MAX), 2);
+  assert_int_equal(tg_answer_text_bytes(big, TG_ANSWER_WALK_MAX + 1), TG_ANSWER_WALK_MAX + 1);
+  test_free(big);
 }
 
 static uint32_t rnd(uint32_t *seed, size_t n) {
@@ -398,6 +448,7 @@ int main(void) {
     cmocka_unit_test(test_inspect),
     cmocka_unit_test(test_usage_text),
     cmocka_unit_test(test_usage_text_agrees_with_parser),
+    cmocka_unit_test(test_answer_text_bytes),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -1,0 +1,194 @@
+"""Whole (non-streamed) answers that come without a usable `usage` object,
+as some OpenAI-compatible upstreams and proxies send them: the gateway bills
+them from above instead of $0.
+
+- chat and legacy completions without usage (the simulator's
+  `x-sim-fault: no-usage`): the ledger row says usage_counted 1, prompt =
+  the gateway's prompt estimate, completion = the bytes of the generated
+  text the client received (never fewer than the simulator's real tokens,
+  read from the same request with usage), cost = those figures x prices to
+  the nano-USD; the invoice, the day's usage, the tenant's settled daily
+  spend and the token counters all hold them;
+- embeddings without usage: the prompt estimate, no completion;
+- an answer past the walk's bound (1 MiB): its length in bytes;
+- a usage present but unusable (no completion_tokens, a string count)
+  counts as none; a complete one is taken as it is.
+
+Prices: 500 / 1500 nano-USD per prompt / completion token."""
+
+import json
+import re
+from decimal import Decimal
+
+import pytest
+
+import tgtest
+
+M = "llama-3.1-8b"
+EMBED = "nomic-embed-text"
+P, C = 500, 1500
+NO_USAGE = {"x-sim-fault": "no-usage"}
+WALK_MAX = 1024 * 1024          # TG_ANSWER_WALK_MAX
+
+
+def start_gw(tg, url):
+    e = tgtest.model_entry([url])
+    e["kind"] = "embedding"
+    tenants = {"acme": tgtest.limited_tenant(models=[M, EMBED], daily="100.00")}
+    return tg.gateway({M: tgtest.model_entry([url]), EMBED: e}, tenants=tenants)
+
+
+def generated_bytes(answer):
+    """Bytes of the text a model generated in a whole chat or completions
+    answer (what the gateway counts as completion tokens without usage)."""
+    def s(v):
+        return len(v.encode()) if isinstance(v, str) else 0
+
+    def fn(f):
+        return s(f.get("name")) + s(f.get("arguments")) if isinstance(f, dict) else 0
+
+    n = 0
+    for ch in answer.get("choices") or []:
+        n += s(ch.get("text"))
+        m = ch.get("message") or {}
+        content = m.get("content")
+        if isinstance(content, list):
+            n += sum(s(p.get("text")) if isinstance(p, dict) else s(p) for p in content)
+        else:
+            n += s(content)
+        n += s(m.get("refusal")) + s(m.get("reasoning_content")) + fn(m.get("function_call"))
+        n += sum(fn(t.get("function")) for t in m.get("tool_calls") or [])
+    return n
+
+
+def row_of(gw, resp):
+    rows = tgtest.sqlite_ledger_rows(gw.db_path, "WHERE request_id = ?",
+                                     (resp.header("x-request-id"),))
+    assert len(rows) == 1, rows
+    return rows[0]
+
+
+def post(gw, path, body, headers=None):
+    r = tgtest.request(gw.port, "POST", path, body, headers=headers, key=gw.keys["acme"],
+                       timeout=30)
+    assert r.status == 200, r
+    return r
+
+
+def daily_spend_text(gw):
+    text = tgtest.admin(gw, "/metrics").body.decode()
+    m = re.search(r'^llm_tenant_daily_spend_usd\{tenant="acme"\} (\S+)$', text, re.M)
+    return Decimal(m.group(1)), tgtest.parse_metrics(text)
+
+
+def check_books(gw, rows):
+    """The invoice, the day's usage, the settled daily spend and the token
+    counters add up exactly the rows."""
+    day = tgtest.utc_day(rows[0]["ts_ms"] / 1000)
+    assert all(tgtest.utc_day(r["ts_ms"] / 1000) == day for r in rows), "crossed midnight"
+    want = [len(rows), sum(r["prompt_tokens"] for r in rows),
+            sum(r["completion_tokens"] for r in rows), sum(r["cost_nano"] for r in rows)]
+    u = gw.usage("acme", day)
+    assert [u["requests"], u["prompt_tokens"], u["completion_tokens"],
+            u["spend_nano_usd"]] == want, (u, want)
+    inv = gw.invoice("acme", day[:7])
+    assert inv["summary"]["total_requests"] == want[0], inv
+    assert tgtest.nano_of_usd(inv["summary"]["total_cost_usd"]) == want[3], inv
+    spend, metrics = tgtest.wait_for(
+        lambda: (lambda x: x if tgtest.nano_of_usd(x[0]) == want[3] else None)(
+            daily_spend_text(gw)),
+        timeout=5, what="the settled daily spend")
+    assert tgtest.metric_sum(metrics, "llm_tenant_prompt_tokens_total") == want[1]
+    assert tgtest.metric_sum(metrics, "llm_tenant_completion_tokens_total") == want[2]
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/v1/chat/completions",
+     tgtest.chat_body(M, max_tokens=7, n=2,
+                      messages=[{"role": "system", "content": "Réponds brièvement."},
+                                {"role": "user", "content": "Hello there"}])),
+    ("/v1/completions", {"model": M, "prompt": ["Once upon", "a time"], "max_tokens": 5}),
+])
+def test_whole_answer_without_usage_is_billed_from_above(tg, path, body):
+    gw = start_gw(tg, tg.sim().url)
+    with_usage = post(gw, path, body)
+    real = with_usage.json()["usage"]
+    counted = post(gw, path, body, headers=NO_USAGE)
+    answer = counted.json()
+    assert "usage" not in answer
+
+    # the same request with usage: billed as the upstream reported it
+    a = row_of(gw, with_usage)
+    assert (a["usage_counted"], a["prompt_tokens"], a["completion_tokens"]) == \
+        (0, real["prompt_tokens"], real["completion_tokens"]), a
+    # without: from above, never less than what the upstream really made
+    b = row_of(gw, counted)
+    est, text = tgtest.prompt_estimate(body), generated_bytes(answer)
+    assert (b["status"], b["usage_counted"], b["prompt_tokens"], b["completion_tokens"]) == \
+        (200, 1, est, text), b
+    assert est >= real["prompt_tokens"] and text >= real["completion_tokens"], (b, real)
+    assert b["cost_nano"] == est * P + text * C, b
+    check_books(gw, [a, b])
+
+
+def test_embeddings_without_usage_bill_the_prompt_estimate(tg):
+    gw = start_gw(tg, tg.sim().url)
+    body = {"model": EMBED, "input": ["hello", "other text", "ünïcödé"]}
+    with_usage = post(gw, "/v1/embeddings", body)
+    counted = post(gw, "/v1/embeddings", body, headers=NO_USAGE)
+    assert "usage" not in counted.json()
+    a, b = row_of(gw, with_usage), row_of(gw, counted)
+    assert (a["usage_counted"], a["prompt_tokens"], a["completion_tokens"]) == \
+        (0, with_usage.json()["usage"]["prompt_tokens"], 0), a
+    est = tgtest.prompt_estimate(body)
+    assert (b["usage_counted"], b["prompt_tokens"], b["completion_tokens"], b["cost_nano"]) == \
+        (1, est, 0, est * P), b
+    assert est >= a["prompt_tokens"]
+    check_books(gw, [a, b])
+
+
+def test_an_answer_past_the_walk_bound_bills_its_length(tg):
+    """Two choices of 100,000 tokens are about 1.7 MB: not parsed on the loop
+    thread, billed at one token per byte of the answer."""
+    gw = start_gw(tg, tg.sim().url)
+    body = {"model": M, "prompt": "go", "max_tokens": 100000, "n": 2}
+    r = post(gw, "/v1/completions", body, headers=NO_USAGE)
+    assert len(r.body) > WALK_MAX
+    row = row_of(gw, r)
+    assert (row["usage_counted"], row["prompt_tokens"], row["completion_tokens"]) == \
+        (1, tgtest.prompt_estimate(body), len(r.body)), row
+    assert row["completion_tokens"] > generated_bytes(r.json()) > 200000
+    check_books(gw, [row])
+
+
+def test_a_usage_without_both_counts_is_counted_as_none(tg):
+    """An upstream whose usage lacks completion_tokens, or carries a count as
+    text, is billed as if it sent none; one with both counts as it says.
+    The answer also holds a tool call, a refusal and multi-byte text."""
+    answer = {
+        "id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": M,
+        "choices": [{"index": 0, "finish_reason": "tool_calls", "message": {
+            "role": "assistant", "content": "Voilà — “quoted” ✓", "refusal": "non",
+            "tool_calls": [{"id": "call_1", "type": "function", "function": {
+                "name": "get_weather", "arguments": "{\"city\": \"Zürich\"}"}}]}}],
+    }
+    up = tgtest.FakeUpstream(status=200)
+    try:
+        gw = start_gw(tg, up.url)
+        body = tgtest.chat_body(M, max_tokens=50)
+        est, text = tgtest.prompt_estimate(body), generated_bytes(answer)
+        assert text == len("Voilà — “quoted” ✓non".encode()) + len("get_weather") + 19
+        rows = []
+        for usage, want in (({"prompt_tokens": 12}, (1, est, text)),
+                            ({"prompt_tokens": "12", "completion_tokens": 3}, (1, est, text)),
+                            ({"prompt_tokens": 12, "completion_tokens": -3}, (1, est, text)),
+                            ({"prompt_tokens": 12, "completion_tokens": 3}, (0, 12, 3))):
+            up.body = json.dumps(dict(answer, usage=usage)).encode()
+            row = row_of(gw, post(gw, "/v1/chat/completions", body))
+            assert (row["usage_counted"], row["prompt_tokens"], row["completion_tokens"]) == \
+                want, (usage, row)
+            assert row["cost_nano"] == want[1] * P + want[2] * C, row
+            rows.append(row)
+        check_books(gw, rows)
+    finally:
+        up.close()
