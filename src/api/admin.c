@@ -327,10 +327,12 @@ static void metrics(tg_worker_t *w, tg_http_req_t *req, const char *rid) {
                        "llm_ledger_records_total{outcome=\"spooled\"} %llu\n"
                        "llm_ledger_records_total{outcome=\"replayed\"} %llu\n"
                        "llm_ledger_records_total{outcome=\"refused\"} %llu\n"
+                       "llm_ledger_records_total{outcome=\"rejected\"} %llu\n"
                        "llm_ledger_records_total{outcome=\"lost\"} %llu\n",
                    (unsigned long long)ls.transactions, (unsigned long long)ls.committed,
                    (unsigned long long)ls.spooled, (unsigned long long)ls.replayed,
-                   (unsigned long long)ls.refused, (unsigned long long)ls.lost);
+                   (unsigned long long)ls.refused, (unsigned long long)ls.rejected,
+                   (unsigned long long)ls.lost);
   }
   if (b.err) {
     free(b.s);

@@ -21,7 +21,8 @@
   XX(UPSTREAM,  "upstream error")                                             \
   XX(TIMEDOUT,  "timed out")                                                  \
   XX(CANCELED,  "canceled")                                                   \
-  XX(UNAVAIL,   "unavailable")
+  XX(UNAVAIL,   "unavailable")                                                \
+  XX(REJECTED,  "refused by the database's rules")
 
 typedef enum {
   TG_OK = 0,

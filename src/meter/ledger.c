@@ -11,12 +11,17 @@
  * - pending (queued + being written) never exceeds max_backlog; an append
  *   over it is refused, never queued.
  * - A record's callback says 0 only once the record is committed by the
- *   backend or written to the spool and fdatasync'ed.
+ *   backend or written to the spool (or the rejected file) and
+ *   fdatasync'ed.
  * - Order: once a batch has gone to the spool, every later batch goes to the
  *   spool too, until the spool has been replayed from its start to its end
  *   (in file order) into the database; only then do batches go straight to
  *   the database again. A record replayed twice (crash during replay) is
  *   stored once: its key (tenant, time, request id) is unique.
+ * - Only a database that is away sends batches to the spool. A record its
+ *   rules refuse for good (TG_EREJECTED) is isolated, appended to the
+ *   rejected file and synced; the others of its batch are stored in order,
+ *   and a replay goes on past it.
  * - The spool only grows by whole lines; a write that fails half-way is cut
  *   back. A torn last line left by a crash was never reported durable and is
  *   dropped at open.
@@ -67,6 +72,13 @@
 /* "L1 " + 8 hex digits of CRC-32 + " " */
 #define SPOOL_HEAD 12
 
+/* A file of records in the spool's line format, appended by the writer. */
+typedef struct {
+  int fd;                   /* -1: not open (no file yet) */
+  int64_t size;             /* bytes of whole lines */
+  char path[PATH_MAX];
+} lines_t;
+
 typedef struct node_s {
   struct node_s *next;
   tg_ledger_port_t *port;
@@ -94,7 +106,6 @@ struct tg_ledger_s {
   size_t max_backlog, batch_max;
   int64_t linger_us, retry_us;
   char dir[PATH_MAX];
-  char spool_path[PATH_MAX];
 
   pthread_mutex_t mu;
   pthread_cond_t cond;      /* CLOCK_MONOTONIC */
@@ -109,7 +120,7 @@ struct tg_ledger_s {
   _Atomic int64_t spool_bytes;
   struct {
     atomic_uint_fast64_t transactions, committed, spooled, replayed,
-        spool_skipped, db_failures, lost, refused, purged;
+        spool_skipped, db_failures, lost, refused, purged, rejected;
   } st;
 
   /* The background purge (tg_ledger_purge_every). */
@@ -123,13 +134,19 @@ struct tg_ledger_s {
   void *purge_arg;
 
   /* The writer thread's own (and tg_ledger_open's before it starts). */
-  int spool_fd;             /* -1: no spool file */
-  int64_t spool_size, replay_off;
+  lines_t spool;            /* records waiting for the database */
+  lines_t rejected;         /* records the database refuses for good */
+  int64_t replay_off;       /* the spool's first line not yet replayed */
   int spooling;
   int replaying;            /* the last replay step went through */
   int64_t next_try_us;
   size_t replay_max;              /* batch_max * REPLAY_BATCHES */
-  const tg_ledger_rec_t **ptrs;   /* replay_max */
+  const tg_ledger_rec_t **ptrs;   /* replay_max: the batch being written */
+  unsigned char *mark;            /* replay_max: what became of each (REC_*) */
+  const tg_ledger_rec_t **sel;    /* replay_max: some of ptrs, to append */
+  unsigned refused_told;          /* refusals said one by one this minute */
+  uint64_t refused_quiet;         /* and those only counted */
+  int64_t refused_window_end;     /* monotonic us */
   tg_ledger_rec_t *rrecs;         /* replay_max, records read back for replay */
   char *buf;                      /* SPOOL_BUF */
 };
@@ -385,7 +402,7 @@ static int decode_line(const char *line, size_t len, tg_ledger_rec_t *r) {
 /* ---- the spool file (writer thread only) ---- */
 
 static void set_spool_bytes(tg_ledger_t *l) {
-  atomic_store(&l->spool_bytes, l->spool_size - l->replay_off);
+  atomic_store(&l->spool_bytes, l->spool.size - l->replay_off);
 }
 
 static int pwrite_all(int fd, const char *p, size_t n, int64_t off) {
@@ -417,7 +434,7 @@ static ssize_t pread_full(int fd, char *p, size_t n, int64_t off) {
   return (ssize_t)got;
 }
 
-/* Makes a newly created spool's directory entry durable: without it a crash
+/* Makes a newly created file's directory entry durable: without it a crash
  * could lose the whole file although its records were fsynced. */
 static int sync_dir(const char *dir) {
   int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC), rc = 0;
@@ -429,61 +446,106 @@ static int sync_dir(const char *dir) {
   return rc;
 }
 
-/* Appends the batch to the spool, whole lines only, and syncs it. */
-static int spool_write(tg_ledger_t *l, node_t *first, size_t k) {
+/* Where the last whole line of fd (size bytes) ends: size, or less when a
+ * crash cut the last line short (a record never reported durable). Returns
+ * 0 and *end, or TG_EIO. */
+static int whole_lines_end(tg_ledger_t *l, int fd, int64_t size, int64_t *end) {
+  *end = size;
+  /* Back to the last newline, one buffer at a time. */
+  while (*end > 0) {
+    size_t want = *end > SPOOL_BUF ? SPOOL_BUF : (size_t)*end;
+    ssize_t got = pread_full(fd, l->buf, want, *end - (int64_t)want);
+    char *nl;
+    if (got != (ssize_t)want)
+      return TG_EIO;
+    nl = memrchr(l->buf, '\n', want);
+    if (nl != NULL) {
+      *end = *end - (int64_t)want + (nl - l->buf) + 1;
+      return 0;
+    }
+    *end -= (int64_t)want;
+  }
+  return 0;
+}
+
+/* Opens f to append to it, creating it when missing; a torn last line left
+ * by a crash is cut. Returns 0 or TG_EIO (said on stderr). */
+static int lines_open(tg_ledger_t *l, lines_t *f) {
+  struct stat sb;
+
+  f->fd = open(f->path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+  if (f->fd < 0) {
+    fprintf(stderr, "tollgate: ledger: cannot open %s: %s\n", f->path,
+            strerror(errno));
+    return TG_EIO;
+  }
+  if (fstat(f->fd, &sb) != 0 ||
+      whole_lines_end(l, f->fd, (int64_t)sb.st_size, &f->size) != 0 ||
+      (f->size < (int64_t)sb.st_size && ftruncate(f->fd, (off_t)f->size) != 0)) {
+    fprintf(stderr, "tollgate: ledger: cannot read %s: %s\n", f->path,
+            strerror(errno));
+    close(f->fd);
+    f->fd = -1;
+    return TG_EIO;
+  }
+  return 0;
+}
+
+/* Appends recs[0..k) to f (opened first when needed), whole lines only,
+ * and syncs them. */
+static int lines_append(tg_ledger_t *l, lines_t *f,
+                        const tg_ledger_rec_t *const *recs, size_t k) {
   int64_t start, off;
   size_t used = 0;
   int created = 0, rc = TG_EIO;
-  struct stat sb;
 
-  if (l->spool_fd < 0) {
-    l->spool_fd = open(l->spool_path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
-    if (l->spool_fd < 0) {
-      fprintf(stderr, "tollgate: ledger: cannot open %s: %s\n", l->spool_path,
-              strerror(errno));
+  if (f->fd < 0) {
+    if (lines_open(l, f) != 0)
       return TG_EIO;
-    }
-    if (fstat(l->spool_fd, &sb) != 0) {
-      close(l->spool_fd);
-      l->spool_fd = -1;
-      return TG_EIO;
-    }
-    l->spool_size = (int64_t)sb.st_size;
-    l->replay_off = 0;
     created = 1;
   }
-  start = off = l->spool_size;
-  for (node_t *n = first; k > 0; n = n->next, k--) {
-    int w = encode_line(&n->rec, l->buf + used, SPOOL_BUF - used);
+  start = off = f->size;
+  for (size_t i = 0; i < k; i++) {
+    int w = encode_line(recs[i], l->buf + used, SPOOL_BUF - used);
     if (w < 0) {
-      if (pwrite_all(l->spool_fd, l->buf, used, off) != 0)
+      if (pwrite_all(f->fd, l->buf, used, off) != 0)
         goto out;
       off += (int64_t)used;
       used = 0;
-      w = encode_line(&n->rec, l->buf, SPOOL_BUF);
+      w = encode_line(recs[i], l->buf, SPOOL_BUF);
       if (w < 0)
         goto out;
     }
     used += (size_t)w;
   }
-  if (pwrite_all(l->spool_fd, l->buf, used, off) != 0)
+  if (pwrite_all(f->fd, l->buf, used, off) != 0)
     goto out;
   off += (int64_t)used;
-  if (fdatasync(l->spool_fd) != 0)
+  if (fdatasync(f->fd) != 0)
     goto out;
   if (created && sync_dir(l->dir) != 0)
     goto out;
-  l->spool_size = off;
+  f->size = off;
   rc = 0;
 out:
   if (rc != 0) {
-    fprintf(stderr, "tollgate: ledger: cannot write %s: %s\n", l->spool_path,
+    fprintf(stderr, "tollgate: ledger: cannot write %s: %s\n", f->path,
             strerror(errno));
-    /* Whole lines only: what this batch half-wrote must not be replayed. */
-    if (ftruncate(l->spool_fd, (off_t)start) != 0)
+    /* Whole lines only: what this call half-wrote must not be read back. */
+    if (ftruncate(f->fd, (off_t)start) != 0)
       fprintf(stderr, "tollgate: ledger: cannot cut %s back: %s\n",
-              l->spool_path, strerror(errno));
+              f->path, strerror(errno));
   }
+  return rc;
+}
+
+/* Appends records to the spool and syncs them. */
+static int spool_write(tg_ledger_t *l, const tg_ledger_rec_t *const *recs,
+                       size_t k) {
+  int rc;
+  if (l->spool.fd < 0)
+    l->replay_off = 0;
+  rc = lines_append(l, &l->spool, recs, k);
   set_spool_bytes(l);
   return rc;
 }
@@ -495,12 +557,12 @@ static ssize_t spool_read(tg_ledger_t *l, int64_t *next) {
   int64_t off = l->replay_off;
   size_t n = 0;
 
-  while (n < l->replay_max && off < l->spool_size) {
-    size_t want = (size_t)(l->spool_size - off), used = 0;
+  while (n < l->replay_max && off < l->spool.size) {
+    size_t want = (size_t)(l->spool.size - off), used = 0;
     ssize_t got;
     if (want > SPOOL_BUF)
       want = SPOOL_BUF;
-    got = pread_full(l->spool_fd, l->buf, want, off);
+    got = pread_full(l->spool.fd, l->buf, want, off);
     if (got < 0)
       return -1;
     if (got == 0)
@@ -516,7 +578,7 @@ static ssize_t spool_read(tg_ledger_t *l, int64_t *next) {
       } else {
         bump(&l->st.spool_skipped, 1);
         fprintf(stderr, "tollgate: ledger: skipping a damaged record in %s "
-                "at byte %" PRId64 "\n", l->spool_path, off + (int64_t)used);
+                "at byte %" PRId64 "\n", l->spool.path, off + (int64_t)used);
       }
       used += len + 1;
     }
@@ -525,7 +587,7 @@ static ssize_t spool_read(tg_ledger_t *l, int64_t *next) {
        * tail without one: damage either way, never a durable record. */
       bump(&l->st.spool_skipped, 1);
       fprintf(stderr, "tollgate: ledger: skipping %zd damaged bytes in %s\n",
-              got, l->spool_path);
+              got, l->spool.path);
       used = (size_t)got;
     }
     off += (int64_t)used;
@@ -538,13 +600,13 @@ static ssize_t spool_read(tg_ledger_t *l, int64_t *next) {
  * Unsynced removal is fine: a spool that comes back replays as duplicates,
  * which are ignored. */
 static void spool_done(tg_ledger_t *l) {
-  if (l->spool_fd >= 0)
-    close(l->spool_fd);
-  l->spool_fd = -1;
-  if (unlink(l->spool_path) != 0 && errno != ENOENT)
-    fprintf(stderr, "tollgate: ledger: cannot remove %s: %s\n", l->spool_path,
+  if (l->spool.fd >= 0)
+    close(l->spool.fd);
+  l->spool.fd = -1;
+  if (unlink(l->spool.path) != 0 && errno != ENOENT)
+    fprintf(stderr, "tollgate: ledger: cannot remove %s: %s\n", l->spool.path,
             strerror(errno));
-  l->spool_size = l->replay_off = 0;
+  l->spool.size = l->replay_off = 0;
   set_spool_bytes(l);
   if (l->spooling)
     fprintf(stderr, "tollgate: ledger: spool replayed; writing to the "
@@ -552,6 +614,101 @@ static void spool_done(tg_ledger_t *l) {
   l->spooling = 0;
   l->replaying = 0;
   atomic_store(&l->db_up, 1);
+}
+
+/* ---- records the database refuses ----
+ *
+ * A constraint, a trigger or a column's range may refuse a record for good
+ * (TG_EREJECTED from the backend): a retry is refused again, and spooling
+ * the batch would hold every later record behind it for ever. The writer
+ * finds the refused records by halving: each half is its own transaction,
+ * a half that goes in is stored, a refused half is halved again, and a
+ * refused single record is one of them. k refused records of a batch of n
+ * cost at most 2k ceil(log2 n) + 1 transactions, and the others are stored
+ * in their order. The refused ones are appended to the rejected file (the
+ * spool's line format) and synced before their callbacks say 0. */
+
+enum { REC_PENDING, REC_STORED, REC_REFUSED };
+
+/* Per minute at most this many refused records are named on stderr; the
+ * others are counted in one line. */
+#define REFUSED_LINES 10
+#define REFUSED_WINDOW_US INT64_C(60000000)
+
+/* Once the minute is over (at once when force), says how many refusals
+ * were not named, and starts a new minute. */
+static void refused_summary(tg_ledger_t *l, int64_t now, int force) {
+  if (!force && now < l->refused_window_end)
+    return;
+  if (l->refused_quiet > 0)
+    fprintf(stderr, "tollgate: ledger: the database refused %" PRIu64
+            " more records, not named one by one; every refused record is "
+            "in %s\n", l->refused_quiet, l->rejected.path);
+  l->refused_told = 0;
+  l->refused_quiet = 0;
+  l->refused_window_end = now + REFUSED_WINDOW_US;
+}
+
+static void refused_note(tg_ledger_t *l, const tg_ledger_rec_t *r) {
+  refused_summary(l, mono_us(), 0);
+  if (l->refused_told >= REFUSED_LINES) {
+    l->refused_quiet++;
+    return;
+  }
+  l->refused_told++;
+  fprintf(stderr, "tollgate: ledger: the database refuses the record of "
+          "request %s, tenant %s (%s); it goes to %s\n", r->request_id,
+          r->tenant, l->be->errmsg(l->conn), l->rejected.path);
+}
+
+/* Stores l->ptrs[off, off + n), halving what the database refuses, and
+ * marks each record stored or refused. Returns 0 once every record is
+ * either, or the backend's error when the database fails otherwise (the
+ * records not reached stay REC_PENDING). */
+static int store(tg_ledger_t *l, size_t off, size_t n) {
+  int rc = l->be->insert_batch(l->conn, l->ptrs + off, n);
+
+  if (rc == 0) {
+    memset(l->mark + off, REC_STORED, n);
+    bump(&l->st.transactions, 1);
+    return 0;
+  }
+  if (rc != TG_EREJECTED)
+    return rc;
+  if (n == 1) {
+    l->mark[off] = REC_REFUSED;
+    refused_note(l, l->ptrs[off]);
+    return 0;
+  }
+  rc = store(l, off, n / 2);
+  return rc != 0 ? rc : store(l, off + n / 2, n - n / 2);
+}
+
+/* The records of ptrs[0..n) marked m, in order, into sel (when not NULL).
+ * Returns how many. */
+static size_t gather(tg_ledger_t *l, size_t n, int m,
+                     const tg_ledger_rec_t **sel) {
+  size_t k = 0;
+  for (size_t i = 0; i < n; i++)
+    if (l->mark[i] == m) {
+      if (sel != NULL)
+        sel[k] = l->ptrs[i];
+      k++;
+    }
+  return k;
+}
+
+/* Appends the records of ptrs[0..n) marked refused to the rejected file.
+ * Returns 0 or TG_EIO (said on stderr). */
+static int keep_refused(tg_ledger_t *l, size_t n) {
+  size_t k = gather(l, n, REC_REFUSED, l->sel);
+
+  if (k == 0)
+    return 0;
+  if (lines_append(l, &l->rejected, l->sel, k) != 0)
+    return TG_EIO;
+  bump(&l->st.rejected, k);
+  return 0;
 }
 
 /* Replays one batch of the spool. Returns 0 (progress, or finished) or an
@@ -562,7 +719,7 @@ static int replay_step(tg_ledger_t *l) {
   int rc;
 
   if (n < 0) {
-    fprintf(stderr, "tollgate: ledger: cannot read %s: %s\n", l->spool_path,
+    fprintf(stderr, "tollgate: ledger: cannot read %s: %s\n", l->spool.path,
             strerror(errno));
     l->next_try_us = mono_us() + l->retry_us;
     return TG_EIO;
@@ -570,10 +727,16 @@ static int replay_step(tg_ledger_t *l) {
   if (n > 0) {
     for (ssize_t i = 0; i < n; i++)
       l->ptrs[i] = &l->rrecs[i];
-    rc = l->be->insert_batch(l->conn, l->ptrs, (size_t)n);
+    memset(l->mark, REC_PENDING, (size_t)n);
+    rc = store(l, 0, (size_t)n);
+    /* A refused record leaves the spool only once it is in the rejected
+     * file; TG_EIO (said) leaves the step to be tried again. */
+    if (rc == 0)
+      rc = keep_refused(l, (size_t)n);
     if (rc != 0) {
-      bump(&l->st.db_failures, 1);
-      if (l->replaying)
+      if (rc != TG_EIO)
+        bump(&l->st.db_failures, 1);
+      if (l->replaying && rc != TG_EIO)
         fprintf(stderr, "tollgate: ledger: spool replay stopped (%s); "
                 "retrying\n", l->be->errmsg(l->conn));
       l->replaying = 0;
@@ -581,12 +744,11 @@ static int replay_step(tg_ledger_t *l) {
       return rc;
     }
     l->replaying = 1;
-    bump(&l->st.transactions, 1);
-    bump(&l->st.replayed, (size_t)n);
+    bump(&l->st.replayed, gather(l, (size_t)n, REC_STORED, NULL));
   }
   l->replay_off = next;
   set_spool_bytes(l);
-  if (l->replay_off >= l->spool_size)
+  if (l->replay_off >= l->spool.size)
     spool_done(l);
   return 0;
 }
@@ -596,41 +758,29 @@ static int replay_step(tg_ledger_t *l) {
 static int spool_recover(tg_ledger_t *l) {
   struct stat sb;
   int64_t size, end;
-  int fd = open(l->spool_path, O_RDWR | O_CLOEXEC);
+  int fd = open(l->spool.path, O_RDWR | O_CLOEXEC);
 
   if (fd < 0) {
     if (errno == ENOENT)
       return 0;
-    fprintf(stderr, "tollgate: ledger: cannot open %s: %s\n", l->spool_path,
+    fprintf(stderr, "tollgate: ledger: cannot open %s: %s\n", l->spool.path,
             strerror(errno));
     return TG_EIO;
   }
   if (fstat(fd, &sb) != 0)
     goto fail;
-  size = end = (int64_t)sb.st_size;
-  /* Back to the last newline, one buffer at a time. */
-  while (end > 0) {
-    size_t want = end > SPOOL_BUF ? SPOOL_BUF : (size_t)end;
-    ssize_t got = pread_full(fd, l->buf, want, end - (int64_t)want);
-    char *nl;
-    if (got != (ssize_t)want)
-      goto fail;
-    nl = memrchr(l->buf, '\n', want);
-    if (nl != NULL) {
-      end = end - (int64_t)want + (nl - l->buf) + 1;
-      break;
-    }
-    end -= (int64_t)want;
-  }
+  size = (int64_t)sb.st_size;
+  if (whole_lines_end(l, fd, size, &end) != 0)
+    goto fail;
   if (end < size) {
     bump(&l->st.spool_skipped, 1);
     fprintf(stderr, "tollgate: ledger: dropping a torn last record (%" PRId64
-            " bytes) from %s\n", size - end, l->spool_path);
+            " bytes) from %s\n", size - end, l->spool.path);
     if (ftruncate(fd, (off_t)end) != 0 || fsync(fd) != 0)
       goto fail;
   }
-  l->spool_fd = fd;
-  l->spool_size = end;
+  l->spool.fd = fd;
+  l->spool.size = end;
   l->replay_off = 0;
   set_spool_bytes(l);
   if (end == 0) {
@@ -640,7 +790,7 @@ static int spool_recover(tg_ledger_t *l) {
   l->spooling = 1;
   return 0;
 fail:
-  fprintf(stderr, "tollgate: ledger: cannot recover %s: %s\n", l->spool_path,
+  fprintf(stderr, "tollgate: ledger: cannot recover %s: %s\n", l->spool.path,
           strerror(errno));
   close(fd);
   return TG_EIO;
@@ -649,32 +799,47 @@ fail:
 /* ---- the writer thread ---- */
 
 /* Writes one batch: to the database while it is up and nothing waits in
- * the spool, else to the spool. Returns the status the callbacks get. */
-static int write_batch(tg_ledger_t *l, node_t *first, size_t k) {
-  size_t i = 0;
+ * the spool (what it refuses for good to the rejected file), else to the
+ * spool. Sets each node's status for its callback. */
+static void write_batch(tg_ledger_t *l, node_t *first, size_t k) {
+  int spool_rc = 0, refused_rc = 0;
+  size_t i = 0, n;
+  node_t *x;
+
+  for (x = first; i < k; x = x->next)
+    l->ptrs[i++] = &x->rec;
+  memset(l->mark, REC_PENDING, k);
   if (!l->spooling) {
-    for (node_t *n = first; i < k; n = n->next)
-      l->ptrs[i++] = &n->rec;
-    if (l->be->insert_batch(l->conn, l->ptrs, k) == 0) {
-      bump(&l->st.transactions, 1);
-      bump(&l->st.committed, k);
-      return 0;
+    if (store(l, 0, k) != 0) {
+      bump(&l->st.db_failures, 1);
+      l->spooling = 1;
+      atomic_store(&l->db_up, 0);
+      l->next_try_us = mono_us() + l->retry_us;
+      fprintf(stderr, "tollgate: ledger: the database refused a batch (%s); "
+              "spooling to %s until it answers\n", l->be->errmsg(l->conn),
+              l->spool.path);
     }
-    bump(&l->st.db_failures, 1);
-    l->spooling = 1;
-    atomic_store(&l->db_up, 0);
-    l->next_try_us = mono_us() + l->retry_us;
-    fprintf(stderr, "tollgate: ledger: the database refused a batch (%s); "
-            "spooling to %s until it answers\n", l->be->errmsg(l->conn),
-            l->spool_path);
+    bump(&l->st.committed, gather(l, k, REC_STORED, NULL));
+    refused_rc = keep_refused(l, k);
+    if (refused_rc != 0) {
+      n = gather(l, k, REC_REFUSED, NULL);
+      bump(&l->st.lost, n);
+      fprintf(stderr, "tollgate: ledger: %zu records could not be kept\n", n);
+    }
   }
-  if (spool_write(l, first, k) == 0) {
-    bump(&l->st.spooled, k);
-    return 0;
+  n = gather(l, k, REC_PENDING, l->sel);
+  if (n > 0 && spool_write(l, l->sel, n) == 0) {
+    bump(&l->st.spooled, n);
+  } else if (n > 0) {
+    spool_rc = TG_EIO;
+    bump(&l->st.lost, n);
+    fprintf(stderr, "tollgate: ledger: %zu records could not be kept\n", n);
   }
-  bump(&l->st.lost, k);
-  fprintf(stderr, "tollgate: ledger: %zu records could not be kept\n", k);
-  return TG_EIO;
+  i = 0;
+  for (x = first; i < k; x = x->next, i++)
+    x->status = l->mark[i] == REC_STORED    ? 0
+                : l->mark[i] == REC_REFUSED ? refused_rc
+                                            : spool_rc;
 }
 
 /* Hands a run of nodes (all of port p) to their port. */
@@ -695,13 +860,13 @@ static void port_post(tg_ledger_port_t *p, node_t *first, node_t *last,
   pthread_mutex_unlock(&p->mu);
 }
 
-static void deliver(node_t *first, size_t k, int status) {
+/* Hands k nodes, their status set, to their ports. */
+static void deliver(node_t *first, size_t k) {
   node_t *run = first, *n = first;
   size_t cnt = 0;
 
   while (k > 0) {
     node_t *next = n->next;
-    n->status = status;
     cnt++;
     k--;
     if (k == 0 || next->port != run->port) {
@@ -788,13 +953,14 @@ static void *writer_main(void *arg) {
     pthread_mutex_unlock(&l->mu);
 
     if (k > 0) {
-      int status;
       last->next = NULL;
-      status = write_batch(l, first, k);
+      write_batch(l, first, k);
       /* Durable now: make room before a callback can try to use it. */
       atomic_fetch_sub(&l->pending, k);
-      deliver(first, k, status);
+      deliver(first, k);
     }
+    if (l->refused_quiet > 0)
+      refused_summary(l, mono_us(), 0);
     if (done)
       break;
     if (l->spooling && mono_us() >= l->next_try_us)
@@ -958,9 +1124,13 @@ int tg_ledger_append(tg_ledger_port_t *p, const tg_ledger_rec_t *rec,
 static void free_ledger(tg_ledger_t *l) {
   if (l->conn != NULL)
     l->be->close(l->conn);
-  if (l->spool_fd >= 0)
-    close(l->spool_fd);
+  if (l->spool.fd >= 0)
+    close(l->spool.fd);
+  if (l->rejected.fd >= 0)
+    close(l->rejected.fd);
   free(l->ptrs);
+  free(l->mark);
+  free(l->sel);
   free(l->rrecs);
   free(l->buf);
   free(l->database);
@@ -991,7 +1161,8 @@ int tg_ledger_open(const char *database, const char *data_dir,
   if (l == NULL)
     return TG_ENOMEM;
   l->be = be;
-  l->spool_fd = -1;
+  l->spool.fd = -1;
+  l->rejected.fd = -1;
   l->max_backlog = o->max_backlog ? o->max_backlog : DEF_MAX_BACKLOG;
   l->batch_max = o->batch_max ? o->batch_max : DEF_BATCH_MAX;
   if (l->batch_max > MAX_BATCH)
@@ -1016,9 +1187,13 @@ int tg_ledger_open(const char *database, const char *data_dir,
   n = snprintf(l->dir, sizeof(l->dir), "%s", data_dir);
   if (n < 0 || (size_t)n >= sizeof(l->dir))
     goto out;
-  n = snprintf(l->spool_path, sizeof(l->spool_path), "%s/%s", data_dir,
+  n = snprintf(l->spool.path, sizeof(l->spool.path), "%s/%s", data_dir,
                TG_LEDGER_SPOOL_FILE);
-  if (n < 0 || (size_t)n >= sizeof(l->spool_path))
+  if (n < 0 || (size_t)n >= sizeof(l->spool.path))
+    goto out;
+  n = snprintf(l->rejected.path, sizeof(l->rejected.path), "%s/%s", data_dir,
+               TG_LEDGER_REJECTED_FILE);
+  if (n < 0 || (size_t)n >= sizeof(l->rejected.path))
     goto out;
   rc = TG_ENOMEM;
   l->database = strdup(database != NULL ? database : "sqlite");
@@ -1027,8 +1202,11 @@ int tg_ledger_open(const char *database, const char *data_dir,
   l->replay_max = l->batch_max * REPLAY_BATCHES;
   l->ptrs = calloc(l->replay_max, sizeof(*l->ptrs));
   l->rrecs = calloc(l->replay_max, sizeof(*l->rrecs));
+  l->mark = calloc(l->replay_max, sizeof(*l->mark));
+  l->sel = calloc(l->replay_max, sizeof(*l->sel));
   l->buf = malloc(SPOOL_BUF);
-  if (l->ptrs == NULL || l->rrecs == NULL || l->buf == NULL)
+  if (l->ptrs == NULL || l->rrecs == NULL || l->mark == NULL ||
+      l->sel == NULL || l->buf == NULL)
     goto out;
 
   /* The backend creates data_dir and migrates the schema. */
@@ -1043,8 +1221,8 @@ int tg_ledger_open(const char *database, const char *data_dir,
   if (l->spooling)
     fprintf(stderr, "tollgate: ledger: the database refuses writes (%s); %"
             PRId64 " bytes stay in %s until it answers\n",
-            l->be->errmsg(l->conn), l->spool_size - l->replay_off,
-            l->spool_path);
+            l->be->errmsg(l->conn), l->spool.size - l->replay_off,
+            l->spool.path);
   atomic_store(&l->db_up, !l->spooling);
 
   rc = pthread_create(&l->thread, NULL, writer_main, l) == 0 ? 0 : TG_ENOMEM;
@@ -1077,6 +1255,7 @@ void tg_ledger_close(tg_ledger_t *l) {
     pthread_mutex_unlock(&l->mu);
     pthread_join(l->thread, NULL);
   }
+  refused_summary(l, 0, 1);
   free_ledger(l);
 }
 
@@ -1103,6 +1282,7 @@ void tg_ledger_stats(const tg_ledger_t *l, tg_ledger_stats_t *out) {
   out->lost = atomic_load(&m->st.lost);
   out->refused = atomic_load(&m->st.refused);
   out->purged = atomic_load(&m->st.purged);
+  out->rejected = atomic_load(&m->st.rejected);
 }
 
 /* ---- queries ---- */

@@ -14,6 +14,12 @@
  * request id is unique in the table, so a record replayed twice is stored
  * once. A spool left by a killed gateway is replayed at the next open.
  *
+ * A record the database refuses for good (its own rules: a constraint, a
+ * trigger, a column's range) is found by halving its batch, and appended to
+ * <data_dir>/ledger-rejected.spool instead, fsynced, and reported durable;
+ * the batch's other records are stored in order, and nothing waits behind
+ * it. So it goes for a refused record met in a spool replay.
+ *
  * The queries (invoices, budget rebuild, purge) use their own blocking
  * connection (tg_ledger_db_*): call them from the CLI, at startup, or on a
  * worker thread, never on a loop thread.
@@ -31,6 +37,11 @@
 
 /* File name of the spool inside data_dir. */
 #define TG_LEDGER_SPOOL_FILE "ledger.spool"
+/* File name, inside data_dir, of the records the database refuses for good
+ * (a constraint, a trigger, a value out of a column's range): the spool's
+ * line format, so they can be appended to the spool (gateway stopped) once
+ * the database takes them. */
+#define TG_LEDGER_REJECTED_FILE "ledger-rejected.spool"
 
 /* Default per-tenant retention: a billing year plus the month being billed
  * and some slack for late invoices. */
@@ -50,9 +61,10 @@ typedef struct {
 typedef struct tg_ledger_s tg_ledger_t;
 typedef struct tg_ledger_port_s tg_ledger_port_t;       /* one per libuv loop thread */
 
-/* status 0: the record is durable (committed to the database or fsynced to
- * the spool). Otherwise a negative error (TG_EIO: neither the database nor
- * the spool could keep it; the gateway says so on stderr). */
+/* status 0: the record is durable (committed to the database, or fsynced to
+ * the spool or, refused by the database, to the rejected file). Otherwise
+ * a negative error (TG_EIO: neither the database nor the spool or the
+ * rejected file could keep it; the gateway says so on stderr). */
 typedef void (*tg_ledger_cb)(void *arg, int status);
 
 typedef struct {
@@ -124,10 +136,12 @@ typedef struct {
   uint64_t spooled;           /* records written to the spool */
   uint64_t replayed;          /* records replayed from the spool */
   uint64_t spool_skipped;     /* spool lines dropped: torn or bad checksum */
-  uint64_t db_failures;       /* batches the database refused */
+  uint64_t db_failures;       /* batches the database failed (away, locked) */
   uint64_t lost;              /* records neither the database nor the spool kept */
   uint64_t refused;           /* appends refused by the backlog bound */
   uint64_t purged;            /* records removed by the background purge */
+  uint64_t rejected;          /* records the database refused, kept in the
+                                 rejected file */
 } tg_ledger_stats_t;
 void tg_ledger_stats(const tg_ledger_t *l, tg_ledger_stats_t *out);
 

@@ -32,8 +32,12 @@ typedef struct {
 
   /* Stores n records in ONE transaction, durably (committed and synced)
    * before returning 0; a record whose request_id is already stored is
-   * skipped silently. On any failure nothing is stored and it returns
-   * TG_EDB (or TG_ENOMEM); the caller spools and retries later. */
+   * skipped silently. On any failure nothing is stored. It returns
+   * TG_EREJECTED when the database's own rules refuse a record of the
+   * batch (a constraint, a trigger, a value out of a column's range: the
+   * same records would be refused again; the caller isolates them), else
+   * TG_EDB (away, slow, locked, disk full...: the caller spools and retries
+   * later) or TG_ENOMEM. */
   int (*insert_batch)(tg__ledger_conn_t *c, const tg_ledger_rec_t *const *recs,
                       size_t n);
 

@@ -239,6 +239,27 @@ static int stmt_error(tg__ledger_conn_t *c, PGresult *r, const char *what) {
   return rc;
 }
 
+/* A failed write of the ledger's records: TG_EREJECTED when the server
+ * refuses the records themselves, by SQLSTATE class 22 (data exception: a
+ * value out of a column's range, text that is not valid UTF-8) or 23
+ * (integrity constraint: a CHECK, NOT NULL, foreign key, or a unique
+ * constraint other than the record's key, which ON CONFLICT skips), or
+ * P0001 (a trigger's RAISE EXCEPTION, how rows are refused by trigger): no
+ * retry changes those. Anything else (the server away, a timeout, a lock
+ * wait, a full disk, a read-only standby) as stmt_error. Clears r. */
+static int write_error(tg__ledger_conn_t *c, PGresult *r, const char *what) {
+  const char *state = r ? PQresultErrorField(r, PG_DIAG_SQLSTATE) : NULL;
+
+  if (state != NULL && (strncmp(state, "22", 2) == 0 ||
+                        strncmp(state, "23", 2) == 0 ||
+                        strcmp(state, "P0001") == 0)) {
+    note(c, what, NULL);
+    PQclear(r);
+    return TG_EREJECTED;
+  }
+  return stmt_error(c, r, what) == TG_ENOMEM ? TG_ENOMEM : TG_EDB;
+}
+
 /* Says whether a write would go through now, without waiting more than
  * PROBE_WAIT_MS: a live connection answers yes (insert_batch finds out if
  * the server restarted meanwhile and reconnects); without one, a
@@ -498,21 +519,26 @@ static int insert_op(tg__ledger_conn_t *c, void *arg) {
     r = PQsendQueryPrepared(c->pg, INSERT_NAME, N_COLS, vals, NULL, NULL, 0)
             ? tg_db_pg_result(c->pg, &c->wait) : NULL;
     if (PQresultStatus(r) != PGRES_COMMAND_OK) {
-      rc = stmt_error(c, r, "insert");
+      rc = write_error(c, r, "insert");
       goto fail;
     }
     PQclear(r);
   }
-  if (multi && exec_ok(c, "COMMIT") != 0) {
-    rc = stmt_error(c, NULL, "commit");
-    goto fail;
+  if (multi) {
+    /* A deferred constraint is checked here. */
+    r = tg_db_pg_query(c->pg, "COMMIT", 0, NULL, NULL, NULL, &c->wait);
+    if (PQresultStatus(r) != PGRES_COMMAND_OK) {
+      rc = write_error(c, r, "commit");
+      goto fail;
+    }
+    PQclear(r);
   }
   return 0;
 fail:
   if (!tg_db_pg_broken(c->pg) &&
       PQtransactionStatus(c->pg) != PQTRANS_IDLE)
     exec_ok(c, "ROLLBACK");
-  return rc == TG_ENOMEM ? rc : TG_EDB;
+  return rc == TG_ENOMEM || rc == TG_EREJECTED ? rc : TG_EDB;
 }
 
 /* ---- the fast path: COPY ----
@@ -645,7 +671,7 @@ static int copy_op(tg__ledger_conn_t *c, const batch_t *b) {
       PQclear(r);
       rc = 1;     /* unique_violation: a repeat; the insert skips it */
     } else {
-      rc = stmt_error(c, r, "copy");
+      rc = write_error(c, r, "copy");
     }
   }
   while ((r = PQgetResult(c->pg)) != NULL)

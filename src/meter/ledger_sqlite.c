@@ -117,6 +117,20 @@ static int note(tg__ledger_conn_t *c, const char *what) {
   return TG_EDB;
 }
 
+/* A failed insert or commit: TG_EREJECTED when the database's rules refuse
+ * the records themselves (a CHECK, NOT NULL, FOREIGN KEY or other UNIQUE
+ * constraint, a trigger's RAISE, a value of the wrong type or too big),
+ * which no retry changes; else TG_EDB (locked, disk full or failing,
+ * read-only...), which a retry may get through. */
+static int write_error(tg__ledger_conn_t *c, int code, const char *what) {
+  note(c, what);
+  code &= 0xff;   /* the primary code of an extended one */
+  return code == SQLITE_CONSTRAINT || code == SQLITE_MISMATCH ||
+         code == SQLITE_TOOBIG
+             ? TG_EREJECTED
+             : TG_EDB;
+}
+
 static int fail(sqlite3 *db, const char *what) {
   fprintf(stderr, "tollgate: ledger: %s: %s\n", what, sqlite3_errmsg(db));
   return TG_EDB;
@@ -327,7 +341,7 @@ static int step_once(sqlite3_stmt *st) {
 
 static int sq_insert_batch(tg__ledger_conn_t *c,
                            const tg_ledger_rec_t *const *recs, size_t n) {
-  int rc = TG_EDB;
+  int rc = TG_EDB, step;
 
   if (c->insert == NULL || c->insert_n == NULL || c->begin == NULL || c->commit == NULL)
     return TG_EINVAL;
@@ -346,16 +360,17 @@ static int sq_insert_batch(tg__ledger_conn_t *c,
     sqlite3_reset(st);
     for (int r = 0; r < rows; r++)
       bind_rec(st, r, recs[i + (size_t)r]);
-    if (sqlite3_step(st) != SQLITE_DONE) {
-      note(c, "insert");
+    if ((step = sqlite3_step(st)) != SQLITE_DONE) {
+      rc = write_error(c, step, "insert");
       goto out;
     }
     i += (size_t)rows;
   }
   sqlite3_reset(c->insert);
   sqlite3_reset(c->insert_n);
-  if (step_once(c->commit) != SQLITE_DONE) {
-    note(c, "commit");
+  /* A deferred foreign key is checked here. */
+  if ((step = step_once(c->commit)) != SQLITE_DONE) {
+    rc = write_error(c, step, "commit");
     goto out;
   }
   rc = 0;

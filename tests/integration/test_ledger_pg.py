@@ -238,6 +238,76 @@ def test_spool_replays_through_the_second_host_when_the_first_does_not_answer(tg
         silent.close()
 
 
+def test_records_the_database_refuses_go_aside_and_hold_nothing_back(tg, sim, pg):
+    """An operator adds a CHECK constraint that refuses one tenant's rows,
+    later a trigger that raises an exception for them. Every answer is
+    still 200; every other record is in the table, once; each refused one
+    is in ledger-rejected.spool, counted on /metrics and named on stderr
+    (at most ten lines a minute, the rest counted in one); nothing is
+    spooled. Before, the first refused batch sent every later record to
+    the spool, which grew for ever. Appended to the spool while the
+    gateway is stopped, the refused records are stored once the database
+    takes them."""
+    gw, db = pg_gateway(tg, sim, pg)
+    gw.start()
+    alpha, beta = gw.create_key("alpha"), gw.create_key("beta")
+    rejected_path = os.path.join(gw.data_dir, "ledger-rejected.spool")
+
+    def ask_all(keys):
+        rs = tgtest.parallel(lambda k: base.ask(gw, k, max_tokens=3), [(k,) for k in keys])
+        bad = [r for r in rs if isinstance(r, Exception) or r.status != 200]
+        assert not bad, bad[:3]
+        return [(k, r.header("x-request-id")) for k, r in zip(keys, rs)]
+
+    def rejected_ids():
+        with open(rejected_path) as f:
+            return [line.split(" ")[2] for line in f]
+
+    asked = ask_all([alpha, beta])
+    pg.sql("ALTER TABLE ledger ADD CONSTRAINT no_beta CHECK (tenant <> 'beta') NOT VALID",
+           db=db)
+    asked += ask_all([alpha, alpha, alpha, beta] * 15)
+    pg.sql("ALTER TABLE ledger DROP CONSTRAINT no_beta", db=db)
+    pg.sql("CREATE FUNCTION refuse_beta() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+           "IF NEW.tenant = 'beta' THEN RAISE EXCEPTION 'tenant beta is closed'; END IF; "
+           "RETURN NEW; END $$", db=db)
+    pg.sql("CREATE TRIGGER refuse_beta BEFORE INSERT ON ledger FOR EACH ROW "
+           "EXECUTE FUNCTION refuse_beta()", db=db)
+    asked += ask_all([alpha, beta] * 3)
+    refused = [rid for k, rid in asked[2:] if k == beta]
+    assert len(refused) == 18
+
+    rows = tgtest.by_request_id(tgtest.pg_ledger_rows(pg, db))
+    assert set(rows) == {rid for _, rid in asked} - set(refused), sorted(rows)
+    assert sorted(rejected_ids()) == sorted(refused)
+    assert not os.path.exists(gw.spool_path)
+    m = tgtest.parse_metrics(tgtest.admin(gw, "/metrics").body.decode())
+    assert m['llm_ledger_records_total{outcome="rejected"}'] == 18, m
+    assert m['llm_ledger_records_total{outcome="spooled"}'] == 0, m
+    assert m['llm_ledger_records_total{outcome="lost"}'] == 0, m
+
+    # the triggers dropped, the gateway stopped: appended to the spool, the
+    # refused records are stored at the next start
+    pg.sql("DROP TRIGGER refuse_beta ON ledger", db=db)
+    assert gw.stop() == 0
+    err = gw.proc.stderr_text()
+    named = re.findall(r"refuses the record of request (\S+), tenant beta \((.*)\);", err)
+    told = sum(int(n) for n in re.findall(r"refused (\d+) more records, not named", err))
+    assert len(named) <= 10 and len(named) + told == 18, err[-3000:]
+    assert {rid for rid, _ in named} <= set(refused)
+    assert any("no_beta" in why for _, why in named), named
+    with open(rejected_path) as src, open(gw.spool_path, "a") as dst:
+        dst.write(src.read())
+    os.unlink(rejected_path)
+    gw.start()
+    tgtest.wait_for(lambda: not os.path.exists(gw.spool_path), timeout=20,
+                    what="the re-imported records to be replayed")
+    rows = tgtest.by_request_id(tgtest.pg_ledger_rows(pg, db))
+    assert set(rows) == {rid for _, rid in asked}
+    assert not os.path.exists(rejected_path)
+    gw.stop()
+
+
 def test_budgets_rebuilt_from_the_postgres_ledger(tg, sim, pg):
     M = base.M
     tenants = {"day": tgtest.limited_tenant(models=[M], daily=base.usd(200000))}

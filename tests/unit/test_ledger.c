@@ -1019,6 +1019,174 @@ static void test_spool_keeps_text_exact(void **state) {
   }
 }
 
+/* ---- records the database refuses for good ---- */
+
+/* Runs sql on the ledger's database through a connection of its own. */
+static void exec_db(const char *dir, const char *sql) {
+  sqlite3 *db = NULL;
+  char path[128];
+  snprintf(path, sizeof(path), "%s/%s", dir, TG_DB_SQLITE_FILE);
+  assert_int_equal(sqlite3_open(path, &db), SQLITE_OK);
+  assert_int_equal(sqlite3_exec(db, sql, NULL, NULL, NULL), SQLITE_OK);
+  sqlite3_close(db);
+}
+
+#define REFUSE_X "CREATE TRIGGER refuse_x BEFORE INSERT ON ledger" \
+                 " WHEN NEW.tenant = 'x' BEGIN SELECT RAISE(ABORT, 'tenant x" \
+                 " is closed'); END"
+
+/* The request ids of a file in the spool's line format, in file order,
+ * joined by ','. */
+static char *file_ids(const char *path) {
+  size_t cap = 1 << 16, len = 0;
+  char *out = calloc(1, cap), line[4096];
+  FILE *f = fopen(path, "r");
+  assert_non_null(out);
+  assert_non_null(f);
+  while (fgets(line, sizeof(line), f) != NULL) {
+    char *id = line + 12, *sp = strchr(id, ' ');
+    assert_memory_equal(line, "L1 ", 3);
+    assert_non_null(sp);
+    len += (size_t)snprintf(out + len, cap - len, "%s%.*s", len ? "," : "",
+                            (int)(sp - id), id);
+  }
+  fclose(f);
+  return out;
+}
+
+/* The table holds exactly the ids stored, and the rejected file exactly
+ * the ids refused, each in order. */
+static void assert_split(const char *dir, const char *rejected,
+                         const char *stored, const char *refused) {
+  char *got = ids_in_order(dir);
+  assert_string_equal(got, stored);
+  free(got);
+  got = file_ids(rejected);
+  assert_string_equal(got, refused);
+  free(got);
+}
+
+/* Appends record i of a sequence whose tenant is x where refused[i]. */
+static void append_mixed(loopctx_t *x, int from, int to, const int *refused) {
+  tg_ledger_rec_t r;
+  char id[40];
+  for (int i = from; i < to; i++) {
+    snprintf(id, sizeof(id), "r-%04d", i);
+    make_rec(&r, id, refused[i] ? "x" : "acme", "m-a", T0 + i, 1, 2, 1000 + i);
+    assert_int_equal(loop_append(x, i, &r), 0);
+  }
+}
+
+/* Opens t's ledger, then has a trigger refuse tenant x's records; the
+ * rejected file's path goes to rejected. */
+static tg_ledger_t *open_refusing_x(tmp_t *t, const tg_ledger_opts_t *o,
+                                    char *rejected, size_t size) {
+  tg_ledger_t *l = NULL;
+  snprintf(rejected, size, "%s/%s", t->dir, TG_LEDGER_REJECTED_FILE);
+  assert_int_equal(tg_ledger_open("sqlite", t->dir, o, &l), 0);
+  exec_db(t->dir, REFUSE_X);
+  return l;
+}
+
+/* A trigger refuses four records in the middle of one batch of 16: they
+ * go to the rejected file, the twelve others are stored in their order,
+ * every answer is 0, and nothing is spooled. Before, the whole batch went
+ * to the spool and every later record behind it, for ever. Appended to
+ * the spool once the trigger is gone, they are stored at the next open. */
+static void test_refused_records_isolated_in_order(void **state) {
+  tmp_t *t = *state;
+  /* A long linger: the writer takes exactly one full batch of 16. */
+  tg_ledger_opts_t o = {.batch_max = 16, .linger_us = 2000000};
+  static const int refused[17] = {[3] = 1, [7] = 1, [8] = 1, [12] = 1};
+  char rejected[128];
+  tg_ledger_stats_t st;
+  tg_ledger_t *l = NULL;
+  loopctx_t x;
+
+  l = open_refusing_x(t, &o, rejected, sizeof(rejected));
+  loop_open(&x, l, 17);
+  append_mixed(&x, 0, 16, refused);
+  assert_true(run_until(&x.loop, &x.c, 16, 10000));
+  assert_all_durable(&x, 0, 16);
+  assert_split(t->dir, rejected,
+               "r-0000,r-0001,r-0002,r-0004,r-0005,r-0006,"
+               "r-0009,r-0010,r-0011,r-0013,r-0014,r-0015",
+               "r-0003,r-0007,r-0008,r-0012");
+  tg_ledger_stats(l, &st);
+  assert_int_equal(st.rejected, 4);
+  assert_int_equal(st.committed, 12);
+  assert_int_equal(st.spooled, 0);
+  assert_int_equal(st.lost, 0);
+  /* Bounded: 4 refused of 16 take at most 2 * 4 * log2(16) + 1. */
+  assert_true(st.transactions <= 33);
+  assert_true(tg_ledger_db_up(l));
+  assert_false(file_exists(t->spool));
+
+  /* The next record goes straight in. */
+  append_mixed(&x, 16, 17, refused);
+  assert_true(run_until(&x.loop, &x.c, 17, 10000));
+  assert_all_durable(&x, 16, 17);
+  loop_close(&x);
+  tg_ledger_close(l);
+  assert_int_equal(count_rows(t->dir, NULL), 13);
+  assert_false(file_exists(t->spool));
+
+  /* The operator drops the trigger and, the gateway stopped, appends the
+   * rejected file to the spool: the next open stores them. */
+  exec_db(t->dir, "DROP TRIGGER refuse_x");
+  assert_int_equal(rename(rejected, t->spool), 0);
+  assert_int_equal(tg_ledger_open("sqlite", t->dir, &o, &l), 0);
+  tg_ledger_stats(l, &st);
+  assert_int_equal(st.replayed, 4);
+  assert_int_equal(st.rejected, 0);
+  assert_true(tg_ledger_db_up(l));
+  tg_ledger_close(l);
+  assert_false(file_exists(t->spool));
+  assert_false(file_exists(rejected));
+  assert_int_equal(count_rows(t->dir, "x"), 4);
+  assert_int_equal(count_rows(t->dir, NULL), 17);
+}
+
+/* Records spooled while the database was away, two of which it refuses
+ * once back: the replay moves those two to the rejected file and goes on
+ * in order, and the spool is removed. Before, the replay stopped at the
+ * first of them and the spool grew for ever. */
+static void test_spool_replay_moves_refused_records_aside(void **state) {
+  tmp_t *t = *state;
+  tg_ledger_opts_t o = {.batch_max = 4, .retry_ms = 50};
+  static const int refused[12] = {[2] = 1, [9] = 1};
+  char rejected[128];
+  tg_ledger_stats_t st;
+  tg_ledger_t *l = NULL;
+  loopctx_t x;
+
+  l = open_refusing_x(t, &o, rejected, sizeof(rejected));
+  tg__ledger_sqlite_fail_inserts(1);
+  loop_open(&x, l, 12);
+  append_mixed(&x, 0, 10, refused);
+  assert_true(run_until(&x.loop, &x.c, 10, 10000));
+  assert_all_durable(&x, 0, 10);
+  assert_int_equal(count_lines(t->spool), 10);
+
+  tg__ledger_sqlite_fail_inserts(0);
+  assert_true(wait_for(spool_empty_db_up, l, 10000));
+  append_mixed(&x, 10, 12, refused);
+  assert_true(run_until(&x.loop, &x.c, 12, 10000));
+  assert_all_durable(&x, 10, 12);
+  tg_ledger_stats(l, &st);
+  assert_int_equal(st.rejected, 2);
+  assert_int_equal(st.replayed, 8);
+  assert_int_equal(st.committed, 2);
+  assert_int_equal(st.lost, 0);
+  loop_close(&x);
+  tg_ledger_close(l);
+  assert_false(file_exists(t->spool));
+  assert_split(t->dir, rejected,
+               "r-0000,r-0001,r-0003,r-0004,r-0005,r-0006,"
+               "r-0007,r-0008,r-0010,r-0011",
+               "r-0002,r-0009");
+}
+
 /* ---- kill -9: every record reported durable survives ---- */
 
 #define KILL_MAX_IDS 2000000
@@ -1461,6 +1629,10 @@ int main(void) {
                                     tmp_setup, tmp_teardown),
     cmocka_unit_test_setup_teardown(test_damaged_spool_line_skipped, tmp_setup,
                                     tmp_teardown),
+    cmocka_unit_test_setup_teardown(test_refused_records_isolated_in_order,
+                                    tmp_setup, tmp_teardown),
+    cmocka_unit_test_setup_teardown(test_spool_replay_moves_refused_records_aside,
+                                    tmp_setup, tmp_teardown),
     cmocka_unit_test_setup_teardown(test_spool_keeps_text_exact, tmp_setup,
                                     tmp_teardown),
     cmocka_unit_test_setup_teardown(test_kill9_keeps_durable_records,
