@@ -505,9 +505,9 @@ static int on_event(void *arg, const char *ev, size_t len) {
     c->has_usage = 1;
     c->prompt_tokens = info.prompt_tokens;
     c->completion_tokens = info.completion_tokens;
-    if (info.usage_only && !c->client_usage)
-      return 0; /* the client did not ask for it: we did */
   }
+  if (info.usage_only && !c->client_usage)
+    return 0; /* the client did not ask for it: we did */
   if (c->saw_done)
     return 0; /* [DONE] ends the client's stream: later events are read, not relayed */
   return out_append(c, ev, len);

@@ -296,12 +296,15 @@ int tg_sse_inspect(const char *ev, size_t len, tg_sse_info_t *info) {
   n_choices = cJSON_IsArray(choices) ? cJSON_GetArraySize(choices) : 0;
   info->has_choices = n_choices > 0;
   usage = tg_json_get(root, "usage");
-  if (tg_usage_read(usage, &info->prompt_tokens, &info->completion_tokens)) {
+  /* usage without both counts is none: the stream is counted instead, as a
+   * whole answer's is (an upstream prompt beside our completion would mix
+   * a figure from below with one from above) */
+  info->usage_only = cJSON_IsObject(usage) && cJSON_IsArray(choices) && n_choices == 0;
+  if (tg_usage_read(usage, &info->prompt_tokens, &info->completion_tokens) &&
+      info->completion_tokens >= 0)
     info->has_usage = 1;
-    if (info->completion_tokens < 0)
-      info->completion_tokens = 0;
-    info->usage_only = cJSON_IsArray(choices) && n_choices == 0;
-  }
+  else
+    info->prompt_tokens = info->completion_tokens = 0;
   tg_json_free(root);
   return 0;
 }

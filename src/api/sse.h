@@ -34,8 +34,8 @@ size_t tg_sse_pending(const tg_sse_t *p);
 
 typedef struct {
   int done;                 /* data: [DONE] */
-  int has_usage;            /* carries a usage object with token counts */
-  int usage_only;           /* and "choices": [] (the include_usage chunk) */
+  int has_usage;            /* carries a usage object with both token counts */
+  int usage_only;           /* a usage object and "choices": [] (the include_usage chunk) */
   int has_choices;          /* a chunk with at least one choice */
   int64_t prompt_tokens;
   int64_t completion_tokens;

@@ -192,3 +192,38 @@ def test_a_usage_without_both_counts_is_counted_as_none(tg):
         check_books(gw, rows)
     finally:
         up.close()
+
+
+def test_a_stream_usage_without_both_counts_is_counted_as_none(tg):
+    """A stream whose usage chunk lacks completion_tokens used to be billed
+    the upstream's prompt and 0 completion tokens: it is counted instead,
+    like a stream without usage (the prompt estimate, one token per content
+    event), and the usage chunk the client did not ask for is still not
+    relayed."""
+    def chunk(**kw):
+        ev = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": M}
+        ev.update(kw)
+        return b"data: " + json.dumps(ev).encode() + b"\n\n"
+
+    up = tgtest.FakeUpstream(status=200)
+    up.content_type = "text/event-stream"
+    try:
+        gw = start_gw(tg, up.url)
+        body = tgtest.chat_body(M, max_tokens=50, stream=True)
+        est = tgtest.prompt_estimate(body)
+        content = [chunk(choices=[{"index": 0, "delta": {"content": w}}])
+                   for w in ("Hello", " there", "!")]
+        rows = []
+        for usage, want in (({"prompt_tokens": 12}, (1, est, 3)),
+                            ({"prompt_tokens": 12, "completion_tokens": 3}, (0, 12, 3))):
+            up.body = b"".join(content) + chunk(choices=[], usage=usage) + b"data: [DONE]\n\n"
+            r = post(gw, "/v1/chat/completions", body)
+            assert b'"usage"' not in r.body and r.body.count(b"data: ") == 4, r.body
+            row = row_of(gw, r)
+            assert (row["usage_counted"], row["prompt_tokens"], row["completion_tokens"]) == \
+                want, (usage, row)
+            assert row["cost_nano"] == want[1] * P + want[2] * C, row
+            rows.append(row)
+        check_books(gw, rows)
+    finally:
+        up.close()

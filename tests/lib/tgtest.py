@@ -1139,6 +1139,7 @@ class FakeUpstream:
         import http.server
 
         self.status = status
+        self.content_type = "application/json"  # "text/event-stream" for a stream
         self.body = json.dumps(body if body is not None else {
             "error": {"message": "fake upstream says %d" % status, "type": "server_error",
                       "code": "fake"}}).encode()
@@ -1152,9 +1153,9 @@ class FakeUpstream:
             def log_message(self, *a):
                 pass
 
-            def _send(self, status, body):
+            def _send(self, status, body, ctype="application/json"):
                 self.send_response(status)
-                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Type", ctype)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
@@ -1168,7 +1169,7 @@ class FakeUpstream:
                 if n:
                     self.rfile.read(n)
                 outer.posts += 1
-                self._send(outer.status, outer.body)
+                self._send(outer.status, outer.body, outer.content_type)
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True

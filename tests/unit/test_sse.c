@@ -230,12 +230,14 @@ static void test_inspect(void **state) {
     assert_true(i.has_choices);
     assert_int_equal(i.completion_tokens, 4);
   }
-  /* a stream's usage without completion_tokens reads as 0 completion tokens */
+  /* a stream's usage without completion_tokens is no usage (the stream is
+   * counted instead), and still the include_usage chunk */
   {
     const char *ev = "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3}}\n\n";
     assert_int_equal(tg_sse_inspect(ev, strlen(ev), &i), 0);
-    assert_true(i.has_usage && i.usage_only);
-    assert_int_equal(i.prompt_tokens, 3);
+    assert_false(i.has_usage);
+    assert_true(i.usage_only);
+    assert_int_equal(i.prompt_tokens, 0);
     assert_int_equal(i.completion_tokens, 0);
   }
   /* "usage": null (OpenAI sends it on chunks when include_usage is set) */
