@@ -4,7 +4,11 @@
 # tollgate in front of it (once with the default `upstream_client: auto`,
 # the native HTTP/1.1 client for http:// endpoints, as target "tollgate",
 # once with `upstream_client: curl`, libcurl's multi interface, as target
-# "curl"), all on loopback. Prints req/s, p50, p99 and the target's CPU
+# "curl"), all on loopback. Their tenant has every limit and both budgets
+# (none can bind), so each request goes through admission and settlement
+# and its answer carries the x-ratelimit-* headers. Target "core" (not run
+# unless named in TARGETS) is the native client with a tenant that has no
+# limits and no budget: the request path without the limits' work. Prints req/s, p50, p99 and the target's CPU
 # time per request (all its threads and child processes) per target, and
 # each tollgate's ratios to nginx.
 #
@@ -13,7 +17,7 @@
 # Environment: DURATION (10s), CONNECTIONS (64), WORKERS (1: nginx
 # worker_processes and tollgate workers), WRK_THREADS (1), SIM_WORKERS (1),
 # WARMUP (2s, per target, not measured), TARGETS ("sim nginx tollgate
-# curl": a subset runs only those), ROUNDS (1: with more, the targets are
+# curl", and "core": a subset runs only those), ROUNDS (1: with more, the targets are
 # measured in turn ROUNDS times, so a load that comes and goes on a shared
 # machine hits each alike, and the median round of each is printed),
 # TG_EXTRA_CONFIG (top-level YAML lines added to both tollgates' config,
@@ -50,7 +54,7 @@ LUA="$here/bench/lib/chat.lua"
 NGINX=${NGINX:-$(command -v nginx || echo /usr/sbin/nginx)}
 
 bins=("$SIM")
-if want tollgate || want curl; then bins+=("$TOLLGATE"); fi
+if want tollgate || want curl || want core; then bins+=("$TOLLGATE"); fi
 for bin in "${bins[@]}"; do
   [ -x "$bin" ] || { echo "proxy.sh: $bin not found (run 'make build' first)" >&2; exit 1; }
 done
@@ -90,6 +94,8 @@ TG_PORT=$(free_port)
 TG_ADMIN=$(free_port)
 CURL_PORT=$(free_port)
 CURL_ADMIN=$(free_port)
+CORE_PORT=$(free_port)
+CORE_ADMIN=$(free_port)
 
 # ---- the simulator: no delays, so the proxies are what is measured --------
 "$SIM" --listen "127.0.0.1:$SIM_PORT" --workers "$SIM_WORKERS" --ttft-ms 0 --token-ms 0 \
@@ -142,11 +148,22 @@ PIDS[nginx]=$!
 }
 
 # ---- tollgate -----------------------------------------------------------------
-# start_tollgate NAME PORT ADMIN_PORT CLIENT: a gateway in $tmp/NAME with
-# `upstream_client: CLIENT`; its key goes to KEYS[NAME].
+# start_tollgate NAME PORT ADMIN_PORT CLIENT [LIMITS]: a gateway in $tmp/NAME
+# with `upstream_client: CLIENT`; its tenant has limits and budgets unless
+# LIMITS is 0; its key goes to KEYS[NAME].
 declare -A KEYS
 start_tollgate() {
-local name=$1 port=$2 admin=$3 client=$4 dir="$tmp/$1" log='"off"'
+local name=$1 port=$2 admin=$3 client=$4 dir="$tmp/$1" log='"off"' limits=""
+if [ "${5:-1}" = 1 ]; then
+  limits="    rate_limits:
+      requests_per_minute: 1000000000
+      tokens_per_minute: 1000000000000
+      concurrent_requests: 100000
+    budget:
+      daily_limit_usd: 1000000000.00
+      monthly_limit_usd: 1000000000.00
+      alert_threshold_percent: 80"
+fi
 if [ "$ACCESS_LOG" = 1 ]; then log="$dir/access.log"; fi
 mkdir -p "$dir/data"
 cat >"$dir/tollgate.yaml" <<EOF
@@ -162,14 +179,7 @@ tenants:
   bench:
     tier: enterprise
     models_allowed: [$MODEL]
-    rate_limits:
-      requests_per_minute: 1000000000
-      tokens_per_minute: 1000000000000
-      concurrent_requests: 100000
-    budget:
-      daily_limit_usd: 1000000000.00
-      monthly_limit_usd: 1000000000.00
-      alert_threshold_percent: 80
+$limits
     priority: high
 models:
   $MODEL:
@@ -197,6 +207,10 @@ fi
 if want curl; then
   start_tollgate curl "$CURL_PORT" "$CURL_ADMIN" curl
   names+=(curl); URLS[curl]="http://127.0.0.1:$CURL_PORT"
+fi
+if want core; then
+  start_tollgate core "$CORE_PORT" "$CORE_ADMIN" auto 0
+  names+=(core); URLS[core]="http://127.0.0.1:$CORE_PORT"
 fi
 
 # every target must answer 200 before it is measured
@@ -263,22 +277,25 @@ if [ "$ROUNDS" -gt 1 ]; then
   echo "# rounds (round target req/s p50 p99 cpu-us/req):"
   printf '%s\n' "${rounds[@]}" |
     awk '{ printf "#   %2d %-9s %7d %7.2f %7.2f %7.1f\n", $1, $2, $3, $4, $5, $8 }'
-  # the two targets of one round ran back to back: the median of their
+  # the targets of one round ran back to back: the median of their
   # per-round ratios is the steadier figure on a machine whose speed drifts
-  if want nginx && want tollgate; then
-    printf '%s\n' "${rounds[@]}" | awk '
+  for t in tollgate curl core; do
+    want nginx && want "$t" || continue
+    printf '%s\n' "${rounds[@]}" | awk -v t="$t" '
       $2 == "nginx" { nr[$1] = $3; np[$1] = $5 }
-      $2 == "tollgate" { tr[$1] = $3; tp[$1] = $5 }
-      function median(a, n,   i, j, t) {
-        for (i = 2; i <= n; i++) for (j = i; j > 1 && a[j - 1] > a[j]; j--) { t = a[j]; a[j] = a[j - 1]; a[j - 1] = t }
+      $2 == t { tr[$1] = $3; tp[$1] = $5 }
+      function median(a, n,   i, j, x) {
+        for (i = 2; i <= n; i++) for (j = i; j > 1 && a[j - 1] > a[j]; j--) { x = a[j]; a[j] = a[j - 1]; a[j - 1] = x }
         return n % 2 ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
       }
       END {
-        n = 0
-        for (r in nr) if ((r in tr) && nr[r] > 0 && np[r] > 0) { n++; q[n] = tr[r] / nr[r]; p[n] = tp[r] / np[r] }
-        if (n > 0) printf "tollgate/nginx, median of %d per-round ratios: req/s %.2f  p99 %.2f\n", n, median(q, n), median(p, n)
+        n = w = 0
+        for (r in nr) if ((r in tr) && nr[r] > 0 && np[r] > 0) {
+          n++; q[n] = tr[r] / nr[r]; p[n] = tp[r] / np[r]; if (p[n] <= 1) w++
+        }
+        if (n > 0) printf "%s/nginx, median of %d per-round ratios: req/s %.2f  p99 %.2f (p99 at or below nginx'"'"'s in %d rounds)\n", t, n, median(q, n), median(p, n), w
       }'
-  fi
+  done
 fi
 
 printf '%s\n' "${results[@]}" | awk '
@@ -289,6 +306,8 @@ printf '%s\n' "${results[@]}" | awk '
       printf "tollgate/nginx: req/s %.2f  p99 %.2f  cpu/req %.2f\n", rps["tollgate"] / rps["nginx"], p99["tollgate"] / p99["nginx"], (cpu["nginx"] > 0 ? cpu["tollgate"] / cpu["nginx"] : 0)
     if (rps["nginx"] > 0 && p99["nginx"] > 0 && ("curl" in rps))
       printf "curl/nginx:     req/s %.2f  p99 %.2f  cpu/req %.2f\n", rps["curl"] / rps["nginx"], p99["curl"] / p99["nginx"], (cpu["nginx"] > 0 ? cpu["curl"] / cpu["nginx"] : 0)
+    if (rps["nginx"] > 0 && p99["nginx"] > 0 && ("core" in rps))
+      printf "core/nginx:     req/s %.2f  p99 %.2f  cpu/req %.2f\n", rps["core"] / rps["nginx"], p99["core"] / p99["nginx"], (cpu["nginx"] > 0 ? cpu["core"] / cpu["nginx"] : 0)
   }'
 
 bad=$(printf '%s\n' "${results[@]}" | awk '$5 > 0 || $6 > 0 { print $1 }')
