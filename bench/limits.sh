@@ -98,14 +98,7 @@ start_tollgate() {
   if [ "$mode" = redis ]; then state="redis://127.0.0.1:$REDIS_PORT/0"; fi
   limits=""
   if [ "$mode" != off ]; then
-    limits="    rate_limits:
-      requests_per_minute: 1000000000
-      tokens_per_minute: 1000000000000
-      concurrent_requests: 100000
-    budget:
-      daily_limit_usd: 1000000000.00
-      monthly_limit_usd: 1000000000.00
-      alert_threshold_percent: 80"
+    limits=$BENCH_TENANT_LIMITS
   fi
   cat >"$dir/tollgate.yaml" <<EOF
 listen: 127.0.0.1:$TG_PORT

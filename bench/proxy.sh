@@ -155,14 +155,7 @@ declare -A KEYS
 start_tollgate() {
 local name=$1 port=$2 admin=$3 client=$4 dir="$tmp/$1" log='"off"' limits=""
 if [ "${5:-1}" = 1 ]; then
-  limits="    rate_limits:
-      requests_per_minute: 1000000000
-      tokens_per_minute: 1000000000000
-      concurrent_requests: 100000
-    budget:
-      daily_limit_usd: 1000000000.00
-      monthly_limit_usd: 1000000000.00
-      alert_threshold_percent: 80"
+  limits=$BENCH_TENANT_LIMITS
 fi
 if [ "$ACCESS_LOG" = 1 ]; then log="$dir/access.log"; fi
 mkdir -p "$dir/data"

@@ -8,6 +8,18 @@
 # bench_init NAME makes the temp dir ($tmp) and the exit trap that stops
 # every process recorded in the pids array (bench_spawn adds to it).
 
+# A tenant's every limit and both budgets, far above what a benchmark's
+# load reaches (nothing is refused), indented to sit under a tenant's name
+# in a generated config.
+BENCH_TENANT_LIMITS="    rate_limits:
+      requests_per_minute: 1000000000
+      tokens_per_minute: 1000000000000
+      concurrent_requests: 100000
+    budget:
+      daily_limit_usd: 1000000000.00
+      monthly_limit_usd: 1000000000.00
+      alert_threshold_percent: 80"
+
 bench_init() {
   BENCH_NAME=$1
   tmp=$(mktemp -d "/tmp/tg-bench-$BENCH_NAME.XXXXXX")

@@ -102,6 +102,25 @@ def check_books(gw, rows):
     assert tgtest.metric_sum(metrics, "llm_tenant_completion_tokens_total") == want[2]
 
 
+def bill_each(gw, up, body, answer_of, cases):
+    """For each (usage, (usage_counted, prompt, completion)) of cases, the
+    fixed upstream answers answer_of(usage) to a chat request of body: the
+    ledger row holds those figures and their exact cost, and the books add
+    up the rows. Returns the responses."""
+    rows, answers = [], []
+    for usage, want in cases:
+        up.body = answer_of(usage)
+        r = post(gw, "/v1/chat/completions", body)
+        row = row_of(gw, r)
+        assert (row["usage_counted"], row["prompt_tokens"], row["completion_tokens"]) == \
+            want, (usage, row)
+        assert row["cost_nano"] == want[1] * P + want[2] * C, row
+        rows.append(row)
+        answers.append(r)
+    check_books(gw, rows)
+    return answers
+
+
 @pytest.mark.parametrize("path,body", [
     ("/v1/chat/completions",
      tgtest.chat_body(M, max_tokens=7, n=2,
@@ -178,18 +197,11 @@ def test_a_usage_without_both_counts_is_counted_as_none(tg):
         body = tgtest.chat_body(M, max_tokens=50)
         est, text = tgtest.prompt_estimate(body), generated_bytes(answer)
         assert text == len("Voilà — “quoted” ✓non".encode()) + len("get_weather") + 19
-        rows = []
-        for usage, want in (({"prompt_tokens": 12}, (1, est, text)),
-                            ({"prompt_tokens": "12", "completion_tokens": 3}, (1, est, text)),
-                            ({"prompt_tokens": 12, "completion_tokens": -3}, (1, est, text)),
-                            ({"prompt_tokens": 12, "completion_tokens": 3}, (0, 12, 3))):
-            up.body = json.dumps(dict(answer, usage=usage)).encode()
-            row = row_of(gw, post(gw, "/v1/chat/completions", body))
-            assert (row["usage_counted"], row["prompt_tokens"], row["completion_tokens"]) == \
-                want, (usage, row)
-            assert row["cost_nano"] == want[1] * P + want[2] * C, row
-            rows.append(row)
-        check_books(gw, rows)
+        bill_each(gw, up, body, lambda usage: json.dumps(dict(answer, usage=usage)).encode(),
+                  (({"prompt_tokens": 12}, (1, est, text)),
+                   ({"prompt_tokens": "12", "completion_tokens": 3}, (1, est, text)),
+                   ({"prompt_tokens": 12, "completion_tokens": -3}, (1, est, text)),
+                   ({"prompt_tokens": 12, "completion_tokens": 3}, (0, 12, 3))))
     finally:
         up.close()
 
@@ -213,17 +225,12 @@ def test_a_stream_usage_without_both_counts_is_counted_as_none(tg):
         est = tgtest.prompt_estimate(body)
         content = [chunk(choices=[{"index": 0, "delta": {"content": w}}])
                    for w in ("Hello", " there", "!")]
-        rows = []
-        for usage, want in (({"prompt_tokens": 12}, (1, est, 3)),
-                            ({"prompt_tokens": 12, "completion_tokens": 3}, (0, 12, 3))):
-            up.body = b"".join(content) + chunk(choices=[], usage=usage) + b"data: [DONE]\n\n"
-            r = post(gw, "/v1/chat/completions", body)
+        answers = bill_each(
+            gw, up, body,
+            lambda usage: b"".join(content) + chunk(choices=[], usage=usage) + b"data: [DONE]\n\n",
+            (({"prompt_tokens": 12}, (1, est, 3)),
+             ({"prompt_tokens": 12, "completion_tokens": 3}, (0, 12, 3))))
+        for r in answers:
             assert b'"usage"' not in r.body and r.body.count(b"data: ") == 4, r.body
-            row = row_of(gw, r)
-            assert (row["usage_counted"], row["prompt_tokens"], row["completion_tokens"]) == \
-                want, (usage, row)
-            assert row["cost_nano"] == want[1] * P + want[2] * C, row
-            rows.append(row)
-        check_books(gw, rows)
     finally:
         up.close()
