@@ -214,6 +214,7 @@ typedef struct {
   int in_redis;               /* a member is (believed) held in Redis */
   tg_limits_t lim;            /* the limits of the grant */
   int64_t day, month;         /* periods of the member */
+  int64_t sync_day, sync_month; /* periods of the sync on its way */
   int64_t until;              /* grant usable while now < until; 0 = none */
   int64_t at_ts;              /* where its requests are counted in the log */
   int64_t req_left, mt_left;
@@ -2068,6 +2069,8 @@ static int hold_sync(tg__redis_loop_t *rl, hold_t *h, int64_t now, const tg_limi
   rl->n_ops++;
   /* What is left of the grant goes back with the sync. */
   h->syncing = 1;
+  h->sync_day = o->day;
+  h->sync_month = o->month;
   h->last_sync = now;
   h->req_left = h->mt_left = h->cost_left = 0;
   h->until = 0;
@@ -2151,17 +2154,25 @@ static int hold_admit(tg__redis_loop_t *rl, const tg_admit_req_t *r, int64_t now
 }
 
 /* Settles a request admitted from a holding: its slot and reservation
- * return to the holding, its usage waits for the next sync. */
-static void hold_settle(hold_t *h, const tg_admit_req_t *r, const tg_admission_t *a,
-                        int64_t actual_tokens, tg_nano_t actual_cost) {
+ * return to the holding, its usage waits for the next sync. Returns 1, or
+ * 0 when the request was admitted in a day or month the holding has left
+ * since (a request running across midnight): the next sync reports spend
+ * in the holding's new periods, so this usage must go to Redis on its own,
+ * to the windows of the periods it was admitted in. */
+static int hold_settle(hold_t *h, const tg_admit_req_t *r, const tg_admission_t *a,
+                       int64_t actual_tokens, tg_nano_t actual_cost) {
   tg_nano_t cost = r->reserve.cost > 0 ? r->reserve.cost : 0;
   if (h->used > 0)
     h->used--;
   h->running_cost = h->running_cost > cost ? h->running_cost - cost : 0;
+  if (a->v.day != (h->syncing ? h->sync_day : h->day) ||
+      a->v.month != (h->syncing ? h->sync_month : h->month))
+    return 0;
   h->pend_spent += actual_cost > 0 ? actual_cost : 0;
   if (a->v.limit_tokens > 0)
     h->pend_refund_mt += clamp64(r->reserve.tokens, 0, TG_REDIS_TOKENS_MAX) * 1000 -
                          clamp64(actual_tokens, 0, TG_REDIS_TOKENS_MAX) * 1000;
+  return 1;
 }
 
 /* Each tick: a grant whose period is over goes back, settled usage is
@@ -2250,13 +2261,16 @@ void tg__redis_settle(tg__redis_loop_t *rl, const tg_admit_req_t *r, const tg_ad
   hold_t *h = hold_of_lease(rl, a->lease, r->tenant);
   if (h != NULL) {
     note_clock(rl, now_ms);
-    hold_settle(h, r, a, actual_tokens, actual_cost);
-    return;
-  }
-  /* Stop renewing the lease whatever happens next: if the settlement is
-   * lost, the lease and its reservation expire on their own. */
-  if (lease_find(rl, a->lease, &slot) == 0)
+    if (hold_settle(h, r, a, actual_tokens, actual_cost))
+      return;
+    /* Admitted in a period the holding has left: settled below like a
+     * lease that is gone (its reservation leaves with the holding's next
+     * sync), its spend added to the windows it was admitted in. */
+  } else if (lease_find(rl, a->lease, &slot) == 0) {
+    /* Stop renewing the lease whatever happens next: if the settlement is
+     * lost, the lease and its reservation expire on their own. */
     lease_put(rl, slot);
+  }
   tlen = strlen(r->tenant);
   if (tlen == 0 || tlen > TG_REDIS_MAX_TENANT)
     return;

@@ -914,6 +914,43 @@ static void test_holding_follows_a_lowered_limit(void **state) {
   assert_int_equal(n, 10);
 }
 
+/* Requests admitted from a holding before midnight and settled after it
+ * spend in the day they were admitted in, as requests admitted one by one
+ * do: the new day's budget is not charged for them. */
+static void test_holding_spend_stays_in_the_admitted_day(void **state) {
+  (void)state;
+  tg_admit_req_t r = req("midnight");
+  const long long day = (long long)tg_day_of(DAY_END - 1);
+  const long long next = (long long)tg_day_of(DAY_END);
+  r.limits.concurrency = 1000;
+  r.limits.day_limit = USD(1000);
+  r.reserve.cost = 1000000;
+  tg_admission_t old[60];
+  int local = 0;
+  for (int i = 0; i < 60; i++) {
+    old[i] = admit(&r, DAY_END - 100 + i);
+    assert_admitted(old[i]);
+    assert_int_equal(old[i].v.day, day);
+    local += strstr(old[i].lease, "-h") != NULL;
+  }
+  assert_true(local > 0);
+  /* After midnight: the tenant is still busy (its holding moves to the new
+   * day), then yesterday's requests finish. */
+  for (int i = 0; i < 20; i++) {
+    tg_admission_t a = admit(&r, DAY_END + i);
+    assert_admitted(a);
+    tg__redis_settle(fx.rl, &r, &a, 0, 0, DAY_END + i);
+  }
+  for (int i = 0; i < 60; i++)
+    tg__redis_settle(fx.rl, &r, &old[i], 0, 700000, DAY_END + 50);
+  wait_holdings();
+  wait_holdings();
+  assert_string_equal(sget("HGET tg:{midnight}:day:%lld spent", day), "42000000");
+  assert_string_equal(sget("HGET tg:{midnight}:day:%lld spent", next), "0");
+  assert_string_equal(sget("HGET tg:{midnight}:day:%lld reserved", next), "0");
+  assert_string_equal(sget("ZCARD tg:{midnight}:holds"), "0");
+}
+
 /* ---- same meaning as limits.c -------------------------------------------------- */
 
 static uint64_t rng = 0x9e3779b97f4a7c15ULL;
@@ -1508,6 +1545,7 @@ int main(void) {
       cmocka_unit_test_setup(test_holding_never_passes_budget, test_setup),
       cmocka_unit_test_setup(test_holding_of_a_dead_gateway_expires, test_setup),
       cmocka_unit_test_setup(test_holding_follows_a_lowered_limit, test_setup),
+      cmocka_unit_test_setup(test_holding_spend_stays_in_the_admitted_day, test_setup),
       cmocka_unit_test_setup(test_same_verdicts_as_limits_c, test_setup),
       cmocka_unit_test_setup(test_batches_same_as_one_at_a_time, test_setup),
       cmocka_unit_test_setup(test_spend_figures, test_setup),
