@@ -905,7 +905,7 @@ static void queue_leave(tg_call_t *c, int served) {
   if (c->wq == NULL)
     return;
   if (served)
-    tg_fairq_pop(&c->wq->q);
+    tg_fairq_serve(&c->wq->q, &c->qw);
   else
     tg_fairq_remove(&c->wq->q, &c->qw);
   c->wq = NULL;
@@ -953,6 +953,31 @@ void tg_api_worker_fini(tg_worker_t *w) {
   w->n_queues = 0;
 }
 
+/* A waiter back after a failed attempt is passed over while it can go
+ * nowhere but a free slot is left on an endpoint it tried: the waiters
+ * behind it may take that slot (else they all wait for its timeout). */
+static int waiter_blocked(tg_fq_waiter_t *qw, void *arg) {
+  tg_call_t *c = waiter_call(qw);
+  tg_endpoint_t *ep;
+  size_t idx = 0;
+  int why = 0;
+
+  (void)arg;
+  if (c->attempts == 0)
+    return 0;
+  ep = tg_pool_pick(c->pool, &c->tried, &idx, &why);
+  if (ep != NULL || why != TG_PICK_SATURATED) {
+    if (ep != NULL)
+      tg_endpoint_release(ep);
+    return 0;
+  }
+  ep = tg_pool_pick(c->pool, NULL, &idx, &why);
+  if (ep == NULL)
+    return 0;
+  tg_endpoint_release(ep);
+  return 1;
+}
+
 void tg_api_serve_queues(tg_worker_t *w) {
   size_t i;
 
@@ -960,7 +985,7 @@ void tg_api_serve_queues(tg_worker_t *w) {
     return;
   for (i = 0; i < w->n_queues; i++) {
     tg_fq_waiter_t *qw;
-    while ((qw = tg_fairq_peek(&w->queues[i]->q)) != NULL) {
+    while ((qw = tg_fairq_peek_skip(&w->queues[i]->q, waiter_blocked, NULL)) != NULL) {
       tg_call_t *c = waiter_call(qw);
       size_t idx = 0;
       int why = 0;

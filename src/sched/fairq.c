@@ -159,15 +159,38 @@ static void unlink_waiter(tg_fairq_t *q, tg_fq_waiter_t *w) {
   q->len--;
 }
 
-void tg_fairq_pop(tg_fairq_t *q) {
-  tg_fq_tenant_t *t = next_tenant(q);
-  if (t == NULL || t->head == NULL)
+void tg_fairq_serve(tg_fairq_t *q, tg_fq_waiter_t *w) {
+  tg_fq_tenant_t *t = w->t;
+  if (t == NULL)
     return;
-  unlink_waiter(q, t->head);
+  unlink_waiter(q, w);
   q->vnow = t->vtime;
   t->vtime += VT_SCALE / t->weight;
   if (t->n == 0)
     deactivate(q, t);
+}
+
+void tg_fairq_pop(tg_fairq_t *q) {
+  tg_fq_tenant_t *t = next_tenant(q);
+  if (t != NULL && t->head != NULL)
+    tg_fairq_serve(q, t->head);
+}
+
+tg_fq_waiter_t *tg_fairq_peek_skip(const tg_fairq_t *q,
+                                   int (*skip)(tg_fq_waiter_t *w, void *arg), void *arg) {
+  tg_fq_tenant_t *t, *best = NULL;
+  tg_fq_waiter_t *w, *found = NULL;
+  for (t = q->active; t != NULL; t = t->anext) {
+    if (best != NULL && !vt_before(t->vtime, best->vtime))
+      continue;
+    for (w = t->head; w != NULL && skip(w, arg); w = w->next)
+      ;
+    if (w != NULL) {
+      best = t;
+      found = w;
+    }
+  }
+  return found;
 }
 
 void tg_fairq_remove(tg_fairq_t *q, tg_fq_waiter_t *w) {

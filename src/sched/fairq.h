@@ -57,6 +57,16 @@ tg_fq_waiter_t *tg_fairq_peek(const tg_fairq_t *q);
  * virtual time advances. */
 void tg_fairq_pop(tg_fairq_t *q);
 
+/* The waiter that leaves next among those skip(w, arg) does not pass over
+ * (it returns nonzero for a waiter that cannot leave now): each tenant's
+ * first such waiter, the tenants in their fair order. NULL when none. */
+tg_fq_waiter_t *tg_fairq_peek_skip(const tg_fairq_t *q,
+                                   int (*skip)(tg_fq_waiter_t *w, void *arg), void *arg);
+
+/* Removes a queued waiter (one tg_fairq_peek_skip() returned) as served:
+ * its tenant's virtual time advances. */
+void tg_fairq_serve(tg_fairq_t *q, tg_fq_waiter_t *w);
+
 /* Removes a queued waiter wherever it is (cancelled or timed out), without
  * advancing its tenant's virtual time. */
 void tg_fairq_remove(tg_fairq_t *q, tg_fq_waiter_t *w);

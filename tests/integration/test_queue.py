@@ -233,6 +233,45 @@ def test_a_client_leaving_the_queue_frees_its_place():
         sim.stop()
 
 
+def test_a_request_back_after_a_failed_attempt_does_not_hold_up_the_queue():
+    """Two endpoints of one slot each. One is held; a request whose attempt
+    on the other broke waits for the held one (it does not go back to the
+    one that broke it). The other endpoint is free meanwhile: a request of
+    another tenant that arrives then is served there at once, not after the
+    first one's queue timeout (it waited 2.7 s behind it, the free endpoint
+    idle)."""
+    sims = [tgtest.Sim().start(), tgtest.Sim().start()]
+    models = {M1: tgtest.model_entry([s.url for s in sims], max_inflight=1)}
+    gw = tgtest.Gateway(models, workers=1, overrides={"timeouts": {"queue": "3s"}}).start()
+    try:
+        acme = gw.create_key("acme")
+        small = gw.create_key("small")
+        with concurrent.futures.ThreadPoolExecutor(2) as ex:
+            holder = ex.submit(slow_chat, gw, acme, 4000)
+            tgtest.wait_for(lambda: series(gw, "llm_inflight_requests", pool=M1,
+                                           tenant="acme") == 1, timeout=5, what="slot held")
+            broken = ex.submit(tgtest.chat, gw.port, acme, model=M1,
+                               headers={"x-sim-fault": "disconnect"}, timeout=20)
+            tgtest.wait_for(lambda: series(gw, "llm_queue_length", pool=M1,
+                                           tenant="acme") == 1, timeout=5, what="broken queued")
+            t0 = time.monotonic()
+            r = tgtest.chat(gw.port, small, model=M1, max_tokens=2)
+            took = time.monotonic() - t0
+            assert r.status == 200, r
+            assert took < 1.0, took
+            # the one that broke still waits for an endpoint it has not tried
+            timed_out = broken.result()
+            assert timed_out.status == 503
+            assert timed_out.error()["code"] == "queue_timeout"
+            assert holder.result().status == 200
+        assert series(gw, "llm_queue_length", pool=M1, tenant="acme") == 0
+        assert series(gw, "llm_queue_length", pool=M1, tenant="small") == 0
+    finally:
+        gw.stop()
+        for s in sims:
+            s.stop()
+
+
 def test_upstream_errors_are_counted_by_endpoint_and_kind():
     sim = tgtest.Sim().start()
     dead = "http://127.0.0.1:%d" % tgtest.closed_port()

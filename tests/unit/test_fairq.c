@@ -2,8 +2,8 @@
  * pool next. These tests check the exact order requests leave in: FIFO within
  * a tenant, alternation across tenants of equal weight, shares by priority
  * class weight at any scale, no credit for idling, turns unchanged when
- * virtual time wraps, and that cancelling a waiter keeps every other order
- * intact. */
+ * virtual time wraps, that cancelling a waiter keeps every other order
+ * intact, and that waiters that cannot leave now are passed over. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -139,6 +139,46 @@ static void test_remove_keeps_order(void **state) {
   tg_fairq_fini(&q);
 }
 
+static int skip_labelled_x(tg_fq_waiter_t *w, void *arg) {
+  (void)arg;
+  return ((item_t *)w)->label[0] == 'x';
+}
+
+/* Waiters that cannot leave now (a request back after a failed attempt
+ * whose only free endpoint is one it tried) are passed over, not waited
+ * behind: the next waiter of their tenant, or the next tenant, leaves in
+ * fair order, and those passed over keep their place. */
+static void test_skipped_waiters_keep_their_place(void **state) {
+  tg_fairq_t q;
+  item_t it[5];
+  tg_fq_waiter_t *w;
+  char out[64];
+  (void)state;
+  tg_fairq_init(&q);
+  push(&q, &it[0], "a", 1, "xa");   /* a's head cannot leave now */
+  push(&q, &it[1], "a", 1, "a2");
+  push(&q, &it[2], "b", 1, "xb");   /* nor can b's only waiter */
+  push(&q, &it[3], "c", 1, "c1");
+  push(&q, &it[4], "c", 1, "c2");
+  /* a's turn: its second waiter goes instead of its head */
+  w = tg_fairq_peek_skip(&q, skip_labelled_x, NULL);
+  assert_ptr_equal(w, &it[1].w);
+  tg_fairq_serve(&q, w);
+  /* a used its turn: c's (b has nothing that can leave) */
+  w = tg_fairq_peek_skip(&q, skip_labelled_x, NULL);
+  assert_ptr_equal(w, &it[3].w);
+  tg_fairq_serve(&q, w);
+  w = tg_fairq_peek_skip(&q, skip_labelled_x, NULL);
+  assert_ptr_equal(w, &it[4].w);
+  tg_fairq_serve(&q, w);
+  assert_null(tg_fairq_peek_skip(&q, skip_labelled_x, NULL));
+  assert_int_equal(q.len, 2);
+  /* once they can leave, the passed-over waiters go in their order */
+  drain(&q, out, sizeof(out));
+  assert_string_equal(out, "xb xa");
+  tg_fairq_fini(&q);
+}
+
 /* A tenant that starts waiting mid-way takes the current virtual time: it
  * is served within a turn, not after everyone's backlog. */
 static void test_newcomer_joins_the_round(void **state) {
@@ -233,6 +273,7 @@ int main(void) {
       cmocka_unit_test(test_round_robin_across_tenants),
       cmocka_unit_test(test_weighted_turns),
       cmocka_unit_test(test_remove_keeps_order),
+      cmocka_unit_test(test_skipped_waiters_keep_their_place),
       cmocka_unit_test(test_newcomer_joins_the_round),
       cmocka_unit_test(test_idling_earns_nothing),
       cmocka_unit_test(test_shares_keep_their_ratio_at_any_scale),
