@@ -894,8 +894,11 @@ static int queue_enter(tg_call_t *c) {
     return -1;
   c->wq = wq;
   c->t_queued = now;
-  if (c->q_deadline == 0) /* waits after a failed attempt share the first one's bound */
-    c->q_deadline = now + cfg->queue_timeout_ms * 1000000;
+  /* waits after a failed attempt share the first one's bound: what is left
+   * of it, not counting the attempts in between */
+  c->q_deadline = now + (c->queue_ns < cfg->queue_timeout_ms * 1000000
+                             ? cfg->queue_timeout_ms * 1000000 - c->queue_ns
+                             : 0);
   queue_count(c, 1);
   return 0;
 }

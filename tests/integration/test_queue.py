@@ -272,6 +272,46 @@ def test_a_request_back_after_a_failed_attempt_does_not_hold_up_the_queue():
             s.stop()
 
 
+def test_waits_around_a_failed_attempt_share_one_queue_timeout():
+    """A request waits 1 s for a slot, its attempt then breaks before
+    anything is relayed (the simulator closes at the first token, 2.5 s in;
+    the gateway tries once more on a fresh connection, so about 5 s), and it
+    waits again for the other endpoint, held 7 s: its two waits together
+    are bounded by one queue timeout (3 s), not the time since it first
+    queued. It used to be shed with queue_timeout on coming back, 6 s after
+    it first queued, though it had waited 1 s."""
+    sims = [tgtest.Sim().start(), tgtest.Sim().start()]
+    models = {M1: tgtest.model_entry([s.url for s in sims], max_inflight=1)}
+    gw = tgtest.Gateway(models, workers=1, overrides={
+        "timeouts": {"queue": "3s", "upstream_first_byte": "20s"}}).start()
+    try:
+        acme = gw.create_key("acme")
+        with concurrent.futures.ThreadPoolExecutor(3) as ex:
+            short = ex.submit(slow_chat, gw, acme, 1000)
+            long_ = ex.submit(slow_chat, gw, acme, 7000)
+            tgtest.wait_for(lambda: series(gw, "llm_inflight_requests", pool=M1,
+                                           tenant="acme") == 2, timeout=5, what="slots held")
+            t0 = time.monotonic()
+            broken = ex.submit(tgtest.chat, gw.port, acme, model=M1, timeout=40,
+                               headers={"x-sim-ttft-ms": "2500",
+                                        "x-sim-fault": "disconnect-after:1"})
+            r = broken.result()
+            took = time.monotonic() - t0
+            assert short.result().status == 200 and long_.result().status == 200
+        # it reached the second endpoint (which broke it too, as the fault says)
+        # instead of being shed on coming back to the queue
+        assert r.status == 502 and r.error()["code"] == "bad_upstream_response", (r, took)
+        assert took > 9.0, took
+        for s in sims:
+            assert series(gw, "llm_upstream_errors_total", pool=M1, endpoint=s.url,
+                          kind="broken") >= 1
+        assert series(gw, "llm_queue_length", pool=M1, tenant="acme") == 0
+    finally:
+        gw.stop()
+        for s in sims:
+            s.stop()
+
+
 def test_upstream_errors_are_counted_by_endpoint_and_kind():
     sim = tgtest.Sim().start()
     dead = "http://127.0.0.1:%d" % tgtest.closed_port()
