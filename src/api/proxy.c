@@ -1026,7 +1026,12 @@ static void start_dispatch(tg_call_t *c) {
   c->t_dispatch = now_ns();
   /* waiters of this model on this loop go first */
   if (wq != NULL && wq->q.len > 0) {
+    tg_worker_t *w = c->w;
     wait_or_shed(c);
+    /* a slot free while others wait is one those ahead cannot take (back
+     * from a failed attempt, it is on the endpoint they tried): it is
+     * served now, in fair order, not at the next freed slot or tick */
+    tg_api_serve_queues(w);
     return;
   }
   if (try_next(c) == 0)
