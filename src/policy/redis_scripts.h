@@ -343,9 +343,14 @@
   "  local n = #w.kind + 1\n"                                                                                \
   "  w.kind[n], w.arg[n] = 'u', c\n"                                                                         \
   "end\n"                                                                                                    \
-  "-- res[at], res[at + 1] = 1 and spent (text) when this raised the alert\n"                                \
-  "local function win_settle(w, held, rc, ac, thr, res, at)\n"                                               \
-  "  if not w.exists then return end\n"                                                                      \
+  "-- res[at], res[at + 1] = 1 and spent (text) when this raised the alert. A\n"                             \
+  "-- window Redis lost (restart, failover, eviction) is made again with its\n"                              \
+  "-- ttl: a request admitted before the loss still counts.\n"                                               \
+  "local function win_settle(w, held, rc, ac, thr, res, at, ttl)\n"                                          \
+  "  if not w.exists then\n"                                                                                 \
+  "    if ttl <= 0 then return end\n"                                                                        \
+  "    w.exists, w.ttl = true, ttl\n"                                                                        \
+  "  end\n"                                                                                                  \
   "  if held == 1 then win_unreserve(w, rc) end\n"                                                           \
   "  w.spent = win_num(w, w.spent + win_num(w, tonumber(ac)))\n"                                             \
   "  if thr > 0 and w.spent >= thr and not w.alerted then\n"                                                 \
@@ -529,6 +534,8 @@
   "  if W[i] == nil then W[i] = win_open(KEYS[5 + i]) end\n"                                                 \
   "  return W[i]\n"                                                                                          \
   "end\n"                                                                                                    \
+  "-- the ms window i's key lives from now, as every write sets it\n"                                        \
+  "local function wttl(i, now) return WIN[i].e + WIN[i].keep - now end\n"                                    \
   "\n"                                                                                                       \
   "-- leases: members '<id> <day> <month> <cost>' (the lease and the money it\n"                             \
   "-- reserved in that day and month), scored by expiry. Live ones are\n"                                    \
@@ -723,8 +730,8 @@
   "      level = mmax(level - res_mt, LEVEL_MIN)\n"                                                          \
   "      tb_set(TB, level, updated, tpm, now)\n"                                                             \
   "    end\n"                                                                                                \
-  "    win_reserve(dw, cost_s, cost, WIN[dwi].e + WIN[dwi].keep - now)\n"                                    \
-  "    win_reserve(mw, cost_s, cost, WIN[mwi].e + WIN[mwi].keep - now)\n"                                    \
+  "    win_reserve(dw, cost_s, cost, wttl(dwi, now))\n"                                                      \
+  "    win_reserve(mw, cost_s, cost, wttl(mwi, now))\n"                                                      \
   "  end\n"                                                                                                  \
   "  local n = #out\n"                                                                                       \
   "  out[n + 1], out[n + 2] = code, retry\n"                                                                 \
@@ -770,8 +777,8 @@
   "  end\n"                                                                                                  \
   "  local n = #out\n"                                                                                       \
   "  out[n + 1], out[n + 2], out[n + 3], out[n + 4], out[n + 5] = held, 0, '', 0, ''\n"                      \
-  "  win_settle(win(dwi), held, rc, ac, lim.dthr, out, n + 2)\n"                                             \
-  "  win_settle(win(mwi), held, rc, ac, lim.mthr, out, n + 4)\n"                                             \
+  "  win_settle(win(dwi), held, rc, ac, lim.dthr, out, n + 2, wttl(dwi, now))\n"                             \
+  "  win_settle(win(mwi), held, rc, ac, lim.mthr, out, n + 4, wttl(mwi, now))\n"                             \
   "end\n"                                                                                                    \
   "\n"                                                                                                       \
   "-- H <now> <hid> <old day win> <old month win> <day win> <month win>\n"                                   \
@@ -803,8 +810,8 @@
   "  local n = #out\n"                                                                                       \
   "  out[n + 13], out[n + 14], out[n + 15], out[n + 16] = 0, '', 0, ''\n"                                    \
   "  if spent ~= '0' then\n"                                                                                 \
-  "    win_settle(win(odw), 0, '0', spent, lim.dthr, out, n + 13)\n"                                         \
-  "    win_settle(win(omw), 0, '0', spent, lim.mthr, out, n + 15)\n"                                         \
+  "    win_settle(win(odw), 0, '0', spent, lim.dthr, out, n + 13, wttl(odw, now))\n"                         \
+  "    win_settle(win(omw), 0, '0', spent, lim.mthr, out, n + 15, wttl(omw, now))\n"                         \
   "  end\n"                                                                                                  \
   "  local rpm, tpm, cap = lim.rpm, lim.tpm, lim.tpm * 1000\n"                                               \
   "  if ret_n > 0 and rpm > 0 then log_give_back(LOG, ret_ts, ret_n) end\n"                                  \
@@ -911,5 +918,31 @@
   "  if W[i] ~= nil then out[#out + 1] = win_commit(W[i]) else out[#out + 1] = '' end\n"                     \
   "end\n"                                                                                                    \
   "return out\n"
+
+/* ---- re-seeding a budget window -------------------------------------------
+ * KEYS: 1 the window (tg:{T}:day:<d> or tg:{T}:month:<m>)
+ * ARGV: 1 the ledger's spend of the period (nano, decimal text), 2 the key's
+ *       ttl ms (as the batch sets it), 3 "1" when that spend is past the
+ *       alert threshold (its event was raised before), else "0"
+ * Raises spent to at least ARGV[1], never lowers it, and sets alerted
+ * (docs/state-redis.md, Losing Redis's data). Figures are compared as
+ * decimal text (no leading zeros, not negative): exact at any size.
+ * Returns 1 when the window changed, else 0. */
+#define TG_REDIS_LUA_RESEED                                                   \
+  "local function lt(a, b)\n"                                                 \
+  "  if #a ~= #b then return #a < #b end\n"                                   \
+  "  return a < b\n"                                                          \
+  "end\n"                                                                     \
+  "local cur = redis.call('HGET', KEYS[1], 'spent')\n"                        \
+  "local changed = false\n"                                                   \
+  "if ARGV[1] ~= '0' and (not cur or lt(cur, ARGV[1])) then\n"                \
+  "  redis.call('HSET', KEYS[1], 'spent', ARGV[1])\n"                         \
+  "  changed = true\n"                                                        \
+  "end\n"                                                                     \
+  "if ARGV[3] == '1' and redis.call('HSETNX', KEYS[1], 'alerted', '1') == 1 then\n" \
+  "  changed = true\n"                                                        \
+  "end\n"                                                                     \
+  "if changed then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end\n"             \
+  "return changed and 1 or 0\n"
 
 #endif

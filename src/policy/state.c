@@ -4,6 +4,7 @@
  * backend is kept too: it decides while Redis is down and state_failure is
  * "open", and settles what it admitted. */
 #include <errno.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -21,6 +22,16 @@ struct tg_policy_s {
   int fail_open;
   tg__mem_t *mem;
   tg__redis_t *redis;
+  /* Redis: the re-seeding thread and what it keeps (only it touches cfg
+   * after the start, epoch and reseed_failed) */
+  tg_config_t *cfg;        /* a reference: tenants' alert thresholds, ledger */
+  char epoch[64];          /* the mark last seen in Redis; "" = none yet */
+  int reseed_failed;       /* logged; quiet until a pass succeeds */
+  int reseeding;           /* the thread runs */
+  pthread_t reseed;
+  pthread_mutex_t reseed_lock;
+  pthread_cond_t reseed_cond;
+  int reseed_stop;
 };
 
 struct tg_policy_loop_s {
@@ -106,35 +117,167 @@ static int alert_raised(const tg_config_t *cfg, const char *tenant, int month,
                              t->alert_threshold_percent);
 }
 
+/* Takes a tenant's spend of a period read from the ledger. */
+typedef int (*spend_apply_fn)(void *arg, const char *tenant, int month, int64_t period,
+                              tg_nano_t spent, int alerted, int64_t now);
+
+/* Reads every tenant's spend of the current UTC day and month from the
+ * ledger (blocking: never on a loop thread) and hands each to apply, with
+ * whether the window's threshold event was raised already. Returns 0, or a
+ * negative error when the ledger could not be read or apply failed. */
+static int from_ledger(const tg_config_t *cfg, spend_apply_fn apply, void *arg) {
+  tg_ledger_db_t *db = NULL;
+  tg_spend_row_t *rows = NULL;
+  size_t n = 0, i;
+  int64_t now = tg_now_ms(), period[2] = {tg_day_of(now), tg_month_of(now)};
+  int64_t start[2] = {tg_day_end_ms(period[0] - 1), tg_month_end_ms(period[1] - 1)};
+  int rc;
+
+  if ((rc = tg_ledger_db_open(cfg->database, cfg->data_dir, &db)) < 0)
+    return rc;
+  for (int month = 0; month < 2 && rc == 0; month++) {
+    if ((rc = tg_ledger_spend_by_tenant(db, start[month], INT64_MAX, &rows, &n)) < 0)
+      break;
+    for (i = 0; i < n && rc == 0; i++)
+      rc = apply(arg, rows[i].tenant, month, period[month], rows[i].cost_nano,
+                 alert_raised(cfg, rows[i].tenant, month, rows[i].cost_nano), now);
+    free(rows);
+    rows = NULL;
+    n = 0;
+  }
+  tg_ledger_db_close(db);
+  return rc;
+}
+
+static int mem_apply(void *arg, const char *tenant, int month, int64_t period, tg_nano_t spent,
+                     int alerted, int64_t now) {
+  (void)now;
+  tg__mem_restore(arg, tenant, month, period, spent, alerted);
+  return 0;
+}
+
 /* Daily and monthly spend come back from the ledger, the record of what
  * every answered request cost, so a restart never resets a budget, nor
  * raises again a threshold event its window has had. */
 static void restore_from_ledger(tg__mem_t *mem, const tg_config_t *cfg) {
-  tg_ledger_db_t *db = NULL;
-  tg_spend_row_t *rows = NULL;
-  size_t n = 0, i;
-  int64_t now = tg_now_ms(), day = tg_day_of(now), month = tg_month_of(now);
-  int64_t day_start = tg_day_end_ms(day - 1), month_start = tg_month_end_ms(month - 1);
-
-  if (tg_ledger_db_open(cfg->database, cfg->data_dir, &db) < 0) {
+  if (from_ledger(cfg, mem_apply, mem) < 0)
     tg_policy_log("budget_restore_failed", "the ledger could not be read; spend starts from the saved figures");
+}
+
+/* ---- Redis: re-seeding the budget windows --------------------------------
+ * Redis's windows are the only figures its limits read; a Redis that lost
+ * its data (restart without persistence, failover to a replica that lagged,
+ * FLUSHALL) would start every budget again from 0. A gateway marks Redis
+ * (tg:epoch) once it has raised the windows to its ledger's spend; a thread
+ * of its own looks at the mark every second, and when it is gone or not the
+ * one this gateway saw, raises the windows again from the ledger, then marks
+ * Redis. Requests are served with what Redis has meanwhile
+ * (docs/state-redis.md, Losing Redis's data). */
+
+#define TG_RESEED_EVERY_MS 1000
+#define TG_RESEED_TIMEOUT_MS 1000
+
+static int redis_apply(void *arg, const char *tenant, int month, int64_t period, tg_nano_t spent,
+                       int alerted, int64_t now) {
+  return tg__redis_raise(arg, tenant, month, period, spent, alerted, now);
+}
+
+/* One look at the mark; raises the windows when it changed. Returns 0, or a
+ * negative error (Redis or the ledger failed: the next look tries again). */
+static int reseed_check(tg_policy_t *p, tg__redis_sync_t *s) {
+  char cur[sizeof p->epoch];
+  int rc = tg__redis_epoch_get(s, cur, sizeof cur);
+
+  if (rc < 0 && rc != TG_ENOTFOUND)
+    return rc;
+  if (rc == 0 && strcmp(cur, p->epoch) == 0)
+    return 0;
+  if (p->epoch[0] != '\0')
+    tg_policy_log("state_redis_reseed",
+                  rc == TG_ENOTFOUND
+                      ? "redis lost its data (no tg:epoch): raising the budget windows to the ledger's spend"
+                      : "redis was re-seeded by another gateway: raising the budget windows to this gateway's ledger");
+  if ((rc = from_ledger(p->cfg, redis_apply, s)) < 0) {
+    if (!p->reseed_failed)
+      tg_policy_log("budget_restore_failed", "the ledger or redis failed while re-seeding; trying again");
+    p->reseed_failed = 1;
+    return rc;
+  }
+  p->reseed_failed = 0;
+  return tg__redis_epoch_mark(s, p->epoch, sizeof p->epoch);
+}
+
+/* One pass on the thread's connection, opened when it has none. */
+static void reseed_pass(tg_policy_t *p, tg__redis_sync_t **s) {
+  if (*s == NULL && tg__redis_sync_open(p->redis, TG_RESEED_TIMEOUT_MS, s) < 0)
     return;
+  if (reseed_check(p, *s) < 0) {
+    tg__redis_sync_close(*s);
+    *s = NULL;
   }
-  if (tg_ledger_spend_by_tenant(db, day_start, INT64_MAX, &rows, &n) == 0) {
-    for (i = 0; i < n; i++)
-      tg__mem_restore(mem, rows[i].tenant, 0, day, rows[i].cost_nano,
-                      alert_raised(cfg, rows[i].tenant, 0, rows[i].cost_nano));
-    free(rows);
+}
+
+static void *reseed_main(void *arg) {
+  tg_policy_t *p = arg;
+  tg__redis_sync_t *s = NULL;
+  struct timespec until;
+
+  pthread_mutex_lock(&p->reseed_lock);
+  while (!p->reseed_stop) {
+    pthread_mutex_unlock(&p->reseed_lock);
+    reseed_pass(p, &s);
+    pthread_mutex_lock(&p->reseed_lock);
+    clock_gettime(CLOCK_REALTIME, &until);
+    until.tv_nsec += (long)TG_RESEED_EVERY_MS * 1000000L;
+    until.tv_sec += until.tv_nsec / 1000000000L;
+    until.tv_nsec %= 1000000000L;
+    while (!p->reseed_stop &&
+           pthread_cond_timedwait(&p->reseed_cond, &p->reseed_lock, &until) == 0) {
+    }
   }
-  rows = NULL;
-  n = 0;
-  if (tg_ledger_spend_by_tenant(db, month_start, INT64_MAX, &rows, &n) == 0) {
-    for (i = 0; i < n; i++)
-      tg__mem_restore(mem, rows[i].tenant, 1, month, rows[i].cost_nano,
-                      alert_raised(cfg, rows[i].tenant, 1, rows[i].cost_nano));
-    free(rows);
+  pthread_mutex_unlock(&p->reseed_lock);
+  tg__redis_sync_close(s);
+  return NULL;
+}
+
+/* At start, before the loops serve: the windows are raised at once when
+ * Redis answers (else the thread does it when it does), then the thread
+ * keeps watching. */
+static int reseed_start(tg_policy_t *p, const tg_config_t *cfg) {
+  tg__redis_sync_t *s = NULL;
+
+  p->cfg = tg_config_ref((tg_config_t *)cfg);
+  reseed_pass(p, &s);
+  tg__redis_sync_close(s);
+  if (pthread_mutex_init(&p->reseed_lock, NULL) != 0)
+    return TG_ENOMEM;
+  if (pthread_cond_init(&p->reseed_cond, NULL) != 0) {
+    pthread_mutex_destroy(&p->reseed_lock);
+    return TG_ENOMEM;
   }
-  tg_ledger_db_close(db);
+  if (pthread_create(&p->reseed, NULL, reseed_main, p) != 0) {
+    pthread_cond_destroy(&p->reseed_cond);
+    pthread_mutex_destroy(&p->reseed_lock);
+    return TG_ENOMEM;
+  }
+  p->reseeding = 1;
+  return 0;
+}
+
+static void reseed_stop(tg_policy_t *p) {
+  if (p->reseeding) {
+    pthread_mutex_lock(&p->reseed_lock);
+    p->reseed_stop = 1;
+    pthread_cond_signal(&p->reseed_cond);
+    pthread_mutex_unlock(&p->reseed_lock);
+    pthread_join(p->reseed, NULL);
+    pthread_cond_destroy(&p->reseed_cond);
+    pthread_mutex_destroy(&p->reseed_lock);
+    p->reseeding = 0;
+  }
+  if (p->cfg != NULL)
+    tg_config_unref(p->cfg);
+  p->cfg = NULL;
 }
 
 int tg_policy_new(const tg_config_t *cfg, tg_policy_t **out) {
@@ -167,6 +310,11 @@ int tg_policy_new(const tg_config_t *cfg, tg_policy_t **out) {
      * the first /metrics scrape shows it. */
     for (size_t i = 0; i < cfg->n_tenants; i++)
       tg__redis_watch(p->redis, cfg->tenants[i].name);
+    if ((r = reseed_start(p, cfg)) < 0) {
+      fprintf(stderr, "tollgate: cannot start the budget re-seeding thread: %s\n", tg_strerror(r));
+      tg_policy_free(p);
+      return r;
+    }
   }
   *out = p;
   return 0;
@@ -175,6 +323,7 @@ int tg_policy_new(const tg_config_t *cfg, tg_policy_t **out) {
 void tg_policy_free(tg_policy_t *p) {
   if (p == NULL)
     return;
+  reseed_stop(p);
   if (p->redis)
     tg__redis_free(p->redis);
   tg__mem_free(p->mem);

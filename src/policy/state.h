@@ -14,7 +14,8 @@
  *
  * When Redis cannot answer, state_failure decides: "closed" refuses with
  * TG_LIMIT_UNAVAILABLE (503), "open" decides with the memory backend (limits
- * then hold per gateway). Recovery is automatic.
+ * then hold per gateway). Recovery is automatic. A Redis that lost its data
+ * gets its budget windows back from the ledger (state.c, re-seeding).
  *
  * Threads: tg_policy_t is shared; each loop thread has its own
  * tg_policy_loop_t (the Redis connection lives there) and calls admit and
@@ -22,6 +23,7 @@
 #ifndef TG_POLICY_STATE_H
 #define TG_POLICY_STATE_H
 
+#include <stddef.h>
 #include <stdint.h>
 #include <uv.h>
 
@@ -142,6 +144,25 @@ int tg__redis_spend(tg__redis_t *r, const char *tenant, int64_t now_ms, tg_nano_
                     tg_nano_t *month);
 /* Adds tenant to the ones whose spend is refreshed (any thread). */
 void tg__redis_watch(tg__redis_t *r, const char *tenant);
+
+/* Re-seeding (docs/state-redis.md, Losing Redis's data): a blocking
+ * connection for a thread of its own (or the start, before the loops), never
+ * a loop thread. Calls return 0 or a negative error; after TG_EUNAVAIL the
+ * connection is no use: close it and open another. */
+typedef struct tg__redis_sync_s tg__redis_sync_t;
+int tg__redis_sync_open(tg__redis_t *r, int timeout_ms, tg__redis_sync_t **out);
+void tg__redis_sync_close(tg__redis_sync_t *s);
+/* The marker Redis holds (tg:epoch) into epoch; TG_ENOTFOUND when it has
+ * none: it lost its data, or was never seeded. */
+int tg__redis_epoch_get(tg__redis_sync_t *s, char *epoch, size_t size);
+/* Sets the marker to a new random value unless another gateway set one
+ * first, and reads back the one that stands into epoch. */
+int tg__redis_epoch_mark(tg__redis_sync_t *s, char *epoch, size_t size);
+/* Raises a tenant's window of period (day, or month when month != 0) to at
+ * least spent, never lowers it; alerted = 1 marks its threshold event as
+ * raised. The key gets the TTL the scripts give it. */
+int tg__redis_raise(tg__redis_sync_t *s, const char *tenant, int month, int64_t period,
+                    tg_nano_t spent, int alerted, int64_t now_ms);
 
 /* Wall clock in unix milliseconds. */
 int64_t tg_now_ms(void);

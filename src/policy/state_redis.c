@@ -72,6 +72,9 @@
 #define TG_REDIS_SPEND_MAX 4096
 #define TG_REDIS_MAX_LEASES 65536
 #define TG_REDIS_MAX_TENANT 128
+/* Set (without a TTL) by the gateway that re-seeded Redis's budget windows
+ * from its ledger; missing, Redis lost its data (docs/state-redis.md). */
+#define TG_REDIS_EPOCH_KEY "tg:epoch"
 /* Window keys outlive their period by this much (late settlements,
  * inspection by an operator). */
 #define TG_REDIS_DAY_KEEP_MS (INT64_C(3) * 86400000)
@@ -1945,6 +1948,119 @@ int tg__redis_connected(const tg__redis_loop_t *rl) {
 int tg__redis_ready(tg__redis_t *r) {
   int loops = atomic_load(&r->n_loops);
   return loops > 0 && atomic_load(&r->n_up) == loops;
+}
+
+/* ---- re-seeding: a blocking connection ---------------------------------- */
+
+/* The re-seeding thread's own connection (hiredis' blocking API): it never
+ * runs on a loop thread. */
+struct tg__redis_sync_s {
+  redisContext *c;
+};
+
+/* One command; the reply (freed by the caller) or NULL on failure, then
+ * the connection is no longer usable. */
+static redisReply *sync_cmd(tg__redis_sync_t *s, int argc, const char **argv) {
+  redisReply *rep = redisCommandArgv(s->c, argc, argv, NULL);
+  if (rep != NULL && rep->type == REDIS_REPLY_ERROR) {
+    tg_policy_log("state_redis_error", rep->str);
+    freeReplyObject(rep);
+    return NULL;
+  }
+  return rep;
+}
+
+int tg__redis_sync_open(tg__redis_t *r, int timeout_ms, tg__redis_sync_t **out) {
+  struct timeval tv = {timeout_ms / 1000, (timeout_ms % 1000) * 1000};
+  tg__redis_sync_t *s = calloc(1, sizeof *s);
+  redisReply *rep = NULL;
+  char db[16];
+  int rc = TG_EUNAVAIL;
+
+  if (s == NULL)
+    return TG_ENOMEM;
+  s->c = redisConnectWithTimeout(r->host, r->port, tv);
+  if (s->c == NULL || s->c->err || redisSetTimeout(s->c, tv) != REDIS_OK)
+    goto out;
+  if (r->has_pass) {
+    const char *a[3] = {"AUTH", r->user[0] ? r->user : r->pass, r->pass};
+    if ((rep = sync_cmd(s, r->user[0] ? 3 : 2, a)) == NULL)
+      goto out;
+    freeReplyObject(rep);
+  }
+  if (r->db != 0) {
+    snprintf(db, sizeof db, "%d", r->db);
+    const char *a[2] = {"SELECT", db};
+    if ((rep = sync_cmd(s, 2, a)) == NULL)
+      goto out;
+    freeReplyObject(rep);
+  }
+  *out = s;
+  s = NULL;
+  rc = 0;
+out:
+  tg__redis_sync_close(s);
+  return rc;
+}
+
+void tg__redis_sync_close(tg__redis_sync_t *s) {
+  if (s == NULL)
+    return;
+  if (s->c != NULL)
+    redisFree(s->c);
+  free(s);
+}
+
+int tg__redis_epoch_get(tg__redis_sync_t *s, char *epoch, size_t size) {
+  const char *a[2] = {"GET", TG_REDIS_EPOCH_KEY};
+  redisReply *rep = sync_cmd(s, 2, a);
+  int rc = TG_EUNAVAIL;
+  if (rep == NULL)
+    return rc;
+  if (rep->type == REDIS_REPLY_NIL) {
+    rc = TG_ENOTFOUND;
+  } else if (rep->type == REDIS_REPLY_STRING && rep->len < size) {
+    memcpy(epoch, rep->str, rep->len + 1);
+    rc = 0;
+  }
+  freeReplyObject(rep);
+  return rc;
+}
+
+int tg__redis_epoch_mark(tg__redis_sync_t *s, char *epoch, size_t size) {
+  unsigned char rnd[16];
+  char hex[33];
+  const char *a[4] = {"SET", TG_REDIS_EPOCH_KEY, hex, "NX"};
+  redisReply *rep;
+
+  if (RAND_bytes(rnd, sizeof rnd) != 1)
+    return TG_EIO;
+  for (size_t i = 0; i < sizeof rnd; i++)
+    snprintf(hex + 2 * i, 3, "%02x", rnd[i]);
+  /* Another gateway may have marked it first: theirs stands. */
+  if ((rep = sync_cmd(s, 4, a)) == NULL)
+    return TG_EUNAVAIL;
+  freeReplyObject(rep);
+  return tg__redis_epoch_get(s, epoch, size);
+}
+
+int tg__redis_raise(tg__redis_sync_t *s, const char *tenant, int month, int64_t period,
+                    tg_nano_t spent, int alerted, int64_t now_ms) {
+  char key[TG_REDIS_MAX_TENANT + 64], sp[24], ttl[24];
+  int64_t end = month ? tg_month_end_ms(period) : tg_day_end_ms(period);
+  int64_t keep = month ? TG_REDIS_MONTH_KEEP_MS : TG_REDIS_DAY_KEEP_MS;
+  const char *a[7] = {"EVAL", TG_REDIS_LUA_RESEED, "1", key, sp, ttl, alerted ? "1" : "0"};
+  redisReply *rep;
+
+  if (strlen(tenant) > TG_REDIS_MAX_TENANT)
+    return 0; /* no such tenant's keys exist in Redis */
+  snprintf(key, sizeof key, "tg:{%s}:%s:%" PRId64, tenant, month ? "month" : "day", period);
+  snprintf(sp, sizeof sp, "%" PRId64, spent < 0 ? 0 : spent);
+  snprintf(ttl, sizeof ttl, "%" PRId64, end + keep - now_ms);
+  if ((rep = sync_cmd(s, 7, a)) == NULL)
+    return TG_EUNAVAIL;
+  freeReplyObject(rep);
+  return 0;
 }
 
 /* ---- holdings ------------------------------------------------------------ */

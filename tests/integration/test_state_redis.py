@@ -11,7 +11,9 @@ started on a free loopback port for each test, shared by one or two gateways.
   gateway's own limits and logs the outage; both recover by themselves when
   Redis returns;
 - budget spend lives in Redis, so it survives a gateway restart and is seen
-  by every gateway; keys are hash-tagged by tenant for Redis Cluster."""
+  by every gateway; keys are hash-tagged by tenant for Redis Cluster;
+- a Redis that lost its data (FLUSHALL, a restart without persistence) gets
+  its budget windows back from the ledger."""
 
 import json
 import re
@@ -566,3 +568,105 @@ def test_spend_gauges_read_redis(tg, sim, redis):
                     what="A's daily gauge includes B's spend")
     tgtest.wait_for(lambda: spend_gauges(b, "sg")[0] == total, timeout=6,
                     what="B's daily gauge includes its own spend")
+
+
+# ---------------------------------------------------------------------------
+# Redis that lost its data: the budget windows come back from the ledger
+
+def ledger_nano(gw, tenant):
+    """The tenant's spend today in gw's SQLite ledger (nano-USD)."""
+    db = sqlite3.connect("file:%s?mode=ro" % gw.db_path, uri=True, timeout=10)
+    try:
+        (nano,) = db.execute("SELECT COALESCE(SUM(cost_nano), 0) FROM ledger "
+                             "WHERE tenant = ? AND ts_ms >= ?",
+                             (tenant, int(time.time() // 86400) * 86400000)).fetchone()
+    finally:
+        db.close()
+    return nano
+
+
+def window(redis, tenant, month=False):
+    """The tenant's current day (or month) window in Redis, as a dict."""
+    if month:
+        g = time.gmtime()
+        key = "tg:{%s}:month:%d" % (tenant, (g.tm_year - 1970) * 12 + g.tm_mon - 1)
+    else:
+        key = "tg:{%s}:day:%d" % (tenant, int(time.time() // 86400))
+    got = redis.cmd("HGETALL", key) or []
+    return dict(zip(got[::2], got[1::2]))
+
+
+def test_a_flushed_redis_gets_its_budget_windows_back_from_the_ledger(tg, sim, redis):
+    """FLUSHALL while a tenant is near its daily budget (past its alert
+    threshold): within a few seconds Redis's day and month windows hold the
+    ledger's spend again, with their TTLs and the alert marked raised; the
+    tenant is refused as before, with exactly what was left, and no second
+    threshold event is written."""
+    tenants = {"fl": tgtest.limited_tenant(daily=usd(200000), alert=50)}
+    gw = start_gw(tg, sim, redis, tenants)
+    assert ask(gw, "fl", max_tokens=50).status == 200
+    assert ask(gw, "fl", max_tokens=50).status == 200
+    time.sleep(SETTLE_S)
+    spent = ledger_nano(gw, "fl")
+    assert spent == 159000, spent
+    assert int(window(redis, "fl")["spent"]) == spent
+    tgtest.wait_for(lambda: len(tgtest.gateway_events(gw, "budget_threshold")) == 1,
+                    timeout=3, what="the threshold event")
+
+    redis.cmd("FLUSHALL")
+    assert window(redis, "fl") == {}
+    tgtest.wait_for(lambda: window(redis, "fl").get("spent") == str(spent), timeout=5,
+                    what="the day window raised to the ledger's spend")
+    assert window(redis, "fl", month=True).get("spent") == str(spent)
+    assert window(redis, "fl").get("alerted") == "1"
+    day_key = "tg:{fl}:day:%d" % int(time.time() // 86400)
+    ttl_s = redis.cmd("PTTL", day_key) / 1000.0
+    assert abs(ttl_s - (tgtest.seconds_to_utc_day_end() + 3 * 86400)) <= 5, ttl_s
+    assert "state_redis_reseed" in gw.proc.stderr_text()
+    # the budget holds as before the loss: exactly 41,000 nano-USD left
+    refused(ask(gw, "fl", max_tokens=19), 402, "insufficient_quota", "daily_budget")
+    assert ask(gw, "fl", max_tokens=18).status == 200
+    time.sleep(SETTLE_S)
+    assert int(window(redis, "fl")["spent"]) == ledger_nano(gw, "fl")
+    assert spend_gauges(gw, "fl")[0] == usd(ledger_nano(gw, "fl"))
+    assert len(tgtest.gateway_events(gw, "budget_threshold")) == 1
+
+
+def test_a_gateway_started_on_an_empty_redis_refuses_what_its_ledger_spent(tg, sim, redis):
+    """Redis restarted empty while the gateway was stopped: the gateway
+    raises the windows from its ledger before it serves, so its first
+    request over the budget is refused and its first scrape shows the
+    ledger's spend."""
+    tenants = {"es": tgtest.limited_tenant(daily=usd(200000))}
+    gw = start_gw(tg, sim, redis, tenants)
+    assert ask(gw, "es", max_tokens=50).status == 200
+    assert ask(gw, "es", max_tokens=50).status == 200
+    assert gw.stop() == 0
+    redis.restart()
+    assert redis.keys() == []
+    gw.start()
+    refused(ask(gw, "es", max_tokens=19), 402, "insufficient_quota", "daily_budget")
+    assert spend_gauges(gw, "es") == (usd(159000), usd(159000))
+    assert ask(gw, "es", max_tokens=18).status == 200
+
+
+def test_a_request_admitted_before_redis_lost_its_data_still_counts(tg, sim, redis):
+    """A stream admitted before FLUSHALL settles after the windows were
+    re-seeded (the tenant had no spend, so none was made again): its
+    settlement makes its window again, and Redis counts its cost."""
+    tenants = {"st": tgtest.limited_tenant(daily="1000")}
+    gw = start_gw(tg, sim, redis, tenants)
+    st = tgtest.SSEStream(gw.port, tgtest.chat_body(M, max_tokens=40, stream=True),
+                          key=gw.keys["st"], headers={"x-sim-token-ms": "100"})
+    assert st.status == 200
+    redis.cmd("FLUSHALL")
+    tgtest.wait_for(lambda: redis.cmd("GET", "tg:epoch") is not None, timeout=3,
+                    what="redis marked again")
+    assert not st.done
+    for _ in st.events():
+        pass
+    assert st.done
+    tgtest.wait_for(lambda: ledger_nano(gw, "st") > 0, timeout=3, what="the ledger record")
+    tgtest.wait_for(lambda: window(redis, "st").get("spent") == str(ledger_nano(gw, "st")),
+                    timeout=3, what="the stream's cost in the day window")
+    assert redis.cmd("PTTL", "tg:{st}:day:%d" % int(time.time() // 86400)) > 0
