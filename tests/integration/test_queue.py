@@ -12,6 +12,7 @@ The simulator's x-sim-ttft-ms header makes each request hold its slot for a
 known time, so the tests decide exactly how many requests wait."""
 
 import concurrent.futures
+import contextlib
 import os
 import sqlite3
 import sys
@@ -233,6 +234,23 @@ def test_a_client_leaving_the_queue_frees_its_place():
         sim.stop()
 
 
+@contextlib.contextmanager
+def two_one_slot_endpoints(timeouts):
+    """A gateway (one worker, the timeouts given) in front of two simulators
+    of one slot each, both endpoints of M1."""
+    sims = [tgtest.Sim().start(), tgtest.Sim().start()]
+    gw = None
+    try:
+        models = {M1: tgtest.model_entry([s.url for s in sims], max_inflight=1)}
+        gw = tgtest.Gateway(models, workers=1, overrides={"timeouts": timeouts}).start()
+        yield gw, sims
+    finally:
+        if gw is not None:
+            gw.stop()
+        for s in sims:
+            s.stop()
+
+
 def test_a_request_back_after_a_failed_attempt_does_not_hold_up_the_queue():
     """Two endpoints of one slot each. One is held; a request whose attempt
     on the other broke waits for the held one (it does not go back to the
@@ -240,10 +258,7 @@ def test_a_request_back_after_a_failed_attempt_does_not_hold_up_the_queue():
     another tenant that arrives then is served there at once, not after the
     first one's queue timeout (it waited 2.7 s behind it, the free endpoint
     idle)."""
-    sims = [tgtest.Sim().start(), tgtest.Sim().start()]
-    models = {M1: tgtest.model_entry([s.url for s in sims], max_inflight=1)}
-    gw = tgtest.Gateway(models, workers=1, overrides={"timeouts": {"queue": "3s"}}).start()
-    try:
+    with two_one_slot_endpoints({"queue": "3s"}) as (gw, sims):
         acme = gw.create_key("acme")
         small = gw.create_key("small")
         with concurrent.futures.ThreadPoolExecutor(2) as ex:
@@ -276,10 +291,6 @@ def test_a_request_back_after_a_failed_attempt_does_not_hold_up_the_queue():
             assert holder.result().status == 200
         assert series(gw, "llm_queue_length", pool=M1, tenant="acme") == 0
         assert series(gw, "llm_queue_length", pool=M1, tenant="small") == 0
-    finally:
-        gw.stop()
-        for s in sims:
-            s.stop()
 
 
 def test_waits_around_a_failed_attempt_share_one_queue_timeout():
@@ -290,11 +301,7 @@ def test_waits_around_a_failed_attempt_share_one_queue_timeout():
     are bounded by one queue timeout (3 s), not the time since it first
     queued. It used to be shed with queue_timeout on coming back, 6 s after
     it first queued, though it had waited 1 s."""
-    sims = [tgtest.Sim().start(), tgtest.Sim().start()]
-    models = {M1: tgtest.model_entry([s.url for s in sims], max_inflight=1)}
-    gw = tgtest.Gateway(models, workers=1, overrides={
-        "timeouts": {"queue": "3s", "upstream_first_byte": "20s"}}).start()
-    try:
+    with two_one_slot_endpoints({"queue": "3s", "upstream_first_byte": "20s"}) as (gw, sims):
         acme = gw.create_key("acme")
         with concurrent.futures.ThreadPoolExecutor(3) as ex:
             short = ex.submit(slow_chat, gw, acme, 1000)
@@ -316,10 +323,6 @@ def test_waits_around_a_failed_attempt_share_one_queue_timeout():
             assert series(gw, "llm_upstream_errors_total", pool=M1, endpoint=s.url,
                           kind="broken") >= 1
         assert series(gw, "llm_queue_length", pool=M1, tenant="acme") == 0
-    finally:
-        gw.stop()
-        for s in sims:
-            s.stop()
 
 
 def test_upstream_errors_are_counted_by_endpoint_and_kind():
