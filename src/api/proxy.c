@@ -981,34 +981,37 @@ static int waiter_blocked(tg_fq_waiter_t *qw, void *arg) {
   return 1;
 }
 
-void tg_api_serve_queues(tg_worker_t *w) {
-  size_t i;
+/* Sends one model's waiters, in fair order, while its endpoints have room. */
+static void serve_queue(struct tg_wqueue_s *wq) {
+  tg_fq_waiter_t *qw;
 
+  while ((qw = tg_fairq_peek_skip(&wq->q, waiter_blocked, NULL)) != NULL) {
+    tg_call_t *c = waiter_call(qw);
+    size_t idx = 0;
+    int why = 0;
+    /* a call back in the queue after a failed attempt is not sent to an
+     * endpoint it has tried */
+    tg_endpoint_t *ep = tg_pool_pick(c->pool, &c->tried, &idx, &why);
+    if (ep == NULL && why == TG_PICK_SATURATED)
+      break; /* still full: the next freed slot wakes us again */
+    queue_leave(c, 1);
+    if (ep == NULL) {
+      call_error(c, 503, "server_error", "no_healthy_endpoint",
+                 "no healthy upstream endpoint serves this model");
+      continue;
+    }
+    if (start_attempt(c, ep, idx) == 0 || try_next(c) == 0)
+      continue;
+    call_error(c, 503, "server_error", "no_healthy_endpoint",
+               "no upstream endpoint of this model could be reached");
+  }
+}
+
+void tg_api_serve_queues(tg_worker_t *w) {
   if (atomic_load(&w->queued) == 0)
     return;
-  for (i = 0; i < w->n_queues; i++) {
-    tg_fq_waiter_t *qw;
-    while ((qw = tg_fairq_peek_skip(&w->queues[i]->q, waiter_blocked, NULL)) != NULL) {
-      tg_call_t *c = waiter_call(qw);
-      size_t idx = 0;
-      int why = 0;
-      /* a call back in the queue after a failed attempt is not sent to an
-       * endpoint it has tried */
-      tg_endpoint_t *ep = tg_pool_pick(c->pool, &c->tried, &idx, &why);
-      if (ep == NULL && why == TG_PICK_SATURATED)
-        break; /* still full: the next freed slot wakes us again */
-      queue_leave(c, 1);
-      if (ep == NULL) {
-        call_error(c, 503, "server_error", "no_healthy_endpoint",
-                   "no healthy upstream endpoint serves this model");
-        continue;
-      }
-      if (start_attempt(c, ep, idx) == 0 || try_next(c) == 0)
-        continue;
-      call_error(c, 503, "server_error", "no_healthy_endpoint",
-                 "no upstream endpoint of this model could be reached");
-    }
-  }
+  for (size_t i = 0; i < w->n_queues; i++)
+    serve_queue(w->queues[i]);
 }
 
 /* Every endpoint the call may still use is at max_inflight: it waits in
@@ -1026,12 +1029,11 @@ static void start_dispatch(tg_call_t *c) {
   c->t_dispatch = now_ns();
   /* waiters of this model on this loop go first */
   if (wq != NULL && wq->q.len > 0) {
-    tg_worker_t *w = c->w;
     wait_or_shed(c);
     /* a slot free while others wait is one those ahead cannot take (back
      * from a failed attempt, it is on the endpoint they tried): it is
      * served now, in fair order, not at the next freed slot or tick */
-    tg_api_serve_queues(w);
+    serve_queue(wq);
     return;
   }
   if (try_next(c) == 0)
