@@ -14,6 +14,7 @@
 
 #include "api/api.h"
 #include "core/err.h"
+#include "core/thread.h"
 #include "meter/ledger.h"
 #include "policy/state.h"
 
@@ -27,11 +28,8 @@ struct tg_policy_s {
   tg_config_t *cfg;        /* a reference: tenants' alert thresholds, ledger */
   char epoch[64];          /* the mark last seen in Redis; "" = none yet */
   int reseed_failed;       /* logged; quiet until a pass succeeds */
-  int reseeding;           /* the thread runs */
-  pthread_t reseed;
-  pthread_mutex_t reseed_lock;
-  pthread_cond_t reseed_cond;
-  int reseed_stop;
+  tg__redis_sync_t *conn;  /* the thread's connection; NULL: none open */
+  tg_every_t reseed;       /* looks at the mark every TG_RESEED_EVERY_MS */
 };
 
 struct tg_policy_loop_s {
@@ -207,74 +205,30 @@ static int reseed_check(tg_policy_t *p, tg__redis_sync_t *s) {
   return tg__redis_epoch_mark(s, p->epoch, sizeof p->epoch);
 }
 
-/* One pass on the thread's connection, opened when it has none. */
-static void reseed_pass(tg_policy_t *p, tg__redis_sync_t **s) {
-  if (*s == NULL && tg__redis_sync_open(p->redis, TG_RESEED_TIMEOUT_MS, s) < 0)
-    return;
-  if (reseed_check(p, *s) < 0) {
-    tg__redis_sync_close(*s);
-    *s = NULL;
-  }
-}
-
-static void *reseed_main(void *arg) {
+/* One pass on the connection, opened when there is none. */
+static void reseed_pass(void *arg) {
   tg_policy_t *p = arg;
-  tg__redis_sync_t *s = NULL;
-  struct timespec until;
-
-  pthread_mutex_lock(&p->reseed_lock);
-  while (!p->reseed_stop) {
-    pthread_mutex_unlock(&p->reseed_lock);
-    reseed_pass(p, &s);
-    pthread_mutex_lock(&p->reseed_lock);
-    clock_gettime(CLOCK_REALTIME, &until);
-    until.tv_nsec += (long)TG_RESEED_EVERY_MS * 1000000L;
-    until.tv_sec += until.tv_nsec / 1000000000L;
-    until.tv_nsec %= 1000000000L;
-    while (!p->reseed_stop &&
-           pthread_cond_timedwait(&p->reseed_cond, &p->reseed_lock, &until) == 0) {
-    }
+  if (p->conn == NULL && tg__redis_sync_open(p->redis, TG_RESEED_TIMEOUT_MS, &p->conn) < 0)
+    return;
+  if (reseed_check(p, p->conn) < 0) {
+    tg__redis_sync_close(p->conn);
+    p->conn = NULL;
   }
-  pthread_mutex_unlock(&p->reseed_lock);
-  tg__redis_sync_close(s);
-  return NULL;
 }
 
 /* At start, before the loops serve: the windows are raised at once when
  * Redis answers (else the thread does it when it does), then the thread
  * keeps watching. */
 static int reseed_start(tg_policy_t *p, const tg_config_t *cfg) {
-  tg__redis_sync_t *s = NULL;
-
   p->cfg = tg_config_ref((tg_config_t *)cfg);
-  reseed_pass(p, &s);
-  tg__redis_sync_close(s);
-  if (pthread_mutex_init(&p->reseed_lock, NULL) != 0)
-    return TG_ENOMEM;
-  if (pthread_cond_init(&p->reseed_cond, NULL) != 0) {
-    pthread_mutex_destroy(&p->reseed_lock);
-    return TG_ENOMEM;
-  }
-  if (pthread_create(&p->reseed, NULL, reseed_main, p) != 0) {
-    pthread_cond_destroy(&p->reseed_cond);
-    pthread_mutex_destroy(&p->reseed_lock);
-    return TG_ENOMEM;
-  }
-  p->reseeding = 1;
-  return 0;
+  reseed_pass(p);
+  return tg_every_start(&p->reseed, "tg-reseed", TG_RESEED_EVERY_MS, reseed_pass, p);
 }
 
 static void reseed_stop(tg_policy_t *p) {
-  if (p->reseeding) {
-    pthread_mutex_lock(&p->reseed_lock);
-    p->reseed_stop = 1;
-    pthread_cond_signal(&p->reseed_cond);
-    pthread_mutex_unlock(&p->reseed_lock);
-    pthread_join(p->reseed, NULL);
-    pthread_cond_destroy(&p->reseed_cond);
-    pthread_mutex_destroy(&p->reseed_lock);
-    p->reseeding = 0;
-  }
+  tg_every_stop(&p->reseed);
+  tg__redis_sync_close(p->conn);
+  p->conn = NULL;
   if (p->cfg != NULL)
     tg_config_unref(p->cfg);
   p->cfg = NULL;

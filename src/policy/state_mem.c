@@ -42,10 +42,8 @@ struct tg__mem_s {
   pthread_mutex_t global_lock;
   tg_slog_t global;
   char *data_dir;            /* NULL: spend is not saved */
-  pthread_t saver;
-  pthread_mutex_t saver_lock;
-  pthread_cond_t saver_cond;
-  int saver_stop, saver_running;
+  sqlite3 *db;               /* the saver's connection (data_dir set) */
+  tg_every_t saver;          /* saves the dirty tenants every second */
 };
 
 static uint64_t hash_name(const char *s) {
@@ -331,31 +329,9 @@ static void save_dirty(tg__mem_t *m, sqlite3 *db) {
   free(v);
 }
 
-static void *saver_main(void *arg) {
+static void save_tick(void *arg) {
   tg__mem_t *m = arg;
-  sqlite3 *db = NULL;
-
-  tg_thread_name("tg-state-save");
-  if (tg_db_sqlite_open(&db, m->data_dir) < 0)
-    return NULL;
-  pthread_mutex_lock(&m->saver_lock);
-  while (!m->saver_stop) {
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    ts.tv_nsec += SAVE_INTERVAL_MS * 1000000L;
-    while (ts.tv_nsec >= 1000000000L) {
-      ts.tv_sec++;
-      ts.tv_nsec -= 1000000000L;
-    }
-    pthread_cond_timedwait(&m->saver_cond, &m->saver_lock, &ts);
-    pthread_mutex_unlock(&m->saver_lock);
-    save_dirty(m, db);
-    pthread_mutex_lock(&m->saver_lock);
-  }
-  pthread_mutex_unlock(&m->saver_lock);
-  save_dirty(m, db); /* what changed since the last round */
-  sqlite3_close(db);
-  return NULL;
+  save_dirty(m, m->db);
 }
 
 /* Reads back the spend of the current day and month. */
@@ -405,26 +381,17 @@ int tg__mem_new(const char *data_dir, tg__mem_t **out) {
   for (i = 0; i < N_STRIPES; i++)
     pthread_mutex_init(&m->stripes[i].lock, NULL);
   pthread_mutex_init(&m->global_lock, NULL);
-  pthread_mutex_init(&m->saver_lock, NULL);
-  pthread_cond_init(&m->saver_cond, NULL);
   if (data_dir != NULL) {
-    sqlite3 *db = NULL;
     m->data_dir = strdup(data_dir);
     if (m->data_dir == NULL) {
       tg__mem_free(m);
       return TG_ENOMEM;
     }
-    if ((r = tg_db_sqlite_open(&db, data_dir)) < 0) {
+    if ((r = tg_db_sqlite_open(&m->db, data_dir)) < 0 || (r = load_spend(m, m->db)) < 0 ||
+        (r = tg_every_start(&m->saver, "tg-state-save", SAVE_INTERVAL_MS, save_tick, m)) < 0) {
       tg__mem_free(m);
       return r;
     }
-    r = load_spend(m, db);
-    sqlite3_close(db);
-    if (r < 0 || pthread_create(&m->saver, NULL, saver_main, m) != 0) {
-      tg__mem_free(m);
-      return r < 0 ? r : TG_ENOMEM;
-    }
-    m->saver_running = 1;
   }
   *out = m;
   return 0;
@@ -436,13 +403,12 @@ void tg__mem_free(tg__mem_t *m) {
 
   if (m == NULL)
     return;
-  if (m->saver_running) {
-    pthread_mutex_lock(&m->saver_lock);
-    m->saver_stop = 1;
-    pthread_cond_signal(&m->saver_cond);
-    pthread_mutex_unlock(&m->saver_lock);
-    pthread_join(m->saver, NULL);
+  if (m->saver.running) {
+    tg_every_stop(&m->saver);
+    save_dirty(m, m->db); /* what changed since the last round */
   }
+  if (m->db != NULL)
+    sqlite3_close(m->db);
   for (i = 0; i < N_STRIPES; i++) {
     stripe_t *sp = &m->stripes[i];
     for (b = 0; b < sp->n_buckets; b++)
@@ -456,8 +422,6 @@ void tg__mem_free(tg__mem_t *m) {
   }
   tg_slog_free(&m->global);
   pthread_mutex_destroy(&m->global_lock);
-  pthread_mutex_destroy(&m->saver_lock);
-  pthread_cond_destroy(&m->saver_cond);
   free(m->data_dir);
   free(m);
 }
