@@ -37,7 +37,9 @@
 #include "policy/state.h"
 #include "sched/fairq.h"
 
-#define RESP_MAX (16u * 1024 * 1024)   /* a non-streamed upstream answer */
+#define RESP_KEEP_MAX (1024u * 1024)   /* a non-streamed answer kept whole; a 200
+                                       * past it is relayed as it comes */
+#define ANSWER_TAIL_MAX 256            /* a relayed answer's end held for the ledger */
 #define EVENT_MAX (1024u * 1024)       /* one SSE event */
 #define WQUEUES_MAX 4096               /* models with a queue, per loop */
 #define MAX_FWD_HEADERS 16
@@ -80,20 +82,23 @@ struct tg_call_s {
   char rid_line[48];              /* "X-Request-Id: <id>" */
   char url[1024];
 
-  char *resp;                     /* non-streamed answer */
+  char *resp;                     /* non-streamed answer, kept whole */
   size_t resp_len, resp_cap;
+  tg_ascan_t *scan;               /* a 200 answer past RESP_KEEP_MAX, relayed */
   tg_sse_t sse;
-  char *out;                      /* events of one upstream chunk */
+  char *out;                      /* events of one upstream chunk; a relayed
+                                   * answer's closing brace and what follows */
   size_t out_len, out_cap;
   int relayed;                    /* response head sent to the client */
   int saw_done;
-  int resp_too_big;               /* the non-streamed answer passed RESP_MAX */
+  int resp_too_big;               /* an error answer passed RESP_KEEP_MAX */
 
   int64_t prompt_tokens, completion_tokens;
   int has_usage;                  /* the upstream reported usable usage */
   int counted;                    /* else: something was delivered, billed from above */
   int64_t counted_tokens;         /* its completion tokens: content events relayed,
-                                   * or the bytes of a whole answer's generated text */
+                                   * the bytes of a whole answer's generated text,
+                                   * or of a relayed answer */
 
   tg_admit_req_t admit;           /* what the policy was asked */
   tg_admission_t admission;       /* its answer */
@@ -199,6 +204,15 @@ static void call_log(tg_call_t *c) {
 
 static void queue_leave(tg_call_t *c, int served);
 
+static void resp_drop(tg_call_t *c) {
+  if (c->resp_cap == TG_API_BLOCK)
+    tg_recycle_free(&c->w->mem, c->resp); /* never grown: the recycle's block */
+  else
+    free(c->resp);
+  c->resp = NULL;
+  c->resp_len = c->resp_cap = 0;
+}
+
 static void call_free(tg_call_t *c) {
   tg_recycle_t *mem = &c->w->mem;
   size_t i;
@@ -207,10 +221,8 @@ static void call_free(tg_call_t *c) {
   for (i = 0; i < c->n_hdr_owned; i++)
     free(c->hdr_owned[i]);
   free(c->body_owned);
-  if (c->resp_cap == TG_API_BLOCK)
-    tg_recycle_free(mem, c->resp);   /* never grown: the recycle's block */
-  else
-    free(c->resp);
+  resp_drop(c);
+  free(c->scan);
   free(c->out);
   tg_sse_free(&c->sse);
   if (c->rt)
@@ -292,7 +304,7 @@ static void call_finish(tg_call_t *c) {
   call_free(c);
 }
 
-enum { FIN_RESPOND, FIN_END_STREAM, FIN_ERROR, FIN_ABORT };
+enum { FIN_RESPOND, FIN_END_STREAM, FIN_END_ANSWER, FIN_ERROR, FIN_ABORT };
 
 /* Sends what ends the call (its last bytes) and finishes it. The policy is
  * settled first, so the concurrency slot is free before the client can see
@@ -322,6 +334,13 @@ static void call_fin(tg_call_t *c) {
     else
       tg_http_end(c->req);
     break;
+  case FIN_END_ANSWER:
+    /* the answer's closing brace was held back until the record was durable */
+    if (c->out_len > 0 && tg_http_write(c->req, c->out, c->out_len) < 0)
+      tg_http_abort(c->req);
+    else
+      tg_http_end(c->req);
+    break;
   case FIN_ERROR:
     tg_api_error(c->req, c->status, c->fin_type, c->err_code, c->request_id,
                  c->retry_soon ? "Retry-After: 1\r\n" : NULL, "%s", c->fin_msg);
@@ -347,7 +366,7 @@ static void call_unrecorded(tg_call_t *c) {
     tg_str_copy(c->fin_msg, sizeof(c->fin_msg),
                 "the usage record of this answer could not be stored, so the answer is "
                 "withheld; retry shortly");
-  } else if (c->fin == FIN_END_STREAM) {
+  } else if (c->fin == FIN_END_STREAM || c->fin == FIN_END_ANSWER) {
     c->fin = FIN_ABORT;
   }
 }
@@ -514,7 +533,7 @@ static int on_event(void *arg, const char *ev, size_t len) {
 }
 
 static int resp_append(tg_call_t *c, const char *data, size_t len) {
-  if (c->resp_len + len > RESP_MAX) {
+  if (c->resp_len + len > RESP_KEEP_MAX) {
     c->resp_too_big = 1;
     return TG_ETOOBIG;
   }
@@ -537,9 +556,86 @@ static int resp_append(tg_call_t *c, const char *data, size_t len) {
   return 0;
 }
 
+static int is_embeddings(const tg_call_t *c) {
+  return strcmp(c->path, "/v1/embeddings") == 0;
+}
+
+/* The head of a relayed answer (a stream, or a whole answer too big to
+ * keep): chunked, with the request id and the rate-limit headers. */
+static int relay_begin(tg_call_t *c, const char *content_type, const char *more) {
+  char hdr[640];
+  tg_sb_t b;
+
+  tg_sb_init(&b, hdr, sizeof(hdr));
+  tg_sb_lit(&b, "x-request-id: ");
+  tg_sb_puts(&b, c->request_id);
+  tg_sb_lit(&b, "\r\n");
+  tg_sb_puts(&b, more);
+  tg_sb_puts(&b, c->rl_headers);
+  if (tg_http_begin(c->req, 200, content_type, hdr) < 0)
+    return -1;
+  c->relayed = 1;
+  c->status = 200;
+  return 0;
+}
+
+/* Relays bytes of a whole answer as they come, all but its closing brace
+ * and what follows it (kept in c->out, up to ANSWER_TAIL_MAX bytes; only
+ * whitespace may follow), which go out once the ledger record is durable.
+ * What is relayed is counted, in case no usable usage comes: every byte of
+ * a chat or completions answer, none of an embeddings one. */
+static int answer_pass(tg_call_t *c, const char *data, size_t len) {
+  size_t send = c->out_len > 0 ? 0 : tg_ascan_feed(c->scan, data, len);
+
+  if (c->out_len > 0)
+    (void)tg_ascan_feed(c->scan, data, len); /* after the end: checked, not sent */
+  c->counted = 1;
+  if (!is_embeddings(c))
+    c->counted_tokens += (int64_t)len;
+  if (send > 0 && tg_http_write(c->req, data, send) < 0)
+    return -1;
+  if (send < len) {
+    size_t keep = len - send;
+    if (keep > ANSWER_TAIL_MAX - c->out_len)
+      keep = ANSWER_TAIL_MAX - c->out_len;
+    if (keep > 0 && out_append(c, data + send, keep) < 0)
+      return -1;
+  }
+  return 0;
+}
+
+/* A 200 answer that outgrew RESP_KEEP_MAX: the head goes out, then what
+ * was kept, and the rest as it comes. */
+static int answer_begin(tg_call_t *c) {
+  int r;
+
+  c->scan = malloc(sizeof(*c->scan));
+  if (c->scan == NULL)
+    return -1;
+  tg_ascan_init(c->scan);
+  if (relay_begin(c, "application/json", "") < 0)
+    return -1;
+  r = answer_pass(c, c->resp, c->resp_len);
+  resp_drop(c);
+  return r;
+}
+
+/* Bytes of a non-streamed 200 answer. */
+static int answer_data(tg_call_t *c, const char *data, size_t len) {
+  if (!c->relayed) {
+    if (c->resp_len + len <= RESP_KEEP_MAX)
+      return resp_append(c, data, len) < 0 ? -1 : 0;
+    if (answer_begin(c) < 0)
+      return -1;
+  } else if (tg_http_congested(c->req)) {
+    c->deadline_kind = DL_NONE; /* as a paused stream: on_client_drain resumes */
+    return TG_XFER_PAUSE;
+  }
+  return answer_pass(c, data, len) < 0 ? -1 : 0;
+}
+
 static int on_up_data(tg_xfer_t *x, const char *data, size_t len, void *arg) {
   tg_call_t *c = arg;
-  char hdr[640];
   int r;
 
   (void)x;
@@ -550,6 +646,8 @@ static int on_up_data(tg_xfer_t *x, const char *data, size_t len, void *arg) {
   c->deadline = now_ns() + c->rt->cfg->upstream_idle_timeout_ms * 1000000;
   if (tg_http_req_gone(c->req))
     return -1;
+  if (!c->stream && c->up_status == 200)
+    return answer_data(c, data, len);
   if (!c->stream || c->up_status != 200)
     return resp_append(c, data, len) < 0 ? -1 : 0;
 
@@ -560,18 +658,8 @@ static int on_up_data(tg_xfer_t *x, const char *data, size_t len, void *arg) {
     c->deadline_kind = DL_NONE;
     return TG_XFER_PAUSE;
   }
-  if (!c->relayed) {
-    tg_sb_t b;
-    tg_sb_init(&b, hdr, sizeof(hdr));
-    tg_sb_lit(&b, "x-request-id: ");
-    tg_sb_puts(&b, c->request_id);
-    tg_sb_lit(&b, "\r\nCache-Control: no-cache\r\n");
-    tg_sb_puts(&b, c->rl_headers);
-    if (tg_http_begin(c->req, 200, "text/event-stream", hdr) < 0)
-      return -1;
-    c->relayed = 1;
-    c->status = 200;
-  }
+  if (!c->relayed && relay_begin(c, "text/event-stream", "Cache-Control: no-cache\r\n") < 0)
+    return -1;
   c->out_len = 0;
   r = tg_sse_feed(&c->sse, data, len, on_event, c);
   if (r < 0)
@@ -590,6 +678,20 @@ static void on_client_drain(tg_http_req_t *req) {
   }
 }
 
+/* Takes the upstream's usage from the text of its value: a chat or
+ * completions usage needs both counts, embeddings' the prompt's. Returns 1
+ * when it was usable. */
+static int usage_take(tg_call_t *c, const char *u, size_t n) {
+  if (tg_usage_read_text(u, n, &c->prompt_tokens, &c->completion_tokens) &&
+      (c->completion_tokens >= 0 || is_embeddings(c))) {
+    c->has_usage = 1;
+    if (c->completion_tokens < 0)
+      c->completion_tokens = 0;
+    return 1;
+  }
+  return 0;
+}
+
 /* Reads usage from a whole JSON answer without parsing all of it: the
  * answer must look like one JSON object, and the object after its last
  * "usage" key is parsed alone. A chat or completions usage needs both
@@ -598,7 +700,6 @@ static void on_client_drain(tg_http_req_t *req) {
  * Returns 0, or TG_EPARSE for an answer that is not a JSON object. */
 static int scan_usage(tg_call_t *c, const char *body, size_t len) {
   const char *p = body, *end = body + len, *u = NULL, *q;
-  int embeddings = strcmp(c->path, "/v1/embeddings") == 0;
 
   while (p < end && tg_json_ws(*p))
     p++;
@@ -617,17 +718,30 @@ static int scan_usage(tg_call_t *c, const char *body, size_t len) {
     u += 7;
     while (u < end && (tg_json_ws(*u) || *u == ':'))
       u++;
-    if (tg_usage_read_text(u, (size_t)(end - u), &c->prompt_tokens, &c->completion_tokens) &&
-        (c->completion_tokens >= 0 || embeddings)) {
-      c->has_usage = 1;
-      if (c->completion_tokens < 0)
-        c->completion_tokens = 0;
+    if (usage_take(c, u, (size_t)(end - u)))
       return 0;
-    }
   }
   c->counted = 1;
-  c->counted_tokens = embeddings ? 0 : tg_answer_text_bytes(body, len);
+  c->counted_tokens = is_embeddings(c) ? 0 : tg_answer_text_bytes(body, len);
   return 0;
+}
+
+/* The upstream finished a relayed answer: its usage is the scan's, and an
+ * answer that was not one JSON object is cut (the client sees a truncated
+ * response, as for a stream without [DONE]), billed for what it carried. */
+static void answer_end(tg_call_t *c) {
+  size_t n = 0;
+  const char *u = tg_ascan_usage(c->scan, &n);
+
+  if (u != NULL)
+    (void)usage_take(c, u, n);
+  if (!tg_ascan_whole(c->scan)) {
+    tg_endpoint_error(c->ep, TG_UPERR_BAD_RESPONSE);
+    call_error(c, 502, "server_error", "bad_upstream_response",
+               "the upstream returned a response that is not valid JSON");
+    return;
+  }
+  call_close(c, FIN_END_ANSWER);
 }
 
 /* The upstream's whole non-streamed answer is in c->resp. */
@@ -703,6 +817,10 @@ static void on_up_done(int result, const char *detail, void *arg) {
         call_error(c, 502, "server_error", "bad_upstream_response",
                    "the upstream stream ended before [DONE]");
       }
+      return;
+    }
+    if (c->relayed) {
+      answer_end(c);
       return;
     }
     retryable = c->up_status == 502 || c->up_status == 503 || c->up_status == 504;

@@ -7,6 +7,8 @@
 #define _GNU_SOURCE /* memmem */
 #include "api/sse.h"
 
+#include <limits.h>
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -363,4 +365,156 @@ int64_t tg_answer_text_bytes(const char *body, size_t len) {
     }
   tg_json_free(root);
   return n;
+}
+
+/* ---- a whole answer read as it passes ------------------------------------ */
+
+enum { AS_BEFORE, AS_IN, AS_AFTER, AS_BAD };
+
+void tg_ascan_init(tg_ascan_t *s) {
+  memset(s, 0, offsetof(tg_ascan_t, usage));
+}
+
+static int as_ws(unsigned char ch) {
+  return ch == ' ' || ch == '\t' || ch == '\n' || ch == '\r';
+}
+
+static void as_capture_end(tg_ascan_t *s) {
+  s->capturing = 0;
+  s->usage_ok = !s->over;
+}
+
+/* The bytes that matter inside a member's value, outside its strings
+ * (separators, numbers and literals there only need to be passed over). */
+static const unsigned char as_special[256] = {
+  ['"'] = 1, ['{'] = 1, ['}'] = 1, ['['] = 1, [']'] = 1,
+};
+
+size_t tg_ascan_feed(tg_ascan_t *s, const char *data, size_t len) {
+  const unsigned char *d = (const unsigned char *)data;
+  size_t i, closed = len;
+
+  for (i = 0; i < len && s->st != AS_BAD; i++) {
+    unsigned char ch = d[i];
+
+    if (s->in_str) {
+      if (!s->capturing && !s->in_key && !s->esc) {
+        /* inside a string only its end and escapes matter */
+        while (i < len && d[i] != '"' && d[i] != '\\')
+          i++;
+        if (i == len)
+          break;
+        ch = d[i];
+      }
+      if (s->capturing) {
+        if (s->usage_len < sizeof(s->usage))
+          s->usage[s->usage_len++] = (char)ch;
+        else
+          s->over = 1;
+      }
+      if (s->esc) {
+        s->esc = 0;
+      } else if (ch == '\\') {
+        s->esc = 1;
+      } else if (ch == '"') {
+        s->in_str = 0;
+        if (s->in_key) {
+          s->in_key = 0;
+          s->key_usage = s->key_len == 5 && memcmp(s->key, "usage", 5) == 0;
+        }
+      } else if (s->in_key) {
+        if (s->key_len < sizeof(s->key))
+          s->key[s->key_len] = (char)ch;
+        if (s->key_len < 255)
+          s->key_len++;
+      }
+      continue;
+    }
+    if (s->depth >= 2 && !s->capturing && !as_special[ch])
+      continue; /* a number or a literal inside a member's value */
+    if (s->st != AS_IN) {
+      if (as_ws(ch))
+        continue;
+      if (s->st == AS_BEFORE && ch == '{') {
+        s->st = AS_IN;
+        s->depth = 1;
+        s->key_next = 1;
+        continue;
+      }
+      s->st = AS_BAD; /* not an object, or bytes after it */
+      break;
+    }
+    if (s->value_next && !as_ws(ch)) {
+      s->value_next = 0;
+      if (s->key_usage) {
+        s->capturing = 1;
+        s->compound = ch == '{' || ch == '[';
+        s->over = 0;
+        s->usage_ok = 0;
+        s->usage_len = 0;
+      }
+    }
+    if (s->capturing && !s->compound && s->depth == 1 && (ch == ',' || ch == '}'))
+      as_capture_end(s);
+    if (s->capturing) {
+      if (s->usage_len < sizeof(s->usage))
+        s->usage[s->usage_len++] = (char)ch;
+      else
+        s->over = 1;
+    }
+    switch (ch) {
+    case '"':
+      s->in_str = 1;
+      if (s->depth == 1 && s->key_next) {
+        s->key_next = 0;
+        s->in_key = 1;
+        s->key_len = 0;
+      }
+      break;
+    case '{':
+    case '[':
+      if (s->depth == UINT_MAX) {
+        s->st = AS_BAD;
+        break;
+      }
+      s->depth++;
+      break;
+    case '}':
+    case ']':
+      if (s->depth == 1 && ch == ']') {
+        s->st = AS_BAD; /* the object closed by a bracket */
+        break;
+      }
+      if (--s->depth == 0) {
+        s->st = AS_AFTER;
+        closed = i;
+        break;
+      }
+      if (s->capturing && s->compound && s->depth == 1)
+        as_capture_end(s);
+      break;
+    case ',':
+      if (s->depth == 1)
+        s->key_next = 1;
+      break;
+    case ':':
+      if (s->depth == 1)
+        s->value_next = 1;
+      break;
+    default:
+      break;
+    }
+  }
+  return closed;
+}
+
+int tg_ascan_whole(const tg_ascan_t *s) {
+  return s->st == AS_AFTER && !s->in_str;
+}
+
+const char *tg_ascan_usage(const tg_ascan_t *s, size_t *len) {
+  if (!s->usage_ok)
+    return NULL;
+  *len = s->usage_len;
+  return s->usage;
 }

@@ -71,4 +71,44 @@ int tg_usage_read_text(const char *p, size_t n, int64_t *prompt, int64_t *comple
 #define TG_ANSWER_WALK_MAX (1024u * 1024)
 int64_t tg_answer_text_bytes(const char *body, size_t len);
 
+/* A whole (non-streamed) JSON answer read as it passes, for one too big to
+ * keep: follows strings and nesting, keeps the text of the top-level
+ * object's "usage" value (the last such member, up to TG_ASCAN_USAGE_MAX
+ * bytes), and tells where that object closes. A few bytes of state, no
+ * allocation, any split of the bytes into pieces. */
+#define TG_ASCAN_USAGE_MAX 1024
+typedef struct {
+  unsigned depth;              /* nesting of the object; 0 outside it */
+  unsigned char st;            /* before, inside, after the object, or bad */
+  unsigned char in_str, esc;
+  unsigned char key_next;      /* at depth 1: the next string is a key */
+  unsigned char in_key;        /* reading a top-level key */
+  unsigned char key_len;       /* its bytes, counted up to 255 */
+  unsigned char key_usage;     /* the last top-level key was "usage" */
+  unsigned char value_next;    /* after its ':': the value starts next */
+  unsigned char capturing;     /* in the usage value */
+  unsigned char compound;      /* that value is an object or an array */
+  unsigned char over;          /* that value passed TG_ASCAN_USAGE_MAX */
+  unsigned char usage_ok;      /* usage[0..usage_len) is a whole value */
+  char key[5];
+  size_t usage_len;
+  char usage[TG_ASCAN_USAGE_MAX];
+} tg_ascan_t;
+
+void tg_ascan_init(tg_ascan_t *s);
+
+/* Reads data[0..len). Returns the offset in data of the top-level object's
+ * closing brace when these bytes close it, else len: a caller holding back
+ * an answer's end sends data[0..return) now. */
+size_t tg_ascan_feed(tg_ascan_t *s, const char *data, size_t len);
+
+/* 1 when every byte fed so far is one JSON object (closed; only
+ * whitespace after it): a lexical check of nesting and strings, not a
+ * full parse. */
+int tg_ascan_whole(const tg_ascan_t *s);
+
+/* The text of the last top-level "usage" value, or NULL (none, or over
+ * the bound). */
+const char *tg_ascan_usage(const tg_ascan_t *s, size_t *len);
+
 #endif

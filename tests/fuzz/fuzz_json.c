@@ -2,10 +2,14 @@
  * streamed events (src/core/json.c), and the one-pass usage reading
  * (src/api/sse.c), which must give exactly what the strict parser gives on
  * any text: a difference aborts. The generated text counted in a whole
- * answer never exceeds the answer (unescaped text is never longer). */
+ * answer never exceeds the answer (unescaped text is never longer). The
+ * scan of a relayed answer (tg_ascan_*) gives the same verdict and usage
+ * however the text is cut, calls every object the strict parser accepts
+ * whole, and any top-level usage it keeps is that member's whole value. */
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "api/sse.h"
 #include "core/json.h"
@@ -18,6 +22,43 @@ static size_t walk(const cJSON *v) {
   for (const cJSON *c = v->child; c != NULL; c = c->next)
     n += walk(c);
   return n;
+}
+
+/* The answer scan: cut in two at `cut`, it must agree with one piece; on
+ * an object the strict parser accepts it must agree with the tree. */
+static void check_scan(const char *text, size_t size, size_t cut, const cJSON *whole) {
+  static tg_ascan_t a, b;
+  size_t na = 0, nb = 0, ca, cb;
+  const char *ua, *ub;
+
+  tg_ascan_init(&a);
+  ca = tg_ascan_feed(&a, text, size);
+  tg_ascan_init(&b);
+  cb = tg_ascan_feed(&b, text, cut);
+  if (cb == cut)
+    cb = cut + tg_ascan_feed(&b, text + cut, size - cut);
+  else
+    (void)tg_ascan_feed(&b, text + cut, size - cut);
+  ua = tg_ascan_usage(&a, &na);
+  ub = tg_ascan_usage(&b, &nb);
+  if (tg_ascan_whole(&a) != tg_ascan_whole(&b) || (ua == NULL) != (ub == NULL) ||
+      (ua != NULL && (na != nb || memcmp(ua, ub, na) != 0)))
+    abort();   /* the cut changed the verdict or the usage */
+  if (tg_ascan_whole(&a) && (ca >= size || text[ca] != '}' || ca != cb))
+    abort();   /* a whole object closes at a brace, the same one */
+  if (cJSON_IsObject(whole)) {
+    const cJSON *u = tg_json_get(whole, "usage");
+    if (!tg_ascan_whole(&a))
+      abort();
+    if (u == NULL && ua != NULL)
+      abort(); /* a usage where the object has none */
+    if (u != NULL && ua != NULL) {
+      cJSON *v = tg_json_parse(ua, na, 1, NULL);
+      if (v == NULL || walk(v) != walk(u))
+        abort(); /* not the member's whole value */
+      tg_json_free(v);
+    }
+  }
 }
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
@@ -34,6 +75,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     abort();   /* a whole value is also a prefix value, the same one */
   if (whole != NULL)
     (void)walk(whole);
+  check_scan(text, size, size > 0 ? data[0] % (size + 1) : 0, whole);
   tg_json_free(prefix);
   tg_json_free(whole);
 

@@ -29,6 +29,7 @@ All money is compared as integers (nano-USD) or decimal.Decimal, never as
 float."""
 
 import calendar
+import json
 import os
 import random
 import re
@@ -467,7 +468,8 @@ def test_an_answer_whose_record_cannot_be_kept_is_withheld(tg, sim):
     """When neither the database nor the spool can keep a record, the
     client never gets a complete answer that no record bills: a whole
     answer becomes 503 ledger_unavailable with Retry-After, a stream ends
-    without [DONE]. Once the disk is back, answers and rows come back."""
+    without [DONE], an answer relayed past 1 MiB without its closing brace.
+    Once the disk is back, answers and rows come back."""
     gw = start_gw(tg, sim, workers=1)
     key = gw.create_key("beta", name="eio")
     assert tgtest.chat(gw.port, key, model=M, max_tokens=2).status == 200
@@ -486,7 +488,20 @@ def test_an_answer_whose_record_cannot_be_kept_is_withheld(tg, sim):
         events = s.read_all()
         s.close()
         assert len([e for e in events if e.data != "[DONE]"]) >= 3 and not s.done, events
-        lost = {r.header("x-request-id"), s.headers["x-request-id"]}
+        # an answer past 1 MiB, relayed as it came: cut before its closing brace
+        big = tgtest.RawConn(gw.port, timeout=30)
+        try:
+            big.send(tgtest.http_request_bytes(
+                "POST", "/v1/completions", {"model": M, "prompt": "go", "max_tokens": 100000,
+                                            "n": 2}, key=key))
+            b = big.read_response(method="POST")
+        finally:
+            big.close()
+        assert b.status == 200 and not b.complete and len(b.body) > 1 << 20, b
+        with pytest.raises(ValueError):
+            json.loads(b.body)
+        assert json.loads(b.body + b"}")["usage"]["completion_tokens"] == 200000
+        lost = {r.header("x-request-id"), s.headers["x-request-id"], b.header("x-request-id")}
     finally:
         lock.execute("ROLLBACK")
         lock.close()

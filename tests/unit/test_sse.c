@@ -8,6 +8,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include <cmocka.h>
@@ -402,6 +403,108 @@ static uint32_t rnd(uint32_t *seed, size_t n) {
 
 /* Many texts assembled from the pieces upstreams send and the ones they
  * should not: the one-pass reading and the strict parser always agree. */
+/* Feeds text to a fresh scanner in pieces of `step` bytes (0: whole) and
+ * returns the offset of the object's closing brace in the whole text, or
+ * the text's length when no piece closed it. */
+static size_t ascan_run(tg_ascan_t *sc, const char *text, size_t step) {
+  size_t len = strlen(text), off = 0, closed = len;
+  tg_ascan_init(sc);
+  if (step == 0)
+    step = len ? len : 1;
+  while (off < len) {
+    size_t n = len - off < step ? len - off : step;
+    size_t r = tg_ascan_feed(sc, text + off, n);
+    if (r < n)
+      closed = off + r;
+    off += n;
+  }
+  return closed;
+}
+
+static void test_answer_scan(void **state) {
+  static const struct {
+    const char *text;
+    int whole;           /* one JSON object */
+    const char *usage;   /* the usage text kept, or NULL */
+  } cases[] = {
+    {"{\"data\":[[1,2.5e-3,-3]],\"usage\":{\"prompt_tokens\":7,\"total_tokens\":7}}", 1,
+     "{\"prompt_tokens\":7,\"total_tokens\":7}"},
+    /* whitespace around; usage a scalar; the last top-level usage counts */
+    {" \r\n{ \"usage\" : null , \"usage\":{\"a\":1} }\n", 1, "{\"a\":1}"},
+    {"{\"usage\":{\"a\":1},\"usage\":null}", 1, "null"},
+    {"{\"usage\": 12 }", 1, "12 "},
+    /* a "usage" inside a value, in a string, or as a value is not the member */
+    {"{\"choices\":[{\"usage\":{\"x\":1}}],\"id\":\"\\\"usage\\\":{}\"}", 1, NULL},
+    {"{\"id\":\"usage\",\"x\":\"usage\"}", 1, NULL},
+    {"{\"usagex\":{},\"usag\":{}}", 1, NULL},
+    /* braces and quotes inside strings do not nest */
+    {"{\"t\":\"}{][\\\"\",\"usage\":{\"s\":\"}\"}}", 1, "{\"s\":\"}\"}"},
+    /* not one object */
+    {"[1,2]", 0, NULL},
+    {"{\"a\":1} x", 0, NULL},
+    {"{\"a\":1}{}", 0, NULL},
+    {"{\"a\":\"open}", 0, NULL},
+    {"{\"a\":{\"b\":1}", 0, NULL},
+    {"{\"a\":[1]]", 0, NULL},
+    {"", 0, NULL},
+    {"null", 0, NULL},
+  };
+  static const size_t steps[] = {0, 1, 2, 3, 7};
+  (void)state;
+
+  for (size_t k = 0; k < sizeof(cases) / sizeof(cases[0]); k++)
+    for (size_t j = 0; j < sizeof(steps) / sizeof(steps[0]); j++) {
+      tg_ascan_t sc;
+      const char *t = cases[k].text;
+      size_t closed = ascan_run(&sc, t, steps[j]), ulen = 0;
+      const char *u = tg_ascan_usage(&sc, &ulen);
+      if (tg_ascan_whole(&sc) != cases[k].whole)
+        fail_msg("case %zu step %zu [%s]: whole %d", k, steps[j], t, tg_ascan_whole(&sc));
+      if (cases[k].whole && (closed >= strlen(t) || t[closed] != '}' ||
+                             strspn(t + closed + 1, " \r\n\t") != strlen(t + closed + 1)))
+        fail_msg("case %zu step %zu [%s]: closed at %zu", k, steps[j], t, closed);
+      if (cases[k].usage == NULL ? u != NULL
+                                 : u == NULL || ulen != strlen(cases[k].usage) ||
+                                       memcmp(u, cases[k].usage, ulen) != 0)
+        fail_msg("case %zu step %zu [%s]: usage [%.*s]", k, steps[j], t, u ? (int)ulen : 6,
+                 u ? u : "(none)");
+    }
+}
+
+/* A usage value past the bound is none; a big answer of floats and long
+ * strings is read through, and its usage still found. */
+static void test_answer_scan_bounds(void **state) {
+  size_t n = 3u << 20, len = 0, ulen = 0;
+  char *big = malloc(n + 4096);
+  tg_ascan_t sc;
+  const char *u;
+  (void)state;
+
+  assert_non_null(big);
+  len += (size_t)sprintf(big, "{\"usage\":{\"pad\":\"");
+  memset(big + len, 'x', TG_ASCAN_USAGE_MAX);
+  len += TG_ASCAN_USAGE_MAX;
+  len += (size_t)sprintf(big + len, "\"}}");
+  ascan_run(&sc, big, 0);
+  assert_true(tg_ascan_whole(&sc));
+  assert_null(tg_ascan_usage(&sc, &ulen));
+
+  len = (size_t)sprintf(big, "{\"data\":[{\"embedding\":[");
+  while (len < n / 2)
+    len += (size_t)sprintf(big + len, "-0.01234567,");
+  len += (size_t)sprintf(big + len, "1]},{\"embedding\":\"");
+  memset(big + len, 'A', n / 2);
+  len += n / 2;
+  len += (size_t)sprintf(big + len, "\"}],\"usage\":{\"prompt_tokens\":3}}");
+  big[len] = '\0';
+  ascan_run(&sc, big, 65536);
+  assert_true(tg_ascan_whole(&sc));
+  u = tg_ascan_usage(&sc, &ulen);
+  assert_non_null(u);
+  assert_int_equal(ulen, strlen("{\"prompt_tokens\":3}"));
+  free(big);
+}
+
 static void test_usage_text_agrees_with_parser(void **state) {
   static const char *keys[] = {"prompt_tokens", "completion_tokens", "total_tokens",
                                "prompt_tokens_details", "Prompt_tokens", "",
@@ -451,6 +554,8 @@ int main(void) {
     cmocka_unit_test(test_usage_text),
     cmocka_unit_test(test_usage_text_agrees_with_parser),
     cmocka_unit_test(test_answer_text_bytes),
+    cmocka_unit_test(test_answer_scan),
+    cmocka_unit_test(test_answer_scan_bounds),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
