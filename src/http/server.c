@@ -34,8 +34,11 @@
  * and this many bytes before it closes (see conn_linger). */
 #define LINGER_MS 2000
 #define LINGER_MAX (8 * 1024 * 1024)
+/* How often a connection whose reading stopped under an active request
+ * (pipelined input past PEND_MAX) is checked for a client that left. */
+#define PROBE_MS 250
 
-enum { TIMER_NONE, TIMER_REQUEST, TIMER_KEEPALIVE, TIMER_SEND, TIMER_LINGER };
+enum { TIMER_NONE, TIMER_REQUEST, TIMER_KEEPALIVE, TIMER_SEND, TIMER_LINGER, TIMER_PROBE };
 
 /* A request's head: its URL and headers, NUL-separated in text (bounded by
  * max_header_bytes), and where each header starts. Taken from the server's
@@ -853,6 +856,22 @@ static void conn_timer_arm(tg_http_conn_t *c, uint64_t ms) {
   c->armed_due = c->due;
 }
 
+/* With reading stopped, a client's FIN or RST is never read: the socket's
+ * TCP state says whether it closed (its FIN arrived: CLOSE_WAIT) or reset
+ * (CLOSE). As with an EOF read, a half close counts as leaving. A FIN
+ * stuck behind input the receive buffer cannot take is not seen. */
+static int peer_left(tg_http_conn_t *c) {
+  struct tcp_info ti;
+  socklen_t len = sizeof(ti);
+  uv_os_fd_t fd;
+
+  if (uv_fileno((const uv_handle_t *)&c->tcp, &fd) != 0 ||
+      getsockopt(fd, IPPROTO_TCP, TCP_INFO, &ti, &len) != 0)
+    return 0;
+  return ti.tcpi_state == TCP_CLOSE_WAIT || ti.tcpi_state == TCP_CLOSE ||
+         ti.tcpi_state == TCP_LAST_ACK;
+}
+
 static void on_timer(uv_timer_t *t) {
   tg_http_conn_t *c = t->data;
   uint64_t now = uv_now(c->srv->loop);
@@ -881,6 +900,15 @@ static void on_timer(uv_timer_t *t) {
     c->gone = 1;
     conn_close(c);
     return;
+  case TIMER_PROBE:
+    if (!c->active || c->reading)
+      return;
+    if (peer_left(c)) {
+      conn_gone_notify(c);
+      return;
+    }
+    conn_timer_arm(c, PROBE_MS);
+    return;
   case TIMER_KEEPALIVE:
   default:
     if (!c->active)
@@ -899,7 +927,9 @@ static void conn_timer_update(tg_http_conn_t *c) {
     mode = TIMER_SEND;
     ms = lim->send_timeout_ms;
   } else if (c->active) {
-    mode = TIMER_NONE;
+    /* input paused behind pipelined bytes: nothing reads the client's EOF */
+    mode = c->reading || c->gone ? TIMER_NONE : TIMER_PROBE;
+    ms = PROBE_MS;
   } else if (c->in_message || c->pend_len > 0) {
     mode = TIMER_REQUEST;
     ms = lim->request_timeout_ms;
@@ -1036,6 +1066,8 @@ static void conn_stop_reading(tg_http_conn_t *c) {
     return;
   uv_read_stop((uv_stream_t *)&c->tcp);
   c->reading = 0;
+  if (c->active)
+    conn_timer_update(c); /* probes for a client that leaves meanwhile */
 }
 
 static void on_connection(uv_stream_t *server, int status) {

@@ -327,6 +327,35 @@ def test_pipelining_client_that_never_reads_is_bounded_and_dropped(tg):
     assert chat(gw.port, key, M8B, max_tokens=1).status == 200
 
 
+def test_client_leaving_behind_pipelined_input_cancels_its_request(tg):
+    """A client pipelines past the 256 KiB the gateway holds behind an
+    active request, so the gateway stops reading it, and then closes: its
+    EOF is never read, yet the active request (a whole answer the backend
+    takes 8 s to make) is cancelled within a second, not run to the end."""
+    sim = tg.sim()
+    gw = tg.gateway({M8B: [sim.url]}, workers=1)
+    key = gw.keys["acme"]
+    aborted0 = sim.metric(tgtest.SIM_ABORTED)
+    slow = _chat_bytes(key, 400, extra_headers={"x-sim-token-ms": "20"})
+    more = http_request_bytes("GET", "/v1/models", key=key) * 3300   # ~360 KiB
+    c = RawConn(gw.port)
+    c.sock.sendall(slow)
+    tgtest.wait_for(lambda: sim.metric(tgtest.SIM_RUNNING) == 1, timeout=5.0,
+                    what="the request running at the backend")
+    c.sock.sendall(more)
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    c.close()
+    tgtest.wait_for(lambda: sim.metric(tgtest.SIM_ABORTED) >= aborted0 + 1, timeout=3.0,
+                    what="the backend's request cancelled")
+    assert time.monotonic() - t0 < 2.0
+    entries = tgtest.wait_for(
+        lambda: [e for e in gw.access_log_entries() if e.get("path") == "/v1/chat/completions"],
+        timeout=5.0, what="the access log line")
+    assert entries[0]["status"] == 499, entries
+    assert chat(gw.port, key, M8B, max_tokens=1).status == 200
+
+
 def test_pipelined_burst_answered_while_client_reads(tg):
     """Many pipelined requests at once, read as they come: every answer
     arrives, in order, though the gateway pauses their parsing each time
