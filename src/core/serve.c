@@ -7,6 +7,7 @@
  * at the drain timeout, abort what is left (clients see a truncated answer,
  * upstream transfers are cancelled); then close the upstream client and the
  * loop's own handles, so the loop returns and the thread ends. */
+#define _GNU_SOURCE /* pipe2 */
 #include <errno.h>
 #include <fcntl.h>
 #include <openssl/rand.h>
@@ -414,6 +415,8 @@ typedef struct {
   tg_runtime_t *rt;
   int64_t deleted;
   int running;
+  int wake[2];               /* a pipe: a stop ends the purge's waits for the
+                              * database (-1 when it could not be made) */
 } purge_t;
 
 typedef struct {
@@ -479,7 +482,7 @@ static void purge_work(uv_work_t *wk) {
   tg_ledger_db_t *db = NULL;
 
   p->deleted = 0;
-  if (tg_ledger_db_open(cfg->database, cfg->data_dir, &db) < 0)
+  if (tg_ledger_db_open_wake(cfg->database, cfg->data_dir, p->wake[0], &db) < 0)
     return;
   tg_ledger_purge_expired(db, tg_now_ms(), retention_of, p, &p->deleted);
   tg_ledger_db_close(db);
@@ -571,6 +574,11 @@ static void on_signal(uv_signal_t *s, int signum) {
     return;
   }
   m->stopping = 1;
+  if (m->purge.wake[1] >= 0) {
+    /* a purge waiting on a frozen database would hold the stop */
+    ssize_t n = write(m->purge.wake[1], "x", 1);
+    (void)n;
+  }
   fprintf(stderr, "tollgate: draining (up to %llu ms)\n",
           (unsigned long long)m->app->rt->cfg->drain_timeout_ms);
   broadcast(m->app, TG_CMD_DRAIN);
@@ -626,6 +634,7 @@ int tg_cmd_serve(int argc, char **argv) {
   }
   memset(&app, 0, sizeof(app));
   memset(&m, 0, sizeof(m));
+  m.purge.wake[0] = m.purge.wake[1] = -1;
   app.log_fd = -1;
   pthread_mutex_init(&app.rt_lock, NULL);
   if (tg_config_load(path, &cfg, &errs) < 0) {
@@ -713,6 +722,8 @@ int tg_cmd_serve(int argc, char **argv) {
   uv_signal_start(&m.sigint, on_signal, SIGINT);
   uv_signal_start(&m.sighup, on_signal, SIGHUP);
   watch_config(&m, main_loop, app.config_path);
+  if (pipe2(m.purge.wake, O_CLOEXEC | O_NONBLOCK) != 0)
+    m.purge.wake[0] = m.purge.wake[1] = -1;
   uv_timer_init(main_loop, &m.purge_timer);
   m.purge_timer.data = &m;
   uv_timer_start(&m.purge_timer, on_purge_timer, 30 * 1000, 3600 * 1000);
@@ -759,6 +770,9 @@ out:
     tg_ledger_close(app.ledger);
   if (app.log_fd > STDERR_FILENO)
     close(app.log_fd);
+  for (i = 0; i < 2; i++)
+    if (m.purge.wake[i] >= 0)
+      close(m.purge.wake[i]);
   free(app.config_path);
   pthread_mutex_destroy(&app.rt_lock);
   curl_global_cleanup();

@@ -680,11 +680,8 @@ static int connect_wait_ms(PGconn *c) {
   return (int)(s < 2 ? 2 : s) * 1000;   /* libpq's floor is 2 s */
 }
 
-/* Connects without blocking in libpq: within the connect timeout, and
- * given up when wake_fd becomes readable. A URL with several hosts
- * connects blocking, for libpq's failover from one to the next. */
-static int connect_wake(const char *url, const tg_db_pg_opts_t *o, int wake_fd,
-                        PGconn **out) {
+int tg_db_pg_connect_wake(const char *url, const tg_db_pg_opts_t *o, int wake_fd,
+                          PGconn **out) {
   char msg[256];
   PGconn *c = NULL;
   int rc = tg_db_pg_connect_start(url, o, -1, &c), wait;
@@ -711,7 +708,7 @@ static int connect_wake(const char *url, const tg_db_pg_opts_t *o, int wake_fd,
 static int open_db(const char *url, const tg_db_pg_opts_t *o, int wake,
                    int wake_fd, PGconn **out) {
   PGconn *c = NULL;
-  int rc = wake ? connect_wake(url, o, wake_fd, &c)
+  int rc = wake ? tg_db_pg_connect_wake(url, o, wake_fd, &c)
                 : tg_db_pg_connect(url, o, &c);
 
   *out = NULL;

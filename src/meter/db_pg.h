@@ -47,6 +47,13 @@ typedef struct {
 int tg_db_pg_connect(const char *url, const tg_db_pg_opts_t *o,
                      PGconn **out);
 
+/* tg_db_pg_connect for a thread that must be able to stop: libpq does not
+ * block, the connect timeout holds, and wake_fd (-1: none) becoming
+ * readable gives up at once (TG_ECANCELED). A URL with several hosts
+ * connects blocking, for libpq's failover from one to the next. */
+int tg_db_pg_connect_wake(const char *url, const tg_db_pg_opts_t *o, int wake_fd,
+                          PGconn **out);
+
 /* Starts the same connection as tg_db_pg_connect without waiting for it
  * (for a caller that must not block: it drives the connection with
  * tg_db_pg_connect_step and keeps its own deadline, since libpq applies

@@ -1289,8 +1289,14 @@ void tg_ledger_stats(const tg_ledger_t *l, tg_ledger_stats_t *out) {
 
 int tg_ledger_db_open(const char *database, const char *data_dir,
                       tg_ledger_db_t **out) {
+  return tg_ledger_db_open_wake(database, data_dir, -1, out);
+}
+
+int tg_ledger_db_open_wake(const char *database, const char *data_dir, int wake_fd,
+                           tg_ledger_db_t **out) {
   const tg__ledger_backend_t *be;
-  tg__ledger_conn_opts_t co = {.busy_timeout_ms = 5000, .writer = 0};
+  tg__ledger_conn_opts_t co = {.busy_timeout_ms = 5000, .writer = 0,
+                               .wake_fd = wake_fd >= 0 ? &wake_fd : NULL};
   tg_ledger_db_t *d;
   int rc;
 

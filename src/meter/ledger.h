@@ -154,6 +154,12 @@ typedef struct tg_ledger_db_s tg_ledger_db_t;
  * TG_EDB, TG_EIO or TG_ENOMEM. */
 int tg_ledger_db_open(const char *database, const char *data_dir,
                       tg_ledger_db_t **out);
+/* The same, for a caller another thread must be able to stop: once wake_fd
+ * (-1: none) is readable, every wait for a PostgreSQL server (connecting,
+ * or for an answer) ends at once and the call fails; a frozen server would
+ * otherwise hold a query for its whole time bound (60 s). */
+int tg_ledger_db_open_wake(const char *database, const char *data_dir, int wake_fd,
+                           tg_ledger_db_t **out);
 void tg_ledger_db_close(tg_ledger_db_t *d);
 
 typedef struct {

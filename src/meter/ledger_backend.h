@@ -18,6 +18,9 @@ typedef struct tg__ledger_conn_s tg__ledger_conn_t;   /* a backend's connection 
 typedef struct {
   unsigned busy_timeout_ms;  /* how long to wait for a lock before failing */
   int writer;                /* 1: the writer thread's connection */
+  const int *wake_fd;        /* NULL, or a descriptor whose readability
+                              * ends any wait for the server at once (a
+                              * query connection a stop must not wait for) */
 } tg__ledger_conn_opts_t;
 
 typedef struct {

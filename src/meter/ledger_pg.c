@@ -171,7 +171,9 @@ static int ensure(tg__ledger_conn_t *c) {
   why[0] = '\0';
   c->opts.err = why;
   c->opts.err_size = sizeof(why);
-  rc = tg_db_pg_connect(c->url, &c->opts, &c->pg);
+  rc = c->wait.wake_fd >= 0
+           ? tg_db_pg_connect_wake(c->url, &c->opts, c->wait.wake_fd, &c->pg)
+           : tg_db_pg_connect(c->url, &c->opts, &c->pg);
   c->opts.err = NULL;
   if (rc != 0) {
     snprintf(what, sizeof(what), "cannot connect to %s",
@@ -359,7 +361,7 @@ static int pg_open(const char *database, const char *data_dir,
   c->opts.lock_timeout_ms = o != NULL && o->busy_timeout_ms > 0
                                 ? o->busy_timeout_ms : 0;
   c->wait.wait_ms = (int)c->opts.statement_timeout_ms + ANSWER_GRACE_MS;
-  c->wait.wake_fd = -1;
+  c->wait.wake_fd = o != NULL && o->wake_fd != NULL ? *o->wake_fd : -1;
   c->opts.quiet = 1;   /* ensure() and note() say it in our words */
   rc = ensure(c);
   if (rc == TG_ENOMEM || rc == TG_EINVAL || (rc != 0 && !c->writer)) {

@@ -1198,6 +1198,43 @@ static void test_keywatch_stop_while_frozen(void **state) {
   PQfinish(s);
 }
 
+static void *write_later(void *arg) {
+  ssize_t n;
+  sleep_ms(300);
+  n = write(*(int *)arg, "x", 1);
+  (void)n;
+  return NULL;
+}
+
+/* The retention purge runs on a query connection of its own while the
+ * gateway serves; a server frozen under it would hold a stop for the
+ * query's whole bound (60 s). Opened with a wake descriptor, the purge
+ * gives up as soon as the descriptor is readable. */
+static void test_purge_stop_while_frozen(void **state) {
+  tg_ledger_db_t *d = NULL;
+  int64_t n = 0;
+  int p[2], rc;
+  pthread_t th;
+  double t;
+
+  (void)state;
+  assert_int_equal(pipe(p), 0);
+  assert_int_equal(tg_ledger_db_open_wake(srv.url, srv.dir, p[0], &d), 0);
+  srv_freeze(SIGSTOP);
+  assert_int_equal(pthread_create(&th, NULL, write_later, &p[1]), 0);
+  t = mono_now();
+  rc = tg_ledger_purge(d, NULL, 0, &n);
+  t = mono_now() - t;
+  pthread_join(th, NULL);
+  srv_freeze(SIGCONT);
+  assert_int_not_equal(rc, 0);
+  if (t < 0.25 || t >= 1.5)
+    fail_msg("the purge returned after %.2f s", t);
+  tg_ledger_db_close(d);
+  close(p[0]);
+  close(p[1]);
+}
+
 /* ---- the CLI -------------------------------------------------------------- */
 
 typedef struct {
@@ -1365,6 +1402,7 @@ int main(void) {
     cmocka_unit_test(test_keystore),
     cmocka_unit_test(test_keywatch),
     cmocka_unit_test(test_keywatch_stop_while_frozen),
+    cmocka_unit_test(test_purge_stop_while_frozen),
     cmocka_unit_test(test_cli),
     cmocka_unit_test(test_harness_cleans_up),
   };
