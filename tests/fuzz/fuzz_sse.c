@@ -42,7 +42,12 @@ static int on_event(void *arg, const char *ev, size_t len) {
   if (len == 0 || first_empty_line_end(ev, len) != len)
     abort();
   (void)tg_sse_inspect(ev, len, &info);
-  if (info.usage_only && !info.has_usage)
+  /* a usage-only chunk has no choice; a usage is usable with both counts
+   * (a usage-only chunk may carry an unusable one: it is still withheld
+   * from a client that did not ask for usage, and counted as none) */
+  if (info.usage_only && info.has_choices)
+    abort();
+  if (info.has_usage && (info.prompt_tokens < 0 || info.completion_tokens < 0))
     abort();
   s->bytes += len;
   return 0;
