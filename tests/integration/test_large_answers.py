@@ -41,9 +41,7 @@ def embed_body(n, dim):
 
 
 def row_of(gw, rid):
-    rows = tgtest.sqlite_ledger_rows(gw.db_path, "WHERE request_id = ?", (rid,))
-    assert len(rows) == 1, rows
-    return rows[0]
+    return tgtest.sqlite_ledger_row(gw.db_path, rid)
 
 
 def bad_responses(gw):

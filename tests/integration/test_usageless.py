@@ -62,10 +62,7 @@ def generated_bytes(answer):
 
 
 def row_of(gw, resp):
-    rows = tgtest.sqlite_ledger_rows(gw.db_path, "WHERE request_id = ?",
-                                     (resp.header("x-request-id"),))
-    assert len(rows) == 1, rows
-    return rows[0]
+    return tgtest.sqlite_ledger_row(gw.db_path, resp.header("x-request-id"))
 
 
 def post(gw, path, body, headers=None):

@@ -2119,6 +2119,13 @@ def sqlite_ledger_rows(db_path, where="", args=()):
     return _ledger_dicts(rows)
 
 
+def sqlite_ledger_row(db_path, request_id):
+    """The one ledger row of a request (asserts there is exactly one)."""
+    rows = sqlite_ledger_rows(db_path, "WHERE request_id = ?", (request_id,))
+    assert len(rows) == 1, (request_id, rows)
+    return rows[0]
+
+
 def pg_ledger_rows(pg, db="tollgate_test", where=""):
     """Every ledger row of a PostgreSQL database (see sqlite_ledger_rows)."""
     return _ledger_dicts(pg.sql("SELECT %s FROM ledger %s" % (", ".join(LEDGER_COLUMNS), where),
