@@ -654,11 +654,7 @@ out:
   return rc;
 }
 
-/* The connect timeout in force on c (the URL's, else ours, as make_params
- * set it; libpq applies it only to blocking connects), or -1 when c has
- * several hosts: libpq gives each its own timeout and goes on to the next
- * only in a blocking connect, so those must block. */
-static int connect_wait_ms(PGconn *c) {
+int tg_db_pg_connect_wait_ms(PGconn *c) {
   PQconninfoOption *opts = PQconninfo(c);
   long s = 3;
   int several = 0;
@@ -689,7 +685,7 @@ int tg_db_pg_connect_wake(const char *url, const tg_db_pg_opts_t *o, int wake_fd
   *out = NULL;
   if (rc != 0)
     return rc;
-  if ((wait = connect_wait_ms(c)) < 0) {
+  if ((wait = tg_db_pg_connect_wait_ms(c)) < 0) {
     PQfinish(c);
     return tg_db_pg_connect(url, o, out);
   }

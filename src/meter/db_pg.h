@@ -69,6 +69,15 @@ int tg_db_pg_connect_start(const char *url, const tg_db_pg_opts_t *o,
 /* How many hosts url names (its host or hostaddr list); 1 at least. */
 int tg_db_pg_hosts(const char *url);
 
+/* The connect timeout in force on c in milliseconds: the URL's
+ * connect_timeout, else ours (as tg_db_pg_connect_start set it), raised to
+ * libpq's floor of 2 s, an hour for 0 (libpq's "for ever"). libpq applies
+ * it only to blocking connects, so a caller that steps a connection keeps
+ * this deadline itself. -1 when c names several hosts: libpq gives each its
+ * own timeout and goes on to the next only in a blocking connect, so those
+ * must block. */
+int tg_db_pg_connect_wait_ms(PGconn *c);
+
 /* Advances a connection started by tg_db_pg_connect_start, waiting for the
  * network at most wait_ms in all (0: not at all), less when wake_fd (-1:
  * none) becomes readable. Returns 0 once it is connected, 1 when the budget

@@ -44,6 +44,7 @@ struct tg__ledger_conn_s {
   PGconn *pg;            /* NULL while not connected */
   PGconn *pending;       /* a connection probe() is making, or NULL */
   int64_t pending_since_ms;
+  int64_t pending_limit_ms; /* its connect timeout (the URL's, else ours) */
   int hosts, host;       /* the URL's hosts; the one probe() tries */
   tg_db_pg_opts_t opts;
   tg_db_pg_wait_t wait;  /* how long a statement's answer may take */
@@ -270,13 +271,12 @@ static int write_error(tg__ledger_conn_t *c, PGresult *r, const char *what) {
  * nothing. A connection still not made after the connect timeout is
  * dropped and the next call starts another, to the URL's next host when it
  * names several: libpq, not blocking, would wait on the first for ever
- * when it does not answer, and never reach the one that took over.
+ * when it does not answer, and never reach the one that took over. The
+ * connect timeout is the URL's connect_timeout when it sets one.
  * Returns 0 or TG_EDB (noted). */
 static int pg_probe(tg__ledger_conn_t *c) {
   char why[256], shown[200];
-  int64_t limit_ms = (int64_t)(c->opts.connect_timeout_s
-                                   ? c->opts.connect_timeout_s : 3) * 1000;
-  int rc;
+  int rc, limit_ms;
 
   if (c->pg != NULL && !tg_db_pg_broken(c->pg))
     return 0;
@@ -296,9 +296,14 @@ static int pg_probe(tg__ledger_conn_t *c) {
       return rc == TG_ENOMEM ? rc : TG_EDB;
     }
     c->pending_since_ms = mono_ms();
+    /* the URL's connect_timeout when it sets one: a handshake that needs
+     * longer than ours (TLS to a distant server) must be let finish, or
+     * every probe would start it over and the spool would never replay */
+    limit_ms = tg_db_pg_connect_wait_ms(c->pending);
+    c->pending_limit_ms = limit_ms > 0 ? limit_ms : 3000;
   }
   rc = tg_db_pg_connect_step(c->pending, PROBE_WAIT_MS, -1);
-  if (rc == 1 && mono_ms() - c->pending_since_ms < limit_ms) {
+  if (rc == 1 && mono_ms() - c->pending_since_ms < c->pending_limit_ms) {
     snprintf(c->err, sizeof(c->err), "connecting to %s",
              tg_db_pg_redact(c->url, shown, sizeof(shown)));
     return TG_EDB;

@@ -17,9 +17,11 @@ database on it.
 
 import os
 import re
+import select
 import socket
 import sqlite3
 import subprocess
+import threading
 import time
 
 import pytest
@@ -236,6 +238,88 @@ def test_spool_replays_through_the_second_host_when_the_first_does_not_answer(tg
         assert gw.stop() == 0
     finally:
         silent.close()
+
+
+class SlowHandshake:
+    """A TCP relay to PostgreSQL that, while `delay` is set, holds each new
+    connection that long before relaying it: a server whose handshake takes
+    longer than the gateway's own connect timeout (3 s), as TLS to a
+    distant database can."""
+
+    def __init__(self, port):
+        self.target = port
+        self.delay = 0.0
+        self.held = 0
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._relay, args=(c,), daemon=True).start()
+
+    def _relay(self, c):
+        u = None
+        try:
+            if self.delay:
+                self.held += 1
+                time.sleep(self.delay)
+            u = socket.create_connection(("127.0.0.1", self.target), timeout=5)
+            u.settimeout(None)
+            while True:
+                ready, _, _ = select.select([c, u], [], [])
+                for s in ready:
+                    data = s.recv(65536)
+                    if not data:
+                        return
+                    (u if s is c else c).sendall(data)
+        except OSError:
+            pass
+        finally:
+            c.close()
+            if u is not None:
+                u.close()
+
+    def close(self):
+        self.sock.close()
+
+
+def test_spool_replays_when_the_handshake_needs_the_urls_longer_connect_timeout(tg, sim, pg):
+    """`database: postgres://…?connect_timeout=10` in front of a server
+    whose handshake takes 4 s. The writer's probe gave up on a connection
+    after its own 3 s whatever the URL said and started another, which
+    took 4 s again: the spool was never replayed. It now keeps the URL's
+    connect timeout."""
+    relay = SlowHandshake(pg.port)
+    try:
+        name = "slow_handshake_%d" % os.getpid()
+        pg.create_database(name)
+        url = "postgres://postgres@127.0.0.1:%d/%s?connect_timeout=10" % (relay.port, name)
+        gw = base.start_gw(tg, sim, start=False, database=url)
+        gw.start()
+        key = gw.create_key("alpha")
+        assert base.ask(gw, key).status == 200
+        pg.stop()
+        try:
+            assert base.ask(gw, key).status == 200
+            assert os.path.getsize(gw.spool_path) > 0
+        finally:
+            relay.delay = 4.0
+            pg.start()
+        tgtest.wait_for(lambda: not os.path.exists(gw.spool_path), timeout=30,
+                        what="the spool to be replayed through a 4 s handshake")
+        assert relay.held > 0
+        assert pg.sql("SELECT COUNT(*) FROM ledger", db=name) == [("2",)]
+        relay.delay = 0.0
+        assert gw.stop() == 0
+    finally:
+        relay.close()
 
 
 def test_records_the_database_refuses_go_aside_and_hold_nothing_back(tg, sim, pg):
