@@ -1372,23 +1372,31 @@ static int build_upstream_headers(tg_call_t *c) {
 
 /* Bytes of prompt text in a content value: a string, an array of strings,
  * of token ids (one each) or of parts with "text". Tokens never outnumber
- * the bytes they were cut from, so this bounds the prompt from above. */
-static int64_t text_bytes(const cJSON *v) {
+ * the bytes they were cut from, so this bounds the prompt from above. A
+ * part of another type (image_url, input_audio, video_url, ...) counts the
+ * model's media_tokens: its tokens depend on the model and the picture's
+ * size, not on the bytes that carry it. */
+static int64_t text_bytes(const cJSON *v, int64_t media) {
   int64_t n = 0;
-  const cJSON *e;
+  const cJSON *e, *type;
 
   if (cJSON_IsString(v))
     return (int64_t)strlen(v->valuestring); /* no NUL inside: tg_json_parse */
   if (cJSON_IsNumber(v))
     return 1;
-  if (cJSON_IsObject(v))
-    return text_bytes(tg_json_get(v, "text"));
+  if (cJSON_IsObject(v)) {
+    type = tg_json_get(v, "type");
+    if (cJSON_IsString(type) && strcmp(type->valuestring, "text") != 0 &&
+        strcmp(type->valuestring, "refusal") != 0)
+      return media;
+    return text_bytes(tg_json_get(v, "text"), media);
+  }
   if (cJSON_IsArray(v))
     cJSON_ArrayForEach(e, v) {
       if (cJSON_IsArray(e))
         n += (int64_t)cJSON_GetArraySize(e); /* a list of token ids */
       else
-        n += text_bytes(e);
+        n += text_bytes(e, media);
     }
   return n;
 }
@@ -1461,16 +1469,16 @@ static int64_t completions(const tg_call_t *c, const body_fields_t *f) {
  * max_tokens for every completion the request asks for. */
 static void estimate(tg_call_t *c, const body_fields_t *f) {
   const cJSON *m;
-  int64_t est = 8, max_tokens = 0, mt, k;
+  int64_t est = 8, max_tokens = 0, mt, k, media = c->model->media_tokens;
 
   if (cJSON_IsArray(f->messages)) {
     cJSON_ArrayForEach(m, f->messages) {
       /* a chat template adds a few tokens per message */
-      est += 8 + text_bytes(tg_json_get(m, "content"));
+      est += 8 + text_bytes(tg_json_get(m, "content"), media);
     }
   }
-  est += text_bytes(f->prompt);
-  est += text_bytes(f->input);
+  est += text_bytes(f->prompt, media);
+  est += text_bytes(f->input, media);
   c->prompt_estimate = est;
 
   if (strcmp(c->path, "/v1/embeddings") != 0 && c->model->kind != TG_MODEL_EMBEDDING) {

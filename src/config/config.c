@@ -935,8 +935,8 @@ static void get_either(ydoc_t *d, yaml_node_t *n, const char *path, const char *
 static void parse_model(ydoc_t *d, tg_model_cfg_t *m, yaml_node_t *key,
                         yaml_node_t *n, const char *where) {
   static const char *const names[] = {"kind", "max_tokens", "endpoints",
-                                      "pricing", "cache_salt"};
-  enum { F_KIND, F_MAX_TOKENS, F_ENDPOINTS, F_PRICING, F_CACHE_SALT, NF };
+                                      "pricing", "cache_salt", "media_tokens"};
+  enum { F_KIND, F_MAX_TOKENS, F_ENDPOINTS, F_PRICING, F_CACHE_SALT, F_MEDIA_TOKENS, NF };
   static const char *const pnames[] = {"prompt_per_1k_usd",
                                        "completion_per_1k_usd"};
   yaml_node_t *v[NF], *k[NF];
@@ -955,6 +955,10 @@ static void parse_model(ydoc_t *d, tg_model_cfg_t *m, yaml_node_t *key,
   if (v[F_MAX_TOKENS] != NULL) {
     join_path(path, sizeof path, where, "max_tokens");
     get_int(d, v[F_MAX_TOKENS], path, 1, MAX_TOKENS_CAP, &m->max_tokens);
+  }
+  if (v[F_MEDIA_TOKENS] != NULL) {
+    join_path(path, sizeof path, where, "media_tokens");
+    get_int(d, v[F_MEDIA_TOKENS], path, 0, MAX_TOKENS_CAP, &m->media_tokens);
   }
   if (v[F_CACHE_SALT] != NULL) {
     join_path(path, sizeof path, where, "cache_salt");
@@ -1061,6 +1065,7 @@ static void parse_models(ydoc_t *d, yaml_node_t *key, yaml_node_t *n) {
       continue;
     }
     m->max_tokens = 4096;
+    m->media_tokens = 2048;
     m->kind = TG_MODEL_CHAT;
     cfg->n_models++;
     join_path(path, sizeof path, where, name);

@@ -32,6 +32,7 @@ typedef struct {
   tg_nano_t prompt_nano_per_token;      /* from pricing.prompt_per_1k_usd */
   tg_nano_t completion_nano_per_token;  /* from pricing.completion_per_1k_usd */
   int64_t max_tokens;  /* completion cap when a request states none; default 4096 */
+  int64_t media_tokens; /* prompt estimate of an image, audio or video part; default 2048 */
   int kind;            /* TG_MODEL_CHAT (default) or TG_MODEL_EMBEDDING */
   int cache_salt;      /* TG_CACHE_SALT_TENANT (default) or TG_CACHE_SALT_OFF */
 } tg_model_cfg_t;

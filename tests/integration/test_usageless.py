@@ -147,6 +147,34 @@ def test_whole_answer_without_usage_is_billed_from_above(tg, path, body):
     check_books(gw, [a, b])
 
 
+def test_media_parts_count_the_models_media_tokens(tg):
+    """An image or audio part's tokens depend on the model, not on the bytes
+    of its URL: each counts the model's `media_tokens` (default 2,048) in
+    the prompt estimate, so a request with pictures reserves and, without
+    usage, is billed from above instead of as if the pictures were free
+    (they counted 0)."""
+    url = tg.sim().url
+    vision = "llava-next"
+    e = tgtest.model_entry([url])
+    e["media_tokens"] = 3000
+    tenants = {"acme": tgtest.limited_tenant(models=[M, vision], daily="100.00")}
+    gw = tg.gateway({M: tgtest.model_entry([url]), vision: e}, tenants=tenants)
+    parts = [{"type": "text", "text": "What is in these pictures?"},
+             {"type": "image_url", "image_url": {"url": "data:image/png;base64," + "A" * 4000}},
+             {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}},
+             {"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}}]
+    rows = []
+    for model, media in ((M, 2048), (vision, 3000)):
+        body = {"model": model, "max_tokens": 5,
+                "messages": [{"role": "user", "content": parts}]}
+        est = tgtest.prompt_estimate(body, media_tokens=media)
+        assert est == 8 + 8 + len(parts[0]["text"]) + 3 * media
+        row = row_of(gw, post(gw, "/v1/chat/completions", body, headers=NO_USAGE))
+        assert (row["usage_counted"], row["prompt_tokens"]) == (1, est), row
+        rows.append(row)
+    check_books(gw, rows)
+
+
 def test_embeddings_without_usage_bill_the_prompt_estimate(tg):
     gw = start_gw(tg, tg.sim().url)
     body = {"model": EMBED, "input": ["hello", "other text", "ünïcödé"]}

@@ -1368,9 +1368,10 @@ def nano_per_token(per_1k_usd):
     return int(v)
 
 
-def prompt_estimate(body):
+def prompt_estimate(body, media_tokens=2048):
     """The gateway's prompt-token estimate for a request body: bytes of the
-    message contents (strings, or the parts' text) + 8 per message + 8, plus
+    message contents (strings, or the parts' text; the model's media_tokens
+    for a part of another type, such as image_url) + 8 per message + 8, plus
     the bytes of `prompt` / `input` for completions and embeddings."""
     def text_bytes(v):
         if v is None:
@@ -1382,6 +1383,9 @@ def prompt_estimate(body):
             for p in v:
                 if isinstance(p, str):
                     n += len(p.encode())
+                elif isinstance(p, dict) and isinstance(p.get("type"), str) and \
+                        p["type"] not in ("text", "refusal"):
+                    n += media_tokens
                 elif isinstance(p, dict) and isinstance(p.get("text"), str):
                     n += len(p["text"].encode())
             return n

@@ -371,6 +371,7 @@ static void test_defaults_and_forms(void **state) {
       "models:\n"
       "  m:\n"
       "    max_tokens: 512\n"
+      "    media_tokens: 576\n"
       "    endpoints:\n"
       "      - url: https://gpu-1.internal:8443/\n"
       "      - {url: \"http://10.0.0.2:8000\", max_inflight: 8}\n"
@@ -419,6 +420,7 @@ static void test_defaults_and_forms(void **state) {
   assert_non_null(m);
   assert_int_equal(m->kind, TG_MODEL_CHAT);
   assert_int_equal(m->max_tokens, 512);
+  assert_int_equal(m->media_tokens, 576);
   assert_int_equal(m->n_endpoints, 2);
   assert_string_equal(m->endpoints[0].url, "https://gpu-1.internal:8443");
   assert_int_equal(m->endpoints[0].max_inflight, 256);
@@ -429,6 +431,7 @@ static void test_defaults_and_forms(void **state) {
   const tg_model_cfg_t *f = tg_config_model(cfg, "free-model");
   assert_non_null(f);
   assert_int_equal(f->max_tokens, 4096);
+  assert_int_equal(f->media_tokens, 2048);
   assert_int_equal(f->prompt_nano_per_token, 0);
   assert_string_equal(f->endpoints[0].url, "http://[::1]:8000");
 
@@ -668,6 +671,9 @@ static void test_structure_errors(void **state) {
       {"models:\n  m:\n    endpoints: [{url: \"http://h\"}]\n"
        "    max_tokens: 99999999999\n",
        4, "models.m.max_tokens: 99999999999 is out of range"},
+      {"models:\n  m:\n    endpoints: [{url: \"http://h\"}]\n"
+       "    media_tokens: -1\n",
+       4, "models.m.media_tokens: -1 is out of range"},
       {"models:\n  bad name:\n    endpoints: [{url: \"http://h\"}]\n", 2,
        "invalid model name 'bad name'"},
       {"models:\n  m:\n    endpoints: [{url: \"http://h\"}]\n    cache_salt: maybe\n", 4,
