@@ -21,7 +21,12 @@
 # measured in turn ROUNDS times, so a load that comes and goes on a shared
 # machine hits each alike, and the median round of each is printed),
 # TG_EXTRA_CONFIG (top-level YAML lines added to both tollgates' config,
-# e.g. "ledger: off"), ACCESS_LOG (0: no proxy logs requests; 1: each logs
+# e.g. "ledger: off"), RATE (0: each connection sends its next request as
+# soon as its answer is in, a closed loop that measures capacity, where
+# p99 is about CONNECTIONS / req/s; N: each connection first waits a random
+# pause of mean CONNECTIONS / N seconds, so every target is offered about N
+# req/s and p99 compares the latency each adds at the same rate; see
+# docs/performance.md), ACCESS_LOG (0: no proxy logs requests; 1: each logs
 # every request to a file in the temp dir, nginx in its combined format with
 # `buffer=64k flush=1s`, tollgate its JSON lines), KEEP=1 keeps the temp dir.
 #
@@ -43,6 +48,7 @@ SIM_WORKERS=${SIM_WORKERS:-1}
 WARMUP=${WARMUP:-2s}
 ROUNDS=${ROUNDS:-1}
 ACCESS_LOG=${ACCESS_LOG:-0}
+RATE=${RATE:-0}
 TARGETS=${TARGETS:-sim nginx tollgate curl}
 MODEL=llama-3.1-8b
 
@@ -222,6 +228,10 @@ for name in "${names[@]}"; do
 done
 
 export TG_BENCH_MODEL="$MODEL"
+if [ "$RATE" -gt 0 ]; then
+  TG_BENCH_DELAY_MS=$(awk -v c="$CONNECTIONS" -v r="$RATE" 'BEGIN { printf "%.3f", c * 1000 / r }')
+  export TG_BENCH_DELAY_MS
+fi
 
 CLK_TCK=$(getconf CLK_TCK)
 
@@ -249,6 +259,9 @@ echo "# date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
 echo "# machine: $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')"
 echo "# kernel: $(uname -r); $("$NGINX" -v 2>&1); $(wrk --version 2>&1 | head -1 | cut -d' ' -f1-2)"
 echo "# load: wrk -t $WRK_THREADS -c $CONNECTIONS -d $DURATION x $ROUNDS rounds, POST /v1/chat/completions (16 tokens), workers $WORKERS (nginx, tollgate), sim workers $SIM_WORKERS"
+if [ "$RATE" -gt 0 ]; then
+  echo "# paced: each connection waits a random pause (exponential, mean $TG_BENCH_DELAY_MS ms) before each request: about $RATE req/s offered to every target"
+fi
 echo "# build: $BUILD_DIR${TG_EXTRA_CONFIG:+; tollgate config adds: $TG_EXTRA_CONFIG}"
 echo "# access logs: $([ "$ACCESS_LOG" = 1 ] && echo "on (nginx combined, buffer=64k; tollgate JSON lines), to files" || echo off)"
 

@@ -31,6 +31,19 @@ if keys ~= "" then
   end
 end
 
+-- $TG_BENCH_DELAY_MS, when set, paces each connection: before each request
+-- it waits a random pause (exponential, that mean, in whole milliseconds as
+-- wrk counts them), so the load is an offered rate, about connections /
+-- (pause + latency), arriving at random rather than in step, and every
+-- target is measured at the same rate.
+local delay_ms = tonumber(os.getenv("TG_BENCH_DELAY_MS") or "")
+if delay_ms and delay_ms > 0 then
+  math.randomseed(os.time())
+  function delay()
+    return math.floor(-delay_ms * math.log(1 - math.random()) + 0.5)
+  end
+end
+
 function done(summary, latency, requests)
   local e = summary.errors
   io.write(string.format("TGBENCH %d %d %d %d %d %d\n",
