@@ -414,7 +414,9 @@ typedef struct {
   uv_work_t work;
   tg_runtime_t *rt;
   int64_t deleted;
+  int rc;                    /* the purge's outcome, 0 or a TG_E* code */
   int running;
+  int stopped;               /* the stop cut its waits short */
   int wake[2];               /* a pipe: a stop ends the purge's waits for the
                               * database (-1 when it could not be made) */
 } purge_t;
@@ -482,20 +484,27 @@ static void purge_work(uv_work_t *wk) {
   tg_ledger_db_t *db = NULL;
 
   p->deleted = 0;
-  if (tg_ledger_db_open_wake(cfg->database, cfg->data_dir, p->wake[0], &db) < 0)
+  p->rc = tg_ledger_db_open_wake(cfg->database, cfg->data_dir, p->wake[0], &db);
+  if (p->rc != 0)
     return;
-  tg_ledger_purge_expired(db, tg_now_ms(), retention_of, p, &p->deleted);
+  p->rc = tg_ledger_purge_expired(db, tg_now_ms(), retention_of, p, &p->deleted);
   tg_ledger_db_close(db);
 }
 
 static void purge_done(uv_work_t *wk, int status) {
   purge_t *p = wk->data;
-  char msg[96];
+  char msg[160];
   (void)status;
   if (p->deleted > 0) {
     snprintf(msg, sizeof(msg), "%lld ledger records past their tenant's retention removed",
              (long long)p->deleted);
     tg_policy_log("ledger_retention_purge", msg);
+  }
+  if (p->rc != 0) {
+    /* the database's own line on stderr says why; the next try is in an hour */
+    snprintf(msg, sizeof(msg), "the ledger's retention purge did not finish (%s)%s",
+             tg_strerror(p->rc), p->stopped ? ": the gateway is stopping" : "");
+    tg_policy_log("ledger_retention_purge_failed", msg);
   }
   tg_runtime_unref(p->rt);
   p->rt = NULL;
@@ -578,6 +587,7 @@ static void on_signal(uv_signal_t *s, int signum) {
     /* a purge waiting on a frozen database would hold the stop */
     ssize_t n = write(m->purge.wake[1], "x", 1);
     (void)n;
+    m->purge.stopped = 1;
   }
   fprintf(stderr, "tollgate: draining (up to %llu ms)\n",
           (unsigned long long)m->app->rt->cfg->drain_timeout_ms);

@@ -120,18 +120,8 @@ struct tg_ledger_s {
   _Atomic int64_t spool_bytes;
   struct {
     atomic_uint_fast64_t transactions, committed, spooled, replayed,
-        spool_skipped, db_failures, lost, refused, purged, rejected;
+        spool_skipped, db_failures, lost, refused, rejected;
   } st;
-
-  /* The background purge (tg_ledger_purge_every). */
-  char *database;
-  pthread_mutex_t purge_mu;
-  pthread_cond_t purge_cond;      /* CLOCK_MONOTONIC */
-  pthread_t purge_thread;
-  int purge_started, purge_stop;
-  int64_t purge_interval_ms;
-  tg_ledger_retention_fn purge_days;
-  void *purge_arg;
 
   /* The writer thread's own (and tg_ledger_open's before it starts). */
   lines_t spool;            /* records waiting for the database */
@@ -889,7 +879,7 @@ static void try_replay(tg_ledger_t *l) {
   replay_step(l);
 }
 
-/* The ledger's threads (writer, checkpointer, purger) run SCHED_BATCH: when
+/* The ledger's threads (writer, checkpointer) run SCHED_BATCH: when
  * one wakes it never preempts a running thread, a loop thread above all,
  * which would lose its caches and its turn mid-request. It runs when a core is
  * free or at the next tick, a millisecond or so later: its work is a batch
@@ -1133,9 +1123,6 @@ static void free_ledger(tg_ledger_t *l) {
   free(l->sel);
   free(l->rrecs);
   free(l->buf);
-  free(l->database);
-  pthread_cond_destroy(&l->purge_cond);
-  pthread_mutex_destroy(&l->purge_mu);
   pthread_cond_destroy(&l->cond);
   pthread_mutex_destroy(&l->mu);
   free(l);
@@ -1179,8 +1166,6 @@ int tg_ledger_open(const char *database, const char *data_dir,
   pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
   pthread_mutex_init(&l->mu, NULL);
   pthread_cond_init(&l->cond, &ca);
-  pthread_mutex_init(&l->purge_mu, NULL);
-  pthread_cond_init(&l->purge_cond, &ca);
   pthread_condattr_destroy(&ca);
 
   rc = TG_EINVAL;
@@ -1196,9 +1181,6 @@ int tg_ledger_open(const char *database, const char *data_dir,
   if (n < 0 || (size_t)n >= sizeof(l->rejected.path))
     goto out;
   rc = TG_ENOMEM;
-  l->database = strdup(database != NULL ? database : "sqlite");
-  if (l->database == NULL)
-    goto out;
   l->replay_max = l->batch_max * REPLAY_BATCHES;
   l->ptrs = calloc(l->replay_max, sizeof(*l->ptrs));
   l->rrecs = calloc(l->replay_max, sizeof(*l->rrecs));
@@ -1241,13 +1223,6 @@ out:
 void tg_ledger_close(tg_ledger_t *l) {
   if (l == NULL)
     return;
-  if (l->purge_started) {
-    pthread_mutex_lock(&l->purge_mu);
-    l->purge_stop = 1;
-    pthread_cond_signal(&l->purge_cond);
-    pthread_mutex_unlock(&l->purge_mu);
-    pthread_join(l->purge_thread, NULL);
-  }
   if (l->started) {
     pthread_mutex_lock(&l->mu);
     l->stopping = 1;
@@ -1281,7 +1256,6 @@ void tg_ledger_stats(const tg_ledger_t *l, tg_ledger_stats_t *out) {
   out->db_failures = atomic_load(&m->st.db_failures);
   out->lost = atomic_load(&m->st.lost);
   out->refused = atomic_load(&m->st.refused);
-  out->purged = atomic_load(&m->st.purged);
   out->rejected = atomic_load(&m->st.rejected);
 }
 
@@ -1417,57 +1391,4 @@ int tg_ledger_purge_expired(tg_ledger_db_t *d, int64_t now_ms,
   if (deleted != NULL)
     *deleted = total;
   return rc;
-}
-
-static void purge_once(tg_ledger_t *l) {
-  tg_ledger_db_t *d = NULL;
-  int64_t n = 0;
-  int rc = tg_ledger_db_open(l->database, l->dir, &d);
-
-  if (rc == 0)
-    rc = tg_ledger_purge_expired(d, wall_ms(), l->purge_days, l->purge_arg, &n);
-  tg_ledger_db_close(d);
-  bump(&l->st.purged, (size_t)n);
-  if (n > 0)
-    fprintf(stderr, "tollgate: ledger: purged %" PRId64 " records past their "
-            "tenant's retention\n", n);
-  if (rc != 0)
-    fprintf(stderr, "tollgate: ledger: retention purge failed: %s\n",
-            tg_strerror(rc));
-}
-
-static void *purger_main(void *arg) {
-  tg_ledger_t *l = arg;
-  int64_t wait_ms = l->purge_interval_ms < 60000 ? l->purge_interval_ms : 60000;
-
-  tg_thread_name("tg-ledger-purge");
-  tg__ledger_thread_background();
-
-  pthread_mutex_lock(&l->purge_mu);
-  for (;;) {
-    int64_t deadline = mono_us() + wait_ms * 1000;
-    while (!l->purge_stop && mono_us() < deadline)
-      wait_until(&l->purge_cond, &l->purge_mu, deadline);
-    if (l->purge_stop)
-      break;
-    pthread_mutex_unlock(&l->purge_mu);
-    purge_once(l);
-    pthread_mutex_lock(&l->purge_mu);
-    wait_ms = l->purge_interval_ms;
-  }
-  pthread_mutex_unlock(&l->purge_mu);
-  return NULL;
-}
-
-int tg_ledger_purge_every(tg_ledger_t *l, int64_t interval_ms,
-                          tg_ledger_retention_fn days_of, void *arg) {
-  if (l == NULL || l->purge_started || interval_ms < 0)
-    return TG_EINVAL;
-  l->purge_interval_ms = interval_ms > 0 ? interval_ms : 86400000;
-  l->purge_days = days_of;
-  l->purge_arg = arg;
-  if (pthread_create(&l->purge_thread, NULL, purger_main, l) != 0)
-    return TG_ENOMEM;
-  l->purge_started = 1;
-  return 0;
 }

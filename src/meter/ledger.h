@@ -139,7 +139,6 @@ typedef struct {
   uint64_t db_failures;       /* batches the database failed (away, locked) */
   uint64_t lost;              /* records neither the database nor the spool kept */
   uint64_t refused;           /* appends refused by the backlog bound */
-  uint64_t purged;            /* records removed by the background purge */
   uint64_t rejected;          /* records the database refused, kept in the
                                  rejected file */
 } tg_ledger_stats_t;
@@ -216,13 +215,5 @@ typedef int (*tg_ledger_retention_fn)(void *arg, const char *tenant);
 int tg_ledger_purge_expired(tg_ledger_db_t *d, int64_t now_ms,
                             tg_ledger_retention_fn days_of, void *arg,
                             int64_t *deleted);
-
-/* Runs tg_ledger_purge_expired on its own thread and connection: first
- * after min(interval_ms, 60 s), then every interval_ms (0: a day), until
- * tg_ledger_close. days_of is called on that thread (so it must read a
- * thread-safe config) and arg must live until tg_ledger_close. Call at most
- * once. Returns 0, TG_EINVAL (already running) or TG_ENOMEM. */
-int tg_ledger_purge_every(tg_ledger_t *l, int64_t interval_ms,
-                          tg_ledger_retention_fn days_of, void *arg);
 
 #endif

@@ -206,6 +206,38 @@ def test_a_frozen_server_costs_an_answer_seconds_and_holds_no_stop(tg, sim, pg):
     gw.stop()
 
 
+def test_a_stop_ends_a_retention_purge_waiting_on_a_frozen_server(tg, sim, pg):
+    """The retention purge (first 30 s after start, then hourly) runs on a
+    connection of its own in libuv's thread pool. With the server frozen
+    before it starts and a URL that lets a connect wait a minute, the purge
+    waits on its connect; a stop waited for it as long. The first SIGTERM
+    now ends the purge's waits at once, and the gateway says the purge did
+    not finish (before, a purge that failed said nothing)."""
+    name = "purge_frozen_%d" % os.getpid()
+    url = pg.create_database(name) + "?connect_timeout=60"
+    gw = base.start_gw(tg, sim, start=False, database=url)
+    t0 = time.monotonic()
+    gw.start()
+    t_ready = time.monotonic()
+    key = gw.create_key("alpha")
+    assert base.ask(gw, key).status == 200
+    assert t_ready - t0 < 20, "the gateway took %.1f s to start" % (t_ready - t0)
+    time.sleep(max(0.0, t0 + 25 - time.monotonic()))
+    pg.pause()                          # frozen before the purge's first run
+    try:
+        time.sleep(max(0.0, t_ready + 32 - time.monotonic()))  # the purge waits on it now
+        assert not tgtest.gateway_events(gw, "ledger_retention_purge_failed")
+        t = time.monotonic()
+        assert gw.stop(timeout=90) == 0
+        took = time.monotonic() - t
+    finally:
+        pg.resume()
+    assert took < 10, "the stop took %.1f s" % took
+    events = tgtest.gateway_events(gw, "ledger_retention_purge_failed")
+    assert len(events) == 1 and "the gateway is stopping" in events[0]["detail"], \
+        gw.proc.stderr_text()[-3000:]
+
+
 def test_spool_replays_through_the_second_host_when_the_first_does_not_answer(tg, sim, pg):
     """`database: postgres://…@pg-a,pg-b/…` after a failover: pg-a (a
     socket that takes connections and never answers, as a host gone silent)
