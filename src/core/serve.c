@@ -11,6 +11,8 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <openssl/rand.h>
+#include <pthread.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -482,13 +484,17 @@ static void purge_work(uv_work_t *wk) {
   purge_t *p = wk->data;
   const tg_config_t *cfg = p->rt->cfg;
   tg_ledger_db_t *db = NULL;
+  struct sched_param sp = {.sched_priority = 0};
 
+  /* as the ledger's own threads: waking, it never preempts a loop thread
+   * (the pool's thread gets its policy back at the end) */
+  (void)pthread_setschedparam(pthread_self(), SCHED_BATCH, &sp);
   p->deleted = 0;
   p->rc = tg_ledger_db_open_wake(cfg->database, cfg->data_dir, p->wake[0], &db);
-  if (p->rc != 0)
-    return;
-  p->rc = tg_ledger_purge_expired(db, tg_now_ms(), retention_of, p, &p->deleted);
+  if (p->rc == 0)
+    p->rc = tg_ledger_purge_expired(db, tg_now_ms(), retention_of, p, &p->deleted);
   tg_ledger_db_close(db);
+  (void)pthread_setschedparam(pthread_self(), SCHED_OTHER, &sp);
 }
 
 static void purge_done(uv_work_t *wk, int status) {

@@ -83,8 +83,8 @@ typedef struct {
 extern const tg__ledger_backend_t tg__ledger_backend_sqlite;
 extern const tg__ledger_backend_t tg__ledger_backend_pg;
 
-/* Called first by each thread of the ledger (writer, checkpointer,
- * purger): they yield to the loop threads (ledger.c). */
+/* Called first by each thread of the ledger (writer, checkpointer): they
+ * yield to the loop threads (ledger.c). */
 void tg__ledger_thread_background(void);
 
 /* Tests only: while on is non-zero, the SQLite backend's insert_batch fails
