@@ -21,7 +21,6 @@ import select
 import socket
 import sqlite3
 import subprocess
-import threading
 import time
 
 import pytest
@@ -272,7 +271,7 @@ def test_spool_replays_through_the_second_host_when_the_first_does_not_answer(tg
         silent.close()
 
 
-class SlowHandshake:
+class SlowHandshake(tgtest.TcpServer):
     """A TCP relay to PostgreSQL that, while `delay` is set, holds each new
     connection that long before relaying it: a server whose handshake takes
     longer than the gateway's own connect timeout (3 s), as TLS to a
@@ -282,21 +281,9 @@ class SlowHandshake:
         self.target = port
         self.delay = 0.0
         self.held = 0
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__()
 
-    def _accept(self):
-        while True:
-            try:
-                c, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._relay, args=(c,), daemon=True).start()
-
-    def _relay(self, c):
+    def handle(self, c):
         u = None
         try:
             if self.delay:
@@ -317,9 +304,6 @@ class SlowHandshake:
             c.close()
             if u is not None:
                 u.close()
-
-    def close(self):
-        self.sock.close()
 
 
 def test_spool_replays_when_the_handshake_needs_the_urls_longer_connect_timeout(tg, sim, pg):

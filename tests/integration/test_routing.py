@@ -4,7 +4,6 @@ when no endpoint can serve, the client gets 503 no_healthy_endpoint and
 /readyz says so; a backend that dies mid-stream truncates only that
 stream."""
 
-import socket
 import threading
 import time
 
@@ -134,27 +133,15 @@ def test_failed_attempt_waits_for_a_full_endpoint(tg):
     assert busy[0].status == 200
 
 
-class _Hangup:
+class _Hangup(tgtest.TcpServer):
     """An upstream that answers health probes (GET) and hangs up on every
     POST without answering it. Counts the POSTs."""
 
     def __init__(self):
         self.posts = 0
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.url = "http://127.0.0.1:%d" % self.sock.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__()
 
-    def _accept(self):
-        while True:
-            try:
-                c, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(c,), daemon=True).start()
-
-    def _serve(self, c):
+    def handle(self, c):
         with c:
             while True:
                 head = b""
@@ -167,9 +154,6 @@ class _Hangup:
                     self.posts += 1
                     return
                 c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-
-    def close(self):
-        self.sock.close()
 
 
 def test_failed_attempt_waits_without_coming_back_to_its_endpoint(tg):

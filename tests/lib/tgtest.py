@@ -1130,6 +1130,37 @@ def rmtree(path):
 # --------------------------------------------------------------------------
 # a scripted upstream for cases the simulator cannot express per endpoint
 
+class TcpServer:
+    """A loopback listener on a free port that runs handle(conn) on a thread
+    of its own for each connection it accepts, until close(). Subclasses
+    set their own attributes before calling __init__."""
+
+    def __init__(self, backlog=64):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(backlog)
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def url(self):
+        return "http://127.0.0.1:%d" % self.port
+
+    def _accept(self):
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self.handle, args=(c,), daemon=True).start()
+
+    def handle(self, conn):
+        raise NotImplementedError
+
+    def close(self):
+        self.sock.close()
+
+
 class FakeUpstream:
     """A tiny HTTP server on a free port answering every POST with a fixed
     status and JSON body, and every GET with 200 (so health probes pass).
