@@ -237,6 +237,22 @@ def test_a_stop_ends_a_retention_purge_waiting_on_a_frozen_server(tg, sim, pg):
         gw.proc.stderr_text()[-3000:]
 
 
+def spool_one_answer(gw, pg, before_restart=None):
+    """gw answers once with the server up and once while it is stopped (that
+    record goes to the spool); then before_restart() runs and the server
+    starts again."""
+    key = gw.create_key("alpha")
+    assert base.ask(gw, key).status == 200
+    pg.stop()
+    try:
+        assert base.ask(gw, key).status == 200
+        assert os.path.getsize(gw.spool_path) > 0
+    finally:
+        if before_restart is not None:
+            before_restart()
+        pg.start()
+
+
 def test_spool_replays_through_the_second_host_when_the_first_does_not_answer(tg, sim, pg):
     """`database: postgres://…@pg-a,pg-b/…` after a failover: pg-a (a
     socket that takes connections and never answers, as a host gone silent)
@@ -255,14 +271,7 @@ def test_spool_replays_through_the_second_host_when_the_first_does_not_answer(tg
             silent.getsockname()[1], pg.port, name)
         gw = base.start_gw(tg, sim, start=False, database=url)
         gw.start(timeout=40)             # each blocking connect waits 3 s on pg-a
-        key = gw.create_key("alpha")
-        assert base.ask(gw, key).status == 200
-        pg.stop()
-        try:
-            assert base.ask(gw, key).status == 200
-            assert os.path.getsize(gw.spool_path) > 0
-        finally:
-            pg.start()
+        spool_one_answer(gw, pg)
         tgtest.wait_for(lambda: not os.path.exists(gw.spool_path), timeout=20,
                         what="the spool to be replayed through pg-b")
         assert pg.sql("SELECT COUNT(*) FROM ledger", db=name) == [("2",)]
@@ -319,15 +328,10 @@ def test_spool_replays_when_the_handshake_needs_the_urls_longer_connect_timeout(
         url = "postgres://postgres@127.0.0.1:%d/%s?connect_timeout=10" % (relay.port, name)
         gw = base.start_gw(tg, sim, start=False, database=url)
         gw.start()
-        key = gw.create_key("alpha")
-        assert base.ask(gw, key).status == 200
-        pg.stop()
-        try:
-            assert base.ask(gw, key).status == 200
-            assert os.path.getsize(gw.spool_path) > 0
-        finally:
+
+        def slow():
             relay.delay = 4.0
-            pg.start()
+        spool_one_answer(gw, pg, before_restart=slow)
         tgtest.wait_for(lambda: not os.path.exists(gw.spool_path), timeout=30,
                         what="the spool to be replayed through a 4 s handshake")
         assert relay.held > 0
