@@ -419,6 +419,7 @@ typedef struct {
   int rc;                    /* the purge's outcome, 0 or a TG_E* code */
   int running;
   int stopped;               /* the stop cut its waits short */
+  tg_metrics_t *metrics;     /* counts runs and records removed */
   int wake[2];               /* a pipe: a stop ends the purge's waits for the
                               * database (-1 when it could not be made) */
 } purge_t;
@@ -501,6 +502,8 @@ static void purge_done(uv_work_t *wk, int status) {
   purge_t *p = wk->data;
   char msg[160];
   (void)status;
+  /* counted before the lines are logged: whoever reads a line sees its count */
+  tg_metrics_purge(p->metrics, p->rc == 0, (uint64_t)(p->deleted > 0 ? p->deleted : 0));
   if (p->deleted > 0) {
     snprintf(msg, sizeof(msg), "%lld ledger records past their tenant's retention removed",
              (long long)p->deleted);
@@ -740,6 +743,7 @@ int tg_cmd_serve(int argc, char **argv) {
   watch_config(&m, main_loop, app.config_path);
   if (pipe2(m.purge.wake, O_CLOEXEC | O_NONBLOCK) != 0)
     m.purge.wake[0] = m.purge.wake[1] = -1;
+  m.purge.metrics = app.metrics;
   uv_timer_init(main_loop, &m.purge_timer);
   m.purge_timer.data = &m;
   uv_timer_start(&m.purge_timer, on_purge_timer, 30 * 1000, 3600 * 1000);

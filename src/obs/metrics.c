@@ -80,6 +80,7 @@ struct tg_metrics_s {
   size_t n;
   table_t *t;
   ctr_t reloads, reload_failures;
+  ctr_t purges, purge_failures, purged;
   _Atomic(event_t *) events;       /* budget events by tenant (push-only list) */
 };
 
@@ -271,6 +272,13 @@ void tg_metrics_queued(void *slot, int delta) {
 void tg_metrics_reload(tg_metrics_t *m, int ok) {
   if (m)
     atomic_fetch_add_explicit(ok ? &m->reloads : &m->reload_failures, 1, memory_order_relaxed);
+}
+
+void tg_metrics_purge(tg_metrics_t *m, int ok, uint64_t records) {
+  if (m == NULL)
+    return;
+  atomic_fetch_add_explicit(ok ? &m->purges : &m->purge_failures, 1, memory_order_relaxed);
+  atomic_fetch_add_explicit(&m->purged, records, memory_order_relaxed);
 }
 
 /* The node of tenant in the list from head up to (not including) stop. */
@@ -710,6 +718,14 @@ void tg_metrics_render(tg_metrics_t *m, tg_mbuf_t *b) {
                     "# HELP llm_config_reload_failures_total Config reloads refused (the old config kept running).\n"
                     "# TYPE llm_config_reload_failures_total counter\nllm_config_reload_failures_total %llu\n",
                  (unsigned long long)ld(&m->reloads), (unsigned long long)ld(&m->reload_failures));
+  tg_mbuf_printf(b, "# HELP llm_ledger_purges_total Hourly retention purges run to the end.\n"
+                    "# TYPE llm_ledger_purges_total counter\nllm_ledger_purges_total %llu\n"
+                    "# HELP llm_ledger_purge_failures_total Retention purges that did not finish (database away, stop).\n"
+                    "# TYPE llm_ledger_purge_failures_total counter\nllm_ledger_purge_failures_total %llu\n"
+                    "# HELP llm_ledger_purged_records_total Ledger records removed past their tenant's retention.\n"
+                    "# TYPE llm_ledger_purged_records_total counter\nllm_ledger_purged_records_total %llu\n",
+                 (unsigned long long)ld(&m->purges), (unsigned long long)ld(&m->purge_failures),
+                 (unsigned long long)ld(&m->purged));
   tg_mbuf_printf(b, "# HELP llm_budget_threshold_events_total Budget alert thresholds crossed.\n"
                     "# TYPE llm_budget_threshold_events_total counter\n");
   for (ev = atomic_load(&m->events); ev; ev = ev->next) {

@@ -51,6 +51,9 @@ void tg_metrics_queued(void *slot, int delta);
 
 /* Process-wide counters (any thread). */
 void tg_metrics_reload(tg_metrics_t *m, int ok);
+/* A retention purge ended: ok 1 when it ran to the end; records removed
+ * (also by one that did not finish). */
+void tg_metrics_purge(tg_metrics_t *m, int ok, uint64_t records);
 void tg_metrics_budget_event(tg_metrics_t *m, const char *tenant, int month);
 
 /* Growable text for a scrape, bounded at max bytes. */

@@ -69,6 +69,9 @@ METRICS = {
     "llm_ledger_spool_bytes": ("gauge", ()),
     "llm_ledger_transactions_total": ("counter", ()),
     "llm_ledger_records_total": ("counter", ("outcome",)),
+    "llm_ledger_purges_total": ("counter", ()),
+    "llm_ledger_purge_failures_total": ("counter", ()),
+    "llm_ledger_purged_records_total": ("counter", ()),
     "llm_config_reloads_total": ("counter", ()),
     "llm_config_reload_failures_total": ("counter", ()),
     "llm_budget_threshold_events_total": ("counter", ("tenant", "window")),
@@ -276,7 +279,7 @@ def test_promtool_script_passes():
     assert "check rules %s" % RULES in out
     assert "check config %s" % PROM_CONFIG in out
     assert "test rules %s" % RULE_TESTS in out
-    assert "SUCCESS: 10 rules found" in out
+    assert "SUCCESS: 11 rules found" in out
     assert "valid prometheus config file syntax" in out
     assert re.search(r"Unit Testing:\s+%s\s+SUCCESS" % re.escape(RULE_TESTS), out), out
     assert "all 3 checks passed" in out
@@ -331,7 +334,7 @@ def test_seed_rules_kept():
 
 def test_every_alert_has_firing_and_silent_cases():
     names = [r["name"] for r in parse_rules(read(RULES))]
-    assert len(names) == len(set(names)) == 10
+    assert len(names) == len(set(names)) == 11
     cases = parse_alert_cases(read(RULE_TESTS))
     assert set(cases) == set(names)
     for name in names:
@@ -363,9 +366,10 @@ def _for_lines(text):
 def test_unit_tests_pin_every_for_duration(tmp_path):
     text = read(RULES)
     fors = _for_lines(text)
-    # every rule but the reload and lost-record ones (news at once) waits
+    # every rule but the reload, lost-record and purge ones (news at once) waits
     assert set(fors) == {r["name"] for r in parse_rules(text)} - {"TollgateConfigReloadFailed",
-                                                                    "TollgateLedgerRecordsLost"}
+                                                                    "TollgateLedgerRecordsLost",
+                                                                    "TollgateLedgerPurgeFailing"}
     assert promtool("test", "rules", RULE_TESTS).returncode == 0
     for name, (off, dur) in fors.items():
         m = re.fullmatch(r"(\d+)m", dur)
@@ -404,6 +408,10 @@ def test_unit_tests_pin_every_for_duration(tmp_path):
     # a failure long ago (or before a restart) is not news
     ("TollgateConfigReloadFailed", "increase(llm_config_reload_failures_total[10m]) > 0",
      "llm_config_reload_failures_total > 0"),
+    # one failed purge is a blip; two long ago (or before a restart) are not news
+    ("TollgateLedgerPurgeFailing", "[3h]) >= 2", "[3h]) >= 1"),
+    ("TollgateLedgerPurgeFailing", "increase(llm_ledger_purge_failures_total[3h]) >= 2",
+     "llm_ledger_purge_failures_total >= 2"),
 ])
 def test_unit_tests_pin_thresholds_and_aggregation(tmp_path, name, old, new):
     text = read(RULES)
@@ -577,6 +585,9 @@ def exposition(n):
     family("llm_ledger_transactions_total", "counter", [((), 40 * n)])
     family("llm_ledger_records_total", "counter", [((("outcome", "committed"),), 1500 * n),
                                                     ((("outcome", "lost"),), 0)])
+    family("llm_ledger_purges_total", "counter", [((), n // 4)])
+    family("llm_ledger_purge_failures_total", "counter", [((), 0)])
+    family("llm_ledger_purged_records_total", "counter", [((), 300 * (n // 4))])
     family("llm_config_reloads_total", "counter", [((), n // 2)])
     family("llm_config_reload_failures_total", "counter", [((), 1 if n >= 3 else 0)])
     family("llm_budget_threshold_events_total", "counter", [((acme, ("window", "day")), 1)])

@@ -460,6 +460,9 @@ def test_retention_purge_removes_old_rows_per_tenant(tg, sim):
     assert inv["summary"]["total_requests"] == 0, inv
     inv = gw.invoice("long", old_month)
     assert inv["summary"]["total_requests"] == 1, inv
+    m = tgtest.parse_metrics(tgtest.admin(gw, "/metrics").body.decode())
+    assert (m["llm_ledger_purges_total"], m["llm_ledger_purge_failures_total"],
+            m["llm_ledger_purged_records_total"]) == (1, 0, len(gone)), m
 
 
 # ---------------------------------------------------------------------------

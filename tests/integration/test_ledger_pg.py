@@ -205,36 +205,51 @@ def test_a_frozen_server_costs_an_answer_seconds_and_holds_no_stop(tg, sim, pg):
     gw.stop()
 
 
-def test_a_stop_ends_a_retention_purge_waiting_on_a_frozen_server(tg, sim, pg):
+def test_a_retention_purge_on_a_frozen_server_fails_and_holds_no_stop(tg, sim, pg):
     """The retention purge (first 30 s after start, then hourly) runs on a
-    connection of its own in libuv's thread pool. With the server frozen
-    before it starts and a URL that lets a connect wait a minute, the purge
-    waits on its connect; a stop waited for it as long. The first SIGTERM
-    now ends the purge's waits at once, and the gateway says the purge did
-    not finish (before, a purge that failed said nothing)."""
-    name = "purge_frozen_%d" % os.getpid()
-    url = pg.create_database(name) + "?connect_timeout=60"
-    gw = base.start_gw(tg, sim, start=False, database=url)
+    connection of its own in libuv's thread pool. Two gateways, the server
+    frozen before either purge starts:
+    - with `connect_timeout=2` in its URL, the first gateway's purge gives
+      up: `ledger_retention_purge_failed` on stderr and
+      llm_ledger_purge_failures_total 1 (a failed purge said nothing before);
+    - with `connect_timeout=60`, the second's purge waits on its connect,
+      and a stop waited for it as long; the first SIGTERM now ends the
+      purge's waits at once (under 10 s; 58 s without)."""
+    gws = []
+    for n, timeout in ((1, 2), (2, 60)):
+        name = "purge_frozen_%d_%d" % (os.getpid(), n)
+        url = pg.create_database(name) + "?connect_timeout=%d" % timeout
+        gws.append(base.start_gw(tg, sim, start=False, database=url))
+    quick, slow = gws
     t0 = time.monotonic()
-    gw.start()
+    for gw in gws:
+        gw.start()
     t_ready = time.monotonic()
-    key = gw.create_key("alpha")
-    assert base.ask(gw, key).status == 200
-    assert t_ready - t0 < 20, "the gateway took %.1f s to start" % (t_ready - t0)
+    for gw in gws:
+        assert base.ask(gw, gw.create_key("alpha")).status == 200
+    assert t_ready - t0 < 20, "the gateways took %.1f s to start" % (t_ready - t0)
     time.sleep(max(0.0, t0 + 25 - time.monotonic()))
-    pg.pause()                          # frozen before the purge's first run
+    pg.pause()                          # frozen before either purge's first run
     try:
-        time.sleep(max(0.0, t_ready + 32 - time.monotonic()))  # the purge waits on it now
-        assert not tgtest.gateway_events(gw, "ledger_retention_purge_failed")
+        time.sleep(max(0.0, t_ready + 31 - time.monotonic()))  # both purges started
+        failed = tgtest.wait_for(
+            lambda: tgtest.gateway_events(quick, "ledger_retention_purge_failed"),
+            timeout=10, interval=0.2, what="the first gateway's purge to give up")
+        assert len(failed) == 1 and "stopping" not in failed[0]["detail"], \
+            quick.proc.stderr_text()[-3000:]
+        m = tgtest.parse_metrics(tgtest.admin(quick, "/metrics").body.decode())
+        assert (m["llm_ledger_purges_total"], m["llm_ledger_purge_failures_total"]) == (0, 1), m
+        assert not tgtest.gateway_events(slow, "ledger_retention_purge_failed")
         t = time.monotonic()
-        assert gw.stop(timeout=90) == 0
+        assert slow.stop(timeout=90) == 0
         took = time.monotonic() - t
+        assert quick.stop(timeout=30) == 0
     finally:
         pg.resume()
     assert took < 10, "the stop took %.1f s" % took
-    events = tgtest.gateway_events(gw, "ledger_retention_purge_failed")
+    events = tgtest.gateway_events(slow, "ledger_retention_purge_failed")
     assert len(events) == 1 and "the gateway is stopping" in events[0]["detail"], \
-        gw.proc.stderr_text()[-3000:]
+        slow.proc.stderr_text()[-3000:]
 
 
 def spool_one_answer(gw, pg, before_restart=None):
