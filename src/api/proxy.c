@@ -56,6 +56,7 @@ struct tg_call_s {
   char key_id[TG_KEY_ID_LEN + 1];
   char request_id[32];
   const char *path;               /* upstream path, e.g. /v1/chat/completions */
+  int embeddings;                 /* path is /v1/embeddings (set with path) */
   char *body_owned;               /* rewritten body, or NULL */
   const char *body;
   size_t body_len;
@@ -557,7 +558,7 @@ static int resp_append(tg_call_t *c, const char *data, size_t len) {
 }
 
 static int is_embeddings(const tg_call_t *c) {
-  return strcmp(c->path, "/v1/embeddings") == 0;
+  return c->embeddings;
 }
 
 /* The head of a relayed answer (a stream, or a whole answer too big to
@@ -1481,7 +1482,7 @@ static void estimate(tg_call_t *c, const body_fields_t *f) {
   est += text_bytes(f->input, media);
   c->prompt_estimate = est;
 
-  if (strcmp(c->path, "/v1/embeddings") != 0 && c->model->kind != TG_MODEL_EMBEDDING) {
+  if (!is_embeddings(c) && c->model->kind != TG_MODEL_EMBEDDING) {
     if (!tg_json_int(f->max_completion_tokens, &mt) && !tg_json_int(f->max_tokens, &mt))
       mt = 0;
     max_tokens = mt > 0 ? mt : c->model->max_tokens;
@@ -1658,7 +1659,7 @@ static int parse_body(tg_call_t *c, const tg_key_rec_t *rec) {
   estimate(c, &f);
   /* embeddings never stream: the upstream ignores "stream" there and
    * answers with one JSON object, whose usage is read as such */
-  c->stream = cJSON_IsTrue(f.stream) && strcmp(c->path, "/v1/embeddings") != 0;
+  c->stream = cJSON_IsTrue(f.stream) && !is_embeddings(c);
   c->body = req->body;
   c->body_len = req->body_len;
   if (c->stream)
@@ -1667,7 +1668,7 @@ static int parse_body(tg_call_t *c, const tg_key_rec_t *rec) {
   w.has_options = f.stream_options != NULL;
   /* embeddings have no prefix cache to keep apart */
   w.salt = c->model->cache_salt == TG_CACHE_SALT_TENANT && c->model->kind != TG_MODEL_EMBEDDING &&
-                   strcmp(c->path, "/v1/embeddings") != 0
+                   !is_embeddings(c)
                ? c->rt->salts[c->tenant - c->rt->cfg->tenants]
                : NULL;
   w.has_salt = f.cache_salt != NULL;
@@ -1865,6 +1866,7 @@ void tg_api_handle(tg_http_req_t *req) {
 
   models = strcmp(req->path, "/v1/models") == 0;
   c->path = models ? "/v1/models" : upstream_path(req->path);
+  c->embeddings = c->path != NULL && strcmp(c->path, "/v1/embeddings") == 0;
   if (c->path == NULL) {
     call_refuse(c, 404, "invalid_request_error", "not_found", NULL,
                 "unknown path '%.200s'", req->path);
