@@ -407,6 +407,7 @@ static int reload(tg_app_t *app) {
   atomic_fetch_add_explicit(&app->rt_gen, 1, memory_order_release);
   pthread_mutex_unlock(&app->rt_lock);
   tg_runtime_unref(old);
+  tg_policy_reconfig(app->policy, cfg);
   tg_metrics_reload(app->metrics, 1);
   fprintf(stderr, "tollgate: config reloaded from %s\n", app->config_path);
   return 0;

@@ -23,8 +23,9 @@ struct tg_policy_s {
   int fail_open;
   tg__mem_t *mem;
   tg__redis_t *redis;
-  /* Redis: the re-seeding thread and what it keeps (only it touches cfg
-   * after the start, epoch and reseed_failed) */
+  /* Redis: the re-seeding thread and what it keeps (only it touches epoch,
+   * reseed_failed and conn; cfg is swapped by tg_policy_reconfig) */
+  pthread_mutex_t cfg_lock;
   tg_config_t *cfg;        /* a reference: tenants' alert thresholds, ledger */
   char epoch[64];          /* the mark last seen in Redis; "" = none yet */
   int reseed_failed;       /* logged; quiet until a pass succeeds */
@@ -184,6 +185,7 @@ static int redis_apply(void *arg, const char *tenant, int month, int64_t period,
  * negative error (Redis or the ledger failed: the next look tries again). */
 static int reseed_check(tg_policy_t *p, tg__redis_sync_t *s) {
   char cur[sizeof p->epoch];
+  tg_config_t *cfg;
   int rc = tg__redis_epoch_get(s, cur, sizeof cur);
 
   if (rc < 0 && rc != TG_ENOTFOUND)
@@ -195,7 +197,13 @@ static int reseed_check(tg_policy_t *p, tg__redis_sync_t *s) {
                   rc == TG_ENOTFOUND
                       ? "redis lost its data (no tg:epoch): raising the budget windows to the ledger's spend"
                       : "redis was re-seeded by another gateway: raising the budget windows to this gateway's ledger");
-  if ((rc = from_ledger(p->cfg, redis_apply, s)) < 0) {
+  /* the running config's thresholds say which events were raised */
+  pthread_mutex_lock(&p->cfg_lock);
+  cfg = tg_config_ref(p->cfg);
+  pthread_mutex_unlock(&p->cfg_lock);
+  rc = from_ledger(cfg, redis_apply, s);
+  tg_config_unref(cfg);
+  if (rc < 0) {
     if (!p->reseed_failed)
       tg_policy_log("budget_restore_failed", "the ledger or redis failed while re-seeding; trying again");
     p->reseed_failed = 1;
@@ -234,12 +242,27 @@ static void reseed_stop(tg_policy_t *p) {
   p->cfg = NULL;
 }
 
+void tg_policy_reconfig(tg_policy_t *p, const tg_config_t *cfg) {
+  tg_config_t *old;
+  if (p == NULL || p->backend != TG_BACKEND_REDIS)
+    return;
+  for (size_t i = 0; i < cfg->n_tenants; i++)
+    tg__redis_watch(p->redis, cfg->tenants[i].name);
+  pthread_mutex_lock(&p->cfg_lock);
+  old = p->cfg;
+  p->cfg = tg_config_ref((tg_config_t *)cfg);
+  pthread_mutex_unlock(&p->cfg_lock);
+  if (old != NULL)
+    tg_config_unref(old);
+}
+
 int tg_policy_new(const tg_config_t *cfg, tg_policy_t **out) {
   tg_policy_t *p = calloc(1, sizeof(*p));
   int r;
 
   if (p == NULL)
     return TG_ENOMEM;
+  pthread_mutex_init(&p->cfg_lock, NULL);
   p->fail_open = cfg->state_failure != NULL && strcmp(cfg->state_failure, "open") == 0;
   p->backend = (cfg->state != NULL && strncmp(cfg->state, "redis://", 8) == 0)
                    ? TG_BACKEND_REDIS
@@ -248,6 +271,7 @@ int tg_policy_new(const tg_config_t *cfg, tg_policy_t **out) {
   r = tg__mem_new(p->backend == TG_BACKEND_MEMORY ? cfg->data_dir : NULL, &p->mem);
   if (r < 0) {
     fprintf(stderr, "tollgate: cannot start the memory policy state: %s\n", tg_strerror(r));
+    pthread_mutex_destroy(&p->cfg_lock);
     free(p);
     return r;
   }
@@ -281,6 +305,7 @@ void tg_policy_free(tg_policy_t *p) {
   if (p->redis)
     tg__redis_free(p->redis);
   tg__mem_free(p->mem);
+  pthread_mutex_destroy(&p->cfg_lock);
   free(p);
 }
 

@@ -59,6 +59,10 @@ typedef void (*tg_admit_cb)(void *arg, const tg_admission_t *a);
 int tg_policy_new(const tg_config_t *cfg, tg_policy_t **out);
 void tg_policy_free(tg_policy_t *p);
 
+/* A reloaded config: with Redis, its tenants' spend is read from now on and
+ * a re-seed judges the alert events raised by its thresholds. Any thread. */
+void tg_policy_reconfig(tg_policy_t *p, const tg_config_t *cfg);
+
 /* Per loop thread. Close from the loop thread; its handles close with the
  * loop (run the loop after). */
 int tg_policy_loop_new(tg_policy_t *p, uv_loop_t *loop, tg_policy_loop_t **out);

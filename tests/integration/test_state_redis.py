@@ -632,6 +632,39 @@ def test_a_flushed_redis_gets_its_budget_windows_back_from_the_ledger(tg, sim, r
     assert len(tgtest.gateway_events(gw, "budget_threshold")) == 1
 
 
+def test_a_reseed_judges_raised_alerts_by_the_reloaded_threshold(tg, sim, redis):
+    """A reload lowers the tenant's alert threshold below what it has spent;
+    the next request raises the event. After FLUSHALL the re-seed marks
+    the window's event raised by the running threshold (50%), not the one
+    the gateway started with (90%), so the next request raises none again."""
+    tenants = {"ra": tgtest.limited_tenant(daily=usd(200000), alert=90)}
+    gw = start_gw(tg, sim, redis, tenants)
+    assert ask(gw, "ra", max_tokens=50).status == 200
+    assert ask(gw, "ra", max_tokens=50).status == 200
+    time.sleep(SETTLE_S)
+    assert ledger_nano(gw, "ra") == 159000  # 79.5%: under 90, no event
+    assert tgtest.gateway_events(gw, "budget_threshold") == []
+    assert window(redis, "ra").get("alerted", "0") == "0"
+
+    gw.config["tenants"]["ra"]["budget"]["alert_threshold_percent"] = 50
+    tgtest.gateway_reload(gw)
+    assert ask(gw, "ra", max_tokens=1).status == 200
+    tgtest.wait_for(lambda: len(tgtest.gateway_events(gw, "budget_threshold")) == 1,
+                    timeout=3, what="the threshold event at 50%")
+    assert window(redis, "ra").get("alerted") == "1"
+
+    time.sleep(SETTLE_S)
+    spent = ledger_nano(gw, "ra")
+    redis.cmd("FLUSHALL")
+    tgtest.wait_for(lambda: window(redis, "ra").get("spent") == str(spent), timeout=5,
+                    what="the day window raised to the ledger's spend")
+    assert window(redis, "ra").get("alerted") == "1"
+    assert ask(gw, "ra", max_tokens=1).status == 200
+    time.sleep(SETTLE_S)
+    assert int(window(redis, "ra")["spent"]) == ledger_nano(gw, "ra")
+    assert len(tgtest.gateway_events(gw, "budget_threshold")) == 1
+
+
 def test_a_gateway_started_on_an_empty_redis_refuses_what_its_ledger_spent(tg, sim, redis):
     """Redis restarted empty while the gateway was stopped: the gateway
     raises the windows from its ledger before it serves, so its first
