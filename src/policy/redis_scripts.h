@@ -945,4 +945,29 @@
   "if changed then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end\n"             \
   "return changed and 1 or 0\n"
 
+/* A lease's renewal (state_redis.c, renew_leases). KEYS: tg:{T}:leases and
+ * the day and month windows of the lease's member; ARGV: the new expiry,
+ * the member, its cost (nano-USD, decimal text), the two windows' TTLs
+ * (ms). A lease still there gets its new expiry. A lease Redis no longer
+ * has (it lost its data, or another gateway swept it while this one could
+ * not renew) belongs to a request still running: it is added again and its
+ * cost reserved again in each window still kept, so the request holds its
+ * slot and its money until it settles, and the settlement gives both back
+ * as for any lease. Returns 1 when the lease was added again, else 0. */
+#define TG_REDIS_LUA_RENEW                                                    \
+  "if redis.call('ZSCORE', KEYS[1], ARGV[2]) then\n"                          \
+  "  redis.call('ZADD', KEYS[1], ARGV[1], ARGV[2])\n"                         \
+  "  return 0\n"                                                              \
+  "end\n"                                                                     \
+  "redis.call('ZADD', KEYS[1], ARGV[1], ARGV[2])\n"                           \
+  "if ARGV[3] ~= '0' then\n"                                                  \
+  "  for i = 2, 3 do\n"                                                       \
+  "    if tonumber(ARGV[i + 2]) > 0 then\n"                                   \
+  "      redis.call('HINCRBY', KEYS[i], 'reserved', ARGV[3])\n"               \
+  "      redis.call('PEXPIRE', KEYS[i], ARGV[i + 2])\n"                       \
+  "    end\n"                                                                 \
+  "  end\n"                                                                   \
+  "end\n"                                                                     \
+  "return 1\n"
+
 #endif

@@ -29,6 +29,7 @@ struct tg_policy_s {
   tg_config_t *cfg;        /* a reference: tenants' alert thresholds, ledger */
   char epoch[64];          /* the mark last seen in Redis; "" = none yet */
   int reseed_failed;       /* logged; quiet until a pass succeeds */
+  int loss_seen;           /* the loss being re-seeded was logged and told */
   tg__redis_sync_t *conn;  /* the thread's connection; NULL: none open */
   tg_every_t reseed;       /* looks at the mark every TG_RESEED_EVERY_MS */
 };
@@ -192,11 +193,15 @@ static int reseed_check(tg_policy_t *p, tg__redis_sync_t *s) {
     return rc;
   if (rc == 0 && strcmp(cur, p->epoch) == 0)
     return 0;
-  if (p->epoch[0] != '\0')
+  if (p->epoch[0] != '\0' && !p->loss_seen) {
+    /* once per loss, however many passes its re-seed takes */
+    p->loss_seen = 1;
+    tg__redis_lost(p->redis);
     tg_policy_log("state_redis_reseed",
                   rc == TG_ENOTFOUND
                       ? "redis lost its data (no tg:epoch): raising the budget windows to the ledger's spend"
                       : "redis was re-seeded by another gateway: raising the budget windows to this gateway's ledger");
+  }
   /* the running config's thresholds say which events were raised */
   pthread_mutex_lock(&p->cfg_lock);
   cfg = tg_config_ref(p->cfg);
@@ -210,7 +215,9 @@ static int reseed_check(tg_policy_t *p, tg__redis_sync_t *s) {
     return rc;
   }
   p->reseed_failed = 0;
-  return tg__redis_epoch_mark(s, p->epoch, sizeof p->epoch);
+  if ((rc = tg__redis_epoch_mark(s, p->epoch, sizeof p->epoch)) == 0)
+    p->loss_seen = 0;
+  return rc;
 }
 
 /* One pass on the connection, opened when there is none. */

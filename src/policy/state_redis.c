@@ -98,11 +98,12 @@
 /* Grants stay below 2^53 in every figure: Lua's numbers are doubles. */
 #define TG_REDIS_HOLD_EXACT (INT64_C(1) << 53)
 
-enum { SCRIPT_GLOBAL, SCRIPT_BATCH, N_SCRIPTS };
+enum { SCRIPT_GLOBAL, SCRIPT_BATCH, SCRIPT_RENEW, N_SCRIPTS };
 
 static const char *const script_text[N_SCRIPTS] = {
     TG_REDIS_LUA_GLOBAL,
     TG_REDIS_LUA_BATCH,
+    TG_REDIS_LUA_RENEW,
 };
 
 /* A tenant's spend as last heard: the figure of the window of that period
@@ -124,6 +125,9 @@ struct tg__redis_s {
   int hold_off;               /* tg__redis_holding(r, 0): one by one */
   atomic_int n_loops;         /* loops made and not closed */
   atomic_int n_up;            /* of which connected (RL_UP) */
+  atomic_uint lost;           /* counts the losses of Redis's data seen
+                               * (tg__redis_lost): each loop renews its
+                               * leases at once when it moves */
 
   /* Spend figures, read by the admin thread: under spend_lock. */
   pthread_mutex_t spend_lock;
@@ -215,6 +219,7 @@ typedef struct {
   int in_use;
   int syncing;                /* a sync is on its way to Redis */
   int in_redis;               /* a member is (believed) held in Redis */
+  int lost;                   /* Redis lost its data: sync as soon as may be */
   tg_limits_t lim;            /* the limits of the grant */
   int64_t day, month;         /* periods of the member */
   int64_t sync_day, sync_month; /* periods of the sync on its way */
@@ -271,6 +276,8 @@ struct tg__redis_loop_s {
   int renewing;               /* a round is under way */
   uint32_t renew_cursor;      /* next lease slot of the round */
   int64_t renew_expiry;       /* the round's new expiry */
+  unsigned lost_seen;         /* r->lost when the loop last looked */
+  int restore_logged;         /* the round's first lease added again was logged */
   uint64_t last_err_log_ms;
   /* The gateway's clock minus uv_now(), learnt from the now_ms of each call,
    * so renewals use the same clock as admissions (injected in tests). */
@@ -299,6 +306,7 @@ static void become_up(tg__redis_loop_t *rl);
 static void on_conn_timer(uv_timer_t *t);
 static void on_reply(redisAsyncContext *ac, void *reply, void *priv);
 static void hold_tick(tg__redis_loop_t *rl);
+static void hold_lost(tg__redis_loop_t *rl);
 
 /* ---- small helpers ------------------------------------------------------- */
 
@@ -969,6 +977,14 @@ static int send_call(tg__redis_loop_t *rl, call_t *c) {
 static int send_script(tg__redis_loop_t *rl, call_t *c) {
   args_t a;
   int rc;
+  if (c->kind == CALL_RENEW) {
+    /* a plain call: its text in place of EVALSHA <sha> */
+    c->argv[0] = "EVAL";
+    c->argvlen[0] = 4;
+    c->argv[1] = script_text[c->script];
+    c->argvlen[1] = strlen(script_text[c->script]);
+    return send_call(rl, c);
+  }
   if (rl->ac == NULL || rl->state != RL_UP || rl->n_pending >= TG_REDIS_MAX_PENDING)
     return TG_EUNAVAIL;
   rc = c->kind == CALL_GLOBAL ? build_global(c, &a) : build_batch(c, &a);
@@ -1332,6 +1348,15 @@ static void on_reply(redisAsyncContext *ac, void *reply, void *priv) {
     if (rep != NULL)
       spend_reply(c, rep);
     break;
+  case CALL_RENEW:
+    if (rep != NULL && rep->type == REDIS_REPLY_INTEGER && rep->integer == 1 &&
+        !rl->restore_logged) {
+      rl->restore_logged = 1;
+      log_event("state_redis_lease_restored", rl->r,
+                "a running request's lease was gone from redis: added again with its "
+                "reservation (once per renewal round)");
+    }
+    break;
   case CALL_SETUP:
     /* A connection that cannot authenticate, select its database or load
      * the scripts is no use: drop it and try again later. */
@@ -1663,6 +1688,32 @@ static void schedule_reconnect(tg__redis_loop_t *rl) {
 
 /* ---- tick: late replies, lease renewal ----------------------------------- */
 
+/* Sends one lease's renewal (TG_REDIS_LUA_RENEW): a lease Redis lost comes
+ * back with its reservation. Returns 0, or a negative error when the
+ * connection takes no more. */
+static int send_renewal(tg__redis_loop_t *rl, const lease_t *l) {
+  char id[sizeof l->id];
+  int64_t day, month, cost, now = loop_clock(rl);
+  call_t *c;
+
+  if (sscanf(l->member, "%39s %" SCNd64 " %" SCNd64 " %" SCNd64, id, &day, &month, &cost) != 4)
+    return 0; /* not ours to renew: every member is built by lease_member */
+  if ((c = call_new(rl, CALL_RENEW)) == NULL)
+    return TG_ENOMEM;
+  c->script = SCRIPT_RENEW;
+  snprintf(c->tenant, sizeof c->tenant, "%s", l->tenant);
+  if (arg(c, "EVALSHA") || arg(c, "%s", rl->r->sha[SCRIPT_RENEW]) || arg(c, "3") ||
+      arg_key(c, "leases") || arg(c, "tg:{%s}:day:%" PRId64, c->tenant, day) ||
+      arg(c, "tg:{%s}:month:%" PRId64, c->tenant, month) || arg_i64(c, rl->renew_expiry) ||
+      arg(c, "%s", l->member) || arg_i64(c, cost) ||
+      arg_i64(c, tg_day_end_ms(day) + TG_REDIS_DAY_KEEP_MS - now) ||
+      arg_i64(c, tg_month_end_ms(month) + TG_REDIS_MONTH_KEEP_MS - now) || send_call(rl, c) < 0) {
+    free(c);
+    return TG_EUNAVAIL;
+  }
+  return 0;
+}
+
 /* Sends the renewals of one round from the cursor on; stops early when the
  * connection takes no more (the pending bound) and goes on at the next
  * tick, so a loop with many leases still renews them all in time. */
@@ -1671,16 +1722,8 @@ static void renew_leases(tg__redis_loop_t *rl) {
     lease_t *l = &rl->leases[rl->renew_cursor];
     if (l->state != LEASE_ACTIVE)
       continue;
-    call_t *c = call_new(rl, CALL_RENEW);
-    if (c == NULL)
+    if (send_renewal(rl, l) < 0)
       return;
-    snprintf(c->tenant, sizeof c->tenant, "%s", l->tenant);
-    /* XX: a lease already expired and swept stays gone. */
-    if (arg(c, "ZADD") || arg_key(c, "leases") || arg(c, "XX") ||
-        arg_i64(c, rl->renew_expiry) || arg(c, "%s", l->member) || send_call(rl, c) < 0) {
-      free(c);
-      return;
-    }
   }
   rl->renewing = 0;
 }
@@ -1804,8 +1847,19 @@ static void on_tick(uv_timer_t *t) {
   }
   if (rl->state != RL_UP)
     return; /* renewals wait for the connection; a round under way goes on after */
+  unsigned lost = atomic_load(&r->lost);
+  if (lost != rl->lost_seen) {
+    /* Redis lost its data: the leases of the running requests go back
+     * now (a round under way starts again), and each holding's member
+     * with its next sync. */
+    rl->lost_seen = lost;
+    rl->renewing = 0;
+    rl->last_renew_ms = now - TG_REDIS_LEASE_RENEW_MS;
+    hold_lost(rl);
+  }
   if (!rl->renewing && now - rl->last_renew_ms >= TG_REDIS_LEASE_RENEW_MS) {
     rl->renewing = 1;
+    rl->restore_logged = 0;
     rl->renew_cursor = 0;
     rl->renew_expiry = loop_clock(rl) + TG_REDIS_LEASE_TTL_MS;
     rl->last_renew_ms = now;
@@ -1827,6 +1881,11 @@ static void on_tick(uv_timer_t *t) {
 }
 
 /* ---- public -------------------------------------------------------------- */
+
+void tg__redis_lost(tg__redis_t *r) {
+  if (r != NULL)
+    atomic_fetch_add(&r->lost, 1);
+}
 
 int tg__redis_loop_new(tg__redis_t *r, uv_loop_t *loop, tg__redis_loop_t **out) {
   unsigned char rnd[8];
@@ -2145,6 +2204,7 @@ static int hold_sync(tg__redis_loop_t *rl, hold_t *h, int64_t now, const tg_limi
   if (o == NULL)
     return TG_ENOMEM;
   o->kind = OP_HOLD;
+  h->lost = 0;
   memcpy(o->tenant, h->tenant, sizeof o->tenant);
   o->req.tenant = o->tenant;
   o->req.limits = *lim;
@@ -2304,9 +2364,20 @@ static void hold_tick(tg__redis_loop_t *rl) {
     hold_roll(h, now);
     if ((h->until != 0 && now >= h->until) ||
         ((h->pend_spent > 0 || h->pend_refund_mt != 0) && now - h->last_sync >= TG_REDIS_HOLD_MS) ||
-        (h->in_redis && now - h->last_sync >= TG_REDIS_LEASE_RENEW_MS))
+        (h->in_redis && (h->lost || now - h->last_sync >= TG_REDIS_LEASE_RENEW_MS)))
       (void)hold_sync(rl, h, now, &h->lim);
   }
+}
+
+/* Redis lost its data: every holding's member is made again by its next
+ * sync (the sync adds the member whole when Redis has none), sent at the
+ * next tick, or after the one on its way is answered. */
+static void hold_lost(tg__redis_loop_t *rl) {
+  if (rl->holds == NULL)
+    return;
+  for (uint32_t i = 0; i < TG_REDIS_MAX_HOLDS; i++)
+    if (rl->holds[i].in_use)
+      rl->holds[i].lost = 1;
 }
 
 /* The member of o's lease: the same text at admission, renewal and

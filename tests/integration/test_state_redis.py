@@ -632,6 +632,92 @@ def test_a_flushed_redis_gets_its_budget_windows_back_from_the_ledger(tg, sim, r
     assert len(tgtest.gateway_events(gw, "budget_threshold")) == 1
 
 
+def test_a_running_requests_lease_comes_back_after_redis_lost_its_data(tg, sim, redis):
+    """FLUSHALL while a stream holds the tenant's only slot: within about
+    a second of noticing the loss, the gateway adds the stream's lease back
+    with its reservation, so another request is refused for concurrency
+    (before, it was admitted until the stream ended); when the stream ends
+    its settlement gives both back."""
+    tenants = {"lr": tgtest.limited_tenant(concurrency=1, daily="1")}
+    gw = start_gw(tg, sim, redis, tenants)
+    leases = "tg:{lr}:leases"
+    st = tgtest.SSEStream(gw.port, tgtest.chat_body(M, max_tokens=60, stream=True),
+                          key=gw.keys["lr"], headers={"x-sim-token-ms": "100"}, timeout=30)
+    assert st.status == 200
+    (member,) = redis.cmd("ZRANGE", leases, 0, -1)
+    cost = int(member.split()[3])
+    assert cost > 0 and int(window(redis, "lr")["reserved"]) == cost
+    refused(ask(gw, "lr"), 429, "rate_limit_error", "concurrency")
+
+    redis.cmd("FLUSHALL")
+    tgtest.wait_for(lambda: redis.cmd("ZRANGE", leases, 0, -1) == [member], timeout=4,
+                    what="the stream's lease added back")
+    assert not st.done
+    assert int(window(redis, "lr")["reserved"]) == cost
+    assert int(window(redis, "lr", month=True)["reserved"]) == cost
+    assert redis.cmd("PTTL", leases) == -1  # as every leases key: no TTL
+    assert redis.cmd("PTTL", "tg:{lr}:day:%d" % int(time.time() // 86400)) > 0
+    refused(ask(gw, "lr"), 429, "rate_limit_error", "concurrency")
+    assert len(tgtest.gateway_events(gw, "state_redis_lease_restored")) == 1
+
+    for _ in st.events():
+        pass
+    assert st.done
+    tgtest.wait_for(lambda: redis.cmd("ZCARD", leases) == 0, timeout=3,
+                    what="the settlement's lease removal")
+    time.sleep(SETTLE_S)
+    assert int(window(redis, "lr")["reserved"]) == 0
+    assert int(window(redis, "lr")["spent"]) == ledger_nano(gw, "lr") > 0
+    assert ask(gw, "lr").status == 200
+
+
+def held_in_redis(redis, tenant):
+    """(slots, nano-USD reserved) the tenant's leases and holdings hold."""
+    slots = cost = 0
+    for m in redis.cmd("ZRANGE", "tg:{%s}:leases" % tenant, 0, -1) or []:
+        slots, cost = slots + 1, cost + int(m.split()[3])
+    for m in redis.cmd("ZRANGE", "tg:{%s}:holds" % tenant, 0, -1) or []:
+        f = m.split()
+        slots, cost = slots + int(f[1]), cost + int(f[4])
+    return slots, cost
+
+
+def test_holdings_and_leases_come_back_after_redis_lost_its_data(tg, sim, redis):
+    """30 streams opened at once: some hold leases, the rest run on the
+    loops' holdings (the tenant is busy). After FLUSHALL the gateway makes
+    both again within a few seconds (a holding that admits nothing more is
+    otherwise renewed only every 10 s): 30 slots held, and the windows
+    reserve exactly what the members say. When the streams end, every slot
+    and every nano-USD goes back."""
+    tenants = {"hl": tgtest.limited_tenant(concurrency=200, daily="10")}
+    gw = start_gw(tg, sim, redis, tenants)
+    body = tgtest.chat_body(M, max_tokens=80, stream=True)
+    sts = [tgtest.SSEStream(gw.port, body, key=gw.keys["hl"], headers={"x-sim-token-ms": "100"},
+                            timeout=30) for _ in range(30)]
+    assert [s.status for s in sts] == [200] * 30
+    tgtest.wait_for(lambda: held_in_redis(redis, "hl")[0] == 30, timeout=3,
+                    what="unused grants given back: 30 slots held")
+    assert redis.cmd("ZCARD", "tg:{hl}:holds") >= 1
+    time.sleep(1.0)  # every grant's period over: the holdings sit idle
+    assert held_in_redis(redis, "hl")[0] == 30
+
+    redis.cmd("FLUSHALL")
+    tgtest.wait_for(lambda: held_in_redis(redis, "hl")[0] == 30, timeout=4,
+                    what="the leases and holdings made again")
+    assert not any(s.done for s in sts)
+    _, cost = held_in_redis(redis, "hl")
+    assert cost > 0
+    assert int(window(redis, "hl")["reserved"]) == cost
+    assert int(window(redis, "hl", month=True)["reserved"]) == cost
+
+    for s in sts:
+        s.abort()
+    tgtest.wait_for(lambda: held_in_redis(redis, "hl") == (0, 0), timeout=5,
+                    what="every slot back")
+    tgtest.wait_for(lambda: int(window(redis, "hl")["reserved"]) == 0, timeout=3,
+                    what="every reservation back")
+
+
 def test_a_reseed_judges_raised_alerts_by_the_reloaded_threshold(tg, sim, redis):
     """A reload lowers the tenant's alert threshold below what it has spent;
     the next request raises the event. After FLUSHALL the re-seed marks
