@@ -147,12 +147,12 @@ int tg__redis_ready(tg__redis_t *r);
 int tg__redis_spend(tg__redis_t *r, const char *tenant, int64_t now_ms, tg_nano_t *day,
                     tg_nano_t *month);
 /* Adds tenant to the ones whose spend is refreshed (any thread). */
+void tg__redis_watch(tg__redis_t *r, const char *tenant);
 /* Redis lost its data (the re-seeding thread saw tg:epoch gone or changed):
  * every loop renews its leases at its next tick, adding back with their
  * reservations those Redis no longer has, and syncs its holdings. Any
  * thread. */
 void tg__redis_lost(tg__redis_t *r);
-void tg__redis_watch(tg__redis_t *r, const char *tenant);
 
 /* Re-seeding (docs/state-redis.md, Losing Redis's data): a blocking
  * connection for a thread of its own (or the start, before the loops), never
