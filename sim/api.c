@@ -358,14 +358,19 @@ static int parse_stream(tg__sim_call_t *call, const json_t *root, char *msg,
   return get_bool(so, "include_usage", &call->include_usage, msg, msg_len) < 0 ? -1 : 0;
 }
 
-/* max_tokens / max_completion_tokens and n, for the two generating kinds. */
+/* max_tokens / max_completion_tokens and n, for the two generating kinds,
+ * as vLLM reads them: on chat max_completion_tokens when set and not 0,
+ * else max_tokens; completions know only max_tokens. */
 static int parse_generation(tg__sim_call_t *call, const tg__sim_t *sim,
                             const json_t *root, uint32_t n_prompts, char *msg,
                             size_t msg_len) {
   uint64_t asked = 0, n = 1;
-  int r;
+  json_t *mct = json_object_get(root, "max_completion_tokens");
+  int r = 0;
 
-  r = get_uint(root, "max_completion_tokens", 1, TG__SIM_MAX_TOKENS, &asked, msg, msg_len);
+  if (call->kind == TG__SIM_CHAT &&
+      !(json_is_integer(mct) && json_integer_value(mct) == 0))
+    r = get_uint(root, "max_completion_tokens", 1, TG__SIM_MAX_TOKENS, &asked, msg, msg_len);
   if (r == 0)
     r = get_uint(root, "max_tokens", 1, TG__SIM_MAX_TOKENS, &asked, msg, msg_len);
   if (r < 0)

@@ -18,7 +18,9 @@
 #include <llhttp.h>
 
 #include "api/api.h"
+#include "core/err.h"
 #include "meter/invoice.h"
+#include "obs/accesslog.h"
 
 static void respond_json(tg_http_req_t *req, const char *rid, int status, json_t *root) {
   char *text = json_dumps(root, JSON_COMPACT);
@@ -62,6 +64,8 @@ typedef struct {
   tg_http_req_t *req;
   tg_worker_t *w;
   char rid[32];
+  char key_id[40];    /* the admin key's id, for the audit line */
+  char path[160];
   char tenant[128];
   char period[16];
   int invoice, csv;
@@ -72,6 +76,23 @@ typedef struct {
   char *database, *data_dir;
   int gone;
 } admin_job_t;
+
+/* One access-log line for every /admin/v1 request, answered or refused:
+ * who (the admin key's id, or none), which tenant's data, the path, the
+ * status. The audit trail of the admin API's reads. */
+static void audit(tg_worker_t *w, const char *rid, const char *key_id, const char *tenant,
+                  const char *path, int status, const char *error) {
+  tg_access_rec_t r;
+  memset(&r, 0, sizeof(r));
+  r.request_id = rid;
+  r.key_id = key_id != NULL && key_id[0] != '\0' ? key_id : NULL;
+  r.tenant = tenant;
+  r.path = path;
+  r.status = status;
+  r.error = error;
+  r.ttfb_ms = -1;
+  tg_access_log(w->alog, &r);
+}
 
 static void job_work(uv_work_t *wk) {
   admin_job_t *j = wk->data;
@@ -112,14 +133,25 @@ static void job_done(uv_work_t *wk, int status) {
 
   if (j->gone) {
     /* the client left: its request was completed in on_job_abort */
+    audit(j->w, j->rid, j->key_id, j->tenant, j->path, 499, "client_gone");
     job_free(j);
     return;
   }
   j->req->on_abort = NULL;
+  audit(j->w, j->rid, j->key_id, j->tenant, j->path,
+        status == 0 && j->rc == 0 ? 200 : status == 0 && j->rc == 1 ? 404 : 500,
+        status == 0 && j->rc == 0   ? NULL
+        : status == 0 && j->rc == 1 ? "tenant_not_found"
+        : status == 0 && j->rc == TG_ETOOBIG ? "ledger_totals_too_large"
+                                             : "ledger_unavailable");
   if (status == 0 && j->rc == 1) {
     tg_api_error(j->req, 404, "invalid_request_error", "tenant_not_found", j->rid, NULL,
                  "no tenant '%s' in the configuration, and none in the ledger for %s",
                  j->tenant, j->period);
+  } else if (status == 0 && j->rc == TG_ETOOBIG) {
+    tg_api_error(j->req, 500, "server_error", "ledger_totals_too_large", j->rid, NULL,
+                 "the period's totals do not fit 64-bit integers (nano-USD, tokens or "
+                 "requests): a record holds an implausible figure");
   } else if (status < 0 || j->rc < 0) {
     tg_api_error(j->req, 500, "server_error", "ledger_unavailable", j->rid, NULL,
                  "the ledger could not be read");
@@ -138,29 +170,37 @@ static void on_job_abort(tg_http_req_t *req) {
 }
 
 /* 1 when the request carries a valid admin key; else answers 401/403. */
-static int admin_auth(tg_worker_t *w, tg_http_req_t *req, const char *rid) {
+static int admin_auth(tg_worker_t *w, tg_http_req_t *req, const char *rid, const char *tenant,
+                      char *key_id, size_t key_id_size) {
   const tg_keyset_t *ks = tg_worker_keys(w);
   const tg_key_rec_t *rec = NULL;
   const char *v, *bad = tg_api_credentials(req, &v);
   tg_key_verdict_t verdict;
 
+  key_id[0] = '\0';
   if (bad != NULL) {
+    audit(w, rid, NULL, tenant, req->path, 400, "ambiguous_credentials");
     tg_api_error(req, 400, "invalid_request_error", "ambiguous_credentials", rid, NULL,
                  "%s", bad);
     return 0;
   }
   if (v == NULL || *v == '\0') {
+    audit(w, rid, NULL, tenant, req->path, 401, "missing_api_key");
     tg_api_error(req, 401, "authentication_error", "missing_api_key", rid,
                  "WWW-Authenticate: Bearer\r\n", "the admin API needs an admin key");
     return 0;
   }
   verdict = ks ? tg_keyset_verify(ks, v, strlen(v), (int64_t)time(NULL), &rec) : TG_KEY_UNKNOWN;
   if (verdict != TG_KEY_OK) {
+    audit(w, rid, NULL, tenant, req->path, 401, "invalid_api_key");
     tg_api_error(req, 401, "authentication_error", "invalid_api_key", rid,
                  "WWW-Authenticate: Bearer\r\n", "invalid API key");
     return 0;
   }
+  snprintf(key_id, key_id_size, "%s", rec->id);
   if (strcmp(rec->tenant, TG_ADMIN_TENANT) != 0) {
+    /* a tenant key tried the admin API: its id is on the line */
+    audit(w, rid, key_id, tenant, req->path, 403, "admin_only");
     tg_api_error(req, 403, "permission_error", "admin_only", rid, NULL,
                  "this key is a tenant key; the admin API needs an admin key");
     return 0;
@@ -183,6 +223,7 @@ static void admin_api(tg_worker_t *w, tg_http_req_t *req, const char *rid) {
   const char *p = req->path + strlen("/admin/v1/tenants/"), *slash, *kind, *period;
   tg_runtime_t *rt = tg_worker_runtime(w);
   admin_job_t *j;
+  char tenant[128], key_id[40];
   size_t tl;
   int64_t a, b;
 
@@ -196,19 +237,25 @@ static void admin_api(tg_worker_t *w, tg_http_req_t *req, const char *rid) {
     period = kind + 6;
   else
     goto notfound;
-  if (!admin_auth(w, req, rid))
+  memcpy(tenant, p, tl);
+  tenant[tl] = '\0';
+  if (!admin_auth(w, req, rid, tenant, key_id, sizeof(key_id)))
     return;
   j = calloc(1, sizeof(*j));
   if (j == NULL) {
+    audit(w, rid, key_id, tenant, req->path, 500, "internal_error");
     tg_api_error(req, 500, "server_error", "internal_error", rid, NULL, "out of memory");
     return;
   }
   memcpy(j->tenant, p, tl);
+  memcpy(j->key_id, key_id, sizeof(j->key_id));
+  snprintf(j->path, sizeof(j->path), "%s", req->path);
   j->invoice = kind[0] == 'i';
   /* only an invoice has a CSV form; a day's usage is always JSON */
   j->csv = j->invoice && query_has(req->query, "format=csv");
   if (strlen(period) >= sizeof(j->period) ||
       (j->invoice ? tg_month_range(period, &a, &b) : tg_day_range(period, &a, &b)) < 0) {
+    audit(w, rid, key_id, tenant, req->path, 400, "bad_period");
     tg_api_error(req, 400, "invalid_request_error", "bad_period", rid, NULL,
                  "the period must be %s", j->invoice ? "YYYY-MM" : "YYYY-MM-DD");
     free(j);
@@ -216,6 +263,7 @@ static void admin_api(tg_worker_t *w, tg_http_req_t *req, const char *rid) {
   }
   if (tg_config_tenant(rt->cfg, j->tenant) == NULL) {
     if (!tg_config_tenant_name_ok(j->tenant)) {
+      audit(w, rid, key_id, NULL, req->path, 404, "tenant_not_found");
       tg_api_error(req, 404, "invalid_request_error", "tenant_not_found", rid, NULL,
                    "no tenant '%s'", j->tenant);
       free(j);
@@ -234,6 +282,7 @@ static void admin_api(tg_worker_t *w, tg_http_req_t *req, const char *rid) {
   j->work.data = j;
   if (j->database == NULL || j->data_dir == NULL ||
       uv_queue_work(&w->loop, &j->work, job_work, job_done) < 0) {
+    audit(w, rid, key_id, tenant, req->path, 500, "internal_error");
     tg_api_error(req, 500, "server_error", "internal_error", rid, NULL, "cannot queue the query");
     job_free(j);
     return;
@@ -242,6 +291,7 @@ static void admin_api(tg_worker_t *w, tg_http_req_t *req, const char *rid) {
   req->on_abort = on_job_abort;
   return;
 notfound:
+  audit(w, rid, NULL, NULL, req->path, 404, "not_found");
   tg_api_error(req, 404, "invalid_request_error", "not_found", rid, NULL,
                "unknown admin path '%.200s'", req->path);
 }

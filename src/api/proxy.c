@@ -21,6 +21,7 @@
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <math.h>
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
@@ -100,6 +101,7 @@ struct tg_call_s {
   int64_t counted_tokens;         /* its completion tokens: content events relayed,
                                    * the bytes of a whole answer's generated text,
                                    * or of a relayed answer */
+  int64_t counted_at_usage;       /* content events relayed up to the last usage */
 
   tg_admit_req_t admit;           /* what the policy was asked */
   tg_admission_t admission;       /* its answer */
@@ -265,18 +267,28 @@ static void call_drop_attempt(tg_call_t *c) {
   call_unhold(c);
 }
 
-/* What the call really used: the upstream's usage when it reported one;
- * else, for what was delivered without it (a stream's content events, a
- * whole answer), the prompt estimate and the counted completion tokens,
- * both from above; else nothing. Sets the call's token figures and returns
- * the cost. */
+/* What the call really used: the upstream's usage when it reported one
+ * (plus a token for each content event relayed after a stream's last
+ * usage: a usage is the total so far, and what follows it was generated
+ * too); else, for what was delivered without it (a stream's content
+ * events, a whole answer), the prompt estimate and the counted completion
+ * tokens, both from above; else nothing. Every figure is at most
+ * TG_USAGE_TOKENS_MAX, so with the bounded prices the cost is exact. Sets
+ * the call's token figures and returns the cost. */
 static tg_nano_t call_usage(tg_call_t *c) {
   tg_nano_t cost, more;
 
   if (!c->has_usage) {
     c->prompt_tokens = c->counted ? c->prompt_estimate : 0;
     c->completion_tokens = c->counted ? c->counted_tokens : 0;
+  } else if (c->counted_tokens > c->counted_at_usage) {
+    c->completion_tokens += c->counted_tokens - c->counted_at_usage;
+    c->counted_at_usage = c->counted_tokens; /* added once: called again, the same */
   }
+  if (c->prompt_tokens > TG_USAGE_TOKENS_MAX)
+    c->prompt_tokens = TG_USAGE_TOKENS_MAX;
+  if (c->completion_tokens > TG_USAGE_TOKENS_MAX)
+    c->completion_tokens = TG_USAGE_TOKENS_MAX;
   if (c->model == NULL)
     return 0;
   cost = tg_money_cost(c->prompt_tokens, c->model->prompt_nano_per_token);
@@ -525,6 +537,7 @@ static int on_event(void *arg, const char *ev, size_t len) {
     c->has_usage = 1;
     c->prompt_tokens = info.prompt_tokens;
     c->completion_tokens = info.completion_tokens;
+    c->counted_at_usage = c->counted_tokens;
   }
   if (info.usage_only && !c->client_usage)
     return 0; /* the client did not ask for it: we did */
@@ -693,14 +706,46 @@ static int usage_take(tg_call_t *c, const char *u, size_t n) {
   return 0;
 }
 
+/* 1 when the text from q, inside the answer's object, to end (the
+ * object's closing brace) closes that object and nothing more: read
+ * lexically, its nesting returns to the object's level only at the last
+ * byte. So a key at q is one of the answer's own, not one nested deeper. */
+static int closes_answer(const char *q, const char *end) {
+  int depth = 1, in_str = 0, esc = 0;
+
+  for (; q < end; q++) {
+    char ch = *q;
+    if (in_str) {
+      if (esc)
+        esc = 0;
+      else if (ch == '\\')
+        esc = 1;
+      else if (ch == '"')
+        in_str = 0;
+    } else if (ch == '"') {
+      in_str = 1;
+    } else if (ch == '{' || ch == '[') {
+      depth++;
+    } else if ((ch == '}' || ch == ']') && --depth == 0) {
+      return q == end - 1;
+    }
+  }
+  return 0;
+}
+
 /* Reads usage from a whole JSON answer without parsing all of it: the
- * answer must look like one JSON object, and the object after its last
- * "usage" key is parsed alone. A chat or completions usage needs both
- * counts; one without a usable usage is counted from the answer instead
- * (call_usage): its generated text's bytes, or none for embeddings.
- * Returns 0, or TG_EPARSE for an answer that is not a JSON object. */
+ * answer must look like one JSON object, and the value of its own last
+ * "usage" member is parsed alone. Upstreams put usage last, so the key is
+ * found from the end and checked to be the answer's own (not a "usage"
+ * nested in a later member, nor a string "usage") by reading only what
+ * follows it; an answer whose last "usage" key is nested deeper is read
+ * whole by the lexical scanner instead. A chat or completions usage needs
+ * both counts; one without a usable usage is counted from the answer
+ * instead (call_usage): its generated text's bytes, or none for
+ * embeddings. Returns 0, or TG_EPARSE for an answer that is not a JSON
+ * object. */
 static int scan_usage(tg_call_t *c, const char *body, size_t len) {
-  const char *p = body, *end = body + len, *u = NULL, *q;
+  const char *p = body, *end = body + len, *u = NULL, *q, *v;
 
   while (p < end && tg_json_ws(*p))
     p++;
@@ -708,18 +753,27 @@ static int scan_usage(tg_call_t *c, const char *body, size_t len) {
     end--;
   if (p >= end || *p != '{' || end[-1] != '}')
     return TG_EPARSE;
-  /* the last "usage" of the text, searched from the end: upstreams put
-   * usage last, so this reads a few dozen bytes, not the whole answer */
-  for (q = end; (q = memrchr(p, '"', (size_t)(q - p))) != NULL;)
-    if (end - q >= 7 && memcmp(q, "\"usage\"", 7) == 0) {
-      u = q;
-      break;
-    }
-  if (u != NULL) {
-    u += 7;
-    while (u < end && (tg_json_ws(*u) || *u == ':'))
-      u++;
-    if (usage_take(c, u, (size_t)(end - u)))
+  /* the last "usage" key of the text: a few dozen bytes from the end */
+  for (q = end; u == NULL && (q = memrchr(p, '"', (size_t)(q - p))) != NULL;) {
+    if (end - q < 7 || memcmp(q, "\"usage\"", 7) != 0)
+      continue;
+    for (v = q + 7; v < end && tg_json_ws(*v); v++)
+      ;
+    if (v < end && *v == ':')
+      u = q; /* else a string "usage" that is a value: look further back */
+  }
+  if (u != NULL && closes_answer(u, end)) {
+    for (v = u + 7; v < end && (tg_json_ws(*v) || *v == ':'); v++)
+      ;
+    if (usage_take(c, v, (size_t)(end - v)))
+      return 0;
+  } else if (u != NULL) {
+    tg_ascan_t scan;
+    size_t n = 0;
+    tg_ascan_init(&scan);
+    (void)tg_ascan_feed(&scan, body, len);
+    if (tg_ascan_whole(&scan) && (v = tg_ascan_usage(&scan, &n)) != NULL &&
+        usage_take(c, v, n))
       return 0;
   }
   c->counted = 1;
@@ -1406,7 +1460,8 @@ static int64_t text_bytes(const cJSON *v, int64_t media) {
  * the object (tg_json_parse has made sure no key appears twice). */
 typedef struct {
   const cJSON *model, *messages, *prompt, *input, *max_completion_tokens, *max_tokens,
-      *n, *stream, *stream_options, *priority, *cache_salt;
+      *n, *best_of, *stream, *stream_options, *priority, *cache_salt, *kv_transfer_params,
+      *vllm_xargs, *chat_template;
 } body_fields_t;
 
 static void body_fields(const cJSON *root, body_fields_t *f) {
@@ -1424,6 +1479,15 @@ static void body_fields(const cJSON *root, body_fields_t *f) {
     case 'n':
       if (strcmp(k, "n") == 0) f->n = e;
       break;
+    case 'b':
+      if (strcmp(k, "best_of") == 0) f->best_of = e;
+      break;
+    case 'k':
+      if (strcmp(k, "kv_transfer_params") == 0) f->kv_transfer_params = e;
+      break;
+    case 'v':
+      if (strcmp(k, "vllm_xargs") == 0) f->vllm_xargs = e;
+      break;
     case 'p':
       if (strcmp(k, "prompt") == 0) f->prompt = e;
       else if (strcmp(k, "priority") == 0) f->priority = e;
@@ -1433,6 +1497,7 @@ static void body_fields(const cJSON *root, body_fields_t *f) {
       break;
     case 'c':
       if (strcmp(k, "cache_salt") == 0) f->cache_salt = e;
+      else if (strcmp(k, "chat_template") == 0) f->chat_template = e;
       break;
     case 's':
       if (strcmp(k, "stream") == 0) f->stream = e;
@@ -1444,15 +1509,19 @@ static void body_fields(const cJSON *root, body_fields_t *f) {
   }
 }
 
-/* How many completions the upstream may write: `n` for each prompt, and a
- * /v1/completions prompt that is a list of prompts (strings or lists of
- * token ids, not one list of token ids) has a set for each. */
+/* How many completions the upstream may write: `n` for each prompt (or
+ * `best_of`, when larger: an upstream that supports it generates that many
+ * and returns the best n), and a /v1/completions prompt that is a list of
+ * prompts (strings or lists of token ids, not one list of token ids) has a
+ * set for each. */
 static int64_t completions(const tg_call_t *c, const body_fields_t *f) {
   const cJSON *e;
-  int64_t n, prompts = 0;
+  int64_t n, best, prompts = 0;
 
   if (!tg_json_int(f->n, &n) || n < 1)
     n = 1; /* absent, or a value the upstream refuses */
+  if (tg_json_int(f->best_of, &best) && best > n)
+    n = best;
   if (strcmp(c->path, "/v1/completions") == 0 && cJSON_IsArray(f->prompt))
     cJSON_ArrayForEach(e, f->prompt) {
       if (cJSON_IsNumber(e)) {
@@ -1466,25 +1535,98 @@ static int64_t completions(const tg_call_t *c, const body_fields_t *f) {
   return prompts > 1 ? n * prompts : n;
 }
 
+/* The completion cap the upstream applies, as vLLM reads it: on chat
+ * `max_completion_tokens` when it is set and not 0, else `max_tokens`;
+ * /v1/completions knows only `max_tokens`. 0 when the request states none
+ * the upstream would take (absent, null, 0, negative: refused upstream). */
+static int64_t stated_max_tokens(const tg_call_t *c, const body_fields_t *f) {
+  int64_t mt;
+  if (strcmp(c->path, "/v1/chat/completions") == 0 &&
+      tg_json_int(f->max_completion_tokens, &mt) && mt != 0)
+    return mt > 0 ? mt : 0;
+  return tg_json_int(f->max_tokens, &mt) && mt > 0 ? mt : 0;
+}
+
+/* A bound of the prompt text a JSON value can render to: the bytes of its
+ * strings and keys, a number's digits (24 for one with a fraction or an
+ * exponent), 5 for a literal. */
+static int64_t json_text_bytes(const cJSON *v) {
+  const cJSON *e;
+  int64_t n = 0;
+
+  if (cJSON_IsString(v))
+    return (int64_t)strlen(v->valuestring);
+  if (cJSON_IsNumber(v)) {
+    double d = v->valuedouble;
+    if (d != floor(d) || fabs(d) >= 1e15)
+      return 24;
+    n = d < 0 ? 2 : 1;
+    for (d = fabs(d); d >= 10; d = floor(d / 10))
+      n++;
+    return n;
+  }
+  if (cJSON_IsObject(v) || cJSON_IsArray(v)) {
+    cJSON_ArrayForEach(e, v) {
+      n += (cJSON_IsObject(v) ? (int64_t)strlen(e->string) : 0) + json_text_bytes(e);
+    }
+    return n;
+  }
+  return 5;
+}
+
+/* 1 for a request member that no upstream renders into the prompt: the
+ * model, the counts and sampling parameters, the gateway's own. Every other
+ * member (tools, functions, documents, a suffix, chat_template_kwargs, one
+ * this list does not know) counts its text in the prompt estimate. */
+static int not_rendered(const char *k) {
+  static const char *const names[] = {
+      "model", "messages", "prompt", "input", "max_tokens", "max_completion_tokens", "n",
+      "best_of", "stream", "stream_options", "temperature", "top_p", "top_k", "min_p", "seed",
+      "stop", "stop_token_ids", "presence_penalty", "frequency_penalty", "repetition_penalty",
+      "length_penalty", "logprobs", "top_logprobs", "logit_bias", "user", "cache_salt",
+      "priority", "echo", "ignore_eos", "min_tokens", "skip_special_tokens",
+      "spaces_between_special_tokens", "include_stop_str_in_output", "add_generation_prompt",
+      "continue_final_message", "add_special_tokens", "parallel_tool_calls", "tool_choice",
+      "encoding_format", "dimensions", "truncate_prompt_tokens", "request_id",
+      "return_tokens_as_token_ids", "response_format", "guided_json", "guided_regex",
+      "guided_choice", "guided_grammar", "structured_outputs"};
+  for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++)
+    if (strcmp(k, names[i]) == 0)
+      return 1;
+  return 0;
+}
+
 /* The prompt estimate (from above) and the completion tokens to reserve:
- * max_tokens for every completion the request asks for. */
-static void estimate(tg_call_t *c, const body_fields_t *f) {
-  const cJSON *m;
+ * max_tokens for every completion the request asks for. The prompt: the
+ * bytes of the messages' contents (the model's media_tokens for a picture,
+ * sound or video part), of `prompt` and `input`, plus the text of every
+ * other member an upstream may render into the prompt (a message's tool
+ * calls, name or reasoning; the request's tools, documents, suffix...), and
+ * a few tokens a message and a request for the chat template. */
+static void estimate(tg_call_t *c, const cJSON *root, const body_fields_t *f) {
+  const cJSON *m, *e;
   int64_t est = 8, max_tokens = 0, mt, k, media = c->model->media_tokens;
 
   if (cJSON_IsArray(f->messages)) {
     cJSON_ArrayForEach(m, f->messages) {
-      /* a chat template adds a few tokens per message */
       est += 8 + text_bytes(tg_json_get(m, "content"), media);
+      if (cJSON_IsObject(m))
+        cJSON_ArrayForEach(e, m) {
+          if (strcmp(e->string, "role") != 0 && strcmp(e->string, "content") != 0)
+            est += (int64_t)strlen(e->string) + json_text_bytes(e);
+        }
     }
   }
   est += text_bytes(f->prompt, media);
   est += text_bytes(f->input, media);
+  cJSON_ArrayForEach(e, root) {
+    if (!not_rendered(e->string))
+      est += (int64_t)strlen(e->string) + json_text_bytes(e);
+  }
   c->prompt_estimate = est;
 
   if (!is_embeddings(c) && c->model->kind != TG_MODEL_EMBEDDING) {
-    if (!tg_json_int(f->max_completion_tokens, &mt) && !tg_json_int(f->max_tokens, &mt))
-      mt = 0;
+    mt = stated_max_tokens(c, f);
     max_tokens = mt > 0 ? mt : c->model->max_tokens;
     k = completions(c, f);
     max_tokens = max_tokens > INT64_MAX / k ? INT64_MAX : max_tokens * k;
@@ -1655,8 +1797,30 @@ static int parse_body(tg_call_t *c, const tg_key_rec_t *rec) {
                 "by their priority class");
     goto out;
   }
+  if (f.kv_transfer_params != NULL || f.vllm_xargs != NULL || f.chat_template != NULL) {
+    /* kv_transfer_params names KV blocks and hosts of a disaggregated
+     * deployment every tenant shares; vllm_xargs hands arbitrary arguments
+     * to the upstream's plugins; a chat template of the client's own can
+     * render a prompt of any size from a few bytes, past any estimate the
+     * limits reserve: none is a tenant's to set */
+    call_refuse(c, 400, "invalid_request_error", "unsupported_parameter", NULL,
+                "'%s' may not be set through the gateway",
+                f.kv_transfer_params != NULL ? "kv_transfer_params"
+                : f.vllm_xargs != NULL       ? "vllm_xargs"
+                                             : "chat_template");
+    goto out;
+  }
+  if ((c->model->kind == TG_MODEL_EMBEDDING) != is_embeddings(c)) {
+    call_refuse(c, 400, "invalid_request_error", "model_not_supported", NULL,
+                "the model '%s' is %s model: use %s", c->model->name,
+                c->model->kind == TG_MODEL_EMBEDDING ? "an embedding" : "a chat",
+                c->model->kind == TG_MODEL_EMBEDDING
+                    ? "/v1/embeddings"
+                    : "/v1/chat/completions or /v1/completions");
+    goto out;
+  }
   c->pool = tg_runtime_pool(c->rt, c->model);
-  estimate(c, &f);
+  estimate(c, root, &f);
   /* embeddings never stream: the upstream ignores "stream" there and
    * answers with one JSON object, whose usage is read as such */
   c->stream = cJSON_IsTrue(f.stream) && !is_embeddings(c);

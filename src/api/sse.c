@@ -134,10 +134,15 @@ static void *find(const char *s, size_t n, const char *needle) {
 
 int tg_usage_read(const cJSON *usage, int64_t *prompt, int64_t *completion) {
   int64_t pt, ct;
-  if (!tg_json_int(tg_json_get(usage, "prompt_tokens"), &pt) || pt < 0)
+  if (!tg_json_int(tg_json_get(usage, "prompt_tokens"), &pt) || pt < 0 ||
+      pt > TG_USAGE_TOKENS_MAX)
+    return 0;
+  if (!tg_json_int(tg_json_get(usage, "completion_tokens"), &ct) || ct < 0)
+    ct = -1;
+  else if (ct > TG_USAGE_TOKENS_MAX)
     return 0;
   *prompt = pt;
-  *completion = tg_json_int(tg_json_get(usage, "completion_tokens"), &ct) && ct >= 0 ? ct : -1;
+  *completion = ct;
   return 1;
 }
 
@@ -236,7 +241,7 @@ int tg_usage_read_text(const char *p, size_t n, int64_t *prompt, int64_t *comple
 
   if (usage_flat(p, n, &pt, &ct, &fpt, &fct, &used) == 1 &&
       tg_json_check_text(p + used, n - used, NULL) == 0) {
-    if (!fpt)
+    if (!fpt || pt > TG_USAGE_TOKENS_MAX || (fct && ct > TG_USAGE_TOKENS_MAX))
       return 0;
     *prompt = pt;
     *completion = fct ? ct : -1;
@@ -262,6 +267,29 @@ static const char *data_field(const char *ev, const char *end) {
   return NULL;
 }
 
+/* 1 when d[0..end) has a "choices" key whose value is an empty array,
+ * whitespace allowed anywhere JSON allows it ("choices" : [ ]). */
+static int choices_empty(const char *d, const char *end) {
+  const char *q = d;
+  while ((q = find(q, (size_t)(end - q), "\"choices\"")) != NULL) {
+    q += 9;
+    while (q < end && tg_json_ws(*q))
+      q++;
+    if (q >= end || *q != ':')
+      continue; /* a value "choices", not the key */
+    q++;
+    while (q < end && tg_json_ws(*q))
+      q++;
+    if (q >= end || *q != '[')
+      return 0;
+    q++;
+    while (q < end && tg_json_ws(*q))
+      q++;
+    return q < end && *q == ']';
+  }
+  return 0;
+}
+
 int tg_sse_inspect(const char *ev, size_t len, tg_sse_info_t *info) {
   const char *d, *end = ev + len, *le;
   cJSON *root;
@@ -285,8 +313,7 @@ int tg_sse_inspect(const char *ev, size_t len, tg_sse_info_t *info) {
     return 0;
   }
   if (find(d, (size_t)(le - d), "\"usage\"") == NULL) {
-    info->has_choices = find(d, (size_t)(le - d), "\"choices\":[]") == NULL &&
-                        find(d, (size_t)(le - d), "\"choices\": []") == NULL;
+    info->has_choices = !choices_empty(d, le);
     return (le > d && *d == '{') ? 0 : TG_EPARSE;
   }
   root = tg_json_parse(d, (size_t)(le - d), 1, NULL);

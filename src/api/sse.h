@@ -45,11 +45,20 @@ typedef struct {
  * [DONE] and not a JSON object. */
 int tg_sse_inspect(const char *ev, size_t len, tg_sse_info_t *info);
 
+/* A usage figure above this is no request's (a billion tokens is 21 hours
+ * of 128 sequences at 100 tokens a second): an upstream reporting one is
+ * broken, and its usage is none, counted instead, never billed as exact.
+ * It also keeps every cost below 2^63 nano-USD: prices are at most
+ * TG_PRICE_NANO_PER_TOKEN_MAX (config.h), so a request costs at most
+ * 2 x 10^18. */
+#define TG_USAGE_TOKENS_MAX INT64_C(1000000000)
+
 /* Reads an OpenAI "usage" object, streamed or not: 1 with the token counts
- * when prompt_tokens is a non-negative integer, 0 otherwise. *completion is
- * -1 when completion_tokens is absent or not a non-negative integer (an
- * embeddings answer has none; for a completion the caller decides). usage
- * may be NULL or not an object. */
+ * when prompt_tokens is an integer in [0, TG_USAGE_TOKENS_MAX], 0
+ * otherwise. *completion is -1 when completion_tokens is absent or not a
+ * non-negative integer (an embeddings answer has none; for a completion the
+ * caller decides); a completion_tokens above the bound makes the whole
+ * usage none. usage may be NULL or not an object. */
 int tg_usage_read(const cJSON *usage, int64_t *prompt, int64_t *completion);
 
 /* The same reading from the text of a usage value at p[0..n) (what follows

@@ -616,13 +616,17 @@ static int header_name_ok(const char *s) {
 }
 
 /* Headers that must never be copied from a client to an upstream: the
- * client's gateway credentials, and hop-by-hop or framing headers that the
- * gateway itself sets for the upstream connection. */
+ * client's gateway credentials; hop-by-hop or framing headers and the
+ * ones the gateway itself sets for the upstream request (a second copy
+ * leaves the upstream to pick one: the request id, the body's type);
+ * and codings, since the gateway rewrites the body it sends and reads
+ * the answer it gets (a compressed answer's usage could not be read). */
 static int header_forbidden(const char *lower) {
   static const char *const deny[] = {
       "authorization", "proxy-authorization", "x-api-key", "host",
       "content-length", "transfer-encoding", "connection", "keep-alive",
-      "proxy-connection", "upgrade", "te", "trailer"};
+      "proxy-connection", "upgrade", "te", "trailer", "expect",
+      "x-request-id", "content-type", "content-encoding", "accept-encoding"};
   for (size_t i = 0; i < sizeof deny / sizeof deny[0]; i++)
     if (strcmp(lower, deny[i]) == 0)
       return 1;
@@ -798,8 +802,8 @@ static void parse_price(ydoc_t *d, yaml_node_t *n, const char *path,
   if (scalar_text(d, n, path, "a decimal price") < 0)
     return;
   int rc = tg_money_parse_per_1k(yscalar(n), out);
-  if (rc == TG_ETOOBIG)
-    yerr(d, n, path, "price '%s' is too large", yscalar(n));
+  if (rc == TG_ETOOBIG || (rc == 0 && *out > TG_PRICE_NANO_PER_TOKEN_MAX))
+    yerr(d, n, path, "price '%s' is too large (at most 1000 USD per 1K tokens)", yscalar(n));
   else if (rc < 0 && tg_money_parse_usd(yscalar(n), &(tg_nano_t){0}) == 0)
     yerr(d, n, path,
          "price '%s' is not a whole number of nano-USD per token (at most 6 "

@@ -25,6 +25,12 @@ typedef struct {
   int max_inflight;   /* default 256 */
 } tg_endpoint_cfg_t;
 
+/* The highest price a model may have: USD 1,000 per 1K tokens (10^9
+ * nano-USD a token, over a thousand times any public model's). With usage
+ * figures bounded by TG_USAGE_TOKENS_MAX (api/sse.h) a request's cost stays
+ * below 2^63 nano-USD, so it is never saturated. */
+#define TG_PRICE_NANO_PER_TOKEN_MAX INT64_C(1000000000)
+
 typedef struct {
   char *name;
   tg_endpoint_cfg_t *endpoints;

@@ -185,6 +185,7 @@ const char *tg_http_reason(int status) {
   case 502: return "Bad Gateway";
   case 503: return "Service Unavailable";
   case 504: return "Gateway Timeout";
+  case 505: return "HTTP Version Not Supported";
   default: return "Unknown";
   }
 }
@@ -536,7 +537,7 @@ static int on_headers_complete(llhttp_t *p) {
   head_t *h = c->head;
   size_t i;
   char *url, *q;
-  const char *expect;
+  const char *expect, *te;
 
   c->in_head = 0;
   c->trailers = 1;
@@ -562,6 +563,17 @@ static int on_headers_complete(llhttp_t *p) {
   c->req.n_headers = c->n_hdrs;
   c->req.method = (int)p->method;
   c->http10 = (p->http_major == 1 && p->http_minor == 0);
+  if (p->http_major != 1 || p->http_minor > 1) {
+    c->reject = 505; /* HTTP/0.9's bare request line, or a later version */
+    return -1;
+  }
+  te = tg_http_req_header(&c->req, "transfer-encoding");
+  if (te != NULL && (c->http10 || strcasecmp(te, "chunked") != 0)) {
+    /* RFC 9112 6.1: in HTTP/1.0 it is faulty framing; and the body of a
+     * coding other than chunked alone could not be read */
+    c->reject = c->http10 ? 400 : 501;
+    return -1;
+  }
 
   /* The server speaks HTTP/1.1 only and never switches protocols. An
    * Upgrade offer (curl --http2 sends h2c) may be ignored (RFC 9110 7.8):
@@ -722,6 +734,13 @@ static void conn_parse_error(tg_http_conn_t *c, llhttp_errno_t err) {
     return;
   case 405:
     conn_reject(c, 405, "method_not_allowed", "CONNECT is not supported");
+    return;
+  case 501:
+    conn_reject(c, 501, "unsupported_transfer_encoding",
+                "only the chunked transfer coding is supported");
+    return;
+  case 505:
+    conn_reject(c, 505, "http_version_not_supported", "HTTP/1.1 and HTTP/1.0 are spoken here");
     return;
   case 500:
     conn_reject(c, 500, "internal_error", "out of memory");
@@ -1333,7 +1352,7 @@ int tg_http_respond(tg_http_req_t *req, int status, const char *content_type,
   tg_http_conn_t *c = req->conn;
   char stackbuf[STACK_RESP];
   char *head = stackbuf;
-  size_t cap = sizeof(stackbuf);
+  size_t cap = sizeof(stackbuf), send;
   int hl, r = 0;
 
   if (!c->active)
@@ -1342,6 +1361,8 @@ int tg_http_respond(tg_http_req_t *req, int status, const char *content_type,
     tg_http_abort(req);
     return TG_EINVAL;
   }
+  /* HEAD: the head of the answer, its Content-Length included, no body */
+  send = c->req.method == HTTP_HEAD ? 0 : len;
   if (!c->gone) {
     if (extra_headers && strlen(extra_headers) + 256 > cap) {
       cap = strlen(extra_headers) + 256;
@@ -1354,12 +1375,12 @@ int tg_http_respond(tg_http_req_t *req, int status, const char *content_type,
     hl = format_head(c, head, cap, status, content_type, extra_headers, 0, len);
     if (hl < 0)
       r = hl;
-    else if (len + (size_t)hl <= cap) {
+    else if (send + (size_t)hl <= cap) {
       /* one buffer, one syscall for the common small answer */
-      memcpy(head + hl, body, len);
-      r = conn_send(c, head, (size_t)hl + len);
+      memcpy(head + hl, body, send);
+      r = conn_send(c, head, (size_t)hl + send);
     } else {
-      r = conn_send2(c, head, (size_t)hl, body, len);
+      r = conn_send2(c, head, (size_t)hl, body, send);
     }
     if (head != stackbuf)
       free(head);

@@ -141,10 +141,12 @@ int tg_invoice_build(tg_ledger_db_t *db, const char *tenant, const char *month, 
     return r;
   if ((r = tg_ledger_usage_by_model(db, tenant, from, to, &rows, &n)) < 0)
     return r;
-  for (i = 0; i < n; i++) {
-    total_req += rows[i].requests;
-    total_cost += rows[i].cost_nano;
-  }
+  for (i = 0; i < n; i++)
+    if (__builtin_add_overflow(total_req, rows[i].requests, &total_req) ||
+        __builtin_add_overflow(total_cost, rows[i].cost_nano, &total_cost)) {
+      free(rows);
+      return TG_ETOOBIG; /* no total to print: refused, never wrapped */
+    }
   gmtime_r(&now, &tm);
   strftime(when, sizeof(when), "%Y-%m-%dT%H:%M:%SZ", &tm);
   if (csv) {
@@ -198,12 +200,14 @@ int tg_usage_build(tg_ledger_db_t *db, const char *tenant, const char *day, char
     return r;
   if ((r = tg_ledger_usage_by_model(db, tenant, from, to, &rows, &n)) < 0)
     return r;
-  for (i = 0; i < n; i++) {
-    req += rows[i].requests;
-    pt += rows[i].prompt_tokens;
-    ct += rows[i].completion_tokens;
-    cost += rows[i].cost_nano;
-  }
+  for (i = 0; i < n; i++)
+    if (__builtin_add_overflow(req, rows[i].requests, &req) ||
+        __builtin_add_overflow(pt, rows[i].prompt_tokens, &pt) ||
+        __builtin_add_overflow(ct, rows[i].completion_tokens, &ct) ||
+        __builtin_add_overflow(cost, rows[i].cost_nano, &cost)) {
+      free(rows);
+      return TG_ETOOBIG;
+    }
   free(rows);
   if (tg_json_quote(q, sizeof(q), tenant) < 0)
     return TG_ETOOBIG; /* q is not a string */
@@ -259,6 +263,11 @@ static int run(const char *cfg_path, int (*build)(tg_ledger_db_t *, char **, con
     return 1;
   r = build(db, &text, arg);
   tg_ledger_db_close(db);
+  if (r == TG_ETOOBIG) {
+    fprintf(stderr, "tollgate: the period's totals do not fit 64-bit integers (nano-USD, "
+                    "tokens or requests): a record holds an implausible figure\n");
+    return 1;
+  }
   if (r < 0) {
     fprintf(stderr, "tollgate: %s\n", tg_strerror(r));
     return 1;
@@ -297,6 +306,10 @@ int tg_cmd_invoice(int argc, char **argv) {
                     "[--format json|csv]\n");
     return 2;
   }
+  if (!tg_config_tenant_name_ok(q.tenant)) {
+    fprintf(stderr, "tollgate: --tenant: '%s' is not a tenant name\n", q.tenant);
+    return 2;
+  }
   if (tg_month_range(q.period, &a, &b) < 0) {
     fprintf(stderr, "tollgate: --month wants YYYY-MM, not '%s'\n", q.period);
     return 2;
@@ -314,6 +327,10 @@ int tg_cmd_usage(int argc, char **argv) {
   q.csv = 0;
   if (cfg == NULL || q.tenant == NULL || q.period == NULL) {
     fprintf(stderr, "usage: tollgate usage --config FILE --tenant T --day YYYY-MM-DD\n");
+    return 2;
+  }
+  if (!tg_config_tenant_name_ok(q.tenant)) {
+    fprintf(stderr, "tollgate: --tenant: '%s' is not a tenant name\n", q.tenant);
     return 2;
   }
   if (tg_day_range(q.period, &a, &b) < 0) {

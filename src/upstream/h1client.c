@@ -718,9 +718,11 @@ static int head_build(char *dst, size_t cap, size_t *len, const tg_xfer_opts_t *
     r |= head_put(dst, cap, len, num, b.len);
   }
   for (i = 0; opts->headers && opts->headers[i]; i++) {
-    const char *l = opts->headers[i];
+    const char *l = opts->headers[i], *colon = strchr(l, ':');
     size_t n = strlen(l);
-    if (n == 0 || l[n - 1] == ':')
+    /* libcurl's forms: "Name:" with nothing after the colon drops the
+     * header (a value that itself ends in ':' is sent) */
+    if (n == 0 || (colon != NULL && colon[1 + strspn(colon + 1, " \t")] == '\0'))
       continue;
     if (strchr(l, '\r') || strchr(l, '\n'))
       return TG_EINVAL;

@@ -10,6 +10,7 @@ Prices in these tests are the default 0.0005 / 0.0015 USD per 1K tokens,
 estimate is 27 tokens, the simulator's prompt_tokens 9. So max_tokens 50
 reserves 88,500 nano-USD and costs 79,500."""
 
+import json
 import re
 import time
 
@@ -136,6 +137,14 @@ def test_reservation_priced_exactly(tg, sim):
     less refuses it: the reservation is prompt estimate x prompt price +
     max_tokens (or the model's cap) x completion price, per model."""
     embed_body = {"model": EMBED, "input": "abcd"}
+    tools_body = tgtest.chat_body(M, max_tokens=5, content=HELLO, tools=[{
+        "type": "function", "function": {"name": "f", "description": "x" * 4000,
+                                         "parameters": {"type": "object"}}}])
+    # the member's text, keys included: tools type function function name f
+    # description x*4000 parameters type object
+    tools_res = (EST + 5 + 4 + 8 + 8 + 4 + 1 + 11 + 4000 + 10 + 4 + 6) * 500 + 5 * 1500
+    assert tgtest.prompt_estimate(tools_body) * 500 + 5 * 1500 == tools_res
+    legacy_mct = {"model": M, "prompt": HELLO, "max_tokens": 50, "max_completion_tokens": 1}
     embed_res = tgtest.prompt_estimate(embed_body) * 500       # no completion tokens
     cases = {
         "mt": (reserve(50), lambda gw, t: ask(gw, t)),
@@ -144,6 +153,16 @@ def test_reservation_priced_exactly(tg, sim):
         "price2": (reserve(10, model=M2), lambda gw, t: ask(gw, t, max_tokens=10, model=M2)),
         "embed": (embed_res, lambda gw, t: tgtest.request(gw.port, "POST", "/v1/embeddings",
                                                           body=embed_body, key=gw.keys[t])),
+        # tools are rendered into the prompt: their text is reserved too
+        "tools": (tools_res, lambda gw, t: tgtest.request(gw.port, "POST", "/v1/chat/completions",
+                                                          body=tools_body, key=gw.keys[t])),
+        # /v1/completions knows no max_completion_tokens: max_tokens is reserved
+        "legacy_mct": (tgtest.prompt_estimate(legacy_mct) * 500 + 50 * 1500,
+                       lambda gw, t: tgtest.request(gw.port, "POST", "/v1/completions",
+                                                    body=legacy_mct, key=gw.keys[t])),
+        # on chat a max_completion_tokens of 0 leaves max_tokens in force
+        "chat_mct0": (reserve(40), lambda gw, t: ask(gw, t, max_tokens=40,
+                                                     max_completion_tokens=0)),
     }
     assert cases["mt"][0] == 88500 and cases["cap"][0] == 463500
     assert cases["price2"][0] == 51300 and embed_res == 6000
@@ -161,16 +180,19 @@ def test_reservation_priced_exactly(tg, sim):
 
 
 def test_reservation_covers_every_completion_asked_for(tg, sim):
-    """`n` completions, and for /v1/completions one set per prompt of a list,
-    each up to max_tokens: the reservation holds them all, so a budget of
-    one request's reservation is never passed by what that request costs."""
+    """`n` completions (or `best_of`, when larger), and for /v1/completions one
+    set per prompt of a list, each up to max_tokens: the reservation holds
+    them all, so a budget of one request's reservation is never passed by
+    what that request costs."""
     chat_n4 = tgtest.chat_body(M, max_tokens=50, content=HELLO, n=4)
     two_prompts = {"model": M, "prompt": [HELLO, HELLO], "max_tokens": 10, "n": 2}
     token_ids = {"model": M, "prompt": [1, 2, 3, 4], "max_tokens": 10, "n": 3}
+    best_of = {"model": M, "prompt": HELLO, "max_tokens": 10, "n": 2, "best_of": 3}
     cases = {       # path, body, prompt estimate, completion tokens at most
         "chat_n": ("/v1/chat/completions", chat_n4, EST, 4 * 50),
         "prompts": ("/v1/completions", two_prompts, 8 + 2 * len(HELLO), 2 * 2 * 10),
         "token_ids": ("/v1/completions", token_ids, 8 + 4, 3 * 10),
+        "best_of": ("/v1/completions", best_of, 8 + len(HELLO), 3 * 10),
     }
     assert tgtest.prompt_estimate(chat_n4) == EST
     assert tgtest.prompt_estimate(two_prompts) == 8 + 2 * len(HELLO)
@@ -186,7 +208,8 @@ def test_reservation_covers_every_completion_asked_for(tg, sim):
         r = tgtest.request(gw.port, "POST", path, body=body, key=gw.keys[name + "_fits"])
         assert r.status == 200, (name, r)
         u = r.json()["usage"]
-        assert u["completion_tokens"] == completion, (name, u)
+        # the simulator writes n completions: best_of's are reserved, not written
+        assert u["completion_tokens"] == (2 * 10 if name == "best_of" else completion), (name, u)
         # and the one request admitted cannot spend past its budget
         r = tgtest.request(gw.port, "POST", path, body=body, key=gw.keys[name + "_fits"])
         assert_budget_refused(r, "daily_budget")

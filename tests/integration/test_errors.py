@@ -127,6 +127,43 @@ def test_client_priority_refused(stack):
         assert r.status == 200, (prio, r)
 
 
+def test_client_kv_transfer_params_vllm_xargs_and_chat_template_refused(stack):
+    # kv_transfer_params names the KV blocks and hosts of a disaggregated
+    # prefill deployment every tenant shares; vllm_xargs hands arguments to
+    # the upstream's plugins; a chat template of the client's own renders a
+    # prompt of any size from a few bytes, past what the limits reserve:
+    # none is a tenant's to set, in any form
+    before = stack.sim.metric(tgtest.SIM_REQUESTS)
+    for field, value in (("kv_transfer_params", {"remote_block_ids": [1, 2]}),
+                         ("kv_transfer_params", None), ("vllm_xargs", {"a": 1}),
+                         ("chat_template", "{% for i in range(99999) %}x{% endfor %}")):
+        r = chat(stack.port, stack.key, M8B, max_tokens=1, **{field: value})
+        e = _err(r, 400, "invalid_request_error", "unsupported_parameter")
+        assert "'%s'" % field in e["message"], e
+        r = request(stack.port, "POST", "/v1/completions", key=stack.key,
+                    body={"model": M8B, "prompt": "x", "max_tokens": 1, field: value})
+        _err(r, 400, "invalid_request_error", "unsupported_parameter")
+    assert stack.sim.metric(tgtest.SIM_REQUESTS) == before
+
+
+def test_a_model_is_used_on_the_paths_of_its_kind(stack):
+    # a chat model on /v1/embeddings, or an embedding model on a generating
+    # path, would go out without the tenant's cache_salt or without a
+    # completion reservation: refused before the upstream
+    before = stack.sim.metric(tgtest.SIM_REQUESTS)
+    r = request(stack.port, "POST", "/v1/embeddings", body={"model": M8B, "input": "x"},
+                key=stack.key)
+    e = _err(r, 400, "invalid_request_error", "model_not_supported")
+    assert "/v1/chat/completions" in e["message"], e
+    emb = tgtest.DEFAULT_MODELS[2]
+    for path, body in (("/v1/chat/completions", tgtest.chat_body(emb, max_tokens=1)),
+                       ("/v1/completions", {"model": emb, "prompt": "x", "max_tokens": 10 ** 5})):
+        r = request(stack.port, "POST", path, body=body, key=stack.key)
+        e = _err(r, 400, "invalid_request_error", "model_not_supported")
+        assert "/v1/embeddings" in e["message"], e
+    assert stack.sim.metric(tgtest.SIM_REQUESTS) == before
+
+
 def test_missing_or_non_string_model(stack):
     for body in [{"messages": []}, {"model": 7, "messages": []}, {"model": None},
                  {"model": ["llama-3.1-8b"]}]:

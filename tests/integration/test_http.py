@@ -534,3 +534,103 @@ def test_over_limit_body_sent_whole_gets_413(stack):
     c.close()
     assert took < 10, "still accepting input after %.1f s" % took
     _still_serving(stack)
+
+
+def _raw_exchange(port, data, timeout=3.0):
+    """Sends data on a new connection and reads until the peer closes or
+    nothing more comes for a moment; returns (bytes read, closed)."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    try:
+        s.sendall(data)
+        out, closed = b"", False
+        s.settimeout(0.5)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                b = s.recv(65536)
+            except socket.timeout:
+                if out:
+                    break
+                continue
+            if not b:
+                closed = True
+                break
+            out += b
+        return out, closed
+    finally:
+        s.close()
+
+
+def test_a_head_request_gets_no_body(stack):
+    """A HEAD is answered with the head a GET would get, Content-Length
+    included, and no body: the next pipelined answer starts right after
+    the blank line (a body there would be read as that answer's start)."""
+    for path in ("/v1/models", "/v1/chat/completions", "/nope"):
+        data = http_request_bytes("HEAD", path, key=stack.key) + \
+            http_request_bytes("GET", "/v1/models", key=stack.key)
+        out, _ = _raw_exchange(stack.port, data)
+        head, sep, rest = out.partition(b"\r\n\r\n")
+        assert sep and head.startswith(b"HTTP/1.1 "), out[:200]
+        assert b"content-length: " in head.lower(), head
+        assert rest.startswith(b"HTTP/1.1 200 OK\r\n"), (path, rest[:120])
+    _still_serving(stack)
+
+
+def test_framing_a_front_proxy_could_read_otherwise_is_refused(stack):
+    """The parser is strict: chunk data not followed by CRLF, a space in a
+    header name, a tab in the target; Transfer-Encoding in HTTP/1.0 (faulty
+    framing, RFC 9112 6.1) and any coding but chunked alone; versions other
+    than HTTP/1.0 and 1.1. Each gets its error and the connection closes, so
+    the bytes behind it are never read as a request."""
+    body = json.dumps(tgtest.chat_body(M8B, max_tokens=1)).encode()
+    auth = ("Authorization: Bearer %s\r\n" % stack.key).encode()
+    nxt = http_request_bytes("GET", "/v1/models", key=stack.key)
+    cases = [
+        (400, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n" + auth +
+         b"Transfer-Encoding: chunked\r\n\r\n" + b"%x\r\n" % len(body) + body + b"XX0\r\n\r\n"),
+        (400, b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX Api-Key: k\r\n" + auth + b"\r\n"),
+        (400, b"GET /v1/models\tx HTTP/1.1\r\nHost: x\r\n" + auth + b"\r\n"),
+        (400, b"POST /v1/chat/completions HTTP/1.0\r\nHost: x\r\nConnection: keep-alive\r\n" +
+         auth + b"Transfer-Encoding: chunked\r\n\r\n" + b"%x\r\n" % len(body) + body +
+         b"\r\n0\r\n\r\n"),
+        (501, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n" + auth +
+         b"Transfer-Encoding: gzip, chunked\r\n\r\n" + b"%x\r\n" % len(body) + body +
+         b"\r\n0\r\n\r\n"),
+        (505, b"GET /v1/models HTTP/2.0\r\nHost: x\r\n" + auth + b"\r\n"),
+    ]
+    for status, data in cases:
+        out, closed = _raw_exchange(stack.port, data + nxt)
+        assert out.startswith(b"HTTP/1.1 %d " % status), (data[:80], out[:200])
+        assert b"HTTP/1.1 200 " not in out and closed, (data[:80], out)
+        doc = json.loads(out.partition(b"\r\n\r\n")[2])
+        assert doc["error"]["type"] == "invalid_request_error", doc
+    # the same requests well framed are served
+    ok = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n" + auth +
+          b"Transfer-Encoding: chunked\r\n\r\n" + b"%x\r\n" % len(body) + body + b"\r\n0\r\n\r\n")
+    out, _ = _raw_exchange(stack.port, ok + nxt)
+    assert out.startswith(b"HTTP/1.1 200 ") and out.count(b"HTTP/1.1 200 ") == 2, out[:300]
+    _still_serving(stack)
+
+
+def test_forwarded_headers_reach_the_upstream_as_sent(tg):
+    """A forwarded header's value goes as the client sent it, even one that
+    ends in ':' (libcurl's "drop this header" form is only a name and a
+    colon); the client's own X-Request-Id never reaches the upstream beside
+    the gateway's."""
+    up = tgtest.FakeUpstream(status=200, body={
+        "id": "x", "object": "chat.completion", "created": 1, "model": M8B,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"},
+                     "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 1}})
+    try:
+        gw = tg.gateway({M8B: [up.url]})
+        for value in ("http://a:", "plain", "a: b:"):
+            r = chat(gw.port, gw.keys["acme"], M8B, max_tokens=1,
+                     headers={"X-Sim-Fault": value, "X-Request-Id": "client-chosen"})
+            assert r.status == 200, r
+            got = [(k.lower(), v) for k, v in up.last_headers]
+            assert ("x-sim-fault", value) in got, (value, got)
+            rids = [v for k, v in got if k == "x-request-id"]
+            assert rids == [r.header("x-request-id")], got
+    finally:
+        up.close()

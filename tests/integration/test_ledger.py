@@ -705,15 +705,83 @@ def test_migrate_command_brings_the_sqlite_schema_up_to_date(tg, sim):
     assert "newer than this binary knows (%d)" % version in cp.stderr, cp.stderr
 
 
-def test_invoice_and_usage_of_a_name_too_long_to_print_fail_instead_of_printing_broken_json(tg, sim):
+def test_invoice_and_usage_of_a_name_that_is_no_tenants_are_refused(tg, sim):
+    """A --tenant no tenant could have (quotes, a comma, past 64 bytes) is
+    refused before the ledger is read (exit 2), so nothing prints broken
+    JSON or CSV; the longest name a tenant may have is printed whole."""
     gw = start_gw(tg, sim, start=False)
     gw.tool("migrate")
     for cmd, period in (("invoice", ["--month", tgtest.utc_month()]),
                         ("usage", ["--day", tgtest.utc_day()])):
-        # 400 quotes: 800 bytes escaped, past what one JSON field may hold
-        cp = gw.tool(cmd, "--tenant", '"' * 400, *period, check=False)
-        assert cp.returncode == 1 and cp.stdout == "", (cmd, cp.stdout[:200])
-        assert cp.stderr.startswith("tollgate: "), (cmd, cp.stderr)
-        # a long name that fits is printed whole
-        cp = gw.tool(cmd, "--tenant", "x" * 200, *period)
-        assert tgtest.money_json(cp.stdout)["tenant_id"] == "x" * 200, (cmd, cp.stdout)
+        for bad in ('"' * 400, 'a,"b', "x" * 65):
+            cp = gw.tool(cmd, "--tenant", bad, *period, check=False)
+            assert cp.returncode == 2 and cp.stdout == "", (cmd, bad, cp.stdout[:200])
+            assert "is not a tenant name" in cp.stderr, (cmd, cp.stderr)
+        cp = gw.tool(cmd, "--tenant", "x" * 64, *period)
+        assert tgtest.money_json(cp.stdout)["tenant_id"] == "x" * 64, (cmd, cp.stdout)
+    cp = gw.tool("invoice", "--tenant", "x" * 64, "--month", tgtest.utc_month(),
+                 "--format", "csv")
+    assert cp.stdout.splitlines()[-1].startswith("x" * 64 + ","), cp.stdout
+
+
+def test_totals_past_64_bits_are_refused_not_wrapped(tg, sim):
+    """Two records whose costs each fit 64 bits but whose sum does not (two
+    models: each model's sum still fits): the invoice and the day's usage,
+    from the command line and from the admin route, refuse with a clear
+    error instead of printing a wrapped, negative total."""
+    gw = start_gw(tg, sim)
+    admin_key = gw.create_admin_key(name="billing")
+    now_ms = int(time.time() * 1000)
+    db = sqlite3.connect(gw.db_path, timeout=10)
+    try:
+        with db:
+            for i, model in enumerate(("m-a", "m-b")):
+                db.execute("INSERT INTO ledger (request_id, ts_ms, tenant, key_id, model, "
+                           "endpoint, prompt_tokens, completion_tokens, cost_nano, status) "
+                           "VALUES (?, ?, 'alpha', 'k', ?, 'http://x', 1, 1, ?, 200)",
+                           ("req_big%d" % i, now_ms, model, 6 * 10 ** 18))
+    finally:
+        db.close()
+    month, day = tgtest.utc_month(now_ms / 1000), tgtest.utc_day(now_ms / 1000)
+    for args in (("invoice", "--tenant", "alpha", "--month", month),
+                 ("invoice", "--tenant", "alpha", "--month", month, "--format", "csv"),
+                 ("usage", "--tenant", "alpha", "--day", day)):
+        cp = gw.tool(*args, check=False)
+        assert cp.returncode == 1 and cp.stdout == "", (args, cp)
+        assert "do not fit 64-bit integers" in cp.stderr, (args, cp.stderr)
+    gw.wait_admin_key(admin_key)
+    for path in ("/admin/v1/tenants/alpha/invoices/%s" % month,
+                 "/admin/v1/tenants/alpha/usage/%s" % day):
+        r = tgtest.admin(gw, path, key=admin_key)
+        assert r.status == 500, r
+        assert r.error()["code"] == "ledger_totals_too_large", r
+
+
+def test_every_admin_api_request_leaves_an_audit_line(tg, sim):
+    """Each /admin/v1 request, answered or refused, writes one access-log
+    line: its request id, the path, the tenant whose data was asked for, the
+    key's id (the admin key's; a tenant key that tried the route, its own;
+    none without a key) and the status."""
+    gw = start_gw(tg, sim)
+    admin_key = gw.create_admin_key(name="audit")
+    tenant_key = gw.create_key("alpha")
+    gw.wait_admin_key(admin_key)
+    month = tgtest.utc_month()
+    inv = "/admin/v1/tenants/alpha/invoices/%s" % month
+    cases = [  # key, path, status, key id on the line, tenant on the line
+        (admin_key, inv, 200, tgtest.key_id(admin_key), "alpha"),
+        (admin_key, "/admin/v1/tenants/alpha/usage/%s" % tgtest.utc_day(), 200,
+         tgtest.key_id(admin_key), "alpha"),
+        (tenant_key, inv, 403, tgtest.key_id(tenant_key), "alpha"),
+        (None, inv, 401, None, "alpha"),
+        ("tg-000000000000-" + "0" * 64, inv, 401, None, "alpha"),
+        (admin_key, "/admin/v1/tenants/alpha/invoices/2026-13", 400,
+         tgtest.key_id(admin_key), "alpha"),
+        (admin_key, "/admin/v1/tenants/alpha/nope/x", 404, None, None),
+    ]
+    for key, path, status, kid, tenant in cases:
+        r = tgtest.admin(gw, path, key=key)
+        assert r.status == status, (path, r)
+        e = gw.access_entry(r.header("x-request-id"))
+        assert (e["path"], e["status"], e["key_id"], e["tenant"]) == \
+            (path, status, kid, tenant), (path, e)

@@ -259,3 +259,76 @@ def test_a_stream_usage_without_both_counts_is_counted_as_none(tg):
             assert b'"usage"' not in r.body and r.body.count(b"data: ") == 4, r.body
     finally:
         up.close()
+
+
+def test_the_answers_own_usage_is_billed_not_a_nested_one(tg):
+    """The usage billed is the answer's own member: not a "usage" nested in
+    a later member or in a choice, and not a string "usage" after it. An
+    answer whose only usage is nested is counted, as one without usage; a
+    usage figure past a billion tokens is none (counted instead), one at
+    the bound is taken."""
+    head = ('{"id":"chatcmpl-1","object":"chat.completion","created":1,"model":"%s",'
+            '"choices":[{"index":0,"finish_reason":"stop",'
+            '"message":{"role":"assistant","content":"Hello there!"}%%s}]' % M)
+    own = '"usage":{"prompt_tokens":10,"completion_tokens":20,"total_tokens":30}'
+    small = '"usage":{"prompt_tokens":1,"completion_tokens":1}'
+    bodies = [
+        (head % "") + "," + own + ',"meta":{' + small + "}}",
+        (head % "") + "," + own + ',"x":"usage"}',
+        (head % "") + "," + own + ',"x":["usage",{' + small + "}]}",
+        (head % ("," + small)) + "}",
+        (head % "") + ',"usage":{"prompt_tokens":12,"completion_tokens":1000000001}}',
+        (head % "") + ',"usage":{"prompt_tokens":9000000000000000,"completion_tokens":5}}',
+        (head % "") + ',"usage":{"prompt_tokens":1000000000,"completion_tokens":3}}',
+    ]
+    for b in bodies:
+        json.loads(b)  # each is one JSON object
+    up = tgtest.FakeUpstream(status=200)
+    try:
+        gw = start_gw(tg, up.url)
+        body = tgtest.chat_body(M, max_tokens=50)
+        est, text = tgtest.prompt_estimate(body), len("Hello there!")
+        bill_each(gw, up, body, lambda b: b.encode(),
+                  ((bodies[0], (0, 10, 20)),
+                   (bodies[1], (0, 10, 20)),
+                   (bodies[2], (0, 10, 20)),
+                   (bodies[3], (1, est, text)),
+                   (bodies[4], (1, est, text)),
+                   (bodies[5], (1, est, text)),
+                   (bodies[6], (0, 1000000000, 3))))
+    finally:
+        up.close()
+
+
+def test_content_relayed_after_a_streams_usage_is_billed_too(tg):
+    """A usage is the total so far: content events an upstream sends after
+    it are billed on top (a token each), once; a usage in every chunk
+    (vLLM's continuous usage stats) is taken as it is. An empty choices
+    list with whitespace inside is no content event."""
+    def chunk(**kw):
+        ev = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": M}
+        ev.update(kw)
+        return b"data: " + json.dumps(ev).encode() + b"\n\n"
+
+    def content(w, **kw):
+        return chunk(choices=[{"index": 0, "delta": {"content": w}}], **kw)
+
+    done = b"data: [DONE]\n\n"
+    late = (content("Hi") + chunk(choices=[], usage={"prompt_tokens": 12, "completion_tokens": 1})
+            + content(" there") + content("!") + done)
+    every = (content("Hi", usage={"prompt_tokens": 12, "completion_tokens": 1})
+             + content(" there", usage={"prompt_tokens": 12, "completion_tokens": 2})
+             + content("!", usage={"prompt_tokens": 12, "completion_tokens": 3})
+             + chunk(choices=[], usage={"prompt_tokens": 12, "completion_tokens": 3}) + done)
+    empty = (content("Hi") + b'data: {"id":"x","choices":[ ]}\n\n'
+             + b'data: {"id":"x","choices" : [\t]}\n\n' + done)
+    up = tgtest.FakeUpstream(status=200)
+    up.content_type = "text/event-stream"
+    try:
+        gw = start_gw(tg, up.url)
+        body = tgtest.chat_body(M, max_tokens=50, stream=True)
+        est = tgtest.prompt_estimate(body)
+        bill_each(gw, up, body, lambda b: b,
+                  ((late, (0, 12, 3)), (every, (0, 12, 3)), (empty, (1, est, 1))))
+    finally:
+        up.close()

@@ -514,6 +514,8 @@ class Gateway:
         mcfg = {}
         for name, v in models.items():
             mcfg[name] = model_entry(v) if isinstance(v, (list, tuple)) else v
+            if isinstance(v, (list, tuple)) and "embed" in name:
+                mcfg[name]["kind"] = "embedding"  # as examples/ configures them
         cfg = {
             "listen": "127.0.0.1:%d" % self.port,
             "admin_listen": "127.0.0.1:%d" % self.admin_port,
@@ -1176,6 +1178,7 @@ class FakeUpstream:
                       "code": "fake"}}).encode()
         self.posts = 0
         self.gets = 0
+        self.last_headers = []  # (name, value) of the last POST, as received
         outer = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -1200,6 +1203,7 @@ class FakeUpstream:
                 if n:
                     self.rfile.read(n)
                 outer.posts += 1
+                outer.last_headers = list(self.headers.items())
                 self._send(outer.status, outer.body, outer.content_type)
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -1399,11 +1403,46 @@ def nano_per_token(per_1k_usd):
     return int(v)
 
 
+NOT_RENDERED = frozenset((
+    "model", "messages", "prompt", "input", "max_tokens", "max_completion_tokens", "n",
+    "best_of", "stream", "stream_options", "temperature", "top_p", "top_k", "min_p", "seed",
+    "stop", "stop_token_ids", "presence_penalty", "frequency_penalty", "repetition_penalty",
+    "length_penalty", "logprobs", "top_logprobs", "logit_bias", "user", "cache_salt",
+    "priority", "echo", "ignore_eos", "min_tokens", "skip_special_tokens",
+    "spaces_between_special_tokens", "include_stop_str_in_output", "add_generation_prompt",
+    "continue_final_message", "add_special_tokens", "parallel_tool_calls", "tool_choice",
+    "encoding_format", "dimensions", "truncate_prompt_tokens", "request_id",
+    "return_tokens_as_token_ids", "response_format", "guided_json", "guided_regex",
+    "guided_choice", "guided_grammar", "structured_outputs"))
+
+
+def json_text_bytes(v):
+    """The gateway's bound of the prompt text a JSON value renders to: its
+    strings' and keys' bytes, a number's digits (24 with a fraction), 5 for
+    true, false and null."""
+    if isinstance(v, str):
+        return len(v.encode())
+    if isinstance(v, bool) or v is None:
+        return 5
+    if isinstance(v, (int, float)):
+        if v != int(v) or abs(v) >= 1e15:
+            return 24
+        return len(str(abs(int(v)))) + (1 if v < 0 else 0)
+    if isinstance(v, dict):
+        return sum(len(k.encode()) + json_text_bytes(x) for k, x in v.items())
+    if isinstance(v, list):
+        return sum(json_text_bytes(x) for x in v)
+    return 0
+
+
 def prompt_estimate(body, media_tokens=2048):
     """The gateway's prompt-token estimate for a request body: bytes of the
     message contents (strings, or the parts' text; the model's media_tokens
     for a part of another type, such as image_url) + 8 per message + 8, plus
-    the bytes of `prompt` / `input` for completions and embeddings."""
+    the bytes of `prompt` / `input` for completions and embeddings, plus the
+    text (json_text_bytes, with its key) of every other member of a message
+    but its role, and of the request but those no upstream renders
+    (NOT_RENDERED): tools, documents, tool calls..."""
     def text_bytes(v):
         if v is None:
             return 0
@@ -1414,19 +1453,35 @@ def prompt_estimate(body, media_tokens=2048):
             for p in v:
                 if isinstance(p, str):
                     n += len(p.encode())
+                elif isinstance(p, list):
+                    n += len(p)          # a list of token ids
+                elif isinstance(p, (int, float)) and not isinstance(p, bool):
+                    n += 1
                 elif isinstance(p, dict) and isinstance(p.get("type"), str) and \
                         p["type"] not in ("text", "refusal"):
                     n += media_tokens
                 elif isinstance(p, dict) and isinstance(p.get("text"), str):
                     n += len(p["text"].encode())
             return n
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return 1
+        if isinstance(v, dict):
+            t = v.get("type")
+            if isinstance(t, str) and t not in ("text", "refusal"):
+                return media_tokens
+            return text_bytes(v.get("text"))
         return 0
     n = 8
     for m in body.get("messages") or []:
         n += text_bytes(m.get("content")) + 8
+        if isinstance(m, dict):
+            n += sum(len(k.encode()) + json_text_bytes(x) for k, x in m.items()
+                     if k not in ("role", "content"))
     for field in ("prompt", "input"):
         if field in body:
             n += text_bytes(body[field])
+    n += sum(len(k.encode()) + json_text_bytes(x) for k, x in body.items()
+             if k not in NOT_RENDERED)
     return n
 
 

@@ -682,6 +682,15 @@ static void test_structure_errors(void **state) {
        "forward_headers: [Authorization]\n",
        3, "'authorization' cannot be forwarded"},
       {"models:\n  m: {endpoints: [{url: \"http://h\"}]}\n"
+       "forward_headers: [x-sim-fault, X-Request-Id]\n",
+       3, "'x-request-id' cannot be forwarded"},
+      {"models:\n  m: {endpoints: [{url: \"http://h\"}]}\n"
+       "forward_headers: [accept-encoding]\n",
+       3, "'accept-encoding' cannot be forwarded"},
+      {"models:\n  m:\n    endpoints: [{url: \"http://h\"}]\n"
+       "    pricing: {prompt_per_1k_usd: \"1000.000001\", completion_per_1k_usd: \"1\"}\n",
+       4, "price '1000.000001' is too large (at most 1000 USD per 1K tokens)"},
+      {"models:\n  m: {endpoints: [{url: \"http://h\"}]}\n"
        "health_check_interval: 1.5s\n",
        3, "health_check_interval: expected a duration"},
       {"models:\n  m: {endpoints: [{url: \"http://h\"}]}\n"
