@@ -21,6 +21,8 @@
 #include <unistd.h>
 
 #include <curl/curl.h>
+#include <openssl/evp.h>
+#include <openssl/hmac.h>
 
 #include "api/api.h"
 #include "auth/key.h"
@@ -35,16 +37,32 @@
 
 /* A tenant's cache_salt (vLLM keys its prefix cache by it, so tenants
  * never share cached prefixes, nor learn from a cache hit what another
- * sent): derived from the name alone, so every replica of the gateway
- * gives a tenant the same salt and its own requests still share their
- * cache. Clients cannot choose it: the gateway overwrites theirs. */
+ * sent): HMAC-SHA256 of the tenant's name under a key every gateway on the
+ * same database shares (made by the first, tg_ledger_db_secret), so every
+ * replica gives a tenant the same salt and its own requests still share
+ * their cache, while no one who knows a tenant's name can compute its
+ * salt (and hand it to an upstream the gateway does not salt for).
+ * Clients cannot choose it: the gateway overwrites theirs. */
+static char salt_key[65]; /* read once at the start, before the loops */
+
+static int load_salt_key(const tg_config_t *cfg) {
+  tg_ledger_db_t *db = NULL;
+  int r = tg_ledger_db_open(cfg->database, cfg->data_dir, &db);
+  if (r == 0)
+    r = tg_ledger_db_secret(db, "cache_salt", salt_key, sizeof(salt_key));
+  tg_ledger_db_close(db);
+  return r;
+}
+
 static int cache_salt_of(const char *tenant, char out[TG_CACHE_SALT_LEN + 1]) {
   static const char hex[] = "0123456789abcdef";
-  char text[200];
-  uint8_t h[TG_KEY_HASH_LEN];
-  int n = snprintf(text, sizeof(text), "tollgate cache_salt %s", tenant);
+  unsigned char h[EVP_MAX_MD_SIZE];
+  unsigned int hl = 0;
 
-  if (n < 0 || (size_t)n >= sizeof(text) || tg_key_hash_secret(text, (size_t)n, h) != 0)
+  if (salt_key[0] == '\0' ||
+      HMAC(EVP_sha256(), salt_key, (int)strlen(salt_key), (const unsigned char *)tenant,
+           strlen(tenant), h, &hl) == NULL ||
+      hl * 2 < TG_CACHE_SALT_LEN)
     return TG_ENOMEM;
   for (size_t i = 0; i < TG_CACHE_SALT_LEN / 2; i++) {
     out[2 * i] = hex[h[i] >> 4];
@@ -704,6 +722,12 @@ int tg_cmd_serve(int argc, char **argv) {
   }
   app.ledger_refuse_at = 90000; /* 90 % of the ledger's default bound */
   if (tg_policy_new(cfg, &app.policy) < 0) {
+    tg_config_unref(cfg);
+    goto out;
+  }
+  if ((r = load_salt_key(cfg)) < 0) {
+    fprintf(stderr, "tollgate: cannot read the cache_salt key from the database: %s\n",
+            tg_strerror(r));
     tg_config_unref(cfg);
     goto out;
   }

@@ -126,6 +126,13 @@ static const migration_t migrations[] = {
    "  ALTER COLUMN period TYPE TEXT COLLATE \"C\";"
    "ALTER TABLE api_keys ALTER COLUMN id TYPE TEXT COLLATE \"C\","
    "  ALTER COLUMN tenant TYPE TEXT COLLATE \"C\";"},
+  {7,
+   /* As SQLite's migration 7: secrets every replica shares, made by the
+    * first that needs each (the key of the tenants' cache_salt). */
+   "CREATE TABLE IF NOT EXISTS gateway_secrets ("
+   "  name TEXT COLLATE \"C\" PRIMARY KEY,"
+   "  value TEXT NOT NULL"
+   ");"},
 };
 
 #define N_MIGRATIONS (sizeof(migrations) / sizeof(migrations[0]))

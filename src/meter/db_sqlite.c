@@ -129,6 +129,14 @@ static const migration_t migrations[] = {
    "  UPDATE api_keys_changes SET version = version + 1; END;"
    "CREATE TRIGGER api_keys_bump_delete AFTER DELETE ON api_keys BEGIN"
    "  UPDATE api_keys_changes SET version = version + 1; END;"},
+  {7,
+   /* Secrets every gateway on this database shares, made by the first one
+    * that needs each (tg_ledger_db_secret): the key of the tenants'
+    * cache_salt. */
+   "CREATE TABLE IF NOT EXISTS gateway_secrets ("
+   "  name TEXT PRIMARY KEY,"
+   "  value TEXT NOT NULL"
+   ");"},
 };
 
 #define N_MIGRATIONS (sizeof(migrations) / sizeof(migrations[0]))

@@ -31,6 +31,8 @@
 #define _GNU_SOURCE /* memrchr */
 #include "meter/ledger.h"
 
+#include <openssl/crypto.h>
+#include <openssl/rand.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
@@ -1356,6 +1358,24 @@ int tg_ledger_purge(tg_ledger_db_t *d, const char *tenant, int64_t before_ms,
     return rc;
   }
   return d->be->purge(d->conn, tenant, before_ms, deleted);
+}
+
+int tg_ledger_db_secret(tg_ledger_db_t *d, const char *name, char *out, size_t size) {
+  static const char hex[] = "0123456789abcdef";
+  unsigned char raw[32];
+  char candidate[2 * sizeof(raw) + 1];
+
+  if (d == NULL || size == 0)
+    return TG_EINVAL;
+  if (RAND_bytes(raw, (int)sizeof(raw)) != 1)
+    return TG_EIO;
+  for (size_t i = 0; i < sizeof(raw); i++) {
+    candidate[2 * i] = hex[raw[i] >> 4];
+    candidate[2 * i + 1] = hex[raw[i] & 15];
+  }
+  candidate[2 * sizeof(raw)] = '\0';
+  OPENSSL_cleanse(raw, sizeof(raw));
+  return d->be->secret(d->conn, name, candidate, out, size);
 }
 
 int tg_ledger_count(tg_ledger_db_t *d, const char *tenant, int64_t *n) {

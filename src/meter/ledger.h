@@ -197,6 +197,12 @@ int tg_ledger_purge(tg_ledger_db_t *d, const char *tenant, int64_t before_ms,
 /* Records of tenant (NULL = all). Returns 0 or TG_EDB. */
 int tg_ledger_count(tg_ledger_db_t *d, const char *tenant, int64_t *n);
 
+/* The gateway-wide secret called name (64 hex digits), made at random and
+ * stored by the first gateway that asks for it, the same for every gateway
+ * on this database from then on. Returns 0, TG_EDB, TG_EIO or TG_ETOOBIG
+ * (out too small). */
+int tg_ledger_db_secret(tg_ledger_db_t *d, const char *name, char *out, size_t size);
+
 /* The purge bound for a retention of retention_days (<= 0: the default) at
  * now_ms: now - days, but no later than the first millisecond of the month
  * before now's. Pure. */

@@ -72,6 +72,10 @@ typedef struct {
    * field (cost_nano 0): whom a retention purge must look at. */
   int (*tenants_before)(tg__ledger_conn_t *c, int64_t before_ms,
                         tg_spend_row_t **rows, size_t *n);
+  /* The value of secret name: candidate is stored first when there is
+   * none, so the first caller's stands for every later one. */
+  int (*secret)(tg__ledger_conn_t *c, const char *name, const char *candidate, char *out,
+                size_t size);
 
   void (*close)(tg__ledger_conn_t *c);
 } tg__ledger_backend_t;

@@ -945,6 +945,34 @@ static int pg_count(tg__ledger_conn_t *c, const char *tenant, int64_t *n) {
 }
 
 typedef struct {
+  char *out;
+  size_t size;
+} text_out_t;
+
+static int fill_text(const PGresult *r, void *arg) {
+  text_out_t *t = arg;
+  if (PQntuples(r) != 1 || PQgetisnull(r, 0, 0))
+    return TG_EDB;
+  return (size_t)snprintf(t->out, t->size, "%s", PQgetvalue(r, 0, 0)) < t->size ? 0
+                                                                             : TG_ETOOBIG;
+}
+
+static int pg_secret(tg__ledger_conn_t *c, const char *name, const char *candidate, char *out,
+                     size_t size) {
+  /* one statement: the insert's row when it made one, else the stored row
+   * (the outer read does not see the insert of its own statement) */
+  static const char sql[] =
+      "WITH ins AS (INSERT INTO gateway_secrets (name, value) VALUES ($1, $2)"
+      " ON CONFLICT (name) DO NOTHING RETURNING value)"
+      " SELECT value FROM ins UNION ALL"
+      " SELECT value FROM gateway_secrets WHERE name = $1 LIMIT 1";
+  const char *params[2] = {name, candidate};
+  text_out_t t = {out, size};
+  query_t q = {sql, "secret", 2, params, fill_text, &t};
+  return with_conn(c, query_op, &q);
+}
+
+typedef struct {
   const char *tenant;
   char before[24], chunk[16];
   int64_t total;
@@ -999,5 +1027,6 @@ const tg__ledger_backend_t tg__ledger_backend_pg = {
   .purge = pg_purge,
   .count = pg_count,
   .tenants_before = pg_tenants_before,
+  .secret = pg_secret,
   .close = pg_close,
 };

@@ -581,6 +581,42 @@ out:
   return rc;
 }
 
+static int sq_secret(tg__ledger_conn_t *c, const char *name, const char *candidate, char *out,
+                     size_t size) {
+  sqlite3_stmt *st = NULL;
+  const unsigned char *v;
+  int rc = TG_EDB;
+
+  if (sqlite3_prepare_v2(c->db,
+                         "INSERT OR IGNORE INTO gateway_secrets (name, value) VALUES (?1, ?2)",
+                         -1, &st, NULL) != SQLITE_OK) {
+    fail(c->db, "cannot prepare the secret");
+    goto out;
+  }
+  sqlite3_bind_text(st, 1, name, -1, SQLITE_STATIC);
+  sqlite3_bind_text(st, 2, candidate, -1, SQLITE_STATIC);
+  if (sqlite3_step(st) != SQLITE_DONE) {
+    fail(c->db, "secret");
+    goto out;
+  }
+  sqlite3_finalize(st);
+  st = NULL;
+  if (sqlite3_prepare_v2(c->db, "SELECT value FROM gateway_secrets WHERE name = ?1", -1, &st,
+                         NULL) != SQLITE_OK) {
+    fail(c->db, "cannot prepare the secret");
+    goto out;
+  }
+  sqlite3_bind_text(st, 1, name, -1, SQLITE_STATIC);
+  if (sqlite3_step(st) != SQLITE_ROW || (v = sqlite3_column_text(st, 0)) == NULL) {
+    fail(c->db, "secret");
+    goto out;
+  }
+  rc = (size_t)snprintf(out, size, "%s", (const char *)v) < size ? 0 : TG_ETOOBIG;
+out:
+  sqlite3_finalize(st);
+  return rc;
+}
+
 static int sq_tenants_before(tg__ledger_conn_t *c, int64_t before_ms,
                              tg_spend_row_t **rows, size_t *n) {
   static const char sql[] =
@@ -629,5 +665,6 @@ const tg__ledger_backend_t tg__ledger_backend_sqlite = {
   .purge = sq_purge,
   .count = sq_count,
   .tenants_before = sq_tenants_before,
+  .secret = sq_secret,
   .close = sq_close,
 };

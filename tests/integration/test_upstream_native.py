@@ -10,8 +10,11 @@ The upstream here is a small raw-socket HTTP/1.1 server in this file, so the
 tests can count connections and shape the bytes on the wire."""
 
 import hashlib
+import hmac
 import json
+import re
 import socket
+import sqlite3
 import threading
 import time
 
@@ -234,9 +237,24 @@ class Upstream:
         c.sendall(b"0\r\n\r\n")
 
 
-def _salt(tenant):
-    """The cache_salt the gateway gives a tenant's requests."""
-    return hashlib.sha256(b"tollgate cache_salt " + tenant.encode()).hexdigest()[:32]
+def _salt_key(gw):
+    """The key of the tenants' cache_salt in gw's database (made at its
+    first start)."""
+    db = sqlite3.connect("file:%s?mode=ro" % gw.db_path, uri=True, timeout=10)
+    try:
+        (key,) = db.execute("SELECT value FROM gateway_secrets WHERE name = 'cache_salt'").fetchone()
+    finally:
+        db.close()
+    assert re.match(r"^[0-9a-f]{64}$", key), key
+    return key
+
+
+def _salt(gw, tenant):
+    """The cache_salt the gateway gives a tenant's requests: HMAC-SHA256 of
+    the name under the database's key, never a hash of the name alone."""
+    salt = hmac.new(_salt_key(gw).encode(), tenant.encode(), hashlib.sha256).hexdigest()[:32]
+    assert salt != hashlib.sha256(b"tollgate cache_salt " + tenant.encode()).hexdigest()[:32]
+    return salt
 
 
 def _check_logged(gw, want):
@@ -508,7 +526,7 @@ def test_stream_asks_upstream_for_usage_keeping_the_body(tg):
             sent = up.last_body
             doc = json.loads(sent)
             assert doc["stream_options"]["include_usage"] is True, sent
-            salt = b',"cache_salt":"%s"}' % _salt("acme").encode()
+            salt = b',"cache_salt":"%s"}' % _salt(gw, "acme").encode()
             if body is asked:
                 assert sent == body[:body.rindex(b"}")] + salt, sent
                 continue
@@ -535,7 +553,7 @@ def test_cache_salt_is_the_tenants(tg):
         gw = tg.gateway(models, workers=1, overrides=NATIVE, keys=("acme", "small"))
         seen = {}
         for tenant, extra in (("acme", {}), ("small", {}), ("acme", {"cache_salt": "small-guess"}),
-                              ("small", {"cache_salt": _salt("acme"), "seed": 9007199254740993})):
+                              ("small", {"cache_salt": _salt(gw, "acme"), "seed": 9007199254740993})):
             body = dict(chat_body(M8B, max_tokens=2), **extra)
             r = tgtest.request(gw.port, "POST", "/v1/chat/completions", body, key=gw.keys[tenant])
             assert r.status == 200, r
@@ -543,8 +561,16 @@ def test_cache_salt_is_the_tenants(tg):
             seen.setdefault(tenant, set()).add(doc["cache_salt"])
             if "seed" in extra:
                 assert b"9007199254740993" in up.last_body, up.last_body
-        assert seen == {"acme": {_salt("acme")}, "small": {_salt("small")}}, seen
-        assert _salt("acme") != _salt("small")
+        assert seen == {"acme": {_salt(gw, "acme")}, "small": {_salt(gw, "small")}}, seen
+        assert _salt(gw, "acme") != _salt(gw, "small")
+        # the key outlives a restart: a tenant's cache is still its own
+        key = _salt_key(gw)
+        assert gw.stop() == 0
+        gw.start()
+        assert _salt_key(gw) == key
+        r = tgtest.request(gw.port, "POST", "/v1/chat/completions", chat_body(M8B, max_tokens=2),
+                           key=gw.keys["acme"])
+        assert r.status == 200 and json.loads(up.last_body)["cache_salt"] == _salt(gw, "acme")
         body = dict(chat_body(tgtest.DEFAULT_MODELS[1], max_tokens=2), cache_salt="mine")
         r = tgtest.request(gw.port, "POST", "/v1/chat/completions", body, key=gw.keys["acme"])
         assert r.status == 200, r

@@ -1563,6 +1563,27 @@ static void test_threads_yield_to_loops(void **state) {
   assert_int_equal(batch_threads(), 0);
 }
 
+/* A gateway-wide secret: made by the first caller, the same for every
+ * later one (another connection, after a reopen), one per name. */
+static void test_secret_made_once(void **state) {
+  tmp_t *t = *state;
+  tg_ledger_db_t *d = NULL;
+  char a[65], b[65], c[65], small[10];
+
+  assert_int_equal(tg_ledger_db_open("sqlite", t->dir, &d), 0);
+  assert_int_equal(tg_ledger_db_secret(d, "cache_salt", a, sizeof(a)), 0);
+  assert_int_equal(strlen(a), 64);
+  assert_int_equal(strspn(a, "0123456789abcdef"), 64);
+  assert_int_equal(tg_ledger_db_secret(d, "other", c, sizeof(c)), 0);
+  assert_string_not_equal(a, c);
+  assert_int_equal(tg_ledger_db_secret(d, "cache_salt", small, sizeof(small)), TG_ETOOBIG);
+  tg_ledger_db_close(d);
+  assert_int_equal(tg_ledger_db_open("sqlite", t->dir, &d), 0);
+  assert_int_equal(tg_ledger_db_secret(d, "cache_salt", b, sizeof(b)), 0);
+  assert_string_equal(a, b);
+  tg_ledger_db_close(d);
+}
+
 static void test_retention_cutoff_and_open_errors(void **state) {
   tmp_t *t = *state;
   tg_ledger_t *l = (tg_ledger_t *)1;
@@ -1628,6 +1649,7 @@ int main(void) {
                                     tmp_teardown),
     cmocka_unit_test_setup_teardown(test_sum_overflow_is_refused, tmp_setup,
                                     tmp_teardown),
+    cmocka_unit_test_setup_teardown(test_secret_made_once, tmp_setup, tmp_teardown),
     cmocka_unit_test_setup_teardown(test_retention_cutoff_and_open_errors,
                                     tmp_setup, tmp_teardown),
     cmocka_unit_test_setup_teardown(test_threads_yield_to_loops, tmp_setup,

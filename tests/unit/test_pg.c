@@ -306,17 +306,17 @@ static void test_migrations(void **state) {
   int latest = tg_db_pg_schema_version();
 
   (void)state;
-  assert_int_equal(latest, 6);
+  assert_int_equal(latest, 7);
   /* Opening twice applies nothing twice. */
   for (int round = 0; round < 2; round++) {
     assert_int_equal(tg_db_pg_open(srv.url, NULL, &c), 0);
     PQfinish(c);
   }
   s = sql_conn(srv.url);
-  assert_int_equal(sql_int(s, "SELECT COUNT(*) FROM schema_migrations"), 6);
-  assert_int_equal(sql_int(s, "SELECT MAX(version) FROM schema_migrations"), 6);
+  assert_int_equal(sql_int(s, "SELECT COUNT(*) FROM schema_migrations"), 7);
+  assert_int_equal(sql_int(s, "SELECT MAX(version) FROM schema_migrations"), 7);
   assert_int_equal(sql_int(s, "SELECT COUNT(*) FROM schema_migrations"
-                              " WHERE applied_at > 1600000000"), 6);
+                              " WHERE applied_at > 1600000000"), 7);
   /* The SQLite columns, in exact PostgreSQL types. */
   {
     PGresult *r = PQexec(s, "SELECT string_agg(column_name || ':' ||"
@@ -369,7 +369,7 @@ static void test_migrations(void **state) {
   }
   pthread_barrier_destroy(&go);
   c = sql_conn(url);
-  assert_int_equal(sql_int(c, "SELECT COUNT(*) FROM schema_migrations"), 6);
+  assert_int_equal(sql_int(c, "SELECT COUNT(*) FROM schema_migrations"), 7);
   assert_int_equal(sql_int(c, "SELECT version FROM api_keys_changes"), 0);
 
   /* A schema written by a newer binary is refused, not half-used. */
@@ -429,7 +429,7 @@ static void test_migration_byte_order_keys(void **state) {
             " ALTER COLUMN period TYPE TEXT COLLATE \"default\";"
             "ALTER TABLE api_keys ALTER COLUMN id TYPE TEXT COLLATE \"default\","
             " ALTER COLUMN tenant TYPE TEXT COLLATE \"default\";"
-            "DELETE FROM schema_migrations WHERE version = 6");
+            "DELETE FROM schema_migrations WHERE version >= 6");
   assert_string_equal(sql_val(c, "SELECT tenant FROM ledger ORDER BY tenant"
                                  " LIMIT 1", buf, sizeof(buf)), "a");
   PQfinish(c);
@@ -920,6 +920,19 @@ static void test_ledger_core(void **state) {
 
   /* Every record once, to the nano-USD. */
   assert_int_equal(tg_ledger_db_open(srv.url, dir, &d), 0);
+  {
+    /* a gateway-wide secret: one value for every connection */
+    char s1[65], s2[65];
+    tg_ledger_db_t *d2 = NULL;
+    assert_int_equal(tg_ledger_db_secret(d, "cache_salt", s1, sizeof(s1)), 0);
+    assert_int_equal(strlen(s1), 64);
+    assert_int_equal(tg_ledger_db_open(srv.url, dir, &d2), 0);
+    assert_int_equal(tg_ledger_db_secret(d2, "cache_salt", s2, sizeof(s2)), 0);
+    assert_string_equal(s1, s2);
+    assert_int_equal(tg_ledger_db_secret(d2, "other", s2, sizeof(s2)), 0);
+    assert_string_not_equal(s1, s2);
+    tg_ledger_db_close(d2);
+  }
   assert_int_equal(tg_ledger_count(d, "core", &cnt), 0);
   assert_int_equal(cnt, N);
   assert_int_equal(tg_ledger_usage_by_model(d, "core", T0, T1, &u, &n), 0);
