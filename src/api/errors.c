@@ -7,15 +7,16 @@
 
 #include "api/api.h"
 #include "core/err.h"
+#include "core/json.h"
 
 int tg_json_quote(char *buf, size_t size, const char *s) {
   static const char hex[] = "0123456789abcdef";
-  size_t n = 0;
+  size_t n = 0, left = strlen(s), k;
   const unsigned char *p = (const unsigned char *)s;
 
 #define PUT(ch) do { if (n + 1 >= size) return TG_ETOOBIG; buf[n++] = (char)(ch); } while (0)
   PUT('"');
-  for (; *p; p++) {
+  for (; *p; p++, left--) {
     if (*p == '"' || *p == '\\') {
       PUT('\\');
       PUT(*p);
@@ -23,7 +24,15 @@ int tg_json_quote(char *buf, size_t size, const char *s) {
       PUT('\\'); PUT('u'); PUT('0'); PUT('0');
       PUT(hex[*p >> 4]);
       PUT(hex[*p & 15]);
+    } else if (*p < 0x80) {
+      PUT(*p);
+    } else if ((k = tg_utf8_len(p, left)) == 0) {
+      /* not UTF-8 (a client's bytes, a message cut inside a character):
+       * U+FFFD, so the text stays JSON */
+      PUT('\\'); PUT('u'); PUT('f'); PUT('f'); PUT('f'); PUT('d');
     } else {
+      for (; k > 1; k--, p++, left--)
+        PUT(*p);
       PUT(*p);
     }
   }

@@ -116,37 +116,47 @@ int tg_json_check_text(const char *buf, size_t len, tg_json_err_t *err) {
       }
       return fail(err, "a control character outside an escape", i);
     }
-    /* a multi-byte sequence: lead byte, then 1-3 continuation bytes, with
-     * the second byte's range narrowed where the lead allows overlong forms,
-     * surrogates or code points past U+10FFFF */
     {
-      size_t n;
-      unsigned char lo = 0x80, hi = 0xBF;
-      if (c >= 0xC2 && c <= 0xDF)
-        n = 1;
-      else if (c >= 0xE0 && c <= 0xEF) {
-        n = 2;
-        if (c == 0xE0)
-          lo = 0xA0;
-        else if (c == 0xED)
-          hi = 0x9F;
-      } else if (c >= 0xF0 && c <= 0xF4) {
-        n = 3;
-        if (c == 0xF0)
-          lo = 0x90;
-        else if (c == 0xF4)
-          hi = 0x8F;
-      } else
+      size_t n = tg_utf8_len(s + i, len - i);
+      if (n == 0)
         return fail(err, "invalid UTF-8", i);
-      if (len - i <= n || s[i + 1] < lo || s[i + 1] > hi)
-        return fail(err, "invalid UTF-8", i);
-      for (size_t k = 2; k <= n; k++)
-        if ((s[i + k] & 0xC0) != 0x80)
-          return fail(err, "invalid UTF-8", i);
-      i += n + 1;
+      i += n;
     }
   }
   return 0;
+}
+
+size_t tg_utf8_len(const unsigned char *s, size_t len) {
+  /* a lead byte, then 1-3 continuation bytes, with the second byte's range
+   * narrowed where the lead allows overlong forms, surrogates or code
+   * points past U+10FFFF */
+  unsigned char c = s[0], lo = 0x80, hi = 0xBF;
+  size_t n;
+
+  if (c < 0x80)
+    return 1;
+  if (c >= 0xC2 && c <= 0xDF)
+    n = 1;
+  else if (c >= 0xE0 && c <= 0xEF) {
+    n = 2;
+    if (c == 0xE0)
+      lo = 0xA0;
+    else if (c == 0xED)
+      hi = 0x9F;
+  } else if (c >= 0xF0 && c <= 0xF4) {
+    n = 3;
+    if (c == 0xF0)
+      lo = 0x90;
+    else if (c == 0xF4)
+      hi = 0x8F;
+  } else
+    return 0;
+  if (len <= n || s[1] < lo || s[1] > hi)
+    return 0;
+  for (size_t k = 2; k <= n; k++)
+    if ((s[k] & 0xC0) != 0x80)
+      return 0;
+  return n + 1;
 }
 
 static int cmp_str(const void *a, const void *b) {

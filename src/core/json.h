@@ -79,4 +79,8 @@ int tg_json_int(const cJSON *v, int64_t *out);
  * Returns 0, or -1 and fills *err. */
 int tg_json_check_text(const char *buf, size_t len, tg_json_err_t *err);
 
+/* The length (1 to 4) of the valid UTF-8 sequence at s[0..len), len > 0,
+ * or 0 when the bytes there are not one (by tg_json_check_text's rules). */
+size_t tg_utf8_len(const unsigned char *s, size_t len);
+
 #endif

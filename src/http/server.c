@@ -710,7 +710,7 @@ static void conn_reject(tg_http_conn_t *c, int status, const char *code,
     c->srv->on_reject(c->srv, status, code, extra, sizeof(extra));
   bl = snprintf(body, sizeof(body),
                 "{\"error\":{\"message\":\"%s\",\"type\":\"invalid_request_error\","
-                "\"code\":\"%s\"}}",
+                "\"param\":null,\"code\":\"%s\"}}",
                 msg, code);
   hl = snprintf(head, sizeof(head),
                 "HTTP/1.1 %d %s\r\nContent-Type: application/json\r\n"

@@ -171,6 +171,18 @@ def test_missing_or_non_string_model(stack):
         _err(r, 400, "invalid_request_error", "missing_model")
 
 
+def test_error_bodies_stay_json_when_a_message_is_cut_inside_a_character(stack):
+    # the message quotes at most 200 bytes of the model's name: 100 three-byte
+    # characters are cut inside the 67th, and the body is still UTF-8 JSON
+    name = "\u20ac" * 100
+    r = request(stack.port, "POST", "/v1/chat/completions", key=stack.key,
+                body={"model": name, "messages": [{"role": "user", "content": "x"}]})
+    assert r.status == 404, r
+    doc = json.loads(r.body.decode("utf-8"))   # strict: invalid UTF-8 raises
+    assert doc["error"]["code"] == "model_not_found", doc
+    assert doc["error"]["message"].startswith("the model '" + "\u20ac" * 66 + "\ufffd"), doc
+
+
 def test_unknown_model(stack):
     _err(chat(stack.port, stack.key, "llama-9"), 404, "invalid_request_error", "model_not_found")
     r = request(stack.port, "POST", "/v1/embeddings", body={"model": "nope", "input": "x"},

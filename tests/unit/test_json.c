@@ -12,6 +12,8 @@
 
 #include <cmocka.h>
 
+#include "api/api.h"
+#include "core/err.h"
 #include "core/json.h"
 
 static cJSON *parse(const char *text, int whole, tg_json_err_t *err) {
@@ -105,6 +107,36 @@ static void test_utf8(void **state) {
   assert_non_null(v);
   assert_int_equal(strlen(v->valuestring), 4);
   tg_json_free(v);
+}
+
+/* tg_json_quote: what it writes is JSON whatever the bytes: quotes,
+ * backslashes and control bytes escaped, UTF-8 kept, any byte that is not
+ * part of a UTF-8 character (a client's bytes, a message cut inside a
+ * character) written as U+FFFD. */
+static void test_quote_always_json(void **state) {
+  static const struct {
+    const char *in, *out;
+  } cases[] = {
+      {"plain", "\"plain\""},
+      {"q\"b\\\n", "\"q\\\"b\\\\\\u000a\""},
+      {"caf\xc3\xa9 \xe2\x82\xac \xf0\x9f\x98\x80", "\"caf\xc3\xa9 \xe2\x82\xac \xf0\x9f\x98\x80\""},
+      {"a\xff" "b", "\"a\\ufffdb\""},
+      {"cut\xc3", "\"cut\\ufffd\""},
+      {"cut\xe2\x82", "\"cut\\ufffd\\ufffd\""},
+      {"\xed\xa0\x80", "\"\\ufffd\\ufffd\\ufffd\""},       /* a surrogate */
+      {"\xc0\xaf", "\"\\ufffd\\ufffd\""},                     /* overlong '/' */
+      {"\xf4\x90\x80\x80", "\"\\ufffd\\ufffd\\ufffd\\ufffd\""}, /* past U+10FFFF */
+  };
+  char buf[128];
+  (void)state;
+
+  for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+    int n = tg_json_quote(buf, sizeof(buf), cases[i].in);
+    if (n < 0 || strcmp(buf, cases[i].out) != 0)
+      fail_msg("case %zu: %d [%s]", i, n, n < 0 ? "" : buf);
+    assert_int_equal(tg_json_check_text(buf, (size_t)n, NULL), 0);
+  }
+  assert_int_equal(tg_json_quote(buf, 4, "abcdef"), TG_ETOOBIG);
 }
 
 static void test_control_bytes_and_syntax(void **state) {
@@ -365,6 +397,7 @@ int main(void) {
     cmocka_unit_test(test_duplicate_keys_refused_at_any_depth),
     cmocka_unit_test(test_nul_escape_refused),
     cmocka_unit_test(test_utf8),
+    cmocka_unit_test(test_quote_always_json),
     cmocka_unit_test(test_control_bytes_and_syntax),
     cmocka_unit_test(test_check_text_every_position),
     cmocka_unit_test(test_prefix_mode),
