@@ -61,6 +61,21 @@ def generated_bytes(answer):
     return n
 
 
+def chunk(**kw):
+    """One SSE event of a chat stream with the given members."""
+    ev = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": M}
+    ev.update(kw)
+    return b"data: " + json.dumps(ev).encode() + b"\n\n"
+
+
+def stream_upstream(tg):
+    """A fixed upstream that answers with an event stream, and a gateway in
+    front of it; the upstream's body is set per request."""
+    up = tgtest.FakeUpstream(status=200)
+    up.content_type = "text/event-stream"
+    return up, start_gw(tg, up.url)
+
+
 def row_of(gw, resp):
     return tgtest.sqlite_ledger_row(gw.db_path, resp.header("x-request-id"))
 
@@ -237,15 +252,8 @@ def test_a_stream_usage_without_both_counts_is_counted_as_none(tg):
     like a stream without usage (the prompt estimate, one token per content
     event), and the usage chunk the client did not ask for is still not
     relayed."""
-    def chunk(**kw):
-        ev = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": M}
-        ev.update(kw)
-        return b"data: " + json.dumps(ev).encode() + b"\n\n"
-
-    up = tgtest.FakeUpstream(status=200)
-    up.content_type = "text/event-stream"
+    up, gw = stream_upstream(tg)
     try:
-        gw = start_gw(tg, up.url)
         body = tgtest.chat_body(M, max_tokens=50, stream=True)
         est = tgtest.prompt_estimate(body)
         content = [chunk(choices=[{"index": 0, "delta": {"content": w}}])
@@ -305,11 +313,6 @@ def test_content_relayed_after_a_streams_usage_is_billed_too(tg):
     it are billed on top (a token each), once; a usage in every chunk
     (vLLM's continuous usage stats) is taken as it is. An empty choices
     list with whitespace inside is no content event."""
-    def chunk(**kw):
-        ev = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": M}
-        ev.update(kw)
-        return b"data: " + json.dumps(ev).encode() + b"\n\n"
-
     def content(w, **kw):
         return chunk(choices=[{"index": 0, "delta": {"content": w}}], **kw)
 
@@ -322,10 +325,8 @@ def test_content_relayed_after_a_streams_usage_is_billed_too(tg):
              + chunk(choices=[], usage={"prompt_tokens": 12, "completion_tokens": 3}) + done)
     empty = (content("Hi") + b'data: {"id":"x","choices":[ ]}\n\n'
              + b'data: {"id":"x","choices" : [\t]}\n\n' + done)
-    up = tgtest.FakeUpstream(status=200)
-    up.content_type = "text/event-stream"
+    up, gw = stream_upstream(tg)
     try:
-        gw = start_gw(tg, up.url)
         body = tgtest.chat_body(M, max_tokens=50, stream=True)
         est = tgtest.prompt_estimate(body)
         bill_each(gw, up, body, lambda b: b,

@@ -1403,17 +1403,21 @@ def nano_per_token(per_1k_usd):
     return int(v)
 
 
-NOT_RENDERED = frozenset((
-    "model", "messages", "prompt", "input", "max_tokens", "max_completion_tokens", "n",
-    "best_of", "stream", "stream_options", "temperature", "top_p", "top_k", "min_p", "seed",
-    "stop", "stop_token_ids", "presence_penalty", "frequency_penalty", "repetition_penalty",
-    "length_penalty", "logprobs", "top_logprobs", "logit_bias", "user", "cache_salt",
-    "priority", "echo", "ignore_eos", "min_tokens", "skip_special_tokens",
-    "spaces_between_special_tokens", "include_stop_str_in_output", "add_generation_prompt",
-    "continue_final_message", "add_special_tokens", "parallel_tool_calls", "tool_choice",
-    "encoding_format", "dimensions", "truncate_prompt_tokens", "request_id",
-    "return_tokens_as_token_ids", "response_format", "guided_json", "guided_regex",
-    "guided_choice", "guided_grammar", "structured_outputs"))
+def _not_rendered():
+    """The request members the gateway's prompt estimate leaves out (no
+    upstream renders them into the prompt): the names of `not_rendered` in
+    src/api/proxy.c, read from there so the two never differ."""
+    with open(os.path.join(REPO, "src", "api", "proxy.c")) as f:
+        text = f.read()
+    m = re.search(r"static int not_rendered\(const char \*k\) \{\s*"
+                  r"static const char \*const names\[\] = \{(.*?)\};", text, re.S)
+    assert m, "not_rendered() not found in src/api/proxy.c"
+    names = frozenset(re.findall(r'"([a-z_]+)"', m.group(1)))
+    assert {"model", "messages", "max_tokens", "cache_salt"} <= names, names
+    return names
+
+
+NOT_RENDERED = _not_rendered()
 
 
 def json_text_bytes(v):
