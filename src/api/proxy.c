@@ -1625,7 +1625,7 @@ static void estimate(tg_call_t *c, const cJSON *root, const body_fields_t *f) {
   }
   c->prompt_estimate = est;
 
-  if (!is_embeddings(c) && c->model->kind != TG_MODEL_EMBEDDING) {
+  if (!is_embeddings(c)) { /* the model's kind is the path's (parse_body) */
     mt = stated_max_tokens(c, f);
     max_tokens = mt > 0 ? mt : c->model->max_tokens;
     k = completions(c, f);
@@ -1831,8 +1831,7 @@ static int parse_body(tg_call_t *c, const tg_key_rec_t *rec) {
   w.usage = c->stream && !c->client_usage;
   w.has_options = f.stream_options != NULL;
   /* embeddings have no prefix cache to keep apart */
-  w.salt = c->model->cache_salt == TG_CACHE_SALT_TENANT && c->model->kind != TG_MODEL_EMBEDDING &&
-                   !is_embeddings(c)
+  w.salt = c->model->cache_salt == TG_CACHE_SALT_TENANT && !is_embeddings(c)
                ? c->rt->salts[c->tenant - c->rt->cfg->tenants]
                : NULL;
   w.has_salt = f.cache_salt != NULL;
