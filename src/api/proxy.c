@@ -1232,6 +1232,15 @@ static void on_client_abort(tg_http_req_t *req) {
     tg_http_abort(req);
     return;
   }
+  if (c->xfer != NULL && !c->has_usage && !c->counted) {
+    /* the request went upstream, which may have computed its prompt: a
+     * client that leaves before anything was relayed pays the prompt
+     * estimate, as one that leaves a stream pays what was relayed; else
+     * a long prompt and a quick goodbye would cost the GPU and not the
+     * tenant (nor its tokens-per-minute limit) */
+    c->reached = 1;
+    c->counted = 1;
+  }
   queue_leave(c, 0);
   call_drop_attempt(c);
   abort_status(c);

@@ -18,6 +18,7 @@ Prices: 500 / 1500 nano-USD per prompt / completion token."""
 
 import json
 import re
+import time
 from decimal import Decimal
 
 import pytest
@@ -333,3 +334,39 @@ def test_content_relayed_after_a_streams_usage_is_billed_too(tg):
                   ((late, (0, 12, 3)), (every, (0, 12, 3)), (empty, (1, est, 1))))
     finally:
         up.close()
+
+
+def test_a_client_that_leaves_before_any_answer_pays_the_prompt(tg):
+    """A request the upstream is working on, whose client leaves before a
+    byte of the answer was relayed (a whole answer still being made, a
+    stream before its first token): the upstream may have computed the
+    prompt, so the record bills the prompt estimate (status 499, counted,
+    no completion) and the tenant's spend holds it. Before, such a request
+    cost nothing, so a long prompt and a quick goodbye used the GPU free."""
+    sim = tg.sim()
+    gw = start_gw(tg, sim.url)
+    bodies = [tgtest.chat_body(M, max_tokens=50, content="a long prompt " * 50),
+              tgtest.chat_body(M, max_tokens=50, stream=True, content="a long prompt " * 50)]
+    slow = {"x-sim-ttft-ms": "3000", "x-sim-token-ms": "100"}
+    rows = []
+    for n, body in enumerate(bodies):
+        c = tgtest.RawConn(gw.port)
+        c.send(tgtest.http_request_bytes("POST", "/v1/chat/completions", body,
+                                         headers=slow, key=gw.keys["acme"]))
+        tgtest.wait_for(lambda: sim.metric(tgtest.SIM_RUNNING) == 1, timeout=5,
+                        what="the request at the backend")
+        time.sleep(0.2)
+        c.close()
+        entries = tgtest.wait_for(
+            lambda: [e for e in gw.access_log_entries()
+                     if e.get("path") == "/v1/chat/completions"][n:], timeout=5,
+            what="the access-log line")
+        assert entries[0]["status"] == 499, entries
+        tgtest.wait_for(lambda: sim.metric(tgtest.SIM_RUNNING) == 0, timeout=5,
+                        what="the backend's request cancelled")
+        row = tgtest.sqlite_ledger_row(gw.db_path, entries[0]["request_id"])
+        est = tgtest.prompt_estimate(body)
+        assert (row["status"], row["usage_counted"], row["prompt_tokens"],
+                row["completion_tokens"], row["cost_nano"]) == (499, 1, est, 0, est * P), row
+        rows.append(row)
+    check_books(gw, rows)
