@@ -589,6 +589,9 @@ def test_framing_a_front_proxy_could_read_otherwise_is_refused(stack):
         (400, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n" + auth +
          b"Transfer-Encoding: chunked\r\n\r\n" + b"%x\r\n" % len(body) + body + b"XX0\r\n\r\n"),
         (400, b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX Api-Key: k\r\n" + auth + b"\r\n"),
+        # a space before the colon: a name no lookup would find, the key unseen
+        (400, b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Api-Key : " + stack.key.encode() +
+         b"\r\n\r\n"),
         (400, b"GET /v1/models\tx HTTP/1.1\r\nHost: x\r\n" + auth + b"\r\n"),
         (400, b"POST /v1/chat/completions HTTP/1.0\r\nHost: x\r\nConnection: keep-alive\r\n" +
          auth + b"Transfer-Encoding: chunked\r\n\r\n" + b"%x\r\n" % len(body) + body +
