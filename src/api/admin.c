@@ -138,24 +138,22 @@ static void job_done(uv_work_t *wk, int status) {
     return;
   }
   j->req->on_abort = NULL;
-  audit(j->w, j->rid, j->key_id, j->tenant, j->path,
-        status == 0 && j->rc == 0 ? 200 : status == 0 && j->rc == 1 ? 404 : 500,
-        status == 0 && j->rc == 0   ? NULL
-        : status == 0 && j->rc == 1 ? "tenant_not_found"
-        : status == 0 && j->rc == TG_ETOOBIG ? "ledger_totals_too_large"
-                                             : "ledger_unavailable");
   if (status == 0 && j->rc == 1) {
+    audit(j->w, j->rid, j->key_id, j->tenant, j->path, 404, "tenant_not_found");
     tg_api_error(j->req, 404, "invalid_request_error", "tenant_not_found", j->rid, NULL,
                  "no tenant '%s' in the configuration, and none in the ledger for %s",
                  j->tenant, j->period);
   } else if (status == 0 && j->rc == TG_ETOOBIG) {
+    audit(j->w, j->rid, j->key_id, j->tenant, j->path, 500, "ledger_totals_too_large");
     tg_api_error(j->req, 500, "server_error", "ledger_totals_too_large", j->rid, NULL,
                  "the period's totals do not fit 64-bit integers (nano-USD, tokens or "
                  "requests): a record holds an implausible figure");
   } else if (status < 0 || j->rc < 0) {
+    audit(j->w, j->rid, j->key_id, j->tenant, j->path, 500, "ledger_unavailable");
     tg_api_error(j->req, 500, "server_error", "ledger_unavailable", j->rid, NULL,
                  "the ledger could not be read");
   } else {
+    audit(j->w, j->rid, j->key_id, j->tenant, j->path, 200, NULL);
     snprintf(hdr, sizeof(hdr), "x-request-id: %s\r\n", j->rid);
     tg_http_respond(j->req, 200, j->csv ? "text/csv" : "application/json", hdr, j->text,
                     strlen(j->text));
@@ -247,7 +245,7 @@ static void admin_api(tg_worker_t *w, tg_http_req_t *req, const char *rid) {
     tg_api_error(req, 500, "server_error", "internal_error", rid, NULL, "out of memory");
     return;
   }
-  memcpy(j->tenant, p, tl);
+  memcpy(j->tenant, tenant, tl + 1);
   memcpy(j->key_id, key_id, sizeof(j->key_id));
   snprintf(j->path, sizeof(j->path), "%s", req->path);
   j->invoice = kind[0] == 'i';

@@ -19,6 +19,7 @@
 #include <openssl/rand.h>
 
 #include "core/err.h"
+#include "core/strbuf.h"
 
 struct tg_keyset_s {
   atomic_int refs;
@@ -28,8 +29,6 @@ struct tg_keyset_s {
   uint32_t *slots;   /* 0 = empty, else index into recs + 1 */
   size_t mask;       /* slot count - 1 */
 };
-
-static const char hexdig[] = "0123456789abcdef";
 
 const char *tg_key_verdict_str(tg_key_verdict_t v) {
   switch (v) {
@@ -53,12 +52,6 @@ static int hexval(unsigned char c) {
   return -1;
 }
 
-static void hex_encode(const uint8_t *in, size_t n, char *out) {
-  for (size_t i = 0; i < n; i++) {
-    out[2 * i] = hexdig[in[i] >> 4];
-    out[2 * i + 1] = hexdig[in[i] & 0x0f];
-  }
-}
 
 int tg_key_id_parse(const char *id, size_t len, uint64_t *out) {
   uint64_t v = 0;
@@ -166,10 +159,10 @@ int tg_key_generate(char key[TG_KEY_LEN + 1], char id[TG_KEY_ID_LEN + 1],
   }
   memcpy(p, TG_KEY_PREFIX, TG_KEY_PREFIX_LEN);
   p += TG_KEY_PREFIX_LEN;
-  hex_encode(raw, TG_KEY_ID_LEN / 2, p);
+  tg_hex_encode(raw, TG_KEY_ID_LEN / 2, p);
   p += TG_KEY_ID_LEN;
   *p++ = '-';
-  hex_encode(raw + TG_KEY_ID_LEN / 2, TG_KEY_SECRET_LEN / 2, p);
+  tg_hex_encode(raw + TG_KEY_ID_LEN / 2, TG_KEY_SECRET_LEN / 2, p);
   p += TG_KEY_SECRET_LEN;
   *p = '\0';
 

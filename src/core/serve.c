@@ -28,6 +28,7 @@
 #include "auth/key.h"
 #include "core/app.h"
 #include "core/err.h"
+#include "core/strbuf.h"
 #include "core/thread.h"
 #include "obs/accesslog.h"
 
@@ -55,7 +56,6 @@ static int load_salt_key(const tg_config_t *cfg) {
 }
 
 static int cache_salt_of(const char *tenant, char out[TG_CACHE_SALT_LEN + 1]) {
-  static const char hex[] = "0123456789abcdef";
   unsigned char h[EVP_MAX_MD_SIZE];
   unsigned int hl = 0;
 
@@ -64,10 +64,7 @@ static int cache_salt_of(const char *tenant, char out[TG_CACHE_SALT_LEN + 1]) {
            strlen(tenant), h, &hl) == NULL ||
       hl * 2 < TG_CACHE_SALT_LEN)
     return TG_ENOMEM;
-  for (size_t i = 0; i < TG_CACHE_SALT_LEN / 2; i++) {
-    out[2 * i] = hex[h[i] >> 4];
-    out[2 * i + 1] = hex[h[i] & 15];
-  }
+  tg_hex_encode(h, TG_CACHE_SALT_LEN / 2, out);
   out[TG_CACHE_SALT_LEN] = '\0';
   return 0;
 }

@@ -76,6 +76,15 @@ static inline void tg_sb_puti(tg_sb_t *b, int64_t v) {
   }
 }
 
+/* in[0..n) as 2n lowercase hex characters at out (no NUL written). */
+static inline void tg_hex_encode(const uint8_t *in, size_t n, char *out) {
+  static const char digits[] = "0123456789abcdef";
+  for (size_t i = 0; i < n; i++) {
+    out[2 * i] = digits[in[i] >> 4];
+    out[2 * i + 1] = digits[in[i] & 0xf];
+  }
+}
+
 /* v in lowercase hex, zero-padded to at least width digits (<= 16), as
  * printf's "%0*llx". */
 static inline void tg_sb_puthex(tg_sb_t *b, uint64_t v, int width) {

@@ -48,6 +48,7 @@
 #include <unistd.h>
 
 #include "core/err.h"
+#include "core/strbuf.h"
 #include "core/recycle.h"
 #include "core/thread.h"
 #include "meter/ledger_backend.h"
@@ -1361,7 +1362,6 @@ int tg_ledger_purge(tg_ledger_db_t *d, const char *tenant, int64_t before_ms,
 }
 
 int tg_ledger_db_secret(tg_ledger_db_t *d, const char *name, char *out, size_t size) {
-  static const char hex[] = "0123456789abcdef";
   unsigned char raw[32];
   char candidate[2 * sizeof(raw) + 1];
 
@@ -1369,10 +1369,7 @@ int tg_ledger_db_secret(tg_ledger_db_t *d, const char *name, char *out, size_t s
     return TG_EINVAL;
   if (RAND_bytes(raw, (int)sizeof(raw)) != 1)
     return TG_EIO;
-  for (size_t i = 0; i < sizeof(raw); i++) {
-    candidate[2 * i] = hex[raw[i] >> 4];
-    candidate[2 * i + 1] = hex[raw[i] & 15];
-  }
+  tg_hex_encode(raw, sizeof(raw), candidate);
   candidate[2 * sizeof(raw)] = '\0';
   OPENSSL_cleanse(raw, sizeof(raw));
   return d->be->secret(d->conn, name, candidate, out, size);
