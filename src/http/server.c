@@ -95,6 +95,7 @@ struct tg_http_conn_s {
   int in_field;
   int value_open;
   int reject;                  /* status decided by a bound, or 0 */
+  const char *reject_msg;      /* a 400's message, when not the generic one */
   /* The head's bytes as they came, separators and whitespace included, for
    * max_header_bytes: those in earlier reads, and where they start in the
    * current one (NULL outside a head). */
@@ -325,6 +326,7 @@ static void conn_reset_request(tg_http_conn_t *c) {
   c->in_field = 0;
   c->value_open = 0;
   c->reject = 0;
+  c->reject_msg = NULL;
   c->chunked = c->begun = c->above_high = c->abort_sent = c->trailers = 0;
   memset(&c->req, 0, sizeof(c->req));
   c->req.conn = c;
@@ -538,6 +540,7 @@ static int on_headers_complete(llhttp_t *p) {
   size_t i;
   char *url, *q;
   const char *expect, *te;
+  int hosts = 0;
 
   c->in_head = 0;
   c->trailers = 1;
@@ -549,6 +552,7 @@ static int on_headers_complete(llhttp_t *p) {
   for (i = 0; i < c->n_hdrs; i++) {
     h->hdrs[i].name = h->text + h->name_off[i];
     h->hdrs[i].value = trim(h->text + h->value_off[i]);
+    hosts += strcasecmp(h->hdrs[i].name, "host") == 0;
   }
   url = h->text; /* the URL comes first */
   q = strchr(url, '?');
@@ -565,6 +569,13 @@ static int on_headers_complete(llhttp_t *p) {
   c->http10 = (p->http_major == 1 && p->http_minor == 0);
   if (p->http_major != 1 || p->http_minor > 1) {
     c->reject = 505; /* HTTP/0.9's bare request line, or a later version */
+    return -1;
+  }
+  if (hosts > 1 || (hosts == 0 && !c->http10)) {
+    /* RFC 9112 3.2: which authority was meant would be a guess, and a
+     * front proxy may have guessed otherwise */
+    c->reject = 400;
+    c->reject_msg = "one Host header is needed (HTTP/1.0: at most one)";
     return -1;
   }
   te = tg_http_req_header(&c->req, "transfer-encoding");
@@ -749,7 +760,8 @@ static void conn_parse_error(tg_http_conn_t *c, llhttp_errno_t err) {
     break;
   }
   (void)err;
-  conn_reject(c, 400, "bad_request", "malformed HTTP request");
+  conn_reject(c, 400, "bad_request",
+              c->reject_msg != NULL ? c->reject_msg : "malformed HTTP request");
 }
 
 /* Parses data; returns the number of bytes consumed. On a complete request

@@ -581,7 +581,8 @@ def test_framing_a_front_proxy_could_read_otherwise_is_refused(stack):
     header name, a tab in the target; Transfer-Encoding in HTTP/1.0 (faulty
     framing, RFC 9112 6.1) and any coding but chunked alone; versions other
     than HTTP/1.0 and 1.1. Each gets its error and the connection closes, so
-    the bytes behind it are never read as a request."""
+    the bytes behind it are never read as a request. So does an HTTP/1.1
+    request without exactly one Host (HTTP/1.0 may have none)."""
     body = json.dumps(tgtest.chat_body(M8B, max_tokens=1)).encode()
     auth = ("Authorization: Bearer %s\r\n" % stack.key).encode()
     nxt = http_request_bytes("GET", "/v1/models", key=stack.key)
@@ -600,6 +601,10 @@ def test_framing_a_front_proxy_could_read_otherwise_is_refused(stack):
          b"Transfer-Encoding: gzip, chunked\r\n\r\n" + b"%x\r\n" % len(body) + body +
          b"\r\n0\r\n\r\n"),
         (505, b"GET /v1/models HTTP/2.0\r\nHost: x\r\n" + auth + b"\r\n"),
+        # RFC 9112 3.2: HTTP/1.1 needs exactly one Host, and two are never read
+        (400, b"GET /v1/models HTTP/1.1\r\n" + auth + b"\r\n"),
+        (400, b"GET /v1/models HTTP/1.1\r\nHost: x\r\nHost: y\r\n" + auth + b"\r\n"),
+        (400, b"GET /v1/models HTTP/1.0\r\nHost: x\r\nhost: y\r\n" + auth + b"\r\n"),
     ]
     for status, data in cases:
         out, closed = _raw_exchange(stack.port, data + nxt)
