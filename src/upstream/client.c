@@ -66,7 +66,6 @@ struct sock_ctx_s {
   curl_socket_t fd;
   tg_upstream_t *up;
   int events;               /* what the uv_poll_t watches now */
-  int wanted;               /* what curl asked for; 0 while the socket idles */
 };
 
 static void check_done(tg_upstream_t *up);
@@ -132,13 +131,15 @@ static CURL *easy_take(tg_upstream_t *up, const char *url, char **url_out, int *
 }
 
 /* ---- sockets ------------------------------------------------------------
- * A socket's watcher outlives the transfers on it: when curl stops caring
- * (CURL_POLL_REMOVE, the connection goes back to curl's cache) the watcher
- * keeps reading, so the next transfer on the same connection costs no
- * epoll_ctl. An event on an idle socket (the upstream closed it) stops the
- * watcher; curl finds the connection dead when it next looks. Watchers are
- * closed when curl closes the socket (CURLOPT_CLOSESOCKETFUNCTION), before
- * the descriptor number can be reused. */
+ * A watcher lives from curl's first CURL_POLL_IN/OUT for a socket to its
+ * CURL_POLL_REMOVE. It is closed there, while the descriptor is still open
+ * (uv_poll_stop deregisters it at once): libcurl does not always close a
+ * socket through CURLOPT_CLOSESOCKETFUNCTION (7.88 closes a connect attempt
+ * that timed out or was cancelled with a plain close()), so a watcher kept
+ * past REMOVE could stand on a closed or reused descriptor, and libuv aborts
+ * on the epoll_ctl that follows. The close-socket callback still closes a
+ * watcher curl did not remove first. A pooled connection's next transfer
+ * costs one epoll_ctl to watch it again. */
 
 static sock_ctx_t *sock_get(tg_upstream_t *up, curl_socket_t fd) {
   if (fd < 0 || (size_t)fd >= up->n_socks)
@@ -167,17 +168,11 @@ static void on_poll_closed(uv_handle_t *h) {
   free(h->data);
 }
 
-static void sock_watch(sock_ctx_t *ctx, int events);
-
 static void on_poll(uv_poll_t *p, int status, int events) {
   sock_ctx_t *ctx = p->data;
   tg_upstream_t *up = ctx->up;
   int flags = 0, running;
 
-  if (ctx->wanted == 0) {
-    sock_watch(ctx, 0);
-    return;
-  }
   if (status < 0)
     flags = CURL_CSELECT_ERR;
   if (events & UV_READABLE) flags |= CURL_CSELECT_IN;
@@ -205,8 +200,8 @@ static int socket_cb(CURL *easy, curl_socket_t s, int what, void *userp, void *s
   (void)socketp;
   if (what == CURL_POLL_REMOVE) {
     if (ctx) {
-      ctx->wanted = 0;
-      sock_watch(ctx, ctx->events ? UV_READABLE : 0);
+      up->socks[s] = NULL;
+      uv_close((uv_handle_t *)&ctx->poll, on_poll_closed);
     }
     return 0;
   }
@@ -224,7 +219,6 @@ static int socket_cb(CURL *easy, curl_socket_t s, int what, void *userp, void *s
   }
   if (what & CURL_POLL_IN) events |= UV_READABLE;
   if (what & CURL_POLL_OUT) events |= UV_WRITABLE;
-  ctx->wanted = events;
   sock_watch(ctx, events);
   return 0;
 }

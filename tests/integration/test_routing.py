@@ -326,3 +326,67 @@ def test_out_of_descriptors_is_not_the_endpoints_fault(tg, client):
     finally:
         a.close()
         c.close()
+
+
+def _unconnectable():
+    """A listener whose backlog is full: a connect to it never completes.
+    Returns (listener, fillers) to close."""
+    import socket
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(0)
+    fillers = []
+    for _ in range(3):
+        f = socket.socket()
+        f.setblocking(False)
+        try:
+            f.connect(hole.getsockname())
+        except BlockingIOError:
+            pass
+        fillers.append(f)
+    return hole, fillers
+
+
+@pytest.mark.parametrize("scheme,client,what", [
+    ("http", "curl", "connect_timeout"), ("https", "auto", "connect_timeout"),
+    ("http", "curl", "client_leaves"), ("http", "curl", "first_byte_deadline")])
+def test_a_libcurl_transfer_ended_while_connecting_leaves_the_gateway_serving(tg, scheme, client, what):
+    """libcurl (https:// endpoints, or `upstream_client: curl`) may close a
+    connect attempt's socket without the close-socket callback: its connect
+    timed out, or the transfer was cancelled (the client left, the
+    first-byte deadline passed). The socket's watcher must not outlive it:
+    a watcher re-armed on the closed descriptor made libuv abort the whole
+    gateway at its next poll."""
+    import json
+    hole, fillers = _unconnectable()
+    try:
+        sim = tg.sim()
+        url = "%s://127.0.0.1:%d" % (scheme, hole.getsockname()[1])
+        timeouts = ({"upstream_connect": "500ms"} if what == "connect_timeout"
+                    else {"upstream_connect": "5s", "upstream_first_byte": "500ms"})
+        gw = tg.gateway({M8B: [url], M70B: [sim.url]}, workers=1, ready=False,
+                        overrides={"upstream_client": client, "health_check_interval": "60s",
+                                   "timeouts": timeouts})
+        key = gw.keys["acme"]
+        body = chat_body(M8B, max_tokens=2)
+        if what == "client_leaves":
+            c = tgtest.RawConn(gw.port)
+            c.send(tgtest.http_request_bytes("POST", "/v1/chat/completions",
+                                             json.dumps(body).encode(), key=key))
+            time.sleep(0.3)
+            c.abort()
+        elif what == "first_byte_deadline":
+            _err(tgtest.request(gw.port, "POST", "/v1/chat/completions", body=body, key=key),
+                 504, "server_error", "upstream_timeout")
+        else:
+            for _ in range(2):
+                _err(tgtest.request(gw.port, "POST", "/v1/chat/completions", body=body, key=key),
+                     503, "server_error", "no_healthy_endpoint")
+        time.sleep(0.3)
+        for _ in range(3):
+            assert chat(gw.port, key, M70B, max_tokens=2).status == 200
+        assert gw.proc.alive()
+    finally:
+        for f in fillers:
+            f.close()
+        hole.close()
