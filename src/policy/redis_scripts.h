@@ -945,6 +945,17 @@
   "if changed then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end\n"             \
   "return changed and 1 or 0\n"
 
+/* ---- spend admitted while Redis could not answer -------------------------
+ * KEYS: 1 the window (tg:{T}:day:<d> or tg:{T}:month:<m>)
+ * ARGV: 1 what requests the memory backend admitted (state_failure: open)
+ *       spent in that period (nano, decimal text, > 0), 2 the key's ttl ms
+ * Adds it to spent: Redis's windows never saw those requests. Returns the
+ * new spent. */
+#define TG_REDIS_LUA_ADD_SPENT                                                \
+  "local v = redis.call('HINCRBY', KEYS[1], 'spent', ARGV[1])\n"              \
+  "redis.call('PEXPIRE', KEYS[1], ARGV[2])\n"                                 \
+  "return v\n"
+
 /* A lease's renewal (state_redis.c, renew_leases). KEYS: tg:{T}:leases and
  * the day and month windows of the lease's member; ARGV: the new expiry,
  * the member, its cost (nano-USD, decimal text), the two windows' TTLs

@@ -18,6 +18,18 @@
 #include "meter/ledger.h"
 #include "policy/state.h"
 
+/* Spend of one tenant's window that Redis has not seen. */
+typedef struct {
+  char *tenant;
+  int month;               /* 0: the day window */
+  int64_t period;
+  tg_nano_t amount;
+} owed_t;
+
+/* At most this many windows wait for Redis (two a tenant, for an outage
+ * within one day): past it an outage's spend is logged as not added. */
+#define TG_OWED_MAX 65536
+
 struct tg_policy_s {
   int backend;             /* TG_BACKEND_* configured */
   int fail_open;
@@ -32,6 +44,13 @@ struct tg_policy_s {
   int loss_seen;           /* the loss being re-seeded was logged and told */
   tg__redis_sync_t *conn;  /* the thread's connection; NULL: none open */
   tg_every_t reseed;       /* looks at the mark every TG_RESEED_EVERY_MS */
+  /* Redis, state_failure: open: what the memory backend's admissions spent
+   * while Redis could not answer, for the thread to add to Redis's windows
+   * (owe(), flush_owed()) */
+  pthread_mutex_t owed_lock;
+  owed_t *owed;
+  size_t n_owed, cap_owed;
+  int owed_full_logged;
 };
 
 struct tg_policy_loop_s {
@@ -164,6 +183,79 @@ static void restore_from_ledger(tg__mem_t *mem, const tg_config_t *cfg) {
     tg_policy_log("budget_restore_failed", "the ledger could not be read; spend starts from the saved figures");
 }
 
+/* ---- Redis: spend admitted while it could not answer ----------------- */
+
+/* Notes spend Redis's windows did not see; the re-seeding thread adds it
+ * there (flush_owed). */
+static void owe(tg_policy_t *p, const char *tenant, int month, int64_t period,
+                tg_nano_t amount) {
+  size_t i;
+  pthread_mutex_lock(&p->owed_lock);
+  for (i = 0; i < p->n_owed; i++) {
+    owed_t *o = &p->owed[i];
+    if (o->month == month && o->period == period && strcmp(o->tenant, tenant) == 0) {
+      o->amount = o->amount > INT64_MAX - amount ? INT64_MAX : o->amount + amount;
+      pthread_mutex_unlock(&p->owed_lock);
+      return;
+    }
+  }
+  if (p->n_owed == p->cap_owed && p->cap_owed < TG_OWED_MAX) {
+    size_t cap = p->cap_owed ? p->cap_owed * 2 : 16;
+    owed_t *n = realloc(p->owed, cap * sizeof(*n));
+    if (n != NULL) {
+      p->owed = n;
+      p->cap_owed = cap;
+    }
+  }
+  if (p->n_owed < p->cap_owed && (p->owed[p->n_owed].tenant = strdup(tenant)) != NULL) {
+    p->owed[p->n_owed].month = month;
+    p->owed[p->n_owed].period = period;
+    p->owed[p->n_owed].amount = amount;
+    p->n_owed++;
+  } else if (!p->owed_full_logged) {
+    p->owed_full_logged = 1;
+    tg_policy_log("state_redis_spend_lost",
+                  "spend admitted while redis was unreachable could not be kept for it");
+  }
+  pthread_mutex_unlock(&p->owed_lock);
+}
+
+/* Takes every owed window out (the caller frees them). */
+static owed_t *owed_take(tg_policy_t *p, size_t *n) {
+  owed_t *o;
+  pthread_mutex_lock(&p->owed_lock);
+  o = p->owed;
+  *n = p->n_owed;
+  p->owed = NULL;
+  p->n_owed = p->cap_owed = 0;
+  pthread_mutex_unlock(&p->owed_lock);
+  return o;
+}
+
+static void owed_free(owed_t *o, size_t n) {
+  for (size_t i = 0; i < n; i++)
+    free(o[i].tenant);
+  free(o);
+}
+
+/* Adds what the memory backend's admissions spent to Redis's windows, once
+ * Redis answers. What cannot be sent waits for the next pass. Returns 0 or
+ * the error that stopped it. */
+static int flush_owed(tg_policy_t *p, tg__redis_sync_t *s) {
+  size_t n, i;
+  owed_t *o = owed_take(p, &n);
+  int rc = 0;
+
+  for (i = 0; i < n && rc == 0; i++)
+    if ((rc = tg__redis_add_spent(s, o[i].tenant, o[i].month, o[i].period, o[i].amount,
+                                  tg_now_ms())) < 0)
+      break;
+  for (; i < n; i++)
+    owe(p, o[i].tenant, o[i].month, o[i].period, o[i].amount);
+  owed_free(o, n);
+  return rc;
+}
+
 /* ---- Redis: re-seeding the budget windows --------------------------------
  * Redis's windows are the only figures its limits read; a Redis that lost
  * its data (restart without persistence, failover to a replica that lagged,
@@ -202,6 +294,14 @@ static int reseed_check(tg_policy_t *p, tg__redis_sync_t *s) {
                       ? "redis lost its data (no tg:epoch): raising the budget windows to the ledger's spend"
                       : "redis was re-seeded by another gateway: raising the budget windows to this gateway's ledger");
   }
+  /* The ledger holds what the memory backend's admissions spent (their
+   * records were written as they were answered): the windows raised from
+   * it must not have that spend added again. */
+  {
+    size_t n;
+    owed_t *o = owed_take(p, &n);
+    owed_free(o, n);
+  }
   /* the running config's thresholds say which events were raised */
   pthread_mutex_lock(&p->cfg_lock);
   cfg = tg_config_ref(p->cfg);
@@ -225,7 +325,7 @@ static void reseed_pass(void *arg) {
   tg_policy_t *p = arg;
   if (p->conn == NULL && tg__redis_sync_open(p->redis, TG_RESEED_TIMEOUT_MS, &p->conn) < 0)
     return;
-  if (reseed_check(p, p->conn) < 0) {
+  if (reseed_check(p, p->conn) < 0 || flush_owed(p, p->conn) < 0) {
     tg__redis_sync_close(p->conn);
     p->conn = NULL;
   }
@@ -241,7 +341,19 @@ static int reseed_start(tg_policy_t *p, const tg_config_t *cfg) {
 }
 
 static void reseed_stop(tg_policy_t *p) {
+  size_t n;
   tg_every_stop(&p->reseed);
+  /* what the memory backend's admissions spent goes to Redis before the
+   * gateway stops, when Redis answers now */
+  pthread_mutex_lock(&p->owed_lock);
+  n = p->n_owed;
+  pthread_mutex_unlock(&p->owed_lock);
+  if (n > 0 && p->redis != NULL &&
+      (p->conn != NULL || tg__redis_sync_open(p->redis, TG_RESEED_TIMEOUT_MS, &p->conn) == 0) &&
+      flush_owed(p, p->conn) < 0)
+    tg_policy_log("state_redis_spend_lost",
+                  "spend admitted while redis was unreachable was not added to it before the stop");
+  owed_free(owed_take(p, &n), n);
   tg__redis_sync_close(p->conn);
   p->conn = NULL;
   if (p->cfg != NULL)
@@ -270,6 +382,7 @@ int tg_policy_new(const tg_config_t *cfg, tg_policy_t **out) {
   if (p == NULL)
     return TG_ENOMEM;
   pthread_mutex_init(&p->cfg_lock, NULL);
+  pthread_mutex_init(&p->owed_lock, NULL);
   p->fail_open = cfg->state_failure != NULL && strcmp(cfg->state_failure, "open") == 0;
   p->backend = (cfg->state != NULL && strncmp(cfg->state, "redis://", 8) == 0)
                    ? TG_BACKEND_REDIS
@@ -279,10 +392,13 @@ int tg_policy_new(const tg_config_t *cfg, tg_policy_t **out) {
   if (r < 0) {
     fprintf(stderr, "tollgate: cannot start the memory policy state: %s\n", tg_strerror(r));
     pthread_mutex_destroy(&p->cfg_lock);
+    pthread_mutex_destroy(&p->owed_lock);
     free(p);
     return r;
   }
-  if (p->backend == TG_BACKEND_MEMORY)
+  /* With Redis, state_failure: open decides by the memory backend while
+   * Redis cannot answer: its budgets start from the ledger too. */
+  if (p->backend == TG_BACKEND_MEMORY || p->fail_open)
     restore_from_ledger(p->mem, cfg);
   if (p->backend == TG_BACKEND_REDIS) {
     r = tg__redis_new(cfg->state, &p->redis);
@@ -313,6 +429,7 @@ void tg_policy_free(tg_policy_t *p) {
     tg__redis_free(p->redis);
   tg__mem_free(p->mem);
   pthread_mutex_destroy(&p->cfg_lock);
+  pthread_mutex_destroy(&p->owed_lock);
   free(p);
 }
 
@@ -347,7 +464,17 @@ static void unavailable(tg_policy_loop_t *pl, const tg_admit_req_t *r, tg_admiss
                                    : "redis unreachable: refusing requests (state_failure: closed)");
   }
   if (pl->p->fail_open) {
-    tg__mem_admit(pl->p->mem, r, tg_now_ms(), a);
+    int64_t now = tg_now_ms();
+    tg_nano_t day, month;
+    /* Local limits, but not a budget started again from 0: the windows are
+     * at least what Redis last said every gateway had spent. */
+    if (tg__redis_spend(pl->p->redis, r->tenant, now, &day, &month) == 0) {
+      tg__mem_restore(pl->p->mem, r->tenant, 0, tg_day_of(now), day,
+                      tg_budget_alert_due(day, r->limits.day_limit, r->limits.alert_pct));
+      tg__mem_restore(pl->p->mem, r->tenant, 1, tg_month_of(now), month,
+                      tg_budget_alert_due(month, r->limits.month_limit, r->limits.alert_pct));
+    }
+    tg__mem_admit(pl->p->mem, r, now, a);
     return;
   }
   memset(a, 0, sizeof(*a));
@@ -409,8 +536,12 @@ void tg_policy_settle(tg_policy_loop_t *pl, const tg_admit_req_t *r, const tg_ad
   int64_t now = tg_now_ms();
   if (a->v.refused != TG_LIMIT_NONE)
     return;
-  if (a->backend == TG_BACKEND_MEMORY)
+  if (a->backend == TG_BACKEND_MEMORY) {
     tg__mem_settle(pl->p->mem, r, a, actual_tokens, actual_cost, now);
-  else if (pl->rl)
+    if (pl->p->backend == TG_BACKEND_REDIS && actual_cost > 0) {
+      owe(pl->p, r->tenant, 0, a->v.day, actual_cost);
+      owe(pl->p, r->tenant, 1, a->v.month, actual_cost);
+    }
+  } else if (pl->rl)
     tg__redis_settle(pl->rl, r, a, actual_tokens, actual_cost, now);
 }

@@ -172,6 +172,10 @@ int tg__redis_epoch_mark(tg__redis_sync_t *s, char *epoch, size_t size);
  * raised. The key gets the TTL the scripts give it. */
 int tg__redis_raise(tg__redis_sync_t *s, const char *tenant, int month, int64_t period,
                     tg_nano_t spent, int alerted, int64_t now_ms);
+/* Adds amount (> 0) to a tenant's window of period: what requests the
+ * memory backend admitted while Redis could not answer spent there. */
+int tg__redis_add_spent(tg__redis_sync_t *s, const char *tenant, int month, int64_t period,
+                        tg_nano_t amount, int64_t now_ms);
 
 /* Wall clock in unix milliseconds. */
 int64_t tg_now_ms(void);

@@ -2122,6 +2122,25 @@ int tg__redis_raise(tg__redis_sync_t *s, const char *tenant, int month, int64_t 
   return 0;
 }
 
+int tg__redis_add_spent(tg__redis_sync_t *s, const char *tenant, int month, int64_t period,
+                        tg_nano_t amount, int64_t now_ms) {
+  char key[TG_REDIS_MAX_TENANT + 64], am[24], ttl[24];
+  int64_t end = month ? tg_month_end_ms(period) : tg_day_end_ms(period);
+  int64_t keep = month ? TG_REDIS_MONTH_KEEP_MS : TG_REDIS_DAY_KEEP_MS;
+  const char *a[6] = {"EVAL", TG_REDIS_LUA_ADD_SPENT, "1", key, am, ttl};
+  redisReply *rep;
+
+  if (strlen(tenant) > TG_REDIS_MAX_TENANT || amount <= 0 || end + keep <= now_ms)
+    return 0; /* no such tenant's keys, nothing to add, or the window is gone */
+  snprintf(key, sizeof key, "tg:{%s}:%s:%" PRId64, tenant, month ? "month" : "day", period);
+  snprintf(am, sizeof am, "%" PRId64, amount);
+  snprintf(ttl, sizeof ttl, "%" PRId64, end + keep - now_ms);
+  if ((rep = sync_cmd(s, 6, a)) == NULL)
+    return TG_EUNAVAIL;
+  freeReplyObject(rep);
+  return 0;
+}
+
 /* ---- holdings ------------------------------------------------------------ */
 
 void tg__redis_holding(tg__redis_t *r, int on) {

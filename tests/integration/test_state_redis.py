@@ -468,6 +468,38 @@ def test_redis_down_fail_open_uses_local_limits(tg, sim, redis):
     assert any("{lim}" in k for k in redis.keys()), redis.keys()
 
 
+def test_fail_open_keeps_the_spend_and_gives_redis_what_it_admitted(tg, sim, redis):
+    """state_failure: open decides by local limits while Redis cannot
+    answer, but not with budgets started again from 0: a tenant whose day's
+    budget is spent is still refused. What the local limits admit meanwhile
+    is added to Redis's windows once it answers again, so they equal the
+    ledger (it was spent on the GPU, and Redis never saw it)."""
+    tenants = {"fo": tgtest.limited_tenant(daily=usd(200000)),
+               "fo2": tgtest.limited_tenant(daily=usd(10 ** 9))}
+    gw = start_gw(tg, sim, redis, tenants, failure="open")
+    assert ask(gw, "fo", max_tokens=50).status == 200
+    assert ask(gw, "fo", max_tokens=50).status == 200
+    refused(ask(gw, "fo", max_tokens=50), 402, "insufficient_quota", "daily_budget")
+    assert ask(gw, "fo2", max_tokens=20).status == 200
+    redis.proc.signal(signal.SIGSTOP)
+    try:
+        # the first waits for Redis's reply timeout, then the local limits decide
+        got = [ask(gw, "fo", max_tokens=50).status for _ in range(3)]
+        assert tgtest.gateway_events(gw, "state_backend_unavailable")
+        outage = [ask(gw, "fo2", max_tokens=20 + i).status for i in range(3)]
+    finally:
+        redis.proc.signal(signal.SIGCONT)
+    assert got == [402] * 3, got
+    assert outage == [200] * 3, outage
+    assert ledger_nano(gw, "fo") <= 200000
+    tgtest.wait_for(lambda: int(window(redis, "fo2").get("spent", 0)) == ledger_nano(gw, "fo2"),
+                    timeout=10, what="Redis's window of fo2 equal to the ledger again")
+    assert int(window(redis, "fo")["spent"]) == ledger_nano(gw, "fo")
+    # and it stays so: nothing is added twice
+    time.sleep(2.5)
+    assert int(window(redis, "fo2")["spent"]) == ledger_nano(gw, "fo2")
+
+
 def test_budget_spend_kept_in_redis(tg, sim, redis):
     tenants = {"spend": tgtest.limited_tenant(daily=usd(200000))}
     a = start_gw(tg, sim, redis, tenants)
