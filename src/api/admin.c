@@ -59,8 +59,18 @@ static void readyz(tg_worker_t *w, tg_http_req_t *req, const char *rid) {
   respond_json(req, rid, 200, root);
 }
 
-typedef struct {
+/* Ledger queries run on libuv's thread pool (4 threads unless
+ * UV_THREADPOOL_SIZE says otherwise), which the loops' name lookups (native
+ * upstream client, Redis) and the retention purge use too: slow queries
+ * (a big ledger, a locked table, a slow PostgreSQL) must not take all of it,
+ * or requests to an endpoint named by host name wait behind them. */
+#define TG_ADMIN_JOBS_RUNNING 2
+#define TG_ADMIN_JOBS_WAITING 256
+
+typedef struct admin_job_s {
   uv_work_t work;
+  struct admin_job_s *next;  /* waiting for a turn */
+  int waiting;
   tg_http_req_t *req;
   tg_worker_t *w;
   char rid[32];
@@ -127,10 +137,44 @@ static void job_free(admin_job_t *j) {
   free(j);
 }
 
+static void job_done(uv_work_t *wk, int status);
+
+/* Puts j on the thread pool, or answers 500 when it cannot be queued. */
+static void job_start(admin_job_t *j) {
+  tg_worker_t *w = j->w;
+  if (uv_queue_work(&w->loop, &j->work, job_work, job_done) < 0) {
+    j->req->on_abort = NULL;
+    audit(w, j->rid, j->key_id, j->tenant, j->path, 500, "internal_error");
+    tg_api_error(j->req, 500, "server_error", "internal_error", j->rid, NULL,
+                 "cannot queue the query");
+    atomic_fetch_sub(&w->app->admin_jobs, 1);
+    job_free(j);
+    return;
+  }
+  w->jobs_running++;
+}
+
+/* A query finished: the next waiting one takes its turn. */
+static void job_next(tg_worker_t *w) {
+  while (w->jobs_head != NULL && w->jobs_running < TG_ADMIN_JOBS_RUNNING) {
+    admin_job_t *j = w->jobs_head;
+    w->jobs_head = j->next;
+    if (w->jobs_head == NULL)
+      w->jobs_tail = NULL;
+    w->jobs_waiting--;
+    j->waiting = 0;
+    job_start(j);
+  }
+}
+
 static void job_done(uv_work_t *wk, int status) {
   admin_job_t *j = wk->data;
+  tg_worker_t *w = j->w;
   char hdr[64];
 
+  w->jobs_running--;
+  atomic_fetch_sub(&w->app->admin_jobs, 1);
+  job_next(w);
   if (j->gone) {
     /* the client left: its request was completed in on_job_abort */
     audit(j->w, j->rid, j->key_id, j->tenant, j->path, 499, "client_gone");
@@ -163,7 +207,24 @@ static void job_done(uv_work_t *wk, int status) {
 
 static void on_job_abort(tg_http_req_t *req) {
   admin_job_t *j = req->data;
-  j->gone = 1;
+  tg_worker_t *w = j->w;
+  if (j->waiting) {
+    /* never started: out of the line, and gone */
+    admin_job_t **pp = &w->jobs_head, *prev = NULL;
+    while (*pp != j) {
+      prev = *pp;
+      pp = &(*pp)->next;
+    }
+    *pp = j->next;
+    if (w->jobs_tail == j)
+      w->jobs_tail = prev;
+    w->jobs_waiting--;
+    atomic_fetch_sub(&w->app->admin_jobs, 1);
+    audit(w, j->rid, j->key_id, j->tenant, j->path, 499, "client_gone");
+    job_free(j);
+  } else {
+    j->gone = 1;
+  }
   tg_http_abort(req);
 }
 
@@ -278,15 +339,33 @@ static void admin_api(tg_worker_t *w, tg_http_req_t *req, const char *rid) {
   j->req = req;
   j->w = w;
   j->work.data = j;
-  if (j->database == NULL || j->data_dir == NULL ||
-      uv_queue_work(&w->loop, &j->work, job_work, job_done) < 0) {
+  if (j->database == NULL || j->data_dir == NULL) {
     audit(w, rid, key_id, tenant, req->path, 500, "internal_error");
-    tg_api_error(req, 500, "server_error", "internal_error", rid, NULL, "cannot queue the query");
+    tg_api_error(req, 500, "server_error", "internal_error", rid, NULL, "out of memory");
+    job_free(j);
+    return;
+  }
+  if (w->jobs_running >= TG_ADMIN_JOBS_RUNNING && w->jobs_waiting >= TG_ADMIN_JOBS_WAITING) {
+    audit(w, rid, key_id, tenant, req->path, 503, "admin_busy");
+    tg_api_error(req, 503, "server_error", "admin_busy", rid, "Retry-After: 1\r\n",
+                 "%d ledger queries are waiting already", TG_ADMIN_JOBS_WAITING);
     job_free(j);
     return;
   }
   req->data = j;
   req->on_abort = on_job_abort;
+  atomic_fetch_add(&w->app->admin_jobs, 1);
+  if (w->jobs_running < TG_ADMIN_JOBS_RUNNING) {
+    job_start(j);
+    return;
+  }
+  j->waiting = 1;
+  if (w->jobs_tail != NULL)
+    w->jobs_tail->next = j;
+  else
+    w->jobs_head = j;
+  w->jobs_tail = j;
+  w->jobs_waiting++;
   return;
 notfound:
   audit(w, rid, NULL, NULL, req->path, 404, "not_found");

@@ -491,6 +491,11 @@ static void wait_or_shed(tg_call_t *c);
 static int on_up_status(tg_xfer_t *x, int status, void *arg) {
   tg_call_t *c = arg;
   (void)x;
+  /* A success is a success: vLLM and OpenAI answer 200, and a 201 or 203
+   * from something between carries the same answer, to be relayed and
+   * billed as one (the client sees 200). */
+  if (status >= 200 && status < 300)
+    status = 200;
   c->up_status = status;
   c->reached = 1;
   if (c->stream && status == 200)
@@ -799,12 +804,38 @@ static void answer_end(tg_call_t *c) {
   call_close(c, FIN_END_ANSWER);
 }
 
+/* 1 when text[0..len) is one JSON object (an upstream's error body). */
+static int is_json_object(const char *text, size_t len) {
+  cJSON *v = text != NULL ? tg_json_parse(text, len, 1, NULL) : NULL;
+  int ok = cJSON_IsObject(v);
+  tg_json_free(v);
+  return ok;
+}
+
 /* The upstream's whole non-streamed answer is in c->resp. */
 static void deliver_buffered(tg_call_t *c) {
   if (c->up_status == 200 && scan_usage(c, c->resp ? c->resp : "", c->resp_len) < 0) {
     tg_endpoint_error(c->ep, TG_UPERR_BAD_RESPONSE);
     call_error(c, 502, "server_error", "bad_upstream_response",
                "the upstream returned a response that is not valid JSON");
+    return;
+  }
+  if (c->up_status < 400 && c->up_status != 200) {
+    /* a redirect or an informational status is no answer to relay */
+    char msg[64];
+    snprintf(msg, sizeof(msg), "the upstream answered %d", c->up_status);
+    tg_endpoint_error(c->ep, TG_UPERR_BAD_RESPONSE);
+    call_error(c, 502, "server_error", "bad_upstream_response", msg);
+    return;
+  }
+  if (c->up_status >= 400 && !is_json_object(c->resp, c->resp_len)) {
+    /* an HTML page of a proxy before the upstream, an empty body: the
+     * client still gets an error it can parse, with the upstream's status */
+    char msg[96];
+    snprintf(msg, sizeof(msg), "the upstream answered %d with a body that is not JSON",
+             c->up_status);
+    call_error(c, c->up_status, c->up_status >= 500 ? "server_error" : "invalid_request_error",
+               "upstream_status", msg);
     return;
   }
   c->status = c->up_status;
@@ -1057,14 +1088,17 @@ static int queue_enter(tg_call_t *c) {
   struct tg_wqueue_s *wq = wqueue_get(c->w, c->model->name);
   uint64_t now = now_ns();
 
-  /* each loop holds its share of the model's bound */
-  size_t share = (cfg->queue_max + (size_t)c->w->app->n_workers - 1) /
-                 (size_t)(c->w->app->n_workers > 0 ? c->w->app->n_workers : 1);
+  /* the model's bound counts every loop's waiters (a config reload starts
+   * a new count: its calls and the old config's wait side by side) */
+  atomic_int *queued = &c->rt->queued[c->model - cfg->models];
 
-  if (wq == NULL || wq->q.len >= share)
+  if (wq == NULL)
     return -1;
-  if (tg_fairq_push(&wq->q, c->tenant->name, tenant_weight(c), &c->qw) < 0)
+  if ((size_t)atomic_fetch_add(queued, 1) >= cfg->queue_max ||
+      tg_fairq_push(&wq->q, c->tenant->name, tenant_weight(c), &c->qw) < 0) {
+    atomic_fetch_sub(queued, 1);
     return -1;
+  }
   c->wq = wq;
   c->t_queued = now;
   /* waits after a failed attempt share the first one's bound: what is left
@@ -1086,6 +1120,7 @@ static void queue_leave(tg_call_t *c, int served) {
     tg_fairq_remove(&c->wq->q, &c->qw);
   c->wq = NULL;
   c->queue_ns += now_ns() - c->t_queued; /* a call may wait again after a failed attempt */
+  atomic_fetch_sub(&c->rt->queued[c->model - c->rt->cfg->models], 1);
   queue_count(c, -1);
 }
 

@@ -32,6 +32,7 @@ typedef struct tg_runtime_s {
   tg_config_t *cfg;
   tg_pool_t *pools;          /* parallel to cfg->models */
   char (*salts)[TG_CACHE_SALT_LEN + 1]; /* parallel to cfg->tenants */
+  atomic_int *queued;        /* parallel to cfg->models: calls waiting, every loop's */
 } tg_runtime_t;
 
 typedef struct tg_call_s tg_call_t;
@@ -65,6 +66,10 @@ typedef struct tg_worker_s {
   uint64_t seq;
   int is_admin;
   int cutting;               /* stopping: the requests left are cut, not abandoned */
+  /* the admin loop's ledger queries (admin.c): at most TG_ADMIN_JOBS_RUNNING
+   * on libuv's thread pool, the others waiting in order */
+  struct admin_job_s *jobs_head, *jobs_tail;
+  int jobs_running, jobs_waiting;
 } tg_worker_t;
 
 struct tg_app_s {
@@ -78,10 +83,11 @@ struct tg_app_s {
   tg_metrics_t *metrics;
   size_t ledger_refuse_at;   /* backlog at which new requests are refused */
   int log_fd;                /* access log, or -1 */
-  char id_prefix[9];         /* random per process: request ids stay unique */
+  char id_prefix[13];        /* 48 random bits per process: request ids stay unique */
   tg_worker_t *workers;
   int n_workers;
   tg_worker_t admin;
+  atomic_int admin_jobs;     /* admin queries running or waiting: a stop waits for them */
   atomic_int cmd;            /* TG_CMD_* for the workers */
   atomic_int queued;         /* calls waiting for a pool slot, all loops */
 };

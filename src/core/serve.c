@@ -93,6 +93,11 @@ int tg_runtime_new(tg_config_t *cfg, tg_runtime_t **out) {
       p->n++;
     }
   }
+  rt->queued = calloc(cfg->n_models ? cfg->n_models : 1, sizeof(*rt->queued));
+  if (rt->queued == NULL)
+    goto fail;
+  for (i = 0; i < cfg->n_models; i++)
+    atomic_init(&rt->queued[i], 0);
   rt->salts = calloc(cfg->n_tenants ? cfg->n_tenants : 1, sizeof(*rt->salts));
   if (rt->salts == NULL)
     goto fail;
@@ -126,6 +131,7 @@ void tg_runtime_unref(tg_runtime_t *rt) {
     free(rt->pools[i].eps);
   }
   free(rt->pools);
+  free(rt->queued);
   free(rt->salts);
   if (rt->cfg)
     tg_config_unref(rt->cfg);
@@ -466,14 +472,15 @@ static void on_drain_timeout(uv_timer_t *t) {
   broadcast(m->app, TG_CMD_STOP);
 }
 
-/* Stops the admin loop once every API worker has finished. */
+/* Stops the admin loop once every API worker has finished and no admin
+ * query runs or waits (the drain timeout stops it anyway). */
 static void on_watch(uv_timer_t *t) {
   main_ctx_t *m = t->data;
   int i, alive = 0;
   for (i = 0; i < m->app->n_workers; i++)
     if (m->app->workers[i].http != NULL)
       alive++;
-  if (alive == 0) {
+  if (alive == 0 && (atomic_load(&m->app->admin_jobs) == 0 || m->app->admin.http == NULL)) {
     broadcast(m->app, TG_CMD_STOP);
     uv_close((uv_handle_t *)&m->sigterm, NULL);
     uv_close((uv_handle_t *)&m->sigint, NULL);
@@ -658,7 +665,7 @@ int tg_cmd_serve(int argc, char **argv) {
   tg_config_errors_t errs = {0};
   main_ctx_t m;
   uv_loop_t *main_loop = uv_default_loop();
-  unsigned char rnd[4];
+  unsigned char rnd[6];
   const char *path = arg_config(argc, argv);
   int i, r, rc = 1, started = 0, admin_started = 0;
   size_t k;
@@ -694,7 +701,8 @@ int tg_cmd_serve(int argc, char **argv) {
   curl_global_init(CURL_GLOBAL_DEFAULT);
   if (RAND_bytes(rnd, sizeof(rnd)) != 1)
     memset(rnd, 0, sizeof(rnd));
-  snprintf(app.id_prefix, sizeof(app.id_prefix), "%02x%02x%02x%02x", rnd[0], rnd[1], rnd[2], rnd[3]);
+  tg_hex_encode(rnd, sizeof(rnd), app.id_prefix); /* request ids stay unique across gateways */
+  app.id_prefix[2 * sizeof(rnd)] = '\0';
 
   r = tg_access_log_open(cfg->access_log);
   if (r < -1) {

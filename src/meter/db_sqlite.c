@@ -9,12 +9,14 @@
 #include "meter/db_sqlite.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <limits.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "core/err.h"
 
@@ -294,6 +296,12 @@ static int open_flags(sqlite3 **db, const char *data_dir, int flags, int *from) 
   rc = make_dirs(data_dir);
   if (rc != 0)
     return rc;
+
+  /* Made private before SQLite makes it with the umask's mode (its -wal
+   * and -shm files take the database file's mode): key hashes and every
+   * tenant's usage are in it. */
+  if ((n = open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600)) >= 0)
+    close(n);
 
   pthread_once(&config_once, config_sqlite);
   rc = TG_EDB;

@@ -12,16 +12,20 @@
 #include "meter/invoice.h"
 
 #include <ctype.h>
+#include <limits.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "api/api.h"
 #include "config/config.h"
 #include "core/err.h"
 #include "core/money.h"
+#include "meter/db_pg.h"
+#include "meter/db_sqlite.h"
 
 /* Growable text with a hard bound. */
 typedef struct {
@@ -245,6 +249,18 @@ static int open_db(const char *cfg_path, tg_ledger_db_t **db) {
       fprintf(stderr, "%s\n", errs.msgs[i]);
     tg_config_errors_free(&errs);
     return TG_ECONFIG;
+  }
+  if (!tg_db_pg_is_url(cfg->database)) {
+    /* a read: a data_dir that holds no ledger (a typo, another config's
+     * copy) is an error, not an empty ledger made there */
+    char path[PATH_MAX];
+    int n = snprintf(path, sizeof(path), "%s/%s", cfg->data_dir, TG_DB_SQLITE_FILE);
+    if (n < 0 || (size_t)n >= sizeof(path) || access(path, F_OK) != 0) {
+      fprintf(stderr, "tollgate: no ledger in %s (no %s there): is data_dir right?\n",
+              cfg->data_dir, TG_DB_SQLITE_FILE);
+      tg_config_unref(cfg);
+      return TG_ENOTFOUND;
+    }
   }
   r = tg_ledger_db_open(cfg->database, cfg->data_dir, db);
   tg_config_unref(cfg);

@@ -9,6 +9,7 @@ log shortly after its response."""
 
 import json
 import os
+import re
 import threading
 import time
 
@@ -63,6 +64,12 @@ def test_access_log_file_one_whole_line_per_request_from_two_loops(tg):
         text = f.read()
     assert text.endswith("\n")
     check_lines(text.splitlines(), answered)
+    # ids: 48 random bits of the process (unique across gateways on one
+    # ledger), the loop, a sequence
+    ids = {rid for rid, _ in answered}
+    assert all(re.fullmatch(r"req_[0-9a-f]{24}", rid) for rid in ids), sorted(ids)[:3]
+    assert len({rid[4:16] for rid in ids}) == 1
+    assert {rid[16:18] for rid in ids} == {"00", "01"}
 
 
 def test_access_log_through_a_slow_pipe_keeps_lines_whole(tg, tmp_path):

@@ -6,6 +6,8 @@ envelope."""
 import json
 import time
 
+import pytest
+
 import tgtest
 from tgtest import RawConn, chat, http_request_bytes, request
 
@@ -321,6 +323,87 @@ def test_upstream_client_errors_relayed_unchanged(stack):
         assert via.status == status, via
         assert via.json()["error"] == direct.json()["error"], (via, direct)
         assert via.header("x-request-id")
+
+
+def _answer_body(usage=(7, 3)):
+    return {"id": "x", "object": "chat.completion", "created": 1, "model": M8B,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"},
+                         "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": usage[0], "completion_tokens": usage[1],
+                      "total_tokens": usage[0] + usage[1]}}
+
+
+def _sse_body(usage=(7, 3)):
+    def ev(doc):
+        return "data: %s\n\n" % json.dumps(doc)
+    chunk = {"id": "x", "object": "chat.completion.chunk", "created": 1, "model": M8B}
+    out = [ev(dict(chunk, choices=[{"index": 0, "delta": {"content": t}, "finish_reason": None}]))
+           for t in ("a", "b", "c")]
+    out.append(ev(dict(chunk, choices=[], usage={
+        "prompt_tokens": usage[0], "completion_tokens": usage[1],
+        "total_tokens": usage[0] + usage[1]})))
+    out.append("data: [DONE]\n\n")
+    return "".join(out).encode()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_success_other_than_200_is_relayed_and_billed(tg, stream):
+    """An upstream (or something before it) that answers 203 or 201 gave a
+    whole answer: the client gets it as a 200 (a stream relayed event by
+    event, the usage chunk it did not ask for removed) and the record has
+    the upstream's usage. It was relayed as an error and billed nothing."""
+    up = tgtest.FakeUpstream(status=203, body=_answer_body())
+    if stream:
+        up.content_type = "text/event-stream"
+        up.body = _sse_body()
+    try:
+        gw = tg.gateway({M8B: [up.url]}, workers=1)
+        key = gw.keys["acme"]
+        if stream:
+            s = tgtest.SSEStream(gw.port, tgtest.chat_body(M8B, stream=True, max_tokens=3), key=key)
+            assert s.status == 200 and s.headers["content-type"] == "text/event-stream", s.headers
+            s.read_all()
+            assert s.done and tgtest.assembled_text(s.all_events) == "abc"
+            assert tgtest.usage_events(s.all_events) == []
+            rid = s.headers["x-request-id"]
+            s.close()
+        else:
+            r = chat(gw.port, key, M8B, max_tokens=3)
+            assert r.status == 200 and r.json()["usage"]["completion_tokens"] == 3, r
+            rid = r.header("x-request-id")
+        e = gw.access_entry(rid)
+        assert (e["status"], e["prompt_tokens"], e["completion_tokens"]) == (200, 7, 3), e
+    finally:
+        up.close()
+
+
+def test_upstream_errors_that_are_not_json_are_wrapped(tg):
+    """Every error the client gets is OpenAI-style JSON: an upstream error
+    whose body is not a JSON object (the HTML page of a proxy in front of a
+    stopped vLLM, an empty 404) keeps its status with a JSON body saying so;
+    a redirect is no answer (502). A JSON error body is relayed as it is."""
+    html = (b"<html><head><title>502 Bad Gateway</title></head><body><center>"
+            b"<h1>502 Bad Gateway</h1></center></body></html>\r\n")
+    cases = [(502, html, "text/html", 502, "server_error", "upstream_status"),
+             (404, b"", "text/plain", 404, "invalid_request_error", "upstream_status"),
+             (500, b"[1, 2]", "application/json", 500, "server_error", "upstream_status"),
+             (302, b"", "text/plain", 502, "server_error", "bad_upstream_response")]
+    for status, body, ctype, want, etype, code in cases:
+        ups = [tgtest.FakeUpstream(status=status) for _ in range(2)]
+        for u in ups:
+            u.body, u.content_type = body, ctype
+        try:
+            gw = tg.gateway({M8B: [u.url for u in ups]}, workers=1,
+                            overrides={"health_check_interval": "60s"})
+            r = chat(gw.port, gw.keys["acme"], M8B, max_tokens=3)
+            assert r.header("content-type") == "application/json"
+            _err(r, want, etype, code)
+            if status == 502:  # retried on the other endpoint first
+                assert sum(u.posts for u in ups) == 2
+            gw.stop()
+        finally:
+            for u in ups:
+                u.close()
 
 
 def test_upstream_garbage_is_502(stack):

@@ -785,3 +785,34 @@ def test_every_admin_api_request_leaves_an_audit_line(tg, sim):
         e = gw.access_entry(r.header("x-request-id"))
         assert (e["path"], e["status"], e["key_id"], e["tenant"]) == \
             (path, status, kid, tenant), (path, e)
+
+
+def test_invoice_and_usage_of_a_data_dir_without_a_ledger_fail(tg, sim, tmp_path):
+    """`tollgate invoice` and `usage` read a ledger: pointed at a data_dir
+    that holds none (a typo, another config's copy) they say so and exit
+    non-zero; they made the directories and an empty database there and
+    printed a $0 invoice."""
+    gw = start_gw(tg, sim, start=False, data_dir=str(tmp_path / "typo" / "data"))
+    for args in (("invoice", "--tenant", "alpha", "--month", "2026-12"),
+                 ("usage", "--tenant", "alpha", "--day", "2026-12-01")):
+        cp = gw.tool(*args, check=False)
+        assert cp.returncode == 1 and cp.stdout == "", (args, cp.returncode, cp.stdout)
+        assert "no ledger in %s" % (tmp_path / "typo" / "data") in cp.stderr, cp.stderr
+    assert not os.path.exists(str(tmp_path / "typo"))
+
+
+def test_the_database_files_are_private(tg, sim, tmp_path):
+    """The database holds key hashes and every tenant's usage: its files
+    are 0600 even in a data_dir the operator made readable (0755), as the
+    spool is; they were made with the umask's mode (0644)."""
+    import stat
+    d = tmp_path / "data"
+    d.mkdir()
+    os.chmod(str(d), 0o755)
+    gw = start_gw(tg, sim, start=False, data_dir=str(d))
+    key = gw.create_key("alpha")
+    gw.start()
+    assert tgtest.chat(gw.port, key, M, max_tokens=2).status == 200
+    modes = {f: stat.S_IMODE(os.stat(str(d / f)).st_mode) for f in os.listdir(str(d))}
+    assert "tollgate.db" in modes and "tollgate.db-wal" in modes, modes
+    assert all(m & 0o077 == 0 for m in modes.values()), {f: oct(m) for f, m in modes.items()}

@@ -562,3 +562,112 @@ def test_migrate_command_postgres_with_and_without_a_time_limit(tg, sim, pg):
     assert base.ask(gw, key).status == 200
     gw.stop()
     assert pg.sql("SELECT COUNT(*) FROM ledger", db=db) == [("1",)]
+
+
+def test_slow_admin_queries_leave_the_thread_pool_to_requests(tg, sim, pg):
+    """Admin invoice and usage queries run on libuv's thread pool, which the
+    native upstream client's name lookups share: at most two run at a time
+    (the others wait their turn in order), so four slow ones (here: the
+    ledger table locked by an operator's session) neither take the whole
+    pool nor delay a request to an endpoint named by host name. Every
+    waiting query is still answered."""
+    import socket
+    import threading
+    url = pg.create_database("tp_starve")
+    port = sim.url.rsplit(":", 1)[1]
+    name = socket.gethostname()
+    named = name if socket.gethostbyname(name) == "127.0.0.1" else "127.0.0.1"
+    models = {
+        "llama-3.1-8b": tgtest.model_entry(["http://127.0.0.1:%s" % port]),
+        "mistral-7b": tgtest.model_entry(["http://%s:%s" % (named, port)]),
+    }
+    tenants = {"beta": base.ledger_tenant(["llama-3.1-8b", "mistral-7b"])}
+    gw = tg.gateway(models, tenants=tenants, keys=(), start=False, workers=1,
+                    overrides={"database": url + "?options=-c%20lock_timeout%3D3000"
+                                                       "%20-c%20statement_timeout%3D10000",
+                               # no writer meeting the lock: the request waits for nothing
+                               "ledger": "off"})
+    key = gw.create_key("beta")
+    gw.start()
+    admin_key = gw.create_admin_key()
+    gw.wait_admin_key(admin_key)
+    holder = subprocess.Popen([pg.PSQL, "-X", "-q", "-h", "127.0.0.1", "-p", str(pg.port),
+                               "-U", "postgres", "-d", "tp_starve"],
+                              stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, text=True)
+    statuses = []
+    try:
+        holder.stdin.write("BEGIN; LOCK TABLE ledger IN ACCESS EXCLUSIVE MODE;\n")
+        holder.stdin.flush()
+        time.sleep(1)
+
+        def ask_invoice():
+            r = tgtest.admin(gw, "/admin/v1/tenants/beta/invoices/2026-12", key=admin_key,
+                             timeout=30)
+            statuses.append(r.status)
+        ths = [threading.Thread(target=ask_invoice) for _ in range(4)]
+        for th in ths:
+            th.start()
+        time.sleep(1)
+        waiting = pg.sql("SELECT left(query, 40) FROM pg_stat_activity WHERE datname = "
+                         "'tp_starve' AND wait_event_type = 'Lock'")
+        assert len(waiting) == 2, waiting
+        t0 = time.time()
+        r = tgtest.chat(gw.port, key, model="mistral-7b", max_tokens=2, timeout=30)
+        took = time.time() - t0
+        assert r.status == 200, r
+        assert took < 1.0, "a request to %s took %.1f s behind the admin queries" % (named, took)
+        for th in ths:
+            th.join(30)
+    finally:
+        holder.stdin.write("ROLLBACK;\n\\q\n")
+        holder.stdin.flush()
+        holder.wait(10)
+    # each query met the lock's timeout: the ledger could not be read, said so
+    assert statuses == [500] * 4, statuses
+    audit = [e["status"] for e in gw.access_log_entries()
+             if e.get("path") == "/admin/v1/tenants/beta/invoices/2026-12"]
+    assert audit == [500] * 4, audit
+
+
+def test_an_admin_query_running_at_sigterm_is_answered(tg, sim, pg):
+    """SIGTERM drains the admin API like the API: a ledger query still
+    running when it comes is answered before the gateway stops (it was cut:
+    the admin loop stopped as soon as the API's workers had)."""
+    import signal
+    import threading
+    url = pg.create_database("admin_drain")
+    gw = tg.gateway({"llama-3.1-8b": [sim.url]}, keys=(), start=False, workers=1,
+                    overrides={"database": url, "ledger": "off"})
+    gw.start()
+    admin_key = gw.create_admin_key()
+    gw.wait_admin_key(admin_key)
+    holder = subprocess.Popen([pg.PSQL, "-X", "-q", "-h", "127.0.0.1", "-p", str(pg.port),
+                               "-U", "postgres", "-d", "admin_drain"],
+                              stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, text=True)
+    out = {}
+    try:
+        holder.stdin.write("BEGIN; LOCK TABLE ledger IN ACCESS EXCLUSIVE MODE;\n")
+        holder.stdin.flush()
+        time.sleep(1)
+
+        def ask():
+            out["r"] = tgtest.admin(gw, "/admin/v1/tenants/acme/invoices/2026-12",
+                                    key=admin_key, timeout=30)
+        th = threading.Thread(target=ask)
+        th.start()
+        tgtest.wait_for(lambda: pg.sql("SELECT count(*) FROM pg_stat_activity WHERE datname = "
+                                       "'admin_drain' AND wait_event_type = 'Lock'") == [("1",)],
+                        what="the admin query waiting for the lock")
+        gw.proc.signal(signal.SIGTERM)
+        time.sleep(1)
+    finally:
+        holder.stdin.write("ROLLBACK;\n\\q\n")
+        holder.stdin.flush()
+        holder.wait(10)
+    th.join(30)
+    assert out["r"].status == 200, out["r"]
+    assert out["r"].json()["tenant_id"] == "acme"
+    assert gw.proc.wait(30) == 0
+    gw.checked_exit = True

@@ -207,6 +207,35 @@ def test_full_queue_and_queue_timeout_shed_with_503_and_retry_after():
         sim.stop()
 
 
+def test_queue_max_bounds_the_waiters_of_every_loop_together():
+    """queue_max is the model's bound, not each loop's: with two workers and
+    queue_max 1, twelve requests behind a busy slot leave one waiting and
+    shed the rest (each loop took half the bound, rounded up: two waited)."""
+    sim = tgtest.Sim().start()
+    gw = gateway(sim, max_inflight=1, workers=2,
+                 overrides={"queue_max": 1, "timeouts": {"queue": "10s"}})
+    try:
+        key = gw.create_key("acme")
+        with concurrent.futures.ThreadPoolExecutor(16) as ex:
+            holder = ex.submit(slow_chat, gw, key, 2500)
+            tgtest.wait_for(lambda: series(gw, "llm_inflight_requests", pool=M1,
+                                           tenant="acme") == 1, timeout=5, what="slot held")
+            # 12 connections: the kernel spreads them over both loops
+            futs = [ex.submit(slow_chat, gw, key, 10) for _ in range(12)]
+            tgtest.wait_for(lambda: series(gw, "llm_rate_limit_rejections_total",
+                                           tenant="acme", limit="queue") == 11,
+                            timeout=5, what="eleven shed")
+            queued = series(gw, "llm_queue_length", pool=M1, tenant="acme")
+            res = [f.result() for f in futs]
+            assert holder.result().status == 200
+        assert queued == 1, queued
+        assert sorted(r.status for r in res) == [200] + [503] * 11, [r.status for r in res]
+        assert all(r.error()["code"] == "queue_full" for r in res if r.status == 503)
+    finally:
+        gw.stop()
+        sim.stop()
+
+
 def test_a_client_leaving_the_queue_frees_its_place():
     sim = tgtest.Sim().start()
     gw = gateway(sim, max_inflight=1, overrides={"queue_max": 1})
