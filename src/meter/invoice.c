@@ -230,6 +230,25 @@ int tg_usage_build(tg_ledger_db_t *db, const char *tenant, const char *day, char
 
 /* ---- CLI ------------------------------------------------------------------ */
 
+/* 1 when argv[1..] is pairs of an option of names (NULL-terminated) and
+ * its value, each option once: a misspelled option or one without its
+ * value is an error, not ignored. */
+static int args_ok(int argc, char **argv, const char *const *names) {
+  for (int i = 1; i < argc; i += 2) {
+    const char *const *n;
+    if (i + 1 >= argc)
+      return 0;
+    for (n = names; *n != NULL && strcmp(*n, argv[i]) != 0; n++)
+      ;
+    if (*n == NULL)
+      return 0;
+    for (int j = 1; j < i; j += 2)
+      if (strcmp(argv[j], argv[i]) == 0)
+        return 0;
+  }
+  return 1;
+}
+
 static const char *opt(int argc, char **argv, const char *name) {
   int i;
   for (i = 1; i + 1 < argc; i++)
@@ -309,6 +328,7 @@ static int build_usage(tg_ledger_db_t *db, char **out, const void *arg) {
 }
 
 int tg_cmd_invoice(int argc, char **argv) {
+  static const char *const names[] = {"--config", "--tenant", "--month", "--format", NULL};
   const char *cfg = opt(argc, argv, "--config"), *format = opt(argc, argv, "--format");
   q_t q;
   int64_t a, b;
@@ -316,7 +336,7 @@ int tg_cmd_invoice(int argc, char **argv) {
   q.tenant = opt(argc, argv, "--tenant");
   q.period = opt(argc, argv, "--month");
   q.csv = format != NULL && strcmp(format, "csv") == 0;
-  if (cfg == NULL || q.tenant == NULL || q.period == NULL ||
+  if (!args_ok(argc, argv, names) || cfg == NULL || q.tenant == NULL || q.period == NULL ||
       (format != NULL && strcmp(format, "csv") != 0 && strcmp(format, "json") != 0)) {
     fprintf(stderr, "usage: tollgate invoice --config FILE --tenant T --month YYYY-MM "
                     "[--format json|csv]\n");
@@ -334,6 +354,7 @@ int tg_cmd_invoice(int argc, char **argv) {
 }
 
 int tg_cmd_usage(int argc, char **argv) {
+  static const char *const names[] = {"--config", "--tenant", "--day", NULL};
   const char *cfg = opt(argc, argv, "--config");
   q_t q;
   int64_t a, b;
@@ -341,7 +362,7 @@ int tg_cmd_usage(int argc, char **argv) {
   q.tenant = opt(argc, argv, "--tenant");
   q.period = opt(argc, argv, "--day");
   q.csv = 0;
-  if (cfg == NULL || q.tenant == NULL || q.period == NULL) {
+  if (!args_ok(argc, argv, names) || cfg == NULL || q.tenant == NULL || q.period == NULL) {
     fprintf(stderr, "usage: tollgate usage --config FILE --tenant T --day YYYY-MM-DD\n");
     return 2;
   }

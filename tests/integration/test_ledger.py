@@ -708,7 +708,8 @@ def test_migrate_command_brings_the_sqlite_schema_up_to_date(tg, sim):
 def test_invoice_and_usage_of_a_name_that_is_no_tenants_are_refused(tg, sim):
     """A --tenant no tenant could have (quotes, a comma, past 64 bytes) is
     refused before the ledger is read (exit 2), so nothing prints broken
-    JSON or CSV; the longest name a tenant may have is printed whole."""
+    JSON or CSV; the longest name a tenant may have is printed whole. So
+    are options the commands do not take, and options without a value."""
     gw = start_gw(tg, sim, start=False)
     gw.tool("migrate")
     for cmd, period in (("invoice", ["--month", tgtest.utc_month()]),
@@ -722,6 +723,15 @@ def test_invoice_and_usage_of_a_name_that_is_no_tenants_are_refused(tg, sim):
     cp = gw.tool("invoice", "--tenant", "x" * 64, "--month", tgtest.utc_month(),
                  "--format", "csv")
     assert cp.stdout.splitlines()[-1].startswith("x" * 64 + ","), cp.stdout
+    # a misspelled option, an option without its value, one given twice:
+    # usage and exit 2, not a JSON invoice of what was understood
+    month = ["--tenant", "alpha", "--month", tgtest.utc_month()]
+    for args in (("invoice", *month, "--fromat", "csv"), ("invoice", *month, "--format"),
+                 ("invoice", *month, "--tenant", "beta"),
+                 ("usage", "--tenant", "alpha", "--day", tgtest.utc_day(), "--month", "x")):
+        cp = gw.tool(*args, check=False)
+        assert cp.returncode == 2 and cp.stdout == "", (args, cp.returncode, cp.stdout[:200])
+        assert "usage: tollgate " + args[0] in cp.stderr, (args, cp.stderr)
 
 
 def test_totals_past_64_bits_are_refused_not_wrapped(tg, sim):
