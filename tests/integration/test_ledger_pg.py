@@ -15,6 +15,7 @@ database on it.
   response the client saw complete has exactly one row;
 - budgets are rebuilt from the PostgreSQL ledger after a kill -9."""
 
+import contextlib
 import os
 import re
 import select
@@ -564,6 +565,25 @@ def test_migrate_command_postgres_with_and_without_a_time_limit(tg, sim, pg):
     assert pg.sql("SELECT COUNT(*) FROM ledger", db=db) == [("1",)]
 
 
+@contextlib.contextmanager
+def ledger_locked(pg, db):
+    """An operator's session holding the ledger table of database db locked
+    (ACCESS EXCLUSIVE) for the block's time: every query of it waits."""
+    holder = subprocess.Popen([pg.PSQL, "-X", "-q", "-h", "127.0.0.1", "-p", str(pg.port),
+                               "-U", "postgres", "-d", db],
+                              stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, text=True)
+    try:
+        holder.stdin.write("BEGIN; LOCK TABLE ledger IN ACCESS EXCLUSIVE MODE;\n")
+        holder.stdin.flush()
+        time.sleep(1)
+        yield
+    finally:
+        holder.stdin.write("ROLLBACK;\n\\q\n")
+        holder.stdin.flush()
+        holder.wait(10)
+
+
 def test_slow_admin_queries_leave_the_thread_pool_to_requests(tg, sim, pg):
     """Admin invoice and usage queries run on libuv's thread pool, which the
     native upstream client's name lookups share: at most two run at a time
@@ -591,16 +611,8 @@ def test_slow_admin_queries_leave_the_thread_pool_to_requests(tg, sim, pg):
     gw.start()
     admin_key = gw.create_admin_key()
     gw.wait_admin_key(admin_key)
-    holder = subprocess.Popen([pg.PSQL, "-X", "-q", "-h", "127.0.0.1", "-p", str(pg.port),
-                               "-U", "postgres", "-d", "tp_starve"],
-                              stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, text=True)
     statuses = []
-    try:
-        holder.stdin.write("BEGIN; LOCK TABLE ledger IN ACCESS EXCLUSIVE MODE;\n")
-        holder.stdin.flush()
-        time.sleep(1)
-
+    with ledger_locked(pg, "tp_starve"):
         def ask_invoice():
             r = tgtest.admin(gw, "/admin/v1/tenants/beta/invoices/2026-12", key=admin_key,
                              timeout=30)
@@ -619,10 +631,6 @@ def test_slow_admin_queries_leave_the_thread_pool_to_requests(tg, sim, pg):
         assert took < 1.0, "a request to %s took %.1f s behind the admin queries" % (named, took)
         for th in ths:
             th.join(30)
-    finally:
-        holder.stdin.write("ROLLBACK;\n\\q\n")
-        holder.stdin.flush()
-        holder.wait(10)
     # each query met the lock's timeout: the ledger could not be read, said so
     assert statuses == [500] * 4, statuses
     audit = [e["status"] for e in gw.access_log_entries()
@@ -642,16 +650,8 @@ def test_an_admin_query_running_at_sigterm_is_answered(tg, sim, pg):
     gw.start()
     admin_key = gw.create_admin_key()
     gw.wait_admin_key(admin_key)
-    holder = subprocess.Popen([pg.PSQL, "-X", "-q", "-h", "127.0.0.1", "-p", str(pg.port),
-                               "-U", "postgres", "-d", "admin_drain"],
-                              stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, text=True)
     out = {}
-    try:
-        holder.stdin.write("BEGIN; LOCK TABLE ledger IN ACCESS EXCLUSIVE MODE;\n")
-        holder.stdin.flush()
-        time.sleep(1)
-
+    with ledger_locked(pg, "admin_drain"):
         def ask():
             out["r"] = tgtest.admin(gw, "/admin/v1/tenants/acme/invoices/2026-12",
                                     key=admin_key, timeout=30)
@@ -662,10 +662,6 @@ def test_an_admin_query_running_at_sigterm_is_answered(tg, sim, pg):
                         what="the admin query waiting for the lock")
         gw.proc.signal(signal.SIGTERM)
         time.sleep(1)
-    finally:
-        holder.stdin.write("ROLLBACK;\n\\q\n")
-        holder.stdin.flush()
-        holder.wait(10)
     th.join(30)
     assert out["r"].status == 200, out["r"]
     assert out["r"].json()["tenant_id"] == "acme"

@@ -328,25 +328,6 @@ def test_out_of_descriptors_is_not_the_endpoints_fault(tg, client):
         c.close()
 
 
-def _unconnectable():
-    """A listener whose backlog is full: a connect to it never completes.
-    Returns (listener, fillers) to close."""
-    import socket
-    hole = socket.socket()
-    hole.bind(("127.0.0.1", 0))
-    hole.listen(0)
-    fillers = []
-    for _ in range(3):
-        f = socket.socket()
-        f.setblocking(False)
-        try:
-            f.connect(hole.getsockname())
-        except BlockingIOError:
-            pass
-        fillers.append(f)
-    return hole, fillers
-
-
 @pytest.mark.parametrize("scheme,client,what", [
     ("http", "curl", "connect_timeout"), ("https", "auto", "connect_timeout"),
     ("http", "curl", "client_leaves"), ("http", "curl", "first_byte_deadline")])
@@ -358,10 +339,9 @@ def test_a_libcurl_transfer_ended_while_connecting_leaves_the_gateway_serving(tg
     a watcher re-armed on the closed descriptor made libuv abort the whole
     gateway at its next poll."""
     import json
-    hole, fillers = _unconnectable()
-    try:
+    with tgtest.unconnectable_port() as port:
         sim = tg.sim()
-        url = "%s://127.0.0.1:%d" % (scheme, hole.getsockname()[1])
+        url = "%s://127.0.0.1:%d" % (scheme, port)
         timeouts = ({"upstream_connect": "500ms"} if what == "connect_timeout"
                     else {"upstream_connect": "5s", "upstream_first_byte": "500ms"})
         gw = tg.gateway({M8B: [url], M70B: [sim.url]}, workers=1, ready=False,
@@ -386,7 +366,3 @@ def test_a_libcurl_transfer_ended_while_connecting_leaves_the_gateway_serving(tg
         for _ in range(3):
             assert chat(gw.port, key, M70B, max_tokens=2).status == 200
         assert gw.proc.alive()
-    finally:
-        for f in fillers:
-            f.close()
-        hole.close()

@@ -717,20 +717,8 @@ def test_native_refused_and_blackholed_upstreams(tg):
     assert r.error()["code"] == "no_healthy_endpoint"
 
     # a listener whose backlog is full never completes a connect
-    hole = socket.socket()
-    hole.bind(("127.0.0.1", 0))
-    hole.listen(0)
-    fillers = []
-    for _ in range(3):
-        f = socket.socket()
-        f.setblocking(False)
-        try:
-            f.connect(hole.getsockname())
-        except BlockingIOError:
-            pass
-        fillers.append(f)
-    try:
-        url = "http://127.0.0.1:%d" % hole.getsockname()[1]
+    with tgtest.unconnectable_port() as port:
+        url = "http://127.0.0.1:%d" % port
         overrides = dict(NATIVE, timeouts={"upstream_connect": "300ms"})
         gw2 = tg.gateway({M8B: [url]}, workers=1, overrides=overrides, ready=False)
         t0 = time.monotonic()
@@ -739,10 +727,6 @@ def test_native_refused_and_blackholed_upstreams(tg):
         assert r.status == 503, r
         assert r.error()["code"] == "no_healthy_endpoint"
         assert 0.25 <= took < 2.5, "answered after %.2f s" % took
-    finally:
-        for f in fillers:
-            f.close()
-        hole.close()
 
 
 def test_native_stalled_upstream_times_out(tg):

@@ -21,6 +21,7 @@ Binaries come from $TG_BUILD_DIR (default: <repo>/build-asan).
 """
 
 import atexit
+import contextlib
 import http.client
 import json
 import os
@@ -91,6 +92,30 @@ def free_port():
 def closed_port():
     """A port that refuses connections (bound once, then released)."""
     return free_port()
+
+
+@contextlib.contextmanager
+def unconnectable_port():
+    """A port on which a connect never completes (a listener whose backlog
+    is full), for the block's time."""
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(0)
+    fillers = []
+    try:
+        for _ in range(3):
+            f = socket.socket()
+            fillers.append(f)
+            f.setblocking(False)
+            try:
+                f.connect(hole.getsockname())
+            except BlockingIOError:
+                pass
+        yield hole.getsockname()[1]
+    finally:
+        for f in fillers:
+            f.close()
+        hole.close()
 
 
 class ProcessDied(AssertionError):
