@@ -106,7 +106,7 @@ int main(int argc, char **argv) {
     return 2;
   vm0 = vm_kb("VmSize");
   for (i = 0; i < renders; i++) {
-    tg_mbuf_t b = {NULL, 0, 0, 1, 0};
+    tg_mbuf_t b = {NULL, 0, 0, 1, 0, 0};
     double t0 = now_ms();
     tg_metrics_render(m, &b);
     bare[i] = now_ms() - t0;
@@ -114,7 +114,7 @@ int main(int argc, char **argv) {
   }
   peak_bare = vm_kb("VmPeak");
   for (i = 0; i < renders; i++) {
-    tg_mbuf_t b = {NULL, 0, 0, (size_t)4 << 30, 0};
+    tg_mbuf_t b = {NULL, 0, 0, (size_t)4 << 30, 0, 0};
     double t0 = now_ms();
     tg_metrics_render(m, &b);
     ms[i] = now_ms() - t0;

@@ -381,15 +381,24 @@ static void usd_gauge(tg_mbuf_t *b, const char *name, const char *tenant, tg_nan
   tg_mbuf_printf(b, "%s{tenant=\"%s\"} %s\n", name, tenant, v);
 }
 
+/* A scrape's bound, and room kept past it for the line that says what was
+ * left out. */
+#define TG_SCRAPE_MAX (64u * 1024 * 1024)
+#define TG_SCRAPE_TAIL 256
+
 static void metrics(tg_worker_t *w, tg_http_req_t *req, const char *rid) {
   tg_app_t *app = w->app;
   tg_runtime_t *rt = tg_worker_runtime(w);
   const tg_config_t *cfg = rt->cfg;
-  tg_mbuf_t b = {NULL, 0, 0, 64u * 1024 * 1024, 0};
-  char t[300], ep[600], hdr[64];
-  size_t i, j;
+  tg_mbuf_t b = {NULL, 0, 0, TG_SCRAPE_MAX - TG_SCRAPE_TAIL, 0, 0};
+  char t[300], ep[2 * TG_CONFIG_URL_MAX + 1], hdr[64];
+  size_t i, j, mark;
 
-  tg_metrics_render(app->metrics, &b);
+  /* What the standard alerts read first (budgets, endpoints, the ledger),
+   * then the request counters: each group whole or left out, so a scrape
+   * past its bound (tens of thousands of busy tenants) still carries the
+   * rest, and says so. */
+  mark = tg_mbuf_mark(&b);
   tg_mbuf_printf(&b, "# HELP llm_tenant_daily_spend_usd Spend in the current UTC day.\n"
                      "# TYPE llm_tenant_daily_spend_usd gauge\n"
                      "# HELP llm_tenant_monthly_spend_usd Spend in the current UTC month.\n"
@@ -411,6 +420,8 @@ static void metrics(tg_worker_t *w, tg_http_req_t *req, const char *rid) {
     if (tc->monthly_limit_nano > 0)
       usd_gauge(&b, "llm_tenant_monthly_budget_usd", t, tc->monthly_limit_nano);
   }
+  tg_mbuf_group_end(&b, mark);
+  mark = tg_mbuf_mark(&b);
   tg_mbuf_printf(&b, "# HELP llm_endpoint_up 1 when the endpoint is healthy.\n"
                      "# TYPE llm_endpoint_up gauge\n");
   for (i = 0; i < cfg->n_models; i++) {
@@ -422,20 +433,8 @@ static void metrics(tg_worker_t *w, tg_http_req_t *req, const char *rid) {
                      tg_endpoint_healthy(pool->eps[j]) ? 1 : 0);
     }
   }
-  tg_mbuf_printf(&b, "# HELP llm_upstream_errors_total Failed upstream attempts, by endpoint and kind.\n"
-                     "# TYPE llm_upstream_errors_total counter\n");
-  for (i = 0; i < cfg->n_models; i++) {
-    const tg_pool_t *pool = &rt->pools[i];
-    tg_metrics_label(t, sizeof(t), cfg->models[i].name);
-    for (j = 0; j < pool->n; j++) {
-      int k;
-      tg_metrics_label(ep, sizeof(ep), tg_endpoint_url(pool->eps[j]));
-      for (k = 0; k < TG_UPERR_N; k++)
-        tg_mbuf_printf(&b, "llm_upstream_errors_total{pool=\"%s\",endpoint=\"%s\",kind=\"%s\"} %llu\n",
-                       t, ep, tg_uperr_names[k],
-                       (unsigned long long)tg_endpoint_errors(pool->eps[j], (tg_uperr_t)k));
-    }
-  }
+  tg_mbuf_group_end(&b, mark);
+  mark = tg_mbuf_mark(&b);
   tg_mbuf_printf(&b, "# HELP llm_ledger_backlog Usage records queued, not yet durable.\n"
                      "# TYPE llm_ledger_backlog gauge\nllm_ledger_backlog %zu\n"
                      "# HELP llm_ledger_spool_bytes Usage records spooled while the database is away.\n"
@@ -461,9 +460,32 @@ static void metrics(tg_worker_t *w, tg_http_req_t *req, const char *rid) {
                    (unsigned long long)ls.refused, (unsigned long long)ls.rejected,
                    (unsigned long long)ls.lost);
   }
+  tg_mbuf_group_end(&b, mark);
+  tg_metrics_render(app->metrics, &b);
+  mark = tg_mbuf_mark(&b);
+  tg_mbuf_printf(&b, "# HELP llm_upstream_errors_total Failed upstream attempts, by endpoint and kind.\n"
+                     "# TYPE llm_upstream_errors_total counter\n");
+  for (i = 0; i < cfg->n_models; i++) {
+    const tg_pool_t *pool = &rt->pools[i];
+    tg_metrics_label(t, sizeof(t), cfg->models[i].name);
+    for (j = 0; j < pool->n; j++) {
+      int k;
+      tg_metrics_label(ep, sizeof(ep), tg_endpoint_url(pool->eps[j]));
+      for (k = 0; k < TG_UPERR_N; k++)
+        tg_mbuf_printf(&b, "llm_upstream_errors_total{pool=\"%s\",endpoint=\"%s\",kind=\"%s\"} %llu\n",
+                       t, ep, tg_uperr_names[k],
+                       (unsigned long long)tg_endpoint_errors(pool->eps[j], (tg_uperr_t)k));
+    }
+  }
+  tg_mbuf_group_end(&b, mark);
+  b.max = TG_SCRAPE_MAX;
+  tg_mbuf_printf(&b, "# HELP llm_metrics_omitted_families Groups of metric families left out of "
+                     "this scrape: it was past its bound.\n"
+                     "# TYPE llm_metrics_omitted_families gauge\nllm_metrics_omitted_families %zu\n",
+                 b.omitted);
   if (b.err) {
     free(b.s);
-    tg_api_error(req, 500, "server_error", "internal_error", rid, NULL, "metrics too large");
+    tg_api_error(req, 500, "server_error", "internal_error", rid, NULL, "out of memory");
     return;
   }
   snprintf(hdr, sizeof(hdr), "x-request-id: %s\r\n", rid);

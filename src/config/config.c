@@ -37,7 +37,7 @@
 #define MAX_MODEL_NAME 127 /* fits a ledger record's model field */
 #define MAX_TENANT_NAME 64
 #define MAX_HEADER_NAME 128
-#define MAX_URL 2048
+#define MAX_URL TG_CONFIG_URL_MAX
 #define MAX_WORKERS 1024
 #define MAX_DURATION_MS ((uint64_t)30 * 24 * 3600 * 1000) /* 30 days */
 #define MAX_BODY_LIMIT ((int64_t)1 << 30)                  /* 1 GiB */

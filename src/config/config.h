@@ -154,4 +154,7 @@ int tg_tenant_allows(const tg_tenant_cfg_t *t, const char *model);
 /* `tollgate check-config --config FILE`: prints every error, exits 0/1. */
 int tg_cmd_check_config(int argc, char **argv);
 
+/* Longest endpoint URL the config takes (bytes). */
+#define TG_CONFIG_URL_MAX 2048
+
 #endif

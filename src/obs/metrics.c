@@ -345,7 +345,9 @@ void tg_mbuf_printf(tg_mbuf_t *b, const char *fmt, ...) {
       char *ns;
       while (cap < b->len + (size_t)n + 1)
         cap *= 2;
-      if (cap > b->max) {
+      if (cap > b->max)
+        cap = b->max;
+      if (cap < b->len + (size_t)n + 1) {
         b->err = TG_ETOOBIG;
         return;
       }
@@ -357,6 +359,14 @@ void tg_mbuf_printf(tg_mbuf_t *b, const char *fmt, ...) {
       b->s = ns;
       b->cap = cap;
     }
+  }
+}
+
+void tg_mbuf_group_end(tg_mbuf_t *b, size_t mark) {
+  if (b->err == TG_ETOOBIG) {
+    b->len = mark;
+    b->err = 0;
+    b->omitted++;
   }
 }
 
@@ -395,8 +405,8 @@ typedef struct {
   uint64_t code_n[AGG_CODES];
   int ncodes;
   uint64_t other_errors;
-  uint64_t dur[N_DUR + 1], dur_sum, dur_count;
-  uint64_t ttft[N_DUR + 1], ttft_sum, ttft_count;
+  uint64_t dur[N_DUR + 1], dur_sum;
+  uint64_t ttft[N_DUR + 1], ttft_sum;
 } agg_t;
 
 /* Per-(tenant, model) sums over workers. */
@@ -510,9 +520,7 @@ static void add_entry(pair_t *p, agg_t *a, const entry_t *e) {
     a->ttft[l] += ld(&e->ttft.b[l]);
   }
   a->dur_sum += ld(&e->dur.sum_us);
-  a->dur_count += ld(&e->dur.count);
   a->ttft_sum += ld(&e->ttft.sum_us);
-  a->ttft_count += ld(&e->ttft.count);
 }
 
 static void merge_free(merge_t *g) {
@@ -559,10 +567,14 @@ out:
 }
 
 /* A histogram's lines from per-bucket counts (not cumulative). */
+/* The count printed is the buckets' total, the +Inf bucket's: counts read
+ * apart from the buckets while requests end would disagree with it. */
 static void emit_buckets(tg_mbuf_t *b, const char *name, const char *t, const uint64_t *bk,
-                         uint64_t sum_us, uint64_t count) {
-  uint64_t cum = 0;
+                         uint64_t sum_us) {
+  uint64_t cum = 0, count = 0;
   size_t i;
+  for (i = 0; i <= N_DUR; i++)
+    count += bk[i];
   if (count == 0)
     return;
   for (i = 0; i <= N_DUR; i++) {
@@ -583,12 +595,16 @@ static void render_tenants(const merge_t *g, tg_mbuf_t *b) {
   int k, l;
   char t[300];
 
+  size_t mark = tg_mbuf_mark(b);
+
   tg_mbuf_printf(b, "# HELP llm_tenant_requests_total Requests attributed to a tenant, whatever their outcome.\n"
                     "# TYPE llm_tenant_requests_total counter\n");
   for (i = 0; i < g->n_agg; i++)
     tg_mbuf_printf(b, "llm_tenant_requests_total{tenant=\"%s\"} %llu\n",
                    tg_metrics_label(t, sizeof(t), g->agg[i].tenant),
                    (unsigned long long)g->agg[i].requests);
+  tg_mbuf_group_end(b, mark);
+  mark = tg_mbuf_mark(b);
   tg_mbuf_printf(b, "# HELP llm_tenant_errors_total Responses with status >= 400 other than limit and budget refusals.\n"
                     "# TYPE llm_tenant_errors_total counter\n");
   for (i = 0; i < g->n_agg; i++) {
@@ -601,6 +617,8 @@ static void render_tenants(const merge_t *g, tg_mbuf_t *b) {
       tg_mbuf_printf(b, "llm_tenant_errors_total{tenant=\"%s\",code=\"other\"} %llu\n", t,
                      (unsigned long long)a->other_errors);
   }
+  tg_mbuf_group_end(b, mark);
+  mark = tg_mbuf_mark(b);
   tg_mbuf_printf(b, "# HELP llm_rate_limit_rejections_total Requests refused by a limit or budget.\n"
                     "# TYPE llm_rate_limit_rejections_total counter\n");
   for (i = 0; i < g->n_agg; i++) {
@@ -613,25 +631,30 @@ static void render_tenants(const merge_t *g, tg_mbuf_t *b) {
         tg_mbuf_printf(b, "llm_rate_limit_rejections_total{tenant=\"%s\",limit=\"%s\"} %llu\n", t,
                        limit_label[l], (unsigned long long)v[l]);
   }
+  tg_mbuf_group_end(b, mark);
   /* Latency histograms by tenant only: by (tenant, model) they made a scrape
    * of 1,000 tenants x 5 models 16 MB. Tokens keep the model label. */
+  mark = tg_mbuf_mark(b);
   tg_mbuf_printf(b, "# HELP llm_request_duration_seconds Time from a request's arrival to its last byte.\n"
                     "# TYPE llm_request_duration_seconds histogram\n");
   for (i = 0; i < g->n_agg; i++)
     emit_buckets(b, "llm_request_duration_seconds",
                  tg_metrics_label(t, sizeof(t), g->agg[i].tenant), g->agg[i].dur,
-                 g->agg[i].dur_sum, g->agg[i].dur_count);
+                 g->agg[i].dur_sum);
+  tg_mbuf_group_end(b, mark);
+  mark = tg_mbuf_mark(b);
   tg_mbuf_printf(b, "# HELP llm_time_to_first_token_seconds Time from arrival to the upstream's first byte.\n"
                     "# TYPE llm_time_to_first_token_seconds histogram\n");
   for (i = 0; i < g->n_agg; i++)
     emit_buckets(b, "llm_time_to_first_token_seconds",
                  tg_metrics_label(t, sizeof(t), g->agg[i].tenant), g->agg[i].ttft,
-                 g->agg[i].ttft_sum, g->agg[i].ttft_count);
+                 g->agg[i].ttft_sum);
+  tg_mbuf_group_end(b, mark);
 }
 
 static void render_tokens(const merge_t *g, tg_mbuf_t *b) {
   char t[300], mo[300];
-  size_t i;
+  size_t i, mark = tg_mbuf_mark(b);
 
   tg_mbuf_printf(b, "# HELP llm_tenant_prompt_tokens_total Prompt tokens billed, by tenant and model.\n"
                     "# TYPE llm_tenant_prompt_tokens_total counter\n"
@@ -651,13 +674,14 @@ static void render_tokens(const merge_t *g, tg_mbuf_t *b) {
                    t, mo, (unsigned long long)p->prompt, t, mo,
                    (unsigned long long)p->completion);
   }
+  tg_mbuf_group_end(b, mark);
 }
 
 /* llm_inflight_requests (queued == 0) or llm_queue_length, by pool and tenant. */
 static void render_pool_gauge(const merge_t *g, tg_mbuf_t *b, int queued) {
   const char *name = queued ? "llm_queue_length" : "llm_inflight_requests";
   char t[300], mo[300];
-  size_t i;
+  size_t i, mark = tg_mbuf_mark(b);
 
   if (queued)
     tg_mbuf_printf(b, "# HELP llm_queue_length Requests waiting for a slot of the saturated pool, by tenant.\n"
@@ -674,12 +698,13 @@ static void render_pool_gauge(const merge_t *g, tg_mbuf_t *b, int queued) {
                    tg_metrics_label(mo, sizeof(mo), model), tg_metrics_label(t, sizeof(t), p->key),
                    (long long)(queued ? p->queued : p->inflight));
   }
+  tg_mbuf_group_end(b, mark);
 }
 
 void tg_metrics_render(tg_metrics_t *m, tg_mbuf_t *b) {
   merge_t g;
-  size_t w, i;
-  uint64_t cum = 0, sum = 0, count = 0;
+  size_t w, i, mark;
+  uint64_t cum = 0, sum = 0;
   event_t *ev;
   char t[300];
 
@@ -706,12 +731,12 @@ void tg_metrics_render(tg_metrics_t *m, tg_mbuf_t *b) {
       tg_mbuf_printf(b, "llm_gateway_overhead_seconds_bucket{le=\"+Inf\"} %llu\n",
                      (unsigned long long)cum);
   }
-  for (w = 0; w < m->n; w++) {
+  /* the count is the +Inf bucket's: read apart, requests that ended in
+   * between made them disagree */
+  for (w = 0; w < m->n; w++)
     sum += ld(&m->t[w].ovh_sum_us);
-    count += ld(&m->t[w].ovh_count);
-  }
   tg_mbuf_printf(b, "llm_gateway_overhead_seconds_sum %.6f\nllm_gateway_overhead_seconds_count %llu\n",
-                 (double)sum / 1e6, (unsigned long long)count);
+                 (double)sum / 1e6, (unsigned long long)cum);
 
   tg_mbuf_printf(b, "# HELP llm_config_reloads_total Config reloads applied.\n"
                     "# TYPE llm_config_reloads_total counter\nllm_config_reloads_total %llu\n"
@@ -726,6 +751,7 @@ void tg_metrics_render(tg_metrics_t *m, tg_mbuf_t *b) {
                     "# TYPE llm_ledger_purged_records_total counter\nllm_ledger_purged_records_total %llu\n",
                  (unsigned long long)ld(&m->purges), (unsigned long long)ld(&m->purge_failures),
                  (unsigned long long)ld(&m->purged));
+  mark = tg_mbuf_mark(b);
   tg_mbuf_printf(b, "# HELP llm_budget_threshold_events_total Budget alert thresholds crossed.\n"
                     "# TYPE llm_budget_threshold_events_total counter\n");
   for (ev = atomic_load(&m->events); ev; ev = ev->next) {
@@ -734,4 +760,5 @@ void tg_metrics_render(tg_metrics_t *m, tg_mbuf_t *b) {
                       "llm_budget_threshold_events_total{tenant=\"%s\",window=\"month\"} %llu\n",
                    t, (unsigned long long)ld(&ev->day), t, (unsigned long long)ld(&ev->month));
   }
+  tg_mbuf_group_end(b, mark);
 }

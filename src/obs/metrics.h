@@ -61,9 +61,19 @@ typedef struct {
   char *s;
   size_t len, cap, max;
   int err;
+  size_t omitted;          /* groups of families left out: past max */
 } tg_mbuf_t;
 
 void tg_mbuf_printf(tg_mbuf_t *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+/* A group of metric families is whole in the scrape or not there: a group
+ * that does not fit under max is taken back (b->omitted counts it) and the
+ * scrape goes on with the next, so one large family never costs the
+ * others. tg_mbuf_group_end() takes the tg_mbuf_mark() made before it. */
+static inline size_t tg_mbuf_mark(const tg_mbuf_t *b) {
+  return b->len;
+}
+void tg_mbuf_group_end(tg_mbuf_t *b, size_t mark);
 
 /* Appends every counter and histogram summed over the workers. Gauges that
  * come from elsewhere (spend, budgets, endpoints, ledger) are appended by

@@ -75,6 +75,7 @@ METRICS = {
     "llm_config_reloads_total": ("counter", ()),
     "llm_config_reload_failures_total": ("counter", ()),
     "llm_budget_threshold_events_total": ("counter", ("tenant", "window")),
+    "llm_metrics_omitted_families": ("gauge", ()),
 }
 # labels Prometheus adds to every scraped series, and the histogram bucket label
 SCRAPE_LABELS = ("job", "instance")
@@ -279,7 +280,7 @@ def test_promtool_script_passes():
     assert "check rules %s" % RULES in out
     assert "check config %s" % PROM_CONFIG in out
     assert "test rules %s" % RULE_TESTS in out
-    assert "SUCCESS: 11 rules found" in out
+    assert "SUCCESS: 12 rules found" in out
     assert "valid prometheus config file syntax" in out
     assert re.search(r"Unit Testing:\s+%s\s+SUCCESS" % re.escape(RULE_TESTS), out), out
     assert "all 3 checks passed" in out
@@ -334,7 +335,7 @@ def test_seed_rules_kept():
 
 def test_every_alert_has_firing_and_silent_cases():
     names = [r["name"] for r in parse_rules(read(RULES))]
-    assert len(names) == len(set(names)) == 11
+    assert len(names) == len(set(names)) == 12
     cases = parse_alert_cases(read(RULE_TESTS))
     assert set(cases) == set(names)
     for name in names:
@@ -412,6 +413,9 @@ def test_unit_tests_pin_every_for_duration(tmp_path):
     ("TollgateLedgerPurgeFailing", "[3h]) >= 2", "[3h]) >= 1"),
     ("TollgateLedgerPurgeFailing", "increase(llm_ledger_purge_failures_total[3h]) >= 2",
      "llm_ledger_purge_failures_total >= 2"),
+    # one scrape past the bound is a burst; five minutes of them are not
+    ("TollgateMetricsIncomplete", "llm_metrics_omitted_families > 0\n        for: 5m",
+     "llm_metrics_omitted_families > 0\n        for: 1m"),
 ])
 def test_unit_tests_pin_thresholds_and_aggregation(tmp_path, name, old, new):
     text = read(RULES)
@@ -591,6 +595,7 @@ def exposition(n):
     family("llm_config_reloads_total", "counter", [((), n // 2)])
     family("llm_config_reload_failures_total", "counter", [((), 1 if n >= 3 else 0)])
     family("llm_budget_threshold_events_total", "counter", [((acme, ("window", "day")), 1)])
+    family("llm_metrics_omitted_families", "gauge", [((), 0)])
     return "\n".join(x for x in out if x) + "\n"
 
 

@@ -218,3 +218,22 @@ def test_metrics_off_removes_the_route(tg):
     assert m.status == 404, (m.status, m.body[:200])
     assert b"llm_tenant_requests_total" not in m.body
     assert tgtest.admin(gw, "/healthz").status == 200
+
+
+def test_long_endpoint_urls_keep_whole_labels(tg):
+    """An endpoint's label is its whole URL, however long the config lets it
+    be: two URLs alike for their first 700 bytes are two series (the label
+    was cut at ~600 bytes, and the scrape had duplicate series, which
+    Prometheus refuses). The scrape also says nothing was left out."""
+    sim = tg.sim()
+    base = sim.url + "/" + "p" * 700
+    gw = tg.gateway({M1: [base + "/a", base + "/b"]}, ready=False,
+                    overrides={"health_check_interval": "60s"})
+    text = tgtest.admin(gw, "/metrics").body.decode()
+    ups = [line for line in text.splitlines() if line.startswith("llm_endpoint_up{")]
+    assert len(ups) == 2, ups
+    assert {u.split('endpoint="')[1].split('"')[0] for u in ups} == {base + "/a", base + "/b"}
+    series = [line.rsplit(" ", 1)[0] for line in text.splitlines()
+              if line and not line.startswith("#")]
+    assert len(series) == len(set(series)), [s for s in series if series.count(s) > 1][:3]
+    assert "llm_metrics_omitted_families 0" in text.splitlines()

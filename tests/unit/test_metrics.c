@@ -11,13 +11,14 @@
 
 #include <cmocka.h>
 #include <pthread.h>
+#include <stdatomic.h>
 
 #include "obs/metrics.h"
 
 #define TABLE_KEYS 8191 /* (tenant, model) pairs a worker's table holds besides "_other" */
 
 static char *render(tg_metrics_t *m) {
-  tg_mbuf_t b = {NULL, 0, 0, 256u * 1024 * 1024, 0};
+  tg_mbuf_t b = {NULL, 0, 0, 256u * 1024 * 1024, 0, 0};
   tg_metrics_render(m, &b);
   assert_int_equal(b.err, 0);
   assert_non_null(b.s);
@@ -208,11 +209,93 @@ static void test_budget_events_from_threads_one_series_per_tenant(void **state) 
   tg_metrics_free(m);
 }
 
+/* A scrape while requests end: each histogram's _count is its +Inf
+ * bucket (they were read apart, and requests that ended in between made
+ * them disagree, which Prometheus's rate of buckets against counts shows). */
+static atomic_int observing;
+
+static void *observe_until_told(void *arg) {
+  tg_metrics_t *m = arg;
+  while (atomic_load(&observing))
+    observe(m, 0, "busy", "m", 1, 1);
+  return NULL;
+}
+
+static void expect_inf_is_count(const char *text, const char *name, const char *labels) {
+  char inf[160], count[160];
+  snprintf(inf, sizeof(inf), "%s_bucket{%s%sle=\"+Inf\"}", name, labels, labels[0] ? "," : "");
+  snprintf(count, sizeof(count), "%s_count%s%s%s", name, labels[0] ? "{" : "", labels,
+           labels[0] ? "}" : "");
+  assert_true(sample(text, inf) > 0);
+  assert_int_equal(sample(text, inf), sample(text, count));
+}
+
+static void test_histogram_counts_are_their_buckets_during_load(void **state) {
+  tg_metrics_t *m = NULL;
+  pthread_t th;
+  int i;
+
+  (void)state;
+  assert_int_equal(tg_metrics_new(1, &m), 0);
+  observe(m, 0, "busy", "m", 1, 1);
+  atomic_store(&observing, 1);
+  assert_int_equal(pthread_create(&th, NULL, observe_until_told, m), 0);
+  for (i = 0; i < 300; i++) {
+    char *text = render(m);
+    expect_inf_is_count(text, "llm_gateway_overhead_seconds", "");
+    expect_inf_is_count(text, "llm_request_duration_seconds", "tenant=\"busy\"");
+    expect_inf_is_count(text, "llm_time_to_first_token_seconds", "tenant=\"busy\"");
+    free(text);
+  }
+  atomic_store(&observing, 0);
+  pthread_join(th, NULL);
+  tg_metrics_free(m);
+}
+
+/* A scrape past its bound keeps whole families and leaves out the groups
+ * that do not fit, counting them; none is cut in the middle. */
+static void test_groups_past_the_bound_are_left_out_whole(void **state) {
+  tg_metrics_t *m = NULL;
+  tg_mbuf_t b = {NULL, 0, 0, 0, 0, 0};
+  char *full;
+  size_t full_len;
+  char tenant[32];
+  int i;
+
+  (void)state;
+  assert_int_equal(tg_metrics_new(1, &m), 0);
+  for (i = 0; i < 2000; i++) {
+    snprintf(tenant, sizeof(tenant), "tenant-%d", i);
+    observe(m, 0, tenant, "m", 3, 4);
+  }
+  full = render(m);
+  full_len = strlen(full);
+  /* room for the requests family and little else */
+  b.max = full_len / 8;
+  tg_metrics_render(m, &b);
+  assert_int_equal(b.err, 0);
+  assert_true(b.omitted > 0);
+  assert_true(b.len <= b.max);
+  b.s[b.len] = '\0';
+  assert_int_equal(sample(b.s, "llm_tenant_requests_total{tenant=\"tenant-1999\"}"), 1);
+  /* what is there is whole: every line ends, each family's samples are all
+   * there or none is */
+  assert_true(b.len == 0 || b.s[b.len - 1] == '\n');
+  if (strstr(b.s, "llm_tenant_prompt_tokens_total{") != NULL)
+    assert_int_equal(sample(b.s, "llm_tenant_prompt_tokens_total{tenant=\"tenant-1999\",model=\"m\"}"), 3);
+  assert_null(strstr(b.s, "llm_request_duration_seconds_bucket"));
+  free(b.s);
+  free(full);
+  tg_metrics_free(m);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_full_table_counts_under_other),
       cmocka_unit_test(test_many_full_disjoint_tables_sum_exactly),
       cmocka_unit_test(test_budget_events_from_threads_one_series_per_tenant),
+      cmocka_unit_test(test_histogram_counts_are_their_buckets_during_load),
+      cmocka_unit_test(test_groups_past_the_bound_are_left_out_whole),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
