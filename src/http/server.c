@@ -13,6 +13,7 @@
 #include "http/server.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <llhttp.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -59,6 +60,15 @@ struct tg_http_server_s {
   uv_loop_t *loop;
   uv_tcp_t listener;
   uv_idle_t idle;              /* resumes pipelined parsing */
+  /* Out of descriptors on accept: the listener is closed for a while (else
+   * libuv's accept loop retries for ever without returning to the loop)
+   * and opened again from spare_fd, a second descriptor of the listening
+   * socket, which keeps it and its backlog meanwhile. */
+  uv_timer_t resume;
+  uv_os_sock_t spare_fd;       /* -1: none */
+  int resume_open;
+  int paused;
+  uint64_t pause_logged_ms;
   tg_http_limits_t lim;
   tg_http_handler_cb handler;
   tg_http_reject_cb on_reject;
@@ -975,8 +985,11 @@ static void conn_timer_update(tg_http_conn_t *c) {
   /* The request timer measures the whole request, so it is not restarted
    * by each arriving piece; the send timer is restarted only by bytes
    * leaving (on_write), not by more output queued behind those that do not
-   * move; the keep-alive one by any activity. */
-  if ((mode == TIMER_REQUEST || mode == TIMER_SEND) && c->timer_mode == mode)
+   * move; the keep-alive one neither by bytes that start no request (a
+   * client sending an empty line now and then would hold its connection
+   * for ever): it starts when an answer ends. */
+  if ((mode == TIMER_REQUEST || mode == TIMER_SEND || mode == TIMER_KEEPALIVE) &&
+      c->timer_mode == mode)
     return;
   c->timer_mode = mode;
   conn_timer_arm(c, ms);
@@ -984,6 +997,8 @@ static void conn_timer_update(tg_http_conn_t *c) {
 
 static void srv_free(tg_http_server_t *srv) {
   tg_recycle_clear(&srv->heads);
+  if (srv->spare_fd >= 0)
+    close(srv->spare_fd);
   free(srv);
 }
 
@@ -1001,7 +1016,8 @@ static void on_conn_closed(uv_handle_t *h) {
   free(c->body);
   free(c->pend);
   free(c);
-  if (srv->closing && srv->n_conns == 0 && !srv->listener_open && !srv->idle_open) {
+  if (srv->closing && srv->n_conns == 0 && !srv->listener_open && !srv->idle_open &&
+      !srv->resume_open) {
     void (*done)(void *) = srv->done;
     void *arg = srv->done_arg;
     srv_free(srv);
@@ -1101,10 +1117,17 @@ static void conn_stop_reading(tg_http_conn_t *c) {
     conn_timer_update(c); /* probes for a client that leaves meanwhile */
 }
 
+static void on_listener_closed(uv_handle_t *h);
+static void accept_pause(tg_http_server_t *srv);
+
 static void on_connection(uv_stream_t *server, int status) {
   tg_http_server_t *srv = server->data;
   tg_http_conn_t *c;
 
+  if (status == UV_EMFILE || status == UV_ENFILE) {
+    accept_pause(srv);
+    return;
+  }
   if (status < 0 || srv->draining || srv->closing)
     return;
   c = calloc(1, sizeof(*c));
@@ -1181,6 +1204,7 @@ int tg_http_server_init(tg_http_server_t **out, uv_loop_t *loop,
   if (srv == NULL)
     return TG_ENOMEM;
   srv->loop = loop;
+  srv->spare_fd = -1;
   if (lim)
     srv->lim = *lim;
   else
@@ -1214,6 +1238,10 @@ int tg_http_server_init(tg_http_server_t **out, uv_loop_t *loop,
   uv_idle_init(loop, &srv->idle);
   srv->idle.data = srv;
   srv->idle_open = 1;
+  uv_timer_init(loop, &srv->resume);
+  srv->resume.data = srv;
+  srv->resume_open = 1;
+  srv->spare_fd = fcntl(fd, F_DUPFD_CLOEXEC, 0);
   r = uv_tcp_open(&srv->listener, fd);
   if (r < 0)
     close(fd);
@@ -1244,14 +1272,69 @@ static void on_listener_closed(uv_handle_t *h) {
   tg_http_server_t *srv = h->data;
   if (h == (uv_handle_t *)&srv->listener)
     srv->listener_open = 0;
-  else
+  else if (h == (uv_handle_t *)&srv->idle)
     srv->idle_open = 0;
-  if (srv->closing && srv->n_conns == 0 && !srv->listener_open && !srv->idle_open) {
+  else
+    srv->resume_open = 0;
+  if (srv->closing && srv->n_conns == 0 && !srv->listener_open && !srv->idle_open &&
+      !srv->resume_open) {
     void (*done)(void *) = srv->done;
     void *arg = srv->done_arg;
     srv_free(srv);
     if (done)
       done(arg);
+  }
+}
+
+/* Accepting stops for ACCEPT_PAUSE_MS when the process has no descriptor
+ * left (as nginx's accept_mutex_delay): the connections open meanwhile
+ * finish or time out and give theirs back, the kernel holds the new ones in
+ * the backlog, and other workers' listeners go on. */
+#define ACCEPT_PAUSE_MS 250
+
+static void on_resume(uv_timer_t *t) {
+  tg_http_server_t *srv = t->data;
+  uv_os_sock_t fd;
+
+  if (srv->draining || srv->closing || !srv->paused)
+    return;
+  if (srv->listener_open || (fd = dup(srv->spare_fd)) < 0) {
+    /* the old listener still closing, or still no descriptor */
+    uv_timer_start(&srv->resume, on_resume, ACCEPT_PAUSE_MS, 0);
+    return;
+  }
+  uv_tcp_init(srv->loop, &srv->listener);
+  srv->listener.data = srv;
+  srv->listener_open = 1;
+  if (uv_tcp_open(&srv->listener, fd) < 0) {
+    close(fd);
+    uv_close((uv_handle_t *)&srv->listener, on_listener_closed);
+    uv_timer_start(&srv->resume, on_resume, ACCEPT_PAUSE_MS, 0);
+    return;
+  }
+  if (uv_listen((uv_stream_t *)&srv->listener, 1024, on_connection) < 0) {
+    uv_close((uv_handle_t *)&srv->listener, on_listener_closed);
+    uv_timer_start(&srv->resume, on_resume, ACCEPT_PAUSE_MS, 0);
+    return;
+  }
+  srv->paused = 0;
+}
+
+static void accept_pause(tg_http_server_t *srv) {
+  uint64_t now = uv_now(srv->loop);
+
+  if (srv->paused || srv->draining || srv->closing || srv->spare_fd < 0 || !srv->resume_open)
+    return;
+  srv->paused = 1;
+  /* closing the handle ends libuv's accept loop; spare_fd keeps the socket */
+  if (srv->listener_open && !uv_is_closing((uv_handle_t *)&srv->listener))
+    uv_close((uv_handle_t *)&srv->listener, on_listener_closed);
+  uv_timer_start(&srv->resume, on_resume, ACCEPT_PAUSE_MS, 0);
+  if (srv->pause_logged_ms == 0 || now - srv->pause_logged_ms >= 10000) {
+    srv->pause_logged_ms = now;
+    fprintf(stderr, "tollgate: no file descriptor left for a new connection: "
+                    "accepting again in %d ms (raise the open-files limit?)\n",
+            ACCEPT_PAUSE_MS);
   }
 }
 
@@ -1287,6 +1370,8 @@ void tg_http_server_close(tg_http_server_t *srv, void (*done)(void *arg), void *
     uv_close((uv_handle_t *)&srv->listener, on_listener_closed);
   if (srv->idle_open && !uv_is_closing((uv_handle_t *)&srv->idle))
     uv_close((uv_handle_t *)&srv->idle, on_listener_closed);
+  if (srv->resume_open && !uv_is_closing((uv_handle_t *)&srv->resume))
+    uv_close((uv_handle_t *)&srv->resume, on_listener_closed);
   for (c = srv->conns; c != NULL; c = next) {
     next = c->next;
     if (c->active)

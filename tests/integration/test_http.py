@@ -642,3 +642,83 @@ def test_forwarded_headers_reach_the_upstream_as_sent(tg):
             assert rids == [r.header("x-request-id")], got
     finally:
         up.close()
+
+
+def test_empty_lines_do_not_hold_an_idle_connection(tg):
+    """Bytes that start no request (empty lines) do not restart the
+    keep-alive deadline: a client sending one a second is closed on its
+    2 s deadline (it held its connection, and a descriptor, for ever)."""
+    sim = tg.sim()
+    gw = tg.gateway({M8B: [sim.url]}, workers=1,
+                    overrides={"timeouts": {"client_keepalive": "2s"}})
+    c = RawConn(gw.port)
+    t0 = time.monotonic()
+    try:
+        c.send(http_request_bytes("GET", "/v1/models", key=gw.keys["acme"]))
+        assert c.read_response().status == 200
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 6 and not c.closed_by_peer(1.0):
+            c.sock.send(b"\r\n")
+        took = time.monotonic() - t0
+    finally:
+        c.close()
+    assert 1.5 <= took < 3.5, "closed after %.1f s with a 2 s keep-alive" % took
+
+
+def test_out_of_descriptors_on_accept_pauses_and_comes_back(tg):
+    """A connection flood that takes every descriptor the process may open:
+    each worker stops accepting for a moment instead of retrying accept()
+    for ever (with two workers both spun at 100% CPU in libuv's accept loop
+    and never served again), the streams running meanwhile finish, and
+    once the flood has gone the gateway serves again."""
+    import resource
+    import threading
+    sim = tg.sim()
+    gw = tg.gateway({M8B: [sim.url]}, workers=2,
+                    overrides={"timeouts": {"client_keepalive": "2s", "client_request": "2s"}})
+    key = gw.keys["acme"]
+    pid = gw.proc.pid
+    streams = [tgtest.SSEStream(gw.port, tgtest.chat_body(M8B, stream=True, max_tokens=40),
+                                key=key, headers={"x-sim-token-ms": "50"}) for _ in range(10)]
+    soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    resource.prlimit(pid, resource.RLIMIT_NOFILE,
+                     (len(os.listdir("/proc/%d/fd" % pid)) + 40, hard))
+    held, stop = [], time.monotonic() + 1.5
+
+    def flood():
+        while time.monotonic() < stop:
+            s = socket.socket()
+            s.setblocking(False)
+            try:
+                s.connect(("127.0.0.1", gw.port))
+            except BlockingIOError:
+                pass
+            except OSError:
+                s.close()
+                time.sleep(0.01)
+                continue
+            held.append(s)
+    try:
+        ths = [threading.Thread(target=flood) for _ in range(2)]
+        for t in ths:
+            t.start()
+        for t in ths:
+            t.join()
+        for s in held:
+            s.close()
+        for s in streams:
+            s.read_all()
+            assert s.status == 200 and s.done
+            s.close()
+        tgtest.wait_for(lambda: chat(gw.port, key, M8B, max_tokens=1, timeout=3).status == 200,
+                        timeout=10, what="the gateway serving again")
+        assert "no file descriptor left for a new connection" in gw.proc.stderr_text()
+        # both loops idle again: no accept loop spinning
+        with open("/proc/%d/stat" % pid) as f:
+            t0 = sum(int(x) for x in f.read().rsplit(")", 1)[1].split()[11:13])
+        time.sleep(1.0)
+        with open("/proc/%d/stat" % pid) as f:
+            t1 = sum(int(x) for x in f.read().rsplit(")", 1)[1].split()[11:13])
+        assert t1 - t0 < 30, "the gateway used %d ticks of CPU in an idle second" % (t1 - t0)
+    finally:
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
