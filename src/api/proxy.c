@@ -1276,6 +1276,11 @@ static void on_client_abort(tg_http_req_t *req) {
     c->reached = 1;
     c->counted = 1;
   }
+  if (c->w->cutting && !c->relayed)
+    /* a stop past its drain timeout: the connection can still say that
+     * the request was not served (the client may retry it elsewhere) */
+    tg_api_error(req, 503, "server_error", "gateway_stopped", c->request_id,
+                 "Retry-After: 1\r\n", "the gateway stopped before answering this request");
   queue_leave(c, 0);
   call_drop_attempt(c);
   abort_status(c);

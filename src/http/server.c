@@ -1374,8 +1374,15 @@ void tg_http_server_close(tg_http_server_t *srv, void (*done)(void *arg), void *
     uv_close((uv_handle_t *)&srv->resume, on_listener_closed);
   for (c = srv->conns; c != NULL; c = next) {
     next = c->next;
-    if (c->active)
-      conn_gone_notify(c);
+    /* The handler hears of it while the connection may still carry an
+     * answer that has not begun (a 503 saying the request was not served):
+     * gone is set after. tg_http_req_gone() is 1 from now on. */
+    if (c->active && !c->abort_sent) {
+      c->abort_sent = 1;
+      if (c->req.on_abort)
+        c->req.on_abort(&c->req);
+    }
+    c->gone = 1;
   }
   for (c = srv->conns; c != NULL; c = next) {
     next = c->next;
@@ -1573,5 +1580,5 @@ int tg_http_congested(const tg_http_req_t *req) {
 }
 
 int tg_http_req_gone(const tg_http_req_t *req) {
-  return req->conn->gone;
+  return req->conn->gone || req->conn->srv->closing;
 }

@@ -106,8 +106,9 @@ size_t tg_http_server_active(const tg_http_server_t *srv);
 size_t tg_http_server_conns(const tg_http_server_t *srv);
 
 /* Closes the listener and every connection (requests in progress get their
- * on_abort first), then frees the server from a close callback. done may be
- * NULL. */
+ * on_abort first, while their connection may still carry an answer that has
+ * not begun; tg_http_req_gone() is 1 from the call on), then frees the
+ * server from a close callback. done may be NULL. */
 void tg_http_server_close(tg_http_server_t *srv, void (*done)(void *arg), void *arg);
 
 /* Value of a request header by lower-case name, or NULL. */
@@ -142,7 +143,8 @@ size_t tg_http_pending(const tg_http_req_t *req);
  * producer should wait for on_drain. */
 int tg_http_congested(const tg_http_req_t *req);
 
-/* Non-zero once the client is gone (writes are then dropped). */
+/* Non-zero once the client is gone (writes are then dropped) or the server
+ * is closing (tg_http_server_close). */
 int tg_http_req_gone(const tg_http_req_t *req);
 
 /* Reason phrase for a status code ("OK", "Too Many Requests", ...). */

@@ -112,6 +112,38 @@ def test_sigterm_drain_timeout_bounds_shutdown(tg):
     assert "drain timeout, closing remaining connections" in gw.proc.stderr_text()
 
 
+@pytest.mark.parametrize("where", ["queued", "first_byte"])
+def test_a_request_cut_before_its_answer_began_is_told_503(tg, where):
+    """At the drain timeout a request whose answer never began (waiting in
+    the queue behind a stream, or for the upstream's first byte) gets the
+    503 `gateway_stopped` with Retry-After its log line and record say,
+    not a bare close the client cannot tell from a crash."""
+    sim = tg.sim()
+    gw = tg.gateway({M8B: tgtest.model_entry([sim.url], max_inflight=1 if where == "queued" else 4)},
+                    workers=1, overrides={"timeouts": {"drain": "1s"}})
+    key = gw.keys["acme"]
+    s = SSEStream(gw.port, chat_body(M8B, stream=True, max_tokens=1000), key=key,
+                  headers={"x-sim-token-ms": "100"})
+    it = s.events()
+    next(it)
+    waiting = tgtest.RawConn(gw.port, timeout=8)
+    waiting.send(tgtest.http_request_bytes(
+        "POST", "/v1/chat/completions", chat_body(M8B, max_tokens=2), key=key,
+        headers={"x-sim-ttft-ms": "20000"} if where == "first_byte" else None))
+    time.sleep(0.5)
+    gw.proc.signal(15)
+    r = waiting.read_response("POST")
+    assert gw.proc.wait(8.0) == 0, gw.proc.tail()
+    list(it)
+    s.close()
+    waiting.close()
+    assert r.status == 503 and r.header("retry-after") == "1", r
+    e = r.error()
+    assert (e["type"], e["code"]) == ("server_error", "gateway_stopped"), e
+    logged = gw.access_entry(r.header("x-request-id"))
+    assert (logged["status"], logged["error"]) == (503, "gateway_stopped"), logged
+
+
 def test_second_signal_cuts_what_is_left(tg):
     """A second SIGTERM during a long drain stops at once, says so, and the
     stream it cuts is logged as the gateway's cut (503 gateway_stopped)."""
