@@ -704,6 +704,9 @@ static int usage_take(tg_call_t *c, const char *u, size_t n) {
   if (tg_usage_read_text(u, n, &c->prompt_tokens, &c->completion_tokens) &&
       (c->completion_tokens >= 0 || is_embeddings(c))) {
     c->has_usage = 1;
+    /* a whole answer's usage is its total: the bytes counted as it was
+     * relayed are not added to it (they were, a token a byte) */
+    c->counted_at_usage = c->counted_tokens;
     if (c->completion_tokens < 0)
       c->completion_tokens = 0;
     return 1;
@@ -1857,6 +1860,15 @@ static int parse_body(tg_call_t *c, const tg_key_rec_t *rec) {
                 f.kv_transfer_params != NULL ? "kv_transfer_params"
                 : f.vllm_xargs != NULL       ? "vllm_xargs"
                                              : "chat_template");
+    goto out;
+  }
+  if (cJSON_IsTrue(tg_json_get(f.stream_options, "continuous_usage_stats"))) {
+    /* vLLM then puts a usage on every chunk, each choice's own when n > 1:
+     * a stream cut before its last usage could not be billed exactly, and
+     * a client that declined usage would get it anyway */
+    call_refuse(c, 400, "invalid_request_error", "unsupported_parameter", NULL,
+                "'stream_options.continuous_usage_stats' may not be set through the gateway: "
+                "ask for 'include_usage' (the stream's total comes last)");
     goto out;
   }
   if ((c->model->kind == TG_MODEL_EMBEDDING) != is_embeddings(c)) {

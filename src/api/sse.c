@@ -267,9 +267,11 @@ static const char *data_field(const char *ev, const char *end) {
   return NULL;
 }
 
-/* 1 when d[0..end) has a "choices" key whose value is an empty array,
- * whitespace allowed anywhere JSON allows it ("choices" : [ ]). */
-static int choices_empty(const char *d, const char *end) {
+/* 1 when d[0..end) has a "choices" key whose value is an array that is not
+ * empty, whitespace allowed anywhere JSON allows it ("choices" : [ ] is
+ * empty). An event without choices (vLLM's {"error": ...}) carries no
+ * content. */
+static int choices_nonempty(const char *d, const char *end) {
   const char *q = d;
   while ((q = find(q, (size_t)(end - q), "\"choices\"")) != NULL) {
     q += 9;
@@ -285,7 +287,7 @@ static int choices_empty(const char *d, const char *end) {
     q++;
     while (q < end && tg_json_ws(*q))
       q++;
-    return q < end && *q == ']';
+    return q < end && *q != ']';
   }
   return 0;
 }
@@ -313,7 +315,7 @@ int tg_sse_inspect(const char *ev, size_t len, tg_sse_info_t *info) {
     return 0;
   }
   if (find(d, (size_t)(le - d), "\"usage\"") == NULL) {
-    info->has_choices = !choices_empty(d, le);
+    info->has_choices = choices_nonempty(d, le);
     return (le > d && *d == '{') ? 0 : TG_EPARSE;
   }
   root = tg_json_parse(d, (size_t)(le - d), 1, NULL);

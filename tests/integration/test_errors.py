@@ -145,7 +145,17 @@ def test_client_kv_transfer_params_vllm_xargs_and_chat_template_refused(stack):
         r = request(stack.port, "POST", "/v1/completions", key=stack.key,
                     body={"model": M8B, "prompt": "x", "max_tokens": 1, field: value})
         _err(r, 400, "invalid_request_error", "unsupported_parameter")
+    # vLLM's usage on every chunk (each choice's own with n > 1) could not be
+    # billed exactly when a stream is cut, and reached a client that
+    # declined usage: refused; false is vLLM's default, passed
+    r = chat(stack.port, stack.key, M8B, max_tokens=1, stream=True,
+             stream_options={"include_usage": False, "continuous_usage_stats": True})
+    e = _err(r, 400, "invalid_request_error", "unsupported_parameter")
+    assert "continuous_usage_stats" in e["message"], e
     assert stack.sim.metric(tgtest.SIM_REQUESTS) == before
+    r = chat(stack.port, stack.key, M8B, max_tokens=1, stream=True,
+             stream_options={"continuous_usage_stats": False})
+    assert r.status == 200, r
 
 
 def test_a_model_is_used_on_the_paths_of_its_kind(stack):

@@ -197,3 +197,20 @@ def test_a_client_leaving_a_big_answer_is_billed_for_the_prompt(tg):
             row["cost_nano"]) == (499, 1, est, 0, est * P), row
     assert tgtest.request(gw.port, "POST", "/v1/embeddings", embed_body(2, 8),
                           key=gw.keys["acme"]).status == 200
+
+
+def test_a_big_whole_answer_is_billed_its_usage(tg):
+    """A completion answer past 1 MiB (n and max_tokens large) is relayed as
+    it comes and billed its usage alone: the bytes counted while it was
+    relayed (in case no usage came) were added to it, a token a byte (ten
+    times the price here)."""
+    sim = tg.sim()
+    gw = tg.gateway({M: [sim.url]}, workers=1)
+    body = {"model": M, "prompt": "go", "max_tokens": 100000, "n": 2}
+    r = tgtest.request(gw.port, "POST", "/v1/completions", body, key=gw.keys["acme"], timeout=60)
+    assert r.status == 200 and len(r.body) > 1024 * 1024, (r.status, len(r.body))
+    u = r.json()["usage"]
+    row = tgtest.sqlite_ledger_row(gw.db_path, r.header("x-request-id"))
+    assert (row["usage_counted"], row["prompt_tokens"], row["completion_tokens"]) == \
+        (0, u["prompt_tokens"], u["completion_tokens"]), (row, u)
+

@@ -313,7 +313,8 @@ def test_content_relayed_after_a_streams_usage_is_billed_too(tg):
     """A usage is the total so far: content events an upstream sends after
     it are billed on top (a token each), once; a usage in every chunk
     (vLLM's continuous usage stats) is taken as it is. An empty choices
-    list with whitespace inside is no content event."""
+    list with whitespace inside is no content event, nor is an event
+    without choices (vLLM's error event)."""
     def content(w, **kw):
         return chunk(choices=[{"index": 0, "delta": {"content": w}}], **kw)
 
@@ -326,12 +327,19 @@ def test_content_relayed_after_a_streams_usage_is_billed_too(tg):
              + chunk(choices=[], usage={"prompt_tokens": 12, "completion_tokens": 3}) + done)
     empty = (content("Hi") + b'data: {"id":"x","choices":[ ]}\n\n'
              + b'data: {"id":"x","choices" : [\t]}\n\n' + done)
+    # vLLM's failure inside its generator: a 200 stream of one error event;
+    # an event without choices is no content (it was billed the prompt
+    # estimate and a token, for a request the upstream refused)
+    error = (b'data: {"error":{"message":"prompt too long","type":"BadRequestError",'
+             b'"param":null,"code":400}}\n\n' + done)
+    error_after = content("Hi") + error
     up, gw = stream_upstream(tg)
     try:
         body = tgtest.chat_body(M, max_tokens=50, stream=True)
         est = tgtest.prompt_estimate(body)
         bill_each(gw, up, body, lambda b: b,
-                  ((late, (0, 12, 3)), (every, (0, 12, 3)), (empty, (1, est, 1))))
+                  ((late, (0, 12, 3)), (every, (0, 12, 3)), (empty, (1, est, 1)),
+                   (error, (0, 0, 0)), (error_after, (1, est, 1))))
     finally:
         up.close()
 
