@@ -23,6 +23,7 @@ build-asan: deps
 	@cmake -S . -B $(BUILD_ASAN) -DCMAKE_BUILD_TYPE=Debug -DTG_SANITIZE=ON >/dev/null
 	@cmake --build $(BUILD_ASAN) -j $(JOBS)
 
+run: export TG_DEPS_NPM_OPTIONAL = 1
 run: build
 	@bash scripts/run-demo.sh $(BUILD) $(CONFIG)
 
