@@ -1642,6 +1642,109 @@ enum {
 _Static_assert(sizeof top_names / sizeof top_names[0] == T__N,
                "top_names and the T_ enum must match");
 
+static int redis_url_int(const char *s, size_t n, long lo, long hi, int *out) {
+  char tmp[16];
+  char *end;
+  if (n == 0 || n >= sizeof tmp)
+    return TG_EINVAL;
+  memcpy(tmp, s, n);
+  tmp[n] = '\0';
+  for (size_t i = 0; i < n; i++)
+    if (tmp[i] < '0' || tmp[i] > '9')
+      return TG_EINVAL;
+  long v = strtol(tmp, &end, 10);
+  if (*end != '\0' || v < lo || v > hi)
+    return TG_EINVAL;
+  *out = (int)v;
+  return 0;
+}
+
+static int redis_url_part(char *dst, size_t size, const char *s, size_t n) {
+  if (n >= size)
+    return TG_ETOOBIG;
+  memcpy(dst, s, n);
+  dst[n] = '\0';
+  return 0;
+}
+
+/* redis://[[user]:password@]host[:port][/db]; host may be [v6]. */
+int tg_config_redis_url(const char *url, tg_redis_url_t *r) {
+  static const char scheme[] = "redis://";
+  const char *p, *end, *at, *hs, *he, *slash;
+  int rc;
+
+  memset(r, 0, sizeof *r);
+  if (strncmp(url, scheme, sizeof scheme - 1) != 0)
+    return TG_EINVAL;
+  p = url + sizeof scheme - 1;
+  end = p + strlen(p);
+  slash = memchr(p, '/', (size_t)(end - p));
+  if (slash == NULL)
+    slash = end;
+  r->port = 6379;
+  r->db = 0;
+  at = NULL;
+  for (const char *q = p; q < slash; q++)
+    if (*q == '@')
+      at = q;
+  if (at != NULL) {
+    const char *colon = memchr(p, ':', (size_t)(at - p));
+    if (colon == NULL)
+      return TG_EINVAL; /* a password is required with a user */
+    if ((rc = redis_url_part(r->user, sizeof r->user, p, (size_t)(colon - p))) < 0 ||
+        (rc = redis_url_part(r->pass, sizeof r->pass, colon + 1, (size_t)(at - colon - 1))) < 0)
+      return rc;
+    r->has_pass = 1;
+    p = at + 1;
+  }
+  if (*p == '[') {
+    hs = p + 1;
+    he = memchr(hs, ']', (size_t)(slash - hs));
+    if (he == NULL)
+      return TG_EINVAL;
+    p = he + 1;
+  } else {
+    hs = p;
+    he = memchr(p, ':', (size_t)(slash - p));
+    if (he == NULL)
+      he = slash;
+    p = he;
+  }
+  if (he == hs)
+    return TG_EINVAL;
+  if ((rc = redis_url_part(r->host, sizeof r->host, hs, (size_t)(he - hs))) < 0)
+    return rc;
+  if (p < slash) {
+    if (*p != ':' || redis_url_int(p + 1, (size_t)(slash - p - 1), 1, 65535, &r->port) < 0)
+      return TG_EINVAL;
+  }
+  if (slash < end && slash + 1 < end) {
+    if (redis_url_int(slash + 1, (size_t)(end - slash - 1), 0, 1000000, &r->db) < 0)
+      return TG_EINVAL;
+  }
+  return 0;
+}
+
+/* url into buf with the password of its user info as "***" (the config's
+ * errors are logged and shown). Returns buf. */
+static const char *url_redacted(const char *url, char *buf, size_t size) {
+  const char *auth = strstr(url, "://"), *auth_end, *at = NULL, *colon = NULL;
+  if (auth != NULL) {
+    auth += 3;
+    auth_end = auth + strcspn(auth, "/?");
+    for (const char *q = auth; q < auth_end; q++)
+      if (*q == '@')
+        at = q;
+    if (at != NULL)
+      colon = memchr(auth, ':', (size_t)(at - auth));
+  }
+  if (colon == NULL)
+    snprintf(buf, size, "%s", url);
+  else
+    snprintf(buf, size, "%.*s***%s", (int)(colon + 1 - url), url, at);
+  return buf;
+}
+
 static int has_url_rest(const char *s, const char *prefix) {
   size_t n = strlen(prefix);
   return strncmp(s, prefix, n) == 0 && s[n] != '\0';
@@ -1676,10 +1779,14 @@ static void parse_scalars(ydoc_t *d, yaml_node_t **v) {
   free(s);
   s = NULL;
   if (v[T_STATE] && get_string(d, v[T_STATE], "state", &s) == 0) {
-    if (strcmp(s, "memory") != 0 && !has_url_rest(s, "redis://"))
+    tg_redis_url_t ru;
+    if (strcmp(s, "memory") != 0 &&
+        (!has_url_rest(s, "redis://") || tg_config_redis_url(s, &ru) < 0)) {
+      char shown[512];
       yerr(d, v[T_STATE], "state",
-           "expected 'memory' or a redis://host:port/db URL, got '%s'", s);
-    else {
+           "expected 'memory' or a redis://[[user]:password@]host[:port][/db] URL "
+           "(port 1-65535, db a number), got '%s'", url_redacted(s, shown, sizeof(shown)));
+    } else {
       free(cfg->state);
       cfg->state = s;
       s = NULL;

@@ -154,6 +154,21 @@ int tg_tenant_allows(const tg_tenant_cfg_t *t, const char *model);
 /* `tollgate check-config --config FILE`: prints every error, exits 0/1. */
 int tg_cmd_check_config(int argc, char **argv);
 
+/* A Redis URL: redis://[[user]:password@]host[:port][/db], host may be
+ * [v6]; port 6379 and db 0 by default. */
+typedef struct {
+  char host[256];
+  int port;
+  int db;
+  char user[128];
+  char pass[256];
+  int has_pass;
+} tg_redis_url_t;
+
+/* Reads url into *out. Returns 0, TG_EINVAL (not such a URL) or TG_ETOOBIG
+ * (a part past its field). */
+int tg_config_redis_url(const char *url, tg_redis_url_t *out);
+
 /* Longest endpoint URL the config takes (bytes). */
 #define TG_CONFIG_URL_MAX 2048
 

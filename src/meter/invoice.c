@@ -257,7 +257,9 @@ static const char *opt(int argc, char **argv, const char *name) {
   return NULL;
 }
 
-static int open_db(const char *cfg_path, tg_ledger_db_t **db) {
+/* Opens the ledger of the config at cfg_path; *listed tells whether tenant
+ * is one of its tenants. */
+static int open_db(const char *cfg_path, const char *tenant, tg_ledger_db_t **db, int *listed) {
   tg_config_t *cfg = NULL;
   tg_config_errors_t errs = {0};
   size_t i;
@@ -281,6 +283,7 @@ static int open_db(const char *cfg_path, tg_ledger_db_t **db) {
       return TG_ENOTFOUND;
     }
   }
+  *listed = tg_config_tenant(cfg, tenant) != NULL;
   r = tg_ledger_db_open(cfg->database, cfg->data_dir, db);
   tg_config_unref(cfg);
   if (r < 0)
@@ -288,15 +291,36 @@ static int open_db(const char *cfg_path, tg_ledger_db_t **db) {
   return r;
 }
 
+typedef struct {
+  const char *tenant, *period;
+  int csv;
+  int64_t from_ms, to_ms;
+} q_t;
+
 static int run(const char *cfg_path, int (*build)(tg_ledger_db_t *, char **, const void *),
-               const void *arg) {
+               const q_t *q) {
   tg_ledger_db_t *db = NULL;
   char *text = NULL;
-  int r;
+  int r, listed = 0;
 
-  if (open_db(cfg_path, &db) < 0)
+  if (open_db(cfg_path, q->tenant, &db, &listed) < 0)
     return 1;
-  r = build(db, &text, arg);
+  if (!listed) {
+    /* as the admin API: a tenant taken out of the config is still billed
+     * for what its rows hold; a name with none in the period is unknown
+     * (a misspelled tenant gets no empty invoice) */
+    tg_usage_row_t *rows = NULL;
+    size_t n = 0;
+    r = tg_ledger_usage_by_model(db, q->tenant, q->from_ms, q->to_ms, &rows, &n);
+    free(rows);
+    if (r == 0 && n == 0) {
+      tg_ledger_db_close(db);
+      fprintf(stderr, "tollgate: no tenant '%s' in the configuration, and none in the "
+                      "ledger for %s\n", q->tenant, q->period);
+      return 1;
+    }
+  }
+  r = build(db, &text, q);
   tg_ledger_db_close(db);
   if (r == TG_ETOOBIG) {
     fprintf(stderr, "tollgate: the period's totals do not fit 64-bit integers (nano-USD, "
@@ -312,11 +336,6 @@ static int run(const char *cfg_path, int (*build)(tg_ledger_db_t *, char **, con
   return 0;
 }
 
-typedef struct {
-  const char *tenant, *period;
-  int csv;
-} q_t;
-
 static int build_invoice(tg_ledger_db_t *db, char **out, const void *arg) {
   const q_t *q = arg;
   return tg_invoice_build(db, q->tenant, q->period, q->csv, out);
@@ -331,7 +350,6 @@ int tg_cmd_invoice(int argc, char **argv) {
   static const char *const names[] = {"--config", "--tenant", "--month", "--format", NULL};
   const char *cfg = opt(argc, argv, "--config"), *format = opt(argc, argv, "--format");
   q_t q;
-  int64_t a, b;
 
   q.tenant = opt(argc, argv, "--tenant");
   q.period = opt(argc, argv, "--month");
@@ -346,7 +364,7 @@ int tg_cmd_invoice(int argc, char **argv) {
     fprintf(stderr, "tollgate: --tenant: '%s' is not a tenant name\n", q.tenant);
     return 2;
   }
-  if (tg_month_range(q.period, &a, &b) < 0) {
+  if (tg_month_range(q.period, &q.from_ms, &q.to_ms) < 0) {
     fprintf(stderr, "tollgate: --month wants YYYY-MM, not '%s'\n", q.period);
     return 2;
   }
@@ -357,7 +375,6 @@ int tg_cmd_usage(int argc, char **argv) {
   static const char *const names[] = {"--config", "--tenant", "--day", NULL};
   const char *cfg = opt(argc, argv, "--config");
   q_t q;
-  int64_t a, b;
 
   q.tenant = opt(argc, argv, "--tenant");
   q.period = opt(argc, argv, "--day");
@@ -370,7 +387,7 @@ int tg_cmd_usage(int argc, char **argv) {
     fprintf(stderr, "tollgate: --tenant: '%s' is not a tenant name\n", q.tenant);
     return 2;
   }
-  if (tg_day_range(q.period, &a, &b) < 0) {
+  if (tg_day_range(q.period, &q.from_ms, &q.to_ms) < 0) {
     fprintf(stderr, "tollgate: --day wants YYYY-MM-DD, not '%s'\n", q.period);
     return 2;
   }

@@ -403,7 +403,7 @@ int tg_policy_new(const tg_config_t *cfg, tg_policy_t **out) {
   if (p->backend == TG_BACKEND_REDIS) {
     r = tg__redis_new(cfg->state, &p->redis);
     if (r < 0) {
-      fprintf(stderr, "tollgate: bad redis state URL %s: %s\n", cfg->state, tg_strerror(r));
+      fprintf(stderr, "tollgate: cannot use the redis state URL: %s\n", tg_strerror(r));
       tg_policy_free(p);
       return r;
     }

@@ -115,12 +115,7 @@ typedef struct {
 } spend_t;
 
 struct tg__redis_s {
-  char host[256];
-  int port;
-  int db;
-  char user[128];
-  char pass[256];
-  int has_pass;
+  tg_redis_url_t u;         /* host, port, db, user, password */
   char sha[N_SCRIPTS][41];
   int hold_off;               /* tg__redis_holding(r, 0): one by one */
   atomic_int n_loops;         /* loops made and not closed */
@@ -316,7 +311,7 @@ static int64_t clamp64(int64_t v, int64_t lo, int64_t hi) {
 
 static void log_event(const char *event, const tg__redis_t *r, const char *why) {
   char detail[1024];
-  snprintf(detail, sizeof detail, "redis %.255s:%d: %.600s", r->host, r->port, why);
+  snprintf(detail, sizeof detail, "redis %.255s:%d: %.600s", r->u.host, r->u.port, why);
   tg_policy_log(event, detail);
 }
 
@@ -349,88 +344,6 @@ static int64_t wall_ms(void) {
 
 /* ---- URL ----------------------------------------------------------------- */
 
-static int parse_int(const char *s, size_t n, long lo, long hi, int *out) {
-  char tmp[16];
-  char *end;
-  if (n == 0 || n >= sizeof tmp)
-    return TG_EINVAL;
-  memcpy(tmp, s, n);
-  tmp[n] = '\0';
-  for (size_t i = 0; i < n; i++)
-    if (tmp[i] < '0' || tmp[i] > '9')
-      return TG_EINVAL;
-  long v = strtol(tmp, &end, 10);
-  if (*end != '\0' || v < lo || v > hi)
-    return TG_EINVAL;
-  *out = (int)v;
-  return 0;
-}
-
-static int copy_part(char *dst, size_t size, const char *s, size_t n) {
-  if (n >= size)
-    return TG_ETOOBIG;
-  memcpy(dst, s, n);
-  dst[n] = '\0';
-  return 0;
-}
-
-/* redis://[[user]:password@]host[:port][/db]; host may be [v6]. */
-static int parse_url(tg__redis_t *r, const char *url) {
-  static const char scheme[] = "redis://";
-  const char *p, *end, *at, *hs, *he, *slash;
-  int rc;
-
-  if (strncmp(url, scheme, sizeof scheme - 1) != 0)
-    return TG_EINVAL;
-  p = url + sizeof scheme - 1;
-  end = p + strlen(p);
-  slash = memchr(p, '/', (size_t)(end - p));
-  if (slash == NULL)
-    slash = end;
-  r->port = 6379;
-  r->db = 0;
-  at = NULL;
-  for (const char *q = p; q < slash; q++)
-    if (*q == '@')
-      at = q;
-  if (at != NULL) {
-    const char *colon = memchr(p, ':', (size_t)(at - p));
-    if (colon == NULL)
-      return TG_EINVAL; /* a password is required with a user */
-    if ((rc = copy_part(r->user, sizeof r->user, p, (size_t)(colon - p))) < 0 ||
-        (rc = copy_part(r->pass, sizeof r->pass, colon + 1, (size_t)(at - colon - 1))) < 0)
-      return rc;
-    r->has_pass = 1;
-    p = at + 1;
-  }
-  if (*p == '[') {
-    hs = p + 1;
-    he = memchr(hs, ']', (size_t)(slash - hs));
-    if (he == NULL)
-      return TG_EINVAL;
-    p = he + 1;
-  } else {
-    hs = p;
-    he = memchr(p, ':', (size_t)(slash - p));
-    if (he == NULL)
-      he = slash;
-    p = he;
-  }
-  if (he == hs)
-    return TG_EINVAL;
-  if ((rc = copy_part(r->host, sizeof r->host, hs, (size_t)(he - hs))) < 0)
-    return rc;
-  if (p < slash) {
-    if (*p != ':' || parse_int(p + 1, (size_t)(slash - p - 1), 1, 65535, &r->port) < 0)
-      return TG_EINVAL;
-  }
-  if (slash < end && slash + 1 < end) {
-    if (parse_int(slash + 1, (size_t)(end - slash - 1), 0, 1000000, &r->db) < 0)
-      return TG_EINVAL;
-  }
-  return 0;
-}
-
 static int sha1_hex(const char *text, char out[41]) {
   unsigned char md[EVP_MAX_MD_SIZE];
   unsigned int n = 0;
@@ -451,7 +364,7 @@ int tg__redis_new(const char *url, tg__redis_t **out) {
   r = calloc(1, sizeof *r);
   if (r == NULL)
     return TG_ENOMEM;
-  if ((rc = parse_url(r, url)) < 0)
+  if ((rc = tg_config_redis_url(url, &r->u)) < 0)
     goto fail;
   for (int i = 0; i < N_SCRIPTS; i++)
     if ((rc = sha1_hex(script_text[i], r->sha[i])) < 0)
@@ -470,7 +383,7 @@ fail:
 void tg__redis_free(tg__redis_t *r) {
   if (r == NULL)
     return;
-  OPENSSL_cleanse(r->pass, sizeof r->pass);
+  OPENSSL_cleanse(r->u.pass, sizeof r->u.pass);
   pthread_mutex_destroy(&r->spend_lock);
   free(r->spend);
   free(r);
@@ -1518,11 +1431,11 @@ static void on_connect(const redisAsyncContext *cac, int status) {
    * Admissions wait (are refused) until the last of these answers. */
   set_state(rl, RL_HANDSHAKE);
   const tg__redis_t *r = rl->r;
-  if (r->has_pass)
-    c[n++] = r->user[0] ? setup_call(rl, "AUTH", r->user, r->pass, NULL)
-                        : setup_call(rl, "AUTH", r->pass, NULL, NULL);
-  if (r->db != 0) {
-    snprintf(db, sizeof db, "%d", r->db);
+  if (r->u.has_pass)
+    c[n++] = r->u.user[0] ? setup_call(rl, "AUTH", r->u.user, r->u.pass, NULL)
+                        : setup_call(rl, "AUTH", r->u.pass, NULL, NULL);
+  if (r->u.db != 0) {
+    snprintf(db, sizeof db, "%d", r->u.db);
     c[n++] = setup_call(rl, "SELECT", db, NULL, NULL);
   }
   for (int i = 0; i < N_SCRIPTS; i++)
@@ -1561,7 +1474,7 @@ static void on_disconnect(const redisAsyncContext *cac, int status) {
 }
 
 static void connect_to(tg__redis_loop_t *rl, const char *ip) {
-  redisAsyncContext *ac = redisAsyncConnect(ip, rl->r->port);
+  redisAsyncContext *ac = redisAsyncConnect(ip, rl->r->u.port);
   if (ac == NULL || ac->err) {
     if (!rl->down) {
       rl->down = 1;
@@ -1641,7 +1554,7 @@ static void on_resolved(uv_getaddrinfo_t *req, int status, struct addrinfo *res)
 
 static void start_connect(tg__redis_loop_t *rl) {
   unsigned char buf[sizeof(struct in6_addr)];
-  const char *host = rl->r->host;
+  const char *host = rl->r->u.host;
 
   if (rl->closing || rl->ac != NULL)
     return;
@@ -2038,17 +1951,17 @@ int tg__redis_sync_open(tg__redis_t *r, int timeout_ms, tg__redis_sync_t **out) 
 
   if (s == NULL)
     return TG_ENOMEM;
-  s->c = redisConnectWithTimeout(r->host, r->port, tv);
+  s->c = redisConnectWithTimeout(r->u.host, r->u.port, tv);
   if (s->c == NULL || s->c->err || redisSetTimeout(s->c, tv) != REDIS_OK)
     goto out;
-  if (r->has_pass) {
-    const char *a[3] = {"AUTH", r->user[0] ? r->user : r->pass, r->pass};
-    if ((rep = sync_cmd(s, r->user[0] ? 3 : 2, a)) == NULL)
+  if (r->u.has_pass) {
+    const char *a[3] = {"AUTH", r->u.user[0] ? r->u.user : r->u.pass, r->u.pass};
+    if ((rep = sync_cmd(s, r->u.user[0] ? 3 : 2, a)) == NULL)
       goto out;
     freeReplyObject(rep);
   }
-  if (r->db != 0) {
-    snprintf(db, sizeof db, "%d", r->db);
+  if (r->u.db != 0) {
+    snprintf(db, sizeof db, "%d", r->u.db);
     const char *a[2] = {"SELECT", db};
     if ((rep = sync_cmd(s, 2, a)) == NULL)
       goto out;

@@ -152,11 +152,13 @@ def test_invoices_equal_client_usage_over_10000_requests(tg, sim):
     assert int(lines[-1][3]) == inv["summary"]["total_requests"]
     assert tgtest.nano_of_usd(lines[-1][6]) == tgtest.nano_of_usd(inv["summary"]["total_cost_usd"])
 
-    # a tenant or a month with no traffic invoices zero, not an error
-    for tenant, mon in (("nobody", month), ("alpha", "2001-01")):
-        empty = gw.invoice(tenant, mon)
-        assert empty["summary"]["total_requests"] == 0 and empty["usage_by_model"] == {}, empty
-        assert tgtest.nano_of_usd(empty["summary"]["total_cost_usd"]) == 0
+    # a tenant's month with no traffic invoices zero, not an error; a name
+    # that is no tenant's and holds no rows is unknown (as on the admin route)
+    empty = gw.invoice("alpha", "2001-01")
+    assert empty["summary"]["total_requests"] == 0 and empty["usage_by_model"] == {}, empty
+    assert tgtest.nano_of_usd(empty["summary"]["total_cost_usd"]) == 0
+    cp = gw.tool("invoice", "--tenant", "nobody", "--month", month, check=False)
+    assert cp.returncode == 1 and "no tenant 'nobody'" in cp.stderr, cp
 
 
 def kill9_under_load(gw, tenants, seed):
@@ -710,7 +712,8 @@ def test_invoice_and_usage_of_a_name_that_is_no_tenants_are_refused(tg, sim):
     refused before the ledger is read (exit 2), so nothing prints broken
     JSON or CSV; the longest name a tenant may have is printed whole. So
     are options the commands do not take, and options without a value."""
-    gw = start_gw(tg, sim, start=False)
+    gw = start_gw(tg, sim, start=False,
+                  tenants=dict(TENANTS, **{"x" * 64: ledger_tenant(["llama-3.1-8b"])}))
     gw.tool("migrate")
     for cmd, period in (("invoice", ["--month", tgtest.utc_month()]),
                         ("usage", ["--day", tgtest.utc_day()])):
@@ -720,6 +723,11 @@ def test_invoice_and_usage_of_a_name_that_is_no_tenants_are_refused(tg, sim):
             assert "is not a tenant name" in cp.stderr, (cmd, cp.stderr)
         cp = gw.tool(cmd, "--tenant", "x" * 64, *period)
         assert tgtest.money_json(cp.stdout)["tenant_id"] == "x" * 64, (cmd, cp.stdout)
+        # a name no tenant has and no row holds is unknown, as on the admin
+        # route (a misspelled tenant got an empty invoice)
+        cp = gw.tool(cmd, "--tenant", "ghost", *period, check=False)
+        assert cp.returncode == 1 and cp.stdout == "", (cmd, cp.returncode, cp.stdout[:200])
+        assert "no tenant 'ghost' in the configuration" in cp.stderr, cp.stderr
     cp = gw.tool("invoice", "--tenant", "x" * 64, "--month", tgtest.utc_month(),
                  "--format", "csv")
     assert cp.stdout.splitlines()[-1].startswith("x" * 64 + ","), cp.stdout

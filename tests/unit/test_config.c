@@ -1116,6 +1116,44 @@ static void test_undecodable_bytes_line(void **state) {
                   "YAML error: control characters are not allowed");
 }
 
+/* A state URL serve could not use is check-config's error, at its line,
+ * and the password in it is not shown. */
+#define MODEL "models:\n  m:\n    endpoints: [{url: \"http://h:1\"}]\n"
+static void test_state_urls(void **state) {
+  static const char *const bad[] = {
+      "redis://127.0.0.1:99999/0", "redis://127.0.0.1:6379/abc", "redis://h:x/0",
+      "redis://h/-1", "redis://[::1", "redis://u@h/0", "redis://:6379/0"};
+  char text[512];
+  tg_redis_url_t u;
+  (void)state;
+  for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+    snprintf(text, sizeof text, "state: %s\n%s", bad[i], MODEL);
+    expect_only_err(text, 1, "state: expected 'memory' or a redis://");
+  }
+  expect_only_err("state: redis://:hunter2@h:x/0\n" MODEL, 1, "got 'redis://:***@h:x/0'");
+  {
+    char *path = tmp_config("state: redis://:hunter2@h:x/0\n" MODEL);
+    tg_config_errors_t e;
+    load_bad(path, &e);
+    for (size_t i = 0; i < e.n; i++)
+      assert_null(strstr(e.msgs[i], "hunter2"));
+    tg_config_errors_free(&e);
+    unlink(path);
+    free(path);
+  }
+  assert_int_equal(tg_config_redis_url("redis://u:p@[::1]:6380/2", &u), 0);
+  assert_string_equal(u.host, "::1");
+  assert_string_equal(u.user, "u");
+  assert_string_equal(u.pass, "p");
+  assert_int_equal(u.port, 6380);
+  assert_int_equal(u.db, 2);
+  assert_int_equal(u.has_pass, 1);
+  assert_int_equal(tg_config_redis_url("redis://h", &u), 0);
+  assert_int_equal(u.port, 6379);
+  assert_int_equal(u.db, 0);
+  assert_int_equal(u.has_pass, 0);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_example_config),
@@ -1136,6 +1174,7 @@ int main(void) {
       cmocka_unit_test(test_yaml_shape_bounds),
       cmocka_unit_test(test_file_size_bound_on_a_pipe),
       cmocka_unit_test(test_undecodable_bytes_line),
+      cmocka_unit_test(test_state_urls),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
