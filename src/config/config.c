@@ -1725,23 +1725,62 @@ int tg_config_redis_url(const char *url, tg_redis_url_t *r) {
   return 0;
 }
 
-/* url into buf with the password of its user info as "***" (the config's
- * errors are logged and shown). Returns buf. */
-static const char *url_redacted(const char *url, char *buf, size_t size) {
-  const char *auth = strstr(url, "://"), *auth_end, *at = NULL, *colon = NULL;
-  if (auth != NULL) {
-    auth += 3;
-    auth_end = auth + strcspn(auth, "/?");
-    for (const char *q = auth; q < auth_end; q++)
-      if (*q == '@')
-        at = q;
-    if (at != NULL)
-      colon = memchr(auth, ':', (size_t)(at - auth));
+/* Appends s[0..n) to buf at *off, cut at size - 1. */
+static void redact_put(char *buf, size_t size, size_t *off, const char *s, size_t n) {
+  if (*off + 1 >= size)
+    return;
+  if (n > size - 1 - *off)
+    n = size - 1 - *off;
+  memcpy(buf + *off, s, n);
+  *off += n;
+  buf[*off] = '\0';
+}
+
+const char *tg_config_url_redact(const char *url, char *buf, size_t size) {
+  const char *p, *auth, *auth_end, *at = NULL, *colon = NULL;
+  size_t off = 0;
+
+  if (size == 0)
+    return buf;
+  buf[0] = '\0';
+  if (url == NULL)
+    return buf;
+  p = strstr(url, "://");
+  if (p == NULL) {
+    redact_put(buf, size, &off, url, strlen(url));
+    return buf;
   }
-  if (colon == NULL)
-    snprintf(buf, size, "%s", url);
-  else
-    snprintf(buf, size, "%.*s***%s", (int)(colon + 1 - url), url, at);
+  auth = p + 3;
+  auth_end = auth + strcspn(auth, "/?");
+  /* The last '@' ends the user info: a password may hold '@' itself. */
+  for (const char *q = auth; q < auth_end; q++)
+    if (*q == '@')
+      at = q;
+  if (at != NULL)
+    colon = memchr(auth, ':', (size_t)(at - auth));
+  if (colon != NULL) {
+    redact_put(buf, size, &off, url, (size_t)(colon + 1 - url));
+    redact_put(buf, size, &off, "***", 3);
+    p = at;
+  } else {
+    p = url;
+  }
+  /* The rest, with the value of a password= parameter hidden. */
+  while (*p != '\0') {
+    const char *q = strstr(p, "password=");
+    if (q == NULL || q < auth_end || (q[-1] != '?' && q[-1] != '&')) {
+      if (q == NULL) {
+        redact_put(buf, size, &off, p, strlen(p));
+        break;
+      }
+      redact_put(buf, size, &off, p, (size_t)(q + 9 - p));
+      p = q + 9;
+      continue;
+    }
+    redact_put(buf, size, &off, p, (size_t)(q + 9 - p));
+    redact_put(buf, size, &off, "***", 3);
+    p = q + 9 + strcspn(q + 9, "&");
+  }
   return buf;
 }
 
@@ -1785,7 +1824,7 @@ static void parse_scalars(ydoc_t *d, yaml_node_t **v) {
       char shown[512];
       yerr(d, v[T_STATE], "state",
            "expected 'memory' or a redis://[[user]:password@]host[:port][/db] URL "
-           "(port 1-65535, db a number), got '%s'", url_redacted(s, shown, sizeof(shown)));
+           "(port 1-65535, db a number), got '%s'", tg_config_url_redact(s, shown, sizeof(shown)));
     } else {
       free(cfg->state);
       cfg->state = s;

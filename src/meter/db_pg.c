@@ -26,6 +26,7 @@
 #include <sys/socket.h>
 #include <time.h>
 
+#include "config/config.h"
 #include "core/err.h"
 
 typedef struct {
@@ -178,63 +179,8 @@ int tg_db_pg_broken(PGconn *c) {
   return c == NULL || PQstatus(c) != CONNECTION_OK;
 }
 
-/* Appends s[0..n) to buf at *off, cut at size - 1. */
-static void put(char *buf, size_t size, size_t *off, const char *s, size_t n) {
-  if (*off + 1 >= size)
-    return;
-  if (n > size - 1 - *off)
-    n = size - 1 - *off;
-  memcpy(buf + *off, s, n);
-  *off += n;
-  buf[*off] = '\0';
-}
-
 const char *tg_db_pg_redact(const char *url, char *buf, size_t size) {
-  const char *p, *auth, *auth_end, *at = NULL, *colon = NULL;
-  size_t off = 0;
-
-  if (size == 0)
-    return buf;
-  buf[0] = '\0';
-  if (url == NULL)
-    return buf;
-  p = strstr(url, "://");
-  if (p == NULL) {
-    put(buf, size, &off, url, strlen(url));
-    return buf;
-  }
-  auth = p + 3;
-  auth_end = auth + strcspn(auth, "/?");
-  /* The last '@' ends the user info: a password may hold '@' itself. */
-  for (const char *q = auth; q < auth_end; q++)
-    if (*q == '@')
-      at = q;
-  if (at != NULL)
-    colon = memchr(auth, ':', (size_t)(at - auth));
-  if (colon != NULL) {
-    put(buf, size, &off, url, (size_t)(colon + 1 - url));
-    put(buf, size, &off, "***", 3);
-    p = at;
-  } else {
-    p = url;
-  }
-  /* The rest, with the value of a password= parameter hidden. */
-  while (*p != '\0') {
-    const char *q = strstr(p, "password=");
-    if (q == NULL || q < auth_end || (q[-1] != '?' && q[-1] != '&')) {
-      if (q == NULL) {
-        put(buf, size, &off, p, strlen(p));
-        break;
-      }
-      put(buf, size, &off, p, (size_t)(q + 9 - p));
-      p = q + 9;
-      continue;
-    }
-    put(buf, size, &off, p, (size_t)(q + 9 - p));
-    put(buf, size, &off, "***", 3);
-    p = q + 9 + strcspn(q + 9, "&");
-  }
-  return buf;
+  return tg_config_url_redact(url, buf, size);
 }
 
 int tg_db_pg_int64(const PGresult *r, int row, int col, int64_t *out) {
