@@ -1751,15 +1751,17 @@ const char *tg_config_url_redact(const char *url, char *buf, size_t size) {
     return buf;
   }
   auth = p + 3;
-  auth_end = auth + strcspn(auth, "/?");
-  /* The last '@' ends the user info: a password may hold '@' itself. */
+  auth_end = auth + strcspn(auth, "?");
+  /* The last '@' before the query ends the user info: a password may hold
+   * '@' and '/' itself (base64). User info without a ':' may be a password
+   * written without its user: all of it is hidden then. */
   for (const char *q = auth; q < auth_end; q++)
     if (*q == '@')
       at = q;
   if (at != NULL)
     colon = memchr(auth, ':', (size_t)(at - auth));
-  if (colon != NULL) {
-    redact_put(buf, size, &off, url, (size_t)(colon + 1 - url));
+  if (at != NULL) {
+    redact_put(buf, size, &off, url, (size_t)((colon != NULL ? colon + 1 : auth) - url));
     redact_put(buf, size, &off, "***", 3);
     p = at;
   } else {

@@ -170,7 +170,8 @@ typedef struct {
 int tg_config_redis_url(const char *url, tg_redis_url_t *out);
 
 /* Copies url into buf[size] with any password replaced by "***" (in the
- * user-info part and in a password= query parameter), for messages.
+ * user-info part, up to its last '@' before the query, all of it when it
+ * has no ':'; and in a password= query parameter), for messages.
  * Returns buf (cut to size, always NUL-terminated when size > 0). */
 const char *tg_config_url_redact(const char *url, char *buf, size_t size);
 

@@ -1131,6 +1131,10 @@ static void test_state_urls(void **state) {
     expect_only_err(text, 1, "state: expected 'memory' or a redis://");
   }
   expect_only_err("state: redis://:hunter2@h:x/0\n" MODEL, 1, "got 'redis://:***@h:x/0'");
+  expect_only_err("state: \"redis://:Ab3/xYz+Q==@127.0.0.1:6379/x\"\n" MODEL, 1,
+                  "got 'redis://:***@127.0.0.1:6379/x'");
+  expect_only_err("state: \"redis://s3cretpw@127.0.0.1:6379/0\"\n" MODEL, 1,
+                  "got 'redis://***@127.0.0.1:6379/0'");
   {
     char *path = tmp_config("state: redis://:hunter2@h:x/0\n" MODEL);
     tg_config_errors_t e;

@@ -256,9 +256,13 @@ static void test_url_helpers(void **state) {
                       "?sslmode=require&password=other&x=1", buf, sizeof(buf)),
       "postgres://bob:***@db.example:5432/ledger"
       "?sslmode=require&password=***&x=1");
+  /* user info without ':' may be a password written alone: all hidden */
   assert_string_equal(tg_db_pg_redact("postgresql://bob@h/db?application_"
                                       "name=a", buf, sizeof(buf)),
-                      "postgresql://bob@h/db?application_name=a");
+                      "postgresql://***@h/db?application_name=a");
+  /* a password holding '/' (base64) ends at the last '@' */
+  assert_string_equal(tg_db_pg_redact("postgresql://u:Ab3/x+Q==@h/db", buf, sizeof(buf)),
+                      "postgresql://u:***@h/db");
   assert_string_equal(tg_db_pg_redact("postgresql://a:b:c@d@h/x", buf,
                                       sizeof(buf)),
                       "postgresql://a:***@h/x");
