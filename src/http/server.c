@@ -562,7 +562,7 @@ static int on_headers_complete(llhttp_t *p) {
   for (i = 0; i < c->n_hdrs; i++) {
     h->hdrs[i].name = h->text + h->name_off[i];
     h->hdrs[i].value = trim(h->text + h->value_off[i]);
-    hosts += strcasecmp(h->hdrs[i].name, "host") == 0;
+    hosts += strcmp(h->hdrs[i].name, "host") == 0; /* names are lower-cased */
   }
   url = h->text; /* the URL comes first */
   q = strchr(url, '?');

@@ -39,6 +39,15 @@ def slow_chat(gw, key, ms, timeout=20.0):
                        timeout=timeout)
 
 
+def hold_the_slot(ex, gw, key, ms):
+    """A request of ms that takes the pool's one slot, submitted to executor
+    ex; returns its future once the gateway shows the slot held."""
+    holder = ex.submit(slow_chat, gw, key, ms)
+    tgtest.wait_for(lambda: series(gw, "llm_inflight_requests", pool=M1, tenant="acme") == 1,
+                    timeout=5, what="slot held")
+    return holder
+
+
 def series(gw, name, **labels):
     """The value of one series of the gateway's /metrics (0 when absent)."""
     want = ",".join('%s="%s"' % kv for kv in sorted(labels.items()))
@@ -179,9 +188,7 @@ def test_full_queue_and_queue_timeout_shed_with_503_and_retry_after():
     try:
         key = gw.create_key("acme")
         with concurrent.futures.ThreadPoolExecutor(3) as ex:
-            holder = ex.submit(slow_chat, gw, key, 2000)
-            tgtest.wait_for(lambda: series(gw, "llm_inflight_requests", pool=M1,
-                                           tenant="acme") == 1, timeout=5, what="slot held")
+            holder = hold_the_slot(ex, gw, key, 2000)
             waiter = ex.submit(slow_chat, gw, key, 10)
             tgtest.wait_for(lambda: series(gw, "llm_queue_length", pool=M1,
                                            tenant="acme") == 1, timeout=5, what="one queued")
@@ -217,9 +224,7 @@ def test_queue_max_bounds_the_waiters_of_every_loop_together():
     try:
         key = gw.create_key("acme")
         with concurrent.futures.ThreadPoolExecutor(16) as ex:
-            holder = ex.submit(slow_chat, gw, key, 2500)
-            tgtest.wait_for(lambda: series(gw, "llm_inflight_requests", pool=M1,
-                                           tenant="acme") == 1, timeout=5, what="slot held")
+            holder = hold_the_slot(ex, gw, key, 2500)
             # 12 connections: the kernel spreads them over both loops
             futs = [ex.submit(slow_chat, gw, key, 10) for _ in range(12)]
             tgtest.wait_for(lambda: series(gw, "llm_rate_limit_rejections_total",
@@ -242,9 +247,7 @@ def test_a_client_leaving_the_queue_frees_its_place():
     try:
         key = gw.create_key("acme")
         with concurrent.futures.ThreadPoolExecutor(2) as ex:
-            holder = ex.submit(slow_chat, gw, key, 1000)
-            tgtest.wait_for(lambda: series(gw, "llm_inflight_requests", pool=M1,
-                                           tenant="acme") == 1, timeout=5, what="slot held")
+            holder = hold_the_slot(ex, gw, key, 1000)
             conn = tgtest.RawConn(gw.port)
             conn.send(tgtest.http_request_bytes(
                 "POST", "/v1/chat/completions", tgtest.chat_body(model=M1), key=key))
@@ -291,9 +294,7 @@ def test_a_request_back_after_a_failed_attempt_does_not_hold_up_the_queue():
         acme = gw.create_key("acme")
         small = gw.create_key("small")
         with concurrent.futures.ThreadPoolExecutor(2) as ex:
-            holder = ex.submit(slow_chat, gw, acme, 4000)
-            tgtest.wait_for(lambda: series(gw, "llm_inflight_requests", pool=M1,
-                                           tenant="acme") == 1, timeout=5, what="slot held")
+            holder = hold_the_slot(ex, gw, acme, 4000)
             broken = ex.submit(tgtest.chat, gw.port, acme, model=M1,
                                headers={"x-sim-fault": "disconnect"}, timeout=20)
             tgtest.wait_for(lambda: series(gw, "llm_queue_length", pool=M1,
