@@ -133,7 +133,8 @@ void tg__redis_settle(tg__redis_loop_t *rl, const tg_admit_req_t *r, const tg_ad
  * loops start: then every admission is decided by Redis one by one, as the
  * tests that compare verdicts with limits.c need. */
 void tg__redis_holding(tg__redis_t *r, int on);
-/* 1 while the loop's connection is up. */
+/* 1 while the loop's connection is up, or its first connection is under
+ * way and has not failed (admissions then wait for it). */
 int tg__redis_connected(const tg__redis_loop_t *rl);
 /* 1 while every loop made (and not closed) has its connection up; any
  * thread. */

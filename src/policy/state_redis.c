@@ -1315,11 +1315,22 @@ static int enqueue(tg__redis_loop_t *rl, op_t *o, int global) {
   return 0;
 }
 
+/* The loop's first connection is under way and has not failed yet. */
+static int starting(const tg__redis_loop_t *rl) {
+  return !rl->ever_up && !rl->down && !rl->closing &&
+         (rl->state == RL_RESOLVING || rl->state == RL_CONNECTING || rl->state == RL_HANDSHAKE);
+}
+
 /* Sends every queued batch; one that cannot be sent is answered now. The
- * queue is taken first: callbacks may queue more (for the next flush). */
+ * queue is taken first: callbacks may queue more (for the next flush).
+ * While the first connection is under way the queue waits for it: a
+ * gateway that has just started does not decide by state_failure because
+ * its connection is a few milliseconds from answering. */
 static void flush(tg__redis_loop_t *rl) {
   call_t *q = rl->q_head;
   int sent = 0;
+  if (rl->state != RL_UP && starting(rl))
+    return;
   rl->q_head = rl->q_tail = NULL;
   if (rl->global_undo > 0) {
     /* No answer is awaited. Give-backs that cannot go now are dropped, not
@@ -1914,7 +1925,7 @@ void tg__redis_loop_close(tg__redis_loop_t *rl) {
 }
 
 int tg__redis_connected(const tg__redis_loop_t *rl) {
-  return rl != NULL && rl->state == RL_UP;
+  return rl != NULL && !rl->closing && (rl->state == RL_UP || starting(rl));
 }
 
 int tg__redis_ready(tg__redis_t *r) {
@@ -2332,7 +2343,7 @@ int tg__redis_admit(tg__redis_loop_t *rl, const tg_admit_req_t *r, int64_t now_m
     return TG_EINVAL;
   if (tlen > TG_REDIS_MAX_TENANT)
     return TG_ETOOBIG;
-  if (rl->state != RL_UP || rl->closing || rl->n_ops >= TG_REDIS_MAX_OPS)
+  if (!tg__redis_connected(rl) || rl->n_ops >= TG_REDIS_MAX_OPS)
     return TG_EUNAVAIL;
   note_clock(rl, now_ms);
   if (hold_admit(rl, r, now_ms, cb, arg_))

@@ -468,6 +468,28 @@ def test_redis_down_fail_open_uses_local_limits(tg, sim, redis):
     assert any("{lim}" in k for k in redis.keys()), redis.keys()
 
 
+def test_requests_at_start_wait_for_the_first_connection(tg, sim, redis):
+    """A gateway that has just started and is still connecting to Redis does
+    not decide by state_failure: its first requests wait for the connection
+    (up to its timeout) and are then admitted by Redis. Deciding by local
+    limits there let a tenant's first requests past Redis's windows."""
+    tenants = {"early": tgtest.limited_tenant(rpm=1000)}
+    redis.proc.signal(signal.SIGSTOP)  # connects are accepted, never answered
+    try:
+        gw = start_gw(tg, sim, redis, tenants, failure="open")
+        got = []
+        t = threading.Thread(target=lambda: got.append(ask(gw, "early")))
+        t.start()
+        time.sleep(0.6)
+        assert t.is_alive(), got
+    finally:
+        redis.proc.signal(signal.SIGCONT)
+    t.join(10)
+    assert got and got[0].status == 200, got
+    assert any("{early}" in k for k in redis.keys()), redis.keys()
+    assert not tgtest.gateway_events(gw, "state_backend_unavailable")
+
+
 def test_fail_open_keeps_the_spend_and_gives_redis_what_it_admitted(tg, sim, redis):
     """state_failure: open decides by local limits while Redis cannot
     answer, but not with budgets started again from 0: a tenant whose day's
