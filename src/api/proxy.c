@@ -1774,6 +1774,21 @@ static const char *mistyped_field(const body_fields_t *f) {
   int64_t v;
   if (f->stream != NULL && !cJSON_IsBool(f->stream) && !cJSON_IsNull(f->stream))
     return "stream";
+  if (f->stream_options != NULL && !cJSON_IsNull(f->stream_options)) {
+    /* "continuous_usage_stats": "true" would pass the refusal below and
+     * be read as true upstream; "include_usage": 1 would get the client a
+     * usage chunk the gateway then takes away */
+    static const char *const opt[] = {"include_usage", "continuous_usage_stats"};
+    static const char *const name[] = {"stream_options.include_usage",
+                                       "stream_options.continuous_usage_stats"};
+    if (!cJSON_IsObject(f->stream_options))
+      return "stream_options";
+    for (size_t i = 0; i < sizeof opt / sizeof opt[0]; i++) {
+      const cJSON *o = tg_json_get(f->stream_options, opt[i]);
+      if (o != NULL && !cJSON_IsBool(o) && !cJSON_IsNull(o))
+        return name[i];
+    }
+  }
   if (f->n != NULL && !cJSON_IsNull(f->n) && !tg_json_int(f->n, &v))
     return "n";
   if (f->max_tokens != NULL && !cJSON_IsNull(f->max_tokens) && !tg_json_int(f->max_tokens, &v))
@@ -1840,7 +1855,9 @@ static int parse_body(tg_call_t *c, const tg_key_rec_t *rec) {
   if ((bad = mistyped_field(&f)) != NULL) {
     call_refuse(c, 400, "invalid_request_error", "invalid_type", NULL,
                 "'%s' must be %s", bad,
-                strcmp(bad, "stream") == 0 ? "a boolean" : "an integer");
+                strcmp(bad, "stream_options") == 0  ? "an object"
+                : strncmp(bad, "stream", 6) == 0    ? "a boolean"
+                                                    : "an integer");
     goto out;
   }
   if (!client_priority_ok(f.priority)) {

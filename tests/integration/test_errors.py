@@ -97,6 +97,20 @@ def test_mistyped_policy_fields_refused(tg):
             r = request(gw.port, "POST", "/v1/chat/completions", body=body, key=key)
             e = _err(r, 400, "invalid_request_error", "invalid_type")
             assert "'%s'" % field in e["message"], (field, e)
+        # "continuous_usage_stats": "true" is read as true upstream (a usage
+        # on every chunk, which the gateway refuses when it is a boolean)
+        for opts, field in [([], "stream_options"), ("x", "stream_options"),
+                            ({"continuous_usage_stats": "true"},
+                             "stream_options.continuous_usage_stats"),
+                            ({"continuous_usage_stats": 1},
+                             "stream_options.continuous_usage_stats"),
+                            ({"include_usage": "true"}, "stream_options.include_usage"),
+                            ({"include_usage": 1}, "stream_options.include_usage")]:
+            body = {"model": M8B, "messages": msgs, "max_tokens": 4, "stream": True,
+                    "stream_options": opts}
+            r = request(gw.port, "POST", "/v1/chat/completions", body=body, key=key)
+            e = _err(r, 400, "invalid_request_error", "invalid_type")
+            assert "'%s'" % field in e["message"], (opts, e)
         r = request(gw.port, "POST", "/v1/completions", key=key,
                     body={"model": M8B, "prompt": "hi", "max_tokens": 4, "stream": "true"})
         _err(r, 400, "invalid_request_error", "invalid_type")
