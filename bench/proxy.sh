@@ -235,23 +235,34 @@ fi
 
 CLK_TCK=$(getconf CLK_TCK)
 
-# run_wrk NAME: prints "NAME req/s p50_ms p99_ms non2xx errors cpu_us_per_req"
+# run_wrk NAME: prints "NAME req/s p50_ms p99_ms non2xx errors
+# cpu_us_per_req sim_us_per_req machine_us_per_req"
 # The CPU time the target spent per request does not depend on what else
 # runs on the machine the way req/s does: on a shared machine it is the
 # steadier comparison (it leaves out the simulator behind the proxies).
+# The simulator's and the whole machine's (every process and the kernel's
+# interrupts) show what a proxy costs the processes around it: a proxy
+# that costs less itself but makes the client or the upstream work more
+# still serves fewer requests on a machine they share.
 run_wrk() {
-  local name=$1 url=${URLS[$1]} line c0 c1
+  local name=$1 url=${URLS[$1]} line c0 c1 s0 s1 m0 m1
   export TG_BENCH_KEY="${KEYS[$1]:-}"
   wrk -t "$WRK_THREADS" -c "$CONNECTIONS" -d "$WARMUP" -s "$LUA" "$url/v1/chat/completions" \
     >/dev/null 2>&1 || true
   c0=$(cpu_ticks "${PIDS[$name]}")
+  s0=$(cpu_ticks "${PIDS[sim]}")
+  m0=$(busy_ticks)
   line=$(wrk -t "$WRK_THREADS" -c "$CONNECTIONS" -d "$DURATION" -s "$LUA" \
     "$url/v1/chat/completions" 2>&1 | grep '^TGBENCH ' || true)
   c1=$(cpu_ticks "${PIDS[$name]}")
+  s1=$(cpu_ticks "${PIDS[sim]}")
+  m1=$(busy_ticks)
   [ -n "$line" ] || { echo "proxy.sh: wrk against $name printed no result" >&2; exit 1; }
-  echo "$line" | awk -v n="$name" -v ticks=$((c1 - c0)) -v hz="$CLK_TCK" '{
-    printf "%s %.0f %.3f %.3f %d %d %.1f\n", n, $2 / ($3 / 1e6), $4 / 1000, $5 / 1000, $6, $7,
-      ($2 > 0 ? ticks / hz * 1e6 / $2 : 0) }'
+  echo "$line" | awk -v n="$name" -v ticks=$((c1 - c0)) -v sticks=$((s1 - s0)) \
+    -v mticks=$((m1 - m0)) -v hz="$CLK_TCK" '{
+    printf "%s %.0f %.3f %.3f %d %d %.1f %.1f %.1f\n", n, $2 / ($3 / 1e6), $4 / 1000, $5 / 1000,
+      $6, $7, ($2 > 0 ? ticks / hz * 1e6 / $2 : 0), ($2 > 0 ? sticks / hz * 1e6 / $2 : 0),
+      ($2 > 0 ? mticks / hz * 1e6 / $2 : 0) }'
 }
 
 echo "# tollgate proxy benchmark"
@@ -280,9 +291,9 @@ for name in "${names[@]}"; do
     sort -k2,2n | awk '{ l[NR] = $0 } END { print l[int((NR + 1) / 2)] }')")
 done
 if [ "$ROUNDS" -gt 1 ]; then
-  echo "# rounds (round target req/s p50 p99 cpu-us/req):"
+  echo "# rounds (round target req/s p50 p99 cpu-us/req: target, sim, machine):"
   printf '%s\n' "${rounds[@]}" |
-    awk '{ printf "#   %2d %-9s %7d %7.2f %7.2f %7.1f\n", $1, $2, $3, $4, $5, $8 }'
+    awk '{ printf "#   %2d %-9s %7d %7.2f %7.2f %7.1f %7.1f %7.1f\n", $1, $2, $3, $4, $5, $8, $9, $10 }'
   # the targets of one round ran back to back: the median of their
   # per-round ratios is the steadier figure on a machine whose speed drifts
   for t in tollgate curl core; do
@@ -305,8 +316,8 @@ if [ "$ROUNDS" -gt 1 ]; then
 fi
 
 printf '%s\n' "${results[@]}" | awk '
-  BEGIN { printf "%-10s %12s %10s %10s %8s %8s %12s\n", "target", "req/s", "p50 ms", "p99 ms", "non-2xx", "errors", "cpu us/req" }
-  { printf "%-10s %12d %10.2f %10.2f %8d %8d %12.1f\n", $1, $2, $3, $4, $5, $6, $7; rps[$1] = $2; p99[$1] = $4; cpu[$1] = $7 }
+  BEGIN { printf "%-10s %12s %10s %10s %8s %8s %12s %12s %12s\n", "target", "req/s", "p50 ms", "p99 ms", "non-2xx", "errors", "cpu us/req", "sim us/req", "all us/req" }
+  { printf "%-10s %12d %10.2f %10.2f %8d %8d %12.1f %12.1f %12.1f\n", $1, $2, $3, $4, $5, $6, $7, $8, $9; rps[$1] = $2; p99[$1] = $4; cpu[$1] = $7 }
   END {
     if (rps["nginx"] > 0 && p99["nginx"] > 0 && ("tollgate" in rps))
       printf "tollgate/nginx: req/s %.2f  p99 %.2f  cpu/req %.2f\n", rps["tollgate"] / rps["nginx"], p99["tollgate"] / p99["nginx"], (cpu["nginx"] > 0 ? cpu["tollgate"] / cpu["nginx"] : 0)

@@ -103,6 +103,12 @@ run_wrk() {
   echo "$line" | awk -v n="$name" '{ printf "%s %.0f %.3f %.3f %d %d\n", n, $2 / ($3 / 1e6), $4 / 1000, $5 / 1000, $6, $7 }'
 }
 
+# busy_ticks: the ticks every CPU of the machine spent busy so far (all but
+# idle, iowait and the time the hypervisor took; /proc/stat).
+busy_ticks() {
+  awk '$1 == "cpu" { print $2 + $3 + $4 + $7 + $8; exit }' /proc/stat
+}
+
 # cpu_ticks PID...: user + system clock ticks used by these processes and
 # their child processes (nginx's workers, PostgreSQL's backends), all threads
 # included; a process that is gone counts 0
