@@ -1338,6 +1338,16 @@ static void accept_pause(tg_http_server_t *srv) {
   }
 }
 
+/* The listening socket's second descriptor goes with the listener: while
+ * it is open the socket still listens, the kernel accepts connections
+ * nobody will serve, and a successor cannot bind the port. */
+static void close_spare(tg_http_server_t *srv) {
+  if (srv->spare_fd >= 0) {
+    close(srv->spare_fd);
+    srv->spare_fd = -1;
+  }
+}
+
 void tg_http_server_drain(tg_http_server_t *srv) {
   tg_http_conn_t *c, *next;
 
@@ -1346,6 +1356,7 @@ void tg_http_server_drain(tg_http_server_t *srv) {
   srv->draining = 1;
   if (srv->listener_open && !uv_is_closing((uv_handle_t *)&srv->listener))
     uv_close((uv_handle_t *)&srv->listener, on_listener_closed);
+  close_spare(srv);
   /* Idle connections close now; the others finish the request they are in
    * (keep-alive is off while draining) and close after its answer. */
   for (c = srv->conns; c != NULL; c = next) {
@@ -1368,6 +1379,7 @@ void tg_http_server_close(tg_http_server_t *srv, void (*done)(void *arg), void *
   srv->done_arg = arg;
   if (srv->listener_open && !uv_is_closing((uv_handle_t *)&srv->listener))
     uv_close((uv_handle_t *)&srv->listener, on_listener_closed);
+  close_spare(srv);
   if (srv->idle_open && !uv_is_closing((uv_handle_t *)&srv->idle))
     uv_close((uv_handle_t *)&srv->idle, on_listener_closed);
   if (srv->resume_open && !uv_is_closing((uv_handle_t *)&srv->resume))

@@ -33,13 +33,22 @@ def test_sigterm_drains_inflight_stream(tg):
     gw = tg.gateway({M8B: [sim.url]})
     key = gw.keys["acme"]
     s = SSEStream(gw.port, chat_body(M8B, stream=True, max_tokens=20, include_usage=True),
-                  key=key, headers={"x-sim-token-ms": "100"})
+                  key=key, headers={"x-sim-token-ms": "250"})
     assert s.status == 200
     it = s.events()
     first = [next(it), next(it)]
     gw.proc.signal(15)
-    # new connections are refused soon after the signal
+    # new connections are refused soon after the signal, long before the
+    # stream ends, and a successor can take the port at once
     tgtest.wait_for(lambda: _refused(gw.port), timeout=2.0, what="listener closed after SIGTERM")
+    successor = socket.socket()
+    successor.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        successor.bind(("127.0.0.1", gw.port))
+        successor.listen(1)
+    finally:
+        successor.close()
+    assert gw.proc.alive(), "the stream (5 s) is still being drained"
     # the stream in flight completes in full
     rest = list(it)
     s.close()
