@@ -106,6 +106,8 @@ struct tg_call_s {
   tg_admit_req_t admit;           /* what the policy was asked */
   tg_admission_t admission;       /* its answer */
   int64_t prompt_estimate;        /* from above: bytes of the prompt text */
+  int64_t send_max_tokens;        /* > 0: the body states no limit; the
+                                     upstream is sent this one, reserved */
   int admitting;                  /* waiting for the policy's answer */
   int recording;                  /* waiting for the ledger's commit */
   int reached;                    /* an upstream saw the request: it gets a record */
@@ -1648,6 +1650,26 @@ static int not_rendered(const char *k) {
   return 0;
 }
 
+/* The completion limit of a request that states none: the model's cap for
+ * a chat, and for a completion the API's default of 16 (which vLLM's
+ * completions also apply), below the cap. */
+static int64_t default_max_tokens(const tg_call_t *c) {
+  if (strcmp(c->path, "/v1/completions") == 0 && c->model->max_tokens > 16)
+    return 16;
+  return c->model->max_tokens;
+}
+
+/* 1 when the body has no completion limit at all (absent or null): the
+ * upstream would then write up to its context's end, past what was
+ * reserved, so the reserved limit is sent with the request. A limit of 0
+ * or below is the client's own and goes as it is (vLLM refuses it). */
+static int states_no_max_tokens(const tg_call_t *c, const body_fields_t *f) {
+  if (f->max_tokens != NULL && !cJSON_IsNull(f->max_tokens))
+    return 0;
+  return strcmp(c->path, "/v1/chat/completions") != 0 || f->max_completion_tokens == NULL ||
+         cJSON_IsNull(f->max_completion_tokens);
+}
+
 /* The prompt estimate (from above) and the completion tokens to reserve:
  * max_tokens for every completion the request asks for. The prompt: the
  * bytes of the messages' contents (the model's media_tokens for a picture,
@@ -1679,7 +1701,9 @@ static void estimate(tg_call_t *c, const cJSON *root, const body_fields_t *f) {
 
   if (!is_embeddings(c)) { /* the model's kind is the path's (parse_body) */
     mt = stated_max_tokens(c, f);
-    max_tokens = mt > 0 ? mt : c->model->max_tokens;
+    max_tokens = mt > 0 ? mt : default_max_tokens(c);
+    if (states_no_max_tokens(c, f))
+      c->send_max_tokens = max_tokens;
     k = completions(c, f);
     max_tokens = max_tokens > INT64_MAX / k ? INT64_MAX : max_tokens * k;
   }
@@ -1693,11 +1717,14 @@ static void estimate(tg_call_t *c, const cJSON *root, const body_fields_t *f) {
 
 /* What the upstream's copy of a body gets: "stream_options":
  * {"include_usage":true} for a stream whose client did not ask for usage,
- * and the tenant's "cache_salt" in place of any the client sent. */
+ * the tenant's "cache_salt" in place of any the client sent, and the
+ * reserved "max_tokens" when the body states no limit. */
 typedef struct {
   int usage, has_options; /* add include_usage; the body has stream_options */
   const char *salt;       /* NULL: leave cache_salt alone */
   int has_salt;           /* the body has a cache_salt of its own */
+  int64_t max_tokens;     /* > 0: set "max_tokens" */
+  int has_max_tokens;     /* the body has "max_tokens" (null) */
 } rewrite_t;
 
 /* The body rewritten as w says, in *out (malloc'd, NUL-terminated). When
@@ -1714,7 +1741,8 @@ static int rewrite_body(const char *body, size_t len, const rewrite_t *w, char *
   json_error_t jerr;
   json_t *root, *so;
 
-  if (!(w->usage && w->has_options) && !(w->salt != NULL && w->has_salt)) {
+  if (!(w->usage && w->has_options) && !(w->salt != NULL && w->has_salt) &&
+      !(w->max_tokens > 0 && w->has_max_tokens)) {
     size_t n, cap;
     while (end > body && end[-1] != '}')
       end--; /* trailing whitespace; the root is an object with "model" */
@@ -1722,7 +1750,7 @@ static int rewrite_body(const char *body, size_t len, const rewrite_t *w, char *
       return TG_EPARSE;
     end--;
     n = (size_t)(end - body);
-    cap = n + sizeof(usage) + sizeof(salt_key) + TG_CACHE_SALT_LEN + 4;
+    cap = n + sizeof(usage) + sizeof(salt_key) + TG_CACHE_SALT_LEN + 40;
     *out = malloc(cap);
     if (*out == NULL)
       return TG_ENOMEM;
@@ -1739,6 +1767,8 @@ static int rewrite_body(const char *body, size_t len, const rewrite_t *w, char *
       n += sl;
       (*out)[n++] = '"';
     }
+    if (w->max_tokens > 0)
+      n += (size_t)snprintf(*out + n, cap - n, ",\"max_tokens\":%lld", (long long)w->max_tokens);
     memcpy(*out + n, "}", 2);
     *out_len = n + 1;
     return 0;
@@ -1756,6 +1786,8 @@ static int rewrite_body(const char *body, size_t len, const rewrite_t *w, char *
   }
   if (w->salt != NULL)
     json_object_set_new(root, "cache_salt", json_string(w->salt));
+  if (w->max_tokens > 0)
+    json_object_set_new(root, "max_tokens", json_integer((json_int_t)w->max_tokens));
   *out = json_dumps(root, JSON_COMPACT);
   json_decref(root);
   if (*out == NULL)
@@ -1913,7 +1945,9 @@ static int parse_body(tg_call_t *c, const tg_key_rec_t *rec) {
                ? c->rt->salts[c->tenant - c->rt->cfg->tenants]
                : NULL;
   w.has_salt = f.cache_salt != NULL;
-  if (w.usage || w.salt != NULL) {
+  w.max_tokens = c->send_max_tokens;
+  w.has_max_tokens = f.max_tokens != NULL;
+  if (w.usage || w.salt != NULL || w.max_tokens > 0) {
     int r = rewrite_body(req->body, req->body_len, &w, &c->body_owned, &c->body_len);
     if (r == TG_EPARSE) {
       call_refuse(c, 400, "invalid_request_error", "invalid_json", NULL,

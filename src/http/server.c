@@ -1184,7 +1184,7 @@ static int bind_socket(const char *host, int port, int reuseport, uv_os_sock_t *
 }
 
 int tg_http_listen_probe(const char *host, int port) {
-  uv_os_sock_t fd;
+  uv_os_sock_t fd = -1;
   int r = bind_socket(host, port, 0, &fd);
   if (r == 0)
     close(fd);

@@ -268,15 +268,27 @@ static int64_t slog_wait(const tg_slog_t *l, int64_t limit, int64_t now_ms, int6
   return l->ts[slog_at(l, i)] + window_ms - now_ms;
 }
 
-void tg_global_unadmit(tg_slog_t *log) {
-  uint32_t last;
-  if (log->count == 0)
-    return; /* expired meanwhile, or the limit was turned off */
-  last = slog_at(log, log->count - 1);
-  log->n[last]--;
+void tg_global_unadmit(tg_slog_t *log, int64_t at_ms) {
+  uint32_t i, j;
+  /* The admission made at at_ms is in the entry stamped at_ms. None: it
+   * left the window, or the limit was turned off, or it was stamped later
+   * because the clock went back (it then stays counted: toward refusing). */
+  for (i = log->count; i > 0 && log->ts[slog_at(log, i - 1)] > at_ms; i--)
+    ;
+  if (i == 0 || log->ts[j = slog_at(log, i - 1)] != at_ms || log->n[j] == 0)
+    return;
+  log->n[j]--;
   log->total--;
-  if (log->n[last] == 0)
-    log->count--;
+  if (log->n[j] > 0)
+    return;
+  /* An emptied entry goes: the later ones (admitted since, a few at most)
+   * move down one. Entries all count, so `limit` of them always fit. */
+  for (; i < log->count; i++) {
+    uint32_t to = slog_at(log, i - 1), from = slog_at(log, i);
+    log->ts[to] = log->ts[from];
+    log->n[to] = log->n[from];
+  }
+  log->count--;
 }
 
 int tg_global_admit(tg_slog_t *log, int64_t rps, int64_t now_ms, int64_t *retry_after_ms) {

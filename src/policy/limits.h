@@ -159,12 +159,12 @@ int tg_budget_alert_due(tg_nano_t spent, tg_nano_t limit, int pct);
  * the admission, or 0 with *retry_after_ms set. rps <= 0 admits everything
  * (and frees the log). Out of memory refuses, with a retry after 1 s. */
 int tg_global_admit(tg_slog_t *log, int64_t rps, int64_t now_ms, int64_t *retry_after_ms);
-/* Gives back one admission tg_global_admit() recorded, for a request its
- * tenant's limits then refused: a tenant hammering its own limit uses none
- * of the others' share. The newest entry loses it (other admissions may
- * have come after; the total is exact, the slot frees at most a few ms
- * later than that admission's would have). */
-void tg_global_unadmit(tg_slog_t *log);
+/* Gives back the admission tg_global_admit() recorded at at_ms (its now_ms),
+ * for a request its tenant's limits then refused: a tenant hammering its
+ * own limit uses none of the others' share. Its own entry loses it, not
+ * the newest: admissions another thread made since then stay in the window
+ * as long as their own. */
+void tg_global_unadmit(tg_slog_t *log, int64_t at_ms);
 
 /* Sliding-log and bucket primitives, exposed for tests and the backends. */
 

@@ -422,7 +422,10 @@
  * KEYS: 1 log list, 2 log total          ({global} tag)
  * ARGV: 1 n: admissions to give back, requests the global script admitted
  *       and their tenants' limits then refused
- * Takes them from the newest entries, as tg_global_unadmit() does. */
+ * Takes them from the newest entries: the loops send a count, not the
+ * admissions' times, so when another admission came in between, its later
+ * time goes and the earlier one stays for it (it leaves the window that
+ * much early). tg_global_unadmit() (memory) takes the admission's own. */
 #define TG_REDIS_LUA_GLOBAL_UNDO                                              \
   "local n = tonumber(ARGV[1])\n"                                             \
   "local total = tonumber(redis.call('GET', KEYS[2]) or '0')\n"               \

@@ -127,7 +127,7 @@ void tg__mem_admit(tg__mem_t *m, const tg_admit_req_t *r, int64_t now_ms, tg_adm
   if (r->global_rps > 0 && a->v.refused != TG_LIMIT_NONE) {
     /* refused by its tenant's limits: not a request the pool serves */
     pthread_mutex_lock(&m->global_lock);
-    tg_global_unadmit(&m->global);
+    tg_global_unadmit(&m->global, now_ms);
     pthread_mutex_unlock(&m->global_lock);
   }
 }

@@ -29,10 +29,12 @@ def test_chat_completion_matches_backend(stack):
     assert doc["usage"]["total_tokens"] == doc["usage"]["prompt_tokens"] + 7
 
 
-def test_default_completion_length_is_backends(stack):
+def test_a_chat_without_max_tokens_is_sent_the_models_cap(stack):
+    # the simulator writes 16 tokens when it is given no limit; the gateway
+    # sends the model's cap (4096 here), the limit it reserved
     r = chat(stack.port, stack.key, M8B)
     assert r.status == 200, r
-    assert r.json()["usage"]["completion_tokens"] == 16
+    assert r.json()["usage"]["completion_tokens"] == 4096
 
 
 def test_legacy_completions(stack):

@@ -260,6 +260,36 @@ def test_reservation_is_prompt_estimate_plus_max_tokens(tg, sim, case):
     assert hdr_int(r, "x-ratelimit-remaining-tokens") == tpm - est - max_tokens, (est, max_tokens)
 
 
+def test_a_request_that_states_no_limit_is_sent_the_reserved_one(tg):
+    """A request without max_tokens reserves the model's cap (a completion:
+    the API's default of 16), and the upstream is sent that limit: left to
+    itself it writes up to its context's end (here the simulator's default
+    of 400 tokens), past the reservation and so past a budget that admitted
+    it. A limit the client states goes as it is."""
+    sim = tg.sim(default_tokens=400)
+    gw = start_gw(tg, sim, {"cap": tgtest.limited_tenant(models=(M,), tpm=10 ** 6)})
+    key = gw.keys["cap"]
+    msgs = [{"role": "user", "content": HELLO}]
+
+    def used(body, path="/v1/chat/completions"):
+        r = tgtest.request(gw.port, "POST", path, body=dict({"model": M}, **body), key=key)
+        assert r.status == 200, (body, r)
+        return r.json()["usage"]["completion_tokens"]
+
+    assert used({"messages": msgs}) == MODEL_CAP
+    assert used({"messages": msgs, "max_tokens": None}) == MODEL_CAP
+    assert used({"messages": msgs, "max_tokens": None, "max_completion_tokens": None}) == MODEL_CAP
+    assert used({"messages": msgs, "max_completion_tokens": 7}) == 7
+    assert used({"messages": msgs, "max_tokens": 12}) == 12
+    assert used({"prompt": "Once upon"}, "/v1/completions") == 16
+    # a stream whose client asked for no usage: both members are added
+    st = tgtest.SSEStream(gw.port, {"model": M, "messages": msgs, "stream": True}, key=key)
+    assert st.status == 200
+    st.read_all()
+    assert st.done and not tgtest.usage_events(st.all_events)
+    assert len(tgtest.assembled_text(st.all_events).split()) == MODEL_CAP
+
+
 def test_settlement_replaces_reservation_with_usage(tg, sim):
     tpm = 600     # refills 10 tokens a second
     gw = start_gw(tg, sim, {"settle": tgtest.limited_tenant(tpm=tpm)})

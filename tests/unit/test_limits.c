@@ -519,19 +519,42 @@ static void test_global_unadmit(void **state) {
   int64_t t = t0();
   for (int i = 0; i < 100; i++) {
     assert_int_equal(tg_global_admit(&log, 100, t + i % 3, NULL), 1);
-    tg_global_unadmit(&log);
+    tg_global_unadmit(&log, t + i % 3);
   }
   assert_int_equal(log.total, 0);
   assert_int_equal(log.count, 0);
   for (int i = 0; i < 100; i++)
     assert_int_equal(tg_global_admit(&log, 100, t + 5, NULL), 1);
   assert_int_equal(tg_global_admit(&log, 100, t + 5, NULL), 0);
-  tg_global_unadmit(&log);
+  tg_global_unadmit(&log, t + 5);
   assert_int_equal(log.total, 99);
   assert_int_equal(tg_global_admit(&log, 100, t + 5, NULL), 1);
   tg_slog_free(&log);
-  tg_global_unadmit(&log); /* an empty log: nothing to give back */
+  tg_global_unadmit(&log, t + 5); /* an empty log: nothing to give back */
   assert_int_equal(log.total, 0);
+}
+
+/* A give-back takes the admission's own entry, not the newest: when
+ * another thread was admitted in a later millisecond in between, its
+ * admission keeps its own time. Taking the newest left the older time
+ * standing for it, leaving the window early: rps + 1 in one second. */
+static void test_global_unadmit_keeps_later_admissions(void **state) {
+  (void)state;
+  tg_slog_t log;
+  memset(&log, 0, sizeof log);
+  int64_t t = t0();
+  assert_int_equal(tg_global_admit(&log, 2, t, NULL), 1);       /* A */
+  assert_int_equal(tg_global_admit(&log, 2, t + 500, NULL), 1); /* B, another thread */
+  tg_global_unadmit(&log, t);                                   /* A's tenant refused it */
+  assert_int_equal(tg_global_admit(&log, 2, t + 700, NULL), 1); /* C */
+  /* A's time has left the window, B's and C's have not: full */
+  assert_int_equal(tg_global_admit(&log, 2, t + 1001, NULL), 0);
+  assert_int_equal(tg_global_admit(&log, 2, t + 1499, NULL), 0);
+  assert_int_equal(tg_global_admit(&log, 2, t + 1500, NULL), 1);
+  /* a give-back of an admission already gone changes nothing */
+  tg_global_unadmit(&log, t + 3);
+  assert_int_equal(log.total, 2);
+  tg_slog_free(&log);
 }
 
 static void test_global_burst_and_unlimited(void **state) {
@@ -1229,6 +1252,7 @@ int main(void) {
       cmocka_unit_test(test_global_greedy),
       cmocka_unit_test(test_global_burst_and_unlimited),
       cmocka_unit_test(test_global_unadmit),
+      cmocka_unit_test(test_global_unadmit_keeps_later_admissions),
       cmocka_unit_test(test_tpm_boundaries),
       cmocka_unit_test(test_tpm_refill_exact),
       cmocka_unit_test(test_tpm_settle_up_and_down),
