@@ -22,7 +22,8 @@
   XX(TIMEDOUT,  "timed out")                                                  \
   XX(CANCELED,  "canceled")                                                   \
   XX(UNAVAIL,   "unavailable")                                                \
-  XX(REJECTED,  "refused by the database's rules")
+  XX(REJECTED,  "refused by the database's rules")                            \
+  XX(BUSY,      "in use by another process")
 
 typedef enum {
   TG_OK = 0,

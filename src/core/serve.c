@@ -18,6 +18,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <curl/curl.h>
@@ -30,6 +31,7 @@
 #include "core/err.h"
 #include "core/strbuf.h"
 #include "core/thread.h"
+#include "meter/datalock.h"
 #include "obs/accesslog.h"
 
 #define TICK_MS 100
@@ -456,6 +458,7 @@ typedef struct {
   uv_timer_t cfg_debounce;   /* editors write in several steps */
   int cfg_watching;
   int stopping;
+  int lock_fd;               /* data_dir's owner lock, -1 when none (ledger off) */
 } main_ctx_t;
 
 static void broadcast(tg_app_t *app, int cmd) {
@@ -615,6 +618,9 @@ static void on_signal(uv_signal_t *s, int signum) {
     return;
   }
   m->stopping = 1;
+  /* first, before the listeners close: a successor that finds the port
+   * free then finds the data_dir's holder draining, and waits for it */
+  tg_datalock_draining(m->lock_fd);
   if (m->purge.wake[1] >= 0) {
     /* a purge waiting on a frozen database would hold the stop */
     ssize_t n = write(m->purge.wake[1], "x", 1);
@@ -636,6 +642,76 @@ static const char *arg_config(int argc, char **argv) {
     if (strcmp(argv[i], "--config") == 0 || strcmp(argv[i], "-c") == 0)
       return argv[i + 1];
   return NULL;
+}
+
+/* How long a successor waits for a draining predecessor beyond its own
+ * drain timeout (the predecessor then flushes its ledger and exits); and
+ * how long a holder that says it serves is given to say it drains (a
+ * SIGTERM sent a moment before this start). */
+#define LOCK_WAIT_MARGIN_MS 10000
+#define LOCK_SERVING_GRACE_MS 1000
+#define LOCK_POLL_MS 100
+
+static uint64_t mono_ms(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+}
+
+static void holder_text(const tg_datalock_holder_t *h, char *buf, size_t size) {
+  if (h->pid > 0)
+    snprintf(buf, size, "pid %ld", h->pid);
+  else
+    snprintf(buf, size, "pid unknown");
+}
+
+/* One gateway a data_dir: its ledger spool has one writer (docs/ledger.md).
+ * Takes the data_dir's owner lock before the spool is opened or replayed.
+ * A holder that is draining (a rolling restart on this host) is waited
+ * for, up to the drain timeout and a margin, saying so once; a holder that
+ * serves makes this start fail. Returns 0 and *fd, or -1 having said why. */
+static int lock_data_dir(const tg_config_t *cfg, int *fd) {
+  tg_datalock_holder_t h;
+  uint64_t start = mono_ms(), waited = 0, limit = cfg->drain_timeout_ms + LOCK_WAIT_MARGIN_MS;
+  struct timespec poll = {0, LOCK_POLL_MS * 1000000L};
+  char who[48];
+  int r, said = 0;
+
+  for (;;) {
+    r = tg_datalock_try(cfg->data_dir, fd, &h);
+    if (r != TG_EBUSY)
+      break;
+    waited = mono_ms() - start;
+    holder_text(&h, who, sizeof(who));
+    if (h.draining && waited < limit) {
+      if (!said)
+        fprintf(stderr, "tollgate: data_dir %s is held by the gateway with %s, which is "
+                        "draining; waiting up to %llu ms for it to stop\n",
+                cfg->data_dir, who, (unsigned long long)limit);
+      said = 1;
+    } else if (h.draining || waited >= LOCK_SERVING_GRACE_MS) {
+      break;
+    }
+    nanosleep(&poll, NULL);
+  }
+  if (r == 0) {
+    if (said)
+      fprintf(stderr, "tollgate: data_dir %s is free after %llu ms\n", cfg->data_dir,
+              (unsigned long long)(mono_ms() - start));
+    return 0;
+  }
+  if (r == TG_EBUSY && h.draining)
+    fprintf(stderr, "tollgate: data_dir %s is still held by the gateway with %s, draining, "
+                    "after %llu ms; not starting\n",
+            cfg->data_dir, who, (unsigned long long)waited);
+  else if (r == TG_EBUSY)
+    fprintf(stderr, "tollgate: data_dir %s is in use by another gateway (%s): a data_dir's "
+                    "ledger has one writer; give each gateway its own data_dir\n",
+            cfg->data_dir, who);
+  else
+    fprintf(stderr, "tollgate: cannot lock data_dir %s (%s/%s): %s\n", cfg->data_dir,
+            cfg->data_dir, TG_DATALOCK_FILE, r == TG_EIO ? strerror(errno) : tg_strerror(r));
+  return -1;
 }
 
 /* Every client connection and every upstream connection is a descriptor,
@@ -677,6 +753,7 @@ int tg_cmd_serve(int argc, char **argv) {
   memset(&app, 0, sizeof(app));
   memset(&m, 0, sizeof(m));
   m.purge.wake[0] = m.purge.wake[1] = -1;
+  m.lock_fd = -1;
   app.log_fd = -1;
   pthread_mutex_init(&app.rt_lock, NULL);
   if (tg_config_load(path, &cfg, &errs) < 0) {
@@ -691,6 +768,13 @@ int tg_cmd_serve(int argc, char **argv) {
   if ((r = tg_http_listen_probe(cfg->listen_host, cfg->listen_port)) < 0) {
     fprintf(stderr, "tollgate: cannot listen on %s:%d: %s\n", cfg->listen_host,
             cfg->listen_port, tg_strerror(r));
+    tg_config_unref(cfg);
+    pthread_mutex_destroy(&app.rt_lock);
+    return 1;
+  }
+  /* the spool's owner; commands that only use the database (keys,
+   * invoice, usage, migrate) go through its own locking and take no part */
+  if (!cfg->ledger_off && lock_data_dir(cfg, &m.lock_fd) < 0) {
     tg_config_unref(cfg);
     pthread_mutex_destroy(&app.rt_lock);
     return 1;
@@ -818,6 +902,7 @@ out:
   tg_metrics_free(app.metrics);
   if (app.ledger)
     tg_ledger_close(app.ledger);
+  tg_datalock_release(m.lock_fd); /* after the last spool write */
   if (app.log_fd > STDERR_FILENO)
     close(app.log_fd);
   for (i = 0; i < 2; i++)

@@ -176,6 +176,10 @@ static int make_dirs(const char *dir) {
   return 0;
 }
 
+int tg_db_make_data_dir(const char *data_dir) {
+  return make_dirs(data_dir);
+}
+
 /* Once, before SQLite initializes: no count of its memory use. The count
  * takes a global mutex around every allocation, several per inserted row,
  * and nothing here reads it (sqlite3_memory_used). Fails harmlessly

@@ -31,6 +31,11 @@ int tg_db_sqlite_open_private(sqlite3 **db, const char *data_dir);
  * *from (0 for a new one; set once it is read). */
 int tg_db_sqlite_open_from(sqlite3 **db, const char *data_dir, int *from);
 
+/* Creates data_dir and its missing parents, each with mode 0700 (the
+ * database holds key hashes and the ledger); an existing one is left as it
+ * is. Returns 0, or TG_EIO / TG_EINVAL with one line on stderr. */
+int tg_db_make_data_dir(const char *data_dir);
+
 /* The highest migration version this binary knows (the schema version a
  * freshly opened database has). */
 int tg_db_sqlite_schema_version(void);

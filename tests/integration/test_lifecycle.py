@@ -297,6 +297,125 @@ def test_serve_refuses_a_port_another_gateway_listens_on(tg):
     tgtest.wait_for(lambda: len(gw.access_log_entries()) == 20, what="20 lines of the first gateway")
 
 
+def _serve(gw, name):
+    """`tollgate serve` for gw's config, started without waiting for it."""
+    return tgtest.Proc(name, [tgtest.binary("tollgate"), "serve", "--config", gw.config_path],
+                       gw.workdir)
+
+
+def _serving_or_gone(proc, timeout=15.0):
+    tgtest.wait_for(lambda: not proc.alive() or "serving on" in proc.stderr_text(),
+                    timeout=timeout, what="%s to serve or exit" % proc.name)
+    return proc.wait(5.0) if "serving on" not in proc.stderr_text() else None
+
+
+def _fd_flags(pid, path):
+    """The open flags of pid's descriptor on path (None when it has none)."""
+    for fd in os.listdir("/proc/%d/fd" % pid):
+        try:
+            if os.readlink("/proc/%d/fd/%s" % (pid, fd)) != path:
+                continue
+            with open("/proc/%d/fdinfo/%s" % (pid, fd)) as f:
+                for line in f:
+                    if line.startswith("flags:"):
+                        return int(line.split()[1], 8)
+        except OSError:
+            continue
+    return None
+
+
+def test_a_second_gateway_on_the_same_data_dir_is_refused(tg):
+    """Two gateways on one data_dir (two configs that keep the default
+    ./data beside each other, PostgreSQL replicas on one host) would both
+    write its ledger spool over each other's records. The second exits 1 at
+    start naming the data_dir and the first one's pid, and the first keeps
+    serving and recording. The commands that only use the database work
+    beside the running gateway. The first holds the data_dir's lock file
+    (0600) through a close-on-exec descriptor, so no child could keep it;
+    a kill -9 lets the second start at once."""
+    sim = tg.sim()
+    gw = tg.gateway({M8B: [sim.url]})
+    key = gw.keys["acme"]
+    other = tg.gateway({M8B: [sim.url]}, start=False, keys=(),
+                       overrides={"data_dir": gw.data_dir})
+    proc = _serve(other, "tollgate-same-data-dir")
+    rc = _serving_or_gone(proc)
+    err = proc.stderr_text()
+    assert rc == 1, "the second gateway %s\n%s" % (
+        "serves" if rc is None else "exited %s" % rc, proc.tail())
+    assert "data_dir %s is in use by another gateway (pid %d)" % (gw.data_dir, gw.pid) in err, \
+        err
+    assert "serving on" not in err
+    lock = os.path.join(gw.data_dir, "tollgate.lock")
+    assert oct(os.stat(lock).st_mode & 0o777) == oct(0o600)
+    flags = _fd_flags(gw.pid, lock)
+    assert flags is not None and flags & os.O_CLOEXEC, flags
+
+    # the database's commands beside the running gateway
+    key2 = gw.create_key("acme")                 # waits for the gateway to accept it
+    assert any(k["id"] == tgtest.key_id(key2) for k in gw.list_keys())
+    gw.revoke_key(key2)
+    tgtest.wait_for(lambda: tgtest.request(gw.port, "GET", "/v1/models", key=key2,
+                                           timeout=3).status == 401,
+                    what="the revoked key refused")
+    for _ in range(5):
+        assert chat(gw.port, key, M8B, max_tokens=1).status == 200
+    tgtest.wait_for(lambda: len(tgtest.sqlite_ledger_rows(gw.db_path)) == 5,
+                    what="5 ledger rows")
+    month, day = tgtest.utc_month(), tgtest.utc_day()
+    inv = gw.invoice("acme", month)
+    assert inv["summary"]["total_requests"] == 5, inv
+    assert gw.usage("acme", day)["requests"] == 5
+    assert gw.tool("migrate").returncode == 0
+    assert gw.tool("check-config").returncode == 0
+
+    # the lock goes with the process, however it ends
+    gw.kill()
+    gw.proc.wait(5.0)
+    gw.checked_exit = True
+    other.start()
+    assert chat(other.port, key, M8B, max_tokens=1).status == 200
+    tgtest.wait_for(lambda: len(tgtest.sqlite_ledger_rows(gw.db_path)) == 6,
+                    what="the second gateway's row")
+
+
+def test_a_successor_on_the_same_data_dir_waits_for_the_drain(tg):
+    """A rolling restart on one host: started on its predecessor's port and
+    data_dir while the predecessor drains a stream, the successor says it
+    waits for the data_dir, serves once the predecessor has stopped (its
+    stream complete, its record kept), and records its own requests."""
+    sim = tg.sim()
+    gw = tg.gateway({M8B: [sim.url]})
+    key = gw.keys["acme"]
+    s = SSEStream(gw.port, chat_body(M8B, stream=True, max_tokens=12, include_usage=True),
+                  key=key, headers={"x-sim-token-ms": "250"})
+    assert s.status == 200
+    it = s.events()
+    first = [next(it)]
+    gw.proc.signal(15)
+    tgtest.wait_for(lambda: _refused(gw.port), timeout=2.0, what="listener closed after SIGTERM")
+    succ = tg.gateway({M8B: [sim.url]}, start=False, keys=(),
+                      overrides={"data_dir": gw.data_dir, "listen": "127.0.0.1:%d" % gw.port})
+    succ.port = gw.port
+    t0 = time.monotonic()
+    succ.start(timeout=30.0)
+    err = succ.proc.stderr_text()
+    assert "data_dir %s is held by the gateway with pid %d, which is draining; waiting" % (
+        gw.data_dir, gw.pid) in err, err
+    assert "data_dir %s is free after" % gw.data_dir in err, err
+    assert time.monotonic() - t0 > 1.0, "the stream (3 s) was still being drained"
+    rc = gw.proc.wait(5.0)
+    assert rc == 0, "exit code %s\n%s" % (rc, gw.proc.tail())
+    gw.checked_exit = True
+    events = first + list(it)
+    s.close()
+    assert s.done and s.complete
+    assert tgtest.usage_events(events)[0].json()["usage"]["completion_tokens"] == 12
+    assert chat(succ.port, key, M8B, max_tokens=1).status == 200
+    tgtest.wait_for(lambda: len(tgtest.sqlite_ledger_rows(gw.db_path)) == 2,
+                    what="the stream's row and the successor's")
+
+
 def test_check_config_valid(tg):
     gw = tg.gateway({M8B: ["http://127.0.0.1:9"]}, start=False)
     cp = gw.cli("check-config", check=False)

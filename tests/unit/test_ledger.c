@@ -31,6 +31,7 @@
 #include <uv.h>
 
 #include "core/err.h"
+#include "meter/datalock.h"
 #include "meter/db_sqlite.h"
 #include "meter/ledger.h"
 #include "meter/ledger_backend.h"
@@ -1607,6 +1608,64 @@ static void test_retention_cutoff_and_open_errors(void **state) {
   assert_null(d);
 }
 
+/* One process owns a data_dir's ledger: the lock file names it, says when
+ * it drains, is close-on-exec, and goes with the process (kill -9). */
+static void test_data_dir_lock_has_one_holder(void **state) {
+  tmp_t *t = *state;
+  tg_datalock_holder_t h;
+  char dir[128], path[192];
+  struct stat sb;
+  int fd = -1, fd2 = -1, ready[2];
+  pid_t pid;
+  char c;
+
+  snprintf(dir, sizeof(dir), "%s/a/data", t->dir);
+  assert_int_equal(tg_datalock_try(dir, &fd, &h), 0);
+  assert_true(fd >= 0);
+  assert_true(fcntl(fd, F_GETFD) & FD_CLOEXEC);
+  snprintf(path, sizeof(path), "%s/%s", dir, TG_DATALOCK_FILE);
+  assert_int_equal(stat(path, &sb), 0);
+  assert_int_equal(sb.st_mode & 0777, 0600);
+  assert_int_equal(stat(dir, &sb), 0);
+  assert_int_equal(sb.st_mode & 0777, 0700);
+
+  /* a second opener (another open file, as another process has) */
+  assert_int_equal(tg_datalock_try(dir, &fd2, &h), TG_EBUSY);
+  assert_int_equal(fd2, -1);
+  assert_int_equal(h.pid, (long)getpid());
+  assert_int_equal(h.draining, 0);
+  tg_datalock_draining(fd);
+  assert_int_equal(tg_datalock_try(dir, &fd2, &h), TG_EBUSY);
+  assert_int_equal(h.pid, (long)getpid());
+  assert_int_equal(h.draining, 1);
+  tg_datalock_release(fd);
+
+  /* a holder killed with SIGKILL leaves the lock free */
+  assert_int_equal(pipe(ready), 0);
+  pid = fork();
+  assert_true(pid >= 0);
+  if (pid == 0) {
+    tg_datalock_holder_t ch;
+    int cfd;
+    if (tg_datalock_try(dir, &cfd, &ch) != 0)
+      _exit(2);
+    if (write(ready[1], "x", 1) != 1)
+      _exit(3);
+    for (;;)
+      pause();
+  }
+  close(ready[1]);
+  assert_int_equal(read(ready[0], &c, 1), 1);
+  close(ready[0]);
+  assert_int_equal(tg_datalock_try(dir, &fd2, &h), TG_EBUSY);
+  assert_int_equal(h.pid, (long)pid);
+  assert_int_equal(h.draining, 0);
+  kill(pid, SIGKILL);
+  assert_int_equal(waitpid(pid, NULL, 0), pid);
+  assert_int_equal(tg_datalock_try(dir, &fd2, &h), 0);
+  tg_datalock_release(fd2);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
     cmocka_unit_test_setup_teardown(test_two_loops_exact_sums, tmp_setup,
@@ -1655,6 +1714,8 @@ int main(void) {
     cmocka_unit_test_setup_teardown(test_threads_yield_to_loops, tmp_setup,
                                     tmp_teardown),
     cmocka_unit_test_setup_teardown(test_wal_stays_bounded, tmp_setup,
+                                    tmp_teardown),
+    cmocka_unit_test_setup_teardown(test_data_dir_lock_has_one_holder, tmp_setup,
                                     tmp_teardown),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
