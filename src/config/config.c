@@ -20,6 +20,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/stat.h>
 #include <unistd.h>
 #include <yaml.h>
@@ -1053,6 +1054,12 @@ static void parse_models(ydoc_t *d, yaml_node_t *key, yaml_node_t *n) {
            "invalid model name '%s' (letters, digits and . _ - : / @ +; at "
            "most %d)",
            name, MAX_MODEL_NAME);
+      continue;
+    }
+    if (strcasecmp(name, "TOTAL") == 0) {
+      /* the CSV invoice's last line is the total, with TOTAL as its model */
+      yerr(d, k, where,
+           "model name '%s' is reserved (the CSV invoice's total line)", name);
       continue;
     }
     tg_model_cfg_t *m = &cfg->models[cfg->n_models];

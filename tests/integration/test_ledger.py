@@ -805,6 +805,43 @@ def test_every_admin_api_request_leaves_an_audit_line(tg, sim):
             (path, status, kid, tenant), (path, e)
 
 
+def test_no_model_can_be_named_as_the_csv_invoices_total_line(tg):
+    """The CSV invoice's last line is the total, TOTAL in its model column:
+    a model named TOTAL (in any case: spreadsheets compare text without it)
+    made that line one of two alike. check-config and serve refuse the
+    name, saying where. A model's name is its cell as the config spells it,
+    as in the JSON invoice and the ledger, one that starts with @ too
+    (decisions.md)."""
+    at = "@cf/meta/llama-3.1-8b+lora-v2"
+    sim = tg.sim(models=(M, at))
+    models = {m: tgtest.model_entry([sim.url], prompt="0.0005", completion="0.0015")
+              for m in (M, at)}
+    for name in ("TOTAL", "total"):
+        bad = tg.gateway(dict(models, **{name: [sim.url]}), start=False, keys=(),
+                         tenants={"alpha": ledger_tenant((M,))})
+        cp = bad.tool("check-config", check=False)
+        assert cp.returncode == 1, (name, cp.returncode, cp.stdout, cp.stderr)
+        assert "tollgate.yaml:" in cp.stderr and \
+            "model name '%s' is reserved (the CSV invoice's total line)" % name in cp.stderr, \
+            cp.stderr
+        proc = tgtest.Proc("tollgate-%s" % name, bad.tool_argv("serve"), bad.workdir)
+        assert proc.wait(15.0) == 1, proc.tail()
+        assert "serving on" not in proc.stderr_text()
+
+    gw = tg.gateway(models, tenants={"alpha": ledger_tenant((M, at))}, keys=(), start=False)
+    key = gw.create_key("alpha")
+    gw.start()
+    for m in (M, at, at):
+        assert tgtest.chat(gw.port, key, m, max_tokens=3).status == 200
+    tgtest.wait_for(lambda: len(tgtest.sqlite_ledger_rows(gw.db_path)) == 3, what="3 rows")
+    month = tgtest.utc_month()
+    lines = [ln.split(",") for ln in gw.invoice("alpha", month, fmt="csv").splitlines()[1:]]
+    assert [ln[2] for ln in lines] == [at, M, "TOTAL"], lines
+    assert [ln[3] for ln in lines] == ["2", "1", "3"], lines
+    assert lines[-1][4:6] == ["", ""], lines
+    assert sorted(gw.invoice("alpha", month)["usage_by_model"]) == [at, M]
+
+
 def test_invoice_and_usage_of_a_data_dir_without_a_ledger_fail(tg, sim, tmp_path):
     """`tollgate invoice` and `usage` read a ledger: pointed at a data_dir
     that holds none (a typo, another config's copy) they say so and exit

@@ -676,6 +676,9 @@ static void test_structure_errors(void **state) {
        4, "models.m.media_tokens: -1 is out of range"},
       {"models:\n  bad name:\n    endpoints: [{url: \"http://h\"}]\n", 2,
        "invalid model name 'bad name'"},
+      {"models:\n  m: {endpoints: [{url: \"http://h\"}]}\n"
+       "  Total: {endpoints: [{url: \"http://h\"}]}\n", 3,
+       "models: model name 'Total' is reserved (the CSV invoice's total line)"},
       {"models:\n  m:\n    endpoints: [{url: \"http://h\"}]\n    cache_salt: maybe\n", 4,
        "models.m.cache_salt: expected 'tenant' or 'off', got 'maybe'"},
       {"models:\n  m: {endpoints: [{url: \"http://h\"}]}\n"
