@@ -14,7 +14,9 @@
  * and the input file itself is bounded in size. */
 #include "config/config.h"
 
+#include <arpa/inet.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <limits.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -151,9 +153,52 @@ typedef struct {
   int rank;
 } ydoc_t;
 
+/* Copies src to dst (cap > 0) with its control bytes escaped: C0 and DEL
+ * as \n, \r, \t or \xNN, C1 (U+0080..U+009F, two bytes in UTF-8, which
+ * some terminals take as CSI) as \u00NN. Values quoted from the file thus
+ * cannot end a message's line, start a forged one or drive the terminal.
+ * Other UTF-8 (libyaml has checked it) is kept. Cut at cap - 1 bytes, never
+ * inside an escape. */
+static void escape_text(char *dst, size_t cap, const char *src) {
+  static const char hex[] = "0123456789abcdef";
+  const unsigned char *p = (const unsigned char *)src;
+  size_t n = 0;
+  for (; *p != '\0'; p++) {
+    char e[8];
+    size_t k;
+    if (*p == '\n' || *p == '\r' || *p == '\t') {
+      e[0] = '\\';
+      e[1] = *p == '\n' ? 'n' : *p == '\r' ? 'r' : 't';
+      k = 2;
+    } else if (*p < 0x20 || *p == 0x7f) {
+      memcpy(e, "\\x", 2);
+      e[2] = hex[*p >> 4];
+      e[3] = hex[*p & 15];
+      k = 4;
+    } else if (*p == 0xc2 && p[1] >= 0x80 && p[1] <= 0x9f) {
+      memcpy(e, "\\u00", 4);
+      e[4] = hex[p[1] >> 4];
+      e[5] = hex[p[1] & 15];
+      k = 6;
+      p++;
+    } else {
+      e[0] = (char)*p;
+      k = 1;
+    }
+    if (n + k >= cap)
+      break;
+    memcpy(dst + n, e, k);
+    n += k;
+  }
+  dst[n] = '\0';
+}
+
+/* Every message passes here: its values come from the file (names, paths,
+ * the values refused), and their control bytes are escaped, so a message
+ * stays one line of text. */
 static void add_err(loader_t *ld, int rank, const char *file,
                     unsigned long line, const char *msg) {
-  char full[1536];
+  char raw[1536], full[2048];
   if (ld->n_errs >= MAX_ERRORS) {
     ld->truncated = 1;
     return;
@@ -168,7 +213,8 @@ static void add_err(loader_t *ld, int rank, const char *file,
     ld->errs = v;
     ld->cap_errs = cap;
   }
-  snprintf(full, sizeof full, "%s:%lu: %s", file, line, msg);
+  snprintf(raw, sizeof raw, "%s:%lu: %s", file, line, msg);
+  escape_text(full, sizeof full, raw);
   char *m = strdup(full);
   if (m == NULL) {
     ld->nomem = 1;
@@ -503,7 +549,8 @@ static int parse_port(const char *s, size_t len) {
 }
 
 /* "host:port" or "[v6]:port". The host is a name or an address; brackets
- * are required around IPv6 so the port is unambiguous. */
+ * are required around IPv6 so the port is unambiguous. Returns 0, -1 when
+ * malformed, TG_ENOMEM. */
 static int split_hostport(const char *s, char **host, int *port) {
   const char *hs, *he, *colon;
   if (s[0] == '[') {
@@ -538,11 +585,16 @@ static int split_hostport(const char *s, char **host, int *port) {
   return 0;
 }
 
-static void parse_listen(ydoc_t *d, yaml_node_t *n, const char *where,
-                         char **host, int *port) {
+/* A listener binds an address, and serve does not look names up: the host
+ * of listen and admin_listen is an IPv4 or IPv6 literal. */
+static int parse_listen(ydoc_t *d, yaml_node_t *n, const char *where,
+                        char **host, int *port) {
+  unsigned char a[16];
+  char *h = NULL;
+  int p = 0;
   if (scalar_text(d, n, where, "host:port") < 0)
-    return;
-  int rc = split_hostport(yscalar(n), host, port);
+    return -1;
+  int rc = split_hostport(yscalar(n), &h, &p);
   if (rc == TG_ENOMEM)
     d->ld->nomem = 1;
   else if (rc < 0)
@@ -550,6 +602,38 @@ static void parse_listen(ydoc_t *d, yaml_node_t *n, const char *where,
          "expected host:port with a port in 1..65535 (IPv6 as [::1]:8080), "
          "got '%s'",
          yscalar(n));
+  else if (inet_pton(yscalar(n)[0] == '[' ? AF_INET6 : AF_INET, h, a) != 1)
+    yerr(d, n, where,
+         "expected an IP address, not a host name (the listener binds an "
+         "address: 127.0.0.1, 0.0.0.0, [::1]), got '%s'",
+         yscalar(n));
+  else {
+    free(*host);
+    *host = h;
+    *port = p;
+    return 0;
+  }
+  free(h);
+  return -1;
+}
+
+/* 1 when listeners on a and b (IP literals, as parse_listen leaves them)
+ * cannot both bind port: the same address, an IPv4 wildcard and an IPv4
+ * address, or the IPv6 wildcard (dual-stack on Linux) and any address. */
+static int listeners_clash(const char *a, const char *b) {
+  unsigned char x[16], y[16];
+  int fa = strchr(a, ':') ? AF_INET6 : AF_INET, fb = strchr(b, ':') ? AF_INET6 : AF_INET;
+  static const unsigned char any[16];
+
+  if (inet_pton(fa, a, x) != 1 || inet_pton(fb, b, y) != 1)
+    return 0;
+  if ((fa == AF_INET6 && memcmp(x, any, 16) == 0) ||
+      (fb == AF_INET6 && memcmp(y, any, 16) == 0))
+    return 1;
+  if (fa != fb)
+    return 0;
+  size_t n = fa == AF_INET ? 4 : 16;
+  return memcmp(x, y, n) == 0 || memcmp(x, any, n) == 0 || memcmp(y, any, n) == 0;
 }
 
 /* Checks an upstream base URL and returns a copy without trailing '/'.
@@ -1315,9 +1399,9 @@ static void parse_tenants(ydoc_t *d, yaml_node_t *n) {
 
 /* ---- files ---------------------------------------------------------------- */
 
-/* Reads the whole file into *buf, at most MAX_FILE_BYTES whatever the file
- * is: a pipe or a device has no size to check beforehand. Returns 0, or -1
- * with why set. */
+/* Reads the whole file into *buf, at most MAX_FILE_BYTES whatever its size
+ * said: a file of /proc says 0, and a file may grow while it is read.
+ * Returns 0, or -1 with why set. */
 static int read_bounded(FILE *f, char **buf, size_t *len, char *why,
                         size_t whysz) {
   size_t cap = 0, n = 0;
@@ -1498,23 +1582,40 @@ static int ydoc_load(ydoc_t *d, const char *path, char *why, size_t whysz) {
   int rc = -1;
   char *buf = NULL;
   size_t len = 0;
-  FILE *f = fopen(path, "rb");
+  FILE *f = NULL;
+  /* O_NONBLOCK: opening a FIFO would wait for a writer, for ever */
+  int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
 
-  if (f == NULL) {
+  if (fd < 0) {
     snprintf(why, whysz, "%s", strerror(errno));
     return -1;
   }
-  if (fstat(fileno(f), &st) == 0) {
-    if (S_ISDIR(st.st_mode)) {
-      snprintf(why, whysz, "%s", strerror(EISDIR));
-      fclose(f);
-      return -1;
-    }
-    if (S_ISREG(st.st_mode) && (long long)st.st_size > MAX_FILE_BYTES) {
-      snprintf(why, whysz, "file is larger than %lld bytes", MAX_FILE_BYTES);
-      fclose(f);
-      return -1;
-    }
+  if (fstat(fd, &st) != 0) {
+    snprintf(why, whysz, "%s", strerror(errno));
+    close(fd);
+    return -1;
+  }
+  if (!S_ISREG(st.st_mode)) {
+    /* a FIFO, a terminal or a socket can keep a read waiting for ever (on
+     * a reload, the main loop), and none gives a reload the same text */
+    snprintf(why, whysz, "%s",
+             S_ISDIR(st.st_mode) ? strerror(EISDIR)
+             : S_ISFIFO(st.st_mode) ? "not a regular file (a FIFO)"
+             : S_ISCHR(st.st_mode) || S_ISBLK(st.st_mode) ? "not a regular file (a device)"
+                                                           : "not a regular file");
+    close(fd);
+    return -1;
+  }
+  if ((long long)st.st_size > MAX_FILE_BYTES) {
+    snprintf(why, whysz, "file is larger than %lld bytes", MAX_FILE_BYTES);
+    close(fd);
+    return -1;
+  }
+  if (fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK) < 0 ||
+      (f = fdopen(fd, "rb")) == NULL) {
+    snprintf(why, whysz, "%s", strerror(errno));
+    close(fd);
+    return -1;
   }
   rc = read_bounded(f, &buf, &len, why, whysz);
   fclose(f);
@@ -1804,12 +1905,23 @@ static void parse_scalars(ydoc_t *d, yaml_node_t **v) {
   int64_t i64;
   char *s = NULL;
 
+  int listen_bad = 0;
+
   if (v[T_LISTEN])
-    parse_listen(d, v[T_LISTEN], "listen", &cfg->listen_host,
-                 &cfg->listen_port);
+    listen_bad |= parse_listen(d, v[T_LISTEN], "listen", &cfg->listen_host,
+                               &cfg->listen_port);
   if (v[T_ADMIN_LISTEN])
-    parse_listen(d, v[T_ADMIN_LISTEN], "admin_listen", &cfg->admin_host,
-                 &cfg->admin_port);
+    listen_bad |= parse_listen(d, v[T_ADMIN_LISTEN], "admin_listen",
+                               &cfg->admin_host, &cfg->admin_port);
+  if (!listen_bad && cfg->listen_port == cfg->admin_port &&
+      cfg->listen_host != NULL && cfg->admin_host != NULL &&
+      listeners_clash(cfg->listen_host, cfg->admin_host))
+    yerr(d, v[T_ADMIN_LISTEN] ? v[T_ADMIN_LISTEN] : v[T_LISTEN],
+         v[T_ADMIN_LISTEN] ? "admin_listen" : "listen",
+         "listen '%s' and admin_listen '%s' cannot both be bound: give them "
+         "different ports",
+         v[T_LISTEN] ? yscalar(v[T_LISTEN]) : "127.0.0.1:8080",
+         v[T_ADMIN_LISTEN] ? yscalar(v[T_ADMIN_LISTEN]) : "127.0.0.1:8081");
   if (v[T_WORKERS] &&
       get_int(d, v[T_WORKERS], "workers", 0, MAX_WORKERS, &i64) == 0)
     cfg->workers = (int)i64;

@@ -1071,42 +1071,101 @@ static void test_yaml_shape_bounds(void **state) {
   free(t.p);
 }
 
-/* A pipe has no size to check beforehand: the 16 MiB bound holds on what
- * is read. */
-static void test_file_size_bound_on_a_pipe(void **state) {
+/* Only a regular file is read. A FIFO without a writer made open() wait
+ * for ever (check-config, serve, a reload on the main loop); a FIFO or a
+ * device gives a reload no stable text. The alarm makes such a hang a
+ * failure. */
+static void test_only_regular_files(void **state) {
   (void)state;
   tmpdir_t td;
-  tmp_open(&td);
-  char fifo[128];
-  snprintf(fifo, sizeof fifo, "%s/tollgate.yaml", td.dir);
-  assert_int_equal(mkfifo(fifo, 0600), 0);
-  pid_t pid = fork();
-  assert_true(pid >= 0);
-  if (pid == 0) {
-    static const char head[] = "models: {m: {endpoints: [{url: \"http://h:1\"}]}}\n";
-    static char pad[65536];
-    signal(SIGPIPE, SIG_IGN);
-    int fd = open(fifo, O_WRONLY);
-    if (fd < 0)
-      _exit(1);
-    memset(pad, '#', sizeof pad);
-    pad[sizeof pad - 1] = '\n';
-    if (write(fd, head, sizeof head - 1) < 0)
-      _exit(1);
-    for (int i = 0; i < 17 * 16; i++) /* 17 MiB of comments */
-      if (write(fd, pad, sizeof pad) < 0)
-        break;
-    _exit(0);
-  }
   tg_config_errors_t e;
+  char fifo[128];
+  tmp_open(&td);
+  snprintf(fifo, sizeof fifo, "%s/tenants.pipe", td.dir);
+  assert_int_equal(mkfifo(fifo, 0600), 0);
+  const char *cfg = tmp_file(&td, "tollgate.yaml",
+                             "models: {m: {endpoints: [{url: \"http://h:1\"}]}}\n"
+                             "tenants_file: tenants.pipe\n");
+  alarm(10);
   load_bad(fifo, &e);
-  expect_err(&e, fifo, 1, "cannot read configuration",
-             "file is larger than 16777216 bytes", NULL);
+  expect_err(&e, fifo, 1, "cannot read configuration", "not a regular file (a FIFO)", NULL);
   tg_config_errors_free(&e);
-  int status;
-  assert_int_equal(waitpid(pid, &status, 0), pid);
+  load_bad(cfg, &e);
+  expect_err(&e, cfg, 2, "tenants_file: cannot read", "not a regular file (a FIFO)", NULL);
+  tg_config_errors_free(&e);
+  load_bad("/dev/null", &e);
+  expect_err(&e, "/dev/null", 1, "not a regular file (a device)", NULL);
+  tg_config_errors_free(&e);
+  alarm(0);
+
+  /* past 16 MiB, said by its size before anything is read */
+  const char *big = tmp_file(&td, "big.yaml", "models: {}\n");
+  assert_int_equal(truncate(big, (off_t)17 << 20), 0);
+  load_bad(big, &e);
+  expect_err(&e, big, 1, "cannot read configuration", "file is larger than 16777216 bytes",
+             NULL);
+  tg_config_errors_free(&e);
   unlink(fifo);
   tmp_close(&td);
+}
+
+/* serve binds IP literals only, and the two listeners need different
+ * sockets: check-config refuses what serve would. */
+static void test_listen_addresses(void **state) {
+  static const struct {
+    const char *listen, *admin, *err; /* err NULL: accepted */
+  } cases[] = {
+      {"localhost:9000", "127.0.0.1:9001", "listen: expected an IP address, not a host name"},
+      {"127.0.0.1:9000", "gw.example:9001", "admin_listen: expected an IP address"},
+      {"127.0.0.1:9000", "127.0.0.1:9000", "cannot both be bound"},
+      {"0.0.0.0:9000", "127.0.0.1:9000", "cannot both be bound"},
+      {"\"[::]:9000\"", "127.0.0.1:9000", "cannot both be bound"},
+      {"\"[::1]:9000\"", "\"[0:0::1]:9000\"", "cannot both be bound"},
+      {"127.0.0.1:9000", "127.0.0.2:9000", NULL},
+      {"0.0.0.0:9000", "\"[::1]:9000\"", NULL},
+      {"0.0.0.0:9000", "0.0.0.0:9001", NULL},
+  };
+  char text[512];
+  (void)state;
+  for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+    snprintf(text, sizeof text, "listen: %s\nadmin_listen: %s\n%s", cases[i].listen,
+             cases[i].admin, "models: {m: {endpoints: [{url: \"http://h:1\"}]}}\n");
+    if (cases[i].err == NULL) {
+      char *path = tmp_config(text);
+      tg_config_unref(load_ok(path));
+      unlink(path);
+      free(path);
+    } else {
+      expect_only_err(text, cases[i].err[0] == 'l' ? 1 : 2, cases[i].err);
+    }
+  }
+  /* admin_listen alone, on the default listen's port */
+  expect_only_err("admin_listen: 127.0.0.1:8080\n"
+                  "models: {m: {endpoints: [{url: \"http://h:1\"}]}}\n",
+                  1, "'127.0.0.1:8080' and admin_listen '127.0.0.1:8080' cannot both");
+}
+
+/* A value quoted from the file into a message cannot break its line: a
+ * name holding a newline or an escape would forge lines ("config OK", an
+ * error of another file) or drive the terminal. */
+static void test_values_escaped_in_messages(void **state) {
+  (void)state;
+  char *path = tmp_config("models: {m: {endpoints: [{url: \"http://h:1\"}]}}\n"
+                          "tenants:\n"
+                          "  \"ev\\nconfig OK\\e[2K\": {models_allowed: [m]}\n"
+                          "  ok: {models_allowed: [\"m\\nfake.yaml:1: x\\u0085\\u009b\"]}\n");
+  tg_config_errors_t e;
+  load_bad(path, &e);
+  expect_err(&e, path, 3, "ev\\nconfig OK\\x1b[2K", NULL);
+  expect_err(&e, path, 4, "unknown model 'm\\nfake.yaml:1: x\\u0085\\u009b'", NULL);
+  for (size_t i = 0; i < e.n; i++)
+    for (const unsigned char *c = (const unsigned char *)e.msgs[i]; *c; c++) {
+      assert_true(*c >= 0x20 && *c != 0x7f);
+      assert_false(*c == 0xc2 && c[1] >= 0x80 && c[1] <= 0x9f);
+    }
+  tg_config_errors_free(&e);
+  unlink(path);
+  free(path);
 }
 
 /* Bytes that are not UTF-8 (or are control characters) are reported at
@@ -1179,7 +1238,9 @@ int main(void) {
       cmocka_unit_test(test_check_config_command),
       cmocka_unit_test(test_upstream_client),
       cmocka_unit_test(test_yaml_shape_bounds),
-      cmocka_unit_test(test_file_size_bound_on_a_pipe),
+      cmocka_unit_test(test_only_regular_files),
+      cmocka_unit_test(test_listen_addresses),
+      cmocka_unit_test(test_values_escaped_in_messages),
       cmocka_unit_test(test_undecodable_bytes_line),
       cmocka_unit_test(test_state_urls),
   };
