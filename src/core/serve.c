@@ -3,6 +3,12 @@
  * own calls), an admin loop thread, and waits for signals on the main
  * thread: SIGHUP reloads the config, SIGTERM/SIGINT drain then stop.
  *
+ * SIGHUP reaches the main thread only: it is blocked from the start of
+ * serve, so every thread started inherits the block, and the main thread
+ * lets it through once its handler runs on the main loop. From the stop
+ * on it is ignored (SIG_IGN), so a SIGHUP never takes the default action
+ * (terminate) of a gateway that starts or stops.
+ *
  * Shutdown order on a worker: stop accepting and let calls finish (drain);
  * at the drain timeout, abort what is left (clients see a truncated answer,
  * upstream transfers are cancelled); then close the upstream client and the
@@ -456,10 +462,36 @@ typedef struct {
   uv_timer_t drain_timer, watch;
   uv_fs_event_t cfg_event;   /* the config file's directory */
   uv_timer_t cfg_debounce;   /* editors write in several steps */
+  uint64_t settle_since;     /* loop time of a pending reload's first cause */
   int cfg_watching;
   int stopping;
   int lock_fd;               /* data_dir's owner lock, -1 when none (ledger off) */
 } main_ctx_t;
+
+/* Blocks (SIG_BLOCK) or lets through (SIG_UNBLOCK) SIGHUP in the calling
+ * thread. */
+static void sighup_mask(int how) {
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGHUP);
+  pthread_sigmask(how, &set, NULL);
+}
+
+/* Closes the SIGHUP handle and ignores SIGHUP from then on. Closing the
+ * last handle of a signal makes libuv restore its default action, which
+ * for SIGHUP ends the process (before the final save of the spend, the
+ * ledger's last records): blocked meanwhile, a SIGHUP sent between the two
+ * waits, and SIG_IGN discards it. */
+static void sighup_ignore(uv_signal_t *h) {
+  struct sigaction sa;
+  memset(&sa, 0, sizeof(sa));
+  sa.sa_handler = SIG_IGN;
+  sigemptyset(&sa.sa_mask);
+  sighup_mask(SIG_BLOCK);
+  uv_close((uv_handle_t *)h, NULL);
+  sigaction(SIGHUP, &sa, NULL);
+  sighup_mask(SIG_UNBLOCK);
+}
 
 static void broadcast(tg_app_t *app, int cmd) {
   int i;
@@ -487,7 +519,7 @@ static void on_watch(uv_timer_t *t) {
     broadcast(m->app, TG_CMD_STOP);
     uv_close((uv_handle_t *)&m->sigterm, NULL);
     uv_close((uv_handle_t *)&m->sigint, NULL);
-    uv_close((uv_handle_t *)&m->sighup, NULL);
+    sighup_ignore(&m->sighup);
     uv_close((uv_handle_t *)&m->drain_timer, NULL);
     uv_close((uv_handle_t *)&m->watch, NULL);
     uv_close((uv_handle_t *)&m->cfg_event, NULL);
@@ -549,6 +581,7 @@ static void purge_done(uv_work_t *wk, int status) {
 static void on_purge_timer(uv_timer_t *t) {
   main_ctx_t *m = t->data;
   tg_app_t *app = m->app;
+  int r;
 
   if (m->purge.running || m->stopping)
     return;
@@ -557,17 +590,40 @@ static void on_purge_timer(uv_timer_t *t) {
   pthread_mutex_unlock(&app->rt_lock);
   m->purge.work.data = &m->purge;
   m->purge.running = 1;
-  if (uv_queue_work(t->loop, &m->purge.work, purge_work, purge_done) < 0) {
+  /* the first work queued starts libuv's pool threads, which inherit the
+   * mask: SIGHUP stays with the main thread */
+  sighup_mask(SIG_BLOCK);
+  r = uv_queue_work(t->loop, &m->purge.work, purge_work, purge_done);
+  sighup_mask(SIG_UNBLOCK);
+  if (r < 0) {
     tg_runtime_unref(m->purge.rt);
     m->purge.rt = NULL;
     m->purge.running = 0;
   }
 }
 
+/* How long a SIGHUP waits for the next one: a burst (a reloader that
+ * signals every replica's process, an operator's loop) gives one reload,
+ * and a SIGTERM behind it is not held by a queue of whole reloads. */
+#define HUP_SETTLE_MS 100
+#define FILE_SETTLE_MS 300 /* editors write in several steps */
+#define SETTLE_MAX_MS 1000 /* causes that never pause still reload */
+
 static void on_cfg_settled(uv_timer_t *t) {
   main_ctx_t *m = t->data;
   if (!m->stopping)
     reload(m->app);
+}
+
+/* A reload after ms without another cause (a SIGHUP, a file's change), or
+ * SETTLE_MAX_MS after the first one if they keep coming. */
+static void settle_then_reload(main_ctx_t *m, uint64_t ms) {
+  uint64_t now = uv_now(m->cfg_debounce.loop);
+  if (!uv_is_active((uv_handle_t *)&m->cfg_debounce))
+    m->settle_since = now;
+  else if (now - m->settle_since >= SETTLE_MAX_MS)
+    return; /* it is due: let it fire */
+  uv_timer_start(&m->cfg_debounce, on_cfg_settled, ms, 0);
 }
 
 /* A file in the config's directory changed: reload once things settle. The
@@ -582,7 +638,7 @@ static void on_cfg_event(uv_fs_event_t *h, const char *filename, int events, int
       (strstr(filename, ".yaml") == NULL && strstr(filename, ".yml") == NULL &&
        strcmp(filename, "..data") != 0))
     return;
-  uv_timer_start(&m->cfg_debounce, on_cfg_settled, 300, 0);
+  settle_then_reload(m, FILE_SETTLE_MS);
 }
 
 static void watch_config(main_ctx_t *m, uv_loop_t *loop, const char *path) {
@@ -590,6 +646,8 @@ static void watch_config(main_ctx_t *m, uv_loop_t *loop, const char *path) {
   const char *slash = strrchr(path, '/');
   size_t n = slash ? (size_t)(slash - path) : 0;
 
+  uv_timer_init(loop, &m->cfg_debounce); /* SIGHUP's too */
+  m->cfg_debounce.data = m;
   if (n == 0) {
     memcpy(dir, slash ? "/" : ".", 2);
   } else {
@@ -598,8 +656,6 @@ static void watch_config(main_ctx_t *m, uv_loop_t *loop, const char *path) {
     memcpy(dir, path, n);
     dir[n] = '\0';
   }
-  uv_timer_init(loop, &m->cfg_debounce);
-  m->cfg_debounce.data = m;
   uv_fs_event_init(loop, &m->cfg_event);
   m->cfg_event.data = m;
   if (uv_fs_event_start(&m->cfg_event, on_cfg_event, dir, 0) == 0)
@@ -609,7 +665,10 @@ static void watch_config(main_ctx_t *m, uv_loop_t *loop, const char *path) {
 static void on_signal(uv_signal_t *s, int signum) {
   main_ctx_t *m = s->data;
   if (signum == SIGHUP) {
-    reload(m->app);
+    /* reloads once the signals stop coming, on the debounce timer the
+     * file watcher starts too (one reload for both); none once stopping */
+    if (!m->stopping)
+      settle_then_reload(m, HUP_SETTLE_MS);
     return;
   }
   if (m->stopping) {
@@ -636,12 +695,18 @@ static void on_signal(uv_signal_t *s, int signum) {
 
 /* ---- serve -------------------------------------------------------------- */
 
+/* --config FILE, -c FILE or --config=FILE, as check-config and keys take
+ * it; NULL when absent or empty. */
 static const char *arg_config(int argc, char **argv) {
+  const char *path = NULL;
   int i;
-  for (i = 1; i + 1 < argc; i++)
-    if (strcmp(argv[i], "--config") == 0 || strcmp(argv[i], "-c") == 0)
-      return argv[i + 1];
-  return NULL;
+  for (i = 1; i < argc; i++) {
+    if ((strcmp(argv[i], "--config") == 0 || strcmp(argv[i], "-c") == 0) && i + 1 < argc)
+      path = argv[++i];
+    else if (strncmp(argv[i], "--config=", 9) == 0)
+      path = argv[i] + 9;
+  }
+  return path != NULL && path[0] != '\0' ? path : NULL;
 }
 
 /* How long a successor waits for a draining predecessor beyond its own
@@ -750,6 +815,10 @@ int tg_cmd_serve(int argc, char **argv) {
     fprintf(stderr, "usage: tollgate serve --config FILE\n");
     return 2;
   }
+  /* Until its handler runs, a SIGHUP would end the gateway: it waits,
+   * blocked (the threads started from here inherit the block), and one
+   * sent during the start gives a reload once the loop runs. */
+  sighup_mask(SIG_BLOCK);
   memset(&app, 0, sizeof(app));
   memset(&m, 0, sizeof(m));
   m.purge.wake[0] = m.purge.wake[1] = -1;
@@ -869,6 +938,7 @@ int tg_cmd_serve(int argc, char **argv) {
           app.rt->cfg->listen_host, app.rt->cfg->listen_port, app.rt->cfg->admin_host,
           app.rt->cfg->admin_port, app.n_workers);
 
+  sighup_mask(SIG_UNBLOCK); /* the main thread's alone: the others keep the block */
   uv_run(main_loop, UV_RUN_DEFAULT);
   for (i = 0; i < app.n_workers; i++)
     uv_thread_join(&app.workers[i].thread);

@@ -5,6 +5,7 @@ a clean exit with nothing in flight."""
 import json
 import os
 import resource
+import signal
 import socket
 import time
 
@@ -297,7 +298,7 @@ def test_serve_refuses_a_port_another_gateway_listens_on(tg):
     tgtest.wait_for(lambda: len(gw.access_log_entries()) == 20, what="20 lines of the first gateway")
 
 
-def _serve(gw, name):
+def _serve_named(gw, name):
     """`tollgate serve` for gw's config, started without waiting for it."""
     return tgtest.Proc(name, [tgtest.binary("tollgate"), "serve", "--config", gw.config_path],
                        gw.workdir)
@@ -338,7 +339,7 @@ def test_a_second_gateway_on_the_same_data_dir_is_refused(tg):
     key = gw.keys["acme"]
     other = tg.gateway({M8B: [sim.url]}, start=False, keys=(),
                        overrides={"data_dir": gw.data_dir})
-    proc = _serve(other, "tollgate-same-data-dir")
+    proc = _serve_named(other, "tollgate-same-data-dir")
     rc = _serving_or_gone(proc)
     err = proc.stderr_text()
     assert rc == 1, "the second gateway %s\n%s" % (
@@ -414,6 +415,130 @@ def test_a_successor_on_the_same_data_dir_waits_for_the_drain(tg):
     assert chat(succ.port, key, M8B, max_tokens=1).status == 200
     tgtest.wait_for(lambda: len(tgtest.sqlite_ledger_rows(gw.db_path)) == 2,
                     what="the stream's row and the successor's")
+
+
+def _serve(gw, *config_args):
+    """Starts `tollgate serve` of gw with the given config arguments (gw's
+    fixture stops it)."""
+    gw.proc = tgtest.Proc("tollgate-%d" % gw.port,
+                          [tgtest.binary("tollgate"), "serve"] + list(config_args), gw.workdir)
+    return gw.proc
+
+
+def _ignores(pid, sig):
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith("SigIgn:"):
+                return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    return False
+
+
+def _reloads(gw):
+    return gw.proc.stderr_text().count("config reloaded")
+
+
+def test_serve_takes_config_equals_file(tg):
+    """--config=FILE, as check-config and keys take it: serve said usage, exit 2."""
+    sim = tg.sim()
+    gw = tg.gateway({M8B: [sim.url]}, start=False)
+    proc = _serve(gw, "--config=" + gw.config_path)
+    tgtest.wait_for(tgtest.alive_check(proc)(lambda: "serving on" in proc.stderr_text()),
+                    timeout=20, what="serving on")
+    tgtest.wait_for(lambda: chat(gw.port, gw.keys["acme"], M8B, max_tokens=1).status == 200,
+                    what="an answer")
+
+
+def test_sighup_during_the_start_gives_one_reload(tg, tmp_path):
+    """A SIGHUP sent while the gateway starts (a reloader firing as the pod
+    comes up) ended it: its handler was not there yet. It now waits for the
+    handler and gives a reload. The access log is a FIFO, so the start holds
+    in its open until the test reads it; SIGPIPE ignored says serve is there,
+    past the config's load."""
+    fifo = str(tmp_path / "access.fifo")
+    os.mkfifo(fifo)
+    sim = tg.sim()
+    gw = tg.gateway({M8B: [sim.url]}, start=False, overrides={"access_log": fifo})
+    proc = _serve(gw, "--config", gw.config_path)
+    live = tgtest.alive_check(proc)
+    tgtest.wait_for(live(lambda: _ignores(proc.pid, signal.SIGPIPE)), timeout=20,
+                    what="serve opening its access log")
+    for _ in range(3):
+        proc.signal(signal.SIGHUP)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        tgtest.wait_for(live(lambda: _reloads(gw) == 1), timeout=10, what="a reload")
+        assert "serving on" in proc.stderr_text()
+        assert chat(gw.port, gw.keys["acme"], M8B, max_tokens=1).status == 200
+        assert gw.stop() == 0
+    finally:
+        os.close(reader)
+
+
+def test_sighups_while_stopping_are_ignored(tg):
+    """SIGHUPs that keep coming while the gateway stops: it finishes its stop
+    and exits 0. Once its signal handles were closed a SIGHUP ended it before
+    the final save, and with `ledger: off` the tenants' spend is that save
+    only: the restarted gateway had forgotten some."""
+    sim = tg.sim()
+    gw = tg.gateway({M8B: [sim.url]}, overrides={"ledger": "off"})
+
+    def spend():
+        m = tgtest.parse_metrics(tgtest.admin(gw, "/metrics").body.decode())
+        return m.get('llm_tenant_daily_spend_usd{tenant="acme"}', 0.0)
+
+    for _ in range(3):
+        assert chat(gw.port, gw.keys["acme"], M8B, max_tokens=20).status == 200
+    before = spend()
+    assert before > 0
+    gw.proc.signal(signal.SIGTERM)
+    while gw.proc.alive():
+        try:
+            os.kill(gw.proc.pid, signal.SIGHUP)
+        except ProcessLookupError:
+            break
+        time.sleep(0.002)
+    assert gw.proc.wait(10) == 0, gw.proc.tail()
+    assert "tollgate: stopped" in gw.proc.stderr_text()
+    assert _reloads(gw) == 0  # none once stopping
+    gw.start()
+    assert spend() == before
+
+
+def test_a_burst_of_sighups_gives_one_reload(tg):
+    """Each SIGHUP ran a whole reload on the main loop: a burst queued as
+    many, and a SIGTERM behind them waited (seconds with a big tenants
+    file). SIGHUPs now settle on the watcher's debounce: one reload, counted
+    once."""
+    sim = tg.sim()
+    gw = tg.gateway({M8B: [sim.url]})
+    for _ in range(10):
+        gw.proc.signal(signal.SIGHUP)
+        time.sleep(0.005)
+    tgtest.wait_for(tgtest.alive_check(gw.proc)(lambda: _reloads(gw) >= 1), what="a reload")
+    time.sleep(0.3)  # a second reload would follow at once
+    assert _reloads(gw) == 1, gw.proc.tail()
+    m = tgtest.parse_metrics(tgtest.admin(gw, "/metrics").body.decode())
+    assert m["llm_config_reloads_total"] == 1
+
+
+def test_a_fifo_tenants_file_fails_the_reload_at_once(tg):
+    """A tenants_file that is a FIFO without a writer held the reload in
+    open(2) for ever, and the main loop with it (SIGTERM unheard). Only
+    regular files are read: the reload fails and says why, the gateway
+    serves on."""
+    sim = tg.sim()
+    gw = tg.gateway({M8B: [sim.url]})
+    fifo = os.path.join(gw.workdir, "tenants.pipe")
+    os.mkfifo(fifo)
+    gw.config.pop("tenants")
+    gw.config["tenants_file"] = fifo
+    gw.write_config()
+    gw.proc.signal(signal.SIGHUP)
+    tgtest.wait_for(lambda: "reload failed" in gw.proc.stderr_text(), what="the reload's failure")
+    assert "tenants_file: cannot read '%s': not a regular file (a FIFO)" % fifo in \
+        gw.proc.stderr_text(), gw.proc.tail()
+    assert chat(gw.port, gw.keys["acme"], M8B, max_tokens=1).status == 200
+    assert gw.stop() == 0
 
 
 def test_check_config_valid(tg):
