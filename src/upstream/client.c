@@ -13,12 +13,25 @@
  *
  * A socket's uv_poll_t lives in a small context freed from its close
  * callback; curl may reuse the descriptor number at once, so a context is
- * detached from curl (curl_multi_assign NULL) the moment curl removes it. */
+ * detached from curl (curl_multi_assign NULL) the moment curl removes it.
+ *
+ * A pooled connection is not trusted blindly (libcurl 7.88 trusts it):
+ * bytes waiting on it before the request goes out (an answer longer than
+ * its framing, the body of a 204, a close) would be read as the next
+ * request's answer, perhaps another tenant's, so the pre-request callback
+ * refuses such a connection; and a request that failed on a reused
+ * connection before any answer line arrived is not yet lost. Either way
+ * the transfer starts again, once, on a fresh connection, inside this file:
+ * the caller sees one transfer and one on_done. */
 #include "upstream/client.h"
 
+#include <arpa/inet.h>
 #include <curl/curl.h>
+#include <errno.h>
+#include <netinet/in.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -26,6 +39,7 @@
 #include "upstream/h1client.h"
 
 #define EASY_FREE_MAX 64
+#define PORTS 65536
 
 typedef struct sock_ctx_s sock_ctx_t;
 
@@ -43,6 +57,11 @@ struct tg_upstream_s {
   sock_ctx_t **socks;        /* watchers by descriptor */
   size_t n_socks;
   tg__h1_t *h1;              /* the native client, NULL in curl mode */
+  /* Descriptor + 1 of the connection a transfer last ended on, by local
+   * port (PORTS entries, made at the first such end): libcurl names a
+   * reused connection's addresses to the pre-request callback but not its
+   * descriptor (CURLINFO_ACTIVESOCKET is unset until the transfer ends). */
+  int *port_fd;
 };
 
 struct tg_xfer_s {
@@ -59,6 +78,11 @@ struct tg_xfer_s {
   int failed;                /* a callback asked to abort */
   int sent;                  /* request bytes went out */
   int local_fail;            /* socket() failed for the gateway's own shortage */
+  int opened;                /* this attempt opened a socket: a fresh connection */
+  int stale;                 /* the pre-request check refused the connection */
+  int restarted;             /* started again on a fresh connection (once) */
+  int head_body;             /* this header block declares a body */
+  int no_reuse;              /* a 204/304 declared a body libcurl will not read */
 };
 
 struct sock_ctx_s {
@@ -173,8 +197,15 @@ static void on_poll(uv_poll_t *p, int status, int events) {
   tg_upstream_t *up = ctx->up;
   int flags = 0, running;
 
-  if (status < 0)
-    flags = CURL_CSELECT_ERR;
+  if (status < 0) {
+    /* An error on the socket (a reset): libuv has stopped the watcher and
+     * says nothing of the bytes the kernel still holds. curl fails a bare
+     * CURL_CSELECT_ERR unread, so an answer followed at once by a reset was
+     * lost; told the socket is ready, curl reads what is there and then
+     * meets the error itself. The next socket_cb starts the watcher again. */
+    ctx->events = 0;
+    flags = CURL_CSELECT_IN | CURL_CSELECT_OUT;
+  }
   if (events & UV_READABLE) flags |= CURL_CSELECT_IN;
   if (events & UV_WRITABLE) flags |= CURL_CSELECT_OUT;
   curl_multi_socket_action(up->multi, ctx->fd, flags, &running);
@@ -263,7 +294,111 @@ static curl_socket_t opensocket_cb(void *clientp, curlsocktype purpose,
                                    struct curl_sockaddr *a) {
   tg_xfer_t *x = clientp;
   (void)purpose;
+  /* libcurl picks a cached connection or opens sockets for a new one,
+   * never both in one attempt. */
+  x->opened = 1;
   return tg_curl_socket(a->family, a->socktype, a->protocol, &x->local_fail);
+}
+
+/* Whether a connection has something to read before a request was sent
+ * on it: bytes, an end of stream or an error. Anything but "nothing yet"
+ * means it is not fit to carry a request. */
+static int sock_has_input(curl_socket_t s) {
+  char c;
+  ssize_t n = recv(s, &c, 1, MSG_PEEK | MSG_DONTWAIT);
+  return !(n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK));
+}
+
+/* Notes the descriptor of the connection a finished transfer leaves in
+ * libcurl's cache (none when libcurl closed it). */
+static void conn_note(tg_upstream_t *up, CURL *easy) {
+  curl_socket_t s = CURL_SOCKET_BAD;
+  long port = 0;
+
+  if (curl_easy_getinfo(easy, CURLINFO_ACTIVESOCKET, &s) != CURLE_OK ||
+      s == CURL_SOCKET_BAD ||
+      curl_easy_getinfo(easy, CURLINFO_LOCAL_PORT, &port) != CURLE_OK ||
+      port <= 0 || port >= PORTS)
+    return;
+  if (up->port_fd == NULL && (up->port_fd = calloc(PORTS, sizeof(int))) == NULL)
+    return;
+  up->port_fd[port] = (int)s + 1;
+}
+
+/* Leaves a finished transfer's connection unnoted, so that its next use
+ * is refused: libcurl leaves a 204's or 304's declared body unread, and it
+ * may still be on its way. */
+static void conn_forget(tg_upstream_t *up, CURL *easy) {
+  long port = 0;
+
+  if (up->port_fd != NULL &&
+      curl_easy_getinfo(easy, CURLINFO_LOCAL_PORT, &port) == CURLE_OK &&
+      port > 0 && port < PORTS)
+    up->port_fd[port] = 0;
+}
+
+/* Whether address a is ip:port. */
+static int addr_is(const struct sockaddr_storage *a, const char *ip, int port) {
+  char txt[INET6_ADDRSTRLEN];
+  const void *raw;
+  int p;
+
+  if (a->ss_family == AF_INET) {
+    const struct sockaddr_in *v4 = (const struct sockaddr_in *)(const void *)a;
+    raw = &v4->sin_addr;
+    p = ntohs(v4->sin_port);
+  } else if (a->ss_family == AF_INET6) {
+    const struct sockaddr_in6 *v6 = (const struct sockaddr_in6 *)(const void *)a;
+    raw = &v6->sin6_addr;
+    p = ntohs(v6->sin6_port);
+  } else {
+    return 0;
+  }
+  return p == port && inet_ntop(a->ss_family, raw, txt, sizeof(txt)) != NULL &&
+         strcmp(txt, ip) == 0;
+}
+
+/* The descriptor of the cached connection from local_ip:local_port to
+ * peer_ip:peer_port, or CURL_SOCKET_BAD when conn_note did not see it (or
+ * saw another connection on that port since). */
+static curl_socket_t conn_find(tg_upstream_t *up, const char *local_ip, int local_port,
+                               const char *peer_ip, int peer_port) {
+  struct sockaddr_storage a;
+  socklen_t len;
+  int fd;
+
+  if (up->port_fd == NULL || local_port <= 0 || local_port >= PORTS)
+    return CURL_SOCKET_BAD;
+  fd = up->port_fd[local_port] - 1;
+  if (fd < 0)
+    return CURL_SOCKET_BAD;
+  len = sizeof(a);
+  if (getsockname(fd, (struct sockaddr *)&a, &len) != 0 || !addr_is(&a, local_ip, local_port))
+    return CURL_SOCKET_BAD;
+  len = sizeof(a);
+  if (getpeername(fd, (struct sockaddr *)&a, &len) != 0 || !addr_is(&a, peer_ip, peer_port))
+    return CURL_SOCKET_BAD;
+  return fd;
+}
+
+/* Runs once the connection is ready, before the request is sent. A
+ * connection this attempt opened is left alone (a fresh TLS 1.3 connection
+ * may have a session ticket waiting); a reused one with input waiting, or
+ * one whose descriptor cannot be found to look, is refused: libcurl then
+ * closes it (an abort from a callback counts as a premature end) and
+ * check_done starts the transfer again. */
+static int prereq_cb(void *clientp, char *primary_ip, char *local_ip,
+                     int primary_port, int local_port) {
+  tg_xfer_t *x = clientp;
+  curl_socket_t s;
+
+  if (x->opened)
+    return CURL_PREREQFUNC_OK;
+  s = conn_find(x->up, local_ip, local_port, primary_ip, primary_port);
+  if (s != CURL_SOCKET_BAD && !sock_has_input(s))
+    return CURL_PREREQFUNC_OK;
+  x->stale = 1;
+  return CURL_PREREQFUNC_ABORT;
 }
 
 static int map_result(tg_xfer_t *x, CURLcode rc) {
@@ -286,24 +421,62 @@ static int map_result(tg_xfer_t *x, CURLcode rc) {
   }
 }
 
+/* Whether a finished attempt is started again on a fresh connection: its
+ * reused connection was refused before the request went out, or failed
+ * before any answer line came back (the upstream closed or reset an idle
+ * connection just as it was reused). Never after an answer line, after a
+ * callback's refusal, or twice. */
+static int should_restart(const tg_xfer_t *x, CURLcode rc) {
+  if (x->restarted || x->up->closing)
+    return 0;
+  if (x->stale)
+    return 1;
+  if (x->opened || x->sent || x->failed)
+    return 0;
+  return rc == CURLE_SEND_ERROR || rc == CURLE_RECV_ERROR || rc == CURLE_GOT_NOTHING;
+}
+
+/* Starts x again on a new connection. Returns 0, or -1 when the handle
+ * could not be added (the attempt's own result then stands). */
+static int restart(tg_xfer_t *x) {
+  tg_upstream_t *up = x->up;
+
+  curl_multi_remove_handle(up->multi, x->easy);
+  x->restarted = 1;
+  x->stale = 0;
+  x->opened = 0;
+  x->local_fail = 0;
+  curl_easy_setopt(x->easy, CURLOPT_FRESH_CONNECT, 1L);
+  /* on failure xfer_free's removal is a no-op for a handle out of the multi */
+  return curl_multi_add_handle(up->multi, x->easy) == CURLM_OK ? 0 : -1;
+}
+
 static void check_done(tg_upstream_t *up) {
   CURLMsg *msg;
   int left;
 
   while ((msg = curl_multi_info_read(up->multi, &left)) != NULL) {
     tg_xfer_t *x = NULL;
+    CURLcode rc;
     int result;
     char detail[128];
 
     if (msg->msg != CURLMSG_DONE)
       continue;
+    rc = msg->data.result; /* msg is the handle's: read it before a removal */
     curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, (char **)&x);
     if (x == NULL)
       continue;
-    result = map_result(x, msg->data.result);
+    if (should_restart(x, rc) && restart(x) == 0)
+      continue;
+    if (x->no_reuse)
+      conn_forget(up, msg->easy_handle);
+    else
+      conn_note(up, msg->easy_handle);
+    result = map_result(x, rc);
     if (result != TG_XFER_OK)
       x->failed = 1;
-    snprintf(detail, sizeof(detail), "%s", curl_easy_strerror(msg->data.result));
+    snprintf(detail, sizeof(detail), "%s", curl_easy_strerror(rc));
     {
       tg_xfer_cbs_t cbs = x->cbs;
       void *arg = x->arg;
@@ -331,15 +504,36 @@ static size_t write_cb(char *ptr, size_t size, size_t nmemb, void *userdata) {
   return len;
 }
 
+/* Whether a header line declares a body: a Content-Length other than 0, or
+ * a Transfer-Encoding. */
+static int line_declares_body(const char *buf, size_t len) {
+  size_t i;
+
+  if (len >= 18 && strncasecmp(buf, "Transfer-Encoding:", 18) == 0)
+    return 1;
+  if (len < 15 || strncasecmp(buf, "Content-Length:", 15) != 0)
+    return 0;
+  for (i = 15; i < len; i++)
+    if (buf[i] == '\0' || strchr(" \t0\r\n", buf[i]) == NULL)
+      return 1;
+  return 0;
+}
+
 static size_t header_cb(char *buf, size_t size, size_t nitems, void *userdata) {
   tg_xfer_t *x = userdata;
   size_t len = size * nitems;
   long code = 0;
 
   x->sent = 1;
+  if (len > 5 && strncmp(buf, "HTTP/", 5) == 0)
+    x->head_body = 0;
+  else if (line_declares_body(buf, len))
+    x->head_body = 1;
   /* The blank line ends a header block; skip interim 1xx blocks. */
   if (len <= 2 && !x->status_seen) {
     curl_easy_getinfo(x->easy, CURLINFO_RESPONSE_CODE, &code);
+    if ((code == 204 || code == 304) && x->head_body)
+      x->no_reuse = 1;
     if (code >= 200) {
       x->status_seen = 1;
       if (x->cbs.on_status && x->cbs.on_status(x, (int)code, x->arg) != 0) {
@@ -348,7 +542,6 @@ static size_t header_cb(char *buf, size_t size, size_t nitems, void *userdata) {
       }
     }
   }
-  (void)buf;
   return len;
 }
 
@@ -410,6 +603,8 @@ void tg_upstream_close(tg_upstream_t *up) {
   free(up->socks);
   up->socks = NULL;
   up->n_socks = 0;
+  free(up->port_fd);
+  up->port_fd = NULL;
   uv_close((uv_handle_t *)&up->timer, on_up_timer_closed);
 }
 
@@ -462,6 +657,7 @@ static int curl_xfer_start(tg_upstream_t *up, const tg_xfer_opts_t *opts,
     curl_easy_setopt(e, CURLOPT_CLOSESOCKETFUNCTION, closesocket_cb);
     curl_easy_setopt(e, CURLOPT_CLOSESOCKETDATA, up);
     curl_easy_setopt(e, CURLOPT_OPENSOCKETFUNCTION, opensocket_cb);
+    curl_easy_setopt(e, CURLOPT_PREREQFUNCTION, prereq_cb);
     curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, write_cb);
     curl_easy_setopt(e, CURLOPT_HEADERFUNCTION, header_cb);
   }
@@ -469,6 +665,8 @@ static int curl_xfer_start(tg_upstream_t *up, const tg_xfer_opts_t *opts,
   curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT_MS, (long)opts->connect_timeout_ms);
   curl_easy_setopt(e, CURLOPT_PRIVATE, x);
   curl_easy_setopt(e, CURLOPT_OPENSOCKETDATA, x);
+  curl_easy_setopt(e, CURLOPT_PREREQDATA, x);
+  curl_easy_setopt(e, CURLOPT_FRESH_CONNECT, 0L);
   curl_easy_setopt(e, CURLOPT_WRITEDATA, x);
   curl_easy_setopt(e, CURLOPT_HEADERDATA, x);
   if (opts->body != NULL) {

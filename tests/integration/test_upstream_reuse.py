@@ -1,0 +1,249 @@
+"""Pooled upstream connections, with both upstream clients (libcurl serves
+https:// endpoints and `upstream_client: curl`; the native client http://
+ones by default): a connection holding bytes past the end of the answer it
+carried never carries another request (those bytes would be read as that
+request's answer, perhaps another tenant's), and a request sent on a
+pooled connection the upstream closed or reset just then is sent again on a
+new one, once, without the client noticing.
+
+The upstream is a raw-socket HTTP/1.1 server in this file, so the tests can
+shape the bytes on the wire and count connections and requests."""
+
+import json
+import socket
+import struct
+import threading
+import time
+
+import pytest
+
+import tgtest
+
+M8B = tgtest.DEFAULT_MODELS[0]
+CLIENTS = ["native", "curl"]
+
+
+def _answer(content, completion_tokens, prompt_tokens=7):
+    return json.dumps({
+        "id": "chatcmpl-x", "object": "chat.completion", "created": 1, "model": M8B,
+        "choices": [{"index": 0, "finish_reason": "length",
+                     "message": {"role": "assistant", "content": content}}],
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                  "total_tokens": prompt_tokens + completion_tokens}}).encode()
+
+
+def _head(body, status=b"200 OK", ctype=b"application/json"):
+    return (b"HTTP/1.1 " + status + b"\r\nContent-Type: " + ctype +
+            b"\r\nContent-Length: %d\r\n\r\n" % len(body))
+
+
+def _sse(n):
+    out = []
+    for i in range(n):
+        ch = {"id": "c", "object": "chat.completion.chunk", "model": M8B,
+              "choices": [{"index": 0, "delta": {"content": "w%d " % i},
+                           "finish_reason": "length" if i == n - 1 else None}]}
+        out.append(b"data: " + json.dumps(ch).encode() + b"\n\n")
+    u = {"id": "c", "object": "chat.completion.chunk", "model": M8B, "choices": [],
+         "usage": {"prompt_tokens": 7, "completion_tokens": n, "total_tokens": 7 + n}}
+    out.append(b"data: " + json.dumps(u).encode() + b"\n\n")
+    out.append(b"data: [DONE]\n\n")
+    return b"".join(out)
+
+
+class ScriptedUpstream(tgtest.TcpServer):
+    """Each POST is answered by script(conn, doc, n, conn_no), which writes
+    what it likes and returns "keep" or "close"; GETs (health probes) get
+    200. Counts POSTs read, and the connections that carried one (numbered
+    from 1 in the order of their first POST) with their POSTs."""
+
+    def __init__(self, script):
+        self.script = script
+        self.lock = threading.Lock()
+        self.posts = 0
+        self.conns = 0
+        self.per_conn = {}
+        self.closed_by_peer = set()  # connections the gateway closed or reset
+        super().__init__(backlog=128)
+
+    @staticmethod
+    def _read_request(c, buf):
+        while b"\r\n\r\n" not in buf:
+            d = c.recv(65536)
+            if not d:
+                return None, None, buf
+            buf += d
+        head, rest = buf.split(b"\r\n\r\n", 1)
+        lines = head.decode("latin-1").split("\r\n")
+        n = 0
+        for line in lines[1:]:
+            k, v = line.split(":", 1)
+            if k.strip().lower() == "content-length":
+                n = int(v)
+        while len(rest) < n:
+            d = c.recv(65536)
+            if not d:
+                return None, None, b""
+            rest += d
+        return lines[0].split(" ")[0], rest[:n], rest[n:]
+
+    def handle(self, c):
+        no = None
+        buf = b""
+        try:
+            while True:
+                method, body, buf = self._read_request(c, buf)
+                if method is None:
+                    self._closed(no)
+                    return
+                if method == "GET":
+                    c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                    continue
+                with self.lock:
+                    if no is None:
+                        self.conns += 1
+                        no = self.conns
+                        self.per_conn[no] = 0
+                    n = self.posts
+                    self.posts += 1
+                    self.per_conn[no] += 1
+                if self.script(c, json.loads(body), n, no) == "close":
+                    return
+        except OSError:
+            # a reset: the gateway closed with bytes unread
+            self._closed(no)
+        finally:
+            c.close()
+
+    def _closed(self, no):
+        if no is not None:
+            with self.lock:
+                self.closed_by_peer.add(no)
+
+
+def _gateway(tg, up, client):
+    return tg.gateway({M8B: tgtest.model_entry([up.url], max_inflight=1)}, workers=1,
+                      keys=("acme", "small"),
+                      overrides={"upstream_client": client, "health_check_interval": "60s"})
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+@pytest.mark.parametrize("shape", ["longer_than_its_length", "no_content_with_a_body"])
+def test_bytes_past_an_answer_never_answer_the_next_request(tg, client, shape):
+    """acme's answer is followed, in a later read, by bytes past its end
+    that form a whole answer (a body longer than its Content-Length, or the
+    declared body of a 204, which is not read). The connection must not be
+    used again: each of small's requests gets its own answer and is billed
+    its own usage, never the smuggled one. (libcurl put such a connection
+    back in its pool, and small's first request read acme's bytes as its
+    answer, each later one the answer of the request before it.)"""
+    smuggled = _answer("SMUGGLED: acme's private text", 50)
+
+    def script(c, doc, n, no):
+        tag = doc["messages"][0]["content"]
+        if n == 0:
+            own = _answer("answer for " + tag, 1)
+            if shape == "longer_than_its_length":
+                c.sendall(_head(own))
+                time.sleep(0.05)  # the body in a read of its own
+                c.sendall(own + _head(smuggled) + smuggled)
+            else:
+                c.sendall(b"HTTP/1.1 204 No Content\r\nContent-Length: %d\r\n\r\n"
+                          % len(_head(smuggled) + smuggled))
+                time.sleep(0.05)
+                c.sendall(_head(smuggled) + smuggled)
+            return "keep"
+        k = int(tag.rsplit("-", 1)[1])
+        c.sendall(_head(_answer("answer for " + tag, k + 2)) + _answer("answer for " + tag, k + 2))
+        return "keep"
+
+    up = ScriptedUpstream(script)
+    try:
+        gw = _gateway(tg, up, client)
+        r0 = tgtest.chat(gw.port, gw.keys["acme"], M8B, max_tokens=4, content="acme-secret")
+        if shape == "longer_than_its_length":
+            assert r0.status == 200, r0
+            assert r0.json()["choices"][0]["message"]["content"] == "answer for acme-secret"
+        got = []
+        for k in range(3):
+            r = tgtest.chat(gw.port, gw.keys["small"], M8B, max_tokens=60,
+                            content="small-%d" % k)
+            assert r.status == 200, (k, r.status, r.body[:200])
+            got.append(r.json()["choices"][0]["message"]["content"])
+            row = tgtest.wait_for(lambda: tgtest.sqlite_ledger_rows(
+                gw.db_path, "WHERE request_id = ?", (r.header("x-request-id"),)),
+                what="small's ledger row")[0]
+            assert (row["tenant"], row["prompt_tokens"], row["completion_tokens"]) == \
+                ("small", 7, k + 2), row
+        assert got == ["answer for small-%d" % k for k in range(3)], got
+        assert up.posts == 4
+        if shape == "no_content_with_a_body" and client == "native":
+            return  # llhttp reads a 204's declared body: the connection is clean
+        # no request went out on the connection that held the stray bytes,
+        # and the gateway closed it
+        assert up.per_conn[1] == 1, up.per_conn
+        tgtest.wait_for(lambda: 1 in up.closed_by_peer, timeout=5,
+                        what="the gateway to close the spoilt connection")
+    finally:
+        up.close()
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+@pytest.mark.parametrize("how", ["as_reused", "soon_after_answer", "reset_after_answer"])
+def test_pooled_connection_closed_under_a_request_is_sent_again(tg, client, stream, how):
+    """The upstream closes each connection after one answer without saying
+    so: as the next request arrives on it (never read: the idle-timeout
+    race), 30 ms after its answer whether or not a request came, or with a
+    reset right behind its answer. A close with a request unread is a
+    reset. Nothing was relayed and the upstream never read the request, so
+    the gateway sends it again on a new connection: every request gets 200
+    and its whole answer, and the upstream answered each once. (libcurl
+    sent a request again after a clean close of a reused connection but not
+    after a reset, and the client got 502; an answer with a reset right
+    behind it was a 502 too, even on a new connection: the gateway told
+    libcurl only of the socket's error, and it failed the transfer without
+    reading the answer the kernel held.)"""
+    def script(c, doc, n, no):
+        body = _sse(4) if doc.get("stream") else _answer("w0 w1 w2 w3", 4)
+        c.sendall(_head(body, ctype=b"text/event-stream" if doc.get("stream")
+                        else b"application/json") + body)
+        if how == "soon_after_answer":
+            time.sleep(0.03)
+            return "close"
+        if how == "reset_after_answer":
+            c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            return "close"
+        c.settimeout(10)
+        try:
+            c.recv(1, socket.MSG_PEEK)  # the next request is here: never read it
+        except OSError:
+            pass
+        return "close"
+
+    up = ScriptedUpstream(script)
+    try:
+        gw = _gateway(tg, up, client)
+        key = gw.keys["acme"]
+        rids = []
+        for k in range(6):
+            if stream:
+                s = tgtest.SSEStream(gw.port, tgtest.chat_body(M8B, stream=True, max_tokens=4),
+                                     key=key, timeout=10)
+                s.read_all()
+                s.close()
+                assert (s.status, s.done) == (200, True), (k, s.status)
+            else:
+                r = tgtest.chat(gw.port, key, M8B, max_tokens=4, timeout=10)
+                assert r.status == 200, (k, r.status, r.body[:200])
+                assert r.json()["choices"][0]["message"]["content"] == "w0 w1 w2 w3"
+                rids.append(r.header("x-request-id"))
+            time.sleep(0.01 if k % 2 else 0.0)
+        assert up.posts == 6, up.posts
+        assert up.conns == 6, up.conns
+        for rid in rids:
+            row = tgtest.wait_for(lambda: tgtest.sqlite_ledger_rows(
+                gw.db_path, "WHERE request_id = ?", (rid,)), what="ledger row")
+            assert len(row) == 1 and row[0]["completion_tokens"] == 4, row
+    finally:
+        up.close()
