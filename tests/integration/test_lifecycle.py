@@ -29,16 +29,23 @@ def _refused(port):
     return False
 
 
-def test_sigterm_drains_inflight_stream(tg):
+def _sigterm_during_a_stream(tg, max_tokens, n_first):
+    """A gateway sent SIGTERM while a stream of max_tokens (250 ms each) is
+    running, its first n_first events read: (sim, gw, stream, its events
+    iterator, the events read)."""
     sim = tg.sim()
     gw = tg.gateway({M8B: [sim.url]})
-    key = gw.keys["acme"]
-    s = SSEStream(gw.port, chat_body(M8B, stream=True, max_tokens=20, include_usage=True),
-                  key=key, headers={"x-sim-token-ms": "250"})
+    s = SSEStream(gw.port, chat_body(M8B, stream=True, max_tokens=max_tokens, include_usage=True),
+                  key=gw.keys["acme"], headers={"x-sim-token-ms": "250"})
     assert s.status == 200
     it = s.events()
-    first = [next(it), next(it)]
+    first = [next(it) for _ in range(n_first)]
     gw.proc.signal(15)
+    return sim, gw, s, it, first
+
+
+def test_sigterm_drains_inflight_stream(tg):
+    _, gw, s, it, first = _sigterm_during_a_stream(tg, 20, 2)
     # new connections are refused soon after the signal, long before the
     # stream ends, and a successor can take the port at once
     tgtest.wait_for(lambda: _refused(gw.port), timeout=2.0, what="listener closed after SIGTERM")
@@ -385,15 +392,8 @@ def test_a_successor_on_the_same_data_dir_waits_for_the_drain(tg):
     data_dir while the predecessor drains a stream, the successor says it
     waits for the data_dir, serves once the predecessor has stopped (its
     stream complete, its record kept), and records its own requests."""
-    sim = tg.sim()
-    gw = tg.gateway({M8B: [sim.url]})
+    sim, gw, s, it, first = _sigterm_during_a_stream(tg, 12, 1)
     key = gw.keys["acme"]
-    s = SSEStream(gw.port, chat_body(M8B, stream=True, max_tokens=12, include_usage=True),
-                  key=key, headers={"x-sim-token-ms": "250"})
-    assert s.status == 200
-    it = s.events()
-    first = [next(it)]
-    gw.proc.signal(15)
     tgtest.wait_for(lambda: _refused(gw.port), timeout=2.0, what="listener closed after SIGTERM")
     succ = tg.gateway({M8B: [sim.url]}, start=False, keys=(),
                       overrides={"data_dir": gw.data_dir, "listen": "127.0.0.1:%d" % gw.port})
