@@ -1171,7 +1171,11 @@ void tg_api_worker_fini(tg_worker_t *w) {
 
 /* A waiter back after a failed attempt is passed over while it can go
  * nowhere but a free slot is left on an endpoint it tried: the waiters
- * behind it may take that slot (else they all wait for its timeout). */
+ * behind it may take that slot (else they all wait for its timeout). So
+ * is a waiter admitted under an earlier config, which waits for that
+ * config's endpoints, while they are full: the waiters behind it that
+ * came under the current one may take the room a reload gave (an endpoint
+ * added or moved), instead of waiting for a slot they do not need. */
 static int waiter_blocked(tg_fq_waiter_t *qw, void *arg) {
   tg_call_t *c = waiter_call(qw);
   tg_endpoint_t *ep;
@@ -1179,6 +1183,14 @@ static int waiter_blocked(tg_fq_waiter_t *qw, void *arg) {
   int why = 0;
 
   (void)arg;
+  if (c->rt != c->w->rt) {
+    ep = tg_pool_pick(c->pool, &c->tried, &idx, &why);
+    if (ep != NULL) {
+      tg_endpoint_release(ep);
+      return 0;
+    }
+    return why == TG_PICK_SATURATED;
+  }
   if (c->attempts == 0)
     return 0;
   ep = tg_pool_pick(c->pool, &c->tried, &idx, &why);

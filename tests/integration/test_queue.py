@@ -266,6 +266,38 @@ def test_a_client_leaving_the_queue_frees_its_place():
         sim.stop()
 
 
+def test_a_reload_that_adds_an_endpoint_serves_new_requests_there():
+    """A saturated model's one endpoint is held and a request waits for it.
+    A reload adds a second endpoint: a request that comes after is served
+    there at once, not behind the waiter, which still waits for the
+    endpoint of the config it was admitted under (it took 4 s, the new
+    endpoint idle)."""
+    a, b = tgtest.Sim().start(), tgtest.Sim().start()
+    gw = gateway(a, overrides={"timeouts": {"queue": "10s", "upstream_first_byte": "20s"}})
+    try:
+        key = gw.create_key("acme")
+        with concurrent.futures.ThreadPoolExecutor(2) as ex:
+            holder = hold_the_slot(ex, gw, key, 4000)
+            waiter = ex.submit(slow_chat, gw, key, 10)
+            tgtest.wait_for(lambda: series(gw, "llm_queue_length", pool=M1,
+                                           tenant="acme") == 1, timeout=5, what="queued")
+            gw.config["models"][M1] = tgtest.model_entry([a.url, b.url], max_inflight=1)
+            tgtest.gateway_reload(gw)
+            t0 = time.monotonic()
+            r = slow_chat(gw, key, 0)
+            took = time.monotonic() - t0
+            assert r.status == 200, r
+            assert took < 1.5, took
+            assert b.metric(tgtest.SIM_REQUESTS) == 1
+            assert waiter.result().status == 200
+            assert holder.result().status == 200
+        assert series(gw, "llm_queue_length", pool=M1, tenant="acme") == 0
+    finally:
+        gw.stop()
+        a.stop()
+        b.stop()
+
+
 @contextlib.contextmanager
 def two_one_slot_endpoints(timeouts):
     """A gateway (one worker, the timeouts given) in front of two simulators
