@@ -1329,7 +1329,7 @@ static int starting(const tg__redis_loop_t *rl) {
 static void flush(tg__redis_loop_t *rl) {
   call_t *q = rl->q_head;
   int sent = 0;
-  if (rl->state != RL_UP && starting(rl))
+  if (starting(rl))
     return;
   rl->q_head = rl->q_tail = NULL;
   if (rl->global_undo > 0) {

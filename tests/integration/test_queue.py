@@ -48,6 +48,16 @@ def hold_the_slot(ex, gw, key, ms):
     return holder
 
 
+def hold_the_slot_and_queue_one(ex, gw, key, ms):
+    """hold_the_slot, then a short request that waits in the queue behind
+    it: (holder, waiter) once the gateway shows it queued."""
+    holder = hold_the_slot(ex, gw, key, ms)
+    waiter = ex.submit(slow_chat, gw, key, 10)
+    tgtest.wait_for(lambda: series(gw, "llm_queue_length", pool=M1, tenant="acme") == 1,
+                    timeout=5, what="one queued")
+    return holder, waiter
+
+
 def series(gw, name, **labels):
     """The value of one series of the gateway's /metrics (0 when absent)."""
     want = ",".join('%s="%s"' % kv for kv in sorted(labels.items()))
@@ -188,10 +198,7 @@ def test_full_queue_and_queue_timeout_shed_with_503_and_retry_after():
     try:
         key = gw.create_key("acme")
         with concurrent.futures.ThreadPoolExecutor(3) as ex:
-            holder = hold_the_slot(ex, gw, key, 2000)
-            waiter = ex.submit(slow_chat, gw, key, 10)
-            tgtest.wait_for(lambda: series(gw, "llm_queue_length", pool=M1,
-                                           tenant="acme") == 1, timeout=5, what="one queued")
+            holder, waiter = hold_the_slot_and_queue_one(ex, gw, key, 2000)
             # the queue holds one: the next is shed at once
             t0 = time.monotonic()
             full = slow_chat(gw, key, 10)
@@ -277,10 +284,7 @@ def test_a_reload_that_adds_an_endpoint_serves_new_requests_there():
     try:
         key = gw.create_key("acme")
         with concurrent.futures.ThreadPoolExecutor(2) as ex:
-            holder = hold_the_slot(ex, gw, key, 4000)
-            waiter = ex.submit(slow_chat, gw, key, 10)
-            tgtest.wait_for(lambda: series(gw, "llm_queue_length", pool=M1,
-                                           tenant="acme") == 1, timeout=5, what="queued")
+            holder, waiter = hold_the_slot_and_queue_one(ex, gw, key, 4000)
             gw.config["models"][M1] = tgtest.model_entry([a.url, b.url], max_inflight=1)
             tgtest.gateway_reload(gw)
             t0 = time.monotonic()
