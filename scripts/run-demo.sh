@@ -34,7 +34,7 @@ trap 'exit 143' TERM
 
 # The simulator plays the seed's three models, with a little latency so the
 # stream is visible.
-"$sim" --listen 127.0.0.1:8000 --ttft-ms 80 --token-ms 15 \
+"$sim" --listen 127.0.0.1:8000 --ttft-ms 80 --token-ms 15 --answer-tokens 64 \
   --models llama-3.1-70b,llama-3.1-8b,nomic-embed-text 2>"$sim_log" &
 sim_pid=$!
 for _ in $(seq 50); do

@@ -381,6 +381,11 @@ static int parse_generation(tg__sim_call_t *call, const tg__sim_t *sim,
   } else {
     call->tokens = sim->opt.default_tokens;
   }
+  if (sim->opt.answer_tokens > 0 && call->tokens > sim->opt.answer_tokens) {
+    /* the model's answer ends before its limit */
+    call->tokens = sim->opt.answer_tokens;
+    call->finish_length = 0;
+  }
   if (get_uint(root, "n", 1, TG__SIM_MAX_CHOICES, &n, msg, msg_len) < 0)
     return -1;
   if (n * n_prompts > TG__SIM_MAX_CHOICES) {

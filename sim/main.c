@@ -22,7 +22,7 @@
 static void usage(FILE *f) {
   fputs("usage: tollgate-sim --listen HOST:PORT [--workers N] [--ttft-ms MS]\n"
         "         [--token-ms MS] [--max-num-seqs N] [--default-tokens N]\n"
-        "         [--models a,b,c] [--embedding-dim N]\n",
+        "         [--answer-tokens N] [--models a,b,c] [--embedding-dim N]\n",
         f);
 }
 
@@ -133,6 +133,9 @@ static int parse_args(tg__sim_opts_t *o, int argc, char **argv) {
     else if (strcmp(key, "--default-tokens") == 0 &&
              (rc = parse_num(val, 1, TG__SIM_MAX_TOKENS, &v)) == 0)
       o->default_tokens = (uint32_t)v;
+    else if (strcmp(key, "--answer-tokens") == 0 &&
+             (rc = parse_num(val, 0, TG__SIM_MAX_TOKENS, &v)) == 0)
+      o->answer_tokens = (uint32_t)v;
     else if (strcmp(key, "--embedding-dim") == 0 &&
              (rc = parse_num(val, 1, TG__SIM_MAX_DIM, &v)) == 0)
       o->embedding_dim = (uint32_t)v;

@@ -140,6 +140,9 @@ typedef struct {
   uint64_t token_ms;
   uint32_t max_num_seqs;
   uint32_t default_tokens;
+  uint32_t answer_tokens;    /* > 0: an answer ends there ("stop") when its
+                                limit allows more, as a model's does at its
+                                end of sequence */
   uint32_t embedding_dim;
   char *models_text;                       /* owned; split in place */
   const char *models[TG__SIM_MAX_MODELS];  /* into models_text */

@@ -288,6 +288,24 @@ def test_default_tokens_finish_stop_and_ids_unique(sim):
     assert len(ids) == 3
 
 
+def test_answer_tokens_end_an_answer_before_its_limit():
+    """--answer-tokens: an answer ends there ("stop") when its limit allows
+    more, as a model's does at its end of sequence; a smaller limit still
+    cuts it ("length")."""
+    s = Sim("--answer-tokens", "5")
+    try:
+        for body, n, finish in [(chat("hi", max_tokens=4096), 5, "stop"),
+                                (chat("hi", max_tokens=3), 3, "length"),
+                                (chat("hi"), 5, "stop")]:
+            status, _, data = s.post("/v1/chat/completions", body)
+            r = json.loads(data)
+            assert status == 200, data
+            assert r["usage"]["completion_tokens"] == n, (body, r)
+            assert r["choices"][0]["finish_reason"] == finish, (body, r)
+    finally:
+        s.stop()
+
+
 def test_max_tokens_is_capped(sim):
     status, _, data = sim.post("/v1/completions", {"model": "m", "prompt": "", "max_tokens": 10 ** 9})
     r = json.loads(data)
