@@ -292,36 +292,92 @@ static int choices_nonempty(const char *d, const char *end) {
   return 0;
 }
 
+/* The value of the data line starting at line (its "data:" and one space
+ * left out): [*v, returned end). */
+static const char *data_value(const char *line, const char *end, const char **v) {
+  const char *d = line + 5, *le;
+  if (d < end && *d == ' ')
+    d++;
+  le = d < end ? next_eol(d, end) : NULL;
+  *v = d;
+  return le != NULL ? le : end;
+}
+
+/* An event's data lines joined with LF, as the SSE format reads an event
+ * of several (an upstream that pretty-prints its chunks): malloc'd in *out
+ * (NUL-terminated), its length returned; 0 with *out NULL when the event
+ * has one data line (read in place) or no memory is left (then the first
+ * line alone is read, as before). */
+static size_t data_joined(const char *first, const char *end, char **out) {
+  const char *line, *v, *le;
+  size_t n = 0, lines = 0;
+  char *buf;
+
+  *out = NULL;
+  for (line = first; line < end;) {
+    le = next_eol(line, end);
+    if ((size_t)(end - line) >= 5 && memcmp(line, "data:", 5) == 0)
+      lines++;
+    if (le == NULL)
+      break;
+    line = le + (le[0] == '\r' && le + 1 < end && le[1] == '\n' ? 2 : 1);
+  }
+  if (lines < 2 || (buf = malloc((size_t)(end - first) + 1)) == NULL)
+    return 0;
+  for (line = first; line < end;) {
+    le = next_eol(line, end);
+    if ((size_t)(end - line) >= 5 && memcmp(line, "data:", 5) == 0) {
+      const char *ve = data_value(line, end, &v);
+      if (n > 0)
+        buf[n++] = '\n';
+      memcpy(buf + n, v, (size_t)(ve - v));
+      n += (size_t)(ve - v);
+    }
+    if (le == NULL)
+      break;
+    line = le + (le[0] == '\r' && le + 1 < end && le[1] == '\n' ? 2 : 1);
+  }
+  buf[n] = '\0';
+  *out = buf;
+  return n;
+}
+
 int tg_sse_inspect(const char *ev, size_t len, tg_sse_info_t *info) {
   const char *d, *end = ev + len, *le;
+  char *joined;
   cJSON *root;
   const cJSON *usage, *choices;
-  int n_choices;
+  int n_choices, rc = 0;
+  size_t jlen;
 
   memset(info, 0, sizeof(*info));
   d = data_field(ev, end);
   if (d == NULL)
     return 0; /* comment or other field: relayed as is */
-  d += 5;
-  if (d < end && *d == ' ')
-    d++;
-  if (d >= end)
-    return TG_EPARSE;
-  le = next_eol(d, end); /* data never holds a CR or LF: its line ends there */
-  if (le == NULL)
-    le = end;
+  if ((jlen = data_joined(d, end, &joined)) > 0 || joined != NULL) {
+    d = joined;
+    le = joined + jlen;
+  } else {
+    le = data_value(d, end, &d); /* data never holds a CR or LF: its line ends there */
+  }
+  if (d >= le) {
+    rc = TG_EPARSE;
+    goto out;
+  }
   if ((size_t)(le - d) == 6 && memcmp(d, "[DONE]", 6) == 0) {
     info->done = 1;
-    return 0;
+    goto out;
   }
   if (find(d, (size_t)(le - d), "\"usage\"") == NULL) {
     info->has_choices = choices_nonempty(d, le);
-    return (le > d && *d == '{') ? 0 : TG_EPARSE;
+    rc = *d == '{' ? 0 : TG_EPARSE;
+    goto out;
   }
   root = tg_json_parse(d, (size_t)(le - d), 1, NULL);
   if (!cJSON_IsObject(root)) {
     tg_json_free(root);
-    return TG_EPARSE;
+    rc = TG_EPARSE;
+    goto out;
   }
   choices = tg_json_get(root, "choices");
   n_choices = cJSON_IsArray(choices) ? cJSON_GetArraySize(choices) : 0;
@@ -337,7 +393,9 @@ int tg_sse_inspect(const char *ev, size_t len, tg_sse_info_t *info) {
   else
     info->prompt_tokens = info->completion_tokens = 0;
   tg_json_free(root);
-  return 0;
+out:
+  free(joined);
+  return rc;
 }
 
 /* ---- generated text of a whole answer ---- */

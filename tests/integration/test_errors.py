@@ -357,8 +357,10 @@ def _answer_body(usage=(7, 3)):
                       "total_tokens": usage[0] + usage[1]}}
 
 
-def _sse_body(usage=(7, 3)):
+def _sse_body(usage=(7, 3), pretty=False):
     def ev(doc):
+        if pretty:  # one data line a line of the JSON, as the format allows
+            return "".join("data: %s\n" % line for line in json.dumps(doc, indent=1).split("\n")) + "\n"
         return "data: %s\n\n" % json.dumps(doc)
     chunk = {"id": "x", "object": "chat.completion.chunk", "created": 1, "model": M8B}
     out = [ev(dict(chunk, choices=[{"index": 0, "delta": {"content": t}, "finish_reason": None}]))
@@ -368,6 +370,29 @@ def _sse_body(usage=(7, 3)):
         "total_tokens": usage[0] + usage[1]})))
     out.append("data: [DONE]\n\n")
     return "".join(out).encode()
+
+
+def test_events_over_several_data_lines_are_read_whole(tg):
+    """An upstream that pretty-prints its chunks sends each over several
+    data lines, which the SSE format joins: its usage is billed (it was
+    not read, and the stream was billed from its events) and its usage
+    chunk, which the client did not ask for, is removed."""
+    up = tgtest.FakeUpstream(status=200)
+    up.content_type = "text/event-stream"
+    up.body = _sse_body(usage=(7, 40), pretty=True)
+    try:
+        gw = tg.gateway({M8B: [up.url]}, workers=1)
+        s = tgtest.SSEStream(gw.port, tgtest.chat_body(M8B, stream=True, max_tokens=50),
+                             key=gw.keys["acme"])
+        assert s.status == 200
+        s.read_all()
+        assert s.done and tgtest.assembled_text(s.all_events) == "abc"
+        assert tgtest.usage_events(s.all_events) == []
+        e = gw.access_entry(s.headers["x-request-id"])
+        s.close()
+        assert (e["prompt_tokens"], e["completion_tokens"], e["usage_reported"]) == (7, 40, True), e
+    finally:
+        up.close()
 
 
 @pytest.mark.parametrize("stream", [False, True])

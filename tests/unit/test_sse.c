@@ -204,6 +204,37 @@ static void test_callback_error_stops(void **state) {
   tg_sse_free(&p);
 }
 
+/* An event of several data lines is read as the SSE format joins them
+ * (with LF): an upstream that pretty-prints its usage chunk is billed its
+ * usage, and the chunk is still the include_usage one the client may not
+ * get. Read from its first line alone, it was no usage at all. */
+static void test_inspect_joins_data_lines(void **state) {
+  static const char *const evs[] = {
+      "data: {\"choices\": [],\ndata:   \"usage\": {\"prompt_tokens\": 7,\ndata: "
+      "\"completion_tokens\": 40}}\n\n",
+      "data:{\"choices\":[],\r\ndata:\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":40}}\r\n\r\n",
+      "id: 3\ndata: {\"choices\":[],\ndata: \"usage\":{\"prompt_tokens\":7,\"completion_tokens\":40}}\n\n",
+  };
+  tg_sse_info_t i;
+  (void)state;
+  for (size_t k = 0; k < sizeof evs / sizeof evs[0]; k++) {
+    assert_int_equal(tg_sse_inspect(evs[k], strlen(evs[k]), &i), 0);
+    assert_true(i.has_usage);
+    assert_true(i.usage_only);
+    assert_int_equal(i.prompt_tokens, 7);
+    assert_int_equal(i.completion_tokens, 40);
+  }
+  /* content over two lines is content; two empty data lines are no JSON */
+  {
+    const char *ev = "data: {\"choices\":\ndata: [{\"index\":0,\"delta\":{\"content\":\"a\"}}]}\n\n";
+    assert_int_equal(tg_sse_inspect(ev, strlen(ev), &i), 0);
+    assert_true(i.has_choices);
+    assert_false(i.has_usage);
+    ev = "data:\ndata:\n\n";
+    assert_int_equal(tg_sse_inspect(ev, strlen(ev), &i), TG_EPARSE);
+  }
+}
+
 static void test_inspect(void **state) {
   tg_sse_info_t i;
   (void)state;
@@ -556,6 +587,7 @@ int main(void) {
     cmocka_unit_test(test_event_bound_is_per_event),
     cmocka_unit_test(test_callback_error_stops),
     cmocka_unit_test(test_inspect),
+    cmocka_unit_test(test_inspect_joins_data_lines),
     cmocka_unit_test(test_usage_text),
     cmocka_unit_test(test_usage_text_agrees_with_parser),
     cmocka_unit_test(test_answer_text_bytes),
