@@ -600,6 +600,10 @@ static int relay_begin(tg_call_t *c, const char *content_type, const char *more)
   return 0;
 }
 
+static int stream_begin(tg_call_t *c) {
+  return relay_begin(c, "text/event-stream", "Cache-Control: no-cache\r\n");
+}
+
 /* Relays bytes of a whole answer as they come, all but its closing brace
  * and what follows it (kept in c->out, up to ANSWER_TAIL_MAX bytes; only
  * whitespace may follow), which go out once the ledger record is durable.
@@ -679,15 +683,18 @@ static int on_up_data(tg_xfer_t *x, const char *data, size_t len, void *arg) {
     c->deadline_kind = DL_NONE;
     return TG_XFER_PAUSE;
   }
-  if (!c->relayed && relay_begin(c, "text/event-stream", "Cache-Control: no-cache\r\n") < 0)
-    return -1;
   c->out_len = 0;
   r = tg_sse_feed(&c->sse, data, len, on_event, c);
   if (r < 0)
     return -1;
-  if (c->out_len > 0 && tg_http_write(c->req, c->out, c->out_len) < 0)
+  if (c->out_len == 0)
+    return 0;
+  /* The client's 200 goes with the first whole event: an attempt that
+   * breaks before one (inside it, or after the upstream's head alone) has
+   * relayed nothing, and is retried on another endpoint. */
+  if (!c->relayed && stream_begin(c) < 0)
     return -1;
-  return 0;
+  return tg_http_write(c->req, c->out, c->out_len) < 0 ? -1 : 0;
 }
 
 static void on_client_drain(tg_http_req_t *req) {
@@ -902,7 +909,8 @@ static void on_up_done(int result, const char *detail, void *arg) {
   }
   if (result == TG_XFER_OK) {
     if (c->stream && c->up_status == 200) {
-      if (c->relayed && c->saw_done) {
+      if (c->saw_done && (c->relayed || stream_begin(c) == 0)) {
+        /* (a stream of no event but [DONE] begins here) */
         call_close(c, FIN_END_STREAM);
       } else {
         call_error(c, 502, "server_error", "bad_upstream_response",
@@ -989,6 +997,16 @@ static int start_attempt(tg_call_t *c, tg_endpoint_t *ep, size_t idx) {
     c->attempts++;
     c->up_status = 0;
     c->resp_len = 0;
+    if (c->attempts > 1 && c->stream) {
+      /* what a broken attempt gave and nothing of which was relayed (a
+       * part of its first event, a usage chunk or [DONE] held back) */
+      tg_sse_free(&c->sse);
+      tg_sse_init(&c->sse, EVENT_MAX);
+      c->saw_done = c->has_usage = c->counted = 0;
+      c->counted_tokens = c->counted_at_usage = 0;
+      c->prompt_tokens = c->completion_tokens = 0;
+      c->t_first_byte = 0;
+    }
     {
       size_t n = tg_str_copy(c->url, sizeof(c->url), tg_endpoint_url(ep));
       tg_str_copy(c->url + n, sizeof(c->url) - n, c->path);

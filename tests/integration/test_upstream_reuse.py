@@ -247,3 +247,46 @@ def test_pooled_connection_closed_under_a_request_is_sent_again(tg, client, stre
             assert len(row) == 1 and row[0]["completion_tokens"] == 4, row
     finally:
         up.close()
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+@pytest.mark.parametrize("cut", ["after_its_head", "inside_its_first_event"])
+def test_a_stream_broken_before_its_first_event_is_retried(tg, client, cut):
+    """An upstream that sends a stream's 200 head, perhaps part of its first
+    event, then dies (a replica going down as it starts) has relayed nothing
+    of the answer: the client's 200 goes with the first whole event, so the
+    request is retried on the other endpoint and the client gets the whole
+    stream. It got a 200 stream cut before any event."""
+    partial = b"" if cut == "after_its_head" else b"8\r\ndata: {\"\r\n"
+
+    def bad(c, doc, n, no):
+        c.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                  b"Transfer-Encoding: chunked\r\n\r\n" + partial)
+        time.sleep(0.05)
+        return "close"
+
+    def good(c, doc, n, no):
+        ev = _sse(4)
+        c.sendall(_head(ev, ctype=b"text/event-stream") + ev)
+        return "keep"
+
+    up1, up2 = ScriptedUpstream(bad), ScriptedUpstream(good)
+    try:
+        gw = tg.gateway({M8B: tgtest.model_entry([up1.url, up2.url])}, workers=1,
+                        overrides={"upstream_client": client, "health_check_interval": "60s"})
+        ids = []
+        for _ in range(4):  # the first attempts go to either endpoint
+            s = tgtest.SSEStream(gw.port, tgtest.chat_body(M8B, stream=True, max_tokens=4),
+                                 key=gw.keys["acme"])
+            assert s.status == 200
+            s.read_all()
+            s.close()
+            assert s.done and tgtest.assembled_text(s.all_events) == "w0 w1 w2 w3 ", s.all_events
+            ids.append(s.headers["x-request-id"])
+        assert up1.posts >= 1 and up2.posts == 4, (up1.posts, up2.posts)
+        for rid in ids:
+            e = gw.access_entry(rid)
+            assert (e["status"], e["completion_tokens"]) == (200, 4), e
+    finally:
+        up1.close()
+        up2.close()
