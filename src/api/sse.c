@@ -316,8 +316,8 @@ static size_t data_joined(const char *first, const char *end, char **out) {
   *out = NULL;
   for (line = first; line < end;) {
     le = next_eol(line, end);
-    if ((size_t)(end - line) >= 5 && memcmp(line, "data:", 5) == 0)
-      lines++;
+    if ((size_t)(end - line) >= 5 && memcmp(line, "data:", 5) == 0 && ++lines == 2)
+      break; /* two are enough to know */
     if (le == NULL)
       break;
     line = le + (le[0] == '\r' && le + 1 < end && le[1] == '\n' ? 2 : 1);

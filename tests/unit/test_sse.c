@@ -204,6 +204,17 @@ static void test_callback_error_stops(void **state) {
   tg_sse_free(&p);
 }
 
+/* ev is an include_usage chunk (no choices) whose usage reads as
+ * (prompt, completion), or as none when has_usage is 0. */
+static void check_usage_chunk(const char *ev, int has_usage, int64_t prompt, int64_t completion) {
+  tg_sse_info_t i;
+  assert_int_equal(tg_sse_inspect(ev, strlen(ev), &i), 0);
+  assert_int_equal(i.has_usage, has_usage);
+  assert_true(i.usage_only);
+  assert_int_equal(i.prompt_tokens, prompt);
+  assert_int_equal(i.completion_tokens, completion);
+}
+
 /* An event of several data lines is read as the SSE format joins them
  * (with LF): an upstream that pretty-prints its usage chunk is billed its
  * usage, and the chunk is still the include_usage one the client may not
@@ -217,13 +228,8 @@ static void test_inspect_joins_data_lines(void **state) {
   };
   tg_sse_info_t i;
   (void)state;
-  for (size_t k = 0; k < sizeof evs / sizeof evs[0]; k++) {
-    assert_int_equal(tg_sse_inspect(evs[k], strlen(evs[k]), &i), 0);
-    assert_true(i.has_usage);
-    assert_true(i.usage_only);
-    assert_int_equal(i.prompt_tokens, 7);
-    assert_int_equal(i.completion_tokens, 40);
-  }
+  for (size_t k = 0; k < sizeof evs / sizeof evs[0]; k++)
+    check_usage_chunk(evs[k], 1, 7, 40);
   /* content over two lines is content; two empty data lines are no JSON */
   {
     const char *ev = "data: {\"choices\":\ndata: [{\"index\":0,\"delta\":{\"content\":\"a\"}}]}\n\n";
@@ -264,14 +270,7 @@ static void test_inspect(void **state) {
   }
   /* a stream's usage without completion_tokens is no usage (the stream is
    * counted instead), and still the include_usage chunk */
-  {
-    const char *ev = "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3}}\n\n";
-    assert_int_equal(tg_sse_inspect(ev, strlen(ev), &i), 0);
-    assert_false(i.has_usage);
-    assert_true(i.usage_only);
-    assert_int_equal(i.prompt_tokens, 0);
-    assert_int_equal(i.completion_tokens, 0);
-  }
+  check_usage_chunk("data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3}}\n\n", 0, 0, 0);
   /* "usage": null (OpenAI sends it on chunks when include_usage is set) */
   {
     const char *ev = "data: {\"choices\":[{\"index\":0}],\"usage\":null}\n\n";
