@@ -688,14 +688,22 @@ int tg__sim_body_full(tg__sim_buf_t *b, const tg__sim_call_t *call) {
   return tg__sim_buf_adds(b, "}");
 }
 
+int tg__sim_event_role(tg__sim_buf_t *b, const tg__sim_call_t *call, uint32_t choice) {
+  tg__sim_buf_adds(b, call->head);
+  return tg__sim_buf_addf(b,
+                          "{\"index\":%u,\"delta\":{\"role\":\"assistant\",\"content\":\"\"},"
+                          "\"logprobs\":null,\"finish_reason\":null}]}\n\n",
+                          choice);
+}
+
 int tg__sim_event_token(tg__sim_buf_t *b, const tg__sim_call_t *call,
                         uint32_t choice, uint32_t step) {
   const char *sp = step == 0 ? "" : " ";
 
   tg__sim_buf_adds(b, call->head);
   if (call->kind == TG__SIM_CHAT)
-    tg__sim_buf_addf(b, "{\"index\":%u,\"delta\":{%s\"content\":\"%stok%u\"},", choice,
-                     step == 0 ? "\"role\":\"assistant\"," : "", sp, step);
+    tg__sim_buf_addf(b, "{\"index\":%u,\"delta\":{\"content\":\"%stok%u\"},", choice, sp,
+                     step);
   else
     tg__sim_buf_addf(b, "{\"index\":%u,\"text\":\"%stok%u\",", choice, sp, step);
   return tg__sim_buf_adds(b, "\"logprobs\":null,\"finish_reason\":null}]}\n\n");

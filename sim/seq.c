@@ -253,6 +253,12 @@ static void progress_stream(tg__sim_seq_t *seq) {
       seq->wait_drain = 1;
       return;
     }
+    for (c = 0; seq->steps == 0 && call->kind == TG__SIM_CHAT && c < call->n_choices; c++) {
+      tg__sim_buf_reset(b);
+      tg__sim_event_role(b, call, c);
+      if (write_scratch(seq))
+        return;
+    }
     for (c = 0; c < call->n_choices; c++) {
       tg__sim_buf_reset(b);
       tg__sim_event_token(b, call, c, seq->steps);

@@ -117,6 +117,9 @@ int tg__sim_fault_parse(const char *v, tg__sim_fault_t *fault, uint32_t *arg);
 
 /* Bodies. Each appends to b and returns 0 or the buffer's error. */
 int tg__sim_body_full(tg__sim_buf_t *b, const tg__sim_call_t *call);
+/* One SSE event: a chat choice's first, its role and no content, as vLLM
+ * sends it with the first token. */
+int tg__sim_event_role(tg__sim_buf_t *b, const tg__sim_call_t *call, uint32_t choice);
 /* One SSE event: the token number step of choice. */
 int tg__sim_event_token(tg__sim_buf_t *b, const tg__sim_call_t *call,
                         uint32_t choice, uint32_t step);

@@ -537,8 +537,9 @@ static int on_event(void *arg, const char *ev, size_t len) {
     return 0; /* sent once the ledger record is durable (call_fin) */
   }
   if (info.has_choices && !c->saw_done) {
-    c->counted = 1;
-    c->counted_tokens++;
+    c->counted = 1; /* the prompt was read: billed even with no token */
+    if (!info.role_only)
+      c->counted_tokens++;
   }
   if (info.has_usage) {
     c->has_usage = 1;

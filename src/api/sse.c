@@ -1,8 +1,8 @@
 /* SSE splitting and classification; see sse.h. Events end with a blank line;
  * lines end with LF, CRLF or a lone CR, as the SSE format allows (vLLM and
  * OpenAI send LF; servers built on some frameworks send CRLF). Only events
- * that mention "usage" are parsed as JSON: ordinary token chunks are relayed
- * after a byte scan. Also here: reading a usage object, from a tree or its
+ * that mention "usage" or "role" are parsed as JSON: ordinary token chunks
+ * are relayed after a byte scan. Also here: reading a usage object, from a tree or its
  * text, and the generated text of a whole answer that came without one. */
 #define _GNU_SOURCE /* memmem */
 #include "api/sse.h"
@@ -292,6 +292,28 @@ static int choices_nonempty(const char *d, const char *end) {
   return 0;
 }
 
+/* 1 when the delta of every choice holds a "role" and nothing generated:
+ * no member but it and a "content" that is null or "". vLLM opens each
+ * choice of a chat stream with one such chunk before its first token; a
+ * stream cut without usage is counted a token an event, and this event is
+ * none. */
+static int choices_role_only(const cJSON *choices) {
+  const cJSON *ch, *delta, *m;
+  cJSON_ArrayForEach(ch, choices) {
+    delta = tg_json_get(ch, "delta");
+    if (!cJSON_IsObject(delta) || tg_json_get(delta, "role") == NULL)
+      return 0;
+    cJSON_ArrayForEach(m, delta) {
+      if (strcmp(m->string, "role") == 0 ||
+          (strcmp(m->string, "content") == 0 &&
+           (cJSON_IsNull(m) || (cJSON_IsString(m) && m->valuestring[0] == '\0'))))
+        continue;
+      return 0;
+    }
+  }
+  return 1;
+}
+
 /* The value of the data line starting at line (its "data:" and one space
  * left out): [*v, returned end). */
 static const char *data_value(const char *line, const char *end, const char **v) {
@@ -347,7 +369,7 @@ int tg_sse_inspect(const char *ev, size_t len, tg_sse_info_t *info) {
   char *joined;
   cJSON *root;
   const cJSON *usage, *choices;
-  int n_choices, rc = 0;
+  int n_choices, mentions_usage, rc = 0;
   size_t jlen;
 
   memset(info, 0, sizeof(*info));
@@ -368,7 +390,8 @@ int tg_sse_inspect(const char *ev, size_t len, tg_sse_info_t *info) {
     info->done = 1;
     goto out;
   }
-  if (find(d, (size_t)(le - d), "\"usage\"") == NULL) {
+  mentions_usage = find(d, (size_t)(le - d), "\"usage\"") != NULL;
+  if (!mentions_usage && find(d, (size_t)(le - d), "\"role\"") == NULL) {
     info->has_choices = choices_nonempty(d, le);
     rc = *d == '{' ? 0 : TG_EPARSE;
     goto out;
@@ -376,12 +399,15 @@ int tg_sse_inspect(const char *ev, size_t len, tg_sse_info_t *info) {
   root = tg_json_parse(d, (size_t)(le - d), 1, NULL);
   if (!cJSON_IsObject(root)) {
     tg_json_free(root);
+    if (!mentions_usage)
+      info->has_choices = choices_nonempty(d, le); /* counted, as unparsed ones are */
     rc = TG_EPARSE;
     goto out;
   }
   choices = tg_json_get(root, "choices");
   n_choices = cJSON_IsArray(choices) ? cJSON_GetArraySize(choices) : 0;
   info->has_choices = n_choices > 0;
+  info->role_only = n_choices > 0 && choices_role_only(choices);
   usage = tg_json_get(root, "usage");
   /* usage without both counts is none: the stream is counted instead, as a
    * whole answer's is (an upstream prompt beside our completion would mix

@@ -37,6 +37,8 @@ typedef struct {
   int has_usage;            /* carries a usage object with both token counts */
   int usage_only;           /* a usage object and "choices": [] (the include_usage chunk) */
   int has_choices;          /* a chunk with at least one choice */
+  int role_only;            /* its every choice only announces the role, with no
+                             * content: vLLM's first chat chunk, not a token */
   int64_t prompt_tokens;
   int64_t completion_tokens;
 } tg_sse_info_t;

@@ -554,8 +554,8 @@ def ask_kind(gw, kind, key, scoped_key):
                 doc = ev.json()
                 if doc.get("usage"):
                     out["usage"] = doc["usage"]
-                if doc.get("choices"):
-                    out["events"] += 1
+                if doc.get("choices") and doc["choices"][0]["delta"].get("content"):
+                    out["events"] += 1       # a token (not the role chunk, not the finish)
                 if kind in ("abandon", "stall_abandon") and out["events"] == 2:
                     break                    # the client leaves mid-stream
         finally:
@@ -649,8 +649,11 @@ def test_faults_abandons_and_refusals_have_exactly_their_rows(tg, sim):
             assert (row["prompt_tokens"], row["completion_tokens"]) == \
                 (o["usage"]["prompt_tokens"], o["usage"]["completion_tokens"]), (o, row)
             assert row["status"] == 200 and row["usage_counted"] == 0, row
-        elif o["kind"] in ("cut", "abandon", "stall_abandon"):
-            # no usage came: counted from the events relayed before the end
+        elif o["kind"] in ("cut", "stall_abandon"):
+            # no usage came: a token an event relayed, all of which the client read
+            assert row["usage_counted"] == 1 and row["completion_tokens"] == o["events"], (o, row)
+        elif o["kind"] == "abandon":
+            # relayed events the client left unread are billed too
             assert row["usage_counted"] == 1 and row["completion_tokens"] >= o["events"], (o, row)
         else:
             assert row["completion_tokens"] == 0 and row["status"] == o["status"], (o, row)

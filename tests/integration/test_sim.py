@@ -402,15 +402,15 @@ def test_chat_stream_one_event_per_token_without_usage(sim):
     evs = [e for _, e in stream(sim, "/v1/chat/completions", chat("hi", max_tokens=4, stream=True))]
     assert evs[-1] == "[DONE]"
     chunks = [json.loads(e) for e in evs[:-1]]
-    assert len(chunks) == 5  # 4 tokens, then the finish chunk
+    assert len(chunks) == 6  # vLLM's role chunk, 4 tokens, then the finish chunk
     assert all(c["object"] == "chat.completion.chunk" for c in chunks)
     assert len({c["id"] for c in chunks}) == 1
     assert all("usage" not in c for c in chunks)
-    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     assert all("role" not in c["choices"][0]["delta"] for c in chunks[1:])
     text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
     assert text == "tok0 tok1 tok2 tok3"
-    assert [c["choices"][0]["finish_reason"] for c in chunks] == [None] * 4 + ["length"]
+    assert [c["choices"][0]["finish_reason"] for c in chunks] == [None] * 5 + ["length"]
 
 
 def test_chat_stream_usage_chunk_with_include_usage(sim):
@@ -422,7 +422,7 @@ def test_chat_stream_usage_chunk_with_include_usage(sim):
     assert usage["usage"] == {"prompt_tokens": 9, "completion_tokens": 3, "total_tokens": 12}
     assert usage["object"] == "chat.completion.chunk"
     assert json.loads(evs[-3])["choices"][0]["finish_reason"] == "length"
-    assert len(evs) == 3 + 1 + 1 + 1
+    assert len(evs) == 1 + 3 + 1 + 1 + 1
 
 
 def test_completions_stream(sim):
@@ -441,7 +441,7 @@ def test_stream_events_spread_over_time(sim):
     evs = stream(sim, "/v1/chat/completions", chat("x", max_tokens=6, stream=True),
                  headers={"x-sim-ttft-ms": "100", "x-sim-token-ms": "80"})
     first, last = evs[0][0] - t0, evs[-1][0] - t0
-    assert len(evs) == 6 + 2
+    assert len(evs) == 1 + 6 + 2  # the role chunk goes with the first token
     assert first >= 0.09
     # five more tokens at 80 ms each after the first
     assert last - first >= 0.38
@@ -535,6 +535,8 @@ def test_fault_stall_after_streams_n_tokens(sim):
     try:
         rd = ChunkedReader(s)
         assert rd.status == 200
+        assert json.loads(rd.event())["choices"][0]["delta"] == {"role": "assistant",
+                                                                 "content": ""}
         assert json.loads(rd.event())["choices"][0]["delta"]["content"] == "tok0"
         assert json.loads(rd.event())["choices"][0]["delta"]["content"] == " tok1"
         s.settimeout(0.4)
@@ -579,7 +581,7 @@ def test_fault_disconnect_after_truncates_stream(sim):
     try:
         rd = ChunkedReader(s)
         evs = [e for _, e in rd.events()]
-        assert len(evs) == 3
+        assert len(evs) == 1 + 3  # the role chunk and three tokens
         assert "[DONE]" not in evs
         assert rd.closed and not rd.ended
     finally:
@@ -625,7 +627,7 @@ def test_fault_no_usage_answers_in_full_without_usage(sim):
     evs = [e for _, e in stream(sim, "/v1/chat/completions", body, headers=no_usage)]
     assert evs[-1] == "[DONE]"
     chunks = [json.loads(e) for e in evs[:-1]]
-    assert len(chunks) == 4 and all("usage" not in c and c["choices"] for c in chunks)
+    assert len(chunks) == 5 and all("usage" not in c and c["choices"] for c in chunks)
     m = sim.wait_metrics(requests_completed_total=before["sim_requests_completed_total"] + 7)
     assert m["sim_requests_faulted_total"] == before["sim_requests_faulted_total"]
     # (10 + 6 + 0) with usage and as many without, and the stream's 3
@@ -645,7 +647,7 @@ def test_client_disconnect_cancels_and_frees_slot_for_waiter():
         first.close()
         s.wait_metrics(requests_aborted_total=1)
         evs = [e for _, e in ChunkedReader(waiter).events()]
-        assert evs[-1] == "[DONE]" and len(evs) == 4
+        assert evs[-1] == "[DONE]" and len(evs) == 1 + 2 + 1 + 1
         waiter.close()
         m = s.wait_metrics(requests_running=0, requests_waiting=0)
         # the cancelled sequence stopped producing tokens at once

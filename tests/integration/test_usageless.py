@@ -378,3 +378,41 @@ def test_a_client_that_leaves_before_any_answer_pays_the_prompt(tg):
                 row["completion_tokens"], row["cost_nano"]) == (499, 1, est, 0, est * P), row
         rows.append(row)
     check_books(gw, rows)
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_a_cut_stream_is_billed_its_tokens_not_its_role_chunks(tg, n):
+    """vLLM opens each choice of a chat stream with a chunk that announces
+    the role and carries no content (so does the simulator). A stream that
+    ends without usage is billed one token a content event relayed: the
+    role chunks are none. Before, every such stream was billed a token a
+    choice more than it relayed: an upstream that hung up after 3 tokens,
+    and a client that left after 2 while the upstream held the rest."""
+    sim = tg.sim()
+    gw = start_gw(tg, sim.url)
+    rows = []
+    for fault, tokens, leaves in (("disconnect-after:3", 3, False), ("stall-after:2", 2, True)):
+        body = tgtest.chat_body(M, max_tokens=50, stream=True, n=n, include_usage=True)
+        s = tgtest.SSEStream(gw.port, body, key=gw.keys["acme"], headers={"x-sim-fault": fault})
+        assert s.status == 200, s.headers
+        rid, roles, content = s.headers.get("x-request-id"), 0, 0
+        try:
+            for ev in s.events():
+                ch = ev.json()["choices"]
+                delta = ch[0]["delta"]
+                roles += delta == {"role": "assistant", "content": ""}
+                content += bool(delta.get("content"))
+                if leaves and content == tokens * n:
+                    break                    # all the upstream will send: the client leaves
+        finally:
+            s.close()
+        assert (roles, content, s.done) == (n, tokens * n, False)
+        row, = tgtest.wait_for(
+            lambda: tgtest.sqlite_ledger_rows(gw.db_path, "WHERE request_id = ?", (rid,)),
+            timeout=10, what="the row of the cut stream")
+        est = tgtest.prompt_estimate(body)
+        assert (row["status"], row["usage_counted"], row["prompt_tokens"],
+                row["completion_tokens"]) == (499 if leaves else 502, 1, est, tokens * n), row
+        assert row["cost_nano"] == est * P + tokens * n * C, row
+        rows.append(row)
+    check_books(gw, rows)

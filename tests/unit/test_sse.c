@@ -241,6 +241,47 @@ static void test_inspect_joins_data_lines(void **state) {
   }
 }
 
+/* vLLM opens each choice of a chat stream with a chunk that announces the
+ * role and carries no content: a stream cut without usage is counted a
+ * token an event, and that event is none. One that carries text, a tool
+ * call or anything else besides its role is content. */
+static void test_inspect_tells_the_role_chunk(void **state) {
+  static const char *const role_only[] = {
+      "data: {\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"},"
+      "\"logprobs\":null,\"finish_reason\":null}]}\n\n",
+      "data: {\"choices\":[{\"index\":1,\"delta\":{\"role\":\"assistant\"}}]}\n\n",
+      "data: {\"choices\":[{\"delta\":{\"content\":null,\"role\":\"assistant\"}}]}\n\n",
+  };
+  static const char *const content[] = {
+      "data: {\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"Hi\"}}]}\n\n",
+      "data: {\"choices\":[{\"delta\":{\"role\":\"assistant\",\"tool_calls\":[]}}]}\n\n",
+      "data: {\"choices\":[{\"delta\":{\"role\":\"assistant\",\"content\":\"\",\"content\":\"x\"}}]}\n\n",
+      "data: {\"choices\":[{\"delta\":{\"role\":\"assistant\"}},{\"delta\":{\"content\":\"a\"}}]}\n\n",
+      "data: {\"choices\":[{\"delta\":{\"content\":\"the role\"}}]}\n\n",
+      "data: {\"choices\":[{\"text\":\"\\\"role\\\"\"}]}\n\n",
+      "data: {\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\" oops\n\n",
+  };
+  tg_sse_info_t i;
+  (void)state;
+  for (size_t k = 0; k < sizeof role_only / sizeof role_only[0]; k++) {
+    assert_int_equal(tg_sse_inspect(role_only[k], strlen(role_only[k]), &i), 0);
+    assert_true(i.has_choices);
+    assert_true(i.role_only);
+  }
+  for (size_t k = 0; k < sizeof content / sizeof content[0]; k++) {
+    (void)tg_sse_inspect(content[k], strlen(content[k]), &i);
+    assert_true(i.has_choices);
+    assert_false(i.role_only);
+  }
+  /* the role chunk with a usage riding on it (continuous usage) is both */
+  {
+    const char *ev = "data: {\"choices\":[{\"delta\":{\"role\":\"assistant\",\"content\":\"\"}}],"
+                     "\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":0}}\n\n";
+    assert_int_equal(tg_sse_inspect(ev, strlen(ev), &i), 0);
+    assert_true(i.role_only && i.has_usage);
+  }
+}
+
 static void test_inspect(void **state) {
   tg_sse_info_t i;
   (void)state;
@@ -587,6 +628,7 @@ int main(void) {
     cmocka_unit_test(test_callback_error_stops),
     cmocka_unit_test(test_inspect),
     cmocka_unit_test(test_inspect_joins_data_lines),
+    cmocka_unit_test(test_inspect_tells_the_role_chunk),
     cmocka_unit_test(test_usage_text),
     cmocka_unit_test(test_usage_text_agrees_with_parser),
     cmocka_unit_test(test_answer_text_bytes),
