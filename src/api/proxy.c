@@ -403,6 +403,18 @@ static void on_recorded_detached(void *arg, int status) {
   (void)status;
 }
 
+/* The record's time: the request's arrival, or, when its admission came
+ * in a later UTC day (its body arrived after midnight), the first
+ * millisecond of the day the admission charged. A record's day and month
+ * are then the budget windows its cost went to, which a restart rebuilds
+ * from the ledger and which `usage --day` and the invoice report. */
+static int64_t record_ts_ms(const tg_call_t *c) {
+  const tg_verdict_t *v = &c->admission.v;
+  if (v->refused == TG_LIMIT_NONE && v->day > tg_day_of(c->t_start_ms))
+    return tg_day_end_ms(v->day - 1);
+  return c->t_start_ms;
+}
+
 /* Ends a call: when an upstream saw the request, its ledger record is made
  * durable before the answer's last byte goes out, so a response that
  * completed at the client always has its record. */
@@ -419,7 +431,7 @@ static void call_close(tg_call_t *c, int fin) {
   }
   memset(&rec, 0, sizeof(rec));
   tg_str_copy(rec.request_id, sizeof(rec.request_id), c->request_id);
-  rec.ts_ms = c->t_start_ms;
+  rec.ts_ms = record_ts_ms(c);
   tg_str_copy(rec.tenant, sizeof(rec.tenant), c->tenant->name);
   tg_str_copy(rec.key_id, sizeof(rec.key_id), c->key_id);
   tg_str_copy(rec.model, sizeof(rec.model), c->model->name);

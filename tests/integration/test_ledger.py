@@ -874,3 +874,79 @@ def test_the_database_files_are_private(tg, sim, tmp_path):
     modes = {f: stat.S_IMODE(os.stat(str(d / f)).st_mode) for f in os.listdir(str(d))}
     assert "tollgate.db" in modes and "tollgate.db-wal" in modes, modes
     assert all(m & 0o077 == 0 for m in modes.values()), {f: oct(m) for f, m in modes.items()}
+
+
+# ---------------------------------------------------------------------------
+# the UTC day and month of a record and of the budgets it was charged to
+
+FAKETIME_LIB = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1"
+
+
+def faked_clock(start):
+    """The environment of a gateway whose wall clock starts at `start` (UTC,
+    "YYYY-MM-DD hh:mm:ss") and runs from there (libfaketime); its monotonic
+    clock, which its timers use, is left alone."""
+    return {"LD_PRELOAD": FAKETIME_LIB, "FAKETIME": "@" + start, "TZ": "UTC",
+            "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+            "ASAN_OPTIONS": tgtest.SAN_ENV["ASAN_OPTIONS"] + ":verify_asan_link_order=0"}
+
+
+def spend_gauges(gw, tenant):
+    """(daily, monthly) spend of tenant in /metrics, exact nano-USD."""
+    text = tgtest.admin(gw, "/metrics").body.decode()
+    out = []
+    for name in ("llm_tenant_daily_spend_usd", "llm_tenant_monthly_spend_usd"):
+        m = re.search(r'^%s\{tenant="%s"\} (\S+)$' % (name, re.escape(tenant)), text, re.M)
+        assert m, (name, text[:2000])
+        out.append(tgtest.usd_nano(m.group(1)))
+    return tuple(out)
+
+
+@pytest.mark.skipif(not os.path.exists(FAKETIME_LIB), reason="needs libfaketime")
+def test_a_request_admitted_after_midnight_is_recorded_in_the_windows_it_was_charged(tg, sim):
+    """A request whose head came at 23:59:5x on 31 January and whose body
+    came after midnight is admitted on 1 February: its cost goes to that
+    day's and month's budgets. Its record must be in the same day and month,
+    or `usage --day`, the invoice and a restart (which rebuilds the budgets
+    from the ledger) disagree with the budgets the gateway enforced: the
+    record was dated at the head's arrival, in January, and a restart gave
+    the tenant its February spend back."""
+    tenants = {"late": tgtest.limited_tenant(models=[M], daily="1.00", monthly="10.00")}
+    gw = start_gw(tg, sim, tenants=tenants, start=False, timeouts={"client_request": "30s"})
+    key = gw.create_key("late")
+    gw.env = faked_clock("2026-01-31 23:59:50")
+    t0 = time.monotonic()
+    gw.start()
+    raw = tgtest.http_request_bytes("POST", "/v1/chat/completions",
+                                    body=tgtest.chat_body(M, 50, content=HELLO), key=key)
+    conn = tgtest.RawConn(gw.port, timeout=30)
+    try:
+        conn.send(raw[:-5])
+        if time.monotonic() - t0 > 8.5:
+            pytest.skip("the gateway took too long to start: its head came after midnight")
+        time.sleep(max(0.0, t0 + 11.5 - time.monotonic()))   # its clock: past 00:00:01
+        conn.send(raw[-5:])
+        r = conn.read_response(method="POST")
+    finally:
+        conn.close()
+    assert r is not None and r.status == 200, r
+    spent = cost(50)
+    assert spend_gauges(gw, "late") == (spent, spent)
+    assert gw.usage("late", "2026-02-01")["spend_nano_usd"] == spent
+    assert gw.usage("late", "2026-01-31")["spend_nano_usd"] == 0
+    inv = gw.invoice("late", "2026-02")
+    assert tgtest.nano_of_usd(inv["summary"]["total_cost_usd"]) == spent, inv
+
+    # a restart rebuilds the windows from the ledger: nothing given back
+    gw.kill()
+    gw.checked_exit = True
+    db = sqlite3.connect(gw.db_path)
+    try:
+        with db:
+            db.execute("DELETE FROM tenant_spend")
+    finally:
+        db.close()
+    gw.checked_exit = False
+    gw.env = faked_clock("2026-02-01 00:00:30")
+    gw.start()
+    assert spend_gauges(gw, "late") == (spent, spent)
