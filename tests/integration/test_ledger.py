@@ -902,7 +902,6 @@ def spend_gauges(gw, tenant):
     return tuple(out)
 
 
-@pytest.mark.skipif(not os.path.exists(FAKETIME_LIB), reason="needs libfaketime")
 def test_a_request_admitted_after_midnight_is_recorded_in_the_windows_it_was_charged(tg, sim):
     """A request whose head came at 23:59:5x on 31 January and whose body
     came after midnight is admitted on 1 February: its cost goes to that
