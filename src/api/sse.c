@@ -449,11 +449,20 @@ static int64_t call_bytes(const cJSON *f) {
   return str_bytes(tg_json_get(f, "name")) + str_bytes(tg_json_get(f, "arguments"));
 }
 
+/* A message's chain of thought: "reasoning" (vLLM's name, OpenRouter's)
+ * and "reasoning_content" (vLLM's old one, DeepSeek's), one text when
+ * both say the same (vLLM sent both while it renamed it). */
+static int64_t reasoning_bytes(const cJSON *m) {
+  const cJSON *r = tg_json_get(m, "reasoning"), *rc = tg_json_get(m, "reasoning_content");
+  if (cJSON_IsString(r) && cJSON_IsString(rc) && strcmp(r->valuestring, rc->valuestring) == 0)
+    return str_bytes(r);
+  return str_bytes(r) + str_bytes(rc);
+}
+
 static int64_t message_bytes(const cJSON *m) {
   const cJSON *t;
   int64_t n = content_bytes(tg_json_get(m, "content")) + str_bytes(tg_json_get(m, "refusal")) +
-              str_bytes(tg_json_get(m, "reasoning_content")) +
-              call_bytes(tg_json_get(m, "function_call"));
+              reasoning_bytes(m) + call_bytes(tg_json_get(m, "function_call"));
   t = tg_json_get(m, "tool_calls");
   if (cJSON_IsArray(t)) {
     const cJSON *e;

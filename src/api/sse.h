@@ -73,9 +73,9 @@ int tg_usage_read_text(const char *p, size_t n, int64_t *prompt, int64_t *comple
 
 /* Bytes in a whole chat or completions answer body[0..len) (a JSON object)
  * that the model generated: for each choice its text (completions), or its
- * message's content (a string, or parts' "text"), refusal,
- * reasoning_content, and each tool call's or function call's name and
- * arguments (chat). A token never covers less than one byte, so this
+ * message's content (a string, or parts' "text"), refusal, reasoning
+ * ("reasoning", "reasoning_content"), and each tool call's or function
+ * call's name and arguments (chat). A token never covers less than one byte, so this
  * bounds the completion tokens from above. A body over TG_ANSWER_WALK_MAX,
  * or one the strict parser refuses, is not walked: every byte of generated
  * text is in it (escaped, never shorter), so its length is returned. */

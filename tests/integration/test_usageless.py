@@ -39,6 +39,14 @@ def start_gw(tg, url):
     return tg.gateway({M: tgtest.model_entry([url]), EMBED: e}, tenants=tenants)
 
 
+def reasoning_bytes(m):
+    """A message's reasoning: `reasoning` (vLLM's name) and
+    `reasoning_content` (its old one), one text when both say the same."""
+    r, rc = m.get("reasoning"), m.get("reasoning_content")
+    n = sum(len(v.encode()) for v in (r, rc) if isinstance(v, str))
+    return n - len(r.encode()) if isinstance(r, str) and r == rc else n
+
+
 def generated_bytes(answer):
     """Bytes of the text a model generated in a whole chat or completions
     answer (what the gateway counts as completion tokens without usage)."""
@@ -57,7 +65,7 @@ def generated_bytes(answer):
             n += sum(s(p.get("text")) if isinstance(p, dict) else s(p) for p in content)
         else:
             n += s(content)
-        n += s(m.get("refusal")) + s(m.get("reasoning_content")) + fn(m.get("function_call"))
+        n += s(m.get("refusal")) + reasoning_bytes(m) + fn(m.get("function_call"))
         n += sum(fn(t.get("function")) for t in m.get("tool_calls") or [])
     return n
 
@@ -243,6 +251,31 @@ def test_a_usage_without_both_counts_is_counted_as_none(tg):
                    ({"prompt_tokens": "12", "completion_tokens": 3}, (1, est, text)),
                    ({"prompt_tokens": 12, "completion_tokens": -3}, (1, est, text)),
                    ({"prompt_tokens": 12, "completion_tokens": 3}, (0, 12, 3))))
+    finally:
+        up.close()
+
+
+def test_reasoning_under_vllms_current_name_is_billed(tg):
+    """vLLM names a reasoning model's chain of thought `reasoning` (it was
+    `reasoning_content`, the name OpenRouter and others never used; vLLM
+    sent both for a while). A whole answer without usage is billed its
+    bytes: `reasoning` counted nothing, so an answer of a thousand bytes of
+    reasoning and a word of content was billed the word. The same text
+    under both names is one text, counted once."""
+    think = "Let me think: the user greets me, so I greet back. " * 20
+    msg = {"role": "assistant", "content": "Hello!"}
+    up = tgtest.FakeUpstream(status=200)
+    try:
+        gw = start_gw(tg, up.url)
+        body = tgtest.chat_body(M, max_tokens=2000)
+        est, n = tgtest.prompt_estimate(body), len("Hello!") + len(think)
+        bill_each(gw, up, body, lambda m: json.dumps({
+            "id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": M,
+            "choices": [{"index": 0, "finish_reason": "stop", "message": m}]}).encode(),
+            ((dict(msg, reasoning=think), (1, est, n)),
+             (dict(msg, reasoning=think, reasoning_content=think), (1, est, n)),
+             (dict(msg, reasoning_content=think), (1, est, n)),
+             (dict(msg, reasoning=think, reasoning_content="other"), (1, est, n + 5))))
     finally:
         up.close()
 

@@ -445,6 +445,10 @@ static void test_answer_text_bytes(void **state) {
      "\"refusal\":\"no\",\"reasoning_content\":\"why\",\"function_call\":"
      "{\"name\":\"f\",\"arguments\":\"{}\"},\"tool_calls\":[{\"id\":\"call_9\","
      "\"function\":{\"name\":\"get\",\"arguments\":\"{\\\"a\\\":1}\"}}]}}]}", 20},
+    /* reasoning under vLLM's name; under both names, once when the same */
+    {"{\"choices\":[{\"message\":{\"content\":\"ok\",\"reasoning\":\"hmm\"}}]}", 5},
+    {"{\"choices\":[{\"message\":{\"reasoning\":\"hmm\",\"reasoning_content\":\"hmm\"}}]}", 3},
+    {"{\"choices\":[{\"message\":{\"reasoning\":\"hmm\",\"reasoning_content\":\"hm\"}}]}", 5},
     /* content parts, escapes and multi-byte text: bytes, not characters */
     {"{\"choices\":[{\"message\":{\"content\":[{\"type\":\"text\",\"text\":\"\\u00e9\\n\"},"
      "\"\xe2\x9c\x93\",7]}}]}", 6},
