@@ -398,9 +398,10 @@ int tg_sse_inspect(const char *ev, size_t len, tg_sse_info_t *info) {
   }
   root = tg_json_parse(d, (size_t)(le - d), 1, NULL);
   if (!cJSON_IsObject(root)) {
+    /* counted, as unparsed ones are, "usage": null on it or not (an
+     * upstream asked for usage may put one on every chunk) */
     tg_json_free(root);
-    if (!mentions_usage)
-      info->has_choices = choices_nonempty(d, le); /* counted, as unparsed ones are */
+    info->has_choices = choices_nonempty(d, le);
     rc = TG_EPARSE;
     goto out;
   }

@@ -377,6 +377,37 @@ def test_content_relayed_after_a_streams_usage_is_billed_too(tg):
         up.close()
 
 
+def test_a_chunk_the_strict_parser_refuses_is_counted_with_usage_null_on_it(tg):
+    """OpenAI-style upstreams put "usage": null on every chunk when asked
+    for usage (the gateway always asks), so every chunk is read as JSON. A
+    content chunk the strict parser refuses (a NUL the model wrote, sent as
+    \\u0000) is still content: a stream cut before its usage was billed
+    one token short for each, as chunks without "usage" never were."""
+    def content(w):
+        return chunk(choices=[{"index": 0, "delta": {"content": w}}], usage=None)
+
+    up, gw = stream_upstream(tg)
+    try:
+        body = tgtest.chat_body(M, max_tokens=50, stream=True)
+        est = tgtest.prompt_estimate(body)
+        up.body = content("Hi") + content("\x00") + content("!")   # cut: no usage, no [DONE]
+        s = tgtest.SSEStream(gw.port, body, key=gw.keys["acme"])
+        assert s.status == 200, s.headers
+        rid = s.headers["x-request-id"]
+        s.read_all()
+        s.close()
+        assert not s.done and len(s.all_events) == 3, s.all_events
+        row, = tgtest.wait_for(
+            lambda: tgtest.sqlite_ledger_rows(gw.db_path, "WHERE request_id = ?", (rid,)),
+            timeout=10, what="the row of the cut stream")
+        assert (row["status"], row["usage_counted"], row["prompt_tokens"],
+                row["completion_tokens"]) == (502, 1, est, 3), row
+        assert row["cost_nano"] == est * P + 3 * C, row
+        check_books(gw, [row])
+    finally:
+        up.close()
+
+
 def test_a_client_that_leaves_before_any_answer_pays_the_prompt(tg):
     """A request the upstream is working on, whose client leaves before a
     byte of the answer was relayed (a whole answer still being made, a

@@ -318,6 +318,20 @@ static void test_inspect(void **state) {
     assert_int_equal(tg_sse_inspect(ev, strlen(ev), &i), 0);
     assert_false(i.has_usage);
   }
+  /* a content chunk the strict parser refuses (a NUL the model wrote) is
+   * content, "usage": null on it or not: an upstream that puts one on
+   * every chunk had such chunks uncounted */
+  {
+    static const char *const evs[] = {
+        "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"\\u0000\"}}],\"usage\":null}\n\n",
+        "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"\\u0000\"}}]}\n\n",
+    };
+    for (size_t k = 0; k < sizeof evs / sizeof evs[0]; k++) {
+      (void)tg_sse_inspect(evs[k], strlen(evs[k]), &i); /* parsed or scanned */
+      assert_true(i.has_choices);
+      assert_false(i.has_usage || i.usage_only);
+    }
+  }
   /* garbage data is reported, comments are not */
   assert_int_equal(tg_sse_inspect("data: not json\n\n", 16, &i), TG_EPARSE);
   assert_int_equal(tg_sse_inspect("data: \"usage\" oops\n\n", 20, &i), TG_EPARSE);
