@@ -1126,6 +1126,22 @@ def content_events(events):
     return out
 
 
+def role_only(event):
+    """1 for a chunk whose every choice only announces its role, with no
+    content (vLLM's first chunk of each chat choice): no token."""
+    chs = event.json().get("choices") or []
+    return bool(chs) and all(
+        isinstance(ch.get("delta"), dict) and "role" in ch["delta"] and
+        all(k == "role" or (k == "content" and v in (None, "")) for k, v in ch["delta"].items())
+        for ch in chs)
+
+
+def billed_events(events):
+    """The events a stream without usage is billed a token each for: those
+    with choices, the role chunks left out."""
+    return [e for e in content_events(events) if not role_only(e)]
+
+
 def assembled_text(events):
     parts = []
     for e in content_events(events):
@@ -1918,7 +1934,8 @@ class Outcome:
     kind: "chat" / "completion" (not streamed), "stream_usage" (streamed,
     include_usage asked), "stream" (streamed, no usage asked: tokens from
     the text and the simulator's prompt formula), "abandon" (the client
-    read `events` content events, then reset the connection).
+    read `events` content events, role chunks left out, then reset the
+    connection).
     complete: a non-streamed 200 whose body arrived whole, or a stream that
     delivered `data: [DONE]`. prompt/completion: the usage the client
     observed (for "abandon": what the gateway must count, the prompt
@@ -2139,7 +2156,7 @@ class LedgerLoad:
                 o.status = st.status
                 o.rid = st.headers.get("x-request-id")
                 for ev in st.events():
-                    if content_events([ev]):
+                    if billed_events([ev]):
                         o.events += 1
                         if o.events == want:
                             break
