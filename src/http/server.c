@@ -12,6 +12,7 @@
  * callbacks only. */
 #include "http/server.h"
 
+#include <ctype.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <llhttp.h>
@@ -544,6 +545,85 @@ static char *trim(char *s) {
   return s;
 }
 
+/* Whether a[0..n) is an http(s) URI's authority as a server may take it:
+ * host, an IP literal in brackets or a reg-name / IPv4 of unreserved,
+ * percent-encoded and sub-delim characters (RFC 3986 3.2.2), not empty
+ * (RFC 9110 4.2.1), then an optional port of at most 5 digits up to 65535.
+ * No userinfo: RFC 9110 4.2.4 has a recipient treat it as an error. */
+static int authority_ok(const char *a, size_t n) {
+  const char *end = a + n, *h = a;
+  long port = 0;
+
+  if (n == 0)
+    return 0;
+  if (*h == '[') {
+    for (h++; h < end && strchr("0123456789abcdefABCDEF:.", *h) != NULL; h++)
+      ;
+    if (h == a + 1 || h == end || *h != ']')
+      return 0;
+    h++;
+  } else {
+    for (; h < end && *h != ':'; h++) {
+      if (*h == '%' && end - h > 2 && isxdigit((unsigned char)h[1]) &&
+          isxdigit((unsigned char)h[2]))
+        h += 2;
+      else if (!isalnum((unsigned char)*h) && strchr("-._~!$&'()*+,;=", *h) == NULL)
+        return 0;
+    }
+    if (h == a)
+      return 0;
+  }
+  if (h == end)
+    return 1;
+  if (*h != ':' || end - h > 6)
+    return 0;
+  for (h++; h < end; h++) {
+    if (!isdigit((unsigned char)*h))
+      return 0;
+    port = port * 10 + (*h - '0');
+  }
+  return port <= 65535;
+}
+
+/* The path a request is routed on (RFC 9112 3.2), url being its target
+ * without the query. The origin-form ("/v1/models") is its own path. The
+ * absolute-form ("http://authority/v1/models"), which a client talking to
+ * a proxy sends and a server MUST accept (3.2.2), is routed on its path,
+ * "/" when it has none; its authority stands for the Host header then, and
+ * the gateway reads neither. The asterisk form and anything else are left
+ * as they are: no route has them (404, as ever; CONNECT's authority-form
+ * was refused before). Returns NULL, with why, for an absolute-form
+ * target whose scheme is not http or https or whose authority is
+ * malformed. */
+static const char *target_path(const char *url, const char **why) {
+  const char *s = url, *auth, *path;
+  size_t n;
+
+  if (!isalpha((unsigned char)*s))
+    return url;
+  for (s++; isalnum((unsigned char)*s) || *s == '+' || *s == '-' || *s == '.'; s++)
+    ;
+  if (*s != ':')
+    return url;
+  n = (size_t)(s - url);
+  if (!(n == 4 && strncasecmp(url, "http", 4) == 0) &&
+      !(n == 5 && strncasecmp(url, "https", 5) == 0)) {
+    *why = "the request target's scheme must be http or https";
+    return NULL;
+  }
+  if (strncmp(s, "://", 3) != 0) {
+    *why = "malformed absolute-form request target";
+    return NULL;
+  }
+  auth = s + 3;
+  path = auth + strcspn(auth, "/");
+  if (!authority_ok(auth, (size_t)(path - auth))) {
+    *why = "malformed authority in the request target";
+    return NULL;
+  }
+  return *path != '\0' ? path : "/";
+}
+
 static int on_headers_complete(llhttp_t *p) {
   tg_http_conn_t *c = parser_conn(p);
   head_t *h = c->head;
@@ -572,7 +652,6 @@ static int on_headers_complete(llhttp_t *p) {
   } else {
     c->req.query = "";
   }
-  c->req.path = url;
   c->req.headers = h->hdrs;
   c->req.n_headers = c->n_hdrs;
   c->req.method = (int)p->method;
@@ -583,7 +662,9 @@ static int on_headers_complete(llhttp_t *p) {
   }
   if (hosts > 1 || (hosts == 0 && !c->http10)) {
     /* RFC 9112 3.2: which authority was meant would be a guess, and a
-     * front proxy may have guessed otherwise */
+     * front proxy may have guessed otherwise. It holds for an
+     * absolute-form target too, whose authority then stands for Host
+     * (3.2.2): a client MUST send Host whatever the form. */
     c->reject = 400;
     c->reject_msg = "one Host header is needed (HTTP/1.0: at most one)";
     return -1;
@@ -608,6 +689,11 @@ static int on_headers_complete(llhttp_t *p) {
   }
   p->upgrade = 0;
 
+  c->req.path = target_path(url, &c->reject_msg);
+  if (c->req.path == NULL) {
+    c->reject = 400;
+    return -1;
+  }
   if ((p->flags & F_CONTENT_LENGTH) && p->content_length > c->srv->lim.max_body_bytes) {
     c->reject = 413;
     return -1;

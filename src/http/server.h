@@ -53,7 +53,9 @@ struct tg_http_req_s {
   void *data;                 /* free for the handler */
   tg_http_server_t *server;
   int method;                 /* llhttp_method_t: HTTP_GET, HTTP_POST, ... */
-  const char *path;           /* request target without the query, NUL-terminated */
+  const char *path;           /* what the request is routed on, NUL-terminated: the
+                               * target without the query; of an absolute-form
+                               * target ("http://h/p"), its path ("/" for none) */
   const char *query;          /* after '?', or "" */
   const tg_http_header_t *headers;
   size_t n_headers;

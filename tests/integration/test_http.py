@@ -9,7 +9,7 @@ import socket
 import time
 
 import tgtest
-from tgtest import RawConn, chat, http_request_bytes
+from tgtest import RawConn, chat, http_request_bytes, request
 
 M8B, M70B, EMBED = tgtest.DEFAULT_MODELS
 
@@ -617,6 +617,73 @@ def test_framing_a_front_proxy_could_read_otherwise_is_refused(stack):
           b"Transfer-Encoding: chunked\r\n\r\n" + b"%x\r\n" % len(body) + body + b"\r\n0\r\n\r\n")
     out, _ = _raw_exchange(stack.port, ok + nxt)
     assert out.startswith(b"HTTP/1.1 200 ") and out.count(b"HTTP/1.1 200 ") == 2, out[:300]
+    _still_serving(stack)
+
+
+def test_an_absolute_form_target_is_served_on_its_path(stack):
+    """RFC 9112 3.2.2: a server MUST accept the absolute-form target that
+    clients send to a proxy (`POST http://host/v1/chat/completions`). It is
+    routed on its path ("/" when it has none), the query split off as for
+    the origin-form, and its authority stands for Host, which may name
+    another: the chat is answered, logged and billed as the same chat in
+    origin-form, /v1/models and the admin listener route alike. Another
+    scheme or a malformed authority is 400 and closes; the Host rule holds
+    for the absolute-form too (none or two: 400). It used to be a 404."""
+    body = tgtest.chat_body(M8B, max_tokens=5, content="absolute form")
+    c = RawConn(stack.port)
+    answers = []
+    for target in ("/v1/chat/completions", "http://api.example:8080/v1/chat/completions"):
+        c.send(http_request_bytes("POST", target, body, key=stack.key, host="other.example"))
+        r = c.read_response()
+        assert r is not None and r.status == 200, (target, r)
+        answers.append(r)
+    c.close()
+    origin, absolute = answers
+    assert absolute.json()["usage"] == origin.json()["usage"], answers
+    assert absolute.json()["usage"]["completion_tokens"] == 5
+    logs, rows = [], []
+    for r in answers:
+        rid = r.header("x-request-id")
+        e = stack.gw.access_entry(rid)
+        logs.append({k: e.get(k) for k in ("path", "tenant", "key_id", "model", "endpoint",
+                                          "status", "prompt_tokens", "completion_tokens")})
+        row = tgtest.sqlite_ledger_row(stack.gw.db_path, rid)
+        rows.append({k: row[k] for k in ("tenant", "key_id", "model", "endpoint", "status",
+                                         "prompt_tokens", "completion_tokens", "cost_nano")})
+    assert logs[0] == logs[1] and logs[0]["path"] == "/v1/chat/completions", logs
+    assert rows[0] == rows[1] and rows[0]["cost_nano"] > 0, rows
+
+    want = request(stack.port, "GET", "/v1/models", key=stack.key).json()
+    for target in ("http://api.example/v1/models", "HTTPS://[::1]:443/v1/models?x=1",
+                   "http://127.0.0.1:%d/v1/models" % stack.port):
+        out, _ = _raw_exchange(stack.port, http_request_bytes("GET", target, key=stack.key))
+        assert out.startswith(b"HTTP/1.1 200 "), (target, out[:200])
+        assert json.loads(out.partition(b"\r\n\r\n")[2]) == want, (target, out)
+    # no path is the path "/", which no route has
+    out, _ = _raw_exchange(stack.port, http_request_bytes("GET", "http://api.example",
+                                                          key=stack.key))
+    assert out.startswith(b"HTTP/1.1 404 "), out[:200]
+    assert json.loads(out.partition(b"\r\n\r\n")[2])["error"]["message"] == \
+        "unknown path '/'", out
+    health = request(stack.gw.admin_port, "GET", "http://admin.example/healthz")
+    assert health.status == 200, health
+
+    auth = ("Authorization: Bearer %s\r\n" % stack.key).encode()
+    nxt = http_request_bytes("GET", "/v1/models", key=stack.key)
+    one_host = b"Host: x\r\n"
+    cases = [(t, one_host) for t in (
+        b"ftp://api.example/v1/models", b"ws://api.example/v1/models",
+        b"http://user@api.example/v1/models", b"http://api.example:65536/v1/models",
+        b"http://api.example:8080:1/v1/models", b"http://[::1/v1/models")]
+    cases += [(b"http://api.example/v1/models", b""),
+              (b"http://api.example/v1/models", b"Host: api.example\r\nHost: x\r\n")]
+    for target, hosts in cases:
+        out, closed = _raw_exchange(stack.port, b"GET " + target + b" HTTP/1.1\r\n" + hosts +
+                                    auth + b"\r\n" + nxt)
+        assert out.startswith(b"HTTP/1.1 400 "), (target, hosts, out[:200])
+        assert b"HTTP/1.1 200 " not in out and closed, (target, out)
+        doc = json.loads(out.partition(b"\r\n\r\n")[2])
+        assert doc["error"]["type"] == "invalid_request_error", (target, doc)
     _still_serving(stack)
 
 
