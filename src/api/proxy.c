@@ -76,6 +76,7 @@ struct tg_call_s {
   int attempts;
   tg_xfer_t *xfer;
   int up_status;
+  char up_retry_after[TG_RETRY_AFTER_MAX + 1]; /* the attempt's answer's, or "" */
   int last_failure;               /* TG_XFER_* of the last failed attempt */
   const char *hdr_lines[MAX_FWD_HEADERS + 4]; /* NULL-terminated */
   size_t n_hdr_lines;
@@ -125,7 +126,9 @@ struct tg_call_s {
   int deadline_kind;
   int status;                     /* what the client got, for the log */
   int shed;                       /* refused because the pool was saturated */
-  int retry_soon;                 /* answered with Retry-After: 1 (shed, or a local shortage) */
+  const char *retry_after;        /* the answer's Retry-After: "1" when shed or for a
+                                   * local shortage, up_retry_after with the
+                                   * upstream's error answer, else NULL */
   const char *err_code;
 
   tg_call_t *prev, *next;
@@ -321,12 +324,26 @@ static void call_finish(tg_call_t *c) {
 
 enum { FIN_RESPOND, FIN_END_STREAM, FIN_END_ANSWER, FIN_ERROR, FIN_ABORT };
 
+/* The Retry-After header line of c's answer, written into buf, or NULL
+ * when it has none. */
+static const char *retry_after_line(const tg_call_t *c, char *buf, size_t size) {
+  tg_sb_t b;
+
+  if (c->retry_after == NULL)
+    return NULL;
+  tg_sb_init(&b, buf, size);
+  tg_sb_lit(&b, "Retry-After: ");
+  tg_sb_puts(&b, c->retry_after);
+  tg_sb_lit(&b, "\r\n");
+  return b.err ? NULL : buf;
+}
+
 /* Sends what ends the call (its last bytes) and finishes it. The policy is
  * settled first, so the concurrency slot is free before the client can see
  * the answer end and send its next request. */
 static void call_fin(tg_call_t *c) {
   static const char done[] = "data: [DONE]\n\n";
-  char hdr[640];
+  char hdr[640], ra[64];
   tg_sb_t b;
 
   call_settle(c);
@@ -339,6 +356,8 @@ static void call_fin(tg_call_t *c) {
     tg_sb_lit(&b, "\r\n");
     if (c->status < 300)
       tg_sb_puts(&b, c->rl_headers);
+    if (retry_after_line(c, ra, sizeof(ra)) != NULL)
+      tg_sb_puts(&b, ra);
     tg_http_respond(c->req, c->status, "application/json", hdr, c->resp ? c->resp : "",
                     c->resp_len);
     break;
@@ -358,7 +377,7 @@ static void call_fin(tg_call_t *c) {
     break;
   case FIN_ERROR:
     tg_api_error(c->req, c->status, c->fin_type, c->err_code, c->request_id,
-                 c->retry_soon ? "Retry-After: 1\r\n" : NULL, "%s", c->fin_msg);
+                 retry_after_line(c, ra, sizeof(ra)), "%s", c->fin_msg);
     break;
   default:
     tg_http_abort(c->req);
@@ -377,7 +396,7 @@ static void call_unrecorded(tg_call_t *c) {
     c->status = 503;
     c->fin_type = "server_error";
     c->err_code = "ledger_unavailable";
-    c->retry_soon = 1;
+    c->retry_after = "1";
     tg_str_copy(c->fin_msg, sizeof(c->fin_msg),
                 "the usage record of this answer could not be stored, so the answer is "
                 "withheld; retry shortly");
@@ -504,7 +523,11 @@ static void wait_or_shed(tg_call_t *c);
 
 static int on_up_status(tg_xfer_t *x, int status, void *arg) {
   tg_call_t *c = arg;
-  (void)x;
+  const char *ra;
+
+  /* an error answer's Retry-After, for the client (deliver_buffered) */
+  if (status >= 400 && (ra = tg_xfer_retry_after(x)) != NULL)
+    tg_str_copy(c->up_retry_after, sizeof(c->up_retry_after), ra);
   /* A success is a success: vLLM and OpenAI answer 200, and a 201 or 203
    * from something between carries the same answer, to be relayed and
    * billed as one (the client sees 200). */
@@ -853,6 +876,12 @@ static void deliver_buffered(tg_call_t *c) {
     call_error(c, 502, "server_error", "bad_upstream_response", msg);
     return;
   }
+  if (c->up_status >= 400 && c->up_retry_after[0] != '\0') {
+    /* A replica or hosted backend saying when to come back (429, 503):
+     * the client's backoff needs it, and the last answer's is the one
+     * that goes out when a 503 was retried on other endpoints first. */
+    c->retry_after = c->up_retry_after;
+  }
   if (c->up_status >= 400 && !is_json_object(c->resp, c->resp_len)) {
     /* an HTML page of a proxy before the upstream, an empty body: the
      * client still gets an error it can parse, with the upstream's status */
@@ -951,7 +980,7 @@ static void on_up_done(int result, const char *detail, void *arg) {
   if (result == TG_XFER_LOCAL) {
     /* No descriptor, memory or local port for a connection: the endpoint
      * is not at fault (it stays routable) and another would fail alike. */
-    c->retry_soon = 1;
+    c->retry_after = "1";
     if (c->relayed) {
       /* Out of memory to keep a paused stream's bytes: the stream is cut. */
       c->err_code = "gateway_overloaded";
@@ -1009,6 +1038,7 @@ static int start_attempt(tg_call_t *c, tg_endpoint_t *ep, size_t idx) {
     c->ep = ep;
     c->attempts++;
     c->up_status = 0;
+    c->up_retry_after[0] = '\0';
     c->resp_len = 0;
     if (c->attempts > 1 && c->stream) {
       /* what a broken attempt gave and nothing of which was relayed (a
@@ -1162,7 +1192,7 @@ static void queue_leave(tg_call_t *c, int served) {
 
 static void shed(tg_call_t *c, const char *code, const char *msg) {
   c->shed = 1;
-  c->retry_soon = 1;
+  c->retry_after = "1";
   call_error(c, 503, "server_error", code, msg);
 }
 

@@ -525,10 +525,15 @@ static size_t header_cb(char *buf, size_t size, size_t nitems, void *userdata) {
   long code = 0;
 
   x->sent = 1;
-  if (len > 5 && strncmp(buf, "HTTP/", 5) == 0)
+  if (len > 5 && strncmp(buf, "HTTP/", 5) == 0) {
     x->head_body = 0;
-  else if (line_declares_body(buf, len))
-    x->head_body = 1;
+    tg_retry_after_reset(&x->head.ra); /* a 1xx's fields are not the answer's */
+  } else {
+    if (line_declares_body(buf, len))
+      x->head_body = 1;
+    if (!x->status_seen)
+      tg_retry_after_line(&x->head.ra, buf, len);
+  }
   /* The blank line ends a header block; skip interim 1xx blocks. */
   if (len <= 2 && !x->status_seen) {
     curl_easy_getinfo(x->easy, CURLINFO_RESPONSE_CODE, &code);
@@ -718,4 +723,8 @@ int tg_xfer_paused(const tg_xfer_t *x) {
   if (is_native(x))
     return tg__h1_paused(x);
   return x->paused;
+}
+
+const char *tg_xfer_retry_after(const tg_xfer_t *x) {
+  return tg_retry_after_get(&((const tg__xfer_head_t *)(const void *)x)->ra);
 }

@@ -16,6 +16,8 @@
 #include <stdint.h>
 #include <uv.h>
 
+#include "upstream/retry_after.h"
+
 typedef struct tg_upstream_s tg_upstream_t;
 typedef struct tg_xfer_s tg_xfer_t;
 
@@ -93,5 +95,11 @@ void tg_xfer_cancel(tg_xfer_t *x);
 void tg_xfer_resume(tg_xfer_t *x);
 
 int tg_xfer_paused(const tg_xfer_t *x);
+
+/* The Retry-After of the transfer's answer (the final one, not a 1xx's)
+ * when it is one to relay: one field, delta-seconds or an IMF-fixdate, at
+ * most TG_RETRY_AFTER_MAX bytes (upstream/retry_after.h); else NULL. Read
+ * it from on_status on: it lives in x, which on_done no longer has. */
+const char *tg_xfer_retry_after(const tg_xfer_t *x);
 
 #endif

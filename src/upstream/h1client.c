@@ -755,6 +755,38 @@ static int count_head(llhttp_t *p, const char *at, size_t len) {
   return 0;
 }
 
+/* A head's fields also go to the Retry-After catcher, as pieces of a
+ * name or a value (feed) and their ends (end); a chunked answer's
+ * trailers do not (they come after its status was reported). */
+static int ra_piece(llhttp_t *p, const char *at, size_t len,
+                    void (*feed)(tg_retry_after_t *, const char *, size_t)) {
+  if (!(p->flags & F_TRAILING))
+    feed(&parser_conn(p)->x->head.ra, at, len);
+  return count_head(p, at, len);
+}
+
+static int ra_end(llhttp_t *p, void (*end)(tg_retry_after_t *)) {
+  if (!(p->flags & F_TRAILING))
+    end(&parser_conn(p)->x->head.ra);
+  return 0;
+}
+
+static int on_header_field(llhttp_t *p, const char *at, size_t len) {
+  return ra_piece(p, at, len, tg_retry_after_name);
+}
+
+static int on_header_field_complete(llhttp_t *p) {
+  return ra_end(p, tg_retry_after_name_end);
+}
+
+static int on_header_value(llhttp_t *p, const char *at, size_t len) {
+  return ra_piece(p, at, len, tg_retry_after_value);
+}
+
+static int on_header_value_complete(llhttp_t *p) {
+  return ra_end(p, tg_retry_after_value_end);
+}
+
 static int on_headers_complete(llhttp_t *p) {
   conn_t *c = parser_conn(p);
   h1x_t *x = c->x;
@@ -763,6 +795,7 @@ static int on_headers_complete(llhttp_t *p) {
   x->head_bytes = 0;
   if (status < 200) {
     x->interim = 1; /* 100 Continue and friends: the real answer follows */
+    tg_retry_after_reset(&x->head.ra); /* and the fields to read are its */
     return 0;
   }
   if (x->cbs.on_status) {
@@ -820,8 +853,10 @@ static const llhttp_settings_t *parser_settings(void) {
   if (!ready) {
     llhttp_settings_init(&s);
     s.on_status = count_head;
-    s.on_header_field = count_head;
-    s.on_header_value = count_head;
+    s.on_header_field = on_header_field;
+    s.on_header_field_complete = on_header_field_complete;
+    s.on_header_value = on_header_value;
+    s.on_header_value_complete = on_header_value_complete;
     s.on_headers_complete = on_headers_complete;
     s.on_body = on_body;
     s.on_message_complete = on_message_complete;

@@ -8,10 +8,12 @@
 #define TG_UPSTREAM_H1CLIENT_H
 
 #include "upstream/client.h"
+#include "upstream/retry_after.h"
 
 /* First member of every transfer object of either client. */
 typedef struct {
-  int native;   /* 1: a tg__h1 transfer, 0: a curl transfer */
+  int native;            /* 1: a tg__h1 transfer, 0: a curl transfer */
+  tg_retry_after_t ra;   /* the answer's Retry-After (tg_xfer_retry_after) */
 } tg__xfer_head_t;
 
 typedef struct tg__h1_s tg__h1_t;

@@ -6,8 +6,9 @@
  * across inputs. The first byte of the input picks whether the client
  * pauses on the first body bytes (resumed from the loop), as a slow
  * client's stream does. Aborts when on_done does not come exactly once, with
- * a known result, or when body bytes arrive before a status or more body
- * arrives than was sent. */
+ * a known result, when body bytes arrive before a status or more body
+ * arrives than was sent, or when the answer's Retry-After to relay is not
+ * a bounded number or date. */
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -116,9 +117,12 @@ typedef struct {
 
 static int on_status(tg_xfer_t *x, int status, void *arg) {
   run_t *r = arg;
-  (void)x;
+  const char *ra = tg_xfer_retry_after(x);
   if (r->status != 0 || r->done)
     abort();   /* one status, before the end */
+  if (ra != NULL && (ra[0] == '\0' || strlen(ra) > TG_RETRY_AFTER_MAX ||
+                     (strspn(ra, "0123456789") != strlen(ra) && strlen(ra) != TG_RETRY_AFTER_MAX)))
+    abort();   /* a Retry-After to relay is a number or a date, bounded */
   r->status = status;
   return 0;
 }

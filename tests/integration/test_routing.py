@@ -83,6 +83,75 @@ def test_upstream_500_not_retried(tg):
         fake.close()
 
 
+def _retry_afters(r):
+    return [v for k, v in r.header_list if k == "retry-after"]
+
+
+@pytest.mark.parametrize("client", ["native", "curl"])
+def test_an_upstreams_retry_after_reaches_the_client(tg, client):
+    """A replica or a hosted backend that answers 429 or 503 says in
+    Retry-After when to come back; the client's backoff needs it. The
+    error answer the client gets (relayed, or wrapped when its body is not
+    JSON) carries the upstream's Retry-After, streamed request or not,
+    when it is delta-seconds or an IMF-fixdate; anything else, and two of
+    them, is dropped, as is a 100 Continue's. 429 is not retried; a 503 is retried on the other
+    endpoint first, and the last answer's Retry-After (or none) goes out.
+    (Every upstream Retry-After was dropped.)"""
+    date = "Wed, 21 Oct 2015 07:28:00 GMT"
+    one = tgtest.FakeUpstream(429)
+    pair = [tgtest.FakeUpstream(503), tgtest.FakeUpstream(503)]
+    try:
+        gw = tg.gateway({M8B: [one.url], M70B: [u.url for u in pair]}, workers=1,
+                        overrides={"upstream_client": client, "health_check_interval": "60s"})
+        key = gw.keys["acme"]
+        for stream in (False, True):
+            for value in ("7", "0", "2147483648", date):
+                one.headers = [("Retry-After", value)]
+                r = chat(gw.port, key, M8B, max_tokens=2, stream=stream)
+                assert r.status == 429 and r.json()["error"]["code"] == "fake", r
+                assert _retry_afters(r) == [value], (stream, value, r.header_list)
+        assert one.posts == 8, "a 429 was retried"
+        # a proxy's HTML page keeps its status, wrapped, and its Retry-After
+        one.body, one.content_type = b"<html>slow down</html>", "text/html"
+        one.headers = [("Retry-After", "12")]
+        r = chat(gw.port, key, M8B, max_tokens=2)
+        _err(r, 429, "invalid_request_error", "upstream_status")
+        assert _retry_afters(r) == ["12"], r.header_list
+        for bad in ([("Retry-After", "soon")], [("Retry-After", "-1")],
+                    [("Retry-After", "1.5")], [("Retry-After", "12345678901")],
+                    [("Retry-After", "Wed, 21 Oct 2015 07:28:00 UTC")],
+                    [("Retry-After", "Wed, 21 Oct 2015 07:28:00 GMT, soon")],
+                    [("Retry-After", "1"), ("Retry-After", "2")]):
+            one.headers = bad
+            r = chat(gw.port, key, M8B, max_tokens=2)
+            assert r.status == 429 and _retry_afters(r) == [], (bad, r.header_list)
+        # a 100 Continue's fields are not the answer's
+        one.interim = [("Retry-After", "1")]
+        for headers, want in (([], []), ([("Retry-After", "5")], ["5"])):
+            one.headers = headers
+            r = chat(gw.port, key, M8B, max_tokens=2)
+            assert r.status == 429 and _retry_afters(r) == want, (headers, r.header_list)
+
+        # both endpoints answer 503: each tried once, the last one's answer relayed
+        values = {pair[0].url: [("Retry-After", "30")], pair[1].url: [("Retry-After", date)]}
+        for rounds in range(2):
+            for u in pair:
+                u.headers = values[u.url]
+            for stream in (False, True):
+                posts = sum(u.posts for u in pair)
+                r = chat(gw.port, key, M70B, max_tokens=2, stream=stream)
+                assert r.status == 503 and r.json()["error"]["code"] == "fake", r
+                assert sum(u.posts for u in pair) == posts + 2
+                last = gw.access_entry(r.header("x-request-id"))["endpoint"]
+                want = [v for _, v in values[last]]
+                assert _retry_afters(r) == want, (last, r.header_list)
+            # the second round: only the first endpoint says when
+            values[pair[1].url] = []
+    finally:
+        for u in [one] + pair:
+            u.close()
+
+
 def test_retries_try_each_endpoint_of_a_large_pool_once(tg):
     """A model may have up to 256 endpoints. A request that every one of
     them answers with 503 tries each once and then gets the last answer.

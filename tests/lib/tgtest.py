@@ -1206,7 +1206,9 @@ class TcpServer:
 
 class FakeUpstream:
     """A tiny HTTP server on a free port answering every POST with a fixed
-    status and JSON body, and every GET with 200 (so health probes pass).
+    status and JSON body (and the (name, value) pairs of `headers`, which
+    may repeat a name; after a 100 Continue with the pairs of `interim`
+    when that is set), and every GET with 200 (so health probes pass).
     Counts the POSTs it received."""
 
     def __init__(self, status=503, body=None):
@@ -1217,6 +1219,8 @@ class FakeUpstream:
         self.body = json.dumps(body if body is not None else {
             "error": {"message": "fake upstream says %d" % status, "type": "server_error",
                       "code": "fake"}}).encode()
+        self.headers = []  # (name, value) header lines added to each POST's answer
+        self.interim = None  # header lines of a 100 Continue sent before it, when set
         self.posts = 0
         self.gets = 0
         self.last_headers = []  # (name, value) of the last POST, as received
@@ -1228,9 +1232,11 @@ class FakeUpstream:
             def log_message(self, *a):
                 pass
 
-            def _send(self, status, body, ctype="application/json"):
+            def _send(self, status, body, ctype="application/json", extra=()):
                 self.send_response(status)
                 self.send_header("Content-Type", ctype)
+                for k, v in extra:
+                    self.send_header(k, v)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
@@ -1245,7 +1251,12 @@ class FakeUpstream:
                     self.rfile.read(n)
                 outer.posts += 1
                 outer.last_headers = list(self.headers.items())
-                self._send(outer.status, outer.body, outer.content_type)
+                if outer.interim is not None:
+                    self.send_response_only(100)
+                    for k, v in outer.interim:
+                        self.send_header(k, v)
+                    self.end_headers()
+                self._send(outer.status, outer.body, outer.content_type, list(outer.headers))
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
