@@ -67,7 +67,7 @@ typedef struct {
 } tg_xfer_opts_t;
 
 enum {
-  TG_UPSTREAM_CURL = 0,   /* libcurl for every URL (the default) */
+  TG_UPSTREAM_CURL = 0,   /* libcurl for every URL: a new client's mode (`auto` sets NATIVE) */
   TG_UPSTREAM_NATIVE = 1, /* the native client for http://, libcurl for the rest */
 };
 
