@@ -10,6 +10,7 @@
 
 #include <errno.h>
 #include <inttypes.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -358,14 +359,20 @@ static int cmd_create(const opts_t *o) {
             tg_strerror(rc));
     goto out;
   }
+  /* The key is shown here once. When stdout cannot take it (a full disk, a
+   * reader gone: EPIPE, not a SIGPIPE death) nobody will ever hold it, so
+   * it is revoked rather than left active and unaccounted for. */
+  signal(SIGPIPE, SIG_IGN);
+  if (printf("%s\n", key) < 0 || fflush(stdout) != 0) {
+    rc = tg_keystore_revoke(ks, id, now);
+    fprintf(stderr, "tollgate keys: cannot write the key to stdout; key %s %s\n", id,
+            rc == 0 ? "revoked" : "NOT revoked: revoke it");
+    goto out;
+  }
   fmt_time(expires_at, when, sizeof(when));
   fprintf(stderr, "created key %s for tenant %s (models: %s, expires: %s)\n",
           id, o->admin ? TG_ADMIN_TENANT : o->tenant, n_models ? o->models : "all the tenant may use",
           when);
-  if (printf("%s\n", key) < 0 || fflush(stdout) != 0) {
-    fprintf(stderr, "tollgate keys: cannot write the key to stdout\n");
-    goto out;
-  }
   ex = EXIT_DONE;
 out:
   tg_keystore_key_free(key);

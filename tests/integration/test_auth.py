@@ -2,6 +2,8 @@
 status and error code, and that keys created or revoked with the CLI while
 the gateway runs take effect within a second, without a restart."""
 
+import os
+import subprocess
 import time
 
 import pytest
@@ -197,3 +199,33 @@ def test_create_key_for_unknown_tenant_fails(stack):
     cp = stack.gw.cli("keys", "create", "--tenant", "nobody", check=False)
     assert cp.returncode != 0
     assert not cp.stdout.strip().startswith("tg-")
+
+
+def _keys_cli(gw, args, stdout):
+    """`tollgate keys ARGS` with its stdout on the file or descriptor given."""
+    argv = [tgtest.binary("tollgate"), "keys", args[0], "--config", gw.config_path] + args[1:]
+    return subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=stdout, stderr=subprocess.PIPE,
+                          text=True, env=tgtest.cli_env(), timeout=30)
+
+
+def test_a_key_create_could_not_print_is_not_left_active(stack):
+    """`keys create` whose stdout cannot take the key (a full disk, a reader
+    that went away) exits 1, and the key it stored is revoked: nobody holds
+    its secret, and an active key nobody has is a credential nobody can
+    account for."""
+    r, w = os.pipe()
+    os.close(r)  # a pipe whose reader is gone: EPIPE (or SIGPIPE)
+    try:
+        outs = [("/dev/full", open("/dev/full", "w")), ("closed pipe", w)]
+        for what, out in outs:
+            before = {row["id"] for row in stack.gw.list_keys()}
+            cp = _keys_cli(stack.gw, ["create", "--tenant", "small", "--name", "undelivered"], out)
+            assert cp.returncode == 1, (what, cp.returncode, cp.stderr)
+            assert "tg-" not in cp.stderr, (what, cp.stderr)
+            new = [row for row in stack.gw.list_keys() if row["id"] not in before]
+            assert len(new) == 1 and new[0]["status"] == "revoked", (what, new, cp.stderr)
+            assert new[0]["id"] in cp.stderr and "revoked" in cp.stderr, (what, cp.stderr)
+    finally:
+        outs[0][1].close()
+        os.close(w)
+
