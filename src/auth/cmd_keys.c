@@ -520,12 +520,13 @@ static int cmd_revoke(const opts_t *o) {
   if (tg_key_parse(arg, strlen(arg), &parts) == 0) {
     memcpy(id, parts.id, TG_KEY_ID_LEN);
     id[TG_KEY_ID_LEN] = '\0';
-  } else if (strlen(arg) == TG_KEY_ID_LEN) {
+  } else if (tg_key_id_parse(arg, strlen(arg), &parts.id_num) == 0) {
     memcpy(id, arg, TG_KEY_ID_LEN + 1);
   } else {
-    /* No id has another length. Such an argument is never echoed: it may
-     * be a key spoiled in the pasting (a trailing CR, a character more, upper
-     * case) or a bare secret. */
+    /* Not an id (12 lowercase hex characters) nor a whole key. Such an
+     * argument is never echoed nor sent to the database: it may be a key
+     * spoiled in the pasting (a trailing CR, a character more, upper case),
+     * a bare secret, or bytes a terminal would act on. */
     id[0] = '\0';
   }
   ex = load_config(o->config, &cfg);

@@ -229,3 +229,17 @@ def test_a_key_create_could_not_print_is_not_left_active(stack):
         outs[0][1].close()
         os.close(w)
 
+
+def test_revoke_never_echoes_an_argument_that_is_not_an_id(stack):
+    """An argument of an id's length that is not one (upper case, control
+    bytes, a slice of something pasted) revokes nothing, exits 1 and is not
+    written back: it may hold a secret or a terminal's escape sequence."""
+    kid = tgtest.key_id(stack.small_key)
+    for arg in (kid.upper(), "\x1b]0;owned\x07xx", "secret-bits!"):
+        assert len(arg) == 12
+        cp = stack.gw.cli("keys", "revoke", arg, check=False)
+        assert cp.returncode == 1, (arg, cp)
+        assert arg not in cp.stderr and arg not in cp.stdout, (arg, cp.stderr)
+        assert "\x1b" not in cp.stderr, (arg, cp.stderr)
+    assert {r["id"]: r for r in stack.gw.list_keys()}[kid]["status"] == "active"
+
