@@ -496,9 +496,16 @@ static void metrics(tg_worker_t *w, tg_http_req_t *req, const char *rid) {
 void tg_admin_handle(tg_http_req_t *req) {
   tg_worker_t *w = tg_http_server_data(req->server);
   char rid[32];
+  int admin_path;
 
   tg_api_request_id(w, rid, sizeof(rid));
+  /* The admin API's requests are audited whatever their answer, those
+   * refused before any key is looked at too: a probe leaves its trace. */
+  admin_path = strncmp(req->path, "/admin", 6) == 0 &&
+               (req->path[6] == '\0' || req->path[6] == '/');
   if (req->method != HTTP_GET) {
+    if (admin_path)
+      audit(w, rid, NULL, NULL, req->path, 405, "method_not_allowed");
     tg_api_error(req, 405, "invalid_request_error", "method_not_allowed", rid, NULL,
                  "use GET");
     return;
@@ -519,6 +526,8 @@ void tg_admin_handle(tg_http_req_t *req) {
     admin_api(w, req, rid);
     return;
   }
+  if (admin_path)
+    audit(w, rid, NULL, NULL, req->path, 404, "not_found");
   tg_api_error(req, 404, "invalid_request_error", "not_found", rid, NULL,
                "unknown admin path '%.200s'", req->path);
 }

@@ -243,3 +243,20 @@ def test_revoke_never_echoes_an_argument_that_is_not_an_id(stack):
         assert "\x1b" not in cp.stderr, (arg, cp.stderr)
     assert {r["id"]: r for r in stack.gw.list_keys()}[kid]["status"] == "active"
 
+
+def test_admin_requests_refused_before_the_key_leave_an_audit_line(stack):
+    """Every /admin/v1 request has its access-log line, those refused before
+    any key is looked at too: another method than GET (405) and a path the
+    admin API does not have (404). Probing the admin API leaves a trace."""
+    admin = stack.admin_key
+    stack.gw.wait_admin_key(admin)
+    for method, path, status in (
+        ("POST", "/admin/v1/tenants/acme/usage/2026-01-01", 405),
+        ("DELETE", "/admin/v1/tenants/acme/invoices/2026-01", 405),
+        ("GET", "/admin/v1/keys", 404),
+        ("GET", "/admin/v1", 404),
+    ):
+        r = request(stack.gw.admin_port, method, path, key=admin)
+        assert r.status == status, (method, path, r)
+        e = stack.gw.access_entry(r.header("x-request-id"))
+        assert (e["path"], e["status"], e["key_id"]) == (path, status, None), (method, path, e)
