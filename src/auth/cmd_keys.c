@@ -240,15 +240,29 @@ static const char *status_of(const tg_key_info_t *k, int64_t now) {
   return "active";
 }
 
+static int printable_byte(char c) {
+  return (unsigned char)c >= 0x20 && (unsigned char)c <= 0x7e;
+}
+
 /* A name is printed in a table and logs: printable ASCII only. */
 static int name_ok(const char *s) {
   size_t n = strlen(s);
   if (n == 0 || n > TG_KEY_MAX_FIELD)
     return 0;
   for (size_t i = 0; i < n; i++)
-    if ((unsigned char)s[i] < 0x20 || (unsigned char)s[i] > 0x7e)
+    if (!printable_byte(s[i]))
       return 0;
   return 1;
+}
+
+/* A row the CLI did not write (an operator's SQL) may hold any bytes. Each
+ * one outside printable ASCII, which no id, tenant, name or model of ours
+ * has, is shown as '?': a listing stays valid JSON (jansson refuses text
+ * that is not UTF-8) and never hands a terminal bytes it would act on. */
+static void make_printable(char *s) {
+  for (; *s != '\0'; s++)
+    if (!printable_byte(*s))
+      *s = '?';
 }
 
 static int load_config(const char *path, tg_config_t **cfg) {
@@ -484,18 +498,23 @@ static int cmd_list(const opts_t *o) {
     fprintf(stderr, "tollgate keys: cannot list keys: %s\n", tg_strerror(rc));
     goto out;
   }
+  for (size_t i = 0; i < n; i++) {
+    make_printable(list[i].id);
+    make_printable(list[i].tenant);
+    make_printable(list[i].name);
+    make_printable(list[i].models);
+  }
   if (o->json) {
-    for (size_t i = 0; i < n; i++) {
-      if (o->tenant != NULL && strcmp(list[i].tenant, o->tenant) != 0)
-        continue;
-      if (print_json(&list[i], now) != 0)
-        goto out;
-    }
-  } else if (print_table(list, n, o->tenant, now) != 0) {
+    for (size_t i = 0; i < n && rc == 0; i++)
+      if (o->tenant == NULL || strcmp(list[i].tenant, o->tenant) == 0)
+        rc = print_json(&list[i], now);
+  } else {
+    rc = print_table(list, n, o->tenant, now);
+  }
+  if (rc != 0 || fflush(stdout) != 0) {
+    fprintf(stderr, "tollgate keys: cannot write the listing\n");
     goto out;
   }
-  if (fflush(stdout) != 0)
-    goto out;
   ex = EXIT_DONE;
 out:
   tg_keystore_list_free(list, n);

@@ -2,7 +2,9 @@
 status and error code, and that keys created or revoked with the CLI while
 the gateway runs take effect within a second, without a restart."""
 
+import json
 import os
+import sqlite3
 import subprocess
 import time
 
@@ -260,3 +262,35 @@ def test_admin_requests_refused_before_the_key_leave_an_audit_line(stack):
         assert r.status == status, (method, path, r)
         e = stack.gw.access_entry(r.header("x-request-id"))
         assert (e["path"], e["status"], e["key_id"]) == (path, status, None), (method, path, e)
+
+
+def test_keys_list_shows_odd_bytes_in_a_row_as_question_marks(tg):
+    """A row the CLI did not write (an operator's SQL) may hold bytes no
+    name of ours has: not UTF-8, control characters, a terminal's escape
+    sequence. `keys list` shows every row, each such byte as `?`, in its
+    table and in valid JSON lines; a bad row neither stops the listing nor
+    reaches the terminal as it is."""
+    gw = tg.gateway({m: ["http://127.0.0.1:9"] for m in tgtest.DEFAULT_MODELS}, start=False,
+                    keys=("acme", "small"))
+    odd = tgtest.key_id(gw.keys["acme"])
+    db = sqlite3.connect(gw.db_path)
+    try:
+        db.execute("UPDATE api_keys SET name = CAST(? AS TEXT), models = CAST(? AS TEXT)"
+                   " WHERE id = ?", (b"ops\xff\x1b[2J\nx", b"m\x07", odd))
+        db.commit()
+    finally:
+        db.close()
+    argv = [tgtest.binary("tollgate"), "keys", "list", "--config", gw.config_path]
+    for extra in (["--json"], []):
+        cp = subprocess.run(argv + extra, stdin=subprocess.DEVNULL, capture_output=True,
+                            env=tgtest.cli_env(), timeout=30)
+        assert cp.returncode == 0, (extra, cp)
+        assert all(0x20 <= b < 0x7f or b == 0x0a for b in cp.stdout), (extra, cp.stdout)
+        lines = cp.stdout.decode().splitlines()
+        if extra:
+            rows = {r["id"]: r for r in map(json.loads, lines)}
+            assert set(rows) == {tgtest.key_id(k) for k in gw.keys.values()}, rows
+            assert rows[odd]["name"] == "ops??[2J?x" and rows[odd]["models"] == ["m?"], rows[odd]
+        else:
+            assert len(lines) == 3, lines
+            assert any(odd in ln and "ops??[2J?x" in ln for ln in lines), lines
