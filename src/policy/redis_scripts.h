@@ -420,29 +420,37 @@
 
 /* ---- global give-back ----------------------------------------------------
  * KEYS: 1 log list, 2 log total          ({global} tag)
- * ARGV: 1 n: admissions to give back, requests the global script admitted
- *       and their tenants' limits then refused
- * Takes them from the newest entries: the loops send a count, not the
- * admissions' times, so when another admission came in between, its later
- * time goes and the earlier one stays for it (it leaves the window that
- * much early). tg_global_unadmit() (memory) takes the admission's own. */
+ * ARGV: 1 the times (ms, space-separated) of admissions the global script
+ *       made and their tenants' limits then refused
+ * Each takes one admission back from the entry stamped with its time, as
+ * tg_global_unadmit() does: searched from the newest, it is a few entries
+ * back at most. None: it left the window, or another gateway's later
+ * clock stamped it later (it then stays counted: toward refusing). */
 #define TG_REDIS_LUA_GLOBAL_UNDO                                              \
-  "local n = tonumber(ARGV[1])\n"                                             \
   "local total = tonumber(redis.call('GET', KEYS[2]) or '0')\n"               \
-  "while n > 0 and total > 0 do\n"                                            \
-  "  local last = redis.call('LINDEX', KEYS[1], -1)\n"                        \
-  "  if not last then break end\n"                                            \
-  "  local ts, c = string.match(last, '^(%-?%d+) (%d+)$')\n"                  \
-  "  c = tonumber(c)\n"                                                       \
-  "  local take = math.min(c, n, total)\n"                                    \
-  "  if take >= c then\n"                                                     \
-  "    redis.call('RPOP', KEYS[1])\n"                                         \
-  "  else\n"                                                                  \
-  "    redis.call('LSET', KEYS[1], -1, ts .. ' ' .. string.format('%d', c - take))\n" \
+  "local len = redis.call('LLEN', KEYS[1])\n"                                 \
+  "for t in string.gmatch(ARGV[1], '%-?%d+') do\n"                            \
+  "  t = tonumber(t)\n"                                                       \
+  "  local i = -1\n"                                                          \
+  "  while total > 0 and -i <= len do\n"                                      \
+  "    local e = redis.call('LINDEX', KEYS[1], i)\n"                          \
+  "    local ts, c = string.match(e, '^(%-?%d+) (%d+)$')\n"                   \
+  "    if tonumber(ts) < t then break end\n"                                  \
+  "    if tonumber(ts) == t then\n"                                           \
+  "      c = tonumber(c)\n"                                                   \
+  "      if c > 1 then\n"                                                     \
+  "        redis.call('LSET', KEYS[1], i, ts .. ' ' .. string.format('%d', c - 1))\n" \
+  "      else\n"                                                              \
+  "        redis.call('LREM', KEYS[1], -1, e)\n"                              \
+  "        len = len - 1\n"                                                   \
+  "      end\n"                                                               \
+  "      total = total - 1\n"                                                 \
+  "      break\n"                                                             \
+  "    end\n"                                                                 \
+  "    i = i - 1\n"                                                           \
   "  end\n"                                                                   \
-  "  total, n = total - take, n - take\n"                                     \
   "end\n"                                                                     \
-  "if total <= 0 or redis.call('LLEN', KEYS[1]) == 0 then\n"                  \
+  "if total <= 0 or len == 0 then\n"                                          \
   "  redis.call('DEL', KEYS[1], KEYS[2])\n"                                   \
   "else\n"                                                                    \
   "  redis.call('SET', KEYS[2], string.format('%d', total), 'KEEPTTL')\n"     \

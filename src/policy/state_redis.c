@@ -67,6 +67,8 @@
 #define TG_REDIS_MAX_PENDING 20000
 #define TG_REDIS_MAX_OPS 20000
 #define TG_REDIS_BATCH_MAX 64
+/* Global give-backs sent by one flush (one loop iteration's refusals). */
+#define UNDO_MAX 512
 /* Spend figures: refreshed this often, for at most this many tenants. */
 #define TG_REDIS_SPEND_REFRESH_MS 2000
 #define TG_REDIS_SPEND_MAX 4096
@@ -261,8 +263,9 @@ struct tg__redis_loop_s {
   size_t n_pending;
   call_t *q_head, *q_tail;    /* batches to send at the next flush */
   size_t n_ops;               /* admissions and settlements not answered */
-  int64_t global_undo;        /* global admissions to give back (their
-                                 tenants' limits refused them) */
+  int64_t undo_at[UNDO_MAX];  /* times of global admissions to give back
+                                 (their tenants' limits refused them) */
+  uint32_t n_undo;
   int flushed_at_close;       /* what the loop owed Redis went out at close */
   uv_prepare_t flush_prepare; /* flush before the loop polls ... */
   uv_check_t flush_check;     /* ... and after its I/O callbacks */
@@ -1075,8 +1078,10 @@ static int admit_reply(tg__redis_loop_t *rl, op_t *o, redisReply *const *e) {
   v->reset_tokens_ms = reply_int(e[7]);
   v->day = o->day;
   v->month = o->month;
-  if (o->req.global_rps > 0 && v->refused != TG_LIMIT_NONE)
-    rl->global_undo++; /* it passed the global check to get here */
+  /* It passed the global check to get here. Past the bound (as many
+   * refusals in one loop iteration), it stays counted: toward refusing. */
+  if (o->req.global_rps > 0 && v->refused != TG_LIMIT_NONE && rl->n_undo < UNDO_MAX)
+    rl->undo_at[rl->n_undo++] = o->now_ms;
   hold_headers(rl, o, v);
   op_done(rl, o, v->refused == TG_LIMIT_NONE);
   return 0;
@@ -1321,6 +1326,20 @@ static int starting(const tg__redis_loop_t *rl) {
          (rl->state == RL_RESOLVING || rl->state == RL_CONNECTING || rl->state == RL_HANDSHAKE);
 }
 
+/* Sends the give-back of the loop's global admissions that their tenants
+ * refused, by the times the global script stamped them with. */
+static int send_undo(tg__redis_loop_t *rl) {
+  char at[UNDO_MAX * 21];
+  tg_sb_t b;
+  tg_sb_init(&b, at, sizeof at);
+  for (uint32_t i = 0; i < rl->n_undo; i++) {
+    tg_sb_puti(&b, rl->undo_at[i]);
+    tg_sb_put(&b, " ", 1);
+  }
+  return redisAsyncCommand(rl->ac, NULL, NULL, "EVAL %s 2 %s %s %s", TG_REDIS_LUA_GLOBAL_UNDO,
+                           "tg:{global}:rps", "tg:{global}:rps:n", at);
+}
+
 /* Sends every queued batch; one that cannot be sent is answered now. The
  * queue is taken first: callbacks may queue more (for the next flush).
  * While the first connection is under way the queue waits for it: a
@@ -1332,17 +1351,13 @@ static void flush(tg__redis_loop_t *rl) {
   if (starting(rl))
     return;
   rl->q_head = rl->q_tail = NULL;
-  if (rl->global_undo > 0) {
+  if (rl->n_undo > 0) {
     /* No answer is awaited. Give-backs that cannot go now are dropped, not
-     * kept for a later connection, when they would take back admissions
-     * of requests the tenants admitted: those slots stay counted until they
+     * kept for a later connection: those slots stay counted until they
      * leave the second, as they were before give-backs. */
-    if (rl->ac != NULL && rl->state == RL_UP &&
-        redisAsyncCommand(rl->ac, NULL, NULL, "EVAL %s 2 %s %s %lld", TG_REDIS_LUA_GLOBAL_UNDO,
-                          "tg:{global}:rps", "tg:{global}:rps:n",
-                          (long long)rl->global_undo) == REDIS_OK)
+    if (rl->ac != NULL && rl->state == RL_UP && send_undo(rl) == REDIS_OK)
       sent = 1;
-    rl->global_undo = 0;
+    rl->n_undo = 0;
   }
   while (q != NULL) {
     call_t *c = q;
@@ -1361,13 +1376,13 @@ static void flush(tg__redis_loop_t *rl) {
 
 static void on_flush_prepare(uv_prepare_t *h) {
   tg__redis_loop_t *rl = h->data;
-  if (rl->q_head != NULL || rl->global_undo > 0)
+  if (rl->q_head != NULL || rl->n_undo > 0)
     flush(rl);
 }
 
 static void on_flush_check(uv_check_t *h) {
   tg__redis_loop_t *rl = h->data;
-  if (rl->q_head != NULL || rl->global_undo > 0)
+  if (rl->q_head != NULL || rl->n_undo > 0)
     flush(rl);
 }
 

@@ -969,13 +969,6 @@ typedef struct {
   int64_t at;
 } held_t;
 
-/* Redis's global give-back takes the newest admissions (the loop sends a
- * count, not their times): the model does the same. */
-static void unadmit_newest(tg_slog_t *g) {
-  if (g->count > 0)
-    tg_global_unadmit(g, g->ts[(g->head + g->count - 1) % g->cap]);
-}
-
 static void check_same(const tg_verdict_t *m, const tg_verdict_t *v, int step) {
   if (m->refused != v->refused || m->retry_after_ms != v->retry_after_ms ||
       m->limit_requests != v->limit_requests ||
@@ -1071,7 +1064,7 @@ static void test_same_verdicts_as_limits_c(void **state) {
       } else {
         assert_int_equal(tg_limits_admit(&s, &lim, &r.reserve, now, &mv), 0);
         if (grps > 0 && mv.refused != TG_LIMIT_NONE)
-          unadmit_newest(&glog); /* the tenant refused it: its slot back */
+          tg_global_unadmit(&glog, now); /* the tenant refused it: its slot back */
       }
       tg_admission_t ra = admit(&r, now);
       if (mv.refused == TG_LIMIT_GLOBAL) {
@@ -1213,7 +1206,7 @@ static void test_batches_same_as_one_at_a_time(void **state) {
           assert_int_equal(tg_limits_admit(&s, &lim, &b[j].r.reserve, b[j].at, &b[j].mv), 0);
       for (int j = 0; j < k; j++)
         if (passed[j] && grps > 0 && b[j].mv.refused != TG_LIMIT_NONE)
-          unadmit_newest(&glog);
+          tg_global_unadmit(&glog, b[j].at);
       if (n_settled + k > biggest)
         biggest = n_settled + k;
       for (int j = 0; j < k; j++) {
