@@ -1313,8 +1313,12 @@ static void start_dispatch(tg_call_t *c) {
   struct tg_wqueue_s *wq = wqueue_find(c->w, c->model->name);
 
   c->t_dispatch = now_ns();
-  /* waiters of this model on this loop go first */
-  if (wq != NULL && wq->q.len > 0) {
+  /* waiters of this model on this loop go first, when one of them can go:
+   * a queue of waiters that are all passed over (back from a failed
+   * attempt, or of an earlier config, whose endpoints are full) takes no
+   * free slot, so the call tries the endpoints first, and is not shed
+   * with queue_full beside an idle one */
+  if (wq != NULL && wq->q.len > 0 && tg_fairq_peek_skip(&wq->q, waiter_blocked, NULL) != NULL) {
     wait_or_shed(c);
     /* a slot free while others wait is one those ahead cannot take (back
      * from a failed attempt, it is on the endpoint they tried): it is

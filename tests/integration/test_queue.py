@@ -303,14 +303,15 @@ def test_a_reload_that_adds_an_endpoint_serves_new_requests_there():
 
 
 @contextlib.contextmanager
-def two_one_slot_endpoints(timeouts):
-    """A gateway (one worker, the timeouts given) in front of two simulators
-    of one slot each, both endpoints of M1."""
+def two_one_slot_endpoints(timeouts, overrides=None):
+    """A gateway (one worker, the timeouts and other overrides given) in
+    front of two simulators of one slot each, both endpoints of M1."""
     sims = [tgtest.Sim().start(), tgtest.Sim().start()]
     gw = None
     try:
         models = {M1: tgtest.model_entry([s.url for s in sims], max_inflight=1)}
-        gw = tgtest.Gateway(models, workers=1, overrides={"timeouts": timeouts}).start()
+        gw = tgtest.Gateway(models, workers=1,
+                            overrides=dict(overrides or {}, timeouts=timeouts)).start()
         yield gw, sims
     finally:
         if gw is not None:
@@ -423,3 +424,30 @@ def test_upstream_errors_are_counted_by_endpoint_and_kind():
     finally:
         gw.stop()
         sim.stop()
+
+
+
+def test_a_waiter_that_cannot_take_the_free_slot_does_not_shed_a_request_that_can():
+    """queue_max 1, two endpoints of one slot each, one held. The one
+    waiter broke on the other endpoint and may not go back there. A
+    request that arrives then is served on that free endpoint; it was shed
+    with 503 queue_full, the queue full of a waiter that could not use the
+    slot."""
+    with two_one_slot_endpoints({"queue": "3s"}, {"queue_max": 1}) as (gw, sims):
+        acme = gw.create_key("acme")
+        small = gw.create_key("small")
+        with concurrent.futures.ThreadPoolExecutor(2) as ex:
+            holder = hold_the_slot(ex, gw, acme, 4000)
+            broken = ex.submit(tgtest.chat, gw.port, acme, model=M1,
+                               headers={"x-sim-fault": "disconnect"}, timeout=20)
+            tgtest.wait_for(lambda: series(gw, "llm_queue_length", pool=M1,
+                                           tenant="acme") == 1, timeout=5, what="broken queued")
+            r = tgtest.chat(gw.port, small, model=M1, max_tokens=2)
+            assert r.status == 200, r
+            timed_out = broken.result()
+            assert timed_out.status == 503
+            assert timed_out.error()["code"] == "queue_timeout"
+            assert holder.result().status == 200
+        assert series(gw, "llm_rate_limit_rejections_total", tenant="small", limit="queue") == 0
+        assert series(gw, "llm_queue_length", pool=M1, tenant="acme") == 0
+        assert series(gw, "llm_inflight_requests", pool=M1, tenant="small") == 0
