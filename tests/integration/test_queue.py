@@ -320,6 +320,18 @@ def two_one_slot_endpoints(timeouts, overrides=None):
             s.stop()
 
 
+def hold_one_and_queue_a_broken_one(ex, gw, key):
+    """With two_one_slot_endpoints: one endpoint held 4 s, and a request
+    whose attempt broke on the other waits in the queue for the held one
+    (it does not go back to the one that broke it): (holder, broken)."""
+    holder = hold_the_slot(ex, gw, key, 4000)
+    broken = ex.submit(tgtest.chat, gw.port, key, model=M1,
+                       headers={"x-sim-fault": "disconnect"}, timeout=20)
+    tgtest.wait_for(lambda: series(gw, "llm_queue_length", pool=M1,
+                                   tenant="acme") == 1, timeout=5, what="broken queued")
+    return holder, broken
+
+
 def test_a_request_back_after_a_failed_attempt_does_not_hold_up_the_queue():
     """Two endpoints of one slot each. One is held; a request whose attempt
     on the other broke waits for the held one (it does not go back to the
@@ -331,11 +343,7 @@ def test_a_request_back_after_a_failed_attempt_does_not_hold_up_the_queue():
         acme = gw.create_key("acme")
         small = gw.create_key("small")
         with concurrent.futures.ThreadPoolExecutor(2) as ex:
-            holder = hold_the_slot(ex, gw, acme, 4000)
-            broken = ex.submit(tgtest.chat, gw.port, acme, model=M1,
-                               headers={"x-sim-fault": "disconnect"}, timeout=20)
-            tgtest.wait_for(lambda: series(gw, "llm_queue_length", pool=M1,
-                                           tenant="acme") == 1, timeout=5, what="broken queued")
+            holder, broken = hold_one_and_queue_a_broken_one(ex, gw, acme)
             t0 = time.monotonic()
             r = tgtest.chat(gw.port, small, model=M1, max_tokens=2)
             took = time.monotonic() - t0
@@ -437,11 +445,7 @@ def test_a_waiter_that_cannot_take_the_free_slot_does_not_shed_a_request_that_ca
         acme = gw.create_key("acme")
         small = gw.create_key("small")
         with concurrent.futures.ThreadPoolExecutor(2) as ex:
-            holder = hold_the_slot(ex, gw, acme, 4000)
-            broken = ex.submit(tgtest.chat, gw.port, acme, model=M1,
-                               headers={"x-sim-fault": "disconnect"}, timeout=20)
-            tgtest.wait_for(lambda: series(gw, "llm_queue_length", pool=M1,
-                                           tenant="acme") == 1, timeout=5, what="broken queued")
+            holder, broken = hold_one_and_queue_a_broken_one(ex, gw, acme)
             r = tgtest.chat(gw.port, small, model=M1, max_tokens=2)
             assert r.status == 200, r
             timed_out = broken.result()
