@@ -719,6 +719,9 @@ void tg_metrics_render(tg_metrics_t *m, tg_mbuf_t *b) {
   render_pool_gauge(&g, b, 1);
   merge_free(&g);
 
+  /* every family in a group of its own, like the others: one cut by the
+   * bound would leave half a histogram in the scrape */
+  mark = tg_mbuf_mark(b);
   tg_mbuf_printf(b, "# HELP llm_gateway_overhead_seconds Time a request spent in the gateway itself.\n"
                     "# TYPE llm_gateway_overhead_seconds histogram\n");
   for (i = 0; i <= N_OVH; i++) {
@@ -737,12 +740,15 @@ void tg_metrics_render(tg_metrics_t *m, tg_mbuf_t *b) {
     sum += ld(&m->t[w].ovh_sum_us);
   tg_mbuf_printf(b, "llm_gateway_overhead_seconds_sum %.6f\nllm_gateway_overhead_seconds_count %llu\n",
                  (double)sum / 1e6, (unsigned long long)cum);
-
+  tg_mbuf_group_end(b, mark);
+  mark = tg_mbuf_mark(b);
   tg_mbuf_printf(b, "# HELP llm_config_reloads_total Config reloads applied.\n"
                     "# TYPE llm_config_reloads_total counter\nllm_config_reloads_total %llu\n"
                     "# HELP llm_config_reload_failures_total Config reloads refused (the old config kept running).\n"
                     "# TYPE llm_config_reload_failures_total counter\nllm_config_reload_failures_total %llu\n",
                  (unsigned long long)ld(&m->reloads), (unsigned long long)ld(&m->reload_failures));
+  tg_mbuf_group_end(b, mark);
+  mark = tg_mbuf_mark(b);
   tg_mbuf_printf(b, "# HELP llm_ledger_purges_total Hourly retention purges run to the end.\n"
                     "# TYPE llm_ledger_purges_total counter\nllm_ledger_purges_total %llu\n"
                     "# HELP llm_ledger_purge_failures_total Retention purges that did not finish (database away, stop).\n"
@@ -751,6 +757,7 @@ void tg_metrics_render(tg_metrics_t *m, tg_mbuf_t *b) {
                     "# TYPE llm_ledger_purged_records_total counter\nllm_ledger_purged_records_total %llu\n",
                  (unsigned long long)ld(&m->purges), (unsigned long long)ld(&m->purge_failures),
                  (unsigned long long)ld(&m->purged));
+  tg_mbuf_group_end(b, mark);
   mark = tg_mbuf_mark(b);
   tg_mbuf_printf(b, "# HELP llm_budget_threshold_events_total Budget alert thresholds crossed.\n"
                     "# TYPE llm_budget_threshold_events_total counter\n");

@@ -289,6 +289,87 @@ static void test_groups_past_the_bound_are_left_out_whole(void **state) {
   tg_metrics_free(m);
 }
 
+/* The family a line of the text belongs to: a comment's name, or a
+ * sample's name without a histogram's suffix; written into out. */
+static void family_of(const char *line, size_t len, char *out, size_t size) {
+  static const char *const sfx[] = {"_bucket", "_sum", "_count"};
+  size_t n, k, i;
+  if (len > 7 && line[0] == '#') {
+    line += 7;
+    len -= 7;
+  }
+  for (n = 0; n < len && line[n] != '{' && line[n] != ' ' && n + 1 < size; n++)
+    out[n] = line[n];
+  out[n] = '\0';
+  for (i = 0; i < 3; i++) {
+    k = strlen(sfx[i]);
+    if (n > k && strcmp(out + n - k, sfx[i]) == 0 &&
+        strncmp(out, "llm_tenant_", 11) != 0 && strncmp(out, "llm_config_", 11) != 0 &&
+        strncmp(out, "llm_ledger_", 11) != 0)
+      out[n - k] = '\0';
+  }
+}
+
+/* Lines of family f in text (up to len bytes). */
+static size_t family_lines(const char *text, size_t len, const char *f) {
+  const char *p = text, *end = text + len, *nl;
+  char fam[160];
+  size_t n = 0;
+  for (; p < end; p = nl + 1) {
+    nl = memchr(p, '\n', (size_t)(end - p));
+    if (nl == NULL)
+      nl = end;
+    family_of(p, (size_t)(nl - p), fam, sizeof(fam));
+    if (strcmp(fam, f) == 0)
+      n++;
+  }
+  return n;
+}
+
+/* Whatever the bound falls on, every family of the scrape is whole or
+ * absent, and a scrape that lacks one says it left something out: none is
+ * cut in the middle (a histogram without its +Inf bucket or its count). */
+static void test_every_family_is_whole_wherever_the_bound_falls(void **state) {
+  static const char *const families[] = {
+      "llm_tenant_requests_total", "llm_tenant_errors_total",
+      "llm_rate_limit_rejections_total", "llm_request_duration_seconds",
+      "llm_time_to_first_token_seconds", "llm_tenant_prompt_tokens_total",
+      "llm_inflight_requests", "llm_queue_length", "llm_gateway_overhead_seconds",
+      "llm_config_reloads_total", "llm_config_reload_failures_total",
+      "llm_ledger_purges_total", "llm_ledger_purge_failures_total",
+      "llm_ledger_purged_records_total", "llm_budget_threshold_events_total"};
+  tg_metrics_t *m = NULL;
+  char *full;
+  size_t full_len, max, i;
+
+  (void)state;
+  assert_int_equal(tg_metrics_new(1, &m), 0);
+  observe(m, 0, "t", "m", 3, 4);
+  tg_metrics_budget_event(m, "t", 0);
+  full = render(m);
+  full_len = strlen(full);
+  for (max = 0; max < full_len; max++) {
+    tg_mbuf_t b = {NULL, 0, 0, max, 0, 0};
+    int missing = 0;
+    tg_metrics_render(m, &b);
+    assert_int_equal(b.err, 0);
+    assert_true(b.len <= max);
+    for (i = 0; i < sizeof(families) / sizeof(families[0]); i++) {
+      size_t want = family_lines(full, full_len, families[i]);
+      size_t got = family_lines(b.s ? b.s : "", b.len, families[i]);
+      assert_true(want > 0);
+      if (got != 0 && got != want)
+        fail_msg("bound %zu: %s has %zu of its %zu lines", max, families[i], got, want);
+      missing |= got == 0;
+    }
+    if (missing && b.omitted == 0)
+      fail_msg("bound %zu: a family is missing and none is said to be", max);
+    free(b.s);
+  }
+  free(full);
+  tg_metrics_free(m);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_full_table_counts_under_other),
@@ -296,6 +377,7 @@ int main(void) {
       cmocka_unit_test(test_budget_events_from_threads_one_series_per_tenant),
       cmocka_unit_test(test_histogram_counts_are_their_buckets_during_load),
       cmocka_unit_test(test_groups_past_the_bound_are_left_out_whole),
+      cmocka_unit_test(test_every_family_is_whole_wherever_the_bound_falls),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
