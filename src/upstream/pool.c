@@ -34,6 +34,44 @@ struct tg_endpoint_s {
 
 static pthread_mutex_t reg_lock = PTHREAD_MUTEX_INITIALIZER;
 static tg_endpoint_t *registry;
+
+/* The error counts of an endpoint no config uses any more, kept (under
+ * reg_lock) for when a reload brings its URL back: its counters then go on
+ * from where they were, so they never go back (docs/decisions.md). */
+typedef struct retired_s {
+  struct retired_s *next;
+  uint64_t errors[TG_UPERR_N];
+  char url[];
+} retired_t;
+static retired_t *retired;
+
+/* Keeps ep's counts for its URL; best effort (out of memory: they are lost). */
+static void retire(const tg_endpoint_t *ep) {
+  size_t n = strlen(ep->url) + 1;
+  retired_t *r = malloc(sizeof(*r) + n);
+  int k;
+  if (r == NULL)
+    return;
+  for (k = 0; k < TG_UPERR_N; k++)
+    r->errors[k] = atomic_load(&ep->errors[k]);
+  memcpy(r->url, ep->url, n);
+  r->next = retired;
+  retired = r;
+}
+
+/* Gives a new endpoint of url the counts kept for it, if any. */
+static void unretire(tg_endpoint_t *ep) {
+  retired_t **pp, *r;
+  int k;
+  for (pp = &retired; (r = *pp) != NULL; pp = &r->next)
+    if (strcmp(r->url, ep->url) == 0) {
+      for (k = 0; k < TG_UPERR_N; k++)
+        atomic_init(&ep->errors[k], r->errors[k]);
+      *pp = r->next;
+      free(r);
+      return;
+    }
+}
 static atomic_int probes_on;
 static atomic_uint rr;
 
@@ -61,6 +99,7 @@ tg_endpoint_t *tg_endpoint_get(const char *url, int max_inflight) {
     }
     snprintf(ep->health_url, n, "%s/health", url);
     atomic_init(&ep->healthy, 1);
+    unretire(ep);
     ep->next = registry;
     registry = ep;
   }
@@ -82,6 +121,7 @@ void tg_endpoint_put(tg_endpoint_t *ep) {
         *pp = ep->next;
         break;
       }
+    retire(ep);
     free(ep->url);
     free(ep->health_url);
     free(ep);
