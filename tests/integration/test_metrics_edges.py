@@ -50,3 +50,46 @@ def test_upstream_error_counters_survive_a_model_removed_and_added_back(tg):
     r = tgtest.chat(gw.port, key, model=M2, max_tokens=2, headers={"x-sim-fault": "status:500"})
     assert r.status == 500, r
     assert _samples(gw, "llm_upstream_errors_total")[series] == 4
+
+
+def _hold(gw, key, model):
+    """A stream that takes its slot and keeps it (the upstream stalls)."""
+    st = tgtest.SSEStream(gw.port, tgtest.chat_body(model, max_tokens=5, stream=True),
+                          key=key, headers={"x-sim-fault": "stall-after:1"})
+    assert st.status == 200, st.headers
+    return st
+
+
+def test_each_refusal_counts_under_the_limit_that_refused(tg):
+    """Every kind of refusal counts in llm_rate_limit_rejections_total under
+    the limit its answer names (a daily and a monthly budget both under
+    `budget`, a shed under `queue`), once, and never as an error."""
+    sim, sim2 = tg.sim(), tg.sim()
+    lt = tgtest.limited_tenant
+    tenants = {"rpm": lt(rpm=1), "tpm": lt(tpm=100), "day": lt(daily="0.000001"),
+               "month": lt(monthly="0.000001"), "conc": lt(concurrency=1),
+               "q": lt(models=[M2])}
+    models = {M1: [sim.url], M2: tgtest.model_entry([sim2.url], max_inflight=1)}
+    gw = tg.gateway(models, tenants=tenants, keys=tuple(tenants),
+                    overrides={"queue_max": 0, "health_check_interval": "60s"})
+    want = {"rpm": ("requests", 429), "tpm": ("tokens", 429), "day": ("budget", 402),
+            "month": ("budget", 402), "conc": ("concurrency", 429), "q": ("queue", 503)}
+    held = [_hold(gw, gw.keys["conc"], M1), _hold(gw, gw.keys["q"], M2)]
+    try:
+        refused = {}
+        for tenant in ("rpm", "tpm", "day", "month", "conc", "q"):
+            model = M2 if tenant == "q" else M1
+            for _ in range(2):
+                r = tgtest.chat(gw.port, gw.keys[tenant], model=model, max_tokens=60)
+                if r.status != 200:
+                    refused[tenant] = refused.get(tenant, 0) + 1
+                    assert r.status == want[tenant][1], (tenant, r)
+        assert refused == {"rpm": 1, "tpm": 1, "day": 2, "month": 2, "conc": 2, "q": 2}, refused
+        rej = {k: v for k, v in _samples(gw, "llm_rate_limit_rejections_total").items() if v}
+        assert rej == {'{tenant="%s",limit="%s"}' % (t, want[t][0]): float(n)
+                       for t, n in refused.items()}, rej
+        errors = _samples(gw, "llm_tenant_errors_total")
+        assert not errors, errors
+    finally:
+        for st in held:
+            st.abort()
