@@ -1146,6 +1146,10 @@ static void parse_models(ydoc_t *d, yaml_node_t *key, yaml_node_t *n) {
            "model name '%s' is reserved (the CSV invoice's total line)", name);
       continue;
     }
+    if (strcmp(name, TG_METRICS_OTHER) == 0) {
+      yerr(d, k, where, "model name '%s' is reserved (the metrics' overflow series)", name);
+      continue;
+    }
     tg_model_cfg_t *m = &cfg->models[cfg->n_models];
     m->name = xstrdup(ld, name);
     if (m->name == NULL)
@@ -1374,6 +1378,11 @@ static void parse_tenants(ydoc_t *d, yaml_node_t *n) {
            "invalid tenant name '%s' (letters, digits, '.', '_', '-'; at "
            "most %d)",
            name, MAX_TENANT_NAME);
+      continue;
+    }
+    if (strcmp(name, TG_METRICS_OTHER) == 0) {
+      /* the tenant of the series past a full metrics table */
+      yerr(d, k, where, "tenant name '%s' is reserved (the metrics' overflow series)", name);
       continue;
     }
     tg_tenant_cfg_t *t = &cfg->tenants[cfg->n_tenants];

@@ -54,6 +54,10 @@ enum { TG_CACHE_SALT_TENANT = 0, TG_CACHE_SALT_OFF = 1 };
 /* 13 months: a whole billing year plus the month being billed. */
 #define TG_DEFAULT_RETENTION_DAYS 400
 
+/* The tenant, and the model, of the metrics' overflow series (requests past
+ * a full table): reserved, no configured tenant or model has it. */
+#define TG_METRICS_OTHER "_other"
+
 typedef struct {
   char *name;
   char *tier;                 /* may be NULL */

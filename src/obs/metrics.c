@@ -18,6 +18,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "config/config.h"
 #include "core/err.h"
 
 #define TABLE_SIZE 16384           /* slots per worker (power of two) */
@@ -28,7 +29,7 @@
 #define ERR_SLOTS 8                /* distinct error codes per entry */
 #define N_LIMITS 9                 /* tg_limit_kind_t, then LIM_QUEUE */
 #define LIM_QUEUE 8                /* shed: the model's pool was saturated */
-#define OTHER "_other"             /* the tenant past a full table, with model "" */
+#define OTHER TG_METRICS_OTHER     /* the tenant past a full table, with model "" */
 
 _Static_assert(TABLE_SIZE - 1 <= UINT16_MAX, "a slot's index fits table_t.order");
 _Static_assert(MAX_KEYS <= TABLE_SIZE / 2, "tables stay at most half full");

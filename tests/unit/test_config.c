@@ -679,6 +679,12 @@ static void test_structure_errors(void **state) {
       {"models:\n  m: {endpoints: [{url: \"http://h\"}]}\n"
        "  Total: {endpoints: [{url: \"http://h\"}]}\n", 3,
        "models: model name 'Total' is reserved (the CSV invoice's total line)"},
+      {"models:\n  m: {endpoints: [{url: \"http://h\"}]}\n"
+       "  _other: {endpoints: [{url: \"http://h\"}]}\n", 3,
+       "models: model name '_other' is reserved (the metrics' overflow series)"},
+      {"models:\n  m: {endpoints: [{url: \"http://h\"}]}\n"
+       "tenants:\n  _other: {models_allowed: [m]}\n", 4,
+       "tenant name '_other' is reserved (the metrics' overflow series)"},
       {"models:\n  m:\n    endpoints: [{url: \"http://h\"}]\n    cache_salt: maybe\n", 4,
        "models.m.cache_salt: expected 'tenant' or 'off', got 'maybe'"},
       {"models:\n  m: {endpoints: [{url: \"http://h\"}]}\n"
