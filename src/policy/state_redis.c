@@ -72,6 +72,7 @@
 /* Spend figures: refreshed this often, for at most this many tenants. */
 #define TG_REDIS_SPEND_REFRESH_MS 2000
 #define TG_REDIS_SPEND_MAX 4096
+#define SPEND_SLOTS (2 * TG_REDIS_SPEND_MAX) /* a power of two, half full at most */
 #define TG_REDIS_MAX_LEASES 65536
 #define TG_REDIS_MAX_TENANT 128
 /* Set (without a TTL) by the gateway that re-seeded Redis's budget windows
@@ -130,6 +131,8 @@ struct tg__redis_s {
   pthread_mutex_t spend_lock;
   spend_t *spend;
   size_t n_spend, cap_spend;
+  uint16_t *spend_slot;       /* SPEND_SLOTS: index + 1 of an entry, by its
+                               * tenant's hash (linear probing; 0 empty) */
   tg__redis_loop_t *refresher; /* the loop that refreshes them */
 };
 
@@ -389,6 +392,7 @@ void tg__redis_free(tg__redis_t *r) {
   OPENSSL_cleanse(r->u.pass, sizeof r->u.pass);
   pthread_mutex_destroy(&r->spend_lock);
   free(r->spend);
+  free(r->spend_slot);
   free(r);
 }
 
@@ -1670,11 +1674,19 @@ static void renew_leases(tg__redis_loop_t *rl) {
 /* ---- spend figures ------------------------------------------------------- */
 
 /* The entry of tenant, added when create is set and there is room; NULL
- * otherwise. Called with spend_lock held. */
+ * otherwise. Called with spend_lock held. Every settlement's reply and a
+ * scrape's every tenant look one up: by hash, not a scan of thousands. */
 static spend_t *spend_find(tg__redis_t *r, const char *tenant, int create) {
-  for (size_t i = 0; i < r->n_spend; i++)
-    if (strcmp(r->spend[i].tenant, tenant) == 0)
-      return &r->spend[i];
+  uint64_t h = 1469598103934665603ULL; /* FNV-1a */
+  size_t i;
+  for (const char *p = tenant; *p; p++)
+    h = (h ^ (unsigned char)*p) * 1099511628211ULL;
+  if (r->spend_slot == NULL &&
+      (!create || (r->spend_slot = calloc(SPEND_SLOTS, sizeof *r->spend_slot)) == NULL))
+    return NULL;
+  for (i = h & (SPEND_SLOTS - 1); r->spend_slot[i] != 0; i = (i + 1) & (SPEND_SLOTS - 1))
+    if (strcmp(r->spend[r->spend_slot[i] - 1].tenant, tenant) == 0)
+      return &r->spend[r->spend_slot[i] - 1];
   if (!create || strlen(tenant) > TG_REDIS_MAX_TENANT || r->n_spend >= TG_REDIS_SPEND_MAX)
     return NULL;
   if (r->n_spend == r->cap_spend) {
@@ -1686,6 +1698,7 @@ static spend_t *spend_find(tg__redis_t *r, const char *tenant, int create) {
     r->cap_spend = cap;
   }
   spend_t *e = &r->spend[r->n_spend++];
+  r->spend_slot[i] = (uint16_t)r->n_spend;
   memset(e, 0, sizeof *e);
   snprintf(e->tenant, sizeof e->tenant, "%s", tenant);
   e->day = e->month = -1;
