@@ -503,7 +503,9 @@ void tg_admin_handle(tg_http_req_t *req) {
    * refused before any key is looked at too: a probe leaves its trace. */
   admin_path = strncmp(req->path, "/admin", 6) == 0 &&
                (req->path[6] == '\0' || req->path[6] == '/');
-  if (req->method != HTTP_GET) {
+  /* HEAD is served wherever GET is (RFC 9110 9.1; a load balancer's
+   * `HEAD /healthz`): the HTTP layer sends the head without the body. */
+  if (req->method != HTTP_GET && req->method != HTTP_HEAD) {
     if (admin_path)
       audit(w, rid, NULL, NULL, req->path, 405, "method_not_allowed");
     tg_api_error(req, 405, "invalid_request_error", "method_not_allowed", rid, NULL,

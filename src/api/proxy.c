@@ -2224,7 +2224,10 @@ void tg_api_handle(tg_http_req_t *req) {
                 "unknown path '%.200s'", req->path);
     return;
   }
-  if (req->method != (models ? HTTP_GET : HTTP_POST)) {
+  /* HEAD is served wherever GET is (RFC 9110 9.1): the HTTP layer sends
+   * the head a GET gets, without its body. */
+  if (models ? req->method != HTTP_GET && req->method != HTTP_HEAD
+             : req->method != HTTP_POST) {
     call_refuse(c, 405, "invalid_request_error", "method_not_allowed", NULL,
                 "use %s for %s", models ? "GET" : "POST", c->path);
     return;

@@ -576,6 +576,29 @@ def test_a_head_request_gets_no_body(stack):
     _still_serving(stack)
 
 
+def test_head_is_served_where_get_is(stack):
+    """RFC 9110 9.1 and 9.3.2: a server MUST support HEAD wherever it
+    supports GET, answering with the head a GET would get and no body.
+    /v1/models and the admin listener's GET routes (a load balancer's
+    `HEAD /healthz` among them) answered 405."""
+    for port, path, key in ((stack.port, "/v1/models", stack.key),
+                            (stack.gw.admin_port, "/healthz", None),
+                            (stack.gw.admin_port, "/readyz", None)):
+        get = http_request_bytes("GET", path, key=key)
+        out, _ = _raw_exchange(port, http_request_bytes("HEAD", path, key=key) + get)
+        head, sep, rest = out.partition(b"\r\n\r\n")
+        assert sep and head.startswith(b"HTTP/1.1 200 OK\r\n"), (path, out[:300])
+        assert rest.startswith(b"HTTP/1.1 200 OK\r\n"), (path, rest[:120])
+        length = [ln for ln in head.split(b"\r\n") if ln.lower().startswith(b"content-length:")]
+        body = rest.partition(b"\r\n\r\n")[2]
+        assert length == [b"Content-Length: %d" % len(body)], (path, head, body)
+    # refused as a GET would be: the head of the 401, no body
+    out, _ = _raw_exchange(stack.port, http_request_bytes("HEAD", "/v1/models") +
+                           http_request_bytes("GET", "/v1/models", key=stack.key))
+    assert out.startswith(b"HTTP/1.1 401 "), out[:200]
+    assert out.partition(b"\r\n\r\n")[2].startswith(b"HTTP/1.1 200 OK\r\n"), out[:400]
+
+
 def test_framing_a_front_proxy_could_read_otherwise_is_refused(stack):
     """The parser is strict: chunk data not followed by CRLF, a space in a
     header name, a tab in the target; Transfer-Encoding in HTTP/1.0 (faulty
