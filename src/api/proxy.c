@@ -2228,7 +2228,9 @@ void tg_api_handle(tg_http_req_t *req) {
    * the head a GET gets, without its body. */
   if (models ? req->method != HTTP_GET && req->method != HTTP_HEAD
              : req->method != HTTP_POST) {
-    call_refuse(c, 405, "invalid_request_error", "method_not_allowed", NULL,
+    /* a 405 names the methods the target allows (RFC 9110 15.5.6) */
+    call_refuse(c, 405, "invalid_request_error", "method_not_allowed",
+                models ? "Allow: GET, HEAD\r\n" : "Allow: POST\r\n",
                 "use %s for %s", models ? "GET" : "POST", c->path);
     return;
   }

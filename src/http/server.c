@@ -819,10 +819,14 @@ static void conn_reject(tg_http_conn_t *c, int status, const char *code,
                 "{\"error\":{\"message\":\"%s\",\"type\":\"invalid_request_error\","
                 "\"param\":null,\"code\":\"%s\"}}",
                 msg, code);
+  /* A 405 names the target's methods (RFC 9110 15.5.6). The server's own
+   * is CONNECT's, whose authority-form target names no resource here: an
+   * empty Allow, which says none is allowed (10.2.1). */
   hl = snprintf(head, sizeof(head),
                 "HTTP/1.1 %d %s\r\nContent-Type: application/json\r\n"
-                "Content-Length: %d\r\n%sConnection: close\r\n\r\n",
-                status, tg_http_reason(status), bl, extra);
+                "Content-Length: %d\r\n%s%sConnection: close\r\n\r\n",
+                status, tg_http_reason(status), bl, extra,
+                status == 405 ? "Allow: \r\n" : "");
   c->close_after = 1;
   if (conn_send2(c, head, (size_t)hl, body, (size_t)bl) < 0) {
     conn_close(c);

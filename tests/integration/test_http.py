@@ -599,6 +599,35 @@ def test_head_is_served_where_get_is(stack):
     assert out.partition(b"\r\n\r\n")[2].startswith(b"HTTP/1.1 200 OK\r\n"), out[:400]
 
 
+def test_method_not_allowed_names_the_allowed_ones(stack):
+    """RFC 9110 15.5.6: a 405 MUST carry Allow with the target's methods.
+    CONNECT's authority-form target names no resource of ours: its Allow
+    is empty (RFC 9110 10.2.1)."""
+    chat_path = "/v1/chat/completions"
+    cases = [
+        (stack.port, "OPTIONS", chat_path, "POST"),
+        (stack.port, "GET", chat_path, "POST"),
+        (stack.port, "PUT", "/v1/embeddings", "POST"),
+        (stack.port, "POST", "/v1/models", "GET, HEAD"),
+        (stack.port, "DELETE", "/v1/models", "GET, HEAD"),
+        (stack.gw.admin_port, "POST", "/healthz", "GET, HEAD"),
+        (stack.gw.admin_port, "OPTIONS", "/admin/v1/tenants/acme/usage/2026-01-01", "GET, HEAD"),
+    ]
+    for port, method, path, allow in cases:
+        c = RawConn(port, timeout=5)
+        c.send(http_request_bytes(method, path, key=stack.key))
+        r = c.read_response()
+        c.close()
+        assert r.status == 405, (method, path, r)
+        assert r.error()["code"] == "method_not_allowed", r
+        assert r.header("allow") == allow, (method, path, r.headers)
+    c = RawConn(stack.port, timeout=5)
+    c.send(b"CONNECT api.example:443 HTTP/1.1\r\nHost: api.example:443\r\n\r\n")
+    r = c.read_response()
+    c.close()
+    assert r.status == 405 and r.header("allow") == "", r.headers
+
+
 def test_framing_a_front_proxy_could_read_otherwise_is_refused(stack):
     """The parser is strict: chunk data not followed by CRLF, a space in a
     header name, a tab in the target; Transfer-Encoding in HTTP/1.0 (faulty
