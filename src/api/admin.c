@@ -509,7 +509,7 @@ void tg_admin_handle(tg_http_req_t *req) {
     if (admin_path)
       audit(w, rid, NULL, NULL, req->path, 405, "method_not_allowed");
     tg_api_error(req, 405, "invalid_request_error", "method_not_allowed", rid,
-                 "Allow: GET, HEAD\r\n", "use GET");
+                 "Allow: GET, HEAD\r\n", "use GET or HEAD");
     return;
   }
   if (strcmp(req->path, "/healthz") == 0) {
