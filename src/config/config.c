@@ -1853,52 +1853,91 @@ static void redact_put(char *buf, size_t size, size_t *off, const char *s, size_
   buf[*off] = '\0';
 }
 
+/* The secret parts of url, in order: the user info's password (from its
+ * first ':' up to the '@' that ends it; all of it when it has no ':') and
+ * the value of every password= query parameter. The user info ends at the
+ * last '@' before the query (a password may hold '@' and '/' itself:
+ * base64), or further at the first '@' before any '/', which is where
+ * libpq ends it (a password with a '?' in it). Returns how many were
+ * found, at most max. */
+typedef struct {
+  const char *s;
+  size_t n;
+} url_span_t;
+
+static int url_secrets(const char *url, url_span_t *out, int max) {
+  const char *p = strstr(url, "://"), *auth, *auth_end, *at = NULL, *colon,
+             *q;
+  int n = 0;
+
+  if (p == NULL)
+    return 0;
+  auth = p + 3;
+  auth_end = auth + strcspn(auth, "?");
+  for (q = auth; q < auth_end; q++)
+    if (*q == '@')
+      at = q;
+  q = auth + strcspn(auth, "@/");
+  if (*q == '@' && (at == NULL || q > at))
+    at = q;
+  if (at != NULL) {
+    colon = memchr(auth, ':', (size_t)(at - auth));
+    p = colon != NULL ? colon + 1 : auth;
+    out[n++] = (url_span_t){p, (size_t)(at - p)};
+    auth = at;
+  }
+  for (q = auth; n < max && (q = strstr(q, "password=")) != NULL; q += 9)
+    if (q[-1] == '?' || q[-1] == '&')
+      out[n++] = (url_span_t){q + 9, strcspn(q + 9, "&")};
+  return n;
+}
+
+#define URL_SECRETS_MAX 8
+
 const char *tg_config_url_redact(const char *url, char *buf, size_t size) {
-  const char *p, *auth, *auth_end, *at = NULL, *colon = NULL;
+  url_span_t sec[URL_SECRETS_MAX];
+  const char *p = url;
   size_t off = 0;
+  int n;
 
   if (size == 0)
     return buf;
   buf[0] = '\0';
   if (url == NULL)
     return buf;
-  p = strstr(url, "://");
-  if (p == NULL) {
-    redact_put(buf, size, &off, url, strlen(url));
+  n = url_secrets(url, sec, URL_SECRETS_MAX);
+  for (int i = 0; i < n; i++) {
+    redact_put(buf, size, &off, p, (size_t)(sec[i].s - p));
+    redact_put(buf, size, &off, "***", 3);
+    p = sec[i].s + sec[i].n;
+  }
+  redact_put(buf, size, &off, p, strlen(p));
+  return buf;
+}
+
+const char *tg_config_url_scrub(const char *url, const char *text, char *buf,
+                                size_t size) {
+  url_span_t sec[URL_SECRETS_MAX];
+  size_t off = 0;
+  int n;
+
+  if (size == 0)
     return buf;
-  }
-  auth = p + 3;
-  auth_end = auth + strcspn(auth, "?");
-  /* The last '@' before the query ends the user info: a password may hold
-   * '@' and '/' itself (base64). User info without a ':' may be a password
-   * written without its user: all of it is hidden then. */
-  for (const char *q = auth; q < auth_end; q++)
-    if (*q == '@')
-      at = q;
-  if (at != NULL)
-    colon = memchr(auth, ':', (size_t)(at - auth));
-  if (at != NULL) {
-    redact_put(buf, size, &off, url, (size_t)((colon != NULL ? colon + 1 : auth) - url));
-    redact_put(buf, size, &off, "***", 3);
-    p = at;
-  } else {
-    p = url;
-  }
-  /* The rest, with the value of a password= parameter hidden. */
-  while (*p != '\0') {
-    const char *q = strstr(p, "password=");
-    if (q == NULL || q < auth_end || (q[-1] != '?' && q[-1] != '&')) {
-      if (q == NULL) {
-        redact_put(buf, size, &off, p, strlen(p));
-        break;
-      }
-      redact_put(buf, size, &off, p, (size_t)(q + 9 - p));
-      p = q + 9;
-      continue;
+  buf[0] = '\0';
+  if (text == NULL)
+    return buf;
+  n = url != NULL ? url_secrets(url, sec, URL_SECRETS_MAX) : 0;
+  while (*text != '\0') {
+    size_t hit = 0;
+    for (int i = 0; i < n && hit == 0; i++)
+      if (sec[i].n > 0 && strncmp(text, sec[i].s, sec[i].n) == 0)
+        hit = sec[i].n;
+    if (hit > 0) {
+      redact_put(buf, size, &off, "***", 3);
+      text += hit;
+    } else {
+      redact_put(buf, size, &off, text++, 1);
     }
-    redact_put(buf, size, &off, p, (size_t)(q + 9 - p));
-    redact_put(buf, size, &off, "***", 3);
-    p = q + 9 + strcspn(q + 9, "&");
   }
   return buf;
 }

@@ -174,10 +174,17 @@ typedef struct {
 int tg_config_redis_url(const char *url, tg_redis_url_t *out);
 
 /* Copies url into buf[size] with any password replaced by "***" (in the
- * user-info part, up to its last '@' before the query, all of it when it
- * has no ':'; and in a password= query parameter), for messages.
+ * user-info part, up to its last '@' before the query or libpq's first '@'
+ * before a '/', whichever is further, all of it when it has no ':'; and in
+ * a password= query parameter), for messages.
  * Returns buf (cut to size, always NUL-terminated when size > 0). */
 const char *tg_config_url_redact(const char *url, char *buf, size_t size);
+
+/* Copies text (a message about url, such as libpq's, which may quote a
+ * token of the URL or all of it) into buf[size] with every occurrence of
+ * a password tg_config_url_redact hides replaced by "***". Returns buf. */
+const char *tg_config_url_scrub(const char *url, const char *text, char *buf,
+                                size_t size);
 
 /* Longest endpoint URL the config takes (bytes). */
 #define TG_CONFIG_URL_MAX 2048

@@ -223,7 +223,9 @@ static void on_notice(void *arg, const PGresult *r) {
 /* Reports a failure: one line on stderr unless quiet, and the reason in
  * o->err when the caller gave a buffer. */
 static void report(const tg_db_pg_opts_t *o, const char *url, const char *why) {
-  char shown[256];
+  char shown[256], said[512];
+  /* libpq quotes the token it could not read, or the whole URL */
+  why = tg_config_url_scrub(url, why, said, sizeof(said));
   if (o->err != NULL && o->err_size > 0)
     snprintf(o->err, o->err_size, "%s", why);
   if (!o->quiet)

@@ -281,6 +281,39 @@ static void test_url_helpers(void **state) {
   assert_null(ks);
 }
 
+/* No password in what the gateway prints: libpq quotes the token or the
+ * whole URL it could not read, and a password may hold a '?' that libpq
+ * takes as part of it. */
+static void test_url_secrets_never_printed(void **state) {
+  static const char *const urls[] = {
+      "postgres://u:pa%zzSECRET@127.0.0.1:1/db",        /* bad %-escape */
+      "postgres://127.0.0.1:1/db?password=SEC%zzRET",   /* the same, query */
+      "postgres://u:SECRET@[::1/db",                    /* the URL quoted */
+      "postgres://u:SECRET@[]/db",
+      "postgres://u:SECRET@h:1:2/db",
+      "postgres://u:pa?SECRET@127.0.0.1:1/db",          /* '?' in it */
+  };
+  char err[512], buf[512];
+  PGconn *c = NULL;
+
+  (void)state;
+  assert_string_equal(tg_db_pg_redact("postgres://u:pa?SECRET@h:1/db", buf,
+                                      sizeof(buf)),
+                      "postgres://u:***@h:1/db");
+  for (size_t i = 0; i < sizeof(urls) / sizeof(urls[0]); i++) {
+    tg_db_pg_opts_t o = {.quiet = 1, .err = err, .err_size = sizeof(err),
+                         .connect_timeout_s = 1};
+    err[0] = '\0';
+    assert_int_not_equal(tg_db_pg_connect(urls[i], &o, &c), 0);
+    assert_null(c);
+    if (strstr(err, "SEC") != NULL)
+      fail_msg("%s: the error shows the password: %s", urls[i], err);
+    assert_true(err[0] != '\0');
+    if (strstr(tg_db_pg_redact(urls[i], buf, sizeof(buf)), "SEC") != NULL)
+      fail_msg("%s: redacted as %s", urls[i], buf);
+  }
+}
+
 /* ---- migrations ----------------------------------------------------------- */
 
 typedef struct {
@@ -1410,6 +1443,7 @@ static void test_harness_cleans_up(void **state) {
 int main(void) {
   const struct CMUnitTest tests[] = {
     cmocka_unit_test(test_url_helpers),
+    cmocka_unit_test(test_url_secrets_never_printed),
     cmocka_unit_test(test_migrations),
     cmocka_unit_test(test_migration_byte_order_keys),
     cmocka_unit_test(test_ledger_exact),
