@@ -133,17 +133,20 @@ check('streaming: text assembled, no usage chunk by default', async () => {
   let chunks = 0;
   let withUsage = 0;
   let finish = null;
+  let role = null;
   for await (const chunk of stream) {
     chunks += 1;
     eq(chunk.object, 'chat.completion.chunk', 'chunk.object');
     if (chunk.usage) withUsage += 1;
     for (const ch of chunk.choices) {
       text += ch.delta?.content ?? '';
+      if (ch.delta?.role) role = ch.delta.role;
       if (ch.finish_reason) finish = ch.finish_reason;
     }
   }
   eq(text, expectedText(10), 'assembled text');
-  eq(chunks, 11, 'chunks (10 tokens + the finish chunk)');
+  eq(role, 'assistant', 'the role of the first chunk');
+  eq(chunks, 12, 'chunks (the role chunk, 10 tokens and the finish chunk)');
   eq(withUsage, 0, 'chunks carrying usage');
   eq(finish, 'length', 'finish_reason');
 });
