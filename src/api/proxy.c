@@ -1425,9 +1425,12 @@ const char *tg_api_credentials(const tg_http_req_t *req, const char **key) {
   (void)header_once(req, "x-tenant-id", &dup);
   if (dup)
     return "Authorization, X-Api-Key and X-Tenant-Id may each appear once";
+  /* "Bearer" with no token is a Bearer key that is empty: missing alone,
+   * and ambiguous next to an X-Api-Key, as an empty X-Api-Key next to a
+   * Bearer key is */
   if (auth != NULL && strncasecmp(auth, "Bearer", 6) == 0 &&
-      (auth[6] == ' ' || auth[6] == '\t')) {
-    bearer = auth + 7;
+      (auth[6] == ' ' || auth[6] == '\t' || auth[6] == '\0')) {
+    bearer = auth + 6;
     while (*bearer == ' ' || *bearer == '\t')
       bearer++;
   }

@@ -85,8 +85,13 @@ def test_ambiguous_credentials_refused(stack):
         [("X-Api-Key", acme), ("X-Api-Key", small)],
         [("X-Api-Key", acme), ("X-Api-Key", acme)],
         [("Authorization", "Bearer " + acme), ("X-Api-Key", small)],
+        # an empty key beside a key: either header empty, the same answer
+        [("Authorization", "Bearer " + acme), ("X-Api-Key", "")],
+        [("Authorization", "Bearer"), ("X-Api-Key", acme)],
     ):
         _err(_raw(stack.port, headers), 400, "invalid_request_error", "ambiguous_credentials")
+    for headers in ([("Authorization", "Bearer")], [("X-Api-Key", "")]):
+        _err(_raw(stack.port, headers), 401, "authentication_error", "missing_api_key")
     for headers in (
         [("Authorization", "Bearer\t" + acme)],
         [("Authorization", "bearer " + acme), ("X-Api-Key", acme), ("X-Tenant-Id", "acme")],
