@@ -17,9 +17,10 @@ void tg_api_request_id(tg_worker_t *w, char *buf, size_t size);
 void tg_api_handle(tg_http_req_t *req);
 
 /* The server refused a request on its own (bad HTTP, bounds, timeout):
- * names it with a request id and logs it like any other request. */
-void tg_api_reject(tg_http_server_t *srv, int status, const char *code, char *hdrs,
-                   size_t size);
+ * names it with a request id and logs it like any other request, with the
+ * time from its first byte (start_ns; 0: none) to the refusal. */
+void tg_api_reject(tg_http_server_t *srv, int status, const char *code, uint64_t start_ns,
+                   char *hdrs, size_t size);
 
 /* The API key req presents in *key (NULL when none): Authorization's
  * Bearer token (SP or HTAB after the scheme), else X-Api-Key, else the

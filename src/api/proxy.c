@@ -2182,8 +2182,8 @@ static void admit(tg_call_t *c) {
   }
 }
 
-void tg_api_reject(tg_http_server_t *srv, int status, const char *code, char *hdrs,
-                   size_t size) {
+void tg_api_reject(tg_http_server_t *srv, int status, const char *code, uint64_t start_ns,
+                   char *hdrs, size_t size) {
   tg_worker_t *w = tg_http_server_data(srv);
   tg_access_rec_t r;
   char rid[32];
@@ -2194,6 +2194,8 @@ void tg_api_reject(tg_http_server_t *srv, int status, const char *code, char *hd
   r.request_id = rid;
   r.status = status;
   r.error = code;
+  /* a 408 waited for client_request, a 413 may have read much of a body */
+  r.duration_ms = start_ns != 0 ? (double)(now_ns() - start_ns) / 1e6 : 0;
   r.ttfb_ms = -1;
   tg_access_log(w->alog, &r);
 }

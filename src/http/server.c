@@ -814,7 +814,7 @@ static void conn_reject(tg_http_conn_t *c, int status, const char *code,
 
   extra[0] = '\0';
   if (c->srv->on_reject)
-    c->srv->on_reject(c->srv, status, code, extra, sizeof(extra));
+    c->srv->on_reject(c->srv, status, code, c->req.start_ns, extra, sizeof(extra));
   bl = snprintf(body, sizeof(body),
                 "{\"error\":{\"message\":\"%s\",\"type\":\"invalid_request_error\","
                 "\"param\":null,\"code\":\"%s\"}}",

@@ -87,9 +87,11 @@ int tg_http_server_init(tg_http_server_t **out, uv_loop_t *loop,
 
 /* Called when the server itself refuses a request (400, 405, 408, 413, 431)
  * before any handler saw it: may write extra header lines ("Name: value\r\n")
- * into hdrs (size bytes, NUL-terminated) and log the refusal. */
+ * into hdrs (size bytes, NUL-terminated) and log the refusal. start_ns is
+ * uv_hrtime() when the refused request's first byte arrived, 0 when none
+ * had begun. */
 typedef void (*tg_http_reject_cb)(tg_http_server_t *srv, int status, const char *code,
-                                  char *hdrs, size_t size);
+                                  uint64_t start_ns, char *hdrs, size_t size);
 void tg_http_server_on_reject(tg_http_server_t *srv, tg_http_reject_cb cb);
 
 void *tg_http_server_data(const tg_http_server_t *srv);

@@ -101,3 +101,47 @@ def test_access_log_through_a_slow_pipe_keeps_lines_whole(tg, tmp_path):
     text = b"".join(chunks).decode()
     assert text.endswith("\n")
     check_lines(text.splitlines(), answered)
+
+
+def test_a_refused_request_logs_how_long_it_lasted(tg):
+    """A request the HTTP layer refuses itself logs the time from its first
+    byte to the refusal, as an answered one does: a 408 that waited for
+    the rest of its head or body for client_request (1 s) lasted that
+    long, not 0 ms; on a keep-alive connection the time is the refused
+    request's, not counted from the answered one before it."""
+    sim = tg.sim()
+    gw = tg.gateway({M8B: [sim.url]},
+                    overrides={"timeouts": {"client_request": "1s", "client_keepalive": "10s"}})
+    key = gw.keys["acme"]
+    whole = tgtest.http_request_bytes("POST", "/v1/chat/completions",
+                                      body=tgtest.chat_body(M8B, max_tokens=1), key=key)
+    cases = []
+    for part in (whole[:30], whole[:-5]):  # inside the head; inside the body
+        c = tgtest.RawConn(gw.port)
+        c.send(part)
+        t0 = time.monotonic()
+        r = c.read_response(method="POST")
+        cases.append((r, (time.monotonic() - t0) * 1000))
+        c.close()
+    c = tgtest.RawConn(gw.port)
+    c.send(whole)
+    assert c.read_response(method="POST").status == 200
+    time.sleep(1.5)  # idle on the kept-alive connection: not the next request's time
+    c.send(whole[:30])
+    t0 = time.monotonic()
+    r = c.read_response(method="POST")
+    cases.append((r, (time.monotonic() - t0) * 1000))
+    c.close()
+    for r, took_ms in cases:
+        assert r.status == 408, r
+        e = gw.access_entry(r.header("x-request-id"))
+        assert e["status"] == 408 and e["error"] == "request_timeout", e
+        assert 900 <= e["duration_ms"] <= took_ms + 100, (e["duration_ms"], took_ms)
+    # a refusal at once lasted next to nothing
+    c = tgtest.RawConn(gw.port)
+    c.send(b"GARBAGE\r\n\r\n")
+    r = c.read_response()
+    c.close()
+    assert r.status == 400
+    e = gw.access_entry(r.header("x-request-id"))
+    assert 0 <= e["duration_ms"] < 500, e
