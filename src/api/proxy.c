@@ -2225,8 +2225,14 @@ void tg_api_handle(tg_http_req_t *req) {
   c->path = models ? "/v1/models" : upstream_path(req->path);
   c->embeddings = c->path != NULL && strcmp(c->path, "/v1/embeddings") == 0;
   if (c->path == NULL) {
+    /* logged as asked (JSON-escaped), so a scan of the API leaves a trace;
+     * a copy, as the head goes once the answer is queued, and the call
+     * is logged before call_refuse returns */
+    char asked[512];
+    tg_str_copy(asked, sizeof(asked), req->path);
+    c->path = asked;
     call_refuse(c, 404, "invalid_request_error", "not_found", NULL,
-                "unknown path '%.200s'", req->path);
+                "unknown path '%.200s'", asked);
     return;
   }
   /* HEAD is served wherever GET is (RFC 9110 9.1): the HTTP layer sends

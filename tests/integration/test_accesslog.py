@@ -145,3 +145,17 @@ def test_a_refused_request_logs_how_long_it_lasted(tg):
     assert r.status == 400
     e = gw.access_entry(r.header("x-request-id"))
     assert 0 <= e["duration_ms"] < 500, e
+
+
+def test_an_unknown_path_is_logged_as_asked(tg):
+    """A request for a path the API does not have (404) logs that path, as
+    the admin listener logs an unknown /admin one: a scan of the API leaves
+    a trace an operator can read. The path is the client's: quotes,
+    backslashes and a long one leave the line one JSON object."""
+    sim = tg.sim()
+    gw = tg.gateway({M8B: [sim.url]})
+    for path in ('/v1/nope', '/v1/"x\\y', '/admin/v1/tenants', '/' + 'a' * 300):
+        r = tgtest.request(gw.port, "GET", path, key=gw.keys["acme"])
+        assert r.status == 404, (path, r)
+        e = gw.access_entry(r.header("x-request-id"))
+        assert (e["path"], e["status"], e["error"]) == (path, 404, "not_found"), e
