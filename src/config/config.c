@@ -28,6 +28,7 @@
 #include <yaml.h>
 
 #include "core/err.h"
+#include "core/strbuf.h"
 
 #define MAX_FILE_BYTES ((long long)16 << 20)
 #define MAX_ERRORS 1000
@@ -75,15 +76,6 @@ struct tg_config_index_s {
   ntab_t tenants;
 };
 
-static uint64_t hash_name(const char *s) {
-  uint64_t h = UINT64_C(14695981039346656037); /* FNV-1a */
-  for (; *s; s++) {
-    h ^= (unsigned char)*s;
-    h *= UINT64_C(1099511628211);
-  }
-  return h;
-}
-
 static int ntab_init(ntab_t *t, size_t n) {
   size_t cap = 8;
   while (cap < n * 2)
@@ -98,7 +90,7 @@ static int ntab_init(ntab_t *t, size_t n) {
 static const ntab_slot_t *ntab_get(const ntab_t *t, const char *name) {
   if (t->slots == NULL || name == NULL)
     return NULL;
-  for (size_t i = hash_name(name) & t->mask;; i = (i + 1) & t->mask) {
+  for (size_t i = tg_hash_str(name) & t->mask;; i = (i + 1) & t->mask) {
     const ntab_slot_t *s = &t->slots[i];
     if (s->name == NULL)
       return NULL;
@@ -111,7 +103,7 @@ static const ntab_slot_t *ntab_get(const ntab_t *t, const char *name) {
  * name is already present (the caller reports the duplicate). */
 static const ntab_slot_t *ntab_put(ntab_t *t, const char *name, size_t idx,
                                    unsigned long line) {
-  for (size_t i = hash_name(name) & t->mask;; i = (i + 1) & t->mask) {
+  for (size_t i = tg_hash_str(name) & t->mask;; i = (i + 1) & t->mask) {
     ntab_slot_t *s = &t->slots[i];
     if (s->name == NULL) {
       s->name = name;

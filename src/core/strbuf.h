@@ -56,6 +56,14 @@ static inline size_t tg_str_copy(char *dst, size_t size, const char *src) {
   return n;
 }
 
+/* FNV-1a of a NUL-terminated string: the hash of the name tables. */
+static inline uint64_t tg_hash_str(const char *s) {
+  uint64_t h = UINT64_C(14695981039346656037);
+  for (; *s; s++)
+    h = (h ^ (unsigned char)*s) * UINT64_C(1099511628211);
+  return h;
+}
+
 /* v in decimal. */
 static inline void tg_sb_putu(tg_sb_t *b, uint64_t v) {
   char t[20];

@@ -16,6 +16,7 @@
 #include <time.h>
 
 #include "core/err.h"
+#include "core/strbuf.h"
 #include "core/thread.h"
 #include "meter/db_sqlite.h"
 #include "policy/state.h"
@@ -45,15 +46,6 @@ struct tg__mem_s {
   sqlite3 *db;               /* the saver's connection (data_dir set) */
   tg_every_t saver;          /* saves the dirty tenants every second */
 };
-
-static uint64_t hash_name(const char *s) {
-  uint64_t h = 1469598103934665603ULL; /* FNV-1a */
-  while (*s) {
-    h ^= (unsigned char)*s++;
-    h *= 1099511628211ULL;
-  }
-  return h;
-}
 
 /* Finds or creates the tenant's entry; the stripe must be locked. */
 static ent_t *stripe_get(stripe_t *sp, const char *name, uint64_t h) {
@@ -98,7 +90,7 @@ static stripe_t *stripe_of(tg__mem_t *m, uint64_t h) {
 }
 
 void tg__mem_admit(tg__mem_t *m, const tg_admit_req_t *r, int64_t now_ms, tg_admission_t *a) {
-  uint64_t h = hash_name(r->tenant);
+  uint64_t h = tg_hash_str(r->tenant);
   stripe_t *sp = stripe_of(m, h);
   ent_t *e;
   int rc;
@@ -134,7 +126,7 @@ void tg__mem_admit(tg__mem_t *m, const tg_admit_req_t *r, int64_t now_ms, tg_adm
 
 void tg__mem_settle(tg__mem_t *m, const tg_admit_req_t *r, const tg_admission_t *a,
                     int64_t actual_tokens, tg_nano_t actual_cost, int64_t now_ms) {
-  uint64_t h = hash_name(r->tenant);
+  uint64_t h = tg_hash_str(r->tenant);
   stripe_t *sp = stripe_of(m, h);
   ent_t *e;
   int alert_day = 0, alert_month = 0;
@@ -160,7 +152,7 @@ void tg__mem_settle(tg__mem_t *m, const tg_admit_req_t *r, const tg_admission_t 
 
 int tg__mem_spend(tg__mem_t *m, const char *tenant, int64_t now_ms, tg_nano_t *day,
                   tg_nano_t *month) {
-  uint64_t h = hash_name(tenant);
+  uint64_t h = tg_hash_str(tenant);
   stripe_t *sp = stripe_of(m, h);
   ent_t *e = NULL;
   size_t i;
@@ -181,7 +173,7 @@ int tg__mem_spend(tg__mem_t *m, const char *tenant, int64_t now_ms, tg_nano_t *d
 
 void tg__mem_restore(tg__mem_t *m, const char *tenant, int month, int64_t period,
                      tg_nano_t spent, int alerted) {
-  uint64_t h = hash_name(tenant);
+  uint64_t h = tg_hash_str(tenant);
   stripe_t *sp = stripe_of(m, h);
   ent_t *e;
 
@@ -270,7 +262,7 @@ static int save_row(sqlite3_stmt *st, const char *tenant, const char *period,
  * round writes them even if they do not change meanwhile. */
 static void redirty(tg__mem_t *m, const snap_t *v, size_t n) {
   for (size_t i = 0; i < n; i++) {
-    uint64_t h = hash_name(v[i].tenant);
+    uint64_t h = tg_hash_str(v[i].tenant);
     stripe_t *sp = stripe_of(m, h);
     ent_t *e;
     pthread_mutex_lock(&sp->lock);
@@ -356,7 +348,7 @@ static int load_spend(tg__mem_t *m, sqlite3 *db) {
     ent_t *e;
     if (tenant == NULL || period == NULL)
       continue;
-    h = hash_name(tenant);
+    h = tg_hash_str(tenant);
     sp = stripe_of(m, h);
     pthread_mutex_lock(&sp->lock);
     e = stripe_get(sp, tenant, h);

@@ -1677,10 +1677,8 @@ static void renew_leases(tg__redis_loop_t *rl) {
  * otherwise. Called with spend_lock held. Every settlement's reply and a
  * scrape's every tenant look one up: by hash, not a scan of thousands. */
 static spend_t *spend_find(tg__redis_t *r, const char *tenant, int create) {
-  uint64_t h = 1469598103934665603ULL; /* FNV-1a */
+  uint64_t h = tg_hash_str(tenant);
   size_t i;
-  for (const char *p = tenant; *p; p++)
-    h = (h ^ (unsigned char)*p) * 1099511628211ULL;
   if (r->spend_slot == NULL &&
       (!create || (r->spend_slot = calloc(SPEND_SLOTS, sizeof *r->spend_slot)) == NULL))
     return NULL;
