@@ -1,7 +1,7 @@
 /* The admin listener: liveness (/healthz), readiness (/readyz: the config is
  * loaded, the gateway is not draining, every model has at least one
- * healthy endpoint, and with `state_failure: closed` every loop is connected
- * to Redis), and the admin API, which needs an admin key (a key made
+ * healthy endpoint, with `state_failure: closed` every loop is connected
+ * to Redis, and the ledger keeps records and has room for more), and the admin API, which needs an admin key (a key made
  * with `tollgate keys create --admin`):
  *
  *   GET /admin/v1/tenants/{tenant}/invoices/{YYYY-MM}[?format=csv]
@@ -43,14 +43,23 @@ static void readyz(tg_worker_t *w, tg_http_req_t *req, const char *rid) {
   /* with `state_failure: closed`, a loop without its Redis connection
    * refuses every request: not ready until all have one */
   int state_up = tg_policy_ready(w->app->policy);
+  /* answers are being withheld because their records cannot be kept, or
+   * new requests are refused because the ledger's backlog is full */
+  const tg_ledger_t *lg = w->app->ledger;
+  const char *ledger = lg == NULL                                        ? "off"
+                       : tg_ledger_losing(lg)                            ? "losing_records"
+                       : tg_ledger_backlog(lg) >= w->app->ledger_refuse_at ? "backlog_full"
+                                                                         : "up";
+  int ledger_up = lg == NULL || strcmp(ledger, "up") == 0;
 
   for (i = 0; i < rt->cfg->n_models; i++)
     if (!tg_pool_ready(&rt->pools[i]))
       json_array_append_new(down, json_string(rt->cfg->models[i].name));
-  if (draining || json_array_size(down) > 0 || !state_up) {
+  if (draining || json_array_size(down) > 0 || !state_up || !ledger_up) {
     json_object_set_new(root, "status", json_string(draining ? "draining" : "not_ready"));
     json_object_set_new(root, "models_without_healthy_endpoint", down);
     json_object_set_new(root, "state", json_string(state_up ? "up" : "unavailable"));
+    json_object_set_new(root, "ledger", json_string(ledger));
     respond_json(req, rid, 503, root);
     return;
   }

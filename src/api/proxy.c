@@ -2162,6 +2162,7 @@ static void admit(tg_call_t *c) {
   /* The ledger's write path is bounded: refuse new work before it is full,
    * so every request that runs can be recorded. */
   if (app->ledger != NULL && tg_ledger_backlog(app->ledger) >= app->ledger_refuse_at) {
+    c->retry_after = "1";
     call_error(c, 503, "server_error", "ledger_backlog",
                "usage records are not being written fast enough; retry shortly");
     return;

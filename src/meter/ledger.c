@@ -121,6 +121,7 @@ struct tg_ledger_s {
   atomic_size_t pending;
   atomic_int db_up;
   _Atomic int64_t spool_bytes;
+  _Atomic int64_t lost_at_us; /* when records were last lost (mono), or 0 */
   struct {
     atomic_uint_fast64_t transactions, committed, spooled, replayed,
         spool_skipped, db_failures, lost, refused, rejected;
@@ -484,6 +485,49 @@ static int lines_open(tg_ledger_t *l, lines_t *f) {
   return 0;
 }
 
+/* When f's file was removed from data_dir while open (an operator, a tmp
+ * cleaner), what the writer appends would live only in a file no later
+ * start can read: a new file takes its place at the path, with the old
+ * one's lines from byte `from` on (the spool's lines not yet replayed; the
+ * whole rejected file), synced. Returns 0 (f still linked, or relinked; the
+ * lines before `from` are gone from f, *moved tells how many bytes) or
+ * TG_EIO (said on stderr). */
+static int lines_relink(tg_ledger_t *l, lines_t *f, int64_t from, int64_t *moved) {
+  struct stat sb;
+  int fd;
+  int64_t off = from;
+
+  *moved = 0;
+  if (f->fd < 0 || fstat(f->fd, &sb) != 0 || sb.st_nlink > 0)
+    return 0;
+  fd = open(f->path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+  if (fd < 0)
+    goto fail;
+  while (off < f->size) {
+    size_t want = f->size - off > SPOOL_BUF ? SPOOL_BUF : (size_t)(f->size - off);
+    ssize_t got = pread_full(f->fd, l->buf, want, off);
+    if (got != (ssize_t)want || pwrite_all(fd, l->buf, want, off - from) != 0)
+      goto fail;
+    off += (int64_t)want;
+  }
+  if (fdatasync(fd) != 0 || sync_dir(l->dir) != 0)
+    goto fail;
+  fprintf(stderr, "tollgate: ledger: %s was removed while in use; made it "
+          "again with the %" PRId64 " bytes it still had to keep\n", f->path,
+          f->size - from);
+  close(f->fd);
+  f->fd = fd;
+  f->size -= from;
+  *moved = from;
+  return 0;
+fail:
+  fprintf(stderr, "tollgate: ledger: %s was removed while in use and cannot "
+          "be made again: %s\n", f->path, strerror(errno));
+  if (fd >= 0)
+    close(fd);
+  return TG_EIO;
+}
+
 /* Appends recs[0..k) to f (opened first when needed), whole lines only,
  * and syncs them. */
 static int lines_append(tg_ledger_t *l, lines_t *f,
@@ -535,9 +579,13 @@ out:
 /* Appends records to the spool and syncs them. */
 static int spool_write(tg_ledger_t *l, const tg_ledger_rec_t *const *recs,
                        size_t k) {
+  int64_t moved;
   int rc;
   if (l->spool.fd < 0)
     l->replay_off = 0;
+  if (lines_relink(l, &l->spool, l->replay_off, &moved) != 0)
+    return TG_EIO;
+  l->replay_off -= moved;
   rc = lines_append(l, &l->spool, recs, k);
   set_spool_bytes(l);
   return rc;
@@ -695,10 +743,12 @@ static size_t gather(tg_ledger_t *l, size_t n, int m,
  * Returns 0 or TG_EIO (said on stderr). */
 static int keep_refused(tg_ledger_t *l, size_t n) {
   size_t k = gather(l, n, REC_REFUSED, l->sel);
+  int64_t moved;
 
   if (k == 0)
     return 0;
-  if (lines_append(l, &l->rejected, l->sel, k) != 0)
+  if (lines_relink(l, &l->rejected, 0, &moved) != 0 ||
+      lines_append(l, &l->rejected, l->sel, k) != 0)
     return TG_EIO;
   bump(&l->st.rejected, k);
   return 0;
@@ -817,6 +867,7 @@ static void write_batch(tg_ledger_t *l, node_t *first, size_t k) {
     if (refused_rc != 0) {
       n = gather(l, k, REC_REFUSED, NULL);
       bump(&l->st.lost, n);
+      atomic_store(&l->lost_at_us, mono_us());
       fprintf(stderr, "tollgate: ledger: %zu records could not be kept\n", n);
     }
   }
@@ -826,6 +877,7 @@ static void write_batch(tg_ledger_t *l, node_t *first, size_t k) {
   } else if (n > 0) {
     spool_rc = TG_EIO;
     bump(&l->st.lost, n);
+    atomic_store(&l->lost_at_us, mono_us());
     fprintf(stderr, "tollgate: ledger: %zu records could not be kept\n", n);
   }
   i = 0;
@@ -875,6 +927,13 @@ static void deliver(node_t *first, size_t k) {
  * does not wait for locks, so a database that stays away costs queued
  * batches nothing; once a replay runs, it goes on without probing. */
 static void try_replay(tg_ledger_t *l) {
+  int64_t moved;
+  /* A spool removed while waiting is made again first: a stop or a crash
+   * before the replay ends would lose what it holds. */
+  if (lines_relink(l, &l->spool, l->replay_off, &moved) == 0 && moved > 0) {
+    l->replay_off -= moved;
+    set_spool_bytes(l);
+  }
   if (!l->replaying && l->be->probe != NULL && l->be->probe(l->conn) != 0) {
     l->next_try_us = mono_us() + l->retry_us;
     return;
@@ -1163,6 +1222,7 @@ int tg_ledger_open(const char *database, const char *data_dir,
   co.writer = 1;
   atomic_init(&l->pending, 0);
   atomic_init(&l->db_up, 0);
+  atomic_init(&l->lost_at_us, 0);
   atomic_init(&l->spool_bytes, 0);
 
   pthread_condattr_init(&ca);
@@ -1247,6 +1307,11 @@ int64_t tg_ledger_spool_bytes(const tg_ledger_t *l) {
 
 int tg_ledger_db_up(const tg_ledger_t *l) {
   return atomic_load(&((tg_ledger_t *)l)->db_up);
+}
+
+int tg_ledger_losing(const tg_ledger_t *l) {
+  int64_t at = atomic_load(&((tg_ledger_t *)l)->lost_at_us);
+  return at != 0 && mono_us() - at < TG_LEDGER_LOSING_MS * 1000;
 }
 
 void tg_ledger_stats(const tg_ledger_t *l, tg_ledger_stats_t *out) {

@@ -127,6 +127,12 @@ size_t tg_ledger_backlog(const tg_ledger_t *l);
 int64_t tg_ledger_spool_bytes(const tg_ledger_t *l);
 /* 1 while batches go to the database, 0 while they go to the spool. */
 int tg_ledger_db_up(const tg_ledger_t *l);
+/* 1 when records were lost (neither the database nor the spool kept them:
+ * their answers were withheld) in the last TG_LEDGER_LOSING_MS (any
+ * thread): /readyz says not ready, so a load balancer sends elsewhere, and
+ * after that long it is offered traffic again to find out. */
+#define TG_LEDGER_LOSING_MS 5000
+int tg_ledger_losing(const tg_ledger_t *l);
 
 /* Counters since open, for metrics and tests (any thread, each read
  * atomically). */

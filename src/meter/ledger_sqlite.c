@@ -339,6 +339,18 @@ static int step_once(sqlite3_stmt *st) {
   return rc;
 }
 
+/* 1 when the database file at its path is no longer the one this
+ * connection writes (removed, or replaced by another file): a commit would
+ * go to a file no later open reads. */
+static int file_moved(tg__ledger_conn_t *c) {
+  int moved = 0;
+  if (sqlite3_file_control(c->db, "main", SQLITE_FCNTL_HAS_MOVED, &moved) != SQLITE_OK ||
+      !moved)
+    return 0;
+  snprintf(c->err, sizeof(c->err), "the database file was removed or replaced");
+  return 1;
+}
+
 static int sq_insert_batch(tg__ledger_conn_t *c,
                            const tg_ledger_rec_t *const *recs, size_t n) {
   int rc = TG_EDB, step;
@@ -353,6 +365,10 @@ static int sq_insert_batch(tg__ledger_conn_t *c,
    * a deferred BEGIN could fail later, half-way through the batch. */
   if (step_once(c->begin) != SQLITE_DONE)
     return note(c, "cannot begin a batch");
+  if (file_moved(c)) {
+    rc = TG_EDB;
+    goto out;
+  }
   /* Every parameter is bound again for each statement: no clearing needed. */
   for (size_t i = 0; i < n;) {
     sqlite3_stmt *st = n - i >= INSERT_ROWS ? c->insert_n : c->insert;
@@ -391,7 +407,7 @@ static int sq_probe(tg__ledger_conn_t *c) {
   }
   sqlite3_busy_timeout(c->db, 0);
   rc = sqlite3_exec(c->db, "BEGIN IMMEDIATE", NULL, NULL, NULL) == SQLITE_OK
-           ? 0
+           ? (file_moved(c) ? TG_EDB : 0)
            : note(c, "probe");
   sqlite3_busy_timeout(c->db, c->busy_ms);
   if (sqlite3_get_autocommit(c->db) == 0)

@@ -473,8 +473,9 @@ def test_an_answer_whose_record_cannot_be_kept_is_withheld(tg, sim):
     """When neither the database nor the spool can keep a record, the
     client never gets a complete answer that no record bills: a whole
     answer becomes 503 ledger_unavailable with Retry-After, a stream ends
-    without [DONE], an answer relayed past 1 MiB without its closing brace.
-    Once the disk is back, answers and rows come back."""
+    without [DONE], an answer relayed past 1 MiB without its closing brace,
+    and /readyz says not ready. Once the disk is back, answers and rows come
+    back, and /readyz says ready."""
     gw = start_gw(tg, sim, workers=1)
     key = gw.create_key("beta", name="eio")
     assert tgtest.chat(gw.port, key, model=M, max_tokens=2).status == 200
@@ -487,6 +488,10 @@ def test_an_answer_whose_record_cannot_be_kept_is_withheld(tg, sim):
         assert r.status == 503, r
         assert r.error()["code"] == "ledger_unavailable", r
         assert r.header("retry-after") == "1", r
+        # a load balancer probing /readyz sends its traffic elsewhere
+        ready = tgtest.admin(gw, "/readyz")
+        assert ready.status == 503, ready
+        assert ready.json()["ledger"] == "losing_records", ready
         s = tgtest.SSEStream(gw.port, tgtest.chat_body(M, max_tokens=3, stream=True),
                              key=key, timeout=30)
         assert s.status == 200
@@ -521,6 +526,9 @@ def test_an_answer_whose_record_cannot_be_kept_is_withheld(tg, sim):
     rows = tgtest.by_request_id(tgtest.sqlite_ledger_rows(gw.db_path))
     assert not lost & set(rows), "a withheld answer has a row"
     assert "records could not be kept" in gw.proc.stderr_text()
+    # ready again once no record has been lost for five seconds
+    tgtest.wait_for(lambda: tgtest.admin(gw, "/readyz").status == 200, timeout=10,
+                    what="/readyz 200 five seconds after the last record lost")
 
 
 # ---------------------------------------------------------------------------

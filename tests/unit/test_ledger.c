@@ -1020,6 +1020,92 @@ static void test_spool_keeps_text_exact(void **state) {
   }
 }
 
+/* The database file is removed (or replaced) under the running gateway:
+ * its connection would go on committing to a file no later open reads, and
+ * answers would go out whose records are gone at the next start. The
+ * writer sees the file moved and spools; the next open replays the spool
+ * into the database file then at the path. */
+static void test_db_file_removed_spools(void **state) {
+  tmp_t *t = *state;
+  tg_ledger_opts_t o = {.batch_max = 4, .retry_ms = 20};
+  tg_ledger_stats_t st;
+  tg_ledger_t *l = NULL;
+  loopctx_t x;
+  char path[128], *got, *want;
+
+  snprintf(path, sizeof(path), "%s/%s", t->dir, TG_DB_SQLITE_FILE);
+  assert_int_equal(tg_ledger_open("sqlite", t->dir, &o, &l), 0);
+  loop_open(&x, l, 10);
+  append_seq(&x, 0, 2);
+  assert_true(run_until(&x.loop, &x.c, 2, 10000));
+  assert_int_equal(unlink(path), 0);
+  append_seq(&x, 2, 8);
+  assert_true(run_until(&x.loop, &x.c, 8, 10000));
+  assert_all_durable(&x, 0, 8);
+  sleep_ms(100);            /* retries: the probe sees the file moved too */
+  assert_false(tg_ledger_db_up(l));
+  tg_ledger_stats(l, &st);
+  assert_int_equal(st.committed, 2);
+  assert_int_equal(st.spooled, 6);
+  assert_int_equal(count_lines(t->spool), 6);
+  loop_close(&x);
+  tg_ledger_close(l);
+
+  assert_int_equal(tg_ledger_open("sqlite", t->dir, &o, &l), 0);
+  assert_true(tg_ledger_db_up(l));
+  tg_ledger_close(l);
+  assert_false(file_exists(t->spool));
+  got = ids_in_order(t->dir);
+  want = seq_ids(2, 8);
+  assert_string_equal(got, want);
+  free(got);
+  free(want);
+}
+
+/* The spool is removed while records wait in it (an operator tidying up, a
+ * tmp cleaner): the writer's descriptor kept the file alive for itself
+ * alone, so a stop or a crash before the replay lost every record in it,
+ * answers already given. The writer makes it again at the path with what
+ * it still holds: on the next batch, or at the next retry when none comes. */
+static void test_spool_removed_while_waiting_is_made_again(void **state) {
+  tmp_t *t = *state;
+  tg_ledger_opts_t o = {.batch_max = 4, .retry_ms = 20};
+  tg_ledger_stats_t st;
+  tg_ledger_t *l = NULL;
+  loopctx_t x;
+  char *got, *want;
+
+  assert_int_equal(tg_ledger_open("sqlite", t->dir, &o, &l), 0);
+  tg_ledger_close(l);       /* opening created the schema */
+  tg__ledger_sqlite_fail_inserts(1);
+  assert_int_equal(tg_ledger_open("sqlite", t->dir, &o, &l), 0);
+  loop_open(&x, l, 10);
+  append_seq(&x, 0, 3);
+  assert_true(run_until(&x.loop, &x.c, 3, 10000));
+  assert_int_equal(unlink(t->spool), 0);
+  append_seq(&x, 3, 6);     /* the next batch makes it again */
+  assert_true(run_until(&x.loop, &x.c, 6, 10000));
+  assert_all_durable(&x, 0, 6);
+  assert_int_equal(count_lines(t->spool), 6);
+  assert_int_equal(unlink(t->spool), 0);
+  sleep_ms(200);            /* no batch: a retry makes it again */
+  assert_int_equal(count_lines(t->spool), 6);
+  loop_close(&x);
+  tg_ledger_close(l);
+
+  tg__ledger_sqlite_fail_inserts(0);
+  assert_int_equal(tg_ledger_open("sqlite", t->dir, &o, &l), 0);
+  tg_ledger_stats(l, &st);
+  assert_int_equal(st.replayed, 6);
+  tg_ledger_close(l);
+  assert_false(file_exists(t->spool));
+  got = ids_in_order(t->dir);
+  want = seq_ids(0, 6);
+  assert_string_equal(got, want);
+  free(got);
+  free(want);
+}
+
 /* ---- records the database refuses for good ---- */
 
 /* Runs sql on the ledger's database through a connection of its own. */
@@ -1692,6 +1778,10 @@ int main(void) {
     cmocka_unit_test_setup_teardown(test_refused_records_isolated_in_order,
                                     tmp_setup, tmp_teardown),
     cmocka_unit_test_setup_teardown(test_spool_replay_moves_refused_records_aside,
+                                    tmp_setup, tmp_teardown),
+    cmocka_unit_test_setup_teardown(test_db_file_removed_spools, tmp_setup,
+                                    tmp_teardown),
+    cmocka_unit_test_setup_teardown(test_spool_removed_while_waiting_is_made_again,
                                     tmp_setup, tmp_teardown),
     cmocka_unit_test_setup_teardown(test_spool_keeps_text_exact, tmp_setup,
                                     tmp_teardown),
