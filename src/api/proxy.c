@@ -1730,6 +1730,22 @@ static int not_rendered(const char *k) {
   return 0;
 }
 
+/* The strings of a list of prompts or inputs: each is tokenized on its
+ * own, with the model's special tokens (a BOS; an embedding model's CLS
+ * and SEP), so each adds a few tokens its bytes do not bound (a list of
+ * 2,048 empty strings is 2,048 to 4,096 tokens, none of them a byte). A
+ * list of token ids goes to the model as it is. */
+static int64_t list_strings(const cJSON *v) {
+  const cJSON *e;
+  int64_t n = 0;
+
+  if (cJSON_IsArray(v))
+    cJSON_ArrayForEach(e, v) {
+      n += cJSON_IsString(e);
+    }
+  return n;
+}
+
 /* The completion limit of a request that states none: the model's cap for
  * a chat, and for a completion the API's default of 16 (which vLLM's
  * completions also apply), below the cap. */
@@ -1756,7 +1772,8 @@ static int states_no_max_tokens(const tg_call_t *c, const body_fields_t *f) {
  * sound or video part), of `prompt` and `input`, plus the text of every
  * other member an upstream may render into the prompt (a message's tool
  * calls, name or reasoning; the request's tools, documents, suffix...), and
- * a few tokens a message and a request for the chat template. */
+ * a few tokens a message and a request for the chat template, and a string
+ * of a list of prompts or inputs for its special tokens. */
 static void estimate(tg_call_t *c, const cJSON *root, const body_fields_t *f) {
   const cJSON *m, *e;
   int64_t est = 8, max_tokens = 0, mt, k, media = c->model->media_tokens;
@@ -1771,8 +1788,8 @@ static void estimate(tg_call_t *c, const cJSON *root, const body_fields_t *f) {
         }
     }
   }
-  est += text_bytes(f->prompt, media);
-  est += text_bytes(f->input, media);
+  est += text_bytes(f->prompt, media) + 8 * list_strings(f->prompt);
+  est += text_bytes(f->input, media) + 8 * list_strings(f->input);
   cJSON_ArrayForEach(e, root) {
     if (!not_rendered(e->string))
       est += (int64_t)strlen(e->string) + json_text_bytes(e);

@@ -190,12 +190,12 @@ def test_reservation_covers_every_completion_asked_for(tg, sim):
     best_of = {"model": M, "prompt": HELLO, "max_tokens": 10, "n": 2, "best_of": 3}
     cases = {       # path, body, prompt estimate, completion tokens at most
         "chat_n": ("/v1/chat/completions", chat_n4, EST, 4 * 50),
-        "prompts": ("/v1/completions", two_prompts, 8 + 2 * len(HELLO), 2 * 2 * 10),
+        "prompts": ("/v1/completions", two_prompts, 8 + 2 * (len(HELLO) + 8), 2 * 2 * 10),
         "token_ids": ("/v1/completions", token_ids, 8 + 4, 3 * 10),
         "best_of": ("/v1/completions", best_of, 8 + len(HELLO), 3 * 10),
     }
     assert tgtest.prompt_estimate(chat_n4) == EST
-    assert tgtest.prompt_estimate(two_prompts) == 8 + 2 * len(HELLO)
+    assert tgtest.prompt_estimate(two_prompts) == 8 + 2 * (len(HELLO) + 8)
     tenants = {}
     for name, (_, _, est, completion) in cases.items():
         res = est * 500 + completion * 1500

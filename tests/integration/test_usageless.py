@@ -215,6 +215,29 @@ def test_embeddings_without_usage_bill_the_prompt_estimate(tg):
     check_books(gw, [a, b])
 
 
+@pytest.mark.parametrize("path,body", [
+    ("/v1/completions", {"model": M, "prompt": [""] * 16, "max_tokens": 1}),
+    ("/v1/completions", {"model": M, "prompt": ["a"] * 8 + [[1, 2]] * 8, "max_tokens": 1}),
+    ("/v1/embeddings", {"model": EMBED, "input": [""] * 64}),
+])
+def test_a_list_of_prompts_bills_each_ones_special_tokens(tg, path, body):
+    """Each string of a list of prompts or inputs is tokenized on its own,
+    with the model's special tokens (a BOS; an embedding model's CLS and
+    SEP), which its bytes do not bound: sixteen empty prompts are sixteen
+    tokens upstream (the simulator's BOS), and were estimated at 8, the
+    request's own. Without usage that was billed; with it, reserved. Each
+    such string adds 8, as a message does; a list of token ids goes to the
+    model as it is and adds nothing."""
+    gw = start_gw(tg, tg.sim().url)
+    real = post(gw, path, body).json()["usage"]["prompt_tokens"]
+    row = row_of(gw, post(gw, path, body, headers=NO_USAGE))
+    strings = sum(isinstance(p, str) for p in body.get("prompt", body.get("input")))
+    est = tgtest.prompt_estimate(body)
+    assert est == 8 + sum(len(p) for p in body.get("prompt", body.get("input"))) + 8 * strings
+    assert (row["usage_counted"], row["prompt_tokens"]) == (1, est), row
+    assert row["prompt_tokens"] >= real, (row, real)
+
+
 def test_an_answer_past_the_walk_bound_bills_its_length(tg):
     """Two choices of 100,000 tokens are about 1.7 MB: not parsed on the loop
     thread, billed at one token per byte of the answer."""

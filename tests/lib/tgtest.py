@@ -1495,7 +1495,8 @@ def prompt_estimate(body, media_tokens=2048):
     """The gateway's prompt-token estimate for a request body: bytes of the
     message contents (strings, or the parts' text; the model's media_tokens
     for a part of another type, such as image_url) + 8 per message + 8, plus
-    the bytes of `prompt` / `input` for completions and embeddings, plus the
+    the bytes of `prompt` / `input` for completions and embeddings (+ 8 per
+    string of a list of them), plus the
     text (json_text_bytes, with its key) of every other member of a message
     but its role, and of the request but those no upstream renders
     (NOT_RENDERED): tools, documents, tool calls..."""
@@ -1536,6 +1537,8 @@ def prompt_estimate(body, media_tokens=2048):
     for field in ("prompt", "input"):
         if field in body:
             n += text_bytes(body[field])
+            if isinstance(body[field], list):   # a list's strings: their special tokens
+                n += 8 * sum(isinstance(p, str) for p in body[field])
     n += sum(len(k.encode()) + json_text_bytes(x) for k, x in body.items()
              if k not in NOT_RENDERED)
     return n
