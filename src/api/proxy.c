@@ -1755,15 +1755,19 @@ static int64_t default_max_tokens(const tg_call_t *c) {
   return c->model->max_tokens;
 }
 
-/* 1 when the body has no completion limit at all (absent or null): the
+/* 1 when the body has no completion limit at all (absent or null, or on
+ * chat a max_completion_tokens of 0, which vLLM reads as none): the
  * upstream would then write up to its context's end, past what was
- * reserved, so the reserved limit is sent with the request. A limit of 0
- * or below is the client's own and goes as it is (vLLM refuses it). */
+ * reserved, so the reserved limit is sent with the request. A max_tokens
+ * of 0 or below, or a negative max_completion_tokens, is the client's own
+ * and goes as it is (vLLM refuses it). */
 static int states_no_max_tokens(const tg_call_t *c, const body_fields_t *f) {
+  int64_t mct;
   if (f->max_tokens != NULL && !cJSON_IsNull(f->max_tokens))
     return 0;
   return strcmp(c->path, "/v1/chat/completions") != 0 || f->max_completion_tokens == NULL ||
-         cJSON_IsNull(f->max_completion_tokens);
+         cJSON_IsNull(f->max_completion_tokens) ||
+         (tg_json_int(f->max_completion_tokens, &mct) && mct == 0);
 }
 
 /* The prompt estimate (from above) and the completion tokens to reserve:

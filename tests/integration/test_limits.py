@@ -265,7 +265,10 @@ def test_a_request_that_states_no_limit_is_sent_the_reserved_one(tg):
     the API's default of 16), and the upstream is sent that limit: left to
     itself it writes up to its context's end (here the simulator's default
     of 400 tokens), past the reservation and so past a budget that admitted
-    it. A limit the client states goes as it is."""
+    it. A limit the client states goes as it is; a chat's
+    max_completion_tokens of 0 is none (vLLM takes `max_completion_tokens
+    or max_tokens`), and was sent as it was: vLLM wrote to its context's
+    end under a reservation of the cap."""
     sim = tg.sim(default_tokens=400)
     gw = start_gw(tg, sim, {"cap": tgtest.limited_tenant(models=(M,), tpm=10 ** 6)})
     key = gw.keys["cap"]
@@ -280,6 +283,9 @@ def test_a_request_that_states_no_limit_is_sent_the_reserved_one(tg):
     assert used({"messages": msgs, "max_tokens": None}) == MODEL_CAP
     assert used({"messages": msgs, "max_tokens": None, "max_completion_tokens": None}) == MODEL_CAP
     assert used({"messages": msgs, "max_completion_tokens": 7}) == 7
+    # vLLM reads a chat's max_completion_tokens of 0 as none (`or max_tokens`)
+    assert used({"messages": msgs, "max_completion_tokens": 0}) == MODEL_CAP
+    assert used({"messages": msgs, "max_completion_tokens": 0, "max_tokens": None}) == MODEL_CAP
     assert used({"messages": msgs, "max_tokens": 12}) == 12
     assert used({"prompt": "Once upon"}, "/v1/completions") == 16
     # a stream whose client asked for no usage: both members are added
