@@ -293,20 +293,22 @@ static int choices_nonempty(const char *d, const char *end) {
 }
 
 /* 1 when the delta of every choice holds a "role" and nothing generated:
- * no member but it and a "content" that is null or "". vLLM opens each
- * choice of a chat stream with one such chunk before its first token; a
- * stream cut without usage is counted a token an event, and this event is
- * none. */
+ * no member but it, a "content" that is null or "", and members that are
+ * null (OpenAI writes "refusal": null beside the role, SGLang every field
+ * it has). vLLM opens each choice of a chat stream with one such chunk
+ * before its first token; a stream cut without usage is counted a token
+ * an event, and this event is none. A null role announces nothing: SGLang
+ * writes one on every token's event and on its closing one. */
 static int choices_role_only(const cJSON *choices) {
   const cJSON *ch, *delta, *m;
   cJSON_ArrayForEach(ch, choices) {
     delta = tg_json_get(ch, "delta");
-    if (!cJSON_IsObject(delta) || tg_json_get(delta, "role") == NULL)
+    if (!cJSON_IsObject(delta) || !cJSON_IsString(tg_json_get(delta, "role")))
       return 0;
     cJSON_ArrayForEach(m, delta) {
-      if (strcmp(m->string, "role") == 0 ||
-          (strcmp(m->string, "content") == 0 &&
-           (cJSON_IsNull(m) || (cJSON_IsString(m) && m->valuestring[0] == '\0'))))
+      if (strcmp(m->string, "role") == 0 || cJSON_IsNull(m) ||
+          (strcmp(m->string, "content") == 0 && cJSON_IsString(m) &&
+           m->valuestring[0] == '\0'))
         continue;
       return 0;
     }

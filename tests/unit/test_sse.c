@@ -243,14 +243,22 @@ static void test_inspect_joins_data_lines(void **state) {
 
 /* vLLM opens each choice of a chat stream with a chunk that announces the
  * role and carries no content: a stream cut without usage is counted a
- * token an event, and that event is none. One that carries text, a tool
- * call or anything else besides its role is content. */
+ * token an event, and that event is none, with the empty members its
+ * peers write beside the role as null too (OpenAI's "refusal", SGLang's
+ * every field). One that carries text, a tool call or anything else
+ * besides its role is content, and so is one whose role is null. */
 static void test_inspect_tells_the_role_chunk(void **state) {
   static const char *const role_only[] = {
       "data: {\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"},"
       "\"logprobs\":null,\"finish_reason\":null}]}\n\n",
       "data: {\"choices\":[{\"index\":1,\"delta\":{\"role\":\"assistant\"}}]}\n\n",
       "data: {\"choices\":[{\"delta\":{\"content\":null,\"role\":\"assistant\"}}]}\n\n",
+      /* OpenAI's, and SGLang's (every field of its delta, unset ones null) */
+      "data: {\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\","
+      "\"refusal\":null},\"logprobs\":null,\"finish_reason\":null}],\"usage\":null}\n\n",
+      "data: {\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\","
+      "\"reasoning_content\":null,\"tool_calls\":null},\"logprobs\":null,\"finish_reason\":null,"
+      "\"matched_stop\":null}],\"usage\":null}\n\n",
   };
   static const char *const content[] = {
       "data: {\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"Hi\"}}]}\n\n",
@@ -260,6 +268,12 @@ static void test_inspect_tells_the_role_chunk(void **state) {
       "data: {\"choices\":[{\"delta\":{\"content\":\"the role\"}}]}\n\n",
       "data: {\"choices\":[{\"text\":\"\\\"role\\\"\"}]}\n\n",
       "data: {\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\" oops\n\n",
+      /* SGLang's tokens and its closing event: a null role announces nothing */
+      "data: {\"choices\":[{\"delta\":{\"role\":null,\"content\":null,\"reasoning_content\":\"2\","
+      "\"tool_calls\":null}}],\"usage\":null}\n\n",
+      "data: {\"choices\":[{\"delta\":{\"role\":null,\"content\":null,\"reasoning_content\":null,"
+      "\"tool_calls\":null},\"finish_reason\":\"stop\"}],\"usage\":null}\n\n",
+      "data: {\"choices\":[{\"delta\":{\"role\":\"assistant\",\"refusal\":\"No.\"}}]}\n\n",
   };
   tg_sse_info_t i;
   (void)state;
