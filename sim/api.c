@@ -437,6 +437,15 @@ static int parse_embedding_opts(tg__sim_call_t *call, const json_t *root,
     return -1;
   }
   call->dim = (uint32_t)dim;
+  /* refused now rather than built up to the bound: a float is at most 14
+   * bytes of JSON ("-1.234567e-05,"), under 6 in base64; an item's frame
+   * under 64 */
+  if ((uint64_t)call->n_inputs * (dim * (call->base64 ? 6 : 14) + 64) + 256 >
+      TG__SIM_MAX_BODY) {
+    set_msg(msg, msg_len, "%u inputs of %u dimensions pass the simulator's %u MiB answer bound",
+            call->n_inputs, call->dim, TG__SIM_MAX_BODY >> 20);
+    return -1;
+  }
   return 0;
 }
 

@@ -46,6 +46,10 @@ static int buf_reserve(tg__sim_buf_t *b, size_t need) {
   cap = b->cap != 0 ? b->cap : 256;
   while (cap < want)
     cap *= 2;
+  /* never past max + 1 (want is at most that): addf writes into the
+   * allocation without growing it, so its size is the bound there */
+  if (cap > b->max + 1)
+    cap = b->max + 1;
   p = realloc(b->p, cap);
   if (p == NULL) {
     b->err = TG_ENOMEM;

@@ -396,6 +396,25 @@ def test_bad_requests_get_openai_400(sim, path, body):
     assert_error(status, data, 400)
 
 
+def test_embeddings_past_the_answer_bound_are_refused_at_once(sim):
+    """2048 inputs of 65536 dimensions would be gigabytes of JSON: a 400 at
+    once, not a loop busy building it (it used to answer 1.7 GB, the
+    buffer's bound lost)."""
+    t0 = time.monotonic()
+    status, _, data = sim.post("/v1/embeddings", {"model": "e", "input": ["x"] * 2048,
+                                                  "dimensions": 65536})
+    assert_error(status, data, 400)
+    assert "2048 inputs of 65536 dimensions" in json.loads(data)["error"]["message"]
+    assert time.monotonic() - t0 < 2
+    # base64 is under half the size of JSON floats: a bigger batch fits
+    status, _, data = sim.post("/v1/embeddings", {"model": "e", "input": ["x"] * 16,
+                                                  "dimensions": 65536,
+                                                  "encoding_format": "base64"})
+    assert status == 200
+    assert [len(base64.b64decode(d["embedding"])) for d in json.loads(data)["data"]] == \
+        [65536 * 4] * 16
+
+
 # ---- streaming -------------------------------------------------------------
 
 def test_chat_stream_one_event_per_token_without_usage(sim):
