@@ -313,28 +313,45 @@ int tg__sim_fault_parse(const char *v, tg__sim_fault_t *fault, uint32_t *arg) {
   return TG_EINVAL;
 }
 
+/* A header value as an error message may quote it: printable ASCII, at
+ * most 48 bytes, anything else as '?' (the body stays valid UTF-8). */
+static const char *quotable(const char *v, char *out, size_t len) {
+  size_t i;
+
+  for (i = 0; v[i] != '\0' && i + 1 < len; i++)
+    out[i] = v[i] >= 0x20 && v[i] < 0x7f ? v[i] : '?';
+  out[i] = '\0';
+  return out;
+}
+
 static int parse_headers(tg__sim_call_t *call, const tg_http_req_t *req,
                          char *msg, size_t msg_len) {
+  static const char *const delays[] = {"x-sim-ttft-ms", "x-sim-token-ms"};
+  uint64_t *dst[] = {&call->ttft_ms, &call->token_ms};
   const char *v;
+  char q[49];
   uint32_t ms;
+  size_t i;
 
-  if ((v = tg_http_req_header(req, "x-sim-ttft-ms")) != NULL) {
-    if (parse_u32(v, TG__SIM_MAX_DELAY_MS, &ms) != 0)
-      goto bad;
-    call->ttft_ms = ms;
-  }
-  if ((v = tg_http_req_header(req, "x-sim-token-ms")) != NULL) {
-    if (parse_u32(v, TG__SIM_MAX_DELAY_MS, &ms) != 0)
-      goto bad;
-    call->token_ms = ms;
+  for (i = 0; i < 2; i++) {
+    if ((v = tg_http_req_header(req, delays[i])) == NULL)
+      continue;
+    if (parse_u32(v, TG__SIM_MAX_DELAY_MS, &ms) != 0) {
+      set_msg(msg, msg_len, "%s: '%s' is not a whole number of milliseconds from 0 to %u",
+              delays[i], quotable(v, q, sizeof q), TG__SIM_MAX_DELAY_MS);
+      return -1;
+    }
+    *dst[i] = ms;
   }
   if ((v = tg_http_req_header(req, "x-sim-fault")) != NULL &&
-      tg__sim_fault_parse(v, &call->fault, &call->fault_arg) != 0)
-    goto bad;
+      tg__sim_fault_parse(v, &call->fault, &call->fault_arg) != 0) {
+    set_msg(msg, msg_len,
+            "x-sim-fault: '%s' is not one of status:<400..599>, stall, stall-after:<n>, "
+            "disconnect, disconnect-after:<n>, garbage, no-usage (n from 0 to %u)",
+            quotable(v, q, sizeof q), TG__SIM_MAX_TOKENS);
+    return -1;
+  }
   return 0;
-bad:
-  set_msg(msg, msg_len, "%s", "bad x-sim-* header value");
-  return -1;
 }
 
 /* ---- the request ----------------------------------------------------- */

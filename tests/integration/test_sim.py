@@ -530,9 +530,23 @@ def test_fault_status_ignores_the_body(sim):
     assert_error(status, data, 502)
 
 
-def test_fault_bad_value_is_400(sim):
-    status, _, data = sim.post("/v1/chat/completions", chat("x"), headers={"x-sim-fault": "explode"})
+@pytest.mark.parametrize("header,value", [
+    ("x-sim-fault", "explode"), ("x-sim-fault", "STALL"), ("x-sim-fault", "status:399"),
+    ("x-sim-fault", "status:600"), ("x-sim-fault", "status:"), ("x-sim-fault", "status:5xx"),
+    ("x-sim-fault", "stall-after:"), ("x-sim-fault", "stall-after:-1"),
+    ("x-sim-fault", "disconnect-after:100001"), ("x-sim-fault", "garbage:1"),
+    ("x-sim-ttft-ms", "-1"), ("x-sim-ttft-ms", "1e3"), ("x-sim-ttft-ms", "3600001"),
+    ("x-sim-token-ms", ""), ("x-sim-token-ms", "5 ms"),
+])
+def test_bad_sim_header_is_400_naming_header_and_value(sim, header, value):
+    before = sim.metrics()
+    status, _, data = sim.post("/v1/chat/completions", chat("x"), headers={header: value})
     assert_error(status, data, 400)
+    message = json.loads(data)["error"]["message"]
+    assert message.startswith(header + ": '%s'" % value), message
+    m = sim.metrics()
+    assert m["sim_requests_faulted_total"] == before["sim_requests_faulted_total"]
+    assert m["sim_requests_running"] == 0
 
 
 def test_fault_stall_never_answers_and_abort_frees_slot(sim):
