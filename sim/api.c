@@ -385,8 +385,7 @@ static int parse_generation(tg__sim_call_t *call, const tg__sim_t *sim,
   json_t *mct = json_object_get(root, "max_completion_tokens");
   int r = 0;
 
-  if (call->kind == TG__SIM_CHAT &&
-      !(json_is_integer(mct) && json_integer_value(mct) == 0))
+  if (call->kind == TG__SIM_CHAT && !(json_is_number(mct) && json_number_value(mct) == 0))
     r = get_uint(root, "max_completion_tokens", 1, TG__SIM_MAX_TOKENS, &asked, msg, msg_len);
   if (r == 0)
     r = get_uint(root, "max_tokens", 1, TG__SIM_MAX_TOKENS, &asked, msg, msg_len);

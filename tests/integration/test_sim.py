@@ -396,6 +396,15 @@ def test_bad_requests_get_openai_400(sim, path, body):
     assert_error(status, data, 400)
 
 
+def test_max_completion_tokens_zero_falls_back_to_max_tokens(sim):
+    # vLLM reads `max_completion_tokens or max_tokens`: 0 and 0.0 alike
+    for zero in (0, 0.0):
+        status, _, data = sim.post("/v1/chat/completions",
+                                   chat("x", max_completion_tokens=zero, max_tokens=3))
+        assert status == 200, data
+        assert json.loads(data)["usage"]["completion_tokens"] == 3
+
+
 def test_embeddings_past_the_answer_bound_are_refused_at_once(sim):
     """2048 inputs of 65536 dimensions would be gigabytes of JSON: a 400 at
     once, not a loop busy building it (it used to answer 1.7 GB, the
