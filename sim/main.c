@@ -40,9 +40,11 @@ static int parse_num(const char *s, uint64_t min, uint64_t max, uint64_t *out) {
   return 0;
 }
 
-/* HOST:PORT, HOST may be [v6]. */
+/* HOST:PORT, HOST an IPv4 or IPv6 address, the latter in brackets ([::1]:8000);
+ * names are not resolved, as the server binds addresses only. */
 static int parse_listen(tg__sim_opts_t *o, const char *s) {
   const char *colon = strrchr(s, ':');
+  unsigned char addr[16];
   size_t hlen;
   uint64_t port;
 
@@ -57,8 +59,16 @@ static int parse_listen(tg__sim_opts_t *o, const char *s) {
     return TG_EINVAL;
   memcpy(o->host, s, hlen);
   o->host[hlen] = '\0';
+  if (uv_inet_pton(AF_INET, o->host, addr) != 0 && uv_inet_pton(AF_INET6, o->host, addr) != 0)
+    return TG_EINVAL;
   o->port = (int)port;
   return 0;
+}
+
+/* "HOST:PORT", with an IPv6 HOST in brackets so the port reads apart. */
+static const char *host_port(char *out, size_t len, const char *host, int port) {
+  snprintf(out, len, strchr(host, ':') != NULL ? "[%s]:%d" : "%s:%d", host, port);
+  return out;
 }
 
 static int parse_models(tg__sim_opts_t *o, const char *s) {
@@ -443,6 +453,7 @@ static void on_signal(uv_signal_t *s, int signum) {
 static int run(tg__sim_t *sim) {
   uv_loop_t main_loop;
   uv_signal_t sigs[2];
+  char addr[sizeof sim->opt.host + 16];
   uint32_t i;
   int rc;
 
@@ -453,13 +464,20 @@ static int run(tg__sim_t *sim) {
     sigs[i].data = sigs;
     uv_signal_start(&sigs[i], on_signal, i == 0 ? SIGTERM : SIGINT);
   }
+  /* several workers' listeners share the port (SO_REUSEPORT), and would
+   * share it with another process's already there: check that none is */
+  if (sim->n_workers > 1 && sim->opt.port != 0 &&
+      (rc = tg_http_listen_probe(sim->opt.host, sim->opt.port)) != 0)
+    fprintf(stderr, "tollgate-sim: cannot listen on %s: %s\n",
+            host_port(addr, sizeof addr, sim->opt.host, sim->opt.port), tg_strerror(rc));
   for (i = 0; i < sim->n_workers && rc == 0; i++)
     if ((rc = worker_init(sim, i)) != 0)
-      fprintf(stderr, "tollgate-sim: cannot listen on %s:%d: %s\n", sim->opt.host,
-              sim->opt.port, tg_strerror(rc));
+      fprintf(stderr, "tollgate-sim: cannot listen on %s: %s\n",
+              host_port(addr, sizeof addr, sim->opt.host, sim->opt.port), tg_strerror(rc));
   if (rc == 0) {
-    fprintf(stderr, "tollgate-sim listening on %s:%d\n", sim->opt.host,
-            tg_http_server_port(sim->workers[0].srv));
+    fprintf(stderr, "tollgate-sim listening on %s\n",
+            host_port(addr, sizeof addr, sim->opt.host,
+                      tg_http_server_port(sim->workers[0].srv)));
     for (; sim->n_started < sim->n_workers; sim->n_started++)
       if ((rc = uv_thread_create(&sim->workers[sim->n_started].thread, worker_main,
                                  &sim->workers[sim->n_started])) != 0)

@@ -792,3 +792,59 @@ def test_sigterm_with_requests_in_flight_exits_cleanly():
         s.stop()  # asserts exit status 0 and no sanitizer report
         for k in socks:
             k.close()
+
+
+# ---- command line ------------------------------------------------------------
+
+@pytest.mark.parametrize("args,says", [
+    (["--listen", "localhost:8000"], "--listen"),
+    (["--listen", "127.0.0.1"], "--listen"),
+    (["--listen", "127.0.0.1:"], "--listen"),
+    (["--listen", ":8000"], "--listen"),
+    (["--listen", "127.0.0.1:65536"], "--listen"),
+    (["--listen", "[::1:8000"], "--listen"),
+    (["--listen", "1.2.3.4.5:80"], "--listen"),
+    (["--workers", "0"], "--workers"),
+    (["--workers", "-1"], "--workers"),
+    (["--workers=257"], "--workers"),
+    (["--ttft-ms", "-5"], "--ttft-ms"),
+    (["--token-ms=-1"], "--token-ms"),
+    (["--token-ms", "1.5"], "--token-ms"),
+    (["--ttft-ms", "3600001"], "--ttft-ms"),
+    (["--max-num-seqs", "0"], "--max-num-seqs"),
+    (["--default-tokens", "0"], "--default-tokens"),
+    (["--answer-tokens", "-1"], "--answer-tokens"),
+    (["--embedding-dim", "65537"], "--embedding-dim"),
+    (["--models", "a,,b"], "--models"),
+    (["--bogus", "1"], "--bogus"),
+    (["--workers"], "--workers"),
+])
+def test_bad_command_line_exits_2_saying_what(args, says):
+    p = subprocess.run([SIM, *args], capture_output=True, timeout=10)
+    err = p.stderr.decode()
+    assert p.returncode == 2, err
+    assert says in err and "Sanitizer" not in err, err
+    assert b"listening" not in p.stderr
+
+
+def test_listen_ipv6_and_a_port_already_taken():
+    # an IPv6 address prints in brackets, so the port reads apart
+    p = subprocess.Popen([SIM, "--listen", "[::1]:0"], stderr=subprocess.PIPE)
+    try:
+        line = p.stderr.readline().decode()
+        assert line.startswith("tollgate-sim listening on [::1]:"), line
+    finally:
+        p.send_signal(signal.SIGTERM)
+        p.communicate(timeout=20)
+    assert p.returncode == 0
+    # several workers share their port (SO_REUSEPORT): a second process
+    # must not silently join the first's
+    s = Sim("--workers", "2")
+    try:
+        for workers in ("1", "2"):
+            p = subprocess.run([SIM, "--listen", "127.0.0.1:%d" % s.port, "--workers", workers],
+                               capture_output=True, timeout=10)
+            assert p.returncode == 1, p.stderr
+            assert b"address already in use" in p.stderr, p.stderr
+    finally:
+        s.stop()
