@@ -516,7 +516,8 @@ int tg__sim_call_parse(tg__sim_call_t *call, const tg__sim_t *sim,
   if (model != NULL && !json_is_null(model) &&
       (!json_is_string(model) || json_string_length(model) == 0 ||
        json_string_length(model) > TG__SIM_MAX_NAME)) {
-    set_msg(msg, msg_len, "%s", "'model' must be a non-empty string");
+    set_msg(msg, msg_len, "'model' must be a non-empty string of at most %u bytes",
+            TG__SIM_MAX_NAME);
     goto out;
   }
   name = json_is_string(model) ? json_string_value(model) : sim->opt.models[0];

@@ -11,6 +11,7 @@ import http.client
 import json
 import math
 import os
+import random
 import select
 import signal
 import socket
@@ -390,10 +391,54 @@ def test_models_health_and_unknown_paths(sim):
     ("/v1/chat/completions", json.dumps(chat("x", stream_options={"include_usage": True}))),
     ("/v1/completions", json.dumps({"model": "m"})),
     ("/v1/embeddings", json.dumps({"model": "m", "input": 5})),
+    # bad input of every kind: numbers out of range or of the wrong type,
+    # shapes a server refuses, bodies that are not JSON at all
+    ("/v1/chat/completions", ""),
+    ("/v1/chat/completions", "[" * 100000),
+    ("/v1/chat/completions", b'{"model": "m", "messages": "\xff"}'),
+    ("/v1/chat/completions", json.dumps(chat("x", max_tokens=-1))),
+    ("/v1/chat/completions", json.dumps(chat("x", max_tokens=1e300))),
+    ("/v1/chat/completions", json.dumps(chat("x", max_tokens=2 ** 70))),
+    ("/v1/chat/completions", json.dumps(chat("x", max_tokens=2.5))),
+    ("/v1/chat/completions", json.dumps(chat("x", max_tokens=True))),
+    ("/v1/chat/completions", json.dumps(chat("x", max_completion_tokens=-5))),
+    ("/v1/chat/completions", json.dumps(chat("x", n=0))),
+    ("/v1/chat/completions", json.dumps(chat("x", n=17))),
+    ("/v1/chat/completions", json.dumps(chat("x", n=10 ** 30))),
+    ("/v1/chat/completions", json.dumps(chat("x", n="2"))),
+    ("/v1/chat/completions", json.dumps(chat("x", stream="yes"))),
+    ("/v1/chat/completions", json.dumps(chat("x", stream=True, stream_options=[]))),
+    ("/v1/chat/completions", json.dumps(chat("x", priority=1.5))),
+    ("/v1/chat/completions", json.dumps(chat("x", model=5))),
+    ("/v1/chat/completions", json.dumps(chat("x", model=""))),
+    ("/v1/chat/completions", json.dumps(chat("x", model="m" * 257))),
+    ("/v1/chat/completions", json.dumps({"model": "m", "messages": []})),
+    ("/v1/chat/completions", json.dumps({"model": "m", "messages": [{"content": "x"}]})),
+    ("/v1/chat/completions", json.dumps({"model": "m", "messages": [{"role": "user", "content": 5}]})),
+    ("/v1/completions", json.dumps({"model": "m", "prompt": []})),
+    ("/v1/completions", json.dumps({"model": "m", "prompt": [[]]})),
+    ("/v1/completions", json.dumps({"model": "m", "prompt": ["a", 1]})),
+    ("/v1/completions", json.dumps({"model": "m", "prompt": ["a"] * 17})),
+    ("/v1/completions", json.dumps({"model": "m", "prompt": ["a"] * 4, "n": 5})),
+    ("/v1/embeddings", json.dumps({"model": "m", "input": []})),
+    ("/v1/embeddings", json.dumps({"model": "m", "input": ["x"] * 2049})),
+    ("/v1/embeddings", json.dumps({"model": "m", "input": "x", "dimensions": 0})),
+    ("/v1/embeddings", json.dumps({"model": "m", "input": "x", "dimensions": 65537})),
+    ("/v1/embeddings", json.dumps({"model": "m", "input": "x", "encoding_format": 5})),
 ])
 def test_bad_requests_get_openai_400(sim, path, body):
+    before = sim.metrics()
     status, _, data = sim.post(path, body)
     assert_error(status, data, 400)
+    assert json.loads(data)["error"]["code"] == "bad_request"
+    # refused before admission: no slot taken, nothing counted but the request
+    m = sim.metrics()
+    assert m["sim_requests_total"] == before["sim_requests_total"] + 1
+    for k in ("running", "waiting"):
+        assert m["sim_requests_" + k] == 0
+    for k in ("sim_requests_completed_total", "sim_requests_aborted_total",
+              "sim_requests_faulted_total", "sim_prompt_tokens_total"):
+        assert m[k] == before[k], k
 
 
 def test_max_completion_tokens_zero_falls_back_to_max_tokens(sim):
@@ -792,6 +837,213 @@ def test_sigterm_with_requests_in_flight_exits_cleanly():
         s.stop()  # asserts exit status 0 and no sanitizer report
         for k in socks:
             k.close()
+
+
+# ---- usage against what was streamed ----------------------------------------
+
+@pytest.mark.parametrize("path,body", [
+    ("/v1/chat/completions", chat("hello world, again", max_tokens=7, n=3)),
+    ("/v1/completions", {"model": "m", "prompt": ["abcdefg", [1, 2, 3]], "max_tokens": 4, "n": 2}),
+])
+def test_stream_usage_counts_the_content_events_sent(sim, path, body):
+    """completion_tokens is the number of content events streamed (vLLM's
+    role chunk carries none), prompt_tokens the same as the same body
+    answered whole, on every run."""
+    whole = [json.loads(sim.post(path, body)[2])["usage"] for _ in range(2)]
+    assert whole[0] == whole[1]
+    sbody = dict(body, stream=True, stream_options={"include_usage": True})
+    evs = [e for _, e in stream(sim, path, sbody)]
+    assert evs[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in evs[:-1]]
+    usage = chunks[-1]["usage"]
+    per_choice = {}
+    for c in chunks[:-1]:
+        for ch in c["choices"]:
+            text = ch["delta"].get("content") if "delta" in ch else ch["text"]
+            if text:
+                per_choice[ch["index"]] = per_choice.get(ch["index"], 0) + 1
+    assert usage["completion_tokens"] == sum(per_choice.values())
+    assert usage == whole[0]
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+# ---- pipelining, slow and leaving clients -----------------------------------
+
+def raw_request(path, body, headers=None, method="POST"):
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    head = "%s %s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n" % (method, path, len(data))
+    for k, v in (headers or {}).items():
+        head += "%s: %s\r\n" % (k, v)
+    return head.encode() + b"\r\n" + data
+
+
+def read_responses(sock):
+    """Statuses of every response on sock until the server closes it."""
+    sock.settimeout(10)
+    data = bytearray()
+    while True:
+        d = sock.recv(65536)
+        if not d:
+            break
+        data += d
+    statuses = []
+    pos = 0
+    while pos < len(data):
+        end = data.index(b"\r\n\r\n", pos)
+        head = bytes(data[pos:end]).decode()
+        statuses.append(int(head.split()[1]))
+        pos = end + 4
+        hdrs = head.lower()
+        if "content-length:" in hdrs:
+            pos += int(hdrs.split("content-length:")[1].split()[0])
+        else:  # chunked
+            while True:
+                eol = data.index(b"\r\n", pos)
+                size = int(bytes(data[pos:eol]), 16)
+                pos = eol + 2 + size + 2
+                if size == 0:
+                    break
+    return statuses
+
+
+def test_pipelined_requests_are_answered_in_order():
+    s = Sim("--max-num-seqs", "1")
+    try:
+        k = socket.create_connection(("127.0.0.1", s.port))
+        k.sendall(raw_request("/v1/chat/completions", chat("a", max_tokens=2))
+                  + raw_request("/v1/chat/completions", chat("b", max_tokens=3, stream=True),
+                                {"x-sim-token-ms": "20"})
+                  + raw_request("/v1/chat/completions", b"{bad")
+                  + raw_request("/v1/embeddings", {"input": "x"}, {"x-sim-ttft-ms": "30"})
+                  + raw_request("/v1/chat/completions", chat("c"), {"x-sim-fault": "status:429"})
+                  + raw_request("/v1/completions", {"prompt": "x"}, {"x-sim-fault": "bogus"})
+                  + b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert read_responses(k) == [200, 200, 400, 200, 429, 400, 200]
+        k.close()
+
+        # a stall holds the connection; the request behind it is never
+        # started, and the client leaving frees the stall's slot
+        k = socket.create_connection(("127.0.0.1", s.port))
+        k.sendall(raw_request("/v1/chat/completions", chat("a"), {"x-sim-fault": "stall"})
+                  + raw_request("/v1/chat/completions", chat("b")))
+        s.wait_metrics(requests_running=1, requests_total=7)
+        k.close()
+        s.wait_metrics(requests_running=0, requests_aborted_total=1, requests_total=7)
+    finally:
+        s.stop()
+
+
+def test_oversize_body_is_413_with_an_openai_error(sim):
+    k = socket.create_connection(("127.0.0.1", sim.port))
+    try:
+        k.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                  b"Content-Length: %d\r\n\r\n" % (16 * 1024 * 1024 + 1))
+        k.settimeout(10)
+        data = b""
+        while b"}}" not in data:
+            d = k.recv(4096)
+            assert d, data
+            data += d
+        head, _, body = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 413 ")
+        assert_error(413, body, 413)
+    finally:
+        k.close()
+    status, _, _ = sim.post("/v1/chat/completions", chat("x", max_tokens=1))
+    assert status == 200
+
+
+def test_slow_and_leaving_clients_never_wedge_the_sim():
+    s = Sim("--max-num-seqs", "2")
+    socks = []
+    try:
+        # half a body, then nothing: the server's business, no slot taken
+        k = socket.create_connection(("127.0.0.1", s.port))
+        k.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+        socks.append(k)
+        # a 14 MB answer nobody reads, and a stream nobody reads
+        for body in ({"prompt": "x", "max_tokens": 100000, "n": 16},
+                     {"prompt": "x", "max_tokens": 100000, "stream": True}):
+            k = socket.socket()
+            k.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            k.connect(("127.0.0.1", s.port))
+            k.sendall(raw_request("/v1/completions", body))
+            socks.append(k)
+        s.wait_metrics(requests_running=1, requests_completed_total=1)
+        # meanwhile others are answered at once
+        t0 = time.monotonic()
+        status, _, data = s.post("/v1/chat/completions", chat("x", max_tokens=1))
+        assert status == 200 and time.monotonic() - t0 < 1
+        for k in socks:
+            k.close()
+        s.wait_metrics(requests_running=0, requests_aborted_total=1)
+    finally:
+        for k in socks:
+            k.close()
+        s.stop()
+
+
+def test_every_way_out_gives_the_slot_back():
+    """Many clients at once against two slots, with every fault, streamed
+    or not, some leaving while they wait, some mid-answer, some reading to
+    the end: afterwards both slots are free (two stalls run at once and a
+    third waits), and the process exits clean under the sanitizers."""
+    s = Sim("--max-num-seqs", "2", "--workers", "2", "--ttft-ms", "5", "--token-ms", "2")
+    faults = [None, None, None, "stall", "stall-after:2", "disconnect-after:3", "status:503",
+              "garbage", "disconnect", "no-usage", "stall-after:0", "disconnect-after:0"]
+    errors = []
+
+    def client(seed):
+        r = random.Random(seed)
+        fault, streamed = r.choice(faults), r.random() < 0.5
+        kind = r.randrange(3)
+        if kind == 0:
+            path, body = "/v1/chat/completions", chat("x" * r.randrange(50), stream=streamed,
+                                                      max_tokens=r.randint(1, 20), n=r.randint(1, 3))
+        elif kind == 1:
+            path, body = "/v1/completions", {"prompt": ["ab"] * r.randint(1, 3), "stream": streamed,
+                                             "max_tokens": r.randint(1, 20)}
+        else:
+            path, body = "/v1/embeddings", {"input": ["ab"] * r.randint(1, 3)}
+        headers = {"x-sim-fault": fault} if fault else {}
+        try:
+            k = start_stream(s, path, body, headers)
+            try:
+                if r.random() < 0.4:
+                    time.sleep(r.random() * 0.2)   # leaves waiting or mid-answer
+                    return
+                k.settimeout(0.2 if fault and fault.startswith("stall") else 5)
+                try:
+                    while k.recv(65536):
+                        pass
+                except socket.timeout:
+                    pass
+            finally:
+                k.close()
+        except OSError as e:
+            errors.append(repr(e))
+
+    try:
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(100)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert not errors, errors
+        m = s.wait_metrics(timeout=15, requests_running=0, requests_waiting=0)
+        assert m["sim_requests_total"] == 100
+        holders = [start_stream(s, "/v1/chat/completions", chat("x"), {"x-sim-fault": "stall"})
+                   for _ in range(2)]
+        s.wait_metrics(requests_running=2, requests_waiting=0)
+        third = start_stream(s, "/v1/chat/completions", chat("x", max_tokens=1))
+        s.wait_metrics(requests_running=2, requests_waiting=1)
+        holders[0].close()
+        assert ChunkedReader(third).status == 200
+        third.close()
+        holders[1].close()
+        s.wait_metrics(requests_running=0, requests_waiting=0)
+    finally:
+        s.stop()
 
 
 # ---- command line ------------------------------------------------------------
