@@ -481,6 +481,15 @@ static int build_head(tg__sim_call_t *call) {
   return 0;
 }
 
+static int known_model(const tg__sim_t *sim, const char *name) {
+  uint32_t i;
+
+  for (i = 0; i < sim->opt.n_models; i++)
+    if (strcmp(sim->opt.models[i], name) == 0)
+      return 1;
+  return 0;
+}
+
 int tg__sim_call_parse(tg__sim_call_t *call, const tg__sim_t *sim,
                        tg__sim_kind_t kind, const tg_http_req_t *req,
                        uint64_t id_hi, uint64_t id_lo, char *msg, size_t msg_len) {
@@ -550,6 +559,12 @@ int tg__sim_call_parse(tg__sim_call_t *call, const tg__sim_t *sim,
       (parse_stream(call, root, msg, msg_len) != 0 ||
        parse_generation(call, sim, root, n_prompts, msg, msg_len) != 0))
     goto out;
+  if (sim->opt.strict_models && !known_model(sim, call->model)) {
+    /* after the body's checks, as vLLM looks the model up */
+    rc = 404;
+    set_msg(msg, msg_len, "The model '%s' does not exist.", call->model);
+    goto out;
+  }
   if (call->stream && build_head(call) != 0) {
     rc = 500;
     set_msg(msg, msg_len, "%s", "out of memory");

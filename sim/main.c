@@ -22,7 +22,8 @@
 static void usage(FILE *f) {
   fputs("usage: tollgate-sim --listen HOST:PORT [--workers N] [--ttft-ms MS]\n"
         "         [--token-ms MS] [--max-num-seqs N] [--default-tokens N]\n"
-        "         [--answer-tokens N] [--models a,b,c] [--embedding-dim N]\n",
+        "         [--answer-tokens N] [--models a,b,c] [--strict-models]\n"
+        "         [--embedding-dim N]\n",
         f);
 }
 
@@ -113,6 +114,10 @@ static int parse_args(tg__sim_opts_t *o, int argc, char **argv) {
     if (strcmp(name, "--help") == 0 || strcmp(name, "-h") == 0) {
       usage(stdout);
       return 1;
+    }
+    if (strcmp(name, "--strict-models") == 0) {
+      o->strict_models = 1;
+      continue;
     }
     if (eq != NULL) {
       if ((size_t)(eq - name) >= sizeof key)

@@ -106,7 +106,8 @@ typedef struct tg__sim_s tg__sim_t;
 /* Parses the body of req for kind, with the sim's defaults and the
  * x-sim-* headers. On success fills *call (release with
  * tg__sim_call_free) and returns 0. On a client error returns the HTTP
- * status (400) and writes a message into msg. */
+ * status (400; 404 for a model not listed under --strict-models) and
+ * writes a message into msg. */
 int tg__sim_call_parse(tg__sim_call_t *call, const tg__sim_t *sim,
                        tg__sim_kind_t kind, const tg_http_req_t *req,
                        uint64_t id_hi, uint64_t id_lo, char *msg, size_t msg_len);
@@ -147,6 +148,7 @@ typedef struct {
                                 limit allows more, as a model's does at its
                                 end of sequence */
   uint32_t embedding_dim;
+  int strict_models;         /* a model not in models[] is a 404, as vLLM's */
   char *models_text;                       /* owned; split in place */
   const char *models[TG__SIM_MAX_MODELS];  /* into models_text */
   uint32_t n_models;

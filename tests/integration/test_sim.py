@@ -441,6 +441,30 @@ def test_bad_requests_get_openai_400(sim, path, body):
         assert m[k] == before[k], k
 
 
+def test_unknown_model_is_echoed_or_404_with_strict_models(sim):
+    status, _, data = sim.post("/v1/chat/completions", chat("x", model="elsewhere", max_tokens=1))
+    assert status == 200 and json.loads(data)["model"] == "elsewhere"
+    s = Sim("--models", "m1,m2", "--strict-models")
+    try:
+        for path, body in (("/v1/chat/completions", chat("x", model="zz")),
+                           ("/v1/completions", {"model": "zz", "prompt": "x", "stream": True}),
+                           ("/v1/embeddings", {"model": "zz", "input": "x"})):
+            status, _, data = s.post(path, body)
+            assert_error(status, data, 404)
+            assert json.loads(data)["error"]["message"] == "The model 'zz' does not exist."
+        # the body's own faults come first, as in vLLM
+        status, _, data = s.post("/v1/chat/completions", chat("x", model="zz", n=0))
+        assert_error(status, data, 400)
+        for body in (chat("x", model="m2", max_tokens=1), {"messages": [{"role": "user"}]}):
+            status, _, data = s.post("/v1/chat/completions", body)
+            assert status == 200, data
+        m = s.metrics()
+        assert (m["sim_requests_total"], m["sim_requests_completed_total"],
+                m["sim_prompt_tokens_total"]) == (6, 2, 7 + 6)
+    finally:
+        s.stop()
+
+
 def test_max_completion_tokens_zero_falls_back_to_max_tokens(sim):
     # vLLM reads `max_completion_tokens or max_tokens`: 0 and 0.0 alike
     for zero in (0, 0.0):
@@ -1070,6 +1094,7 @@ def test_every_way_out_gives_the_slot_back():
     (["--models", "a,,b"], "--models"),
     (["--bogus", "1"], "--bogus"),
     (["--workers"], "--workers"),
+    (["--strict-models=1"], "--strict-models"),
 ])
 def test_bad_command_line_exits_2_saying_what(args, says):
     p = subprocess.run([SIM, *args], capture_output=True, timeout=10)
