@@ -777,6 +777,7 @@ static void error_kind(int status, const char **type, const char **code) {
   case 401: *type = "authentication_error"; *code = "invalid_api_key"; return;
   case 403: *type = "permission_error"; *code = "forbidden"; return;
   case 404: *type = "not_found_error"; *code = "not_found"; return;
+  case 405: *type = "invalid_request_error"; *code = "method_not_allowed"; return;
   case 408: *type = "timeout_error"; *code = "request_timeout"; return;
   case 429: *type = "rate_limit_error"; *code = "rate_limit_exceeded"; return;
   case 500: *type = "server_error"; *code = "internal_error"; return;
@@ -801,8 +802,13 @@ int tg__sim_body_error(tg__sim_buf_t *b, int status, const char *msg) {
 }
 
 void tg__sim_reply_error(tg_http_req_t *req, int status, const char *msg) {
+  tg__sim_reply_error_h(req, status,
+                        (status == 429 || status == 503) ? "Retry-After: 1\r\n" : NULL, msg);
+}
+
+void tg__sim_reply_error_h(tg_http_req_t *req, int status, const char *extra,
+                           const char *msg) {
   tg__sim_buf_t b;
-  const char *extra = (status == 429 || status == 503) ? "Retry-After: 1\r\n" : NULL;
 
   tg__sim_buf_init(&b, 64 * 1024);
   if (tg__sim_body_error(&b, status, msg) != 0) {

@@ -356,30 +356,30 @@ void tg__sim_handle(tg_http_req_t *req) {
     {"/v1/embeddings", TG__SIM_EMBEDDING},
   };
   tg__sim_worker_t *w = tg_http_server_data(req->server);
-  const char *p = req->path;
+  const char *p = req->path, *model;
   size_t i;
 
-  if (req->method == HTTP_POST) {
-    for (i = 0; i < sizeof infer_routes / sizeof infer_routes[0]; i++) {
-      if (strcmp(p, infer_routes[i].path) == 0) {
-        infer(req, w, infer_routes[i].kind);
-        return;
-      }
-    }
-  } else if (req->method == HTTP_GET) {
-    if (strcmp(p, "/health") == 0)
-      tg_http_respond(req, 200, "text/plain", NULL, "ok", 2);
-    else if (strcmp(p, "/metrics") == 0)
-      reply_metrics(req, w->sim, &w->scratch);
-    else if (strcmp(p, "/v1/models") == 0)
-      reply_models(req, w->sim, &w->scratch, NULL);
-    else if (strncmp(p, "/v1/models/", 11) == 0 && p[11] != '\0')
-      reply_models(req, w->sim, &w->scratch, p + 11);
-    else
-      tg__sim_reply_error(req, 404, "not found");
+  for (i = 0; i < sizeof infer_routes / sizeof infer_routes[0]; i++) {
+    if (strcmp(p, infer_routes[i].path) != 0)
+      continue;
+    if (req->method == HTTP_POST)
+      infer(req, w, infer_routes[i].kind);
+    else /* a known path asked with another method: 405, as vLLM answers */
+      tg__sim_reply_error_h(req, 405, "Allow: POST\r\n", "method not allowed");
     return;
   }
-  tg__sim_reply_error(req, 404, "not found");
+  model = strncmp(p, "/v1/models/", 11) == 0 && p[11] != '\0' ? p + 11 : NULL;
+  if (strcmp(p, "/health") != 0 && strcmp(p, "/metrics") != 0 &&
+      strcmp(p, "/v1/models") != 0 && model == NULL)
+    tg__sim_reply_error(req, 404, "not found");
+  else if (req->method != HTTP_GET)
+    tg__sim_reply_error_h(req, 405, "Allow: GET\r\n", "method not allowed");
+  else if (strcmp(p, "/health") == 0)
+    tg_http_respond(req, 200, "text/plain", NULL, "ok", 2);
+  else if (strcmp(p, "/metrics") == 0)
+    reply_metrics(req, w->sim, &w->scratch);
+  else
+    reply_models(req, w->sim, &w->scratch, model);
 }
 
 /* ---- workers and shutdown -------------------------------------------- */

@@ -131,8 +131,12 @@ int tg__sim_event_tail(tg__sim_buf_t *b, const tg__sim_call_t *call);
 /* {"error":{"message","type","code"}} for an HTTP status. */
 int tg__sim_body_error(tg__sim_buf_t *b, int status, const char *msg);
 
-/* Answers req with an OpenAI error body and completes it. */
+/* Answers req with an OpenAI error body and completes it; 429 and 503
+ * carry Retry-After: 1. */
 void tg__sim_reply_error(tg_http_req_t *req, int status, const char *msg);
+/* The same with extra header lines ("Name: value\r\n", or NULL) instead. */
+void tg__sim_reply_error_h(tg_http_req_t *req, int status, const char *extra,
+                           const char *msg);
 
 /* ---- main.c: the process -------------------------------------------- */
 

@@ -376,10 +376,18 @@ def test_models_health_and_unknown_paths(sim):
     assert all(m["object"] == "model" for m in r["data"])
     status, _, data = sim.request("GET", "/health")
     assert (status, data) == (200, b"ok")
-    status, _, data = sim.request("GET", "/v1/nothing")
-    assert_error(status, data, 404)
-    status, _, data = sim.request("GET", "/v1/chat/completions")
-    assert_error(status, data, 404)
+    for path in ("/v1/nothing", "/v1/modelsx", "/v1/models/", "/healthz"):
+        status, _, data = sim.request("GET", path)
+        assert_error(status, data, 404)
+    # a known path asked with another method: 405 naming the one it takes
+    for method, path, allow in (("GET", "/v1/chat/completions", "POST"),
+                                ("PUT", "/v1/embeddings", "POST"),
+                                ("POST", "/v1/models", "GET"), ("DELETE", "/v1/models/m1", "GET"),
+                                ("POST", "/health", "GET"), ("POST", "/metrics", "GET")):
+        status, hdrs, data = sim.request(method, path, "{}")
+        assert_error(status, data, 405)
+        assert hdrs["allow"] == allow
+        assert json.loads(data)["error"]["code"] == "method_not_allowed"
 
 
 @pytest.mark.parametrize("path,body", [
