@@ -1,4 +1,5 @@
 /* tollgate: one binary, subcommands. Each takes --config FILE. */
+#include <errno.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -25,7 +26,18 @@ static void usage(FILE *f) {
           "  migrate --config FILE [--timeout SECONDS]   bring the database's schema up to date\n");
 }
 
-int main(int argc, char **argv) {
+/* What a command printed must reach its reader: an invoice sent to a full
+ * disk or a closed stdout is a failure, not a success that left an empty
+ * file. A command that failed has said why already and keeps its status. */
+static int stdout_written(int rc) {
+  int e = fflush(stdout) != 0 ? errno : 0;
+  if ((e == 0 && !ferror(stdout)) || rc != 0)
+    return rc;
+  fprintf(stderr, "tollgate: cannot write to stdout%s%s\n", e ? ": " : "", e ? strerror(e) : "");
+  return 1;
+}
+
+static int run(int argc, char **argv) {
   /* SQLite counts every allocation under a global mutex, for
    * sqlite3_status(), which nothing here reads; the ledger's writer
    * allocates for every record (about 7% of its CPU per row). Must come
@@ -56,4 +68,8 @@ int main(int argc, char **argv) {
   fprintf(stderr, "tollgate: unknown command '%s'\n", argv[1]);
   usage(stderr);
   return 2;
+}
+
+int main(int argc, char **argv) {
+  return stdout_written(run(argc, argv));
 }

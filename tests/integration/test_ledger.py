@@ -34,6 +34,7 @@ import os
 import random
 import re
 import sqlite3
+import subprocess
 import threading
 import time
 
@@ -865,6 +866,43 @@ def test_invoice_and_usage_of_a_data_dir_without_a_ledger_fail(tg, sim, tmp_path
         assert cp.returncode == 1 and cp.stdout == "", (args, cp.returncode, cp.stdout)
         assert "no ledger in %s" % (tmp_path / "typo" / "data") in cp.stderr, cp.stderr
     assert not os.path.exists(str(tmp_path / "typo"))
+
+
+def test_an_invoice_that_cannot_be_written_out_fails(tg, sim):
+    """`tollgate invoice > inv.json` on a full disk, or with stdout closed,
+    exited 0 with nothing on stderr: a billing script took the empty file
+    for the tenant's invoice. The command now says it could not write and
+    exits 1; so does any command whose output is lost (the usage of
+    `--help` too), while a command that failed keeps its own status."""
+    gw = start_gw(tg, sim, start=False)
+    gw.tool("migrate")
+    cmds = (("invoice", "--tenant", "alpha", "--month", tgtest.utc_month()),
+            ("invoice", "--tenant", "alpha", "--month", tgtest.utc_month(), "--format", "csv"),
+            ("usage", "--tenant", "alpha", "--day", tgtest.utc_day()),
+            ("check-config",), ("migrate",))
+    for args in cmds:
+        assert gw.tool(*args).stdout != "", args
+        for out in ("full", "closed"):
+            argv = gw.tool_argv(*args)
+            with open("/dev/full", "w") as full:
+                cp = subprocess.run(argv, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                    stdout=full if out == "full" else None,
+                                    text=True, timeout=60,
+                                    env=tgtest.cli_env(), cwd=gw.workdir,
+                                    preexec_fn=(lambda: os.close(1)) if out == "closed" else None)
+            assert cp.returncode == 1, (args, out, cp.returncode, cp.stderr)
+            assert "tollgate: cannot write to stdout" in cp.stderr, (args, out, cp.stderr)
+    with open("/dev/full", "w") as full:
+        cp = subprocess.run([tgtest.binary("tollgate"), "--help"], stdout=full,
+                            stderr=subprocess.PIPE, text=True, timeout=60)
+    assert cp.returncode == 1 and "cannot write to stdout" in cp.stderr, cp
+    # a command that fails says why, once, with its own status
+    with open("/dev/full", "w") as full:
+        cp = subprocess.run(gw.tool_argv("invoice", "--tenant", "ghost", "--month",
+                                         tgtest.utc_month()), stdout=full,
+                            stderr=subprocess.PIPE, text=True, timeout=60,
+                            env=tgtest.cli_env(), cwd=gw.workdir)
+    assert cp.returncode == 1 and "cannot write" not in cp.stderr, cp.stderr
 
 
 def test_the_database_files_are_private(tg, sim, tmp_path):
