@@ -179,7 +179,7 @@ static void job_next(tg_worker_t *w) {
 static void job_done(uv_work_t *wk, int status) {
   admin_job_t *j = wk->data;
   tg_worker_t *w = j->w;
-  char hdr[64];
+  char hdr[96];
 
   w->jobs_running--;
   atomic_fetch_sub(&w->app->admin_jobs, 1);
@@ -207,7 +207,8 @@ static void job_done(uv_work_t *wk, int status) {
                  "the ledger could not be read");
   } else {
     audit(j->w, j->rid, j->key_id, j->tenant, j->path, 200, NULL);
-    snprintf(hdr, sizeof(hdr), "x-request-id: %s\r\n", j->rid);
+    /* one tenant's money, changing with every request: no cache keeps it */
+    snprintf(hdr, sizeof(hdr), "x-request-id: %s\r\nCache-Control: no-store\r\n", j->rid);
     tg_http_respond(j->req, 200, j->csv ? "text/csv" : "application/json", hdr, j->text,
                     strlen(j->text));
   }

@@ -787,6 +787,26 @@ def test_totals_past_64_bits_are_refused_not_wrapped(tg, sim):
         assert r.error()["code"] == "ledger_totals_too_large", r
 
 
+def test_the_admin_apis_money_answers_are_never_stored_by_a_cache(tg, sim):
+    """A tenant's invoice and a day's spend change with every request and
+    are one tenant's business: their answers (JSON, CSV, HEAD alike) carry
+    `Cache-Control: no-store`, so no browser or proxy in front of the admin
+    listener keeps a copy; they had no Cache-Control at all."""
+    gw = start_gw(tg, sim)
+    admin_key = gw.create_admin_key(name="billing")
+    key = gw.create_key("alpha")
+    gw.wait_admin_key(admin_key)
+    assert ask(gw, key).status == 200
+    month, day = tgtest.utc_month(), tgtest.utc_day()
+    for path in ("/admin/v1/tenants/alpha/invoices/%s" % month,
+                 "/admin/v1/tenants/alpha/invoices/%s?format=csv" % month,
+                 "/admin/v1/tenants/alpha/usage/%s" % day):
+        for method in ("GET", "HEAD"):
+            r = tgtest.request(gw.admin_port, method, path, key=admin_key)
+            assert r.status == 200, (method, path, r)
+            assert r.header("cache-control") == "no-store", (method, path, r.headers)
+
+
 def test_every_admin_api_request_leaves_an_audit_line(tg, sim):
     """Each /admin/v1 request, answered or refused, writes one access-log
     line: its request id, the path, the tenant whose data was asked for, the
