@@ -27,6 +27,7 @@
 #include <unistd.h>
 #include <yaml.h>
 
+#include "core/cli.h"
 #include "core/err.h"
 #include "core/strbuf.h"
 
@@ -2362,31 +2363,16 @@ static void check_usage(FILE *f) {
 
 int tg_cmd_check_config(int argc, char **argv) {
   const char *path = NULL;
+  const tg_cli_opt_t opts[] = {{"--config", "-c", &path}, {NULL, NULL, NULL}};
   tg_config_errors_t errs = {0};
   tg_config_t *cfg = NULL;
+  int r = tg_cli_parse("check-config", argc, argv, opts);
 
-  for (int i = 1; i < argc; i++) {
-    const char *a = argv[i];
-    if (i == 1 && strcmp(a, "check-config") == 0)
-      continue; /* tolerate argv that still holds the program name */
-    if (strcmp(a, "--config") == 0 || strcmp(a, "-c") == 0) {
-      if (i + 1 >= argc) {
-        check_usage(stderr);
-        return 2;
-      }
-      path = argv[++i];
-    } else if (strncmp(a, "--config=", 9) == 0) {
-      path = a + 9;
-    } else if (strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0) {
-      check_usage(stdout);
-      return 0;
-    } else {
-      fprintf(stderr, "check-config: unknown argument '%s'\n", a);
-      check_usage(stderr);
-      return 2;
-    }
+  if (r == TG_CLI_HELP) {
+    check_usage(stdout);
+    return 0;
   }
-  if (path == NULL || path[0] == '\0') {
+  if (r != 0 || path == NULL || path[0] == '\0') {
     check_usage(stderr);
     return 2;
   }

@@ -34,6 +34,7 @@
 #include "api/api.h"
 #include "auth/key.h"
 #include "core/app.h"
+#include "core/cli.h"
 #include "core/err.h"
 #include "core/strbuf.h"
 #include "core/thread.h"
@@ -695,20 +696,6 @@ static void on_signal(uv_signal_t *s, int signum) {
 
 /* ---- serve -------------------------------------------------------------- */
 
-/* --config FILE, -c FILE or --config=FILE, as check-config and keys take
- * it; NULL when absent or empty. */
-static const char *arg_config(int argc, char **argv) {
-  const char *path = NULL;
-  int i;
-  for (i = 1; i < argc; i++) {
-    if ((strcmp(argv[i], "--config") == 0 || strcmp(argv[i], "-c") == 0) && i + 1 < argc)
-      path = argv[++i];
-    else if (strncmp(argv[i], "--config=", 9) == 0)
-      path = argv[i] + 9;
-  }
-  return path != NULL && path[0] != '\0' ? path : NULL;
-}
-
 /* How long a successor waits for a draining predecessor beyond its own
  * drain timeout (the predecessor then flushes its ledger and exits); and
  * how long a holder that says it serves is given to say it drains (a
@@ -807,13 +794,15 @@ int tg_cmd_serve(int argc, char **argv) {
   main_ctx_t m;
   uv_loop_t *main_loop = uv_default_loop();
   unsigned char rnd[6];
-  const char *path = arg_config(argc, argv);
+  const char *path = NULL;
+  const tg_cli_opt_t opts[] = {{"--config", "-c", &path}, {NULL, NULL, NULL}};
   int i, r, rc = 1, started = 0, admin_started = 0;
   size_t k;
 
-  if (path == NULL) {
-    fprintf(stderr, "usage: tollgate serve --config FILE\n");
-    return 2;
+  r = tg_cli_parse("serve", argc, argv, opts);
+  if (r != 0 || path == NULL || path[0] == '\0') {
+    fprintf(r == TG_CLI_HELP ? stdout : stderr, "usage: tollgate serve --config FILE\n");
+    return r == TG_CLI_HELP ? 0 : 2;
   }
   /* Until its handler runs, a SIGHUP would end the gateway: it waits,
    * blocked (the threads started from here inherit the block), and one

@@ -22,6 +22,7 @@
 
 #include "api/api.h"
 #include "config/config.h"
+#include "core/cli.h"
 #include "core/err.h"
 #include "core/money.h"
 #include "meter/db_pg.h"
@@ -230,33 +231,6 @@ int tg_usage_build(tg_ledger_db_t *db, const char *tenant, const char *day, char
 
 /* ---- CLI ------------------------------------------------------------------ */
 
-/* 1 when argv[1..] is pairs of an option of names (NULL-terminated) and
- * its value, each option once: a misspelled option or one without its
- * value is an error, not ignored. */
-static int args_ok(int argc, char **argv, const char *const *names) {
-  for (int i = 1; i < argc; i += 2) {
-    const char *const *n;
-    if (i + 1 >= argc)
-      return 0;
-    for (n = names; *n != NULL && strcmp(*n, argv[i]) != 0; n++)
-      ;
-    if (*n == NULL)
-      return 0;
-    for (int j = 1; j < i; j += 2)
-      if (strcmp(argv[j], argv[i]) == 0)
-        return 0;
-  }
-  return 1;
-}
-
-static const char *opt(int argc, char **argv, const char *name) {
-  int i;
-  for (i = 1; i + 1 < argc; i++)
-    if (strcmp(argv[i], name) == 0)
-      return argv[i + 1];
-  return NULL;
-}
-
 /* Opens the ledger of the config at cfg_path; *listed tells whether tenant
  * is one of its tenants. */
 static int open_db(const char *cfg_path, const char *tenant, tg_ledger_db_t **db, int *listed) {
@@ -346,50 +320,52 @@ static int build_usage(tg_ledger_db_t *db, char **out, const void *arg) {
   return tg_usage_build(db, q->tenant, q->period, out);
 }
 
-int tg_cmd_invoice(int argc, char **argv) {
-  static const char *const names[] = {"--config", "--tenant", "--month", "--format", NULL};
-  const char *cfg = opt(argc, argv, "--config"), *format = opt(argc, argv, "--format");
-  q_t q;
+/* `tollgate invoice` (a month, JSON or CSV) and `tollgate usage` (a day). */
+static int query_cmd(int argc, char **argv, int invoice) {
+  const char *cmd = invoice ? "invoice" : "usage";
+  const char *text =
+      invoice ? "usage: tollgate invoice --config FILE --tenant T --month YYYY-MM "
+                "[--format json|csv]\n"
+              : "usage: tollgate usage --config FILE --tenant T --day YYYY-MM-DD\n";
+  const char *cfg = NULL, *format = NULL;
+  q_t q = {NULL, NULL, 0, 0, 0};
+  /* usage's list ends before --format */
+  const tg_cli_opt_t opts[] = {{"--config", "-c", &cfg},
+                               {"--tenant", NULL, &q.tenant},
+                               {invoice ? "--month" : "--day", NULL, &q.period},
+                               {invoice ? "--format" : NULL, NULL, &format},
+                               {NULL, NULL, NULL}};
+  int r = tg_cli_parse(cmd, argc, argv, opts);
 
-  q.tenant = opt(argc, argv, "--tenant");
-  q.period = opt(argc, argv, "--month");
+  if (r == TG_CLI_HELP) {
+    fputs(text, stdout);
+    return 0;
+  }
   q.csv = format != NULL && strcmp(format, "csv") == 0;
-  if (!args_ok(argc, argv, names) || cfg == NULL || q.tenant == NULL || q.period == NULL ||
-      (format != NULL && strcmp(format, "csv") != 0 && strcmp(format, "json") != 0)) {
-    fprintf(stderr, "usage: tollgate invoice --config FILE --tenant T --month YYYY-MM "
-                    "[--format json|csv]\n");
+  if (r == 0 && format != NULL && !q.csv && strcmp(format, "json") != 0) {
+    fprintf(stderr, "tollgate invoice: --format wants json or csv, not '%.40s'\n", format);
+    r = -1;
+  }
+  if (r != 0 || cfg == NULL || cfg[0] == '\0' || q.tenant == NULL || q.period == NULL) {
+    fputs(text, stderr);
     return 2;
   }
   if (!tg_config_tenant_name_ok(q.tenant)) {
     fprintf(stderr, "tollgate: --tenant: '%s' is not a tenant name\n", q.tenant);
     return 2;
   }
-  if (tg_month_range(q.period, &q.from_ms, &q.to_ms) < 0) {
-    fprintf(stderr, "tollgate: --month wants YYYY-MM, not '%s'\n", q.period);
+  if ((invoice ? tg_month_range : tg_day_range)(q.period, &q.from_ms, &q.to_ms) < 0) {
+    fprintf(stderr, "tollgate: %s wants %s, not '%s'\n", invoice ? "--month" : "--day",
+            invoice ? "YYYY-MM" : "YYYY-MM-DD", q.period);
     return 2;
   }
-  return run(cfg, build_invoice, &q);
+  return run(cfg, invoice ? build_invoice : build_usage, &q);
+}
+
+int tg_cmd_invoice(int argc, char **argv) {
+  return query_cmd(argc, argv, 1);
 }
 
 int tg_cmd_usage(int argc, char **argv) {
-  static const char *const names[] = {"--config", "--tenant", "--day", NULL};
-  const char *cfg = opt(argc, argv, "--config");
-  q_t q;
-
-  q.tenant = opt(argc, argv, "--tenant");
-  q.period = opt(argc, argv, "--day");
-  q.csv = 0;
-  if (!args_ok(argc, argv, names) || cfg == NULL || q.tenant == NULL || q.period == NULL) {
-    fprintf(stderr, "usage: tollgate usage --config FILE --tenant T --day YYYY-MM-DD\n");
-    return 2;
-  }
-  if (!tg_config_tenant_name_ok(q.tenant)) {
-    fprintf(stderr, "tollgate: --tenant: '%s' is not a tenant name\n", q.tenant);
-    return 2;
-  }
-  if (tg_day_range(q.period, &q.from_ms, &q.to_ms) < 0) {
-    fprintf(stderr, "tollgate: --day wants YYYY-MM-DD, not '%s'\n", q.period);
-    return 2;
-  }
-  return run(cfg, build_usage, &q);
+  return query_cmd(argc, argv, 0);
 }

@@ -16,6 +16,7 @@
 #include <string.h>
 
 #include "config/config.h"
+#include "core/cli.h"
 #include "core/err.h"
 #include "meter/db_pg.h"
 #include "meter/db_sqlite.h"
@@ -84,25 +85,20 @@ int tg_cmd_migrate(int argc, char **argv) {
   tg_config_t *cfg = NULL;
   tg_config_errors_t errs = {0};
   unsigned timeout_s = 0;
-  int i, rc;
+  const tg_cli_opt_t opts[] = {
+      {"--config", "-c", &cfg_path}, {"--timeout", NULL, &timeout}, {NULL, NULL, NULL}};
+  int r, rc;
 
-  for (i = 1; i < argc; i++) {
-    const char **slot;
-    if (strcmp(argv[i], "--help") == 0) {
-      fputs(usage_text, stdout);
-      return 0;
-    }
-    if (strcmp(argv[i], "--config") == 0)
-      slot = &cfg_path;
-    else if (strcmp(argv[i], "--timeout") == 0)
-      slot = &timeout;
-    else
-      return usage("unknown argument");
-    if (i + 1 >= argc)
-      return usage("an option wants a value");
-    *slot = argv[++i];
+  r = tg_cli_parse("migrate", argc, argv, opts);
+  if (r == TG_CLI_HELP) {
+    fputs(usage_text, stdout);
+    return 0;
   }
-  if (cfg_path == NULL)
+  if (r != 0) {
+    fputs(usage_text, stderr);
+    return 2;
+  }
+  if (cfg_path == NULL || cfg_path[0] == '\0')
     return usage("--config FILE is required");
   if (timeout != NULL && parse_timeout(timeout, &timeout_s) < 0)
     return usage("--timeout wants whole seconds, 0 to 604800");

@@ -7,6 +7,7 @@ import os
 import resource
 import signal
 import socket
+import subprocess
 import time
 
 import pytest
@@ -446,6 +447,45 @@ def test_serve_takes_config_equals_file(tg):
                     timeout=20, what="serving on")
     tgtest.wait_for(lambda: chat(gw.port, gw.keys["acme"], M8B, max_tokens=1).status == 200,
                     what="an answer")
+
+
+def _cli(args, gw):
+    return subprocess.run([tgtest.binary("tollgate")] + args, stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=20, env=tgtest.cli_env(),
+                          cwd=gw.workdir)
+
+
+def test_every_command_answers_help_and_refuses_what_it_does_not_take(tg):
+    """serve, check-config, invoice, usage and migrate read their options
+    alike: --help (or -h) prints the usage on stdout and exits 0 (serve,
+    invoice and usage said usage on stderr, exit 2); an option a command
+    does not take, one given twice or one without its value is named on
+    stderr with the usage, exit 2. serve started with an option it ignored
+    (`--workers 8`) and with the last of two configs; check-config and
+    migrate checked the last of two."""
+    sim = tg.sim()
+    gw = tg.gateway({M8B: [sim.url]}, start=False)
+    cfg = gw.config_path
+    what = {"serve": [], "check-config": [], "migrate": [],
+            "invoice": ["--tenant", "acme", "--month", "2026-12"],
+            "usage": ["--tenant", "acme", "--day", "2026-12-01"]}
+    for cmd, rest in what.items():
+        for h in ("--help", "-h"):
+            cp = _cli([cmd, "--config", cfg, h] + rest, gw)
+            assert cp.returncode == 0 and cp.stderr == "", (cmd, h, cp)
+            assert cp.stdout.startswith("usage: tollgate " + cmd), (cmd, h, cp.stdout)
+        for bad, why in (([cmd, "--config", cfg, "--workers", "8"] + rest,
+                          "unknown option '--workers'"),
+                         ([cmd, "--config", cfg, "--config", cfg] + rest,
+                          "--config given twice"),
+                         ([cmd, "--config=" + cfg, "-c", cfg] + rest, "--config given twice"),
+                         ([cmd] + rest + ["--config"], "--config needs a value"),
+                         ([cmd, cfg] + rest, "unexpected argument '%s'" % cfg)):
+            cp = _cli(bad, gw)
+            assert cp.returncode == 2 and cp.stdout == "", (bad, cp)
+            assert "tollgate %s: %s" % (cmd, why) in cp.stderr, (bad, cp.stderr)
+            assert "usage: tollgate " + cmd in cp.stderr, (bad, cp.stderr)
+            assert "serving on" not in cp.stderr, (bad, cp.stderr)
 
 
 def test_sighup_during_the_start_gives_one_reload(tg, tmp_path):
