@@ -83,6 +83,7 @@ typedef struct admin_job_s {
   tg_http_req_t *req;
   tg_worker_t *w;
   char rid[32];
+  uint64_t start_ns;  /* the request's first byte, for the audit line */
   char key_id[40];    /* the admin key's id, for the audit line */
   char path[160];
   char tenant[128];
@@ -99,10 +100,12 @@ typedef struct admin_job_s {
 /* One access-log line for every /admin/v1 request, answered or refused:
  * who (the admin key's id, or none), which tenant's data, the path, the
  * status. The audit trail of the admin API's reads. */
-static void audit(tg_worker_t *w, const char *rid, const char *key_id, const char *tenant,
-                  const char *path, int status, const char *error) {
+static void audit(tg_worker_t *w, uint64_t start_ns, const char *rid, const char *key_id,
+                  const char *tenant, const char *path, int status, const char *error) {
   tg_access_rec_t r;
   memset(&r, 0, sizeof(r));
+  /* from the request's first byte, as an API request's line */
+  r.duration_ms = (double)(uv_hrtime() - start_ns) / 1e6;
   r.request_id = rid;
   r.key_id = key_id != NULL && key_id[0] != '\0' ? key_id : NULL;
   r.tenant = tenant;
@@ -153,7 +156,7 @@ static void job_start(admin_job_t *j) {
   tg_worker_t *w = j->w;
   if (uv_queue_work(&w->loop, &j->work, job_work, job_done) < 0) {
     j->req->on_abort = NULL;
-    audit(w, j->rid, j->key_id, j->tenant, j->path, 500, "internal_error");
+    audit(w, j->start_ns, j->rid, j->key_id, j->tenant, j->path, 500, "internal_error");
     tg_api_error(j->req, 500, "server_error", "internal_error", j->rid, NULL,
                  "cannot queue the query");
     atomic_fetch_sub(&w->app->admin_jobs, 1);
@@ -186,27 +189,27 @@ static void job_done(uv_work_t *wk, int status) {
   job_next(w);
   if (j->gone) {
     /* the client left: its request was completed in on_job_abort */
-    audit(j->w, j->rid, j->key_id, j->tenant, j->path, 499, "client_gone");
+    audit(j->w, j->start_ns, j->rid, j->key_id, j->tenant, j->path, 499, "client_gone");
     job_free(j);
     return;
   }
   j->req->on_abort = NULL;
   if (status == 0 && j->rc == 1) {
-    audit(j->w, j->rid, j->key_id, j->tenant, j->path, 404, "tenant_not_found");
+    audit(j->w, j->start_ns, j->rid, j->key_id, j->tenant, j->path, 404, "tenant_not_found");
     tg_api_error(j->req, 404, "invalid_request_error", "tenant_not_found", j->rid, NULL,
                  "no tenant '%s' in the configuration, and none in the ledger for %s",
                  j->tenant, j->period);
   } else if (status == 0 && j->rc == TG_ETOOBIG) {
-    audit(j->w, j->rid, j->key_id, j->tenant, j->path, 500, "ledger_totals_too_large");
+    audit(j->w, j->start_ns, j->rid, j->key_id, j->tenant, j->path, 500, "ledger_totals_too_large");
     tg_api_error(j->req, 500, "server_error", "ledger_totals_too_large", j->rid, NULL,
                  "the period's totals do not fit 64-bit integers (nano-USD, tokens or "
                  "requests): a record holds an implausible figure");
   } else if (status < 0 || j->rc < 0) {
-    audit(j->w, j->rid, j->key_id, j->tenant, j->path, 500, "ledger_unavailable");
+    audit(j->w, j->start_ns, j->rid, j->key_id, j->tenant, j->path, 500, "ledger_unavailable");
     tg_api_error(j->req, 500, "server_error", "ledger_unavailable", j->rid, NULL,
                  "the ledger could not be read");
   } else {
-    audit(j->w, j->rid, j->key_id, j->tenant, j->path, 200, NULL);
+    audit(j->w, j->start_ns, j->rid, j->key_id, j->tenant, j->path, 200, NULL);
     /* one tenant's money, changing with every request: no cache keeps it */
     snprintf(hdr, sizeof(hdr), "x-request-id: %s\r\nCache-Control: no-store\r\n", j->rid);
     tg_http_respond(j->req, 200, j->csv ? "text/csv" : "application/json", hdr, j->text,
@@ -230,7 +233,7 @@ static void on_job_abort(tg_http_req_t *req) {
       w->jobs_tail = prev;
     w->jobs_waiting--;
     atomic_fetch_sub(&w->app->admin_jobs, 1);
-    audit(w, j->rid, j->key_id, j->tenant, j->path, 499, "client_gone");
+    audit(w, j->start_ns, j->rid, j->key_id, j->tenant, j->path, 499, "client_gone");
     job_free(j);
   } else {
     j->gone = 1;
@@ -248,20 +251,20 @@ static int admin_auth(tg_worker_t *w, tg_http_req_t *req, const char *rid, const
 
   key_id[0] = '\0';
   if (bad != NULL) {
-    audit(w, rid, NULL, tenant, req->path, 400, "ambiguous_credentials");
+    audit(w, req->start_ns, rid, NULL, tenant, req->path, 400, "ambiguous_credentials");
     tg_api_error(req, 400, "invalid_request_error", "ambiguous_credentials", rid, NULL,
                  "%s", bad);
     return 0;
   }
   if (v == NULL || *v == '\0') {
-    audit(w, rid, NULL, tenant, req->path, 401, "missing_api_key");
+    audit(w, req->start_ns, rid, NULL, tenant, req->path, 401, "missing_api_key");
     tg_api_error(req, 401, "authentication_error", "missing_api_key", rid,
                  "WWW-Authenticate: Bearer\r\n", "the admin API needs an admin key");
     return 0;
   }
   verdict = ks ? tg_keyset_verify(ks, v, strlen(v), (int64_t)time(NULL), &rec) : TG_KEY_UNKNOWN;
   if (verdict != TG_KEY_OK) {
-    audit(w, rid, NULL, tenant, req->path, 401, "invalid_api_key");
+    audit(w, req->start_ns, rid, NULL, tenant, req->path, 401, "invalid_api_key");
     tg_api_error(req, 401, "authentication_error", "invalid_api_key", rid,
                  "WWW-Authenticate: Bearer\r\n", "invalid API key");
     return 0;
@@ -269,7 +272,7 @@ static int admin_auth(tg_worker_t *w, tg_http_req_t *req, const char *rid, const
   snprintf(key_id, key_id_size, "%s", rec->id);
   if (strcmp(rec->tenant, TG_ADMIN_TENANT) != 0) {
     /* a tenant key tried the admin API: its id is on the line */
-    audit(w, rid, key_id, tenant, req->path, 403, "admin_only");
+    audit(w, req->start_ns, rid, key_id, tenant, req->path, 403, "admin_only");
     tg_api_error(req, 403, "permission_error", "admin_only", rid, NULL,
                  "this key is a tenant key; the admin API needs an admin key");
     return 0;
@@ -312,7 +315,7 @@ static void admin_api(tg_worker_t *w, tg_http_req_t *req, const char *rid) {
     return;
   j = calloc(1, sizeof(*j));
   if (j == NULL) {
-    audit(w, rid, key_id, tenant, req->path, 500, "internal_error");
+    audit(w, req->start_ns, rid, key_id, tenant, req->path, 500, "internal_error");
     tg_api_error(req, 500, "server_error", "internal_error", rid, NULL, "out of memory");
     return;
   }
@@ -324,7 +327,7 @@ static void admin_api(tg_worker_t *w, tg_http_req_t *req, const char *rid) {
   j->csv = j->invoice && query_has(req->query, "format=csv");
   if (strlen(period) >= sizeof(j->period) ||
       (j->invoice ? tg_month_range(period, &a, &b) : tg_day_range(period, &a, &b)) < 0) {
-    audit(w, rid, key_id, tenant, req->path, 400, "bad_period");
+    audit(w, req->start_ns, rid, key_id, tenant, req->path, 400, "bad_period");
     tg_api_error(req, 400, "invalid_request_error", "bad_period", rid, NULL,
                  "the period must be %s", j->invoice ? "YYYY-MM" : "YYYY-MM-DD");
     free(j);
@@ -332,7 +335,7 @@ static void admin_api(tg_worker_t *w, tg_http_req_t *req, const char *rid) {
   }
   if (tg_config_tenant(rt->cfg, j->tenant) == NULL) {
     if (!tg_config_tenant_name_ok(j->tenant)) {
-      audit(w, rid, key_id, NULL, req->path, 404, "tenant_not_found");
+      audit(w, req->start_ns, rid, key_id, NULL, req->path, 404, "tenant_not_found");
       tg_api_error(req, 404, "invalid_request_error", "tenant_not_found", rid, NULL,
                    "no tenant '%s'", j->tenant);
       free(j);
@@ -344,19 +347,20 @@ static void admin_api(tg_worker_t *w, tg_http_req_t *req, const char *rid) {
   j->to_ms = b;
   memcpy(j->period, period, strlen(period) + 1);
   memcpy(j->rid, rid, sizeof(j->rid));
+  j->start_ns = req->start_ns;
   j->database = strdup(rt->cfg->database);
   j->data_dir = strdup(rt->cfg->data_dir);
   j->req = req;
   j->w = w;
   j->work.data = j;
   if (j->database == NULL || j->data_dir == NULL) {
-    audit(w, rid, key_id, tenant, req->path, 500, "internal_error");
+    audit(w, req->start_ns, rid, key_id, tenant, req->path, 500, "internal_error");
     tg_api_error(req, 500, "server_error", "internal_error", rid, NULL, "out of memory");
     job_free(j);
     return;
   }
   if (w->jobs_running >= TG_ADMIN_JOBS_RUNNING && w->jobs_waiting >= TG_ADMIN_JOBS_WAITING) {
-    audit(w, rid, key_id, tenant, req->path, 503, "admin_busy");
+    audit(w, req->start_ns, rid, key_id, tenant, req->path, 503, "admin_busy");
     tg_api_error(req, 503, "server_error", "admin_busy", rid, "Retry-After: 1\r\n",
                  "%d ledger queries are waiting already", TG_ADMIN_JOBS_WAITING);
     job_free(j);
@@ -378,7 +382,7 @@ static void admin_api(tg_worker_t *w, tg_http_req_t *req, const char *rid) {
   w->jobs_waiting++;
   return;
 notfound:
-  audit(w, rid, NULL, NULL, req->path, 404, "not_found");
+  audit(w, req->start_ns, rid, NULL, NULL, req->path, 404, "not_found");
   tg_api_error(req, 404, "invalid_request_error", "not_found", rid, NULL,
                "unknown admin path '%.200s'", req->path);
 }
@@ -517,7 +521,7 @@ void tg_admin_handle(tg_http_req_t *req) {
    * `HEAD /healthz`): the HTTP layer sends the head without the body. */
   if (req->method != HTTP_GET && req->method != HTTP_HEAD) {
     if (admin_path)
-      audit(w, rid, NULL, NULL, req->path, 405, "method_not_allowed");
+      audit(w, req->start_ns, rid, NULL, NULL, req->path, 405, "method_not_allowed");
     tg_api_error(req, 405, "invalid_request_error", "method_not_allowed", rid,
                  "Allow: GET, HEAD\r\n", "use GET or HEAD");
     return;
@@ -539,7 +543,7 @@ void tg_admin_handle(tg_http_req_t *req) {
     return;
   }
   if (admin_path)
-    audit(w, rid, NULL, NULL, req->path, 404, "not_found");
+    audit(w, req->start_ns, rid, NULL, NULL, req->path, 404, "not_found");
   tg_api_error(req, 404, "invalid_request_error", "not_found", rid, NULL,
                "unknown admin path '%.200s'", req->path);
 }

@@ -837,6 +837,36 @@ def test_every_admin_api_request_leaves_an_audit_line(tg, sim):
             (path, status, kid, tenant), (path, e)
 
 
+def test_an_admin_api_audit_line_says_how_long_the_request_took(tg, sim):
+    """An admin API request's access-log line carries its duration, from
+    its first byte to its answer, as an API request's does: every admin
+    line said `duration_ms: 0`, the invoice's ledger query included. The
+    ledger is held locked for a moment, so the invoice waits for it."""
+    gw = start_gw(tg, sim)
+    admin_key = gw.create_admin_key(name="audit")
+    gw.wait_admin_key(admin_key)
+    path = "/admin/v1/tenants/alpha/invoices/%s" % tgtest.utc_month()
+    db = sqlite3.connect(gw.db_path, timeout=10, isolation_level=None, check_same_thread=False)
+    try:
+        db.execute("BEGIN EXCLUSIVE")
+        t = threading.Timer(0.4, db.execute, ("COMMIT",))
+        t.start()
+        t0 = time.monotonic()
+        r = tgtest.admin(gw, path, key=admin_key)
+        wall_ms = (time.monotonic() - t0) * 1000
+        t.join()
+    finally:
+        db.close()
+    assert r.status == 200, r
+    e = gw.access_entry(r.header("x-request-id"))
+    assert e["status"] == 200 and e["path"] == path, e
+    assert 0 < e["duration_ms"] <= wall_ms, (e, wall_ms)
+    r = tgtest.admin(gw, path)
+    e = gw.access_entry(r.header("x-request-id"))
+    assert r.status == 401 and e["status"] == 401, (r, e)
+    assert e["duration_ms"] > 0, e
+
+
 def test_no_model_can_be_named_as_the_csv_invoices_total_line(tg):
     """The CSV invoice's last line is the total, TOTAL in its model column:
     a model named TOTAL (in any case: spreadsheets compare text without it)
