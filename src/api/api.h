@@ -57,4 +57,9 @@ void tg_api_error(tg_http_req_t *req, int status, const char *type, const char *
  * length, or a negative error if it does not fit. */
 int tg_json_quote(char *buf, size_t size, const char *s);
 
+/* The same, cut to what fits (between characters, never inside an
+ * escape) when s does not: for a log's field, which keeps the beginning of
+ * a long value rather than none of it. Negative only when size < 3. */
+int tg_json_quote_cut(char *buf, size_t size, const char *s);
+
 #endif

@@ -9,37 +9,63 @@
 #include "core/err.h"
 #include "core/json.h"
 
-int tg_json_quote(char *buf, size_t size, const char *s) {
+/* s as a JSON string literal in buf. A character that does not fit (with
+ * the closing quote) ends it: TG_ETOOBIG, or with cut the literal of what
+ * came before it, so a cut never splits a character or an escape. */
+static int quote(char *buf, size_t size, const char *s, int cut) {
   static const char hex[] = "0123456789abcdef";
-  size_t n = 0, left = strlen(s), k;
+  size_t n = 1, left = strlen(s), k;
   const unsigned char *p = (const unsigned char *)s;
+  char e[8];
 
-#define PUT(ch) do { if (n + 1 >= size) return TG_ETOOBIG; buf[n++] = (char)(ch); } while (0)
-  PUT('"');
-  for (; *p; p++, left--) {
+  if (size < 3)
+    return TG_ETOOBIG;
+  buf[0] = '"';
+  for (; *p; p += k, left -= k) {
+    const char *add = e;
+    size_t len;
+    k = 1;
     if (*p == '"' || *p == '\\') {
-      PUT('\\');
-      PUT(*p);
+      e[0] = '\\';
+      e[1] = (char)*p;
+      len = 2;
     } else if (*p < 0x20) {
-      PUT('\\'); PUT('u'); PUT('0'); PUT('0');
-      PUT(hex[*p >> 4]);
-      PUT(hex[*p & 15]);
+      memcpy(e, "\\u00", 4);
+      e[4] = hex[*p >> 4];
+      e[5] = hex[*p & 15];
+      len = 6;
     } else if (*p < 0x80) {
-      PUT(*p);
+      e[0] = (char)*p;
+      len = 1;
     } else if ((k = tg_utf8_len(p, left)) == 0) {
       /* not UTF-8 (a client's bytes, a message cut inside a character):
        * U+FFFD, so the text stays JSON */
-      PUT('\\'); PUT('u'); PUT('f'); PUT('f'); PUT('f'); PUT('d');
+      add = "\\ufffd";
+      len = 6;
+      k = 1;
     } else {
-      for (; k > 1; k--, p++, left--)
-        PUT(*p);
-      PUT(*p);
+      add = (const char *)p;
+      len = k;
     }
+    if (n + len + 2 > size) { /* the closing quote and the NUL */
+      if (!cut)
+        return TG_ETOOBIG;
+      break;
+    }
+    memcpy(buf + n, add, len);
+    n += len;
   }
-  PUT('"');
-#undef PUT
+  buf[n++] = '"';
   buf[n] = '\0';
   return (int)n;
+}
+
+int tg_json_quote(char *buf, size_t size, const char *s) {
+  return quote(buf, size, s, 0);
+}
+
+int tg_json_quote_cut(char *buf, size_t size, const char *s) {
+  return quote(buf, size, s, 1);
 }
 
 void tg_api_error(tg_http_req_t *req, int status, const char *type, const char *code,

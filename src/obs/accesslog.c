@@ -120,7 +120,8 @@ static size_t put_str(char *buf, size_t size, size_t n, const char *key, const c
   if (v == NULL) {
     r = snprintf(buf + n, size - n, ",\"%s\":null", key);
   } else {
-    if (tg_json_quote(q, sizeof(q), v) < 0)
+    /* a long value keeps its beginning: a probe's path says what it tried */
+    if (tg_json_quote_cut(q, sizeof(q), v) < 0)
       memcpy(q, "\"?\"", 4);
     r = snprintf(buf + n, size - n, ",\"%s\":%s", key, q);
   }

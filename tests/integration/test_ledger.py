@@ -867,6 +867,22 @@ def test_an_admin_api_audit_line_says_how_long_the_request_took(tg, sim):
     assert e["duration_ms"] > 0, e
 
 
+def test_a_long_admin_path_leaves_its_beginning_on_the_audit_line(tg, sim):
+    """A probe of the admin listener with a long path (within the header
+    bound) left `path: "?"` on its line: the quoted path did not fit the
+    log's field, so nothing said what was tried. The field now holds the
+    path's beginning, still one JSON line, never cut inside an escape (a
+    path of backslashes quotes to twice its length)."""
+    gw = start_gw(tg, sim)
+    for seg in ("a" * 3000, "%22" * 400, "\\" * 400):
+        path = "/admin/v1/tenants/%s/invoices/2026-12" % seg
+        r = tgtest.request(gw.admin_port, "GET", path)
+        assert r.status == 404, r
+        e = gw.access_entry(r.header("x-request-id"))
+        assert e["status"] == 404 and e["error"] == "not_found", e
+        assert len(e["path"]) >= 100 and path.startswith(e["path"]), (e["path"][:80], path[:80])
+
+
 def test_no_model_can_be_named_as_the_csv_invoices_total_line(tg):
     """The CSV invoice's last line is the total, TOTAL in its model column:
     a model named TOTAL (in any case: spreadsheets compare text without it)

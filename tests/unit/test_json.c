@@ -139,6 +139,37 @@ static void test_quote_always_json(void **state) {
   assert_int_equal(tg_json_quote(buf, 4, "abcdef"), TG_ETOOBIG);
 }
 
+/* tg_json_quote_cut: a value longer than its room keeps its beginning, cut
+ * between characters, never inside an escape or a UTF-8 character, and
+ * the literal is still closed and JSON; one that fits is as tg_json_quote
+ * writes it. */
+static void test_quote_cut_keeps_the_beginning(void **state) {
+  static const struct {
+    const char *in;
+    size_t size;
+    const char *out;
+  } cases[] = {
+      {"abcdef", 5, "\"ab\""},
+      {"abcdef", 9, "\"abcdef\""},
+      {"a\\b", 5, "\"a\""},                 /* not "a\" */
+      {"a\x01", 8, "\"a\""},                 /* not half of \u0001 */
+      {"ab\xe2\x82\xac", 7, "\"ab\""},       /* not half of the euro sign */
+      {"ab\xe2\x82\xac", 8, "\"ab\xe2\x82\xac\""},
+      {"x\xff", 8, "\"x\""},                 /* not half of \ufffd */
+  };
+  char buf[64];
+  (void)state;
+
+  for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+    int n = tg_json_quote_cut(buf, cases[i].size, cases[i].in);
+    if (n < 0 || strcmp(buf, cases[i].out) != 0)
+      fail_msg("case %zu: %d [%s]", i, n, n < 0 ? "" : buf);
+    assert_true((size_t)n < cases[i].size);
+    assert_int_equal(tg_json_check_text(buf, (size_t)n, NULL), 0);
+  }
+  assert_int_equal(tg_json_quote_cut(buf, 2, "a"), TG_ETOOBIG);
+}
+
 static void test_control_bytes_and_syntax(void **state) {
   (void)state;
   refused("{\"a\":\"x\x01y\"}", "control");
@@ -398,6 +429,7 @@ int main(void) {
     cmocka_unit_test(test_nul_escape_refused),
     cmocka_unit_test(test_utf8),
     cmocka_unit_test(test_quote_always_json),
+    cmocka_unit_test(test_quote_cut_keeps_the_beginning),
     cmocka_unit_test(test_control_bytes_and_syntax),
     cmocka_unit_test(test_check_text_every_position),
     cmocka_unit_test(test_prefix_mode),
