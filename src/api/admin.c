@@ -290,6 +290,37 @@ static int query_has(const char *query, const char *param) {
   return 0;
 }
 
+static int hex_val(char c) {
+  return c >= '0' && c <= '9' ? c - '0'
+         : c >= 'a' && c <= 'f' ? c - 'a' + 10
+         : c >= 'A' && c <= 'F' ? c - 'A' + 10
+                                : -1;
+}
+
+/* The path segment s (len bytes) into dst (size > len), its
+ * percent-encoded octets decoded (RFC 3986 2.1, 6.2.2.2: a client may
+ * send "acme%2Dcorp" for "acme-corp"); a '%' not followed by two hex
+ * digits stays as it is, and what a tenant name cannot hold (a '/') is
+ * refused by the name's check after. -1 for an encoded NUL, which would
+ * cut the name short. */
+static int unescape(char *dst, const char *s, size_t len) {
+  size_t i, n = 0;
+  for (i = 0; i < len; i++) {
+    int hi, lo;
+    if (s[i] == '%' && i + 2 < len && (hi = hex_val(s[i + 1])) >= 0 &&
+        (lo = hex_val(s[i + 2])) >= 0) {
+      if (hi == 0 && lo == 0)
+        return -1;
+      dst[n++] = (char)(hi * 16 + lo);
+      i += 2;
+    } else {
+      dst[n++] = s[i];
+    }
+  }
+  dst[n] = '\0';
+  return 0;
+}
+
 /* /admin/v1/tenants/{tenant}/{invoices|usage}/{period} */
 static void admin_api(tg_worker_t *w, tg_http_req_t *req, const char *rid) {
   const char *p = req->path + strlen("/admin/v1/tenants/"), *slash, *kind, *period;
@@ -309,8 +340,9 @@ static void admin_api(tg_worker_t *w, tg_http_req_t *req, const char *rid) {
     period = kind + 6;
   else
     goto notfound;
-  memcpy(tenant, p, tl);
-  tenant[tl] = '\0';
+  if (unescape(tenant, p, tl) < 0)
+    goto notfound;
+  tl = strlen(tenant);
   if (!admin_auth(w, req, rid, tenant, key_id, sizeof(key_id)))
     return;
   j = calloc(1, sizeof(*j));

@@ -807,6 +807,31 @@ def test_the_admin_apis_money_answers_are_never_stored_by_a_cache(tg, sim):
             assert r.header("cache-control") == "no-store", (method, path, r.headers)
 
 
+def test_a_percent_encoded_tenant_name_names_the_tenant(tg, sim):
+    """A client may percent-encode any character of a path (RFC 3986 2.1):
+    "alph%61" and "%61lpha" are the tenant alpha, and got 404
+    tenant_not_found. They now get alpha's invoice and usage, and the audit
+    line names alpha. An encoded '/' or NUL makes no tenant's name."""
+    gw = start_gw(tg, sim)
+    admin_key = gw.create_admin_key(name="billing")
+    key = gw.create_key("alpha")
+    gw.wait_admin_key(admin_key)
+    assert ask(gw, key).status == 200
+    month, day = tgtest.utc_month(), tgtest.utc_day()
+    for name in ("alph%61", "%61lpha", "%61%6C%70%68%61"):
+        r = tgtest.admin(gw, "/admin/v1/tenants/%s/invoices/%s" % (name, month), key=admin_key)
+        assert r.status == 200, (name, r)
+        assert strip_generated(tgtest.money_json(r.body)) == \
+            strip_generated(gw.invoice("alpha", month)), (name, r)
+        assert gw.access_entry(r.header("x-request-id"))["tenant"] == "alpha", name
+        r = tgtest.admin(gw, "/admin/v1/tenants/%s/usage/%s" % (name, day), key=admin_key)
+        assert r.status == 200 and tgtest.money_json(r.body) == gw.usage("alpha", day), (name, r)
+    for name in ("alpha%00", "alp%2Fha", "alpha%2", "alpha%zz"):
+        r = tgtest.admin(gw, "/admin/v1/tenants/%s/invoices/%s" % (name, month), key=admin_key)
+        assert r.status == 404, (name, r)
+        assert r.error()["code"] in ("tenant_not_found", "not_found"), (name, r)
+
+
 def test_every_admin_api_request_leaves_an_audit_line(tg, sim):
     """Each /admin/v1 request, answered or refused, writes one access-log
     line: its request id, the path, the tenant whose data was asked for, the
