@@ -19,6 +19,7 @@
 
 #include "api/api.h"
 #include "core/err.h"
+#include "core/strbuf.h"
 #include "meter/invoice.h"
 #include "obs/accesslog.h"
 
@@ -290,13 +291,6 @@ static int query_has(const char *query, const char *param) {
   return 0;
 }
 
-static int hex_val(char c) {
-  return c >= '0' && c <= '9' ? c - '0'
-         : c >= 'a' && c <= 'f' ? c - 'a' + 10
-         : c >= 'A' && c <= 'F' ? c - 'A' + 10
-                                : -1;
-}
-
 /* The path segment s (len bytes) into dst (size > len), its
  * percent-encoded octets decoded (RFC 3986 2.1, 6.2.2.2: a client may
  * send "acme%2Dcorp" for "acme-corp"); a '%' not followed by two hex
@@ -307,8 +301,8 @@ static int unescape(char *dst, const char *s, size_t len) {
   size_t i, n = 0;
   for (i = 0; i < len; i++) {
     int hi, lo;
-    if (s[i] == '%' && i + 2 < len && (hi = hex_val(s[i + 1])) >= 0 &&
-        (lo = hex_val(s[i + 2])) >= 0) {
+    if (s[i] == '%' && i + 2 < len && (hi = tg_hex_val(s[i + 1])) >= 0 &&
+        (lo = tg_hex_val(s[i + 2])) >= 0) {
       if (hi == 0 && lo == 0)
         return -1;
       dst[n++] = (char)(hi * 16 + lo);

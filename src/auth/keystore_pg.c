@@ -24,6 +24,7 @@
 #include <unistd.h>
 
 #include "core/err.h"
+#include "core/strbuf.h"
 #include "meter/db_pg.h"
 
 struct tg__keystore_conn_s {
@@ -277,22 +278,12 @@ static int pg_revoke(tg__keystore_conn_t *c, const char *id, int64_t now) {
 
 /* ---- reads ---- */
 
-static int hexval(char ch) {
-  if (ch >= '0' && ch <= '9')
-    return ch - '0';
-  if (ch >= 'a' && ch <= 'f')
-    return ch - 'a' + 10;
-  if (ch >= 'A' && ch <= 'F')
-    return ch - 'A' + 10;
-  return -1;
-}
-
 /* Decodes a hash sent as hex; 0 when it is exactly TG_KEY_HASH_LEN bytes. */
 static int unhex_hash(const char *s, int len, uint8_t out[TG_KEY_HASH_LEN]) {
   if (len != 2 * TG_KEY_HASH_LEN)
     return TG_EPARSE;
   for (int i = 0; i < TG_KEY_HASH_LEN; i++) {
-    int hi = hexval(s[2 * i]), lo = hexval(s[2 * i + 1]);
+    int hi = tg_hex_val(s[2 * i]), lo = tg_hex_val(s[2 * i + 1]);
     if (hi < 0 || lo < 0)
       return TG_EPARSE;
     out[i] = (uint8_t)(hi << 4 | lo);

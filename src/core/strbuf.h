@@ -93,6 +93,17 @@ static inline void tg_hex_encode(const uint8_t *in, size_t n, char *out) {
   }
 }
 
+/* The value of hex digit c (either case), or -1. */
+static inline int tg_hex_val(char c) {
+  if (c >= '0' && c <= '9')
+    return c - '0';
+  if (c >= 'a' && c <= 'f')
+    return c - 'a' + 10;
+  if (c >= 'A' && c <= 'F')
+    return c - 'A' + 10;
+  return -1;
+}
+
 /* v in lowercase hex, zero-padded to at least width digits (<= 16), as
  * printf's "%0*llx". */
 static inline void tg_sb_puthex(tg_sb_t *b, uint64_t v, int width) {

@@ -279,16 +279,6 @@ static int encode_line(const tg_ledger_rec_t *r, char *out, size_t size) {
   return (int)len;
 }
 
-static int hexval(char c) {
-  if (c >= '0' && c <= '9')
-    return c - '0';
-  if (c >= 'A' && c <= 'F')
-    return c - 'A' + 10;
-  if (c >= 'a' && c <= 'f')
-    return c - 'a' + 10;
-  return -1;
-}
-
 static int get_text(const char *t, size_t n, char *dst, size_t cap) {
   size_t o = 0;
   if (n == 1 && t[0] == '~') {
@@ -301,8 +291,8 @@ static int get_text(const char *t, size_t n, char *dst, size_t cap) {
       int h, lo;
       if (i + 2 >= n)
         return TG_EPARSE;
-      h = hexval(t[i + 1]);
-      lo = hexval(t[i + 2]);
+      h = tg_hex_val(t[i + 1]);
+      lo = tg_hex_val(t[i + 2]);
       if (h < 0 || lo < 0 || (h == 0 && lo == 0))
         return TG_EPARSE;
       b = h * 16 + lo;
@@ -348,7 +338,7 @@ static int decode_line(const char *line, size_t len, tg_ledger_rec_t *r) {
       memcmp(line, "L1 ", 3) != 0 || line[11] != ' ')
     return TG_EPARSE;
   for (int i = 0; i < 8; i++) {
-    int h = hexval(line[3 + i]);
+    int h = tg_hex_val(line[3 + i]);
     if (h < 0)
       return TG_EPARSE;
     want = (want << 4) | (uint32_t)h;
