@@ -787,16 +787,23 @@ def test_totals_past_64_bits_are_refused_not_wrapped(tg, sim):
         assert r.error()["code"] == "ledger_totals_too_large", r
 
 
-def test_the_admin_apis_money_answers_are_never_stored_by_a_cache(tg, sim):
-    """A tenant's invoice and a day's spend change with every request and
-    are one tenant's business: their answers (JSON, CSV, HEAD alike) carry
-    `Cache-Control: no-store`, so no browser or proxy in front of the admin
-    listener keeps a copy; they had no Cache-Control at all."""
+def gw_with_a_row_and_an_admin_key(tg, sim):
+    """A gateway whose tenant alpha has one record, and an admin key it
+    already honours."""
     gw = start_gw(tg, sim)
     admin_key = gw.create_admin_key(name="billing")
     key = gw.create_key("alpha")
     gw.wait_admin_key(admin_key)
     assert ask(gw, key).status == 200
+    return gw, admin_key
+
+
+def test_the_admin_apis_money_answers_are_never_stored_by_a_cache(tg, sim):
+    """A tenant's invoice and a day's spend change with every request and
+    are one tenant's business: their answers (JSON, CSV, HEAD alike) carry
+    `Cache-Control: no-store`, so no browser or proxy in front of the admin
+    listener keeps a copy; they had no Cache-Control at all."""
+    gw, admin_key = gw_with_a_row_and_an_admin_key(tg, sim)
     month, day = tgtest.utc_month(), tgtest.utc_day()
     for path in ("/admin/v1/tenants/alpha/invoices/%s" % month,
                  "/admin/v1/tenants/alpha/invoices/%s?format=csv" % month,
@@ -812,11 +819,7 @@ def test_a_percent_encoded_tenant_name_names_the_tenant(tg, sim):
     "alph%61" and "%61lpha" are the tenant alpha, and got 404
     tenant_not_found. They now get alpha's invoice and usage, and the audit
     line names alpha. An encoded '/' or NUL makes no tenant's name."""
-    gw = start_gw(tg, sim)
-    admin_key = gw.create_admin_key(name="billing")
-    key = gw.create_key("alpha")
-    gw.wait_admin_key(admin_key)
-    assert ask(gw, key).status == 200
+    gw, admin_key = gw_with_a_row_and_an_admin_key(tg, sim)
     month, day = tgtest.utc_month(), tgtest.utc_day()
     for name in ("alph%61", "%61lpha", "%61%6C%70%68%61"):
         r = tgtest.admin(gw, "/admin/v1/tenants/%s/invoices/%s" % (name, month), key=admin_key)
