@@ -35,8 +35,10 @@ static int quote(char *buf, size_t size, const char *s, int cut) {
       e[5] = hex[*p & 15];
       len = 6;
     } else if (*p < 0x80) {
-      e[0] = (char)*p;
-      len = 1;
+      if (n + 3 > size) /* it, the closing quote and the NUL */
+        break;
+      buf[n++] = (char)*p; /* the common byte, stored at once */
+      continue;
     } else if ((k = tg_utf8_len(p, left)) == 0) {
       /* not UTF-8 (a client's bytes, a message cut inside a character):
        * U+FFFD, so the text stays JSON */
@@ -47,14 +49,13 @@ static int quote(char *buf, size_t size, const char *s, int cut) {
       add = (const char *)p;
       len = k;
     }
-    if (n + len + 2 > size) { /* the closing quote and the NUL */
-      if (!cut)
-        return TG_ETOOBIG;
+    if (n + len + 2 > size) /* the closing quote and the NUL */
       break;
-    }
     memcpy(buf + n, add, len);
     n += len;
   }
+  if (*p != '\0' && !cut)
+    return TG_ETOOBIG;
   buf[n++] = '"';
   buf[n] = '\0';
   return (int)n;
