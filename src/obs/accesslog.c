@@ -6,9 +6,11 @@
 #include <fcntl.h>
 #include <inttypes.h>
 #include <limits.h>
+#include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/time.h>
 #include <time.h>
@@ -19,12 +21,21 @@
 
 #define LINE_MAX_BYTES 4096 /* a line, newline included: at most PIPE_BUF */
 #define OUT_BYTES 65536     /* gathered before a write is forced */
+/* How long a flush waits for a pipe or socket that takes nothing before it
+ * gives up: its lines are dropped, and so are the next ones until the
+ * destination takes bytes again (see out_flush). */
+#define STALL_MS 1000
 
 struct tg_access_out_s {
   uv_prepare_t prep;
   int fd;
   int chunked; /* a pipe or socket: writes of whole lines, at most PIPE_BUF */
+  int sock;    /* a socket: written with MSG_DONTWAIT */
+  int nbfd;    /* a pipe's own non-blocking description of it, or -1 */
   int closed;  /* the prepare handle is closed: every line is written at once */
+  int stalled; /* the destination took nothing for STALL_MS: lines dropped */
+  int partial; /* buf starts with the rest of a line a socket took in part */
+  uint64_t dropped; /* lines dropped in the current stall */
   size_t len;
   time_t ts_sec;  /* the second ts holds, formatted once a second */
   char ts[24];    /* "YYYY-MM-DDTHH:MM:SS" */
@@ -43,22 +54,99 @@ static size_t whole_lines(const char *p, size_t n, size_t max) {
   return max;
 }
 
+static uint64_t mono_ms(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+}
+
+/* One write that never blocks (but to a terminal or a pipe that could not
+ * be opened anew, which are written as they are). */
+static ssize_t out_write(tg_access_out_t *o, const char *p, size_t n) {
+  if (o->sock)
+    return send(o->fd, p, n, MSG_DONTWAIT | MSG_NOSIGNAL);
+  return write(o->nbfd >= 0 ? o->nbfd : o->fd, p, n);
+}
+
+static uint64_t count_lines(const char *p, size_t n) {
+  uint64_t k = 0;
+  const char *e = p + n;
+  while (p < e && (p = memchr(p, '\n', (size_t)(e - p))) != NULL) {
+    k++;
+    p++;
+  }
+  return k;
+}
+
+/* Writes what is gathered. A pipe or socket that takes nothing is waited
+ * for, so a slow reader slows the loop and loses no line, but for at most
+ * STALL_MS: a reader that stopped (a log shipper hung, a pipe nobody
+ * drains) would otherwise hold the loop, and every request on it, for
+ * ever. Past that the lines are dropped, and the next flushes do not wait
+ * at all, dropping what the destination does not take at once, until it
+ * takes a whole flush again; stderr says when that starts and how many
+ * lines were lost when it ends. A line a socket took in part is finished
+ * first: the lines written stay whole. */
 static void out_flush(tg_access_out_t *o) {
   size_t off = 0;
+  uint64_t deadline = 0;
+  int gave_up = 0;
+
   while (off < o->len) {
     size_t n = o->len - off;
     ssize_t w;
     if (o->chunked)
       n = whole_lines(o->buf + off, n, PIPE_BUF);
-    w = write(o->fd, o->buf + off, n);
+    w = out_write(o, o->buf + off, n);
     if (w < 0) {
+      struct pollfd pfd;
+      uint64_t now;
       if (errno == EINTR)
         continue;
-      break; /* the destination fails: these lines are lost, the requests are not */
+      if (errno != EAGAIN && errno != EWOULDBLOCK)
+        break; /* the destination fails: these lines are lost, the requests are not */
+      now = mono_ms();
+      if (deadline == 0)
+        deadline = now + (o->stalled ? 0 : STALL_MS);
+      if (now >= deadline) {
+        gave_up = 1;
+        break;
+      }
+      pfd.fd = o->sock || o->nbfd < 0 ? o->fd : o->nbfd;
+      pfd.events = POLLOUT;
+      pfd.revents = 0;
+      (void)poll(&pfd, 1, (int)(deadline - now));
+      continue;
     }
     off += (size_t)w;
+    deadline = 0; /* it moves: the wait starts again */
+  }
+  if (gave_up) {
+    size_t keep = 0;
+    if (off > 0 ? o->buf[off - 1] != '\n' : o->partial) {
+      /* a socket took part of a line: its rest goes first next time */
+      const char *eol = memchr(o->buf + off, '\n', o->len - off);
+      keep = eol != NULL ? (size_t)(eol - (o->buf + off)) + 1 : o->len - off;
+    }
+    o->dropped += count_lines(o->buf + off + keep, o->len - off - keep);
+    if (!o->stalled) {
+      o->stalled = 1;
+      fprintf(stderr, "tollgate: the access log takes no bytes (its reader stopped?): "
+                      "lines are dropped until it does, requests go on\n");
+    }
+    memmove(o->buf, o->buf + off, keep);
+    o->len = keep;
+    o->partial = keep > 0;
+    return;
+  }
+  if (o->stalled && off > 0 && off == o->len) {
+    o->stalled = 0;
+    fprintf(stderr, "tollgate: the access log takes bytes again; %" PRIu64
+                    " lines were dropped meanwhile\n", o->dropped);
+    o->dropped = 0;
   }
   o->len = 0;
+  o->partial = 0;
 }
 
 /* Before the loop waits for I/O: what its callbacks logged since. */
@@ -77,7 +165,20 @@ int tg_access_out_new(uv_loop_t *loop, int fd, tg_access_out_t **out) {
     return TG_ENOMEM;
   o->fd = fd;
   o->chunked = !(fstat(fd, &st) == 0 && S_ISREG(st.st_mode));
+  o->sock = o->chunked && S_ISSOCK(st.st_mode);
+  o->nbfd = -1;
+  if (o->chunked && S_ISFIFO(st.st_mode)) {
+    /* O_NONBLOCK on a description of its own: the one of fd may be
+     * shared with stderr or other processes (a shell's pipe), which must
+     * not see their writes fail with EAGAIN */
+    char path[64];
+    snprintf(path, sizeof(path), "/proc/self/fd/%d", fd);
+    o->nbfd = open(path, O_WRONLY | O_NONBLOCK | O_CLOEXEC);
+  }
   o->closed = 0;
+  o->stalled = 0;
+  o->partial = 0;
+  o->dropped = 0;
   o->len = 0;
   o->ts_sec = (time_t)-1;
   uv_prepare_init(loop, &o->prep);
@@ -99,6 +200,11 @@ void tg_access_out_free(tg_access_out_t *o) {
   if (o == NULL)
     return;
   out_flush(o);
+  if (o->stalled)
+    fprintf(stderr, "tollgate: the access log took no bytes at the stop; %" PRIu64
+                    " lines were dropped\n", o->dropped + count_lines(o->buf, o->len));
+  if (o->nbfd >= 0)
+    close(o->nbfd);
   free(o);
 }
 

@@ -6,7 +6,10 @@
  * system call of its own. Writes hold whole lines, so lines from
  * several loops never interleave: a regular file (opened O_APPEND) takes the
  * whole buffer in one write(2); a pipe or socket gets writes of at most
- * PIPE_BUF bytes, which the kernel keeps whole. A line is written before
+ * PIPE_BUF bytes, which the kernel keeps whole. A pipe or socket that takes
+ * nothing is waited for at most a second; then lines are dropped (stderr
+ * says so) until it takes bytes again, so a reader that stopped never holds
+ * a loop. A line is written before
  * the loop next waits, so microseconds after its response; a kill -9 can
  * lose only the lines of the iteration in progress (the usage ledger, not this log, is
  * the record of what was served). */

@@ -103,6 +103,68 @@ def test_access_log_through_a_slow_pipe_keeps_lines_whole(tg, tmp_path):
     check_lines(text.splitlines(), answered)
 
 
+def test_an_access_log_pipe_nobody_reads_holds_no_request(tg, tmp_path):
+    """A reader that keeps the pipe open and stops reading (a hung log
+    shipper) fills it in a few hundred lines. The loop's write used to wait
+    for it for ever: every later request on that loop hung while /healthz
+    said 200. Now a flush waits at most a second for a pipe that takes
+    nothing, then drops lines (and says so on stderr) until the pipe takes
+    bytes again: each request is answered, and once the reader drains the
+    pipe the lines of new requests come through whole."""
+    fifo = str(tmp_path / "access.fifo")
+    os.mkfifo(fifo)
+    held = []
+    opened = threading.Event()
+
+    def opener():
+        held.append(open(fifo, "rb", buffering=0))  # opened, not read
+        opened.set()
+
+    threading.Thread(target=opener, daemon=True).start()
+    sim = tg.sim(token_ms=0, ttft_ms=0)
+    gw = tg.gateway({M8B: [sim.url]}, workers=2, overrides={"access_log": fifo})
+    assert opened.wait(10)
+    key = gw.keys["acme"]
+    t0 = time.monotonic()
+
+    def one(i):
+        return chat(gw.port, key, M8B, max_tokens=1, timeout=8).status
+    out = tgtest.parallel(one, [(i,) for i in range(600)], threads=8, timeout=60)
+    took = time.monotonic() - t0
+    bad = [o for o in out if o != 200]
+    assert not bad, bad[:3]
+    assert took < 30, took
+    assert "the access log takes no bytes" in gw.proc.stderr_text()
+
+    chunks = []
+
+    def reader():
+        f = held[0]
+        while True:
+            b = f.read(65536)
+            if not b:
+                return
+            chunks.append(b)
+
+    t = threading.Thread(target=reader, daemon=True)
+    t.start()
+    # the stall's lines are gone; the loops take the pipe again
+    after = []
+    for _ in range(40):
+        r = chat(gw.port, key, M8B, max_tokens=1, timeout=8)
+        assert r.status == 200
+        after.append(r.header("x-request-id"))
+    tgtest.wait_for(lambda: all(rid.encode() in b"".join(chunks) for rid in after), timeout=10,
+                    what="the lines of the requests after the stall")
+    assert gw.stop() == 0
+    t.join(10)
+    text = b"".join(chunks).decode()
+    assert text.endswith("\n")
+    for line in text.splitlines():
+        json.loads(line)  # every line whole
+    assert re.search(r"takes bytes again; \d+ lines were dropped", gw.proc.stderr_text())
+
+
 def test_a_refused_request_logs_how_long_it_lasted(tg):
     """A request the HTTP layer refuses itself logs the time from its first
     byte to the refusal, as an answered one does: a 408 that waited for
