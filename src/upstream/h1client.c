@@ -7,7 +7,8 @@
  * - host: one per upstream host:port; its resolved address (numeric hosts
  *   and "localhost" at once, names through uv_getaddrinfo) and a LIFO stack
  *   of idle keep-alive connections (at most IDLE_MAX idle in the loop,
- *   across hosts).
+ *   across hosts). At most HOSTS_MAX are kept; past that, one that no
+ *   connection, transfer or resolution uses any more is dropped.
  * - conn: a TCP connection with its parser and read buffer. Reading stays
  *   on while it idles, so an upstream that closes it is noticed (EOF) and
  *   the connection leaves the pool before anyone sends into it.
@@ -56,9 +57,8 @@
 #define HEAD_MAX (64 * 1024)     /* request line + headers we are asked to send */
 #define RESP_HEAD_MAX (64 * 1024) /* status line + headers we accept */
 #define AUTH_MAX 300             /* host[:port] of a URL */
-#define HOSTS_MAX 4096           /* distinct upstream hosts per loop; entries are
-                                    kept for the process's life (reloads may add
-                                    endpoints, never this many) */
+#define HOSTS_MAX 4096           /* upstream hosts a loop keeps; when full, one
+                                    that nothing uses makes room (host_evict) */
 
 typedef struct host_s host_t;
 typedef struct conn_s conn_t;
@@ -100,6 +100,8 @@ struct host_s {
   h1x_t *waiting;            /* transfers waiting for the address */
   conn_t *idle;              /* LIFO */
   size_t n_idle;
+  int used;                  /* host_evict's mark */
+  int telling;               /* on_resolved is telling its waiters: kept */
 };
 
 struct conn_s {
@@ -565,6 +567,9 @@ static void on_resolved(uv_getaddrinfo_t *req, int status, struct addrinfo *res)
 
   if (host != NULL) {
     host->gai = NULL;
+    /* a waiter told of a failure may start a transfer to another host at
+     * once, which may make room in a full table: not with this one */
+    host->telling = 1;
     if (status == 0 && res != NULL && res->ai_addrlen <= sizeof(host->addr)) {
       memcpy(&host->addr, res->ai_addr, res->ai_addrlen);
       host->resolved = 1;
@@ -577,6 +582,7 @@ static void on_resolved(uv_getaddrinfo_t *req, int status, struct addrinfo *res)
       else
         xfer_finish(x, TG_XFER_CONNECT, "could not resolve the upstream host", 0);
     }
+    host->telling = 0;
   }
   uv_freeaddrinfo(res);
   free(g);
@@ -636,6 +642,40 @@ static int url_split(const char *url, const char **auth, size_t *auth_len, const
   return 0;
 }
 
+/* Frees the least recently added host that nothing uses: no connection
+ * (open, connecting or idle), no transfer, no resolution in flight or
+ * being told to its waiters.
+ * Hosts are added for the endpoints of every config a loop has served
+ * under; reloads that move endpoints (new addresses at each rollout) would
+ * otherwise fill the table for good and every new endpoint be refused.
+ * Runs only when the table is full, so its walk of the connections and
+ * transfers costs nothing on the way of a request. Returns 1 when a host
+ * was freed, 0 when every one is in use. */
+static int host_evict(tg__h1_t *h) {
+  host_t *host, **pp, **victim = NULL;
+  conn_t *c;
+  h1x_t *x;
+
+  for (host = h->hosts; host != NULL; host = host->next)
+    host->used = host->gai != NULL || host->waiting != NULL || host->idle != NULL ||
+                 host->telling;
+  for (c = h->conns; c != NULL; c = c->next)
+    c->host->used = 1;
+  for (x = h->xfers; x != NULL; x = x->next)
+    if (x->host != NULL)
+      x->host->used = 1;
+  for (pp = &h->hosts; *pp != NULL; pp = &(*pp)->next)
+    if (!(*pp)->used)
+      victim = pp; /* the list is newest first: the last is the oldest */
+  if (victim == NULL)
+    return 0;
+  host = *victim;
+  *victim = host->next;
+  h->n_hosts--;
+  free(host);
+  return 1;
+}
+
 static host_t *host_get(tg__h1_t *h, const char *auth, size_t auth_len) {
   host_t *host;
   const char *colon;
@@ -644,7 +684,7 @@ static host_t *host_get(tg__h1_t *h, const char *auth, size_t auth_len) {
   for (host = h->hosts; host != NULL; host = host->next)
     if (strlen(host->auth) == auth_len && memcmp(host->auth, auth, auth_len) == 0)
       return host;
-  if (h->n_hosts >= HOSTS_MAX)
+  if (h->n_hosts >= HOSTS_MAX && !host_evict(h))
     return NULL;
   host = calloc(1, sizeof(*host));
   if (host == NULL)
