@@ -214,7 +214,16 @@ int tg_access_log_open(const char *dest) {
     return STDOUT_FILENO;
   if (strcmp(dest, "off") == 0)
     return -1;
-  fd = open(dest, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0640);
+  /* A FIFO's open waits for a reader: said first, so a start that waits
+   * for one does not look hung */
+  fd = open(dest, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC | O_NONBLOCK, 0640);
+  if (fd < 0 && errno == ENXIO) {
+    fprintf(stderr, "tollgate: the access log %s is a FIFO that no process reads: "
+                    "waiting for its reader\n", dest);
+    fd = open(dest, O_WRONLY | O_APPEND | O_CLOEXEC);
+  } else if (fd >= 0) {
+    (void)fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK);
+  }
   return fd < 0 ? -errno - 1 : fd;
 }
 

@@ -27,7 +27,8 @@ typedef struct {
   double duration_ms, ttfb_ms;   /* ttfb < 0: no upstream byte */
 } tg_access_rec_t;
 
-/* Opens the configured destination ("stdout", "off", a path). Returns a
+/* Opens the configured destination ("stdout", "off", a path). A FIFO that
+ * no process reads yet is waited for, once stderr said so. Returns a
  * descriptor, -1 for "off", or a negative error below -1. */
 int tg_access_log_open(const char *dest);
 

@@ -165,6 +165,36 @@ def test_an_access_log_pipe_nobody_reads_holds_no_request(tg, tmp_path):
     assert re.search(r"takes bytes again; \d+ lines were dropped", gw.proc.stderr_text())
 
 
+def test_a_start_waiting_for_the_access_log_fifos_reader_says_so(tg, tmp_path):
+    """An access log that is a FIFO no process reads yet holds the start
+    in its open(2) until a reader comes: stderr says what it waits for
+    (before, the gateway sat silent, not serving, as if hung), and once
+    the reader opens the FIFO the gateway serves and logs into it."""
+    fifo = str(tmp_path / "access.fifo")
+    os.mkfifo(fifo)
+    sim = tg.sim()
+    gw = tg.gateway({M8B: [sim.url]}, start=False, overrides={"access_log": fifo})
+    started = []
+    t = threading.Thread(target=lambda: started.append(gw.start()), daemon=True)
+    t.start()
+    tgtest.wait_for(lambda: gw.proc is not None and
+                    "a FIFO that no process reads: waiting for its reader" in
+                    gw.proc.stderr_text(), timeout=10, what="the gateway to say it waits")
+    assert gw.proc.alive()
+    with open(fifo, "rb", buffering=0) as f:
+        t.join(20)
+        assert started, "the gateway did not start once the FIFO had a reader"
+        r = chat(gw.port, gw.keys["acme"], M8B, max_tokens=1)
+        assert r.status == 200
+        rid = r.header("x-request-id").encode()
+        got = b""
+        deadline = time.monotonic() + 5
+        while rid not in got and time.monotonic() < deadline:
+            got += f.read(4096)
+        assert rid in got
+        assert gw.stop() == 0
+
+
 def test_a_refused_request_logs_how_long_it_lasted(tg):
     """A request the HTTP layer refuses itself logs the time from its first
     byte to the refusal, as an answered one does: a 408 that waited for
