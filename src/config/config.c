@@ -1699,6 +1699,8 @@ static void load_tenants_file(ydoc_t *d, yaml_node_t *n, ydoc_t *td,
   free(rel);
   if (*td_name == NULL)
     return;
+  free(ld->cfg->tenants_file);
+  ld->cfg->tenants_file = xstrdup(ld, *td_name); /* watched for changes by serve */
   td->ld = ld;
   td->file = *td_name;
   td->rank = 1;
@@ -2116,6 +2118,7 @@ static void config_free(tg_config_t *cfg) {
   if (cfg == NULL)
     return;
   free(cfg->path);
+  free(cfg->tenants_file);
   free(cfg->listen_host);
   free(cfg->admin_host);
   free(cfg->data_dir);

@@ -82,6 +82,8 @@ typedef struct {
 typedef struct tg_config_s {
   int refs;                /* atomic; see tg_config_ref/unref */
   char *path;              /* the file it was loaded from */
+  char *tenants_file;      /* tenants_file: as opened (relative to the working
+                              directory when the config's path is), or NULL */
 
   char *listen_host;  int listen_port;          /* listen: 127.0.0.1:8080 */
   char *admin_host;   int admin_port;           /* admin_listen: 127.0.0.1:8081 */

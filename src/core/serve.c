@@ -465,6 +465,11 @@ typedef struct {
   uv_timer_t cfg_debounce;   /* editors write in several steps */
   uint64_t settle_since;     /* loop time of a pending reload's first cause */
   int cfg_watching;
+  char cfg_dir[4096];        /* the directory cfg_event watches */
+  uv_fs_event_t tenants_event; /* the tenants_file's directory, when another */
+  int tenants_watching;
+  char tenants_dir[4096];    /* the directory tenants_event watches */
+  char tenants_name[256];    /* the tenants_file's name in its directory ("": none) */
   int stopping;
   int lock_fd;               /* data_dir's owner lock, -1 when none (ledger off) */
 } main_ctx_t;
@@ -524,6 +529,7 @@ static void on_watch(uv_timer_t *t) {
     uv_close((uv_handle_t *)&m->drain_timer, NULL);
     uv_close((uv_handle_t *)&m->watch, NULL);
     uv_close((uv_handle_t *)&m->cfg_event, NULL);
+    uv_close((uv_handle_t *)&m->tenants_event, NULL);
     uv_close((uv_handle_t *)&m->purge_timer, NULL);
     uv_close((uv_handle_t *)&m->cfg_debounce, NULL);
   }
@@ -610,10 +616,12 @@ static void on_purge_timer(uv_timer_t *t) {
 #define FILE_SETTLE_MS 300 /* editors write in several steps */
 #define SETTLE_MAX_MS 1000 /* causes that never pause still reload */
 
+static void watch_tenants(main_ctx_t *m);
+
 static void on_cfg_settled(uv_timer_t *t) {
   main_ctx_t *m = t->data;
-  if (!m->stopping)
-    reload(m->app);
+  if (!m->stopping && reload(m->app) == 0)
+    watch_tenants(m); /* the new config may name another tenants_file */
 }
 
 /* A reload after ms without another cause (a SIGHUP, a file's change), or
@@ -627,6 +635,30 @@ static void settle_then_reload(main_ctx_t *m, uint64_t ms) {
   uv_timer_start(&m->cfg_debounce, on_cfg_settled, ms, 0);
 }
 
+/* Splits path into its directory (into dir, "." or "/" when it has none)
+ * and returns its last component; NULL when the directory does not fit. */
+static const char *split_dir(const char *path, char *dir, size_t cap) {
+  const char *slash = strrchr(path, '/');
+  size_t n = slash ? (size_t)(slash - path) : 0;
+
+  if (n == 0) {
+    snprintf(dir, cap, "%s", slash ? "/" : ".");
+  } else {
+    if (n >= cap)
+      return NULL;
+    memcpy(dir, path, n);
+    dir[n] = '\0';
+  }
+  return slash ? slash + 1 : path;
+}
+
+/* 1 when filename, changed in a watched directory, is the tenants_file or
+ * the "..data" symlink a Kubernetes ConfigMap volume swaps on an update. */
+static int is_tenants_change(const main_ctx_t *m, const char *filename) {
+  return m->tenants_name[0] != '\0' &&
+         (strcmp(filename, m->tenants_name) == 0 || strcmp(filename, "..data") == 0);
+}
+
 /* A file in the config's directory changed: reload once things settle. The
  * directory is watched, not the file, because editors replace files by
  * renaming, which ends a watch on the file itself. */
@@ -637,30 +669,65 @@ static void on_cfg_event(uv_fs_event_t *h, const char *filename, int events, int
    * files by swapping that symlink, so no .yaml name changes. */
   if (status < 0 || filename == NULL ||
       (strstr(filename, ".yaml") == NULL && strstr(filename, ".yml") == NULL &&
-       strcmp(filename, "..data") != 0))
+       strcmp(filename, "..data") != 0 && !is_tenants_change(m, filename)))
+    return;
+  settle_then_reload(m, FILE_SETTLE_MS);
+}
+
+/* The tenants_file's directory (another than the config's) changed: only
+ * the tenants_file itself, or its ConfigMap's swap, reloads. */
+static void on_tenants_event(uv_fs_event_t *h, const char *filename, int events,
+                             int status) {
+  main_ctx_t *m = h->data;
+  (void)events;
+  if (status < 0 || filename == NULL || !is_tenants_change(m, filename))
     return;
   settle_then_reload(m, FILE_SETTLE_MS);
 }
 
 static void watch_config(main_ctx_t *m, uv_loop_t *loop, const char *path) {
-  char dir[4096];
-  const char *slash = strrchr(path, '/');
-  size_t n = slash ? (size_t)(slash - path) : 0;
-
   uv_timer_init(loop, &m->cfg_debounce); /* SIGHUP's too */
   m->cfg_debounce.data = m;
-  if (n == 0) {
-    memcpy(dir, slash ? "/" : ".", 2);
-  } else {
-    if (n >= sizeof(dir))
-      return;
-    memcpy(dir, path, n);
-    dir[n] = '\0';
-  }
   uv_fs_event_init(loop, &m->cfg_event);
   m->cfg_event.data = m;
-  if (uv_fs_event_start(&m->cfg_event, on_cfg_event, dir, 0) == 0)
+  uv_fs_event_init(loop, &m->tenants_event);
+  m->tenants_event.data = m;
+  if (split_dir(path, m->cfg_dir, sizeof(m->cfg_dir)) != NULL &&
+      uv_fs_event_start(&m->cfg_event, on_cfg_event, m->cfg_dir, 0) == 0)
     m->cfg_watching = 1;
+}
+
+/* Watches the running config's tenants_file, a file that the config's
+ * directory may not hold (`../seed/quotas.yaml`): its directory is watched
+ * too, and a change of that file reloads as a change of the config does.
+ * Called at the start and after each reload, which may name another file. */
+static void watch_tenants(main_ctx_t *m) {
+  const char *file = m->app->rt->cfg->tenants_file, *name;
+  char dir[sizeof(m->tenants_dir)];
+
+  m->tenants_name[0] = '\0';
+  if (file == NULL || (name = split_dir(file, dir, sizeof(dir))) == NULL ||
+      strlen(name) >= sizeof(m->tenants_name)) {
+    if (m->tenants_watching)
+      uv_fs_event_stop(&m->tenants_event);
+    m->tenants_watching = 0;
+    return;
+  }
+  memcpy(m->tenants_name, name, strlen(name) + 1);
+  if (m->cfg_watching && strcmp(dir, m->cfg_dir) == 0) {
+    /* the config's watch sees it */
+    if (m->tenants_watching)
+      uv_fs_event_stop(&m->tenants_event);
+    m->tenants_watching = 0;
+    return;
+  }
+  if (m->tenants_watching && strcmp(dir, m->tenants_dir) == 0)
+    return;
+  if (m->tenants_watching)
+    uv_fs_event_stop(&m->tenants_event);
+  memcpy(m->tenants_dir, dir, sizeof(dir));
+  m->tenants_watching =
+      uv_fs_event_start(&m->tenants_event, on_tenants_event, m->tenants_dir, 0) == 0;
 }
 
 static void on_signal(uv_signal_t *s, int signum) {
@@ -913,6 +980,7 @@ int tg_cmd_serve(int argc, char **argv) {
   uv_signal_start(&m.sigint, on_signal, SIGINT);
   uv_signal_start(&m.sighup, on_signal, SIGHUP);
   watch_config(&m, main_loop, app.config_path);
+  watch_tenants(&m);
   if (pipe2(m.purge.wake, O_CLOEXEC | O_NONBLOCK) != 0)
     m.purge.wake[0] = m.purge.wake[1] = -1;
   m.purge.metrics = app.metrics;

@@ -230,6 +230,47 @@ def test_config_changes_on_disk_reload(tg):
     tgtest.wait_for(lambda: reloads() > n, timeout=5, what="a reload after the file changed")
 
 
+def test_a_change_of_a_tenants_file_in_another_directory_reloads(tg):
+    """The tenants come from a tenants_file outside the config's directory
+    (the seed's quotas.yaml next to the config's: `../seed/quotas.yaml`).
+    Rewriting that file reloads as a change of the config does: only the
+    config's own directory was watched, and new limits waited for a SIGHUP.
+    Another file of that directory leaves the gateway alone."""
+    sim = tg.sim()
+    gw = tg.gateway({M8B: [sim.url]}, start=False)
+    seed = os.path.join(gw.workdir, "seed")
+    os.makedirs(seed)
+    quotas = os.path.join(seed, "quotas.yaml")
+
+    def write_tenants():
+        with open(quotas, "w") as f:
+            f.write(tgtest.to_yaml({"tenants": gw.config["tenants"]}))
+
+    write_tenants()
+    gw.config.pop("tenants")
+    gw.config["tenants_file"] = "../seed/quotas.yaml"
+    os.makedirs(os.path.join(gw.workdir, "etc"))
+    gw.config_path = os.path.join(gw.workdir, "etc", "tollgate.yaml")
+    gw.write_config()
+    gw.start()
+
+    def reloads():
+        return gw.proc.stderr_text().count("config reloaded")
+
+    n = reloads()
+    with open(os.path.join(seed, "notes.yaml"), "w") as f:
+        f.write("unrelated: true\n")
+    time.sleep(0.6)
+    assert reloads() == n, gw.proc.tail()
+    tenants = tgtest.to_yaml({"tenants": {"acme": {"models_allowed": [M8B],
+                                                   "rate_limits": {"requests_per_minute": 1}}}})
+    with open(quotas, "w") as f:
+        f.write(tenants)
+    tgtest.wait_for(lambda: reloads() > n, timeout=5, what="a reload after the tenants file changed")
+    assert chat(gw.port, gw.keys["acme"], M8B, max_tokens=1).status == 200
+    assert chat(gw.port, gw.keys["acme"], M8B, max_tokens=1).status == 429
+
+
 def test_sigterm_idle_exits_zero_quickly(tg):
     sim = tg.sim()
     gw = tg.gateway({M8B: [sim.url]})
