@@ -372,7 +372,16 @@ static int get_string(ydoc_t *d, const yaml_node_t *n, const char *where,
   return 0;
 }
 
-/* Decimal integers only: no sign but '-', no spaces, no 0x / 1_000 / 1e3. */
+/* 1 when the digits at p have a leading zero ("010"): a YAML 1.1 reader
+ * (PyYAML, go-yaml v2) takes such a plain integer as octal, 8 here, so
+ * read as decimal the file would mean another number to the tools around
+ * the gateway than to it. A lone "0" is no such number. */
+static int leading_zero(const char *p) {
+  return p[0] == '0' && p[1] >= '0' && p[1] <= '9';
+}
+
+/* Decimal integers only: no sign but '-', no spaces, no 0x / 1_000 / 1e3,
+ * no leading zeros (010). */
 static int get_int(ydoc_t *d, const yaml_node_t *n, const char *where,
                    int64_t min, int64_t max, int64_t *out) {
   if (scalar_text(d, n, where, "an integer") < 0)
@@ -382,6 +391,13 @@ static int get_int(ydoc_t *d, const yaml_node_t *n, const char *where,
     p++;
   if (*p == '\0' || strspn(p, "0123456789") != strlen(p)) {
     yerr(d, n, where, "expected an integer, got '%s'", s);
+    return -1;
+  }
+  if (leading_zero(p)) {
+    yerr(d, n, where,
+         "expected a decimal integer without leading zeros, got '%s' (YAML 1.1 "
+         "reads it as octal)",
+         s);
     return -1;
   }
   errno = 0;
@@ -426,6 +442,14 @@ static int get_duration(ydoc_t *d, const yaml_node_t *n, const char *where,
   if (!ok) {
     yerr(d, n, where,
          "expected a duration like 250ms, 30s, 2m or 1h, got '%s'", s);
+    return -1;
+  }
+  if (*p == '\0' && leading_zero(s)) {
+    /* a bare number of seconds is a YAML integer: 010 is octal to YAML 1.1 */
+    yerr(d, n, where,
+         "expected a duration like 250ms, 30s, 2m or 1h (without leading zeros), "
+         "got '%s'",
+         s);
     return -1;
   }
   if (big || v > MAX_DURATION_MS / mult) {

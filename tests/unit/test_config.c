@@ -1184,6 +1184,36 @@ static void test_undecodable_bytes_line(void **state) {
                   "YAML error: control characters are not allowed");
 }
 
+#define MODEL_TEXT "models:\n  m:\n    endpoints: [{url: \"http://h:1\"}]\n"
+/* A YAML 1.1 reader (PyYAML, the libyaml-based tools, go-yaml v2) takes a
+ * plain integer with a leading zero as octal: 010 is 8 to it, and "0100"
+ * requests a minute 64. Read as decimal, the same file would mean another
+ * limit to the gateway than to the tooling that writes or checks it, so
+ * leading zeros are refused in integers and bare-second durations, like
+ * 0x10 and 1_000; a lone 0, 0s and 010s (no YAML integer) stay. */
+static void test_leading_zeros_refused(void **state) {
+  (void)state;
+  expect_only_err(MODEL_TEXT "tenants:\n  a:\n    models_allowed: [m]\n"
+                  "    rate_limits: {requests_per_minute: 0100}\n",
+                  7, "tenants.a.rate_limits.requests_per_minute: expected a decimal integer "
+                     "without leading zeros, got '0100'");
+  expect_only_err(MODEL_TEXT "workers: \"07\"\n", 4, "workers: expected a decimal integer");
+  expect_only_err(MODEL_TEXT "queue_max: -010\n", 4, "queue_max: expected a decimal integer");
+  expect_only_err(MODEL_TEXT "timeouts: {queue: 010}\n", 4,
+                  "timeouts.queue: expected a duration like 250ms, 30s, 2m or 1h "
+                  "(without leading zeros), got '010'");
+
+  char *path = tmp_config(MODEL_TEXT "workers: 0\nqueue_max: 0\n"
+                          "health_check_interval: 0\ntimeouts: {drain: 0s, queue: 010s}\n");
+  tg_config_t *cfg = load_ok(path);
+  assert_int_equal(cfg->queue_max, 0);
+  assert_int_equal(cfg->queue_timeout_ms, 10000);
+  assert_int_equal(cfg->drain_timeout_ms, 0);
+  tg_config_unref(cfg);
+  unlink(path);
+  free(path);
+}
+
 /* A state URL serve could not use is check-config's error, at its line,
  * and the password in it is not shown. */
 #define MODEL "models:\n  m:\n    endpoints: [{url: \"http://h:1\"}]\n"
@@ -1249,6 +1279,7 @@ int main(void) {
       cmocka_unit_test(test_values_escaped_in_messages),
       cmocka_unit_test(test_undecodable_bytes_line),
       cmocka_unit_test(test_state_urls),
+      cmocka_unit_test(test_leading_zeros_refused),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
