@@ -271,6 +271,32 @@ def test_a_change_of_a_tenants_file_in_another_directory_reloads(tg):
     assert chat(gw.port, gw.keys["acme"], M8B, max_tokens=1).status == 429
 
 
+def test_a_stream_admitted_before_a_reload_is_billed_at_its_rates(tg):
+    """A reload that changes a model's prices while a stream runs: the
+    stream is billed at the rates it was admitted under (its reservation
+    was priced at them), the next request at the new ones."""
+    sim = tg.sim()
+    gw = tg.gateway({M8B: [sim.url]})
+    s = SSEStream(gw.port, chat_body(M8B, stream=True, max_tokens=6, include_usage=True),
+                  key=gw.keys["acme"], headers={"x-sim-token-ms": "300"})
+    assert s.status == 200
+    it = s.events()
+    next(it)
+    gw.config["models"][M8B]["pricing"] = {"prompt_per_1k_usd": "1", "completion_per_1k_usd": "2"}
+    tgtest.gateway_reload(gw)
+    list(it)
+    e = gw.access_entry(s.headers["x-request-id"])
+    r = chat(gw.port, gw.keys["acme"], M8B, max_tokens=6)
+    assert r.status == 200
+    e2 = gw.access_entry(r.headers["x-request-id"])
+    day = time.strftime("%Y-%m-%d", time.gmtime())
+    tgtest.wait_for(lambda: gw.usage("acme", day)["requests"] == 2, what="both ledger rows")
+    old = e["prompt_tokens"] * 500 + e["completion_tokens"] * 1500   # 0.0005 / 0.0015
+    new = e2["prompt_tokens"] * 1000000 + e2["completion_tokens"] * 2000000
+    assert e["completion_tokens"] == 6 and e2["completion_tokens"] == 6, (e, e2)
+    assert gw.usage("acme", day)["spend_nano_usd"] == old + new
+
+
 def test_sigterm_idle_exits_zero_quickly(tg):
     sim = tg.sim()
     gw = tg.gateway({M8B: [sim.url]})
