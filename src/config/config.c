@@ -1423,6 +1423,26 @@ static void parse_tenants(ydoc_t *d, yaml_node_t *n) {
   }
 }
 
+/* Frees the tenants and their index, leaving none. */
+static void free_tenants(tg_config_t *cfg) {
+  for (size_t i = 0; i < cfg->n_tenants; i++) {
+    tg_tenant_cfg_t *t = &cfg->tenants[i];
+    for (size_t j = 0; j < t->n_models_allowed; j++)
+      free(t->models_allowed[j]);
+    free(t->models_allowed);
+    free(t->name);
+    free(t->tier);
+    free(t->priority);
+  }
+  free(cfg->tenants);
+  cfg->tenants = NULL;
+  cfg->n_tenants = 0;
+  if (cfg->index != NULL) {
+    free(cfg->index->tenants.slots);
+    cfg->index->tenants = (ntab_t){0};
+  }
+}
+
 /* ---- files ---------------------------------------------------------------- */
 
 /* Reads the whole file into *buf, at most MAX_FILE_BYTES whatever its size
@@ -2122,10 +2142,14 @@ static void parse_top(ydoc_t *d, yaml_node_t *root, ydoc_t *td,
     yerr(d, later, "",
          "both 'tenants' and 'tenants_file' are set; use one of them");
   }
-  if (v[T_TENANTS] != NULL) {
-    /* Validated even next to tenants_file, so all its errors show now. */
+  if (v[T_TENANTS] != NULL)
     parse_tenants(d, v[T_TENANTS]);
-  } else if (v[T_TENANTS_FILE] != NULL) {
+  if (v[T_TENANTS_FILE] != NULL) {
+    /* Next to inline tenants (an error already reported, so this config is
+     * not used) the file is still read and checked: every mistake of both
+     * shows now, whichever key the operator then removes. */
+    if (v[T_TENANTS] != NULL)
+      free_tenants(ld->cfg);
     load_tenants_file(d, v[T_TENANTS_FILE], td, td_name);
   }
 
@@ -2162,19 +2186,9 @@ static void config_free(tg_config_t *cfg) {
     free(m->name);
   }
   free(cfg->models);
-  for (size_t i = 0; i < cfg->n_tenants; i++) {
-    tg_tenant_cfg_t *t = &cfg->tenants[i];
-    for (size_t j = 0; j < t->n_models_allowed; j++)
-      free(t->models_allowed[j]);
-    free(t->models_allowed);
-    free(t->name);
-    free(t->tier);
-    free(t->priority);
-  }
-  free(cfg->tenants);
+  free_tenants(cfg);
   if (cfg->index != NULL) {
     free(cfg->index->models.slots);
-    free(cfg->index->tenants.slots);
     free(cfg->index);
   }
   free(cfg);

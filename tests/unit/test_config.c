@@ -536,7 +536,8 @@ static void test_many_mistakes(void **state) {
              "tenants.t1.rate_limits.requests_per_minute: must be a positive",
              NULL);
   expect_err(&e, path, 31, "both 'tenants' and 'tenants_file'", NULL);
-  assert_int_equal(e.n, 24);
+  expect_err(&e, path, 31, "tenants_file: cannot read", "other.yaml'", NULL);
+  assert_int_equal(e.n, 25);
 
   /* Sorted by line, so the operator reads the file top to bottom. */
   for (size_t i = 1; i < e.n; i++) {
@@ -590,6 +591,35 @@ static void test_tenants_file_errors(void **state) {
              NULL);
   expect_err(&e, tpath, 11, "unknown key 'extra'", NULL);
   assert_int_equal(e.n, 7);
+  tg_config_errors_free(&e);
+  tmp_close(&t);
+}
+
+/* A config that sets both tenants and tenants_file is refused, and the
+ * tenants_file is read and checked all the same: its mistakes are shown in
+ * the same run, so removing either key leaves no error unseen. */
+static void test_both_tenants_keys_check_both(void **state) {
+  (void)state;
+  tmpdir_t t;
+  char tpath[256];
+  tmp_open(&t);
+  tmp_file(&t, "quotas.yaml",
+           "tenants:\n"
+           "  a:\n"
+           "    models_allowed: [m, gpt-9]\n");
+  snprintf(tpath, sizeof tpath, "%s/quotas.yaml", t.dir);
+  const char *path = tmp_file(&t, "cfg.yaml",
+                              "models:\n"
+                              "  m: {endpoints: [{url: \"http://127.0.0.1:8000\"}]}\n"
+                              "tenants:\n"
+                              "  b: {models_allowed: [m], priority: urgent}\n"
+                              "tenants_file: quotas.yaml\n");
+  tg_config_errors_t e;
+  load_bad(path, &e);
+  expect_err(&e, path, 4, "tenants.b.priority: unknown priority class 'urgent'", NULL);
+  expect_err(&e, path, 5, "both 'tenants' and 'tenants_file' are set", NULL);
+  expect_err(&e, tpath, 3, "tenants.a.models_allowed: unknown model 'gpt-9'", NULL);
+  assert_int_equal(e.n, 3);
   tg_config_errors_free(&e);
   tmp_close(&t);
 }
@@ -1264,6 +1294,7 @@ int main(void) {
       cmocka_unit_test(test_defaults_and_forms),
       cmocka_unit_test(test_many_mistakes),
       cmocka_unit_test(test_tenants_file_errors),
+      cmocka_unit_test(test_both_tenants_keys_check_both),
       cmocka_unit_test(test_unreadable_tenants_file),
       cmocka_unit_test(test_syntax_error),
       cmocka_unit_test(test_structure_errors),
