@@ -659,16 +659,23 @@ static int is_tenants_change(const main_ctx_t *m, const char *filename) {
          (strcmp(filename, m->tenants_name) == 0 || strcmp(filename, "..data") == 0);
 }
 
+static int ends_with(const char *s, const char *suffix) {
+  size_t n = strlen(s), k = strlen(suffix);
+  return n >= k && strcmp(s + n - k, suffix) == 0;
+}
+
 /* A file in the config's directory changed: reload once things settle. The
  * directory is watched, not the file, because editors replace files by
  * renaming, which ends a watch on the file itself. */
 static void on_cfg_event(uv_fs_event_t *h, const char *filename, int events, int status) {
   main_ctx_t *m = h->data;
   (void)events;
-  /* A YAML file, or "..data": a Kubernetes ConfigMap volume updates its
-   * files by swapping that symlink, so no .yaml name changes. */
+  /* A YAML file (by its suffix: an editor's .tollgate.yaml.swp, backup
+   * tollgate.yaml~ or autosave #tollgate.yaml# is none), or "..data": a
+   * Kubernetes ConfigMap volume updates its files by swapping that
+   * symlink, so no .yaml name changes. */
   if (status < 0 || filename == NULL ||
-      (strstr(filename, ".yaml") == NULL && strstr(filename, ".yml") == NULL &&
+      (!ends_with(filename, ".yaml") && !ends_with(filename, ".yml") &&
        strcmp(filename, "..data") != 0 && !is_tenants_change(m, filename)))
     return;
   settle_then_reload(m, FILE_SETTLE_MS);

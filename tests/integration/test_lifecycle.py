@@ -297,6 +297,26 @@ def test_a_stream_admitted_before_a_reload_is_billed_at_its_rates(tg):
     assert gw.usage("acme", day)["spend_nano_usd"] == old + new
 
 
+def test_editor_files_beside_the_config_do_not_reload(tg):
+    """An editor's swap, backup and autosave files beside the config
+    (`.tollgate.yaml.swp`, `tollgate.yaml~`, `#tollgate.yaml#`) are no
+    `.yaml` files: writing them does not reload the unchanged config, as
+    writing the config itself does."""
+    gw = tg.gateway({M8B: ["http://127.0.0.1:9"]}, ready=False)
+
+    def reloads():
+        return gw.proc.stderr_text().count("config reloaded")
+
+    n = reloads()
+    for name in (".tollgate.yaml.swp", "tollgate.yaml~", "#tollgate.yaml#", "tollgate.yml.bak"):
+        with open(os.path.join(gw.workdir, name), "w") as f:
+            f.write("x")
+    time.sleep(0.8)
+    assert reloads() == n, gw.proc.tail()
+    gw.write_config()
+    tgtest.wait_for(lambda: reloads() > n, timeout=5, what="a reload after the config changed")
+
+
 def test_sigterm_idle_exits_zero_quickly(tg):
     sim = tg.sim()
     gw = tg.gateway({M8B: [sim.url]})
