@@ -494,11 +494,12 @@ static void metrics(tg_worker_t *w, tg_http_req_t *req, const char *rid) {
                        "llm_ledger_records_total{outcome=\"replayed\"} %llu\n"
                        "llm_ledger_records_total{outcome=\"refused\"} %llu\n"
                        "llm_ledger_records_total{outcome=\"rejected\"} %llu\n"
-                       "llm_ledger_records_total{outcome=\"lost\"} %llu\n",
+                       "llm_ledger_records_total{outcome=\"lost\"} %llu\n"
+                       "llm_ledger_records_total{outcome=\"damaged\"} %llu\n",
                    (unsigned long long)ls.transactions, (unsigned long long)ls.committed,
                    (unsigned long long)ls.spooled, (unsigned long long)ls.replayed,
                    (unsigned long long)ls.refused, (unsigned long long)ls.rejected,
-                   (unsigned long long)ls.lost);
+                   (unsigned long long)ls.lost, (unsigned long long)ls.spool_damaged);
   }
   tg_mbuf_group_end(&b, mark);
   tg_metrics_render(app->metrics, &b);

@@ -124,7 +124,7 @@ struct tg_ledger_s {
   _Atomic int64_t lost_at_us; /* when records were last lost (mono), or 0 */
   struct {
     atomic_uint_fast64_t transactions, committed, spooled, replayed,
-        spool_skipped, db_failures, lost, refused, rejected;
+        spool_skipped, spool_damaged, db_failures, lost, refused, rejected;
   } st;
 
   /* The writer thread's own (and tg_ledger_open's before it starts). */
@@ -581,6 +581,32 @@ static int spool_write(tg_ledger_t *l, const tg_ledger_rec_t *const *recs,
   return rc;
 }
 
+/* A damaged spool line (or run of bytes without a line end) is skipped:
+ * counted, said on stderr, and its bytes appended as they were to the
+ * damaged file and synced, one line each, before the spool that holds them
+ * can be removed. A copy that fails is said too; the replay goes on. */
+static void skip_damaged(tg_ledger_t *l, const char *p, size_t len, int64_t at) {
+  char path[PATH_MAX];
+  int fd = -1, ok = 0;
+  off_t end;
+
+  bump(&l->st.spool_skipped, 1);
+  bump(&l->st.spool_damaged, 1);
+  if (snprintf(path, sizeof(path), "%s/%s", l->dir, TG_LEDGER_DAMAGED_FILE) <
+      (int)sizeof(path)) {
+    fd = open(path, O_WRONLY | O_CREAT | O_CLOEXEC, 0600);
+    end = fd >= 0 ? lseek(fd, 0, SEEK_END) : -1;
+    ok = end >= 0 && pwrite_all(fd, p, len, end) == 0 &&
+         pwrite_all(fd, "\n", 1, end + (off_t)len) == 0 && fdatasync(fd) == 0 &&
+         sync_dir(l->dir) == 0;
+  }
+  fprintf(stderr, "tollgate: ledger: skipping %zu damaged bytes in %s at byte %" PRId64
+          "; %s %s\n", len, l->spool.path, at, ok ? "kept in" : "could not keep them in",
+          TG_LEDGER_DAMAGED_FILE);
+  if (fd >= 0)
+    close(fd);
+}
+
 /* Reads up to replay_max records from replay_off into rrecs; *next is the
  * offset after the last line consumed. Damaged lines are skipped. Returns
  * the count, or -1 on a read error. */
@@ -604,21 +630,16 @@ static ssize_t spool_read(tg_ledger_t *l, int64_t *next) {
       if (nl == NULL)
         break;
       len = (size_t)(nl - (l->buf + used));
-      if (decode_line(l->buf + used, len, &l->rrecs[n]) == 0) {
+      if (decode_line(l->buf + used, len, &l->rrecs[n]) == 0)
         n++;
-      } else {
-        bump(&l->st.spool_skipped, 1);
-        fprintf(stderr, "tollgate: ledger: skipping a damaged record in %s "
-                "at byte %" PRId64 "\n", l->spool.path, off + (int64_t)used);
-      }
+      else
+        skip_damaged(l, l->buf + used, len, off + (int64_t)used);
       used += len + 1;
     }
     if (used == 0) {
       /* No newline in a full buffer (longer than any line we write), or a
        * tail without one: damage either way, never a durable record. */
-      bump(&l->st.spool_skipped, 1);
-      fprintf(stderr, "tollgate: ledger: skipping %zd damaged bytes in %s\n",
-              got, l->spool.path);
+      skip_damaged(l, l->buf, (size_t)got, off);
       used = (size_t)got;
     }
     off += (int64_t)used;
@@ -1311,6 +1332,7 @@ void tg_ledger_stats(const tg_ledger_t *l, tg_ledger_stats_t *out) {
   out->spooled = atomic_load(&m->st.spooled);
   out->replayed = atomic_load(&m->st.replayed);
   out->spool_skipped = atomic_load(&m->st.spool_skipped);
+  out->spool_damaged = atomic_load(&m->st.spool_damaged);
   out->db_failures = atomic_load(&m->st.db_failures);
   out->lost = atomic_load(&m->st.lost);
   out->refused = atomic_load(&m->st.refused);

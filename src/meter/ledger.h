@@ -43,6 +43,12 @@
  * the database takes them. */
 #define TG_LEDGER_REJECTED_FILE "ledger-rejected.spool"
 
+/* File name, inside data_dir, of the spool lines a replay found damaged (a
+ * checksum that does not match, bytes without a line end): skipped, not
+ * stored, and kept here as they were, synced, so an operator can read what
+ * the record said. */
+#define TG_LEDGER_DAMAGED_FILE "ledger-damaged.spool"
+
 /* Default per-tenant retention: a billing year plus the month being billed
  * and some slack for late invoices. */
 #define TG_LEDGER_RETENTION_DAYS_DEFAULT 400
@@ -142,6 +148,8 @@ typedef struct {
   uint64_t spooled;           /* records written to the spool */
   uint64_t replayed;          /* records replayed from the spool */
   uint64_t spool_skipped;     /* spool lines dropped: torn or bad checksum */
+  uint64_t spool_damaged;     /* of those, damaged (not a torn last line: a
+                                 record once durable), kept in the damaged file */
   uint64_t db_failures;       /* batches the database failed (away, locked) */
   uint64_t lost;              /* records neither the database nor the spool kept */
   uint64_t refused;           /* appends refused by the backlog bound */

@@ -404,8 +404,9 @@ def test_unit_tests_pin_every_for_duration(tmp_path):
     # a steady backlog is not a growing one
     ("TollgateLedgerBacklogGrowing", "\n          and deriv(llm_ledger_backlog[10m]) > 0\n", "\n"),
     # records lost before a restart are not news; lost ones since are
-    ("TollgateLedgerRecordsLost", 'increase(llm_ledger_records_total{outcome="lost"}[10m]) > 0',
-     'llm_ledger_records_total{outcome="lost"} > 0'),
+    ("TollgateLedgerRecordsLost",
+     'increase(llm_ledger_records_total{outcome=~"lost|damaged"}[10m]) > 0',
+     'llm_ledger_records_total{outcome=~"lost|damaged"} > 0'),
     # a failure long ago (or before a restart) is not news
     ("TollgateConfigReloadFailed", "increase(llm_config_reload_failures_total[10m]) > 0",
      "llm_config_reload_failures_total > 0"),

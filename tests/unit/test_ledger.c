@@ -888,6 +888,7 @@ static void test_leftover_spool_replayed_at_open(void **state) {
   assert_true(tg_ledger_spool_bytes(l) > 0);
   tg_ledger_stats(l, &st);
   assert_int_equal(st.spool_skipped, 1);
+  assert_int_equal(st.spool_damaged, 0);  /* a torn last line is no record */
   loop_open(&x, l, 20);
   append_seq(&x, 5, 8);
   assert_true(run_until(&x.loop, &x.c, 3, 10000));
@@ -915,7 +916,8 @@ static void test_leftover_spool_replayed_at_open(void **state) {
   assert_int_equal(cost_of(t->dir, "r-0007"), 1007);
 }
 
-/* A line damaged in the middle of the spool is skipped; the others replay. */
+/* A line damaged in the middle of the spool is skipped, and kept in the
+ * damaged file as it was; the others replay. */
 static void test_damaged_spool_line_skipped(void **state) {
   tmp_t *t = *state;
   tg_ledger_opts_t o = {.retry_ms = 100};
@@ -951,11 +953,24 @@ static void test_damaged_spool_line_skipped(void **state) {
   tg_ledger_stats(l, &st);
   assert_int_equal(st.replayed, 2);
   assert_int_equal(st.spool_skipped, 1);
+  assert_int_equal(st.spool_damaged, 1);
   assert_int_equal(tg_ledger_spool_bytes(l), 0);
   tg_ledger_close(l);
   got = ids_in_order(t->dir);
   assert_string_equal(got, "r-0000,r-0002");
   free(got);
+
+  /* the damaged line is kept as it was, for an operator to read */
+  {
+    char path[256], kept[8192];
+    size_t line2_len = (size_t)((char *)memchr(buf + line2, '\n', len - line2) - (buf + line2)) + 1;
+    snprintf(path, sizeof(path), "%s/%s", t->dir, TG_LEDGER_DAMAGED_FILE);
+    f = fopen(path, "r");
+    assert_non_null(f);
+    assert_int_equal(fread(kept, 1, sizeof(kept), f), line2_len);
+    fclose(f);
+    assert_memory_equal(kept, buf + line2, line2_len);
+  }
 }
 
 /* Text with spaces, percent signs and bytes outside ASCII survives the
