@@ -1818,15 +1818,78 @@ static void estimate(tg_call_t *c, const cJSON *root, const body_fields_t *f) {
 
 /* What the upstream's copy of a body gets: "stream_options":
  * {"include_usage":true} for a stream whose client did not ask for usage,
- * the tenant's "cache_salt" in place of any the client sent, and the
- * reserved "max_tokens" when the body states no limit. */
+ * the tenant's "cache_salt" in place of any the client sent, the reserved
+ * "max_tokens" when the body states no limit, and its media uuids in the
+ * tenant's namespace. */
 typedef struct {
   int usage, has_options; /* add include_usage; the body has stream_options */
   const char *salt;       /* NULL: leave cache_salt alone */
   int has_salt;           /* the body has a cache_salt of its own */
   int64_t max_tokens;     /* > 0: set "max_tokens" */
   int has_max_tokens;     /* the body has "max_tokens" (null) */
+  const char *uuid_ns;    /* NULL: leave media uuids alone */
+  size_t uuids;           /* media uuids (strings) in the body's messages */
 } rewrite_t;
+
+/* A media item's "uuid" is read by vLLM on each object of a message's
+ * "content" array: it keys the multimodal caches in place of the item's
+ * content hash, whatever the cache_salt, so a tenant's uuids go upstream
+ * in its own namespace (docs/decisions.md).
+ *
+ * Counts the string uuids of messages' content parts in *n. Returns 0,
+ * or -1 when one is neither a string nor null. */
+static int count_media_uuids(const cJSON *messages, size_t *n) {
+  const cJSON *m, *p;
+
+  *n = 0;
+  if (!cJSON_IsArray(messages))
+    return 0;
+  cJSON_ArrayForEach(m, messages) {
+    const cJSON *content = tg_json_get(m, "content");
+    if (!cJSON_IsArray(content))
+      continue;
+    cJSON_ArrayForEach(p, content) {
+      const cJSON *u = tg_json_get(p, "uuid");
+      if (u == NULL || cJSON_IsNull(u))
+        continue;
+      if (!cJSON_IsString(u))
+        return -1;
+      (*n)++;
+    }
+  }
+  return 0;
+}
+
+/* Puts every string uuid of root's messages' content parts in namespace
+ * ns ("<ns>:<uuid>"), as count_media_uuids found them. */
+static int namespace_media_uuids(json_t *root, const char *ns) {
+  json_t *messages = json_object_get(root, "messages"), *m, *p;
+  size_t i, j, nl = strlen(ns);
+
+  json_array_foreach(messages, i, m) {
+    json_t *content = json_object_get(m, "content");
+    json_array_foreach(content, j, p) {
+      json_t *u = json_object_get(p, "uuid");
+      size_t vl;
+      char *text;
+      int r;
+      if (!json_is_string(u))
+        continue;
+      vl = json_string_length(u);
+      text = malloc(nl + 1 + vl);
+      if (text == NULL)
+        return TG_ENOMEM;
+      memcpy(text, ns, nl);
+      text[nl] = ':';
+      memcpy(text + nl + 1, json_string_value(u), vl);
+      r = json_string_setn_nocheck(u, text, nl + 1 + vl);
+      free(text);
+      if (r < 0)
+        return TG_ENOMEM;
+    }
+  }
+  return 0;
+}
 
 /* The body rewritten as w says, in *out (malloc'd, NUL-terminated). When
  * no member to set is in the body already, the members are spliced in
@@ -1843,7 +1906,7 @@ static int rewrite_body(const char *body, size_t len, const rewrite_t *w, char *
   json_t *root, *so;
 
   if (!(w->usage && w->has_options) && !(w->salt != NULL && w->has_salt) &&
-      !(w->max_tokens > 0 && w->has_max_tokens)) {
+      !(w->max_tokens > 0 && w->has_max_tokens) && !(w->uuid_ns != NULL && w->uuids > 0)) {
     size_t n, cap;
     while (end > body && end[-1] != '}')
       end--; /* trailing whitespace; the root is an object with "model" */
@@ -1889,6 +1952,10 @@ static int rewrite_body(const char *body, size_t len, const rewrite_t *w, char *
     json_object_set_new(root, "cache_salt", json_string(w->salt));
   if (w->max_tokens > 0)
     json_object_set_new(root, "max_tokens", json_integer((json_int_t)w->max_tokens));
+  if (w->uuid_ns != NULL && w->uuids > 0 && namespace_media_uuids(root, w->uuid_ns) < 0) {
+    json_decref(root);
+    return TG_ENOMEM;
+  }
   *out = json_dumps(root, JSON_COMPACT);
   json_decref(root);
   if (*out == NULL)
@@ -1952,7 +2019,7 @@ static int parse_body(tg_call_t *c, const tg_key_rec_t *rec) {
   const cJSON *model;
   const char *bad;
   body_fields_t f;
-  rewrite_t w;
+  rewrite_t w = {0};
   tg_json_err_t jerr;
   int rc = -1;
 
@@ -1991,6 +2058,16 @@ static int parse_body(tg_call_t *c, const tg_key_rec_t *rec) {
                 strcmp(bad, "stream_options") == 0  ? "an object"
                 : strncmp(bad, "stream", 6) == 0    ? "a boolean"
                                                     : "an integer");
+    goto out;
+  }
+  /* the namespace of the tenant's media uuids (below): every model whose
+   * requests get the tenant's cache_salt, and its embeddings */
+  w.uuid_ns = c->model->cache_salt == TG_CACHE_SALT_TENANT
+                  ? c->rt->salts[c->tenant - c->rt->cfg->tenants]
+                  : NULL;
+  if (w.uuid_ns != NULL && count_media_uuids(f.messages, &w.uuids) < 0) {
+    call_refuse(c, 400, "invalid_request_error", "invalid_type", NULL,
+                "'messages[].content[].uuid' must be a string or null");
     goto out;
   }
   if (!client_priority_ok(f.priority)) {
@@ -2042,13 +2119,11 @@ static int parse_body(tg_call_t *c, const tg_key_rec_t *rec) {
   w.usage = c->stream && !c->client_usage;
   w.has_options = f.stream_options != NULL;
   /* embeddings have no prefix cache to keep apart */
-  w.salt = c->model->cache_salt == TG_CACHE_SALT_TENANT && !is_embeddings(c)
-               ? c->rt->salts[c->tenant - c->rt->cfg->tenants]
-               : NULL;
+  w.salt = !is_embeddings(c) ? w.uuid_ns : NULL;
   w.has_salt = f.cache_salt != NULL;
   w.max_tokens = c->send_max_tokens;
   w.has_max_tokens = f.max_tokens != NULL;
-  if (w.usage || w.salt != NULL || w.max_tokens > 0) {
+  if (w.usage || w.salt != NULL || w.max_tokens > 0 || w.uuids > 0) {
     int r = rewrite_body(req->body, req->body_len, &w, &c->body_owned, &c->body_len);
     if (r == TG_EPARSE) {
       call_refuse(c, 400, "invalid_request_error", "invalid_json", NULL,

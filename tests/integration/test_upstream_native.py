@@ -584,6 +584,77 @@ def test_cache_salt_is_the_tenants(tg):
         up.close()
 
 
+def _media(*uuids):
+    """Messages whose parts name media by uuid (vLLM's "skip sending the
+    media, it is cached" form: the data null, the uuid alone)."""
+    return [{"role": "system", "content": "be brief"},
+            {"role": "user", "content": [{"type": "text", "text": "what is this?"}] + [
+                {"type": "image_url", "image_url": None, "uuid": u} for u in uuids]}]
+
+
+def _sent_uuids(up):
+    return [p.get("uuid") for p in json.loads(up.last_body)["messages"][1]["content"]
+            if p.get("type") == "image_url"]
+
+
+def test_media_uuids_are_the_tenants(tg):
+    """vLLM keys its multimodal caches (the processed item, the encoder's
+    output) by a content part's `uuid` when the client gives one, and the
+    cache_salt does not enter that key: a part {"image_url": null, "uuid": U}
+    is answered from whatever another tenant cached under U, and a tenant
+    that sends its own picture under U first has another's requests answered
+    on it. Every uuid goes upstream in its tenant's namespace (the tenant's
+    cache_salt, a colon, the uuid as sent), on chat and embeddings alike; a
+    uuid that is not a string is refused; a model with `cache_salt: off`
+    gets the body as sent."""
+    up = Upstream()
+    try:
+        m70, embed = tgtest.DEFAULT_MODELS[1], tgtest.DEFAULT_MODELS[2]
+        models = {M8B: tgtest.model_entry([up.url]),
+                  m70: dict(tgtest.model_entry([up.url]), cache_salt="off"),
+                  embed: dict(tgtest.model_entry([up.url]), kind="embedding")}
+        gw = tg.gateway(models, workers=1, overrides=NATIVE, keys=("acme", "small"))
+        ns = {t: _salt(gw, t) + ":" for t in ("acme", "small")}
+
+        def post(tenant, body, path="/v1/chat/completions"):
+            return tgtest.request(gw.port, "POST", path, body, key=gw.keys[tenant])
+
+        for tenant in ("acme", "small"):
+            r = post(tenant, dict(chat_body(M8B, max_tokens=2), messages=_media("invoice-7.png")))
+            assert r.status == 200, r
+            assert _sent_uuids(up) == [ns[tenant] + "invoice-7.png"], up.last_body
+        # another tenant's namespaced name stays in the sender's namespace;
+        # null (content hashing) stays null; the other parts are untouched
+        r = post("small", dict(chat_body(M8B, max_tokens=2),
+                               messages=_media(ns["acme"] + "invoice-7.png", None, "a")))
+        assert r.status == 200, r
+        assert _sent_uuids(up) == [ns["small"] + ns["acme"] + "invoice-7.png", None,
+                                   ns["small"] + "a"], up.last_body
+        doc = json.loads(up.last_body)
+        assert doc["messages"][0] == {"role": "system", "content": "be brief"}
+        assert doc["messages"][1]["content"][0] == {"type": "text", "text": "what is this?"}
+        assert doc["cache_salt"] == _salt(gw, "small")
+        # embeddings of chat messages read the same caches
+        r = post("acme", {"model": embed, "messages": _media("invoice-7.png")}, "/v1/embeddings")
+        assert r.status == 200, r
+        assert _sent_uuids(up) == [ns["acme"] + "invoice-7.png"], up.last_body
+        # vLLM takes any value as its text ("5"): not a tenant's to send bare
+        posts = up.posts
+        for bad in (5, True, {"u": 1}, ["x"]):
+            r = post("acme", dict(chat_body(M8B, max_tokens=2), messages=_media(bad)))
+            assert r.status == 400, (bad, r)
+            err = r.json()["error"]
+            assert err["code"] == "invalid_type" and "uuid" in err["message"], err
+        assert up.posts == posts
+        # cache_salt: off leaves every byte as the client sent it
+        raw = json.dumps(dict(chat_body(m70, max_tokens=2), messages=_media("x", 5))).encode()
+        r = tgtest.request(gw.port, "POST", "/v1/chat/completions", raw, key=gw.keys["acme"],
+                           headers={"Content-Type": "application/json"})
+        assert r.status == 200 and up.last_body == raw, up.last_body
+    finally:
+        up.close()
+
+
 def test_native_chunked_and_content_length_answers(tg):
     for chunked in (False, True):
         up = Upstream(chunked=chunked)
