@@ -103,6 +103,18 @@ struct tg_ledger_port_s {
   int closing;
 };
 
+/* Lines on stderr about what keeps failing, at most SAYS_LINES a minute:
+ * a full disk or a constraint refusing a whole tenant fails every batch,
+ * and a line for each would flood the log (and the disk it is on). The
+ * rest are counted, and their count said when the minute is over. */
+#define SAYS_LINES 10
+#define SAYS_WINDOW_US INT64_C(60000000)
+typedef struct {
+  unsigned told;          /* lines said this minute */
+  uint64_t quiet;         /* and those only counted */
+  int64_t window_end;     /* monotonic us */
+} says_t;
+
 struct tg_ledger_s {
   const tg__ledger_backend_t *be;
   tg__ledger_conn_t *conn;  /* the writer's; the writer thread's alone once started */
@@ -138,9 +150,8 @@ struct tg_ledger_s {
   const tg_ledger_rec_t **ptrs;   /* replay_max: the batch being written */
   unsigned char *mark;            /* replay_max: what became of each (REC_*) */
   const tg_ledger_rec_t **sel;    /* replay_max: some of ptrs, to append */
-  unsigned refused_told;          /* refusals said one by one this minute */
-  uint64_t refused_quiet;         /* and those only counted */
-  int64_t refused_window_end;     /* monotonic us */
+  says_t refused_says;            /* refused records named on stderr */
+  says_t fail_says;               /* write failures said on stderr */
   tg_ledger_rec_t *rrecs;         /* replay_max, records read back for replay */
   char *buf;                      /* SPOOL_BUF */
 };
@@ -156,6 +167,38 @@ static int64_t mono_us(void) {
   struct timespec ts;
   clock_gettime(CLOCK_MONOTONIC, &ts);
   return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
+/* Once the minute is over (at once when force), says how many refusals
+ * were not named and how many failure lines were not said, and starts a
+ * new minute. */
+static void says_summary(tg_ledger_t *l, int64_t now, int force) {
+  if (force || now >= l->refused_says.window_end) {
+    if (l->refused_says.quiet > 0)
+      fprintf(stderr, "tollgate: ledger: the database refused %" PRIu64
+              " more records, not named one by one; every refused record is "
+              "in %s\n", l->refused_says.quiet, l->rejected.path);
+    l->refused_says = (says_t){.window_end = now + SAYS_WINDOW_US};
+  }
+  if (force || now >= l->fail_says.window_end) {
+    if (l->fail_says.quiet > 0)
+      fprintf(stderr, "tollgate: ledger: %" PRIu64 " more lines like the "
+              "above not said this minute (llm_ledger_records_total counts "
+              "every record lost)\n", l->fail_says.quiet);
+    l->fail_says = (says_t){.window_end = now + SAYS_WINDOW_US};
+  }
+}
+
+/* 1 when a line may be said now on s (counted as said), 0 when it is only
+ * counted. */
+static int says_may(tg_ledger_t *l, says_t *s) {
+  says_summary(l, mono_us(), 0);
+  if (s->told >= SAYS_LINES) {
+    s->quiet++;
+    return 0;
+  }
+  s->told++;
+  return 1;
 }
 
 static int64_t wall_ms(void) {
@@ -459,8 +502,9 @@ static int lines_open(tg_ledger_t *l, lines_t *f) {
 
   f->fd = open(f->path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
   if (f->fd < 0) {
-    fprintf(stderr, "tollgate: ledger: cannot open %s: %s\n", f->path,
-            strerror(errno));
+    int err = errno;
+    if (says_may(l, &l->fail_says))
+      fprintf(stderr, "tollgate: ledger: cannot open %s: %s\n", f->path, strerror(err));
     return TG_EIO;
   }
   if (fstat(f->fd, &sb) != 0 ||
@@ -511,8 +555,9 @@ static int lines_relink(tg_ledger_t *l, lines_t *f, int64_t from, int64_t *moved
   *moved = from;
   return 0;
 fail:
-  fprintf(stderr, "tollgate: ledger: %s was removed while in use and cannot "
-          "be made again: %s\n", f->path, strerror(errno));
+  if (says_may(l, &l->fail_says))
+    fprintf(stderr, "tollgate: ledger: %s was removed while in use and cannot "
+            "be made again: %s\n", f->path, strerror(errno));
   if (fd >= 0)
     close(fd);
   return TG_EIO;
@@ -556,12 +601,15 @@ static int lines_append(tg_ledger_t *l, lines_t *f,
   rc = 0;
 out:
   if (rc != 0) {
-    fprintf(stderr, "tollgate: ledger: cannot write %s: %s\n", f->path,
-            strerror(errno));
+    int err = errno;
     /* Whole lines only: what this call half-wrote must not be read back. */
-    if (ftruncate(f->fd, (off_t)start) != 0)
-      fprintf(stderr, "tollgate: ledger: cannot cut %s back: %s\n",
-              f->path, strerror(errno));
+    int cut = ftruncate(f->fd, (off_t)start) == 0 ? 0 : errno;
+    if (says_may(l, &l->fail_says)) {
+      fprintf(stderr, "tollgate: ledger: cannot write %s: %s\n", f->path, strerror(err));
+      if (cut != 0)
+        fprintf(stderr, "tollgate: ledger: cannot cut %s back: %s\n", f->path,
+                strerror(cut));
+    }
   }
   return rc;
 }
@@ -684,30 +732,10 @@ enum { REC_PENDING, REC_STORED, REC_REFUSED };
 
 /* Per minute at most this many refused records are named on stderr; the
  * others are counted in one line. */
-#define REFUSED_LINES 10
-#define REFUSED_WINDOW_US INT64_C(60000000)
-
-/* Once the minute is over (at once when force), says how many refusals
- * were not named, and starts a new minute. */
-static void refused_summary(tg_ledger_t *l, int64_t now, int force) {
-  if (!force && now < l->refused_window_end)
-    return;
-  if (l->refused_quiet > 0)
-    fprintf(stderr, "tollgate: ledger: the database refused %" PRIu64
-            " more records, not named one by one; every refused record is "
-            "in %s\n", l->refused_quiet, l->rejected.path);
-  l->refused_told = 0;
-  l->refused_quiet = 0;
-  l->refused_window_end = now + REFUSED_WINDOW_US;
-}
 
 static void refused_note(tg_ledger_t *l, const tg_ledger_rec_t *r) {
-  refused_summary(l, mono_us(), 0);
-  if (l->refused_told >= REFUSED_LINES) {
-    l->refused_quiet++;
+  if (!says_may(l, &l->refused_says))
     return;
-  }
-  l->refused_told++;
   fprintf(stderr, "tollgate: ledger: the database refuses the record of "
           "request %s, tenant %s (%s); it goes to %s\n", r->request_id,
           r->tenant, l->be->errmsg(l->conn), l->rejected.path);
@@ -879,7 +907,8 @@ static void write_batch(tg_ledger_t *l, node_t *first, size_t k) {
       n = gather(l, k, REC_REFUSED, NULL);
       bump(&l->st.lost, n);
       atomic_store(&l->lost_at_us, mono_us());
-      fprintf(stderr, "tollgate: ledger: %zu records could not be kept\n", n);
+      if (says_may(l, &l->fail_says))
+        fprintf(stderr, "tollgate: ledger: %zu records could not be kept\n", n);
     }
   }
   n = gather(l, k, REC_PENDING, l->sel);
@@ -889,7 +918,8 @@ static void write_batch(tg_ledger_t *l, node_t *first, size_t k) {
     spool_rc = TG_EIO;
     bump(&l->st.lost, n);
     atomic_store(&l->lost_at_us, mono_us());
-    fprintf(stderr, "tollgate: ledger: %zu records could not be kept\n", n);
+    if (says_may(l, &l->fail_says))
+      fprintf(stderr, "tollgate: ledger: %zu records could not be kept\n", n);
   }
   i = 0;
   for (x = first; i < k; x = x->next, i++)
@@ -1022,8 +1052,8 @@ static void *writer_main(void *arg) {
       atomic_fetch_sub(&l->pending, k);
       deliver(first, k);
     }
-    if (l->refused_quiet > 0)
-      refused_summary(l, mono_us(), 0);
+    if (l->refused_says.quiet > 0 || l->fail_says.quiet > 0)
+      says_summary(l, mono_us(), 0);
     if (done)
       break;
     if (l->spooling && mono_us() >= l->next_try_us)
@@ -1304,7 +1334,7 @@ void tg_ledger_close(tg_ledger_t *l) {
     pthread_mutex_unlock(&l->mu);
     pthread_join(l->thread, NULL);
   }
-  refused_summary(l, 0, 1);
+  says_summary(l, 0, 1);
   free_ledger(l);
 }
 

@@ -1121,6 +1121,59 @@ static void test_spool_removed_while_waiting_is_made_again(void **state) {
   free(want);
 }
 
+/* Neither the database nor the spool keeps anything (a full disk under an
+ * outage): every batch fails, and each said two lines on stderr, flooding
+ * the log (and the disk it may be on). At most SAYS_LINES failure lines a
+ * minute are said now; the rest are counted, and their count said at
+ * close. */
+static void test_failures_said_at_most_ten_lines_a_minute(void **state) {
+  tmp_t *t = *state;
+  tg_ledger_opts_t o = {.batch_max = 1, .retry_ms = 20};
+  tg_ledger_stats_t st;
+  tg_ledger_t *l = NULL;
+  loopctx_t x;
+  char log[160], line[512];
+  int saved, fd, said = 0, summary = 0;
+  FILE *f;
+
+  snprintf(log, sizeof(log), "%s/stderr.txt", t->dir);
+  tg__ledger_sqlite_fail_inserts(1);
+  assert_int_equal(tg_ledger_open("sqlite", t->dir, &o, &l), 0);
+  assert_int_equal(mkdir(t->spool, 0700), 0);   /* the spool cannot be opened */
+  fflush(stderr);
+  saved = dup(2);
+  fd = open(log, O_WRONLY | O_CREAT | O_TRUNC, 0600);
+  assert_true(saved >= 0 && fd >= 0);
+  dup2(fd, 2);
+  close(fd);
+  loop_open(&x, l, 60);
+  for (int i = 0; i < 60; i++) {      /* one batch each */
+    append_seq(&x, i, i + 1);
+    assert_true(run_until(&x.loop, &x.c, i + 1, 10000));
+  }
+  tg_ledger_stats(l, &st);
+  loop_close(&x);
+  tg_ledger_close(l);
+  fflush(stderr);
+  dup2(saved, 2);
+  close(saved);
+  tg__ledger_sqlite_fail_inserts(0);
+  rmdir(t->spool);
+
+  assert_int_equal(st.lost, 60);
+  f = fopen(log, "r");
+  assert_non_null(f);
+  while (fgets(line, sizeof(line), f) != NULL) {
+    if (strstr(line, "could not be kept") != NULL || strstr(line, "cannot open") != NULL)
+      said++;
+    if (strstr(line, "more lines like the above not said") != NULL)
+      summary++;
+  }
+  fclose(f);
+  assert_true(said > 0 && said <= 10);
+  assert_int_equal(summary, 1);
+}
+
 /* ---- records the database refuses for good ---- */
 
 /* Runs sql on the ledger's database through a connection of its own. */
@@ -1797,6 +1850,8 @@ int main(void) {
     cmocka_unit_test_setup_teardown(test_db_file_removed_spools, tmp_setup,
                                     tmp_teardown),
     cmocka_unit_test_setup_teardown(test_spool_removed_while_waiting_is_made_again,
+                                    tmp_setup, tmp_teardown),
+    cmocka_unit_test_setup_teardown(test_failures_said_at_most_ten_lines_a_minute,
                                     tmp_setup, tmp_teardown),
     cmocka_unit_test_setup_teardown(test_spool_keeps_text_exact, tmp_setup,
                                     tmp_teardown),
