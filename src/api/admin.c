@@ -4,7 +4,7 @@
  * to Redis, and the ledger keeps records and has room for more), and the admin API, which needs an admin key (a key made
  * with `tollgate keys create --admin`):
  *
- *   GET /admin/v1/tenants/{tenant}/invoices/{YYYY-MM}[?format=csv]
+ *   GET /admin/v1/tenants/{tenant}/invoices/{YYYY-MM}[?format=json|csv]
  *   GET /admin/v1/tenants/{tenant}/usage/{YYYY-MM-DD}
  *
  * Ledger queries block, so they run on libuv's thread pool, never on the
@@ -282,13 +282,26 @@ static int admin_auth(tg_worker_t *w, tg_http_req_t *req, const char *rid, const
 }
 
 /* 1 when the query string holds the parameter param ("name=value") whole. */
-static int query_has(const char *query, const char *param) {
-  size_t n = strlen(param);
+/* The format a query asks for: 0 JSON (no format parameter, or
+ * format=json), 1 CSV (format=csv), -1 anything else (another value, or
+ * format given twice). Other parameters are ignored. */
+static int query_format(const char *query) {
   const char *p;
-  for (p = query; p != NULL; p = strchr(p, '&'), p = p ? p + 1 : NULL)
-    if (strncmp(p, param, n) == 0 && (p[n] == '\0' || p[n] == '&'))
-      return 1;
-  return 0;
+  int got = 0, seen = 0;
+  for (p = query; p != NULL; p = strchr(p, '&'), p = p ? p + 1 : NULL) {
+    size_t n = strcspn(p, "&");
+    if (strncmp(p, "format=", 7) != 0)
+      continue;
+    if (seen++)
+      return -1;
+    if (n == 11 && strncmp(p + 7, "json", 4) == 0)
+      got = 0;
+    else if (n == 10 && strncmp(p + 7, "csv", 3) == 0)
+      got = 1;
+    else
+      return -1;
+  }
+  return got;
 }
 
 /* The path segment s (len bytes) into dst (size > len), its
@@ -350,7 +363,15 @@ static void admin_api(tg_worker_t *w, tg_http_req_t *req, const char *rid) {
   snprintf(j->path, sizeof(j->path), "%s", req->path);
   j->invoice = kind[0] == 'i';
   /* only an invoice has a CSV form; a day's usage is always JSON */
-  j->csv = j->invoice && query_has(req->query, "format=csv");
+  j->csv = query_format(req->query);
+  if (j->csv < 0 || (j->csv && !j->invoice)) {
+    audit(w, req->start_ns, rid, key_id, tenant, req->path, 400, "bad_format");
+    tg_api_error(req, 400, "invalid_request_error", "bad_format", rid, NULL,
+                 j->invoice ? "format must be json or csv, given once"
+                            : "format must be json, given once: a day's usage has no CSV form");
+    free(j);
+    return;
+  }
   if (strlen(period) >= sizeof(j->period) ||
       (j->invoice ? tg_month_range(period, &a, &b) : tg_day_range(period, &a, &b)) < 0) {
     audit(w, req->start_ns, rid, key_id, tenant, req->path, 400, "bad_period");

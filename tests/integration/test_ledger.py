@@ -341,14 +341,21 @@ def test_admin_invoice_route_equals_cli_and_needs_an_admin_key(tg, sim):
         r = tgtest.admin(gw, "/admin/v1/tenants/%s/usage/%s" % (tenant, day), key=admin_key)
         assert r.status == 200, r
         assert tgtest.money_json(r.body) == gw.usage(tenant, day), r
-    # a day's usage has no CSV form: JSON, labelled so, whatever the query
-    r = tgtest.admin(gw, "/admin/v1/tenants/alpha/usage/%s?format=csv" % day, key=admin_key)
+    # a day's usage has no CSV form: JSON when asked so, a 400 for CSV
+    r = tgtest.admin(gw, "/admin/v1/tenants/alpha/usage/%s?format=json" % day, key=admin_key)
     assert r.status == 200 and r.header("content-type", "").startswith("application/json"), r
     assert tgtest.money_json(r.body) == gw.usage("alpha", day), r
-    # format=csv is a parameter of its own, not a substring of another
-    for q in ("?format=csvx", "?xformat=csv", "?a=format=csv"):
+    r = tgtest.admin(gw, "/admin/v1/tenants/alpha/usage/%s?format=csv" % day, key=admin_key)
+    assert r.status == 400 and r.error()["code"] == "bad_format", r
+    # format is a parameter of its own, not a substring of another; a value
+    # the route has no form for (or two of them) is refused, never answered
+    # in another format than asked
+    for q in ("?xformat=csv", "?a=format=csv", "?format=json"):
         r = tgtest.admin(gw, path % ("alpha", month) + q, key=admin_key)
         assert r.status == 200 and r.header("content-type", "").startswith("application/json"), (q, r)
+    for q in ("?format=csvx", "?format=CSV", "?format=xml", "?format=", "?format=csv&format=json"):
+        r = tgtest.admin(gw, path % ("alpha", month) + q, key=admin_key)
+        assert r.status == 400 and r.error()["code"] == "bad_format", (q, r)
     r = tgtest.admin(gw, path % ("alpha", month) + "?a=1&format=csv", key=admin_key)
     assert r.status == 200 and r.body.decode() == gw.invoice("alpha", month, fmt="csv"), r
     tgtest.check_invoices(gw, outcomes, PRICES, tenants)
