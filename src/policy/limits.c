@@ -361,6 +361,30 @@ static int64_t tokens_mt(int64_t tokens) {
 
 /* ---- budgets ----------------------------------------------------------- */
 
+/* The period an admission at now_ms charges in a window open for period
+ * open, which began at open_start_ms: now's period, unless the wall clock
+ * stepped back across the window's start by at most
+ * TG_CLOCK_STEP_BACK_MAX_MS. Reopening the period the window closed would
+ * start it again from nothing (its spend was dropped at the roll), handing
+ * the tenant a second budget for it, and the clock coming forward again
+ * would then drop what the open window held. A window further ahead is a
+ * clock that ran ahead and was set right: now's period starts afresh rather
+ * than hold that window until the clock catches up with it. */
+static int64_t charged_period(int64_t open, int64_t open_start_ms, int64_t now_period,
+                              int64_t now_ms) {
+  if (open > now_period && open_start_ms - now_ms <= TG_CLOCK_STEP_BACK_MAX_MS)
+    return open;
+  return now_period;
+}
+
+void tg_limits_periods(const tg_tenant_state_t *s, int64_t now_ms, int64_t *day,
+                       int64_t *month) {
+  *day = charged_period(s->day.period, tg_day_end_ms(s->day.period - 1), tg_day_of(now_ms),
+                        now_ms);
+  *month = charged_period(s->month.period, tg_month_end_ms(s->month.period - 1),
+                          tg_month_of(now_ms), now_ms);
+}
+
 static void budget_roll(tg_budget_t *b, int64_t period) {
   if (b->period != period) {
     b->period = period;
@@ -447,8 +471,7 @@ int tg_limits_admit(tg_tenant_state_t *s, const tg_limits_t *lim, const tg_reser
   tg_tbucket_t bucket = s->tpm;
 
   memset(v, 0, sizeof *v);
-  v->day = tg_day_of(now_ms);
-  v->month = tg_month_of(now_ms);
+  tg_limits_periods(s, now_ms, &v->day, &v->month);
 
   /* Changes nobody can observe: closed windows and expired log entries go,
    * and the log's block is fitted to the limit. A log holding more than a

@@ -28,6 +28,11 @@
 #define TG_RPM_WINDOW_MS 60000
 #define TG_RPS_WINDOW_MS 1000
 
+/* A wall clock that stepped back by at most this across the start of the
+ * open budget window (an NTP correction just after midnight) keeps charging
+ * that window rather than reopen the period it closed (docs/limits.md). */
+#define TG_CLOCK_STEP_BACK_MAX_MS INT64_C(3600000)
+
 typedef enum {
   TG_LIMIT_NONE = 0,
   TG_LIMIT_GLOBAL,        /* global_rate_limit: 429 */
@@ -128,7 +133,8 @@ void tg_tenant_state_free(tg_tenant_state_t *s);
 
 /* Decides one admission and, when admitted, charges it: one rpm entry, the
  * reservation's tokens, one lease, the reservation's cost in both windows.
- * Rolls the budget windows over first when now is in a new period. Checks in
+ * Rolls the budget windows over first when now is in a later period
+ * (tg_limits_periods()). Checks in
  * this order and reports the first refusal: concurrency, requests, tokens,
  * daily budget, monthly budget (the global limit is the caller's, before).
  * Leases and money are counted even for limits that are unlimited, so a
@@ -137,6 +143,13 @@ void tg_tenant_state_free(tg_tenant_state_t *s);
  * TG_LIMIT_UNAVAILABLE). */
 int tg_limits_admit(tg_tenant_state_t *s, const tg_limits_t *lim, const tg_reserve_t *r,
                     int64_t now_ms, tg_verdict_t *v);
+
+/* The day and month an admission at now_ms charges: now's, or the open
+ * window's when the wall clock stepped back across its start by at most
+ * TG_CLOCK_STEP_BACK_MAX_MS (a window is never reopened for the period it
+ * closed). Changes nothing. */
+void tg_limits_periods(const tg_tenant_state_t *s, int64_t now_ms, int64_t *day,
+                       int64_t *month);
 
 /* Settles an admitted request: gives back its lease, moves its reservation
  * to actual tokens and cost in the periods it was charged to (a period that

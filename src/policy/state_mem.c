@@ -163,8 +163,10 @@ int tg__mem_spend(tg__mem_t *m, const char *tenant, int64_t now_ms, tg_nano_t *d
       if (e->hash == h && strcmp(e->name, tenant) == 0)
         break;
   if (e != NULL) {
-    *day = e->st.day.period == tg_day_of(now_ms) ? e->st.day.spent : 0;
-    *month = e->st.month.period == tg_month_of(now_ms) ? e->st.month.spent : 0;
+    int64_t d, mo;
+    tg_limits_periods(&e->st, now_ms, &d, &mo); /* the windows an admission now charges */
+    *day = e->st.day.period == d ? e->st.day.spent : 0;
+    *month = e->st.month.period == mo ? e->st.month.spent : 0;
   }
   pthread_mutex_unlock(&sp->lock);
   (void)i;

@@ -1038,6 +1038,18 @@ def faked_clock(start):
             "ASAN_OPTIONS": tgtest.SAN_ENV["ASAN_OPTIONS"] + ":verify_asan_link_order=0"}
 
 
+def stepped_clock(path):
+    """The environment of a gateway whose wall clock is set by the file at
+    path ("@YYYY-MM-DD hh:mm:ss", runs from there), read again at each
+    reading of the clock: rewriting the file steps the clock, forward or
+    back, as an NTP correction does (libfaketime's FAKETIME_TIMESTAMP_FILE
+    with FAKETIME_NO_CACHE)."""
+    env = faked_clock("2000-01-01 00:00:00")
+    del env["FAKETIME"]
+    env.update({"FAKETIME_TIMESTAMP_FILE": path, "FAKETIME_NO_CACHE": "1"})
+    return env
+
+
 def spend_gauges(gw, tenant):
     """(daily, monthly) spend of tenant in /metrics, exact nano-USD."""
     text = tgtest.admin(gw, "/metrics").body.decode()
@@ -1096,3 +1108,40 @@ def test_a_request_admitted_after_midnight_is_recorded_in_the_windows_it_was_cha
     gw.env = faked_clock("2026-02-01 00:00:30")
     gw.start()
     assert spend_gauges(gw, "late") == (spent, spent)
+
+
+def test_a_clock_stepped_back_across_midnight_gives_no_budget_back(tg, sim, tmp_path):
+    """The gateway's wall clock passes midnight, then an NTP correction steps
+    it back a minute into the day before, then it passes midnight again. A
+    tenant that had spent its daily budget on March 31st must not get it
+    again: the memory backend reopened March 31st with nothing spent (two
+    more requests on that day's bill), and when the clock passed midnight
+    again April 1st started over too (three requests on a day whose budget
+    holds two). The open window, April 1st's, is charged meanwhile; each
+    day's usage stays within the budget the gateway enforced."""
+    tenants = {"ntp": tgtest.limited_tenant(models=[M], daily="0.0002", monthly="10.00")}
+    gw = start_gw(tg, sim, tenants=tenants, start=False)
+    key = gw.create_key("ntp")
+    clock = tmp_path / "clock"
+
+    def set_clock(when):
+        clock.write_text("@%s\n" % when)
+        time.sleep(0.2)
+
+    clock.write_text("@2026-03-31 12:00:00\n")
+    gw.env = stepped_clock(str(clock))
+    gw.start()
+    # 200,000 nano-USD a day: two requests (79,500 each, 88,500 reserved)
+    assert ask(gw, key).status == 200
+    assert ask(gw, key).status == 200
+    assert_refused(ask(gw, key), "daily_budget")
+    set_clock("2026-04-01 00:00:30")
+    assert ask(gw, key).status == 200
+    set_clock("2026-03-31 23:59:30")
+    assert ask(gw, key).status == 200            # April 1st's second
+    assert_refused(ask(gw, key), "daily_budget")
+    assert spend_gauges(gw, "ntp") == (2 * cost(50), 2 * cost(50))   # April's
+    set_clock("2026-04-01 00:01:00")
+    assert_refused(ask(gw, key), "daily_budget")
+    assert gw.usage("ntp", "2026-03-31")["spend_nano_usd"] == 2 * cost(50)
+    assert gw.usage("ntp", "2026-04-01")["spend_nano_usd"] == 2 * cost(50)

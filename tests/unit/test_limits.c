@@ -1040,6 +1040,77 @@ static void test_budget_settle_after_rollover(void **state) {
   tg_tenant_state_free(&s);
 }
 
+/* A wall clock stepped back across midnight (an NTP correction) must not
+ * reopen the day it had closed with nothing spent: that gave the tenant a
+ * whole daily budget again (a whole monthly one at a month end), and the
+ * day's spend, reserved and settled, was lost when the clock came forward
+ * again. The open window keeps being charged, and so do its settlements. */
+static void test_budget_clock_stepped_back(void **state) {
+  (void)state;
+  tg_tenant_state_t s;
+  tg_tenant_state_init(&s);
+  tg_limits_t lim = unlimited();
+  lim.day_limit = USD(10);
+  lim.month_limit = USD(15);
+  int ad = -1, am = -1;
+  int64_t before = utc(2026, 3, 31, 23, 59, 59, 0);
+  int64_t after = utc(2026, 4, 1, 0, 0, 2, 0);
+  int64_t back = utc(2026, 3, 31, 23, 59, 59, 500);   /* the clock came back 2.5 s */
+  int64_t apr1 = tg_day_of(after), april = tg_month_of(after);
+
+  tg_verdict_t v = admit(&s, &lim, 0, USD(10), before);
+  assert_int_equal(v.refused, TG_LIMIT_NONE);
+  settle(&s, &lim, 0, USD(10), &v, 0, USD(10), before, &ad, &am);
+  tg_verdict_t inflight = admit(&s, &lim, 0, USD(1), after);
+  assert_int_equal(inflight.refused, TG_LIMIT_NONE);
+  assert_int_equal(inflight.day, apr1);
+
+  /* Stepped back into March 31st, whose 10 USD are spent: no fresh day. */
+  v = admit(&s, &lim, 0, USD(10), back);
+  assert_int_equal(v.refused, TG_LIMIT_DAILY_BUDGET);
+  assert_int_equal(v.retry_after_ms, tg_day_end_ms(apr1) - back);
+  assert_int_equal(s.day.period, apr1);
+  assert_int_equal(s.day.reserved, USD(1));
+  assert_int_equal(s.month.period, april);
+
+  /* The request in flight settles into April 1st's windows. */
+  settle(&s, &lim, 0, USD(1), &inflight, 0, USD(1), back + 100, &ad, &am);
+  assert_int_equal(s.day.spent, USD(1));
+  assert_int_equal(s.day.reserved, 0);
+  assert_int_equal(s.month.spent, USD(1));
+
+  /* What fits in the open windows is charged to them, and stays charged
+   * when the clock passes midnight again. */
+  v = admit(&s, &lim, 0, USD(9), back + 200);
+  assert_int_equal(v.refused, TG_LIMIT_NONE);
+  assert_int_equal(v.day, apr1);
+  assert_int_equal(v.month, april);
+  settle(&s, &lim, 0, USD(9), &v, 0, USD(9), back + 300, &ad, &am);
+  assert_int_equal(ad, 1);   /* 10 of 10: April 1st's threshold, once */
+  v = admit(&s, &lim, 0, 1, utc(2026, 4, 1, 0, 0, 3, 0));
+  assert_int_equal(v.refused, TG_LIMIT_DAILY_BUDGET);
+  assert_int_equal(s.day.spent, USD(10));
+  assert_int_equal(s.month.spent, USD(10));
+  assert_int_equal(admit(&s, &lim, 0, USD(4), utc(2026, 4, 2, 0, 0, 0, 0)).refused,
+                   TG_LIMIT_NONE);
+
+  /* A clock far behind the open window (one that ran ahead by days and was
+   * set right) starts now's window: a window is never held for longer than
+   * a step back of TG_CLOCK_STEP_BACK_MAX_MS. */
+  int64_t wrong = utc(2026, 4, 20, 12, 0, 0, 0), right = utc(2026, 4, 2, 12, 0, 0, 0);
+  assert_int_equal(admit(&s, &lim, 0, 1, wrong).refused, TG_LIMIT_NONE);
+  v = admit(&s, &lim, 0, 1, right);
+  assert_int_equal(v.refused, TG_LIMIT_NONE);
+  assert_int_equal(v.day, tg_day_of(right));
+  assert_int_equal(s.day.period, tg_day_of(right));
+  int64_t held = tg_day_end_ms(tg_day_of(right)) - TG_CLOCK_STEP_BACK_MAX_MS;
+  assert_int_equal(admit(&s, &lim, 0, 1, tg_day_end_ms(tg_day_of(right))).day,
+                   tg_day_of(right) + 1);
+  assert_int_equal(admit(&s, &lim, 0, 1, held).day, tg_day_of(right) + 1);
+  assert_int_equal(admit(&s, &lim, 0, 1, held - 1).day, tg_day_of(right));
+  tg_tenant_state_free(&s);
+}
+
 static void test_budget_alerts(void **state) {
   (void)state;
   tg_tenant_state_t s;
@@ -1264,6 +1335,7 @@ int main(void) {
       cmocka_unit_test(test_budget_settle_replaces_reservation),
       cmocka_unit_test(test_budget_rollover),
       cmocka_unit_test(test_budget_settle_after_rollover),
+      cmocka_unit_test(test_budget_clock_stepped_back),
       cmocka_unit_test(test_budget_alerts),
       cmocka_unit_test(test_budget_alert_threshold_exact),
       cmocka_unit_test(test_refusal_changes_nothing),
