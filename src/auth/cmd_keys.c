@@ -71,8 +71,8 @@ static int usage(const char *why) {
 }
 
 /* Parses argv[first..argc) into o, allowing only the options in allowed.
- * Accepts "--opt value" and "--opt=value". Returns 0 or EXIT_USAGE (after
- * printing why). */
+ * Accepts "--opt value" and "--opt=value", and "-c FILE" for --config.
+ * Returns 0 or EXIT_USAGE (after printing why). */
 static int parse_opts(int argc, char **argv, int first, int allowed,
                       opts_t *o) {
   static const struct {
@@ -110,6 +110,8 @@ static int parse_opts(int argc, char **argv, int first, int allowed,
       o->pos[o->npos++] = a;
       continue;
     }
+    if (strcmp(a, "-c") == 0)
+      a = "--config"; /* the alias every command takes: "-c FILE" */
     if (a[1] != '-') {
       snprintf(msg, sizeof(msg), "unknown option %.40s", a);
       return usage(msg);
