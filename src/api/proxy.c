@@ -2118,8 +2118,9 @@ static int parse_body(tg_call_t *c, const tg_key_rec_t *rec) {
     c->client_usage = cJSON_IsTrue(tg_json_get(f.stream_options, "include_usage"));
   w.usage = c->stream && !c->client_usage;
   w.has_options = f.stream_options != NULL;
-  /* embeddings have no prefix cache to keep apart */
-  w.salt = !is_embeddings(c) ? w.uuid_ns : NULL;
+  /* embeddings too: vLLM keeps a prefix cache for embedding models (on by
+   * default for some) and its pooling requests take a cache_salt */
+  w.salt = w.uuid_ns;
   w.has_salt = f.cache_salt != NULL;
   w.max_tokens = c->send_max_tokens;
   w.has_max_tokens = f.max_tokens != NULL;

@@ -176,7 +176,8 @@ class Upstream:
                 doc = json.loads(body)
                 with self.lock:
                     self.last_body = body
-                    self.last_prompt_len = len(doc["messages"][0]["content"])
+                    self.last_prompt_len = (len(doc["messages"][0]["content"]) if "messages" in doc
+                                            else len(doc.get("prompt") or doc.get("input") or ""))
                 if doc.get("stream"):
                     self._stream(c, doc)
                 else:
@@ -541,15 +542,18 @@ def test_stream_asks_upstream_for_usage_keeping_the_body(tg):
 
 
 def test_cache_salt_is_the_tenants(tg):
-    """Every chat request goes upstream with its tenant's cache_salt (vLLM
-    keys its prefix cache by it): the same for a tenant's requests, another
-    for another tenant, in place of any the client sent, so no tenant
-    shares cached prefixes with another or learns from a cache hit what it
-    sent. A model set to `cache_salt: off` gets the body as sent."""
+    """Every chat, completions and embeddings request goes upstream with its
+    tenant's cache_salt (vLLM keys its prefix cache by it, embedding models'
+    too): the same for a tenant's requests, another for another tenant, in
+    place of any the client sent, so no tenant shares cached prefixes with
+    another or learns from a cache hit what it sent. A model set to
+    `cache_salt: off` gets the body as sent."""
     up = Upstream()
     try:
+        embed = tgtest.DEFAULT_MODELS[2]
         models = {M8B: tgtest.model_entry([up.url]),
-                  tgtest.DEFAULT_MODELS[1]: dict(tgtest.model_entry([up.url]), cache_salt="off")}
+                  tgtest.DEFAULT_MODELS[1]: dict(tgtest.model_entry([up.url]), cache_salt="off"),
+                  embed: dict(tgtest.model_entry([up.url]), kind="embedding")}
         gw = tg.gateway(models, workers=1, overrides=NATIVE, keys=("acme", "small"))
         seen = {}
         for tenant, extra in (("acme", {}), ("small", {}), ("acme", {"cache_salt": "small-guess"}),
@@ -561,6 +565,14 @@ def test_cache_salt_is_the_tenants(tg):
             seen.setdefault(tenant, set()).add(doc["cache_salt"])
             if "seed" in extra:
                 assert b"9007199254740993" in up.last_body, up.last_body
+            for path, other in (("/v1/completions", {"model": M8B, "prompt": "hi", "max_tokens": 2}),
+                                ("/v1/embeddings", {"model": embed, "input": "hi"})):
+                if tenant == "small" and path == "/v1/embeddings":
+                    continue            # small may not use the embedding model
+                body = dict(other, **{k: v for k, v in extra.items() if k == "cache_salt"})
+                r = tgtest.request(gw.port, "POST", path, body, key=gw.keys[tenant])
+                assert r.status == 200, (path, r)
+                seen[tenant].add(json.loads(up.last_body)["cache_salt"])
         assert seen == {"acme": {_salt(gw, "acme")}, "small": {_salt(gw, "small")}}, seen
         assert _salt(gw, "acme") != _salt(gw, "small")
         # the key outlives a restart: a tenant's cache is still its own
