@@ -1,16 +1,21 @@
 // Conformance of Tollgate with the official `openai` npm client.
 //
-// Runs the client (no retries) against a running gateway and checks what an
-// application would rely on: completions with exact usage, streams assembled
-// chunk by chunk with the usage chunk present only when asked for,
-// embeddings, the model list, and the client's typed errors built from our
-// error bodies. Reference numbers come from the simulator itself.
+// Runs the client against a running gateway and checks what an application
+// would rely on: completions with exact usage, streams assembled chunk by
+// chunk with the usage chunk present only when asked for, a cut stream
+// raising, embeddings, the model list, the client's typed errors built from
+// our error bodies, and its retries (the default two, where a check says so:
+// none for a status that will not change, Retry-After's wait for a shed).
+// Reference numbers come from the simulator itself.
 //
 // Environment:
 //   TG_BASE_URL    gateway API base, e.g. http://127.0.0.1:8080/v1
 //   TG_KEY         key of a tenant allowed every model below
 //   TG_SMALL_KEY   key of a tenant allowed TG_MODEL only
 //   TG_LIMITED_KEY key of a tenant allowed TG_MODEL with requests_per_minute 1
+//   TG_BROKE_KEY   key of a tenant whose daily budget is below any request's
+//   TG_OPS_KEY     key of a tenant allowed TG_MODEL, dead-model (no server
+//                  answers) and busy-model (one slot, the gateway's queue_max 0)
 //   TG_SIM_URL     the simulator behind the gateway (for reference usage)
 //   TG_MODEL, TG_DENIED_MODEL, TG_EMBED_MODEL   model names (defaults below)
 //
@@ -32,6 +37,8 @@ const baseURL = env('TG_BASE_URL');
 const key = env('TG_KEY');
 const smallKey = env('TG_SMALL_KEY');
 const limitedKey = env('TG_LIMITED_KEY');
+const brokeKey = env('TG_BROKE_KEY');
+const opsKey = env('TG_OPS_KEY');
 const simURL = env('TG_SIM_URL');
 const MODEL = env('TG_MODEL', 'llama-3.1-8b');
 const DENIED = env('TG_DENIED_MODEL', 'llama-3.1-70b');
@@ -89,6 +96,32 @@ async function expectError(fn, cls, status, type, code) {
     'error.message empty');
   ok(err.message.includes(err.error.message), `client message "${err.message}" lacks ours`);
   ok(typeof err.requestID === 'string' && err.requestID.length > 0, 'no x-request-id');
+  return err;
+}
+
+// A client that retries as the official one does by default, recording each
+// attempt's start time and status: retries are checked as the client makes them.
+function retrying(apiKey, maxRetries = 2) {
+  const attempts = [];
+  const c = new OpenAI({
+    apiKey, baseURL, maxRetries, timeout: 20000,
+    fetch: async (url, init) => {
+      const a = { at: Date.now(), status: null };
+      attempts.push(a);
+      const r = await fetch(url, init);
+      a.status = r.status;
+      return r;
+    },
+  });
+  return { c, attempts };
+}
+
+// Runs fn(client) with a fresh retrying client and expects the error after
+// exactly one attempt: a status the client must not retry.
+async function expectNoRetry(apiKey, fn, cls, status, type, code) {
+  const { c, attempts } = retrying(apiKey);
+  const err = await expectError(() => fn(c), cls, status, type, code);
+  eq(attempts.map((a) => a.status), [status], `attempts for ${status} ${code}`);
   return err;
 }
 
@@ -281,6 +314,122 @@ check('500 InternalServerError relayed', async () => {
     OpenAI.InternalServerError, 500, err500Type(), err500Code());
 });
 
+check('400 BadRequestError: invalid_json, missing_model, unsupported_parameter, model_not_supported', async () => {
+  await expectNoRetry(key, (c) => c.post('/chat/completions',
+    { body: '{"model": "x", ', headers: { 'content-type': 'application/json' } }),
+  OpenAI.BadRequestError, 400, 'invalid_request_error', 'invalid_json');
+  await expectNoRetry(key, (c) => c.chat.completions.create({ messages: MESSAGES }),
+    OpenAI.BadRequestError, 400, 'invalid_request_error', 'missing_model');
+  await expectNoRetry(key, (c) => c.chat.completions.create(
+    { model: MODEL, messages: MESSAGES, priority: 1 }),
+  OpenAI.BadRequestError, 400, 'invalid_request_error', 'unsupported_parameter');
+  await expectNoRetry(key, (c) => c.embeddings.create({ model: MODEL, input: 'x' }),
+    OpenAI.BadRequestError, 400, 'invalid_request_error', 'model_not_supported');
+});
+
+check('401, 403, 404 are not retried', async () => {
+  await expectNoRetry('tg-000000000000-notarealsecret',
+    (c) => c.chat.completions.create({ model: MODEL, messages: MESSAGES }),
+    OpenAI.AuthenticationError, 401, 'authentication_error', 'invalid_api_key');
+  await expectNoRetry(smallKey, (c) => c.chat.completions.create({ model: DENIED, messages: MESSAGES }),
+    OpenAI.PermissionDeniedError, 403, 'permission_error', 'model_not_allowed');
+  await expectNoRetry(key, (c) => c.chat.completions.create({ model: 'no-such-model', messages: MESSAGES }),
+    OpenAI.NotFoundError, 404, 'invalid_request_error', 'model_not_found');
+  await expectNoRetry(key, (c) => c.get('/no/such/path'),
+    OpenAI.NotFoundError, 404, 'invalid_request_error', 'not_found');
+});
+
+check('402 budget: APIError insufficient_quota, Retry-After, not retried', async () => {
+  const err = await expectNoRetry(brokeKey,
+    (c) => c.chat.completions.create({ model: MODEL, messages: MESSAGES, max_tokens: 1 }),
+    OpenAI.APIError, 402, 'insufficient_quota', 'daily_budget');
+  ok(Object.getPrototypeOf(err) === OpenAI.APIError.prototype,
+    `402 became ${err.constructor.name}, a class the client gives another meaning`);
+  const ra = headerOf(err.headers, 'retry-after');
+  ok(/^[0-9]+$/.test(ra ?? '') && Number(ra) >= 1 && Number(ra) <= 86400,
+    `Retry-After ${ra} is not whole seconds until the day ends`);
+});
+
+check('405, 413, 431: APIError with our codes, not retried', async () => {
+  await expectNoRetry(key, (c) => c.get('/chat/completions'),
+    OpenAI.APIError, 405, 'invalid_request_error', 'method_not_allowed');
+  await expectNoRetry(key, (c) => c.chat.completions.create(
+    { model: MODEL, messages: [{ role: 'user', content: 'x'.repeat(70000) }] }),
+  OpenAI.APIError, 413, 'invalid_request_error', 'body_too_large');
+  await expectNoRetry(key, (c) => c.chat.completions.create({ model: MODEL, messages: MESSAGES },
+    { headers: { 'x-padding': 'y'.repeat(9000) } }),
+  OpenAI.APIError, 431, 'invalid_request_error', 'headers_too_large');
+});
+
+check('502 bad_upstream_response: InternalServerError, retried', async () => {
+  const { c, attempts } = retrying(key, 1);
+  await expectError(() => c.chat.completions.create({ model: MODEL, messages: MESSAGES },
+    { headers: { 'x-sim-fault': 'garbage' } }),
+  OpenAI.InternalServerError, 502, 'server_error', 'bad_upstream_response');
+  eq(attempts.map((a) => a.status), [502, 502], 'attempts');
+});
+
+check('503 no_healthy_endpoint: InternalServerError', async () => {
+  const ops = new OpenAI({ apiKey: opsKey, baseURL, maxRetries: 0, timeout: 20000 });
+  await expectError(() => ops.chat.completions.create({ model: 'dead-model', messages: MESSAGES }),
+    OpenAI.InternalServerError, 503, 'server_error', 'no_healthy_endpoint');
+});
+
+check('503 queue_full: the client waits Retry-After: 1, then gets through', async () => {
+  const ops = new OpenAI({ apiKey: opsKey, baseURL, maxRetries: 0, timeout: 20000 });
+  // holds busy-model's only slot for 1.6 s: the first token at once (no
+  // first-byte timeout), the second 1.6 s later
+  const hold = (async () => {
+    const s = await ops.chat.completions.create(
+      { model: 'busy-model', messages: MESSAGES, max_tokens: 2, stream: true },
+      { headers: { 'x-sim-token-ms': '1600' } });
+    for await (const _ of s); // eslint-disable-line no-unused-vars
+  })();
+  await new Promise((r) => setTimeout(r, 300));
+  const { c, attempts } = retrying(opsKey, 3);
+  const { data, response } = await c.chat.completions
+    .create({ model: 'busy-model', messages: MESSAGES, max_tokens: 1 })
+    .withResponse();
+  await hold;
+  eq(data.usage.completion_tokens, 1, 'the answer after the retries');
+  ok(attempts.length >= 2, `the first attempt was not shed: ${JSON.stringify(attempts)}`);
+  eq(attempts.map((a) => a.status),
+    [...Array(attempts.length - 1).fill(503), 200], 'attempts');
+  for (let i = 1; i < attempts.length; i++) {
+    const gap = attempts[i].at - attempts[i - 1].at;
+    ok(gap >= 995 && gap < 1500, `retry ${i} came ${gap} ms after the 503, not Retry-After's 1 s`);
+  }
+  ok((response.headers.get('x-request-id') ?? '').length > 0, 'no x-request-id');
+  // what the client saw each time: the code says what to expect
+  const err = await expectError(() => ops.chat.completions.create(
+    { model: 'busy-model', messages: MESSAGES, max_tokens: 1, stream: true },
+    { headers: { 'x-sim-fault': 'status:503' } }),
+  OpenAI.InternalServerError, 503, simErrors[503].type, simErrors[503].code);
+  eq(headerOf(err.headers, 'retry-after'), '1', 'Retry-After of a relayed 503');
+});
+
+check('504 upstream_timeout: InternalServerError', async () => {
+  await expectError(() => client.chat.completions.create({ model: MODEL, messages: MESSAGES },
+    { headers: { 'x-sim-fault': 'stall' } }),
+  OpenAI.InternalServerError, 504, 'server_error', 'upstream_timeout');
+});
+
+check('streaming: a stream the upstream cuts raises, not a silent end', async () => {
+  const stream = await client.chat.completions.create(
+    { model: MODEL, messages: MESSAGES, max_tokens: 10, stream: true },
+    { headers: { 'x-sim-fault': 'disconnect-after:3' } });
+  let text = '';
+  let err;
+  try {
+    for await (const chunk of stream) text += chunk.choices[0]?.delta?.content ?? '';
+  } catch (e) {
+    err = e;
+  }
+  ok(err !== undefined, `the stream ended without [DONE] and the client raised nothing (text "${text}")`);
+  ok(!(err instanceof CheckError), err?.message);
+  eq(text, expectedText(3), 'text before the cut');
+});
+
 // The simulator's error bodies for injected statuses; read once at start so
 // the checks compare against whatever the backend says.
 let simErrors = {};
@@ -290,7 +439,7 @@ function err500Type() { return simErrors[500].type; }
 function err500Code() { return simErrors[500].code; }
 
 async function loadSimErrors() {
-  for (const status of [429, 500]) {
+  for (const status of [429, 500, 503]) {
     const r = await fetch(`${simURL}/v1/chat/completions`, {
       method: 'POST',
       headers: { 'content-type': 'application/json', 'x-sim-fault': `status:${status}` },

@@ -21,20 +21,33 @@ def test_openai_node_client(tmp_path):
     if not os.path.isdir(os.path.join(HERE, "node_modules", "openai")):
         pytest.fail("tests/client/node_modules/openai missing: run scripts/install-deps.sh")
     m8b, m70b, embed = tgtest.DEFAULT_MODELS
-    sim = gw = None
+    sim = sim2 = gw = None
     try:
         sim = tgtest.Sim(workdir=str(tmp_path)).start()
+        sim2 = tgtest.Sim(workdir=str(tmp_path)).start()  # the busy model's only server
         tenants = tgtest.default_tenants()
         # the gateway's own 429: one request a minute
         tenants["limited"] = tgtest.limited_tenant(models=(m8b,), rpm=1)
-        gw = tgtest.Gateway({m: [sim.url] for m in tgtest.DEFAULT_MODELS}, tenants=tenants,
-                            workdir=str(tmp_path)).start()
+        # 402: a daily budget below any request's reservation
+        tenants["broke"] = tgtest.limited_tenant(models=(m8b,), daily="0.000001")
+        # 503s: a model no server answers for, one whose single slot a request holds
+        tenants["ops"] = tgtest.limited_tenant(models=(m8b, "dead-model", "busy-model"))
+        models = {m: [sim.url] for m in tgtest.DEFAULT_MODELS}
+        models["dead-model"] = ["http://127.0.0.1:%d" % tgtest.closed_port()]
+        models["busy-model"] = tgtest.model_entry([sim2.url], max_inflight=1)
+        gw = tgtest.Gateway(models, tenants=tenants, workdir=str(tmp_path),
+                            overrides={"queue_max": 0,
+                                       "timeouts": {"upstream_first_byte": "1s"}})
+        # not ready while dead-model has no healthy endpoint, which is the point
+        gw.start(ready=False)
         env = dict(os.environ)
         env.update({
             "TG_BASE_URL": gw.base + "/v1",
             "TG_KEY": gw.create_key("acme"),
             "TG_SMALL_KEY": gw.create_key("small"),
             "TG_LIMITED_KEY": gw.create_key("limited"),
+            "TG_BROKE_KEY": gw.create_key("broke"),
+            "TG_OPS_KEY": gw.create_key("ops"),
             "TG_SIM_URL": sim.url,
             "TG_MODEL": m8b, "TG_DENIED_MODEL": m70b, "TG_EMBED_MODEL": embed,
         })
@@ -48,6 +61,6 @@ def test_openai_node_client(tmp_path):
         rc = gw.stop()
         assert rc == 0, "gateway exit code %s\n%s" % (rc, gw.proc.tail())
     finally:
-        for x in (gw, sim):
+        for x in (gw, sim, sim2):
             if x is not None:
                 x.kill()
