@@ -2203,6 +2203,15 @@ static void format_rl_headers(tg_call_t *c) {
     c->rl_headers[0] = '\0';
 }
 
+/* The longest Retry-After a client should sleep through in its own retry
+ * loop: every per-minute limit frees within a minute from a usual state. A
+ * refusal that waits longer (one a budget also refused, so the wait runs to
+ * the day's or month's end) says x-should-retry: false: the official
+ * clients sleep whatever Retry-After says before retrying a 429, and would
+ * hang in the call for hours; they raise at once instead, the Retry-After
+ * still there for the caller. */
+#define RETRY_SLEEP_MAX_S 60
+
 static void refuse_by_policy(tg_call_t *c) {
   const tg_verdict_t *v = &c->admission.v;
   int64_t secs = (v->retry_after_ms + 999) / 1000;
@@ -2212,7 +2221,8 @@ static void refuse_by_policy(tg_call_t *c) {
 
   if (secs < 1)
     secs = 1;
-  snprintf(extra, sizeof(extra), "Retry-After: %lld\r\n", (long long)secs);
+  snprintf(extra, sizeof(extra), "Retry-After: %lld\r\n%s", (long long)secs,
+           secs > RETRY_SLEEP_MAX_S ? "x-should-retry: false\r\n" : "");
   switch (v->refused) {
   case TG_LIMIT_GLOBAL: what = "the gateway's global request rate"; break;
   case TG_LIMIT_CONCURRENCY: what = "concurrent requests"; break;

@@ -14,6 +14,8 @@
 //   TG_SMALL_KEY   key of a tenant allowed TG_MODEL only
 //   TG_LIMITED_KEY key of a tenant allowed TG_MODEL with requests_per_minute 1
 //   TG_BROKE_KEY   key of a tenant whose daily budget is below any request's
+//   TG_CAPPED_KEY  key of a tenant with requests_per_minute 1 and a daily
+//                  budget one 40-token answer nearly spends
 //   TG_OPS_KEY     key of a tenant allowed TG_MODEL, dead-model (no server
 //                  answers) and busy-model (one slot, the gateway's queue_max 0)
 //   TG_SIM_URL     the simulator behind the gateway (for reference usage)
@@ -38,6 +40,7 @@ const key = env('TG_KEY');
 const smallKey = env('TG_SMALL_KEY');
 const limitedKey = env('TG_LIMITED_KEY');
 const brokeKey = env('TG_BROKE_KEY');
+const cappedKey = env('TG_CAPPED_KEY');
 const opsKey = env('TG_OPS_KEY');
 const simURL = env('TG_SIM_URL');
 const MODEL = env('TG_MODEL', 'llama-3.1-8b');
@@ -312,6 +315,35 @@ check('500 InternalServerError relayed', async () => {
     () => client.chat.completions.create({ model: MODEL, messages: MESSAGES },
       { headers: { 'x-sim-fault': 'status:500' } }),
     OpenAI.InternalServerError, 500, err500Type(), err500Code());
+});
+
+check('429 whose wait is a budget window: raised at once, not slept through', async () => {
+  // the tenant's second request is refused by its requests_per_minute and by
+  // its daily budget: the 429 names the first, its Retry-After waits for the
+  // day to end, and the client, which sleeps whatever Retry-After says, must
+  // not hang in its retries until then
+  const untilMidnight = 86400000 - (Date.now() % 86400000);
+  if (untilMidnight < 120000)
+    return; // the day's end is as near as a minute's limit: nothing to tell apart
+  const capped = new OpenAI({ apiKey: cappedKey, baseURL, maxRetries: 0, timeout: 20000 });
+  const first = await capped.chat.completions.create(
+    { model: MODEL, messages: MESSAGES, max_tokens: 40 });
+  eq(first.usage.completion_tokens, 40, 'first request admitted');
+  const { c, attempts } = retrying(cappedKey);
+  let timer;
+  const err = await Promise.race([
+    expectError(() => c.chat.completions.create({ model: MODEL, messages: MESSAGES, max_tokens: 40 }),
+      OpenAI.RateLimitError, 429, 'rate_limit_error', 'requests'),
+    new Promise((_, reject) => {
+      timer = setTimeout(() => reject(new CheckError(
+        `the client is still retrying after 5 s: ${JSON.stringify(attempts)}`)), 5000);
+    }),
+  ]).finally(() => clearTimeout(timer));
+  const ra = headerOf(err.headers, 'retry-after');
+  ok(/^[0-9]+$/.test(ra ?? '') && Number(ra) > 60 && Number(ra) <= 86400,
+    `Retry-After ${ra} is not the wait until the day ends`);
+  eq(headerOf(err.headers, 'x-should-retry'), 'false', 'x-should-retry');
+  eq(attempts.map((a) => a.status), [429], 'attempts');
 });
 
 check('400 BadRequestError: invalid_json, missing_model, unsupported_parameter, model_not_supported', async () => {

@@ -30,6 +30,9 @@ def test_openai_node_client(tmp_path):
         tenants["limited"] = tgtest.limited_tenant(models=(m8b,), rpm=1)
         # 402: a daily budget below any request's reservation
         tenants["broke"] = tgtest.limited_tenant(models=(m8b,), daily="0.000001")
+        # one request a minute and a budget that one 40-token answer nearly spends:
+        # its second request is refused by both, until the day ends
+        tenants["capped"] = tgtest.limited_tenant(models=(m8b,), rpm=1, daily="0.0001")
         # 503s: a model no server answers for, one whose single slot a request holds
         tenants["ops"] = tgtest.limited_tenant(models=(m8b, "dead-model", "busy-model"))
         models = {m: [sim.url] for m in tgtest.DEFAULT_MODELS}
@@ -47,6 +50,7 @@ def test_openai_node_client(tmp_path):
             "TG_SMALL_KEY": gw.create_key("small"),
             "TG_LIMITED_KEY": gw.create_key("limited"),
             "TG_BROKE_KEY": gw.create_key("broke"),
+            "TG_CAPPED_KEY": gw.create_key("capped"),
             "TG_OPS_KEY": gw.create_key("ops"),
             "TG_SIM_URL": sim.url,
             "TG_MODEL": m8b, "TG_DENIED_MODEL": m70b, "TG_EMBED_MODEL": embed,
