@@ -17,7 +17,8 @@
 //   TG_CAPPED_KEY  key of a tenant with requests_per_minute 1 and a daily
 //                  budget one 40-token answer nearly spends
 //   TG_OPS_KEY     key of a tenant allowed TG_MODEL, dead-model (no server
-//                  answers) and busy-model (one slot, the gateway's queue_max 0)
+//                  answers), busy-model (one slot, the gateway's queue_max 0)
+//                  and error-event-model (a stream: a token, an error event, [DONE])
 //   TG_SIM_URL     the simulator behind the gateway (for reference usage)
 //   TG_MODEL, TG_DENIED_MODEL, TG_EMBED_MODEL   model names (defaults below)
 //
@@ -446,20 +447,38 @@ check('504 upstream_timeout: InternalServerError', async () => {
   OpenAI.InternalServerError, 504, 'server_error', 'upstream_timeout');
 });
 
+// Reads a chat stream to its end: the text of its first choice, and what the
+// client's loop threw (undefined when it ended normally).
+async function readStream(stream) {
+  let text = '';
+  try {
+    for await (const chunk of stream) text += chunk.choices[0]?.delta?.content ?? '';
+  } catch (err) {
+    return { text, err };
+  }
+  return { text, err: undefined };
+}
+
 check('streaming: a stream the upstream cuts raises, not a silent end', async () => {
   const stream = await client.chat.completions.create(
     { model: MODEL, messages: MESSAGES, max_tokens: 10, stream: true },
     { headers: { 'x-sim-fault': 'disconnect-after:3' } });
-  let text = '';
-  let err;
-  try {
-    for await (const chunk of stream) text += chunk.choices[0]?.delta?.content ?? '';
-  } catch (e) {
-    err = e;
-  }
+  const { text, err } = await readStream(stream);
   ok(err !== undefined, `the stream ended without [DONE] and the client raised nothing (text "${text}")`);
   ok(!(err instanceof CheckError), err?.message);
   eq(text, expectedText(3), 'text before the cut');
+});
+
+check('streaming: an error event mid-stream raises APIError with its message', async () => {
+  const ops = new OpenAI({ apiKey: opsKey, baseURL, maxRetries: 0, timeout: 20000 });
+  const stream = await ops.chat.completions.create(
+    { model: 'error-event-model', messages: MESSAGES, stream: true });
+  const { text, err } = await readStream(stream);
+  ok(err instanceof OpenAI.APIError,
+    `the upstream's error event did not raise: ${err?.constructor?.name ?? 'nothing'} (text "${text}")`);
+  eq(err.error?.message, 'the engine failed mid-generation', "the event's message");
+  ok(err.message.includes('the engine failed mid-generation'), `client message "${err.message}"`);
+  eq(text, 'tok0', 'text before the error');
 });
 
 // The simulator's error bodies for injected statuses; read once at start so

@@ -1,6 +1,7 @@
 """Runs conformance.mjs (the official `openai` npm client) against a real
 gateway in front of the simulator, both started by tests/lib/tgtest.py."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -21,7 +22,7 @@ def test_openai_node_client(tmp_path):
     if not os.path.isdir(os.path.join(HERE, "node_modules", "openai")):
         pytest.fail("tests/client/node_modules/openai missing: run scripts/install-deps.sh")
     m8b, m70b, embed = tgtest.DEFAULT_MODELS
-    sim = sim2 = gw = None
+    sim = sim2 = gw = fake = None
     try:
         sim = tgtest.Sim(workdir=str(tmp_path)).start()
         sim2 = tgtest.Sim(workdir=str(tmp_path)).start()  # the busy model's only server
@@ -34,10 +35,24 @@ def test_openai_node_client(tmp_path):
         # its second request is refused by both, until the day ends
         tenants["capped"] = tgtest.limited_tenant(models=(m8b,), rpm=1, daily="0.0001")
         # 503s: a model no server answers for, one whose single slot a request holds
-        tenants["ops"] = tgtest.limited_tenant(models=(m8b, "dead-model", "busy-model"))
+        tenants["ops"] = tgtest.limited_tenant(models=(m8b, "dead-model", "busy-model",
+                                                       "error-event-model"))
+        # a stream whose upstream reports an error mid-stream, as vLLM does:
+        # one token, the error event, [DONE]
+        fake = tgtest.FakeUpstream(status=200)
+        fake.content_type = "text/event-stream"
+        chunk = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1,
+                 "model": "error-event-model",
+                 "choices": [{"index": 0, "delta": {"role": "assistant", "content": "tok0"},
+                              "finish_reason": None}]}
+        fake.body = ("data: %s\n\ndata: %s\n\ndata: [DONE]\n\n" % (
+            json.dumps(chunk), json.dumps({"error": {
+                "message": "the engine failed mid-generation", "type": "InternalServerError",
+                "param": None, "code": 500}}))).encode()
         models = {m: [sim.url] for m in tgtest.DEFAULT_MODELS}
         models["dead-model"] = ["http://127.0.0.1:%d" % tgtest.closed_port()]
         models["busy-model"] = tgtest.model_entry([sim2.url], max_inflight=1)
+        models["error-event-model"] = [fake.url]
         gw = tgtest.Gateway(models, tenants=tenants, workdir=str(tmp_path),
                             overrides={"queue_max": 0,
                                        "timeouts": {"upstream_first_byte": "1s"}})
@@ -68,3 +83,5 @@ def test_openai_node_client(tmp_path):
         for x in (gw, sim, sim2):
             if x is not None:
                 x.kill()
+        if fake is not None:
+            fake.close()
