@@ -1489,25 +1489,17 @@ static int may_use(const tg_tenant_cfg_t *t, const tg_key_rec_t *k, const char *
   return tg_tenant_allows(t, model) && tg_key_allows_model(k, model);
 }
 
-static void list_models(tg_call_t *c, const tg_key_rec_t *rec) {
-  const tg_config_t *cfg = c->rt->cfg;
-  json_t *root, *data;
-  char *text;
-  char hdr[96];
-  size_t i;
+/* A model as /v1/models lists it and /v1/models/{model} answers it. */
+static json_t *model_object(const tg_model_cfg_t *m) {
+  return json_pack("{s:s,s:s,s:i,s:s}", "id", m->name, "object", "model", "created", 0,
+                   "owned_by", "tollgate");
+}
 
-  root = json_object();
-  data = json_array();
-  json_object_set_new(root, "object", json_string("list"));
-  for (i = 0; i < cfg->n_models; i++) {
-    const tg_model_cfg_t *m = &cfg->models[i];
-    if (!may_use(c->tenant, rec, m->name))
-      continue;
-    json_array_append_new(data, json_pack("{s:s,s:s,s:i,s:s}", "id", m->name, "object",
-                                          "model", "created", 0, "owned_by", "tollgate"));
-  }
-  json_object_set_new(root, "data", data);
-  text = json_dumps(root, JSON_COMPACT);
+/* Answers 200 with root (taken) and finishes the call. */
+static void respond_json(tg_call_t *c, json_t *root) {
+  char *text = root != NULL ? json_dumps(root, JSON_COMPACT) : NULL;
+  char hdr[96];
+
   json_decref(root);
   if (text == NULL) {
     call_refuse(c, 500, "server_error", "internal_error", NULL, "out of memory");
@@ -1518,6 +1510,69 @@ static void list_models(tg_call_t *c, const tg_key_rec_t *rec) {
   tg_http_respond(c->req, 200, "application/json", hdr, text, strlen(text));
   free(text);
   call_finish(c);
+}
+
+static void list_models(tg_call_t *c, const tg_key_rec_t *rec) {
+  const tg_config_t *cfg = c->rt->cfg;
+  json_t *root, *data;
+  size_t i;
+
+  root = json_object();
+  data = json_array();
+  json_object_set_new(root, "object", json_string("list"));
+  for (i = 0; i < cfg->n_models; i++) {
+    const tg_model_cfg_t *m = &cfg->models[i];
+    if (!may_use(c->tenant, rec, m->name))
+      continue;
+    json_array_append_new(data, model_object(m));
+  }
+  json_object_set_new(root, "data", data);
+  respond_json(c, root);
+}
+
+/* GET /v1/models/{model}: the model as the list shows it, refused as a
+ * completion naming it is (404 unknown, 403 not the caller's). */
+static void retrieve_model(tg_call_t *c, const tg_key_rec_t *rec, const char *name) {
+  const tg_model_cfg_t *m = tg_config_model(c->rt->cfg, name);
+
+  if (m == NULL) {
+    call_refuse(c, 404, "invalid_request_error", "model_not_found", NULL,
+                "the model '%.200s' does not exist", name);
+    return;
+  }
+  if (!may_use(c->tenant, rec, m->name)) {
+    call_refuse(c, 403, "permission_error", "model_not_allowed", NULL,
+                "this API key may not use the model '%s'", m->name);
+    return;
+  }
+  respond_json(c, model_object(m));
+}
+
+/* The model a "/v1/models/{model}" path names, percent-decoded into buf
+ * (the official clients send a '/' of a name as %2F); NULL when path is
+ * not one, or names nothing, or does not decode (a bad escape, a NUL, a
+ * name longer than buf). */
+static const char *model_in_path(const char *path, char *buf, size_t size) {
+  static const char prefix[] = "/v1/models/";
+  const char *p = path + sizeof(prefix) - 1;
+  size_t n = 0;
+
+  if (strncmp(path, prefix, sizeof(prefix) - 1) != 0 || *p == '\0')
+    return NULL;
+  for (; *p != '\0'; p++) {
+    int ch = (unsigned char)*p;
+    if (ch == '%') {
+      int hi = tg_hex_val(p[1]), lo = hi < 0 ? -1 : tg_hex_val(p[2]);
+      if (lo < 0 || (ch = hi * 16 + lo) == 0)
+        return NULL;
+      p += 2;
+    }
+    if (n + 1 >= size)
+      return NULL;
+    buf[n++] = (char)ch;
+  }
+  buf[n] = '\0';
+  return buf;
 }
 
 /* Forwards the configured client headers and names the request upstream.
@@ -2312,6 +2367,8 @@ void tg_api_handle(tg_http_req_t *req) {
   tg_worker_t *w = tg_http_server_data(req->server);
   const tg_key_rec_t *rec = NULL;
   int models;
+  const char *model_id;
+  char id_buf[512], path_buf[512];
   tg_call_t *c;
 
   c = tg_recycle_alloc(&w->mem);
@@ -2330,7 +2387,16 @@ void tg_api_handle(tg_http_req_t *req) {
   call_link(c);
 
   models = strcmp(req->path, "/v1/models") == 0;
-  c->path = models ? "/v1/models" : upstream_path(req->path);
+  model_id = model_in_path(req->path, id_buf, sizeof(id_buf));
+  if (model_id != NULL) {
+    /* the path as asked, for the log: the head goes once the answer is
+     * queued, and the call is answered and logged before this returns */
+    tg_str_copy(path_buf, sizeof(path_buf), req->path);
+    c->path = path_buf;
+    models = 1;
+  } else {
+    c->path = models ? "/v1/models" : upstream_path(req->path);
+  }
   c->embeddings = c->path != NULL && strcmp(c->path, "/v1/embeddings") == 0;
   if (c->path == NULL) {
     /* logged as asked (JSON-escaped), so a scan of the API leaves a trace;
@@ -2355,6 +2421,10 @@ void tg_api_handle(tg_http_req_t *req) {
   }
   if (authenticate(c, &rec) < 0)
     return;
+  if (model_id != NULL) {
+    retrieve_model(c, rec, model_id);
+    return;
+  }
   if (models) {
     list_models(c, rec);
     return;

@@ -18,7 +18,8 @@
 //                  budget one 40-token answer nearly spends
 //   TG_OPS_KEY     key of a tenant allowed TG_MODEL, dead-model (no server
 //                  answers), busy-model (one slot, the gateway's queue_max 0)
-//                  and error-event-model (a stream: a token, an error event, [DONE])
+//                  error-event-model (a stream: a token, an error event, [DONE])
+//                  and org/slashed-model
 //   TG_SIM_URL     the simulator behind the gateway (for reference usage)
 //   TG_MODEL, TG_DENIED_MODEL, TG_EMBED_MODEL   model names (defaults below)
 //
@@ -257,6 +258,18 @@ check('models.list: tenant and key scope', async () => {
   const smallIds = [];
   for await (const m of small.models.list()) smallIds.push(m.id);
   eq(smallIds, [MODEL], 'models of the small tenant');
+});
+
+check('models.retrieve: the caller\'s model, a name with a slash, 404 and 403', async () => {
+  const m = await client.models.retrieve(MODEL);
+  eq([m.id, m.object, m.owned_by], [MODEL, 'model', 'tollgate'], 'the model');
+  const ops = new OpenAI({ apiKey: opsKey, baseURL, maxRetries: 0, timeout: 20000 });
+  eq((await ops.models.retrieve('org/slashed-model')).id, 'org/slashed-model',
+    'a name with a slash');
+  await expectNoRetry(key, (c) => c.models.retrieve('no-such-model'),
+    OpenAI.NotFoundError, 404, 'invalid_request_error', 'model_not_found');
+  await expectNoRetry(smallKey, (c) => c.models.retrieve(DENIED),
+    OpenAI.PermissionDeniedError, 403, 'permission_error', 'model_not_allowed');
 });
 
 check('401 AuthenticationError', async () => {

@@ -36,7 +36,7 @@ def test_openai_node_client(tmp_path):
         tenants["capped"] = tgtest.limited_tenant(models=(m8b,), rpm=1, daily="0.0001")
         # 503s: a model no server answers for, one whose single slot a request holds
         tenants["ops"] = tgtest.limited_tenant(models=(m8b, "dead-model", "busy-model",
-                                                       "error-event-model"))
+                                                       "error-event-model", "org/slashed-model"))
         # a stream whose upstream reports an error mid-stream, as vLLM does:
         # one token, the error event, [DONE]
         fake = tgtest.FakeUpstream(status=200)
@@ -53,6 +53,7 @@ def test_openai_node_client(tmp_path):
         models["dead-model"] = ["http://127.0.0.1:%d" % tgtest.closed_port()]
         models["busy-model"] = tgtest.model_entry([sim2.url], max_inflight=1)
         models["error-event-model"] = [fake.url]
+        models["org/slashed-model"] = [sim.url]  # the client sends its '/' as %2F
         gw = tgtest.Gateway(models, tenants=tenants, workdir=str(tmp_path),
                             overrides={"queue_max": 0,
                                        "timeouts": {"upstream_first_byte": "1s"}})

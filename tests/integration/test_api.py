@@ -102,6 +102,32 @@ def test_models_lists_key_scope(stack):
     assert _model_ids(stack.port, one) == {M8B}
 
 
+def test_models_retrieve_one(stack):
+    r = request(stack.port, "GET", "/v1/models/" + M8B, key=stack.key)
+    assert r.status == 200, r
+    assert r.json() == {"id": M8B, "object": "model", "created": 0, "owned_by": "tollgate"}
+    assert r.header("x-request-id")
+    # percent-decoded, as clients encode a name ('%2D' is '-')
+    r = request(stack.port, "GET", "/v1/models/" + M8B.replace("-", "%2D", 1), key=stack.key)
+    assert r.status == 200 and r.json()["id"] == M8B, r
+    # refused as a completion naming the model is
+    r = request(stack.port, "GET", "/v1/models/" + M70B, key=stack.small_key)
+    assert (r.status, r.error()["code"]) == (403, "model_not_allowed"), r
+    scoped = stack.gw.create_key("acme", models=[M70B])
+    r = request(stack.port, "GET", "/v1/models/" + M8B, key=scoped)
+    assert (r.status, r.error()["code"]) == (403, "model_not_allowed"), r
+    r = request(stack.port, "GET", "/v1/models/no-such-model", key=stack.key)
+    assert (r.status, r.error()["code"]) == (404, "model_not_found"), r
+    r = request(stack.port, "GET", "/v1/models/" + M8B)
+    assert (r.status, r.error()["code"]) == (401, "missing_api_key"), r
+    r = request(stack.port, "POST", "/v1/models/" + M8B, key=stack.key, body=b"{}")
+    assert (r.status, r.header("allow")) == (405, "GET, HEAD"), r
+    # a path that names no model, or does not decode to one, is no route
+    for bad in ("/v1/models/", "/v1/models/%zz", "/v1/models/a%00b", "/v1/models/" + "m" * 600):
+        r = request(stack.port, "GET", bad, key=stack.key)
+        assert (r.status, r.error()["code"]) == (404, "not_found"), (bad, r)
+
+
 def test_models_needs_a_key(stack):
     r = request(stack.port, "GET", "/v1/models")
     assert r.status == 401
