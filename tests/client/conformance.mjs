@@ -16,6 +16,7 @@
 //   TG_BROKE_KEY   key of a tenant whose daily budget is below any request's
 //   TG_CAPPED_KEY  key of a tenant with requests_per_minute 1 and a daily
 //                  budget one 40-token answer nearly spends
+//   TG_SINGLE_KEY  key of a tenant allowed TG_MODEL with concurrent_requests 1
 //   TG_OPS_KEY     key of a tenant allowed TG_MODEL, dead-model (no server
 //                  answers), busy-model (one slot, the gateway's queue_max 0)
 //                  error-event-model (a stream: a token, an error event, [DONE])
@@ -44,6 +45,7 @@ const limitedKey = env('TG_LIMITED_KEY');
 const brokeKey = env('TG_BROKE_KEY');
 const cappedKey = env('TG_CAPPED_KEY');
 const opsKey = env('TG_OPS_KEY');
+const singleKey = env('TG_SINGLE_KEY');
 const simURL = env('TG_SIM_URL');
 const MODEL = env('TG_MODEL', 'llama-3.1-8b');
 const DENIED = env('TG_DENIED_MODEL', 'llama-3.1-70b');
@@ -115,6 +117,8 @@ function retrying(apiKey, maxRetries = 2) {
       attempts.push(a);
       const r = await fetch(url, init);
       a.status = r.status;
+      if (r.status >= 400)
+        a.code = await r.clone().json().then((b) => b?.error?.code, () => undefined);
       return r;
     },
   });
@@ -421,37 +425,52 @@ check('503 no_healthy_endpoint: InternalServerError', async () => {
     OpenAI.InternalServerError, 503, 'server_error', 'no_healthy_endpoint');
 });
 
-check('503 queue_full: the client waits Retry-After: 1, then gets through', async () => {
-  const ops = new OpenAI({ apiKey: opsKey, baseURL, maxRetries: 0, timeout: 20000 });
-  // holds busy-model's only slot for 1.6 s: the first token at once (no
-  // first-byte timeout), the second 1.6 s later
+// Holds the one slot apiKey's requests for model may have with a stream whose
+// second token comes 1.6 s after its first (no first-byte timeout), and
+// meanwhile asks the same with a retrying client: refused with status and
+// Retry-After: 1, it must come back one second after each refusal and get
+// through once the slot is free. Returns the refusals' error codes.
+async function heldThenRetried(apiKey, model, status) {
+  const holder = new OpenAI({ apiKey, baseURL, maxRetries: 0, timeout: 20000 });
   const hold = (async () => {
-    const s = await ops.chat.completions.create(
-      { model: 'busy-model', messages: MESSAGES, max_tokens: 2, stream: true },
+    const s = await holder.chat.completions.create(
+      { model, messages: MESSAGES, max_tokens: 2, stream: true },
       { headers: { 'x-sim-token-ms': '1600' } });
     for await (const _ of s); // eslint-disable-line no-unused-vars
   })();
   await new Promise((r) => setTimeout(r, 300));
-  const { c, attempts } = retrying(opsKey, 3);
+  const { c, attempts } = retrying(apiKey, 3);
   const { data, response } = await c.chat.completions
-    .create({ model: 'busy-model', messages: MESSAGES, max_tokens: 1 })
+    .create({ model, messages: MESSAGES, max_tokens: 1 })
     .withResponse();
   await hold;
   eq(data.usage.completion_tokens, 1, 'the answer after the retries');
-  ok(attempts.length >= 2, `the first attempt was not shed: ${JSON.stringify(attempts)}`);
+  ok(attempts.length >= 2, `the first attempt was not refused: ${JSON.stringify(attempts)}`);
   eq(attempts.map((a) => a.status),
-    [...Array(attempts.length - 1).fill(503), 200], 'attempts');
+    [...Array(attempts.length - 1).fill(status), 200], 'attempts');
   for (let i = 1; i < attempts.length; i++) {
     const gap = attempts[i].at - attempts[i - 1].at;
-    ok(gap >= 995 && gap < 1500, `retry ${i} came ${gap} ms after the 503, not Retry-After's 1 s`);
+    ok(gap >= 995 && gap < 1500, `retry ${i} came ${gap} ms after the ${status}, not Retry-After's 1 s`);
   }
   ok((response.headers.get('x-request-id') ?? '').length > 0, 'no x-request-id');
-  // what the client saw each time: the code says what to expect
+  return attempts.slice(0, -1).map((a) => a.code);
+}
+
+check('503 queue_full: the client waits Retry-After: 1, then gets through', async () => {
+  const codes = await heldThenRetried(opsKey, 'busy-model', 503);
+  ok(codes.every((x) => x === 'queue_full'), `codes ${JSON.stringify(codes)}`);
+  // an upstream's own 503 keeps its Retry-After
+  const ops = new OpenAI({ apiKey: opsKey, baseURL, maxRetries: 0, timeout: 20000 });
   const err = await expectError(() => ops.chat.completions.create(
     { model: 'busy-model', messages: MESSAGES, max_tokens: 1, stream: true },
     { headers: { 'x-sim-fault': 'status:503' } }),
   OpenAI.InternalServerError, 503, simErrors[503].type, simErrors[503].code);
   eq(headerOf(err.headers, 'retry-after'), '1', 'Retry-After of a relayed 503');
+});
+
+check('429 concurrency: the client waits Retry-After: 1, then gets through', async () => {
+  const codes = await heldThenRetried(singleKey, MODEL, 429);
+  ok(codes.every((x) => x === 'concurrency'), `codes ${JSON.stringify(codes)}`);
 });
 
 check('504 upstream_timeout: InternalServerError', async () => {

@@ -34,6 +34,8 @@ def test_openai_node_client(tmp_path):
         # one request a minute and a budget that one 40-token answer nearly spends:
         # its second request is refused by both, until the day ends
         tenants["capped"] = tgtest.limited_tenant(models=(m8b,), rpm=1, daily="0.0001")
+        # 429 concurrency: one request at a time
+        tenants["single"] = tgtest.limited_tenant(models=(m8b,), concurrency=1)
         # 503s: a model no server answers for, one whose single slot a request holds
         tenants["ops"] = tgtest.limited_tenant(models=(m8b, "dead-model", "busy-model",
                                                        "error-event-model", "org/slashed-model"))
@@ -68,6 +70,7 @@ def test_openai_node_client(tmp_path):
             "TG_BROKE_KEY": gw.create_key("broke"),
             "TG_CAPPED_KEY": gw.create_key("capped"),
             "TG_OPS_KEY": gw.create_key("ops"),
+            "TG_SINGLE_KEY": gw.create_key("single"),
             "TG_SIM_URL": sim.url,
             "TG_MODEL": m8b, "TG_DENIED_MODEL": m70b, "TG_EMBED_MODEL": embed,
         })
