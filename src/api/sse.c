@@ -541,6 +541,8 @@ size_t tg_ascan_feed(tg_ascan_t *s, const char *data, size_t len) {
         s->esc = 0;
       } else if (ch == '\\') {
         s->esc = 1;
+        if (s->in_key)
+          s->key_len = 255; /* an escape in a key: not the "usage" key */
       } else if (ch == '"') {
         s->in_str = 0;
         if (s->in_key) {

@@ -86,7 +86,9 @@ int64_t tg_answer_text_bytes(const char *body, size_t len);
  * keep: follows strings and nesting, keeps the text of the top-level
  * object's "usage" value (the last such member, up to TG_ASCAN_USAGE_MAX
  * bytes), and tells where that object closes. A few bytes of state, no
- * allocation, any split of the bytes into pieces. */
+ * allocation, any split of the bytes into pieces. A key written with an
+ * escape is never taken for "usage" (the proxy looks for the key as plain
+ * text too). */
 #define TG_ASCAN_USAGE_MAX 1024
 typedef struct {
   unsigned depth;              /* nesting of the object; 0 outside it */
@@ -94,7 +96,8 @@ typedef struct {
   unsigned char in_str, esc;
   unsigned char key_next;      /* at depth 1: the next string is a key */
   unsigned char in_key;        /* reading a top-level key */
-  unsigned char key_len;       /* its bytes, counted up to 255 */
+  unsigned char key_len;       /* its bytes, counted up to 255 (255 too
+                                  once it has an escape) */
   unsigned char key_usage;     /* the last top-level key was "usage" */
   unsigned char value_next;    /* after its ':': the value starts next */
   unsigned char capturing;     /* in the usage value */

@@ -545,6 +545,10 @@ static void test_answer_scan(void **state) {
     {"{\"choices\":[{\"usage\":{\"x\":1}}],\"id\":\"\\\"usage\\\":{}\"}", 1, NULL},
     {"{\"id\":\"usage\",\"x\":\"usage\"}", 1, NULL},
     {"{\"usagex\":{},\"usag\":{}}", 1, NULL},
+    /* a key written with escapes is not "usage", whatever it spells */
+    {"{\"usage\\\"\":{\"a\":1}}", 1, NULL},
+    {"{\"u\\\\sage\":{\"a\":1},\"usage\\n\":2}", 1, NULL},
+    {"{\"us\\u0061ge\":{\"a\":1}}", 1, NULL},
     /* braces and quotes inside strings do not nest */
     {"{\"t\":\"}{][\\\"\",\"usage\":{\"s\":\"}\"}}", 1, "{\"s\":\"}\"}"},
     /* not one object */
