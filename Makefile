@@ -43,7 +43,7 @@ bench: build
 fuzz: deps
 	@command -v clang >/dev/null || { echo "make fuzz needs clang: apt-get install clang"; exit 1; }
 	@CC=clang cmake -S . -B $(BUILD_FUZZ) -DCMAKE_BUILD_TYPE=Debug -DTG_SANITIZE=ON -DTG_FUZZ=ON >/dev/null
-	@cmake --build $(BUILD_FUZZ) -j $(JOBS) --target fuzz_json fuzz_sse fuzz_key fuzz_http fuzz_upstream
+	@cmake --build $(BUILD_FUZZ) -j $(JOBS) --target fuzz_json fuzz_sse fuzz_key fuzz_http fuzz_upstream fuzz_spool
 	@bash scripts/fuzz.sh $(BUILD_FUZZ) $(FUZZ_SECONDS)
 
 clean:

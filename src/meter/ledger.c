@@ -68,7 +68,7 @@
 #define REPLAY_BATCHES 4
 /* Longest spool line the encoder can produce is about 2 KiB (every text
  * byte percent-encoded); anything longer in a spool is damage. */
-#define SPOOL_LINE_MAX 4096
+#define SPOOL_LINE_MAX TG_LEDGER_LINE_MAX
 /* The writer's I/O buffer for the spool, for writing and for replaying. */
 #define SPOOL_BUF (64 * 1024)
 #define SPOOL_FIELDS 14
@@ -424,6 +424,14 @@ static int decode_line(const char *line, size_t len, tg_ledger_rec_t *r) {
   r->ttft_us = v[6];
   r->total_us = v[7];
   return 0;
+}
+
+int tg__ledger_line_encode(const tg_ledger_rec_t *r, char *out, size_t size) {
+  return encode_line(r, out, size);
+}
+
+int tg__ledger_line_decode(const char *line, size_t len, tg_ledger_rec_t *r) {
+  return decode_line(line, len, r);
 }
 
 /* ---- the spool file (writer thread only) ---- */

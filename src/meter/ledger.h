@@ -236,4 +236,20 @@ int tg_ledger_purge_expired(tg_ledger_db_t *d, int64_t now_ms,
                             tg_ledger_retention_fn days_of, void *arg,
                             int64_t *deleted);
 
+
+/* ---- the spool's line format (for tests and the fuzz target) ---- */
+
+/* Longest spool line (without its newline) a replay reads; a longer one is
+ * damage. The encoder's lines stay far below it. */
+#define TG_LEDGER_LINE_MAX 4096
+
+/* Writes r's spool line, newline included, at out. Returns its length, or
+ * TG_ETOOBIG when size is too small. */
+int tg__ledger_line_encode(const tg_ledger_rec_t *r, char *out, size_t size);
+
+/* Decodes one spool line of len bytes (without its newline) into *r.
+ * Returns 0, or TG_EPARSE for a line that is torn, damaged (its CRC-32
+ * does not match) or not the format. */
+int tg__ledger_line_decode(const char *line, size_t len, tg_ledger_rec_t *r);
+
 #endif
