@@ -304,30 +304,6 @@ static int query_format(const char *query) {
   return got;
 }
 
-/* The path segment s (len bytes) into dst (size > len), its
- * percent-encoded octets decoded (RFC 3986 2.1, 6.2.2.2: a client may
- * send "acme%2Dcorp" for "acme-corp"); a '%' not followed by two hex
- * digits stays as it is, and what a tenant name cannot hold (a '/') is
- * refused by the name's check after. -1 for an encoded NUL, which would
- * cut the name short. */
-static int unescape(char *dst, const char *s, size_t len) {
-  size_t i, n = 0;
-  for (i = 0; i < len; i++) {
-    int hi, lo;
-    if (s[i] == '%' && i + 2 < len && (hi = tg_hex_val(s[i + 1])) >= 0 &&
-        (lo = tg_hex_val(s[i + 2])) >= 0) {
-      if (hi == 0 && lo == 0)
-        return -1;
-      dst[n++] = (char)(hi * 16 + lo);
-      i += 2;
-    } else {
-      dst[n++] = s[i];
-    }
-  }
-  dst[n] = '\0';
-  return 0;
-}
-
 /* /admin/v1/tenants/{tenant}/{invoices|usage}/{period} */
 static void admin_api(tg_worker_t *w, tg_http_req_t *req, const char *rid) {
   const char *p = req->path + strlen("/admin/v1/tenants/"), *slash, *kind, *period;
@@ -347,7 +323,10 @@ static void admin_api(tg_worker_t *w, tg_http_req_t *req, const char *rid) {
     period = kind + 6;
   else
     goto notfound;
-  if (unescape(tenant, p, tl) < 0)
+  /* percent-encoded octets decoded (RFC 3986 2.1, 6.2.2.2: a client may
+   * send "acme%2Dcorp" for "acme-corp"); a '/' the name's check refuses
+   * after, an encoded NUL here */
+  if (tg_pct_decode(tenant, sizeof(tenant), p, tl, 0) < 0)
     goto notfound;
   tl = strlen(tenant);
   if (!admin_auth(w, req, rid, tenant, key_id, sizeof(key_id)))

@@ -1554,24 +1554,13 @@ static void retrieve_model(tg_call_t *c, const tg_key_rec_t *rec, const char *na
  * name longer than buf). */
 static const char *model_in_path(const char *path, char *buf, size_t size) {
   static const char prefix[] = "/v1/models/";
-  const char *p = path + sizeof(prefix) - 1;
-  size_t n = 0;
+  const char *p;
 
-  if (strncmp(path, prefix, sizeof(prefix) - 1) != 0 || *p == '\0')
+  if (strncmp(path, prefix, sizeof(prefix) - 1) != 0)
     return NULL;
-  for (; *p != '\0'; p++) {
-    int ch = (unsigned char)*p;
-    if (ch == '%') {
-      int hi = tg_hex_val(p[1]), lo = hi < 0 ? -1 : tg_hex_val(p[2]);
-      if (lo < 0 || (ch = hi * 16 + lo) == 0)
-        return NULL;
-      p += 2;
-    }
-    if (n + 1 >= size)
-      return NULL;
-    buf[n++] = (char)ch;
-  }
-  buf[n] = '\0';
+  p = path + sizeof(prefix) - 1;
+  if (*p == '\0' || tg_pct_decode(buf, size, p, strlen(p), 1) < 0)
+    return NULL;
   return buf;
 }
 

@@ -104,6 +104,31 @@ static inline int tg_hex_val(char c) {
   return -1;
 }
 
+/* The len bytes at s with their percent-encoded octets decoded (RFC 3986
+ * 2.1) into dst (size bytes, NUL-terminated). A '%' not followed by two
+ * hex digits stays as it is, or with strict makes the text refused.
+ * Returns the decoded length, or -1 for an encoded NUL (it would cut the
+ * text short), a refused '%', or a dst too small. */
+static inline int tg_pct_decode(char *dst, size_t size, const char *s, size_t len, int strict) {
+  size_t i, n = 0;
+  for (i = 0; i < len; i++) {
+    int ch = (unsigned char)s[i], hi, lo;
+    if (ch == '%' && i + 2 < len && (hi = tg_hex_val(s[i + 1])) >= 0 &&
+        (lo = tg_hex_val(s[i + 2])) >= 0) {
+      if ((ch = hi * 16 + lo) == 0)
+        return -1;
+      i += 2;
+    } else if (ch == '%' && strict) {
+      return -1;
+    }
+    if (n + 1 >= size)
+      return -1;
+    dst[n++] = (char)ch;
+  }
+  dst[n] = '\0';
+  return (int)n;
+}
+
 /* v in lowercase hex, zero-padded to at least width digits (<= 16), as
  * printf's "%0*llx". */
 static inline void tg_sb_puthex(tg_sb_t *b, uint64_t v, int width) {
