@@ -9,6 +9,7 @@
 
 #include <limits.h>
 #include <stddef.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -447,9 +448,54 @@ static int64_t content_bytes(const cJSON *v) {
   return n;
 }
 
-/* A function's name and arguments ({"name","arguments"}). */
+/* The length of s written as a JSON string, quotes included. */
+static int64_t quoted_len(const char *s) {
+  int64_t n = 2;
+  for (const unsigned char *p = (const unsigned char *)s; *p; p++)
+    n += *p == '"' || *p == '\\' || *p == '\b' || *p == '\f' || *p == '\n' || *p == '\r' ||
+                 *p == '\t'
+             ? 2
+             : *p < 0x20 ? 6 : 1;
+  return n;
+}
+
+/* The length of v written as compact JSON (what cJSON_PrintUnformatted
+ * makes of it), counted without writing it: a walk over the tree the
+ * answer's parse built, so bounded by that answer's size, and no deeper
+ * than the parser's nesting bound. */
+static int64_t json_len(const cJSON *v) {
+  const cJSON *e;
+  int64_t n;
+
+  if (cJSON_IsString(v))
+    return quoted_len(v->valuestring);
+  if (cJSON_IsNumber(v)) {
+    char b[32];
+    int k = snprintf(b, sizeof(b), "%.15g", v->valuedouble);
+    if (k > 0 && (size_t)k < sizeof(b) && strtod(b, NULL) != v->valuedouble)
+      k = snprintf(b, sizeof(b), "%.17g", v->valuedouble);
+    return k > 0 ? k : 1;
+  }
+  if (cJSON_IsArray(v) || cJSON_IsObject(v)) {
+    n = 2; /* the brackets */
+    cJSON_ArrayForEach(e, v) {
+      n += (e != v->child) + json_len(e); /* a comma before all but the first */
+      if (cJSON_IsObject(v))
+        n += quoted_len(e->string) + 1; /* the key and its colon */
+    }
+    return n;
+  }
+  return cJSON_IsFalse(v) ? 5 : v != NULL ? 4 : 0; /* true, null */
+}
+
+/* A function's name and arguments ({"name","arguments"}). The arguments
+ * are a JSON text in a string (OpenAI, vLLM), or the JSON itself (TGI
+ * writes an object): that one counts its length as text, as the string
+ * holding it would. */
 static int64_t call_bytes(const cJSON *f) {
-  return str_bytes(tg_json_get(f, "name")) + str_bytes(tg_json_get(f, "arguments"));
+  const cJSON *a = tg_json_get(f, "arguments");
+  return str_bytes(tg_json_get(f, "name")) +
+         (cJSON_IsString(a) || cJSON_IsNull(a) ? str_bytes(a) : json_len(a));
 }
 
 /* A message's chain of thought: "reasoning" (vLLM's name, OpenRouter's)

@@ -53,8 +53,13 @@ def generated_bytes(answer):
     def s(v):
         return len(v.encode()) if isinstance(v, str) else 0
 
+    def args(a):
+        # arguments as JSON itself (TGI) count their compact text
+        return s(a) if a is None or isinstance(a, str) else \
+            len(json.dumps(a, separators=(",", ":"), ensure_ascii=False).encode())
+
     def fn(f):
-        return s(f.get("name")) + s(f.get("arguments")) if isinstance(f, dict) else 0
+        return s(f.get("name")) + args(f.get("arguments")) if isinstance(f, dict) else 0
 
     n = 0
     for ch in answer.get("choices") or []:
@@ -250,6 +255,32 @@ def test_an_answer_past_the_walk_bound_bills_its_length(tg):
         (1, tgtest.prompt_estimate(body), len(r.body)), row
     assert row["completion_tokens"] > generated_bytes(r.json()) > 200000
     check_books(gw, [row])
+
+
+def test_tool_call_arguments_written_as_json_are_billed(tg):
+    """TGI writes a whole answer's tool-call arguments as a JSON object, not
+    as the string of one. Without usage such a call was billed its name
+    alone: the arguments count their compact JSON text now, as the same
+    arguments in a string do."""
+    args = {"location": "Brooklyn, NY", "unit": "celsius", "days": [1, 2.5], "alerts": True}
+    text = json.dumps(args, separators=(",", ":"))
+    up = tgtest.FakeUpstream(status=200)
+    try:
+        gw = start_gw(tg, up.url)
+        body = tgtest.chat_body(M, max_tokens=200)
+        est = tgtest.prompt_estimate(body)
+        answers = bill_each(gw, up, body, lambda a: json.dumps({
+            "id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": M,
+            "choices": [{"index": 0, "finish_reason": "tool_calls", "message": {
+                "role": "assistant", "content": None, "tool_calls": [{
+                    "id": "0", "type": "function",
+                    "function": {"description": None, "name": "get_weather",
+                                 "arguments": a}}]}}]}).encode(),
+            ((args, (1, est, len("get_weather") + len(text))),
+             (text, (1, est, len("get_weather") + len(text)))))
+        assert [generated_bytes(r.json()) for r in answers] == [11 + len(text)] * 2
+    finally:
+        up.close()
 
 
 def test_a_usage_without_both_counts_is_counted_as_none(tg):

@@ -480,6 +480,17 @@ static void test_answer_text_bytes(void **state) {
     /* content parts, escapes and multi-byte text: bytes, not characters */
     {"{\"choices\":[{\"message\":{\"content\":[{\"type\":\"text\",\"text\":\"\\u00e9\\n\"},"
      "\"\xe2\x9c\x93\",7]}}]}", 6},
+    /* arguments written as JSON itself, not in a string (TGI): the
+     * object's length as compact text, the same as the string holding it */
+    {"{\"choices\":[{\"message\":{\"role\":\"assistant\",\"content\":null,\"tool_calls\":[{\"id\":\"0\","
+     "\"type\":\"function\",\"function\":{\"description\":null,\"name\":\"get_weather\","
+     "\"arguments\":{\"location\":\"Brooklyn, NY\",\"format\":\"celsius\"}}}]}}]}", 11 + 46},
+    {"{\"choices\":[{\"message\":{\"function_call\":{\"name\":\"f\","
+     "\"arguments\":{\"a\":[1,2.5,-3e-07,true,false,null],\"b\":\"x\\ny\\\"\xc3\xa9""\\t\\u0001\",\"c\":{}}}}}]}", 1 + 66},
+    {"{\"choices\":[{\"message\":{\"function_call\":{\"name\":\"f\","
+     "\"arguments\":\"{\\\"a\\\":[1,2.5,-3e-07,true,false,null],\\\"b\\\":\\\"x\\\\ny\\\\\\\"\xc3\xa9""\\\\t\\\\u0001\\\",\\\"c\\\":{}}\"}}}]}", 1 + 66},
+    {"{\"choices\":[{\"message\":{\"tool_calls\":[{\"function\":{\"name\":\"g\",\"arguments\":[7,\"a\"]}},"
+     "{\"function\":{\"name\":\"h\",\"arguments\":null}},{\"function\":{\"name\":\"i\",\"arguments\":{}}}]}}]}", 1 + 7 + 1 + 1 + 2},
     /* null content and no choices count nothing */
     {"{\"choices\":[{\"message\":{\"content\":null}}]}", 0},
     {"{\"id\":\"x\"}", 0},
