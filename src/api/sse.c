@@ -293,13 +293,23 @@ static int choices_nonempty(const char *d, const char *end) {
   return 0;
 }
 
+/* 1 for a member that carries nothing: null, "", [] or {}. */
+static int carries_nothing(const cJSON *m) {
+  if (cJSON_IsString(m))
+    return m->valuestring[0] == '\0';
+  if (cJSON_IsArray(m) || cJSON_IsObject(m))
+    return m->child == NULL;
+  return cJSON_IsNull(m);
+}
+
 /* 1 when the delta of every choice holds a "role" and nothing generated:
- * no member but it, a "content" that is null or "", and members that are
- * null (OpenAI writes "refusal": null beside the role, SGLang every field
- * it has). vLLM opens each choice of a chat stream with one such chunk
- * before its first token; a stream cut without usage is counted a token
- * an event, and this event is none. A null role announces nothing: SGLang
- * writes one on every token's event and on its closing one. */
+ * every other member empty, whatever its name (vLLM writes "content": "",
+ * OpenAI "refusal": null, SGLang every field it has as null, others an
+ * empty "tool_calls": []). vLLM opens each choice of a chat stream with
+ * one such chunk before its first token; a stream cut without usage is
+ * counted a token an event, and this event is none. A null role
+ * announces nothing: SGLang writes one on every token's event and on its
+ * closing one. */
 static int choices_role_only(const cJSON *choices) {
   const cJSON *ch, *delta, *m;
   cJSON_ArrayForEach(ch, choices) {
@@ -307,11 +317,8 @@ static int choices_role_only(const cJSON *choices) {
     if (!cJSON_IsObject(delta) || !cJSON_IsString(tg_json_get(delta, "role")))
       return 0;
     cJSON_ArrayForEach(m, delta) {
-      if (strcmp(m->string, "role") == 0 || cJSON_IsNull(m) ||
-          (strcmp(m->string, "content") == 0 && cJSON_IsString(m) &&
-           m->valuestring[0] == '\0'))
-        continue;
-      return 0;
+      if (strcmp(m->string, "role") != 0 && !carries_nothing(m))
+        return 0;
     }
   }
   return 1;

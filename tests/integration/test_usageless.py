@@ -431,6 +431,49 @@ def test_content_relayed_after_a_streams_usage_is_billed_too(tg):
         up.close()
 
 
+def cut_stream_row(gw, body, events):
+    """Streams body through gw from a fixed upstream whose stream ends with
+    neither usage nor [DONE]; checks the client got `events` events, and
+    returns the stream's ledger row."""
+    s = tgtest.SSEStream(gw.port, body, key=gw.keys["acme"])
+    assert s.status == 200, s.headers
+    rid = s.headers["x-request-id"]
+    s.read_all()
+    s.close()
+    assert not s.done and len(s.all_events) == events, s.all_events
+    row, = tgtest.wait_for(
+        lambda: tgtest.sqlite_ledger_rows(gw.db_path, "WHERE request_id = ?", (rid,)),
+        timeout=10, what="the row of the cut stream")
+    return row
+
+
+def test_a_role_chunk_with_empty_members_is_no_token(tg):
+    """A stream cut without usage is billed a token a content event, and
+    the chunk that opens a choice with its role and nothing generated is
+    none, whatever empty form its other members take: null, "", and an
+    empty "tool_calls" list, which was billed as a token."""
+    def delta(**d):
+        return chunk(choices=[{"index": 0, "delta": d, "finish_reason": None}])
+
+    up, gw = stream_upstream(tg)
+    try:
+        body = tgtest.chat_body(M, max_tokens=50, stream=True)
+        est = tgtest.prompt_estimate(body)
+        rows = []
+        for role in (delta(role="assistant", tool_calls=[]),
+                     delta(role="assistant", content="", tool_calls=[], reasoning_content=None,
+                           function_call={})):
+            up.body = role + delta(content="Hi") + delta(content=" there")   # cut
+            row = cut_stream_row(gw, body, 3)
+            assert (row["status"], row["usage_counted"], row["prompt_tokens"],
+                    row["completion_tokens"]) == (502, 1, est, 2), row
+            assert row["cost_nano"] == est * P + 2 * C, row
+            rows.append(row)
+        check_books(gw, rows)
+    finally:
+        up.close()
+
+
 def test_a_chunk_the_strict_parser_refuses_is_counted_with_usage_null_on_it(tg):
     """OpenAI-style upstreams put "usage": null on every chunk when asked
     for usage (the gateway always asks), so every chunk is read as JSON. A
@@ -445,15 +488,7 @@ def test_a_chunk_the_strict_parser_refuses_is_counted_with_usage_null_on_it(tg):
         body = tgtest.chat_body(M, max_tokens=50, stream=True)
         est = tgtest.prompt_estimate(body)
         up.body = content("Hi") + content("\x00") + content("!")   # cut: no usage, no [DONE]
-        s = tgtest.SSEStream(gw.port, body, key=gw.keys["acme"])
-        assert s.status == 200, s.headers
-        rid = s.headers["x-request-id"]
-        s.read_all()
-        s.close()
-        assert not s.done and len(s.all_events) == 3, s.all_events
-        row, = tgtest.wait_for(
-            lambda: tgtest.sqlite_ledger_rows(gw.db_path, "WHERE request_id = ?", (rid,)),
-            timeout=10, what="the row of the cut stream")
+        row = cut_stream_row(gw, body, 3)
         assert (row["status"], row["usage_counted"], row["prompt_tokens"],
                 row["completion_tokens"]) == (502, 1, est, 3), row
         assert row["cost_nano"] == est * P + 3 * C, row

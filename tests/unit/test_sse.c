@@ -244,9 +244,10 @@ static void test_inspect_joins_data_lines(void **state) {
 /* vLLM opens each choice of a chat stream with a chunk that announces the
  * role and carries no content: a stream cut without usage is counted a
  * token an event, and that event is none, with the empty members its
- * peers write beside the role as null too (OpenAI's "refusal", SGLang's
- * every field). One that carries text, a tool call or anything else
- * besides its role is content, and so is one whose role is null. */
+ * peers write beside the role as null, "", [] or {} too (OpenAI's
+ * "refusal", SGLang's every field, an empty "tool_calls" list). One that
+ * carries text, a tool call or anything else besides its role is content,
+ * and so is one whose role is null. */
 static void test_inspect_tells_the_role_chunk(void **state) {
   static const char *const role_only[] = {
       "data: {\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"},"
@@ -259,11 +260,20 @@ static void test_inspect_tells_the_role_chunk(void **state) {
       "data: {\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\","
       "\"reasoning_content\":null,\"tool_calls\":null},\"logprobs\":null,\"finish_reason\":null,"
       "\"matched_stop\":null}],\"usage\":null}\n\n",
+      /* every empty form beside the role: "", [], {} as null */
+      "data: {\"choices\":[{\"delta\":{\"role\":\"assistant\",\"tool_calls\":[]}}]}\n\n",
+      "data: {\"choices\":[{\"delta\":{\"role\":\"assistant\",\"content\":\"\",\"tool_calls\":[ ],"
+      "\"reasoning_content\":null,\"reasoning\":\"\",\"function_call\":{}}}]}\n\n",
   };
   static const char *const content[] = {
       "data: {\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"Hi\"}}]}\n\n",
-      "data: {\"choices\":[{\"delta\":{\"role\":\"assistant\",\"tool_calls\":[]}}]}\n\n",
+      "data: {\"choices\":[{\"delta\":{\"role\":\"assistant\",\"content\":\" \"}}]}\n\n",
       "data: {\"choices\":[{\"delta\":{\"role\":\"assistant\",\"content\":\"\",\"content\":\"x\"}}]}\n\n",
+      /* a tool call beside the role, its arguments a string or an object */
+      "data: {\"choices\":[{\"delta\":{\"role\":\"assistant\",\"tool_calls\":[{\"index\":0,"
+      "\"function\":{\"name\":\"f\",\"arguments\":\"\"}}]}}]}\n\n",
+      "data: {\"choices\":[{\"delta\":{\"role\":\"assistant\",\"tool_calls\":[{\"index\":0,"
+      "\"function\":{\"arguments\":{\"a\":1}}}]}}]}\n\n",
       "data: {\"choices\":[{\"delta\":{\"role\":\"assistant\"}},{\"delta\":{\"content\":\"a\"}}]}\n\n",
       "data: {\"choices\":[{\"delta\":{\"content\":\"the role\"}}]}\n\n",
       "data: {\"choices\":[{\"text\":\"\\\"role\\\"\"}]}\n\n",
