@@ -586,6 +586,13 @@ static int on_event(void *arg, const char *ev, size_t len) {
     return 0; /* the client did not ask for it: we did */
   if (c->saw_done)
     return 0; /* [DONE] ends the client's stream: later events are read, not relayed */
+  if (info.null_usage_len > 0 && !c->client_usage) {
+    /* "usage": null on every chunk, as an upstream asked for usage writes
+     * it (we asked): the client that did not ask gets none, as from OpenAI */
+    size_t rest = info.null_usage_at + info.null_usage_len;
+    int r = out_append(c, ev, info.null_usage_at);
+    return r < 0 ? r : out_append(c, ev + rest, len - rest);
+  }
   return out_append(c, ev, len);
 }
 

@@ -374,6 +374,35 @@ static size_t data_joined(const char *first, const char *end, char **out) {
   return n;
 }
 
+/* Steps back over JSON whitespace in [d, q). */
+static const char *back_ws(const char *d, const char *q) {
+  while (q > d && tg_json_ws(q[-1]))
+    q--;
+  return q;
+}
+
+/* The member "usage": null that ends the object text d[0..le), from the
+ * comma before it up to the closing brace: [*at, returned end), or NULL.
+ * The text is one object (the strict parser said so): its last '}' closes
+ * it, a '"' after a ',' opens a key (inside a string it would close the
+ * string, and what follows could not be JSON), and no bracket between
+ * that comma and the brace puts the member at the top level. */
+static const char *null_usage_tail(const char *d, const char *le, const char **at) {
+  static const char *const tokens[] = {"}", "null", ":", "\"usage\"", ","}; /* read backwards */
+  const char *q = le, *end = NULL;
+  for (size_t i = 0; i < sizeof(tokens) / sizeof(tokens[0]); i++) {
+    size_t n = strlen(tokens[i]);
+    q = back_ws(d, q);
+    if ((size_t)(q - d) < n || memcmp(q - n, tokens[i], n) != 0)
+      return NULL;
+    q -= n;
+    if (i == 0)
+      end = q; /* the closing brace */
+  }
+  *at = q;
+  return end;
+}
+
 int tg_sse_inspect(const char *ev, size_t len, tg_sse_info_t *info) {
   const char *d, *end = ev + len, *le;
   char *joined;
@@ -420,6 +449,13 @@ int tg_sse_inspect(const char *ev, size_t len, tg_sse_info_t *info) {
   info->has_choices = n_choices > 0;
   info->role_only = n_choices > 0 && choices_role_only(choices);
   usage = tg_json_get(root, "usage");
+  if (cJSON_IsNull(usage) && joined == NULL) {
+    const char *at, *e = null_usage_tail(d, le, &at);
+    if (e != NULL) {
+      info->null_usage_at = (size_t)(at - ev);
+      info->null_usage_len = (size_t)(e - at);
+    }
+  }
   /* usage without both counts is none: the stream is counted instead, as a
    * whole answer's is (an upstream prompt beside our completion would mix
    * a figure from below with one from above) */

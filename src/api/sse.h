@@ -41,10 +41,15 @@ typedef struct {
                              * content: vLLM's first chat chunk, not a token */
   int64_t prompt_tokens;
   int64_t completion_tokens;
+  size_t null_usage_at;     /* > 0: ev[null_usage_at..+null_usage_len) is a */
+  size_t null_usage_len;    /* last member "usage": null, its comma before it */
 } tg_sse_info_t;
 
 /* Classifies one event. Returns 0, or TG_EPARSE when its data is not
- * [DONE] and not a JSON object. */
+ * [DONE] and not a JSON object. The "usage": null found is that of an
+ * event of one data line whose object the strict parser took and which
+ * ends with that member (where OpenAI, vLLM and SGLang write it, whitespace
+ * allowed): cutting those bytes out leaves the same object without it. */
 int tg_sse_inspect(const char *ev, size_t len, tg_sse_info_t *info);
 
 /* A usage figure above this is no request's (a billion tokens is 21 hours

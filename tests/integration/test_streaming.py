@@ -96,6 +96,48 @@ def test_stream_usage_chunk_stripped_when_declined(stack):
     assert len(_token_events(events)) == 4
 
 
+def test_usage_null_on_every_chunk_is_taken_out_for_a_client_that_did_not_ask(tg):
+    """The gateway asks every upstream stream for usage. OpenAI-style
+    upstreams then write "usage": null on every chunk; a client that did not
+    ask got that member, where OpenAI sends such a client none. It is taken
+    out now (the rest of each chunk byte for byte); a client that asked
+    gets the chunks as written. Both are billed the usage chunk."""
+    up = tgtest.FakeUpstream(status=200)
+    up.content_type = "text/event-stream"
+    try:
+        gw = tg.gateway({M8B: tgtest.model_entry([up.url])})
+        head = '{"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"%s",' % M8B
+        chunks = [head + '"choices":[{"index":0,"delta":{"role":"assistant","content":""},'
+                  '"finish_reason":null}]',
+                  head + '"choices":[{"index":0,"delta":{"content":"Hi"},"finish_reason":null}]',
+                  # Python's separators, as some servers write them
+                  head + '"choices": [{"index": 0, "delta": {"content": " \\"usage\\": null"}, '
+                  '"finish_reason": null}]',
+                  head + '"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]']
+        null = (',"usage":null', ',"usage":null', ', "usage": null', ',"usage":null')
+        up.body = ("".join("data: %s%s}\n\n" % (c, n) for c, n in zip(chunks, null)) +
+                   "data: %s\"choices\":[],\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":3,"
+                   "\"total_tokens\":10}}\n\ndata: [DONE]\n\n" % head).encode()
+        for asked in (False, True):
+            body = chat_body(M8B, stream=True, include_usage=asked)
+            s = SSEStream(gw.port, body, key=gw.keys["acme"])
+            events = s.read_all()
+            s.close()
+            assert s.done and events[-1].data == "[DONE]", events
+            got = [e.data for e in events[:-1]]
+            if asked:
+                assert got[:4] == [c + n + "}" for c, n in zip(chunks, null)], got
+                assert usage_events(events)[0].json()["usage"]["completion_tokens"] == 3
+            else:
+                assert got == [c + "}" for c in chunks], got
+                assert all("usage" not in e.json() for e in events[:-1])
+            row = tgtest.sqlite_ledger_row(gw.db_path, s.headers["x-request-id"])
+            assert (row["usage_counted"], row["prompt_tokens"], row["completion_tokens"]) == \
+                (0, 7, 3), row
+    finally:
+        up.close()
+
+
 def test_streaming_usage_is_logged(stack):
     # even when the client did not ask for usage, the gateway meters it
     s = _stream(stack, max_tokens=6, headers={"x-sim-token-ms": "60"})

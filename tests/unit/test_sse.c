@@ -306,6 +306,52 @@ static void test_inspect_tells_the_role_chunk(void **state) {
   }
 }
 
+/* An upstream asked for usage may write "usage": null on every chunk;
+ * a client that did not ask gets the chunk without it. Only the member
+ * that ends an object the strict parser took is found, and cutting it
+ * out leaves that object without it. */
+static void test_inspect_finds_a_trailing_null_usage(void **state) {
+  static const struct {
+    const char *ev, *cut; /* cut: the event without the member, or NULL */
+  } cases[] = {
+    {"data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"}}],\"usage\":null}\n\n",
+     "data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"}}]}\n\n"},
+    /* Python's separators, CRLF lines, no space after "data:" */
+    {"data:{\"choices\": [{\"delta\": {\"role\": \"assistant\"}}], \"usage\" : null }\r\n\r\n",
+     "data:{\"choices\": [{\"delta\": {\"role\": \"assistant\"}}]}\r\n\r\n"},
+    {"data: {\"a\":\",\",\"usage\":null}\n\n", "data: {\"a\":\",\"}\n\n"},
+    /* not the object's own last member, or not null: left alone */
+    {"data: {\"usage\":null,\"choices\":[{\"text\":\"a\"}]}\n\n", NULL},
+    {"data: {\"choices\":[{\"delta\":{\"content\":\"a\",\"usage\":null}}]}\n\n", NULL},
+    {"data: {\"choices\":[{\"text\":\"a\"}],\"x\\\"usage\":null}\n\n", NULL},
+    {"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":0}}\n\n", NULL},
+    {"data: {\"choices\":[{\"text\":\"a\"}],\"usage\":nul}\n\n", NULL},
+    {"data: {\"choices\":[{\"text\":\"a\"}],\"usage\":null,\"usage\":null}\n\n", NULL},
+    /* an event of two data lines is relayed as it came */
+    {"data: {\"choices\":[{\"text\":\"a\"}],\n" "data: \"usage\":null}\n\n", NULL},
+  };
+  tg_sse_info_t i;
+  char out[256];
+  (void)state;
+
+  for (size_t k = 0; k < sizeof cases / sizeof cases[0]; k++) {
+    const char *ev = cases[k].ev;
+    size_t len = strlen(ev);
+    (void)tg_sse_inspect(ev, len, &i);
+    if (cases[k].cut == NULL) {
+      if (i.null_usage_len != 0)
+        fail_msg("case %zu: a member found in %s", k, ev);
+      continue;
+    }
+    assert_true(i.null_usage_len > 0 && i.null_usage_at + i.null_usage_len < len);
+    memcpy(out, ev, i.null_usage_at);
+    memcpy(out + i.null_usage_at, ev + i.null_usage_at + i.null_usage_len,
+           len - i.null_usage_at - i.null_usage_len);
+    out[len - i.null_usage_len] = '\0';
+    assert_string_equal(out, cases[k].cut);
+  }
+}
+
 static void test_inspect(void **state) {
   tg_sse_info_t i;
   (void)state;
@@ -686,6 +732,7 @@ int main(void) {
     cmocka_unit_test(test_inspect),
     cmocka_unit_test(test_inspect_joins_data_lines),
     cmocka_unit_test(test_inspect_tells_the_role_chunk),
+    cmocka_unit_test(test_inspect_finds_a_trailing_null_usage),
     cmocka_unit_test(test_usage_text),
     cmocka_unit_test(test_usage_text_agrees_with_parser),
     cmocka_unit_test(test_answer_text_bytes),
