@@ -770,35 +770,31 @@ int tg__sim_event_tail(tg__sim_buf_t *b, const tg__sim_call_t *call) {
 
 /* ---- errors ---------------------------------------------------------- */
 
-/* The type and code of an OpenAI error body for an HTTP status. */
-static void error_kind(int status, const char **type, const char **code) {
+/* The type of an error body for an HTTP status, as vLLM's OpenAI server
+ * names it: the class its handlers give (BadRequestError, NotFoundError,
+ * InternalServerError), else the status's reason phrase, as its handler
+ * of HTTP exceptions writes it ("Method Not Allowed"). */
+static const char *error_type(int status) {
+  const char *r;
   switch (status) {
-  case 400: *type = "invalid_request_error"; *code = "bad_request"; return;
-  case 401: *type = "authentication_error"; *code = "invalid_api_key"; return;
-  case 403: *type = "permission_error"; *code = "forbidden"; return;
-  case 404: *type = "not_found_error"; *code = "not_found"; return;
-  case 405: *type = "invalid_request_error"; *code = "method_not_allowed"; return;
-  case 408: *type = "timeout_error"; *code = "request_timeout"; return;
-  case 429: *type = "rate_limit_error"; *code = "rate_limit_exceeded"; return;
-  case 500: *type = "server_error"; *code = "internal_error"; return;
-  case 502: *type = "server_error"; *code = "bad_gateway"; return;
-  case 503: *type = "server_error"; *code = "service_unavailable"; return;
-  case 504: *type = "server_error"; *code = "gateway_timeout"; return;
+  case 400: return "BadRequestError";
+  case 404: return "NotFoundError";
+  case 500: return "InternalServerError";
   default:
-    *type = status >= 500 ? "server_error" : "invalid_request_error";
-    *code = status >= 500 ? "server_error" : "invalid_request";
-    return;
+    r = tg_http_reason(status);
+    if (strcmp(r, "Unknown") != 0)
+      return r;
+    return status >= 500 ? "InternalServerError" : "BadRequestError";
   }
 }
 
+/* vLLM's error body: {"error":{"message","type","param":null,"code"}}
+ * with the HTTP status as a number in "code". */
 int tg__sim_body_error(tg__sim_buf_t *b, int status, const char *msg) {
-  const char *type, *code;
-
-  error_kind(status, &type, &code);
   tg__sim_buf_adds(b, "{\"error\":{\"message\":");
   tg__sim_buf_add_jstr(b, msg, strlen(msg));
-  return tg__sim_buf_addf(b, ",\"type\":\"%s\",\"param\":null,\"code\":\"%s\"}}", type,
-                          code);
+  return tg__sim_buf_addf(b, ",\"type\":\"%s\",\"param\":null,\"code\":%d}}",
+                          error_type(status), status);
 }
 
 void tg__sim_reply_error(tg_http_req_t *req, int status, const char *msg) {

@@ -346,6 +346,8 @@ def test_upstream_client_errors_relayed_unchanged(stack):
         assert direct.status == status, direct
         assert via.status == status, via
         assert via.json()["error"] == direct.json()["error"], (via, direct)
+        # vLLM's code is the status as a number: relayed as such
+        assert type(via.json()["error"]["code"]) is int and via.json()["error"]["code"] == status
         assert via.header("x-request-id")
 
 
