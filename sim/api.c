@@ -377,7 +377,9 @@ static int parse_stream(tg__sim_call_t *call, const json_t *root, char *msg,
 
 /* max_tokens / max_completion_tokens and n, for the two generating kinds,
  * as vLLM reads them: on chat max_completion_tokens when set and not 0,
- * else max_tokens; completions know only max_tokens. */
+ * else max_tokens; completions know only max_tokens. A limit past what
+ * the simulator generates is a 400, as vLLM refuses one past its context,
+ * so a gateway that sends one is caught rather than served less. */
 static int parse_generation(tg__sim_call_t *call, const tg__sim_t *sim,
                             const json_t *root, uint32_t n_prompts, char *msg,
                             size_t msg_len) {
@@ -386,14 +388,22 @@ static int parse_generation(tg__sim_call_t *call, const tg__sim_t *sim,
   int r = 0;
 
   if (call->kind == TG__SIM_CHAT && !(json_is_number(mct) && json_number_value(mct) == 0))
-    r = get_uint(root, "max_completion_tokens", 1, TG__SIM_MAX_TOKENS, &asked, msg, msg_len);
+    r = get_uint(root, "max_completion_tokens", 1, UINT64_MAX - 1, &asked, msg, msg_len);
   if (r == 0)
-    r = get_uint(root, "max_tokens", 1, TG__SIM_MAX_TOKENS, &asked, msg, msg_len);
+    r = get_uint(root, "max_tokens", 1, UINT64_MAX - 1, &asked, msg, msg_len);
   if (r < 0)
     return -1;
+  if (r > 0 && asked > TG__SIM_MAX_TOKENS) {
+    set_msg(msg, msg_len,
+            "'max_tokens' or 'max_completion_tokens' is too large: %llu. This model "
+            "generates at most %u tokens per choice (%llu > %u).",
+            (unsigned long long)asked, TG__SIM_MAX_TOKENS, (unsigned long long)asked,
+            TG__SIM_MAX_TOKENS);
+    return -1;
+  }
   if (r > 0) {
-    call->finish_length = asked <= TG__SIM_MAX_TOKENS;
-    call->tokens = asked <= TG__SIM_MAX_TOKENS ? (uint32_t)asked : TG__SIM_MAX_TOKENS;
+    call->finish_length = 1;
+    call->tokens = (uint32_t)asked;
   } else {
     call->tokens = sim->opt.default_tokens;
   }

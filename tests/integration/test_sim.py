@@ -320,12 +320,27 @@ def test_answer_tokens_end_an_answer_before_its_limit():
         s.stop()
 
 
-def test_max_tokens_is_capped(sim):
-    status, _, data = sim.post("/v1/completions", {"model": "m", "prompt": "", "max_tokens": 10 ** 9})
+def test_max_tokens_past_the_bound_is_a_400_like_vllms(sim):
+    """A limit past the 100000 tokens a choice may have is refused as vLLM
+    refuses one past its context (it was served 100000 tokens and "stop",
+    hiding a gateway that sent a limit no real server takes); the bound
+    itself is served in full."""
+    for path, body in (("/v1/completions", {"prompt": "", "max_tokens": 10 ** 9}),
+                       ("/v1/completions", {"prompt": "", "max_tokens": 100001}),
+                       ("/v1/chat/completions", chat("x", max_completion_tokens=100001.0)),
+                       ("/v1/chat/completions", chat("x", max_completion_tokens=0,
+                                                     max_tokens=2 ** 62))):
+        status, _, data = sim.post(path, dict(body, model="m"))
+        assert_error(status, data, 400)
+        asked = body.get("max_completion_tokens") or body["max_tokens"]
+        assert json.loads(data)["error"]["message"] == (
+            "'max_tokens' or 'max_completion_tokens' is too large: %d. This model generates "
+            "at most 100000 tokens per choice (%d > 100000)." % (asked, asked)), data
+    status, _, data = sim.post("/v1/completions", {"model": "m", "prompt": "", "max_tokens": 100000})
     r = json.loads(data)
     assert status == 200
     assert r["usage"]["completion_tokens"] == 100000
-    assert r["choices"][0]["finish_reason"] == "stop"
+    assert r["choices"][0]["finish_reason"] == "length"
 
 
 def test_completions_shape_and_usage(sim):
