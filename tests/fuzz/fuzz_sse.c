@@ -34,6 +34,24 @@ static size_t first_empty_line_end(const char *s, size_t n) {
   return 0;
 }
 
+/* The event without its "usage": null (what a client that did not ask
+ * for usage gets) is the same chunk: one object, no usage left, the same
+ * choices. */
+static void check_cut(const char *ev, size_t len, const tg_sse_info_t *info) {
+  tg_sse_info_t cut;
+  size_t rest = info->null_usage_at + info->null_usage_len;
+  char *b;
+
+  if (info->null_usage_at == 0 || rest >= len || (b = malloc(len)) == NULL)
+    abort();
+  memcpy(b, ev, info->null_usage_at);
+  memcpy(b + info->null_usage_at, ev + rest, len - rest);
+  if (tg_sse_inspect(b, len - info->null_usage_len, &cut) != 0 || cut.null_usage_len != 0 ||
+      cut.has_usage || cut.has_choices != info->has_choices || cut.role_only != info->role_only)
+    abort();
+  free(b);
+}
+
 static int on_event(void *arg, const char *ev, size_t len) {
   seen_t *s = arg;
   tg_sse_info_t info;
@@ -49,6 +67,8 @@ static int on_event(void *arg, const char *ev, size_t len) {
     abort();
   if (info.has_usage && (info.prompt_tokens < 0 || info.completion_tokens < 0))
     abort();
+  if (info.null_usage_len > 0)
+    check_cut(ev, len, &info);
   s->bytes += len;
   return 0;
 }
