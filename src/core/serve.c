@@ -405,6 +405,12 @@ static int keep_running_keys(const tg_config_t *cur, tg_config_t *cfg, char *wai
   return 0;
 }
 
+/* A health probe's bound: the connect timeout requests have, and a second
+ * for the endpoint to answer /health. */
+static uint64_t probe_timeout_ms(const tg_config_t *cfg) {
+  return cfg->upstream_connect_timeout_ms + 1000;
+}
+
 static int reload(tg_app_t *app) {
   tg_config_t *cfg = NULL;
   tg_config_errors_t errs = {0};
@@ -437,6 +443,7 @@ static int reload(tg_app_t *app) {
   atomic_fetch_add_explicit(&app->rt_gen, 1, memory_order_release);
   pthread_mutex_unlock(&app->rt_lock);
   tg_runtime_unref(old);
+  tg_health_set_timeout(probe_timeout_ms(cfg));
   tg_policy_reconfig(app->policy, cfg);
   tg_metrics_reload(app->metrics, 1);
   fprintf(stderr, "tollgate: config reloaded from %s\n", app->config_path);
@@ -955,8 +962,7 @@ int tg_cmd_serve(int argc, char **argv) {
   if (tg_runtime_new(cfg, &app.rt) < 0)
     goto out;
   atomic_store(&app.rt_gen, 1);
-  tg_health_start(app.rt->cfg->health_check_interval_ms,
-                  app.rt->cfg->upstream_connect_timeout_ms + 1000);
+  tg_health_start(app.rt->cfg->health_check_interval_ms, probe_timeout_ms(app.rt->cfg));
 
   app.n_workers = app.rt->cfg->workers > 0 ? app.rt->cfg->workers : 1;
   if (!app.rt->cfg->metrics_off && tg_metrics_new((size_t)app.n_workers, &app.metrics) < 0)

@@ -239,7 +239,8 @@ static pthread_mutex_t health_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t health_cond = PTHREAD_COND_INITIALIZER;
 static int health_stop;
 static int health_running;
-static uint64_t health_interval_ms, health_timeout_ms;
+static uint64_t health_interval_ms;
+static atomic_uint_fast64_t health_timeout_ms; /* follows reloads (tg_health_set_timeout) */
 
 static size_t discard(char *p, size_t s, size_t n, void *u) {
   (void)p; (void)u;
@@ -263,7 +264,7 @@ static int probe(CURL *e, const char *url) {
   curl_easy_setopt(e, CURLOPT_OPENSOCKETDATA, &local);
   curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
   curl_easy_setopt(e, CURLOPT_NOPROXY, "*");
-  curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, (long)health_timeout_ms);
+  curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, (long)atomic_load(&health_timeout_ms));
   curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, discard);
   if (curl_easy_perform(e) != CURLE_OK)
     return local ? -1 : 0;
@@ -340,12 +341,16 @@ int tg_health_start(uint64_t interval_ms, uint64_t timeout_ms) {
   if (interval_ms == 0)
     return 0;
   health_interval_ms = interval_ms;
-  health_timeout_ms = timeout_ms ? timeout_ms : 1000;
+  tg_health_set_timeout(timeout_ms);
   health_stop = 0;
   if (pthread_create(&health_thread, NULL, health_main, NULL) != 0)
     return TG_ENOMEM;
   health_running = 1;
   return 0;
+}
+
+void tg_health_set_timeout(uint64_t timeout_ms) {
+  atomic_store(&health_timeout_ms, timeout_ms ? timeout_ms : 1000);
 }
 
 void tg_health_stop(void) {

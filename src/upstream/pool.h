@@ -84,6 +84,10 @@ int tg_pool_ready(const tg_pool_t *pool);
  * interval_ms (0: no probes; down endpoints then return after a cool-off).
  * timeout_ms bounds one probe. Returns 0 or a negative error. */
 int tg_health_start(uint64_t interval_ms, uint64_t timeout_ms);
+
+/* Bounds the probes from the next one on by timeout_ms (0: 1 s): a reload
+ * that changes the upstream timeouts changes the probes' too. Any thread. */
+void tg_health_set_timeout(uint64_t timeout_ms);
 void tg_health_stop(void);
 
 #endif

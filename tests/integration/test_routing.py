@@ -293,6 +293,30 @@ def test_readyz_follows_backend(tg):
     assert chat(gw.port, key, M8B, max_tokens=2).status == 200
 
 
+def test_probes_follow_a_reloaded_connect_timeout(tg):
+    """A health probe is bounded by the upstream_connect timeout plus a
+    second. An endpoint whose /health takes 2 s passes under a 5 s connect
+    timeout; a reload to 100 ms makes the probes give up after 1.1 s, so it
+    is marked down and /readyz says so. (The probes kept the timeout the
+    gateway started with.)"""
+    fake = tgtest.FakeUpstream(200)
+    try:
+        fake.get_delay = 2.0
+        gw = tg.gateway({M8B: [fake.url]}, workers=1,
+                        overrides={"health_check_interval": "100ms",
+                                   "timeouts": {"upstream_connect": "5s"}})
+        assert tgtest.admin(gw, "/readyz").status == 200
+        gw.config["timeouts"]["upstream_connect"] = "100ms"
+        tgtest.gateway_reload(gw)
+        tgtest.wait_for(lambda: tgtest.admin(gw, "/readyz").status == 503, timeout=10.0,
+                        what="/readyz 503 once probes time out at the new bound")
+        fake.get_delay = 0.0
+        tgtest.wait_for(lambda: tgtest.admin(gw, "/readyz").status == 200, timeout=10.0,
+                        what="/readyz 200 once /health answers at once")
+    finally:
+        fake.close()
+
+
 def test_backend_killed_mid_stream(tg):
     sim_a = tg.sim()
     sim_b = tg.sim()

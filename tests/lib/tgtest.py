@@ -1208,8 +1208,8 @@ class FakeUpstream:
     """A tiny HTTP server on a free port answering every POST with a fixed
     status and JSON body (and the (name, value) pairs of `headers`, which
     may repeat a name; after a 100 Continue with the pairs of `interim`
-    when that is set), and every GET with 200 (so health probes pass).
-    Counts the POSTs it received."""
+    when that is set), and every GET with 200 (so health probes pass),
+    `get_delay` seconds after the request. Counts the POSTs it received."""
 
     def __init__(self, status=503, body=None):
         import http.server
@@ -1223,6 +1223,7 @@ class FakeUpstream:
         self.interim = None  # header lines of a 100 Continue sent before it, when set
         self.posts = 0
         self.gets = 0
+        self.get_delay = 0.0  # seconds before a GET is answered
         self.last_headers = []  # (name, value) of the last POST, as received
         outer = self
 
@@ -1243,7 +1244,12 @@ class FakeUpstream:
 
             def do_GET(self):
                 outer.gets += 1
-                self._send(200, b'{"status":"ok","object":"list","data":[]}')
+                if outer.get_delay:
+                    time.sleep(outer.get_delay)
+                try:
+                    self._send(200, b'{"status":"ok","object":"list","data":[]}')
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # a probe that gave up waiting
 
             def do_POST(self):
                 n = int(self.headers.get("Content-Length") or 0)
