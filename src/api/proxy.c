@@ -971,6 +971,9 @@ static void on_up_done(int result, const char *detail, void *arg) {
       answer_end(c);
       return;
     }
+    if ((c->up_status == 429 || c->up_status == 503) && c->up_retry_after[0] != '\0')
+      /* the endpoint says it is overloaded: others get the next requests */
+      tg_endpoint_back_off(c->ep, tg_retry_after_wait_ms(c->up_retry_after, tg_now_ms()));
     retryable = c->up_status == 502 || c->up_status == 503 || c->up_status == 504;
     if (retryable && try_next(c) == 0)
       return;

@@ -28,6 +28,7 @@ struct tg_endpoint_s {
   atomic_int healthy;       /* routable */
   atomic_int probed_ok;     /* a probe has succeeded since the last failure */
   atomic_uint_fast64_t down_at_ms;
+  atomic_uint_fast64_t busy_until_ms; /* backing off until then (now_ms); 0: not */
   atomic_uint_fast64_t errors[TG_UPERR_N];
   tg_endpoint_t *next;
 };
@@ -161,10 +162,51 @@ int tg_endpoint_healthy(const tg_endpoint_t *ep) {
   return usable((tg_endpoint_t *)ep);
 }
 
+void tg_endpoint_back_off(tg_endpoint_t *ep, int64_t wait_ms) {
+  if (wait_ms > TG_BACKOFF_MAX_MS)
+    wait_ms = TG_BACKOFF_MAX_MS;
+  atomic_store(&ep->busy_until_ms, wait_ms > 0 ? now_ms() + (uint64_t)wait_ms : 0);
+}
+
+int tg_endpoint_backing_off(const tg_endpoint_t *ep) {
+  uint64_t until = atomic_load_explicit(&((tg_endpoint_t *)ep)->busy_until_ms,
+                                        memory_order_relaxed);
+  return until != 0 && now_ms() < until;
+}
+
+/* The least loaded endpoint of pool with a free slot, not in tried, usable
+ * and, unless backing_off is set, not backing off; pool->n when none.
+ * *seen is set when such a candidate exists, full or not. */
+static size_t least_loaded(const tg_pool_t *pool, const tg_tried_t *tried, size_t start,
+                           int backing_off, int *seen) {
+  size_t i, k, best = pool->n;
+  int best_load = -1;
+
+  for (k = 0; k < pool->n; k++) {
+    tg_endpoint_t *ep;
+    int load, max;
+    i = (start + k) % pool->n;
+    if (tg_tried_has(tried, i))
+      continue;
+    ep = pool->eps[i];
+    if (!usable(ep) || (!backing_off && tg_endpoint_backing_off(ep)))
+      continue;
+    *seen = 1;
+    load = atomic_load_explicit(&ep->inflight, memory_order_relaxed);
+    max = atomic_load_explicit(&ep->max_inflight, memory_order_relaxed);
+    if (load >= max)
+      continue;
+    if (best_load < 0 || load < best_load) {
+      best_load = load;
+      best = i;
+    }
+  }
+  return best;
+}
+
 tg_endpoint_t *tg_pool_pick(const tg_pool_t *pool, const tg_tried_t *tried, size_t *idx,
                             int *why) {
-  size_t i, k, start, best;
-  int any_healthy = 0;
+  size_t start, best;
 
   if (pool->n == 0) {
     *why = TG_PICK_NONE_HEALTHY;
@@ -173,27 +215,14 @@ tg_endpoint_t *tg_pool_pick(const tg_pool_t *pool, const tg_tried_t *tried, size
   /* Start the scan at a rotating place so ties spread across replicas. */
   start = atomic_fetch_add_explicit(&rr, 1, memory_order_relaxed) % pool->n;
   for (;;) {
-    int best_load = -1;
-    best = pool->n;
-    for (k = 0; k < pool->n; k++) {
-      tg_endpoint_t *ep;
-      int load, max;
-      i = (start + k) % pool->n;
-      if (tg_tried_has(tried, i))
-        continue;
-      ep = pool->eps[i];
-      if (!usable(ep))
-        continue;
-      any_healthy = 1;
-      load = atomic_load_explicit(&ep->inflight, memory_order_relaxed);
-      max = atomic_load_explicit(&ep->max_inflight, memory_order_relaxed);
-      if (load >= max)
-        continue;
-      if (best_load < 0 || load < best_load) {
-        best_load = load;
-        best = i;
-      }
-    }
+    int ready = 0, any_healthy = 0;
+    /* An endpoint backing off is passed over while another can take the
+     * request, full or not (the request then waits for that one); only
+     * when each candidate is backing off does one of them get it. */
+    best = least_loaded(pool, tried, start, 0, &ready);
+    any_healthy = ready;
+    if (best == pool->n && !ready)
+      best = least_loaded(pool, tried, start, 1, &any_healthy);
     if (best == pool->n) {
       *why = any_healthy ? TG_PICK_SATURATED : TG_PICK_NONE_HEALTHY;
       return NULL;

@@ -4,7 +4,8 @@
  * loop thread and outlives config reloads: endpoints are kept in a registry
  * by URL and looked up again when a new config is built. Picking is
  * least-outstanding-requests among healthy endpoints with a free slot; the
- * slot is taken atomically by the pick itself.
+ * slot is taken atomically by the pick itself. An endpoint that said it is
+ * overloaded (Retry-After) is passed over for a while.
  *
  * A health thread probes each endpoint's /health; a failed connection marks
  * an endpoint down at once (passive), and a probe brings it back. */
@@ -65,10 +66,23 @@ static inline int tg_tried_has(const tg_tried_t *t, size_t i) {
 }
 
 /* Picks an endpoint not in tried (NULL: none tried yet) and takes one of its
- * slots; *idx receives its index. Returns the endpoint, or NULL with *why set
+ * slots, passing over those backing off while another is a candidate
+ * (tg_endpoint_back_off); *idx receives its index. Returns the endpoint, or NULL with *why set
  * to TG_PICK_NONE_HEALTHY or TG_PICK_SATURATED. */
 tg_endpoint_t *tg_pool_pick(const tg_pool_t *pool, const tg_tried_t *tried, size_t *idx,
                             int *why);
+
+/* The longest an endpoint is kept out of picks by one answer. */
+#define TG_BACKOFF_MAX_MS 30000
+
+/* ep answered 429 or 503 with a Retry-After asking for wait_ms: picks pass
+ * it over for that long (at most TG_BACKOFF_MAX_MS) while another endpoint
+ * of the pool could take the request. wait_ms <= 0 ends a back-off. It
+ * stays healthy and ready: only its own word puts it back. Any thread. */
+void tg_endpoint_back_off(tg_endpoint_t *ep, int64_t wait_ms);
+
+/* 1 while ep is backing off. */
+int tg_endpoint_backing_off(const tg_endpoint_t *ep);
 
 /* Gives back the slot taken by tg_pool_pick. */
 void tg_endpoint_release(tg_endpoint_t *ep);

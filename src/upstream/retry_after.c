@@ -5,6 +5,7 @@
 #include "upstream/retry_after.h"
 
 #include <string.h>
+#include <time.h>
 
 #define NAME "retry-after"
 #define NAME_LEN (sizeof(NAME) - 1)
@@ -67,11 +68,20 @@ void tg_retry_after_value(tg_retry_after_t *ra, const char *at, size_t len) {
   }
 }
 
+/* The month of its three-letter name (0 for Jan), or -1. */
+static int month_of(const char *v) {
+  static const char months[] = "JanFebMarAprMayJunJulAugSepOctNovDec";
+  size_t i;
+  for (i = 0; i < sizeof(months) - 1; i += 3)
+    if (memcmp(months + i, v, 3) == 0)
+      return (int)(i / 3);
+  return -1;
+}
+
 /* Whether v[0..n) is an IMF-fixdate: "Sun, 06 Nov 1994 08:49:37 GMT". */
 static int imf_fixdate(const char *v, size_t n) {
   static const char shape[] = "aaa, 00 aaa 0000 00:00:00 GMT";
   static const char days[] = "MonTueWedThuFriSatSun";
-  static const char months[] = "JanFebMarAprMayJunJulAugSepOctNovDec";
   size_t i;
 
   if (n != sizeof(shape) - 1)
@@ -81,11 +91,7 @@ static int imf_fixdate(const char *v, size_t n) {
       return 0;
   for (i = 0; i < sizeof(days) - 1 && memcmp(days + i, v, 3) != 0; i += 3)
     ;
-  if (i == sizeof(days) - 1)
-    return 0;
-  for (i = 0; i < sizeof(months) - 1 && memcmp(months + i, v + 8, 3) != 0; i += 3)
-    ;
-  return i < sizeof(months) - 1;
+  return i < sizeof(days) - 1 && month_of(v + 8) >= 0;
 }
 
 static int delta_seconds(const char *v, size_t n) {
@@ -125,4 +131,32 @@ void tg_retry_after_line(tg_retry_after_t *ra, const char *line, size_t len) {
 
 const char *tg_retry_after_get(const tg_retry_after_t *ra) {
   return ra->seen == 1 && ra->ok && !ra->in_value ? ra->v : NULL;
+}
+
+/* The number the n digits at v spell. */
+static int64_t num(const char *v, size_t n) {
+  int64_t x = 0;
+  while (n-- > 0)
+    x = x * 10 + (*v++ - '0');
+  return x;
+}
+
+int64_t tg_retry_after_wait_ms(const char *v, int64_t now_ms) {
+  size_t n = v != NULL ? strlen(v) : 0;
+  int64_t at_ms;
+  struct tm tm;
+
+  if (delta_seconds(v, n))
+    return num(v, n) * 1000;
+  if (!imf_fixdate(v, n))
+    return -1;
+  memset(&tm, 0, sizeof(tm));
+  tm.tm_mday = (int)num(v + 5, 2);
+  tm.tm_mon = month_of(v + 8);
+  tm.tm_year = (int)num(v + 12, 4) - 1900;
+  tm.tm_hour = (int)num(v + 17, 2);
+  tm.tm_min = (int)num(v + 20, 2);
+  tm.tm_sec = (int)num(v + 23, 2);
+  at_ms = (int64_t)timegm(&tm) * 1000;
+  return at_ms > now_ms ? at_ms - now_ms : 0;
 }

@@ -49,4 +49,10 @@ void tg_retry_after_line(tg_retry_after_t *ra, const char *line, size_t len);
  * no list) give NULL. Points into ra. */
 const char *tg_retry_after_get(const tg_retry_after_t *ra);
 
+/* How long from now_ms (Unix time in milliseconds) a value of that form
+ * (delta-seconds or an IMF-fixdate, as tg_retry_after_get gives) asks to
+ * wait, in milliseconds: 0 for a date already past, -1 for NULL or any
+ * other text. Not bounded: the caller caps it. */
+int64_t tg_retry_after_wait_ms(const char *v, int64_t now_ms);
+
 #endif

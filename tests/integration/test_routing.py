@@ -152,6 +152,46 @@ def test_an_upstreams_retry_after_reaches_the_client(tg, client):
             u.close()
 
 
+def test_an_endpoint_that_says_it_is_overloaded_is_passed_over(tg):
+    """A replica that answers 429 or 503 with Retry-After is passed over by
+    the requests that follow until that time has passed, while the other
+    replica is idle; once it has, it gets its share again. When every
+    replica said so, requests still go to them (the gateway does not refuse
+    in their name). (Requests kept going to the replica that had just said
+    it was overloaded.) The simulator's 429 and 503 carry Retry-After: 1."""
+    sims = [tg.sim(), tg.sim()]
+    gw = tg.gateway({M8B: [s.url for s in sims]}, overrides={"health_check_interval": "60s"})
+    key = gw.keys["acme"]
+
+    def endpoint(r):
+        assert r.status == 200, r
+        return gw.access_entry(r.header("x-request-id"))["endpoint"]
+
+    urls = {s.url for s in sims}
+    # a 429 (relayed, not retried): the other replica gets what follows
+    t0 = time.monotonic()
+    r = chat(gw.port, key, M8B, max_tokens=1, headers={"x-sim-fault": "status:429"})
+    assert r.status == 429 and _retry_afters(r) == ["1"], r
+    busy = gw.access_entry(r.header("x-request-id"))["endpoint"]
+    within = []
+    while True:
+        r = chat(gw.port, key, M8B, max_tokens=1)
+        if time.monotonic() >= t0 + 1.0:
+            break  # the back-off may have ended when this one was routed
+        within.append(endpoint(r))
+    assert len(within) >= 3, "too slow to route requests within the back-off"
+    assert busy not in within, (busy, within)
+    time.sleep(max(0.0, t0 + 1.2 - time.monotonic()))
+    assert {endpoint(chat(gw.port, key, M8B, max_tokens=1)) for _ in range(8)} == urls
+
+    # a 503, retried on the other replica, which says the same: both back
+    # off, and requests are still served by them
+    r = chat(gw.port, key, M8B, max_tokens=1, headers={"x-sim-fault": "status:503"})
+    assert r.status == 503 and _retry_afters(r) == ["1"], r
+    assert gw.access_entry(r.header("x-request-id"))["attempts"] == 2
+    assert {endpoint(chat(gw.port, key, M8B, max_tokens=1)) for _ in range(8)} == urls
+
+
 def test_retries_try_each_endpoint_of_a_large_pool_once(tg):
     """A model may have up to 256 endpoints. A request that every one of
     them answers with 503 tries each once and then gets the last answer.

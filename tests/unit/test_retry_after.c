@@ -144,12 +144,38 @@ static void test_bound_is_kept(void **state) {
   }
 }
 
+/* The wait a value asks for, which the gateway keeps its endpoint out of
+ * picks for: seconds as they are, a date from now (none once past), and
+ * nothing for text that is no value. */
+static void test_wait_of_a_value(void **state) {
+  /* DATE is 1445412480 s after the epoch */
+  const int64_t at = INT64_C(1445412480000);
+  (void)state;
+  assert_int_equal(tg_retry_after_wait_ms("7", at), 7000);
+  assert_int_equal(tg_retry_after_wait_ms("0", at), 0);
+  assert_int_equal(tg_retry_after_wait_ms("9999999999", at), INT64_C(9999999999000));
+  assert_int_equal(tg_retry_after_wait_ms(DATE, at - 2500), 2500);
+  assert_int_equal(tg_retry_after_wait_ms(DATE, at), 0);
+  assert_int_equal(tg_retry_after_wait_ms(DATE, at + 1), 0);
+  assert_int_equal(tg_retry_after_wait_ms("Sun, 06 Nov 1994 08:49:37 GMT", 0),
+                   INT64_C(784111777000));
+  assert_int_equal(tg_retry_after_wait_ms("Thu, 29 Feb 2024 23:59:59 GMT", 0),
+                   INT64_C(1709251199000));
+  assert_int_equal(tg_retry_after_wait_ms(NULL, at), -1);
+  assert_int_equal(tg_retry_after_wait_ms("", at), -1);
+  assert_int_equal(tg_retry_after_wait_ms("soon", at), -1);
+  assert_int_equal(tg_retry_after_wait_ms("12345678901", at), -1);
+  assert_int_equal(tg_retry_after_wait_ms("Wed, 21 Oct 2015 07:28:00 UTC", at), -1);
+  assert_int_equal(tg_retry_after_wait_ms("Wed, 21 Okt 2015 07:28:00 GMT", at), -1);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
     cmocka_unit_test(test_values_relayed_and_dropped),
     cmocka_unit_test(test_two_fields_and_a_new_head),
     cmocka_unit_test(test_pieces_read_as_whole),
     cmocka_unit_test(test_bound_is_kept),
+    cmocka_unit_test(test_wait_of_a_value),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
