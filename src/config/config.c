@@ -2262,6 +2262,7 @@ int tg_config_load(const char *path, tg_config_t **out,
   if (errs != NULL) {
     errs->msgs = NULL;
     errs->n = 0;
+    errs->tenants_file = NULL;
   }
   if (out != NULL)
     *out = NULL;
@@ -2328,6 +2329,11 @@ int tg_config_load(const char *path, tg_config_t **out,
       rc = TG_ENOMEM;
     }
   }
+  if (rc != 0 && errs != NULL) {
+    /* what the config tried to name, for serve to watch */
+    errs->tenants_file = ld.cfg->tenants_file;
+    ld.cfg->tenants_file = NULL;
+  }
 
 out:
   if (rc == 0) {
@@ -2354,8 +2360,10 @@ void tg_config_errors_free(tg_config_errors_t *errs) {
   for (size_t i = 0; i < errs->n; i++)
     free(errs->msgs[i]);
   free(errs->msgs);
+  free(errs->tenants_file);
   errs->msgs = NULL;
   errs->n = 0;
+  errs->tenants_file = NULL;
 }
 
 tg_config_t *tg_config_ref(tg_config_t *cfg) {

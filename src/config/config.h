@@ -135,12 +135,14 @@ typedef struct tg_config_s {
 typedef struct {
   char **msgs;   /* "file:line: message" */
   size_t n;
+  char *tenants_file; /* the tenants_file the refused config names, as opened;
+                         NULL when none or when it was not read that far */
 } tg_config_errors_t;
 
 /* Loads and validates path. On success returns 0 and *out holds a snapshot
  * with one reference. On failure returns TG_ECONFIG (or another negative
- * error) and errs, if not NULL, holds every problem found; free it with
- * tg_config_errors_free(). */
+ * error) and errs, if not NULL, holds every problem found and the
+ * tenants_file named; free it with tg_config_errors_free(). */
 int tg_config_load(const char *path, tg_config_t **out, tg_config_errors_t *errs);
 void tg_config_errors_free(tg_config_errors_t *errs);
 

@@ -16,6 +16,7 @@
 #define _GNU_SOURCE /* pipe2 */
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <openssl/rand.h>
 #include <pthread.h>
 #include <sched.h>
@@ -411,7 +412,10 @@ static uint64_t probe_timeout_ms(const tg_config_t *cfg) {
   return cfg->upstream_connect_timeout_ms + 1000;
 }
 
-static int reload(tg_app_t *app) {
+/* Loads the config file again and swaps it in. Returns 0 or a negative
+ * error; on an error, *named is the tenants_file the refused config names
+ * (the caller frees it), or NULL when none or not known. */
+static int reload(tg_app_t *app, char **named) {
   tg_config_t *cfg = NULL;
   tg_config_errors_t errs = {0};
   tg_runtime_t *rt, *old;
@@ -425,6 +429,8 @@ static int reload(tg_app_t *app) {
     fprintf(stderr, "tollgate: reload failed, keeping the running config:\n");
     for (i = 0; i < errs.n; i++)
       fprintf(stderr, "  %s\n", errs.msgs[i]);
+    *named = errs.tenants_file;
+    errs.tenants_file = NULL;
     tg_config_errors_free(&errs);
     return r;
   }
@@ -462,21 +468,36 @@ typedef struct {
                               * database (-1 when it could not be made) */
 } purge_t;
 
+/* A reload follows a change of the config file or of its tenants_file (see
+ * watch_files): these are the directories watched for them. */
+#define WATCH_DIRS 8   /* directories watched at once */
+#define WATCH_HOPS 8   /* symlinks followed from one file */
+#define WATCH_NAMES 8  /* names that count in one directory */
+#define WATCH_NAME_MAX 256
+
+typedef struct {
+  char dir[PATH_MAX];        /* its real path */
+  int any_yaml;              /* the config's own directory: any .yaml name counts */
+  size_t n_names;
+  char names[WATCH_NAMES][WATCH_NAME_MAX]; /* the files' and links' names in it */
+} watch_want_t;
+
+typedef struct {
+  uv_fs_event_t h;           /* first: the callback's handle is the watch */
+  int on;                    /* started */
+  watch_want_t want;
+} watch_dir_t;
+
 typedef struct {
   tg_app_t *app;
   uv_timer_t purge_timer;    /* ledger retention, hourly */
   purge_t purge;
   uv_signal_t sigterm, sigint, sighup;
   uv_timer_t drain_timer, watch;
-  uv_fs_event_t cfg_event;   /* the config file's directory */
   uv_timer_t cfg_debounce;   /* editors write in several steps */
   uint64_t settle_since;     /* loop time of a pending reload's first cause */
-  int cfg_watching;
-  char cfg_dir[4096];        /* the directory cfg_event watches */
-  uv_fs_event_t tenants_event; /* the tenants_file's directory, when another */
-  int tenants_watching;
-  char tenants_dir[4096];    /* the directory tenants_event watches */
-  char tenants_name[256];    /* the tenants_file's name in its directory ("": none) */
+  watch_dir_t watches[WATCH_DIRS]; /* the directories of the config's files */
+  char *watched_tenants;     /* the tenants_file they follow, or NULL */
   int stopping;
   int lock_fd;               /* data_dir's owner lock, -1 when none (ledger off) */
 } main_ctx_t;
@@ -535,8 +556,8 @@ static void on_watch(uv_timer_t *t) {
     sighup_ignore(&m->sighup);
     uv_close((uv_handle_t *)&m->drain_timer, NULL);
     uv_close((uv_handle_t *)&m->watch, NULL);
-    uv_close((uv_handle_t *)&m->cfg_event, NULL);
-    uv_close((uv_handle_t *)&m->tenants_event, NULL);
+    for (i = 0; i < WATCH_DIRS; i++)
+      uv_close((uv_handle_t *)&m->watches[i].h, NULL);
     uv_close((uv_handle_t *)&m->purge_timer, NULL);
     uv_close((uv_handle_t *)&m->cfg_debounce, NULL);
   }
@@ -623,13 +644,7 @@ static void on_purge_timer(uv_timer_t *t) {
 #define FILE_SETTLE_MS 300 /* editors write in several steps */
 #define SETTLE_MAX_MS 1000 /* causes that never pause still reload */
 
-static void watch_tenants(main_ctx_t *m);
-
-static void on_cfg_settled(uv_timer_t *t) {
-  main_ctx_t *m = t->data;
-  if (!m->stopping && reload(m->app) == 0)
-    watch_tenants(m); /* the new config may name another tenants_file */
-}
+static void on_cfg_settled(uv_timer_t *t);
 
 /* A reload after ms without another cause (a SIGHUP, a file's change), or
  * SETTLE_MAX_MS after the first one if they keep coming. */
@@ -659,89 +674,157 @@ static const char *split_dir(const char *path, char *dir, size_t cap) {
   return slash ? slash + 1 : path;
 }
 
-/* 1 when filename, changed in a watched directory, is the tenants_file or
- * the "..data" symlink a Kubernetes ConfigMap volume swaps on an update. */
-static int is_tenants_change(const main_ctx_t *m, const char *filename) {
-  return m->tenants_name[0] != '\0' &&
-         (strcmp(filename, m->tenants_name) == 0 || strcmp(filename, "..data") == 0);
-}
-
 static int ends_with(const char *s, const char *suffix) {
   size_t n = strlen(s), k = strlen(suffix);
   return n >= k && strcmp(s + n - k, suffix) == 0;
 }
 
-/* A file in the config's directory changed: reload once things settle. The
- * directory is watched, not the file, because editors replace files by
- * renaming, which ends a watch on the file itself. */
-static void on_cfg_event(uv_fs_event_t *h, const char *filename, int events, int status) {
-  main_ctx_t *m = h->data;
-  (void)events;
-  /* A YAML file (by its suffix: an editor's .tollgate.yaml.swp, backup
-   * tollgate.yaml~ or autosave #tollgate.yaml# is none), or "..data": a
-   * Kubernetes ConfigMap volume updates its files by swapping that
-   * symlink, so no .yaml name changes. */
-  if (status < 0 || filename == NULL ||
-      (!ends_with(filename, ".yaml") && !ends_with(filename, ".yml") &&
-       strcmp(filename, "..data") != 0 && !is_tenants_change(m, filename)))
+/* Adds name, in directory dir (its real path once resolved), to what
+ * plan[0..*n) watches; a directory that does not exist is left out. */
+static void want_name(watch_want_t *plan, size_t *n, const char *dir, const char *name,
+                      int any_yaml) {
+  char real[PATH_MAX];
+  watch_want_t *w;
+  size_t i;
+
+  if (strlen(name) >= WATCH_NAME_MAX || realpath(dir, real) == NULL)
     return;
-  settle_then_reload(m, FILE_SETTLE_MS);
+  for (i = 0; i < *n && strcmp(plan[i].dir, real) != 0; i++)
+    ;
+  if (i == *n) {
+    if (*n == WATCH_DIRS)
+      return;
+    memcpy(plan[i].dir, real, sizeof(real));
+    (*n)++;
+  }
+  w = &plan[i];
+  w->any_yaml |= any_yaml;
+  for (i = 0; i < w->n_names && strcmp(w->names[i], name) != 0; i++)
+    ;
+  if (i == w->n_names && w->n_names < WATCH_NAMES)
+    memcpy(w->names[w->n_names++], name, strlen(name) + 1);
 }
 
-/* The tenants_file's directory (another than the config's) changed: only
- * the tenants_file itself, or its ConfigMap's swap, reloads. */
-static void on_tenants_event(uv_fs_event_t *h, const char *filename, int events,
-                             int status) {
-  main_ctx_t *m = h->data;
-  (void)events;
-  if (status < 0 || filename == NULL || !is_tenants_change(m, filename))
+/* Adds path's name in its directory to plan and, while it is a symlink,
+ * its target's, hop by hop: a link to a file elsewhere (a ConfigMap
+ * mounted apart from the config) and a ConfigMap's own
+ * `name -> ..data/name` are watched where the change happens. */
+static void want_file(watch_want_t *plan, size_t *n, const char *path, int is_config) {
+  char cur[PATH_MAX], dir[PATH_MAX], target[PATH_MAX];
+  const char *name;
+  ssize_t len;
+  int hop;
+
+  if (strlen(path) >= sizeof(cur))
     return;
-  settle_then_reload(m, FILE_SETTLE_MS);
+  memcpy(cur, path, strlen(path) + 1);
+  for (hop = 0; hop <= WATCH_HOPS; hop++) {
+    if ((name = split_dir(cur, dir, sizeof(dir))) == NULL)
+      return;
+    want_name(plan, n, dir, name, is_config && hop == 0);
+    len = readlink(cur, target, sizeof(target) - 1);
+    if (len < 0)
+      return; /* no link (or no file yet): the end */
+    target[len] = '\0';
+    if (target[0] == '/')
+      memcpy(cur, target, (size_t)len + 1);
+    else if ((size_t)snprintf(cur, sizeof(cur), "%s/%s", dir, target) >= sizeof(cur))
+      return;
+  }
 }
 
-static void watch_config(main_ctx_t *m, uv_loop_t *loop, const char *path) {
+/* 1 when a change of filename in w's directory reloads: one of its names,
+ * a ConfigMap's `..data` swap, or in the config's own directory any YAML
+ * file (by its suffix: an editor's .tollgate.yaml.swp, backup
+ * tollgate.yaml~ or autosave #tollgate.yaml# is none). */
+static int counts(const watch_want_t *w, const char *filename) {
+  size_t i;
+  if (strcmp(filename, "..data") == 0 ||
+      (w->any_yaml && (ends_with(filename, ".yaml") || ends_with(filename, ".yml"))))
+    return 1;
+  for (i = 0; i < w->n_names; i++)
+    if (strcmp(filename, w->names[i]) == 0)
+      return 1;
+  return 0;
+}
+
+static void on_watch_event(uv_fs_event_t *h, const char *filename, int events, int status) {
+  watch_dir_t *w = (watch_dir_t *)(void *)h;
+  (void)events;
+  if (status < 0 || filename == NULL || !counts(&w->want, filename))
+    return;
+  settle_then_reload(h->data, FILE_SETTLE_MS);
+}
+
+/* Watches the config file and tenants_file (NULL: none): the directory of
+ * each, and of each symlink on the way to them, for their names. The
+ * directories are watched, not the files, because editors replace files by
+ * renaming, which ends a watch on the file itself; and a ConfigMap volume
+ * swaps its `..data` link, so no file's name changes. Called at the start
+ * and after each reload, failed or not: the links may point elsewhere now,
+ * and the file the config names is watched even when its error refused the
+ * reload, so its fix reloads. Out of memory, what is watched stays. */
+static void watch_files(main_ctx_t *m, const char *tenants_file) {
+  watch_want_t *plan = calloc(WATCH_DIRS, sizeof(*plan));
+  char *keep = tenants_file != NULL ? strdup(tenants_file) : NULL;
+  size_t n = 0, i, j;
+
+  if (plan == NULL || (tenants_file != NULL && keep == NULL)) {
+    free(plan);
+    free(keep);
+    return;
+  }
+  want_file(plan, &n, m->app->config_path, 1);
+  if (tenants_file != NULL)
+    want_file(plan, &n, tenants_file, 0);
+  for (i = 0; i < WATCH_DIRS; i++) {
+    watch_dir_t *w = &m->watches[i];
+    for (j = 0; j < n && strcmp(plan[j].dir, w->want.dir) != 0; j++)
+      ;
+    if (w->on && j == n) {
+      uv_fs_event_stop(&w->h);
+      w->on = 0;
+    }
+  }
+  for (j = 0; j < n; j++) {
+    watch_dir_t *w = NULL;
+    for (i = 0; i < WATCH_DIRS && w == NULL; i++)
+      if (m->watches[i].on && strcmp(m->watches[i].want.dir, plan[j].dir) == 0)
+        w = &m->watches[i];
+    for (i = 0; i < WATCH_DIRS && w == NULL; i++)
+      if (!m->watches[i].on)
+        w = &m->watches[i];
+    w->want = plan[j]; /* the names may have changed */
+    if (!w->on)
+      w->on = uv_fs_event_start(&w->h, on_watch_event, w->want.dir, 0) == 0;
+  }
+  free(plan);
+  free(m->watched_tenants);
+  m->watched_tenants = keep;
+}
+
+static void watch_init(main_ctx_t *m, uv_loop_t *loop) {
+  int i;
   uv_timer_init(loop, &m->cfg_debounce); /* SIGHUP's too */
   m->cfg_debounce.data = m;
-  uv_fs_event_init(loop, &m->cfg_event);
-  m->cfg_event.data = m;
-  uv_fs_event_init(loop, &m->tenants_event);
-  m->tenants_event.data = m;
-  if (split_dir(path, m->cfg_dir, sizeof(m->cfg_dir)) != NULL &&
-      uv_fs_event_start(&m->cfg_event, on_cfg_event, m->cfg_dir, 0) == 0)
-    m->cfg_watching = 1;
+  for (i = 0; i < WATCH_DIRS; i++) {
+    uv_fs_event_init(loop, &m->watches[i].h);
+    m->watches[i].h.data = m;
+  }
 }
 
-/* Watches the running config's tenants_file, a file that the config's
- * directory may not hold (`../seed/quotas.yaml`): its directory is watched
- * too, and a change of that file reloads as a change of the config does.
- * Called at the start and after each reload, which may name another file. */
-static void watch_tenants(main_ctx_t *m) {
-  const char *file = m->app->rt->cfg->tenants_file, *name;
-  char dir[sizeof(m->tenants_dir)];
+static void on_cfg_settled(uv_timer_t *t) {
+  main_ctx_t *m = t->data;
+  char *named = NULL;
 
-  m->tenants_name[0] = '\0';
-  if (file == NULL || (name = split_dir(file, dir, sizeof(dir))) == NULL ||
-      strlen(name) >= sizeof(m->tenants_name)) {
-    if (m->tenants_watching)
-      uv_fs_event_stop(&m->tenants_event);
-    m->tenants_watching = 0;
+  if (m->stopping)
     return;
-  }
-  memcpy(m->tenants_name, name, strlen(name) + 1);
-  if (m->cfg_watching && strcmp(dir, m->cfg_dir) == 0) {
-    /* the config's watch sees it */
-    if (m->tenants_watching)
-      uv_fs_event_stop(&m->tenants_event);
-    m->tenants_watching = 0;
-    return;
-  }
-  if (m->tenants_watching && strcmp(dir, m->tenants_dir) == 0)
-    return;
-  if (m->tenants_watching)
-    uv_fs_event_stop(&m->tenants_event);
-  memcpy(m->tenants_dir, dir, sizeof(dir));
-  m->tenants_watching =
-      uv_fs_event_start(&m->tenants_event, on_tenants_event, m->tenants_dir, 0) == 0;
+  if (reload(m->app, &named) == 0)
+    watch_files(m, m->app->rt->cfg->tenants_file);
+  else
+    /* the file the refused config names, when it says */
+    watch_files(m, named != NULL ? named : m->watched_tenants);
+  free(named);
 }
 
 static void on_signal(uv_signal_t *s, int signum) {
@@ -992,8 +1075,8 @@ int tg_cmd_serve(int argc, char **argv) {
   uv_signal_start(&m.sigterm, on_signal, SIGTERM);
   uv_signal_start(&m.sigint, on_signal, SIGINT);
   uv_signal_start(&m.sighup, on_signal, SIGHUP);
-  watch_config(&m, main_loop, app.config_path);
-  watch_tenants(&m);
+  watch_init(&m, main_loop);
+  watch_files(&m, app.rt->cfg->tenants_file);
   if (pipe2(m.purge.wake, O_CLOEXEC | O_NONBLOCK) != 0)
     m.purge.wake[0] = m.purge.wake[1] = -1;
   m.purge.metrics = app.metrics;
@@ -1049,6 +1132,7 @@ out:
     if (m.purge.wake[i] >= 0)
       close(m.purge.wake[i]);
   free(app.config_path);
+  free(m.watched_tenants);
   pthread_mutex_destroy(&app.rt_lock);
   curl_global_cleanup();
   return rc;

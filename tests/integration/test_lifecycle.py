@@ -5,6 +5,7 @@ a clean exit with nothing in flight."""
 import json
 import os
 import resource
+import shutil
 import signal
 import socket
 import subprocess
@@ -271,6 +272,124 @@ def test_a_change_of_a_tenants_file_in_another_directory_reloads(tg):
     assert chat(gw.port, gw.keys["acme"], M8B, max_tokens=1).status == 429
 
 
+def _reloads(gw, what="config reloaded"):
+    return gw.proc.stderr_text().count(what)
+
+
+def test_a_refused_reload_watches_the_tenants_file_it_names(tg):
+    """The operator points tenants_file at a file in another directory, and
+    that file has a mistake: the reload is refused and the running config
+    stays. Fixing the file then reloads by itself. (The new file's directory
+    was watched only after a reload that succeeded, so the fix waited for a
+    SIGHUP.)"""
+    sim = tg.sim()
+    gw = tg.gateway({M8B: [sim.url]}, start=False)
+    os.makedirs(os.path.join(gw.workdir, "etc"))
+    gw.config_path = os.path.join(gw.workdir, "etc", "tollgate.yaml")
+    gw.write_config()
+    gw.start()
+    other = os.path.join(gw.workdir, "tenants")
+    os.makedirs(other)
+    quotas = os.path.join(other, "quotas.yaml")
+    with open(quotas, "w") as f:
+        f.write(tgtest.to_yaml({"tenants": {"acme": {"models_allowed": ["no-such-model"]}}}))
+    failed = _reloads(gw, "reload failed")
+    gw.config.pop("tenants")
+    gw.config["tenants_file"] = quotas
+    gw.write_config()
+    tgtest.wait_for(lambda: _reloads(gw, "reload failed") > failed, timeout=5,
+                    what="the reload refused for the tenants file's mistake")
+    assert "unknown model 'no-such-model'" in gw.proc.stderr_text(), gw.proc.tail()
+    n = _reloads(gw)
+    with open(quotas, "w") as f:
+        f.write(tgtest.to_yaml({"tenants": {"acme": {
+            "models_allowed": [M8B], "rate_limits": {"requests_per_minute": 1}}}}))
+    tgtest.wait_for(lambda: _reloads(gw) > n, timeout=5,
+                    what="a reload after the named tenants file was fixed")
+    assert chat(gw.port, gw.keys["acme"], M8B, max_tokens=1).status == 200
+    assert chat(gw.port, gw.keys["acme"], M8B, max_tokens=1).status == 429
+
+
+class _ConfigMapVolume:
+    """A directory laid out as kubelet lays out a ConfigMap volume: each file
+    a symlink `name -> ..data/name`, `..data` a symlink to a timestamped
+    directory holding the files. publish() writes a new timestamped
+    directory, points a `..data_tmp` link at it, renames that over `..data`
+    (the atomic swap) and removes the old directory, as kubelet's
+    AtomicWriter does."""
+
+    def __init__(self, path):
+        self.path = path
+        self.current = None
+        self.n = 0
+        os.makedirs(path)
+
+    def publish(self, files):
+        self.n += 1
+        ts = time.strftime("..%Y_%m_%d_%H_%M_%S.", time.gmtime()) + "%09d" % self.n
+        os.makedirs(os.path.join(self.path, ts))
+        for name, text in files.items():
+            with open(os.path.join(self.path, ts, name), "w") as f:
+                f.write(text)
+        tmp = os.path.join(self.path, "..data_tmp")
+        os.symlink(ts, tmp)
+        os.rename(tmp, os.path.join(self.path, "..data"))
+        for name in files:
+            link = os.path.join(self.path, name)
+            if not os.path.islink(link):
+                os.symlink(os.path.join("..data", name), link)
+        if self.current is not None:
+            shutil.rmtree(os.path.join(self.path, self.current))
+        self.current = ts
+
+
+def test_configmap_swaps_behind_symlinks_into_other_directories_reload(tg):
+    """The config and the tenants_file are symlinks into two ConfigMap
+    volumes mounted elsewhere (`etc/tollgate.yaml -> ../config/tollgate.yaml`,
+    `etc/quotas.yaml -> ../tenants/quotas.yaml`, each of those
+    `-> ..data/...`). An update of either volume (its `..data` swapped, the
+    old directory removed) reloads, again after the first one. (Only
+    `etc/` was watched: no name there changes on an update, so new tenants
+    waited for a SIGHUP.)"""
+    sim = tg.sim()
+    gw = tg.gateway({M8B: [sim.url]}, start=False)
+    etc = os.path.join(gw.workdir, "etc")
+    os.makedirs(etc)
+    config = _ConfigMapVolume(os.path.join(gw.workdir, "config"))
+    tenants = _ConfigMapVolume(os.path.join(gw.workdir, "tenants"))
+
+    def publish_tenants(rpm):
+        acme = {"models_allowed": [M8B], "rate_limits": {"requests_per_minute": rpm}}
+        tenants.publish({"quotas.yaml": tgtest.to_yaml({"tenants": {"acme": acme}})})
+
+    publish_tenants(1000)
+    gw.config.pop("tenants")
+    gw.config["tenants_file"] = "quotas.yaml"  # beside the config: etc/quotas.yaml
+    config.publish({"tollgate.yaml": tgtest.to_yaml(gw.config)})
+    os.symlink("../config/tollgate.yaml", os.path.join(etc, "tollgate.yaml"))
+    os.symlink("../tenants/quotas.yaml", os.path.join(etc, "quotas.yaml"))
+    gw.config_path = os.path.join(etc, "tollgate.yaml")
+    gw.start()
+    key = gw.keys["acme"]
+
+    for rpm in (1, 1000):
+        n = _reloads(gw)
+        publish_tenants(rpm)
+        tgtest.wait_for(lambda: _reloads(gw) > n, timeout=5,
+                        what="a reload after the tenants volume's update")
+        codes = [chat(gw.port, key, M8B, max_tokens=1).status for _ in range(2)]
+        assert codes == ([200, 429] if rpm == 1 else [200, 200]), (rpm, codes)
+
+    for model in ("a-model", "b-model"):
+        n = _reloads(gw)
+        gw.config["models"][model] = gw.config["models"][M8B]
+        config.publish({"tollgate.yaml": tgtest.to_yaml(gw.config)})
+        tgtest.wait_for(lambda: _reloads(gw) > n, timeout=5,
+                        what="a reload after the config volume's update")
+        r = tgtest.request(gw.port, "GET", "/v1/models/" + model, key=key)
+        assert r.status in (200, 403), r  # the model exists now (acme may not use it)
+
+
 def test_a_stream_admitted_before_a_reload_is_billed_at_its_rates(tg):
     """A reload that changes a model's prices while a stream runs: the
     stream is billed at the rates it was admitted under (its reservation
@@ -519,10 +638,6 @@ def _ignores(pid, sig):
             if line.startswith("SigIgn:"):
                 return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
     return False
-
-
-def _reloads(gw):
-    return gw.proc.stderr_text().count("config reloaded")
 
 
 def test_serve_takes_config_equals_file(tg):

@@ -591,7 +591,11 @@ static void test_tenants_file_errors(void **state) {
              NULL);
   expect_err(&e, tpath, 11, "unknown key 'extra'", NULL);
   assert_int_equal(e.n, 7);
+  /* the refused config still says which file it names (serve watches it) */
+  assert_non_null(e.tenants_file);
+  assert_string_equal(e.tenants_file, tpath);
   tg_config_errors_free(&e);
+  assert_null(e.tenants_file);
   tmp_close(&t);
 }
 
@@ -634,6 +638,7 @@ static void test_unreadable_tenants_file(void **state) {
   expect_err(&e, path, 3, "tenants_file: cannot read",
              "'/nonexistent/tg/quotas.yaml'", "No such file", NULL);
   assert_int_equal(e.n, 1);
+  assert_string_equal(e.tenants_file, "/nonexistent/tg/quotas.yaml");
   tg_config_errors_free(&e);
   unlink(path);
   free(path);
@@ -811,6 +816,7 @@ static void test_missing_file(void **state) {
   assert_int_equal(e.n, 1);
   expect_err(&e, "/nonexistent/tollgate.yaml", 1,
              "cannot read configuration", NULL);
+  assert_null(e.tenants_file); /* not read that far */
   tg_config_errors_free(&e);
   /* errs is optional. */
   assert_int_equal(tg_config_load("/nonexistent/tollgate.yaml", &cfg, NULL),
