@@ -387,7 +387,7 @@ static void admin_api(tg_worker_t *w, tg_http_req_t *req, const char *rid) {
   }
   if (w->jobs_running >= TG_ADMIN_JOBS_RUNNING && w->jobs_waiting >= TG_ADMIN_JOBS_WAITING) {
     audit(w, req->start_ns, rid, key_id, tenant, req->path, 503, "admin_busy");
-    tg_api_error(req, 503, "server_error", "admin_busy", rid, "Retry-After: 1\r\n",
+    tg_api_error(req, 503, "server_error", "admin_busy", rid, TG_RETRY_AFTER_1S,
                  "%d ledger queries are waiting already", TG_ADMIN_JOBS_WAITING);
     job_free(j);
     return;

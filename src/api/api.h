@@ -53,6 +53,11 @@ void tg_api_error(tg_http_req_t *req, int status, const char *type, const char *
                   const char *request_id, const char *extra, const char *fmt, ...)
     __attribute__((format(printf, 7, 8)));
 
+/* The header lines of a refusal to retry in one second: Retry-After for
+ * every client, and retry-after-ms, which the official OpenAI clients
+ * read first (docs/gateway.md, "Errors"). */
+#define TG_RETRY_AFTER_1S "Retry-After: 1\r\nretry-after-ms: 1000\r\n"
+
 /* Writes a JSON string literal (quotes included) for s into buf; returns the
  * length, or a negative error if it does not fit. */
 int tg_json_quote(char *buf, size_t size, const char *s);

@@ -325,9 +325,12 @@ static void call_finish(tg_call_t *c) {
 enum { FIN_RESPOND, FIN_END_STREAM, FIN_END_ANSWER, FIN_ERROR, FIN_ABORT };
 
 /* The Retry-After header line of c's answer, written into buf, or NULL
- * when it has none. */
+ * when it has none. A wait in seconds (not a date) also goes out as
+ * retry-after-ms, which the official clients read first: both lines say
+ * the same, so no client waits differently for reading one or the other. */
 static const char *retry_after_line(const tg_call_t *c, char *buf, size_t size) {
   tg_sb_t b;
+  const char *p;
 
   if (c->retry_after == NULL)
     return NULL;
@@ -335,6 +338,14 @@ static const char *retry_after_line(const tg_call_t *c, char *buf, size_t size) 
   tg_sb_lit(&b, "Retry-After: ");
   tg_sb_puts(&b, c->retry_after);
   tg_sb_lit(&b, "\r\n");
+  for (p = c->retry_after; *p >= '0' && *p <= '9'; p++)
+    ;
+  if (*p == '\0' && p > c->retry_after) {
+    /* at most 10 digits (TG_RETRY_AFTER_MAX's check), so the ms fit */
+    tg_sb_lit(&b, "retry-after-ms: ");
+    tg_sb_putu(&b, strtoull(c->retry_after, NULL, 10) * 1000);
+    tg_sb_lit(&b, "\r\n");
+  }
   return b.err ? NULL : buf;
 }
 
@@ -343,7 +354,7 @@ static const char *retry_after_line(const tg_call_t *c, char *buf, size_t size) 
  * the answer end and send its next request. */
 static void call_fin(tg_call_t *c) {
   static const char done[] = "data: [DONE]\n\n";
-  char hdr[640], ra[64];
+  char hdr[640], ra[96];
   tg_sb_t b;
 
   call_settle(c);
@@ -1372,7 +1383,7 @@ static void on_client_abort(tg_http_req_t *req) {
     /* a stop past its drain timeout: the connection can still say that
      * the request was not served (the client may retry it elsewhere) */
     tg_api_error(req, 503, "server_error", "gateway_stopped", c->request_id,
-                 "Retry-After: 1\r\n", "the gateway stopped before answering this request");
+                 TG_RETRY_AFTER_1S, "the gateway stopped before answering this request");
   queue_leave(c, 0);
   call_drop_attempt(c);
   abort_status(c);
@@ -2268,14 +2279,17 @@ static void format_rl_headers(tg_call_t *c) {
 
 static void refuse_by_policy(tg_call_t *c) {
   const tg_verdict_t *v = &c->admission.v;
-  int64_t secs = (v->retry_after_ms + 999) / 1000;
-  char extra[96];
+  int64_t ms = v->retry_after_ms > 0 ? v->retry_after_ms : 1;
+  int64_t secs = (ms + 999) / 1000;
+  char extra[128];
   int status = 429;
   const char *type = "rate_limit_error", *what;
 
-  if (secs < 1)
-    secs = 1;
-  snprintf(extra, sizeof(extra), "Retry-After: %lld\r\n%s", (long long)secs,
+  /* Retry-After in whole seconds, rounded up; retry-after-ms, which the
+   * official clients read first, the limiter's own wait, so a client
+   * retries the moment the limit frees and not up to a second after */
+  snprintf(extra, sizeof(extra), "Retry-After: %lld\r\nretry-after-ms: %lld\r\n%s",
+           (long long)secs, (long long)ms,
            secs > RETRY_SLEEP_MAX_S ? "x-should-retry: false\r\n" : "");
   switch (v->refused) {
   case TG_LIMIT_GLOBAL: what = "the gateway's global request rate"; break;

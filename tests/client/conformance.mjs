@@ -117,6 +117,7 @@ function retrying(apiKey, maxRetries = 2) {
       attempts.push(a);
       const r = await fetch(url, init);
       a.status = r.status;
+      a.retryAfterMs = r.headers.get('retry-after-ms') ?? undefined;
       if (r.status >= 400)
         a.code = await r.clone().json().then((b) => b?.error?.code, () => undefined);
       return r;
@@ -311,6 +312,11 @@ check("429 RateLimitError: the tenant's own requests_per_minute", async () => {
   const ra = headerOf(err.headers, 'retry-after');
   ok(/^[0-9]+$/.test(ra ?? '') && Number(ra) >= 1 && Number(ra) <= 60,
     `Retry-After ${ra} is not whole seconds in 1..60`);
+  // retry-after-ms, which the client reads first: the limiter's wait to the
+  // millisecond, Retry-After that wait rounded up
+  const ms = headerOf(err.headers, 'retry-after-ms');
+  ok(/^[0-9]+$/.test(ms ?? '') && Math.ceil(Number(ms) / 1000) === Number(ra),
+    `retry-after-ms ${ms} is not whole ms rounding up to Retry-After ${ra}`);
   ok(/requests?[ _-]?per[ _-]?minute/i.test(err.error.message),
     `message does not name the limit: ${err.error.message}`);
   // streaming is refused the same way, before any chunk
@@ -361,6 +367,9 @@ check('429 whose wait is a budget window: raised at once, not slept through', as
   ok(/^[0-9]+$/.test(ra ?? '') && Number(ra) > 60 && Number(ra) <= 86400,
     `Retry-After ${ra} is not the wait until the day ends`);
   eq(headerOf(err.headers, 'x-should-retry'), 'false', 'x-should-retry');
+  const ms = headerOf(err.headers, 'retry-after-ms');
+  ok(/^[0-9]+$/.test(ms ?? '') && Math.ceil(Number(ms) / 1000) === Number(ra),
+    `retry-after-ms ${ms} does not round up to Retry-After ${ra}`);
   eq(attempts.map((a) => a.status), [429], 'attempts');
 });
 
@@ -448,6 +457,8 @@ async function heldThenRetried(apiKey, model, status) {
   ok(attempts.length >= 2, `the first attempt was not refused: ${JSON.stringify(attempts)}`);
   eq(attempts.map((a) => a.status),
     [...Array(attempts.length - 1).fill(status), 200], 'attempts');
+  eq(attempts.slice(0, -1).map((a) => a.retryAfterMs),
+    Array(attempts.length - 1).fill('1000'), 'retry-after-ms of the refusals');
   for (let i = 1; i < attempts.length; i++) {
     const gap = attempts[i].at - attempts[i - 1].at;
     ok(gap >= 995 && gap < 1500, `retry ${i} came ${gap} ms after the ${status}, not Retry-After's 1 s`);
@@ -466,6 +477,7 @@ check('503 queue_full: the client waits Retry-After: 1, then gets through', asyn
     { headers: { 'x-sim-fault': 'status:503' } }),
   OpenAI.InternalServerError, 503, simErrors[503].type, simErrors[503].code);
   eq(headerOf(err.headers, 'retry-after'), '1', 'Retry-After of a relayed 503');
+  eq(headerOf(err.headers, 'retry-after-ms'), '1000', 'retry-after-ms of a relayed 503');
 });
 
 check('429 concurrency: the client waits Retry-After: 1, then gets through', async () => {

@@ -6,7 +6,8 @@ limit across tenants, the x-ratelimit-* headers of successful answers, and a
 SIGHUP reload that changes a tenant's limit without forgetting its window.
 
 Every refusal is checked the way a client sees it: status, error.type,
-error.code, a message naming the limit, a whole-second Retry-After, and that
+error.code, a message naming the limit, a whole-second Retry-After (and
+retry-after-ms, the limiter's wait to the millisecond), and that
 the upstream never saw the request. The money limits (budgets) are in
 test_budgets.py, the Redis backend in test_state_redis.py."""
 
@@ -151,6 +152,10 @@ def test_requests_per_minute_refusal(tg, sim):
     ra = assert_refused(r, 429, "rate_limit_error", "requests")
     # the first admission is 60 s old at most ~60 s from now
     assert 60 - (time.monotonic() - t0) - 2 <= ra <= 60, ra
+    # retry-after-ms, read first by the official clients, is that wait to
+    # the millisecond, not rounded up to the second
+    ms = tgtest.retry_after_ms(r)
+    assert 60000 - (time.monotonic() - t0) * 1000 <= ms <= 60000, ms
     r = tgtest.request(gw.port, "POST", "/v1/completions", key=gw.keys["rpm"],
                        body={"model": M, "prompt": "Once", "max_tokens": 1})
     assert_refused(r, 429, "rate_limit_error", "requests")

@@ -1622,13 +1622,27 @@ def check_global_limit_left_to_others(ask, noisy, quiet, rps):
 
 
 def retry_after(resp):
-    """The Retry-After header as an int, asserting it is whole seconds >= 1."""
+    """The Retry-After header as an int, asserting it is whole seconds >= 1
+    and that retry-after-ms (read first by the official clients) is there
+    too and rounds up to it."""
     v = resp.header("retry-after")
     assert v is not None, "no Retry-After on %r" % resp
     assert re.match(r"^[0-9]+$", v), "Retry-After %r is not whole seconds" % v
     n = int(v)
     assert n >= 1, "Retry-After %d < 1" % n
+    ms = retry_after_ms(resp)
+    assert ms >= 1 and (ms + 999) // 1000 == n, \
+        "retry-after-ms %d does not round up to Retry-After %d" % (ms, n)
     return n
+
+
+def retry_after_ms(resp):
+    """The retry-after-ms header as an int, asserting there is exactly one,
+    whole milliseconds."""
+    vs = [v for k, v in resp.header_list if k == "retry-after-ms"]
+    assert len(vs) == 1, "retry-after-ms %r on %r" % (vs, resp)
+    assert re.match(r"^[0-9]+$", vs[0]), "retry-after-ms %r is not whole ms" % vs[0]
+    return int(vs[0])
 
 
 def seconds_to_utc_day_end(now=None):
