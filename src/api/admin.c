@@ -10,6 +10,7 @@
  * Ledger queries block, so they run on libuv's thread pool, never on the
  * loop. */
 #include <jansson.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <time.h>
@@ -23,12 +24,34 @@
 #include "meter/invoice.h"
 #include "obs/accesslog.h"
 
+/* No cache keeps an admin answer: a tenant's money changes with every
+ * request, and a refusal kept (401, 403, tenant_not_found) would outlive
+ * the key or the tenant that ends it. */
+#define NO_STORE "Cache-Control: no-store\r\n"
+
+/* tg_api_error with NO_STORE before extra (NULL or header lines): every
+ * error the admin listener answers. */
+static void admin_error(tg_http_req_t *req, int status, const char *type, const char *code,
+                        const char *rid, const char *extra, const char *fmt, ...)
+    __attribute__((format(printf, 7, 8)));
+static void admin_error(tg_http_req_t *req, int status, const char *type, const char *code,
+                        const char *rid, const char *extra, const char *fmt, ...) {
+  char msg[512], hdrs[256];
+  va_list ap;
+
+  va_start(ap, fmt);
+  vsnprintf(msg, sizeof(msg), fmt, ap);
+  va_end(ap);
+  snprintf(hdrs, sizeof(hdrs), "%s%s", NO_STORE, extra ? extra : "");
+  tg_api_error(req, status, type, code, rid, hdrs, "%s", msg);
+}
+
 static void respond_json(tg_http_req_t *req, const char *rid, int status, json_t *root) {
   char *text = json_dumps(root, JSON_COMPACT);
   char hdr[64];
   json_decref(root);
   if (text == NULL) {
-    tg_api_error(req, 500, "server_error", "internal_error", rid, NULL, "out of memory");
+    admin_error(req, 500, "server_error", "internal_error", rid, NULL, "out of memory");
     return;
   }
   snprintf(hdr, sizeof(hdr), "x-request-id: %s\r\n", rid);
@@ -158,7 +181,7 @@ static void job_start(admin_job_t *j) {
   if (uv_queue_work(&w->loop, &j->work, job_work, job_done) < 0) {
     j->req->on_abort = NULL;
     audit(w, j->start_ns, j->rid, j->key_id, j->tenant, j->path, 500, "internal_error");
-    tg_api_error(j->req, 500, "server_error", "internal_error", j->rid, NULL,
+    admin_error(j->req, 500, "server_error", "internal_error", j->rid, NULL,
                  "cannot queue the query");
     atomic_fetch_sub(&w->app->admin_jobs, 1);
     job_free(j);
@@ -197,22 +220,22 @@ static void job_done(uv_work_t *wk, int status) {
   j->req->on_abort = NULL;
   if (status == 0 && j->rc == 1) {
     audit(j->w, j->start_ns, j->rid, j->key_id, j->tenant, j->path, 404, "tenant_not_found");
-    tg_api_error(j->req, 404, "invalid_request_error", "tenant_not_found", j->rid, NULL,
+    admin_error(j->req, 404, "invalid_request_error", "tenant_not_found", j->rid, NULL,
                  "no tenant '%s' in the configuration, and none in the ledger for %s",
                  j->tenant, j->period);
   } else if (status == 0 && j->rc == TG_ETOOBIG) {
     audit(j->w, j->start_ns, j->rid, j->key_id, j->tenant, j->path, 500, "ledger_totals_too_large");
-    tg_api_error(j->req, 500, "server_error", "ledger_totals_too_large", j->rid, NULL,
+    admin_error(j->req, 500, "server_error", "ledger_totals_too_large", j->rid, NULL,
                  "the period's totals do not fit 64-bit integers (nano-USD, tokens or "
                  "requests): a record holds an implausible figure");
   } else if (status < 0 || j->rc < 0) {
     audit(j->w, j->start_ns, j->rid, j->key_id, j->tenant, j->path, 500, "ledger_unavailable");
-    tg_api_error(j->req, 500, "server_error", "ledger_unavailable", j->rid, NULL,
+    admin_error(j->req, 500, "server_error", "ledger_unavailable", j->rid, NULL,
                  "the ledger could not be read");
   } else {
     audit(j->w, j->start_ns, j->rid, j->key_id, j->tenant, j->path, 200, NULL);
     /* one tenant's money, changing with every request: no cache keeps it */
-    snprintf(hdr, sizeof(hdr), "x-request-id: %s\r\nCache-Control: no-store\r\n", j->rid);
+    snprintf(hdr, sizeof(hdr), "x-request-id: %s\r\n" NO_STORE, j->rid);
     tg_http_respond(j->req, 200, j->csv ? "text/csv" : "application/json", hdr, j->text,
                     strlen(j->text));
   }
@@ -253,20 +276,20 @@ static int admin_auth(tg_worker_t *w, tg_http_req_t *req, const char *rid, const
   key_id[0] = '\0';
   if (bad != NULL) {
     audit(w, req->start_ns, rid, NULL, tenant, req->path, 400, "ambiguous_credentials");
-    tg_api_error(req, 400, "invalid_request_error", "ambiguous_credentials", rid, NULL,
+    admin_error(req, 400, "invalid_request_error", "ambiguous_credentials", rid, NULL,
                  "%s", bad);
     return 0;
   }
   if (v == NULL || *v == '\0') {
     audit(w, req->start_ns, rid, NULL, tenant, req->path, 401, "missing_api_key");
-    tg_api_error(req, 401, "authentication_error", "missing_api_key", rid,
+    admin_error(req, 401, "authentication_error", "missing_api_key", rid,
                  "WWW-Authenticate: Bearer\r\n", "the admin API needs an admin key");
     return 0;
   }
   verdict = ks ? tg_keyset_verify(ks, v, strlen(v), (int64_t)time(NULL), &rec) : TG_KEY_UNKNOWN;
   if (verdict != TG_KEY_OK) {
     audit(w, req->start_ns, rid, NULL, tenant, req->path, 401, "invalid_api_key");
-    tg_api_error(req, 401, "authentication_error", "invalid_api_key", rid,
+    admin_error(req, 401, "authentication_error", "invalid_api_key", rid,
                  "WWW-Authenticate: Bearer\r\n", "invalid API key");
     return 0;
   }
@@ -274,7 +297,7 @@ static int admin_auth(tg_worker_t *w, tg_http_req_t *req, const char *rid, const
   if (strcmp(rec->tenant, TG_ADMIN_TENANT) != 0) {
     /* a tenant key tried the admin API: its id is on the line */
     audit(w, req->start_ns, rid, key_id, tenant, req->path, 403, "admin_only");
-    tg_api_error(req, 403, "permission_error", "admin_only", rid, NULL,
+    admin_error(req, 403, "permission_error", "admin_only", rid, NULL,
                  "this key is a tenant key; the admin API needs an admin key");
     return 0;
   }
@@ -334,7 +357,7 @@ static void admin_api(tg_worker_t *w, tg_http_req_t *req, const char *rid) {
   j = calloc(1, sizeof(*j));
   if (j == NULL) {
     audit(w, req->start_ns, rid, key_id, tenant, req->path, 500, "internal_error");
-    tg_api_error(req, 500, "server_error", "internal_error", rid, NULL, "out of memory");
+    admin_error(req, 500, "server_error", "internal_error", rid, NULL, "out of memory");
     return;
   }
   memcpy(j->tenant, tenant, tl + 1);
@@ -345,7 +368,7 @@ static void admin_api(tg_worker_t *w, tg_http_req_t *req, const char *rid) {
   j->csv = query_format(req->query);
   if (j->csv < 0 || (j->csv && !j->invoice)) {
     audit(w, req->start_ns, rid, key_id, tenant, req->path, 400, "bad_format");
-    tg_api_error(req, 400, "invalid_request_error", "bad_format", rid, NULL,
+    admin_error(req, 400, "invalid_request_error", "bad_format", rid, NULL,
                  j->invoice ? "format must be json or csv, given once"
                             : "format must be json, given once: a day's usage has no CSV form");
     free(j);
@@ -354,7 +377,7 @@ static void admin_api(tg_worker_t *w, tg_http_req_t *req, const char *rid) {
   if (strlen(period) >= sizeof(j->period) ||
       (j->invoice ? tg_month_range(period, &a, &b) : tg_day_range(period, &a, &b)) < 0) {
     audit(w, req->start_ns, rid, key_id, tenant, req->path, 400, "bad_period");
-    tg_api_error(req, 400, "invalid_request_error", "bad_period", rid, NULL,
+    admin_error(req, 400, "invalid_request_error", "bad_period", rid, NULL,
                  "the period must be %s", j->invoice ? "YYYY-MM" : "YYYY-MM-DD");
     free(j);
     return;
@@ -362,7 +385,7 @@ static void admin_api(tg_worker_t *w, tg_http_req_t *req, const char *rid) {
   if (tg_config_tenant(rt->cfg, j->tenant) == NULL) {
     if (!tg_config_tenant_name_ok(j->tenant)) {
       audit(w, req->start_ns, rid, key_id, NULL, req->path, 404, "tenant_not_found");
-      tg_api_error(req, 404, "invalid_request_error", "tenant_not_found", rid, NULL,
+      admin_error(req, 404, "invalid_request_error", "tenant_not_found", rid, NULL,
                    "no tenant '%s'", j->tenant);
       free(j);
       return;
@@ -381,13 +404,13 @@ static void admin_api(tg_worker_t *w, tg_http_req_t *req, const char *rid) {
   j->work.data = j;
   if (j->database == NULL || j->data_dir == NULL) {
     audit(w, req->start_ns, rid, key_id, tenant, req->path, 500, "internal_error");
-    tg_api_error(req, 500, "server_error", "internal_error", rid, NULL, "out of memory");
+    admin_error(req, 500, "server_error", "internal_error", rid, NULL, "out of memory");
     job_free(j);
     return;
   }
   if (w->jobs_running >= TG_ADMIN_JOBS_RUNNING && w->jobs_waiting >= TG_ADMIN_JOBS_WAITING) {
     audit(w, req->start_ns, rid, key_id, tenant, req->path, 503, "admin_busy");
-    tg_api_error(req, 503, "server_error", "admin_busy", rid, TG_RETRY_AFTER_1S,
+    admin_error(req, 503, "server_error", "admin_busy", rid, TG_RETRY_AFTER_1S,
                  "%d ledger queries are waiting already", TG_ADMIN_JOBS_WAITING);
     job_free(j);
     return;
@@ -409,7 +432,7 @@ static void admin_api(tg_worker_t *w, tg_http_req_t *req, const char *rid) {
   return;
 notfound:
   audit(w, req->start_ns, rid, NULL, NULL, req->path, 404, "not_found");
-  tg_api_error(req, 404, "invalid_request_error", "not_found", rid, NULL,
+  admin_error(req, 404, "invalid_request_error", "not_found", rid, NULL,
                "unknown admin path '%.200s'", req->path);
 }
 
@@ -526,7 +549,7 @@ static void metrics(tg_worker_t *w, tg_http_req_t *req, const char *rid) {
                  b.omitted);
   if (b.err) {
     free(b.s);
-    tg_api_error(req, 500, "server_error", "internal_error", rid, NULL, "out of memory");
+    admin_error(req, 500, "server_error", "internal_error", rid, NULL, "out of memory");
     return;
   }
   snprintf(hdr, sizeof(hdr), "x-request-id: %s\r\n", rid);
@@ -549,7 +572,7 @@ void tg_admin_handle(tg_http_req_t *req) {
   if (req->method != HTTP_GET && req->method != HTTP_HEAD) {
     if (admin_path)
       audit(w, req->start_ns, rid, NULL, NULL, req->path, 405, "method_not_allowed");
-    tg_api_error(req, 405, "invalid_request_error", "method_not_allowed", rid,
+    admin_error(req, 405, "invalid_request_error", "method_not_allowed", rid,
                  "Allow: GET, HEAD\r\n", "use GET or HEAD");
     return;
   }
@@ -571,6 +594,6 @@ void tg_admin_handle(tg_http_req_t *req) {
   }
   if (admin_path)
     audit(w, req->start_ns, rid, NULL, NULL, req->path, 404, "not_found");
-  tg_api_error(req, 404, "invalid_request_error", "not_found", rid, NULL,
+  admin_error(req, 404, "invalid_request_error", "not_found", rid, NULL,
                "unknown admin path '%.200s'", req->path);
 }

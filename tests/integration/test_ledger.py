@@ -821,6 +821,39 @@ def test_the_admin_apis_money_answers_are_never_stored_by_a_cache(tg, sim):
             assert r.header("cache-control") == "no-store", (method, path, r.headers)
 
 
+def test_the_admin_apis_error_answers_are_never_stored_by_a_cache(tg, sim):
+    """Every /admin answer is no-store, its refusals too: a 401 or 403 a
+    cache kept would go on refusing a caller given its key since, a 404
+    tenant_not_found a tenant's first request makes wrong at once. They had
+    no Cache-Control; only the 200 answers said no-store."""
+    gw, admin_key = gw_with_a_row_and_an_admin_key(tg, sim)
+    tenant_key = gw.create_key("alpha")
+    gw.wait_admin_key(tenant_key)  # answered 403 once the watcher has it
+    month = tgtest.utc_month()
+    inv = "/admin/v1/tenants/alpha/invoices/%s" % month
+    cases = [  # method, path, key, status, code
+        ("GET", inv, None, 401, "missing_api_key"),
+        ("GET", inv, "tg-000000000000-" + "0" * 64, 401, "invalid_api_key"),
+        ("GET", inv, tenant_key, 403, "admin_only"),
+        ("GET", "/admin/v1/tenants/alpha/invoices/2026-13", admin_key, 400, "bad_period"),
+        ("GET", inv + "?format=xml", admin_key, 400, "bad_format"),
+        ("GET", "/admin/v1/tenants/nobody/invoices/%s" % month, admin_key, 404,
+         "tenant_not_found"),
+        ("GET", "/admin/v1/tenants/no%%20body/invoices/%s" % month, admin_key, 404,
+         "tenant_not_found"),
+        ("GET", "/admin/v1/tenants/alpha/nope/x", admin_key, 404, "not_found"),
+        ("GET", "/admin/v2", admin_key, 404, "not_found"),
+        ("POST", inv, admin_key, 405, "method_not_allowed"),
+    ]
+    for method, path, key, status, code in cases:
+        for m in (method, "HEAD") if method == "GET" else (method,):
+            r = tgtest.request(gw.admin_port, m, path, key=key)
+            assert r.status == status, (m, path, r)
+            if m != "HEAD":
+                assert r.error()["code"] == code, (m, path, r)
+            assert r.header("cache-control") == "no-store", (m, path, r.headers)
+
+
 def test_a_percent_encoded_tenant_name_names_the_tenant(tg, sim):
     """A client may percent-encode any character of a path (RFC 3986 2.1):
     "alph%61" and "%61lpha" are the tenant alpha, and got 404
