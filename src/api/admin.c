@@ -59,6 +59,35 @@ static void respond_json(tg_http_req_t *req, const char *rid, int status, json_t
   free(text);
 }
 
+/* /healthz: the process answers, and every API loop turns. A loop whose
+ * heartbeat (app.h) is older than timeouts.worker_stall is stuck in a
+ * callback: its connections, and the ones its listener accepts, wait for
+ * nothing; 503 names it, so a liveness probe restarts the process. A loop
+ * that has stopped (drained) is not stuck. */
+static void healthz(tg_worker_t *w, tg_http_req_t *req, const char *rid) {
+  const tg_app_t *app = w->app;
+  uint64_t bound = tg_worker_runtime(w)->cfg->worker_stall_timeout_ms;
+  uint64_t now = uv_hrtime() / 1000000;
+  json_t *root = json_object(), *stuck = json_array();
+  int i;
+
+  for (i = 0; i < app->n_workers; i++) {
+    uint64_t b = atomic_load_explicit(&app->workers[i].beat_ms, memory_order_relaxed);
+    if (b != 0 && now > b && now - b > bound)
+      json_array_append_new(stuck, json_pack("{s:i,s:I}", "worker", i, "silent_ms",
+                                             (json_int_t)(now - b)));
+  }
+  if (json_array_size(stuck) > 0) {
+    json_object_set_new(root, "status", json_string("stuck"));
+    json_object_set_new(root, "stuck_workers", stuck);
+    respond_json(req, rid, 503, root);
+    return;
+  }
+  json_decref(stuck);
+  json_object_set_new(root, "status", json_string("ok"));
+  respond_json(req, rid, 200, root);
+}
+
 static void readyz(tg_worker_t *w, tg_http_req_t *req, const char *rid) {
   tg_runtime_t *rt = tg_worker_runtime(w);
   json_t *root = json_object(), *down = json_array();
@@ -577,7 +606,7 @@ void tg_admin_handle(tg_http_req_t *req) {
     return;
   }
   if (strcmp(req->path, "/healthz") == 0) {
-    respond_json(req, rid, 200, json_pack("{s:s}", "status", "ok"));
+    healthz(w, req, rid);
     return;
   }
   if (strcmp(req->path, "/readyz") == 0) {

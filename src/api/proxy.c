@@ -31,6 +31,7 @@
 #include "api/api.h"
 #include "api/sse.h"
 #include "core/err.h"
+#include "core/fault.h"
 #include "core/json.h"
 #include "core/strbuf.h"
 #include "obs/accesslog.h"
@@ -2384,6 +2385,7 @@ void tg_api_handle(tg_http_req_t *req) {
   char id_buf[512], path_buf[512];
   tg_call_t *c;
 
+  tg_fault_stall("worker_stall"); /* tests of /healthz: this loop stuck */
   c = tg_recycle_alloc(&w->mem);
   if (c == NULL) {
     tg_api_error(req, 500, "server_error", "internal_error", NULL, NULL, "out of memory");

@@ -773,14 +773,14 @@ static void parse_timeouts(ydoc_t *d, yaml_node_t *n) {
   static const char *const names[] = {
       "client_request",      "client_keepalive", "client_send",
       "upstream_connect",    "upstream_first_byte", "upstream_idle",
-      "drain",               "queue"};
+      "drain",               "queue",            "worker_stall"};
   enum { NT = sizeof names / sizeof names[0] };
   tg_config_t *cfg = d->ld->cfg;
   uint64_t *dst[NT] = {
       &cfg->client_request_timeout_ms,      &cfg->client_keepalive_timeout_ms,
       &cfg->client_send_timeout_ms,         &cfg->upstream_connect_timeout_ms,
       &cfg->upstream_first_byte_timeout_ms, &cfg->upstream_idle_timeout_ms,
-      &cfg->drain_timeout_ms, &cfg->queue_timeout_ms};
+      &cfg->drain_timeout_ms, &cfg->queue_timeout_ms, &cfg->worker_stall_timeout_ms};
   yaml_node_t *v[NT], *k[NT];
   if (map_fields(d, n, "timeouts", names, NT, v, k) < 0)
     return;
@@ -2212,6 +2212,7 @@ static tg_config_t *config_new(const char *path) {
   cfg->upstream_first_byte_timeout_ms = 60000;
   cfg->upstream_idle_timeout_ms = 30000;
   cfg->drain_timeout_ms = 30000;
+  cfg->worker_stall_timeout_ms = 5000;
   cfg->queue_timeout_ms = 30000;
   cfg->upstream_native = TG_UPSTREAM_CLIENT_AUTO;
   cfg->queue_max = 1024;

@@ -107,6 +107,8 @@ typedef struct tg_config_s {
   uint64_t upstream_idle_timeout_ms;    /* default 30000 */
   uint64_t drain_timeout_ms;            /* default 30000 */
   uint64_t queue_timeout_ms;            /* default 30000: longest wait for a pool slot */
+  uint64_t worker_stall_timeout_ms;     /* default 5000: a loop not turning for longer
+                                         * makes /healthz 503 */
   size_t queue_max;                     /* default 1024: waiting requests per model
                                            (the workers share it); 0: shed at once */
   uint64_t health_check_interval_ms;    /* default 2000; 0 disables probes */

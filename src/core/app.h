@@ -65,6 +65,9 @@ typedef struct tg_worker_s {
   int async_closed;          /* under the API's wake lock */
   uint64_t seq;
   int is_admin;
+  /* the loop's heartbeat: monotonic ms of its last tick, stamped by the
+   * loop, read by the admin loop's /healthz; 0 while it does not run */
+  atomic_uint_fast64_t beat_ms;
   int cutting;               /* stopping: the requests left are cut, not abandoned */
   /* the admin loop's ledger queries (admin.c): at most TG_ADMIN_JOBS_RUNNING
    * on libuv's thread pool, the others waiting in order */

@@ -3,11 +3,13 @@
 
 #ifdef TG_FAULTS
 
+#include <errno.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #define MAX_SITES 8
 #define SITE_NAME 48
@@ -61,6 +63,15 @@ int tg_fault(const char *site) {
     if (strcmp(sites[i].name, site) == 0)
       return atomic_fetch_add(&sites[i].passes, 1) + 1 == sites[i].nth;
   return 0;
+}
+
+void tg_fault_stall(const char *site) {
+  struct timespec left = {TG_FAULT_STALL_MS / 1000, (TG_FAULT_STALL_MS % 1000) * 1000000L};
+
+  if (!tg_fault(site))
+    return;
+  while (nanosleep(&left, &left) != 0 && errno == EINTR)
+    ; /* a signal cut the sleep short: sleep the rest */
 }
 
 #else

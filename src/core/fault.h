@@ -13,15 +13,23 @@
  * site not named, goes through. In any other build tg_fault() is the
  * constant 0: the site compiles to its plain code.
  *
+ * tg_fault_stall(site) blocks the calling thread for TG_FAULT_STALL_MS on
+ * the pass $TG_FAULTS asks for: a loop stuck in a callback.
+ *
  * Sites: upstream_hold (src/upstream/h1client.c, the copy of a paused
- * answer's unread bytes). */
+ * answer's unread bytes); worker_stall (src/api/proxy.c, an API request's
+ * arrival: its worker's loop blocks, which /healthz reports). */
 #ifndef TG_CORE_FAULT_H
 #define TG_CORE_FAULT_H
 
+#define TG_FAULT_STALL_MS 3000
+
 #ifdef TG_FAULTS
 int tg_fault(const char *site);
+void tg_fault_stall(const char *site);
 #else
 #define tg_fault(site) ((void)(site), 0)
+#define tg_fault_stall(site) ((void)(site))
 #endif
 
 #endif

@@ -181,6 +181,11 @@ const tg_keyset_t *tg_worker_keys(tg_worker_t *w) {
 
 /* ---- workers ------------------------------------------------------------ */
 
+/* Stamps w's heartbeat (app.h): the loop turned now. */
+static void beat(tg_worker_t *w) {
+  atomic_store_explicit(&w->beat_ms, uv_hrtime() / 1000000, memory_order_relaxed);
+}
+
 static void on_worker_handle_closed(uv_handle_t *h) {
   (void)h;
 }
@@ -206,6 +211,7 @@ static void worker_close(tg_worker_t *w) {
     w->policy = NULL;
   }
   uv_close((uv_handle_t *)&w->tick, on_worker_handle_closed);
+  atomic_store(&w->beat_ms, 0); /* stopped, not stuck: no tick from now on */
   tg_api_worker_closing(w);
   uv_close((uv_handle_t *)&w->async, on_worker_handle_closed);
   tg_access_out_close(w->alog);
@@ -236,6 +242,7 @@ static void on_worker_async(uv_async_t *a) {
 
 static void on_worker_tick(uv_timer_t *t) {
   tg_worker_t *w = t->data;
+  beat(w);
   if (!w->is_admin)
     tg_api_tick(w);
   /* keep the cached key set fresh even when idle */
@@ -255,6 +262,7 @@ static void worker_main(void *arg) {
     snprintf(name, sizeof(name), "tg-worker-%d", w->id);
     tg_thread_name(name);
   }
+  beat(w);
   uv_run(&w->loop, UV_RUN_DEFAULT);
 }
 

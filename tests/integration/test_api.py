@@ -4,6 +4,10 @@ lists exactly what the caller may use, every response carries an
 x-request-id, and each request leaves one access-log line."""
 
 import re
+import threading
+import time
+
+import pytest
 
 import tgtest
 from tgtest import chat, request
@@ -199,3 +203,49 @@ def test_access_log_is_one_json_object_per_line(stack):
 def test_admin_health(stack):
     assert tgtest.admin(stack.gw, "/healthz").status == 200
     assert tgtest.admin(stack.gw, "/readyz").status == 200
+
+
+@pytest.mark.skipif(not tgtest.faults_built(), reason="needs the sanitizer build (TG_FAULTS)")
+def test_healthz_names_a_worker_whose_loop_is_stuck(tg):
+    """A worker loop stuck in a callback serves none of its connections,
+    nor the ones its listener goes on accepting. /healthz answered 200
+    whatever the loops did; it now answers 503 naming the worker whose
+    loop has not turned for longer than timeouts.worker_stall, and 200
+    again once it turns. The injected fault blocks the loop that takes the
+    first API request for 3 s."""
+    sim = tg.sim()
+    gw = tg.gateway({M8B: [sim.url]}, workers=2, start=False,
+                    overrides={"timeouts": {"worker_stall": "1s"}})
+    gw.env = {"TG_FAULTS": "worker_stall:1"}
+    gw.start()
+    r = tgtest.admin(gw, "/healthz")
+    assert r.status == 200 and r.json() == {"status": "ok"}, r
+    got = []
+    t0 = time.monotonic()
+    t = threading.Thread(target=lambda: got.append(
+        request(gw.port, "GET", "/v1/models", key=gw.keys["acme"])))
+    t.start()
+    seen = []
+
+    def stuck():
+        seen.append(tgtest.admin(gw, "/healthz", timeout=2))
+        return seen[-1].status == 503
+    tgtest.wait_for(stuck, timeout=2.8, interval=0.05, what="/healthz 503")
+    took = time.monotonic() - t0
+    # the loop's last beat came up to one 100 ms tick before it stalled
+    assert took >= 0.85, "503 before the bound: %.3f s" % took
+    assert all(x.status == 200 for x in seen[:-1]), seen
+    doc = seen[-1].json()
+    assert doc["status"] == "stuck", doc
+    assert len(doc["stuck_workers"]) == 1, doc
+    assert doc["stuck_workers"][0]["worker"] in (0, 1), doc
+    assert 1000 < doc["stuck_workers"][0]["silent_ms"] < 3000, doc
+    assert seen[-1].header("x-request-id"), seen[-1]
+    # /readyz is about dependencies, not loops: unchanged
+    assert tgtest.admin(gw, "/readyz").status == 200
+    # the loop turns again: the request it held is answered, /healthz is 200
+    t.join(5)
+    assert got and got[0].status == 200, got
+    tgtest.wait_for(lambda: tgtest.admin(gw, "/healthz").status == 200, timeout=1.0,
+                    interval=0.05, what="/healthz 200 after the stall")
+    assert "worker_stall fails on pass 1" in gw.proc.stderr_text()
