@@ -1,14 +1,17 @@
 /* Invoices and spend from the ledger, in the seed's shapes:
  *
  *   invoice: {tenant_id, billing_period, generated_at,
- *             summary {total_requests, total_cost_usd},
+ *             summary {total_requests, total_cost_usd, total_cost_nano_usd},
  *             usage_by_model {model: {requests, prompt_tokens,
- *                                     completion_tokens, cost_usd}}}
+ *                                     completion_tokens, cost_usd,
+ *                                     cost_nano_usd}}}
  *   usage:   a day's spend (the seed's get_tenant_spend_today)
  *
  * Money is summed as int64 nano-USD by the database and printed as exact
  * decimal USD (9 places): JSON numbers are text, so nothing is rounded on
- * the way out. */
+ * the way out. Beside each USD figure, the same sum as an integer count of
+ * nano-USD (the *_nano_usd fields, the CSV's cost_nano_usd column), for a
+ * reader whose JSON numbers are doubles. */
 #include "meter/invoice.h"
 
 #include <ctype.h>
@@ -155,32 +158,35 @@ int tg_invoice_build(tg_ledger_db_t *db, const char *tenant, const char *month, 
   gmtime_r(&now, &tm);
   strftime(when, sizeof(when), "%Y-%m-%dT%H:%M:%SZ", &tm);
   if (csv) {
-    sb_add(&b, "tenant_id,billing_period,model,requests,prompt_tokens,completion_tokens,cost_usd\n");
+    sb_add(&b, "tenant_id,billing_period,model,requests,prompt_tokens,completion_tokens,"
+               "cost_usd,cost_nano_usd\n");
     for (i = 0; i < n; i++) {
       usd(money, sizeof(money), rows[i].cost_nano);
-      sb_add(&b, "%s,%s,%s,%lld,%lld,%lld,%s\n", tenant, month, rows[i].model,
+      sb_add(&b, "%s,%s,%s,%lld,%lld,%lld,%s,%lld\n", tenant, month, rows[i].model,
              (long long)rows[i].requests, (long long)rows[i].prompt_tokens,
-             (long long)rows[i].completion_tokens, money);
+             (long long)rows[i].completion_tokens, money, (long long)rows[i].cost_nano);
     }
     usd(money, sizeof(money), total_cost);
-    sb_add(&b, "%s,%s,TOTAL,%lld,,,%s\n", tenant, month, (long long)total_req, money);
+    sb_add(&b, "%s,%s,TOTAL,%lld,,,%s,%lld\n", tenant, month, (long long)total_req, money,
+           (long long)total_cost);
   } else {
     if (tg_json_quote(q, sizeof(q), tenant) < 0)
       b.err = TG_ETOOBIG; /* q is not a string: print nothing */
     usd(money, sizeof(money), total_cost);
     sb_add(&b,
            "{\"tenant_id\":%s,\"billing_period\":\"%s\",\"generated_at\":\"%s\","
-           "\"summary\":{\"total_requests\":%lld,\"total_cost_usd\":%s},\"usage_by_model\":{",
-           q, month, when, (long long)total_req, money);
+           "\"summary\":{\"total_requests\":%lld,\"total_cost_usd\":%s,"
+           "\"total_cost_nano_usd\":%lld},\"usage_by_model\":{",
+           q, month, when, (long long)total_req, money, (long long)total_cost);
     for (i = 0; i < n; i++) {
       if (tg_json_quote(q, sizeof(q), rows[i].model) < 0)
         b.err = TG_ETOOBIG;
       usd(money, sizeof(money), rows[i].cost_nano);
       sb_add(&b,
              "%s%s:{\"requests\":%lld,\"prompt_tokens\":%lld,\"completion_tokens\":%lld,"
-             "\"cost_usd\":%s}",
+             "\"cost_usd\":%s,\"cost_nano_usd\":%lld}",
              i ? "," : "", q, (long long)rows[i].requests, (long long)rows[i].prompt_tokens,
-             (long long)rows[i].completion_tokens, money);
+             (long long)rows[i].completion_tokens, money, (long long)rows[i].cost_nano);
     }
     sb_add(&b, "}}\n");
   }

@@ -140,7 +140,7 @@ def test_invoices_equal_client_usage_over_10000_requests(tg, sim):
     inv = gw.invoice("alpha", month)
     csv = gw.invoice("alpha", month, fmt="csv").splitlines()
     assert csv[0] == "tenant_id,billing_period,model,requests,prompt_tokens," \
-                     "completion_tokens,cost_usd", csv[0]
+                     "completion_tokens,cost_usd,cost_nano_usd", csv[0]
     lines = [ln.split(",") for ln in csv[1:]]
     assert [ln[2] for ln in lines] == sorted(inv["usage_by_model"]) + ["TOTAL"], lines
     for ln in lines[:-1]:
@@ -150,8 +150,10 @@ def test_invoices_equal_client_usage_over_10000_requests(tg, sim):
             [m["requests"], m["prompt_tokens"], m["completion_tokens"]], ln
         assert re.match(r"^\d+\.\d{9}$", ln[6]) and tgtest.nano_of_usd(ln[6]) == \
             tgtest.nano_of_usd(m["cost_usd"]), ln
+        assert re.match(r"^\d+$", ln[7]) and int(ln[7]) == m["cost_nano_usd"], ln
     assert int(lines[-1][3]) == inv["summary"]["total_requests"]
     assert tgtest.nano_of_usd(lines[-1][6]) == tgtest.nano_of_usd(inv["summary"]["total_cost_usd"])
+    assert int(lines[-1][7]) == inv["summary"]["total_cost_nano_usd"], lines[-1]
 
     # a tenant's month with no traffic invoices zero, not an error; a name
     # that is no tenant's and holds no rows is unknown (as on the admin route)
@@ -310,6 +312,13 @@ def test_budgets_rebuilt_from_the_ledger_after_kill9(tg, sim):
 # ---------------------------------------------------------------------------
 # the admin route
 
+def month_ms(month):
+    """[first ms, end ms) (UTC) of month "YYYY-MM"."""
+    y, m = map(int, month.split("-"))
+    return (calendar.timegm((y, m, 1, 0, 0, 0)) * 1000,
+            calendar.timegm((y + m // 12, m % 12 + 1, 1, 0, 0, 0)) * 1000)
+
+
 def strip_generated(doc):
     doc = dict(doc)
     assert re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$", doc.pop("generated_at")), doc
@@ -336,6 +345,10 @@ def test_admin_invoice_route_equals_cli_and_needs_an_admin_key(tg, sim):
         cli = gw.invoice(tenant, month)
         assert strip_generated(tgtest.money_json(text)) == strip_generated(cli), (text, cli)
         assert cli["summary"]["total_requests"] > 0
+        # the integer nano-USD fields are the sums of the ledger rows' cost_nano
+        lo, hi = month_ms(month)
+        tgtest.check_invoice_nano(cli, tgtest.sqlite_ledger_rows(
+            gw.db_path, "WHERE tenant = ? AND ts_ms >= ? AND ts_ms < ?", (tenant, lo, hi)))
         r = tgtest.admin(gw, path % (tenant, month) + "?format=csv", key=admin_key)
         assert r.status == 200 and r.body.decode() == gw.invoice(tenant, month, fmt="csv"), r
         r = tgtest.admin(gw, "/admin/v1/tenants/%s/usage/%s" % (tenant, day), key=admin_key)

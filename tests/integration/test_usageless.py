@@ -120,6 +120,7 @@ def check_books(gw, rows):
     inv = gw.invoice("acme", day[:7])
     assert inv["summary"]["total_requests"] == want[0], inv
     assert tgtest.nano_of_usd(inv["summary"]["total_cost_usd"]) == want[3], inv
+    tgtest.check_invoice_nano(inv, rows)
     spend, metrics = tgtest.wait_for(
         lambda: (lambda x: x if tgtest.nano_of_usd(x[0]) == want[3] else None)(
             daily_spend_text(gw)),

@@ -2365,10 +2365,36 @@ def periods(outcomes, fmt):
         t = min(hi, t + 3600)
 
 
+def check_invoice_nano(inv, rows=None):
+    """An invoice's integer nano-USD fields: each model's cost_nano_usd is
+    an integer, the exact nano-USD of its cost_usd; the summary's
+    total_cost_nano_usd that of total_cost_usd and the sum of the models'.
+    With rows (the ledger rows of the invoice's tenant and month), each is
+    also the sum of their cost_nano."""
+    def whole(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+    by_model = {}
+    for model, line in inv["usage_by_model"].items():
+        n = line["cost_nano_usd"]
+        assert whole(n) and n == nano_of_usd(line["cost_usd"]), (model, line)
+        by_model[model] = n
+    s = inv["summary"]
+    assert whole(s["total_cost_nano_usd"]), s
+    assert s["total_cost_nano_usd"] == nano_of_usd(s["total_cost_usd"]) == \
+        sum(by_model.values()), inv
+    if rows is not None:
+        want = {}
+        for r in rows:
+            want[r["model"]] = want.get(r["model"], 0) + r["cost_nano"]
+        assert by_model == want, (by_model, want)
+        assert s["total_cost_nano_usd"] == sum(r["cost_nano"] for r in rows), inv
+
+
 def check_invoices(gw, outcomes, prices, tenants, admin_key=None):
     """For each tenant: the invoice (CLI; summed over the months the load
     spans) equals, per model and in total, the requests, tokens and exact
-    cost the client observed; every USD figure has nine decimals; the usage
+    cost the client observed; every USD figure has nine decimals and its
+    integer nano-USD beside it (check_invoice_nano); the usage
     command, summed over the days spanned, agrees."""
     exp = expected_usage(outcomes, prices)
     months = periods(outcomes, "%Y-%m")
@@ -2382,6 +2408,7 @@ def check_invoices(gw, outcomes, prices, tenants, admin_key=None):
             usd9_fields(text)
             inv = money_json(text)
             assert inv["tenant_id"] == tenant and inv["billing_period"] == month, inv
+            check_invoice_nano(inv)
             assert re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$", inv["generated_at"]), inv
             for model, line in inv["usage_by_model"].items():
                 g = got.setdefault(model, [0, 0, 0, 0])
