@@ -918,6 +918,21 @@ static void parse_price(ydoc_t *d, yaml_node_t *n, const char *path,
          yscalar(n));
 }
 
+/* Writes an upstream URL's scheme and host in lower case (RFC 3986: both
+ * are case-insensitive), so one server is one endpoint however its URL is
+ * written: "http://GPU-1:8000" and "http://gpu-1:8000" share one slot
+ * count. The path keeps its case. */
+static void url_lower_host(char *url) {
+  char *p = strstr(url, "://");
+  char *end;
+  if (p == NULL)
+    return;
+  end = p + 3 + strcspn(p + 3, "/");
+  for (p = url; p < end; p++)
+    if (*p >= 'A' && *p <= 'Z')
+      *p = (char)(*p - 'A' + 'a');
+}
+
 /* An endpoint is one server with one max_inflight (the gateway keeps one
  * slot count per URL, shared by every model that lists it, as a vLLM
  * serving several LoRA adapters under several model names shares its
@@ -993,7 +1008,9 @@ static void parse_endpoints(ydoc_t *d, tg_model_cfg_t *m, yaml_node_t *n,
     } else if (get_string(d, v[0], fpath, &e->url) < 0) {
       ok = 0;
     } else {
-      const char *why = check_url(e->url);
+      const char *why;
+      url_lower_host(e->url);
+      why = check_url(e->url);
       if (why != NULL) {
         yerr(d, v[0], fpath, "%s, got '%s'", why, e->url);
         ok = 0;

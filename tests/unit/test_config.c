@@ -770,6 +770,13 @@ static void test_structure_errors(void **state) {
       {"models:\n  a:\n    endpoints: [{url: \"http://h:1\", max_inflight: 8}]\n"
        "  b:\n    endpoints: [{url: \"http://h:2\"}, {url: \"http://h:1\"}]\n",
        5, "endpoint 'http://h:1' has max_inflight 256 here and 8 under model 'a' (line 3)"},
+      /* scheme and host are case-insensitive: one server, however written */
+      {"models:\n  m:\n    endpoints:\n      - {url: \"http://GPU-1:8000\"}\n"
+       "      - {url: \"http://gpu-1:8000/\"}\n",
+       5, "endpoint 'http://gpu-1:8000' is listed twice for this model (first at line 4)"},
+      {"models:\n  a:\n    endpoints: [{url: \"HTTP://Gpu-1:8000\", max_inflight: 8}]\n"
+       "  b:\n    endpoints: [{url: \"http://gpu-1:8000\"}]\n",
+       5, "endpoint 'http://gpu-1:8000' has max_inflight 256 here and 8 under model 'a' (line 3)"},
   };
   for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
     char *path = tmp_config(cases[i].text);
@@ -801,6 +808,26 @@ static void test_endpoint_shared_by_models(void **state) {
     assert_string_equal(cfg->models[i].endpoints[0].url, "http://h:1");
     assert_int_equal(cfg->models[i].endpoints[0].max_inflight, 8);
   }
+  tg_config_unref(cfg);
+  unlink(path);
+  free(path);
+}
+
+/* A URL's scheme and host are case-insensitive (RFC 3986): the config
+ * keeps them in lower case, so "http://GPU-1:8000" and "http://gpu-1:8000"
+ * are one endpoint with one slot count, shared by the models that list it.
+ * The path keeps its case: a server may tell /V1 from /v1. */
+static void test_endpoint_host_case(void **state) {
+  (void)state;
+  char *path = tmp_config("models:\n"
+                          "  base: {endpoints: [{url: \"HTTP://GPU-1.Internal:8000\", max_inflight: 8}]}\n"
+                          "  lora: {endpoints: [{url: \"http://gpu-1.internal:8000/\", max_inflight: 8}]}\n"
+                          "  v6: {endpoints: [{url: \"Http://[FE80::A]:8000/Serve/V1\"}]}\n");
+  tg_config_t *cfg = load_ok(path);
+  assert_int_equal(cfg->n_models, 3);
+  assert_string_equal(cfg->models[0].endpoints[0].url, "http://gpu-1.internal:8000");
+  assert_string_equal(cfg->models[1].endpoints[0].url, "http://gpu-1.internal:8000");
+  assert_string_equal(cfg->models[2].endpoints[0].url, "http://[fe80::a]:8000/Serve/V1");
   tg_config_unref(cfg);
   unlink(path);
   free(path);
@@ -1305,6 +1332,7 @@ int main(void) {
       cmocka_unit_test(test_syntax_error),
       cmocka_unit_test(test_structure_errors),
       cmocka_unit_test(test_endpoint_shared_by_models),
+      cmocka_unit_test(test_endpoint_host_case),
       cmocka_unit_test(test_missing_file),
       cmocka_unit_test(test_many_models_lookup),
       cmocka_unit_test(test_refcount),
