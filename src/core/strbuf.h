@@ -56,12 +56,18 @@ static inline size_t tg_str_copy(char *dst, size_t size, const char *src) {
   return n;
 }
 
-/* FNV-1a of a NUL-terminated string: the hash of the name tables. */
-static inline uint64_t tg_hash_str(const char *s) {
+/* FNV-1a of n bytes: the hash of the name tables. */
+static inline uint64_t tg_hash_mem(const void *p, size_t n) {
+  const unsigned char *s = p;
   uint64_t h = UINT64_C(14695981039346656037);
-  for (; *s; s++)
-    h = (h ^ (unsigned char)*s) * UINT64_C(1099511628211);
+  for (; n > 0; n--, s++)
+    h = (h ^ *s) * UINT64_C(1099511628211);
   return h;
+}
+
+/* FNV-1a of a NUL-terminated string. */
+static inline uint64_t tg_hash_str(const char *s) {
+  return tg_hash_mem(s, strlen(s));
 }
 
 /* v in decimal. */

@@ -7,8 +7,9 @@
  * - host: one per upstream host:port; its resolved address (numeric hosts
  *   and "localhost" at once, names through uv_getaddrinfo) and a LIFO stack
  *   of idle keep-alive connections (at most IDLE_MAX idle in the loop,
- *   across hosts). At most HOSTS_MAX are kept; past that, one that no
- *   connection, transfer or resolution uses any more is dropped.
+ *   across hosts). At most HOSTS_MAX are kept, found by a hash of their
+ *   "host[:port]"; past that, one that no connection, transfer or
+ *   resolution uses any more is dropped.
  * - conn: a TCP connection with its parser and read buffer. Reading stays
  *   on while it idles, so an upstream that closes it is noticed (EOF) and
  *   the connection leaves the pool before anyone sends into it.
@@ -59,6 +60,8 @@
 #define AUTH_MAX 300             /* host[:port] of a URL */
 #define HOSTS_MAX 4096           /* upstream hosts a loop keeps; when full, one
                                     that nothing uses makes room (host_evict) */
+#define HOST_BUCKETS 4096        /* chains of the host table (a power of two):
+                                    one host a chain on average when full */
 
 typedef struct host_s host_t;
 typedef struct conn_s conn_t;
@@ -69,7 +72,9 @@ enum { X_RESOLVING, X_ON_CONN, X_DONE_PENDING };
 
 struct tg__h1_s {
   uv_loop_t *loop;
-  host_t *hosts;
+  host_t *hosts;             /* newest first: host_evict's order */
+  host_t *hbuckets[HOST_BUCKETS]; /* the same hosts, chained by auth's hash */
+  uint64_t host_compares;    /* keys compared by host lookups (diagnostics) */
   conn_t *conns;             /* every connection not yet closing */
   h1x_t *xfers;              /* every live transfer */
   h1x_t *done_q;             /* completions waiting for the defer timer */
@@ -89,7 +94,8 @@ typedef struct gai_s {
 } gai_t;
 
 struct host_s {
-  host_t *next;
+  host_t *next;              /* h->hosts */
+  host_t *hnext;             /* h->hbuckets chain */
   char auth[AUTH_MAX + 1];   /* "host[:port]" as in the URL: the key and Host: */
   char name[AUTH_MAX + 1];   /* host without brackets */
   char port[8];
@@ -642,6 +648,10 @@ static int url_split(const char *url, const char **auth, size_t *auth_len, const
   return 0;
 }
 
+static host_t **host_bucket(tg__h1_t *h, const char *auth, size_t auth_len) {
+  return &h->hbuckets[tg_hash_mem(auth, auth_len) & (HOST_BUCKETS - 1)];
+}
+
 /* Frees the least recently added host that nothing uses: no connection
  * (open, connecting or idle), no transfer, no resolution in flight or
  * being told to its waiters.
@@ -671,19 +681,24 @@ static int host_evict(tg__h1_t *h) {
     return 0;
   host = *victim;
   *victim = host->next;
+  for (pp = host_bucket(h, host->auth, strlen(host->auth)); *pp != host; pp = &(*pp)->hnext)
+    ;
+  *pp = host->hnext;
   h->n_hosts--;
   free(host);
   return 1;
 }
 
 static host_t *host_get(tg__h1_t *h, const char *auth, size_t auth_len) {
-  host_t *host;
+  host_t *host, **bucket;
   const char *colon;
   size_t nlen;
 
-  for (host = h->hosts; host != NULL; host = host->next)
+  for (host = *host_bucket(h, auth, auth_len); host != NULL; host = host->hnext) {
+    h->host_compares++;
     if (strlen(host->auth) == auth_len && memcmp(host->auth, auth, auth_len) == 0)
       return host;
+  }
   if (h->n_hosts >= HOSTS_MAX && !host_evict(h))
     return NULL;
   host = calloc(1, sizeof(*host));
@@ -716,6 +731,9 @@ static host_t *host_get(tg__h1_t *h, const char *auth, size_t auth_len) {
   host_numeric(host);
   host->next = h->hosts;
   h->hosts = host;
+  bucket = host_bucket(h, auth, auth_len);
+  host->hnext = *bucket;
+  *bucket = host;
   h->n_hosts++;
   return host;
 bad:
@@ -1001,6 +1019,7 @@ void tg__h1_close(tg__h1_t *h) {
     }
     free(host);
   }
+  memset(h->hbuckets, 0, sizeof(h->hbuckets));
   uv_close((uv_handle_t *)&h->defer, on_h1_handle_closed);
   uv_close((uv_handle_t *)&h->sweep, on_h1_handle_closed);
 }
@@ -1160,4 +1179,9 @@ int tg__h1_paused(const tg_xfer_t *xt) {
 void tg__h1_counts(const tg__h1_t *h, size_t *open, size_t *idle) {
   *open = h->n_conns;
   *idle = h->n_idle;
+}
+
+void tg__h1_host_stats(const tg__h1_t *h, size_t *hosts, uint64_t *compares) {
+  *hosts = h->n_hosts;
+  *compares = h->host_compares;
 }

@@ -45,4 +45,9 @@ int tg__h1_paused(const tg_xfer_t *x);
  * diagnostics). */
 void tg__h1_counts(const tg__h1_t *h, size_t *open, size_t *idle);
 
+/* Hosts in this loop's table, and the keys its lookups have compared so
+ * far (a lookup compares about one: the table is hashed). Tests and
+ * diagnostics. */
+void tg__h1_host_stats(const tg__h1_t *h, size_t *hosts, uint64_t *compares);
+
 #endif
