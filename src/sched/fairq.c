@@ -3,8 +3,9 @@
  * Tenants with waiters sit on an active list in the order they started
  * waiting; the next waiter is the head of the active tenant with the
  * smallest virtual time (a scan: the tenants waiting for one pool on one
- * loop are few). A tenant node stays allocated once seen (tenants are few
- * and long-lived), so the hot path allocates nothing. */
+ * loop are few). A tenant node stays allocated while it waits and while its
+ * virtual time is ahead of the queue's, so the hot path allocates nothing
+ * for a tenant that keeps coming back; tg_fairq_prune frees the others. */
 #include "sched/fairq.h"
 
 #include <stdlib.h>
@@ -87,6 +88,12 @@ static void deactivate(tg_fairq_t *q, tg_fq_tenant_t *t) {
   t->anext = t->aprev = NULL;
 }
 
+/* A tenant coming back at t's virtual time would restart at vnow: vnow has
+ * reached it, or overtook it by any (wrapped) distance. */
+static int overtaken(const tg_fairq_t *q, const tg_fq_tenant_t *t) {
+  return t->vtime == q->vnow || t->vtime - q->vnow > VT_SCALE;
+}
+
 int tg_fairq_push(tg_fairq_t *q, const char *tenant, unsigned weight, tg_fq_waiter_t *w) {
   tg_fq_tenant_t *t = lookup(q, tenant);
 
@@ -115,7 +122,7 @@ int tg_fairq_push(tg_fairq_t *q, const char *tenant, unsigned weight, tg_fq_wait
   q->len++;
   if (!t->active) {
     /* starts at the current virtual time: waiting later earns no credit */
-    if (t->vtime - q->vnow > VT_SCALE)
+    if (overtaken(q, t))
       t->vtime = q->vnow;
     t->active = 1;
     t->aprev = q->active_tail;
@@ -200,6 +207,24 @@ void tg_fairq_remove(tg_fairq_t *q, tg_fq_waiter_t *w) {
   unlink_waiter(q, w);
   if (t->n == 0)
     deactivate(q, t);
+}
+
+size_t tg_fairq_prune(tg_fairq_t *q, int (*gone)(const char *tenant, void *arg), void *arg) {
+  size_t i, freed = 0;
+  for (i = 0; i < TG_FQ_BUCKETS; i++) {
+    tg_fq_tenant_t **pp = &q->buckets[i], *t;
+    while ((t = *pp) != NULL) {
+      if (t->n == 0 && (overtaken(q, t) || (gone != NULL && gone(t->name, arg)))) {
+        *pp = t->hnext;
+        free(t);
+        q->n_tenants--;
+        freed++;
+      } else {
+        pp = &t->hnext;
+      }
+    }
+  }
+  return freed;
 }
 
 size_t tg_fairq_tenant_len(const tg_fairq_t *q, const char *tenant) {

@@ -11,8 +11,9 @@
  *
  * The structure is single-threaded (its loop thread owns it) and intrusive:
  * a waiter lives inside the caller's request object, so pushing allocates
- * only for a tenant not seen before. The total length is bounded by the
- * caller (tg_fairq_len before tg_fairq_push). */
+ * only for a tenant not seen before (or pruned since). The total length is
+ * bounded by the caller (tg_fairq_len before tg_fairq_push); the tenant
+ * nodes by tg_fairq_prune, which the caller runs now and then. */
 #ifndef TG_SCHED_FAIRQ_H
 #define TG_SCHED_FAIRQ_H
 
@@ -70,6 +71,14 @@ void tg_fairq_serve(tg_fairq_t *q, tg_fq_waiter_t *w);
 /* Removes a queued waiter wherever it is (cancelled or timed out), without
  * advancing its tenant's virtual time. */
 void tg_fairq_remove(tg_fairq_t *q, tg_fq_waiter_t *w);
+
+/* Frees the nodes of tenants with no waiter that the queue no longer
+ * needs, and returns how many: one whose virtual time the queue has
+ * reached (back, it would start at the current time anyway, so no turn
+ * changes), and, when gone is not NULL, one for which gone(tenant, arg)
+ * returns nonzero (a tenant the config no longer has). A tenant with
+ * waiters is always kept. */
+size_t tg_fairq_prune(tg_fairq_t *q, int (*gone)(const char *tenant, void *arg), void *arg);
 
 /* Waiters of tenant now queued (0 when the tenant has none). */
 size_t tg_fairq_tenant_len(const tg_fairq_t *q, const char *tenant);

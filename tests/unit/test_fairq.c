@@ -267,6 +267,98 @@ static void test_virtual_time_wraps(void **state) {
   tg_fairq_fini(&q);
 }
 
+/* a and b take turns; x, served once, then idles until a and b's turns
+ * have passed its virtual time. Pruned or not, the queue gives the same
+ * turns after, with x back. prune: whether to prune before x returns. */
+static void rounds_with_x(tg_fairq_t *q, int prune, char *out, size_t size) {
+  item_t it[16];
+  tg_fairq_init(q);
+  push(q, &it[0], "x", 1, "x0");
+  tg_fairq_pop(q);
+  push_run(q, &it[1], "a", 1, 1, 3);
+  push_run(q, &it[4], "b", 1, 1, 3);
+  drain(q, out, size);
+  assert_int_equal(q->n_tenants, 3);
+  if (prune) {
+    /* x's time is behind the queue's: it goes; a and b are one turn ahead
+     * (back now, they would wait that turn): they stay */
+    assert_int_equal(tg_fairq_prune(q, NULL, NULL), 1);
+    assert_int_equal(q->n_tenants, 2);
+    assert_int_equal(tg_fairq_tenant_len(q, "x"), 0);
+  }
+  push_run(q, &it[7], "a", 1, 4, 2);
+  push_run(q, &it[9], "x", 1, 1, 2);
+  push_run(q, &it[11], "b", 1, 4, 2);
+  drain(q, out, size);
+  tg_fairq_fini(q);
+}
+
+/* A tenant node whose virtual time the queue has passed is freed, and that
+ * changes no turn: the tenant, back, starts at the current time either
+ * way. */
+static void test_prune_frees_what_no_turn_needs(void **state) {
+  tg_fairq_t q;
+  char kept[64], pruned[64];
+  (void)state;
+  rounds_with_x(&q, 0, kept, sizeof(kept));
+  rounds_with_x(&q, 1, pruned, sizeof(pruned));
+  assert_string_equal(pruned, kept);
+  assert_string_equal(pruned, "x1 a4 x2 b4 a5 b5");
+}
+
+static int gone_if_listed(const char *tenant, void *arg) {
+  return strstr(arg, tenant) != NULL;
+}
+
+/* A tenant the config no longer has goes even while its time is ahead,
+ * but never while one of its requests waits: that one is still served. */
+static void test_prune_frees_gone_tenants_once_they_stop_waiting(void **state) {
+  tg_fairq_t q;
+  item_t it[8];
+  char out[64];
+  (void)state;
+  tg_fairq_init(&q);
+  push(&q, &it[0], "a", 1, "a1");
+  push(&q, &it[1], "b", 1, "b1");
+  push(&q, &it[2], "b", 1, "b2");
+  tg_fairq_pop(&q);                          /* a1: a is now ahead */
+  assert_int_equal(tg_fairq_prune(&q, NULL, NULL), 0);
+  assert_int_equal(tg_fairq_prune(&q, gone_if_listed, "a b"), 1);  /* a, not b */
+  assert_int_equal(q.n_tenants, 1);
+  assert_int_equal(tg_fairq_tenant_len(&q, "b"), 2);
+  drain(&q, out, sizeof(out));
+  assert_string_equal(out, "b1 b2");
+  assert_int_equal(tg_fairq_prune(&q, gone_if_listed, "a b"), 1);
+  assert_int_equal(q.n_tenants, 0);
+  /* a tenant back after being pruned waits and leaves like a new one */
+  push(&q, &it[3], "a", 1, "a2");
+  push(&q, &it[4], "c", 1, "c1");
+  drain(&q, out, sizeof(out));
+  assert_string_equal(out, "a2 c1");
+  tg_fairq_fini(&q);
+}
+
+/* Tenants that come and go (a reload at a time): pruning keeps the nodes to
+ * the few the turns still need, not one per tenant ever seen. */
+static void test_prune_bounds_the_tenants_kept(void **state) {
+  tg_fairq_t q;
+  item_t it[2];
+  char name[16];
+  int i;
+  (void)state;
+  tg_fairq_init(&q);
+  for (i = 0; i < 10000; i++) {
+    snprintf(name, sizeof(name), "t%d", i);
+    push(&q, &it[0], name, 1, "t");
+    push(&q, &it[1], "steady", 1, "s");
+    tg_fairq_pop(&q);
+    tg_fairq_pop(&q);
+    tg_fairq_prune(&q, NULL, NULL);
+    assert_true(q.n_tenants <= 3);
+  }
+  tg_fairq_fini(&q);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_fifo_within_a_tenant),
@@ -278,6 +370,9 @@ int main(void) {
       cmocka_unit_test(test_idling_earns_nothing),
       cmocka_unit_test(test_shares_keep_their_ratio_at_any_scale),
       cmocka_unit_test(test_virtual_time_wraps),
+      cmocka_unit_test(test_prune_frees_what_no_turn_needs),
+      cmocka_unit_test(test_prune_frees_gone_tenants_once_they_stop_waiting),
+      cmocka_unit_test(test_prune_bounds_the_tenants_kept),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
