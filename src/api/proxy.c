@@ -14,7 +14,9 @@
  * robin across tenants) up to queue_timeout; a full queue or the timeout
  * sheds it with 503 and Retry-After. A call giving back an endpoint slot
  * wakes the loops that have waiters (uv_async), and each loop dispatches its
- * own waiters: a call never leaves its loop. */
+ * own waiters: a call never leaves its loop. A loop's queue of a model is
+ * made when a call first waits for it and freed once empty when the model
+ * has left the config or the queue went unused a while (wqueue_sweep). */
 #define _GNU_SOURCE /* memmem */
 #include <jansson.h>
 #include <pthread.h>
@@ -44,6 +46,10 @@
 #define ANSWER_TAIL_MAX 256            /* a relayed answer's end held for the ledger */
 #define EVENT_MAX (1024u * 1024)       /* one SSE event */
 #define WQUEUES_MAX 4096               /* models with a queue, per loop */
+#define WQUEUE_IDLE_NS (60 * UINT64_C(1000000000))  /* an empty queue unused
+                                       * this long is freed */
+#define WQUEUE_SWEEP_NS UINT64_C(1000000000)        /* how often the tick
+                                       * looks for queues and tenants to free */
 #define MAX_FWD_HEADERS 16
 
 enum { DL_NONE, DL_FIRST_BYTE, DL_IDLE };
@@ -1115,6 +1121,7 @@ static int try_next(tg_call_t *c) {
 
 struct tg_wqueue_s {
   char *model;
+  uint64_t used_ns;                /* when a call last entered */
   tg_fairq_t q;
 };
 
@@ -1133,14 +1140,55 @@ static struct tg_wqueue_s *wqueue_find(tg_worker_t *w, const char *model) {
   return NULL;
 }
 
+static void wqueue_free(struct tg_wqueue_s *wq) {
+  tg_fairq_fini(&wq->q);
+  free(wq->model);
+  free(wq);
+}
+
+static int tenant_gone(const char *tenant, void *cfg) {
+  return tg_config_tenant(cfg, tenant) == NULL;
+}
+
+/* Frees this loop's queues no call waits in whose model the current config
+ * no longer has or that went unused for WQUEUE_IDLE_NS (every empty one
+ * when all_empty is set), and in the others the tenant nodes the fair
+ * queue no longer needs (tg_fairq_prune). An empty queue holds no call, so
+ * nothing points to it; it is never freed while a queue is being served
+ * (w->serving), whose loop still holds it. */
+static void wqueue_sweep(tg_worker_t *w, uint64_t now, int all_empty) {
+  const tg_runtime_t *rt = tg_worker_runtime(w);
+  size_t i = 0;
+
+  if (w->serving || rt == NULL)
+    return;
+  while (i < w->n_queues) {
+    struct tg_wqueue_s *wq = w->queues[i];
+    if (wq->q.len == 0 && (all_empty || now - wq->used_ns >= WQUEUE_IDLE_NS ||
+                           tg_config_model(rt->cfg, wq->model) == NULL)) {
+      wqueue_free(wq);
+      w->queues[i] = w->queues[--w->n_queues];
+      continue;
+    }
+    tg_fairq_prune(&wq->q, tenant_gone, (void *)rt->cfg);
+    i++;
+  }
+}
+
 /* This loop's queue for model, made on first use; NULL when out of memory
- * or past WQUEUES_MAX models. */
+ * or past WQUEUES_MAX models with a waiter. */
 static struct tg_wqueue_s *wqueue_get(tg_worker_t *w, const char *model) {
   struct tg_wqueue_s *wq = wqueue_find(w, model), **nv;
   if (wq != NULL)
     return wq;
-  if (w->n_queues == WQUEUES_MAX)
-    return NULL;
+  if (w->n_queues == WQUEUES_MAX) {
+    /* full: the queues of models gone first, then any empty one */
+    wqueue_sweep(w, now_ns(), 0);
+    if (w->n_queues == WQUEUES_MAX)
+      wqueue_sweep(w, now_ns(), 1);
+    if (w->n_queues == WQUEUES_MAX)
+      return NULL;
+  }
   nv = realloc(w->queues, (w->n_queues + 1) * sizeof(*nv));
   if (nv == NULL)
     return NULL;
@@ -1188,6 +1236,7 @@ static int queue_enter(tg_call_t *c) {
     return -1;
   }
   c->wq = wq;
+  wq->used_ns = now;
   c->t_queued = now;
   /* waits after a failed attempt share the first one's bound: what is left
    * of it, not counting the attempts in between */
@@ -1242,11 +1291,8 @@ void tg_api_worker_closing(tg_worker_t *w) {
 void tg_api_worker_fini(tg_worker_t *w) {
   size_t i;
   tg_recycle_clear(&w->mem);
-  for (i = 0; i < w->n_queues; i++) {
-    tg_fairq_fini(&w->queues[i]->q);
-    free(w->queues[i]->model);
-    free(w->queues[i]);
-  }
+  for (i = 0; i < w->n_queues; i++)
+    wqueue_free(w->queues[i]);
   free(w->queues);
   w->queues = NULL;
   w->n_queues = 0;
@@ -1289,10 +1335,13 @@ static int waiter_blocked(tg_fq_waiter_t *qw, void *arg) {
   return 1;
 }
 
-/* Sends one model's waiters, in fair order, while its endpoints have room. */
-static void serve_queue(struct tg_wqueue_s *wq) {
+/* Sends one model's waiters, in fair order, while its endpoints have room.
+ * A call it ends may start others (a pipelined request) that make a queue:
+ * w->serving keeps wq, then maybe empty, from being swept under it. */
+static void serve_queue(tg_worker_t *w, struct tg_wqueue_s *wq) {
   tg_fq_waiter_t *qw;
 
+  w->serving++;
   while ((qw = tg_fairq_peek_skip(&wq->q, waiter_blocked, NULL)) != NULL) {
     tg_call_t *c = waiter_call(qw);
     size_t idx = 0;
@@ -1313,13 +1362,14 @@ static void serve_queue(struct tg_wqueue_s *wq) {
     call_error(c, 503, "server_error", "no_healthy_endpoint",
                "no upstream endpoint of this model could be reached");
   }
+  w->serving--;
 }
 
 void tg_api_serve_queues(tg_worker_t *w) {
   if (atomic_load(&w->queued) == 0)
     return;
   for (size_t i = 0; i < w->n_queues; i++)
-    serve_queue(w->queues[i]);
+    serve_queue(w, w->queues[i]);
 }
 
 /* Every endpoint the call may still use is at max_inflight: it waits in
@@ -1332,7 +1382,8 @@ static void wait_or_shed(tg_call_t *c) {
 }
 
 static void start_dispatch(tg_call_t *c) {
-  struct tg_wqueue_s *wq = wqueue_find(c->w, c->model->name);
+  tg_worker_t *w = c->w;
+  struct tg_wqueue_s *wq = wqueue_find(w, c->model->name);
 
   c->t_dispatch = now_ns();
   /* waiters of this model on this loop go first, when one of them can go:
@@ -1341,11 +1392,14 @@ static void start_dispatch(tg_call_t *c) {
    * free slot, so the call tries the endpoints first, and is not shed
    * with queue_full beside an idle one */
   if (wq != NULL && wq->q.len > 0 && tg_fairq_peek_skip(&wq->q, waiter_blocked, NULL) != NULL) {
+    w->serving++; /* c may end here, and the requests it lets in make
+                   * queues: wq is kept for what follows */
     wait_or_shed(c);
     /* a slot free while others wait is one those ahead cannot take (back
      * from a failed attempt, it is on the endpoint they tried): it is
      * served now, in fair order, not at the next freed slot or tick */
-    serve_queue(wq);
+    serve_queue(w, wq);
+    w->serving--;
     return;
   }
   if (try_next(c) == 0)
@@ -1396,6 +1450,10 @@ void tg_api_tick(tg_worker_t *w) {
   tg_call_t *c, *next;
 
   tg_api_serve_queues(w); /* also serves waiters a reload gave room to */
+  if (now - w->swept_ns >= WQUEUE_SWEEP_NS) {
+    w->swept_ns = now;
+    wqueue_sweep(w, now, 0);
+  }
   for (c = w->calls; c != NULL; c = next) {
     next = c->next;
     if (c->wq != NULL && now >= c->q_deadline) {

@@ -61,6 +61,8 @@ typedef struct tg_worker_s {
   tg_recycle_t mem;          /* TG_API_BLOCK blocks: calls, answers' first buffers */
   struct tg_wqueue_s **queues; /* calls waiting for a saturated pool, by model */
   size_t n_queues;
+  int serving;               /* a queue is being served: none is freed */
+  uint64_t swept_ns;         /* when the tick last freed unneeded queues */
   atomic_int queued;         /* calls waiting here: other loops wake this one */
   int async_closed;          /* under the API's wake lock */
   uint64_t seq;

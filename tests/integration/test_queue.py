@@ -455,3 +455,80 @@ def test_a_waiter_that_cannot_take_the_free_slot_does_not_shed_a_request_that_ca
         assert series(gw, "llm_rate_limit_rejections_total", tenant="small", limit="queue") == 0
         assert series(gw, "llm_queue_length", pool=M1, tenant="acme") == 0
         assert series(gw, "llm_inflight_requests", pool=M1, tenant="small") == 0
+
+
+def test_a_model_added_after_4096_others_were_removed_still_waits_for_a_slot():
+    """Each loop keeps a queue per model that had a request waiting, at most
+    4,096 (one per model a config may hold). 4,096 models each have one
+    waiter that times out; a reload then replaces them with a new model.
+    The old models' queues are empty and their models gone, so they make
+    room: a request for the new model waits for the busy slot and is
+    served, instead of being shed at once with queue_full."""
+    sim = tgtest.Sim().start()
+    hog = "hog"
+    fillers = ["m%04d" % i for i in range(4095)]
+    models = {name: tgtest.model_entry([sim.url], max_inflight=1) for name in [hog] + fillers}
+    gw = tgtest.Gateway(models, workers=1, overrides={
+        "timeouts": {"queue": "100ms", "upstream_first_byte": "120s"}}).start()
+    try:
+        key = gw.create_key("acme")
+        # one request holds the endpoint's one slot, which every model shares
+        held = tgtest.RawConn(gw.port)
+        held.send(tgtest.http_request_bytes(
+            "POST", "/v1/chat/completions", tgtest.chat_body(model=hog), key=key,
+            headers={"x-sim-ttft-ms": "100000"}))
+        tgtest.wait_for(lambda: series(gw, "llm_inflight_requests", pool=hog,
+                                       tenant="acme") == 1, timeout=5, what="slot held")
+        res = tgtest.parallel(lambda m: tgtest.chat(gw.port, key, model=m, timeout=30),
+                              [(m,) for m in fillers + [hog]], threads=32, timeout=300)
+        assert all(not isinstance(r, Exception) for r in res), \
+            [r for r in res if isinstance(r, Exception)][:3]
+        codes = {(r.status, r.error()["code"]) for r in res}
+        assert codes == {(503, "queue_timeout")}, codes   # every one waited in its queue
+        held.abort()
+        tgtest.wait_for(lambda: series(gw, "llm_inflight_requests", pool=hog,
+                                       tenant="acme") == 0, timeout=10, what="slot free")
+
+        fresh = "fresh"
+        gw.config["models"] = {name: tgtest.model_entry([sim.url], max_inflight=1)
+                               for name in (hog, fresh)}
+        gw.config["tenants"] = tgtest.default_tenants((hog, fresh))
+        gw.config["timeouts"]["queue"] = "10s"
+        tgtest.gateway_reload(gw)
+        with concurrent.futures.ThreadPoolExecutor(1) as ex:
+            holder = ex.submit(tgtest.chat, gw.port, key, model=hog,
+                               headers={"x-sim-ttft-ms": "1500"}, timeout=20)
+            tgtest.wait_for(lambda: series(gw, "llm_inflight_requests", pool=hog,
+                                           tenant="acme") == 1, timeout=5, what="slot held")
+            r = tgtest.chat(gw.port, key, model=fresh, timeout=20)
+            assert r.status == 200, (r.status, r.body[:200])
+            assert holder.result().status == 200
+        assert series(gw, "llm_rate_limit_rejections_total", tenant="acme", limit="queue") == 4096
+    finally:
+        gw.stop()
+        sim.stop()
+
+
+def test_a_request_waiting_for_a_model_a_reload_removes_is_still_served():
+    """A reload removes the model (and the tenant) a request waits for. Its
+    queue is not freed under it: the loop's sweeps of queues and tenants
+    pass it by while it waits, and it is served when the slot comes free."""
+    sim = tgtest.Sim().start()
+    gw = gateway(sim, overrides={"timeouts": {"queue": "10s", "upstream_first_byte": "20s"}})
+    try:
+        key = gw.create_key("acme")
+        with concurrent.futures.ThreadPoolExecutor(2) as ex:
+            holder, waiter = hold_the_slot_and_queue_one(ex, gw, key, 3000)
+            gw.config["models"] = {"other": tgtest.model_entry([sim.url], max_inflight=1)}
+            gw.config["tenants"] = {"small": tgtest.default_tenants(("other",))["small"]}
+            tgtest.gateway_reload(gw)
+            time.sleep(1.5)     # the loop's tick sweeps its queues meanwhile
+            assert series(gw, "llm_queue_length", pool=M1, tenant="acme") == 1
+            assert holder.result().status == 200
+            assert waiter.result().status == 200
+        # the removed model's tenant and model get no new request
+        r = tgtest.chat(gw.port, key, model=M1)
+        assert r.status in (401, 403, 404), r.status
+    finally:
+        gw.stop()
+        sim.stop()
