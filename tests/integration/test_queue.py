@@ -532,3 +532,30 @@ def test_a_request_waiting_for_a_model_a_reload_removes_is_still_served():
     finally:
         gw.stop()
         sim.stop()
+
+
+def test_one_server_written_in_two_cases_has_one_slot_count():
+    """Two models list the same one-slot server, one as localhost and one
+    as LOCALHOST. Scheme and host are case-insensitive: it is one endpoint
+    with one slot, so while one model's request holds it the other's
+    waits, and both are answered."""
+    sim = tgtest.Sim().start()
+    models = {"lower": tgtest.model_entry(["http://localhost:%d" % sim.port], max_inflight=1),
+              "upper": tgtest.model_entry(["http://LOCALHOST:%d" % sim.port], max_inflight=1)}
+    gw = tgtest.Gateway(models, workers=1, overrides={"timeouts": {"queue": "10s"}}).start()
+    try:
+        key = gw.create_key("acme")
+        with concurrent.futures.ThreadPoolExecutor(2) as ex:
+            holder = ex.submit(tgtest.chat, gw.port, key, model="lower",
+                               headers={"x-sim-ttft-ms": "1500"}, timeout=20)
+            tgtest.wait_for(lambda: series(gw, "llm_inflight_requests", pool="lower",
+                                           tenant="acme") == 1, timeout=5, what="slot held")
+            waiter = ex.submit(tgtest.chat, gw.port, key, model="upper", timeout=20)
+            tgtest.wait_for(lambda: series(gw, "llm_queue_length", pool="upper",
+                                           tenant="acme") == 1, timeout=5, what="upper queued")
+            assert holder.result().status == 200
+            assert waiter.result().status == 200
+        assert sim.metric(tgtest.SIM_REQUESTS) == 2
+    finally:
+        gw.stop()
+        sim.stop()
