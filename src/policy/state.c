@@ -140,25 +140,38 @@ static int alert_raised(const tg_config_t *cfg, const char *tenant, int month,
 typedef int (*spend_apply_fn)(void *arg, const char *tenant, int month, int64_t period,
                               tg_nano_t spent, int alerted, int64_t now);
 
-/* Reads every tenant's spend of the current UTC day and month from the
- * ledger (blocking: never on a loop thread) and hands each to apply, with
- * whether the window's threshold event was raised already. Returns 0, or a
- * negative error when the ledger could not be read or apply failed. */
-static int from_ledger(const tg_config_t *cfg, spend_apply_fn apply, void *arg) {
+/* Reads every tenant's spend of the windows an admission at now charges
+ * from the ledger (blocking: never on a loop thread) and hands each to
+ * apply, with whether the window's threshold event was raised already.
+ * Each window sums its own period's records, [start, end): a record dated
+ * after now (charged to a window the clock then stepped back out of) counts
+ * in its own period and in no earlier one, so it is never counted twice.
+ * For each of day and month, now's period comes first, then the next one
+ * when its start is at most TG_CLOCK_STEP_BACK_MAX_MS ahead: a tenant with
+ * records there had that window open, and tg_limits_periods() charges it
+ * still (the memory backend keeps the later window, Redis keeps each
+ * period's). Returns 0, or a negative error when the ledger could not be
+ * read or apply failed. */
+static int from_ledger(const tg_config_t *cfg, int64_t now, spend_apply_fn apply, void *arg) {
   tg_ledger_db_t *db = NULL;
   tg_spend_row_t *rows = NULL;
   size_t n = 0, i;
-  int64_t now = tg_now_ms(), period[2] = {tg_day_of(now), tg_month_of(now)};
-  int64_t start[2] = {tg_day_end_ms(period[0] - 1), tg_month_end_ms(period[1] - 1)};
+  int64_t period[2] = {tg_day_of(now), tg_month_of(now)};
   int rc;
 
   if ((rc = tg_ledger_db_open(cfg->database, cfg->data_dir, &db)) < 0)
     return rc;
-  for (int month = 0; month < 2 && rc == 0; month++) {
-    if ((rc = tg_ledger_spend_by_tenant(db, start[month], INT64_MAX, &rows, &n)) < 0)
+  for (int k = 0; k < 4 && rc == 0; k++) {
+    int month = k / 2;
+    int64_t p = period[month] + k % 2;
+    int64_t start = month ? tg_month_end_ms(p - 1) : tg_day_end_ms(p - 1);
+    int64_t end = month ? tg_month_end_ms(p) : tg_day_end_ms(p);
+    if (k % 2 == 1 && start - now > TG_CLOCK_STEP_BACK_MAX_MS)
+      continue;
+    if ((rc = tg_ledger_spend_by_tenant(db, start, end, &rows, &n)) < 0)
       break;
     for (i = 0; i < n && rc == 0; i++)
-      rc = apply(arg, rows[i].tenant, month, period[month], rows[i].cost_nano,
+      rc = apply(arg, rows[i].tenant, month, p, rows[i].cost_nano,
                  alert_raised(cfg, rows[i].tenant, month, rows[i].cost_nano), now);
     free(rows);
     rows = NULL;
@@ -178,9 +191,11 @@ static int mem_apply(void *arg, const char *tenant, int month, int64_t period, t
 /* Daily and monthly spend come back from the ledger, the record of what
  * every answered request cost, so a restart never resets a budget, nor
  * raises again a threshold event its window has had. */
-static void restore_from_ledger(tg__mem_t *mem, const tg_config_t *cfg) {
-  if (from_ledger(cfg, mem_apply, mem) < 0)
+int tg__mem_from_ledger(tg__mem_t *mem, const tg_config_t *cfg, int64_t now_ms) {
+  int rc = from_ledger(cfg, now_ms, mem_apply, mem);
+  if (rc < 0)
     tg_policy_log("budget_restore_failed", "the ledger could not be read; spend starts from the saved figures");
+  return rc;
 }
 
 /* ---- Redis: spend admitted while it could not answer ----------------- */
@@ -306,7 +321,7 @@ static int reseed_check(tg_policy_t *p, tg__redis_sync_t *s) {
   pthread_mutex_lock(&p->cfg_lock);
   cfg = tg_config_ref(p->cfg);
   pthread_mutex_unlock(&p->cfg_lock);
-  rc = from_ledger(cfg, redis_apply, s);
+  rc = from_ledger(cfg, tg_now_ms(), redis_apply, s);
   tg_config_unref(cfg);
   if (rc < 0) {
     if (!p->reseed_failed)
@@ -399,7 +414,7 @@ int tg_policy_new(const tg_config_t *cfg, tg_policy_t **out) {
   /* With Redis, state_failure: open decides by the memory backend while
    * Redis cannot answer: its budgets start from the ledger too. */
   if (p->backend == TG_BACKEND_MEMORY || p->fail_open)
-    restore_from_ledger(p->mem, cfg);
+    tg__mem_from_ledger(p->mem, cfg, tg_now_ms());
   if (p->backend == TG_BACKEND_REDIS) {
     r = tg__redis_new(cfg->state, &p->redis);
     if (r < 0) {

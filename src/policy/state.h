@@ -108,6 +108,11 @@ void tg__mem_free(tg__mem_t *m);
  * threshold event as raised already. */
 void tg__mem_restore(tg__mem_t *m, const char *tenant, int month, int64_t period,
                      tg_nano_t spent, int alerted);
+/* Rebuilds the day and month windows from the ledger of cfg (database,
+ * data_dir) as an admission at now_ms charges them: each window gets its
+ * own period's records and no others (state.c, from_ledger). Blocking: at
+ * start, before the loops. Returns 0 or a negative error (logged). */
+int tg__mem_from_ledger(tg__mem_t *m, const tg_config_t *cfg, int64_t now_ms);
 void tg__mem_admit(tg__mem_t *m, const tg_admit_req_t *r, int64_t now_ms, tg_admission_t *a);
 int tg__mem_spend(tg__mem_t *m, const char *tenant, int64_t now_ms, tg_nano_t *day,
                   tg_nano_t *month);

@@ -35,6 +35,7 @@
 #include "meter/db_sqlite.h"
 #include "meter/ledger.h"
 #include "meter/ledger_backend.h"
+#include "policy/state.h"
 
 /* ---- helpers ---- */
 
@@ -1820,6 +1821,85 @@ static void test_data_dir_lock_has_one_holder(void **state) {
   tg_datalock_release(fd2);
 }
 
+/* ---- budget windows rebuilt at start ---- */
+
+/* The memory backend's day and month spend of acme, rebuilt from the
+ * ledger in dir at now, as an admission at now would read them. */
+static void rebuilt_spend(const char *dir, int64_t now, tg_nano_t *day, tg_nano_t *month) {
+  tg_config_t cfg;
+  tg__mem_t *m = NULL;
+
+  memset(&cfg, 0, sizeof(cfg));
+  cfg.database = (char *)"sqlite";
+  cfg.data_dir = (char *)dir;
+  assert_int_equal(tg__mem_new(NULL, &m), 0);
+  assert_int_equal(tg__mem_from_ledger(m, &cfg, now), 0);
+  assert_int_equal(tg__mem_spend(m, "acme", now, day, month), 0);
+  tg__mem_free(m);
+}
+
+/* Records dated after now (charged to a window the wall clock then stepped
+ * back out of, or written by a clock that ran ahead) count in their own
+ * period only: a restart before their day used to count them in now's day
+ * and month as well, and again in their own once it came. */
+static void test_rebuild_counts_each_record_in_one_period(void **state) {
+  tmp_t *t = *state;
+  tg_ledger_t *l = NULL;
+  tg_ledger_rec_t r;
+  loopctx_t x;
+  tg_nano_t day = -1, month = -1;
+  const int64_t HOUR = 3600000, APR1 = T0 + 31 * DAY_MS;
+  const struct {
+    const char *id;
+    int64_t ts, cost;
+  } rows[] = {
+    {"mar01", T0 + 10 * HOUR, 1},          /* 2026-03-01 10:00 */
+    {"mar02-open", T0 + DAY_MS, 10},       /* dated at the open window's start */
+    {"mar02", T0 + DAY_MS + 5 * HOUR, 100},
+    {"mar04-ahead", T0 + 3 * DAY_MS, 1000},
+    {"apr01", APR1, 10000},
+  };
+
+  assert_int_equal(tg_ledger_open("sqlite", t->dir, NULL, &l), 0);
+  loop_open(&x, l, 5);
+  for (int i = 0; i < 5; i++) {
+    make_rec(&r, rows[i].id, "acme", "m-a", rows[i].ts, 1, 1, rows[i].cost);
+    assert_int_equal(loop_append(&x, i, &r), 0);
+  }
+  assert_true(run_until(&x.loop, &x.c, 5, 10000));
+  assert_all_durable(&x, 0, 5);
+  loop_close(&x);
+  tg_ledger_close(l);
+
+  /* March 1st at noon: its own day; March without April. */
+  rebuilt_spend(t->dir, T0 + 12 * HOUR, &day, &month);
+  assert_int_equal(day, 1);
+  assert_int_equal(month, 1111);
+  /* 23:30: March 2nd's window was open (a clock stepped back half an hour
+   * across midnight) and is charged still, with its records alone. */
+  rebuilt_spend(t->dir, T0 + DAY_MS - HOUR / 2, &day, &month);
+  assert_int_equal(day, 110);
+  assert_int_equal(month, 1111);
+  rebuilt_spend(t->dir, T0 + DAY_MS + 6 * HOUR, &day, &month);
+  assert_int_equal(day, 110);
+  assert_int_equal(month, 1111);
+  /* March 3rd: nothing; March 4th's record waits for its day. */
+  rebuilt_spend(t->dir, T0 + 2 * DAY_MS + HOUR, &day, &month);
+  assert_int_equal(day, 0);
+  assert_int_equal(month, 1111);
+  rebuilt_spend(t->dir, T0 + 3 * DAY_MS + HOUR, &day, &month);
+  assert_int_equal(day, 1000);
+  assert_int_equal(month, 1111);
+  /* March 31st 23:30 with April's window open: April's day and month. */
+  rebuilt_spend(t->dir, APR1 - HOUR / 2, &day, &month);
+  assert_int_equal(day, 10000);
+  assert_int_equal(month, 10000);
+  /* Two hours before: too far ahead to be a step back; March's month. */
+  rebuilt_spend(t->dir, APR1 - 2 * HOUR, &day, &month);
+  assert_int_equal(day, 0);
+  assert_int_equal(month, 1111);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
     cmocka_unit_test_setup_teardown(test_two_loops_exact_sums, tmp_setup,
@@ -1862,6 +1942,8 @@ int main(void) {
         tmp_teardown),
     cmocka_unit_test_setup_teardown(test_close_writes_everything, tmp_setup,
                                     tmp_teardown),
+    cmocka_unit_test_setup_teardown(test_rebuild_counts_each_record_in_one_period,
+                                    tmp_setup, tmp_teardown),
     cmocka_unit_test_setup_teardown(test_purge_only_older_rows, tmp_setup,
                                     tmp_teardown),
     cmocka_unit_test_setup_teardown(test_retention_purge, tmp_setup,
