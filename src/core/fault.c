@@ -22,11 +22,10 @@ static struct {
 static int n_sites;
 static pthread_once_t once = PTHREAD_ONCE_INIT;
 
-/* Reads $TG_FAULTS once: "site:N" entries separated by commas. An entry
- * that does not parse is reported and ignored. */
-static void parse(void) {
-  const char *p = getenv("TG_FAULTS");
-
+/* Reads "site:N" entries separated by commas into sites. An entry that
+ * does not parse is reported and ignored. */
+static void parse_spec(const char *p) {
+  n_sites = 0;
   while (p != NULL && *p != '\0') {
     size_t len = strcspn(p, ",");
     const char *colon = memchr(p, ':', len);
@@ -55,6 +54,16 @@ static void parse(void) {
     if (*p == ',')
       p++;
   }
+}
+
+/* $TG_FAULTS, read once. */
+static void parse(void) {
+  parse_spec(getenv("TG_FAULTS"));
+}
+
+void tg_fault_set(const char *spec) {
+  pthread_once(&once, parse);
+  parse_spec(spec);
 }
 
 int tg_fault(const char *site) {

@@ -18,7 +18,9 @@
  *
  * Sites: upstream_hold (src/upstream/h1client.c, the copy of a paused
  * answer's unread bytes); worker_stall (src/api/proxy.c, an API request's
- * arrival: its worker's loop blocks, which /healthz reports). */
+ * arrival: its worker's loop blocks, which /healthz reports);
+ * ledger_file_sync and ledger_dir_sync (src/meter/ledger.c, the fsync of an
+ * appended spool or rejected file and of its directory). */
 #ifndef TG_CORE_FAULT_H
 #define TG_CORE_FAULT_H
 
@@ -27,9 +29,15 @@
 #ifdef TG_FAULTS
 int tg_fault(const char *site);
 void tg_fault_stall(const char *site);
+/* Replaces the sites $TG_FAULTS named with those of spec (the same form;
+ * NULL: none), each counting its passes from 0 again: for a test process
+ * whose cases each want their own. Call while no other thread can be in
+ * tg_fault(). */
+void tg_fault_set(const char *spec);
 #else
 #define tg_fault(site) ((void)(site), 0)
 #define tg_fault_stall(site) ((void)(site))
+#define tg_fault_set(spec) ((void)(spec))
 #endif
 
 #endif

@@ -48,6 +48,7 @@
 #include <unistd.h>
 
 #include "core/err.h"
+#include "core/fault.h"
 #include "core/strbuf.h"
 #include "core/recycle.h"
 #include "core/thread.h"
@@ -79,6 +80,8 @@
 typedef struct {
   int fd;                   /* -1: not open (no file yet) */
   int64_t size;             /* bytes of whole lines */
+  int dir_synced;           /* the file's directory entry was synced since
+                             * it was opened: 0 until an append has done it */
   char path[PATH_MAX];
 } lines_t;
 
@@ -472,7 +475,12 @@ static ssize_t pread_full(int fd, char *p, size_t n, int64_t off) {
 /* Makes a newly created file's directory entry durable: without it a crash
  * could lose the whole file although its records were fsynced. */
 static int sync_dir(const char *dir) {
-  int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC), rc = 0;
+  int fd, rc = 0;
+  if (tg_fault("ledger_dir_sync")) {
+    errno = EIO;
+    return TG_EIO;
+  }
+  fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
   if (fd < 0)
     return TG_EIO;
   if (fsync(fd) != 0)
@@ -508,6 +516,7 @@ static int whole_lines_end(tg_ledger_t *l, int fd, int64_t size, int64_t *end) {
 static int lines_open(tg_ledger_t *l, lines_t *f) {
   struct stat sb;
 
+  f->dir_synced = 0;
   f->fd = open(f->path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
   if (f->fd < 0) {
     int err = errno;
@@ -559,6 +568,7 @@ static int lines_relink(tg_ledger_t *l, lines_t *f, int64_t from, int64_t *moved
           f->size - from);
   close(f->fd);
   f->fd = fd;
+  f->dir_synced = 1;
   f->size -= from;
   *moved = from;
   return 0;
@@ -577,13 +587,10 @@ static int lines_append(tg_ledger_t *l, lines_t *f,
                         const tg_ledger_rec_t *const *recs, size_t k) {
   int64_t start, off;
   size_t used = 0;
-  int created = 0, rc = TG_EIO;
+  int rc = TG_EIO;
 
-  if (f->fd < 0) {
-    if (lines_open(l, f) != 0)
-      return TG_EIO;
-    created = 1;
-  }
+  if (f->fd < 0 && lines_open(l, f) != 0)
+    return TG_EIO;
   start = off = f->size;
   for (size_t i = 0; i < k; i++) {
     int w = encode_line(recs[i], l->buf + used, SPOOL_BUF - used);
@@ -601,10 +608,18 @@ static int lines_append(tg_ledger_t *l, lines_t *f,
   if (pwrite_all(f->fd, l->buf, used, off) != 0)
     goto out;
   off += (int64_t)used;
+  if (tg_fault("ledger_file_sync")) {
+    errno = EIO;
+    goto out;
+  }
   if (fdatasync(f->fd) != 0)
     goto out;
-  if (created && sync_dir(l->dir) != 0)
+  /* Until its directory entry is durable a crash can lose the whole file,
+   * so the first append that gets this far syncs it: also when an earlier
+   * append, the one that created the file, failed before or at that. */
+  if (!f->dir_synced && sync_dir(l->dir) != 0)
     goto out;
+  f->dir_synced = 1;
   f->size = off;
   rc = 0;
 out:
@@ -870,6 +885,7 @@ static int spool_recover(tg_ledger_t *l) {
       goto fail;
   }
   l->spool.fd = fd;
+  l->spool.dir_synced = 0; /* an earlier run's file: synced at the next append */
   l->spool.size = end;
   l->replay_off = 0;
   set_spool_bytes(l);

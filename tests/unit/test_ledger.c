@@ -31,6 +31,7 @@
 #include <uv.h>
 
 #include "core/err.h"
+#include "core/fault.h"
 #include "meter/datalock.h"
 #include "meter/db_sqlite.h"
 #include "meter/ledger.h"
@@ -67,6 +68,7 @@ static int tmp_setup(void **state) {
 static int tmp_teardown(void **state) {
   tmp_t *t = *state;
   tg__ledger_sqlite_fail_inserts(0);
+  tg_fault_set(NULL);
   nftw(t->dir, rm_entry, 16, FTW_DEPTH | FTW_PHYS);
   free(t);
   return 0;
@@ -1821,6 +1823,42 @@ static void test_data_dir_lock_has_one_holder(void **state) {
   tg_datalock_release(fd2);
 }
 
+/* The append that created the spool failed before its directory entry was
+ * synced: the next append that succeeds must sync it, or a crash can lose
+ * the whole file although its records were reported durable. Only the
+ * first append used to sync the directory, so the second was reported
+ * durable without it. */
+static void test_spool_dir_synced_after_a_failed_first_append(void **state) {
+#ifndef TG_FAULTS
+  (void)state;
+  skip();
+#else
+  tmp_t *t = *state;
+  tg_ledger_opts_t o = {.batch_max = 4, .retry_ms = 20};
+  tg_ledger_t *l = NULL;
+  loopctx_t x;
+
+  tg__ledger_sqlite_fail_inserts(1);
+  tg_fault_set("ledger_file_sync:1,ledger_dir_sync:1");
+  assert_int_equal(tg_ledger_open("sqlite", t->dir, &o, &l), 0);
+  loop_open(&x, l, 3);
+  append_seq(&x, 0, 1);                 /* creates the spool; its fsync fails */
+  assert_true(run_until(&x.loop, &x.c, 1, 10000));
+  assert_int_equal(x.slots[0].status, TG_EIO);
+  assert_true(file_exists(t->spool));
+  append_seq(&x, 1, 2);                 /* syncs the directory, which fails */
+  assert_true(run_until(&x.loop, &x.c, 2, 10000));
+  assert_int_equal(x.slots[1].status, TG_EIO);
+  append_seq(&x, 2, 3);                 /* syncs it again, and is durable */
+  assert_true(run_until(&x.loop, &x.c, 3, 10000));
+  assert_int_equal(x.slots[2].status, 0);
+  loop_close(&x);
+  tg_ledger_close(l);
+  tg_fault_set(NULL);
+  assert_int_equal(count_lines(t->spool), 1);
+#endif
+}
+
 /* ---- budget windows rebuilt at start ---- */
 
 /* The memory backend's day and month spend of acme, rebuilt from the
@@ -1942,6 +1980,8 @@ int main(void) {
         tmp_teardown),
     cmocka_unit_test_setup_teardown(test_close_writes_everything, tmp_setup,
                                     tmp_teardown),
+    cmocka_unit_test_setup_teardown(test_spool_dir_synced_after_a_failed_first_append,
+                                    tmp_setup, tmp_teardown),
     cmocka_unit_test_setup_teardown(test_rebuild_counts_each_record_in_one_period,
                                     tmp_setup, tmp_teardown),
     cmocka_unit_test_setup_teardown(test_purge_only_older_rows, tmp_setup,
