@@ -464,6 +464,12 @@ static void fill_headers(const tg_tenant_state_t *s, const tg_limits_t *lim,
 
 int tg_limits_admit(tg_tenant_state_t *s, const tg_limits_t *lim, const tg_reserve_t *r,
                     int64_t now_ms, tg_verdict_t *v) {
+  return tg_limits_admit_at(s, lim, r, now_ms, now_ms, v);
+}
+
+int tg_limits_admit_at(tg_tenant_state_t *s, const tg_limits_t *lim, const tg_reserve_t *r,
+                       int64_t wall_ms, int64_t steady_ms, tg_verdict_t *v) {
+  int64_t now_ms = steady_ms; /* the per-minute limits' clock */
   int64_t tpm = clamp64(lim->tpm, 0, TOKENS_MAX);
   int64_t cap = tbucket_cap(tpm);
   int64_t res_mt = tokens_mt(r->tokens);
@@ -471,7 +477,7 @@ int tg_limits_admit(tg_tenant_state_t *s, const tg_limits_t *lim, const tg_reser
   tg_tbucket_t bucket = s->tpm;
 
   memset(v, 0, sizeof *v);
-  tg_limits_periods(s, now_ms, &v->day, &v->month);
+  tg_limits_periods(s, wall_ms, &v->day, &v->month);
 
   /* Changes nobody can observe: closed windows and expired log entries go,
    * and the log's block is fitted to the limit. A log holding more than a
@@ -502,9 +508,9 @@ int tg_limits_admit(tg_tenant_state_t *s, const tg_limits_t *lim, const tg_reser
       refuse(v, TG_LIMIT_TOKENS, tbucket_wait(&s->tpm, cap, need, now_ms));
   }
   if (!budget_fits(&s->day, lim->day_limit, cost))
-    refuse(v, TG_LIMIT_DAILY_BUDGET, tg_day_end_ms(v->day) - now_ms);
+    refuse(v, TG_LIMIT_DAILY_BUDGET, tg_day_end_ms(v->day) - wall_ms);
   if (!budget_fits(&s->month, lim->month_limit, cost))
-    refuse(v, TG_LIMIT_MONTHLY_BUDGET, tg_month_end_ms(v->month) - now_ms);
+    refuse(v, TG_LIMIT_MONTHLY_BUDGET, tg_month_end_ms(v->month) - wall_ms);
 
   if (v->refused != TG_LIMIT_NONE) {
     fill_headers(s, lim, &bucket, now_ms, v);

@@ -143,6 +143,17 @@ void tg_tenant_state_free(tg_tenant_state_t *s);
  * TG_LIMIT_UNAVAILABLE). */
 int tg_limits_admit(tg_tenant_state_t *s, const tg_limits_t *lim, const tg_reserve_t *r,
                     int64_t now_ms, tg_verdict_t *v);
+/* The same decision on two clocks: wall_ms (unix ms) dates the budget
+ * windows and their waits; steady_ms times the request log and the token
+ * bucket, and must never step (CLOCK_MONOTONIC, tg_steady_ms()): a wall
+ * clock set back froze both for as long as the step, and one set forward a
+ * minute emptied the log, letting twice the rpm through. tg_limits_admit()
+ * is this with one clock for both, as a state shared by several processes
+ * (Redis) needs. The state's log and bucket must always be given the same
+ * one of the two, and so must tg_limits_settle() (its now_ms is only the
+ * bucket's). */
+int tg_limits_admit_at(tg_tenant_state_t *s, const tg_limits_t *lim, const tg_reserve_t *r,
+                       int64_t wall_ms, int64_t steady_ms, tg_verdict_t *v);
 
 /* The day and month an admission at now_ms charges: now's, or the open
  * window's when the wall clock stepped back across its start by at most
@@ -153,7 +164,8 @@ void tg_limits_periods(const tg_tenant_state_t *s, int64_t now_ms, int64_t *day,
 
 /* Settles an admitted request: gives back its lease, moves its reservation
  * to actual tokens and cost in the periods it was charged to (a period that
- * has since rolled over is left alone). Sets *alert_day / *alert_month to 1
+ * has since rolled over is left alone). now_ms is the token bucket's clock
+ * (the steady one when admissions gave one). Sets *alert_day / *alert_month to 1
  * when this settlement crossed the alert threshold of the current window
  * for the first time, else 0 (either pointer may be NULL). r and admitted
  * are what tg_limits_admit() was given and gave; a refused verdict settles

@@ -72,6 +72,12 @@ int64_t tg_now_ms(void) {
   return (int64_t)tv.tv_sec * 1000 + tv.tv_usec / 1000;
 }
 
+int64_t tg_steady_ms(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
 static void log_line(const char *json) {
   size_t n = strlen(json);
   ssize_t w;
@@ -489,7 +495,7 @@ static void unavailable(tg_policy_loop_t *pl, const tg_admit_req_t *r, tg_admiss
       tg__mem_restore(pl->p->mem, r->tenant, 1, tg_month_of(now), month,
                       tg_budget_alert_due(month, r->limits.month_limit, r->limits.alert_pct));
     }
-    tg__mem_admit(pl->p->mem, r, now, a);
+    tg__mem_admit(pl->p->mem, r, now, tg_steady_ms(), a);
     return;
   }
   memset(a, 0, sizeof(*a));
@@ -522,7 +528,7 @@ int tg_policy_admit(tg_policy_loop_t *pl, const tg_admit_req_t *r, tg_admit_cb c
   int64_t now = tg_now_ms();
 
   if (pl->p->backend == TG_BACKEND_MEMORY) {
-    tg__mem_admit(pl->p->mem, r, now, &a);
+    tg__mem_admit(pl->p->mem, r, now, tg_steady_ms(), &a);
     cb(arg, &a);
     return 0;
   }
@@ -552,7 +558,7 @@ void tg_policy_settle(tg_policy_loop_t *pl, const tg_admit_req_t *r, const tg_ad
   if (a->v.refused != TG_LIMIT_NONE)
     return;
   if (a->backend == TG_BACKEND_MEMORY) {
-    tg__mem_settle(pl->p->mem, r, a, actual_tokens, actual_cost, now);
+    tg__mem_settle(pl->p->mem, r, a, actual_tokens, actual_cost, tg_steady_ms());
     if (pl->p->backend == TG_BACKEND_REDIS && actual_cost > 0) {
       owe(pl->p, r->tenant, 0, a->v.day, actual_cost);
       owe(pl->p, r->tenant, 1, a->v.month, actual_cost);

@@ -113,7 +113,11 @@ void tg__mem_restore(tg__mem_t *m, const char *tenant, int month, int64_t period
  * own period's records and no others (state.c, from_ledger). Blocking: at
  * start, before the loops. Returns 0 or a negative error (logged). */
 int tg__mem_from_ledger(tg__mem_t *m, const tg_config_t *cfg, int64_t now_ms);
-void tg__mem_admit(tg__mem_t *m, const tg_admit_req_t *r, int64_t now_ms, tg_admission_t *a);
+/* Admits on two clocks (tg_limits_admit_at): the wall clock for budgets,
+ * the steady one for the per-minute limits and the global per-second one;
+ * tg__mem_settle's now_ms is the steady clock. */
+void tg__mem_admit(tg__mem_t *m, const tg_admit_req_t *r, int64_t wall_ms, int64_t steady_ms,
+                   tg_admission_t *a);
 int tg__mem_spend(tg__mem_t *m, const char *tenant, int64_t now_ms, tg_nano_t *day,
                   tg_nano_t *month);
 void tg__mem_settle(tg__mem_t *m, const tg_admit_req_t *r, const tg_admission_t *a,
@@ -185,5 +189,9 @@ int tg__redis_add_spent(tg__redis_sync_t *s, const char *tenant, int month, int6
 
 /* Wall clock in unix milliseconds. */
 int64_t tg_now_ms(void);
+/* CLOCK_MONOTONIC in milliseconds: elapsed time only, never stepped by a
+ * change of the wall clock. The memory backend's per-minute limits run on
+ * it; it means nothing across processes. */
+int64_t tg_steady_ms(void);
 
 #endif

@@ -89,7 +89,8 @@ static stripe_t *stripe_of(tg__mem_t *m, uint64_t h) {
   return &m->stripes[(h >> 32) % N_STRIPES];
 }
 
-void tg__mem_admit(tg__mem_t *m, const tg_admit_req_t *r, int64_t now_ms, tg_admission_t *a) {
+void tg__mem_admit(tg__mem_t *m, const tg_admit_req_t *r, int64_t wall_ms, int64_t steady_ms,
+                   tg_admission_t *a) {
   uint64_t h = tg_hash_str(r->tenant);
   stripe_t *sp = stripe_of(m, h);
   ent_t *e;
@@ -100,7 +101,7 @@ void tg__mem_admit(tg__mem_t *m, const tg_admit_req_t *r, int64_t now_ms, tg_adm
   if (r->global_rps > 0) {
     int ok;
     pthread_mutex_lock(&m->global_lock);
-    ok = tg_global_admit(&m->global, r->global_rps, now_ms, &a->v.retry_after_ms);
+    ok = tg_global_admit(&m->global, r->global_rps, steady_ms, &a->v.retry_after_ms);
     pthread_mutex_unlock(&m->global_lock);
     if (!ok) {
       a->v.refused = TG_LIMIT_GLOBAL;
@@ -109,7 +110,8 @@ void tg__mem_admit(tg__mem_t *m, const tg_admit_req_t *r, int64_t now_ms, tg_adm
   }
   pthread_mutex_lock(&sp->lock);
   e = stripe_get(sp, r->tenant, h);
-  rc = e ? tg_limits_admit(&e->st, &r->limits, &r->reserve, now_ms, &a->v) : TG_ENOMEM;
+  rc = e ? tg_limits_admit_at(&e->st, &r->limits, &r->reserve, wall_ms, steady_ms, &a->v)
+         : TG_ENOMEM;
   pthread_mutex_unlock(&sp->lock);
   if (rc < 0) {
     /* out of memory: refuse rather than admit uncounted */
@@ -119,7 +121,7 @@ void tg__mem_admit(tg__mem_t *m, const tg_admit_req_t *r, int64_t now_ms, tg_adm
   if (r->global_rps > 0 && a->v.refused != TG_LIMIT_NONE) {
     /* refused by its tenant's limits: not a request the pool serves */
     pthread_mutex_lock(&m->global_lock);
-    tg_global_unadmit(&m->global, now_ms);
+    tg_global_unadmit(&m->global, steady_ms);
     pthread_mutex_unlock(&m->global_lock);
   }
 }

@@ -212,6 +212,42 @@ def test_requests_per_minute_window_slides(tg, sim):
     assert got == [200, 200, 429], got
 
 
+def test_wall_clock_steps_move_no_per_minute_limit(tg, sim, tmp_path):
+    """NTP steps the gateway's wall clock. Stepped two minutes forward, it
+    used to empty the request log (a tenant with 2 rpm got a third request
+    seconds after its first two); stepped an hour back, it froze the token
+    bucket for that hour (nothing refilled). The per-minute limits measure
+    elapsed time on the monotonic clock, which no step moves."""
+    tenants = {"rpm": tgtest.limited_tenant(rpm=2), "tpm": tgtest.limited_tenant(tpm=600)}
+    gw = tg.gateway(models_cfg(sim), tenants=tenants, keys=tuple(tenants), start=False)
+    clock = tmp_path / "clock"
+
+    def set_clock(when):
+        clock.write_text("@%s\n" % when)
+        time.sleep(0.2)
+
+    clock.write_text("@2026-03-10 12:00:00\n")
+    gw.env = tgtest.stepped_clock(str(clock))
+    gw.start()
+    assert [ask(gw, "rpm").status for _ in range(2)] == [200, 200]
+    set_clock("2026-03-10 12:02:00")
+    ra = assert_refused(ask(gw, "rpm"), 429, "rate_limit_error", "requests")
+    assert 50 <= ra <= 60, ra
+
+    # 600 tokens a minute, 10 a second: 327 reserved, 309 used
+    assert ask(gw, "tpm", max_tokens=300).status == 200
+    set_clock("2026-03-10 11:00:00")
+    r = ask(gw, "tpm")                      # 28 reserved, 10 used
+    assert r.status == 200, r
+    before = hdr_int(r, "x-ratelimit-remaining-tokens")
+    assert before < 600 - 28 - 30, before   # room below the cap for 3 s
+    time.sleep(2.5)
+    r = ask(gw, "tpm")
+    assert r.status == 200, r
+    # 10 settled away, about 25 refilled (a frozen bucket: exactly -10)
+    assert hdr_int(r, "x-ratelimit-remaining-tokens") >= before + 10, (before, r)
+
+
 # ---------------------------------------------------------------------------
 # tokens per minute: reservation and settlement
 

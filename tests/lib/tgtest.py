@@ -2432,3 +2432,30 @@ def check_invoices(gw, outcomes, prices, tenants, admin_key=None):
                                    "spend_nano_usd")):
                 u[i] += doc[k]
         assert u == [sum(v[i] for v in want.values()) for i in range(4)], (tenant, u, want)
+
+
+# --------------------------------------------------------------------------
+# a faked wall clock (libfaketime), the monotonic clock left alone
+
+FAKETIME_LIB = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1"
+
+
+def faked_clock(start):
+    """The environment of a gateway whose wall clock starts at `start` (UTC,
+    "YYYY-MM-DD hh:mm:ss") and runs from there (libfaketime); its monotonic
+    clock, which its timers use, is left alone."""
+    return {"LD_PRELOAD": FAKETIME_LIB, "FAKETIME": "@" + start, "TZ": "UTC",
+            "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+            "ASAN_OPTIONS": SAN_ENV["ASAN_OPTIONS"] + ":verify_asan_link_order=0"}
+
+
+def stepped_clock(path):
+    """The environment of a gateway whose wall clock is set by the file at
+    path ("@YYYY-MM-DD hh:mm:ss", runs from there), read again at each
+    reading of the clock: rewriting the file steps the clock, forward or
+    back, as an NTP correction does (libfaketime's FAKETIME_TIMESTAMP_FILE
+    with FAKETIME_NO_CACHE)."""
+    env = faked_clock("2000-01-01 00:00:00")
+    del env["FAKETIME"]
+    env.update({"FAKETIME_TIMESTAMP_FILE": path, "FAKETIME_NO_CACHE": "1"})
+    return env

@@ -16,6 +16,7 @@
 
 #include "core/money.h"
 #include "policy/limits.h"
+#include "policy/state.h"
 
 #define USD(x) ((tg_nano_t)(x) * TG_NANO_PER_USD)
 
@@ -1307,6 +1308,80 @@ static void test_refusal_changes_nothing(void **state) {
   tg_tenant_state_free(&s);
 }
 
+/* ---- two clocks: wall for budgets, steady for the per-minute limits ----- */
+
+static tg_verdict_t mem_admit(tg__mem_t *m, const tg_admit_req_t *r, int64_t wall,
+                              int64_t steady) {
+  tg_admission_t a;
+  tg__mem_admit(m, r, wall, steady, &a);
+  return a.v;
+}
+
+/* The memory backend times the request log, the token bucket and the
+ * global limit on the steady clock: a wall clock stepped back ten minutes
+ * used to freeze them for ten minutes (no entry left the log, the bucket
+ * gained nothing), and one stepped a minute forward emptied the log, so
+ * twice the rpm went through in one real minute. Budgets stay on the wall
+ * clock: they roll at its midnight. */
+static void test_memory_per_minute_limits_on_the_steady_clock(void **state) {
+  (void)state;
+  tg__mem_t *m = NULL;
+  tg_admit_req_t r;
+  tg_admission_t a;
+  tg_verdict_t v;
+  const int64_t W = t0(), S = 5000000, MIN = 60000;
+  const int64_t late = utc(2026, 3, 10, 23, 59, 0, 0);
+
+  assert_int_equal(tg__mem_new(NULL, &m), 0);
+  memset(&r, 0, sizeof r);
+  r.tenant = "acme";
+  r.limits = unlimited();
+  r.limits.rpm = 2;
+  r.limits.tpm = 600; /* 10 tokens a second */
+  r.limits.day_limit = USD(12);
+  r.reserve.tokens = 300;
+  r.reserve.cost = USD(4);
+
+  assert_int_equal(mem_admit(m, &r, W, S).refused, TG_LIMIT_NONE);
+  assert_int_equal(mem_admit(m, &r, W, S).refused, TG_LIMIT_NONE);
+  v = mem_admit(m, &r, W, S + 1);
+  assert_int_equal(v.refused, TG_LIMIT_REQUESTS);
+  assert_int_equal(v.retry_after_ms, MIN - 1);
+  /* The wall clock a minute ahead: one real second has passed. */
+  v = mem_admit(m, &r, W + MIN + 1000, S + 1000);
+  assert_int_equal(v.refused, TG_LIMIT_REQUESTS);
+  assert_int_equal(v.retry_after_ms, MIN - 1000);
+  /* Set ten minutes back: a real minute on, the log has room and the
+   * bucket has refilled (600 tokens, 300 of them wanted). */
+  v = mem_admit(m, &r, W - 10 * MIN, S + MIN);
+  assert_int_equal(v.refused, TG_LIMIT_NONE);
+  assert_int_equal(v.remaining_tokens, 300);
+  /* 30 more tokens three real seconds later, whatever the wall clock says. */
+  r.reserve.tokens = 330;
+  r.reserve.cost = 0;
+  v = mem_admit(m, &r, W - 20 * MIN, S + MIN + 3000);
+  assert_int_equal(v.refused, TG_LIMIT_NONE);
+  assert_int_equal(v.remaining_tokens, 0);
+
+  /* The daily budget ($12 reserved of $12) follows the wall clock: refused
+   * until its midnight, a fresh day after it. */
+  r.limits.rpm = r.limits.tpm = 0;
+  r.reserve.cost = USD(3);
+  v = mem_admit(m, &r, late, S + 3 * MIN);
+  assert_int_equal(v.refused, TG_LIMIT_DAILY_BUDGET);
+  assert_int_equal(v.retry_after_ms, MIN);
+  assert_int_equal(mem_admit(m, &r, late + MIN, S + 3 * MIN).refused, TG_LIMIT_NONE);
+
+  /* The global per-second limit: a second of steady time, not of wall. */
+  r.global_rps = 1;
+  tg__mem_admit(m, &r, late + 2 * MIN, S + 4 * MIN, &a);
+  assert_int_equal(a.v.refused, TG_LIMIT_NONE);
+  tg__mem_admit(m, &r, late + 3 * MIN, S + 4 * MIN + 10, &a);
+  assert_int_equal(a.v.refused, TG_LIMIT_GLOBAL);
+  assert_int_equal(a.v.retry_after_ms, 990);
+  tg__mem_free(m);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_names),
@@ -1339,6 +1414,7 @@ int main(void) {
       cmocka_unit_test(test_budget_alerts),
       cmocka_unit_test(test_budget_alert_threshold_exact),
       cmocka_unit_test(test_refusal_changes_nothing),
+      cmocka_unit_test(test_memory_per_minute_limits_on_the_steady_clock),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
