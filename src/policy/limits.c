@@ -385,13 +385,23 @@ void tg_limits_periods(const tg_tenant_state_t *s, int64_t now_ms, int64_t *day,
                           tg_month_of(now_ms), now_ms);
 }
 
-static void budget_roll(tg_budget_t *b, int64_t period) {
-  if (b->period != period) {
+/* Opens period in b. The window it closes is kept in prev, and when period
+ * is the one prev holds (a wall clock that ran ahead into the next period
+ * and was set right) the two change places: a period reopened with nothing
+ * spent would give the tenant its budget a second time. */
+static void budget_roll(tg_budget_t *b, tg_budget_t *prev, int64_t period) {
+  tg_budget_t closed = *b;
+  if (b->period == period)
+    return;
+  if (prev->period == period && period != 0) {
+    *b = *prev;
+  } else {
     b->period = period;
     b->spent = 0;
     b->reserved = 0;
     b->alerted = 0;
   }
+  *prev = closed;
 }
 
 static int budget_fits(const tg_budget_t *b, tg_nano_t limit, tg_nano_t cost) {
@@ -409,10 +419,17 @@ int tg_budget_alert_due(tg_nano_t spent, tg_nano_t limit, int pct) {
 
 /* Applies a settlement to one window; returns 1 when it crossed the alert
  * threshold for the first time in this window. */
-static int budget_settle(tg_budget_t *b, int64_t period, tg_nano_t limit, int pct,
-                         tg_nano_t reserved, tg_nano_t actual) {
-  if (b->period != period)
-    return 0; /* rolled over since: that money belongs to a closed window */
+static int budget_settle(tg_budget_t *b, tg_budget_t *prev, int64_t period, tg_nano_t limit,
+                         int pct, tg_nano_t reserved, tg_nano_t actual) {
+  if (b->period != period) {
+    /* rolled over since: the money belongs to the closed window, which is
+     * kept in case its period comes back; its alert was its own to raise */
+    if (prev->period == period && period != 0) {
+      prev->reserved = prev->reserved > reserved ? prev->reserved - reserved : 0;
+      prev->spent = sat64((__int128)prev->spent + actual);
+    }
+    return 0;
+  }
   b->reserved = b->reserved > reserved ? b->reserved - reserved : 0;
   b->spent = sat64((__int128)b->spent + actual);
   if (b->alerted || !tg_budget_alert_due(b->spent, limit, pct))
@@ -483,8 +500,8 @@ int tg_limits_admit_at(tg_tenant_state_t *s, const tg_limits_t *lim, const tg_re
    * and the log's block is fitted to the limit. A log holding more than a
    * lowered limit is not trimmed here: counting all its admissions refuses
    * exactly as a trimmed log would, and a refusal must change nothing. */
-  budget_roll(&s->day, v->day);
-  budget_roll(&s->month, v->month);
+  budget_roll(&s->day, &s->day_prev, v->day);
+  budget_roll(&s->month, &s->month_prev, v->month);
   if (lim->rpm > 0) {
     tg_slog_expire(&s->rpm, now_ms, TG_RPM_WINDOW_MS);
     if (slog_room(&s->rpm, lim->rpm) != 0) {
@@ -558,8 +575,10 @@ void tg_limits_settle(tg_tenant_state_t *s, const tg_limits_t *lim, const tg_res
     s->tpm.level_mt = level > cap ? cap : level < LEVEL_MIN ? LEVEL_MIN : (int64_t)level;
   }
 
-  ad = budget_settle(&s->day, admitted->day, lim->day_limit, lim->alert_pct, rcost, acost);
-  am = budget_settle(&s->month, admitted->month, lim->month_limit, lim->alert_pct, rcost, acost);
+  ad = budget_settle(&s->day, &s->day_prev, admitted->day, lim->day_limit, lim->alert_pct, rcost,
+                     acost);
+  am = budget_settle(&s->month, &s->month_prev, admitted->month, lim->month_limit,
+                     lim->alert_pct, rcost, acost);
 out:
   if (alert_day != NULL)
     *alert_day = ad;

@@ -97,7 +97,11 @@ typedef struct {
   tg_slog_t rpm;
   tg_tbucket_t tpm;
   int64_t inflight;         /* concurrency leases held */
-  tg_budget_t day, month;
+  tg_budget_t day, month;   /* the open windows */
+  /* the windows the last roll closed: a clock that ran ahead into the next
+   * period and was set right reopens its period with what it held, and a
+   * late settlement of a request admitted there still lands in it */
+  tg_budget_t day_prev, month_prev;
 } tg_tenant_state_t;
 
 /* What one request reserves. */

@@ -1308,6 +1308,49 @@ static void test_refusal_changes_nothing(void **state) {
   tg_tenant_state_free(&s);
 }
 
+/* A wall clock that ran hours ahead into the next day and was set right
+ * reopens today with what it had spent, and the next day keeps what was
+ * spent in it meanwhile: reopening today with nothing spent gave the
+ * tenant a second daily budget, and the next day's spend was dropped. A
+ * settlement after the roll still lands in its own day. */
+static void test_clock_ahead_then_set_right_keeps_each_days_spend(void **state) {
+  (void)state;
+  tg_tenant_state_t s;
+  tg_limits_t lim = unlimited();
+  lim.day_limit = USD(10);
+  int64_t d = utc(2026, 3, 10, 20, 0, 0, 0), ahead = utc(2026, 3, 11, 3, 0, 0, 0);
+  tg_verdict_t v, late;
+
+  tg_tenant_state_init(&s);
+  v = admit(&s, &lim, 0, USD(9), d);
+  settle(&s, &lim, 0, USD(9), &v, 0, USD(9), d, NULL, NULL);
+  late = admit(&s, &lim, 0, USD(1), d + 1);       /* settled after the roll */
+  v = admit(&s, &lim, 0, USD(5), ahead);          /* the clock seven hours ahead */
+  assert_int_equal(v.refused, TG_LIMIT_NONE);
+  assert_int_equal(v.day, tg_day_of(ahead));
+  settle(&s, &lim, 0, USD(5), &v, 0, USD(5), ahead, NULL, NULL);
+  settle(&s, &lim, 0, USD(1), &late, 0, USD(1) / 2, ahead, NULL, NULL);
+
+  /* set right: March 10th holds $9.50 of $10 */
+  v = admit(&s, &lim, 0, USD(1), d + 300000);
+  assert_int_equal(v.refused, TG_LIMIT_DAILY_BUDGET);
+  assert_int_equal(v.day, tg_day_of(d));
+  v = admit(&s, &lim, 0, USD(1) / 2, d + 300000);
+  assert_int_equal(v.refused, TG_LIMIT_NONE);
+  settle(&s, &lim, 0, USD(1) / 2, &v, 0, USD(1) / 2, d + 300000, NULL, NULL);
+  assert_int_equal(s.day.spent, USD(10));
+  assert_int_equal(s.day.reserved, 0);
+
+  /* March 11th comes: its $5 still counts */
+  int64_t next = tg_day_end_ms(tg_day_of(d));
+  v = admit(&s, &lim, 0, USD(6), next);
+  assert_int_equal(v.refused, TG_LIMIT_DAILY_BUDGET);
+  assert_int_equal(admit(&s, &lim, 0, USD(5), next).refused, TG_LIMIT_NONE);
+  assert_int_equal(s.day.spent, USD(5));
+  assert_int_equal(s.day.reserved, USD(5));
+  tg_tenant_state_free(&s);
+}
+
 /* ---- two clocks: wall for budgets, steady for the per-minute limits ----- */
 
 static tg_verdict_t mem_admit(tg__mem_t *m, const tg_admit_req_t *r, int64_t wall,
@@ -1415,6 +1458,7 @@ int main(void) {
       cmocka_unit_test(test_budget_alert_threshold_exact),
       cmocka_unit_test(test_refusal_changes_nothing),
       cmocka_unit_test(test_memory_per_minute_limits_on_the_steady_clock),
+      cmocka_unit_test(test_clock_ahead_then_set_right_keeps_each_days_spend),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
