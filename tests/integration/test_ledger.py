@@ -1087,6 +1087,22 @@ def spend_gauges(gw, tenant):
     return tuple(out)
 
 
+def restart_at(gw, when):
+    """Kills gw, forgets its saved spend (so the budgets come from the
+    ledger alone) and starts it again with its wall clock at `when`."""
+    gw.kill()
+    gw.checked_exit = True
+    db = sqlite3.connect(gw.db_path)
+    try:
+        with db:
+            db.execute("DELETE FROM tenant_spend")
+    finally:
+        db.close()
+    gw.checked_exit = False
+    gw.env = faked_clock(when)
+    gw.start()
+
+
 def test_a_request_admitted_after_midnight_is_recorded_in_the_windows_it_was_charged(tg, sim):
     """A request whose head came at 23:59:5x on 31 January and whose body
     came after midnight is admitted on 1 February: its cost goes to that
@@ -1122,17 +1138,7 @@ def test_a_request_admitted_after_midnight_is_recorded_in_the_windows_it_was_cha
     assert tgtest.nano_of_usd(inv["summary"]["total_cost_usd"]) == spent, inv
 
     # a restart rebuilds the windows from the ledger: nothing given back
-    gw.kill()
-    gw.checked_exit = True
-    db = sqlite3.connect(gw.db_path)
-    try:
-        with db:
-            db.execute("DELETE FROM tenant_spend")
-    finally:
-        db.close()
-    gw.checked_exit = False
-    gw.env = faked_clock("2026-02-01 00:00:30")
-    gw.start()
+    restart_at(gw, "2026-02-01 00:00:30")
     assert spend_gauges(gw, "late") == (spent, spent)
 
 
@@ -1171,3 +1177,29 @@ def test_a_clock_stepped_back_across_midnight_gives_no_budget_back(tg, sim, tmp_
     assert_refused(ask(gw, key), "daily_budget")
     assert gw.usage("ntp", "2026-03-31")["spend_nano_usd"] == 2 * cost(50)
     assert gw.usage("ntp", "2026-04-01")["spend_nano_usd"] == 2 * cost(50)
+
+
+def test_a_record_dated_after_the_restart_counts_in_its_own_day_only(tg, sim, tmp_path):
+    """A record of April 1st exists when the gateway starts on March 31st
+    (its clock was stepped back after writing it). The budgets rebuilt from
+    the ledger counted it in March 31st's day and March's month, and would
+    count it again on April 1st: each record counts in its own period, and
+    a restart in the last hour of March 31st opens April 1st's window, as
+    the running gateway charged it."""
+    tenants = {"ntp": tgtest.limited_tenant(models=[M], daily="1.00", monthly="10.00")}
+    gw = start_gw(tg, sim, tenants=tenants, start=False)
+    key = gw.create_key("ntp")
+    clock = tmp_path / "clock"
+    clock.write_text("@2026-03-31 12:00:00\n")
+    gw.env = stepped_clock(str(clock))
+    gw.start()
+    assert ask(gw, key).status == 200
+    clock.write_text("@2026-04-01 00:00:30\n")
+    time.sleep(0.2)
+    assert ask(gw, key).status == 200
+    assert gw.usage("ntp", "2026-04-01")["spend_nano_usd"] == cost(50)
+
+    restart_at(gw, "2026-03-31 12:00:10")
+    assert spend_gauges(gw, "ntp") == (cost(50), cost(50))     # March's own
+    restart_at(gw, "2026-03-31 23:59:40")
+    assert spend_gauges(gw, "ntp") == (cost(50), cost(50))     # April's open window
