@@ -30,7 +30,7 @@ run: build
 test: build-asan
 	@cd $(BUILD_ASAN) && ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 \
 	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
-	  ctest --output-on-failure --timeout 1500
+	  ctest --output-on-failure --timeout 1500 -j 2
 
 unit: build-asan
 	@cd $(BUILD_ASAN) && ctest --output-on-failure -R unit/

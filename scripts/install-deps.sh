@@ -10,7 +10,7 @@ PKGS=(
   build-essential cmake pkg-config
   libuv1-dev node-llhttp libcurl4-openssl-dev libssl-dev libjansson-dev libcjson-dev
   libyaml-dev libsqlite3-dev libhiredis-dev libpq-dev libcmocka-dev
-  python3 python3-pytest sqlite3 curl libfaketime
+  python3 python3-pytest python3-pytest-xdist sqlite3 curl libfaketime
   redis-server postgresql prometheus nginx-light wrk
 )
 # Node.js and npm for the JS conformance client: Debian's, unless the machine

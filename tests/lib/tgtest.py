@@ -79,14 +79,48 @@ def binary(name):
     return path
 
 
-def free_port():
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+# Ports when suites run side by side (`make test` runs the suites under
+# `ctest -j`, the integration suite in pytest-xdist workers): each run
+# (TG_PORT_SHARD) and each of its workers (PYTEST_XDIST_WORKER, gwN) takes
+# its ports from a block of its own below the kernel's ephemeral range
+# (32768-60999 on Debian), so no two, and no outgoing connection's local
+# port, pick the same one between the pick and the bind. Without
+# TG_PORT_SHARD the kernel picks.
+PORT_BLOCK_FIRST = 20000
+PORT_BLOCK_SIZE = 1500
+PORT_BLOCKS = 8
+_port_next = [0]
+
+
+def _port_free(port):
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
-        s.bind(("127.0.0.1", 0))
+        s.bind(("127.0.0.1", port))
         return s.getsockname()[1]
+    except OSError:
+        return None
     finally:
         s.close()
+
+
+def free_port():
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    shard = os.environ.get("TG_PORT_SHARD")
+    if not shard:
+        return _port_free(0)
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    if not shard.isdigit() or not re.fullmatch(r"gw[0-9]+", worker):
+        raise RuntimeError("TG_PORT_SHARD must be a number, not %r" % shard)
+    block = int(shard) + int(worker[2:])
+    if block >= PORT_BLOCKS:
+        raise RuntimeError("port block %d past the last (%d)" % (block, PORT_BLOCKS - 1))
+    first = PORT_BLOCK_FIRST + block * PORT_BLOCK_SIZE
+    for _ in range(PORT_BLOCK_SIZE):
+        port = first + _port_next[0] % PORT_BLOCK_SIZE
+        _port_next[0] += 1
+        if _port_free(port):
+            return port
+    raise RuntimeError("no free port in %d-%d" % (first, first + PORT_BLOCK_SIZE - 1))
 
 
 def closed_port():
