@@ -725,8 +725,15 @@ def test_native_slow_client_pauses_upstream(tg):
         rss0 = gw.rss_kb()
         s = SSEStream(gw.port, chat_body(M8B, stream=True, max_tokens=n), key=key,
                       rcvbuf=4096, read_head=False)
-        time.sleep(1.5)
-        sent1 = up.sent_bytes
+        # Until the transfer stops (the socket buffers between the client
+        # and the upstream are full), not a fixed time: on a loaded machine
+        # the request may not even have reached the upstream after a second.
+        sent1, deadline = -1, time.monotonic() + 20
+        while time.monotonic() < deadline:
+            time.sleep(0.5)
+            before, sent1 = sent1, up.sent_bytes
+            if sent1 > 0 and sent1 == before:
+                break
         rss1 = gw.rss_kb()
         time.sleep(1.0)
         sent2 = up.sent_bytes
