@@ -538,7 +538,13 @@ int tg_db_pg_migrate_ex(PGconn *c, int quiet, unsigned timeout_s, int *from) {
   int64_t current = 0;
   int rc = TG_EDB;
 
-  if (tg_db_pg_exec(c, "BEGIN") != 0)
+  /* READ COMMITTED whatever the database's default_transaction_isolation:
+   * a replica that waited for the lock must read what the one before it
+   * committed meanwhile. Under REPEATABLE READ or SERIALIZABLE the
+   * snapshot, taken by the lock's statement before the wait, showed an
+   * empty schema_migrations, and the scripts failed on the tables the
+   * first replica had made. */
+  if (tg_db_pg_exec(c, "BEGIN ISOLATION LEVEL READ COMMITTED") != 0)
     return mfail(c, quiet, "BEGIN");
   snprintf(lock, sizeof(lock), "SELECT pg_advisory_xact_lock(%lld)",
            (long long)TG_DB_PG_MIGRATE_LOCK);

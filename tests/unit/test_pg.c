@@ -418,6 +418,64 @@ static void test_migrations(void **state) {
   PQfinish(s);
 }
 
+/* Replicas starting together on an empty database whose transactions
+ * default to REPEATABLE READ or SERIALIZABLE (set on the database, as some
+ * operators do): each one waiting for the migration lock must see the
+ * schema the first one committed meanwhile. They used to read
+ * schema_migrations through a snapshot taken before the wait, find it
+ * empty and fail on "relation api_keys already exists": a replica that
+ * did not start. The lock is held here until every racer waits on it, so
+ * the race is lost every time, not by chance. */
+static void test_migration_race_under_strict_isolation(void **state) {
+  enum { RACERS = 3 };
+  static const char *const levels[2] = {"repeatable read", "serializable"};
+  char url[256], sql[256], db[32];
+  pthread_t th[RACERS];
+  racer_t rc[RACERS];
+  pthread_barrier_t go;
+  PGconn *s, *c;
+
+  (void)state;
+  s = sql_conn(srv.url);
+  for (int l = 0; l < 2; l++) {
+    snprintf(db, sizeof(db), "strict_%d", l);
+    snprintf(sql, sizeof(sql), "CREATE DATABASE %s", db);
+    sql_ok(s, sql);
+    snprintf(sql, sizeof(sql),
+             "ALTER DATABASE %s SET default_transaction_isolation = '%s'", db,
+             levels[l]);
+    sql_ok(s, sql);
+    db_url(url, sizeof(url), db);
+    c = sql_conn(url);
+    snprintf(sql, sizeof(sql), "SELECT pg_advisory_lock(%lld)",
+             (long long)TG_DB_PG_MIGRATE_LOCK);
+    sql_ok(c, sql);
+    pthread_barrier_init(&go, NULL, RACERS);
+    for (int i = 0; i < RACERS; i++) {
+      rc[i] = (racer_t){url, &go, -1};
+      assert_int_equal(pthread_create(&th[i], NULL, race_open, &rc[i]), 0);
+    }
+    for (int tries = 0; sql_int(c, "SELECT COUNT(*) FROM pg_locks WHERE"
+                                   " locktype = 'advisory' AND NOT granted")
+                        < RACERS; tries++) {
+      assert_true(tries < 1000);
+      sleep_ms(10);
+    }
+    snprintf(sql, sizeof(sql), "SELECT pg_advisory_unlock(%lld)",
+             (long long)TG_DB_PG_MIGRATE_LOCK);
+    sql_ok(c, sql);
+    for (int i = 0; i < RACERS; i++) {
+      pthread_join(th[i], NULL);
+      assert_int_equal(rc[i].rc, 0);
+    }
+    pthread_barrier_destroy(&go);
+    assert_int_equal(sql_int(c, "SELECT COUNT(*) FROM schema_migrations"),
+                     tg_db_pg_schema_version());
+    PQfinish(c);
+  }
+  PQfinish(s);
+}
+
 /* The key columns' collation, as "table.column:collation" in one line. */
 #define KEY_COLLATIONS_SQL                                                   \
   "SELECT string_agg(table_name || '.' || column_name || ':' ||"             \
@@ -1445,6 +1503,7 @@ int main(void) {
     cmocka_unit_test(test_url_helpers),
     cmocka_unit_test(test_url_secrets_never_printed),
     cmocka_unit_test(test_migrations),
+    cmocka_unit_test(test_migration_race_under_strict_isolation),
     cmocka_unit_test(test_migration_byte_order_keys),
     cmocka_unit_test(test_ledger_exact),
     cmocka_unit_test(test_ledger_copy),
