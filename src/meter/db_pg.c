@@ -497,11 +497,18 @@ PGresult *tg_db_pg_query(PGconn *c, const char *sql, int nparams,
   return sent ? tg_db_pg_result(c, w) : NULL;
 }
 
-static int mfail(PGconn *c, int quiet, const char *what) {
+/* Reports why a migration failed: one line on stderr unless o is quiet,
+ * and the same words in o->err when the caller gave a buffer. why NULL:
+ * the connection's last error. o may be NULL (not quiet, no buffer). */
+static int mfail(PGconn *c, const tg_db_pg_opts_t *o, const char *what,
+                 const char *why) {
   char msg[256];
-  if (!quiet)
-    fprintf(stderr, "tollgate: database migration: %s: %s\n", what,
-            tg_db_pg_errmsg(c, msg, sizeof(msg)));
+  if (why == NULL)
+    why = tg_db_pg_errmsg(c, msg, sizeof(msg));
+  if (o == NULL || !o->quiet)
+    fprintf(stderr, "tollgate: database migration: %s: %s\n", what, why);
+  if (o != NULL && o->err != NULL && o->err_size > 0)
+    snprintf(o->err, o->err_size, "%s: %s", what, why);
   return TG_EDB;
 }
 
@@ -521,7 +528,7 @@ static int schema_current(PGconn *c) {
   return ok;
 }
 
-int tg_db_pg_migrate(PGconn *c, int quiet) {
+int tg_db_pg_migrate(PGconn *c, const tg_db_pg_opts_t *o) {
   /* Every gateway connection comes here, reconnections included (a server
    * restart, a dropped connection). With the schema current there is
    * nothing to take the lock for, and a `tollgate migrate` in progress may
@@ -529,10 +536,11 @@ int tg_db_pg_migrate(PGconn *c, int quiet) {
    * for its record, and the key watcher a stop, meanwhile. */
   if (schema_current(c))
     return 0;
-  return tg_db_pg_migrate_ex(c, quiet, MIGRATE_TIMEOUT_S, NULL);
+  return tg_db_pg_migrate_ex(c, o, MIGRATE_TIMEOUT_S, NULL);
 }
 
-int tg_db_pg_migrate_ex(PGconn *c, int quiet, unsigned timeout_s, int *from) {
+int tg_db_pg_migrate_ex(PGconn *c, const tg_db_pg_opts_t *o, unsigned timeout_s,
+                        int *from) {
   char lock[80], timeouts[96], ver[16], at[24];
   PGresult *r = NULL;
   int64_t current = 0;
@@ -545,7 +553,7 @@ int tg_db_pg_migrate_ex(PGconn *c, int quiet, unsigned timeout_s, int *from) {
    * empty schema_migrations, and the scripts failed on the tables the
    * first replica had made. */
   if (tg_db_pg_exec(c, "BEGIN ISOLATION LEVEL READ COMMITTED") != 0)
-    return mfail(c, quiet, "BEGIN");
+    return mfail(c, o, "BEGIN", NULL);
   snprintf(lock, sizeof(lock), "SELECT pg_advisory_xact_lock(%lld)",
            (long long)TG_DB_PG_MIGRATE_LOCK);
   snprintf(timeouts, sizeof(timeouts),
@@ -554,19 +562,19 @@ int tg_db_pg_migrate_ex(PGconn *c, int quiet, unsigned timeout_s, int *from) {
   /* The lock before anything else: a second replica waits here until the
    * first has committed, then finds nothing left to do. */
   if (tg_db_pg_exec(c, timeouts) != 0 || tg_db_pg_exec(c, lock) != 0) {
-    mfail(c, quiet, "cannot take the migration lock");
+    mfail(c, o, "cannot take the migration lock", NULL);
     goto out;
   }
   if (tg_db_pg_exec(c, "CREATE TABLE IF NOT EXISTS schema_migrations ("
                        "version INTEGER PRIMARY KEY,"
                        " applied_at BIGINT NOT NULL)") != 0) {
-    mfail(c, quiet, "cannot create schema_migrations");
+    mfail(c, o, "cannot create schema_migrations", NULL);
     goto out;
   }
   r = PQexec(c, "SELECT COALESCE(MAX(version), 0) FROM schema_migrations");
   if (PQresultStatus(r) != PGRES_TUPLES_OK || PQntuples(r) != 1 ||
       tg_db_pg_int64(r, 0, 0, &current) != 0) {
-    mfail(c, quiet, "cannot read schema_migrations");
+    mfail(c, o, "cannot read schema_migrations", NULL);
     goto out;
   }
   PQclear(r);
@@ -574,10 +582,11 @@ int tg_db_pg_migrate_ex(PGconn *c, int quiet, unsigned timeout_s, int *from) {
   if (from != NULL)
     *from = (int)current;
   if (current > tg_db_pg_schema_version()) {
-    if (!quiet)
-      fprintf(stderr, "tollgate: database schema version %lld is newer than "
-              "this binary knows (%d)\n", (long long)current,
-              tg_db_pg_schema_version());
+    char what[96];
+    snprintf(what, sizeof(what), "database schema version %lld is newer than"
+             " this binary knows (%d)", (long long)current,
+             tg_db_pg_schema_version());
+    mfail(c, o, what, "roll the gateway forward, not back");
     goto out;
   }
   snprintf(at, sizeof(at), "%lld", (long long)time(NULL));
@@ -589,7 +598,7 @@ int tg_db_pg_migrate_ex(PGconn *c, int quiet, unsigned timeout_s, int *from) {
       char what[48];
       snprintf(what, sizeof(what), "migration %d failed",
                migrations[i].version);
-      mfail(c, quiet, what);
+      mfail(c, o, what, NULL);
       goto out;
     }
     snprintf(ver, sizeof(ver), "%d", migrations[i].version);
@@ -597,14 +606,14 @@ int tg_db_pg_migrate_ex(PGconn *c, int quiet, unsigned timeout_s, int *from) {
                         " VALUES ($1::integer, $2::bigint)",
                      2, NULL, params, NULL, NULL, 0);
     if (PQresultStatus(r) != PGRES_COMMAND_OK) {
-      mfail(c, quiet, "cannot record a migration");
+      mfail(c, o, "cannot record a migration", NULL);
       goto out;
     }
     PQclear(r);
     r = NULL;
   }
   if (tg_db_pg_exec(c, "COMMIT") != 0) {
-    mfail(c, quiet, "COMMIT");
+    mfail(c, o, "COMMIT", NULL);
     goto out;
   }
   rc = 0;
@@ -671,12 +680,13 @@ static int open_db(const char *url, const tg_db_pg_opts_t *o, int wake,
   *out = NULL;
   if (rc != 0)
     return rc;
-  rc = tg_db_pg_migrate(c, o ? o->quiet : 0);
+  rc = tg_db_pg_migrate(c, o);
   if (rc != 0) {
-    char msg[256];
-    if (o != NULL && o->err != NULL && o->err_size > 0)
-      snprintf(o->err, o->err_size, "schema migration: %s",
-               tg_db_pg_errmsg(c, msg, sizeof(msg)));
+    if (o != NULL && o->err != NULL && o->err_size > 0) {
+      char why[256];
+      snprintf(why, sizeof(why), "%s", o->err);
+      snprintf(o->err, o->err_size, "schema migration: %s", why);
+    }
     PQfinish(c);
     return rc;
   }

@@ -130,14 +130,17 @@ int tg_db_pg_open_wake(const char *url, const tg_db_pg_opts_t *o, int wake_fd,
  * starting together migrate once and a migration that fails leaves the
  * database as it was. A schema already at this binary's version returns 0
  * at once, without the lock. Returns 0, or TG_EDB (including a schema newer
- * than this binary knows), saying why on stderr unless quiet. */
-int tg_db_pg_migrate(PGconn *c, int quiet);
+ * than this binary knows), saying why on stderr unless o is quiet and in
+ * o->err when o gives a buffer (o's other fields are not used; NULL: not
+ * quiet, no buffer). */
+int tg_db_pg_migrate(PGconn *c, const tg_db_pg_opts_t *o);
 
 /* tg_db_pg_migrate with its statement timeout chosen: timeout_s seconds
  * (0: none; a gateway's start gives 300), and the version the database had
  * before in *from when from is not NULL (0 for an empty database; set once
  * it is read, also when the migration then fails). */
-int tg_db_pg_migrate_ex(PGconn *c, int quiet, unsigned timeout_s, int *from);
+int tg_db_pg_migrate_ex(PGconn *c, const tg_db_pg_opts_t *o, unsigned timeout_s,
+                        int *from);
 
 /* tg_db_pg_connect then tg_db_pg_migrate; on a migration failure the
  * connection is closed and *out is NULL. Returns as those two. */

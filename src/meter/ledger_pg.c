@@ -138,11 +138,15 @@ static int exec_ok(tg__ledger_conn_t *c, const char *sql) {
  * ledger promises durability, so the writer asks for it (a stronger
  * setting such as remote_apply is kept). Returns 0 or TG_EDB (noted). */
 static int setup(tg__ledger_conn_t *c) {
+  tg_db_pg_opts_t mo = {.quiet = 1};
+  char why[256] = "";
   PGresult *r;
   int off;
 
-  if (tg_db_pg_migrate(c->pg, 1) != 0)
-    return note(c, "schema migration", NULL);
+  mo.err = why;
+  mo.err_size = sizeof(why);
+  if (tg_db_pg_migrate(c->pg, &mo) != 0)
+    return note(c, "schema migration", why);
   if (!c->writer)
     return 0;
   r = tg_db_pg_query(c->pg, "SELECT current_setting('synchronous_commit')", 0,

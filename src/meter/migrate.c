@@ -60,7 +60,7 @@ static int migrate_pg(const char *url, unsigned timeout_s) {
 
   if (tg_db_pg_connect(url, NULL, &c) != 0)
     return 1; /* it said why */
-  if (tg_db_pg_migrate_ex(c, 0, timeout_s, &from) != 0) {
+  if (tg_db_pg_migrate_ex(c, NULL, timeout_s, &from) != 0) {
     PQfinish(c);
     return 1;
   }

@@ -415,6 +415,28 @@ static void test_migrations(void **state) {
   c = NULL;
   assert_int_equal(tg_db_pg_open(url, &quiet, &c), TG_EDB);
   assert_null(c);
+  /* And says so in words, wherever the refusal is reported: the ledger
+   * (the writer, the `usage` and `invoice` commands) used to say only
+   * "schema migration: unknown error". */
+  {
+    char why[256] = "";
+    tg_db_pg_opts_t o = {.quiet = 1, .err = why, .err_size = sizeof(why)};
+    tg__ledger_conn_opts_t wo = {.writer = 1};
+    tg__ledger_conn_t *w = NULL;
+    const char *newer = "database schema version 100000 is newer than this"
+                        " binary knows (7)";
+
+    assert_int_equal(tg_db_pg_open(url, &o, &c), TG_EDB);
+    assert_non_null(strstr(why, newer));
+    assert_int_equal(tg__ledger_backend_pg.open(url, NULL, &wo, &w), 0);
+    assert_non_null(strstr(tg__ledger_backend_pg.errmsg(w), newer));
+    assert_int_not_equal(tg__ledger_backend_pg.probe(w), 0);
+    for (int tries = 0; tries < 100 && strstr(tg__ledger_backend_pg.errmsg(w),
+                                              "connecting to") != NULL; tries++)
+      (void)tg__ledger_backend_pg.probe(w);
+    assert_non_null(strstr(tg__ledger_backend_pg.errmsg(w), newer));
+    tg__ledger_backend_pg.close(w);
+  }
   PQfinish(s);
 }
 
