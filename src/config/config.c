@@ -2088,10 +2088,12 @@ static void parse_scalars(ydoc_t *d, yaml_node_t **v) {
   free(s);
   s = NULL;
   if (v[T_DATABASE] && get_string(d, v[T_DATABASE], "database", &s) == 0) {
+    char shown[512];
     if (strcmp(s, "sqlite") != 0 && !has_url_rest(s, "postgres://") &&
         !has_url_rest(s, "postgresql://"))
       yerr(d, v[T_DATABASE], "database",
-           "expected 'sqlite' or a postgres:// URL, got '%s'", s);
+           "expected 'sqlite' or a postgres:// URL, got '%s'",
+           tg_config_url_redact(s, shown, sizeof(shown)));
     else {
       free(cfg->database);
       cfg->database = s;

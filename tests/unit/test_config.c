@@ -1319,6 +1319,32 @@ static void test_state_urls(void **state) {
   assert_int_equal(u.has_pass, 0);
 }
 
+/* A database URL serve cannot use is check-config's error, at its line,
+ * and the password in it is not shown: a mistyped scheme used to print the
+ * URL whole, password and all. */
+static void test_database_urls(void **state) {
+  static const char *const bad[] = {
+      "postgresq://tg:hunter2@db/tollgate", "pgsql://tg:hunter2@db/tollgate",
+      "mysql://tg:hunter2@db/tollgate", "\"postgres://\""};
+  char text[512];
+  (void)state;
+  for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+    tg_config_errors_t e;
+    char *path;
+    snprintf(text, sizeof text, "database: %s\n%s", bad[i], MODEL);
+    expect_only_err(text, 1, "database: expected 'sqlite' or a postgres:// URL");
+    path = tmp_config(text);
+    load_bad(path, &e);
+    assert_int_equal(e.n, 1);
+    assert_null(strstr(e.msgs[0], "hunter2"));
+    tg_config_errors_free(&e);
+    unlink(path);
+    free(path);
+  }
+  expect_only_err("database: \"postgre://tg:Ab3/x@Yz+Q==@db:5432/tollgate\"\n" MODEL, 1,
+                  "got 'postgre://tg:***@db:5432/tollgate'");
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_example_config),
@@ -1344,6 +1370,7 @@ int main(void) {
       cmocka_unit_test(test_values_escaped_in_messages),
       cmocka_unit_test(test_undecodable_bytes_line),
       cmocka_unit_test(test_state_urls),
+      cmocka_unit_test(test_database_urls),
       cmocka_unit_test(test_leading_zeros_refused),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
