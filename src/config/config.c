@@ -30,6 +30,7 @@
 #include "core/cli.h"
 #include "core/err.h"
 #include "core/strbuf.h"
+#include "meter/db_pg.h"
 
 #define MAX_FILE_BYTES ((long long)16 << 20)
 #define MAX_ERRORS 1000
@@ -2088,11 +2089,15 @@ static void parse_scalars(ydoc_t *d, yaml_node_t **v) {
   free(s);
   s = NULL;
   if (v[T_DATABASE] && get_string(d, v[T_DATABASE], "database", &s) == 0) {
-    char shown[512];
+    char shown[512], why[256];
     if (strcmp(s, "sqlite") != 0 && !has_url_rest(s, "postgres://") &&
         !has_url_rest(s, "postgresql://"))
       yerr(d, v[T_DATABASE], "database",
            "expected 'sqlite' or a postgres:// URL, got '%s'",
+           tg_config_url_redact(s, shown, sizeof(shown)));
+    else if (strcmp(s, "sqlite") != 0 &&
+             tg_db_pg_url_check(s, why, sizeof(why)) == TG_EINVAL)
+      yerr(d, v[T_DATABASE], "database", "%s, in '%s'", why,
            tg_config_url_redact(s, shown, sizeof(shown)));
     else {
       free(cfg->database);

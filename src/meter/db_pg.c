@@ -220,6 +220,45 @@ static void on_notice(void *arg, const PGresult *r) {
             first_line(PQresultErrorMessage(r), msg, sizeof(msg)));
 }
 
+/* libpq's sslmode values: it checks them only when it connects. */
+static const char *const sslmodes[] = {"disable", "allow", "prefer", "require",
+                                       "verify-ca", "verify-full"};
+
+int tg_db_pg_url_check(const char *url, char *why, size_t size) {
+  PQconninfoOption *parsed;
+  char *perr = NULL, msg[256];
+  int rc = 0;
+
+  if (!tg_db_pg_is_url(url) || strlen(url) >= TG_DB_PG_URL_MAX) {
+    snprintf(why, size, "not a postgres:// URL, or longer than 4 KiB");
+    return TG_EINVAL;
+  }
+  parsed = PQconninfoParse(url, &perr);
+  if (parsed == NULL) {
+    /* libpq quotes the token it could not read, or the whole URL */
+    tg_config_url_scrub(url, perr ? first_line(perr, msg, sizeof(msg))
+                                  : "out of memory", why, size);
+    rc = perr ? TG_EINVAL : TG_ENOMEM;
+    PQfreemem(perr);
+    return rc;
+  }
+  for (PQconninfoOption *o = parsed; o->keyword != NULL; o++) {
+    size_t k = 0;
+    if (strcmp(o->keyword, "sslmode") != 0 || o->val == NULL)
+      continue;
+    while (k < sizeof(sslmodes) / sizeof(sslmodes[0]) &&
+           strcmp(o->val, sslmodes[k]) != 0)
+      k++;
+    if (k == sizeof(sslmodes) / sizeof(sslmodes[0])) {
+      snprintf(why, size, "invalid sslmode value \"%.64s\" (disable, allow,"
+               " prefer, require, verify-ca or verify-full)", o->val);
+      rc = TG_EINVAL;
+    }
+  }
+  PQconninfoFree(parsed);
+  return rc;
+}
+
 /* Reports a failure: one line on stderr unless quiet, and the reason in
  * o->err when the caller gave a buffer. */
 static void report(const tg_db_pg_opts_t *o, const char *url, const char *why) {
@@ -312,20 +351,18 @@ static int make_params(const char *url, const tg_db_pg_opts_t *o, int host,
   unsigned stmt_ms = o->statement_timeout_ms ? o->statement_timeout_ms : 30000;
   unsigned lock_ms = o->lock_timeout_ms ? o->lock_timeout_ms : stmt_ms;
   PQconninfoOption *parsed;
-  char *perr = NULL, msg[256];
+  char why[256];
   int rc, i = 0;
 
-  if (!tg_db_pg_is_url(url) || strlen(url) >= TG_DB_PG_URL_MAX) {
-    report(o, url, "not a postgres:// URL, or longer than 4 KiB");
-    return TG_EINVAL;
-  }
   /* A URL libpq cannot read is a configuration error, not an outage. */
-  parsed = PQconninfoParse(url, &perr);
-  if (parsed == NULL) {
-    report(o, url, perr ? first_line(perr, msg, sizeof(msg)) : "out of memory");
-    rc = perr ? TG_EINVAL : TG_ENOMEM;
-    PQfreemem(perr);
+  if ((rc = tg_db_pg_url_check(url, why, sizeof(why))) != 0) {
+    report(o, url, why);
     return rc;
+  }
+  parsed = PQconninfoParse(url, NULL);
+  if (parsed == NULL) {
+    report(o, url, "out of memory");
+    return TG_ENOMEM;
   }
 
   snprintf(p->connect_s, sizeof(p->connect_s), "%u", conn_s);

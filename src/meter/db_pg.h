@@ -23,6 +23,14 @@
  * postgresql://), else 0. NULL gives 0. */
 int tg_db_pg_is_url(const char *database);
 
+/* Reads url as libpq will, without connecting: 0 when libpq can read it
+ * (a postgres:// or postgresql:// URL of at most TG_DB_PG_URL_MAX bytes,
+ * parameters libpq knows, well-formed percent escapes) and its sslmode, if
+ * any, is one libpq accepts; else TG_EINVAL (or TG_ENOMEM) and the reason
+ * in why[size], one line, with no password in it. For check-config: serve
+ * would refuse such a URL the same way. */
+int tg_db_pg_url_check(const char *url, char *why, size_t size);
+
 typedef struct {
   unsigned connect_timeout_s;    /* 0: 3 (libpq's floor is 2) */
   unsigned statement_timeout_ms; /* 0: 30000 */

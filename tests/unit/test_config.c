@@ -1319,30 +1319,58 @@ static void test_state_urls(void **state) {
   assert_int_equal(u.has_pass, 0);
 }
 
+/* database: url is refused at line 1 with frag in the error, and the
+ * password hunter2 in url is not shown. */
+static void expect_database_err(const char *url, const char *frag) {
+  char text[512], *path;
+  tg_config_errors_t e;
+
+  snprintf(text, sizeof text, "database: \"%s\"\n%s", url, MODEL);
+  expect_only_err(text, 1, frag);
+  path = tmp_config(text);
+  load_bad(path, &e);
+  assert_int_equal(e.n, 1);
+  assert_null(strstr(e.msgs[0], "hunter2"));
+  tg_config_errors_free(&e);
+  unlink(path);
+  free(path);
+}
+
 /* A database URL serve cannot use is check-config's error, at its line,
  * and the password in it is not shown: a mistyped scheme used to print the
- * URL whole, password and all. */
+ * URL whole, password and all. What libpq cannot read, or an sslmode it
+ * refuses, serve refuses at its first connection: check-config says so
+ * too (it used to answer "config OK"). */
 static void test_database_urls(void **state) {
-  static const char *const bad[] = {
-      "postgresq://tg:hunter2@db/tollgate", "pgsql://tg:hunter2@db/tollgate",
-      "mysql://tg:hunter2@db/tollgate", "\"postgres://\""};
-  char text[512];
+  static const char *const scheme = "database: expected 'sqlite' or a postgres:// URL";
+  static const struct {
+    const char *url, *frag;
+  } bad[] = {
+      {"postgresq://tg:hunter2@db/tollgate", scheme},
+      {"pgsql://tg:hunter2@db/tollgate", scheme},
+      {"mysql://tg:hunter2@db/tollgate", scheme},
+      {"postgres://", scheme},
+      {"postgre://tg:Ab3/x@Yz+Q==@db:5432/tollgate", "got 'postgre://tg:***@db:5432/tollgate'"},
+      {"postgres://tg:hunter2@db/t?nosuch=1", "invalid URI query parameter: \"nosuch\""},
+      {"postgres://tg:hunter2@db/t?nosuch=1", "in 'postgres://tg:***@db/t?nosuch=1'"},
+      {"postgres://tg:hunter2@db/t?sslmode=requir", "invalid sslmode value \"requir\""},
+      {"postgresql://tg:hunter2%zz@db/t", "invalid percent-encoded token: \"***\""},
+  };
+  static const char good[] =
+      "postgresql://tg:p%40ss@db/t?sslmode=verify-full&sslrootcert=/etc/ca.pem";
+  char text[512], *path;
+  tg_config_t *cfg;
+
   (void)state;
-  for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
-    tg_config_errors_t e;
-    char *path;
-    snprintf(text, sizeof text, "database: %s\n%s", bad[i], MODEL);
-    expect_only_err(text, 1, "database: expected 'sqlite' or a postgres:// URL");
-    path = tmp_config(text);
-    load_bad(path, &e);
-    assert_int_equal(e.n, 1);
-    assert_null(strstr(e.msgs[0], "hunter2"));
-    tg_config_errors_free(&e);
-    unlink(path);
-    free(path);
-  }
-  expect_only_err("database: \"postgre://tg:Ab3/x@Yz+Q==@db:5432/tollgate\"\n" MODEL, 1,
-                  "got 'postgre://tg:***@db:5432/tollgate'");
+  for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++)
+    expect_database_err(bad[i].url, bad[i].frag);
+  snprintf(text, sizeof text, "database: \"%s\"\n%s", good, MODEL);
+  path = tmp_config(text);
+  cfg = load_ok(path);
+  assert_string_equal(cfg->database, good);
+  tg_config_unref(cfg);
+  unlink(path);
+  free(path);
 }
 
 int main(void) {
