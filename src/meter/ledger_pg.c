@@ -50,6 +50,7 @@ struct tg__ledger_conn_s {
   tg_db_pg_wait_t wait;  /* how long a statement's answer may take */
   int writer;
   int prepared;          /* the insert is prepared on pg */
+  int read_only;         /* pg refused a write as read-only: replace it */
   char err[512];         /* the last failure, for errmsg() */
 };
 
@@ -240,6 +241,13 @@ static int stmt_error(tg__ledger_conn_t *c, PGresult *r, const char *what) {
      * pooler's DISCARD ALL); prepare it again on the next call. */
     if (state != NULL && strcmp(state, "26000") == 0)
       c->prepared = 0;
+    /* read_only_sql_transaction: the session is read-only (a standby
+     * after a failover, default_transaction_read_only) for its life, and
+     * the probe finds it live, so the spool would never replay: a new
+     * connection may reach the primary (target_session_attrs=read-write)
+     * or find the setting changed. */
+    if (state != NULL && strcmp(state, "25006") == 0)
+      c->read_only = 1;
     note(c, what, NULL);
   }
   PQclear(r);
@@ -712,7 +720,10 @@ static int pg_insert_batch(tg__ledger_conn_t *c,
   memset(&b, 0, sizeof(b));
   b.recs = recs;
   b.n = n;
+  c->read_only = 0;
   rc = with_conn(c, write_op, &b);
+  if (rc != 0 && c->read_only)
+    drop(c);
   for (int k = 0; k < N_COLS; k++)
     free(b.a[k].p);
   return rc;

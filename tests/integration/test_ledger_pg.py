@@ -458,6 +458,51 @@ def test_budgets_rebuilt_from_the_postgres_ledger(tg, sim, pg):
     base.assert_refused(base.ask(gw, key, max_tokens=1), "daily_budget")
 
 
+def test_spool_replays_once_the_database_takes_writes_again(tg, sim, pg):
+    """The writer's session turns read-only (here the database's
+    default_transaction_read_only, as on a standby the connection stayed on
+    after a failover): each batch is refused (read_only_sql_transaction)
+    and spools, the answers stay 200. Once writes are allowed again, the
+    spool replays within seconds, every record once. Before, the writer
+    kept its read-only session, which its probe found live, and the spool
+    never replayed. The database's own statement_timeout and lock_timeout
+    of 1 ms do not reach the gateway, whose session sets its own."""
+    gw, db = pg_gateway(tg, sim, pg)
+    gw.start()
+    key = gw.create_key("alpha")
+    rids = [base.ask(gw, key, max_tokens=3).header("x-request-id")]
+    for setting in ("statement_timeout = '1ms'", "lock_timeout = '1ms'",
+                    "default_transaction_read_only = on"):
+        pg.sql("ALTER DATABASE %s SET %s" % (db, setting))
+    # the gateway's sessions start again under the database's settings
+    pg.sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '%s'"
+           " AND application_name = 'tollgate'" % db)
+    for _ in range(20):
+        r = base.ask(gw, key, max_tokens=3)
+        assert r.status == 200, r
+        rids.append(r.header("x-request-id"))
+    tgtest.wait_for(lambda: os.path.exists(gw.spool_path), timeout=10,
+                    what="records to spool")
+    err = gw.proc.stderr_text()
+    assert "read-only transaction" in err, err[-2000:]
+    pg.sql("ALTER DATABASE %s RESET default_transaction_read_only" % db)
+    tgtest.wait_for(lambda: not os.path.exists(gw.spool_path), timeout=15,
+                    what="the spool to be replayed and removed")
+    pg.sql("ALTER DATABASE %s RESET ALL" % db)     # for the test's own reads
+    rows = tgtest.by_request_id(tgtest.pg_ledger_rows(pg, db))
+    assert sorted(rows) == sorted(rids)
+    m = tgtest.parse_metrics(tgtest.admin(gw, "/metrics").body.decode())
+    assert m["llm_ledger_spool_bytes"] == 0, m
+    assert m['llm_ledger_records_total{outcome="lost"}'] == 0, m
+    assert m['llm_ledger_records_total{outcome="replayed"}'] == \
+        m['llm_ledger_records_total{outcome="spooled"}'] > 0, m
+    rids.append(base.ask(gw, key, max_tokens=3).header("x-request-id"))
+    tgtest.wait_for(lambda: len(tgtest.pg_ledger_rows(pg, db)) == len(rids), timeout=10,
+                    what="a new record to go straight to the database")
+    assert not os.path.exists(gw.spool_path)
+    gw.stop()
+
+
 def _collation(pg, db, table, column):
     return pg.sql("SELECT COALESCE(collation_name, '-') FROM information_schema.columns"
                   " WHERE table_name = '%s' AND column_name = '%s'" % (table, column), db=db)
