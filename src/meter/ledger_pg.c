@@ -51,6 +51,9 @@ struct tg__ledger_conn_s {
   int writer;
   int prepared;          /* the insert is prepared on pg */
   int read_only;         /* pg refused a write as read-only: replace it */
+  int conflict;          /* the last failure was a serialization failure
+                          * (SQLSTATE class 40): the same statement again
+                          * may well succeed */
   char err[512];         /* the last failure, for errmsg() */
 };
 
@@ -248,6 +251,7 @@ static int stmt_error(tg__ledger_conn_t *c, PGresult *r, const char *what) {
      * or find the setting changed. */
     if (state != NULL && strcmp(state, "25006") == 0)
       c->read_only = 1;
+    c->conflict = state != NULL && strncmp(state, "40", 2) == 0;
     note(c, what, NULL);
   }
   PQclear(r);
@@ -966,6 +970,8 @@ typedef struct {
 
 static int fill_text(const PGresult *r, void *arg) {
   text_out_t *t = arg;
+  if (PQntuples(r) == 0)
+    return TG_ENOTFOUND;
   if (PQntuples(r) != 1 || PQgetisnull(r, 0, 0))
     return TG_EDB;
   return (size_t)snprintf(t->out, t->size, "%s", PQgetvalue(r, 0, 0)) < t->size ? 0
@@ -984,7 +990,23 @@ static int pg_secret(tg__ledger_conn_t *c, const char *name, const char *candida
   const char *params[2] = {name, candidate};
   text_out_t t = {out, size};
   query_t q = {sql, "secret", 2, params, fill_text, &t};
-  return with_conn(c, query_op, &q);
+  int rc;
+
+  c->conflict = 0;
+  rc = with_conn(c, query_op, &q);
+  /* No row: another gateway's insert of the same name committed while
+   * ours waited for it, after our statement took its snapshot, which the
+   * read of the stored row uses too (under REPEATABLE READ the skipped
+   * insert is a serialization failure instead). A new statement sees
+   * that row. */
+  if (rc == TG_ENOTFOUND || (rc == TG_EDB && c->conflict))
+    rc = with_conn(c, query_op, &q);
+  if (rc == TG_ENOTFOUND) {
+    snprintf(c->err, sizeof(c->err), "secret: %s neither made nor found", name);
+    say(c);
+    rc = TG_EDB;
+  }
+  return rc;
 }
 
 typedef struct {

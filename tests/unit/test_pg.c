@@ -498,6 +498,69 @@ static void test_migration_race_under_strict_isolation(void **state) {
   PQfinish(s);
 }
 
+typedef struct {
+  const char *url, *name;
+  char out[65];
+  int rc;
+} secret_reader_t;
+
+static void *read_secret(void *arg) {
+  secret_reader_t *a = arg;
+  tg_ledger_db_t *d = NULL;
+  a->rc = tg_ledger_db_open(a->url, srv.dir, &d);
+  if (a->rc == 0)
+    a->rc = tg_ledger_db_secret(d, a->name, a->out, sizeof(a->out));
+  tg_ledger_db_close(d);
+  return NULL;
+}
+
+/* Two gateways starting together on a fresh database both make the
+ * cache_salt key: the second's insert waits for the first's to commit,
+ * then finds it there. It used to read the stored row through the
+ * snapshot its statement took before that wait, see none, and fail
+ * ("cannot read the cache_salt key from the database": a replica that did
+ * not start). The first insert is held open here until the second waits
+ * on it, so the race is lost every time. */
+static void test_secret_made_by_two_at_once(void **state) {
+  char url[256];
+  PGconn *s, *admin;
+  tg_db_pg_opts_t quiet = {.quiet = 1};
+
+  (void)state;
+  /* also where transactions default to REPEATABLE READ, under which the
+   * skipped insert is a serialization failure instead */
+  admin = sql_conn(srv.url);
+  sql_ok(admin, "CREATE DATABASE secret_rr");
+  sql_ok(admin, "ALTER DATABASE secret_rr SET default_transaction_isolation"
+                " = 'repeatable read'");
+  PQfinish(admin);
+  db_url(url, sizeof(url), "secret_rr");
+  assert_int_equal(tg_db_pg_open(url, &quiet, &s), 0);   /* the schema */
+  PQfinish(s);
+  for (int round = 0; round < 2; round++) {
+    secret_reader_t a = {round ? url : srv.url, "race_secret", "", -1};
+    pthread_t th;
+
+    s = sql_conn(a.url);
+    sql_ok(s, "BEGIN");
+    sql_ok(s, "INSERT INTO gateway_secrets (name, value) VALUES ('race_secret',"
+              " 'first-replica-value')");
+    assert_int_equal(pthread_create(&th, NULL, read_secret, &a), 0);
+    for (int tries = 0; sql_int(s, "SELECT COUNT(*) FROM pg_locks WHERE"
+                                   " locktype = 'transactionid' AND NOT granted")
+                        < 1; tries++) {
+      if (tries >= 1000)
+        fail_msg("no wait on the held insert (reader: %d)", a.rc);
+      sleep_ms(10);
+    }
+    sql_ok(s, "COMMIT");
+    pthread_join(th, NULL);
+    assert_int_equal(a.rc, 0);
+    assert_string_equal(a.out, "first-replica-value");
+    PQfinish(s);
+  }
+}
+
 /* The key columns' collation, as "table.column:collation" in one line. */
 #define KEY_COLLATIONS_SQL                                                   \
   "SELECT string_agg(table_name || '.' || column_name || ':' ||"             \
@@ -1526,6 +1589,7 @@ int main(void) {
     cmocka_unit_test(test_url_secrets_never_printed),
     cmocka_unit_test(test_migrations),
     cmocka_unit_test(test_migration_race_under_strict_isolation),
+    cmocka_unit_test(test_secret_made_by_two_at_once),
     cmocka_unit_test(test_migration_byte_order_keys),
     cmocka_unit_test(test_ledger_exact),
     cmocka_unit_test(test_ledger_copy),
