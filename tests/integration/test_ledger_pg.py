@@ -503,6 +503,30 @@ def test_spool_replays_once_the_database_takes_writes_again(tg, sim, pg):
     gw.stop()
 
 
+def test_two_gateways_start_together_on_an_empty_database(tg, sim, pg):
+    """Two replicas started at the same moment against an empty database
+    whose transactions default to REPEATABLE READ: both migrate safely
+    (one applies the schema, the other waits and finds it), both read the
+    one cache_salt key, both serve, and a key created through either works
+    on both."""
+    _N[0] += 1
+    name = "ledger_%d_%d" % (os.getpid(), _N[0])
+    url = pg.create_database(name)
+    pg.sql("ALTER DATABASE %s SET default_transaction_isolation = 'repeatable read'" % name)
+    gws = [base.start_gw(tg, sim, start=False, database=url) for _ in range(2)]
+    errors = tgtest.parallel(lambda g: g.start(), [(g,) for g in gws])
+    assert not [e for e in errors if isinstance(e, Exception)], errors
+    assert pg.sql("SELECT COUNT(*), MAX(version) FROM schema_migrations", db=name) == \
+        [("7", "7")]
+    assert pg.sql("SELECT COUNT(*) FROM gateway_secrets", db=name) == [("1",)]
+    key = gws[0].create_key("alpha")
+    for g in gws:
+        tgtest.wait_for(lambda: base.ask(g, key, max_tokens=3).status == 200, timeout=5,
+                        what="the new key to work on every replica")
+    for g in gws:
+        assert g.stop() == 0
+
+
 def _collation(pg, db, table, column):
     return pg.sql("SELECT COALESCE(collation_name, '-') FROM information_schema.columns"
                   " WHERE table_name = '%s' AND column_name = '%s'" % (table, column), db=db)
