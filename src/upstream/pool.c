@@ -14,6 +14,7 @@
 #include <uv.h>
 
 #include "core/err.h"
+#include "core/strbuf.h"
 #include "core/thread.h"
 #include "upstream/client.h"
 
@@ -38,41 +39,81 @@ static tg_endpoint_t *registry;
 
 /* The error counts of an endpoint no config uses any more, kept (under
  * reg_lock) for when a reload brings its URL back: its counters then go on
- * from where they were, so they never go back (docs/decisions.md). */
+ * from where they were (docs/decisions.md). At most RETIRED_MAX are kept,
+ * the oldest removed dropped first: a rollout that gives a pool new
+ * addresses each time retires its whole endpoint list each time, and a URL
+ * that comes back after that many others only starts its counters at 0, a
+ * reset Prometheus' rate() and increase() take as one. Found by hash. */
+#define RETIRED_MAX 4096
+#define RETIRED_BUCKETS 4096 /* a power of two */
 typedef struct retired_s {
-  struct retired_s *next;
+  struct retired_s *chain;            /* same bucket */
+  struct retired_s *newer, *older;    /* in the order retired */
+  uint64_t hash;
   uint64_t errors[TG_UPERR_N];
   char url[];
 } retired_t;
-static retired_t *retired;
+static retired_t *retired_at[RETIRED_BUCKETS];
+static retired_t *retired_newest, *retired_oldest;
+static size_t n_retired;
 
-/* Keeps ep's counts for its URL; best effort (out of memory: they are lost). */
+/* Unlinks r from its bucket and the age list, and frees it. */
+static void retired_drop(retired_t *r) {
+  retired_t **pp = &retired_at[r->hash & (RETIRED_BUCKETS - 1)];
+  while (*pp != r)
+    pp = &(*pp)->chain;
+  *pp = r->chain;
+  if (r->newer) r->newer->older = r->older; else retired_newest = r->older;
+  if (r->older) r->older->newer = r->newer; else retired_oldest = r->newer;
+  n_retired--;
+  free(r);
+}
+
+/* Keeps ep's counts for its URL, dropping the oldest kept past
+ * RETIRED_MAX; best effort (out of memory: they are lost). */
 static void retire(const tg_endpoint_t *ep) {
   size_t n = strlen(ep->url) + 1;
   retired_t *r = malloc(sizeof(*r) + n);
   int k;
   if (r == NULL)
     return;
+  if (n_retired == RETIRED_MAX)
+    retired_drop(retired_oldest);
   for (k = 0; k < TG_UPERR_N; k++)
     r->errors[k] = atomic_load(&ep->errors[k]);
   memcpy(r->url, ep->url, n);
-  r->next = retired;
-  retired = r;
+  r->hash = tg_hash_str(r->url);
+  r->chain = retired_at[r->hash & (RETIRED_BUCKETS - 1)];
+  retired_at[r->hash & (RETIRED_BUCKETS - 1)] = r;
+  r->newer = NULL;
+  r->older = retired_newest;
+  if (retired_newest) retired_newest->newer = r; else retired_oldest = r;
+  retired_newest = r;
+  n_retired++;
 }
 
 /* Gives a new endpoint of url the counts kept for it, if any. */
 static void unretire(tg_endpoint_t *ep) {
-  retired_t **pp, *r;
+  uint64_t h = tg_hash_str(ep->url);
+  retired_t *r;
   int k;
-  for (pp = &retired; (r = *pp) != NULL; pp = &r->next)
-    if (strcmp(r->url, ep->url) == 0) {
+  for (r = retired_at[h & (RETIRED_BUCKETS - 1)]; r != NULL; r = r->chain)
+    if (r->hash == h && strcmp(r->url, ep->url) == 0) {
       for (k = 0; k < TG_UPERR_N; k++)
         atomic_init(&ep->errors[k], r->errors[k]);
-      *pp = r->next;
-      free(r);
+      retired_drop(r);
       return;
     }
 }
+
+size_t tg__endpoint_retired(void) {
+  size_t n;
+  pthread_mutex_lock(&reg_lock);
+  n = n_retired;
+  pthread_mutex_unlock(&reg_lock);
+  return n;
+}
+
 static atomic_int probes_on;
 static atomic_uint rr;
 

@@ -29,6 +29,10 @@ enum { TG_PICK_OK = 0, TG_PICK_NONE_HEALTHY = 1, TG_PICK_SATURATED = 2 };
 tg_endpoint_t *tg_endpoint_get(const char *url, int max_inflight);
 void tg_endpoint_put(tg_endpoint_t *ep);
 
+/* The endpoints whose error counts are kept for a URL no config uses any
+ * more (at most 4,096, the oldest dropped first). For tests. */
+size_t tg__endpoint_retired(void);
+
 const char *tg_endpoint_url(const tg_endpoint_t *ep);
 int tg_endpoint_inflight(const tg_endpoint_t *ep);
 int tg_endpoint_healthy(const tg_endpoint_t *ep);

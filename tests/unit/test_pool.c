@@ -6,6 +6,7 @@
 #include <stddef.h>
 #include <setjmp.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <string.h>
 
 #include <cmocka.h>
@@ -103,11 +104,44 @@ static void test_every_candidate_backing_off(void **state) {
   two_close(&t);
 }
 
+/* Error counts of a URL a reload drops come back with it, for the 4,096
+ * most recently dropped: a rollout that moves every endpoint each time
+ * keeps at most that many, however many URLs went by. */
+static void test_saved_error_counts_are_bounded(void **state) {
+  char url[64];
+  tg_endpoint_t *ep;
+  int i;
+  (void)state;
+  for (i = 0; i < 5000; i++) {
+    snprintf(url, sizeof(url), "http://10.0.%d.%d:8000", i / 256, i % 256);
+    ep = tg_endpoint_get(url, 1);
+    assert_non_null(ep);
+    tg_endpoint_error(ep, TG_UPERR_CONNECT);
+    if (i % 2)
+      tg_endpoint_error(ep, TG_UPERR_STATUS);
+    tg_endpoint_put(ep);
+    assert_true(tg__endpoint_retired() <= 4096);
+  }
+  assert_int_equal(tg__endpoint_retired(), 4096);
+  /* 1,000th of 5,000 dropped: within the bound, its counts come back */
+  ep = tg_endpoint_get("http://10.0.3.233:8000", 1);
+  assert_int_equal(tg_endpoint_errors(ep, TG_UPERR_CONNECT), 1);
+  assert_int_equal(tg_endpoint_errors(ep, TG_UPERR_STATUS), 1);
+  assert_int_equal(tg__endpoint_retired(), 4095);
+  tg_endpoint_put(ep);
+  /* the first, past the bound: a new series */
+  ep = tg_endpoint_get("http://10.0.0.0:8000", 1);
+  assert_int_equal(tg_endpoint_errors(ep, TG_UPERR_CONNECT), 0);
+  tg_endpoint_put(ep);
+  assert_int_equal(tg__endpoint_retired(), 4096);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
     cmocka_unit_test(test_backing_off_is_passed_over),
     cmocka_unit_test(test_a_full_one_is_waited_for),
     cmocka_unit_test(test_every_candidate_backing_off),
+    cmocka_unit_test(test_saved_error_counts_are_bounded),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
