@@ -233,6 +233,7 @@ static void call_free(tg_call_t *c) {
   size_t i;
   queue_leave(c, 0);
   call_unlink(c);
+  tg_metrics_slot_put(c->mslot);
   for (i = 0; i < c->n_hdr_owned; i++)
     free(c->hdr_owned[i]);
   free(c->body_owned);
@@ -1453,6 +1454,9 @@ void tg_api_tick(tg_worker_t *w) {
   if (now - w->swept_ns >= WQUEUE_SWEEP_NS) {
     w->swept_ns = now;
     wqueue_sweep(w, now, 0);
+    if (tg_worker_runtime(w) != NULL)
+      tg_metrics_prune(w->app->metrics, (size_t)w->id, tenant_gone,
+                       (void *)tg_worker_runtime(w)->cfg, now);
   }
   for (c = w->calls; c != NULL; c = next) {
     next = c->next;

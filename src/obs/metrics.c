@@ -1,16 +1,21 @@
 /* Per-thread metric tables and their Prometheus rendering; see metrics.h.
  *
- * A worker's table is open addressing with linear probing and no deletion:
- * the owner thread fills a free slot's fields, then publishes its key with a
- * release store; readers load keys with acquire and skip empty slots. The
- * owner also lists the slots it fills, in order, and publishes their count
- * (`used`) with a release store, so a scrape visits the keys published
- * without walking all 16,384 slots of each table.
+ * A worker's table is an array of entries that never move, found through an
+ * index (open addressing, linear probing) only the owner thread reads. The
+ * owner fills a free entry's fields, then publishes its key with a release
+ * store; it also lists the entries it fills, in order, and publishes their
+ * count (`used`) with a release store, so a scrape visits the keys
+ * published without walking the table. Entries are removed only by
+ * tg_metrics_prune() on the owner thread under the metrics lock, which a
+ * scrape holds from its first read of the tables to its last: the list is
+ * compacted and the index rebuilt there, and a scrape never sees either
+ * half done.
  * Counters are 64-bit relaxed atomics written by one thread only, so an
  * increment is a plain load and store (no locked instruction): a reader
  * never sees a torn value, and there is no other writer to lose. */
 #include "obs/metrics.h"
 
+#include <pthread.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdatomic.h>
@@ -21,7 +26,7 @@
 #include "config/config.h"
 #include "core/err.h"
 
-#define TABLE_SIZE 16384           /* slots per worker (power of two) */
+#define TABLE_SIZE 16384           /* index slots per worker (power of two) */
 #define MAX_KEYS 8192              /* keys a table takes: at most half full, so a
                                     * lookup of a key it lacks (every request of a
                                     * pair past the bound) ends within a few probes,
@@ -30,8 +35,11 @@
 #define N_LIMITS 9                 /* tg_limit_kind_t, then LIM_QUEUE */
 #define LIM_QUEUE 8                /* shed: the model's pool was saturated */
 #define OTHER TG_METRICS_OTHER     /* the tenant past a full table, with model "" */
+#define GONE_KEEP_NS (600 * UINT64_C(1000000000)) /* a gone tenant's entry is freed
+                                    * after a scrape showed it, or after this
+                                    * long when nothing scrapes */
 
-_Static_assert(TABLE_SIZE - 1 <= UINT16_MAX, "a slot's index fits table_t.order");
+_Static_assert(MAX_KEYS <= UINT16_MAX, "an entry's index + 1 fits table_t.at");
 _Static_assert(MAX_KEYS <= TABLE_SIZE / 2, "tables stay at most half full");
 
 static const double dur_bounds[] = {0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1,
@@ -61,12 +69,26 @@ typedef struct {
   _Atomic int64_t inflight;        /* attempts holding an endpoint slot */
   _Atomic int64_t queued;          /* requests waiting for a slot */
   hist_t dur, ttft;
+  _Atomic int holders;             /* calls holding it (tg_metrics_slot; owner writes) */
+  /* under the metrics lock (tg_metrics_prune, a scrape) */
+  uint64_t gone_mark;              /* 0: its tenant is configured or a call holds
+                                    * it; else 1 + the scrapes begun when the
+                                    * owner found it gone and quiet */
+  uint64_t gone_ns, gone_requests; /* when, and its requests then */
+  _Atomic int dead;                /* a scrape showed its tenant's last figures:
+                                    * no scrape shows it again, no lookup finds
+                                    * it, the owner frees it */
 } entry_t;
 
 typedef struct {
-  entry_t *e;                      /* TABLE_SIZE entries */
-  uint16_t *order;                 /* slots of the keys, in the order added (MAX_KEYS) */
+  entry_t *e;                      /* MAX_KEYS entries, never moved */
+  uint16_t *at;                    /* TABLE_SIZE: 1 + the index in e of the key
+                                    * hashed there; 0 empty (owner only) */
+  uint16_t *order;                 /* indexes in e of the keys, in the order added (MAX_KEYS) */
   _Atomic size_t used;             /* keys published (written by the owner only) */
+  uint16_t *spare;                 /* entries pruned, reused first (owner only) */
+  size_t n_spare, n_made;          /* (owner only) */
+  ctr_t overflow;                  /* requests counted under "_other" */
   ctr_t ovh_b[N_OVH + 1];
   ctr_t ovh_sum_us, ovh_count;
 } table_t;
@@ -80,6 +102,9 @@ typedef struct event_s {
 struct tg_metrics_s {
   size_t n;
   table_t *t;
+  pthread_mutex_t lock;            /* a scrape's reads against tg_metrics_prune() */
+  uint64_t scrapes;                /* scrapes begun (under lock) */
+  atomic_int said_full;            /* the stderr line on a full table was written */
   ctr_t reloads, reload_failures;
   ctr_t purges, purge_failures, purged;
   _Atomic(event_t *) events;       /* budget events by tenant (push-only list) */
@@ -98,35 +123,51 @@ static int key_eq(const char *key, const char *tenant, const char *model) {
   return strncmp(key, tenant, tl) == 0 && key[tl] == '\0' && strcmp(key + tl + 1, model) == 0;
 }
 
-/* Finds (tenant, model) in t; the owner may add it (add != 0). */
+/* Only for counters with one writer (a worker's own table). */
+static void inc(ctr_t *c, uint64_t v) {
+  atomic_store_explicit(c, atomic_load_explicit(c, memory_order_relaxed) + v,
+                        memory_order_relaxed);
+}
+
+/* Puts entry idx (key hash h) in t's index. */
+static void index_put(table_t *t, uint16_t idx, uint64_t h) {
+  size_t i, mask = TABLE_SIZE - 1;
+  for (i = h & mask; t->at[i] != 0; i = (i + 1) & mask)
+    ;
+  t->at[i] = (uint16_t)(idx + 1);
+}
+
+/* Finds (tenant, model) in t; the owner may add it (add != 0, and fewer
+ * than MAX_KEYS keys: the index is at most half full, so a probe ends). */
 static entry_t *find(table_t *t, const char *tenant, const char *model, uint64_t h, int add) {
-  size_t i, mask = TABLE_SIZE - 1, probes;
-  for (i = h & mask, probes = 0; probes < TABLE_SIZE; i = (i + 1) & mask, probes++) {
-    entry_t *e = &t->e[i];
-    const char *k = atomic_load_explicit(&e->key, memory_order_acquire);
-    if (k == NULL) {
-      size_t tl, ml, used;
-      char *nk;
-      if (!add)
-        return NULL;
-      tl = strlen(tenant);
-      ml = strlen(model);
-      nk = malloc(tl + ml + 2);
-      if (nk == NULL)
-        return NULL;
-      memcpy(nk, tenant, tl + 1);
-      memcpy(nk + tl + 1, model, ml + 1);
-      e->hash = h;
-      atomic_store_explicit(&e->key, nk, memory_order_release);
-      used = atomic_load_explicit(&t->used, memory_order_relaxed);
-      t->order[used] = (uint16_t)i;
-      atomic_store_explicit(&t->used, used + 1, memory_order_release);
-      return e;
-    }
-    if (e->hash == h && key_eq(k, tenant, model))
+  size_t i, mask = TABLE_SIZE - 1, tl, ml, used;
+  uint16_t idx;
+  entry_t *e;
+  char *nk;
+  for (i = h & mask; t->at[i] != 0; i = (i + 1) & mask) {
+    e = &t->e[t->at[i] - 1];
+    if (e->hash == h && !atomic_load_explicit(&e->dead, memory_order_relaxed) &&
+        key_eq(atomic_load_explicit(&e->key, memory_order_relaxed), tenant, model))
       return e;
   }
-  return NULL;
+  if (!add)
+    return NULL;
+  tl = strlen(tenant);
+  ml = strlen(model);
+  nk = malloc(tl + ml + 2);
+  if (nk == NULL)
+    return NULL;
+  memcpy(nk, tenant, tl + 1);
+  memcpy(nk + tl + 1, model, ml + 1);
+  idx = t->n_spare > 0 ? t->spare[--t->n_spare] : (uint16_t)t->n_made++;
+  e = &t->e[idx];
+  e->hash = h;
+  atomic_store_explicit(&e->key, nk, memory_order_release);
+  t->at[i] = (uint16_t)(idx + 1);
+  used = atomic_load_explicit(&t->used, memory_order_relaxed);
+  t->order[used] = idx;
+  atomic_store_explicit(&t->used, used + 1, memory_order_release);
+  return e;
 }
 
 /* Finds (tenant, model) in worker w's table, adding it; past the table's
@@ -136,7 +177,15 @@ static entry_t *entry_of(tg_metrics_t *m, size_t w, const char *tenant, const ch
   table_t *t = &m->t[w];
   int add = atomic_load_explicit(&t->used, memory_order_relaxed) < MAX_KEYS - 1;
   entry_t *e = find(t, tenant, model, hash2(tenant, model), add);
-  return e ? e : find(t, OTHER, "", hash2(OTHER, ""), 1);
+  if (e != NULL)
+    return e;
+  inc(&t->overflow, 1);
+  if (!add && !atomic_exchange(&m->said_full, 1))
+    fprintf(stderr, "tollgate: metrics: a worker's table is full (%d tenant and model pairs): "
+                    "requests of other pairs count under tenant \"%s\" "
+                    "(llm_metrics_overflow_requests_total) until tenants leave the config\n",
+            MAX_KEYS - 1, OTHER);
+  return find(t, OTHER, "", hash2(OTHER, ""), 1);
 }
 
 int tg_metrics_new(size_t n_workers, tg_metrics_t **out) {
@@ -147,15 +196,19 @@ int tg_metrics_new(size_t n_workers, tg_metrics_t **out) {
     return TG_ENOMEM;
   m->n = n_workers;
   m->t = calloc(n_workers ? n_workers : 1, sizeof(*m->t));
-  if (m->t == NULL) {
+  if (m->t == NULL || pthread_mutex_init(&m->lock, NULL) != 0) {
+    free(m->t);
     free(m);
     return TG_ENOMEM;
   }
   for (i = 0; i < n_workers; i++) {
-    /* calloc of a large block maps zero pages: untouched slots cost no RAM */
-    m->t[i].e = calloc(TABLE_SIZE, sizeof(entry_t));
+    /* calloc of a large block maps zero pages: untouched entries cost no RAM */
+    m->t[i].e = calloc(MAX_KEYS, sizeof(entry_t));
+    m->t[i].at = calloc(TABLE_SIZE, sizeof(*m->t[i].at));
     m->t[i].order = malloc(MAX_KEYS * sizeof(*m->t[i].order));
-    if (m->t[i].e == NULL || m->t[i].order == NULL) {
+    m->t[i].spare = malloc(MAX_KEYS * sizeof(*m->t[i].spare));
+    if (m->t[i].e == NULL || m->t[i].at == NULL || m->t[i].order == NULL ||
+        m->t[i].spare == NULL) {
       tg_metrics_free(m);
       return TG_ENOMEM;
     }
@@ -171,23 +224,20 @@ void tg_metrics_free(tg_metrics_t *m) {
   if (m == NULL)
     return;
   for (i = 0; i < m->n; i++) {
-    for (j = 0; m->t[i].e && j < TABLE_SIZE; j++)
+    for (j = 0; m->t[i].e && j < MAX_KEYS; j++)
       free((void *)atomic_load(&m->t[i].e[j].key));
     free(m->t[i].e);
+    free(m->t[i].at);
     free(m->t[i].order);
+    free(m->t[i].spare);
   }
+  pthread_mutex_destroy(&m->lock);
   for (ev = atomic_load(&m->events); ev; ev = next) {
     next = ev->next;
     free(ev);
   }
   free(m->t);
   free(m);
-}
-
-/* Only for counters with one writer (a worker's own table). */
-static void inc(ctr_t *c, uint64_t v) {
-  atomic_store_explicit(c, atomic_load_explicit(c, memory_order_relaxed) + v,
-                        memory_order_relaxed);
 }
 
 static void hist_add(ctr_t *b, const double *bounds, size_t nb, ctr_t *sum_us, ctr_t *count,
@@ -248,15 +298,85 @@ void tg_metrics_observe(tg_metrics_t *m, size_t w, const tg_metrics_obs_t *o) {
   }
 }
 
-void *tg_metrics_slot(tg_metrics_t *m, size_t w, const char *tenant, const char *model) {
-  if (m == NULL || w >= m->n || tenant == NULL || model == NULL)
-    return NULL;
-  return entry_of(m, w, tenant, model);
+static void hold(entry_t *e, int delta) {
+  atomic_store_explicit(&e->holders, atomic_load_explicit(&e->holders, memory_order_relaxed) + delta,
+                        memory_order_relaxed);
 }
 
+void *tg_metrics_slot(tg_metrics_t *m, size_t w, const char *tenant, const char *model) {
+  entry_t *e;
+  if (m == NULL || w >= m->n || tenant == NULL || model == NULL)
+    return NULL;
+  e = entry_of(m, w, tenant, model);
+  if (e != NULL)
+    hold(e, 1);
+  return e;
+}
+
+/* Only for gauges with one writer (a worker's own table). */
 static void gauge_add(_Atomic int64_t *g, int delta) {
   atomic_store_explicit(g, atomic_load_explicit(g, memory_order_relaxed) + delta,
                         memory_order_relaxed);
+}
+
+void tg_metrics_slot_put(void *slot) {
+  if (slot != NULL)
+    hold((entry_t *)slot, -1);
+}
+
+/* 1 when e may be freed now: a scrape showed its tenant's last figures
+ * (entry_quiet) and no call holds it, or its tenant left the config and
+ * nothing scraped for GONE_KEEP_NS. Otherwise notes whether its tenant is
+ * gone and it is quiet, for the next scrape. Under m->lock. */
+static int prunable(tg_metrics_t *m, entry_t *e, const char *key,
+                    int (*gone)(const char *tenant, void *arg), void *arg, uint64_t now_ns) {
+  uint64_t requests = atomic_load_explicit(&e->requests, memory_order_relaxed);
+  int held = atomic_load_explicit(&e->holders, memory_order_relaxed) > 0;
+  if (atomic_load_explicit(&e->dead, memory_order_relaxed))
+    return !held;
+  if (held || strcmp(key, OTHER) == 0 || !gone(key, arg)) {
+    e->gone_mark = 0;
+    return 0;
+  }
+  if (e->gone_mark == 0 || requests != e->gone_requests) {
+    e->gone_mark = m->scrapes + 1;
+    e->gone_ns = now_ns;
+    e->gone_requests = requests;
+    return 0;
+  }
+  /* nothing scrapes: nothing would show the figures anyway */
+  return e->gone_mark == m->scrapes + 1 && now_ns - e->gone_ns >= GONE_KEEP_NS;
+}
+
+void tg_metrics_prune(tg_metrics_t *m, size_t w, int (*gone)(const char *tenant, void *arg),
+                      void *arg, uint64_t now_ns) {
+  table_t *t;
+  size_t i, n, kept = 0;
+
+  if (m == NULL || w >= m->n || pthread_mutex_trylock(&m->lock) != 0)
+    return; /* a scrape is reading: next time */
+  t = &m->t[w];
+  n = atomic_load_explicit(&t->used, memory_order_relaxed);
+  for (i = 0; i < n; i++) {
+    uint16_t idx = t->order[i];
+    entry_t *e = &t->e[idx];
+    const char *key = atomic_load_explicit(&e->key, memory_order_relaxed);
+    if (!prunable(m, e, key, gone, arg, now_ns)) {
+      t->order[kept++] = idx;
+      continue;
+    }
+    free((void *)key);
+    memset(e, 0, sizeof(*e));
+    t->spare[t->n_spare++] = idx;
+  }
+  if (kept < n) {
+    atomic_store_explicit(&t->used, kept, memory_order_release);
+    memset(t->at, 0, TABLE_SIZE * sizeof(*t->at));
+    for (i = 0; i < kept; i++)
+      index_put(t, t->order[i], t->e[t->order[i]].hash);
+    atomic_store(&m->said_full, 0);
+  }
+  pthread_mutex_unlock(&m->lock);
 }
 
 void tg_metrics_inflight(void *slot, int delta) {
@@ -408,6 +528,7 @@ typedef struct {
   uint64_t other_errors;
   uint64_t dur[N_DUR + 1], dur_sum;
   uint64_t ttft[N_DUR + 1], ttft_sum;
+  int busy;                    /* an entry is not quiet (entry_quiet) */
 } agg_t;
 
 /* Per-(tenant, model) sums over workers. */
@@ -429,6 +550,9 @@ typedef struct {
   pair_t *pair;
   agg_t *agg;
   size_t n_pair, n_agg, max_pair, max_agg;
+  entry_t **ent;               /* the entries summed, n_ent of them */
+  size_t *ent_agg;             /* each one's tenant's index in agg */
+  size_t n_ent;
   uint32_t *pair_at, *agg_at;  /* 1 + index into pair / agg; 0: free */
   size_t mask;                 /* slots in each index, minus 1 */
 } merge_t;
@@ -524,7 +648,27 @@ static void add_entry(pair_t *p, agg_t *a, const entry_t *e) {
   a->ttft_sum += ld(&e->ttft.sum_us);
 }
 
+/* 1 when e's tenant has left the config and e has not counted since its
+ * owner found that, and no call holds it: its figures are final. */
+static int entry_quiet(entry_t *e) {
+  return e->gone_mark != 0 && atomic_load_explicit(&e->holders, memory_order_relaxed) == 0 &&
+         atomic_load_explicit(&e->requests, memory_order_relaxed) == e->gone_requests;
+}
+
+/* After a scrape printed g: the entries of each tenant whose every entry on
+ * every worker is final are dead, never shown again, and their owners free
+ * them (tg_metrics_prune). All of a tenant's go at once, so its counters
+ * never show a part of their sum, which Prometheus would take for a reset. */
+static void bury(merge_t *g) {
+  size_t i;
+  for (i = 0; i < g->n_ent; i++)
+    if (!g->agg[g->ent_agg[i]].busy)
+      atomic_store_explicit(&g->ent[i]->dead, 1, memory_order_relaxed);
+}
+
 static void merge_free(merge_t *g) {
+  free(g->ent);
+  free(g->ent_agg);
   free(g->pair);
   free(g->agg);
   free(g->pair_at);
@@ -550,16 +694,23 @@ static int merge(tg_metrics_t *m, merge_t *g) {
   g->mask = slots - 1;
   g->pair_at = calloc(slots, sizeof(*g->pair_at));
   g->agg_at = calloc(slots, sizeof(*g->agg_at));
-  if (g->pair_at == NULL || g->agg_at == NULL)
+  g->ent = malloc((keys ? keys : 1) * sizeof(*g->ent));
+  g->ent_agg = malloc((keys ? keys : 1) * sizeof(*g->ent_agg));
+  if (g->pair_at == NULL || g->agg_at == NULL || g->ent == NULL || g->ent_agg == NULL)
     goto out;
   for (w = 0; w < m->n; w++)
     for (i = 0; i < n_keys[w]; i++) {
-      const entry_t *e = &m->t[w].e[m->t[w].order[i]];
+      entry_t *e = &m->t[w].e[m->t[w].order[i]];
       const char *key = atomic_load_explicit(&e->key, memory_order_acquire);
-      pair_t *p = pair_of(g, e, key, keys);
-      if (p == NULL)
+      pair_t *p;
+      if (atomic_load_explicit(&e->dead, memory_order_relaxed))
+        continue; /* shown for the last time already */
+      if ((p = pair_of(g, e, key, keys)) == NULL)
         goto out;
       add_entry(p, &g->agg[p->agg], e);
+      g->agg[p->agg].busy |= !entry_quiet(e);
+      g->ent[g->n_ent] = e;
+      g->ent_agg[g->n_ent++] = p->agg;
     }
   rc = 0;
 out:
@@ -704,12 +855,18 @@ static void render_pool_gauge(const merge_t *g, tg_mbuf_t *b, int queued) {
 
 void tg_metrics_render(tg_metrics_t *m, tg_mbuf_t *b) {
   merge_t g;
-  size_t w, i, mark;
+  size_t w, i, mark, omitted;
   uint64_t cum = 0, sum = 0;
   event_t *ev;
   char t[300];
 
+  /* the keys merged are the workers' own strings: none is freed
+   * (tg_metrics_prune) until the last is printed */
+  pthread_mutex_lock(&m->lock);
+  m->scrapes++;
+  omitted = b->omitted;
   if (merge(m, &g) != 0) {
+    pthread_mutex_unlock(&m->lock);
     merge_free(&g);
     b->err = TG_ENOMEM;
     return;
@@ -718,6 +875,9 @@ void tg_metrics_render(tg_metrics_t *m, tg_mbuf_t *b) {
   render_tokens(&g, b);
   render_pool_gauge(&g, b, 0);
   render_pool_gauge(&g, b, 1);
+  if (b->omitted == omitted && !b->err)
+    bury(&g); /* only once their figures are in the scrape */
+  pthread_mutex_unlock(&m->lock);
   merge_free(&g);
 
   /* every family in a group of its own, like the others: one cut by the
@@ -741,6 +901,16 @@ void tg_metrics_render(tg_metrics_t *m, tg_mbuf_t *b) {
     sum += ld(&m->t[w].ovh_sum_us);
   tg_mbuf_printf(b, "llm_gateway_overhead_seconds_sum %.6f\nllm_gateway_overhead_seconds_count %llu\n",
                  (double)sum / 1e6, (unsigned long long)cum);
+  tg_mbuf_group_end(b, mark);
+  mark = tg_mbuf_mark(b);
+  sum = 0;
+  for (w = 0; w < m->n; w++)
+    sum += ld(&m->t[w].overflow);
+  tg_mbuf_printf(b, "# HELP llm_metrics_overflow_requests_total Requests counted under tenant "
+                    "\"_other\": a worker's metrics table had no room for their tenant and model.\n"
+                    "# TYPE llm_metrics_overflow_requests_total counter\n"
+                    "llm_metrics_overflow_requests_total %llu\n",
+                 (unsigned long long)sum);
   tg_mbuf_group_end(b, mark);
   mark = tg_mbuf_mark(b);
   tg_mbuf_printf(b, "# HELP llm_config_reloads_total Config reloads applied.\n"

@@ -2,11 +2,13 @@
  *
  * Counting is per loop thread and takes no lock: each worker owns a table
  * of (tenant, model) entries that only its thread adds to and counts in
- * (relaxed atomics); entries are never moved or removed, so a scrape on the
- * admin thread visits the entries every worker has published at the same
- * time and sums them in a table of its own, in time and memory proportional
- * to those entries. A table is bounded; requests past its bound count under
- * tenant "_other". */
+ * (relaxed atomics); entries never move, so a scrape on the admin thread
+ * visits the entries every worker has published at the same time and sums
+ * them in a table of its own, in time and memory proportional to those
+ * entries. A table is bounded; requests past its bound count under tenant
+ * "_other" (llm_metrics_overflow_requests_total, one line on stderr). The
+ * entries of a tenant that left the config are freed once a scrape has
+ * shown their last figures (tg_metrics_prune). */
 #ifndef TG_OBS_METRICS_H
 #define TG_OBS_METRICS_H
 
@@ -42,6 +44,20 @@ void tg_metrics_observe(tg_metrics_t *m, size_t w, const tg_metrics_obs_t *o);
  * once so a request's later counting skips the lookup; NULL when m is NULL
  * (metrics off). Only from worker w's thread; valid while m lives. */
 void *tg_metrics_slot(tg_metrics_t *m, size_t w, const char *tenant, const char *model);
+
+/* Gives back a slot from tg_metrics_slot() once its call no longer counts
+ * in it (NULL: nothing). Only from worker w's thread. */
+void tg_metrics_slot_put(void *slot);
+
+/* Frees worker w's entries of tenants that have left the config (gone()
+ * says so) once a scrape has shown their last figures and no call holds
+ * them: all of a tenant's entries on every worker leave the scrapes
+ * together, the next scrape after each worker found its entries gone and
+ * unchanged. With no scrape for 10 minutes, they are freed anyway. Never
+ * waits: skipped while a scrape runs. Only from worker w's thread, about
+ * once a second; now_ns is a monotonic clock. */
+void tg_metrics_prune(tg_metrics_t *m, size_t w, int (*gone)(const char *tenant, void *arg),
+                      void *arg, uint64_t now_ns);
 
 /* Moves the slot's count of requests in flight to the pool (+1 when an
  * attempt takes an endpoint slot, -1 when it gives it back), or of requests

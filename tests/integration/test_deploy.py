@@ -76,6 +76,7 @@ METRICS = {
     "llm_config_reload_failures_total": ("counter", ()),
     "llm_budget_threshold_events_total": ("counter", ("tenant", "window")),
     "llm_metrics_omitted_families": ("gauge", ()),
+    "llm_metrics_overflow_requests_total": ("counter", ()),
 }
 # labels Prometheus adds to every scraped series, and the histogram bucket label
 SCRAPE_LABELS = ("job", "instance")
@@ -597,6 +598,7 @@ def exposition(n):
     family("llm_config_reload_failures_total", "counter", [((), 1 if n >= 3 else 0)])
     family("llm_budget_threshold_events_total", "counter", [((acme, ("window", "day")), 1)])
     family("llm_metrics_omitted_families", "gauge", [((), 0)])
+    family("llm_metrics_overflow_requests_total", "counter", [((), 0)])
     return "\n".join(x for x in out if x) + "\n"
 
 

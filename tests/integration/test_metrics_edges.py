@@ -52,6 +52,39 @@ def test_upstream_error_counters_survive_a_model_removed_and_added_back(tg):
     assert _samples(gw, "llm_upstream_errors_total")[series] == 4
 
 
+
+def test_a_tenant_a_reload_removes_shows_its_last_figures_then_goes(tg):
+    """A tenant taken out of the config keeps its series until a scrape has
+    shown their last figures, then they leave /metrics (Prometheus marks
+    them stale) and its entries make room for new tenants. Every scrape in
+    between shows the whole count or nothing: a part of it would read as a
+    counter reset. Before, the series stayed for the process's life."""
+    sim = tg.sim()
+    tenants = {"acme": tgtest.limited_tenant(models=[M1]),
+               "leaving": tgtest.limited_tenant(models=[M1])}
+    gw = tg.gateway({M1: [sim.url]}, tenants=tenants, keys=("acme", "leaving"), workers=2)
+    for _ in range(4):
+        assert tgtest.chat(gw.port, gw.keys["leaving"], model=M1, max_tokens=2).status == 200
+    assert tgtest.chat(gw.port, gw.keys["acme"], model=M1, max_tokens=2).status == 200
+    gone = '{tenant="leaving"}'
+    assert _samples(gw, "llm_tenant_requests_total")[gone] == 4
+
+    gw.config["tenants"].pop("leaving")
+    tgtest.gateway_reload(gw)
+    seen = []
+
+    def left():
+        s = _samples(gw, "llm_tenant_requests_total")
+        seen.append(s.get(gone))
+        return gone not in s
+    tgtest.wait_for(left, timeout=10.0, interval=0.2, what="the removed tenant's series to go")
+    assert set(seen) <= {4.0, None}, seen
+    assert 4.0 in seen, seen  # its last figures were shown before they went
+    s = _samples(gw, "llm_tenant_requests_total")
+    assert gone not in s and s['{tenant="acme"}'] == 1
+    text = tgtest.admin(gw, "/metrics").body.decode()
+    assert re.search(r"^llm_metrics_overflow_requests_total 0$", text, re.M), text[-2000:]
+
 def _hold(gw, key, model):
     """A stream that takes its slot and keeps it (the upstream stalls)."""
     st = tgtest.SSEStream(gw.port, tgtest.chat_body(model, max_tokens=5, stream=True),

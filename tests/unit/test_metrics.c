@@ -57,19 +57,32 @@ static void observe(tg_metrics_t *m, size_t w, const char *tenant, const char *m
   tg_metrics_observe(m, w, &o);
 }
 
+/* Counts a request of tenants prefix<first> .. prefix<first + n - 1>, model
+ * "m", on worker w. */
+static void fill(tg_metrics_t *m, size_t w, const char *prefix, int first, int n) {
+  char tenant[32];
+  int i;
+  for (i = first; i < first + n; i++) {
+    snprintf(tenant, sizeof(tenant), "%s%d", prefix, i);
+    observe(m, w, tenant, "m", 1, 1);
+  }
+}
+
+/* A table of `workers` workers whose worker 0 is full of tenants prefix<i>. */
+static tg_metrics_t *full_table(size_t workers, const char *prefix) {
+  tg_metrics_t *m = NULL;
+  assert_int_equal(tg_metrics_new(workers, &m), 0);
+  fill(m, 0, prefix, 0, TABLE_KEYS);
+  return m;
+}
+
 /* Past the table's bound, requests count under tenant "_other" (requests,
  * tokens and latency alike): a full table loses none of them. */
 static void test_full_table_counts_under_other(void **state) {
-  tg_metrics_t *m = NULL;
-  char tenant[32], *text;
-  int i;
+  tg_metrics_t *m = full_table(1, "t");
+  char *text;
 
   (void)state;
-  assert_int_equal(tg_metrics_new(1, &m), 0);
-  for (i = 0; i < TABLE_KEYS; i++) {
-    snprintf(tenant, sizeof(tenant), "t%d", i);
-    observe(m, 0, tenant, "m", 1, 1);
-  }
   observe(m, 0, "late-1", "m", 10, 20);
   observe(m, 0, "late-2", "m2", 100, 200);
   text = render(m);
@@ -370,6 +383,122 @@ static void test_every_family_is_whole_wherever_the_bound_falls(void **state) {
   tg_metrics_free(m);
 }
 
+/* The config no longer has tenants whose name starts with arg. */
+static int gone_prefix(const char *tenant, void *arg) {
+  return strncmp(tenant, (const char *)arg, strlen((const char *)arg)) == 0;
+}
+
+static long long requests_of(const char *text, const char *tenant) {
+  char series[96];
+  snprintf(series, sizeof(series), "llm_tenant_requests_total{tenant=\"%s\"}", tenant);
+  return sample(text, series);
+}
+
+static void prune_all(tg_metrics_t *m, size_t n, const char *prefix, uint64_t now_ns) {
+  size_t w;
+  for (w = 0; w < n; w++)
+    tg_metrics_prune(m, w, gone_prefix, (void *)prefix, now_ns);
+}
+
+/* A full table counts newcomers under "_other" and says how many; once the
+ * tenants that filled it leave the config, a scrape shows their last
+ * figures, then their entries are freed and newcomers get series of their
+ * own. Before, a table once full stayed full for the process's life. */
+static void test_a_departed_tenant_frees_its_slots_after_a_scrape(void **state) {
+  tg_metrics_t *m = full_table(2, "old-");
+  char *text;
+
+  (void)state;
+  observe(m, 1, "old-0", "m", 1, 1);
+  observe(m, 0, "new-1", "m", 1, 1);
+  text = render(m);
+  assert_int_equal(requests_of(text, "new-1"), -1);
+  assert_int_equal(requests_of(text, "_other"), 1);
+  assert_int_equal(sample(text, "llm_metrics_overflow_requests_total"), 1);
+  free(text);
+
+  prune_all(m, 2, "old-", 1000); /* each worker finds them gone */
+  text = render(m);              /* their last figures, shown once */
+  assert_int_equal(requests_of(text, "old-0"), 2);
+  assert_int_equal(requests_of(text, "old-8190"), 1);
+  free(text);
+  prune_all(m, 2, "old-", 2000); /* freed */
+  text = render(m);
+  assert_int_equal(requests_of(text, "old-0"), -1);
+  assert_int_equal(requests_of(text, "old-8190"), -1);
+  assert_int_equal(requests_of(text, "_other"), 1);
+  free(text);
+
+  /* room for as many pairs as before, "_other" among them now */
+  fill(m, 0, "new-", 2, TABLE_KEYS - 1);
+  observe(m, 0, "new-1", "m", 1, 1); /* full again: one past it */
+  text = render(m);
+  assert_int_equal(requests_of(text, "new-2"), 1);
+  assert_int_equal(requests_of(text, "new-8191"), 1);
+  assert_int_equal(requests_of(text, "new-1"), -1);
+  assert_int_equal(requests_of(text, "_other"), 2);
+  assert_int_equal(sample(text, "llm_metrics_overflow_requests_total"), 2);
+  free(text);
+  tg_metrics_free(m);
+}
+
+/* A departed tenant that a call on one worker still counts in stays on
+ * every worker, its counters whole, until that call is done and a scrape
+ * has shown the sum: a part of it would read as a counter reset. */
+static void test_a_held_tenant_stays_whole_on_every_worker(void **state) {
+  tg_metrics_t *m = NULL;
+  char *text;
+  void *slot;
+
+  (void)state;
+  assert_int_equal(tg_metrics_new(2, &m), 0);
+  observe(m, 0, "gone", "m", 1, 1);
+  slot = tg_metrics_slot(m, 1, "gone", "m");
+  assert_non_null(slot);
+  observe(m, 1, "gone", "m", 1, 1);
+  observe(m, 0, "kept", "m", 1, 1);
+  prune_all(m, 2, "gone", 1000);
+  free(render(m));
+  prune_all(m, 2, "gone", 2000);
+  text = render(m);
+  assert_int_equal(requests_of(text, "gone"), 2);
+  free(text);
+
+  tg_metrics_slot_put(slot);
+  prune_all(m, 2, "gone", 3000);
+  text = render(m);
+  assert_int_equal(requests_of(text, "gone"), 2);
+  free(text);
+  prune_all(m, 2, "gone", 4000);
+  text = render(m);
+  assert_int_equal(requests_of(text, "gone"), -1);
+  assert_int_equal(requests_of(text, "kept"), 1);
+  free(text);
+  tg_metrics_free(m);
+}
+
+/* Nothing scrapes: a departed tenant's entries are freed after 10 minutes
+ * all the same; a tenant back in the config before is kept. */
+static void test_with_no_scrape_departed_tenants_go_after_ten_minutes(void **state) {
+  const uint64_t s = UINT64_C(1000000000);
+  tg_metrics_t *m = full_table(1, "old-");
+  char *text;
+
+  (void)state;
+  prune_all(m, 1, "old-", 1 * s);
+  prune_all(m, 1, "old-", 500 * s);
+  observe(m, 0, "new", "m", 1, 1);      /* still full */
+  prune_all(m, 1, "old-1", 601 * s);    /* old-1*: gone for 600 s, freed */
+  observe(m, 0, "new", "m", 1, 1);
+  text = render(m);
+  assert_int_equal(requests_of(text, "new"), 1);
+  assert_int_equal(requests_of(text, "_other"), 1);
+  assert_int_equal(requests_of(text, "old-1"), -1);
+  assert_int_equal(requests_of(text, "old-2"), 1);
+  free(text);
+  tg_metrics_free(m);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_full_table_counts_under_other),
@@ -378,6 +507,9 @@ int main(void) {
       cmocka_unit_test(test_histogram_counts_are_their_buckets_during_load),
       cmocka_unit_test(test_groups_past_the_bound_are_left_out_whole),
       cmocka_unit_test(test_every_family_is_whole_wherever_the_bound_falls),
+      cmocka_unit_test(test_a_departed_tenant_frees_its_slots_after_a_scrape),
+      cmocka_unit_test(test_a_held_tenant_stays_whole_on_every_worker),
+      cmocka_unit_test(test_with_no_scrape_departed_tenants_go_after_ten_minutes),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
