@@ -503,15 +503,21 @@ static void metrics(tg_worker_t *w, tg_http_req_t *req, const char *rid) {
     const tg_tenant_cfg_t *tc = &cfg->tenants[i];
     tg_nano_t day = 0, month = 0;
     tg_metrics_label(t, sizeof(t), tc->name);
-    /* a tenant with no state yet has spent nothing (Redis: see docs) */
-    tg_policy_spend(app->policy, tc->name, &day, &month);
-    usd_gauge(&b, "llm_tenant_daily_spend_usd", t, day);
-    usd_gauge(&b, "llm_tenant_monthly_spend_usd", t, month);
+    /* a tenant with no state yet has spent nothing (Redis: see docs); one
+     * whose figures are not followed has no gauge rather than a false 0 */
+    if (tg_policy_spend(app->policy, tc->name, &day, &month) != TG_ETOOBIG) {
+      usd_gauge(&b, "llm_tenant_daily_spend_usd", t, day);
+      usd_gauge(&b, "llm_tenant_monthly_spend_usd", t, month);
+    }
     if (tc->daily_limit_nano > 0)
       usd_gauge(&b, "llm_tenant_daily_budget_usd", t, tc->daily_limit_nano);
     if (tc->monthly_limit_nano > 0)
       usd_gauge(&b, "llm_tenant_monthly_budget_usd", t, tc->monthly_limit_nano);
   }
+  tg_mbuf_printf(&b, "# HELP llm_tenant_spend_untracked Configured tenants whose spend in "
+                     "Redis is not followed (past 4,096): their spend gauges are left out.\n"
+                     "# TYPE llm_tenant_spend_untracked gauge\nllm_tenant_spend_untracked %zu\n",
+                 tg_policy_spend_untracked(app->policy));
   tg_mbuf_group_end(&b, mark);
   mark = tg_mbuf_mark(&b);
   tg_mbuf_printf(&b, "# HELP llm_endpoint_up 1 when the endpoint is healthy.\n"

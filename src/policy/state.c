@@ -5,6 +5,7 @@
  * "open", and settles what it admitted. */
 #include <errno.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -51,6 +52,7 @@ struct tg_policy_s {
   owed_t *owed;
   size_t n_owed, cap_owed;
   int owed_full_logged;
+  atomic_size_t untracked;  /* configured tenants whose spend is not followed */
 };
 
 struct tg_policy_loop_s {
@@ -382,12 +384,34 @@ static void reseed_stop(tg_policy_t *p) {
   p->cfg = NULL;
 }
 
+/* Follows the spend of cfg's tenants in Redis, and of no other: a tenant
+ * the config dropped frees its place. Says on stderr when some do not fit,
+ * once for each count. */
+static void follow_tenants(tg_policy_t *p, const tg_config_t *cfg) {
+  const char **names = malloc((cfg->n_tenants ? cfg->n_tenants : 1) * sizeof(*names));
+  size_t i, untracked;
+  if (names == NULL)
+    return; /* out of memory: the tenants followed stay as they were */
+  for (i = 0; i < cfg->n_tenants; i++)
+    names[i] = cfg->tenants[i].name;
+  untracked = tg__redis_keep(p->redis, names, cfg->n_tenants);
+  free(names);
+  if (untracked != atomic_exchange(&p->untracked, untracked) && untracked > 0)
+    fprintf(stderr, "tollgate: the spend of %zu of %zu tenants is not followed in redis "
+                    "(at most 4096): their spend gauges are left out of /metrics "
+                    "(llm_tenant_spend_untracked)\n",
+            untracked, cfg->n_tenants);
+}
+
+size_t tg_policy_spend_untracked(tg_policy_t *p) {
+  return p != NULL ? atomic_load(&p->untracked) : 0;
+}
+
 void tg_policy_reconfig(tg_policy_t *p, const tg_config_t *cfg) {
   tg_config_t *old;
   if (p == NULL || p->backend != TG_BACKEND_REDIS)
     return;
-  for (size_t i = 0; i < cfg->n_tenants; i++)
-    tg__redis_watch(p->redis, cfg->tenants[i].name);
+  follow_tenants(p, cfg);
   pthread_mutex_lock(&p->cfg_lock);
   old = p->cfg;
   p->cfg = tg_config_ref((tg_config_t *)cfg);
@@ -430,8 +454,7 @@ int tg_policy_new(const tg_config_t *cfg, tg_policy_t **out) {
     }
     /* The configured tenants' spend is read from Redis from the start, so
      * the first /metrics scrape shows it. */
-    for (size_t i = 0; i < cfg->n_tenants; i++)
-      tg__redis_watch(p->redis, cfg->tenants[i].name);
+    follow_tenants(p, cfg);
     if ((r = reseed_start(p, cfg)) < 0) {
       fprintf(stderr, "tollgate: cannot start the budget re-seeding thread: %s\n", tg_strerror(r));
       tg_policy_free(p);

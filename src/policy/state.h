@@ -80,8 +80,14 @@ void tg_policy_settle(tg_policy_loop_t *pl, const tg_admit_req_t *r, const tg_ad
 /* A tenant's settled spend in the current UTC day and month. Memory: this
  * gateway's figures. Redis: the figures last read from Redis, shared by
  * every gateway, at most a few seconds old (tg__redis_spend). Never blocks.
- * Returns 0, or TG_ENOTFOUND (both 0) when the tenant has no state yet. */
+ * Returns 0, or TG_ENOTFOUND (both 0) when the tenant has no state yet, or
+ * TG_ETOOBIG (both 0) when Redis's figures of the tenant are not followed:
+ * the config has more tenants than that (tg_policy_spend_untracked). */
 int tg_policy_spend(tg_policy_t *p, const char *tenant, tg_nano_t *day, tg_nano_t *month);
+
+/* Configured tenants whose spend figures are not followed (Redis: past
+ * 4,096); 0 with the memory backend. Any thread. */
+size_t tg_policy_spend_untracked(tg_policy_t *p);
 
 /* 0 while requests would be refused for want of the state backend: with
  * Redis and state_failure "closed", until every loop's connection is up
@@ -150,14 +156,18 @@ int tg__redis_connected(const tg__redis_loop_t *rl);
 int tg__redis_ready(tg__redis_t *r);
 /* Tenant's spend in the UTC day and month of now_ms, from the figures the
  * backend last heard from Redis (admission and settlement replies, and a
- * refresh every 2 s of every tenant asked about or watched). Never blocks;
+ * refresh every 2 s of every tenant kept, tg__redis_keep). Never blocks;
  * callable from any thread. Figures of an earlier period read as 0.
- * Returns 0, or TG_ENOTFOUND (both 0) before anything was heard about the
- * tenant, which is then refreshed from now on. */
+ * Returns 0, TG_ENOTFOUND (both 0) before anything was heard about a
+ * tenant kept, or TG_ETOOBIG (both 0) for a tenant not kept while the last
+ * tg__redis_keep() had no room for some. */
 int tg__redis_spend(tg__redis_t *r, const char *tenant, int64_t now_ms, tg_nano_t *day,
                     tg_nano_t *month);
-/* Adds tenant to the ones whose spend is refreshed (any thread). */
-void tg__redis_watch(tg__redis_t *r, const char *tenant);
+/* Makes the tenants whose spend is followed exactly tenants[0..n) (the
+ * config's): those it already followed keep their figures, others are
+ * dropped, and at most 4,096 are kept, in the order given. Returns how many
+ * it had no room for. Any thread. */
+size_t tg__redis_keep(tg__redis_t *r, const char *const *tenants, size_t n);
 /* Redis lost its data (the re-seeding thread saw tg:epoch gone or changed):
  * every loop renews its leases at its next tick, adding back with their
  * reservations those Redis no longer has, and syncs its holdings. Any

@@ -133,6 +133,7 @@ struct tg__redis_s {
   size_t n_spend, cap_spend;
   uint16_t *spend_slot;       /* SPEND_SLOTS: index + 1 of an entry, by its
                                * tenant's hash (linear probing; 0 empty) */
+  size_t untracked;           /* tenants the last tg__redis_keep() had no room for */
   tg__redis_loop_t *refresher; /* the loop that refreshes them */
 };
 
@@ -1673,18 +1674,25 @@ static void renew_leases(tg__redis_loop_t *rl) {
 
 /* ---- spend figures ------------------------------------------------------- */
 
+/* The slot of tenant in slots: its entry's, or the free one it would take. */
+static size_t spend_slot_of(const spend_t *sp, const uint16_t *slots, const char *tenant) {
+  size_t i = tg_hash_str(tenant) & (SPEND_SLOTS - 1);
+  while (slots[i] != 0 && strcmp(sp[slots[i] - 1].tenant, tenant) != 0)
+    i = (i + 1) & (SPEND_SLOTS - 1);
+  return i;
+}
+
 /* The entry of tenant, added when create is set and there is room; NULL
  * otherwise. Called with spend_lock held. Every settlement's reply and a
  * scrape's every tenant look one up: by hash, not a scan of thousands. */
 static spend_t *spend_find(tg__redis_t *r, const char *tenant, int create) {
-  uint64_t h = tg_hash_str(tenant);
   size_t i;
   if (r->spend_slot == NULL &&
       (!create || (r->spend_slot = calloc(SPEND_SLOTS, sizeof *r->spend_slot)) == NULL))
     return NULL;
-  for (i = h & (SPEND_SLOTS - 1); r->spend_slot[i] != 0; i = (i + 1) & (SPEND_SLOTS - 1))
-    if (strcmp(r->spend[r->spend_slot[i] - 1].tenant, tenant) == 0)
-      return &r->spend[r->spend_slot[i] - 1];
+  i = spend_slot_of(r->spend, r->spend_slot, tenant);
+  if (r->spend_slot[i] != 0)
+    return &r->spend[r->spend_slot[i] - 1];
   if (!create || strlen(tenant) > TG_REDIS_MAX_TENANT || r->n_spend >= TG_REDIS_SPEND_MAX)
     return NULL;
   if (r->n_spend == r->cap_spend) {
@@ -1703,13 +1711,49 @@ static spend_t *spend_find(tg__redis_t *r, const char *tenant, int create) {
   return e;
 }
 
+size_t tg__redis_keep(tg__redis_t *r, const char *const *tenants, size_t n) {
+  spend_t *old;
+  uint16_t *old_slot, *slot = calloc(SPEND_SLOTS, sizeof *slot);
+  size_t i, untracked = 0;
+
+  if (r == NULL)
+    return 0;
+  pthread_mutex_lock(&r->spend_lock);
+  if (slot == NULL) { /* out of memory: the table stays as it was */
+    untracked = r->untracked;
+    goto out;
+  }
+  old = r->spend;
+  old_slot = r->spend_slot;
+  r->spend = NULL;
+  r->n_spend = r->cap_spend = 0;
+  r->spend_slot = slot;
+  for (i = 0; i < n; i++) {
+    spend_t *e = spend_find(r, tenants[i], 1);
+    size_t j;
+    if (e == NULL) {
+      untracked++;
+      continue;
+    }
+    j = old_slot != NULL ? spend_slot_of(old, old_slot, tenants[i]) : 0;
+    if (old_slot != NULL && old_slot[j] != 0)
+      *e = old[old_slot[j] - 1]; /* its figures go on */
+  }
+  free(old);
+  free(old_slot);
+  r->untracked = untracked;
+out:
+  pthread_mutex_unlock(&r->spend_lock);
+  return untracked;
+}
+
 /* A window's spent as Redis reported it: a later period replaces the
  * figure, the same period keeps the larger (replies from several loops
  * may arrive out of order, and spend only grows within a period). */
 static void spend_note(tg__redis_t *r, const char *tenant, int month, int64_t period,
                        tg_nano_t spent) {
   pthread_mutex_lock(&r->spend_lock);
-  spend_t *e = spend_find(r, tenant, 1);
+  spend_t *e = spend_find(r, tenant, 0);
   if (e != NULL) {
     int64_t *p = month ? &e->month : &e->day;
     tg_nano_t *v = month ? &e->month_spent : &e->day_spent;
@@ -1721,14 +1765,6 @@ static void spend_note(tg__redis_t *r, const char *tenant, int month, int64_t pe
   pthread_mutex_unlock(&r->spend_lock);
 }
 
-void tg__redis_watch(tg__redis_t *r, const char *tenant) {
-  if (r == NULL || tenant == NULL || tenant[0] == '\0')
-    return;
-  pthread_mutex_lock(&r->spend_lock);
-  (void)spend_find(r, tenant, 1);
-  pthread_mutex_unlock(&r->spend_lock);
-}
-
 int tg__redis_spend(tg__redis_t *r, const char *tenant, int64_t now_ms, tg_nano_t *day,
                     tg_nano_t *month) {
   int rc = TG_ENOTFOUND;
@@ -1736,7 +1772,9 @@ int tg__redis_spend(tg__redis_t *r, const char *tenant, int64_t now_ms, tg_nano_
   if (r == NULL || tenant == NULL || tenant[0] == '\0')
     return TG_EINVAL;
   pthread_mutex_lock(&r->spend_lock);
-  spend_t *e = spend_find(r, tenant, 1); /* asked about: refreshed from now on */
+  spend_t *e = spend_find(r, tenant, 0);
+  if (e == NULL && r->untracked > 0)
+    rc = TG_ETOOBIG; /* the tenants kept are all configured ones it had room for */
   if (e != NULL && (e->day >= 0 || e->month >= 0)) {
     /* A figure of an earlier period is that period's: nothing is spent in
      * the current one until Redis says otherwise. */

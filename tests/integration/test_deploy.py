@@ -77,6 +77,7 @@ METRICS = {
     "llm_budget_threshold_events_total": ("counter", ("tenant", "window")),
     "llm_metrics_omitted_families": ("gauge", ()),
     "llm_metrics_overflow_requests_total": ("counter", ()),
+    "llm_tenant_spend_untracked": ("gauge", ()),
 }
 # labels Prometheus adds to every scraped series, and the histogram bucket label
 SCRAPE_LABELS = ("job", "instance")
@@ -599,6 +600,7 @@ def exposition(n):
     family("llm_budget_threshold_events_total", "counter", [((acme, ("window", "day")), 1)])
     family("llm_metrics_omitted_families", "gauge", [((), 0)])
     family("llm_metrics_overflow_requests_total", "counter", [((), 0)])
+    family("llm_tenant_spend_untracked", "gauge", [((), 0)])
     return "\n".join(x for x in out if x) + "\n"
 
 

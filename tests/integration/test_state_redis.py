@@ -624,6 +624,50 @@ def test_spend_gauges_read_redis(tg, sim, redis):
                     what="B's daily gauge includes its own spend")
 
 
+
+def test_spend_follows_the_tenants_a_reload_brings(tg, sim, redis):
+    """The spend followed in Redis is the config's tenants', at most 4,096:
+    a reload that replaces tenants frees the places of those it drops, so a
+    new tenant's spend gauge shows its spend (before, the places of every
+    tenant ever seen were kept, and a new one read 0 for good); one past
+    the bound has no spend gauge, is counted and said on stderr."""
+    def with_fillers(prefix, first, named):
+        t = {n: tgtest.limited_tenant(daily="1000") for n in named}
+        t.update({"%s%d" % (prefix, i): tgtest.limited_tenant()
+                  for i in range(first, 4096 - len(named) + first)})
+        return t
+
+    def series(gw, name):
+        return re.findall(r"^%s\{[^}]*\} \S+$" % name, tgtest.admin(gw, "/metrics").body.decode(),
+                          re.M)
+
+    gw = tg.gateway({M: [sim.url]}, tenants=with_fillers("t", 0, ["payer"]),
+                    keys=("payer",), overrides={"state": redis.url()})
+    assert len(series(gw, "llm_tenant_daily_spend_usd")) == 4096
+    gw.config["tenants"] = with_fillers("u", 0, ["payer", "newco"])
+    tgtest.gateway_reload(gw)
+    gw.keys["newco"] = gw.create_key("newco")
+    r = tgtest.chat(gw.port, gw.keys["newco"], max_tokens=5, content=HELLO)
+    assert r.status == 200, r
+    time.sleep(SETTLE_S)
+    spend = tgtest.money_json(gw.tool("usage", "--tenant", "newco",
+                                      "--day", tgtest.utc_day()).stdout)["spend_usd"]
+    assert spend > 0, spend
+    tgtest.wait_for(lambda: spend_gauges(gw, "newco") == ("%s" % spend, "%s" % spend),
+                    timeout=6, what="newco's gauges show its spend")
+    assert "not followed" not in gw.proc.stderr_text()
+    expo = tgtest.admin(gw, "/metrics").body.decode()
+    assert re.search(r"^llm_tenant_spend_untracked 0$", expo, re.M)
+
+    gw.config["tenants"]["extra"] = tgtest.limited_tenant(daily="1000")
+    tgtest.gateway_reload(gw)
+    expo = tgtest.admin(gw, "/metrics").body.decode()
+    assert re.search(r"^llm_tenant_spend_untracked 1$", expo, re.M)
+    assert len(series(gw, "llm_tenant_daily_spend_usd")) == 4096
+    assert spend_gauges(gw, "extra") == (None, None)
+    assert re.search(r'^llm_tenant_daily_budget_usd\{tenant="extra"\} ', expo, re.M)
+    assert gw.proc.stderr_text().count("the spend of 1 of 4097 tenants is not followed") == 1
+
 # ---------------------------------------------------------------------------
 # Redis that lost its data: the budget windows come back from the ledger
 

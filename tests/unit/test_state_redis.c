@@ -1273,8 +1273,10 @@ static void test_spend_figures(void **state) {
   char url[64];
   int64_t day0 = tg_day_of(T0);
 
+  static const char *const followed[] = {"spender"};
   r.limits.day_limit = USD(100);
   r.reserve.cost = USD(2);
+  assert_int_equal(tg__redis_keep(fx.r, followed, 1), 0);
   tg_admission_t a = admit(&r, T0);
   assert_admitted(a);
   settle(&r, &a, 10, 1500000000, T0 + 10); /* 1.50 USD */
@@ -1288,6 +1290,7 @@ static void test_spend_figures(void **state) {
    * one its own admissions use (the test's). */
   snprintf(url, sizeof url, "redis://127.0.0.1:%d", fx.srv.port);
   assert_int_equal(tg__redis_new(url, &r2), 0);
+  assert_int_equal(tg__redis_keep(r2, followed, 1), 0);
   assert_int_equal(tg__redis_loop_new(r2, &fx.loop, &rl2), 0);
   assert_true(wait_connected(&fx.loop, rl2, 1, 3000));
   tg_admit_req_t other = req("someone-else");
@@ -1330,6 +1333,51 @@ static void test_spend_figures(void **state) {
   tg__redis_loop_close(rl2);
   spin_ms(&fx.loop, 20);
   tg__redis_free(r2);
+}
+
+/* The tenants whose spend is followed are the config's: a reload keeps the
+ * figures of those it keeps, frees the place of those it drops (before, a
+ * tenant once seen kept its place for the process's life, and a new tenant
+ * past 4,096 of them read 0 for good), and says how many do not fit. */
+static void test_spend_follows_the_configured_tenants(void **state) {
+  (void)state;
+  enum { N = 4097 };
+  static char names[N][16];
+  const char *list[N];
+  tg_admit_req_t r = req("payer");
+  tg_nano_t d = -1, m = -1;
+
+  for (int i = 0; i < N; i++) {
+    snprintf(names[i], sizeof names[i], "t%d", i);
+    list[i] = names[i];
+  }
+  list[0] = "payer";
+  assert_int_equal(tg__redis_keep(fx.r, list, N), 1);
+  assert_int_equal(tg__redis_spend(fx.r, "t4096", T0, &d, &m), TG_ETOOBIG);
+  r.limits.day_limit = USD(100);
+  r.reserve.cost = USD(1);
+  tg_admission_t a = admit(&r, T0);
+  assert_admitted(a);
+  settle(&r, &a, 10, 500000000, T0 + 10);
+  assert_int_equal(tg__redis_spend(fx.r, "payer", T0 + 20, &d, &m), 0);
+  assert_int_equal(d, 500000000);
+
+  /* A reload drops t1..t4095 and brings new ones: all fit, payer keeps
+   * its figures without waiting for a refresh. */
+  for (int i = 1; i < N; i++)
+    snprintf(names[i], sizeof names[i], "u%d", i);
+  assert_int_equal(tg__redis_keep(fx.r, list, N - 1), 0);
+  assert_int_equal(tg__redis_spend(fx.r, "payer", T0 + 30, &d, &m), 0);
+  assert_int_equal(d, 500000000);
+  assert_int_equal(tg__redis_spend(fx.r, "u4095", T0 + 30, &d, &m), TG_ENOTFOUND);
+  assert_int_equal(tg__redis_spend(fx.r, "t5", T0 + 30, &d, &m), TG_ENOTFOUND);
+  /* a tenant the config dropped: a late settlement does not bring it back */
+  list[0] = "u0";
+  assert_int_equal(tg__redis_keep(fx.r, list, 1), 0);
+  a = admit(&r, T0 + 40);
+  assert_admitted(a);
+  settle(&r, &a, 10, 100000000, T0 + 50);
+  assert_int_equal(tg__redis_spend(fx.r, "payer", T0 + 60, &d, &m), TG_ENOTFOUND);
 }
 
 /* ---- lease renewal (waits 10 s of real time) ------------------------------------ */
@@ -1549,6 +1597,7 @@ int main(void) {
       cmocka_unit_test_setup(test_same_verdicts_as_limits_c, test_setup),
       cmocka_unit_test_setup(test_batches_same_as_one_at_a_time, test_setup),
       cmocka_unit_test_setup(test_spend_figures, test_setup),
+      cmocka_unit_test_setup(test_spend_follows_the_configured_tenants, test_setup),
       cmocka_unit_test_setup(test_lease_renewal, test_setup),
       cmocka_unit_test_setup(test_close_answers_pending, test_setup),
       cmocka_unit_test_setup(test_frozen_redis_times_out, test_setup),
