@@ -95,6 +95,7 @@ typedef struct {
 
 typedef struct event_s {
   struct event_s *next;
+  uint64_t gone_mark, gone_ns, gone_n; /* as entry_t's, under ev_lock */
   ctr_t day, month;
   char tenant[];
 } event_t;
@@ -107,7 +108,9 @@ struct tg_metrics_s {
   atomic_int said_full;            /* the stderr line on a full table was written */
   ctr_t reloads, reload_failures;
   ctr_t purges, purge_failures, purged;
-  _Atomic(event_t *) events;       /* budget events by tenant (push-only list) */
+  pthread_mutex_t ev_lock;         /* events and ev_scrapes */
+  event_t *events;                 /* budget events by tenant */
+  uint64_t ev_scrapes;             /* scrapes that showed the events */
 };
 
 static uint64_t hash2(const char *a, const char *b) {
@@ -201,6 +204,12 @@ int tg_metrics_new(size_t n_workers, tg_metrics_t **out) {
     free(m);
     return TG_ENOMEM;
   }
+  if (pthread_mutex_init(&m->ev_lock, NULL) != 0) {
+    pthread_mutex_destroy(&m->lock);
+    free(m->t);
+    free(m);
+    return TG_ENOMEM;
+  }
   for (i = 0; i < n_workers; i++) {
     /* calloc of a large block maps zero pages: untouched entries cost no RAM */
     m->t[i].e = calloc(MAX_KEYS, sizeof(entry_t));
@@ -232,7 +241,8 @@ void tg_metrics_free(tg_metrics_t *m) {
     free(m->t[i].spare);
   }
   pthread_mutex_destroy(&m->lock);
-  for (ev = atomic_load(&m->events); ev; ev = next) {
+  pthread_mutex_destroy(&m->ev_lock);
+  for (ev = m->events; ev; ev = next) {
     next = ev->next;
     free(ev);
   }
@@ -324,6 +334,58 @@ void tg_metrics_slot_put(void *slot) {
     hold((entry_t *)slot, -1);
 }
 
+/* Budget events are rare (a threshold crossed, twice a window per tenant
+ * at most): a short lock, never held across anything that waits. */
+void tg_metrics_budget_event(tg_metrics_t *m, const char *tenant, int month) {
+  event_t *ev;
+  size_t n;
+
+  if (m == NULL)
+    return;
+  pthread_mutex_lock(&m->ev_lock);
+  for (ev = m->events; ev != NULL; ev = ev->next)
+    if (strcmp(ev->tenant, tenant) == 0)
+      break;
+  if (ev == NULL) {
+    n = strlen(tenant);
+    ev = calloc(1, sizeof(*ev) + n + 1);
+    if (ev != NULL) {
+      memcpy(ev->tenant, tenant, n + 1);
+      ev->next = m->events;
+      m->events = ev;
+    }
+  }
+  if (ev != NULL)
+    atomic_fetch_add_explicit(month ? &ev->month : &ev->day, 1, memory_order_relaxed);
+  pthread_mutex_unlock(&m->ev_lock);
+}
+
+/* Frees the events of tenants that left the config once a scrape has shown
+ * their last counts (or GONE_KEEP_NS went by without one), like the
+ * tables' entries. Never waits. */
+static void events_prune(tg_metrics_t *m, int (*gone)(const char *tenant, void *arg), void *arg,
+                         uint64_t now_ns) {
+  event_t **pp, *ev;
+  if (pthread_mutex_trylock(&m->ev_lock) != 0)
+    return;
+  for (pp = &m->events; (ev = *pp) != NULL;) {
+    uint64_t n = atomic_load(&ev->day) + atomic_load(&ev->month);
+    if (!gone(ev->tenant, arg)) {
+      ev->gone_mark = 0;
+    } else if (ev->gone_mark == 0 || n != ev->gone_n) {
+      ev->gone_mark = m->ev_scrapes + 1;
+      ev->gone_ns = now_ns;
+      ev->gone_n = n;
+    } else if (m->ev_scrapes >= ev->gone_mark || now_ns - ev->gone_ns >= GONE_KEEP_NS) {
+      *pp = ev->next;
+      free(ev);
+      continue;
+    }
+    pp = &ev->next;
+  }
+  pthread_mutex_unlock(&m->ev_lock);
+}
+
 /* 1 when e may be freed now: a scrape showed its tenant's last figures
  * (entry_quiet) and no call holds it, or its tenant left the config and
  * nothing scraped for GONE_KEEP_NS. Otherwise notes whether its tenant is
@@ -353,7 +415,11 @@ void tg_metrics_prune(tg_metrics_t *m, size_t w, int (*gone)(const char *tenant,
   table_t *t;
   size_t i, n, kept = 0;
 
-  if (m == NULL || w >= m->n || pthread_mutex_trylock(&m->lock) != 0)
+  if (m == NULL || w >= m->n)
+    return;
+  if (w == 0)
+    events_prune(m, gone, arg, now_ns); /* they are the process's, not a worker's */
+  if (pthread_mutex_trylock(&m->lock) != 0)
     return; /* a scrape is reading: next time */
   t = &m->t[w];
   n = atomic_load_explicit(&t->used, memory_order_relaxed);
@@ -400,43 +466,6 @@ void tg_metrics_purge(tg_metrics_t *m, int ok, uint64_t records) {
     return;
   atomic_fetch_add_explicit(ok ? &m->purges : &m->purge_failures, 1, memory_order_relaxed);
   atomic_fetch_add_explicit(&m->purged, records, memory_order_relaxed);
-}
-
-/* The node of tenant in the list from head up to (not including) stop. */
-static event_t *event_find(event_t *head, event_t *stop, const char *tenant) {
-  for (; head != stop; head = head->next)
-    if (strcmp(head->tenant, tenant) == 0)
-      return head;
-  return NULL;
-}
-
-void tg_metrics_budget_event(tg_metrics_t *m, const char *tenant, int month) {
-  event_t *ev, *head, *found;
-  size_t n;
-
-  if (m == NULL)
-    return;
-  head = atomic_load(&m->events);
-  ev = event_find(head, NULL, tenant);
-  if (ev == NULL) {
-    n = strlen(tenant);
-    ev = calloc(1, sizeof(*ev) + n + 1);
-    if (ev == NULL)
-      return;
-    memcpy(ev->tenant, tenant, n + 1);
-    ev->next = head;
-    /* a failed exchange loads the new head: the nodes pushed meanwhile
-     * (down to ev->next, already searched) may hold the tenant */
-    while (!atomic_compare_exchange_weak(&m->events, &head, ev)) {
-      if ((found = event_find(head, ev->next, tenant)) != NULL) {
-        free(ev);
-        ev = found;
-        break;
-      }
-      ev->next = head;
-    }
-  }
-  atomic_fetch_add_explicit(month ? &ev->month : &ev->day, 1, memory_order_relaxed);
 }
 
 /* ---- rendering ------------------------------------------------------------ */
@@ -932,11 +961,16 @@ void tg_metrics_render(tg_metrics_t *m, tg_mbuf_t *b) {
   mark = tg_mbuf_mark(b);
   tg_mbuf_printf(b, "# HELP llm_budget_threshold_events_total Budget alert thresholds crossed.\n"
                     "# TYPE llm_budget_threshold_events_total counter\n");
-  for (ev = atomic_load(&m->events); ev; ev = ev->next) {
+  pthread_mutex_lock(&m->ev_lock);
+  for (ev = m->events; ev; ev = ev->next) {
     tg_metrics_label(t, sizeof(t), ev->tenant);
     tg_mbuf_printf(b, "llm_budget_threshold_events_total{tenant=\"%s\",window=\"day\"} %llu\n"
                       "llm_budget_threshold_events_total{tenant=\"%s\",window=\"month\"} %llu\n",
                    t, (unsigned long long)ld(&ev->day), t, (unsigned long long)ld(&ev->month));
   }
+  omitted = b->omitted;
   tg_mbuf_group_end(b, mark);
+  if (b->omitted == omitted && !b->err)
+    m->ev_scrapes++; /* their counts are in this scrape */
+  pthread_mutex_unlock(&m->ev_lock);
 }

@@ -499,6 +499,33 @@ static void test_with_no_scrape_departed_tenants_go_after_ten_minutes(void **sta
   tg_metrics_free(m);
 }
 
+/* A departed tenant's budget event counts are shown once more, then leave
+ * /metrics; a configured tenant's stay. Before, every tenant that ever
+ * crossed a threshold kept its series for the process's life. */
+static void test_a_departed_tenants_budget_events_go_after_a_scrape(void **state) {
+  tg_metrics_t *m = NULL;
+  char *text;
+
+  (void)state;
+  assert_int_equal(tg_metrics_new(2, &m), 0);
+  tg_metrics_budget_event(m, "gone-a", 0);
+  tg_metrics_budget_event(m, "gone-a", 1);
+  tg_metrics_budget_event(m, "kept", 1);
+  prune_all(m, 2, "gone-", 1000);
+  text = render(m);
+  assert_int_equal(
+      sample(text, "llm_budget_threshold_events_total{tenant=\"gone-a\",window=\"month\"}"), 1);
+  free(text);
+  prune_all(m, 2, "gone-", 2000);
+  text = render(m);
+  assert_int_equal(
+      sample(text, "llm_budget_threshold_events_total{tenant=\"gone-a\",window=\"day\"}"), -1);
+  assert_int_equal(
+      sample(text, "llm_budget_threshold_events_total{tenant=\"kept\",window=\"month\"}"), 1);
+  free(text);
+  tg_metrics_free(m);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_full_table_counts_under_other),
@@ -510,6 +537,7 @@ int main(void) {
       cmocka_unit_test(test_a_departed_tenant_frees_its_slots_after_a_scrape),
       cmocka_unit_test(test_a_held_tenant_stays_whole_on_every_worker),
       cmocka_unit_test(test_with_no_scrape_departed_tenants_go_after_ten_minutes),
+      cmocka_unit_test(test_a_departed_tenants_budget_events_go_after_a_scrape),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
