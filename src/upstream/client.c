@@ -406,7 +406,10 @@ static int map_result(tg_xfer_t *x, CURLcode rc) {
     return TG_XFER_LOCAL;
   switch (rc) {
   case CURLE_OK:
-    return TG_XFER_OK;
+    /* libcurl ends well an exchange that never had a final status: a head
+     * cut by the upstream's close, a 101 (it reads what follows as the
+     * body). The request went out and nothing answered it. */
+    return x->status_seen ? TG_XFER_OK : TG_XFER_BROKEN;
   case CURLE_COULDNT_CONNECT:
   case CURLE_COULDNT_RESOLVE_HOST:
   case CURLE_COULDNT_RESOLVE_PROXY:

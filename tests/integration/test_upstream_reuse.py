@@ -290,3 +290,38 @@ def test_a_stream_broken_before_its_first_event_is_retried(tg, client, cut):
     finally:
         up1.close()
         up2.close()
+
+
+def _record(gw, rid):
+    """(status, prompt, completion) of a request's ledger row and of its
+    access-log line: both must exist."""
+    row = tgtest.wait_for(lambda: tgtest.sqlite_ledger_rows(
+        gw.db_path, "WHERE request_id = ?", (rid,)), what="the ledger row of " + rid)
+    assert len(row) == 1, row
+    e = gw.access_entry(rid)
+    return ((row[0]["status"], row[0]["prompt_tokens"], row[0]["completion_tokens"]),
+            (e["status"], e["prompt_tokens"], e["completion_tokens"]))
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+def test_an_answer_cut_inside_its_head_gets_its_record(tg, client):
+    """The upstream read the request, sent the start of an answer's head
+    and closed (a replica dying as it answers): the client gets 502
+    bad_upstream_response, and the request, which reached an upstream, has
+    its ledger row and access-log line. libcurl ends such an exchange
+    without an error and without a status: it was taken as no request at
+    all and left no ledger row."""
+    def script(c, doc, n, no):
+        c.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: appl")
+        time.sleep(0.05)
+        return "close"
+
+    up = ScriptedUpstream(script)
+    try:
+        gw = _gateway(tg, up, client)
+        r = tgtest.chat(gw.port, gw.keys["acme"], M8B, max_tokens=4)
+        assert r.status == 502 and r.error()["code"] == "bad_upstream_response", r
+        assert _record(gw, r.header("x-request-id")) == ((502, 0, 0), (502, 0, 0))
+        assert up.posts == 1, up.posts
+    finally:
+        up.close()
