@@ -150,6 +150,7 @@ struct h1x_s {
   int retried;
   int got_bytes;             /* an answer byte arrived */
   int interim;               /* parsing a 1xx answer */
+  int spoilt;                /* a bodiless answer declared a body: no reuse */
   int paused;
   int aborted;               /* a callback refused */
   int complete;              /* message complete */
@@ -845,16 +846,35 @@ static int on_header_value_complete(llhttp_t *p) {
   return ra_end(p, tg_retry_after_value_end);
 }
 
+/* Whether the answer's head declares a body (RFC 9112 6.1, 6.2). */
+static int declares_body(const llhttp_t *p) {
+  return (p->flags & (F_CHUNKED | F_TRANSFER_ENCODING)) ||
+         ((p->flags & F_CONTENT_LENGTH) && p->content_length > 0);
+}
+
+/* A 1xx, 204 or 304 ends at its blank line whatever its fields say (RFC
+ * 9112 6.3), which llhttp 8 leaves to the caller: it would read a declared
+ * body, for a 1xx out of the real answer's bytes. Returning 1 skips it. A
+ * connection whose upstream declared a body there is not reused: the bytes
+ * may still be on their way. A 101 is refused: nothing asked for another
+ * protocol, and what follows would not be HTTP. */
 static int on_headers_complete(llhttp_t *p) {
   conn_t *c = parser_conn(p);
   h1x_t *x = c->x;
   int status = p->status_code;
+  int bodiless = status < 200 || status == 204 || status == 304;
 
   x->head_bytes = 0;
+  if (bodiless && declares_body(p))
+    x->spoilt = 1;
+  if (status == 101) {
+    llhttp_set_error_reason(p, "the upstream switched protocols");
+    return -1;
+  }
   if (status < 200) {
     x->interim = 1; /* 100 Continue and friends: the real answer follows */
     tg_retry_after_reset(&x->head.ra); /* and the fields to read are its */
-    return 0;
+    return 1;
   }
   if (x->cbs.on_status) {
     int r;
@@ -866,7 +886,7 @@ static int on_headers_complete(llhttp_t *p) {
       return HPE_PAUSED;
     }
   }
-  return 0;
+  return bodiless ? 1 : 0;
 }
 
 static int on_body(llhttp_t *p, const char *at, size_t len) {
@@ -901,7 +921,7 @@ static int on_message_complete(llhttp_t *p) {
     return 0;
   }
   x->complete = 1;
-  x->keep_alive = llhttp_should_keep_alive(p);
+  x->keep_alive = llhttp_should_keep_alive(p) && !x->spoilt;
   return HPE_PAUSED;
 }
 

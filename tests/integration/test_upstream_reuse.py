@@ -1,10 +1,12 @@
-"""Pooled upstream connections, with both upstream clients (libcurl serves
-https:// endpoints and `upstream_client: curl`; the native client http://
-ones by default): a connection holding bytes past the end of the answer it
-carried never carries another request (those bytes would be read as that
-request's answer, perhaps another tenant's), and a request sent on a
-pooled connection the upstream closed or reset just then is sent again on a
-new one, once, without the client noticing.
+"""Pooled upstream connections and the framing of upstream answers, with
+both upstream clients (libcurl serves https:// endpoints and
+`upstream_client: curl`; the native client http:// ones by default): a
+connection holding bytes past the end of the answer it carried never
+carries another request (those bytes would be read as that request's
+answer, perhaps another tenant's); a request sent on a pooled connection
+the upstream closed or reset just then is sent again on a new one, once,
+without the client noticing; a 1xx, 204 or 304 ends at its head; an
+answer that breaks before a final status is a 502 with its ledger row.
 
 The upstream is a raw-socket HTTP/1.1 server in this file, so the tests can
 shape the bytes on the wire and count connections and requests."""
@@ -177,8 +179,6 @@ def test_bytes_past_an_answer_never_answer_the_next_request(tg, client, shape):
                 ("small", 7, k + 2), row
         assert got == ["answer for small-%d" % k for k in range(3)], got
         assert up.posts == 4
-        if shape == "no_content_with_a_body" and client == "native":
-            return  # llhttp reads a 204's declared body: the connection is clean
         # no request went out on the connection that held the stray bytes,
         # and the gateway closed it
         assert up.per_conn[1] == 1, up.per_conn
@@ -292,15 +292,29 @@ def test_a_stream_broken_before_its_first_event_is_retried(tg, client, cut):
         up2.close()
 
 
-def _record(gw, rid):
-    """(status, prompt, completion) of a request's ledger row and of its
-    access-log line: both must exist."""
-    row = tgtest.wait_for(lambda: tgtest.sqlite_ledger_rows(
-        gw.db_path, "WHERE request_id = ?", (rid,)), what="the ledger row of " + rid)
-    assert len(row) == 1, row
-    e = gw.access_entry(rid)
-    return ((row[0]["status"], row[0]["prompt_tokens"], row[0]["completion_tokens"]),
-            (e["status"], e["prompt_tokens"], e["completion_tokens"]))
+def _one_answer(tg, client, answer):
+    """One chat through a gateway whose upstream answers it with the bytes
+    answer and closes. Returns the client's response and the
+    (status, prompt, completion) of the request's ledger row and of its
+    access-log line, which must both exist."""
+    def script(c, doc, n, no):
+        c.sendall(answer)
+        time.sleep(0.05)
+        return "close"
+
+    up = ScriptedUpstream(script)
+    try:
+        gw = _gateway(tg, up, client)
+        r = tgtest.chat(gw.port, gw.keys["acme"], M8B, max_tokens=4)
+        rid = r.header("x-request-id")
+        row = tgtest.wait_for(lambda: tgtest.sqlite_ledger_rows(
+            gw.db_path, "WHERE request_id = ?", (rid,)), what="the ledger row of %s" % rid)
+        assert len(row) == 1 and up.posts == 1, (row, up.posts)
+        e = gw.access_entry(rid)
+        return r, ((row[0]["status"], row[0]["prompt_tokens"], row[0]["completion_tokens"]),
+                   (e["status"], e["prompt_tokens"], e["completion_tokens"]))
+    finally:
+        up.close()
 
 
 @pytest.mark.parametrize("client", CLIENTS)
@@ -311,17 +325,39 @@ def test_an_answer_cut_inside_its_head_gets_its_record(tg, client):
     its ledger row and access-log line. libcurl ends such an exchange
     without an error and without a status: it was taken as no request at
     all and left no ledger row."""
-    def script(c, doc, n, no):
-        c.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: appl")
-        time.sleep(0.05)
-        return "close"
+    r, record = _one_answer(tg, client, b"HTTP/1.1 200 OK\r\nContent-Type: appl")
+    assert r.status == 502 and r.error()["code"] == "bad_upstream_response", r
+    assert record == ((502, 0, 0), (502, 0, 0))
 
-    up = ScriptedUpstream(script)
-    try:
-        gw = _gateway(tg, up, client)
-        r = tgtest.chat(gw.port, gw.keys["acme"], M8B, max_tokens=4)
+
+@pytest.mark.parametrize("client", CLIENTS)
+@pytest.mark.parametrize("shape", ["interim_with_a_length", "no_content_with_a_body",
+                                   "switching_protocols"])
+def test_answers_that_end_at_their_head(tg, client, shape):
+    """A 1xx, 204 or 304 ends at its blank line whatever its fields declare
+    (RFC 9112 6.3). A 103 that declares a Content-Length is followed by the
+    real answer, which the client gets (200, billed); a 204 declaring a
+    body, here a chat completion, answers nothing: 502, never those bytes
+    as the answer; a 101 to a request that offered no other protocol is
+    502. Each has its ledger row and access-log line. The native client
+    read a 1xx's or 204's declared body (the 103's out of the real answer:
+    502; the 204's as the answer: 200 with its usage billed) and took a
+    bare 101 for an interim answer (200)."""
+    own = _answer("w0 w1", 2)
+    answers = {
+        "interim_with_a_length":
+            b"HTTP/1.1 103 Early Hints\r\nLink: </x>; rel=preload\r\nContent-Length: 10\r\n\r\n" +
+            _head(own) + own,
+        "no_content_with_a_body":
+            b"HTTP/1.1 204 No Content\r\nContent-Length: %d\r\n\r\n" % len(own) + own,
+        "switching_protocols": b"HTTP/1.1 101 Switching Protocols\r\n\r\n" + _head(own) + own,
+    }
+
+    r, record = _one_answer(tg, client, answers[shape])
+    if shape == "interim_with_a_length":
+        assert r.status == 200 and r.json()["choices"][0]["message"]["content"] == "w0 w1", r
+        want = (200, 7, 2)
+    else:
         assert r.status == 502 and r.error()["code"] == "bad_upstream_response", r
-        assert _record(gw, r.header("x-request-id")) == ((502, 0, 0), (502, 0, 0))
-        assert up.posts == 1, up.posts
-    finally:
-        up.close()
+        want = (502, 0, 0)
+    assert record == (want, want)
