@@ -361,3 +361,16 @@ def test_answers_that_end_at_their_head(tg, client, shape):
         assert r.status == 502 and r.error()["code"] == "bad_upstream_response", r
         want = (502, 0, 0)
     assert record == (want, want)
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+def test_an_answer_head_over_the_bound_is_502_with_its_record(tg, client):
+    """An answer whose head is larger than the client reads (the native
+    client's 64 KiB, libcurl's 100 KiB a line), here a 200 KiB field before
+    a good body: 502 bad_upstream_response, and the request has its ledger
+    row and access-log line. Pinned here: no test covered it."""
+    own = _answer("w0 w1", 2)
+    answer = _head(own).replace(b"\r\n\r\n", b"\r\nX-Pad: " + b"p" * 200 * 1024 + b"\r\n\r\n")
+    r, record = _one_answer(tg, client, answer + own)
+    assert r.status == 502 and r.error()["code"] == "bad_upstream_response", r
+    assert record == ((502, 0, 0), (502, 0, 0))
