@@ -510,6 +510,13 @@ static int on_header_field_complete(llhttp_t *p) {
   tg_http_conn_t *c = parser_conn(p);
   if (c->trailers)
     return 0;
+  if (!c->in_field || c->hlen == c->head->name_off[c->n_hdrs - 1]) {
+    /* ": value", a line with no name: a field name is a token (RFC 9110
+     * 5.1), and llhttp 8 lets an empty one through */
+    c->reject = 400;
+    c->reject_msg = "a header field has no name";
+    return -1;
+  }
   if (head_terminate(c) < 0)
     return -1;
   c->in_field = 0;

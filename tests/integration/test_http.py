@@ -630,9 +630,9 @@ def test_method_not_allowed_names_the_allowed_ones(stack):
 
 def test_framing_a_front_proxy_could_read_otherwise_is_refused(stack):
     """The parser is strict: chunk data not followed by CRLF, a space in a
-    header name, a tab in the target; Transfer-Encoding in HTTP/1.0 (faulty
-    framing, RFC 9112 6.1) and any coding but chunked alone; versions other
-    than HTTP/1.0 and 1.1. Each gets its error and the connection closes, so
+    header name, an empty name (llhttp 8 let it through), a tab in the
+    target; Transfer-Encoding in HTTP/1.0 (faulty framing, RFC 9112 6.1) and
+    any coding but chunked alone; versions other than HTTP/1.0 and 1.1. Each gets its error and the connection closes, so
     the bytes behind it are never read as a request. So does an HTTP/1.1
     request without exactly one Host (HTTP/1.0 may have none)."""
     body = json.dumps(tgtest.chat_body(M8B, max_tokens=1)).encode()
@@ -645,6 +645,9 @@ def test_framing_a_front_proxy_could_read_otherwise_is_refused(stack):
         # a space before the colon: a name no lookup would find, the key unseen
         (400, b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Api-Key : " + stack.key.encode() +
          b"\r\n\r\n"),
+        # no name at all: a line a front proxy may read otherwise, or drop
+        (400, b"GET /v1/models HTTP/1.1\r\nHost: x\r\n: x\r\n" + auth + b"\r\n"),
+        (400, b"GET /v1/models HTTP/1.1\r\n: x\r\nHost: x\r\n" + auth + b"\r\n"),
         (400, b"GET /v1/models\tx HTTP/1.1\r\nHost: x\r\n" + auth + b"\r\n"),
         (400, b"POST /v1/chat/completions HTTP/1.0\r\nHost: x\r\nConnection: keep-alive\r\n" +
          auth + b"Transfer-Encoding: chunked\r\n\r\n" + b"%x\r\n" % len(body) + body +
