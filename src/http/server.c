@@ -112,6 +112,12 @@ struct tg_http_conn_s {
    * current one (NULL outside a head). */
   size_t head_raw;
   const char *head_from;
+  /* For obs-fold (fold_between): where the head's last URL, name or value
+   * piece ended in the current read (NULL: none there yet), where the read
+   * starts, and whether the head's bytes scanned last ended in LF. */
+  const char *piece_end;
+  const char *feed_from;
+  unsigned gap_lf : 1;
 
   char *body;
   size_t body_len, body_cap;
@@ -333,6 +339,8 @@ static void conn_reset_request(tg_http_conn_t *c) {
   c->in_head = 0;
   c->head_raw = 0;
   c->head_from = NULL;
+  c->piece_end = NULL;
+  c->gap_lf = 0;
   c->n_hdrs = 0;
   c->in_field = 0;
   c->value_open = 0;
@@ -448,6 +456,46 @@ static int trailer_within(tg_http_conn_t *c, const char *at, size_t len) {
   return head_within(c, at + len);
 }
 
+/* An obs-fold (RFC 9112 5.2) is a line end followed by a blank inside a
+ * field value. llhttp 8 takes it as part of the value: the line end is
+ * left out of its pieces (the blank starts the next one, or is left out
+ * too when the first line was empty). So it is looked for in the head's
+ * bytes from where its last piece (URL, name, value) ended, or from the
+ * start of the read, carrying the LF of the one before, up to end.
+ * Whether one was found. */
+static int fold_between(tg_http_conn_t *c, const char *end) {
+  const char *s = c->piece_end != NULL ? c->piece_end : c->feed_from;
+  int lf = c->gap_lf;
+
+  for (; s < end; s++) {
+    if (lf && (*s == ' ' || *s == '\t'))
+      return 1;
+    lf = *s == '\n';
+  }
+  c->gap_lf = lf;
+  return 0;
+}
+
+/* RFC 9112 5.2 lets a server refuse a folded value or read the fold as a
+ * space. A front proxy may have read it otherwise ("Transfer-Encoding:" as
+ * empty and a bad line after it): for the framing fields that would be a
+ * request smuggled past it, so none is taken. */
+static int fold_refuse(tg_http_conn_t *c) {
+  c->reject = 400;
+  c->reject_msg = "obsolete line folding is not accepted";
+  return -1;
+}
+
+/* A piece of the head at..at+len: the bytes before it, and its first,
+ * hold no fold; the next gap starts after it. */
+static int head_piece(tg_http_conn_t *c, const char *at, size_t len) {
+  if (fold_between(c, at + (len > 0))) /* the piece's first byte too */
+    return fold_refuse(c);
+  c->piece_end = at + len;
+  c->gap_lf = 0;
+  return 0;
+}
+
 static int on_method(llhttp_t *p, const char *at, size_t len) {
   tg_http_conn_t *c = parser_conn(p);
   if (!c->in_head) {
@@ -473,7 +521,7 @@ static int on_message_begin(llhttp_t *p) {
 
 static int on_url(llhttp_t *p, const char *at, size_t len) {
   tg_http_conn_t *c = parser_conn(p);
-  if (head_within(c, at + len) < 0)
+  if (head_within(c, at + len) < 0 || head_piece(c, at, len) < 0)
     return -1;
   return head_append(c, at, len, 0);
 }
@@ -501,7 +549,7 @@ static int on_header_field(llhttp_t *p, const char *at, size_t len) {
     c->n_hdrs++;
     c->in_field = 1;
   }
-  if (head_within(c, at + len) < 0)
+  if (head_within(c, at + len) < 0 || head_piece(c, at, len) < 0)
     return -1;
   return head_append(c, at, len, 1);
 }
@@ -529,7 +577,7 @@ static int on_header_value(llhttp_t *p, const char *at, size_t len) {
   tg_http_conn_t *c = parser_conn(p);
   if (c->trailers)
     return trailer_within(c, at, len);
-  if (head_within(c, at + len) < 0)
+  if (head_within(c, at + len) < 0 || head_piece(c, at, len) < 0)
     return -1;
   return head_append(c, at, len, 0);
 }
@@ -879,12 +927,15 @@ static size_t conn_feed(tg_http_conn_t *c, const char *data, size_t len) {
 
   if (c->in_head)
     c->head_from = data;   /* the head goes on from the start of this read */
+  c->feed_from = data;
+  c->piece_end = NULL;
   err = llhttp_execute(&c->parser, data, len);
   if (err == HPE_OK) {
     if (c->in_head) {
       /* the headers go on past this read: all of its rest is head,
        * whitespace that reached no callback included */
-      if (head_within(c, data + len) < 0) {
+      if ((!c->trailers && fold_between(c, data + len) && fold_refuse(c) < 0) ||
+          head_within(c, data + len) < 0) {
         conn_parse_error(c, HPE_USER);
         return len;
       }

@@ -630,8 +630,8 @@ def test_method_not_allowed_names_the_allowed_ones(stack):
 
 def test_framing_a_front_proxy_could_read_otherwise_is_refused(stack):
     """The parser is strict: chunk data not followed by CRLF, a space in a
-    header name, an empty name (llhttp 8 let it through), a tab in the
-    target; Transfer-Encoding in HTTP/1.0 (faulty framing, RFC 9112 6.1) and
+    header name, an empty name, a value folded over lines (obs-fold; llhttp
+    8 let both through), a tab in the target; Transfer-Encoding in HTTP/1.0 (faulty framing, RFC 9112 6.1) and
     any coding but chunked alone; versions other than HTTP/1.0 and 1.1. Each gets its error and the connection closes, so
     the bytes behind it are never read as a request. So does an HTTP/1.1
     request without exactly one Host (HTTP/1.0 may have none)."""
@@ -645,6 +645,14 @@ def test_framing_a_front_proxy_could_read_otherwise_is_refused(stack):
         # a space before the colon: a name no lookup would find, the key unseen
         (400, b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Api-Key : " + stack.key.encode() +
          b"\r\n\r\n"),
+        # obs-fold (RFC 9112 5.2): a proxy reading "Transfer-Encoding:" or
+        # "Content-Length:" as empty frames the body otherwise
+        (400, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n" + auth +
+         b"Transfer-Encoding:\r\n chunked\r\n\r\n" + b"%x\r\n" % len(body) + body +
+         b"\r\n0\r\n\r\n"),
+        (400, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n" + auth +
+         b"Content-Length:\r\n\t%d\r\n\r\n" % len(body) + body),
+        (400, b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Note: a\r\n b\r\n" + auth + b"\r\n"),
         # no name at all: a line a front proxy may read otherwise, or drop
         (400, b"GET /v1/models HTTP/1.1\r\nHost: x\r\n: x\r\n" + auth + b"\r\n"),
         (400, b"GET /v1/models HTTP/1.1\r\n: x\r\nHost: x\r\n" + auth + b"\r\n"),
@@ -667,6 +675,18 @@ def test_framing_a_front_proxy_could_read_otherwise_is_refused(stack):
         assert b"HTTP/1.1 200 " not in out and closed, (data[:80], out)
         doc = json.loads(out.partition(b"\r\n\r\n")[2])
         assert doc["error"]["type"] == "invalid_request_error", doc
+    # a fold whose line end and blank come in different reads
+    c = RawConn(stack.port, timeout=5)
+    c.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    c.send(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n" + auth + b"Content-Length:")
+    time.sleep(0.1)
+    c.send(b"\r\n")
+    time.sleep(0.1)
+    c.send(b" %d\r\n\r\n" % len(body) + body + nxt)
+    r = c.read_response()
+    assert r.status == 400 and r.error()["message"] == "obsolete line folding is not accepted", r
+    assert c.closed_by_peer(3.0)
+    c.close()
     # the same requests well framed are served
     ok = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n" + auth +
           b"Transfer-Encoding: chunked\r\n\r\n" + b"%x\r\n" % len(body) + body + b"\r\n0\r\n\r\n")
