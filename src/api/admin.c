@@ -364,6 +364,7 @@ static void admin_api(tg_worker_t *w, tg_http_req_t *req, const char *rid) {
   char tenant[128], key_id[40];
   size_t tl;
   int64_t a, b;
+  int r;
 
   slash = strchr(p, '/');
   if (slash == NULL || (tl = (size_t)(slash - p)) == 0 || tl >= 128)
@@ -403,11 +404,17 @@ static void admin_api(tg_worker_t *w, tg_http_req_t *req, const char *rid) {
     free(j);
     return;
   }
-  if (strlen(period) >= sizeof(j->period) ||
-      (j->invoice ? tg_month_range(period, &a, &b) : tg_day_range(period, &a, &b)) < 0) {
+  r = strlen(period) >= sizeof(j->period)
+          ? TG_EPARSE
+          : tg_period_range(period, j->invoice, (int64_t)time(NULL) * 1000, &a, &b);
+  if (r < 0) {
     audit(w, req->start_ns, rid, key_id, tenant, req->path, 400, "bad_period");
-    admin_error(req, 400, "invalid_request_error", "bad_period", rid, NULL,
-                 "the period must be %s", j->invoice ? "YYYY-MM" : "YYYY-MM-DD");
+    if (r == TG_EINVAL)
+      admin_error(req, 400, "invalid_request_error", "bad_period", rid, NULL,
+                   "the period %s has not begun (UTC): no record can be in it yet", period);
+    else
+      admin_error(req, 400, "invalid_request_error", "bad_period", rid, NULL,
+                   "the period must be %s", j->invoice ? "YYYY-MM" : "YYYY-MM-DD");
     free(j);
     return;
   }

@@ -30,6 +30,7 @@
 #include "core/money.h"
 #include "meter/db_pg.h"
 #include "meter/db_sqlite.h"
+#include "policy/limits.h"
 
 /* Growable text with a hard bound. */
 typedef struct {
@@ -126,6 +127,18 @@ int tg_day_range(const char *day, int64_t *from_ms, int64_t *to_ms) {
     return TG_EPARSE;
   *from_ms = (int64_t)t * 1000;
   *to_ms = *from_ms + 86400000;
+  return 0;
+}
+
+int tg_period_range(const char *period, int month, int64_t now_ms, int64_t *from_ms,
+                    int64_t *to_ms) {
+  int r = month ? tg_month_range(period, from_ms, to_ms) : tg_day_range(period, from_ms, to_ms);
+  if (r < 0)
+    return r;
+  /* a record may be dated ahead of now by a clock stepped back since (the
+   * budgets' allowance, docs/limits.md); none further ahead */
+  if (*from_ms > now_ms + TG_CLOCK_STEP_BACK_MAX_MS)
+    return TG_EINVAL;
   return 0;
 }
 
@@ -360,7 +373,13 @@ static int query_cmd(int argc, char **argv, int invoice) {
     fprintf(stderr, "tollgate: --tenant: '%s' is not a tenant name\n", q.tenant);
     return 2;
   }
-  if ((invoice ? tg_month_range : tg_day_range)(q.period, &q.from_ms, &q.to_ms) < 0) {
+  r = tg_period_range(q.period, invoice, (int64_t)time(NULL) * 1000, &q.from_ms, &q.to_ms);
+  if (r == TG_EINVAL) {
+    fprintf(stderr, "tollgate: %s %s has not begun (UTC): no record can be in it yet\n",
+            invoice ? "--month" : "--day", q.period);
+    return 2;
+  }
+  if (r < 0) {
     fprintf(stderr, "tollgate: %s wants %s, not '%s'\n", invoice ? "--month" : "--day",
             invoice ? "YYYY-MM" : "YYYY-MM-DD", q.period);
     return 2;

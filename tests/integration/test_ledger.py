@@ -1001,6 +1001,45 @@ def test_no_model_can_be_named_as_the_csv_invoices_total_line(tg):
     assert sorted(gw.invoice("alpha", month)["usage_by_model"]) == [at, M]
 
 
+def test_a_period_malformed_or_not_begun_is_refused_not_an_empty_invoice(tg, sim):
+    """A month or day in any other spelling than 2026-01 / 2026-01-05, or
+    one that is no date (2026-13, 2026-02-29), is a usage error (exit 2) on
+    the command line and a 400 on the admin route. So is one that has not
+    begun: 2062-01 typed for 2026-01 printed an empty invoice and exit 0, a
+    $0 bill a script could not tell from a true one. The current month and
+    day are answered."""
+    gw, admin_key = gw_with_a_row_and_an_admin_key(tg, sim)
+    now = time.time()
+    g = time.gmtime(now)
+    next_year = "%04d-%02d" % (g.tm_year + 1, g.tm_mon)
+    months = {"2026-13": "wants YYYY-MM", "2026-00": "wants YYYY-MM",
+              "0000-01": "wants YYYY-MM", "99999-01": "wants YYYY-MM",
+              "2026-1": "wants YYYY-MM", "2026-01x": "wants YYYY-MM",
+              next_year: "has not begun", "9999-12": "has not begun"}
+    days = {"2026-02-30": "wants YYYY-MM-DD", "2026-02-29": "wants YYYY-MM-DD",
+            "2026-1-01": "wants YYYY-MM-DD", "2026-01-01 ": "wants YYYY-MM-DD",
+            next_year + "-01": "has not begun",
+            tgtest.utc_day(now + 2 * 86400): "has not begun"}
+    for cmd, opt, route, periods in (("invoice", "--month", "invoices", months),
+                                     ("usage", "--day", "usage", days)):
+        for period, says in periods.items():
+            cp = gw.tool(cmd, "--tenant", "alpha", opt, period, check=False)
+            assert cp.returncode == 2 and cp.stdout == "", (cmd, period, cp)
+            assert says in cp.stderr, (cmd, period, cp.stderr)
+            if " " in period:
+                continue
+            r = tgtest.admin(gw, "/admin/v1/tenants/alpha/%s/%s" % (route, period),
+                             key=admin_key)
+            assert r.status == 400 and r.error()["code"] == "bad_period", (period, r)
+            assert says.split()[-1] in r.error()["message"], (period, r.error())
+    inv = gw.invoice("alpha", tgtest.utc_month(now))
+    assert inv["summary"]["total_requests"] == 1, inv
+    assert gw.usage("alpha", tgtest.utc_day(now))["requests"] == 1
+    r = tgtest.admin(gw, "/admin/v1/tenants/alpha/invoices/%s" % tgtest.utc_month(now),
+                     key=admin_key)
+    assert r.status == 200, r
+
+
 def test_invoice_and_usage_of_a_data_dir_without_a_ledger_fail(tg, sim, tmp_path):
     """`tollgate invoice` and `usage` read a ledger: pointed at a data_dir
     that holds none (a typo, another config's copy) they say so and exit
