@@ -147,6 +147,35 @@ static void usd(char *buf, size_t size, int64_t nano) {
     snprintf(buf, size, "0");
 }
 
+/* The bytes a config's model name may hold (config.c's model_name_ok); a
+ * tenant's are a subset. */
+#define NAME_BYTES                                                          \
+  "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-:/@+"
+
+/* One CSV cell of a name from the ledger. A name the config could have
+ * given is written as it is, one starting with - + or @ too (decisions.md,
+ * "CSV invoice"). Any other (a row some other program wrote) is quoted as
+ * RFC 4180 says when it holds a comma, a quote or a line break, and begins
+ * with ' when it starts as a formula does (= + - @ TAB CR), so that it
+ * stays one cell of one line and no spreadsheet runs it. */
+static void csv_name(sbuf_t *b, const char *s) {
+  if (s[strspn(s, NAME_BYTES)] == '\0') {
+    sb_add(b, "%s", s);
+    return;
+  }
+  sb_add(b, "\"%s", s[0] != '\0' && strchr("=+-@\t\r", s[0]) != NULL ? "'" : "");
+  while (*s) {
+    size_t n = strcspn(s, "\"");
+    sb_add(b, "%.*s", (int)n, s);
+    s += n;
+    if (*s == '"') {
+      sb_add(b, "\"\"");
+      s++;
+    }
+  }
+  sb_add(b, "\"");
+}
+
 int tg_invoice_build(tg_ledger_db_t *db, const char *tenant, const char *month, int csv,
                      char **out) {
   tg_usage_row_t *rows = NULL;
@@ -175,12 +204,16 @@ int tg_invoice_build(tg_ledger_db_t *db, const char *tenant, const char *month, 
                "cost_usd,cost_nano_usd\n");
     for (i = 0; i < n; i++) {
       usd(money, sizeof(money), rows[i].cost_nano);
-      sb_add(&b, "%s,%s,%s,%lld,%lld,%lld,%s,%lld\n", tenant, month, rows[i].model,
-             (long long)rows[i].requests, (long long)rows[i].prompt_tokens,
-             (long long)rows[i].completion_tokens, money, (long long)rows[i].cost_nano);
+      csv_name(&b, tenant);
+      sb_add(&b, ",%s,", month);
+      csv_name(&b, rows[i].model);
+      sb_add(&b, ",%lld,%lld,%lld,%s,%lld\n", (long long)rows[i].requests,
+             (long long)rows[i].prompt_tokens, (long long)rows[i].completion_tokens, money,
+             (long long)rows[i].cost_nano);
     }
     usd(money, sizeof(money), total_cost);
-    sb_add(&b, "%s,%s,TOTAL,%lld,,,%s,%lld\n", tenant, month, (long long)total_req, money,
+    csv_name(&b, tenant);
+    sb_add(&b, ",%s,TOTAL,%lld,,,%s,%lld\n", month, (long long)total_req, money,
            (long long)total_cost);
   } else {
     if (tg_json_quote(q, sizeof(q), tenant) < 0)

@@ -29,6 +29,8 @@ All money is compared as integers (nano-USD) or decimal.Decimal, never as
 float."""
 
 import calendar
+import csv
+import io
 import json
 import os
 import random
@@ -1038,6 +1040,43 @@ def test_a_period_malformed_or_not_begun_is_refused_not_an_empty_invoice(tg, sim
     r = tgtest.admin(gw, "/admin/v1/tenants/alpha/invoices/%s" % tgtest.utc_month(now),
                      key=admin_key)
     assert r.status == 200, r
+
+
+def test_a_csv_invoice_keeps_a_foreign_model_name_in_its_one_cell(tg, sim):
+    """A ledger row some other program wrote (the database is the
+    operator's, PostgreSQL maybe shared) may name a model with a comma, a
+    quote, a line break or a formula: the CSV printed it bare, so a comma
+    made a line of nine cells, a line break a line of its own (here one
+    forging a second TOTAL) and =HYPERLINK(...) a live formula. Such a name
+    is now quoted (RFC 4180) and one that starts as a formula begins with
+    '; a name the config could give is written as it is."""
+    gw = start_gw(tg, sim, start=False)
+    gw.tool("migrate")
+    now_ms = int(time.time() * 1000)
+    month = tgtest.utc_month(now_ms / 1000)
+    names = ['a,b', 'say "hi"', "two\nalpha,%s,TOTAL,9,,,9.000000000,9000000000" % month,
+             '=HYPERLINK("http://x","y")', "@cf/meta/x+y", "-1+2 ok"]
+    db = sqlite3.connect(gw.db_path, timeout=10)
+    try:
+        with db:
+            for i, model in enumerate(names):
+                db.execute("INSERT INTO ledger (request_id, ts_ms, tenant, key_id, model, "
+                           "endpoint, prompt_tokens, completion_tokens, cost_nano, status) "
+                           "VALUES (?, ?, 'alpha', 'k', ?, 'http://x', 1, 2, ?, 200)",
+                           ("req_csv%d" % i, now_ms, model, 1000 + i))
+    finally:
+        db.close()
+    text = gw.invoice("alpha", month, fmt="csv")
+    lines = list(csv.reader(io.StringIO(text, newline="")))
+    assert all(len(ln) == 8 for ln in lines), lines
+    assert [ln[0] for ln in lines[1:]] == ["alpha"] * (len(names) + 1), lines
+    shown = {"=HYPERLINK(\"http://x\",\"y\")": "'=HYPERLINK(\"http://x\",\"y\")",
+             "-1+2 ok": "'-1+2 ok"}
+    assert [ln[2] for ln in lines[1:]] == [shown.get(m, m) for m in sorted(names)] + ["TOTAL"]
+    assert [ln[2] for ln in lines].count("TOTAL") == 1, lines
+    assert lines[-1][3] == str(len(names)), lines
+    assert "\n@cf/meta/x+y," not in text and ",@cf/meta/x+y," in text, text
+    assert sorted(gw.invoice("alpha", month)["usage_by_model"]) == sorted(names)
 
 
 def test_invoice_and_usage_of_a_data_dir_without_a_ledger_fail(tg, sim, tmp_path):
