@@ -43,6 +43,7 @@
 #include "obs/accesslog.h"
 
 #define TICK_MS 100
+#define TG_EXIT_SPOOLED 75 /* sysexits' EX_TEMPFAIL: stopped, records in the spool */
 
 /* ---- runtime ------------------------------------------------------------ */
 
@@ -1131,8 +1132,10 @@ out:
   tg_policy_alert_hook = NULL;
   tg_policy_free(app.policy);
   tg_metrics_free(app.metrics);
-  if (app.ledger)
-    tg_ledger_close(app.ledger);
+  /* records the database has not taken wait in the spool: the exit says
+   * so, for whoever restarts the gateway (or only watches its exits) */
+  if (app.ledger && tg_ledger_close(app.ledger) > 0 && rc == 0)
+    rc = TG_EXIT_SPOOLED;
   tg_datalock_release(m.lock_fd); /* after the last spool write */
   if (app.log_fd > STDERR_FILENO)
     close(app.log_fd);

@@ -1348,9 +1348,10 @@ out:
   return 0;
 }
 
-void tg_ledger_close(tg_ledger_t *l) {
+int64_t tg_ledger_close(tg_ledger_t *l) {
+  int64_t left;
   if (l == NULL)
-    return;
+    return 0;
   if (l->started) {
     pthread_mutex_lock(&l->mu);
     l->stopping = 1;
@@ -1359,7 +1360,12 @@ void tg_ledger_close(tg_ledger_t *l) {
     pthread_join(l->thread, NULL);
   }
   says_summary(l, 0, 1);
+  left = l->spool.size - l->replay_off;
+  if (left > 0)
+    fprintf(stderr, "tollgate: ledger: stopping with %" PRId64 " bytes of records in %s, "
+            "not yet in the database; the next start replays them\n", left, l->spool.path);
   free_ledger(l);
+  return left;
 }
 
 size_t tg_ledger_backlog(const tg_ledger_t *l) {

@@ -99,8 +99,10 @@ int tg_ledger_open(const char *database, const char *data_dir,
  * ports still open, joins the writer and frees the ledger. Records spooled
  * and not yet replayed stay in the spool for the next open. Ports may be
  * closed before or after this call (each must be closed once); no port may
- * append after it. NULL is a no-op. */
-void tg_ledger_close(tg_ledger_t *l);
+ * append after it. NULL is a no-op. Returns the bytes of records left in
+ * the spool (not yet in the database: the next open replays them), 0 when
+ * every record reached the database. */
+int64_t tg_ledger_close(tg_ledger_t *l);
 
 /* Creates the port of one loop (an async handle on it). Call on the loop's
  * thread. Returns 0 and *out, TG_ENOMEM, or a libuv error. */

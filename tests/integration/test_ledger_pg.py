@@ -458,6 +458,28 @@ def test_budgets_rebuilt_from_the_postgres_ledger(tg, sim, pg):
     base.assert_refused(base.ask(gw, key, max_tokens=1), "daily_budget")
 
 
+def _spooling_gateway(tg, sim, pg, n, settings=()):
+    """A gateway on pg that answered one request, then n more once its
+    database turned read-only (with settings too): (gateway, database, key,
+    request ids), the last n records in the spool."""
+    gw, db = pg_gateway(tg, sim, pg)
+    gw.start()
+    key = gw.create_key("alpha")
+    rids = [base.ask(gw, key, max_tokens=3).header("x-request-id")]
+    for setting in tuple(settings) + ("default_transaction_read_only = on",):
+        pg.sql("ALTER DATABASE %s SET %s" % (db, setting))
+    # the gateway's sessions start again under the database's settings
+    pg.sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '%s'"
+           " AND application_name = 'tollgate'" % db)
+    for _ in range(n):
+        r = base.ask(gw, key, max_tokens=3)
+        assert r.status == 200, r
+        rids.append(r.header("x-request-id"))
+    tgtest.wait_for(lambda: os.path.exists(gw.spool_path), timeout=10,
+                    what="records to spool")
+    return gw, db, key, rids
+
+
 def test_spool_replays_once_the_database_takes_writes_again(tg, sim, pg):
     """The writer's session turns read-only (here the database's
     default_transaction_read_only, as on a standby the connection stayed on
@@ -467,22 +489,8 @@ def test_spool_replays_once_the_database_takes_writes_again(tg, sim, pg):
     kept its read-only session, which its probe found live, and the spool
     never replayed. The database's own statement_timeout and lock_timeout
     of 1 ms do not reach the gateway, whose session sets its own."""
-    gw, db = pg_gateway(tg, sim, pg)
-    gw.start()
-    key = gw.create_key("alpha")
-    rids = [base.ask(gw, key, max_tokens=3).header("x-request-id")]
-    for setting in ("statement_timeout = '1ms'", "lock_timeout = '1ms'",
-                    "default_transaction_read_only = on"):
-        pg.sql("ALTER DATABASE %s SET %s" % (db, setting))
-    # the gateway's sessions start again under the database's settings
-    pg.sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '%s'"
-           " AND application_name = 'tollgate'" % db)
-    for _ in range(20):
-        r = base.ask(gw, key, max_tokens=3)
-        assert r.status == 200, r
-        rids.append(r.header("x-request-id"))
-    tgtest.wait_for(lambda: os.path.exists(gw.spool_path), timeout=10,
-                    what="records to spool")
+    gw, db, key, rids = _spooling_gateway(
+        tg, sim, pg, 20, ("statement_timeout = '1ms'", "lock_timeout = '1ms'"))
     err = gw.proc.stderr_text()
     assert "read-only transaction" in err, err[-2000:]
     pg.sql("ALTER DATABASE %s RESET default_transaction_read_only" % db)
@@ -500,6 +508,28 @@ def test_spool_replays_once_the_database_takes_writes_again(tg, sim, pg):
     tgtest.wait_for(lambda: len(tgtest.pg_ledger_rows(pg, db)) == len(rids), timeout=10,
                     what="a new record to go straight to the database")
     assert not os.path.exists(gw.spool_path)
+    gw.stop()
+
+
+def test_a_stop_with_records_in_the_spool_says_so_and_the_next_start_replays_them(tg, sim, pg):
+    """The database refuses writes (read-only) when the gateway is stopped:
+    the last answers' records are in the spool, and the exit says so (75,
+    EX_TEMPFAIL, and a line naming the spool) instead of the 0 of a stop
+    with every record stored. The next start replays them: every request
+    has its one row."""
+    gw, db, key, rids = _spooling_gateway(tg, sim, pg, 3)
+    gw.proc.signal(15)
+    rc = gw.proc.wait(20.0)
+    gw.checked_exit = True
+    err = gw.proc.stderr_text()
+    assert rc == 75, "exit code %s\n%s" % (rc, err[-2000:])
+    assert "bytes of records in %s, not yet in the database" % gw.spool_path in err, err[-2000:]
+    assert os.path.getsize(gw.spool_path) > 0
+    pg.sql("ALTER DATABASE %s RESET default_transaction_read_only" % db)
+    gw.start()
+    assert not os.path.exists(gw.spool_path)
+    rows = tgtest.by_request_id(tgtest.pg_ledger_rows(pg, db))
+    assert sorted(rows) == sorted(rids)
     gw.stop()
 
 
