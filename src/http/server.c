@@ -148,6 +148,7 @@ struct tg_http_conn_s {
   unsigned lingering : 1;      /* refused: reply flushed, input dropped */
   unsigned http10 : 1;
   unsigned abort_sent : 1;     /* on_abort delivered for the active request */
+  unsigned promised : 1;       /* the answer's head said keep-alive */
 };
 
 typedef struct {
@@ -347,6 +348,7 @@ static void conn_reset_request(tg_http_conn_t *c) {
   c->reject = 0;
   c->reject_msg = NULL;
   c->chunked = c->begun = c->above_high = c->abort_sent = c->trailers = 0;
+  c->promised = 0;
   memset(&c->req, 0, sizeof(c->req));
   c->req.conn = c;
   c->req.server = c->srv;
@@ -370,7 +372,11 @@ static void req_complete(tg_http_conn_t *c, int keep) {
     return;
   c->active = 0;
   srv->active--;
-  if (!keep || !c->req.keep_alive || srv->draining || srv->closing)
+  /* A drain that began after the head said keep-alive (a stream) does not
+   * drop a request the client already sent on that promise: it is served,
+   * its own answer saying close. */
+  if (!keep || srv->closing ||
+      ((!c->req.keep_alive || srv->draining) && !(c->promised && c->pend_len > 0)))
     c->close_after = 1;
   conn_reset_request(c);
   if (c->closing)
@@ -1606,6 +1612,7 @@ static int format_head(tg_http_conn_t *c, char *buf, size_t size, int status,
     tg_sb_lit(&b, "Connection: close\r\n\r\n");
   if (!keep)
     c->req.keep_alive = 0;
+  c->promised = keep;
   if (b.err)
     return TG_ETOOBIG;
   return (int)b.len;

@@ -163,6 +163,36 @@ def test_a_request_cut_before_its_answer_began_is_told_503(tg, where):
     assert (logged["status"], logged["error"]) == (503, "gateway_stopped"), logged
 
 
+def test_a_request_sent_on_a_stream_kept_alive_before_the_drain_is_answered(tg):
+    """A stream's head said keep-alive before SIGTERM; its client sends its
+    next request on that connection during the drain. It is served, its
+    answer saying close, then the connection closes: not closed under the
+    request with no answer at all."""
+    sim = tg.sim()
+    gw = tg.gateway({M8B: [sim.url]}, workers=1)
+    key = gw.keys["acme"]
+    c = tgtest.RawConn(gw.port, timeout=10)
+    c.send(tgtest.http_request_bytes(
+        "POST", "/v1/chat/completions", json.dumps(chat_body(M8B, stream=True, max_tokens=10)).encode(),
+        key=key, headers={"content-type": "application/json", "x-sim-token-ms": "200"}))
+    status, _, hdrs = c.read_head()
+    assert status == 200 and dict(hdrs)["connection"] == "keep-alive", hdrs
+    gw.proc.signal(15)
+    tgtest.wait_for(lambda: "draining" in gw.proc.stderr_text(), what="the drain")
+    c.send(tgtest.http_request_bytes(
+        "POST", "/v1/chat/completions", json.dumps(chat_body(M8B, max_tokens=2)).encode(), key=key,
+        headers={"content-type": "application/json"}))
+    events = b"".join(piece for _, piece in c.iter_body(hdrs, "POST"))
+    assert c.complete and events.rstrip().endswith(b"data: [DONE]"), events[-200:]
+    r = c.read_response("POST")
+    c.close()
+    assert r is not None, "the second request got no answer"
+    assert r.status == 200 and r.header("connection") == "close", r
+    assert r.json()["usage"]["completion_tokens"] == 2
+    assert gw.proc.wait(10.0) == 0, gw.proc.tail()
+    assert sorted(e["status"] for e in gw.access_log_entries()) == [200, 200]
+
+
 def test_second_signal_cuts_what_is_left(tg):
     """A second SIGTERM during a long drain stops at once, says so, and the
     stream it cuts is logged as the gateway's cut (503 gateway_stopped)."""
