@@ -34,6 +34,7 @@ struct tg__keystore_conn_s {
   tg_db_pg_wait_t wait; /* answers within STATEMENT_MS and a little; its
                          * wake_fd, an eventfd, is written by interrupt() */
   char err[512];       /* the last failure, for errmsg() */
+  int migrated;        /* the first connection brought the schema up to date */
 };
 
 #define STATEMENT_MS 10000
@@ -70,8 +71,15 @@ static int ensure(tg__keystore_conn_t *c) {
   why[0] = '\0';
   c->opts.err = why;
   c->opts.err_size = sizeof(why);
-  rc = tg_db_pg_open_wake(c->url, &c->opts, c->wait.wake_fd, &c->pg);
+  /* The first connection applies the schema's migrations; a reconnection
+   * only connects. A migration's statements do not watch wake_fd, so a
+   * server that froze between a reconnection's connect and them held the
+   * watcher, and a stop waiting for it, until the statement timeout. */
+  rc = c->migrated ? tg_db_pg_connect_wake(c->url, &c->opts, c->wait.wake_fd, &c->pg)
+                   : tg_db_pg_open_wake(c->url, &c->opts, c->wait.wake_fd, &c->pg);
   c->opts.err = NULL;
+  if (rc == 0)
+    c->migrated = 1;
   if (rc != 0) {
     snprintf(c->err, sizeof(c->err), "cannot connect to %s: %s",
              tg_db_pg_redact(c->url, shown, sizeof(shown)), why);

@@ -465,7 +465,9 @@ def test_a_thousand_streams_at_once(tg):
         if hard != resource.RLIM_INFINITY and hard < n + 200:
             pytest.skip("open-files limit %d" % hard)
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    sim = tg.sim(max_num_seqs=2 * n, token_ms=100)
+    # 300 ms a token: each stream lasts 3.6 s, longer than the burst takes
+    # to open its connections on a loaded machine
+    sim = tg.sim(max_num_seqs=2 * n, token_ms=300)
     tenants = tgtest.default_tenants(models=[M8B])
     tenants["acme"]["rate_limits"]["concurrent_requests"] = 2 * n
     gw = tg.gateway({M8B: tgtest.model_entry([sim.url], max_inflight=2 * n)},
