@@ -225,11 +225,12 @@ static int parse_expires(const char *s, int64_t now, int64_t *at) {
   return TG_EPARSE;
 }
 
-/* "2025-01-31T00:00:00Z", or "never" for 0. */
+/* "2025-01-31T00:00:00Z", "never" for 0, "?" for a time the store could
+ * not read (the gateway refuses such a key). */
 static void fmt_time(int64_t t, char *buf, size_t size) {
   struct tm tm;
   time_t tt = (time_t)t;
-  if (t == 0 || gmtime_r(&tt, &tm) == NULL ||
+  if (t <= 0 || gmtime_r(&tt, &tm) == NULL ||
       strftime(buf, size, "%Y-%m-%dT%H:%M:%SZ", &tm) == 0)
     snprintf(buf, size, "%s", t == 0 ? "never" : "?");
 }

@@ -299,13 +299,24 @@ int tg_keystore_revoke(tg_keystore_t *ks, const char *id, int64_t now) {
 
 /* ---- loading: rows into a keyset ---- */
 
-/* Turns a row into a record; TG_EPARSE when the row is unusable,
- * TG_ENOMEM when memory ran out. */
+/* 1 when a text of the row holds a NUL byte: read as a C string it would
+ * end there ("acme\0x" as tenant acme, "\0m" as a scope of every model). */
+static int has_nul(const char *s, size_t len) {
+  return s != NULL && memchr(s, '\0', len) != NULL;
+}
+
+/* Turns a row into a record; TG_EPARSE when the row is unusable (a text
+ * with a NUL byte, a revocation or expiry time that is not one), TG_ENOMEM
+ * when memory ran out. */
 static int row_to_rec(const tg__key_row_t *r, tg_key_rec_t *rec) {
   char models[MAX_MODELS_TEXT + 1];
   int rc;
 
   memset(rec, 0, sizeof(*rec));
+  if (has_nul(r->tenant, r->tenant_len) || has_nul(r->name, r->name_len) ||
+      has_nul(r->models, r->models_len) || r->expires_at < 0 ||
+      r->revoked_at < 0)
+    return TG_EPARSE;
   if (r->id == NULL || r->id_len != TG_KEY_ID_LEN ||
       tg_key_id_parse(r->id, TG_KEY_ID_LEN, &rec->id_num) != 0)
     return TG_EPARSE;
@@ -475,10 +486,20 @@ out:
   return rc;
 }
 
+/* An INTEGER column holds what SQL put there: a text or a fraction that
+ * does not convert stays as written, and sqlite3_column_int64() would read
+ * 'yes' or 0.5 as 0, "none". */
 static int64_t col_time(sqlite3_stmt *st, int col) {
-  if (sqlite3_column_type(st, col) == SQLITE_NULL)
+  int64_t v;
+  switch (sqlite3_column_type(st, col)) {
+  case SQLITE_NULL:
     return 0;
-  return (int64_t)sqlite3_column_int64(st, col);
+  case SQLITE_INTEGER:
+    v = (int64_t)sqlite3_column_int64(st, col);
+    return v > 0 ? v : TG__KEY_TIME_BAD;
+  default:
+    return TG__KEY_TIME_BAD;
+  }
 }
 
 /* Points t/len at a text column (NULL for SQL NULL). */

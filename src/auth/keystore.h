@@ -139,7 +139,10 @@ typedef struct tg__keystore_conn_s tg__keystore_conn_t;
 /* One api_keys row as a backend read it. Texts are views, valid during the
  * call that passes the row, not NUL-terminated (lengths given); NULL for an
  * SQL NULL. hash is NULL when the stored value is not a byte string (and
- * always in a listing). Times are unix seconds, 0 for NULL. */
+ * always in a listing). Times are unix seconds, 0 for NULL and
+ * TG__KEY_TIME_BAD for a value that is not a positive whole number (written
+ * by other SQL than ours): such a revocation or expiry is not read as none. */
+#define TG__KEY_TIME_BAD INT64_C(-1)
 typedef struct {
   const char *id, *tenant, *name, *models;
   size_t id_len, tenant_len, name_len, models_len;

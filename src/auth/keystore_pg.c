@@ -310,10 +310,14 @@ static void cell_text(const PGresult *res, int row, int col, const char **t,
   *len = (size_t)PQgetlength(res, row, col);
 }
 
+/* 0 for NULL; a value that is not a positive number of seconds (0 or
+ * less, written by other SQL) is TG__KEY_TIME_BAD, never "none". */
 static int64_t cell_time(const PGresult *res, int row, int col) {
   int64_t v = 0;
-  if (tg_db_pg_int64(res, row, col, &v) != 0)
+  if (PQgetisnull(res, row, col))
     return 0;
+  if (tg_db_pg_int64(res, row, col, &v) != 0 || v <= 0)
+    return TG__KEY_TIME_BAD;
   return v;
 }
 

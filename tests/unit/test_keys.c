@@ -484,6 +484,78 @@ static void test_store_create_list_revoke(void **state) {
   tg_keystore_close(st);
 }
 
+/* Rows written by other SQL than ours, with a time that is not a positive
+ * whole number of seconds or a text holding a NUL byte, cannot be honoured
+ * as written: such a key is left out of the keyset (refused), never read
+ * as one with no revocation, no expiry, a scope of every model or another
+ * tenant. */
+static void test_load_refuses_rows_it_cannot_read_whole(void **state) {
+  enum { N = 7 };
+  static const char *const set_sql[N] = {
+    "revoked_at = 'yes'",
+    "revoked_at = 0",
+    "revoked_at = 0.5",
+    "expires_at = 'next year'",
+    "expires_at = -1",
+    "models = CAST(X'006c6c616d612d332e312d373062' AS TEXT)",
+    "tenant = CAST(X'61636d652d636f7270006f74686572' AS TEXT)",
+  };
+  tmp_t *t = *state;
+  char *keys[N + 1] = {0}, ids[N + 1][TG_KEY_ID_LEN + 1], sql[200];
+  const char *const scope[] = {"llama-3.1-70b"};
+  tg_keystore_t *st = NULL;
+  tg_keyset_t *set = NULL;
+  tg_key_info_t *list = NULL;
+  const tg_key_rec_t *rec;
+  sqlite3 *db = NULL;
+  size_t skipped = 0, n = 0;
+  const int64_t now = 1700000000;
+
+  assert_int_equal(tg_keystore_open(t->dir, &st), 0);
+  for (int i = 0; i <= N; i++) {
+    tg_key_spec_t spec = {.tenant = "acme-corp", .models = scope, .n_models = 1};
+    assert_int_equal(tg_keystore_create(st, &spec, now, &keys[i], ids[i]), 0);
+  }
+  assert_int_equal(tg_db_sqlite_open(&db, t->dir), 0);
+  for (int i = 0; i < N; i++) {
+    snprintf(sql, sizeof(sql), "UPDATE api_keys SET %s WHERE id = '%s'",
+             set_sql[i], ids[i]);
+    assert_int_equal(sqlite3_exec(db, sql, NULL, NULL, NULL), SQLITE_OK);
+  }
+  sqlite3_close(db);
+
+  assert_int_equal(tg_keystore_load(st, &set, &skipped), 0);
+  assert_int_equal(skipped, N);
+  assert_int_equal(tg_keyset_count(set), 1);
+  for (int i = 0; i < N; i++) {
+    assert_int_equal(tg_keyset_verify(set, keys[i], TG_KEY_LEN, now + 1, &rec),
+                     TG_KEY_UNKNOWN);
+  }
+  /* the row left alone still verifies, with its scope */
+  assert_int_equal(tg_keyset_verify(set, keys[N], TG_KEY_LEN, now + 1, &rec),
+                   TG_KEY_OK);
+  assert_int_equal(rec->n_models, 1);
+  tg_keyset_release(set);
+
+  /* `keys list` shows the unreadable times as revoked or expired, as the
+   * gateway treats them */
+  assert_int_equal(tg_keystore_list(st, &list, &n), 0);
+  assert_int_equal(n, N + 1);
+  for (size_t i = 0; i < n; i++) {
+    for (int j = 0; j < 3; j++)
+      if (strcmp(list[i].id, ids[j]) == 0)
+        assert_true(list[i].revoked_at != 0);
+    for (int j = 3; j < 5; j++)
+      if (strcmp(list[i].id, ids[j]) == 0)
+        assert_true(list[i].expires_at != 0 && list[i].expires_at < now);
+  }
+  tg_keystore_list_free(list, n);
+
+  for (int i = 0; i <= N; i++)
+    tg_keystore_key_free(keys[i]);
+  tg_keystore_close(st);
+}
+
 /* Appends the bytes of every file in dir to buf. */
 static size_t slurp_dir(const char *dir, unsigned char *buf, size_t cap) {
   DIR *d = opendir(dir);
@@ -1063,6 +1135,8 @@ int main(void) {
     cmocka_unit_test(test_keyset_lookup_and_bounds),
     cmocka_unit_test_setup_teardown(test_store_create_list_revoke, tmp_setup,
                                     tmp_teardown),
+    cmocka_unit_test_setup_teardown(test_load_refuses_rows_it_cannot_read_whole,
+                                    tmp_setup, tmp_teardown),
     cmocka_unit_test_setup_teardown(test_store_holds_only_hash, tmp_setup,
                                     tmp_teardown),
     cmocka_unit_test_setup_teardown(test_migrations_idempotent, tmp_setup,

@@ -1219,6 +1219,21 @@ static void test_keystore(void **state) {
   sql_ok(s, "DELETE FROM api_keys WHERE id IN ('NOTHEX000000',"
             " 'aaaaaaaaaaaa')");
 
+  /* A revocation at 0 (other SQL's "yes") is not read as no revocation:
+   * the key is left out, refused. */
+  {
+    char q[128];
+    snprintf(q, sizeof(q), "UPDATE api_keys SET revoked_at = 0 WHERE id = '%s'", idb);
+    sql_ok(s, q);
+    assert_int_equal(tg_keystore_load(st, &set, &skipped), 0);
+    assert_int_equal(skipped, 1);
+    assert_int_equal(tg_keyset_verify(set, kb, strlen(kb), now + 30, &rec),
+                     TG_KEY_UNKNOWN);
+    tg_keyset_release(set);
+    snprintf(q, sizeof(q), "UPDATE api_keys SET revoked_at = NULL WHERE id = '%s'", idb);
+    sql_ok(s, q);
+  }
+
   /* An insert repeated after a lost reply finds its own row and succeeds;
    * the same id with another hash is a clash. */
   {
