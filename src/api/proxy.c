@@ -1446,9 +1446,27 @@ static void on_client_abort(tg_http_req_t *req) {
   call_close(c, FIN_ABORT);
 }
 
+/* Why a waiting call may no longer go upstream, or NULL: its key was
+ * revoked, expired or left the store since it was admitted. It has not
+ * reached a GPU yet, so it is refused as a new request with that key is; a
+ * call already upstream finishes. (A reload's changes are not looked at
+ * here: a call keeps the config it was admitted under, docs/gateway.md.) */
+static const char *key_lost(tg_call_t *c) {
+  const tg_key_rec_t *rec = tg_keyset_find(tg_worker_keys(c->w), c->key_id, TG_KEY_ID_LEN);
+
+  if (rec == NULL)
+    return "invalid API key (unknown)";
+  if (rec->revoked_at != 0)
+    return "invalid API key (revoked)";
+  if (rec->expires_at != 0 && (int64_t)time(NULL) >= rec->expires_at)
+    return "invalid API key (expired)";
+  return NULL;
+}
+
 void tg_api_tick(tg_worker_t *w) {
   uint64_t now = now_ns();
   tg_call_t *c, *next;
+  const char *lost;
 
   tg_api_serve_queues(w); /* also serves waiters a reload gave room to */
   if (now - w->swept_ns >= WQUEUE_SWEEP_NS) {
@@ -1464,6 +1482,11 @@ void tg_api_tick(tg_worker_t *w) {
       queue_leave(c, 0);
       shed(c, "queue_timeout",
            "every endpoint of this model stayed at capacity for the queue timeout; retry shortly");
+      continue;
+    }
+    if (c->wq != NULL && (lost = key_lost(c)) != NULL) {
+      queue_leave(c, 0);
+      call_error(c, 401, "authentication_error", "invalid_api_key", lost);
       continue;
     }
     if (c->deadline_kind == DL_NONE || now < c->deadline)

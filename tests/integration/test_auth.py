@@ -2,6 +2,7 @@
 status and error code, and that keys created or revoked with the CLI while
 the gateway runs take effect within a second, without a restart."""
 
+import concurrent.futures
 import json
 import os
 import sqlite3
@@ -162,6 +163,42 @@ def test_key_revoked_while_running_refused_within_a_second(stack):
     assert last.error()["code"] == "invalid_api_key"
     # and other keys are untouched
     assert chat(stack.port, stack.small_key, M8B, max_tokens=1).status == 200
+
+
+def test_a_request_waiting_for_a_slot_is_refused_once_its_key_is_revoked(tg):
+    """A key revoked while one of its requests waits in the model's queue
+    (every endpoint at max_inflight): the waiter has not reached a GPU, so
+    it is refused with 401 within a second of the revocation, not sent
+    upstream when a slot frees; a waiter of another key is still served,
+    and the request already running finishes."""
+    sim = tg.sim()
+    gw = tg.gateway({M8B: tgtest.model_entry([sim.url], max_inflight=1)}, workers=1)
+    holder_key = gw.keys["acme"]
+    leaked = gw.create_key("acme")
+    other = gw.create_key("acme")
+
+    def slow(key, ms):
+        t0 = time.monotonic()
+        r = chat(gw.port, key, M8B, max_tokens=1, headers={"x-sim-ttft-ms": str(ms)}, timeout=20)
+        return r, time.monotonic() - t0
+
+    with concurrent.futures.ThreadPoolExecutor(3) as ex:
+        holder = ex.submit(slow, holder_key, 4000)
+        time.sleep(0.5)
+        waiter = ex.submit(slow, leaked, 10)
+        time.sleep(0.3)
+        kept = ex.submit(slow, other, 10)
+        time.sleep(0.3)
+        assert not waiter.done() and not kept.done()
+        t0 = time.monotonic()
+        gw.revoke_key(leaked)
+        r, _ = waiter.result(timeout=20)
+        refused_after = time.monotonic() - t0
+        _err(r, 401, "authentication_error", "invalid_api_key")
+        assert refused_after <= 1.2, refused_after
+        assert not holder.done()
+        assert holder.result(timeout=20)[0].status == 200
+        assert kept.result(timeout=20)[0].status == 200
 
 
 def test_expired_key(stack):
