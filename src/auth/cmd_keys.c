@@ -320,6 +320,11 @@ static int cmd_create(const opts_t *o) {
     return usage("--admin keys have no --tenant or --models");
   if (o->tenant == NULL && !o->admin)
     return usage("create needs --tenant T (or --admin)");
+  /* A name no config can hold is not echoed: it may carry bytes a
+   * terminal acts on, or be any length. */
+  if (o->tenant != NULL && !tg_config_tenant_name_ok(o->tenant))
+    return usage("--tenant takes a tenant name of the config (letters, "
+                 "digits, '.', '_', '-')");
   if (o->name != NULL && !name_ok(o->name))
     return usage("--name must be 1 to 256 printable ASCII characters");
   if (o->expires != NULL && parse_expires(o->expires, now, &expires_at) != 0)

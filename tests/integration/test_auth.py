@@ -241,8 +241,18 @@ def test_keys_list_json(stack):
 
 def test_create_key_for_unknown_tenant_fails(stack):
     cp = stack.gw.cli("keys", "create", "--tenant", "nobody", check=False)
-    assert cp.returncode != 0
+    assert cp.returncode == 1
     assert not cp.stdout.strip().startswith("tg-")
+    assert 'tenant "nobody" is not in' in cp.stderr, cp.stderr
+    # a --tenant no tenant can be named (empty, control bytes, 10 KB) is a
+    # usage error whose message does not hand it back to the terminal
+    for bad in ("", "acme\x1b[2J\x1b]0;owned\x07", "acme\nsmall", "a" * 10000):
+        cp = stack.gw.cli("keys", "create", "--tenant", bad, check=False)
+        assert cp.returncode == 2, (bad[:20], cp.returncode, cp.stderr)
+        assert cp.stdout == ""
+        assert "\x1b" not in cp.stderr and "\x07" not in cp.stderr
+        assert "a" * 100 not in cp.stderr and len(cp.stderr) < 1000, cp.stderr[:200]
+        assert "tenant name" in cp.stderr, cp.stderr
 
 
 def _keys_cli(gw, args, stdout):
