@@ -11,6 +11,7 @@ estimate is 27 tokens, the simulator's prompt_tokens 9. So max_tokens 50
 reserves 88,500 nano-USD and costs 79,500."""
 
 import json
+import os
 import re
 import time
 
@@ -385,6 +386,10 @@ def test_spend_save_held_off_by_a_lock_is_retried(tg, sim):
                     what="the second request's spend saved (%d saved)" % saved())
     assert "saving tenant spend failed" in gw.proc.stderr_text()
     db.close()
+    # the record that spooled while the database was locked goes in too,
+    # so the stop leaves nothing behind (a stop with a spool exits 75)
+    tgtest.wait_for(lambda: not os.path.exists(gw.spool_path), timeout=30,
+                    what="the spooled record replayed")
 
 
 def test_a_request_recording_at_shutdown_is_settled(tg, sim):
